@@ -1,0 +1,262 @@
+"""Pieces every ``vhost-device-<name>`` command shares.
+
+* :func:`setup_logging`: the ``RUST_LOG`` convention of env_logger, which the Rust
+  daemons use (levels error, warn, info, debug, trace, off; ``target=level``
+  directives; errors only when unset).  Only the CLI installs log handlers.
+* :func:`socket_paths`: ``<path>0 .. <path>N-1``, the suffixing upstream applies
+  for ``-c/--socket-count`` (always, even for one socket).
+* :class:`ConfigError`: a bad command line found by ``Config.from_args``;
+  :func:`run_main` prints ``error: ...`` and exits 1.  argparse usage errors exit 2
+  with one line, as clap's do.
+* :func:`add_version_argument`: ``-V/--version`` printing the version and the build
+  features (``xen=on|off debug=on|off``).
+* Typed argument parsers for clap's integer types (``u32``, ``usize``, ``u128``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NoReturn, TypeVar
+
+import virtio_queue
+
+__all__ = [
+    "TRACE",
+    "U32_MAX",
+    "USIZE_MAX",
+    "ConfigError",
+    "add_version_argument",
+    "make_parser",
+    "parse_rust_log",
+    "run_main",
+    "setup_logging",
+    "socket_paths",
+    "uint",
+    "version_string",
+]
+
+#: Python level for env_logger's ``trace`` (below DEBUG).
+TRACE = 5
+logging.addLevelName(TRACE, "TRACE")
+
+U32_MAX = 2**32 - 1
+#: clap's ``usize::MAX`` on the 64-bit hosts the daemons run on.
+USIZE_MAX = 2**64 - 1
+U128_MAX = 2**128 - 1
+
+_LEVELS = {
+    "off": logging.CRITICAL + 10,
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": TRACE,
+}
+
+# The packages whose loggers RUST_LOG configures when a directive names no target.
+_OUR_PACKAGES = ("virtio_queue", "virtio_devices", "vhost_backends", "xen")
+
+
+class ConfigError(ValueError):
+    """The command line is well formed but its values cannot work together.
+
+    Raised by ``Config.from_args`` (a period out of range, a socket count of 0...)
+    and by ``run`` for setup failures the user must fix (an unreadable
+    ``--rng-source``).  :func:`run_main` prints ``error: <message>`` and exits 1.
+    """
+
+
+# -- logging ----------------------------------------------------------------------------
+
+
+def parse_rust_log(spec: str | None) -> tuple[int, dict[str, int], list[str]]:
+    """Parse an env_logger ``RUST_LOG`` value.
+
+    Returns the default level, per-logger levels (``target=level``; Rust's ``::``
+    becomes ``.``, and a target naming an upstream crate such as
+    ``vhost_device_rng`` applies to our packages), and the directives it could not
+    understand, which env_logger too reports and ignores.  Unset or empty means
+    errors only.
+    """
+    default = logging.ERROR
+    targets: dict[str, int] = {}
+    bad: list[str] = []
+    if not spec:
+        return default, targets, bad
+    # env_logger allows a trailing "/regex" filter on messages; we ignore it.
+    for raw in spec.split("/", 1)[0].split(","):
+        directive = raw.strip()
+        if not directive:
+            continue
+        name, sep, level = directive.partition("=")
+        if not sep:
+            lvl = _LEVELS.get(name.lower())
+            if lvl is not None:
+                default = lvl
+            else:
+                # A bare target enables everything for it (env_logger semantics).
+                targets[name.replace("::", ".")] = TRACE
+            continue
+        lvl = _LEVELS.get(level.strip().lower())
+        if lvl is None or not name:
+            bad.append(directive)
+            continue
+        targets[name.strip().replace("::", ".")] = lvl
+    return default, targets, bad
+
+
+class _RustStyleFormatter(logging.Formatter):
+    """``[2026-07-16T10:00:00Z WARN  virtio_devices.rng] message``, env_logger's shape."""
+
+    converter = time.gmtime
+    _NAMES: ClassVar[dict[int, str]] = {logging.WARNING: "WARN", logging.CRITICAL: "ERROR"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.rust_level = self._NAMES.get(record.levelno, record.levelname)
+        return super().format(record)
+
+
+def setup_logging(env: Mapping[str, str] | None = None, stream: Any = None) -> logging.Handler:
+    """Install the one stderr handler of a daemon, levels taken from ``RUST_LOG``.
+
+    Returns the handler (tests remove it again).
+    """
+    env = os.environ if env is None else env
+    default, targets, bad = parse_rust_log(env.get("RUST_LOG"))
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(
+        _RustStyleFormatter("[%(asctime)s %(rust_level)-5s %(name)s] %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    )
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(default)
+    for pkg in _OUR_PACKAGES:
+        logging.getLogger(pkg).setLevel(logging.NOTSET)
+    for target, level in targets.items():
+        if target.startswith("vhost_device") or target in ("vhost_user_backend", "virtio_queue"):
+            # An upstream crate name: the Python packages play its part.
+            for pkg in _OUR_PACKAGES:
+                logging.getLogger(pkg).setLevel(level)
+        else:
+            logging.getLogger(target).setLevel(level)
+    for directive in bad:
+        print(f"warning: invalid logging spec '{directive}', ignoring it", file=sys.stderr)
+    return handler
+
+
+# -- sockets ------------------------------------------------------------------------------
+
+
+def socket_paths(path: str | os.PathLike[str], count: int) -> list[str]:
+    """``<dir>/<name>0 .. <dir>/<name>{count-1}``: upstream's socket naming for ``-c``.
+
+    The index is appended to the file name even for one socket
+    (``-s /tmp/rng.sock`` serves ``/tmp/rng.sock0``), as
+    ``generate_socket_paths`` does in vhost-device-rng, -gpio, -i2c, -console...
+
+    Raises:
+        ConfigError: ``count`` is below 1, or ``path`` names no file (upstream
+            panics: "socket_path has no filename").
+    """
+    if count < 1:
+        raise ConfigError(f"Wrong socket count: {count}")
+    p = pathlib.PurePath(os.fspath(path))
+    if p.name in ("", ".", ".."):
+        raise ConfigError(f"socket path {os.fspath(path)!r} has no file name")
+    return [str(p.parent / f"{p.name}{i}") for i in range(count)]
+
+
+# -- argument types ---------------------------------------------------------------------------
+
+
+def uint(bits: int, *, minimum: int = 0) -> Callable[[str], int]:
+    """An argparse ``type`` for clap's unsigned integer of ``bits`` bits.
+
+    Accepts decimal only, as clap's ``FromStr`` for integers (an optional ``+``,
+    no underscores); anything else is a usage error (exit 2).
+    """
+    maximum = 2**bits - 1
+
+    def parse(text: str) -> int:
+        digits = text[1:] if text.startswith("+") else text
+        if not digits.isascii() or not digits.isdigit():
+            raise argparse.ArgumentTypeError(f"invalid value '{text}': invalid digit found in string")
+        value = int(digits)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(
+                f"invalid value '{text}': number too large to fit in target type"
+            )
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"invalid value '{text}': must be at least {minimum}")
+        return value
+
+    parse.__name__ = f"u{bits}"
+    return parse
+
+
+# -- version and parser -----------------------------------------------------------------------
+
+
+def version_string(prog: str) -> str:
+    """``<prog> <version> (xen=on|off debug=on|off)`` from the compiled core."""
+    xen = "on" if virtio_queue.BUILT_WITH_XEN else "off"
+    debug = "on" if virtio_queue.BUILT_WITH_DEBUG else "off"
+    return f"{prog} {virtio_queue.__version__} (xen={xen} debug={debug})"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kw: Any) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kw: Any) -> NoReturn:
+        print(version_string(parser.prog))
+        parser.exit(0)
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``-V/--version`` (clap's spelling), printing version and build features."""
+    parser.add_argument("-V", "--version", action=_VersionAction, help="Print version and build features")
+
+
+def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """An ArgumentParser whose description is the first line of ``doc``, with ``-V``."""
+    first = (doc or "").strip().splitlines()
+    parser = argparse.ArgumentParser(prog=prog, description=first[0] if first else None)
+    add_version_argument(parser)
+    return parser
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+_C = TypeVar("_C")
+
+
+def run_main(
+    parser: argparse.ArgumentParser,
+    from_args: Callable[[argparse.Namespace], _C],
+    run: Callable[[_C], int],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse, validate, run: the body of every daemon's ``main``.
+
+    Usage errors exit 2 inside argparse.  A :class:`ConfigError` from validation or
+    setup prints ``error: <message>`` on stderr and returns 1.  Logging is set up
+    from ``RUST_LOG`` before validation, so setup messages follow it.
+    """
+    ns = parser.parse_args(argv)
+    handler = setup_logging()
+    try:
+        config = from_args(ns)
+        return run(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        logging.getLogger().removeHandler(handler)

@@ -1,0 +1,159 @@
+"""vhost-device-rng: a vhost-user virtio-rng (entropy) device backend.
+
+Same flags and behaviour as rust-vmm's ``vhost-device-rng``
+(``vhost-device-rng/src/main.rs``): ``-s/--socket-path`` is suffixed with the
+socket index (``<path>0 .. <path>N-1``, even for one socket); ``--max-bytes`` is
+divided between the sockets (integer division); ``--period`` is the rate-limit
+window in milliseconds, 1..=65536; ``--rng-source`` is opened once and shared.
+Upstream's README calls the last flag ``--filename``; the binary only knows
+``-f/--rng-source``, and so do we.
+
+Example::
+
+    vhost-device-rng --socket-path=/tmp/rng.sock -c 2 -m 512 -p 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+
+from virtio_devices.errors import RngError
+from virtio_devices.hosts.files import FileEntropySource
+from virtio_devices.rng import RngDevice
+
+from ._common import U32_MAX, USIZE_MAX, ConfigError, make_parser, run_main, socket_paths, uint
+
+__all__ = ["DEFAULT_RNG_SOURCE", "Config", "build_parser", "main", "run"]
+
+PROG = "vhost-device-rng"
+DEFAULT_RNG_SOURCE = "/dev/urandom"
+#: Upstream's VHU_RNG_MAX_PERIOD_MS (QEMU's vhost-user-rng/virtio-rng maximum).
+MAX_PERIOD_MS = 65536
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``vhost-device-rng``, flag for flag as upstream's ``RngArgs``."""
+    p = make_parser(PROG, __doc__)
+    p.add_argument(
+        "-p",
+        "--period",
+        type=uint(128),
+        default=MAX_PERIOD_MS,
+        metavar="PERIOD",
+        help=f"Time needed (in ms) to transfer max-bytes amount of byte [default: {MAX_PERIOD_MS}]",
+    )
+    p.add_argument(
+        "-m",
+        "--max-bytes",
+        type=uint(64),
+        default=USIZE_MAX,
+        metavar="MAX_BYTES",
+        help=f"Maximum amount of byte that can be transferred in a period [default: {USIZE_MAX}]",
+    )
+    p.add_argument(
+        "-c",
+        "--socket-count",
+        type=uint(32),
+        default=1,
+        metavar="SOCKET_COUNT",
+        help="Number of guests (sockets) to connect to [default: 1]",
+    )
+    p.add_argument(
+        "-s",
+        "--socket-path",
+        required=True,
+        metavar="SOCKET",
+        help="Location of vhost-user Unix domain socket. This is suffixed by 0,1,2..socket_count-1.",
+    )
+    p.add_argument(
+        "-f",
+        "--rng-source",
+        default=DEFAULT_RNG_SOURCE,
+        metavar="RNG_SOURCE",
+        help=f"Where to get the RNG data from [default: {DEFAULT_RNG_SOURCE}]",
+    )
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A validated ``vhost-device-rng`` configuration (upstream's ``VuRngConfig``).
+
+    ``max_bytes`` is already the per-socket share: ``--max-bytes`` divided by the
+    socket count, as upstream's ``TryFrom<RngArgs>`` does.
+    """
+
+    period_ms: int
+    max_bytes: int
+    count: int
+    socket_path: str
+    rng_source: str
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> Config:
+        """Validate the parsed flags.
+
+        Raises:
+            ConfigError: the period is 0 or above 65536 ms ("Period is too big"),
+                the socket count is 0, or the socket path names no file.
+        """
+        period: int = ns.period
+        count: int = ns.socket_count
+        if period == 0 or period > MAX_PERIOD_MS:
+            raise ConfigError(f"Period is too big: {period} (must be 1..={MAX_PERIOD_MS} ms)")
+        if count == 0:
+            raise ConfigError(f"Wrong socket count: {count}")
+        if count > U32_MAX:  # argparse's u32 already refuses it; keep the invariant local
+            raise ConfigError(f"Wrong socket count: {count}")
+        config = cls(
+            period_ms=period,
+            # Divide the bandwidth between the guests so the source is not overwhelmed.
+            max_bytes=ns.max_bytes // count,
+            count=count,
+            socket_path=os.fspath(ns.socket_path),
+            rng_source=os.fspath(ns.rng_source),
+        )
+        config.socket_paths()  # a path without a file name fails here, not in run()
+        return config
+
+    def socket_paths(self) -> list[str]:
+        """The sockets to serve: ``<socket_path>0 .. <socket_path>{count-1}``."""
+        return socket_paths(self.socket_path, self.count)
+
+
+def run(config: Config) -> int:
+    """Open the entropy source once, serve every socket until SIGINT/SIGTERM.
+
+    Each front-end connection gets a fresh :class:`~virtio_devices.rng.RngDevice`
+    (so a fresh rate-limit window), all reading the one shared source.
+
+    Raises:
+        ConfigError: the source cannot be opened.
+    """
+    # Imported here so that parsing and validation work without the daemon layer.
+    from vhost_backends.daemon import run_daemons  # noqa: PLC0415
+
+    try:
+        source = FileEntropySource(config.rng_source)
+    except RngError as e:
+        raise ConfigError(str(e)) from e
+
+    def device_factory(index: int) -> RngDevice:
+        return RngDevice(source, period_ms=config.period_ms, max_bytes=config.max_bytes)
+
+    try:
+        return run_daemons(PROG, config.socket_paths(), device_factory)
+    finally:
+        source.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vhost-device-rng`` console script."""
+    return run_main(build_parser(), Config.from_args, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

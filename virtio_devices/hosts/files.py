@@ -1,0 +1,141 @@
+"""File-backed host backends: the entropy source of virtio-rng.
+
+Upstream (rust-vmm/vhost-device, ``vhost-device-rng/src/main.rs``) opens the
+``--rng-source`` file once and shares it, behind a mutex, between every socket; each
+request reads from the shared file position.  We do the same with one open file
+description: concurrent ``read(2)`` calls on it are serialised by the kernel, so no
+lock is needed, and the bytes go from the fd straight into guest memory
+(:meth:`virtio_queue.Writer.read_from_fd`).
+
+The fd is nonblocking: a FIFO or a character device with nothing to give must not
+stall the event loop (upstream blocks its worker thread instead).  A read then fails
+with ``EAGAIN`` and the device waits for the fd to become readable.  A regular file
+ignores ``O_NONBLOCK``; at its end reads return 0 bytes, and the device passes the
+short (even empty) read to the guest exactly as upstream does.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Protocol, runtime_checkable
+
+from ..errors import RngError
+
+__all__ = ["BytesEntropySource", "EntropySource", "FdEntropySource", "FileEntropySource"]
+
+
+@runtime_checkable
+class EntropySource(Protocol):
+    """Where virtio-rng gets its bytes: a readable file descriptor.
+
+    ``fileno()`` must stay valid until ``close()``.  The device reads with
+    ``read(2)`` at the current file position, so several devices sharing one source
+    consume disjoint bytes, as upstream's shared ``File`` does.
+    """
+
+    @property
+    def name(self) -> str:
+        """What the source is, for logs (a path, ``fd 5``, ``<bytes>``)."""
+
+    def fileno(self) -> int:
+        """The fd to read entropy from."""
+
+    def close(self) -> None:
+        """Release the fd; closing twice is harmless."""
+
+
+class FdEntropySource:
+    """An entropy source over an fd the caller already has (a pipe, a socket...).
+
+    The fd is switched to nonblocking mode unless it is a regular file (where the
+    flag means nothing).  With ``close_fd`` (the default) :meth:`close` closes it.
+    """
+
+    def __init__(self, fd: int, *, name: str | None = None, close_fd: bool = True) -> None:
+        self._fd = fd
+        self._close_fd = close_fd
+        self._name = name if name is not None else f"fd {fd}"
+        st = os.fstat(fd)
+        self.is_regular = stat.S_ISREG(st.st_mode)
+        if not self.is_regular:
+            os.set_blocking(fd, False)
+
+    @property
+    def name(self) -> str:
+        """What the source is, for logs."""
+        return self._name
+
+    def fileno(self) -> int:
+        """The fd to read entropy from.
+
+        Raises:
+            ValueError: the source was closed.
+        """
+        if self._fd < 0:
+            raise ValueError(f"entropy source {self._name} is closed")
+        return self._fd
+
+    def close(self) -> None:
+        """Close the fd (if owned); closing twice is harmless."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0 and self._close_fd:
+            os.close(fd)
+
+    def __enter__(self) -> FdEntropySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._name!r})"
+
+
+class FileEntropySource(FdEntropySource):
+    """The ``--rng-source`` file (``/dev/urandom`` by default), opened read-only.
+
+    Opened with ``O_NONBLOCK`` so that opening a FIFO with no writer yet does not
+    hang startup (upstream's ``File::open`` blocks there) and reads never block
+    the event loop.
+
+    Raises:
+        RngError: the file does not exist, cannot be read, or is a directory
+            (upstream: "RNG source file doesn't exists or can't be accessed"; a
+            directory opens there and then fails on every read, we refuse it at once).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        spath = os.fspath(path)
+        try:
+            fd = os.open(spath, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            raise RngError(f"RNG source file {spath} doesn't exist or can't be accessed: {e.strerror}") from e
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise RngError(f"RNG source file {spath} can't be accessed: it is a directory")
+            super().__init__(fd, name=spath)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.path = spath
+
+
+class BytesEntropySource(FdEntropySource):
+    """Simulated twin: a memfd holding ``data``, read once from the start, then EOF.
+
+    Deterministic bytes for tests and demos; behaves like a regular file, so reads
+    past the end return 0 bytes (what upstream gives the guest at EOF).
+    """
+
+    def __init__(self, data: bytes = b"") -> None:
+        fd = os.memfd_create("vhd-entropy", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.lseek(fd, 0, os.SEEK_SET)
+            super().__init__(fd, name=f"<{len(data)} bytes>")
+        except BaseException:
+            os.close(fd)
+            raise
