@@ -210,7 +210,8 @@ class PyGuestMemory:
         if gpa < 0 or length < 0 or gpa + length > 1 << 64:
             raise GuestMemoryError(f"guest range [{gpa:#x}, +{length:#x}) overflows")
         for start, view in self._regions:
-            if start <= gpa and gpa + length <= start + len(view):
+            # A zero-length range is valid at any mapped address (as in the core).
+            if start <= gpa and gpa + max(length, 1) <= start + len(view):
                 return view, gpa - start
         raise GuestMemoryError(f"guest range [{gpa:#x}, +{length:#x}) is not mapped")
 
@@ -445,7 +446,8 @@ class MockSplitQueue:
         self.data_addr = _align_up(end, 4096) if data_addr is None else data_addr
         self._next_data = self.data_addr
         self._next_free = 0
-        self._last_used = 0
+        #: The driver's cursor in the used ring (what :meth:`used_elems` saw last).
+        self.last_used = 0
         self._all_heads = array("H", range(size))
         self._views_gen = -1
         self._ring_view: memoryview | None = None
@@ -666,8 +668,8 @@ class MockSplitQueue:
     def used_elems(self) -> list[tuple[int, int]]:
         """The used entries the driver has not seen yet; advances the driver's cursor."""
         end = self.used_idx()
-        out = self.read_used(self._last_used, end)
-        self._last_used = end
+        out = self.read_used(self.last_used, end)
+        self.last_used = end
         return out
 
     # -- device objects ---------------------------------------------------------------
@@ -752,8 +754,9 @@ class RefChain:
       direct table, the entry count for an indirect table (:class:`InvalidChain`, a
       cycle).  Then it reads the descriptor.
     * An INDIRECT descriptor is replaced by its table (§2.7.5.3): nested tables,
-      INDIRECT together with NEXT, and table lengths that are zero or not a multiple
-      of 16 raise :class:`InvalidIndirectDescriptor`; a table outside guest memory
+      INDIRECT together with NEXT, and table lengths that are zero, not a multiple
+      of 16 or above 2^16 entries raise :class:`InvalidIndirectDescriptor` (checked
+      in that order); a table outside guest memory
       raises :class:`GuestMemoryError`.  Entries link with ``next`` relative to the
       table, and the walk ends with the table (the table replaces the rest).
     * The running total of buffer lengths must stay ≤ 2^32 (§2.7.5.2), else
@@ -789,7 +792,8 @@ class RefChain:
                     raise InvalidIndirectDescriptor("nested indirect descriptor table")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise InvalidIndirectDescriptor("INDIRECT together with NEXT")
-                if length == 0 or length % DESC_SIZE:
+                # A table of more than 2^16 entries cannot be addressed by a u16 `next`.
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > 65536:
                     raise InvalidIndirectDescriptor(f"indirect table length {length}")
                 if not mem.check_range(addr, length):
                     raise GuestMemoryError(f"indirect table [{addr:#x}, +{length:#x}) not mapped")

@@ -1,0 +1,2 @@
+BUILT_WITH_XEN: bool
+BUILT_WITH_DEBUG: bool

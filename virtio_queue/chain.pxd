@@ -1,0 +1,157 @@
+# cython: language_level=3
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+from posix.uio cimport iovec
+
+from virtio_queue.includes.endian cimport le16toh, le32toh, le64toh
+from virtio_queue.includes.virtio_ring cimport (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+                                                vring_desc)
+from virtio_queue.memory cimport MemorySnapshot, snap_ptr
+
+# Status codes of nogil code (STYLE.md §2); raise_for_status() turns them into errors.
+cdef enum:
+    VQ_OK = 0
+    VQ_E_DESC_INDEX = -1        # next (or head) index outside the table
+    VQ_E_TTL = -2               # more descriptors than the table has: a cycle
+    VQ_E_INDIRECT_NEXT = -3     # INDIRECT and NEXT on one descriptor
+    VQ_E_NESTED_INDIRECT = -4   # an indirect table inside an indirect table
+    VQ_E_INDIRECT_LEN = -5      # indirect table length 0 or not a multiple of 16
+    VQ_E_TABLE_MEM = -6         # the indirect table is not in guest memory
+    VQ_E_CHAIN_LEN = -7         # total length above 2^32
+    VQ_E_BUF_MEM = -8           # a buffer is not in (writable) guest memory
+
+cdef struct ChainCursor:
+    const unsigned char *table  # host address of the current table (main or indirect)
+    uint32_t table_len          # entries in it
+    uint32_t next_index         # index of the next descriptor to read
+    uint32_t ttl                # descriptors that may still be read from this table
+    uint64_t total_len          # sum of buffer lengths so far
+    uint64_t bad_value          # the offending value, for the error message
+    bint has_next
+    bint in_indirect
+
+
+cdef inline void chain_init(ChainCursor *c, const unsigned char *table, uint16_t queue_size,
+                            uint16_t head) noexcept nogil:
+    c.table = table
+    c.table_len = queue_size
+    c.next_index = head
+    c.ttl = queue_size
+    c.total_len = 0
+    c.bad_value = 0
+    c.has_next = True
+    c.in_indirect = False
+
+
+cdef inline int chain_next(MemorySnapshot snap, ChainCursor *c, vring_desc *out) noexcept nogil:
+    """Read the next descriptor of the chain into *out: 1 if one was read, 0 at the
+    end, a VQ_E_* code (< 0) if the chain is malformed.
+
+    Every step is bounded (VIRTIO 1.2 §2.7.5.2, §2.7.5.3): an index outside its
+    table, a walk longer than the table (a cycle), nested indirect tables, INDIRECT
+    with NEXT, and a total length above 2^32 all stop the walk."""
+    cdef vring_desc d
+    cdef const unsigned char *p
+    cdef uint32_t n
+    while True:
+        if not c.has_next:
+            return 0
+        if c.next_index >= c.table_len:
+            c.bad_value = c.next_index
+            return VQ_E_DESC_INDEX
+        if c.ttl == 0:
+            c.bad_value = c.table_len
+            return VQ_E_TTL
+        c.ttl -= 1
+        # One 16-byte copy: an indirect table need not be aligned, and the guest may
+        # change the descriptor under us; we act on this copy only.
+        memcpy(&d, c.table + 16 * <size_t>c.next_index, 16)
+        d.addr = le64toh(d.addr)
+        d.len = le32toh(d.len)
+        d.flags = le16toh(d.flags)
+        d.next = le16toh(d.next)
+        if d.flags & VRING_DESC_F_INDIRECT:
+            # §2.7.5.3.1: the driver MUST NOT set INDIRECT in a descriptor of an
+            # indirect table, nor INDIRECT together with NEXT.
+            if c.in_indirect:
+                return VQ_E_NESTED_INDIRECT
+            if d.flags & VRING_DESC_F_NEXT:
+                return VQ_E_INDIRECT_NEXT
+            # A table of more than 2^16 entries cannot be addressed by u16 `next`.
+            if d.len == 0 or d.len % 16 != 0 or d.len // 16 > 65536:
+                c.bad_value = d.len
+                return VQ_E_INDIRECT_LEN
+            p = snap_ptr(snap, d.addr, d.len)
+            if p == NULL:
+                c.bad_value = d.addr
+                return VQ_E_TABLE_MEM
+            n = d.len // 16
+            c.table = p
+            c.table_len = n
+            c.ttl = n
+            c.next_index = 0
+            c.in_indirect = True
+            continue
+        c.total_len += d.len
+        if c.total_len > (<uint64_t>1 << 32):
+            c.bad_value = c.total_len
+            return VQ_E_CHAIN_LEN
+        c.has_next = (d.flags & VRING_DESC_F_NEXT) != 0
+        c.next_index = d.next
+        out[0] = d
+        return 1
+
+
+cdef int raise_for_status(int rc, ChainCursor *c, uint16_t head) except -1
+
+
+cdef class Descriptor:
+    cdef readonly uint64_t addr
+    cdef readonly uint32_t len
+    cdef readonly uint16_t flags
+    cdef readonly uint16_t next
+
+
+cdef class DescriptorChain:
+    cdef MemorySnapshot snap
+    cdef object _memory
+    cdef const unsigned char *table
+    cdef uint16_t queue_size
+    cdef readonly uint16_t head_index
+    cdef ChainCursor cur
+
+
+cdef DescriptorChain make_chain(MemorySnapshot snap, object memory, const unsigned char *table,
+                                uint16_t queue_size, uint16_t head)
+
+
+cdef class _Stream:
+    cdef MemorySnapshot snap
+    cdef iovec *segs
+    cdef Py_ssize_t nsegs
+    cdef Py_ssize_t cap
+    cdef Py_ssize_t idx          # current segment
+    cdef size_t off              # offset inside it
+    cdef size_t avail            # bytes left (bounds every operation)
+    cdef size_t done             # bytes moved so far
+    cdef iovec inline_segs[8]
+
+    cdef int _append(self, unsigned char *p, size_t n) except -1
+    cdef int _collect(self, DescriptorChain ch, bint want_write) except -1
+    cdef void _advance(self, size_t n) noexcept nogil
+    cdef int _iov(self, iovec *out, int maxn, size_t n, size_t *got) noexcept nogil
+    cdef size_t copy_out(self, unsigned char *dst, size_t n) noexcept nogil
+    cdef size_t copy_in(self, const unsigned char *src, size_t n) noexcept nogil
+    cdef object _split(self, _Stream other, Py_ssize_t offset)
+
+
+cdef class Reader(_Stream):
+    pass
+
+
+cdef class Writer(_Stream):
+    pass
+
+
+cdef Reader make_reader(DescriptorChain ch)
+cdef Writer make_writer(DescriptorChain ch)

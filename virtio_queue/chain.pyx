@@ -1,0 +1,618 @@
+# cython: language_level=3, embedsignature=True
+"""Descriptor chains and the Reader/Writer that copy through them.
+
+The equivalent of rust-vmm virtio-queue's ``DescriptorChain``, ``Descriptor``,
+``Reader`` and ``Writer``.  A chain is walked with a C cursor (``ChainCursor`` in
+chain.pxd); no Python object is made per descriptor on the I/O path.  A Reader sees
+the device-readable buffers of a chain, a Writer the device-writable ones, each as
+one byte stream that can be split, copied to/from Python buffers, or moved straight
+to/from a file descriptor with ``readv``/``writev`` (GIL released).
+"""
+
+import os
+import struct
+
+cimport cython
+from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from posix.types cimport off_t
+from posix.uio cimport iovec, readv, writev
+
+from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
+from virtio_queue.includes.vq_copy cimport vq_copy, vq_copy_force_libc
+from virtio_queue.memory cimport MemorySnapshot, make_view, snap_ptr, snap_ptr_w
+
+from virtio_queue.errors import (DescriptorChainOverflow, GuestMemoryError, InvalidChain,
+                                 InvalidDescriptorIndex, InvalidIndirectDescriptor)
+
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t preadv(int fd, const iovec *iov, int iovcnt, off_t offset)
+    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+
+cdef enum:
+    # iovecs per readv/writev call (IOV_MAX is 1024 on Linux; a chain rarely has more
+    # than a few dozen buffers, and a longer one just takes several calls).
+    IOV_BATCH = 64
+    # Copies of at least this size release the GIL: shorter ones finish well before
+    # another thread could use the interpreter, and releasing costs more than it gives.
+    NOGIL_COPY_MIN = 262144
+
+
+def set_copy_mode(str mode):
+    """Select the copy routine: "auto" (vector loop for large copies) or "libc"
+    (plain memcpy).  For benchmarks that show the difference; not thread-safe."""
+    global vq_copy_force_libc
+    if mode == "auto":
+        vq_copy_force_libc = 0
+    elif mode == "libc":
+        vq_copy_force_libc = 1
+    else:
+        raise ValueError(f"copy mode must be 'auto' or 'libc', not {mode!r}")
+
+
+cdef int raise_for_status(int rc, ChainCursor *c, uint16_t head) except -1:
+    """Turn a VQ_E_* code from nogil code into the matching VirtioError."""
+    where = f"chain {head}"
+    if rc == VQ_E_DESC_INDEX:
+        raise InvalidDescriptorIndex(
+            f"{where}: descriptor index {c.bad_value} out of range (table size {c.table_len})")
+    if rc == VQ_E_TTL:
+        raise InvalidChain(
+            f"{where}: longer than its table of {c.bad_value} descriptors (a cycle)")
+    if rc == VQ_E_INDIRECT_NEXT:
+        raise InvalidIndirectDescriptor(
+            f"{where}: INDIRECT together with NEXT (VIRTIO 1.2 §2.7.5.3.1)")
+    if rc == VQ_E_NESTED_INDIRECT:
+        raise InvalidIndirectDescriptor(
+            f"{where}: INDIRECT inside an indirect table (VIRTIO 1.2 §2.7.5.3.1)")
+    if rc == VQ_E_INDIRECT_LEN:
+        raise InvalidIndirectDescriptor(
+            f"{where}: indirect table length {c.bad_value} is zero, not a multiple of 16 "
+            "or too large")
+    if rc == VQ_E_TABLE_MEM:
+        raise GuestMemoryError(f"{where}: indirect table at {c.bad_value:#x} is not in guest memory")
+    if rc == VQ_E_CHAIN_LEN:
+        raise DescriptorChainOverflow(
+            f"{where}: total length {c.bad_value} exceeds 2^32 (VIRTIO 1.2 §2.7.5.2)")
+    if rc == VQ_E_BUF_MEM:
+        raise GuestMemoryError(
+            f"{where}: buffer [{c.bad_value:#x}, +{c.total_len:#x}) is not in "
+            "(writable) guest memory")
+    raise InvalidChain(f"{where}: error {rc}")
+
+
+@cython.freelist(64)
+cdef class Descriptor:
+    """One descriptor as the device read it: a copy, the guest may change its table."""
+
+    def __init__(self, uint64_t addr, uint32_t len, uint16_t flags=0, uint16_t next=0):
+        self.addr = addr
+        self.len = len
+        self.flags = flags
+        self.next = next
+
+    def is_write_only(self):
+        """Device-writable buffer (VIRTQ_DESC_F_WRITE)."""
+        return (self.flags & VRING_DESC_F_WRITE) != 0
+
+    def has_next(self):
+        return (self.flags & 1) != 0
+
+    def refers_to_indirect_table(self):
+        return (self.flags & 4) != 0
+
+    def __eq__(self, other):
+        if not isinstance(other, Descriptor):
+            return NotImplemented
+        cdef Descriptor o = <Descriptor>other
+        return (self.addr == o.addr and self.len == o.len and self.flags == o.flags
+                and self.next == o.next)
+
+    def __hash__(self):
+        return hash((self.addr, self.len, self.flags, self.next))
+
+    def __repr__(self):
+        return (f"Descriptor(addr={self.addr:#x}, len={self.len}, flags={self.flags:#x}, "
+                f"next={self.next})")
+
+
+@cython.freelist(64)
+cdef class DescriptorChain:
+    """A chain popped from a :class:`~virtio_queue.Queue`.
+
+    Iterating it yields its :class:`Descriptor` s (an indirect table is walked in
+    place of the descriptor that refers to it), bounded by the rules of VIRTIO 1.2
+    §2.7.5.  :meth:`reader` and :meth:`writer` walk the whole chain again from the
+    head, so they work whether or not the chain was iterated.
+
+    Raises (while walking): InvalidDescriptorIndex, InvalidChain,
+    InvalidIndirectDescriptor, DescriptorChainOverflow, GuestMemoryError.
+    """
+
+    def __init__(self):
+        raise TypeError("DescriptorChain objects come from Queue.pop_chain()")
+
+    @property
+    def memory(self):
+        return self._memory
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef vring_desc d
+        cdef int rc = chain_next(self.snap, &self.cur, &d)
+        if rc == 0:
+            raise StopIteration
+        if rc < 0:
+            self.cur.has_next = False   # a broken chain stays broken
+            raise_for_status(rc, &self.cur, self.head_index)
+        cdef Descriptor out = Descriptor.__new__(Descriptor)
+        out.addr = d.addr
+        out.len = d.len
+        out.flags = d.flags
+        out.next = d.next
+        return out
+
+    def descriptors(self):
+        """Every descriptor of the chain from the head (a fresh walk)."""
+        cdef ChainCursor c
+        cdef vring_desc d
+        cdef int rc
+        cdef Descriptor x
+        out = []
+        chain_init(&c, self.table, self.queue_size, self.head_index)
+        while True:
+            rc = chain_next(self.snap, &c, &d)
+            if rc == 0:
+                return out
+            if rc < 0:
+                raise_for_status(rc, &c, self.head_index)
+            x = Descriptor.__new__(Descriptor)
+            x.addr, x.len, x.flags, x.next = d.addr, d.len, d.flags, d.next
+            out.append(x)
+
+    def reader(self):
+        """A :class:`Reader` over the chain's device-readable buffers."""
+        return make_reader(self)
+
+    def writer(self):
+        """A :class:`Writer` over the chain's device-writable buffers."""
+        return make_writer(self)
+
+    def __repr__(self):
+        return f"<DescriptorChain head={self.head_index} queue_size={self.queue_size}>"
+
+
+cdef DescriptorChain make_chain(MemorySnapshot snap, object memory, const unsigned char *table,
+                                uint16_t queue_size, uint16_t head):
+    cdef DescriptorChain ch = DescriptorChain.__new__(DescriptorChain)
+    ch.snap = snap
+    ch._memory = memory
+    ch.table = table
+    ch.queue_size = queue_size
+    ch.head_index = head
+    chain_init(&ch.cur, table, queue_size, head)
+    return ch
+
+
+cdef class _Stream:
+    """The common cursor of Reader and Writer: an array of host iovecs, a position
+    and a byte budget (``avail``) that bounds every operation."""
+
+    def __cinit__(self):
+        self.segs = self.inline_segs
+        self.cap = 8
+        self.nsegs = 0
+        self.idx = 0
+        self.off = 0
+        self.avail = 0
+        self.done = 0
+
+    def __dealloc__(self):
+        if self.segs != self.inline_segs:
+            free(self.segs)
+
+    cdef int _append(self, unsigned char *p, size_t n) except -1:
+        cdef iovec *grown
+        if self.nsegs == self.cap:
+            if self.segs == self.inline_segs:
+                grown = <iovec *>malloc(2 * self.cap * sizeof(iovec))
+                if grown != NULL:
+                    for i in range(self.nsegs):
+                        grown[i] = self.inline_segs[i]
+            else:
+                grown = <iovec *>realloc(self.segs, 2 * self.cap * sizeof(iovec))
+            if grown == NULL:
+                raise MemoryError()
+            self.segs = grown
+            self.cap *= 2
+        self.segs[self.nsegs].iov_base = p
+        self.segs[self.nsegs].iov_len = n
+        self.nsegs += 1
+        self.avail += n
+        return 0
+
+    cdef int _collect(self, DescriptorChain ch, bint want_write) except -1:
+        """Walk the whole chain, keeping the buffers of one direction."""
+        cdef ChainCursor c
+        cdef vring_desc d
+        cdef int rc
+        cdef unsigned char *p
+        self.snap = ch.snap
+        chain_init(&c, ch.table, ch.queue_size, ch.head_index)
+        while True:
+            rc = chain_next(ch.snap, &c, &d)
+            if rc == 0:
+                return 0
+            if rc < 0:
+                raise_for_status(rc, &c, ch.head_index)
+            if ((d.flags & VRING_DESC_F_WRITE) != 0) != want_write or d.len == 0:
+                continue
+            p = snap_ptr_w(ch.snap, d.addr, d.len) if want_write else snap_ptr(ch.snap, d.addr, d.len)
+            if p == NULL:
+                c.bad_value = d.addr
+                c.total_len = d.len
+                raise_for_status(VQ_E_BUF_MEM, &c, ch.head_index)
+            self._append(p, d.len)
+
+    cdef void _advance(self, size_t n) noexcept nogil:
+        cdef size_t step
+        self.avail -= n
+        self.done += n
+        while n:
+            step = self.segs[self.idx].iov_len - self.off
+            if n < step:
+                self.off += n
+                return
+            n -= step
+            self.idx += 1
+            self.off = 0
+
+    cdef int _iov(self, iovec *out, int maxn, size_t n, size_t *got) noexcept nogil:
+        """Describe the next ``n`` bytes (at most maxn segments) as iovecs."""
+        cdef int k = 0
+        cdef Py_ssize_t i = self.idx
+        cdef size_t off = self.off
+        cdef size_t take
+        got[0] = 0
+        if n > self.avail:
+            n = self.avail
+        while n and k < maxn and i < self.nsegs:
+            take = self.segs[i].iov_len - off
+            if take > n:
+                take = n
+            if take:
+                out[k].iov_base = <unsigned char *>self.segs[i].iov_base + off
+                out[k].iov_len = take
+                k += 1
+                n -= take
+                got[0] += take
+            i += 1
+            off = 0
+        return k
+
+    cdef size_t copy_out(self, unsigned char *dst, size_t n) noexcept nogil:
+        """Copy up to n bytes from the guest buffers to dst and advance."""
+        cdef size_t total = 0
+        cdef size_t take
+        if n > self.avail:
+            n = self.avail
+        while total < n:
+            take = self.segs[self.idx].iov_len - self.off
+            if take > n - total:
+                take = n - total
+            vq_copy(dst + total, <unsigned char *>self.segs[self.idx].iov_base + self.off, take)
+            total += take
+            self.off += take
+            if self.off == self.segs[self.idx].iov_len:
+                self.idx += 1
+                self.off = 0
+        self.avail -= total
+        self.done += total
+        return total
+
+    cdef size_t copy_in(self, const unsigned char *src, size_t n) noexcept nogil:
+        """Copy up to n bytes from src into the guest buffers and advance."""
+        cdef size_t total = 0
+        cdef size_t take
+        if n > self.avail:
+            n = self.avail
+        while total < n:
+            take = self.segs[self.idx].iov_len - self.off
+            if take > n - total:
+                take = n - total
+            vq_copy(<unsigned char *>self.segs[self.idx].iov_base + self.off, src + total, take)
+            total += take
+            self.off += take
+            if self.off == self.segs[self.idx].iov_len:
+                self.idx += 1
+                self.off = 0
+        self.avail -= total
+        self.done += total
+        return total
+
+    def available_bytes(self):
+        """Bytes left to read (Reader) or to fill (Writer)."""
+        return self.avail
+
+    def consume(self, Py_ssize_t n):
+        """Skip up to ``n`` bytes; returns how many were skipped."""
+        if n < 0:
+            raise ValueError("negative count")
+        cdef size_t k = <size_t>n if <size_t>n < self.avail else self.avail
+        self._advance(k)
+        return k
+
+    def buffers(self, Py_ssize_t n=-1):
+        """memoryviews of the next ``n`` bytes (all if -1), segment by segment, for
+        ``socket.sendmsg``/``recvmsg_into``.  Nothing is consumed; call
+        :meth:`consume` with what the I/O moved.  The views keep the memory mapped."""
+        cdef iovec iov[IOV_BATCH]
+        cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
+        cdef size_t got
+        cdef int k, j
+        cdef bint ro = not isinstance(self, Writer)
+        out = []
+        # Walk a copy of the cursor so nothing moves.
+        cdef Py_ssize_t save_idx = self.idx
+        cdef size_t save_off = self.off, save_avail = self.avail, save_done = self.done
+        try:
+            while want:
+                k = self._iov(iov, IOV_BATCH, want, &got)
+                for j in range(k):
+                    out.append(make_view(self.snap, <unsigned char *>iov[j].iov_base,
+                                         <Py_ssize_t>iov[j].iov_len, ro))
+                self._advance(got)
+                want -= got
+        finally:
+            self.idx, self.off, self.avail, self.done = save_idx, save_off, save_avail, save_done
+        return out
+
+    cdef object _split(self, _Stream other, Py_ssize_t offset):
+        """Move everything after ``offset`` into ``other``; self keeps the first part."""
+        if offset < 0 or <size_t>offset > self.avail:
+            raise DescriptorChainOverflow(
+                f"split at {offset} is beyond the {self.avail} bytes available")
+        cdef iovec iov[IOV_BATCH]
+        cdef size_t got, rest
+        cdef int k, j
+        cdef Py_ssize_t save_idx = self.idx
+        cdef size_t save_off = self.off, save_avail = self.avail, save_done = self.done
+        other.snap = self.snap
+        self._advance(<size_t>offset)
+        rest = self.avail
+        while rest:
+            k = self._iov(iov, IOV_BATCH, rest, &got)
+            for j in range(k):
+                other._append(<unsigned char *>iov[j].iov_base, iov[j].iov_len)
+            self._advance(got)
+            rest -= got
+        self.idx, self.off, self.done = save_idx, save_off, save_done
+        self.avail = <size_t>offset
+        return other
+
+
+cdef Reader make_reader(DescriptorChain ch):
+    cdef Reader r = Reader.__new__(Reader)
+    r._collect(ch, False)
+    return r
+
+
+cdef Writer make_writer(DescriptorChain ch):
+    cdef Writer w = Writer.__new__(Writer)
+    w._collect(ch, True)
+    return w
+
+
+cdef class Reader(_Stream):
+    """Reads the device-readable buffers of a chain as one byte stream (rust-vmm's
+    ``Reader``).  Made by :meth:`DescriptorChain.reader`."""
+
+    def __init__(self, DescriptorChain chain not None):
+        self._collect(chain, False)
+
+    def bytes_read(self):
+        return self.done
+
+    def read(self, Py_ssize_t n=-1):
+        """Up to ``n`` bytes (all that is left if -1)."""
+        cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
+        out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>want)
+        self.copy_out(<unsigned char *>PyBytes_AS_STRING(out), want)
+        return out
+
+    def readinto(self, buffer):
+        """Fill ``buffer`` with as many bytes as are left; returns the count."""
+        cdef Py_buffer view
+        cdef size_t got
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+        try:
+            if <size_t>view.len >= NOGIL_COPY_MIN:
+                with nogil:
+                    got = self.copy_out(<unsigned char *>view.buf, <size_t>view.len)
+            else:
+                got = self.copy_out(<unsigned char *>view.buf, <size_t>view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return got
+
+    def read_exact_into(self, buffer):
+        """Fill all of ``buffer``, or raise DescriptorChainOverflow and read nothing."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+        try:
+            if <size_t>view.len > self.avail:
+                raise DescriptorChainOverflow(
+                    f"read of {view.len} bytes exceeds the {self.avail} bytes available")
+            if <size_t>view.len >= NOGIL_COPY_MIN:
+                with nogil:
+                    self.copy_out(<unsigned char *>view.buf, <size_t>view.len)
+            else:
+                self.copy_out(<unsigned char *>view.buf, <size_t>view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    def read_obj(self, str fmt):
+        """Read a little-endian struct (``struct`` format without byte-order prefix).
+
+        Raises:
+            DescriptorChainOverflow: fewer bytes are left than the struct needs.
+        """
+        st = _struct("<" + fmt)
+        cdef Py_ssize_t size = st.size
+        if <size_t>size > self.avail:
+            raise DescriptorChainOverflow(
+                f"read of {size} bytes exceeds the {self.avail} bytes available")
+        return st.unpack(self.read(size))
+
+    def split_at(self, Py_ssize_t offset):
+        """Keep the first ``offset`` bytes; return a Reader over the rest."""
+        return self._split(Reader.__new__(Reader), offset)
+
+    def write_to_fd(self, int fd, Py_ssize_t n=-1, long long offset=-1):
+        """Drain up to ``n`` bytes (all if -1) into ``fd`` with ``writev`` (``pwritev``
+        at ``offset`` if >= 0), GIL released.  Returns the bytes written, which may
+        be short (a full pipe or socket, EAGAIN: then possibly 0).  EINTR is retried.
+
+        Raises:
+            OSError: any other error of the system call.
+        """
+        cdef iovec iov[IOV_BATCH]
+        cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
+        cdef size_t total = 0, got
+        cdef ssize_t r
+        cdef int k, err = 0
+        with nogil:
+            while total < want:
+                k = self._iov(iov, IOV_BATCH, want - total, &got)
+                if offset >= 0:
+                    r = pwritev(fd, iov, k, <off_t>(offset + <long long>total))
+                else:
+                    r = writev(fd, iov, k)
+                if r < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno != EAGAIN:
+                        err = errno
+                    break
+                self._advance(<size_t>r)
+                total += <size_t>r
+                if <size_t>r < got:
+                    break
+        if err:
+            raise OSError(err, os.strerror(err))
+        return total
+
+    def __repr__(self):
+        return f"<Reader available={self.avail} read={self.done}>"
+
+
+cdef class Writer(_Stream):
+    """Writes into the device-writable buffers of a chain as one byte stream
+    (rust-vmm's ``Writer``).  Made by :meth:`DescriptorChain.writer`.
+
+    Only buffers flagged VIRTQ_DESC_F_WRITE are ever written (VIRTIO 1.2 §2.7.5:
+    the device MUST NOT write to a device-readable buffer)."""
+
+    def __init__(self, DescriptorChain chain not None):
+        self._collect(chain, True)
+
+    def bytes_written(self):
+        return self.done
+
+    def write(self, data):
+        """Write as much of ``data`` as fits; returns the count."""
+        cdef Py_buffer view
+        cdef size_t got
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if <size_t>view.len >= NOGIL_COPY_MIN:
+                with nogil:
+                    got = self.copy_in(<const unsigned char *>view.buf, <size_t>view.len)
+            else:
+                got = self.copy_in(<const unsigned char *>view.buf, <size_t>view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return got
+
+    def write_all(self, data):
+        """Write all of ``data``, or raise DescriptorChainOverflow and write nothing."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if <size_t>view.len > self.avail:
+                raise DescriptorChainOverflow(
+                    f"write of {view.len} bytes exceeds the {self.avail} device-writable "
+                    "bytes of the chain")
+            if <size_t>view.len >= NOGIL_COPY_MIN:
+                with nogil:
+                    self.copy_in(<const unsigned char *>view.buf, <size_t>view.len)
+            else:
+                self.copy_in(<const unsigned char *>view.buf, <size_t>view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    def write_obj(self, str fmt, *values):
+        """Write a little-endian struct, all of it or nothing."""
+        self.write_all(_struct("<" + fmt).pack(*values))
+
+    def split_at(self, Py_ssize_t offset):
+        """Keep the first ``offset`` bytes; return a Writer over the rest."""
+        return self._split(Writer.__new__(Writer), offset)
+
+    def read_from_fd(self, int fd, Py_ssize_t n=-1, long long offset=-1):
+        """Fill up to ``n`` bytes (all if -1) straight from ``fd`` with ``readv``
+        (``preadv`` at ``offset`` if >= 0), GIL released: the payload never passes
+        through a Python object.  Returns the bytes read; short at end of file, or
+        when a pipe/socket has no more now (EAGAIN: possibly 0).  EINTR is retried.
+
+        Raises:
+            OSError: any other error of the system call.
+        """
+        cdef iovec iov[IOV_BATCH]
+        cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
+        cdef size_t total = 0, got
+        cdef ssize_t r
+        cdef int k, err = 0
+        with nogil:
+            while total < want:
+                k = self._iov(iov, IOV_BATCH, want - total, &got)
+                if offset >= 0:
+                    r = preadv(fd, iov, k, <off_t>(offset + <long long>total))
+                else:
+                    r = readv(fd, iov, k)
+                if r < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno != EAGAIN:
+                        err = errno
+                    break
+                self._advance(<size_t>r)
+                total += <size_t>r
+                if <size_t>r < got:
+                    break
+        if err:
+            raise OSError(err, os.strerror(err))
+        return total
+
+    def __repr__(self):
+        return f"<Writer available={self.avail} written={self.done}>"
+
+
+_structs = {}
+
+
+cdef object _struct(str fmt):
+    st = _structs.get(fmt)
+    if st is None:
+        st = _structs[fmt] = struct.Struct(fmt)
+    return st

@@ -1,0 +1,35 @@
+# cython: language_level=3
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+from virtio_queue.memory cimport GuestMemory, MemorySnapshot
+
+
+cdef class Queue:
+    cdef uint32_t _max_size
+    cdef uint16_t _size
+    cdef bint _ready
+    cdef bint _event_idx
+    cdef uint64_t _desc_gpa
+    cdef uint64_t _avail_gpa
+    cdef uint64_t _used_gpa
+    cdef GuestMemory _memory
+    # Ring host pointers, valid for the snapshot they were translated against; the
+    # snapshot is held so the rings stay mapped while we use them.
+    cdef MemorySnapshot _snap
+    cdef uint64_t _gen
+    cdef bint _mapped
+    cdef unsigned char *_desc
+    cdef unsigned char *_avail
+    cdef unsigned char *_used
+    cdef uint16_t _next_avail
+    cdef uint16_t _next_used
+    cdef uint16_t _avail_seen      # avail->idx as last read: chains up to it are known
+    cdef uint16_t _signalled_used  # next_used at the last needs_notification()
+    cdef bint _signalled_valid
+
+    cdef void _reset_state(self)
+    cdef int _map(self) except -1
+    cdef int ensure_ready(self) except -1
+    cdef int pop_head(self, uint16_t *head) except -1
+    cdef int add_used_c(self, uint16_t head, uint32_t length) except -1
+    cdef int needs_notification_c(self) except -1

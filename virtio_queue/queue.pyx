@@ -1,0 +1,376 @@
+# cython: language_level=3, embedsignature=True
+"""The device side of a split virtqueue (VIRTIO 1.2 §2.7), like rust-vmm's ``Queue``.
+
+Layout of the three parts in guest memory (§2.7): the descriptor table (16 bytes per
+entry, 16-byte aligned), the available ring (flags, idx, ring[size], used_event;
+2-byte aligned) and the used ring (flags, idx, ring[size] of {id, len}, avail_event;
+4-byte aligned).  All fields are little-endian.
+
+The queue is bound to a :class:`~virtio_queue.GuestMemory`; its ring addresses are
+translated once and re-translated only when the memory's generation changes.
+"""
+
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from virtio_queue.chain cimport DescriptorChain, make_chain
+from virtio_queue.includes.atomics cimport (vq_fence_seqcst, vq_load_acquire16,
+                                            vq_store_release16)
+from virtio_queue.includes.endian cimport htole16, htole32, le16toh
+from virtio_queue.includes.virtio_ring cimport (VRING_AVAIL_F_NO_INTERRUPT,
+                                                VRING_USED_F_NO_NOTIFY)
+from virtio_queue.memory cimport GuestMemory, MemorySnapshot, snap_ptr, snap_ptr_w
+
+from virtio_queue.errors import (InvalidAvailRingIndex, InvalidDescriptorIndex,
+                                 InvalidQueueConfig, QueueNotReady)
+
+#: The largest split queue (VIRTIO 1.2 §2.7: Queue Size is at most 32768).
+MAX_QUEUE_SIZE = 32768
+
+
+cdef inline uint16_t _rd16(const unsigned char *p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return le16toh(v)
+
+
+cdef inline void _wr16(unsigned char *p, uint16_t v) noexcept nogil:
+    v = htole16(v)
+    memcpy(p, &v, 2)
+
+
+cdef class Queue:
+    """Device side of one split virtqueue.
+
+    Configure it (``size``, ``desc_table``, ``avail_ring``, ``used_ring``,
+    ``event_idx``, ``memory``), set ``ready``, then :meth:`pop_chain` /
+    :meth:`add_used`.  ``next_avail``/``set_next_avail`` are what vhost-user's
+    GET/SET_VRING_BASE transfer.
+    """
+
+    def __cinit__(self, max_size, GuestMemory memory=None):
+        if not isinstance(max_size, int) or not 1 <= max_size <= MAX_QUEUE_SIZE \
+                or max_size & (max_size - 1):
+            raise InvalidQueueConfig(
+                f"maximum queue size {max_size!r} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        self._max_size = max_size
+        self._size = <uint16_t>(max_size if max_size < 32768 else 32768)
+        self._memory = memory
+        self._reset_state()
+
+    cdef void _reset_state(self):
+        self._ready = False
+        self._event_idx = False
+        self._desc_gpa = 0
+        self._avail_gpa = 0
+        self._used_gpa = 0
+        self._next_avail = 0
+        self._next_used = 0
+        self._avail_seen = 0
+        self._signalled_used = 0
+        self._signalled_valid = False
+        self._mapped = False
+        self._snap = None
+        self._desc = self._avail = self._used = NULL
+
+    def reset(self):
+        """Back to the state after construction (VIRTIO 1.2 §2.4: device reset):
+        not ready, size = max size, addresses and indexes 0.  Memory stays bound."""
+        self._reset_state()
+        self._size = <uint16_t>self._max_size
+
+    # ------------------------------------------------------------ configuration
+    @property
+    def max_size(self):
+        return self._max_size
+
+    @property
+    def size(self):
+        return self._size
+
+    @size.setter
+    def size(self, value):
+        """VIRTIO 1.2 §2.7: a power of two, at most the maximum the device offers."""
+        if not isinstance(value, int) or not 1 <= value <= self._max_size or value & (value - 1):
+            raise InvalidQueueConfig(
+                f"queue size {value!r} is not a power of two in 1..{self._max_size}")
+        self._size = <uint16_t>value
+        self._mapped = False
+
+    @property
+    def ready(self):
+        return self._ready
+
+    @ready.setter
+    def ready(self, bint value):
+        self._ready = value
+
+    @property
+    def event_idx(self):
+        return self._event_idx
+
+    @event_idx.setter
+    def event_idx(self, bint value):
+        self._event_idx = value
+        self._signalled_valid = False
+
+    @property
+    def desc_table(self):
+        return self._desc_gpa
+
+    @desc_table.setter
+    def desc_table(self, uint64_t gpa):
+        if gpa & 15:
+            raise InvalidQueueConfig(f"descriptor table address {gpa:#x} is not 16-byte aligned")
+        self._desc_gpa = gpa
+        self._mapped = False
+
+    @property
+    def avail_ring(self):
+        return self._avail_gpa
+
+    @avail_ring.setter
+    def avail_ring(self, uint64_t gpa):
+        if gpa & 1:
+            raise InvalidQueueConfig(f"available ring address {gpa:#x} is not 2-byte aligned")
+        self._avail_gpa = gpa
+        self._mapped = False
+
+    @property
+    def used_ring(self):
+        return self._used_gpa
+
+    @used_ring.setter
+    def used_ring(self, uint64_t gpa):
+        if gpa & 3:
+            raise InvalidQueueConfig(f"used ring address {gpa:#x} is not 4-byte aligned")
+        self._used_gpa = gpa
+        self._mapped = False
+
+    @property
+    def memory(self):
+        return self._memory
+
+    @memory.setter
+    def memory(self, GuestMemory memory):
+        self._memory = memory
+        self._mapped = False
+        self._snap = None
+
+    cdef int _map(self) except -1:
+        """Translate the three rings against the memory's current snapshot."""
+        cdef MemorySnapshot snap
+        cdef uint64_t n = self._size
+        cdef unsigned char *desc
+        cdef unsigned char *avail
+        cdef unsigned char *used
+        if self._memory is None:
+            raise QueueNotReady("queue has no guest memory")
+        snap = self._memory.snap
+        desc = snap_ptr(snap, self._desc_gpa, 16 * n)
+        avail = snap_ptr(snap, self._avail_gpa, 6 + 2 * n)
+        used = snap_ptr_w(snap, self._used_gpa, 6 + 8 * n)
+        if desc == NULL:
+            raise InvalidQueueConfig(
+                f"descriptor table [{self._desc_gpa:#x}, +{16 * n:#x}) is not in guest memory")
+        if avail == NULL:
+            raise InvalidQueueConfig(
+                f"available ring [{self._avail_gpa:#x}, +{6 + 2 * n:#x}) is not in guest memory")
+        if used == NULL:
+            raise InvalidQueueConfig(
+                f"used ring [{self._used_gpa:#x}, +{6 + 8 * n:#x}) is not in writable guest memory")
+        self._desc, self._avail, self._used = desc, avail, used
+        self._snap = snap
+        self._gen = self._memory._generation
+        self._mapped = True
+        return 0
+
+    cdef inline int ensure_ready(self) except -1:
+        if not self._ready:
+            raise QueueNotReady("queue is not ready")
+        if not self._mapped or self._gen != self._memory._generation:
+            self._map()
+        return 0
+
+    def validate(self):
+        """Check that the queue could run: memory bound, rings aligned and mapped.
+
+        Raises:
+            QueueNotReady, InvalidQueueConfig: what is wrong.
+        """
+        self._map()
+
+    def is_valid(self):
+        """Whether :meth:`validate` would pass."""
+        try:
+            self._map()
+        except (QueueNotReady, InvalidQueueConfig):
+            return False
+        return True
+
+    # ------------------------------------------------------------ indexes
+    def next_avail(self):
+        return self._next_avail
+
+    def set_next_avail(self, uint16_t value):
+        """Where the device resumes popping (vhost-user SET_VRING_BASE)."""
+        self._next_avail = value
+        self._avail_seen = value
+
+    def next_used(self):
+        return self._next_used
+
+    def set_next_used(self, uint16_t value):
+        self._next_used = value
+        self._signalled_valid = False
+
+    def avail_idx(self):
+        """The driver's avail->idx, read with acquire ordering."""
+        self.ensure_ready()
+        return le16toh(vq_load_acquire16(self._avail + 2))
+
+    def used_idx(self):
+        """used->idx as published."""
+        self.ensure_ready()
+        return le16toh(vq_load_acquire16(self._used + 2))
+
+    def pending(self):
+        """Chains the driver made available that the device has not popped yet.
+
+        Raises:
+            InvalidAvailRingIndex: avail->idx is more than the queue size ahead.
+        """
+        self.ensure_ready()
+        cdef uint16_t idx = le16toh(vq_load_acquire16(self._avail + 2))
+        cdef uint16_t n = idx - self._next_avail
+        if n > self._size:
+            raise InvalidAvailRingIndex(
+                f"avail index {idx} is {n} ahead of next_avail {self._next_avail} "
+                f"(queue size {self._size})")
+        return n
+
+    # ------------------------------------------------------------ hot path
+    cdef int pop_head(self, uint16_t *head) except -1:
+        """Take the next available head index: 1 if there was one, 0 if not.
+
+        avail->idx is re-read (acquire) only once the chains known from the last
+        read are used up, so a batch costs one atomic load.  The head itself is not
+        range-checked here (see pop_chain)."""
+        cdef uint16_t idx, n
+        if not self._ready or not self._mapped or self._gen != self._memory._generation:
+            self.ensure_ready()
+        if self._next_avail == self._avail_seen:
+            idx = le16toh(vq_load_acquire16(self._avail + 2))
+            n = idx - self._next_avail
+            if n > self._size:
+                # rust-vmm's InvalidAvailRingIndex: the driver can never have more
+                # than a queue's worth of chains outstanding.
+                raise InvalidAvailRingIndex(
+                    f"avail index {idx} is {n} ahead of next_avail {self._next_avail} "
+                    f"(queue size {self._size})")
+            if n == 0:
+                return 0
+            self._avail_seen = idx
+        head[0] = _rd16(self._avail + 4 + 2 * <size_t>(self._next_avail & (self._size - 1)))
+        self._next_avail += 1
+        return 1
+
+    cdef int add_used_c(self, uint16_t head, uint32_t length) except -1:
+        """Put {head, length} in the used ring and publish used->idx (release)."""
+        cdef unsigned char *elem
+        cdef uint32_t v[2]
+        if head >= self._size:
+            raise InvalidDescriptorIndex(
+                f"used head index {head} out of range (queue size {self._size})")
+        if not self._ready or not self._mapped or self._gen != self._memory._generation:
+            self.ensure_ready()
+        elem = self._used + 4 + 8 * <size_t>(self._next_used & (self._size - 1))
+        v[0] = htole32(head)
+        v[1] = htole32(length)
+        memcpy(elem, v, 8)
+        self._next_used += 1
+        vq_store_release16(self._used + 2, htole16(self._next_used))
+        return 0
+
+    cdef int needs_notification_c(self) except -1:
+        """VIRTIO 1.2 §2.7.10: whether the driver wants an interrupt now."""
+        cdef uint16_t used_event, old, new
+        self.ensure_ready()
+        if not self._event_idx:
+            return (_rd16(self._avail) & VRING_AVAIL_F_NO_INTERRUPT) == 0
+        # Order our used->idx store before the used_event load (Linux: virtio_mb()).
+        vq_fence_seqcst()
+        used_event = _rd16(self._avail + 4 + 2 * <size_t>self._size)
+        new = self._next_used
+        old = self._signalled_used
+        self._signalled_used = new
+        if not self._signalled_valid:
+            self._signalled_valid = True
+            return 1
+        # vring_need_event() of linux/virtio_ring.h.
+        return <uint16_t>(new - used_event - 1) < <uint16_t>(new - old)
+
+    def pop_chain(self):
+        """The next available descriptor chain, or None.
+
+        Raises:
+            QueueNotReady: not ready, or no memory.
+            InvalidAvailRingIndex: avail->idx is more than the queue size ahead.
+            InvalidDescriptorIndex: the head index is out of range; the entry is
+                consumed, so the next call goes on with the next one.
+        """
+        cdef uint16_t head
+        if not self.pop_head(&head):
+            return None
+        if head >= self._size:
+            raise InvalidDescriptorIndex(
+                f"head descriptor index {head} out of range (queue size {self._size})")
+        return make_chain(self._snap, self._memory, self._desc, self._size, head)
+
+    def __iter__(self):
+        """Pop every available chain (see :meth:`pop_chain`)."""
+        while True:
+            chain = self.pop_chain()
+            if chain is None:
+                return
+            yield chain
+
+    def add_used(self, uint16_t head_index, uint32_t length):
+        """Return chain ``head_index`` to the driver with ``length`` bytes written.
+
+        Raises:
+            InvalidDescriptorIndex: head_index is not below the queue size.
+        """
+        self.add_used_c(head_index, length)
+
+    def needs_notification(self):
+        """Whether to notify the driver now: once per batch of add_used calls.
+        With EVENT_IDX this compares used_event (VIRTIO 1.2 §2.7.10), otherwise it
+        honours VRING_AVAIL_F_NO_INTERRUPT."""
+        return self.needs_notification_c() != 0
+
+    def enable_notification(self):
+        """Ask the driver to kick again (VIRTIO 1.2 §2.7.10); returns True if chains
+        are already available, so the caller must drain again instead of waiting."""
+        cdef uint16_t flags
+        self.ensure_ready()
+        if self._event_idx:
+            _wr16(self._used + 4 + 8 * <size_t>self._size, self._next_avail)
+        else:
+            flags = _rd16(self._used) & ~VRING_USED_F_NO_NOTIFY
+            _wr16(self._used, flags)
+        # Our store must be visible before we look at avail->idx again, or a kick
+        # sent in between could be lost.
+        vq_fence_seqcst()
+        return le16toh(vq_load_acquire16(self._avail + 2)) != self._next_avail
+
+    def disable_notification(self):
+        """Tell the driver not to kick while we drain (no-op with EVENT_IDX, where
+        not updating avail_event has that effect)."""
+        self.ensure_ready()
+        if not self._event_idx:
+            _wr16(self._used, _rd16(self._used) | VRING_USED_F_NO_NOTIFY)
+
+    def __repr__(self):
+        return (f"<Queue size={self._size}/{self._max_size} ready={self._ready} "
+                f"next_avail={self._next_avail} next_used={self._next_used}>")
