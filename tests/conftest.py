@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from virtio_queue import GuestMemory
+from virtio_queue.testing import MockSplitQueue
 
 settings.register_profile(
     "ci",
@@ -29,10 +31,8 @@ GUEST_MEMORY_SIZE = 1 << 20
 
 
 @pytest.fixture
-def guest_memory() -> Iterator[Any]:
+def guest_memory() -> Iterator[GuestMemory]:
     """1 MiB of memfd-backed guest memory at guest address 0."""
-    from virtio_queue import GuestMemory
-
     mem, fd = GuestMemory.memfd(GUEST_MEMORY_SIZE)
     try:
         yield mem
@@ -41,8 +41,6 @@ def guest_memory() -> Iterator[Any]:
 
 
 @pytest.fixture
-def mock_queue(guest_memory: Any) -> Any:
+def mock_queue(guest_memory: GuestMemory) -> MockSplitQueue:
     """A 16-entry MockSplitQueue (driver side) laid out from guest address 0."""
-    from virtio_queue.testing import MockSplitQueue
-
     return MockSplitQueue(guest_memory, 16)

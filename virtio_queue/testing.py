@@ -25,7 +25,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from typing_extensions import Buffer
 
@@ -39,9 +39,8 @@ from .errors import (
     InvalidQueueConfig,
     QueueNotReady,
 )
-
-if TYPE_CHECKING:
-    from .queue import Queue
+from .memory import GuestMemory, GuestRegion
+from .queue import Queue
 
 __all__ = [
     "DESC_SIZE",
@@ -312,14 +311,12 @@ class GuardedMemory:
             off += size + guard
         view = memoryview(self.buffer)
         slices = [
-            (gpa, view[o : o + size]) for (gpa, size), o in zip(self.layout, self._offsets)
+            (gpa, view[o : o + size]) for (gpa, size), o in zip(self.layout, self._offsets, strict=True)
         ]
         self.memory: Any
         if backend == "python":
             self.memory = PyGuestMemory(slices)
         elif backend == "core":
-            from .memory import GuestMemory, GuestRegion
-
             self.memory = GuestMemory([GuestRegion.from_buffer(s, gpa) for gpa, s in slices])
         else:
             raise ValueError(f"unknown backend {backend!r}")
@@ -328,7 +325,7 @@ class GuardedMemory:
         """Host-buffer ``(offset, length)`` of every guard zone."""
         out = []
         prev_end = 0
-        for (_, size), off in zip(self.layout, self._offsets):
+        for (_, size), off in zip(self.layout, self._offsets, strict=True):
             out.append((prev_end, off - prev_end))
             prev_end = off + size
         out.append((prev_end, len(self.buffer) - prev_end))
@@ -348,7 +345,7 @@ class GuardedMemory:
 
     def host_offset(self, gpa: int) -> int:
         """Host-buffer offset of guest address ``gpa``."""
-        for (start, size), off in zip(self.layout, self._offsets):
+        for (start, size), off in zip(self.layout, self._offsets, strict=True):
             if start <= gpa < start + size:
                 return off + gpa - start
         raise GuestMemoryError(f"{gpa:#x} is not in any guarded region")
@@ -373,14 +370,12 @@ class GuardedMemory:
         return out
 
     def _host_to_gpa(self, host: int) -> int:
-        for (start, size), off in zip(self.layout, self._offsets):
+        for (start, size), off in zip(self.layout, self._offsets, strict=True):
             if off <= host < off + size:
                 return start + host - off
         return -1
 
-    def assert_unchanged_except(
-        self, before: bytes, allowed: Iterable[tuple[int, int]] = ()
-    ) -> None:
+    def assert_unchanged_except(self, before: bytes, allowed: Iterable[tuple[int, int]] = ()) -> None:
         """Assert that only bytes inside the guest ranges ``allowed`` changed since ``before``.
 
         Raises AssertionError naming the first changed byte outside them (a guard byte
@@ -435,9 +430,7 @@ class MockSplitQueue:
         self.avail_ring = (
             _align_up(self.desc_table + DESC_SIZE * size, 2) if avail_ring is None else avail_ring
         )
-        self.used_ring = (
-            _align_up(self.avail_ring + 6 + 2 * size, 4) if used_ring is None else used_ring
-        )
+        self.used_ring = _align_up(self.avail_ring + 6 + 2 * size, 4) if used_ring is None else used_ring
         end = max(
             self.desc_table + DESC_SIZE * size,
             self.avail_ring + 6 + 2 * size,
@@ -518,7 +511,7 @@ class MockSplitQueue:
         if start is not None:
             self._next_free = start % self.size
         indices = self._take_indices(len(descs))
-        for i, d in zip(indices, self._linked(descs, indices)):
+        for i, d in zip(indices, self._linked(descs, indices), strict=True):
             self.write_desc(i, d)
         return indices[0]
 
@@ -684,8 +677,6 @@ class MockSplitQueue:
 
     def create_queue(self, *, event_idx: bool = False, max_size: int | None = None) -> Queue:
         """A compiled :class:`virtio_queue.Queue` on the same memory, configured and ready."""
-        from .queue import Queue
-
         q = Queue(self.size if max_size is None else max_size, self.memory)  # type: ignore[arg-type]
         self._configure(q, event_idx)
         return q
@@ -717,8 +708,6 @@ def workload_a(memory: MemoryLike | None = None) -> MockSplitQueue:
     :meth:`MockSplitQueue.publish_all` (heads 0..255).
     """
     if memory is None:
-        from .memory import GuestMemory
-
         memory = GuestMemory.from_buffer(bytearray(WORKLOAD_A_MEM_SIZE))
     assert memory is not None
     mock = MockSplitQueue(
@@ -780,9 +769,7 @@ class RefChain:
         while True:
             if index >= limit:
                 where = "indirect table entries" if indirect else "queue size"
-                raise InvalidDescriptorIndex(
-                    f"descriptor index {index} out of range ({where} {limit})"
-                )
+                raise InvalidDescriptorIndex(f"descriptor index {index} out of range ({where} {limit})")
             if ttl == 0:
                 raise InvalidChain(f"descriptor chain longer than {limit} (a cycle)")
             ttl -= 1
@@ -815,8 +802,10 @@ class RefChain:
         return list(self)
 
     def _buffers(self, want_write: bool) -> list[tuple[int, int]]:
+        # Buffers are checked as the walk meets them (as the compiled Reader/Writer
+        # do), so a bad buffer before a malformed link reports GuestMemoryError.
         out = []
-        for d in self.descriptors():
+        for d in self:
             if bool(d.flags & VIRTQ_DESC_F_WRITE) != want_write:
                 continue
             if d.len == 0:
@@ -844,9 +833,11 @@ class RefQueue:
 
     Same public surface as :class:`virtio_queue.Queue`.  It keeps no state that the
     compiled queue would not keep, reads guest memory only through ``read*`` helpers,
-    and raises the same error classes.  EVENT_IDX follows Linux ``vring_need_event``
-    with ``old`` = the used index at the previous :meth:`needs_notification` call
-    (counted like rust-vmm's ``num_added``).
+    and raises the same error classes.  EVENT_IDX follows Linux vhost's
+    ``vhost_notify``: ``vring_need_event(used_event, new, old)`` with ``old`` = the used
+    index at the previous :meth:`needs_notification` call; the first call after
+    configuration, :meth:`reset`, :meth:`set_next_used` or a change of
+    :attr:`event_idx` has no ``old`` and answers True.
     """
 
     def __init__(self, max_size: int, memory: MemoryLike | None = None) -> None:
@@ -859,10 +850,21 @@ class RefQueue:
         self.desc_table = 0
         self.avail_ring = 0
         self.used_ring = 0
-        self.event_idx = False
+        self._event_idx = False
         self._next_avail = 0
         self._next_used = 0
-        self._num_added = 0
+        self._signalled_used = 0
+        self._signalled_valid = False
+
+    @property
+    def event_idx(self) -> bool:
+        """VIRTIO_RING_F_EVENT_IDX negotiated (used_event / avail_event in use)."""
+        return self._event_idx
+
+    @event_idx.setter
+    def event_idx(self, value: bool) -> None:
+        self._event_idx = bool(value)
+        self._signalled_valid = False
 
     @property
     def max_size(self) -> int:
@@ -908,8 +910,9 @@ class RefQueue:
         self._size = self._max_size
         self.ready = False
         self.desc_table = self.avail_ring = self.used_ring = 0
-        self.event_idx = False
-        self._next_avail = self._next_used = self._num_added = 0
+        self._event_idx = False
+        self._next_avail = self._next_used = self._signalled_used = 0
+        self._signalled_valid = False
 
     def next_avail(self) -> int:
         """Index of the next available entry the device will read."""
@@ -926,6 +929,7 @@ class RefQueue:
     def set_next_used(self, value: int) -> None:
         """Move the used index (vhost-user SET_VRING_BASE / inflight resume)."""
         self._next_used = value & 0xFFFF
+        self._signalled_valid = False
 
     def _mem(self) -> MemoryLike:
         if not self.ready or self.memory is None:
@@ -966,9 +970,7 @@ class RefQueue:
         head = mem.read_u16(self.avail_ring + 4 + 2 * slot)
         self._next_avail = (self._next_avail + 1) & 0xFFFF
         if head >= self._size:
-            raise InvalidDescriptorIndex(
-                f"descriptor index {head} out of range (queue size {self._size})"
-            )
+            raise InvalidDescriptorIndex(f"descriptor index {head} out of range (queue size {self._size})")
         return RefChain(mem, self.desc_table, self._size, head)
 
     def __iter__(self) -> Iterator[RefChain]:
@@ -989,7 +991,6 @@ class RefQueue:
         mem.write_obj(self.used_ring + 4 + 8 * slot, "II", head_index, length)
         self._next_used = (self._next_used + 1) & 0xFFFF
         mem.write_u16(self.used_ring + 2, self._next_used)
-        self._num_added += 1
 
     def enable_notification(self) -> bool:
         """Ask the driver to notify again; True if chains are already waiting (§2.7.10)."""
@@ -1014,7 +1015,10 @@ class RefQueue:
         if self.event_idx:
             used_event = mem.read_u16(self.avail_ring + 4 + 2 * self._size)
             new = self._next_used
-            old = (new - self._num_added) & 0xFFFF
-            self._num_added = 0
+            old = self._signalled_used
+            self._signalled_used = new
+            if not self._signalled_valid:
+                self._signalled_valid = True
+                return True
             return vring_need_event(used_event, new, old)
         return not mem.read_u16(self.avail_ring) & VRING_AVAIL_F_NO_INTERRUPT
