@@ -1,0 +1,169 @@
+"""A single-threaded epoll loop: one per front-end connection (DESIGN.md "Concurrency").
+
+It watches the vhost-user socket, the kick eventfds, the device's host fds and a
+stop eventfd, and runs timers from a heap (the epoll timeout is the next deadline).
+It implements :class:`virtio_devices.base.EventLoop` for devices.
+
+Everything runs on the thread that calls :meth:`EventLoop.run`, so message
+handling and ring processing never race: GET_VRING_BASE stops a ring simply by
+removing its kick fd.  Only :meth:`EventLoop.stop` may be called from another thread
+(it writes an eventfd).
+
+The kick path is kept short on purpose: ``epoll.poll`` → dict lookup → the
+callback (which reads the eventfd and calls ``process_queue``).  Callbacks are
+level-triggered, so a callback that does not drain its fd is called again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import select
+import time
+from collections.abc import Callable
+
+__all__ = ["EventLoop", "TimerHandle"]
+
+log = logging.getLogger(__name__)
+
+_READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+
+
+class TimerHandle:
+    """A pending :meth:`EventLoop.call_later` callback; :meth:`cancel` is idempotent."""
+
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class EventLoop:
+    """epoll over fds plus a timer heap; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._readers: dict[int, Callable[[], None]] = {}
+        self._timers: list[tuple[float, int, TimerHandle]] = []
+        self._seq = itertools.count()
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stopping = False
+        self._closed = False
+        self._epoll.register(self._stop_fd, select.EPOLLIN)
+
+    # -- EventLoop protocol (virtio_devices.base) -------------------------------------
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever ``fd`` is readable (level-triggered); a second
+        call for the same fd replaces the callback."""
+        if fd in self._readers:
+            self._readers[fd] = callback
+            return
+        self._epoll.register(fd, _READ_EVENTS)
+        self._readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd``; unknown fds are ignored."""
+        if self._readers.pop(fd, None) is None:
+            return
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            # Already closed: the kernel dropped it from the epoll set itself.
+            pass
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """Run ``callback()`` once after ``delay`` seconds (monotonic clock)."""
+        handle = TimerHandle(time.monotonic() + max(0.0, delay), callback)
+        heapq.heappush(self._timers, (handle.when, next(self._seq), handle))
+        return handle
+
+    # -- running ---------------------------------------------------------------------------
+    def has_reader(self, fd: int) -> bool:
+        return fd in self._readers
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after the current iteration; thread-safe."""
+        self._stopping = True
+        try:
+            os.eventfd_write(self._stop_fd, 1)
+        except OSError:
+            pass
+
+    def add_stop_fd(self, fd: int) -> None:
+        """Also stop when ``fd`` becomes readable (a daemon-wide shutdown eventfd that
+        several loops share: it is never read, so it stays readable for all)."""
+        self.add_reader(fd, self.stop)
+
+    def run(self, timeout: float | None = None) -> None:
+        """Dispatch events until :meth:`stop` (or until ``timeout`` seconds passed).
+
+        Exceptions from callbacks propagate: they are bugs (front-end and guest errors
+        are handled inside the callbacks), and the daemon logs them and closes the
+        connection.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        readers = self._readers
+        poll = self._epoll.poll
+        timers = self._timers
+        stop_fd = self._stop_fd
+        self._stopping = False
+        while not self._stopping:
+            wait = -1.0
+            if timers or deadline is not None:
+                now = time.monotonic()
+                if timers:
+                    self._run_timers(now)
+                    if self._stopping:
+                        break
+                    if timers:
+                        wait = max(0.0, timers[0][0] - now)
+                if deadline is not None:
+                    left = deadline - now
+                    if left <= 0:
+                        return
+                    wait = left if wait < 0 else min(wait, left)
+            for fd, _ev in poll(wait):
+                if fd == stop_fd:
+                    try:
+                        os.eventfd_read(stop_fd)
+                    except BlockingIOError:
+                        pass
+                    self._stopping = True
+                    continue
+                cb = readers.get(fd)
+                # A callback earlier in this batch may have removed this fd.
+                if cb is not None:
+                    cb()
+                if self._stopping:
+                    break
+
+    def _run_timers(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _when, _seq, handle = heapq.heappop(timers)
+            if not handle.cancelled:
+                handle.cancelled = True
+                handle.callback()
+
+    def close(self) -> None:
+        """Release the epoll and stop fds; registered fds are not closed (their owners do)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._readers.clear()
+        self._timers.clear()
+        self._epoll.close()
+        os.close(self._stop_fd)
+
+    def __enter__(self) -> EventLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,945 @@
+"""The vhost-user back-end state machine: one :class:`VhostUserHandler` per connection.
+
+It implements the front-end requests of QEMU's ``docs/interop/vhost-user.rst`` for
+one :class:`~virtio_devices.base.VirtioDevice`, over one :class:`Connection`, on one
+:class:`EventLoop` (all callbacks on the loop's thread, so nothing here locks).
+
+Ring life cycle ("Ring states" in the spec), as rust-vmm's vhost-user-backend does it:
+
+* a ring is *started* when SET_VRING_KICK brings a kick fd, and *stopped* by
+  GET_VRING_BASE (which answers the next avail index);
+* it is *enabled* by SET_VRING_ENABLE when VHOST_USER_F_PROTOCOL_FEATURES was
+  negotiated, and enabled as soon as SET_FEATURES arrives without that bit;
+* it is *polled* (its kick fd watched, ``Queue.ready`` true) while it is started,
+  enabled, has its addresses and memory.
+
+Device activation (our decision, documented in the report): the device is activated
+with **all** its queues when the **first** ring starts polling; queues whose ring
+has not started yet have ``ready == False`` and are never passed to
+``process_queue``.  When the last polled ring stops (GET_VRING_BASE on every
+started ring, RESET_DEVICE, RESET_OWNER or the front-end leaving) the device is
+``reset()``, and activated again, with the features re-acknowledged, when a ring
+starts next.  This matches QEMU, which starts and stops all rings of a device
+together (vhost_dev_start/stop) but skips rings the driver never set up.
+
+Every request is validated before it changes anything; a violation raises a
+:class:`VhostUserError` that closes the connection (never the process).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+from collections.abc import Callable
+
+from virtio_devices.base import VIRTIO_RING_F_EVENT_IDX, VirtioDevice
+from virtio_queue import BUILT_WITH_XEN, GuestMemory, GuestRegion, Queue
+from virtio_queue.errors import GuestMemoryError, QueueError
+from virtio_queue.ratelimit import RateLimiter
+
+from .connection import Connection, Message
+from .event_loop import EventLoop
+from .protocol import messages as m
+from .protocol.codes import (
+    MAX_ATTACHED_FDS,
+    MAX_MEM_SLOTS,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    XEN_MMAP_FLAG_FOREIGN,
+    XEN_MMAP_FLAG_GRANT,
+    XEN_MMAP_FLAG_NO_ADVANCE_MAP,
+    BackendReq,
+    FrontendReq,
+    VhostUserProtocolFeatures,
+)
+from .protocol.errors import (
+    Disconnected,
+    FeatureMismatch,
+    InactiveFeature,
+    InactiveOperation,
+    InvalidMessage,
+    VhostUserError,
+)
+
+__all__ = ["VhostUserHandler", "VhostUserInterrupt", "InflightQueueRegion", "offered_protocol_features"]
+
+log = logging.getLogger(__name__)
+
+PF = VhostUserProtocolFeatures
+
+#: Requests a front-end may send before SET_OWNER.  QEMU's vhost_user_backend_init
+#: negotiates features, queue count, memory slots and the back-end channel before
+#: vhost_dev_init sends SET_OWNER, so those must work unowned.
+_BEFORE_OWNER = frozenset(
+    {
+        FrontendReq.GET_FEATURES,
+        FrontendReq.GET_PROTOCOL_FEATURES,
+        FrontendReq.SET_PROTOCOL_FEATURES,
+        FrontendReq.GET_QUEUE_NUM,
+        FrontendReq.GET_MAX_MEM_SLOTS,
+        FrontendReq.SET_BACKEND_REQ_FD,
+        FrontendReq.SET_OWNER,
+        FrontendReq.GET_STATUS,
+    }
+)
+
+
+def offered_protocol_features(device: VirtioDevice, *, xen: bool = BUILT_WITH_XEN) -> int:
+    """Protocol features we offer for ``device`` (CONFIG only with a config space,
+    XEN_MMAP only in a Xen build)."""
+    bits = (
+        PF.MQ
+        | PF.REPLY_ACK
+        | PF.BACKEND_REQ
+        | PF.INFLIGHT_SHMFD
+        | PF.CONFIGURE_MEM_SLOTS
+        | PF.RESET_DEVICE
+        | PF.STATUS
+    )
+    if device.has_config:
+        bits |= PF.CONFIG
+    if xen:
+        bits |= PF.XEN_MMAP
+    return int(bits)
+
+
+class InflightQueueRegion:
+    """One queue's split-ring area of the shared inflight region ("Inflight I/O tracking").
+
+    Layout: ``features u64, version u16, desc_num u16, last_batch_head u16,
+    used_idx u16`` then ``desc_num`` × ``DescStateSplit {inflight u8, padding[5],
+    next u16, counter u64}``.  The back-end keeps it current so that a back-end
+    restarted with SET_INFLIGHT_FD finds what was in flight.
+    """
+
+    VERSION = 1
+
+    def __init__(self, buf: memoryview, queue_size: int) -> None:
+        self.buf = buf
+        self.queue_size = queue_size
+        self.counter = 0
+
+    # header fields
+    def header(self) -> tuple[int, int, int, int, int]:
+        fields: tuple[int, int, int, int, int] = m.INFLIGHT_QUEUE_HEADER.unpack_from(self.buf, 0)
+        return fields
+
+    def init_header(self, features: int) -> None:
+        """Fresh area (GET_INFLIGHT_FD): the spec has the back-end set version and desc_num."""
+        m.INFLIGHT_QUEUE_HEADER.pack_into(self.buf, 0, features, self.VERSION, self.queue_size, 0, 0)
+
+    @property
+    def used_idx(self) -> int:
+        return self.header()[4]
+
+    def _set_header(self, last_batch_head: int, used_idx: int) -> None:
+        features, version, desc_num, _lbh, _ui = self.header()
+        m.INFLIGHT_QUEUE_HEADER.pack_into(self.buf, 0, features, version, desc_num, last_batch_head, used_idx)
+
+    def desc(self, head: int) -> tuple[int, int, int]:
+        """``(inflight, next, counter)`` of descriptor ``head``."""
+        fields: tuple[int, int, int] = m.INFLIGHT_DESC.unpack_from(
+            self.buf, m.INFLIGHT_QUEUE_HEADER.size + m.INFLIGHT_DESC.size * head
+        )
+        return fields
+
+    def _set_desc(self, head: int, inflight: int, nxt: int, counter: int) -> None:
+        m.INFLIGHT_DESC.pack_into(
+            self.buf, m.INFLIGHT_QUEUE_HEADER.size + m.INFLIGHT_DESC.size * head, inflight, nxt, counter
+        )
+
+    # the spec's three procedures
+    def mark_available(self, head: int) -> None:
+        """A head was popped: ``inflight = 1`` with the next counter value."""
+        self.counter += 1
+        _i, nxt, _c = self.desc(head)
+        self._set_desc(head, 1, nxt, self.counter)
+
+    def prepare_used(self, head: int) -> None:
+        """Before a head is published in the used ring: link it into the last batch
+        (``next = last_batch_head``, ``last_batch_head = head``), steps 2-3."""
+        _f, _v, _d, last_batch_head, used_idx = self.header()
+        inflight, _n, counter = self.desc(head)
+        self._set_desc(head, inflight, last_batch_head, counter)
+        self._set_header(head, used_idx)
+
+    def commit_used(self, head: int, ring_used_idx: int) -> None:
+        """After the used ring's idx was published: clear ``inflight`` and record
+        the idx (steps 5-6).  A crash between the two leaves ``used_idx`` behind,
+        which :meth:`recover` detects."""
+        _i, nxt, counter = self.desc(head)
+        self._set_desc(head, 0, nxt, counter)
+        self._set_header(head, ring_used_idx)
+
+    def recover(self, ring_used_idx: int) -> list[int]:
+        """On reconnect: fix up the last batch, then return the heads still in flight,
+        oldest (lowest counter) first.
+
+        If the used ring's idx moved past ``used_idx`` the back-end died between
+        publishing a batch and clearing its inflight flags: the batch is walked from
+        ``last_batch_head`` and cleared ("When reconnecting", split rings, step 1).
+
+        Raises:
+            InvalidMessage: the area's version or desc_num do not match the queue.
+        """
+        _features, version, desc_num, last_batch_head, used_idx = self.header()
+        if version != self.VERSION or desc_num != self.queue_size:
+            raise InvalidMessage(
+                f"inflight area version {version}/desc_num {desc_num} does not match queue size {self.queue_size}"
+            )
+        if used_idx != ring_used_idx:
+            batch = (ring_used_idx - used_idx) & 0xFFFF
+            head = last_batch_head
+            for _ in range(min(batch, self.queue_size)):
+                if head >= self.queue_size:
+                    break
+                _i, nxt, counter = self.desc(head)
+                self._set_desc(head, 0, nxt, counter)
+                head = nxt
+            self._set_header(last_batch_head, ring_used_idx)
+        found = []
+        for head in range(self.queue_size):
+            inflight, _nxt, counter = self.desc(head)
+            if inflight == 1:
+                found.append((counter, head))
+        found.sort()
+        self.counter = found[-1][0] if found else 0
+        return [h for _c, h in found]
+
+
+class _TrackedQueue(Queue):
+    """A Queue that keeps its inflight area current (INFLIGHT_SHMFD negotiated).
+
+    Only used when the front-end negotiated inflight tracking, so the plain
+    compiled Queue methods stay on every other session's hot path.
+    """
+
+    inflight: InflightQueueRegion | None = None
+
+    def pop_chain(self):  # type: ignore[no-untyped-def]
+        chain = Queue.pop_chain(self)
+        if chain is not None and self.inflight is not None:
+            self.inflight.mark_available(chain.head_index)
+        return chain
+
+    def add_used(self, head_index: int, length: int) -> None:
+        inflight = self.inflight
+        if inflight is None:
+            Queue.add_used(self, head_index, length)
+            return
+        if head_index < self.size:
+            inflight.prepare_used(head_index)
+        Queue.add_used(self, head_index, length)
+        inflight.commit_used(head_index, self.next_used())
+
+
+class _Ring:
+    """Back-end state of one vring."""
+
+    __slots__ = ("index", "queue", "kick_fd", "call_fd", "err_fd", "started", "enabled", "addr_set", "polled", "inflight")
+
+    def __init__(self, index: int, queue: Queue) -> None:
+        self.index = index
+        self.queue = queue
+        self.kick_fd = -1
+        self.call_fd = -1
+        self.err_fd = -1
+        self.started = False
+        self.enabled = False
+        self.addr_set = False
+        self.polled = False
+        self.inflight: InflightQueueRegion | None = None
+
+
+class VhostUserInterrupt:
+    """The device's :class:`~virtio_devices.base.Interrupt`: call eventfds, and
+    CONFIG_CHANGE_MSG on the back-end channel."""
+
+    __slots__ = ("call_fds", "_handler")
+
+    def __init__(self, handler: VhostUserHandler, num_queues: int) -> None:
+        self.call_fds = [-1] * num_queues
+        self._handler = handler
+
+    def signal_used(self, queue_index: int) -> None:
+        fd = self.call_fds[queue_index]
+        if fd >= 0:
+            try:
+                os.eventfd_write(fd, 1)
+            except BlockingIOError:
+                # The counter is saturated: the front-end has a pending call anyway.
+                pass
+
+    def signal_config_change(self) -> None:
+        self._handler.send_config_change()
+
+
+class VhostUserHandler:
+    """Back-end side of one vhost-user connection (see the module docstring).
+
+    Create it with the device (fresh per connection), the connection and the loop,
+    then :meth:`attach` registers the socket on the loop; when a request fails or
+    the peer leaves, the loop is stopped and :attr:`close_reason` says why.  The
+    owner then calls :meth:`close`, which resets the device, unmaps memory and
+    closes every fd the handler holds.
+    """
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        conn: Connection,
+        loop: EventLoop,
+        *,
+        name: str = "vhost-user",
+        xen: bool = BUILT_WITH_XEN,
+    ) -> None:
+        self.device = device
+        self.conn = conn
+        self.loop = loop
+        self.name = name
+        self.xen = xen
+        self.num_queues = device.num_queues
+        self.memory = GuestMemory()
+        # (descriptor, region) per mapped region, in the order of the table, for the
+        # front-end-user-address → guest-address translation of SET_VRING_ADDR.
+        self.regions: list[m.MemoryRegion] = []
+        self.rings = [_Ring(i, Queue(size, self.memory)) for i, size in enumerate(device.queue_sizes)]
+        self.interrupt = VhostUserInterrupt(self, self.num_queues)
+        self.owned = False
+        self.features_acked = False
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.status = 0
+        self.device_active = False
+        self.backend_channel: Connection | None = None
+        self.inflight_map: mmap.mmap | None = None
+        self.close_reason: str | None = None
+        self.closed = False
+        self._ratelimit = RateLimiter()
+        self._offered_features = device.device_features() | VHOST_USER_F_PROTOCOL_FEATURES
+        self._offered_protocol = offered_protocol_features(device, xen=xen)
+        self._dispatch: dict[int, Callable[[Message], None]] = {
+            FrontendReq.GET_FEATURES: self._get_features,
+            FrontendReq.SET_FEATURES: self._set_features,
+            FrontendReq.SET_OWNER: self._set_owner,
+            FrontendReq.RESET_OWNER: self._reset_owner,
+            FrontendReq.RESET_DEVICE: self._reset_device,
+            FrontendReq.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            FrontendReq.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            FrontendReq.SET_MEM_TABLE: self._set_mem_table,
+            FrontendReq.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            FrontendReq.ADD_MEM_REG: self._add_mem_reg,
+            FrontendReq.REM_MEM_REG: self._rem_mem_reg,
+            FrontendReq.SET_VRING_NUM: self._set_vring_num,
+            FrontendReq.SET_VRING_ADDR: self._set_vring_addr,
+            FrontendReq.SET_VRING_BASE: self._set_vring_base,
+            FrontendReq.GET_VRING_BASE: self._get_vring_base,
+            FrontendReq.SET_VRING_KICK: self._set_vring_kick,
+            FrontendReq.SET_VRING_CALL: self._set_vring_call,
+            FrontendReq.SET_VRING_ERR: self._set_vring_err,
+            FrontendReq.SET_VRING_ENABLE: self._set_vring_enable,
+            FrontendReq.GET_QUEUE_NUM: self._get_queue_num,
+            FrontendReq.GET_CONFIG: self._get_config,
+            FrontendReq.SET_CONFIG: self._set_config,
+            FrontendReq.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            FrontendReq.GET_INFLIGHT_FD: self._get_inflight_fd,
+            FrontendReq.SET_INFLIGHT_FD: self._set_inflight_fd,
+            FrontendReq.SET_STATUS: self._set_status,
+            FrontendReq.GET_STATUS: self._get_status,
+        }
+
+    # -- connection plumbing ---------------------------------------------------------------
+    def attach(self) -> None:
+        """Watch the socket on the loop."""
+        self.loop.add_reader(self.conn.fileno(), self.on_readable)
+
+    def on_readable(self) -> None:
+        """One message is (at least partly) there: read, handle, maybe close."""
+        try:
+            msg = self.conn.recv_message()
+        except TimeoutError:
+            return
+        except VhostUserError as e:
+            self._fail(e)
+            return
+        try:
+            self.handle_message(msg)
+        except VhostUserError as e:
+            self._fail(e, msg)
+        finally:
+            msg.close_fds()
+
+    def _fail(self, err: VhostUserError, msg: Message | None = None) -> None:
+        if isinstance(err, Disconnected):
+            self.close_reason = str(err)
+            log.info("%s: %s", self.name, err)
+        else:
+            req = _req_name(msg.request) if msg is not None else "message"
+            self.close_reason = f"{req}: {err}"
+            self._ratelimit.log(log, logging.WARNING, "conn", "%s: closing connection: %s: %s", self.name, req, err)
+            if msg is not None and msg.header.need_reply and self._has(PF.REPLY_ACK):
+                # Best effort: tell the front-end its request failed before we go.
+                try:
+                    self.conn.send(msg.request, m.pack_u64(1), reply=True)
+                except VhostUserError:
+                    pass
+        self.loop.stop()
+
+    def handle_message(self, msg: Message) -> None:
+        """Validate and apply one request, then send its reply or REPLY_ACK.
+
+        Raises:
+            VhostUserError: the request is invalid here; the caller closes.
+        """
+        req = msg.request
+        if not self.owned and req not in _BEFORE_OWNER:
+            raise InactiveOperation(f"{_req_name(req)} before SET_OWNER")
+        if msg.header.is_reply:
+            raise InvalidMessage("front-end sent a message flagged as a reply")
+        fn = self._dispatch.get(req)
+        if fn is None:
+            raise InactiveOperation(f"{_req_name(req)} is not supported by this back-end")
+        self._replied = False
+        fn(msg)
+        if msg.header.need_reply and not self._replied and self._has(PF.REPLY_ACK):
+            # REPLY_ACK: 0 means success ("REPLY_ACK" section of the spec).
+            self._reply(msg, m.pack_u64(0))
+
+    def _reply(self, msg: Message, payload: bytes, fds: tuple[int, ...] = ()) -> None:
+        self._replied = True
+        self.conn.send(msg.request, payload, fds, reply=True)
+
+    def _has(self, feature: int) -> bool:
+        return bool(self.acked_protocol_features & feature)
+
+    def _require(self, feature: PF, req: int) -> None:
+        if not self.acked_protocol_features & feature:
+            raise InactiveFeature(f"{_req_name(req)} needs protocol feature {feature.name}, not negotiated")
+
+    def _ring(self, index: int) -> _Ring:
+        if index >= self.num_queues:
+            raise InvalidMessage(f"vring index {index} out of range (device has {self.num_queues} queues)")
+        return self.rings[index]
+
+    # -- features and ownership -----------------------------------------------------
+    def _get_features(self, msg: Message) -> None:
+        self._reply(msg, m.pack_u64(self._offered_features))
+
+    def _set_features(self, msg: Message) -> None:
+        features = m.unpack_u64(msg.payload, "SET_FEATURES")
+        if features & ~self._offered_features:
+            raise FeatureMismatch(f"features 0x{features:x} include bits never offered (0x{features & ~self._offered_features:x})")
+        self.acked_features = features
+        self.features_acked = True
+        event_idx = bool(features & VIRTIO_RING_F_EVENT_IDX)
+        for ring in self.rings:
+            ring.queue.event_idx = event_idx
+        self.device.ack_features(features & ~VHOST_USER_F_PROTOCOL_FEATURES)
+        # "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES every ring is enabled
+        # at once; with it the rings keep their state until SET_VRING_ENABLE.
+        if not features & VHOST_USER_F_PROTOCOL_FEATURES:
+            for ring in self.rings:
+                ring.enabled = True
+                self._update_ring(ring)
+
+    def _get_protocol_features(self, msg: Message) -> None:
+        self._reply(msg, m.pack_u64(self._offered_protocol))
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        features = m.unpack_u64(msg.payload, "SET_PROTOCOL_FEATURES")
+        if features & ~self._offered_protocol:
+            raise FeatureMismatch(f"protocol features 0x{features:x} include bits never offered")
+        if self.xen and not features & PF.XEN_MMAP:
+            # A Xen build can only map guest memory through Xen, so a front-end that
+            # does not speak the Xen region format cannot be served (STYLE.md §3).
+            raise FeatureMismatch("this is a Xen build: the front-end must acknowledge XEN_MMAP")
+        self.acked_protocol_features = features
+        # Inflight tracking needs hooks on pop/add_used: swap in tracked queues
+        # now, before any ring runs (their configuration is copied over).
+        want_tracked = bool(features & PF.INFLIGHT_SHMFD)
+        for ring in self.rings:
+            if isinstance(ring.queue, _TrackedQueue) != want_tracked and not ring.polled:
+                ring.queue = self._new_queue(ring.index, ring.queue, tracked=want_tracked)
+
+    def _new_queue(self, index: int, old: Queue, *, tracked: bool) -> Queue:
+        q: Queue = (_TrackedQueue if tracked else Queue)(self.device.queue_sizes[index], self.memory)
+        q.size = old.size
+        q.event_idx = old.event_idx
+        q.desc_table, q.avail_ring, q.used_ring = old.desc_table, old.avail_ring, old.used_ring
+        q.set_next_avail(old.next_avail())
+        return q
+
+    def _set_owner(self, msg: Message) -> None:
+        if self.owned:
+            raise InactiveOperation("SET_OWNER: the session already has an owner")
+        self.owned = True
+
+    def _reset_owner(self, msg: Message) -> None:
+        self._stop_all()
+        self.owned = False
+        self.features_acked = False
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+
+    def _reset_device(self, msg: Message) -> None:
+        self._require(PF.RESET_DEVICE, msg.request)
+        # RESET_DEVICE: back to the state after SET_OWNER, protocol features kept.
+        self._stop_all()
+        for ring in self.rings:
+            ring.enabled = False
+        self.features_acked = False
+        self.acked_features = 0
+        self.status = 0
+
+    # -- memory ---------------------------------------------------------------------------
+    def _map_region(self, desc: m.MemoryRegion, fd: int) -> GuestRegion:
+        if self.xen:
+            flags = desc.xen_mmap_flags or 0
+            kind = flags & (XEN_MMAP_FLAG_FOREIGN | XEN_MMAP_FLAG_GRANT)
+            if kind not in (XEN_MMAP_FLAG_FOREIGN, XEN_MMAP_FLAG_GRANT):
+                raise InvalidMessage(f"xen mmap flags 0x{flags:x}: exactly one of FOREIGN and GRANT required")
+            if flags & ~(XEN_MMAP_FLAG_FOREIGN | XEN_MMAP_FLAG_GRANT | XEN_MMAP_FLAG_NO_ADVANCE_MAP):
+                raise InvalidMessage(f"xen mmap flags 0x{flags:x} set unknown bits")
+            if kind == XEN_MMAP_FLAG_FOREIGN and flags & XEN_MMAP_FLAG_NO_ADVANCE_MAP:
+                raise InvalidMessage("xen foreign mappings must be mapped in advance")
+            raise InactiveOperation(
+                f"xen {'grant' if kind == XEN_MMAP_FLAG_GRANT else 'foreign'} mapping of domain "
+                f"{desc.domid} is not available: the xen package's mapping hooks are not built"
+            )
+        try:
+            return GuestRegion.from_fd(fd, desc.size, desc.guest_addr, desc.mmap_offset)
+        except (GuestMemoryError, OSError) as e:
+            raise InvalidMessage(f"cannot map region at guest 0x{desc.guest_addr:x}: {e}") from None
+
+    @staticmethod
+    def _check_overlaps(descs: list[m.MemoryRegion]) -> None:
+        spans = sorted((d.guest_addr, d.guest_addr + d.size) for d in descs)
+        for (a0, a1), (b0, _b1) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise InvalidMessage(f"memory regions overlap: [0x{a0:x}, 0x{a1:x}) and 0x{b0:x}")
+
+    def _set_mem_table(self, msg: Message) -> None:
+        descs = m.unpack_memory_table(msg.payload, xen=self.xen, max_regions=MAX_ATTACHED_FDS)
+        self._check_overlaps(descs)
+        # Map every new region before touching the current table, so a bad table
+        # leaves the old one intact (the connection is closed anyway).
+        new = [self._map_region(d, msg.fds[i]) for i, d in enumerate(descs)]
+        # GuestRegion.from_fd does not keep the fd: the caller closes (finally).
+        self.memory.clear()
+        for region in new:
+            self.memory.add_region(region)
+        self.regions = descs
+        self._revalidate_rings()
+
+    def _get_max_mem_slots(self, msg: Message) -> None:
+        self._require(PF.CONFIGURE_MEM_SLOTS, msg.request)
+        self._reply(msg, m.pack_u64(MAX_MEM_SLOTS))
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        self._require(PF.CONFIGURE_MEM_SLOTS, msg.request)
+        desc = m.unpack_single_region(msg.payload, xen=self.xen)
+        if len(self.regions) >= MAX_MEM_SLOTS:
+            raise InvalidMessage(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are in use")
+        self._check_overlaps([*self.regions, desc])
+        region = self._map_region(desc, msg.fds[0])
+        try:
+            self.memory.add_region(region)
+        except GuestMemoryError as e:
+            raise InvalidMessage(f"ADD_MEM_REG: {e}") from None
+        self.regions.append(desc)
+        self._revalidate_rings()
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        self._require(PF.CONFIGURE_MEM_SLOTS, msg.request)
+        desc = m.unpack_single_region(msg.payload, xen=self.xen)
+        # The region is named by guest address, user address and size; the mmap
+        # offset (and any fd, which the spec says to close unused) is ignored.
+        for i, have in enumerate(self.regions):
+            if (have.guest_addr, have.user_addr, have.size) == (desc.guest_addr, desc.user_addr, desc.size):
+                break
+        else:
+            raise InvalidMessage(f"REM_MEM_REG: no region at guest 0x{desc.guest_addr:x} size 0x{desc.size:x}")
+        self.memory.remove_region(desc.guest_addr, desc.size)
+        del self.regions[i]
+        self._revalidate_rings()
+
+    def _user_to_guest(self, index: int, what: str, user_addr: int) -> int:
+        for r in self.regions:
+            if r.user_addr <= user_addr < r.user_addr + r.size:
+                return user_addr - r.user_addr + r.guest_addr
+        raise InvalidMessage(f"vring {index} {what} address 0x{user_addr:x} is outside the memory table")
+
+    def _revalidate_rings(self) -> None:
+        # Memory changed under polled rings: a ring whose parts left guest memory
+        # cannot be served any more (the front-end broke its own rings).
+        for ring in self.rings:
+            if ring.polled and not ring.queue.is_valid():
+                raise InvalidMessage(f"vring {ring.index} is no longer inside guest memory")
+
+    # -- vrings -----------------------------------------------------------------------------
+    def _set_vring_num(self, msg: Message) -> None:
+        st = m.unpack_vring_state(msg.payload, "SET_VRING_NUM")
+        ring = self._ring(st.index)
+        max_size = self.device.queue_sizes[st.index]
+        if not 1 <= st.num <= max_size or st.num & (st.num - 1):
+            raise InvalidMessage(f"vring {st.index} size {st.num} is not a power of two in 1..{max_size}")
+        if ring.started:
+            raise InactiveOperation(f"vring {st.index}: SET_VRING_NUM on a started ring")
+        ring.queue.size = st.num
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        a = m.unpack_vring_addr(msg.payload)
+        ring = self._ring(a.index)
+        if a.flags & 0x1:
+            raise InactiveFeature(f"vring {a.index}: used ring logging requested, VHOST_F_LOG_ALL not negotiated")
+        desc = self._user_to_guest(a.index, "descriptor", a.descriptor)
+        avail = self._user_to_guest(a.index, "available", a.available)
+        used = self._user_to_guest(a.index, "used", a.used)
+        # VIRTIO 1.2 §2.7: descriptor table 16-byte, avail 2-byte, used 4-byte aligned.
+        for what, gpa, align in (("descriptor", desc, 16), ("available", avail, 2), ("used", used, 4)):
+            if gpa % align:
+                raise InvalidMessage(f"vring {a.index} {what} ring 0x{gpa:x} is not {align}-byte aligned")
+        n = ring.queue.size
+        for what, gpa, length in (("descriptor", desc, 16 * n), ("available", avail, 6 + 2 * n), ("used", used, 6 + 8 * n)):
+            if not self.memory.check_range(gpa, length):
+                raise InvalidMessage(f"vring {a.index} {what} ring [0x{gpa:x}, +0x{length:x}) is outside guest memory")
+        q = ring.queue
+        q.desc_table, q.avail_ring, q.used_ring = desc, avail, used
+        ring.addr_set = True
+        self._update_ring(ring)
+
+    def _set_vring_base(self, msg: Message) -> None:
+        st = m.unpack_vring_state(msg.payload, "SET_VRING_BASE")
+        ring = self._ring(st.index)
+        if st.num > 0xFFFF:
+            raise InvalidMessage(f"vring {st.index} base {st.num} exceeds 16 bits (split ring)")
+        if ring.started:
+            raise InactiveOperation(f"vring {st.index}: SET_VRING_BASE on a started ring")
+        ring.queue.set_next_avail(st.num)
+
+    def _get_vring_base(self, msg: Message) -> None:
+        st = m.unpack_vring_state(msg.payload, "GET_VRING_BASE")
+        ring = self._ring(st.index)
+        # "stop ring upon receiving VHOST_USER_GET_VRING_BASE": stop polling, forget
+        # the notifiers (the front-end sends new ones before it starts the ring again).
+        ring.started = False
+        self._update_ring(ring)
+        base = ring.queue.next_avail()
+        self._close_ring_fds(ring)
+        self._maybe_deactivate()
+        self._reply(msg, m.VRING_STATE.pack(st.index, base))
+
+    def _vring_fd(self, msg: Message, what: str) -> tuple[_Ring, int]:
+        index, has_fd = m.unpack_vring_fd_index(msg.payload, what)
+        ring = self._ring(index)
+        return ring, msg.take_fd(0) if has_fd else -1
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        ring, fd = self._vring_fd(msg, "SET_VRING_KICK")
+        if ring.kick_fd >= 0:
+            self.loop.remove_reader(ring.kick_fd)
+            ring.polled = False
+            os.close(ring.kick_fd)
+        ring.kick_fd = fd
+        # A kick fd starts the ring; without one (bit 8, "polling mode") we cannot
+        # serve it, as rust-vmm's back-end cannot: it stays stopped.
+        ring.started = fd >= 0
+        self._update_ring(ring)
+
+    def _set_vring_call(self, msg: Message) -> None:
+        ring, fd = self._vring_fd(msg, "SET_VRING_CALL")
+        if ring.call_fd >= 0:
+            os.close(ring.call_fd)
+        ring.call_fd = fd
+        self.interrupt.call_fds[ring.index] = fd
+
+    def _set_vring_err(self, msg: Message) -> None:
+        ring, fd = self._vring_fd(msg, "SET_VRING_ERR")
+        if ring.err_fd >= 0:
+            os.close(ring.err_fd)
+        ring.err_fd = fd
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        if not self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES:
+            raise InactiveFeature("SET_VRING_ENABLE needs VHOST_USER_F_PROTOCOL_FEATURES, not negotiated")
+        st = m.unpack_vring_state(msg.payload, "SET_VRING_ENABLE")
+        ring = self._ring(st.index)
+        if st.num > 1:
+            raise InvalidMessage(f"vring {st.index} enable value {st.num} is not 0 or 1")
+        ring.enabled = bool(st.num)
+        self._update_ring(ring)
+
+    def _get_queue_num(self, msg: Message) -> None:
+        self._reply(msg, m.pack_u64(self.num_queues))
+
+    def _update_ring(self, ring: _Ring) -> None:
+        """Poll the ring iff it is started, enabled and fully configured."""
+        want = ring.started and ring.enabled and ring.addr_set and ring.kick_fd >= 0 and bool(self.regions)
+        if want == ring.polled:
+            return
+        q = ring.queue
+        if not want:
+            self.loop.remove_reader(ring.kick_fd)
+            q.ready = False
+            ring.polled = False
+            self._maybe_deactivate()
+            return
+        q.ready = True
+        try:
+            q.validate()
+            # The driver's used->idx is authoritative for what was already returned
+            # (after a reconnect the device side starts from a fresh Queue).
+            q.set_next_used(q.used_idx())
+        except (QueueError, GuestMemoryError) as e:
+            q.ready = False
+            raise InvalidMessage(f"vring {ring.index} cannot start: {e}") from None
+        if ring.inflight is not None:
+            self._resubmit_inflight(ring)
+        ring.polled = True
+        if not self.device_active:
+            self.device.ack_features(self.acked_features & ~VHOST_USER_F_PROTOCOL_FEATURES)
+            self.device.activate(self.memory, [r.queue for r in self.rings], self.interrupt, self.loop)
+            self.device_active = True
+        self.loop.add_reader(ring.kick_fd, self._kick_callback(ring))
+
+    def _kick_callback(self, ring: _Ring) -> Callable[[], None]:
+        # The hot path: bind everything it needs to locals of the closure.
+        fd = ring.kick_fd
+        index = ring.index
+        process = self.device.process_queue
+        read = os.read
+
+        def on_kick() -> None:
+            try:
+                read(fd, 8)
+            except BlockingIOError:
+                return
+            try:
+                process(index)
+            except (QueueError, GuestMemoryError) as e:
+                self._ring_broken(ring, e)
+
+        return on_kick
+
+    def _ring_broken(self, ring: _Ring, err: Exception) -> None:
+        """The guest broke the ring: stop it and tell the front-end on the err fd
+        (vhost-user's equivalent of NEEDS_RESET); the connection stays up."""
+        self._ratelimit.log(log, logging.WARNING, ring.index, "%s q%d: ring stopped: %s", self.name, ring.index, err)
+        ring.started = False
+        self._update_ring(ring)
+        if ring.err_fd >= 0:
+            try:
+                os.eventfd_write(ring.err_fd, 1)
+            except OSError:
+                pass
+
+    def _maybe_deactivate(self) -> None:
+        if self.device_active and not any(r.polled for r in self.rings):
+            self.device_active = False
+            self.device.reset()
+
+    def _stop_all(self) -> None:
+        for ring in self.rings:
+            ring.started = False
+            self._update_ring(ring)
+            self._close_ring_fds(ring)
+            ring.queue.reset()
+            ring.addr_set = False
+        self._maybe_deactivate()
+
+    def _close_ring_fds(self, ring: _Ring) -> None:
+        for attr in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(ring, attr)
+            if fd >= 0:
+                if attr == "kick_fd":
+                    self.loop.remove_reader(fd)
+                os.close(fd)
+                setattr(ring, attr, -1)
+        self.interrupt.call_fds[ring.index] = -1
+
+    # -- config space ------------------------------------------------------------------------
+    def _get_config(self, msg: Message) -> None:
+        self._require(PF.CONFIG, msg.request)
+        cfg = m.unpack_config(msg.payload)
+        data = self.device.read_config(cfg.offset, cfg.size)
+        # The reply has exactly the requested size; bytes beyond the device's
+        # config space read as zero.
+        data = bytes(data[: cfg.size]).ljust(cfg.size, b"\0")
+        self._reply(msg, m.pack_config(cfg.offset, data, cfg.flags))
+
+    def _set_config(self, msg: Message) -> None:
+        self._require(PF.CONFIG, msg.request)
+        cfg = m.unpack_config(msg.payload)
+        self.device.write_config(cfg.offset, cfg.payload)
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        self._require(PF.BACKEND_REQ, msg.request)
+        fd = msg.take_fd(0)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            os.close(fd)
+            raise InvalidMessage(f"SET_BACKEND_REQ_FD: fd is not a socket: {e}") from None
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise InvalidMessage("SET_BACKEND_REQ_FD: fd is not a Unix stream socket")
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.backend_channel = Connection(sock, from_frontend=False)
+
+    def send_config_change(self) -> None:
+        """Tell the front-end the config space changed (BackendReq CONFIG_CHANGE_MSG).
+
+        Needs the BACKEND_REQ and CONFIG protocol features and a back-end channel;
+        otherwise it is dropped with a debug message.  No reply is requested, so the
+        loop never blocks on the front-end.
+        """
+        if self.backend_channel is None or not self._has(PF.CONFIG):
+            log.debug("%s: config change not sent (no back-end channel or CONFIG)", self.name)
+            return
+        try:
+            self.backend_channel.send(BackendReq.CONFIG_CHANGE_MSG)
+        except VhostUserError as e:
+            log.info("%s: back-end channel lost: %s", self.name, e)
+            self.backend_channel.close()
+            self.backend_channel = None
+
+    # -- inflight I/O tracking -------------------------------------------------------------
+    def _inflight_regions(self, buf: memoryview, num_queues: int, queue_size: int) -> None:
+        per_queue = m.inflight_queue_size(queue_size)
+        for i, ring in enumerate(self.rings):
+            ring.inflight = InflightQueueRegion(buf[i * per_queue : (i + 1) * per_queue], queue_size) if i < num_queues else None
+            if isinstance(ring.queue, _TrackedQueue):
+                ring.queue.inflight = ring.inflight
+
+    def _drop_inflight(self) -> None:
+        for ring in self.rings:
+            ring.inflight = None
+            if isinstance(ring.queue, _TrackedQueue):
+                ring.queue.inflight = None
+        if self.inflight_map is not None:
+            try:
+                self.inflight_map.close()
+            except BufferError:
+                # A memoryview still refers to it; it goes when the last one does.
+                pass
+            self.inflight_map = None
+
+    def _check_inflight_shape(self, inf: m.Inflight) -> None:
+        if not 1 <= inf.num_queues <= self.num_queues:
+            raise InvalidMessage(f"inflight num_queues {inf.num_queues} out of range (1..{self.num_queues})")
+        biggest = max(self.device.queue_sizes[: inf.num_queues])
+        if not 1 <= inf.queue_size <= biggest:
+            raise InvalidMessage(f"inflight queue_size {inf.queue_size} out of range (1..{biggest})")
+
+    def _get_inflight_fd(self, msg: Message) -> None:
+        self._require(PF.INFLIGHT_SHMFD, msg.request)
+        inf = m.unpack_inflight(msg.payload)
+        self._check_inflight_shape(inf)
+        size = m.inflight_queue_size(inf.queue_size) * inf.num_queues
+        fd = os.memfd_create("vhost-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            self._drop_inflight()
+            self.inflight_map = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            self._inflight_regions(memoryview(self.inflight_map), inf.num_queues, inf.queue_size)
+            for ring in self.rings:
+                if ring.inflight is not None:
+                    ring.inflight.init_header(self.acked_features)
+            self._reply(msg, m.Inflight(size, 0, inf.num_queues, inf.queue_size).pack(), (fd,))
+        finally:
+            # The front-end got its own copy of the fd with the reply; the mapping
+            # keeps the memory alive on our side.
+            os.close(fd)
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        self._require(PF.INFLIGHT_SHMFD, msg.request)
+        inf = m.unpack_inflight(msg.payload)
+        self._check_inflight_shape(inf)
+        need = m.inflight_queue_size(inf.queue_size) * inf.num_queues
+        if inf.mmap_size < need:
+            raise InvalidMessage(f"inflight mmap_size {inf.mmap_size} too small for the layout ({need})")
+        if inf.mmap_size > 64 << 20:
+            raise InvalidMessage(f"inflight mmap_size {inf.mmap_size} is implausibly large")
+        self._drop_inflight()
+        try:
+            self.inflight_map = mmap.mmap(msg.fds[0], inf.mmap_size, mmap.MAP_SHARED, offset=inf.mmap_offset)
+        except (OSError, ValueError, OverflowError) as e:
+            raise InvalidMessage(f"SET_INFLIGHT_FD: cannot map the area: {e}") from None
+        self._inflight_regions(memoryview(self.inflight_map), inf.num_queues, inf.queue_size)
+
+    def _resubmit_inflight(self, ring: _Ring) -> None:
+        """Resume what a previous back-end left in flight on this ring.
+
+        The spec's "When reconnecting" procedure: fix the last batch, then resubmit
+        the in-flight heads in counter order.  The device side of our Queue pops
+        chains from the avail ring only, so resubmission is done by rewinding
+        ``next_avail`` so that the in-flight heads are popped again, which is exact
+        when they are the avail entries just before ``next_avail`` in order (every
+        in-order device).  Otherwise we log and end them with used length 0 so the
+        driver gets its buffers back instead of hanging.
+        """
+        assert ring.inflight is not None
+        q = ring.queue
+        heads = ring.inflight.recover(q.used_idx())
+        if not heads:
+            return
+        n = len(heads)
+        start = (q.next_avail() - n) & 0xFFFF
+        mem = self.memory
+        entries = [mem.read_u16(q.avail_ring + 4 + 2 * ((start + k) % q.size)) for k in range(n)]
+        if entries == heads:
+            q.set_next_avail(start)
+            log.info("%s q%d: resubmitting %d in-flight requests", self.name, ring.index, n)
+            return
+        log.warning("%s q%d: %d in-flight requests out of order; returning them unused", self.name, ring.index, n)
+        for head in heads:
+            if head < q.size:
+                # A _TrackedQueue records the inflight steps itself.
+                q.add_used(head, 0)
+        if q.needs_notification():
+            self.interrupt.signal_used(ring.index)
+
+    # -- status -----------------------------------------------------------------------------
+    def _set_status(self, msg: Message) -> None:
+        self._require(PF.STATUS, msg.request)
+        status = m.unpack_u64(msg.payload, "SET_STATUS")
+        if status > 0xFF:
+            raise InvalidMessage(f"device status 0x{status:x} exceeds 8 bits")
+        self.status = status
+
+    def _get_status(self, msg: Message) -> None:
+        self._require(PF.STATUS, msg.request)
+        self._reply(msg, m.pack_u64(self.status))
+
+    # -- teardown ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop every ring, reset the device, unmap memory, close every fd held."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.loop.remove_reader(self.conn.fileno())
+        except (OSError, ValueError):
+            pass
+        try:
+            self._stop_all()
+        finally:
+            if self.device_active:
+                self.device_active = False
+                self.device.reset()
+            self._drop_inflight()
+            self.memory.clear()
+            self.regions = []
+            if self.backend_channel is not None:
+                self.backend_channel.close()
+                self.backend_channel = None
+            self.conn.close()
+
+
+def _req_name(req: int) -> str:
+    try:
+        return FrontendReq(req).name
+    except ValueError:
+        return f"request {req}"
