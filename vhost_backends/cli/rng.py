@@ -133,9 +133,6 @@ def run(config: Config) -> int:
     Raises:
         ConfigError: the source cannot be opened.
     """
-    # Imported here so that parsing and validation work without the daemon layer.
-    from vhost_backends.daemon import run_daemons  # noqa: PLC0415
-
     try:
         source = FileEntropySource(config.rng_source)
     except RngError as e:
@@ -145,6 +142,9 @@ def run(config: Config) -> int:
         return RngDevice(source, period_ms=config.period_ms, max_bytes=config.max_bytes)
 
     try:
+        # Imported here so that parsing and validation work without the daemon layer.
+        from vhost_backends.daemon import run_daemons  # noqa: PLC0415
+
         return run_daemons(PROG, config.socket_paths(), device_factory)
     finally:
         source.close()

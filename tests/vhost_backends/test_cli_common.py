@@ -1,0 +1,168 @@
+"""Shared CLI pieces: RUST_LOG parsing, socket suffixing, integer flags, --version."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+import virtio_queue
+from vhost_backends.cli._common import (
+    TRACE,
+    USIZE_MAX,
+    ConfigError,
+    make_parser,
+    parse_rust_log,
+    setup_logging,
+    socket_paths,
+    uint,
+    version_string,
+)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    saved = {n: logging.getLogger(n).level for n in ("virtio_devices", "vhost_backends", "foo.bar")}
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+    for n, lvl in saved.items():
+        logging.getLogger(n).setLevel(lvl)
+
+
+# -- RUST_LOG ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "level"),
+    [
+        (None, logging.ERROR),
+        ("", logging.ERROR),
+        ("error", logging.ERROR),
+        ("warn", logging.WARNING),
+        ("INFO", logging.INFO),
+        ("debug", logging.DEBUG),
+        ("trace", TRACE),
+    ],
+)
+def test_rust_log_default_level(spec: str | None, level: int) -> None:
+    assert parse_rust_log(spec)[0] == level
+
+
+def test_rust_log_off_silences_errors() -> None:
+    assert parse_rust_log("off")[0] > logging.CRITICAL
+
+
+def test_rust_log_targets_and_bad_directives() -> None:
+    default, targets, bad = parse_rust_log("info,vhost_device_rng=debug, foo::bar=warn,x=loud/regex")
+    assert default == logging.INFO
+    assert targets == {"vhost_device_rng": logging.DEBUG, "foo.bar": logging.WARNING}
+    assert bad == ["x=loud"]
+
+
+def test_setup_logging_unset_shows_errors_only(restore_logging: None) -> None:
+    out = io.StringIO()
+    setup_logging({}, out)
+    log = logging.getLogger("virtio_devices.test")
+    log.warning("not shown")
+    log.error("shown %d", 1)
+    assert "not shown" not in out.getvalue()
+    line = out.getvalue().strip()
+    assert line.endswith("ERROR virtio_devices.test] shown 1")
+    assert line.startswith("[")
+
+
+def test_setup_logging_rust_crate_target_maps_to_our_packages(restore_logging: None) -> None:
+    out = io.StringIO()
+    setup_logging({"RUST_LOG": "vhost_device_rng=debug"}, out)
+    logging.getLogger("virtio_devices.rng").debug("dbg")
+    logging.getLogger("elsewhere").warning("other")
+    text = out.getvalue()
+    assert "DEBUG virtio_devices.rng] dbg" in text
+    assert "other" not in text
+
+
+def test_setup_logging_warn_level_name_is_rusts(restore_logging: None) -> None:
+    out = io.StringIO()
+    setup_logging({"RUST_LOG": "warn"}, out)
+    logging.getLogger("vhost_backends.x").warning("careful")
+    assert "WARN  vhost_backends.x] careful" in out.getvalue()
+
+
+def test_setup_logging_bad_directive_warns(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging({"RUST_LOG": "foo=loud"}, io.StringIO())
+    assert "invalid logging spec 'foo=loud'" in capsys.readouterr().err
+
+
+# -- socket paths -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "count", "want"),
+    [
+        ("/some/socket_path", 1, ["/some/socket_path0"]),
+        ("/tmp/x.sock", 3, ["/tmp/x.sock0", "/tmp/x.sock1", "/tmp/x.sock2"]),
+        ("x.sock", 2, ["x.sock0", "x.sock1"]),
+        ("dir/", 1, ["dir0"]),
+    ],
+)
+def test_socket_paths_always_suffixed(path: str, count: int, want: list[str]) -> None:
+    assert socket_paths(path, count) == want
+
+
+@pytest.mark.parametrize("path", ["/", "", ".", ".."])
+def test_socket_paths_without_file_name_is_config_error(path: str) -> None:
+    with pytest.raises(ConfigError, match="no file name"):
+        socket_paths(path, 1)
+
+
+def test_socket_paths_zero_count_is_config_error() -> None:
+    with pytest.raises(ConfigError, match="Wrong socket count: 0"):
+        socket_paths("/tmp/x", 0)
+
+
+# -- integers like clap's --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "value"), [("0", 0), ("+7", 7), ("4294967295", 2**32 - 1)])
+def test_uint_accepts_decimal(text: str, value: int) -> None:
+    assert uint(32)(text) == value
+
+
+@pytest.mark.parametrize("text", ["-1", "1_000", "0x10", " 1", "", "\u0663", "4294967296"])
+def test_uint_rejects_what_clap_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        uint(32)(text)
+
+
+def test_uint_usize_max() -> None:
+    assert uint(64)(str(USIZE_MAX)) == USIZE_MAX
+
+
+# -- version and help ---------------------------------------------------------------------------
+
+
+def test_version_string_names_build_features() -> None:
+    v = version_string("vhost-device-x")
+    assert v.startswith(f"vhost-device-x {virtio_queue.__version__} (")
+    assert "xen=on" in v or "xen=off" in v
+    assert "debug=on" in v or "debug=off" in v
+
+
+def test_version_flag_prints_and_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = make_parser("vhost-device-x", "First line.\n\nMore.")
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["-V"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("vhost-device-x ")
+
+
+def test_help_description_is_docstring_first_line() -> None:
+    parser = make_parser("vhost-device-x", "vhost-device-x: does a thing.\n\nDetails.")
+    assert parser.description == "vhost-device-x: does a thing."
+    assert "Details" not in parser.format_help()

@@ -1,0 +1,181 @@
+"""vhost-device-rng's command line: parser, Config, run() wiring, main() exit codes.
+
+Mirrors upstream's ``verify_cmd_line_arguments`` and ``verify_start_backend``
+(rust-vmm/vhost-device ``vhost-device-rng/src/main.rs``).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vhost_backends.cli import rng as cli
+from vhost_backends.cli._common import USIZE_MAX, ConfigError
+from virtio_devices.rng import RngDevice
+
+
+def config(*argv: str) -> cli.Config:
+    return cli.Config.from_args(cli.build_parser().parse_args(list(argv)))
+
+
+def usage_error(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(argv))
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_rng_defaults_match_upstream() -> None:
+    assert config("-s", "/some/socket_path") == cli.Config(
+        period_ms=65536,
+        max_bytes=USIZE_MAX,
+        count=1,
+        socket_path="/some/socket_path",
+        rng_source="/dev/urandom",
+    )
+
+
+def test_rng_long_flags() -> None:
+    c = config(
+        "--socket-path=/tmp/r.sock",
+        "--period",
+        "1000",
+        "--max-bytes",
+        "4096",
+        "--socket-count",
+        "2",
+        "--rng-source",
+        "/tmp/src",
+    )
+    assert c == cli.Config(1000, 2048, 2, "/tmp/r.sock", "/tmp/src")
+
+
+def test_rng_single_socket_still_suffixed() -> None:
+    assert config("-s", "/some/socket_path").socket_paths() == ["/some/socket_path0"]
+
+
+def test_rng_socket_count_three() -> None:
+    assert config("-s", "/some/socket_path", "-c", "3").socket_paths() == [
+        "/some/socket_path0",
+        "/some/socket_path1",
+        "/some/socket_path2",
+    ]
+
+
+@pytest.mark.parametrize(("max_bytes", "count", "share"), [(4096, 2, 2048), (1000, 3, 333), (1, 2, 0)])
+def test_rng_max_bytes_divided_between_sockets(max_bytes: int, count: int, share: int) -> None:
+    c = config("-s", "/x", "-m", str(max_bytes), "-c", str(count))
+    assert c.max_bytes == share
+
+
+@pytest.mark.parametrize("period", ["0", "65537", str(2**100)])
+def test_rng_bad_period_is_config_error(period: str) -> None:
+    with pytest.raises(ConfigError, match="Period is too big"):
+        config("-s", "/x", "-p", period)
+
+
+def test_rng_period_bounds_accepted() -> None:
+    assert config("-s", "/x", "-p", "1").period_ms == 1
+    assert config("-s", "/x", "-p", "65536").period_ms == 65536
+
+
+def test_rng_zero_socket_count_is_config_error() -> None:
+    with pytest.raises(ConfigError, match="Wrong socket count: 0"):
+        config("-s", "/x", "-c", "0")
+
+
+def test_rng_main_config_error_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["-s", "/x", "-p", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Period is too big: 0")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],  # -s is required
+        ["-s", "/x", "-c", "-1"],
+        ["-s", "/x", "-m", "lots"],
+        ["-s", "/x", "-m", str(USIZE_MAX + 1)],
+        ["-s", "/x", "-c", str(2**32)],
+        ["-s", "/x", "--filename", "/dev/urandom"],  # upstream README's flag, not the binary's
+    ],
+)
+def test_rng_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    err = usage_error(argv, capsys)
+    assert "error:" in err.splitlines()[-1]
+
+
+def test_rng_missing_source_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope"
+    assert cli.main(["-s", str(tmp_path / "s.sock"), "-f", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: RNG source file {missing} doesn't exist or can't be accessed")
+    assert err.count("\n") == 1
+
+
+def test_rng_directory_source_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["-s", str(tmp_path / "s.sock"), "-f", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_rng_help_starts_with_docstring(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "vhost-device-rng: a vhost-user virtio-rng (entropy) device backend." in out
+    assert "--rng-source" in out
+
+
+def test_rng_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("vhost-device-rng ")
+
+
+class FakeDaemon:
+    """Stands in for vhost_backends.daemon.run_daemons and records its arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], list[Any]]] = []
+
+    def run_daemons(self, name: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
+        devices = [factory(i) for i in range(len(paths))]
+        self.calls.append((name, list(paths), devices))
+        return 0
+
+
+@pytest.fixture
+def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> FakeDaemon:
+    fake = FakeDaemon()
+    mod = types.ModuleType("vhost_backends.daemon")
+    mod.run_daemons = fake.run_daemons  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vhost_backends.daemon", mod)
+    return fake
+
+
+def test_rng_run_builds_one_device_per_socket_on_a_shared_source(
+    fake_daemon: FakeDaemon, tmp_path: Path
+) -> None:
+    src = tmp_path / "entropy"
+    src.write_bytes(b"\x00" * 64)
+    sock = tmp_path / "rng.sock"
+    rc = cli.main(["-s", str(sock), "-c", "2", "-m", "1001", "-p", "500", "-f", str(src)])
+    assert rc == 0
+    ((name, paths, devices),) = fake_daemon.calls
+    assert name == "vhost-device-rng"
+    assert paths == [f"{sock}0", f"{sock}1"]
+    assert all(isinstance(d, RngDevice) for d in devices)
+    assert [(d.period_ms, d.max_bytes) for d in devices] == [(500, 500), (500, 500)]
+    assert devices[0].source is devices[1].source
+    # run() closed the source when the daemons returned.
+    with pytest.raises(ValueError, match="closed"):
+        devices[0].source.fileno()
