@@ -23,7 +23,7 @@ from posix.types cimport off_t
 from posix.uio cimport iovec, readv, writev
 
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
-from virtio_queue.includes.vq_copy cimport vq_copy, vq_copy_force_libc
+from virtio_queue.includes.vq_copy cimport vq_copy
 from virtio_queue.memory cimport MemorySnapshot, make_view, snap_ptr, snap_ptr_w
 
 from virtio_queue.errors import (DescriptorChainOverflow, GuestMemoryError, InvalidChain,
@@ -32,6 +32,12 @@ from virtio_queue.errors import (DescriptorChainOverflow, GuestMemoryError, Inva
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv(int fd, const iovec *iov, int iovcnt, off_t offset)
     ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
+
+cdef extern from *:
+    """
+    static void vq_set_force_libc(int v) { vq_copy_force_libc = v; }
+    """
+    void _set_force_libc "vq_set_force_libc"(int v) noexcept nogil
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -49,11 +55,10 @@ cdef enum:
 def set_copy_mode(str mode):
     """Select the copy routine: "auto" (vector loop for large copies) or "libc"
     (plain memcpy).  For benchmarks that show the difference; not thread-safe."""
-    global vq_copy_force_libc
     if mode == "auto":
-        vq_copy_force_libc = 0
+        _set_force_libc(0)
     elif mode == "libc":
-        vq_copy_force_libc = 1
+        _set_force_libc(1)
     else:
         raise ValueError(f"copy mode must be 'auto' or 'libc', not {mode!r}")
 
@@ -386,7 +391,7 @@ cdef class _Stream:
         cdef size_t got, rest
         cdef int k, j
         cdef Py_ssize_t save_idx = self.idx
-        cdef size_t save_off = self.off, save_avail = self.avail, save_done = self.done
+        cdef size_t save_off = self.off, save_done = self.done
         other.snap = self.snap
         self._advance(<size_t>offset)
         rest = self.avail

@@ -1,8 +1,9 @@
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
 
+@disjoint_base
 class GuestRegion:
     """One contiguous guest-physical range mapped into this process."""
 
@@ -27,6 +28,13 @@ class GuestRegion:
     def __len__(self) -> int: ...
     def __repr__(self) -> str: ...
 
+@disjoint_base
+class MemorySnapshot:
+    """An immutable table of regions; holding it keeps them mapped."""
+
+    def __new__(cls, regions: tuple[GuestRegion, ...] = ()) -> MemorySnapshot: ...
+
+@disjoint_base
 class GuestMemory:
     """An ordered, non-overlapping set of GuestRegions (vm-memory's GuestMemoryMmap)."""
 
@@ -41,6 +49,7 @@ class GuestMemory:
     def generation(self) -> int: ...
     @property
     def total_size(self) -> int: ...
+    def snapshot(self) -> MemorySnapshot: ...
     def add_region(self, region: GuestRegion) -> None: ...
     def remove_region(self, guest_addr: int, size: int | None = None) -> GuestRegion: ...
     def clear(self) -> None: ...

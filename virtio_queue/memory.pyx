@@ -22,7 +22,6 @@ from libc.string cimport memcpy
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.unistd cimport sysconf
 
-from virtio_queue.includes.build_config cimport VHD_DEBUG
 from virtio_queue.includes.endian cimport (htole16, htole32, htole64, le16toh,
                                            le32toh, le64toh)
 from virtio_queue.includes.vq_copy cimport vq_copy
@@ -260,9 +259,12 @@ cdef class GuestMemory:
     Translation of ``[gpa, gpa+len)`` is overflow-checked and never crosses regions.
     """
 
-    def __cinit__(self, regions=()):
-        self.snap = MemorySnapshot(tuple(regions))
+    def __cinit__(self):
+        self.snap = MemorySnapshot(())
         self._generation = 0
+
+    def __init__(self, regions=()):
+        self.snap = MemorySnapshot(tuple(regions))
 
     @classmethod
     def from_buffer(cls, buffer, uint64_t guest_addr=0):

@@ -1,10 +1,13 @@
 from collections.abc import Iterator
 
+from typing_extensions import disjoint_base
+
 from .chain import DescriptorChain
 from .memory import GuestMemory
 
 MAX_QUEUE_SIZE: int
 
+@disjoint_base
 class Queue:
     """Device side of a split virtqueue (VIRTIO 1.2 §2.7), like rust-vmm's Queue."""
 

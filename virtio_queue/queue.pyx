@@ -13,7 +13,7 @@ translated once and re-translated only when the memory's generation changes.
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from virtio_queue.chain cimport DescriptorChain, make_chain
+from virtio_queue.chain cimport make_chain
 from virtio_queue.includes.atomics cimport (vq_fence_seqcst, vq_load_acquire16,
                                             vq_store_release16)
 from virtio_queue.includes.endian cimport htole16, htole32, le16toh
@@ -48,7 +48,12 @@ cdef class Queue:
     GET/SET_VRING_BASE transfer.
     """
 
-    def __cinit__(self, max_size, GuestMemory memory=None):
+    def __cinit__(self):
+        self._max_size = 1
+        self._size = 1
+        self._reset_state()
+
+    def __init__(self, max_size, GuestMemory memory=None):
         if not isinstance(max_size, int) or not 1 <= max_size <= MAX_QUEUE_SIZE \
                 or max_size & (max_size - 1):
             raise InvalidQueueConfig(
