@@ -105,6 +105,8 @@ class VhostUserDaemon:
             raise
         self.listener = sock
         self.ready.set()
+        # Tests and supervisors wait for this line rather than polling the path.
+        log.info("%s: listening", path)
 
     def _accept(self) -> socket.socket | None:
         assert self.listener is not None

@@ -694,14 +694,17 @@ class VhostUserHandler:
         except (QueueError, GuestMemoryError) as e:
             q.ready = False
             raise InvalidMessage(f"vring {ring.index} cannot start: {e}") from None
-        if ring.inflight is not None:
-            self._resubmit_inflight(ring)
+        resubmit = ring.inflight is not None and self._resubmit_inflight(ring)
         ring.polled = True
         if not self.device_active:
             self.device.ack_features(self.acked_features & ~VHOST_USER_F_PROTOCOL_FEATURES)
             self.device.activate(self.memory, [r.queue for r in self.rings], self.interrupt, self.loop)
             self.device_active = True
-        self.loop.add_reader(ring.kick_fd, self._kick_callback(ring))
+        on_kick = self._kick_callback(ring)
+        self.loop.add_reader(ring.kick_fd, on_kick)
+        if resubmit:
+            # The driver kicked these long ago: serve them without waiting for a kick.
+            self._serve(ring)
 
     def _kick_callback(self, ring: _Ring) -> Callable[[], None]:
         # The hot path: bind everything it needs to locals of the closure.
@@ -721,6 +724,12 @@ class VhostUserHandler:
                 self._ring_broken(ring, e)
 
         return on_kick
+
+    def _serve(self, ring: _Ring) -> None:
+        try:
+            self.device.process_queue(ring.index)
+        except (QueueError, GuestMemoryError) as e:
+            self._ring_broken(ring, e)
 
     def _ring_broken(self, ring: _Ring, err: Exception) -> None:
         """The guest broke the ring: stop it and tell the front-end on the err fd
@@ -869,7 +878,7 @@ class VhostUserHandler:
             raise InvalidMessage(f"SET_INFLIGHT_FD: cannot map the area: {e}") from None
         self._inflight_regions(memoryview(self.inflight_map), inf.num_queues, inf.queue_size)
 
-    def _resubmit_inflight(self, ring: _Ring) -> None:
+    def _resubmit_inflight(self, ring: _Ring) -> bool:
         """Resume what a previous back-end left in flight on this ring.
 
         The spec's "When reconnecting" procedure: fix the last batch, then resubmit
@@ -884,7 +893,7 @@ class VhostUserHandler:
         q = ring.queue
         heads = ring.inflight.recover(q.used_idx())
         if not heads:
-            return
+            return False
         n = len(heads)
         start = (q.next_avail() - n) & 0xFFFF
         mem = self.memory
@@ -892,7 +901,7 @@ class VhostUserHandler:
         if entries == heads:
             q.set_next_avail(start)
             log.info("%s q%d: resubmitting %d in-flight requests", self.name, ring.index, n)
-            return
+            return True
         log.warning("%s q%d: %d in-flight requests out of order; returning them unused", self.name, ring.index, n)
         for head in heads:
             if head < q.size:
@@ -900,6 +909,7 @@ class VhostUserHandler:
                 q.add_used(head, 0)
         if q.needs_notification():
             self.interrupt.signal_used(ring.index)
+        return False
 
     # -- status -----------------------------------------------------------------------------
     def _set_status(self, msg: Message) -> None:
