@@ -35,6 +35,8 @@ Where we differ from upstream, on purpose (listed in README, "Differences"):
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable
 
@@ -55,6 +57,8 @@ VIRTIO_ID_RNG = 4
 QUEUE_SIZE = 1024
 #: Longest rate-limit period upstream accepts (QEMU's virtio-rng limit, in ms).
 MAX_PERIOD_MS = 65536
+# Half a millisecond: how early a window timer may fire and still end the window.
+_EPSILON = 0.0005
 
 
 class RngDevice(VirtioDevice):
@@ -108,6 +112,9 @@ class RngDevice(VirtioDevice):
         # A chain popped while the source had nothing to give (EAGAIN).
         self._pending: DescriptorChain | None = None
         self._reader_fd = -1
+        # Only a FIFO, socket or char device can have nothing to give right now; a
+        # regular file at its end gives 0 bytes for good (and epoll refuses it).
+        self._may_block = not stat.S_ISREG(os.fstat(source.fileno()).st_mode)
         #: Bytes served and chains completed since the device was made (stats).
         self.bytes_served = 0
         self.chains_served = 0
@@ -177,10 +184,14 @@ class RngDevice(VirtioDevice):
                 queue.disable_notification()
                 stopped = False
                 while True:
-                    if not self._admit():
-                        stopped = True
-                        break
                     try:
+                        # Only a chain that is there may start a window or wait for
+                        # one: upstream checks the limit when a request arrives.
+                        if self.max_bytes is not None and queue.pending() == 0:
+                            break
+                        if not self._admit():
+                            stopped = True
+                            break
                         chain = queue.pop_chain()
                     except InvalidAvailRingIndex:
                         queue.ready = False
@@ -218,7 +229,8 @@ class RngDevice(VirtioDevice):
             return True
         now = self._clock()
         elapsed = now - self._window_start
-        if elapsed >= self._period:
+        # Upstream compares whole milliseconds; a timer may fire a hair early.
+        if elapsed >= self._period - _EPSILON:
             self._new_window(now)
             return True
         if self._quota > 0 or self._window_fresh:
@@ -233,15 +245,20 @@ class RngDevice(VirtioDevice):
         self._window_fresh = True
 
     def _on_window_end(self) -> None:
-        """Timer callback: the window is over, start a new one and resume the queue."""
+        """Timer callback: the window is over; resume the queue (which starts a new one)."""
         self._timer = None
         if not self.active or not self.queues or not self.queues[0].ready:
             return
-        self._new_window(self._clock())
         self._drain()
 
-    def _serve(self, chain: DescriptorChain) -> int | None:
-        """Fill one request; return the used length, or None if parked on ``EAGAIN``."""
+    def _serve(self, chain: DescriptorChain, *, retry: bool = False) -> int | None:
+        """Fill one request; return the used length, or None if parked on ``EAGAIN``.
+
+        A FIFO or char device that gives 0 bytes has nothing *now* (``EAGAIN``,
+        which :meth:`Writer.read_from_fd` reports as a 0-byte read) or is at its
+        end: the chain is parked until the fd is readable, and a retry that again
+        reads 0 bytes is an end of file, completed with length 0 as upstream does.
+        """
         self._window_fresh = False
         try:
             descs = chain.descriptors()
@@ -258,6 +275,9 @@ class RngDevice(VirtioDevice):
             if want == 0:
                 return 0
             got = self._read_into(chain, want)
+            if got == 0 and self._may_block and not retry:
+                self._park(chain)
+                return None
         except (QueueError, GuestMemoryError, MalformedRequest) as e:
             self._guest_error(0, e)
             return 0
@@ -304,7 +324,7 @@ class RngDevice(VirtioDevice):
         self._reader_fd = -1
         if chain is None or not self.active or not self.queues[0].ready:
             return
-        used = self._serve(chain)
+        used = self._serve(chain, retry=True)
         if used is None:
             return  # parked again
         self.chains_served += 1

@@ -115,7 +115,11 @@ def parse_rust_log(spec: str | None) -> tuple[int, dict[str, int], list[str]]:
 class _RustStyleFormatter(logging.Formatter):
     """``[2026-07-16T10:00:00Z WARN  virtio_devices.rng] message``, env_logger's shape."""
 
-    converter = time.gmtime
+    @staticmethod
+    def converter(secs: float | None = None, /) -> time.struct_time:
+        """Timestamps in UTC, as env_logger prints them."""
+        return time.gmtime(secs)
+
     _NAMES: ClassVar[dict[int, str]] = {logging.WARNING: "WARN", logging.CRITICAL: "ERROR"}
 
     def format(self, record: logging.LogRecord) -> str:

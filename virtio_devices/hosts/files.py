@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from ..errors import RngError
 
@@ -82,7 +82,7 @@ class FdEntropySource:
         if fd >= 0 and self._close_fd:
             os.close(fd)
 
-    def __enter__(self) -> FdEntropySource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
