@@ -95,3 +95,12 @@ def test_flipping_xen_flag_rebuilds_and_same_flag_does_not(tmp_path: Path) -> No
     assert _built_with_xen(tmp_path)
     assert list((tmp_path / "xen").glob("_foreign*.so"))
     assert list((tmp_path / "xen").glob("_grant*.so"))
+
+    res = _build(tmp_path, XEN="0", VHD_DEBUG="1")  # the debug build, line tracing on
+    assert res.returncode == 0, res.stderr
+    assert "* build: xen=off debug=on *" in res.stderr
+    out = subprocess.run(
+        [sys.executable, "-c", "import virtio_queue as v; print(v.BUILT_WITH_XEN, v.BUILT_WITH_DEBUG)"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert out.stdout.split() == ["False", "True"]
