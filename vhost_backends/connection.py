@@ -93,6 +93,13 @@ class Connection:
     def close(self) -> None:
         self.sock.close()
 
+    def shutdown(self) -> None:
+        """Tell the peer we are done (EOF on its side) while keeping our fd open."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     # -- receiving --------------------------------------------------------------------
     def _recv_header(self) -> tuple[bytes, list[int]]:
         buf = bytearray(HEADER_SIZE)

@@ -384,6 +384,8 @@ class VhostUserHandler:
                     self.conn.send(msg.request, m.pack_u64(1), reply=True)
                 except VhostUserError:
                     pass
+        # The peer sees EOF at once, even before the owner gets to close().
+        self.conn.shutdown()
         self.loop.stop()
 
     def handle_message(self, msg: Message) -> None:
