@@ -79,6 +79,12 @@ def test_rng_bad_period_is_config_error(period: str) -> None:
         config("-s", "/x", "-p", period)
 
 
+@pytest.mark.parametrize("count", ["1", "3"])
+def test_rng_default_max_bytes_means_no_limit_for_the_device(count: str) -> None:
+    assert config("-s", "/x", "-c", count).device_max_bytes is None
+    assert config("-s", "/x", "-c", count, "-m", str(USIZE_MAX - 3)).device_max_bytes is not None
+
+
 def test_rng_period_bounds_accepted() -> None:
     assert config("-s", "/x", "-p", "1").period_ms == 1
     assert config("-s", "/x", "-p", "65536").period_ms == 65536

@@ -119,6 +119,13 @@ class Config:
         config.socket_paths()  # a path without a file name fails here, not in run()
         return config
 
+    @property
+    def device_max_bytes(self) -> int | None:
+        """The per-device limit for :class:`RngDevice`: ``None`` when ``--max-bytes``
+        was usize::MAX (the default), which no window can ever exhaust; the device
+        then skips the rate-limit bookkeeping."""
+        return None if self.max_bytes >= USIZE_MAX // self.count else self.max_bytes
+
     def socket_paths(self) -> list[str]:
         """The sockets to serve: ``<socket_path>0 .. <socket_path>{count-1}``."""
         return socket_paths(self.socket_path, self.count)
@@ -139,7 +146,7 @@ def run(config: Config) -> int:
         raise ConfigError(str(e)) from e
 
     def device_factory(index: int) -> RngDevice:
-        return RngDevice(source, period_ms=config.period_ms, max_bytes=config.max_bytes)
+        return RngDevice(source, period_ms=config.period_ms, max_bytes=config.device_max_bytes)
 
     try:
         # Imported here so that parsing and validation work without the daemon layer.
