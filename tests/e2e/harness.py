@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import glob
 import gzip
 import hashlib
 import io
@@ -235,6 +234,7 @@ class Guest:
 # --------------------------------------------------------------------------
 # Cache layout and the recipe hash
 
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     return Path(base) / "vdev-guest"
@@ -284,6 +284,7 @@ def _run(cmd: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
 
 # --------------------------------------------------------------------------
 # Kernel: apt-get download through a private apt configuration
+
 
 def _private_apt(root: Path) -> dict[str, str]:
     """Write an apt configuration that shares nothing with the host's.
@@ -354,6 +355,7 @@ def _kernel_deb(cache: Path) -> Path:
 # --------------------------------------------------------------------------
 # newc cpio writer
 
+
 class Cpio:
     """Write a "newc" cpio archive, the format the kernel unpacks.
 
@@ -401,18 +403,18 @@ class Cpio:
         # Parents sort before children, which the kernel's unpacker needs.
         for path in sorted(self._entries):
             mode, data, rdev = self._entries[path]
-            n += self._entry(out, path, mode, data, ino, rdev)
+            n += self._entry(out, path, mode, data, ino=ino, rdev=rdev)
             ino += 1
-        n += self._entry(out, "TRAILER!!!", 0, b"", 0, 0)
+        n += self._entry(out, "TRAILER!!!", 0, b"", ino=0, rdev=0)
         return n
 
     @staticmethod
-    def _entry(out: io.BufferedIOBase | gzip.GzipFile, name: str, mode: int,
-               data: bytes, ino: int, rdev: int) -> int:
+    def _entry(
+        out: io.BufferedIOBase | gzip.GzipFile, name: str, mode: int, data: bytes, *, ino: int, rdev: int
+    ) -> int:
         bname = name.encode() + b"\0"
         nlink = 2 if stat.S_ISDIR(mode) else 1
-        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0,
-                  os.major(rdev), os.minor(rdev), len(bname), 0)
+        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, os.major(rdev), os.minor(rdev), len(bname), 0)
         hdr = b"070701" + b"".join(b"%08X" % v for v in fields)
         buf = hdr + bname
         buf += b"\0" * (-len(buf) % 4)
@@ -425,16 +427,19 @@ class Cpio:
 # --------------------------------------------------------------------------
 # Building the initramfs
 
+
 def _ensure_host_packages(packages: set[str]) -> None:
     """Best effort: apt-get install missing host packages (root only)."""
     if not packages or os.geteuid() != 0 or not shutil.which("apt-get"):
         return
     _log(f"installing host packages: {' '.join(sorted(packages))}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for args in (["install", "-y", "-qq", "--no-install-recommends", *sorted(packages)],
-                 ["update", "-qq"],
-                 ["install", "-y", "-qq", "--no-install-recommends", *sorted(packages)]):
-        r = subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True)
+    for args in (
+        ["install", "-y", "-qq", "--no-install-recommends", *sorted(packages)],
+        ["update", "-qq"],
+        ["install", "-y", "-qq", "--no-install-recommends", *sorted(packages)],
+    ):
+        r = subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True, check=False)
         if args[0] == "install" and r.returncode == 0:
             return
     _log("apt-get install failed; continuing without those tools")
@@ -446,7 +451,7 @@ def _which(name: str) -> str | None:
 
 def _shared_libs(binary: str) -> list[str]:
     """The shared objects ``binary`` loads, loader included, per ldd."""
-    r = subprocess.run(["ldd", binary], capture_output=True, text=True)
+    r = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False)
     if r.returncode != 0:  # static
         return []
     libs = []
@@ -478,6 +483,7 @@ def _module_closure(moddir: Path, wanted: Sequence[str]) -> tuple[list[str], lis
 
     Returns (relative paths of every needed module, names not found).
     """
+
     def norm(name: str) -> str:
         return name.replace("-", "_")
 
@@ -522,8 +528,22 @@ def _build(cache: Path, out: Path) -> dict[str, object]:
         modules, missing_modules = _module_closure(moddir, MODULES)
 
         cpio = Cpio()
-        for d in ("proc", "sys", "dev", "tmp", "run", "root", "etc", "mnt", "host",
-                  "bin", "sbin", "usr/bin", "usr/sbin", "var/tmp"):
+        for d in (
+            "proc",
+            "sys",
+            "dev",
+            "tmp",
+            "run",
+            "root",
+            "etc",
+            "mnt",
+            "host",
+            "bin",
+            "sbin",
+            "usr/bin",
+            "usr/sbin",
+            "var/tmp",
+        ):
             cpio.dir(d)
         # The kernel opens /dev/console for init before devtmpfs is mounted.
         cpio.chardev("dev/console", 5, 1)
@@ -539,9 +559,10 @@ def _build(cache: Path, out: Path) -> dict[str, object]:
         for rel in modules:
             src = moddir / rel
             data = src.read_bytes()
+            name = rel
             if rel.endswith(".xz"):
-                data, rel = lzma.decompress(data), rel[:-3]
-            dst = kmods / "lib/modules" / kver / rel
+                data, name = lzma.decompress(data), rel[:-3]
+            dst = kmods / "lib/modules" / kver / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(data)
         for f in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
@@ -652,6 +673,7 @@ def prepare(*, force: bool = False) -> Guest:
 # --------------------------------------------------------------------------
 # QEMU
 
+
 def qemu_binary() -> str | None:
     return os.environ.get("VDEV_QEMU") or shutil.which("qemu-system-x86_64")
 
@@ -723,11 +745,11 @@ def _parse_console(text: str) -> tuple[int | None, str, float | None]:
     if not begin:
         return None, "", None
     uptime = float(begin.group(1))
-    rest = text[begin.end():]
+    rest = text[begin.end() :]
     end = re.search(re.escape(END_MARK) + r" status=(\d+) uptime=[0-9.]+===", rest)
     if not end:
         return None, rest, uptime
-    return int(end.group(1)), rest[:end.start()], uptime
+    return int(end.group(1)), rest[: end.start()], uptime
 
 
 class RunningGuest:
@@ -743,21 +765,23 @@ class RunningGuest:
         self._workdir = workdir
         self._console = console
         self._t0 = time.monotonic()
-        self._log = open(workdir / "qemu.log", "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        with open(workdir / "qemu.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.pid = self.proc.pid
         self._wall: float | None = None
 
     def console(self) -> str:
-        """The serial console text so far."""
+        """The serial console text so far, with ``\n`` line ends."""
         try:
-            return self._console.read_bytes().decode("utf-8", "replace")
+            text = self._console.read_bytes().decode("utf-8", "replace")
         except FileNotFoundError:
             return ""
+        return text.replace("\r\n", "\n")
 
     def qemu_log(self) -> str:
-        self._log.flush()
+        """What QEMU itself printed (errors, warnings)."""
         return (self._workdir / "qemu.log").read_bytes().decode("utf-8", "replace")
 
     def running(self) -> bool:
@@ -812,7 +836,6 @@ class RunningGuest:
 
     def close(self) -> None:
         self.kill()
-        self._log.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
     def __enter__(self) -> RunningGuest:
@@ -822,9 +845,16 @@ class RunningGuest:
         self.close()
 
 
-def _start(script: str, devices: Sequence[tuple[str, str]], *, accel: list[str],
-           memory: str = "256M", extra_args: Sequence[str] = (),
-           guest: Guest | None = None, append: str = "") -> RunningGuest:
+def _start(
+    script: str,
+    devices: Sequence[tuple[str, str]],
+    *,
+    accel: list[str],
+    memory: str = "256M",
+    extra_args: Sequence[str] = (),
+    guest: Guest | None = None,
+    append: str = "",
+) -> RunningGuest:
     qemu = qemu_binary()
     if not qemu:
         raise HarnessError("qemu-system-x86_64 not found (install qemu-system-x86)")
@@ -836,44 +866,68 @@ def _start(script: str, devices: Sequence[tuple[str, str]], *, accel: list[str],
         f.write(_script_archive(script))
     console = workdir / "console.log"
     argv = [
-        qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        qemu,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
         *accel,
-        "-m", memory,
-        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
-        "-machine", "q35,memory-backend=mem",
-        "-kernel", str(guest.kernel), "-initrd", str(initrd),
-        "-append", ("console=ttyS0 quiet panic=-1 " + append).strip(),
-        "-chardev", f"file,id=console,path={console}",
-        "-serial", "chardev:console",
+        "-m",
+        memory,
+        "-object",
+        f"memory-backend-memfd,id=mem,size={memory},share=on",
+        "-machine",
+        "q35,memory-backend=mem",
+        "-kernel",
+        str(guest.kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        ("console=ttyS0 quiet panic=-1 " + append).strip(),
+        "-chardev",
+        f"file,id=console,path={console}",
+        "-serial",
+        "chardev:console",
     ]
     for i, (sock, spec) in enumerate(devices):
-        argv += ["-chardev", f"socket,id=c{i},path={sock}",
-                 "-device", f"{spec},chardev=c{i}"]
+        argv += ["-chardev", f"socket,id=c{i},path={sock}", "-device", f"{spec},chardev=c{i}"]
     argv += list(extra_args)
     return RunningGuest(argv, workdir, console)
 
 
-def start_guest(script: str, devices: Sequence[tuple[str, str]] = (), *,
-                memory: str = "256M", extra_args: Sequence[str] = (),
-                append: str = "") -> RunningGuest:
+def start_guest(
+    script: str,
+    devices: Sequence[tuple[str, str]] = (),
+    *,
+    memory: str = "256M",
+    extra_args: Sequence[str] = (),
+    append: str = "",
+) -> RunningGuest:
     """Start QEMU without waiting; see ``RunningGuest``.
 
     ``devices`` is a list of (vhost-user socket path, QEMU -device spec
     without the chardev). The script runs under busybox ``sh``.
     """
-    return _start(script, devices, accel=accel_args(), memory=memory,
-                  extra_args=extra_args, append=append)
+    return _start(script, devices, accel=accel_args(), memory=memory, extra_args=extra_args, append=append)
 
 
-def _run_guest_with(script: str, devices: Sequence[tuple[str, str]], *,
-                    accel: list[str], timeout: float, **kw: object) -> GuestResult:
+def _run_guest_with(
+    script: str, devices: Sequence[tuple[str, str]], *, accel: list[str], timeout: float, **kw: object
+) -> GuestResult:
     with _start(script, devices, accel=accel, **kw) as g:  # type: ignore[arg-type]
         return g.wait(timeout)
 
 
-def run_guest(script: str, devices: Sequence[tuple[str, str]] = (), *,
-              memory: str = "256M", timeout: float = DEFAULT_TIMEOUT,
-              extra_args: Sequence[str] = (), append: str = "") -> GuestResult:
+def run_guest(
+    script: str,
+    devices: Sequence[tuple[str, str]] = (),
+    *,
+    memory: str = "256M",
+    timeout: float = DEFAULT_TIMEOUT,
+    extra_args: Sequence[str] = (),
+    append: str = "",
+) -> GuestResult:
     """Boot a guest, run ``script`` in it and return what it printed.
 
     Raises:
@@ -881,12 +935,93 @@ def run_guest(script: str, devices: Sequence[tuple[str, str]] = (), *,
             (QEMU is killed first).
         HarnessError: QEMU failed to start or exited without the end marker.
     """
-    return _run_guest_with(script, devices, accel=accel_args(), timeout=timeout,
-                           memory=memory, extra_args=extra_args, append=append)
+    return _run_guest_with(
+        script,
+        devices,
+        accel=accel_args(),
+        timeout=timeout,
+        memory=memory,
+        extra_args=extra_args,
+        append=append,
+    )
+
+
+# --------------------------------------------------------------------------
+# Back-end daemons
+
+
+class Daemon:
+    """A back-end process (ours or a third-party one) serving a socket.
+
+    ``socket`` is the path QEMU connects to; ``log()`` returns the daemon's
+    combined stdout and stderr so far. ``stop()`` ends it by pid.
+    """
+
+    def __init__(
+        self, argv: Sequence[str], socket: str | os.PathLike[str], logfile: str | os.PathLike[str]
+    ) -> None:
+        self.argv = list(argv)
+        self.socket = Path(socket)
+        self._logfile = Path(logfile)
+        with open(self._logfile, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self._logfile.read_bytes().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_for_socket(self, timeout: float = 15.0) -> None:
+        """Poll until the socket exists.
+
+        Raises:
+            HarnessError: the daemon exited first, or time ran out (the
+                daemon is stopped then).
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(self.socket).st_mode):
+                    return
+            if not self.alive():
+                raise HarnessError(
+                    f"{self.argv[0]} exited with {self.proc.returncode} before creating "
+                    f"{self.socket}:\n{self.log()}"
+                )
+            time.sleep(0.02)
+        self.stop()
+        raise HarnessError(
+            f"{self.argv[0]} did not create {self.socket} within {timeout:.0f}s:\n{self.log()}"
+        )
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; return the exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
 
 
 # --------------------------------------------------------------------------
 # CLI
+
 
 def _device_arg(text: str) -> tuple[str, str]:
     sock, sep, spec = text.partition("=")
@@ -901,9 +1036,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="build the cached kernel and initramfs")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     r = sub.add_parser("run", help="boot a guest and run a script in it")
-    r.add_argument("--device", action="append", type=_device_arg, default=[],
-                   metavar="SOCK=SPEC", help="vhost-user socket and QEMU device, "
-                   "e.g. /tmp/rng.sock0=vhost-user-rng-pci (repeatable)")
+    r.add_argument(
+        "--device",
+        action="append",
+        type=_device_arg,
+        default=[],
+        metavar="SOCK=SPEC",
+        help="vhost-user socket and QEMU device, e.g. /tmp/rng.sock0=vhost-user-rng-pci (repeatable)",
+    )
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--script", help="shell script file to run in the guest ('-': stdin)")
     g.add_argument("-c", "--command", help="shell command to run in the guest")
@@ -915,8 +1055,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.cmd == "prepare":
         guest = prepare(force=args.force)
-        print(json.dumps(dict(guest.manifest, kernel=str(guest.kernel),
-                              initramfs=str(guest.initramfs)), indent=2))
+        print(
+            json.dumps(
+                dict(guest.manifest, kernel=str(guest.kernel), initramfs=str(guest.initramfs)), indent=2
+            )
+        )
         return 0
 
     if args.command is not None:
@@ -926,14 +1069,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         script = Path(args.script).read_text()
     try:
-        res = run_guest(script, args.device, memory=args.memory, timeout=args.timeout,
-                        extra_args=args.extra)
+        res = run_guest(script, args.device, memory=args.memory, timeout=args.timeout, extra_args=args.extra)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 124 if isinstance(e, GuestTimeout) else 125
     sys.stdout.write(res.console if args.console else res.output)
-    print(f"[vdev-guest] status {res.exit_status}, script started at uptime "
-          f"{res.uptime_at_start}s, wall {res.wall_time:.1f}s", file=sys.stderr)
+    print(
+        f"[vdev-guest] status {res.exit_status}, script started at uptime "
+        f"{res.uptime_at_start}s, wall {res.wall_time:.1f}s",
+        file=sys.stderr,
+    )
     return res.exit_status if res.exit_status is not None else 125
 
 

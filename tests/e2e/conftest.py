@@ -1,0 +1,93 @@
+"""Fixtures for the end-to-end tests: a cached guest, daemons, short socket dirs.
+
+Every test here boots a Linux guest under QEMU (see ``harness.py`` and
+shared/guest/README.md) and carries the ``qemu`` marker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+# harness.py is also a script, so it is imported as a top-level module
+# rather than relative to this package.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness
+
+
+@pytest.fixture(scope="session")
+def guest() -> harness.Guest:
+    """The cached kernel and initramfs, built on first use.
+
+    Skips only when QEMU itself is missing (``scripts/install-system-deps``
+    installs it); a failing build is an error, not a skip.
+    """
+    if not harness.qemu_binary():
+        pytest.skip("qemu-system-x86_64 is not installed (run scripts/install-system-deps)")
+    built = harness.prepare()
+    harness.accel_args()  # probe KVM once, before the first timed test
+    return built
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short private directory for sockets (sun_path holds 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="vdev-e2e-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Daemons:
+    """Start back-end daemons and stop them all at teardown."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._workdir = workdir
+        self._started: list[harness.Daemon] = []
+
+    def __call__(
+        self, name: str, *args: str, socket: str | os.PathLike[str], timeout: float = 15.0
+    ) -> harness.Daemon:
+        """Start the ``vhost-device-<name>`` console script with ``args``.
+
+        Waits until ``socket`` (the path the daemon listens on, e.g. the
+        ``-s`` path plus ``0``) exists. Skips if the script is not installed.
+        """
+        exe = shutil.which(f"vhost-device-{name}")
+        if exe is None:
+            pytest.skip(f"vhost-device-{name} is not installed")
+        return self.start([exe, *args], socket=socket, timeout=timeout)
+
+    def start(
+        self, argv: Sequence[str], *, socket: str | os.PathLike[str], timeout: float = 15.0
+    ) -> harness.Daemon:
+        """Start any back-end command and wait for its socket."""
+        n = len(self._started)
+        d = harness.Daemon(argv, socket, self._workdir / f"daemon{n}.log")
+        self._started.append(d)
+        try:
+            d.wait_for_socket(timeout)
+        except harness.HarnessError as e:
+            pytest.fail(str(e))
+        return d
+
+    def close(self) -> None:
+        for d in reversed(self._started):
+            d.stop()
+
+
+@pytest.fixture
+def daemon(sockdir: Path) -> Iterator[Daemons]:
+    """``daemon("rng", "-s", path, socket=path + "0")`` starts a back-end."""
+    ds = Daemons(sockdir)
+    try:
+        yield ds
+    finally:
+        ds.close()
