@@ -8,7 +8,12 @@ timed, as in the anchor.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.errno cimport errno
+from libc.stdint cimport uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memset
+from posix.types cimport off_t
+from posix.uio cimport iovec
 
 from virtio_queue.chain cimport (ChainCursor, DescriptorChain, Reader, Writer, chain_init,
                                  chain_next, make_chain, make_reader, make_writer,
@@ -16,7 +21,7 @@ from virtio_queue.chain cimport (ChainCursor, DescriptorChain, Reader, Writer, c
 from virtio_queue.includes.atomics cimport vq_store_release16
 from virtio_queue.includes.endian cimport htole16, le16toh
 from virtio_queue.includes.virtio_ring cimport vring_desc
-from virtio_queue.includes.vq_copy cimport vq_copy
+from virtio_queue.includes.vq_copy cimport vq_copy, vq_have_avx2
 from virtio_queue.queue cimport Queue
 
 
@@ -43,10 +48,10 @@ def workload_a(Queue q not None, Py_ssize_t batches):
     cdef vring_desc d
     cdef int rc
     cdef uint64_t sink = 0, chains = 0, notes = 0
-    cdef Py_ssize_t b
+    cdef Py_ssize_t _b
     q.ensure_ready()
     drv = le16toh((<uint16_t *>(q._avail + 2))[0])
-    for b in range(batches):
+    for _b in range(batches):
         _publish(q, &drv, q._size, False, q._event_idx)
         while q.pop_head(&head):
             chain_init(&c, q._desc, q._size, head)
@@ -71,12 +76,12 @@ def workload_c(Queue q not None, buffer, Py_ssize_t iters, bint device_writes):
     cdef Writer w
     cdef Reader r
     cdef uint64_t total = 0
-    cdef Py_ssize_t i
+    cdef Py_ssize_t _i
     q.ensure_ready()
     PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE if not device_writes else PyBUF_SIMPLE)
     try:
         drv = le16toh((<uint16_t *>(q._avail + 2))[0])
-        for i in range(iters):
+        for _i in range(iters):
             _publish(q, &drv, 1, True, False)
             if not q.pop_head(&head):
                 raise RuntimeError("no chain")
@@ -102,7 +107,7 @@ def memcpy_loop(dst, src, Py_ssize_t iters, str mode="libc"):
     """Reference: copy ``src`` into ``dst`` ``iters`` times with libc memcpy
     (mode "libc") or our vq_copy (mode "vq").  Returns the bytes copied."""
     cdef Py_buffer d, s
-    cdef Py_ssize_t i
+    cdef Py_ssize_t _i
     cdef bint use_vq = mode == "vq"
     PyObject_GetBuffer(dst, &d, PyBUF_WRITABLE)
     try:
@@ -110,7 +115,7 @@ def memcpy_loop(dst, src, Py_ssize_t iters, str mode="libc"):
         try:
             if s.len != d.len:
                 raise ValueError("buffers differ in size")
-            for i in range(iters):
+            for _i in range(iters):
                 if use_vq:
                     vq_copy(d.buf, s.buf, <size_t>d.len)
                 else:
@@ -132,3 +137,178 @@ cdef extern from *:
     }
     """
     void _opaque_memcpy(void *d, const void *s, size_t n) noexcept nogil
+
+
+# ------------------------------------------------------------------ fd I/O
+
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t _preadv "preadv"(int fd, const iovec *iov, int iovcnt, off_t offset)
+
+cdef enum:
+    _IOV_MAX_BENCH = 64
+
+
+def workload_fd(Queue q not None, int fd, Py_ssize_t iters, long long offset=0):
+    """The fd figure at Cython level: per iteration publish head 0, pop the chain,
+    build a Writer and fill it with preadv(fd, <its iovecs>, offset) as
+    ``Writer.read_from_fd`` does, add_used(head, bytes read).  Returns the bytes read.
+    (Separates the Python-level call overhead from the kernel's cost.)"""
+    cdef iovec iov[_IOV_MAX_BENCH]
+    cdef uint16_t head, drv
+    cdef DescriptorChain ch
+    cdef Writer w
+    cdef uint64_t total = 0
+    cdef size_t got, done
+    cdef ssize_t r
+    cdef int k
+    cdef Py_ssize_t _i
+    q.ensure_ready()
+    drv = le16toh((<uint16_t *>(q._avail + 2))[0])
+    for _i in range(iters):
+        _publish(q, &drv, 1, True, False)
+        if not q.pop_head(&head):
+            raise RuntimeError("no chain")
+        ch = make_chain(q._snap, q._memory, q._desc, q._size, head)
+        w = make_writer(ch)
+        done = 0
+        while w.avail:
+            k = w._iov(iov, _IOV_MAX_BENCH, w.avail, &got)
+            r = _preadv(fd, iov, k, <off_t>(offset + <long long>done))
+            if r < 0:
+                raise OSError(errno, "preadv")
+            w._advance(<size_t>r)
+            done += <size_t>r
+            if <size_t>r < got:
+                break
+        total += done
+        q.add_used_c(head, <uint32_t>done)
+    return total
+
+
+def preadv_loop(int fd, buffer, Py_ssize_t iters, int nseg=1, long long offset=0):
+    """Reference for the fd figure without Python overhead: ``iters`` times one
+    preadv(fd, ...) of all of ``buffer``, described as ``nseg`` equal iovecs."""
+    cdef iovec iov[_IOV_MAX_BENCH]
+    cdef Py_buffer view
+    cdef Py_ssize_t _i
+    cdef int k
+    cdef size_t part
+    cdef ssize_t r
+    cdef uint64_t total = 0
+    if not 1 <= nseg <= _IOV_MAX_BENCH:
+        raise ValueError("nseg out of range")
+    PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+    try:
+        part = <size_t>view.len // <size_t>nseg
+        for k in range(nseg):
+            iov[k].iov_base = <unsigned char *>view.buf + part * k
+            iov[k].iov_len = part if k + 1 < nseg else <size_t>view.len - part * k
+        for _i in range(iters):
+            r = _preadv(fd, iov, nseg, <off_t>offset)
+            if r < 0:
+                raise OSError(errno, "preadv")
+            total += <size_t>r
+    finally:
+        PyBuffer_Release(&view)
+    return total
+
+
+# ------------------------------------------------------------------ vq_copy check
+
+cdef extern from *:
+    """
+    #include "virtio_queue/includes/vq_copy.h"
+    /* The vector routine alone (vq_copy only takes it from VQ_COPY_VECTOR_MIN up),
+       so that the check can cover it at every small size; 0 if unavailable. */
+    static int vqb_copy_vector(void *d, const void *s, size_t n) {
+    #if VQ_HAVE_AVX2_PATH
+        if (n >= 32 && vq_have_avx2()) {
+            vq_copy_avx2((unsigned char *)d, (const unsigned char *)s, n);
+            return 1;
+        }
+    #endif
+        (void)d; (void)s; (void)n;
+        return 0;
+    }
+    """
+    int vqb_copy_vector(void *d, const void *s, size_t n) noexcept nogil
+
+
+cdef int _check_one(unsigned char *dbase, const unsigned char *sbase, size_t doff,
+                    size_t soff, size_t n, size_t span, bint vector_only) noexcept nogil:
+    """Copy n bytes src+soff -> dst+doff; 0 if right (copied bytes equal, every other
+    byte of the dst span still 0xA5), 1 if wrong, 2 if the vector path is absent."""
+    cdef size_t j
+    cdef int rc = 0
+    if vector_only:
+        if not vqb_copy_vector(dbase + doff, sbase + soff, n):
+            return 2
+    else:
+        vq_copy(dbase + doff, sbase + soff, n)
+    if memcmp(dbase + doff, sbase + soff, n) != 0:
+        rc = 1
+    for j in range(doff):
+        if dbase[j] != 0xA5:
+            rc = 1
+    for j in range(doff + n, span):
+        if dbase[j] != 0xA5:
+            rc = 1
+    memset(dbase + doff, 0xA5, n)
+    return rc
+
+
+def vq_copy_check(sizes, Py_ssize_t max_align=64, bint vector_only=False):
+    """Check vq_copy (or, with ``vector_only``, its AVX2 routine alone, sizes >= 32) for
+    every n in ``sizes`` and every (src, dst) offset pair in [0, max_align)^2 from
+    64-byte aligned bases, with 0xA5 guard bytes all around the destination.  Returns
+    the number of cases checked; raises AssertionError on the first wrong copy and
+    ValueError if the vector routine is unavailable."""
+    cdef size_t n, so, do_, biggest, span
+    cdef unsigned char *s_raw
+    cdef unsigned char *d_raw
+    cdef unsigned char *s
+    cdef unsigned char *d
+    cdef uint64_t cases = 0, x = 0x9E3779B97F4A7C15
+    cdef int rc
+    cdef size_t j
+    ns = [int(v) for v in sizes]
+    if not ns:
+        return 0
+    biggest = <size_t>max(ns)
+    span = biggest + <size_t>max_align + 128
+    s_raw = <unsigned char *>malloc(span + 64)
+    d_raw = <unsigned char *>malloc(span + 64)
+    if s_raw == NULL or d_raw == NULL:
+        free(s_raw)
+        free(d_raw)
+        raise MemoryError()
+    try:
+        s = <unsigned char *>((<uintptr_t>s_raw + 63) & ~(<uintptr_t>63))
+        d = <unsigned char *>((<uintptr_t>d_raw + 63) & ~(<uintptr_t>63))
+        for j in range(span):
+            x ^= x << 13
+            x ^= x >> 7
+            x ^= x << 17
+            s[j] = <unsigned char>(x >> 24)
+        memset(d, 0xA5, span)
+        for n_obj in ns:
+            n = <size_t>n_obj
+            for so in range(<size_t>max_align):
+                for do_ in range(<size_t>max_align):
+                    rc = _check_one(d, s, do_ + 64, so, n, span, vector_only)
+                    if rc == 2:
+                        raise ValueError("the vector copy routine is not available here")
+                    if rc:
+                        raise AssertionError(
+                            f"vq_copy{' (vector)' if vector_only else ''} wrong for n={n}, "
+                            f"src offset {so}, dst offset {do_}")
+                    cases += 1
+    finally:
+        free(s_raw)
+        free(d_raw)
+    return cases
+
+
+def have_vector_copy():
+    """True when vq_copy has its vector routine on this CPU (AVX2)."""
+    return vq_have_avx2() != 0
