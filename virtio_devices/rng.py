@@ -27,7 +27,8 @@ Where we differ from upstream, on purpose (listed in README, "Differences"):
   popping chains (they stay in the avail ring, so ``GET_VRING_BASE`` still sees
   them as not consumed) and arm a timer on the event loop;
 * a source that has nothing to give right now (a FIFO, a char device;
-  ``EAGAIN``) is waited for with the event loop instead of blocking a thread;
+  ``EAGAIN``) is waited for with the event loop instead of blocking a thread; if
+  the ring is stopped meanwhile, the waiting chain goes back to the avail ring;
 * an I/O error of the source completes the chain with length 0 and logs
   (rate-limited); upstream ends the worker.
 """
@@ -148,6 +149,13 @@ class RngDevice(VirtioDevice):
         if self._reader_fd >= 0 and self.loop is not None:
             self.loop.remove_reader(self._reader_fd)
         self._reader_fd = -1
+        if self._pending is not None and self.queues:
+            # Give the parked chain back to the avail ring.  It is the last chain
+            # popped (nothing is popped while one is parked), so stepping back one
+            # makes GET_VRING_BASE report it as not consumed: the next back-end
+            # serves it instead of the guest waiting for it forever.
+            q = self.queues[0]
+            q.set_next_avail((q.next_avail() - 1) & 0xFFFF)
         self._pending = None
 
     # -- work ----------------------------------------------------------------------------

@@ -339,7 +339,7 @@ def test_rng_fifo_source_with_no_data_waits_on_the_loop(
         os.close(wfd)
 
 
-def test_rng_reset_while_parked_stops_watching_source(
+def test_rng_reset_while_parked_unpops_chain_and_stops_watching(
     guest_memory: Any, loop: FakeLoop, interrupt: FakeInterrupt
 ) -> None:
     rfd, wfd = os.pipe()
@@ -349,8 +349,13 @@ def test_rng_reset_while_parked_stops_watching_source(
             r.request(16)
             r.kick()
             assert rfd in loop.readers
+            assert r.queue.next_avail() == 1
+            r.queue.ready = False  # GET_VRING_BASE stops the ring, then the device resets
             r.dev.reset()
             assert loop.readers == {}
+            # The parked chain is given back: the ring base reports it as not consumed.
+            assert r.queue.next_avail() == 0
+            assert r.mock.used_elems() == []
     finally:
         os.close(wfd)
 
