@@ -41,6 +41,8 @@ from virtio_queue import DescriptorChain, GuestMemory, Queue
 from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, QueueError
 from virtio_queue.ratelimit import RateLimiter
 
+from .errors import MalformedRequest
+
 __all__ = [
     "VIRTIO_F_NOTIFY_ON_EMPTY",
     "VIRTIO_F_ANY_LAYOUT",
@@ -242,7 +244,7 @@ class VirtioDevice(abc.ABC):
                     served += 1
                     try:
                         used_len = self.handle_chain(index, chain)
-                    except (QueueError, GuestMemoryError) as e:
+                    except (QueueError, GuestMemoryError, MalformedRequest) as e:
                         self._guest_error(index, e)
                         used_len = 0
                     if used_len is not None:
