@@ -67,7 +67,13 @@ DIRECTIVES = {
     "linetrace": DEBUG,
 }
 
-DEPENDS = [HEADER, *map(str, sorted((HERE / "virtio_queue/includes").glob("*")))]
+DEPENDS = [
+    HEADER,
+    "virtio_queue/memory.pxd",
+    *(str(p.relative_to(HERE)) for p in sorted((HERE / "virtio_queue/includes").glob("*"))),
+    *(str(p.relative_to(HERE)) for p in sorted((HERE / "xen").rglob("*.h"))),
+    *(str(p.relative_to(HERE)) for p in sorted((HERE / "xen").glob("*.pxd"))),
+]
 
 
 def _ext(name: str) -> Extension:
