@@ -218,7 +218,7 @@ class GuestResult:
     def __str__(self) -> str:
         return (
             f"guest exit status {self.exit_status}, script started at uptime "
-            f"{self.uptime_at_start}s, wall {self.wall_time:.1f}s\n{self.output}"
+            f"{self.uptime_at_start}s, wall {self.wall_time:.1f}s\n{_tail(self.output)}"
         )
 
 
@@ -499,11 +499,11 @@ def _module_closure(moddir: Path, wanted: Sequence[str]) -> tuple[list[str], lis
     need: set[str] = set()
     missing: list[str] = []
     for name in wanted:
-        mod = by_name.get(norm(name))
-        if mod is None:
+        found = by_name.get(norm(name))
+        if found is None:
             missing.append(name)
             continue
-        stack = [mod]
+        stack = [found]
         while stack:
             m = stack.pop()
             if m not in need:
@@ -752,6 +752,13 @@ def _parse_console(text: str) -> tuple[int | None, str, float | None]:
     return int(end.group(1)), rest[: end.start()], uptime
 
 
+def _tail(text: str, limit: int = 6000) -> str:
+    """The end of a long log, for error messages."""
+    if len(text) <= limit:
+        return text
+    return f"[... {len(text) - limit} characters cut ...]\n" + text[-limit:]
+
+
 class RunningGuest:
     """A QEMU process booting the guest; use ``start_guest()`` to make one.
 
@@ -822,7 +829,7 @@ class RunningGuest:
             self.kill()
             raise GuestTimeout(
                 f"guest did not finish within {timeout:.0f}s\n--- console ---\n"
-                f"{self.console()}\n--- qemu ---\n{self.qemu_log()}",
+                f"{_tail(self.console())}\n--- qemu ---\n{_tail(self.qemu_log())}",
                 self.console(),
             ) from None
         self._wall = time.monotonic() - self._t0
@@ -830,7 +837,7 @@ class RunningGuest:
         if res.exit_status is None:
             raise HarnessError(
                 f"QEMU exited ({self.proc.returncode}) without the end marker\n"
-                f"--- console ---\n{res.console}\n--- qemu ---\n{self.qemu_log()}"
+                f"--- console ---\n{_tail(res.console)}\n--- qemu ---\n{_tail(self.qemu_log())}"
             )
         return res
 

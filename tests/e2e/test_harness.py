@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import harness
 import pytest
+
+if TYPE_CHECKING:
+    from conftest import Daemons
 
 pytestmark = pytest.mark.qemu
 
@@ -24,9 +27,7 @@ PATTERN = b"vdev-e2e was here"
 
 
 @pytest.fixture
-def blk_socket(
-    guest: harness.Guest, daemon: Callable[..., harness.Daemon], sockdir: Path
-) -> tuple[Path, Path]:
+def blk_socket(guest: harness.Guest, daemon: Daemons, sockdir: Path) -> tuple[Path, Path]:
     """A qemu-storage-daemon vhost-user-blk export of a random 4 MiB image."""
     qsd = shutil.which("qemu-storage-daemon")
     if qsd is None:

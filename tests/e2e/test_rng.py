@@ -16,9 +16,13 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import harness
 import pytest
+
+if TYPE_CHECKING:
+    from conftest import Daemons
 
 pytestmark = pytest.mark.qemu
 
@@ -121,9 +125,7 @@ def _need_daemon() -> None:
 
 
 @pytest.fixture(params=["vhost-device-rng", "qemu-builtin"])
-def make_rng(
-    request: pytest.FixtureRequest, guest: harness.Guest, daemon: Callable[..., harness.Daemon], sockdir: Path
-) -> MakeRng:
+def make_rng(request: pytest.FixtureRequest, guest: harness.Guest, daemon: Daemons, sockdir: Path) -> MakeRng:
     """Return ``make(period_ms=None, max_bytes=None) -> RngFrontend``.
 
     ``vhost-device-rng`` starts our daemon; ``qemu-builtin`` is the oracle.
@@ -196,7 +198,7 @@ def test_rng_with_rate_limit_guest_read_is_throttled(make_rng: MakeRng) -> None:
 
 
 def test_rng_guest_killed_mid_read_next_guest_is_served(
-    guest: harness.Guest, daemon: Callable[..., harness.Daemon], sockdir: Path
+    guest: harness.Guest, daemon: Daemons, sockdir: Path
 ) -> None:
     """QEMU dies while the guest reads; a new QEMU on the same socket gets entropy."""
     _need_daemon()
