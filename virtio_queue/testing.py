@@ -841,8 +841,9 @@ class RefQueue:
     """
 
     def __init__(self, max_size: int, memory: MemoryLike | None = None) -> None:
-        if not 1 <= max_size <= 32768:
-            raise InvalidQueueConfig(f"maximum queue size {max_size} out of range")
+        # rust-vmm Queue::new: the maximum is itself a power of two in 1..32768.
+        if not 1 <= max_size <= 32768 or max_size & (max_size - 1):
+            raise InvalidQueueConfig(f"maximum queue size {max_size} is not a power of two in 1..32768")
         self._max_size = max_size
         self.memory = memory
         self._size = max_size
@@ -852,6 +853,7 @@ class RefQueue:
         self.used_ring = 0
         self._event_idx = False
         self._next_avail = 0
+        self._avail_seen = 0
         self._next_used = 0
         self._signalled_used = 0
         self._signalled_valid = False
@@ -911,7 +913,7 @@ class RefQueue:
         self.ready = False
         self.desc_table = self.avail_ring = self.used_ring = 0
         self._event_idx = False
-        self._next_avail = self._next_used = self._signalled_used = 0
+        self._next_avail = self._avail_seen = self._next_used = self._signalled_used = 0
         self._signalled_valid = False
 
     def next_avail(self) -> int:
@@ -920,7 +922,7 @@ class RefQueue:
 
     def set_next_avail(self, value: int) -> None:
         """vhost-user SET_VRING_BASE."""
-        self._next_avail = value & 0xFFFF
+        self._next_avail = self._avail_seen = value & 0xFFFF
 
     def next_used(self) -> int:
         """Index of the next used entry the device will write."""
@@ -957,15 +959,20 @@ class RefQueue:
             InvalidDescriptorIndex: the head is ≥ size (the entry is consumed anyway).
         """
         mem = self._mem()
-        idx = mem.read_u16(self.avail_ring + 2)
-        pending = (idx - self._next_avail) & 0xFFFF
-        if pending > self._size:
-            raise InvalidAvailRingIndex(
-                f"avail->idx {idx} is {pending} ahead of next_avail {self._next_avail} "
-                f"(queue size {self._size})"
-            )
-        if pending == 0:
-            return None
+        # Like Linux vhost (and the compiled queue), avail->idx is re-read only once
+        # the entries known from the previous read are used up: a driver that moves
+        # it backwards meanwhile is not noticed until then.
+        if self._next_avail == self._avail_seen:
+            idx = mem.read_u16(self.avail_ring + 2)
+            pending = (idx - self._next_avail) & 0xFFFF
+            if pending > self._size:
+                raise InvalidAvailRingIndex(
+                    f"avail->idx {idx} is {pending} ahead of next_avail {self._next_avail} "
+                    f"(queue size {self._size})"
+                )
+            if pending == 0:
+                return None
+            self._avail_seen = idx
         slot = self._next_avail % self._size
         head = mem.read_u16(self.avail_ring + 4 + 2 * slot)
         self._next_avail = (self._next_avail + 1) & 0xFFFF
