@@ -321,3 +321,22 @@ def test_pymemory_standin_agrees_with_core_on_checks(two_regions: GuestMemory) -
     ]
     for gpa, n in probes:
         assert py.check_range(gpa, n) == two_regions.check_range(gpa, n), (gpa, n)
+
+
+def test_region_from_bytes_is_read_only() -> None:
+    data = bytes(0x100)
+    mem = GuestMemory.from_buffer(data)
+    assert not mem.regions[0].writable
+    with pytest.raises(GuestMemoryError):
+        mem.write(0, b"x")
+    assert data == bytes(0x100)
+    assert mem.get_slice(0, 4).readonly
+
+
+def test_region_from_bytearray_pins_the_buffer() -> None:
+    """While mapped, the bytearray cannot be resized (its memory would move)."""
+    buf = bytearray(0x100)
+    mem = GuestMemory.from_buffer(buf)
+    with pytest.raises(BufferError):
+        buf.extend(b"x")
+    assert mem.read(0, 1) == b"\0"

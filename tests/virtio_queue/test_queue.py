@@ -15,10 +15,12 @@ import pytest
 
 from virtio_queue import (
     GuestMemory,
+    GuestRegion,
     InvalidAvailRingIndex,
     InvalidDescriptorIndex,
     InvalidQueueConfig,
     Queue,
+    QueueError,
     QueueNotReady,
 )
 from virtio_queue.testing import (
@@ -456,3 +458,53 @@ def test_mock_workload_a_layout_and_queue_round_trip() -> None:
     assert mock.used_elems() == [(i, 64) for i in range(256)]
     mock.publish_all()  # the next batch reuses the same descriptors
     assert q.pending() == 256
+
+
+# -- the queue follows guest memory ------------------------------------------------------
+
+
+def test_queue_ring_region_removed_pop_raises_then_recovers(mem: GuestMemory) -> None:
+    """The rings must lie in guest memory (VIRTIO 1.2 §2.7); when the front-end removes
+    their region the queue refuses to run instead of touching a stale mapping."""
+    mock = MockSplitQueue(mem, 8)
+    mock.add_chain([(0x8000, 4)])
+    q = mock.create_queue()
+    region = mem.remove_region(0)
+    with pytest.raises(QueueError):
+        q.pop_chain()
+    assert not q.is_valid()
+    mem.add_region(region)
+    chain = q.pop_chain()
+    assert chain is not None and chain.head_index == 0
+
+
+def test_queue_moving_desc_table_while_ready_uses_new_table(mem: GuestMemory) -> None:
+    mock = MockSplitQueue(mem, 8)
+    mock.add_chain([(0x8000, 4)])
+    mock.add_chain([(0x8000, 4)])
+    q = mock.create_queue()
+    assert q.pop_chain() is not None
+    mock.write_descs(0, [(0x9000, 7)] * 8, table=0x10000)
+    q.desc_table = 0x10000
+    chain = q.pop_chain()
+    assert chain is not None
+    assert [(d.addr, d.len) for d in chain.descriptors()] == [(0x9000, 7)]
+
+
+def test_queue_used_ring_in_readonly_region_is_invalid() -> None:
+    """The device writes the used ring (VIRTIO 1.2 §2.7.8): it must be writable."""
+    region, fd = GuestRegion.memfd(0x10000, 0)
+    try:
+        ro = GuestRegion.from_fd(fd, 0x10000, 0x100000, writable=False)
+    finally:
+        os.close(fd)
+    mem = GuestMemory([region, ro])
+    mock = MockSplitQueue(mem, 8)
+    mock.add_chain([(0x8000, 4)])
+    q = mock.create_queue()
+    q.used_ring = 0x100000 + mock.used_ring  # the same bytes, mapped read-only
+    assert not q.is_valid()
+    with pytest.raises(InvalidQueueConfig):
+        q.validate()
+    with pytest.raises(QueueError):
+        q.add_used(0, 1)
