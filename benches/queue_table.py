@@ -101,6 +101,8 @@ def rows() -> list[Row]:
     out.append(Row("fd", lambda: W.make_fd_preadv_c(1), ref="preadv", info=True))
     out.append(Row("fd", lambda: W.make_fd_preadv_c(16), ref="preadv-c1", info=True))
     out.append(Row("fd", lambda: W.make_fd_writer_cython(16), ref="preadv-c1", info=True))
+    out.append(Row("fd", lambda: W.make_fd_writer_cython(16, 1), ref="preadv-c1", info=True))
+    out.append(Row("fd", lambda: W.make_fd_writer_cython(16, 2), ref="preadv-c1", info=True))
     return out
 
 
@@ -356,11 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"cpu     : during our measurements {cpu_report(cpu0, cpu1)}")
     if verdicts:
-        print(
-            "goals   : " + "; ".join(f"{n} {g}" for n, g, _ in verdicts if g.endswith("MISS"))
-            if any(ok is False for _, _, ok in verdicts)
-            else "goals   : all met"
-        )
+        parts = []
+        for label, want in (("MISS", False), ("n/a", None), ("met", True)):
+            names_ = [n for n, _, ok in verdicts if ok is want]
+            if names_:
+                parts.append(f"{label}: {', '.join(names_)}")
+        print("goals   : " + "; ".join(parts))
     if args.json:
         args.json.write_text(
             json.dumps(

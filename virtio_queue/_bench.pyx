@@ -148,19 +148,24 @@ cdef enum:
     _IOV_MAX_BENCH = 64
 
 
-def workload_fd(Queue q not None, int fd, Py_ssize_t iters, long long offset=0):
+def workload_fd(Queue q not None, int fd, Py_ssize_t iters, long long offset=0, int variant=0):
     """The fd figure at Cython level: per iteration publish head 0, pop the chain,
     build a Writer and fill it with preadv(fd, <its iovecs>, offset) as
     ``Writer.read_from_fd`` does, add_used(head, bytes read).  Returns the bytes read.
-    (Separates the Python-level call overhead from the kernel's cost.)"""
+    (Separates the Python-level call overhead from the kernel's cost.)
+
+    ``variant`` (for profiling): 1 merges host-contiguous iovecs before the preadv
+    (what a coalescing Writer would pass the kernel); 2 builds no Writer at all (the
+    iovecs of the first chain are reused: pop, preadv, add_used only)."""
     cdef iovec iov[_IOV_MAX_BENCH]
+    cdef iovec fixed[_IOV_MAX_BENCH]
     cdef uint16_t head, drv
     cdef DescriptorChain ch
     cdef Writer w
     cdef uint64_t total = 0
     cdef size_t got, done
     cdef ssize_t r
-    cdef int k
+    cdef int k, j, m, nfixed = 0
     cdef Py_ssize_t _i
     q.ensure_ready()
     drv = le16toh((<uint16_t *>(q._avail + 2))[0])
@@ -168,18 +173,37 @@ def workload_fd(Queue q not None, int fd, Py_ssize_t iters, long long offset=0):
         _publish(q, &drv, 1, True, False)
         if not q.pop_head(&head):
             raise RuntimeError("no chain")
-        ch = make_chain(q._snap, q._memory, q._desc, q._size, head)
-        w = make_writer(ch)
         done = 0
-        while w.avail:
-            k = w._iov(iov, _IOV_MAX_BENCH, w.avail, &got)
-            r = _preadv(fd, iov, k, <off_t>(offset + <long long>done))
+        if variant == 2 and nfixed:
+            r = _preadv(fd, fixed, nfixed, <off_t>offset)
             if r < 0:
                 raise OSError(errno, "preadv")
-            w._advance(<size_t>r)
-            done += <size_t>r
-            if <size_t>r < got:
-                break
+            done = <size_t>r
+        else:
+            ch = make_chain(q._snap, q._memory, q._desc, q._size, head)
+            w = make_writer(ch)
+            while w.avail:
+                k = w._iov(iov, _IOV_MAX_BENCH, w.avail, &got)
+                if variant == 2:
+                    for j in range(k):
+                        fixed[j] = iov[j]
+                    nfixed = k
+                if variant == 1:
+                    m = 0
+                    for j in range(1, k):
+                        if <unsigned char *>iov[m].iov_base + iov[m].iov_len == <unsigned char *>iov[j].iov_base:
+                            iov[m].iov_len += iov[j].iov_len
+                        else:
+                            m += 1
+                            iov[m] = iov[j]
+                    k = m + 1 if k else 0
+                r = _preadv(fd, iov, k, <off_t>(offset + <long long>done))
+                if r < 0:
+                    raise OSError(errno, "preadv")
+                w._advance(<size_t>r)
+                done += <size_t>r
+                if <size_t>r < got:
+                    break
         total += done
         q.add_used_c(head, <uint32_t>done)
     return total
