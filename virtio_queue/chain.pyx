@@ -489,7 +489,7 @@ cdef class Reader(_Stream):
         be short (a full pipe or socket, EAGAIN: then possibly 0).  EINTR is retried.
 
         Raises:
-            OSError: any other error of the system call.
+            OSError: any other error of the system call, if nothing was written.
         """
         cdef iovec iov[IOV_BATCH]
         cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
@@ -513,7 +513,9 @@ cdef class Reader(_Stream):
                 total += <size_t>r
                 if <size_t>r < got:
                     break
-        if err:
+        # An error after some bytes moved reports the bytes (the cursor has moved
+        # past them); the error shows again on the next call.
+        if err and total == 0:
             raise OSError(err, os.strerror(err))
         return total
 
@@ -581,7 +583,7 @@ cdef class Writer(_Stream):
         when a pipe/socket has no more now (EAGAIN: possibly 0).  EINTR is retried.
 
         Raises:
-            OSError: any other error of the system call.
+            OSError: any other error of the system call, if nothing was read.
         """
         cdef iovec iov[IOV_BATCH]
         cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
@@ -605,7 +607,9 @@ cdef class Writer(_Stream):
                 total += <size_t>r
                 if <size_t>r < got:
                     break
-        if err:
+        # An error after some bytes moved reports the bytes (the cursor has moved
+        # past them); the error shows again on the next call.
+        if err and total == 0:
             raise OSError(err, os.strerror(err))
         return total
 
