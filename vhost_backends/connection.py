@@ -17,6 +17,7 @@ cannot happen on the blocking socket we use (a timeout is reported as
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import socket
@@ -26,7 +27,7 @@ from .protocol.codes import MAX_ATTACHED_FDS
 from .protocol.errors import Disconnected, IncorrectFds, PartialMessage, VhostUserError
 from .protocol.messages import HEADER_SIZE, Header, check_fds, close_fds, pack_header, parse_header
 
-__all__ = ["Connection", "Message", "DEFAULT_TIMEOUT"]
+__all__ = ["DEFAULT_TIMEOUT", "Connection", "Message"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ _DISCONNECT_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, e
 class Message:
     """One received message: header, payload and the fds that came with it."""
 
-    __slots__ = ("header", "payload", "fds")
+    __slots__ = ("fds", "header", "payload")
 
     def __init__(self, header: Header, payload: bytes, fds: list[int]) -> None:
         self.header = header
@@ -82,7 +83,9 @@ class Connection:
     replies, which reuse the request code they answer).
     """
 
-    def __init__(self, sock: socket.socket, *, from_frontend: bool = True, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, sock: socket.socket, *, from_frontend: bool = True, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
         self.sock = sock
         self.from_frontend = from_frontend
         self.sock.settimeout(timeout)
@@ -95,10 +98,8 @@ class Connection:
 
     def shutdown(self) -> None:
         """Tell the peer we are done (EOF on its side) while keeping our fd open."""
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     # -- receiving --------------------------------------------------------------------
     def _recv_header(self) -> tuple[bytes, list[int]]:
@@ -120,11 +121,17 @@ class Connection:
                     truncated = True
                 if n == 0:
                     if got == 0:
-                        raise Disconnected("front-end closed the connection" if self.from_frontend else "back-end closed the connection")
+                        raise Disconnected(
+                            "front-end closed the connection"
+                            if self.from_frontend
+                            else "back-end closed the connection"
+                        )
                     raise PartialMessage(f"connection closed after {got} of {HEADER_SIZE} header bytes")
                 got += n
             if truncated:
-                raise IncorrectFds(f"too many fds attached (more than {MAX_ATTACHED_FDS}); ancillary data truncated")
+                raise IncorrectFds(
+                    f"too many fds attached (more than {MAX_ATTACHED_FDS}); ancillary data truncated"
+                )
         except BaseException:
             close_fds(fds)
             raise
@@ -180,7 +187,15 @@ class Connection:
         return Message(header, payload, fds)
 
     # -- sending ------------------------------------------------------------------------
-    def send(self, request: int, payload: bytes = b"", fds: Sequence[int] = (), *, reply: bool = False, need_reply: bool = False) -> None:
+    def send(
+        self,
+        request: int,
+        payload: bytes = b"",
+        fds: Sequence[int] = (),
+        *,
+        reply: bool = False,
+        need_reply: bool = False,
+    ) -> None:
         """Send one message; ``fds`` travel with its first byte (and are not closed).
 
         Raises:

@@ -217,20 +217,23 @@ def run_daemons(name: str, socket_paths: Sequence[str], device_factory: Callable
         def worker(d: VhostUserDaemon) -> None:
             try:
                 d.serve()
-            except BaseException as e:  # noqa: BLE001 - reported below, and stops the others
+            except BaseException as e:
                 log.exception("%s: daemon on %s died", name, d.socket_path)
                 errors.append(e)
                 os.eventfd_write(stop_fd, 1)
 
-        threads = [threading.Thread(target=worker, args=(d,), name=f"{name}-{i}", daemon=True) for i, d in enumerate(daemons)]
+        threads = [
+            threading.Thread(target=worker, args=(d,), name=f"{name}-{i}", daemon=True)
+            for i, d in enumerate(daemons)
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         failed = bool(errors)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
         os.close(stop_fd)
     return 1 if failed else 0
 

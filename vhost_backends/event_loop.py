@@ -16,6 +16,7 @@ level-triggered, so a callback that does not drain its fd is called again.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -34,7 +35,7 @@ _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 class TimerHandle:
     """A pending :meth:`EventLoop.call_later` callback; :meth:`cancel` is idempotent."""
 
-    __slots__ = ("when", "callback", "cancelled")
+    __slots__ = ("callback", "cancelled", "when")
 
     def __init__(self, when: float, callback: Callable[[], None]) -> None:
         self.when = when
@@ -72,11 +73,9 @@ class EventLoop:
         """Stop watching ``fd``; unknown fds are ignored."""
         if self._readers.pop(fd, None) is None:
             return
-        try:
+        # An fd already closed was dropped from the epoll set by the kernel itself.
+        with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            # Already closed: the kernel dropped it from the epoll set itself.
-            pass
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         """Run ``callback()`` once after ``delay`` seconds (monotonic clock)."""
@@ -91,10 +90,8 @@ class EventLoop:
     def stop(self) -> None:
         """Make :meth:`run` return after the current iteration; thread-safe."""
         self._stopping = True
-        try:
+        with contextlib.suppress(OSError):
             os.eventfd_write(self._stop_fd, 1)
-        except OSError:
-            pass
 
     def add_stop_fd(self, fd: int) -> None:
         """Also stop when ``fd`` becomes readable (a daemon-wide shutdown eventfd that
@@ -109,18 +106,24 @@ class EventLoop:
         connection.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._run(deadline)
+        finally:
+            # Ready for another run(); a stop() before run() makes it return at once.
+            self._stopping = False
+
+    def _run(self, deadline: float | None) -> None:
         readers = self._readers
         poll = self._epoll.poll
         timers = self._timers
         stop_fd = self._stop_fd
-        self._stopping = False
         while not self._stopping:
             wait = -1.0
             if timers or deadline is not None:
                 now = time.monotonic()
                 if timers:
-                    self._run_timers(now)
-                    if self._stopping:
+                    # A timer callback may have called stop().
+                    if self._run_timers(now):
                         break
                     if timers:
                         wait = max(0.0, timers[0][0] - now)
@@ -131,10 +134,8 @@ class EventLoop:
                     wait = left if wait < 0 else min(wait, left)
             for fd, _ev in poll(wait):
                 if fd == stop_fd:
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(stop_fd)
-                    except BlockingIOError:
-                        pass
                     self._stopping = True
                     continue
                 cb = readers.get(fd)
@@ -144,13 +145,15 @@ class EventLoop:
                 if self._stopping:
                     break
 
-    def _run_timers(self, now: float) -> None:
+    def _run_timers(self, now: float) -> bool:
+        """Run due timers; return whether one of them stopped the loop."""
         timers = self._timers
         while timers and timers[0][0] <= now:
             _when, _seq, handle = heapq.heappop(timers)
             if not handle.cancelled:
                 handle.cancelled = True
                 handle.callback()
+        return self._stopping
 
     def close(self) -> None:
         """Release the epoll and stop fds; registered fds are not closed (their owners do)."""

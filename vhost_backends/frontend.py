@@ -32,7 +32,7 @@ from .protocol.codes import (
 )
 from .protocol.errors import InvalidMessage, VhostUserError
 
-__all__ = ["Frontend", "FrontendRing", "BackendError"]
+__all__ = ["BackendError", "Frontend", "FrontendRing"]
 
 PF = VhostUserProtocolFeatures
 
@@ -118,7 +118,9 @@ class Frontend:
         """Send arbitrary bytes (with ``fds`` on the first byte): adversity tests."""
         self.conn.send_raw(data, fds)
 
-    def send(self, req: int, payload: bytes = b"", fds: Sequence[int] = (), *, need_reply: bool = False) -> None:
+    def send(
+        self, req: int, payload: bytes = b"", fds: Sequence[int] = (), *, need_reply: bool = False
+    ) -> None:
         """Send one well-framed request."""
         self.conn.send(req, payload, fds, need_reply=need_reply)
 
@@ -131,7 +133,10 @@ class Frontend:
         msg = self.conn.recv_message(check_fd_count=False)
         if not msg.header.is_reply or msg.request != req:
             msg.close_fds()
-            raise BackendError(f"expected a reply to {FrontendReq(req).name}, got request {msg.request} flags 0x{msg.header.flags:x}")
+            raise BackendError(
+                f"expected a reply to {FrontendReq(req).name}, "
+                f"got request {msg.request} flags 0x{msg.header.flags:x}"
+            )
         return msg
 
     def call(self, req: int, payload: bytes = b"", fds: Sequence[int] = ()) -> bytes:
@@ -202,7 +207,16 @@ class Frontend:
         pfeats = 0
         if offered & VHOST_USER_F_PROTOCOL_FEATURES:
             poffered = self.get_protocol_features()
-            mine = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.BACKEND_REQ | PF.INFLIGHT_SHMFD | PF.CONFIGURE_MEM_SLOTS | PF.RESET_DEVICE | PF.STATUS
+            mine = (
+                PF.MQ
+                | PF.REPLY_ACK
+                | PF.CONFIG
+                | PF.BACKEND_REQ
+                | PF.INFLIGHT_SHMFD
+                | PF.CONFIGURE_MEM_SLOTS
+                | PF.RESET_DEVICE
+                | PF.STATUS
+            )
             pfeats = poffered & mine if protocol_features is None else protocol_features
             self.set_protocol_features(pfeats)
         self.set_owner()
@@ -244,7 +258,9 @@ class Frontend:
     def set_vring_base(self, index: int, base: int) -> None:
         self.request(FrontendReq.SET_VRING_BASE, m.VRING_STATE.pack(index, base))
 
-    def set_vring_addr(self, index: int, desc: int, avail: int, used: int, flags: int = 0, log: int = 0) -> None:
+    def set_vring_addr(
+        self, index: int, desc: int, avail: int, used: int, *, flags: int = 0, log: int = 0
+    ) -> None:
         """SET_VRING_ADDR with front-end user addresses (see :meth:`user_addr`)."""
         self.request(FrontendReq.SET_VRING_ADDR, m.VRING_ADDR.pack(index, flags, desc, used, avail, log))
 
@@ -270,7 +286,9 @@ class Frontend:
     def set_vring_enable(self, index: int, enable: bool = True) -> None:
         self.request(FrontendReq.SET_VRING_ENABLE, m.VRING_STATE.pack(index, int(enable)))
 
-    def setup_ring(self, index: int, size: int, *, base: int = 0, gpa: int | None = None, enable: bool = True) -> FrontendRing:
+    def setup_ring(
+        self, index: int, size: int, *, base: int = 0, gpa: int | None = None, enable: bool = True
+    ) -> FrontendRing:
         """Lay out a split ring at ``gpa`` (default: after the previous ring) and start
         it: SET_VRING_NUM, BASE, ADDR, CALL, KICK, then ENABLE when protocol features
         were negotiated (QEMU's vhost_virtqueue_start order)."""
@@ -283,7 +301,12 @@ class Frontend:
         self.rings[index] = ring
         self.set_vring_num(index, size)
         self.set_vring_base(index, base)
-        self.set_vring_addr(index, self.user_addr(mock.desc_table), self.user_addr(mock.avail_ring), self.user_addr(mock.used_ring))
+        self.set_vring_addr(
+            index,
+            self.user_addr(mock.desc_table),
+            self.user_addr(mock.avail_ring),
+            self.user_addr(mock.used_ring),
+        )
         self.set_vring_call(index, call)
         self.set_vring_kick(index, kick)
         if enable and self.features & VHOST_USER_F_PROTOCOL_FEATURES:
@@ -313,9 +336,14 @@ class Frontend:
         Raises:
             TimeoutError: they did not arrive in time.
         """
-        ring = self.rings[index]
+        mock = self.rings[index].mock
         while True:
-            mock = ring.mock
+            if (mock.used_idx() - mock.last_used) & 0xFFFF >= count:
+                return mock.used_elems()
+            # VIRTIO 1.2 §2.7.10: with EVENT_IDX the device only notifies once
+            # used->idx passes used_event, so ask for the next one, then look again
+            # (the device may have published before it could see our request).
+            mock.set_used_event(mock.last_used)
             if (mock.used_idx() - mock.last_used) & 0xFFFF >= count:
                 return mock.used_elems()
             if not self.wait_call(index, timeout):

@@ -28,6 +28,8 @@ Every request is validated before it changes anything; a violation raises a
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import mmap
 import os
@@ -62,7 +64,7 @@ from .protocol.errors import (
     VhostUserError,
 )
 
-__all__ = ["VhostUserHandler", "VhostUserInterrupt", "InflightQueueRegion", "offered_protocol_features"]
+__all__ = ["InflightQueueRegion", "VhostUserHandler", "VhostUserInterrupt", "offered_protocol_features"]
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +188,8 @@ class InflightQueueRegion:
         _features, version, desc_num, last_batch_head, used_idx = self.header()
         if version != self.VERSION or desc_num != self.queue_size:
             raise InvalidMessage(
-                f"inflight area version {version}/desc_num {desc_num} does not match queue size {self.queue_size}"
+                f"inflight area version {version}/desc_num {desc_num} "
+                f"does not match queue size {self.queue_size}"
             )
         if used_idx != ring_used_idx:
             batch = (ring_used_idx - used_idx) & 0xFFFF
@@ -237,7 +240,18 @@ class _TrackedQueue(Queue):
 class _Ring:
     """Back-end state of one vring."""
 
-    __slots__ = ("index", "queue", "kick_fd", "call_fd", "err_fd", "started", "enabled", "addr_set", "polled", "inflight")
+    __slots__ = (
+        "addr_set",
+        "call_fd",
+        "enabled",
+        "err_fd",
+        "index",
+        "inflight",
+        "kick_fd",
+        "polled",
+        "queue",
+        "started",
+    )
 
     def __init__(self, index: int, queue: Queue) -> None:
         self.index = index
@@ -256,7 +270,7 @@ class VhostUserInterrupt:
     """The device's :class:`~virtio_devices.base.Interrupt`: call eventfds, and
     CONFIG_CHANGE_MSG on the back-end channel."""
 
-    __slots__ = ("call_fds", "_handler")
+    __slots__ = ("_handler", "call_fds")
 
     def __init__(self, handler: VhostUserHandler, num_queues: int) -> None:
         self.call_fds = [-1] * num_queues
@@ -265,11 +279,9 @@ class VhostUserInterrupt:
     def signal_used(self, queue_index: int) -> None:
         fd = self.call_fds[queue_index]
         if fd >= 0:
-            try:
+            # A saturated counter means the front-end has a pending call anyway.
+            with contextlib.suppress(BlockingIOError):
                 os.eventfd_write(fd, 1)
-            except BlockingIOError:
-                # The counter is saturated: the front-end has a pending call anyway.
-                pass
 
     def signal_config_change(self) -> None:
         self._handler.send_config_change()
@@ -377,13 +389,13 @@ class VhostUserHandler:
         else:
             req = _req_name(msg.request) if msg is not None else "message"
             self.close_reason = f"{req}: {err}"
-            self._ratelimit.log(log, logging.WARNING, "conn", "%s: closing connection: %s: %s", self.name, req, err)
+            self._ratelimit.log(
+                log, logging.WARNING, "conn", "%s: closing connection: %s: %s", self.name, req, err
+            )
             if msg is not None and msg.header.need_reply and self._has(PF.REPLY_ACK):
                 # Best effort: tell the front-end its request failed before we go.
-                try:
+                with contextlib.suppress(VhostUserError):
                     self.conn.send(msg.request, m.pack_u64(1), reply=True)
-                except VhostUserError:
-                    pass
         # The peer sees EOF at once, even before the owner gets to close().
         self.conn.shutdown()
         self.loop.stop()
@@ -431,7 +443,10 @@ class VhostUserHandler:
     def _set_features(self, msg: Message) -> None:
         features = m.unpack_u64(msg.payload, "SET_FEATURES")
         if features & ~self._offered_features:
-            raise FeatureMismatch(f"features 0x{features:x} include bits never offered (0x{features & ~self._offered_features:x})")
+            raise FeatureMismatch(
+                f"features 0x{features:x} include bits never offered "
+                f"(0x{features & ~self._offered_features:x})"
+            )
         self.acked_features = features
         self.features_acked = True
         event_idx = bool(features & VIRTIO_RING_F_EVENT_IDX)
@@ -517,7 +532,7 @@ class VhostUserHandler:
     @staticmethod
     def _check_overlaps(descs: list[m.MemoryRegion]) -> None:
         spans = sorted((d.guest_addr, d.guest_addr + d.size) for d in descs)
-        for (a0, a1), (b0, _b1) in zip(spans, spans[1:]):
+        for (a0, a1), (b0, _b1) in itertools.pairwise(spans):
             if b0 < a1:
                 raise InvalidMessage(f"memory regions overlap: [0x{a0:x}, 0x{a1:x}) and 0x{b0:x}")
 
@@ -557,11 +572,13 @@ class VhostUserHandler:
         desc = m.unpack_single_region(msg.payload, xen=self.xen)
         # The region is named by guest address, user address and size; the mmap
         # offset (and any fd, which the spec says to close unused) is ignored.
-        for i, have in enumerate(self.regions):
+        for i, have in enumerate(self.regions):  # noqa: B007 - i is used after the loop
             if (have.guest_addr, have.user_addr, have.size) == (desc.guest_addr, desc.user_addr, desc.size):
                 break
         else:
-            raise InvalidMessage(f"REM_MEM_REG: no region at guest 0x{desc.guest_addr:x} size 0x{desc.size:x}")
+            raise InvalidMessage(
+                f"REM_MEM_REG: no region at guest 0x{desc.guest_addr:x} size 0x{desc.size:x}"
+            )
         self.memory.remove_region(desc.guest_addr, desc.size)
         del self.regions[i]
         self._revalidate_rings()
@@ -594,7 +611,9 @@ class VhostUserHandler:
         a = m.unpack_vring_addr(msg.payload)
         ring = self._ring(a.index)
         if a.flags & 0x1:
-            raise InactiveFeature(f"vring {a.index}: used ring logging requested, VHOST_F_LOG_ALL not negotiated")
+            raise InactiveFeature(
+                f"vring {a.index}: used ring logging requested, VHOST_F_LOG_ALL not negotiated"
+            )
         desc = self._user_to_guest(a.index, "descriptor", a.descriptor)
         avail = self._user_to_guest(a.index, "available", a.available)
         used = self._user_to_guest(a.index, "used", a.used)
@@ -603,9 +622,15 @@ class VhostUserHandler:
             if gpa % align:
                 raise InvalidMessage(f"vring {a.index} {what} ring 0x{gpa:x} is not {align}-byte aligned")
         n = ring.queue.size
-        for what, gpa, length in (("descriptor", desc, 16 * n), ("available", avail, 6 + 2 * n), ("used", used, 6 + 8 * n)):
+        for what, gpa, length in (
+            ("descriptor", desc, 16 * n),
+            ("available", avail, 6 + 2 * n),
+            ("used", used, 6 + 8 * n),
+        ):
             if not self.memory.check_range(gpa, length):
-                raise InvalidMessage(f"vring {a.index} {what} ring [0x{gpa:x}, +0x{length:x}) is outside guest memory")
+                raise InvalidMessage(
+                    f"vring {a.index} {what} ring [0x{gpa:x}, +0x{length:x}) is outside guest memory"
+                )
         q = ring.queue
         q.desc_table, q.avail_ring, q.used_ring = desc, avail, used
         ring.addr_set = True
@@ -736,14 +761,14 @@ class VhostUserHandler:
     def _ring_broken(self, ring: _Ring, err: Exception) -> None:
         """The guest broke the ring: stop it and tell the front-end on the err fd
         (vhost-user's equivalent of NEEDS_RESET); the connection stays up."""
-        self._ratelimit.log(log, logging.WARNING, ring.index, "%s q%d: ring stopped: %s", self.name, ring.index, err)
+        self._ratelimit.log(
+            log, logging.WARNING, ring.index, "%s q%d: ring stopped: %s", self.name, ring.index, err
+        )
         ring.started = False
         self._update_ring(ring)
         if ring.err_fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.eventfd_write(ring.err_fd, 1)
-            except OSError:
-                pass
 
     def _maybe_deactivate(self) -> None:
         if self.device_active and not any(r.polled for r in self.rings):
@@ -820,7 +845,11 @@ class VhostUserHandler:
     def _inflight_regions(self, buf: memoryview, num_queues: int, queue_size: int) -> None:
         per_queue = m.inflight_queue_size(queue_size)
         for i, ring in enumerate(self.rings):
-            ring.inflight = InflightQueueRegion(buf[i * per_queue : (i + 1) * per_queue], queue_size) if i < num_queues else None
+            ring.inflight = (
+                InflightQueueRegion(buf[i * per_queue : (i + 1) * per_queue], queue_size)
+                if i < num_queues
+                else None
+            )
             if isinstance(ring.queue, _TrackedQueue):
                 ring.queue.inflight = ring.inflight
 
@@ -830,11 +859,9 @@ class VhostUserHandler:
             if isinstance(ring.queue, _TrackedQueue):
                 ring.queue.inflight = None
         if self.inflight_map is not None:
-            try:
+            # If a memoryview still refers to it, it goes when the last one does.
+            with contextlib.suppress(BufferError):
                 self.inflight_map.close()
-            except BufferError:
-                # A memoryview still refers to it; it goes when the last one does.
-                pass
             self.inflight_map = None
 
     def _check_inflight_shape(self, inf: m.Inflight) -> None:
@@ -904,7 +931,9 @@ class VhostUserHandler:
             q.set_next_avail(start)
             log.info("%s q%d: resubmitting %d in-flight requests", self.name, ring.index, n)
             return True
-        log.warning("%s q%d: %d in-flight requests out of order; returning them unused", self.name, ring.index, n)
+        log.warning(
+            "%s q%d: %d in-flight requests out of order; returning them unused", self.name, ring.index, n
+        )
         for head in heads:
             if head < q.size:
                 # A _TrackedQueue records the inflight steps itself.
@@ -931,10 +960,8 @@ class VhostUserHandler:
         if self.closed:
             return
         self.closed = True
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self.loop.remove_reader(self.conn.fileno())
-        except (OSError, ValueError):
-            pass
         try:
             self._stop_all()
         finally:

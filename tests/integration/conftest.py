@@ -46,7 +46,9 @@ class DaemonProcess:
                 raise TimeoutError(f"daemon did not log {text!r}; log so far: {self.log[-5:]}")
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise AssertionError(f"daemon exited (rc {self.proc.wait()}) before logging {text!r}: {self.log[-5:]}")
+                raise AssertionError(
+                    f"daemon exited (rc {self.proc.wait()}) before logging {text!r}: {self.log[-5:]}"
+                )
             self._buf += chunk
             *lines, self._buf = self._buf.split(b"\n")
             self.log.extend(line.decode(errors="replace") for line in lines)

@@ -17,6 +17,7 @@ import os
 import struct
 import sys
 
+from vhost_backends.daemon import run_daemons
 from virtio_devices.base import COMMON_FEATURES, VirtioDevice
 from virtio_queue import DescriptorChain
 
@@ -63,11 +64,11 @@ class EchoDevice(VirtioDevice):
 
 
 def main(argv: list[str]) -> int:
-    from vhost_backends.daemon import run_daemons
-
     level = os.environ.get("RUST_LOG")
     if level:
-        logging.basicConfig(level={"trace": 5, "debug": 10, "info": 20, "warn": 30}.get(level, 40), stream=sys.stderr)
+        logging.basicConfig(
+            level={"trace": 5, "debug": 10, "info": 20, "warn": 30}.get(level, 40), stream=sys.stderr
+        )
     return run_daemons("echo", argv, lambda _i: EchoDevice())
 
 

@@ -10,8 +10,8 @@ import os
 import struct
 
 import pytest
-
 from conftest import DaemonProcess
+
 from vhost_backends.frontend import Frontend
 from vhost_backends.protocol import messages as m
 from vhost_backends.protocol.codes import FrontendReq
@@ -95,7 +95,10 @@ def ring_outside_memory(fe: Frontend) -> None:
     fe.negotiate()
     desc = fe.add_memory(1 << 16)
     fe.set_mem_table()
-    fe.send(FrontendReq.SET_VRING_ADDR, m.VRING_ADDR.pack(0, 0, desc.user_addr, desc.user_addr + (1 << 20), desc.user_addr, 0))
+    fe.send(
+        FrontendReq.SET_VRING_ADDR,
+        m.VRING_ADDR.pack(0, 0, desc.user_addr, desc.user_addr + (1 << 20), desc.user_addr, 0),
+    )
     expect_closed(fe)
 
 

@@ -8,6 +8,7 @@ then a status byte written by the device), then checked in the image file.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import struct
@@ -23,7 +24,9 @@ from virtio_queue.testing import RawDesc
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="qemu-storage-daemon not installed"),
+    pytest.mark.skipif(
+        shutil.which("qemu-storage-daemon") is None, reason="qemu-storage-daemon not installed"
+    ),
 ]
 
 VIRTIO_BLK_T_IN = 0
@@ -53,10 +56,14 @@ def qsd_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple
         [
             "qemu-storage-daemon",
             "--daemonize",
-            "--pidfile", str(pidfile),
-            "--blockdev", f"driver=file,node-name=file0,filename={img}",
-            "--blockdev", f"driver={fmt},node-name=disk0,file=file0",
-            "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on",
+            "--pidfile",
+            str(pidfile),
+            "--blockdev",
+            f"driver=file,node-name=file0,filename={img}",
+            "--blockdev",
+            f"driver={fmt},node-name=disk0,file=file0",
+            "--export",
+            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on",
         ],
         check=True,
         timeout=30,
@@ -71,13 +78,13 @@ def qsd_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             return
-        import select
-
         select.select([pidfd], [], [], 10)
         os.close(pidfd)
 
 
-def blk_request(fe: Frontend, req_type: int, sector: int, data: bytes | None = None, read_len: int = 0) -> tuple[int, bytes]:
+def blk_request(
+    fe: Frontend, req_type: int, sector: int, data: bytes | None = None, read_len: int = 0
+) -> tuple[int, bytes]:
     """Run one virtio-blk request on ring 0; returns (status, data read)."""
     mock = fe.rings[0].mock
     hdr = mock.alloc(16)

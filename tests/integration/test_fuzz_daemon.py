@@ -15,11 +15,11 @@ import socket
 import struct
 
 import pytest
+from conftest import DaemonProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import DaemonProcess
 from test_echo_daemon import serve_one
+
 from vhost_backends.protocol import messages as m
 from vhost_backends.protocol.codes import FrontendReq
 
@@ -31,12 +31,24 @@ PER_EXAMPLE = MESSAGES_PER_RUN // EXAMPLES
 
 # Payload sizes each request takes when well-formed.
 _SIZES = {
-    FrontendReq.SET_FEATURES: 8, FrontendReq.SET_PROTOCOL_FEATURES: 8, FrontendReq.SET_VRING_NUM: 8,
-    FrontendReq.SET_VRING_BASE: 8, FrontendReq.GET_VRING_BASE: 8, FrontendReq.SET_VRING_ENABLE: 8,
-    FrontendReq.SET_VRING_ADDR: 40, FrontendReq.SET_VRING_KICK: 8, FrontendReq.SET_VRING_CALL: 8,
-    FrontendReq.SET_VRING_ERR: 8, FrontendReq.SET_STATUS: 8, FrontendReq.GET_INFLIGHT_FD: 24,
-    FrontendReq.SET_INFLIGHT_FD: 24, FrontendReq.ADD_MEM_REG: 40, FrontendReq.REM_MEM_REG: 40,
-    FrontendReq.GET_CONFIG: 20, FrontendReq.SET_CONFIG: 20, FrontendReq.SET_MEM_TABLE: 40,
+    FrontendReq.SET_FEATURES: 8,
+    FrontendReq.SET_PROTOCOL_FEATURES: 8,
+    FrontendReq.SET_VRING_NUM: 8,
+    FrontendReq.SET_VRING_BASE: 8,
+    FrontendReq.GET_VRING_BASE: 8,
+    FrontendReq.SET_VRING_ENABLE: 8,
+    FrontendReq.SET_VRING_ADDR: 40,
+    FrontendReq.SET_VRING_KICK: 8,
+    FrontendReq.SET_VRING_CALL: 8,
+    FrontendReq.SET_VRING_ERR: 8,
+    FrontendReq.SET_STATUS: 8,
+    FrontendReq.GET_INFLIGHT_FD: 24,
+    FrontendReq.SET_INFLIGHT_FD: 24,
+    FrontendReq.ADD_MEM_REG: 40,
+    FrontendReq.REM_MEM_REG: 40,
+    FrontendReq.GET_CONFIG: 20,
+    FrontendReq.SET_CONFIG: 20,
+    FrontendReq.SET_MEM_TABLE: 40,
 }
 
 _SPECIAL = [0xFF, 0x100, 0x101, 0xFFFF, 1 << 32, (1 << 64) - 1]
@@ -101,7 +113,11 @@ def run_sequence(daemon: DaemonProcess, msgs: list[tuple[bytes, int]]) -> None:
                 while todo:
                     raw, nfds = todo.pop(0)
                     fds = [memfd if i % 2 else efd for i in range(nfds)]
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+                    anc = (
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+                        if fds
+                        else []
+                    )
                     try:
                         sock.sendmsg([raw], anc)
                     except (BrokenPipeError, ConnectionResetError):
@@ -145,4 +161,6 @@ def test_fuzz_message_sequences(echo_daemon: DaemonProcess) -> None:
     assert sent >= EXAMPLES * PER_EXAMPLE, sent
     serve_one(echo_daemon.socket_path, b"after the fuzzer")
     assert echo_daemon.terminate() == 0
-    assert not any("Traceback" in line for line in echo_daemon.log), [l for l in echo_daemon.log if "Traceback" in l]
+    assert not any("Traceback" in line for line in echo_daemon.log), [
+        line for line in echo_daemon.log if "Traceback" in line
+    ]

@@ -12,7 +12,13 @@ import pytest
 from vhost_backends.connection import Connection
 from vhost_backends.protocol import messages as m
 from vhost_backends.protocol.codes import FrontendReq
-from vhost_backends.protocol.errors import Disconnected, IncorrectFds, InvalidMessage, OversizedMessage, PartialMessage
+from vhost_backends.protocol.errors import (
+    Disconnected,
+    IncorrectFds,
+    InvalidMessage,
+    OversizedMessage,
+    PartialMessage,
+)
 
 
 def open_fds() -> set[int]:

@@ -17,18 +17,24 @@ from pathlib import Path
 
 import pytest
 
+import vhost_backends.handler as handler_mod
 from vhost_backends.connection import Connection
 from vhost_backends.event_loop import EventLoop
-from vhost_backends.frontend import Frontend
+from vhost_backends.frontend import Frontend, FrontendRing
 from vhost_backends.handler import InflightQueueRegion, VhostUserHandler
 from vhost_backends.protocol import messages as m
-from vhost_backends.protocol.codes import MAX_MEM_SLOTS, VHOST_USER_F_PROTOCOL_FEATURES, BackendReq, FrontendReq
+from vhost_backends.protocol.codes import (
+    MAX_MEM_SLOTS,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    BackendReq,
+    FrontendReq,
+)
 from vhost_backends.protocol.codes import VhostUserProtocolFeatures as PF
 from vhost_backends.protocol.errors import Disconnected, VhostUserError
-from virtio_queue.testing import RawDesc
+from virtio_queue.testing import MockSplitQueue, RawDesc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from echo_device import EchoDevice  # noqa: E402
+from echo_device import EchoDevice
 
 WRITE = 2
 
@@ -106,7 +112,16 @@ def test_handler_negotiation_values(s: Session) -> None:
     assert feats & VHOST_USER_F_PROTOCOL_FEATURES
     assert feats & ~VHOST_USER_F_PROTOCOL_FEATURES == EchoDevice.features
     pf = s.fe.get_protocol_features()
-    want = PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.BACKEND_REQ | PF.INFLIGHT_SHMFD | PF.CONFIGURE_MEM_SLOTS | PF.RESET_DEVICE | PF.STATUS
+    want = (
+        PF.MQ
+        | PF.REPLY_ACK
+        | PF.CONFIG
+        | PF.BACKEND_REQ
+        | PF.INFLIGHT_SHMFD
+        | PF.CONFIGURE_MEM_SLOTS
+        | PF.RESET_DEVICE
+        | PF.STATUS
+    )
     assert pf == want
     s.fe.negotiate()
     assert s.fe.get_queue_num() == 2
@@ -150,7 +165,9 @@ def test_handler_stopped_ring_keeps_base_for_the_next_start(s: Session) -> None:
     ring.kick_fd, ring.call_fd = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
     s.fe.set_vring_num(0, 256)
     s.fe.set_vring_base(0, base)
-    s.fe.set_vring_addr(0, s.fe.user_addr(mock.desc_table), s.fe.user_addr(mock.avail_ring), s.fe.user_addr(mock.used_ring))
+    s.fe.set_vring_addr(
+        0, s.fe.user_addr(mock.desc_table), s.fe.user_addr(mock.avail_ring), s.fe.user_addr(mock.used_ring)
+    )
     s.fe.set_vring_call(0, ring.call_fd)
     s.fe.set_vring_kick(0, ring.kick_fd)
     s.fe.set_vring_enable(0, True)
@@ -232,7 +249,10 @@ def test_handler_ring_outside_memory_refused(s: Session) -> None:
     s.fe.set_mem_table()
     s.fe.set_vring_num(0, 256)
     # The used ring's user address lies past the end of the only region.
-    s.fe.send(FrontendReq.SET_VRING_ADDR, m.VRING_ADDR.pack(0, 0, desc.user_addr, desc.user_addr + (1 << 16) + 64, desc.user_addr + 4096, 0))
+    s.fe.send(
+        FrontendReq.SET_VRING_ADDR,
+        m.VRING_ADDR.pack(0, 0, desc.user_addr, desc.user_addr + (1 << 16) + 64, desc.user_addr + 4096, 0),
+    )
     assert "outside the memory table" in s.refused()
 
 
@@ -242,7 +262,10 @@ def test_handler_ring_crossing_memory_end_refused(s: Session) -> None:
     s.fe.set_mem_table()
     s.fe.set_vring_num(0, 256)
     end = desc.user_addr + (1 << 16)
-    s.fe.send(FrontendReq.SET_VRING_ADDR, m.VRING_ADDR.pack(0, 0, desc.user_addr, end - 64, desc.user_addr + 4096, 0))
+    s.fe.send(
+        FrontendReq.SET_VRING_ADDR,
+        m.VRING_ADDR.pack(0, 0, desc.user_addr, end - 64, desc.user_addr + 4096, 0),
+    )
     assert "outside guest memory" in s.refused()
 
 
@@ -272,8 +295,6 @@ def test_handler_too_many_regions_refused(s: Session) -> None:
 
 
 def test_handler_add_mem_reg_beyond_slots_refused(s: Session, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vhost_backends.handler as handler_mod
-
     monkeypatch.setattr(handler_mod, "MAX_MEM_SLOTS", 2)
     s.fe.negotiate()
     descs = [s.fe.add_memory(4096, guest_addr=i << 20) for i in range(3)]
@@ -289,7 +310,9 @@ def test_handler_add_mem_reg_overlap_refused(s: Session) -> None:
     desc = s.fe.add_memory(1 << 16)
     s.fe.add_mem_reg(desc)
     fd = s.fe.regions[0][1]
-    s.fe.send(FrontendReq.ADD_MEM_REG, m.pack_single_region(m.MemoryRegion(0x8000, 0x1000, 0x5000000, 0)), [fd])
+    s.fe.send(
+        FrontendReq.ADD_MEM_REG, m.pack_single_region(m.MemoryRegion(0x8000, 0x1000, 0x5000000, 0)), [fd]
+    )
     assert "overlap" in s.refused()
 
 
@@ -378,8 +401,6 @@ def test_inflight_resubmitted_after_reconnect() -> None:
         sess.fe.set_mem_table()
         sess.fe.set_inflight_fd(inf, ifd)
         # Driver state as the dead back-end left it: two chains popped, none used.
-        from virtio_queue.testing import MockSplitQueue
-
         mock = MockSplitQueue(sess.fe.memory, 64)
         bufs = []
         for text in (b"first", b"second"):
@@ -394,12 +415,15 @@ def test_inflight_resubmitted_after_reconnect() -> None:
         os.pwrite(ifd, bytes(area.buf), 0)
         # Start the ring with base 2 (what GET_VRING_BASE would have said).
         kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-        from vhost_backends.frontend import FrontendRing
-
         sess.fe.rings[0] = FrontendRing(0, mock, kick, call)
         sess.fe.set_vring_num(0, 64)
         sess.fe.set_vring_base(0, 2)
-        sess.fe.set_vring_addr(0, sess.fe.user_addr(mock.desc_table), sess.fe.user_addr(mock.avail_ring), sess.fe.user_addr(mock.used_ring))
+        sess.fe.set_vring_addr(
+            0,
+            sess.fe.user_addr(mock.desc_table),
+            sess.fe.user_addr(mock.avail_ring),
+            sess.fe.user_addr(mock.used_ring),
+        )
         sess.fe.set_vring_call(0, call)
         sess.fe.set_vring_kick(0, kick)
         sess.fe.set_vring_enable(0, True)  # no kick: the back-end serves them on its own

@@ -126,7 +126,10 @@ def test_vring_addr_unknown_flags_refused() -> None:
 
 
 def test_memory_table_roundtrip_and_limits() -> None:
-    regions = [m.MemoryRegion(0, 0x1000, 0x7F0000000000, 0), m.MemoryRegion(0x100000, 0x2000, 0x7F0000100000, 0x1000)]
+    regions = [
+        m.MemoryRegion(0, 0x1000, 0x7F0000000000, 0),
+        m.MemoryRegion(0x100000, 0x2000, 0x7F0000100000, 0x1000),
+    ]
     assert m.unpack_memory_table(m.pack_memory_table(regions)) == regions
     with pytest.raises(InvalidMessage, match="0 regions"):
         m.unpack_memory_table(m.MEMORY_TABLE_HEADER.pack(0, 0))

@@ -13,15 +13,15 @@ from __future__ import annotations
 from virtio_queue.errors import VirtioError
 
 __all__ = [
-    "VhostUserError",
-    "InvalidMessage",
-    "PartialMessage",
-    "OversizedMessage",
-    "IncorrectFds",
+    "Disconnected",
+    "FeatureMismatch",
     "InactiveFeature",
     "InactiveOperation",
-    "FeatureMismatch",
-    "Disconnected",
+    "IncorrectFds",
+    "InvalidMessage",
+    "OversizedMessage",
+    "PartialMessage",
+    "VhostUserError",
 ]
 
 

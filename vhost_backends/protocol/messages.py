@@ -13,6 +13,7 @@ offending value.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Sequence
@@ -36,46 +37,46 @@ from .codes import (
 from .errors import IncorrectFds, InvalidMessage, OversizedMessage
 
 __all__ = [
+    "CONFIG_HEADER",
+    "DEVICE_STATE_TRANSFER",
     "HEADER",
     "HEADER_SIZE",
-    "U64",
-    "VRING_STATE",
-    "VRING_ADDR",
-    "MEMORY_REGION",
-    "XEN_MEMORY_REGION",
-    "MEMORY_TABLE_HEADER",
-    "CONFIG_HEADER",
     "INFLIGHT",
-    "LOG",
-    "DEVICE_STATE_TRANSFER",
     "INFLIGHT_DESC",
     "INFLIGHT_QUEUE_HEADER",
-    "Header",
-    "VringState",
-    "VringAddr",
-    "MemoryRegion",
+    "LOG",
+    "MEMORY_REGION",
+    "MEMORY_TABLE_HEADER",
+    "U64",
+    "VRING_ADDR",
+    "VRING_STATE",
+    "XEN_MEMORY_REGION",
     "ConfigMsg",
+    "Header",
     "Inflight",
     "Log",
-    "parse_header",
-    "pack_header",
-    "unpack_u64",
-    "pack_u64",
-    "unpack_vring_state",
-    "unpack_vring_addr",
-    "unpack_vring_fd_index",
-    "unpack_memory_table",
-    "pack_memory_table",
-    "unpack_single_region",
-    "pack_single_region",
-    "unpack_config",
-    "pack_config",
-    "unpack_inflight",
-    "unpack_log",
-    "inflight_queue_size",
-    "expected_fds",
+    "MemoryRegion",
+    "VringAddr",
+    "VringState",
     "check_fds",
     "close_fds",
+    "expected_fds",
+    "inflight_queue_size",
+    "pack_config",
+    "pack_header",
+    "pack_memory_table",
+    "pack_single_region",
+    "pack_u64",
+    "parse_header",
+    "unpack_config",
+    "unpack_inflight",
+    "unpack_log",
+    "unpack_memory_table",
+    "unpack_single_region",
+    "unpack_u64",
+    "unpack_vring_addr",
+    "unpack_vring_fd_index",
+    "unpack_vring_state",
 ]
 
 # -- struct layouts (sizes asserted against the spec in tests) ----------------------
@@ -194,8 +195,12 @@ class MemoryRegion:
         if self.xen_mmap_flags is None:
             return MEMORY_REGION.pack(self.guest_addr, self.size, self.user_addr, self.mmap_offset)
         return XEN_MEMORY_REGION.pack(
-            self.guest_addr, self.size, self.user_addr, self.mmap_offset,
-            self.xen_mmap_flags, self.domid or 0,
+            self.guest_addr,
+            self.size,
+            self.user_addr,
+            self.mmap_offset,
+            self.xen_mmap_flags,
+            self.domid or 0,
         )
 
 
@@ -325,7 +330,9 @@ def _region_struct(xen: bool) -> struct.Struct:
     return XEN_MEMORY_REGION if xen else MEMORY_REGION
 
 
-def unpack_memory_table(payload: bytes | memoryview, *, xen: bool = False, max_regions: int = MAX_ATTACHED_FDS) -> list[MemoryRegion]:
+def unpack_memory_table(
+    payload: bytes | memoryview, *, xen: bool = False, max_regions: int = MAX_ATTACHED_FDS
+) -> list[MemoryRegion]:
     """SET_MEM_TABLE payload: ``num_regions``, padding, then that many regions.
 
     Raises:
@@ -339,7 +346,9 @@ def unpack_memory_table(payload: bytes | memoryview, *, xen: bool = False, max_r
         raise InvalidMessage(f"memory table has {num} regions (1..{max_regions} allowed)")
     rs = _region_struct(xen)
     _check_size("memory table", payload, MEMORY_TABLE_HEADER.size + num * rs.size)
-    regions = [MemoryRegion(*fields) for fields in rs.iter_unpack(memoryview(payload)[MEMORY_TABLE_HEADER.size :])]
+    regions = [
+        MemoryRegion(*fields) for fields in rs.iter_unpack(memoryview(payload)[MEMORY_TABLE_HEADER.size :])
+    ]
     for r in regions:
         r.validate()
     return regions
@@ -469,7 +478,5 @@ def check_fds(request: int, payload: bytes | memoryview, fds: Sequence[int]) -> 
 def close_fds(fds: Sequence[int]) -> None:
     """Close every fd of ``fds``, ignoring ones already invalid (EBADF)."""
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
