@@ -40,6 +40,8 @@ from virtio_devices.base import VIRTIO_RING_F_EVENT_IDX, VirtioDevice
 from virtio_queue import BUILT_WITH_XEN, GuestMemory, GuestRegion, Queue
 from virtio_queue.errors import GuestMemoryError, QueueError
 from virtio_queue.ratelimit import RateLimiter
+from xen.errors import XenMapError
+from xen.flags import XenSys, map_region
 
 from .connection import Connection, Message
 from .event_loop import EventLoop
@@ -48,9 +50,6 @@ from .protocol.codes import (
     MAX_ATTACHED_FDS,
     MAX_MEM_SLOTS,
     VHOST_USER_F_PROTOCOL_FEATURES,
-    XEN_MMAP_FLAG_FOREIGN,
-    XEN_MMAP_FLAG_GRANT,
-    XEN_MMAP_FLAG_NO_ADVANCE_MAP,
     BackendReq,
     FrontendReq,
     VhostUserProtocolFeatures,
@@ -305,12 +304,14 @@ class VhostUserHandler:
         *,
         name: str = "vhost-user",
         xen: bool = BUILT_WITH_XEN,
+        xen_sys: XenSys | None = None,
     ) -> None:
         self.device = device
         self.conn = conn
         self.loop = loop
         self.name = name
         self.xen = xen
+        self.xen_sys = xen_sys  # the Xen system calls; None: the real ones (tests replace them)
         self.num_queues = device.num_queues
         self.memory = GuestMemory()
         # (descriptor, region) per mapped region, in the order of the table, for the
@@ -512,18 +513,16 @@ class VhostUserHandler:
     # -- memory ---------------------------------------------------------------------------
     def _map_region(self, desc: m.MemoryRegion, fd: int) -> GuestRegion:
         if self.xen:
-            flags = desc.xen_mmap_flags or 0
-            kind = flags & (XEN_MMAP_FLAG_FOREIGN | XEN_MMAP_FLAG_GRANT)
-            if kind not in (XEN_MMAP_FLAG_FOREIGN, XEN_MMAP_FLAG_GRANT):
-                raise InvalidMessage(f"xen mmap flags 0x{flags:x}: exactly one of FOREIGN and GRANT required")
-            if flags & ~(XEN_MMAP_FLAG_FOREIGN | XEN_MMAP_FLAG_GRANT | XEN_MMAP_FLAG_NO_ADVANCE_MAP):
-                raise InvalidMessage(f"xen mmap flags 0x{flags:x} set unknown bits")
-            if kind == XEN_MMAP_FLAG_FOREIGN and flags & XEN_MMAP_FLAG_NO_ADVANCE_MAP:
-                raise InvalidMessage("xen foreign mappings must be mapped in advance")
-            raise InactiveOperation(
-                f"xen {'grant' if kind == XEN_MMAP_FLAG_GRANT else 'foreign'} mapping of domain "
-                f"{desc.domid} is not available: the xen package's mapping hooks are not built"
-            )
+            # A Xen build maps every region as its xen mmap flags say (foreign through
+            # privcmd, grant through gntdev, or plain mmap for UNIX); the flags are
+            # validated there (xen.flags.validate_flags: rust-vmm's rules).
+            try:
+                return map_region(
+                    fd, desc.size, desc.guest_addr, desc.mmap_offset,
+                    desc.xen_mmap_flags or 0, desc.domid or 0, xen_sys=self.xen_sys,
+                )
+            except XenMapError as e:  # InvalidXenFlags included
+                raise InvalidMessage(f"cannot map Xen region at guest 0x{desc.guest_addr:x}: {e}") from None
         try:
             return GuestRegion.from_fd(fd, desc.size, desc.guest_addr, desc.mmap_offset)
         except (GuestMemoryError, OSError) as e:

@@ -319,12 +319,13 @@ def map_region(  # noqa: PLR0917 - the fields of a region description, in order
             implementation does not do (every region is mapped whole).
         InvalidXenFlags: bad flags (validate_flags).
     """
+    # The flags first: a front-end sending nonsense hears so whatever the build.
+    kind = mapping_kind(flags)
     if not _built_with_xen():
         raise XenMapError(
             "Xen memory mapping needs the Xen build of vhost-device-py: rebuild with XEN=1 "
             "(XEN=1 pip install . / XEN=1 python setup.py build_ext --inplace)"
         )
-    kind = mapping_kind(flags)
     if kind == "unix":
         if fd is None:
             raise XenMapError("a UNIX-mapped region needs the region's fd")

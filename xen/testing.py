@@ -128,6 +128,9 @@ class FakeXenSys:
     grant_unmaps: list[tuple[int, int]] = field(default_factory=list)
     #: Grant reservations not unmapped yet: index → count.
     live_grants: dict[int, int] = field(default_factory=dict)
+    #: Treat fds this fake did not open as fds of this device node (the fds a
+    #: front-end sends with its regions); None refuses them with EBADF.
+    foreign_fds_are: str | None = None
     _next_fd: int = 1000
     _next_index: int = 0
 
@@ -136,6 +139,9 @@ class FakeXenSys:
             raise self.fail[key]
 
     def _device(self, fd: int) -> str:
+        if fd not in self.open_fds and self.foreign_fds_are is not None and fd >= 0:
+            # A real fd that arrived over a socket (a front-end's privcmd/gntdev fd).
+            return self.foreign_fds_are
         if fd not in self.open_fds:
             raise _err(errno.EBADF)
         return self.open_fds[fd]

@@ -31,6 +31,7 @@ from vhost_backends.protocol.codes import (
 )
 from vhost_backends.protocol.codes import VhostUserProtocolFeatures as PF
 from vhost_backends.protocol.errors import Disconnected, VhostUserError
+from virtio_queue import BUILT_WITH_XEN
 from virtio_queue.testing import MockSplitQueue, RawDesc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
@@ -42,11 +43,13 @@ WRITE = 2
 class Session:
     """A handler on a loop thread plus the Frontend talking to it."""
 
-    def __init__(self, xen: bool = False) -> None:
+    def __init__(self, xen: bool = False, xen_sys: object = None) -> None:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.device = EchoDevice()
         self.loop = EventLoop()
-        self.handler = VhostUserHandler(self.device, Connection(a), self.loop, name="test", xen=xen)
+        self.handler = VhostUserHandler(
+            self.device, Connection(a), self.loop, name="test", xen=xen, xen_sys=xen_sys  # type: ignore[arg-type]
+        )
         self.handler.attach()
         self.thread = threading.Thread(target=self.loop.run)
         self.thread.start()
@@ -342,27 +345,63 @@ def test_handler_xen_build_requires_xen_mmap() -> None:
     assert "XEN_MMAP" in sess.refused()
 
 
-def test_handler_xen_region_flags_checked_and_mapping_refused() -> None:
-    sess = Session(xen=True)
+def _xen_session(xen_sys: object = None) -> Session:
+    sess = Session(xen=True, xen_sys=xen_sys)
     sess.fe.set_protocol_features(int(PF.XEN_MMAP))
     sess.fe.set_owner()
+    return sess
+
+
+def _send_xen_table(sess: Session, flags: int, domid: int = 1) -> None:
     fd = os.memfd_create("x")
     try:
-        region = m.MemoryRegion(0, 4096, 0x1000, 0, xen_mmap_flags=0x3, domid=1)  # grant AND foreign
+        os.ftruncate(fd, 1 << 20)
+        region = m.MemoryRegion(0, 1 << 20, 0x7F0000000000, 0, xen_mmap_flags=flags, domid=domid)
         sess.fe.send(FrontendReq.SET_MEM_TABLE, m.pack_memory_table([region]), [fd])
     finally:
         os.close(fd)
-    assert "exactly one of FOREIGN and GRANT" in sess.refused()
-    sess = Session(xen=True)
-    sess.fe.set_protocol_features(int(PF.XEN_MMAP))
-    sess.fe.set_owner()
-    fd = os.memfd_create("x")
-    try:
-        region = m.MemoryRegion(0, 4096, 0x1000, 0, xen_mmap_flags=0x2, domid=1)
-        sess.fe.send(FrontendReq.SET_MEM_TABLE, m.pack_memory_table([region]), [fd])
-    finally:
-        os.close(fd)
-    assert "grant mapping of domain 1 is not available" in sess.refused()
+
+
+def test_handler_xen_region_bad_flags_refused() -> None:
+    sess = _xen_session()
+    _send_xen_table(sess, 0x3)  # grant AND foreign
+    assert "FOREIGN and GRANT are exclusive" in sess.refused()
+    sess = _xen_session()
+    _send_xen_table(sess, 0x1 | 0x8)  # foreign must be mapped in advance
+    assert "advance" in sess.refused()
+
+
+@pytest.mark.skipif(BUILT_WITH_XEN, reason="checks the refusal of a non-Xen build")
+def test_handler_xen_region_in_unix_build_refused_naming_xen_build() -> None:
+    sess = _xen_session()
+    _send_xen_table(sess, 0x1)
+    assert "XEN=1" in sess.refused()
+
+
+@pytest.mark.xen
+@pytest.mark.skipif(not BUILT_WITH_XEN, reason="needs a XEN=1 build (xen._foreign)")
+def test_handler_xen_foreign_region_mapped_through_privcmd() -> None:
+    from xen.flags import PRIVCMD_PATH  # noqa: PLC0415
+    from xen.testing import FakeXenSys  # noqa: PLC0415
+
+    fake = FakeXenSys(foreign_fds_are=PRIVCMD_PATH)
+    sess = _xen_session(fake)
+    _send_xen_table(sess, 0x1, domid=7)
+    assert sess.fe.get_queue_num() == len(EchoDevice.queue_sizes)  # still served
+    regions = sess.handler.memory.regions
+    assert [(r.guest_addr, r.size) for r in regions] == [(0, 1 << 20)]
+    assert [b.dom for b in fake.batches] == [7]
+    sess.finish()
+
+
+@pytest.mark.xen
+@pytest.mark.skipif(not BUILT_WITH_XEN, reason="needs a XEN=1 build")
+def test_handler_xen_unix_flag_region_is_plain_mmap() -> None:
+    sess = _xen_session()
+    _send_xen_table(sess, 0x0)
+    assert sess.fe.get_queue_num() == len(EchoDevice.queue_sizes)
+    assert [(r.guest_addr, r.size) for r in sess.handler.memory.regions] == [(0, 1 << 20)]
+    sess.finish()
 
 
 # -- inflight I/O tracking ----------------------------------------------------------------

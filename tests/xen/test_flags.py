@@ -155,7 +155,13 @@ def _non_xen_build(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(xf, "_built_with_xen", lambda: False)
 
 
-@pytest.mark.parametrize("flags", [0, FOREIGN, GRANT, FOREIGN | GRANT])
+def test_map_region_checks_flags_before_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    _non_xen_build(monkeypatch)
+    with pytest.raises(InvalidXenFlags, match="exclusive"):
+        xen.map_region(None, PAGE, 0, 0, FOREIGN | GRANT, 1)
+
+
+@pytest.mark.parametrize("flags", [0, FOREIGN, GRANT])
 def test_map_region_in_non_xen_build_names_xen_1(monkeypatch: pytest.MonkeyPatch, flags: int) -> None:
     # Real in a non-Xen build; simulated in a Xen build, so both builds run it.
     _non_xen_build(monkeypatch)

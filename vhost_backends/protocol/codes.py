@@ -24,9 +24,6 @@ __all__ = [
     "VHOST_USER_VRING_IDX_MASK",
     "VHOST_USER_VRING_NOFD_MASK",
     "VHOST_VRING_F_LOG",
-    "XEN_MMAP_FLAG_FOREIGN",
-    "XEN_MMAP_FLAG_GRANT",
-    "XEN_MMAP_FLAG_NO_ADVANCE_MAP",
     "BackendReq",
     "FrontendReq",
     "VhostUserHeaderFlag",
@@ -163,10 +160,8 @@ MAX_ATTACHED_FDS = 32
 #: CONFIGURE_MEM_SLOTS back-ends).
 MAX_MEM_SLOTS = 509
 
-#: ``xen_mmap_flags`` of the Xen region descriptor (XEN_MMAP protocol feature).
-XEN_MMAP_FLAG_FOREIGN = 0x1
-XEN_MMAP_FLAG_GRANT = 0x2
-XEN_MMAP_FLAG_NO_ADVANCE_MAP = 0x100
+# The ``xen_mmap_flags`` of the Xen region descriptor are defined and validated in
+# xen.flags (one definition for every layer).
 
 #: Each queue's region in the inflight area is padded to this ("Inflight I/O tracking").
 INFLIGHT_ALIGNMENT = 64
