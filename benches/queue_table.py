@@ -189,7 +189,7 @@ def parse_anchor(text: str) -> dict[str, dict[str, float | str]]:
 
 
 def run_anchor(path: Path, reps: int, secs: float) -> tuple[dict[str, dict[str, float | str]], str]:
-    """Run the anchor; returns (figures by name, status text).  Never raises."""
+    """Run the anchor once; returns (figures by name, status text).  Never raises."""
     if not path.exists():
         return {}, f"n/a ({path} not found)"
     if shutil.which("cargo") is None and not (Path.home() / ".cargo/bin/cargo").exists():
@@ -204,8 +204,60 @@ def run_anchor(path: Path, reps: int, secs: float) -> tuple[dict[str, dict[str, 
     if p.returncode != 0 or not figs:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
         return {}, f"n/a (exit {p.returncode}: {' | '.join(tail)})"
-    extra = [ln for ln in p.stdout.splitlines() if ln.startswith(("load ", "cpu "))]
+    extra = [ln for ln in p.stdout.splitlines() if ln.startswith("cpu ")]
     return figs, "; ".join(" ".join(ln.split()) for ln in extra) or "ok"
+
+
+class Anchor:
+    """The anchor run interleaved with our reps: one anchor repetition (a separate
+    run of the program) before each of our rounds, so that load drifts hit both
+    sides alike.  Figures: median/min/max over those runs."""
+
+    def __init__(self, path: Path, secs: float) -> None:
+        self.path = path
+        self.secs = secs
+        self.samples: dict[str, list[float]] = {}
+        self.units: dict[str, str] = {}
+        self.status: list[str] = []
+        self.failed: str | None = None
+
+    def rep(self) -> None:
+        if self.failed:
+            return
+        figs, status = run_anchor(self.path, 1, self.secs)
+        if not figs:
+            self.failed = status
+            return
+        self.status.append(status)
+        for name, f in figs.items():
+            self.samples.setdefault(name, []).append(float(f["median"]))
+            self.units[name] = str(f["unit"])
+
+    def figures(self) -> dict[str, dict[str, float | str]]:
+        out: dict[str, dict[str, float | str]] = {}
+        mc = statistics.median(self.samples["memcpy"]) if "memcpy" in self.samples else None
+        for name, v in self.samples.items():
+            med = statistics.median(v)
+            ratio = f"{med / mc:.3f}" if mc and self.units[name] == "GB/s" else "-"
+            out[name] = {
+                "median": med,
+                "min": min(v),
+                "max": max(v),
+                "unit": self.units[name],
+                "ratio": ratio,
+            }
+        return out
+
+    def summary(self) -> str:
+        if self.failed and not self.samples:
+            return self.failed
+        n = len(next(iter(self.samples.values()), []))
+        text = f"rust-vmm virtio-queue 0.18, {n} runs x 1 rep x >= {self.secs} s, interleaved with ours"
+        if self.status:
+            text += f"; last run: {self.status[-1]}"
+        if self.failed:
+            text += f"; a later run failed: {self.failed}"
+        return text
 
 
 # ------------------------------------------------------------------ table
@@ -228,17 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--anchor-path", type=Path, default=Path(os.environ.get("QUEUE_ANCHOR_RUN", DEFAULT_ANCHOR))
     )
-    ap.add_argument("--anchor-reps", type=int, default=None, help="default: --reps")
     ap.add_argument("--anchor-secs", type=float, default=1.0)
     ap.add_argument("--only", default=None, help="regex on row names (references are kept)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args(argv)
 
     load0 = os.getloadavg()
-    anchor: dict[str, dict[str, float | str]] = {}
-    anchor_status = "not run (use --anchor or QUEUE_ANCHOR=1)"
-    if args.anchor:
-        anchor, anchor_status = run_anchor(args.anchor_path, args.anchor_reps or args.reps, args.anchor_secs)
+    anchor_run = Anchor(args.anchor_path, args.anchor_secs) if args.anchor else None
 
     table = rows()
     for r in table:
@@ -263,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for rep in range(args.reps):
         print(f"rep {rep + 1}/{args.reps}", file=sys.stderr, flush=True)
+        if anchor_run:
+            anchor_run.rep()
         for r in table:
             assert r.wl is not None
             r.samples.append(measure(r.wl, r.n, args.secs))
@@ -273,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         if r.wl and r.wl.close:
             r.wl.close()
 
+    anchor = anchor_run.figures() if anchor_run else {}
+    anchor_status = anchor_run.summary() if anchor_run else "not run (use --anchor or QUEUE_ANCHOR=1)"
     med = {r.name: statistics.median(r.samples) for r in table}
     ba = names.get("C-W1@ba")
     ba_align = ""
