@@ -909,37 +909,22 @@ class VhostUserHandler:
     def _resubmit_inflight(self, ring: _Ring) -> bool:
         """Resume what a previous back-end left in flight on this ring.
 
-        The spec's "When reconnecting" procedure: fix the last batch, then resubmit
-        the in-flight heads in counter order.  The device side of our Queue pops
-        chains from the avail ring only, so resubmission is done by rewinding
-        ``next_avail`` so that the in-flight heads are popped again, which is exact
-        when they are the avail entries just before ``next_avail`` in order (every
-        in-order device).  Otherwise we log and end them with used length 0 so the
-        driver gets its buffers back instead of hanging.
+        The spec's "When reconnecting" procedure: fix the last batch from the used
+        ring, then serve the in-flight heads again in the order they were popped
+        (their counters), before anything new; the device's next avail index is
+        the used index plus the in-flight count, as libvhost-user sets it.  Returns
+        whether anything is to be resubmitted.
         """
         assert ring.inflight is not None
         q = ring.queue
-        heads = ring.inflight.recover(q.used_idx())
+        used = q.used_idx()
+        heads = [h for h in ring.inflight.recover(used) if h < q.size]
         if not heads:
             return False
-        n = len(heads)
-        start = (q.next_avail() - n) & 0xFFFF
-        mem = self.memory
-        entries = [mem.read_u16(q.avail_ring + 4 + 2 * ((start + k) % q.size)) for k in range(n)]
-        if entries == heads:
-            q.set_next_avail(start)
-            log.info("%s q%d: resubmitting %d in-flight requests", self.name, ring.index, n)
-            return True
-        log.warning(
-            "%s q%d: %d in-flight requests out of order; returning them unused", self.name, ring.index, n
-        )
-        for head in heads:
-            if head < q.size:
-                # A _TrackedQueue records the inflight steps itself.
-                q.add_used(head, 0)
-        if q.needs_notification():
-            self.interrupt.signal_used(ring.index)
-        return False
+        q.set_next_avail((used + len(heads)) & 0xFFFF)
+        q.resubmit(heads)
+        log.info("%s q%d: resubmitting %d in-flight requests", self.name, ring.index, len(heads))
+        return True
 
     # -- status -----------------------------------------------------------------------------
     def _set_status(self, msg: Message) -> None:

@@ -26,6 +26,8 @@ cdef class Queue:
     cdef uint16_t _avail_seen      # avail->idx as last read: chains up to it are known
     cdef uint16_t _signalled_used  # next_used at the last needs_notification()
     cdef bint _signalled_valid
+    cdef list _resubmit            # heads to serve again before the avail ring (reversed)
+    cdef Py_ssize_t _n_resubmit
 
     cdef void _reset_state(self)
     cdef int _map(self) except -1

@@ -74,6 +74,8 @@ cdef class Queue:
         self._avail_seen = 0
         self._signalled_used = 0
         self._signalled_valid = False
+        self._resubmit = None
+        self._n_resubmit = 0
         self._mapped = False
         self._snap = None
         self._desc = self._avail = self._used = NULL
@@ -264,6 +266,10 @@ cdef class Queue:
         cdef uint16_t idx, n
         if not self._ready or not self._mapped or self._gen != self._memory._generation:
             self.ensure_ready()
+        if self._n_resubmit:
+            self._n_resubmit -= 1
+            head[0] = <uint16_t>self._resubmit.pop()
+            return 1
         if self._next_avail == self._avail_seen:
             idx = le16toh(vq_load_acquire16(self._avail + 2))
             n = idx - self._next_avail
@@ -314,6 +320,38 @@ cdef class Queue:
             return 1
         # vring_need_event() of linux/virtio_ring.h.
         return <uint16_t>(new - used_event - 1) < <uint16_t>(new - old)
+
+    def resubmit(self, heads):
+        """Serve the chains ``heads`` again, in this order, before anything new from
+        the avail ring: the requests a previous back-end left in flight (vhost-user
+        "Inflight I/O tracking", which libvhost-user calls the resubmit list).  The
+        avail index is not touched; the caller sets it past these heads.
+
+        Raises:
+            InvalidDescriptorIndex: a head is not below the queue size.
+        """
+        heads = [int(h) for h in heads]
+        for h in heads:
+            if not 0 <= h < self._size:
+                raise InvalidDescriptorIndex(
+                    f"resubmitted head index {h} out of range (queue size {self._size})")
+        heads.reverse()
+        self._resubmit = heads
+        self._n_resubmit = len(heads)
+
+    def chain_at(self, uint16_t head_index):
+        """The descriptor chain that starts at ``head_index`` (rust-vmm's
+        ``DescriptorChain::new``), without touching the avail ring.
+
+        Raises:
+            QueueNotReady: not ready, or no memory.
+            InvalidDescriptorIndex: head_index is not below the queue size.
+        """
+        self.ensure_ready()
+        if head_index >= self._size:
+            raise InvalidDescriptorIndex(
+                f"head descriptor index {head_index} out of range (queue size {self._size})")
+        return make_chain(self._snap, self._memory, self._desc, self._size, head_index)
 
     def pop_chain(self):
         """The next available descriptor chain, or None.

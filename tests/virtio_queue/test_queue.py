@@ -28,6 +28,7 @@ from virtio_queue.testing import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_USED_F_NO_NOTIFY,
     MockSplitQueue,
+    RawDesc,
     RefQueue,
     vring_need_event,
     workload_a,
@@ -508,3 +509,33 @@ def test_queue_used_ring_in_readonly_region_is_invalid() -> None:
         q.validate()
     with pytest.raises(QueueError):
         q.add_used(0, 1)
+
+
+def test_queue_resubmit_serves_heads_before_avail_ring(mem: GuestMemory) -> None:
+    """vhost-user "Inflight I/O tracking": in-flight heads are served again first."""
+    mock = MockSplitQueue(mem, 16)
+    q = mock.create_queue()
+    a = mock.add_chain([RawDesc(0x8000, 16, VIRTQ_DESC_F_WRITE, 0)])
+    b = mock.add_chain([RawDesc(0x9000, 16, VIRTQ_DESC_F_WRITE, 0)])
+    fresh = mock.add_chain([RawDesc(0xA000, 16, VIRTQ_DESC_F_WRITE, 0)])
+    q.set_next_avail(2)  # a and b were popped by the previous back-end
+    q.resubmit([b, a])
+    assert [c.head_index for c in q] == [b, a, fresh]
+    assert q.pop_chain() is None
+
+
+def test_queue_resubmit_head_out_of_range_refused(mem: GuestMemory) -> None:
+    q = MockSplitQueue(mem, 16).create_queue()
+    with pytest.raises(InvalidDescriptorIndex):
+        q.resubmit([16])
+
+
+def test_queue_chain_at_walks_any_head_without_popping(mem: GuestMemory) -> None:
+    mock = MockSplitQueue(mem, 16)
+    q = mock.create_queue()
+    head = mock.build_desc_chain([RawDesc(0x8000, 8, 0, 0), RawDesc(0x9000, 4, VIRTQ_DESC_F_WRITE, 0)])
+    chain = q.chain_at(head)
+    assert [(d.addr, d.len) for d in chain] == [(0x8000, 8), (0x9000, 4)]
+    assert q.pop_chain() is None  # nothing was made available
+    with pytest.raises(InvalidDescriptorIndex):
+        q.chain_at(16)
