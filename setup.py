@@ -99,7 +99,7 @@ if XEN:
 
 
 def _extensions() -> list[Extension]:
-    from Cython.Build import cythonize
+    from Cython.Build import cythonize  # noqa: PLC0415 - only when building
 
     return cythonize(
         [_ext(m) for m in MODULES],

@@ -44,16 +44,16 @@ from virtio_queue.ratelimit import RateLimiter
 from .errors import MalformedRequest
 
 __all__ = [
-    "VIRTIO_F_NOTIFY_ON_EMPTY",
-    "VIRTIO_F_ANY_LAYOUT",
-    "VIRTIO_RING_F_INDIRECT_DESC",
-    "VIRTIO_RING_F_EVENT_IDX",
-    "VIRTIO_F_VERSION_1",
-    "VIRTIO_F_ACCESS_PLATFORM",
-    "VIRTIO_F_RING_PACKED",
     "COMMON_FEATURES",
-    "Interrupt",
+    "VIRTIO_F_ACCESS_PLATFORM",
+    "VIRTIO_F_ANY_LAYOUT",
+    "VIRTIO_F_NOTIFY_ON_EMPTY",
+    "VIRTIO_F_RING_PACKED",
+    "VIRTIO_F_VERSION_1",
+    "VIRTIO_RING_F_EVENT_IDX",
+    "VIRTIO_RING_F_INDIRECT_DESC",
     "EventLoop",
+    "Interrupt",
     "TimerHandle",
     "VirtioDevice",
 ]

@@ -7,7 +7,7 @@ The hot paths are compiled with Cython; there is deliberately no pure-Python fal
 from __future__ import annotations
 
 try:
-    from ._build import BUILT_WITH_XEN, BUILT_WITH_DEBUG
+    from ._build import BUILT_WITH_DEBUG, BUILT_WITH_XEN
     from .chain import Descriptor, DescriptorChain, Reader, Writer
     from .memory import GuestMemory, GuestRegion
     from .queue import MAX_QUEUE_SIZE, Queue
@@ -36,8 +36,8 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "BUILT_WITH_XEN",
     "BUILT_WITH_DEBUG",
+    "BUILT_WITH_XEN",
     "MAX_QUEUE_SIZE",
     "Descriptor",
     "DescriptorChain",

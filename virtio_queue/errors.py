@@ -9,16 +9,16 @@ subclass :class:`ValueError`.
 from __future__ import annotations
 
 __all__ = [
-    "VirtioError",
+    "DescriptorChainOverflow",
     "GuestMemoryError",
-    "QueueError",
+    "InvalidAvailRingIndex",
     "InvalidChain",
     "InvalidDescriptorIndex",
     "InvalidIndirectDescriptor",
-    "DescriptorChainOverflow",
-    "InvalidAvailRingIndex",
-    "QueueNotReady",
     "InvalidQueueConfig",
+    "QueueError",
+    "QueueNotReady",
+    "VirtioError",
 ]
 
 
