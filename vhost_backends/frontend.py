@@ -13,6 +13,8 @@ QEMU's are, so a back-end's user-address translation is exercised for real.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import select
 import socket
@@ -216,6 +218,9 @@ class Frontend:
                 | PF.CONFIGURE_MEM_SLOTS
                 | PF.RESET_DEVICE
                 | PF.STATUS
+                # A Xen build of a back-end insists on Xen region descriptions; ours
+                # describe plain memfd regions with the UNIX mapping flag.
+                | PF.XEN_MMAP
             )
             pfeats = poffered & mine if protocol_features is None else protocol_features
             self.set_protocol_features(pfeats)
@@ -232,17 +237,24 @@ class Frontend:
         self.regions.append((desc, fd))
         return desc
 
+    def _wire(self, desc: m.MemoryRegion) -> m.MemoryRegion:
+        """The description as sent: the Xen variant (UNIX mapping, domid 0) once
+        XEN_MMAP was negotiated."""
+        if self.protocol_features & PF.XEN_MMAP and desc.xen_mmap_flags is None:
+            return dataclasses.replace(desc, xen_mmap_flags=0, domid=0)
+        return desc
+
     def set_mem_table(self) -> None:
         """SET_MEM_TABLE with every region, one memfd per region."""
-        descs = [d for d, _fd in self.regions]
+        descs = [self._wire(d) for d, _fd in self.regions]
         self.request(FrontendReq.SET_MEM_TABLE, m.pack_memory_table(descs), [fd for _d, fd in self.regions])
 
     def add_mem_reg(self, desc: m.MemoryRegion) -> None:
         fd = next(f for d, f in self.regions if d == desc)
-        self.request(FrontendReq.ADD_MEM_REG, m.pack_single_region(desc), [fd])
+        self.request(FrontendReq.ADD_MEM_REG, m.pack_single_region(self._wire(desc)), [fd])
 
     def rem_mem_reg(self, desc: m.MemoryRegion) -> None:
-        self.request(FrontendReq.REM_MEM_REG, m.pack_single_region(desc))
+        self.request(FrontendReq.REM_MEM_REG, m.pack_single_region(self._wire(desc)))
 
     def user_addr(self, gpa: int) -> int:
         """The front-end (our) virtual address of guest address ``gpa``."""

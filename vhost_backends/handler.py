@@ -40,7 +40,6 @@ from virtio_devices.base import VIRTIO_RING_F_EVENT_IDX, VirtioDevice
 from virtio_queue import BUILT_WITH_XEN, GuestMemory, GuestRegion, Queue
 from virtio_queue.errors import GuestMemoryError, QueueError
 from virtio_queue.ratelimit import RateLimiter
-from xen.errors import XenMapError
 from xen.flags import XenSys, map_region
 
 from .connection import Connection, Message
@@ -521,7 +520,7 @@ class VhostUserHandler:
                     fd, desc.size, desc.guest_addr, desc.mmap_offset,
                     desc.xen_mmap_flags or 0, desc.domid or 0, xen_sys=self.xen_sys,
                 )
-            except XenMapError as e:  # InvalidXenFlags included
+            except (GuestMemoryError, OSError) as e:  # XenMapError, InvalidXenFlags included
                 raise InvalidMessage(f"cannot map Xen region at guest 0x{desc.guest_addr:x}: {e}") from None
         try:
             return GuestRegion.from_fd(fd, desc.size, desc.guest_addr, desc.mmap_offset)
