@@ -1,0 +1,721 @@
+"""Daemon-level figures of ``vhost-device-rng``, ours beside upstream's, in one table.
+
+Run by hand (not by CI)::
+
+    VHOST_DEVICE_RUST_BIN=/dir/with/rust/daemons python benches/daemon_table.py [--reps 5] [--secs 0.3]
+
+Every figure is a median (min..max) over ``--reps`` repetitions, measured beside its
+reference in the same run, the repetitions of the compared daemons interleaved so
+that machine noise hits them alike:
+
+* **rng throughput**, 4 KiB requests through our Python front-end
+  (:class:`vhost_backends.frontend.Frontend`), batches of 1, 16 and 64 chains per
+  kick: ours, the Rust daemon's, and a plain ``readv`` of the same source in 4 KiB
+  pieces (the reference);
+* **kick -> used round trip** of a 1-byte request, against an eventfd ping-pong
+  between two processes (the same wait on our side; the other side an epoll loop);
+* **daemon RSS** (VmRSS and VmHWM after serving) and **start-up time** (before
+  ``Popen`` to the socket file appearing, and to ``connect`` succeeding);
+* **-c N** (1, 2, 4): aggregate throughput of N front-end processes against one
+  daemon serving N sockets.
+
+The Rust daemon is looked for in ``$VHOST_DEVICE_RUST_BIN`` (see
+shared/tools/README.md); without it its columns read "n/a".
+
+This module is also the helper library of ``bench_devices.py`` and
+``bench_vhost_roundtrip.py`` (daemon processes, the benchmark front-end, the
+references), and with ``--worker`` one front-end process of the ``-c N`` figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import mmap
+import os
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from vhost_backends.frontend import Frontend, FrontendRing  # noqa: E402
+from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc  # noqa: E402
+
+RUST_ENV = "VHOST_DEVICE_RUST_BIN"
+RNG = "vhost-device-rng"
+DEADLINE = 10.0
+REQ_SIZE = 4096
+RING_SIZE = 256
+BATCHES = (1, 16, 64)
+SOURCE = "/dev/urandom"
+KINDS = ("ours", "rust")
+
+
+# -- the daemons ------------------------------------------------------------------------
+
+
+def rust_daemon(name: str = RNG) -> str | None:
+    """The upstream daemon ``name`` in ``$VHOST_DEVICE_RUST_BIN``, or None."""
+    d = os.environ.get(RUST_ENV)
+    if not d:
+        return None
+    p = Path(d) / name
+    return str(p) if p.is_file() and os.access(p, os.X_OK) else None
+
+
+def daemon_command(kind: str) -> list[str]:
+    if kind == "ours":
+        return [sys.executable, "-m", "vhost_backends.cli.rng"]
+    path = rust_daemon()
+    if path is None:
+        raise FileNotFoundError(f"{RNG} not found in ${RUST_ENV}")
+    return [path]
+
+
+class RngDaemon:
+    """One ``vhost-device-rng`` process (``kind`` "ours" or "rust") serving ``count``
+    sockets ``<base>0 ..``; stderr goes to a file next to the sockets."""
+
+    def __init__(self, kind: str, tmpdir: str, *, count: int = 1, source: str = SOURCE) -> None:
+        self.kind = kind
+        self.base = os.path.join(tmpdir, f"{kind}-rng.sock")
+        self.count = count
+        self.log = os.path.join(tmpdir, f"{kind}-rng.log")
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        )
+        cmd = [*daemon_command(kind), "-s", self.base, "-c", str(count), "-f", source]
+        for i in range(count):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(i))
+        with open(self.log, "wb") as err:
+            self.t0 = time.perf_counter()
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=tmpdir
+            )
+        self.t_file: float | None = None
+        self.t_connect: float | None = None
+
+    def path(self, index: int = 0) -> str:
+        return f"{self.base}{index}"
+
+    def stderr(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()[-2000:]
+        except FileNotFoundError:
+            return ""
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.kind} daemon exited {self.proc.returncode}: {self.stderr()}")
+
+    def wait_file(self, index: int = 0, deadline: float = DEADLINE) -> None:
+        """Poll (0.2 ms steps, bounded by ``deadline``) until the socket file exists."""
+        end = time.monotonic() + deadline
+        path = self.path(index)
+        while not os.path.exists(path):
+            self._check_alive()
+            if time.monotonic() > end:
+                raise TimeoutError(f"{self.kind}: no {path} after {deadline} s: {self.stderr()}")
+            time.sleep(0.0002)
+
+    def wait_connectable(self, index: int = 0, deadline: float = DEADLINE) -> None:
+        """Wait until a ``connect`` succeeds (the probe connection is closed at once)."""
+        end = time.monotonic() + deadline
+        while True:
+            self.wait_file(index, max(0.0, end - time.monotonic()))
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                s.connect(self.path(index))
+                return
+            except (ConnectionRefusedError, FileNotFoundError):
+                self._check_alive()
+                if time.monotonic() > end:
+                    raise TimeoutError(f"{self.kind}: {self.path(index)} refuses connections") from None
+                time.sleep(0.0002)
+            finally:
+                s.close()
+
+    def wait_listening(self, *, probe: bool = True) -> None:
+        """Wait for every socket; record the start-up times of socket 0 (seconds from
+        before ``Popen``): ``t_file`` when the file appears, ``t_connect`` when a probe
+        ``connect`` succeeds (``probe=False``: skip it)."""
+        self.wait_file(0)
+        self.t_file = time.perf_counter() - self.t0
+        if probe:
+            self.wait_connectable(0)
+            self.t_connect = time.perf_counter() - self.t0
+        for i in range(1, self.count):
+            self.wait_file(i)
+
+    def connect(self, index: int = 0, **kw: Any) -> RngClient:
+        """A front-end on socket ``index``; retries while a previous session of the
+        same socket is still being torn down (upstream re-binds between sessions)."""
+        end = time.monotonic() + DEADLINE
+        while True:
+            self.wait_file(index, max(0.0, end - time.monotonic()))
+            try:
+                return RngClient(self.path(index), **kw)
+            except (ConnectionRefusedError, FileNotFoundError):
+                self._check_alive()
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.001)
+
+    def memory_kib(self) -> dict[str, int]:
+        """VmRSS and VmHWM of the daemon process, in KiB."""
+        out = {}
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(val.split()[0])
+        return out
+
+    def stop(self) -> int:
+        """SIGTERM (ours shuts down cleanly; upstream's dies of it), SIGKILL after a deadline."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        for i in range(self.count):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(i))
+        return rc
+
+
+# -- the benchmark front-end ----------------------------------------------------------------
+
+
+class RngClient:
+    """Our front-end on one rng socket, set up for cheap, repeated batches.
+
+    Descriptor ``i`` of a ``ring_size`` ring is one write-only buffer of ``req_size``
+    bytes, written once; a batch of ``n`` publishes heads ``slot .. slot+n-1`` in one
+    store, sets ``used_event`` so that only the batch's last used entry interrupts
+    (EVENT_IDX, as a Linux guest waiting for the whole batch would), kicks once and
+    waits on the call eventfd until ``used->idx`` moved by ``n`` (``n <= ring_size``).
+    """
+
+    def __init__(self, path: str, *, req_size: int = REQ_SIZE, ring_size: int = RING_SIZE) -> None:
+        self.req_size = req_size
+        self.ring_size = ring_size
+        fe = Frontend.connect(path, timeout=DEADLINE)
+        try:
+            fe.negotiate()
+            data = ring_size * ((req_size + 4095) & ~4095)
+            fe.add_memory(0x10000 + 0x4000 + data + (1 << 20))
+            fe.set_mem_table()
+            ring = fe.setup_ring(0, ring_size)
+        except BaseException:
+            fe.close()
+            raise
+        self.fe: Frontend = fe
+        self.ring: FrontendRing = ring
+        mock = ring.mock
+        self.gpas = [mock.alloc(req_size, 4096) for _ in range(ring_size)]
+        mock.write_descs(0, [RawDesc(g, req_size, VIRTQ_DESC_F_WRITE, 0) for g in self.gpas])
+        # Twice round, so that heads[slot : slot + n] wraps like the ring.
+        self.heads = array("H", list(range(ring_size)) * 2)
+        mem = fe.memory
+        used = mem.get_slice(mock.used_ring, 4 + 8 * ring_size).cast("B")
+        self._used_idx = used[2:4].cast("H")
+        self._used_elems = used[4:].cast("I")  # [2k] = id, [2k+1] = len
+        self._poll = select.poll()
+        self._poll.register(ring.call_fd, select.POLLIN)
+        self.next_avail = 0
+        self.last_used = 0
+
+    def close(self) -> None:
+        self._used_idx.release()
+        self._used_elems.release()
+        self.fe.close()
+
+    def __enter__(self) -> RngClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def batch(self, n: int) -> int:
+        """One batch of ``n`` requests; returns the bytes the device reported used."""
+        mock = self.ring.mock
+        slot = self.next_avail % self.ring_size
+        target = (self.last_used + n) & 0xFFFF
+        mock.set_used_event((target - 1) & 0xFFFF)
+        mock.publish(self.heads[slot : slot + n])
+        self.next_avail = (self.next_avail + n) & 0xFFFF
+        os.eventfd_write(self.ring.kick_fd, 1)
+        used_idx = self._used_idx
+        call_fd = self.ring.call_fd
+        ms = int(DEADLINE * 1000)
+        while used_idx[0] != target:
+            if not self._poll.poll(ms):
+                raise TimeoutError(f"no used buffers within {DEADLINE} s ({used_idx[0]} != {target})")
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(call_fd)
+        self.last_used = target
+        elems = self._used_elems
+        end = slot + n
+        if end <= self.ring_size:
+            return sum(elems[2 * slot + 1 : 2 * end : 2])
+        return sum(elems[2 * slot + 1 :: 2]) + sum(elems[1 : 2 * (end - self.ring_size) : 2])
+
+    def run(self, n: int, batches: int) -> int:
+        """``batches`` batches of ``n``; returns the bytes used."""
+        b = self.batch
+        return sum(b(n) for _ in range(batches))
+
+    def check(self) -> None:
+        """Correctness, once: a batch of 4 fills 4 buffers completely with bytes that
+        are not constant and differ between buffers."""
+        slot = self.next_avail % self.ring_size
+        n = min(4, self.ring_size)
+        for k in range(n):
+            self.fe.memory.write(self.gpas[(slot + k) % self.ring_size], bytes(self.req_size))
+        got = self.batch(n)
+        assert got == n * self.req_size, (got, n * self.req_size)
+        bufs = [self.fe.memory.read(self.gpas[(slot + k) % self.ring_size], self.req_size) for k in range(n)]
+        if self.req_size >= 16:
+            assert all(len(set(b)) > 1 for b in bufs), "constant bytes from the rng"
+            assert len(set(bufs)) == n, "the same bytes twice"
+
+
+# -- references -------------------------------------------------------------------------------
+
+
+class SourceReader:
+    """The throughput reference: ``readv`` of ``req_size`` bytes from the source into a
+    page-aligned buffer, in a Python loop."""
+
+    def __init__(self, source: str = SOURCE, req_size: int = REQ_SIZE) -> None:
+        self.fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        self.req_size = req_size
+        self.buf = mmap.mmap(-1, max(4096, req_size))
+        self.mv = memoryview(self.buf)[:req_size]
+
+    def run(self, count: int) -> int:
+        readv, fd, bufs = os.readv, self.fd, [self.mv]
+        return sum(readv(fd, bufs) for _ in range(count))
+
+    def close(self) -> None:
+        self.mv.release()
+        self.buf.close()
+        os.close(self.fd)
+
+
+_PONG = """
+import os, select, sys
+a, b = int(sys.argv[1]), int(sys.argv[2])
+ep = select.epoll()
+ep.register(a, select.EPOLLIN)
+while True:
+    ep.poll()
+    v = os.eventfd_read(a)
+    if v > 1:
+        break
+    os.eventfd_write(b, 1)
+"""
+
+
+class EventfdPingPong:
+    """The round-trip reference: an eventfd ping-pong with another process, which
+    waits in ``epoll`` and answers on a second eventfd; our side waits exactly as
+    :meth:`RngClient.batch` does (``poll`` then ``eventfd_read``)."""
+
+    def __init__(self) -> None:
+        self.ping = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.pong = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _PONG, str(self.ping), str(self.pong)], pass_fds=(self.ping, self.pong)
+        )
+        self._poll = select.poll()
+        self._poll.register(self.pong, select.POLLIN)
+        self.run(1)
+
+    def run(self, count: int) -> int:
+        ping, pong, poll = self.ping, self.pong, self._poll.poll
+        ms = int(DEADLINE * 1000)
+        for _ in range(count):
+            os.eventfd_write(ping, 1)
+            while True:
+                if not poll(ms):
+                    raise TimeoutError("eventfd ping-pong peer does not answer")
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(pong)
+                    break
+        return count
+
+    def close(self) -> None:
+        os.eventfd_write(self.ping, 2)
+        try:
+            self.proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.ping)
+        os.close(self.pong)
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[int], int], unit_calls: int, secs: float) -> tuple[int, float]:
+    """Call ``fn(unit_calls)`` until ``secs`` elapsed; returns (units done, seconds)."""
+    done = 0
+    t0 = time.perf_counter()
+    end = t0 + secs
+    while True:
+        done += fn(unit_calls)
+        t = time.perf_counter()
+        if t >= end:
+            return done, t - t0
+
+
+class Stat:
+    def __init__(self, values: Sequence[float]) -> None:
+        self.values = list(values)
+        self.med = statistics.median(self.values) if self.values else float("nan")
+
+    def fmt(self, spec: str = ".0f") -> str:
+        if not self.values:
+            return "n/a"
+        return f"{self.med:{spec}} ({min(self.values):{spec}}..{max(self.values):{spec}})"
+
+
+def cpustat() -> tuple[int, int, int]:
+    """(busy, idle, steal) jiffies of all CPUs."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[0] + v[1] + v[2] + v[5] + v[6], v[3] + v[4], v[7]
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+# -- -c N: front-end worker processes ----------------------------------------------------------
+
+
+def worker_main(path: str, batch: int, secs: float) -> None:
+    """One front-end process of the -c N figure: connect and check, print "ready",
+    read the common start time (CLOCK_MONOTONIC, shared by all processes) from
+    stdin, run batches for ``secs`` from then, print JSON."""
+    with RngClient(path) as c:
+        c.check()
+        print("ready", flush=True)
+        start_at = float(sys.stdin.readline())
+        while time.monotonic() < start_at:
+            time.sleep(max(0.0, start_at - time.monotonic()))
+        nbytes, dt = timed(functools.partial(c.run, batch), 4, secs)
+    print(json.dumps({"bytes": nbytes, "secs": dt}), flush=True)
+
+
+def parallel_rate(d: RngDaemon, n: int, batch: int, secs: float) -> float:
+    """Aggregate bytes/s of ``n`` front-end processes on sockets 0..n-1 of ``d``, all
+    started at the same moment once every one of them is connected."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", d.path(i), str(batch), str(secs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"worker on {d.kind} failed to start ({p.wait()})")
+        start_at = time.monotonic() + 0.005
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(f"{start_at!r}\n")
+            p.stdin.close()
+        total, longest = 0, 0.0
+        for p in procs:
+            assert p.stdout is not None
+            out = p.stdout.read()
+            p.stdout.close()
+            if p.wait(DEADLINE + secs) != 0:
+                raise RuntimeError(f"worker failed ({p.returncode}) on {d.kind}")
+            r = json.loads(out.strip().splitlines()[-1])
+            total += r["bytes"]
+            longest = max(longest, r["secs"])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for f in (p.stdin, p.stdout):
+                if f is not None and not f.closed:
+                    f.close()
+    return total / longest
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+class Table:
+    """Lines of the report, printed as they come."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, s: str = "") -> None:
+        print(s, flush=True)
+        self.lines.append(s)
+
+
+def _ratios(num: Sequence[float], den: Sequence[float]) -> Stat:
+    return Stat([a / b for a, b in zip(num, den, strict=False)])
+
+
+def section_throughput(out: Table, clients: dict[str, RngClient], reps: int, secs: float) -> None:
+    out(f"-- rng throughput, {REQ_SIZE} B requests, MB/s (1 MB = 1e6 B); ref = readv of {SOURCE}")
+    head = ("batch", "ref readv", "ours", "rust", "ours/ref", "ours/rust", "rust/ref")
+    out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*head))
+    ref = SourceReader()
+    try:
+        for n in BATCHES:
+            rates: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
+            per = max(1, 64 // n)
+            for _ in range(reps):
+                b, t = timed(ref.run, 64, secs)
+                rates["ref"].append(b / t / 1e6)
+                for k, c in clients.items():
+                    b, t = timed(functools.partial(c.run, n), per, secs)
+                    rates[k].append(b / t / 1e6)
+            st = {k: Stat(v) for k, v in rates.items()}
+            row = (
+                n,
+                st["ref"].fmt(),
+                st["ours"].fmt(),
+                st["rust"].fmt(),
+                _ratios(rates["ours"], rates["ref"]).fmt(".2f"),
+                _ratios(rates["ours"], rates["rust"]).fmt(".2f"),
+                _ratios(rates["rust"], rates["ref"]).fmt(".2f"),
+            )
+            out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*row))
+    finally:
+        ref.close()
+    out("   goals: ours/ref >= 0.7, ours/rust >= 1.0 (ratios: median of the per-rep ratios)")
+    out()
+
+
+def section_roundtrip(out: Table, clients: dict[str, RngClient], reps: int, count: int) -> None:
+    us: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
+    pp = EventfdPingPong()
+    try:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            pp.run(count)
+            us["ref"].append((time.perf_counter() - t0) / count * 1e6)
+            for k, c in clients.items():
+                t0 = time.perf_counter()
+                c.run(1, count)
+                us[k].append((time.perf_counter() - t0) / count * 1e6)
+    finally:
+        pp.close()
+    out("-- kick -> used round trip of a 1-byte request, us; ref = eventfd ping-pong between 2 processes")
+    head = ("", "ref ping-pong", "ours", "rust", "ours/ref", "ours/rust", "rust/ref")
+    out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*head))
+    row = (
+        "",
+        Stat(us["ref"]).fmt(".1f"),
+        Stat(us["ours"]).fmt(".1f"),
+        Stat(us["rust"]).fmt(".1f"),
+        _ratios(us["ours"], us["ref"]).fmt(".2f"),
+        _ratios(us["ours"], us["rust"]).fmt(".2f"),
+        _ratios(us["rust"], us["ref"]).fmt(".2f"),
+    )
+    out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*row))
+    out()
+
+
+def section_memory(out: Table, daemons: dict[str, RngDaemon]) -> None:
+    out("-- daemon memory after serving (the runs above), MiB; goal <= 25")
+    for k in KINDS:
+        if k in daemons:
+            mk = daemons[k].memory_kib()
+            out(f"{k:>6} VmRSS {mk['VmRSS'] / 1024:6.1f}   VmHWM {mk['VmHWM'] / 1024:6.1f}")
+        else:
+            out(f"{k:>6} n/a")
+    out()
+
+
+def section_startup(out: Table, tmp: str, kinds: Sequence[str], starts: int) -> None:
+    t_file: dict[str, list[float]] = {k: [] for k in KINDS}
+    t_conn: dict[str, list[float]] = {k: [] for k in KINDS}
+    rss: dict[str, list[float]] = {k: [] for k in KINDS}
+    for _ in range(starts):
+        for k in kinds:
+            d = RngDaemon(k, tmp)
+            try:
+                d.wait_listening()
+                assert d.t_file is not None and d.t_connect is not None
+                t_file[k].append(d.t_file * 1e3)
+                t_conn[k].append(d.t_connect * 1e3)
+                rss[k].append(d.memory_kib()["VmRSS"] / 1024)
+            finally:
+                d.stop()
+    out(f"-- start-up, ms from before Popen to the socket file / a connect OK; {starts} starts; goal <= 150")
+    out("{:>6} {:>22} {:>22} {:>22}".format("", "file", "connect", "idle VmRSS MiB"))
+    for k in KINDS:
+        cells = (k, Stat(t_file[k]).fmt(".1f"), Stat(t_conn[k]).fmt(".1f"), Stat(rss[k]).fmt(".1f"))
+        out("{:>6} {:>22} {:>22} {:>22}".format(*cells))
+    out()
+
+
+def section_parallel(out: Table, tmp: str, kinds: Sequence[str], reps: int, secs: float) -> None:
+    out(
+        f"-- -c N: N front-end processes (batch 64 x {REQ_SIZE} B) on one daemon serving N sockets,"
+        f" aggregate MB/s; {reps} reps x {secs} s"
+    )
+    head = ("N", "ours", "rust", "ours/rust", "ours/N=1", "rust/N=1")
+    out("{:>6} {:>22} {:>22} {:>10} {:>9} {:>9}".format(*head))
+    base: dict[str, float] = {}
+    for n in (1, 2, 4):
+        rates: dict[str, list[float]] = {"ours": [], "rust": []}
+        ds = {k: RngDaemon(k, tmp, count=n) for k in kinds}
+        try:
+            for d in ds.values():
+                d.wait_listening(probe=False)
+            for _ in range(reps):
+                for k, d in ds.items():
+                    rates[k].append(parallel_rate(d, n, 64, secs) / 1e6)
+        finally:
+            for d in ds.values():
+                d.stop()
+        st = {k: Stat(v) for k, v in rates.items()}
+        scale = {}
+        for k in KINDS:
+            if rates[k]:
+                base.setdefault(k, st[k].med)
+                scale[k] = f"{st[k].med / base[k]:.2f}"
+        row = (
+            n,
+            st["ours"].fmt(),
+            st["rust"].fmt(),
+            _ratios(rates["ours"], rates["rust"]).fmt(".2f"),
+            scale.get("ours", "n/a"),
+            scale.get("rust", "n/a"),
+        )
+        out("{:>6} {:>22} {:>22} {:>10} {:>9} {:>9}".format(*row))
+    out()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--secs", type=float, default=0.3, help="seconds per repetition of a throughput figure")
+    ap.add_argument("--rt-count", type=int, default=2000, help="round trips per repetition")
+    ap.add_argument("--startups", type=int, default=9, help="daemon starts for the start-up figure")
+    ap.add_argument("--par-secs", type=float, default=1.0, help="seconds per -c N repetition")
+    ap.add_argument("--par-reps", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: tput,rt,mem,start,par")
+    ap.add_argument("--worker", nargs=3, metavar=("PATH", "BATCH", "SECS"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        worker_main(a.worker[0], int(a.worker[1]), float(a.worker[2]))
+        return 0
+    skip = set(filter(None, a.skip.split(",")))
+    kinds = [k for k in KINDS if k == "ours" or rust_daemon() is not None]
+    out = Table()
+    cpu0 = cpustat()
+    load0 = loadavg()
+    out(f"== vhost-device-rng daemon figures, {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.uname().nodename}")
+    out(f"cpu    : {os.cpu_count()} CPUs; load {load0} (1/5/15 min) at start")
+    out(f"ours   : {sys.executable} -m vhost_backends.cli.rng (Python {sys.version.split()[0]})")
+    out(f"rust   : {rust_daemon() or 'n/a (set $' + RUST_ENV + ')'}")
+    out(f"reps   : {a.reps} x {a.secs} s per throughput figure, interleaved; median (min..max)")
+    out()
+    with tempfile.TemporaryDirectory(prefix="vdev-bench-") as tmp:
+        if not {"tput", "rt", "mem"} <= skip:
+            daemons = {k: RngDaemon(k, tmp) for k in kinds}
+            try:
+                for d in daemons.values():
+                    d.wait_listening(probe=False)
+                if "tput" not in skip:
+                    clients = {k: d.connect() for k, d in daemons.items()}
+                    try:
+                        for c in clients.values():
+                            c.check()
+                        section_throughput(out, clients, a.reps, a.secs)
+                    finally:
+                        for c in clients.values():
+                            c.close()
+                if "rt" not in skip:
+                    clients = {k: d.connect(req_size=1) for k, d in daemons.items()}
+                    try:
+                        for c in clients.values():
+                            c.check()
+                        section_roundtrip(out, clients, a.reps, a.rt_count)
+                    finally:
+                        for c in clients.values():
+                            c.close()
+                if "mem" not in skip:
+                    section_memory(out, daemons)
+            finally:
+                for d in daemons.values():
+                    d.stop()
+        if "start" not in skip:
+            section_startup(out, tmp, kinds, a.startups)
+        if "par" not in skip:
+            section_parallel(out, tmp, kinds, a.par_reps, a.par_secs)
+    b1, i1, s1 = cpustat()
+    b0, i0, s0 = cpu0
+    tot = (b1 - b0) + (i1 - i0) + (s1 - s0)
+    if tot > 0:
+        out(
+            f"machine: CPUs {100 * (b1 - b0) / tot:.0f}% busy during the run (this benchmark alone keeps"
+            f" about one busy), {100 * (s1 - s0) / tot:.1f}% stolen; load {loadavg()} at end (was {load0})"
+        )
+    return 0
+
+
+# -- pytest helpers of bench_devices.py / bench_vhost_roundtrip.py ------------------------------
+
+
+def write_summary(config: Any, title: str, rows: dict[str, tuple[float, str, str | None]]) -> None:
+    """Print ``name -> (value, unit, reference)`` rows with their ratios to the
+    reference and to the Rust figure of the same name, outside pytest's capture."""
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is None or not rows:
+        return
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+    with ctx:
+        tr.write_line("")
+        tr.write_line(f"{title} (median), ratios to same-run references:")
+        for name, (value, unit, ref) in rows.items():
+            extra = ""
+            for r in (ref, name.replace("ours", "rust") if "ours" in name else None):
+                if r and r in rows and r != name:
+                    extra += f"  {value / rows[r][0]:.2f}x {r}"
+            tr.write_line(f"  {name:<22} {value:10.1f} {unit}{extra}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
