@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     anchor = anchor_run.figures() if anchor_run else {}
     anchor_status = anchor_run.summary() if anchor_run else "not run (use --anchor or QUEUE_ANCHOR=1)"
     med = {r.name: statistics.median(r.samples) for r in table}
+    by_name = {r.name: r for r in table}
     ba = names.get("C-W1@ba")
     ba_align = ""
     if ba and ba.wl:
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hdr = (
         f"{'name':<14} {'what':<56} {'median':>8} {'min':>8} {'max':>8}  {'ratio':>7} {'vs':<7}"
-        f" {'goal':<22} {'anchor':>8} {'anc.ratio':>9} {'ours/anc':>8}"
+        f" {'best':>6} {'goal':<22} {'anchor':>8} {'anc.ratio':>9} {'ours/anc':>8}"
     )
     print()
     print(
@@ -357,7 +358,13 @@ def main(argv: list[str] | None = None) -> int:
             print(hdr)
         unit = r.wl.unit
         m = med[r.name]
-        ratio = m / med[r.ref] if r.ref and r.ref in med else None
+        # ratio: median over the rounds of this round's figure / this round's reference
+        # (both measured within one round, so slow load drifts cancel); best: max / max.
+        ratio = best = None
+        if r.ref and r.ref in by_name:
+            ref_samples = by_name[r.ref].samples
+            ratio = statistics.median(a / b for a, b in zip(r.samples, ref_samples, strict=True))
+            best = max(r.samples) / max(ref_samples)
         a = anchor.get(r.anchor or "")
         a_med = float(a["median"]) if a else None
         goal_txt = ""
@@ -379,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r.name:<14} {r.wl.what[:56]:<56} {fmt(m, unit):>8} {fmt(min(r.samples), unit):>8} "
             f"{fmt(max(r.samples), unit):>8}  {f'{ratio:.3f}' if ratio is not None else '':>7} "
-            f"{r.ref or '':<7} {goal_txt:<22} "
+            f"{r.ref or '':<7} {f'{best:.3f}' if best is not None else '':>6} {goal_txt:<22} "
             f"{fmt(a_med, unit) if a_med else ('n/a' if r.anchor else ''):>8} {a_ratio:>9} "
             f"{f'{m / a_med:.2f}' if a_med else ('n/a' if r.anchor else ''):>8}"
         )
@@ -392,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 "median": m,
                 "ref": r.ref,
                 "ratio": ratio,
+                "best_ratio": best,
                 "goal": goal_txt or None,
                 "anchor": r.anchor,
                 "anchor_median": a_med,
