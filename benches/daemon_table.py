@@ -408,6 +408,16 @@ def cpustat() -> tuple[int, int, int]:
     return v[0] + v[1] + v[2] + v[5] + v[6], v[3] + v[4], v[7]
 
 
+def task_cpu_us(pid: int) -> float:
+    """CPU time of every thread of ``pid`` so far, in microseconds (schedstat, ns
+    resolution: robust to machine load, unlike wall time)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e3
+
+
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -492,20 +502,28 @@ def _ratios(num: Sequence[float], den: Sequence[float]) -> Stat:
     return Stat([a / b for a, b in zip(num, den, strict=False)])
 
 
-def section_throughput(out: Table, clients: dict[str, RngClient], reps: int, secs: float) -> None:
+def section_throughput(
+    out: Table, clients: dict[str, RngClient], pids: dict[str, int], reps: int, secs: float
+) -> None:
     out(f"-- rng throughput, {REQ_SIZE} B requests, MB/s (1 MB = 1e6 B); ref = readv of {SOURCE}")
     head = ("batch", "ref readv", "ours", "rust", "ours/ref", "ours/rust", "rust/ref")
     out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*head))
     ref = SourceReader()
+    cpu_rows = []
     try:
         for n in BATCHES:
             rates: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
+            cpu: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
             per = max(1, 64 // n)
             for _ in range(reps):
+                c0 = time.thread_time()
                 b, t = timed(ref.run, 64, secs)
+                cpu["ref"].append((time.thread_time() - c0) * 1e6 / (b / REQ_SIZE))
                 rates["ref"].append(b / t / 1e6)
                 for k, c in clients.items():
+                    c0 = task_cpu_us(pids[k])
                     b, t = timed(functools.partial(c.run, n), per, secs)
+                    cpu[k].append((task_cpu_us(pids[k]) - c0) / (b / REQ_SIZE))
                     rates[k].append(b / t / 1e6)
             st = {k: Stat(v) for k, v in rates.items()}
             row = (
@@ -518,31 +536,44 @@ def section_throughput(out: Table, clients: dict[str, RngClient], reps: int, sec
                 _ratios(rates["rust"], rates["ref"]).fmt(".2f"),
             )
             out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*row))
+            cpu_rows.append(
+                (n, Stat(cpu["ref"]).fmt(".1f"), Stat(cpu["ours"]).fmt(".1f"), Stat(cpu["rust"]).fmt(".1f"))
+            )
     finally:
         ref.close()
     out("   goals: ours/ref >= 0.7, ours/rust >= 1.0 (ratios: median of the per-rep ratios)")
+    out("   CPU us per request (ref: the reading thread; ours/rust: all daemon threads, schedstat):")
+    for row in cpu_rows:
+        out("{:>6} {:>22} {:>22} {:>22}".format(*row))
     out()
 
 
-def section_roundtrip(out: Table, clients: dict[str, RngClient], reps: int, count: int) -> None:
+def section_roundtrip(
+    out: Table, clients: dict[str, RngClient], pids: dict[str, int], reps: int, count: int
+) -> None:
     us: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
+    cpu: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
     pp = EventfdPingPong()
     try:
         for _ in range(reps):
+            c0 = task_cpu_us(pp.proc.pid)
             t0 = time.perf_counter()
             pp.run(count)
             us["ref"].append((time.perf_counter() - t0) / count * 1e6)
+            cpu["ref"].append((task_cpu_us(pp.proc.pid) - c0) / count)
             for k, c in clients.items():
+                c0 = task_cpu_us(pids[k])
                 t0 = time.perf_counter()
                 c.run(1, count)
                 us[k].append((time.perf_counter() - t0) / count * 1e6)
+                cpu[k].append((task_cpu_us(pids[k]) - c0) / count)
     finally:
         pp.close()
     out("-- kick -> used round trip of a 1-byte request, us; ref = eventfd ping-pong between 2 processes")
     head = ("", "ref ping-pong", "ours", "rust", "ours/ref", "ours/rust", "rust/ref")
     out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*head))
     row = (
-        "",
+        "wall",
         Stat(us["ref"]).fmt(".1f"),
         Stat(us["ours"]).fmt(".1f"),
         Stat(us["rust"]).fmt(".1f"),
@@ -551,6 +582,8 @@ def section_roundtrip(out: Table, clients: dict[str, RngClient], reps: int, coun
         _ratios(us["rust"], us["ref"]).fmt(".2f"),
     )
     out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*row))
+    row = ("cpu", Stat(cpu["ref"]).fmt(".1f"), Stat(cpu["ours"]).fmt(".1f"), Stat(cpu["rust"]).fmt(".1f"))
+    out("{:>6} {:>22} {:>22} {:>22}   (CPU us per round trip of the answering process)".format(*row))
     out()
 
 
@@ -580,11 +613,21 @@ def section_startup(out: Table, tmp: str, kinds: Sequence[str], starts: int) -> 
                 rss[k].append(d.memory_kib()["VmRSS"] / 1024)
             finally:
                 d.stop()
+    refs: dict[str, list[float]] = {"python -c pass": [], "python -S -c pass": []}
+    for _ in range(starts):
+        for name, times in refs.items():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, *name.split()[1:]], check=True)
+            times.append((time.perf_counter() - t0) * 1e3)
     out(f"-- start-up, ms from before Popen to the socket file / a connect OK; {starts} starts; goal <= 150")
     out("{:>6} {:>22} {:>22} {:>22}".format("", "file", "connect", "idle VmRSS MiB"))
     for k in KINDS:
         cells = (k, Stat(t_file[k]).fmt(".1f"), Stat(t_conn[k]).fmt(".1f"), Stat(rss[k]).fmt(".1f"))
         out("{:>6} {:>22} {:>22} {:>22}".format(*cells))
+    for name, v in refs.items():
+        out(f"   ref: {name} (Popen to exit) {Stat(v).fmt('.1f')}")
+    flags = f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}"
+    out(f"   (this interpreter: {flags}; site-packages .pth files run at every start)")
     out()
 
 
@@ -657,12 +700,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 for d in daemons.values():
                     d.wait_listening(probe=False)
+                pids = {k: d.proc.pid for k, d in daemons.items()}
                 if "tput" not in skip:
                     clients = {k: d.connect() for k, d in daemons.items()}
                     try:
                         for c in clients.values():
                             c.check()
-                        section_throughput(out, clients, a.reps, a.secs)
+                        section_throughput(out, clients, pids, a.reps, a.secs)
                     finally:
                         for c in clients.values():
                             c.close()
@@ -671,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     try:
                         for c in clients.values():
                             c.check()
-                        section_roundtrip(out, clients, a.reps, a.rt_count)
+                        section_roundtrip(out, clients, pids, a.reps, a.rt_count)
                     finally:
                         for c in clients.values():
                             c.close()
