@@ -543,8 +543,8 @@ def section_throughput(
         ref.close()
     out("   goals: ours/ref >= 0.7, ours/rust >= 1.0 (ratios: median of the per-rep ratios)")
     out("   CPU us per request (ref: the reading thread; ours/rust: all daemon threads, schedstat):")
-    for row in cpu_rows:
-        out("{:>6} {:>22} {:>22} {:>22}".format(*row))
+    for cells in cpu_rows:
+        out("{:>6} {:>22} {:>22} {:>22}".format(*cells))
     out()
 
 
@@ -582,8 +582,8 @@ def section_roundtrip(
         _ratios(us["rust"], us["ref"]).fmt(".2f"),
     )
     out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*row))
-    row = ("cpu", Stat(cpu["ref"]).fmt(".1f"), Stat(cpu["ours"]).fmt(".1f"), Stat(cpu["rust"]).fmt(".1f"))
-    out("{:>6} {:>22} {:>22} {:>22}   (CPU us per round trip of the answering process)".format(*row))
+    cells = ("cpu", Stat(cpu["ref"]).fmt(".1f"), Stat(cpu["ours"]).fmt(".1f"), Stat(cpu["rust"]).fmt(".1f"))
+    out("{:>6} {:>22} {:>22} {:>22}   (CPU us per round trip of the answering process)".format(*cells))
     out()
 
 
