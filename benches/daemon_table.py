@@ -90,14 +90,28 @@ class RngDaemon:
     """One ``vhost-device-rng`` process (``kind`` "ours" or "rust") serving ``count``
     sockets ``<base>0 ..``; stderr goes to a file next to the sockets."""
 
-    def __init__(self, kind: str, tmpdir: str, *, count: int = 1, source: str = SOURCE) -> None:
+    def __init__(
+        self,
+        kind: str,
+        tmpdir: str,
+        *,
+        count: int = 1,
+        source: str = SOURCE,
+        env: dict[str, str | None] | None = None,
+    ) -> None:
+        """``env``: variables to set (None: unset) for this daemon only."""
         self.kind = kind
         self.base = os.path.join(tmpdir, f"{kind}-rng.sock")
         self.count = count
         self.log = os.path.join(tmpdir, f"{kind}-rng.log")
-        env = dict(
+        full_env = dict(
             os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         )
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
         cmd = [*daemon_command(kind), "-s", self.base, "-c", str(count), "-f", source]
         for i in range(count):
             with contextlib.suppress(FileNotFoundError):
@@ -105,7 +119,7 @@ class RngDaemon:
         with open(self.log, "wb") as err:
             self.t0 = time.perf_counter()
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=tmpdir
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=full_env, cwd=tmpdir
             )
         self.t_file: float | None = None
         self.t_connect: float | None = None
@@ -599,35 +613,48 @@ def section_memory(out: Table, daemons: dict[str, RngDaemon]) -> None:
 
 
 def section_startup(out: Table, tmp: str, kinds: Sequence[str], starts: int) -> None:
-    t_file: dict[str, list[float]] = {k: [] for k in KINDS}
-    t_conn: dict[str, list[float]] = {k: [] for k in KINDS}
-    rss: dict[str, list[float]] = {k: [] for k in KINDS}
+    """Start-up of each daemon, plus ours with bytecode cached (as ``pip install``
+    leaves it: a PYTHONPYCACHEPREFIX of our own, warmed by one uncounted start) and
+    the bare interpreter as references."""
+    pyc = {"PYTHONDONTWRITEBYTECODE": None, "PYTHONPYCACHEPREFIX": os.path.join(tmp, "pycache")}
+    variants: dict[str, tuple[str, dict[str, str | None] | None]] = {k: (k, None) for k in kinds}
+    variants["ours .pyc"] = ("ours", pyc)
+    t_file: dict[str, list[float]] = {v: [] for v in variants}
+    t_conn: dict[str, list[float]] = {v: [] for v in variants}
+    rss: dict[str, list[float]] = {v: [] for v in variants}
+    refs: dict[str, list[float]] = {"python -c pass": [], "python -S -c pass": []}
+    warm = RngDaemon("ours", tmp, env=pyc)
+    try:
+        warm.wait_listening()
+    finally:
+        warm.stop()
     for _ in range(starts):
-        for k in kinds:
-            d = RngDaemon(k, tmp)
+        for v, (k, env) in variants.items():
+            d = RngDaemon(k, tmp, env=env)
             try:
                 d.wait_listening()
                 assert d.t_file is not None and d.t_connect is not None
-                t_file[k].append(d.t_file * 1e3)
-                t_conn[k].append(d.t_connect * 1e3)
-                rss[k].append(d.memory_kib()["VmRSS"] / 1024)
+                t_file[v].append(d.t_file * 1e3)
+                t_conn[v].append(d.t_connect * 1e3)
+                rss[v].append(d.memory_kib()["VmRSS"] / 1024)
             finally:
                 d.stop()
-    refs: dict[str, list[float]] = {"python -c pass": [], "python -S -c pass": []}
-    for _ in range(starts):
         for name, times in refs.items():
             t0 = time.perf_counter()
             subprocess.run([sys.executable, *name.split()[1:]], check=True)
             times.append((time.perf_counter() - t0) * 1e3)
     out(f"-- start-up, ms from before Popen to the socket file / a connect OK; {starts} starts; goal <= 150")
-    out("{:>6} {:>22} {:>22} {:>22}".format("", "file", "connect", "idle VmRSS MiB"))
-    for k in KINDS:
-        cells = (k, Stat(t_file[k]).fmt(".1f"), Stat(t_conn[k]).fmt(".1f"), Stat(rss[k]).fmt(".1f"))
-        out("{:>6} {:>22} {:>22} {:>22}".format(*cells))
-    for name, v in refs.items():
-        out(f"   ref: {name} (Popen to exit) {Stat(v).fmt('.1f')}")
+    out("{:>9} {:>22} {:>22} {:>22}".format("", "file", "connect", "idle VmRSS MiB"))
+    for v in (*KINDS, "ours .pyc"):
+        if v not in variants:
+            out(f"{v:>9} n/a")
+            continue
+        cells = (v, Stat(t_file[v]).fmt(".1f"), Stat(t_conn[v]).fmt(".1f"), Stat(rss[v]).fmt(".1f"))
+        out("{:>9} {:>22} {:>22} {:>22}".format(*cells))
+    for name, times in refs.items():
+        out(f"   ref: {name} (Popen to exit) {Stat(times).fmt('.1f')}")
     flags = f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}"
-    out(f"   (this interpreter: {flags}; site-packages .pth files run at every start)")
+    out(f"   (this environment: {flags}; site-packages .pth files run at every start, see -S)")
     out()
 
 
