@@ -42,7 +42,7 @@ DEFAULT_ANCHOR = Path("/work/shared/tools/queue-anchor/run")
 class Row:
     section: str
     make: Callable[[], W.Workload]
-    ref: str | None = None  # ratio = median / median(ref)
+    ref: str | None = None  # ratio = median over rounds of sample / ref's sample
     goal: tuple[str, float] | None = None  # ("ref", 0.8) ratio goal, ("abs", 2e6), ("anchor", 1.0)
     anchor: str | None = None  # name of the anchor's row shown beside this one
     info: bool = False
@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(
-        "virtio_queue benchmark (workloads of shared/tools/queue-anchor; "
-        "ratio = median / median of the same-run reference named in 'vs')"
+        "virtio_queue benchmark (workloads of shared/tools/queue-anchor); 'ratio' = median over the "
+        "rounds of figure / the same round's reference named in 'vs'; 'best' = max / max(ref)"
     )
     print(
         f"python {sys.version.split()[0]}, {args.reps} reps x >= {args.secs} s, round-robin, "
