@@ -43,16 +43,20 @@ cdef inline void chain_init(ChainCursor *c, const unsigned char *table, uint16_t
     c.in_indirect = False
 
 
+cdef int chain_enter_indirect(MemorySnapshot snap, ChainCursor *c, vring_desc *d) noexcept nogil
+
+
 cdef inline int chain_next(MemorySnapshot snap, ChainCursor *c, vring_desc *out) noexcept nogil:
     """Read the next descriptor of the chain into *out: 1 if one was read, 0 at the
     end, a VQ_E_* code (< 0) if the chain is malformed.
 
     Every step is bounded (VIRTIO 1.2 §2.7.5.2, §2.7.5.3): an index outside its
     table, a walk longer than the table (a cycle), nested indirect tables, INDIRECT
-    with NEXT, and a total length above 2^32 all stop the walk."""
-    cdef vring_desc d
+    with NEXT, and a total length above 2^32 all stop the walk.  The common path
+    is small enough to inline into every walker; entering an indirect table is
+    out of line (chain_enter_indirect)."""
     cdef const unsigned char *p
-    cdef uint32_t n
+    cdef int rc
     while True:
         if not c.has_next:
             return 0
@@ -63,42 +67,29 @@ cdef inline int chain_next(MemorySnapshot snap, ChainCursor *c, vring_desc *out)
             c.bad_value = c.table_len
             return VQ_E_TTL
         c.ttl -= 1
-        # One 16-byte copy: an indirect table need not be aligned, and the guest may
-        # change the descriptor under us; we act on this copy only.
-        memcpy(&d, c.table + 16 * <size_t>c.next_index, 16)
-        d.addr = le64toh(d.addr)
-        d.len = le32toh(d.len)
-        d.flags = le16toh(d.flags)
-        d.next = le16toh(d.next)
-        if d.flags & VRING_DESC_F_INDIRECT:
-            # §2.7.5.3.1: the driver MUST NOT set INDIRECT in a descriptor of an
-            # indirect table, nor INDIRECT together with NEXT.
-            if c.in_indirect:
-                return VQ_E_NESTED_INDIRECT
-            if d.flags & VRING_DESC_F_NEXT:
-                return VQ_E_INDIRECT_NEXT
-            # A table of more than 2^16 entries cannot be addressed by u16 `next`.
-            if d.len == 0 or d.len % 16 != 0 or d.len // 16 > 65536:
-                c.bad_value = d.len
-                return VQ_E_INDIRECT_LEN
-            p = snap_ptr(snap, d.addr, d.len)
-            if p == NULL:
-                c.bad_value = d.addr
-                return VQ_E_TABLE_MEM
-            n = d.len // 16
-            c.table = p
-            c.table_len = n
-            c.ttl = n
-            c.next_index = 0
-            c.in_indirect = True
+        # Field by field into *out: an indirect table need not be aligned, the guest
+        # may change the descriptor under us (we act on this copy only), and
+        # same-size loads of what was just stored forward cheaply.
+        p = c.table + 16 * <size_t>c.next_index
+        memcpy(&out.addr, p, 8)
+        memcpy(&out.len, p + 8, 4)
+        memcpy(&out.flags, p + 12, 2)
+        memcpy(&out.next, p + 14, 2)
+        out.flags = le16toh(out.flags)
+        out.len = le32toh(out.len)
+        out.addr = le64toh(out.addr)
+        out.next = le16toh(out.next)
+        if out.flags & VRING_DESC_F_INDIRECT:
+            rc = chain_enter_indirect(snap, c, out)
+            if rc < 0:
+                return rc
             continue
-        c.total_len += d.len
+        c.total_len += out.len
         if c.total_len > (<uint64_t>1 << 32):
             c.bad_value = c.total_len
             return VQ_E_CHAIN_LEN
-        c.has_next = (d.flags & VRING_DESC_F_NEXT) != 0
-        c.next_index = d.next
-        out[0] = d
+        c.has_next = (out.flags & VRING_DESC_F_NEXT) != 0
+        c.next_index = out.next
         return 1
 
 
@@ -134,15 +125,26 @@ cdef class _Stream:
     cdef size_t off              # offset inside it
     cdef size_t avail            # bytes left (bounds every operation)
     cdef size_t done             # bytes moved so far
-    cdef iovec inline_segs[8]
+    cdef iovec inline_segs[16]
 
-    cdef int _append(self, unsigned char *p, size_t n) except -1
+    cdef int _grow(self) except -1
     cdef int _collect(self, DescriptorChain ch, bint want_write) except -1
     cdef void _advance(self, size_t n) noexcept nogil
     cdef int _iov(self, iovec *out, int maxn, size_t n, size_t *got) noexcept nogil
     cdef size_t copy_out(self, unsigned char *dst, size_t n) noexcept nogil
     cdef size_t copy_in(self, const unsigned char *src, size_t n) noexcept nogil
     cdef object _split(self, _Stream other, Py_ssize_t offset)
+
+
+cdef inline int stream_append(_Stream s, unsigned char *p, size_t n) except -1:
+    """Add a segment (the common case stays inline; growing is out of line)."""
+    if s.nsegs == s.cap:
+        s._grow()
+    s.segs[s.nsegs].iov_base = p
+    s.segs[s.nsegs].iov_len = n
+    s.nsegs += 1
+    s.avail += n
+    return 0
 
 
 cdef class Reader(_Stream):

@@ -63,6 +63,34 @@ def set_copy_mode(str mode):
         raise ValueError(f"copy mode must be 'auto' or 'libc', not {mode!r}")
 
 
+cdef int chain_enter_indirect(MemorySnapshot snap, ChainCursor *c, vring_desc *d) noexcept nogil:
+    """Switch the cursor to the indirect table that *d refers to (VIRTIO 1.2
+    §2.7.5.3): 0, or a VQ_E_* code if the table is not allowed or not mapped."""
+    cdef const unsigned char *p
+    cdef uint32_t n
+    # §2.7.5.3.1: the driver MUST NOT set INDIRECT in a descriptor of an indirect
+    # table, nor INDIRECT together with NEXT.
+    if c.in_indirect:
+        return VQ_E_NESTED_INDIRECT
+    if d.flags & VRING_DESC_F_NEXT:
+        return VQ_E_INDIRECT_NEXT
+    # A table of more than 2^16 entries cannot be addressed by u16 `next`.
+    if d.len == 0 or d.len % 16 != 0 or d.len // 16 > 65536:
+        c.bad_value = d.len
+        return VQ_E_INDIRECT_LEN
+    p = snap_ptr(snap, d.addr, d.len)
+    if p == NULL:
+        c.bad_value = d.addr
+        return VQ_E_TABLE_MEM
+    n = d.len // 16
+    c.table = p
+    c.table_len = n
+    c.ttl = n
+    c.next_index = 0
+    c.in_indirect = True
+    return 0
+
+
 cdef int raise_for_status(int rc, ChainCursor *c, uint16_t head) except -1:
     """Turn a VQ_E_* code from nogil code into the matching VirtioError."""
     where = f"chain {head}"
@@ -215,7 +243,7 @@ cdef class _Stream:
 
     def __cinit__(self):
         self.segs = self.inline_segs
-        self.cap = 8
+        self.cap = 16
         self.nsegs = 0
         self.idx = 0
         self.off = 0
@@ -226,24 +254,20 @@ cdef class _Stream:
         if self.segs != self.inline_segs:
             free(self.segs)
 
-    cdef int _append(self, unsigned char *p, size_t n) except -1:
+    cdef int _grow(self) except -1:
         cdef iovec *grown
-        if self.nsegs == self.cap:
-            if self.segs == self.inline_segs:
-                grown = <iovec *>malloc(2 * self.cap * sizeof(iovec))
-                if grown != NULL:
-                    for i in range(self.nsegs):
-                        grown[i] = self.inline_segs[i]
-            else:
-                grown = <iovec *>realloc(self.segs, 2 * self.cap * sizeof(iovec))
-            if grown == NULL:
-                raise MemoryError()
-            self.segs = grown
-            self.cap *= 2
-        self.segs[self.nsegs].iov_base = p
-        self.segs[self.nsegs].iov_len = n
-        self.nsegs += 1
-        self.avail += n
+        cdef Py_ssize_t i
+        if self.segs == self.inline_segs:
+            grown = <iovec *>malloc(2 * self.cap * sizeof(iovec))
+            if grown != NULL:
+                for i in range(self.nsegs):
+                    grown[i] = self.inline_segs[i]
+        else:
+            grown = <iovec *>realloc(self.segs, 2 * self.cap * sizeof(iovec))
+        if grown == NULL:
+            raise MemoryError()
+        self.segs = grown
+        self.cap *= 2
         return 0
 
     cdef int _collect(self, DescriptorChain ch, bint want_write) except -1:
@@ -267,7 +291,7 @@ cdef class _Stream:
                 c.bad_value = d.addr
                 c.total_len = d.len
                 raise_for_status(VQ_E_BUF_MEM, &c, ch.head_index)
-            self._append(p, d.len)
+            stream_append(self, p, d.len)
 
     cdef void _advance(self, size_t n) noexcept nogil:
         cdef size_t step
@@ -398,7 +422,7 @@ cdef class _Stream:
         while rest:
             k = self._iov(iov, IOV_BATCH, rest, &got)
             for j in range(k):
-                other._append(<unsigned char *>iov[j].iov_base, iov[j].iov_len)
+                stream_append(other, <unsigned char *>iov[j].iov_base, iov[j].iov_len)
             self._advance(got)
             rest -= got
         self.idx, self.off, self.done = save_idx, save_off, save_done
