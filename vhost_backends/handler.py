@@ -209,32 +209,6 @@ class InflightQueueRegion:
         return [h for _c, h in found]
 
 
-class _TrackedQueue(Queue):
-    """A Queue that keeps its inflight area current (INFLIGHT_SHMFD negotiated).
-
-    Only used when the front-end negotiated inflight tracking, so the plain
-    compiled Queue methods stay on every other session's hot path.
-    """
-
-    inflight: InflightQueueRegion | None = None
-
-    def pop_chain(self):  # type: ignore[no-untyped-def]
-        chain = Queue.pop_chain(self)
-        if chain is not None and self.inflight is not None:
-            self.inflight.mark_available(chain.head_index)
-        return chain
-
-    def add_used(self, head_index: int, length: int) -> None:
-        inflight = self.inflight
-        if inflight is None:
-            Queue.add_used(self, head_index, length)
-            return
-        if head_index < self.size:
-            inflight.prepare_used(head_index)
-        Queue.add_used(self, head_index, length)
-        inflight.commit_used(head_index, self.next_used())
-
-
 class _Ring:
     """Back-end state of one vring."""
 
@@ -278,8 +252,11 @@ class VhostUserInterrupt:
         fd = self.call_fds[queue_index]
         if fd >= 0:
             # A saturated counter means the front-end has a pending call anyway.
-            with contextlib.suppress(BlockingIOError):
+            # (try/except, not contextlib.suppress: this runs once per batch.)
+            try:
                 os.eventfd_write(fd, 1)
+            except BlockingIOError:
+                pass
 
     def signal_config_change(self) -> None:
         self._handler.send_config_change()
@@ -472,20 +449,6 @@ class VhostUserHandler:
             # does not speak the Xen region format cannot be served (STYLE.md §3).
             raise FeatureMismatch("this is a Xen build: the front-end must acknowledge XEN_MMAP")
         self.acked_protocol_features = features
-        # Inflight tracking needs hooks on pop/add_used: swap in tracked queues
-        # now, before any ring runs (their configuration is copied over).
-        want_tracked = bool(features & PF.INFLIGHT_SHMFD)
-        for ring in self.rings:
-            if isinstance(ring.queue, _TrackedQueue) != want_tracked and not ring.polled:
-                ring.queue = self._new_queue(ring.index, ring.queue, tracked=want_tracked)
-
-    def _new_queue(self, index: int, old: Queue, *, tracked: bool) -> Queue:
-        q: Queue = (_TrackedQueue if tracked else Queue)(self.device.queue_sizes[index], self.memory)
-        q.size = old.size
-        q.event_idx = old.event_idx
-        q.desc_table, q.avail_ring, q.used_ring = old.desc_table, old.avail_ring, old.used_ring
-        q.set_next_avail(old.next_avail())
-        return q
 
     def _set_owner(self, msg: Message) -> None:
         if self.owned:
@@ -848,14 +811,13 @@ class VhostUserHandler:
                 if i < num_queues
                 else None
             )
-            if isinstance(ring.queue, _TrackedQueue):
-                ring.queue.inflight = ring.inflight
+            # Tracking starts with the ring (_resubmit_inflight), after recovery.
+            ring.queue.set_inflight(None)
 
     def _drop_inflight(self) -> None:
         for ring in self.rings:
             ring.inflight = None
-            if isinstance(ring.queue, _TrackedQueue):
-                ring.queue.inflight = None
+            ring.queue.set_inflight(None)
         if self.inflight_map is not None:
             # If a memoryview still refers to it, it goes when the last one does.
             with contextlib.suppress(BufferError):
@@ -918,6 +880,8 @@ class VhostUserHandler:
         q = ring.queue
         used = q.used_idx()
         heads = [h for h in ring.inflight.recover(used) if h < q.size]
+        # From here the compiled Queue keeps the area current on its pop/used path.
+        q.set_inflight(ring.inflight.buf, ring.inflight.counter)
         if not heads:
             return False
         q.set_next_avail((used + len(heads)) & 0xFFFF)

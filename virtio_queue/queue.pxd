@@ -1,4 +1,5 @@
 # cython: language_level=3
+from cpython.buffer cimport Py_buffer
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 from virtio_queue.memory cimport GuestMemory, MemorySnapshot
@@ -28,6 +29,13 @@ cdef class Queue:
     cdef bint _signalled_valid
     cdef list _resubmit            # heads to serve again before the avail ring (reversed)
     cdef Py_ssize_t _n_resubmit
+    # vhost-user inflight tracking: this queue's area of the shared inflight region,
+    # kept exported while set (NULL: not tracked).
+    cdef unsigned char *_inflight
+    cdef uint32_t _inflight_descs
+    cdef uint64_t _inflight_counter
+    cdef Py_buffer _inflight_view
+    cdef bint _has_inflight_view
 
     cdef void _reset_state(self)
     cdef int _map(self) except -1
@@ -35,3 +43,5 @@ cdef class Queue:
     cdef int pop_head(self, uint16_t *head) except -1
     cdef int add_used_c(self, uint16_t head, uint32_t length) except -1
     cdef int needs_notification_c(self) except -1
+    cdef void _inflight_popped(self, uint16_t head) noexcept nogil
+    cdef void _inflight_release(self)

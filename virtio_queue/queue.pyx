@@ -13,12 +13,17 @@ translated once and re-translated only when the memory's generation changes.
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from virtio_queue.chain cimport make_chain
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.errno cimport EINTR, errno
+from posix.unistd cimport read
+
+from virtio_queue.chain cimport ChainCursor, chain_init, chain_next, make_chain
 from virtio_queue.includes.atomics cimport (vq_fence_seqcst, vq_load_acquire16,
                                             vq_store_release16)
-from virtio_queue.includes.endian cimport htole16, htole32, le16toh
+from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh
 from virtio_queue.includes.virtio_ring cimport (VRING_AVAIL_F_NO_INTERRUPT,
-                                                VRING_USED_F_NO_NOTIFY)
+                                                VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+                                                vring_desc)
 from virtio_queue.memory cimport GuestMemory, MemorySnapshot, snap_ptr, snap_ptr_w
 
 from virtio_queue.errors import (InvalidAvailRingIndex, InvalidDescriptorIndex,
@@ -51,7 +56,12 @@ cdef class Queue:
     def __cinit__(self):
         self._max_size = 1
         self._size = 1
+        self._inflight = NULL
+        self._has_inflight_view = False
         self._reset_state()
+
+    def __dealloc__(self):
+        self._inflight_release()
 
     def __init__(self, max_size, GuestMemory memory=None):
         if not isinstance(max_size, int) or not 1 <= max_size <= MAX_QUEUE_SIZE \
@@ -269,6 +279,8 @@ cdef class Queue:
         if self._n_resubmit:
             self._n_resubmit -= 1
             head[0] = <uint16_t>self._resubmit.pop()
+            if self._inflight != NULL:
+                self._inflight_popped(head[0])
             return 1
         if self._next_avail == self._avail_seen:
             idx = le16toh(vq_load_acquire16(self._avail + 2))
@@ -284,11 +296,29 @@ cdef class Queue:
             self._avail_seen = idx
         head[0] = _rd16(self._avail + 4 + 2 * <size_t>(self._next_avail & (self._size - 1)))
         self._next_avail += 1
+        if self._inflight != NULL:
+            self._inflight_popped(head[0])
         return 1
+
+    # vhost-user "Inflight I/O tracking", split rings.  The area is a 16-byte header
+    # {features u64, version u16, desc_num u16, last_batch_head u16, used_idx u16}
+    # then desc_num x {inflight u8, padding[5], next u16, counter u64}.
+    cdef void _inflight_popped(self, uint16_t head) noexcept nogil:
+        """A head was taken (step 1): inflight = 1 with the next counter value."""
+        cdef unsigned char *d
+        cdef uint64_t counter
+        if head >= self._inflight_descs:
+            return      # an out-of-range head is refused by the caller
+        d = self._inflight + 16 + 16 * <size_t>head
+        self._inflight_counter += 1
+        counter = htole64(self._inflight_counter)
+        memcpy(d + 8, &counter, 8)
+        d[0] = 1
 
     cdef int add_used_c(self, uint16_t head, uint32_t length) except -1:
         """Put {head, length} in the used ring and publish used->idx (release)."""
         cdef unsigned char *elem
+        cdef unsigned char *d = NULL
         cdef uint32_t v[2]
         if head >= self._size:
             raise InvalidDescriptorIndex(
@@ -298,9 +328,22 @@ cdef class Queue:
         elem = self._used + 4 + 8 * <size_t>(self._next_used & (self._size - 1))
         v[0] = htole32(head)
         v[1] = htole32(length)
+        if self._inflight != NULL and head < self._inflight_descs:
+            # Before publishing: link the head into the last batch (next =
+            # last_batch_head, last_batch_head = head), so that a back-end dying
+            # between publishing and clearing can be recovered from the used ring.
+            d = self._inflight + 16 + 16 * <size_t>head
+            memcpy(d + 6, self._inflight + 12, 2)
+            _wr16(self._inflight + 12, head)
+            vq_fence_seqcst()
         memcpy(elem, v, 8)
         self._next_used += 1
         vq_store_release16(self._used + 2, htole16(self._next_used))
+        if self._inflight != NULL and head < self._inflight_descs:
+            # After publishing: no longer in flight, and the used index reached.
+            vq_fence_seqcst()
+            d[0] = 0
+            _wr16(self._inflight + 14, self._next_used)
         return 0
 
     cdef int needs_notification_c(self) except -1:
@@ -339,6 +382,51 @@ cdef class Queue:
         self._resubmit = heads
         self._n_resubmit = len(heads)
 
+    cdef void _inflight_release(self):
+        if self._has_inflight_view:
+            PyBuffer_Release(&self._inflight_view)
+            self._has_inflight_view = False
+        self._inflight = NULL
+        self._inflight_descs = 0
+
+    def set_inflight(self, area, counter=0):
+        """Keep vhost-user's inflight area for this queue current ("Inflight I/O
+        tracking", split rings): every popped head is marked in flight with a
+        rising counter, every used one cleared after its used index is published,
+        with the last batch linked so a crash in between can be repaired.
+        ``area`` is a writable buffer over this queue's part of the shared region
+        (header already set; heads at or above its desc_num are not tracked);
+        None stops tracking.  ``counter`` is where the counter resumes (after recovery).
+
+        Raises:
+            InvalidQueueConfig: the area is too small for its desc_num.
+        """
+        cdef Py_buffer view
+        cdef uint16_t descs
+        self._inflight_release()
+        if area is None:
+            return
+        PyObject_GetBuffer(area, &view, PyBUF_WRITABLE)
+        if view.len < 16:
+            PyBuffer_Release(&view)
+            raise InvalidQueueConfig(f"inflight area of {view.len} bytes has no header")
+        memcpy(&descs, <unsigned char *>view.buf + 10, 2)
+        descs = le16toh(descs)
+        if view.len < 16 + 16 * <Py_ssize_t>descs:
+            PyBuffer_Release(&view)
+            raise InvalidQueueConfig(
+                f"inflight area of {view.len} bytes is too small for its desc_num {descs}")
+        self._inflight_view = view
+        self._has_inflight_view = True
+        self._inflight = <unsigned char *>view.buf
+        self._inflight_descs = descs
+        self._inflight_counter = counter
+
+    @property
+    def inflight_counter(self):
+        """The counter of the last head marked in flight."""
+        return self._inflight_counter
+
     def chain_at(self, uint16_t head_index):
         """The descriptor chain that starts at ``head_index`` (rust-vmm's
         ``DescriptorChain::new``), without touching the avail ring.
@@ -352,6 +440,62 @@ cdef class Queue:
             raise InvalidDescriptorIndex(
                 f"head descriptor index {head_index} out of range (queue size {self._size})")
         return make_chain(self._snap, self._memory, self._desc, self._size, head_index)
+
+    def fill_from_fd(self, int fd, Py_ssize_t max_chains=-1):
+        """Serve chains that are one device-writable buffer each straight from ``fd``.
+
+        The compiled fast path of devices like virtio-rng (VIRTIO 1.2 §5.4): for
+        every available chain made of exactly one device-writable descriptor in
+        writable guest memory, ``read(2)`` into it (GIL released) and
+        ``add_used(head, bytes read)``.  It stops at the first chain it does not
+        serve and returns it, popped, for the caller's general path: a chain of
+        another shape, a buffer outside guest memory, or a read that gave 0 bytes
+        or failed (end of file, EAGAIN, an error: the caller decides what that
+        means).  A head index out of range is left in the ring for
+        :meth:`pop_chain` to report.
+
+        Returns ``(chains served, bytes, chain or None)``; None when the ring ran
+        dry, ``max_chains`` were served, or a bad head index is next.  Notifying
+        the driver stays the caller's (one check per batch).
+
+        Raises:
+            QueueNotReady, InvalidAvailRingIndex: as :meth:`pop_chain`.
+        """
+        cdef uint16_t head
+        cdef ChainCursor c
+        cdef vring_desc d
+        cdef unsigned char *p
+        cdef ssize_t r
+        cdef Py_ssize_t served = 0
+        cdef unsigned long long total = 0
+        while max_chains < 0 or served < max_chains:
+            if not self.pop_head(&head):
+                break
+            if head >= self._size:
+                self._next_avail -= 1   # not consumed: pop_chain reports it
+                break
+            chain_init(&c, self._desc, self._size, head)
+            p = NULL
+            if chain_next(self._snap, &c, &d) == 1 and not c.has_next \
+                    and d.flags & VRING_DESC_F_WRITE:
+                p = snap_ptr_w(self._snap, d.addr, d.len)
+            if p == NULL:
+                return served, total, make_chain(self._snap, self._memory, self._desc,
+                                                 self._size, head)
+            r = 0
+            if d.len:
+                with nogil:
+                    while True:
+                        r = read(fd, p, d.len)
+                        if r >= 0 or errno != EINTR:
+                            break
+                if r <= 0:
+                    return served, total, make_chain(self._snap, self._memory, self._desc,
+                                                     self._size, head)
+            self.add_used_c(head, <uint32_t>r)
+            served += 1
+            total += <unsigned long long>r
+        return served, total, None
 
     def pop_chain(self):
         """The next available descriptor chain, or None.

@@ -2,67 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import select
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daemon_process import DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-
-
-class DaemonProcess:
-    """``python echo_device.py SOCKET`` with its stderr watched for log lines."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        env = dict(os.environ, RUST_LOG="info", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "echo_device.py"), socket_path],
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        self.log: list[str] = []
-        self.pos = 0  # lines before this one were matched by an earlier wait_for
-        self._buf = b""
-
-    def wait_for(self, text: str, timeout: float = 10.0) -> str:
-        """Read stderr until a line containing ``text`` (poll with a timeout, no sleep)."""
-        assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        p = select.poll()
-        p.register(fd, select.POLLIN)
-        while True:
-            for i in range(self.pos, len(self.log)):
-                if text in self.log[i]:
-                    self.pos = i + 1
-                    return self.log[i]
-            if not p.poll(int(timeout * 1000)):
-                raise TimeoutError(f"daemon did not log {text!r}; log so far: {self.log[-5:]}")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise AssertionError(
-                    f"daemon exited (rc {self.proc.wait()}) before logging {text!r}: {self.log[-5:]}"
-                )
-            self._buf += chunk
-            *lines, self._buf = self._buf.split(b"\n")
-            self.log.extend(line.decode(errors="replace") for line in lines)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def terminate(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        return rc
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import os
 import struct
 
 import pytest
-from conftest import DaemonProcess
+from daemon_process import DaemonProcess
 
 from vhost_backends.frontend import Frontend
 from vhost_backends.protocol import messages as m

@@ -15,14 +15,14 @@ import socket
 import struct
 
 import pytest
-from conftest import DaemonProcess
+from daemon_process import DaemonProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_echo_daemon import serve_one
 
 from vhost_backends.protocol import messages as m
-from virtio_queue import BUILT_WITH_XEN
 from vhost_backends.protocol.codes import FrontendReq
+from virtio_queue import BUILT_WITH_XEN
 
 pytestmark = pytest.mark.slow
 

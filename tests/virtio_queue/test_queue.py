@@ -539,3 +539,114 @@ def test_queue_chain_at_walks_any_head_without_popping(mem: GuestMemory) -> None
     assert q.pop_chain() is None  # nothing was made available
     with pytest.raises(InvalidDescriptorIndex):
         q.chain_at(16)
+
+
+def _source(tmp_path: Any, data: bytes) -> int:
+    path = tmp_path / "src"
+    path.write_bytes(data)
+    return os.open(path, os.O_RDONLY)
+
+
+def test_queue_fill_from_fd_serves_single_writable_buffers(mem: GuestMemory, tmp_path: Any) -> None:
+    """VIRTIO 1.2 §5.4: each request is one device-writable buffer, filled in order."""
+    mock = MockSplitQueue(mem, 16)
+    q = mock.create_queue()
+    heads = [mock.add_chain([RawDesc(0x8000 + 0x100 * i, 16, VIRTQ_DESC_F_WRITE, 0)]) for i in range(3)]
+    fd = _source(tmp_path, bytes(range(48)))
+    try:
+        assert q.fill_from_fd(fd) == (3, 48, None)
+    finally:
+        os.close(fd)
+    assert mock.used_elems() == [(h, 16) for h in heads]
+    assert [mem.read(0x8000 + 0x100 * i, 16) for i in range(3)] == [bytes(range(16 * i, 16 * i + 16)) for i in range(3)]
+
+
+def test_queue_fill_from_fd_returns_other_shapes_to_the_caller(mem: GuestMemory, tmp_path: Any) -> None:
+    mock = MockSplitQueue(mem, 16)
+    q = mock.create_queue()
+    ok = mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+    two = mock.add_chain([RawDesc(0x9000, 8, VIRTQ_DESC_F_WRITE, 0), RawDesc(0x9100, 8, VIRTQ_DESC_F_WRITE, 0)])
+    readable = mock.add_chain([RawDesc(0xA000, 8, 0, 0)])
+    fd = _source(tmp_path, bytes(64))
+    try:
+        served, nbytes, chain = q.fill_from_fd(fd)
+        assert (served, nbytes, chain.head_index if chain else None) == (1, 8, two)
+        served, nbytes, chain = q.fill_from_fd(fd)
+        assert (served, nbytes, chain.head_index if chain else None) == (0, 0, readable)
+        guard = mem.read(0xA000, 8)
+        assert q.fill_from_fd(fd) == (0, 0, None)
+        assert mem.read(0xA000, 8) == guard  # never wrote the device-readable buffer
+    finally:
+        os.close(fd)
+    assert mock.used_elems() == [(ok, 8)]
+
+
+def test_queue_fill_from_fd_end_of_file_and_limits(mem: GuestMemory, tmp_path: Any) -> None:
+    mock = MockSplitQueue(mem, 16)
+    q = mock.create_queue()
+    first = mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+    second = mock.add_chain([RawDesc(0x9000, 8, VIRTQ_DESC_F_WRITE, 0)])
+    fd = _source(tmp_path, b"12345")
+    try:
+        assert q.fill_from_fd(fd, max_chains=1) == (1, 5, None)  # short read served
+        served, nbytes, chain = q.fill_from_fd(fd)  # end of file: the caller decides
+        assert (served, nbytes, chain.head_index if chain else None) == (0, 0, second)
+    finally:
+        os.close(fd)
+    assert mock.used_elems() == [(first, 5)]
+
+
+def test_queue_fill_from_fd_leaves_bad_head_for_pop_chain(mem: GuestMemory, tmp_path: Any) -> None:
+    """VIRTIO 1.2 §2.7.6: a head index must be below the queue size."""
+    mock = MockSplitQueue(mem, 16)
+    q = mock.create_queue()
+    mock.add_avail(99)
+    fd = _source(tmp_path, bytes(8))
+    try:
+        assert q.fill_from_fd(fd) == (0, 0, None)
+    finally:
+        os.close(fd)
+    with pytest.raises(InvalidDescriptorIndex):
+        q.pop_chain()
+
+
+def test_queue_inflight_area_tracks_pop_and_used(mem: GuestMemory) -> None:
+    """vhost-user "Inflight I/O tracking", split rings: a popped head is in flight
+    with a rising counter; a used one is linked into the last batch, then cleared
+    once used->idx is published, and the area's used_idx follows."""
+    import struct  # noqa: PLC0415
+
+    mock = MockSplitQueue(mem, 16)
+    q = mock.create_queue()
+    area = bytearray(16 + 16 * 16)
+    struct.pack_into("<QHHHH", area, 0, 0, 1, 16, 0, 0)  # features, version, desc_num
+    q.set_inflight(area, counter=41)
+    a = mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+    b = mock.add_chain([RawDesc(0x9000, 8, VIRTQ_DESC_F_WRITE, 0)])
+    ca, cb = q.pop_chain(), q.pop_chain()
+    assert ca is not None and cb is not None
+
+    def desc(head: int) -> tuple[int, int, int]:
+        inflight, nxt, counter = struct.unpack_from("<B5xHQ", area, 16 + 16 * head)
+        return inflight, nxt, counter
+
+    assert desc(a)[::2] == (1, 42) and desc(b)[::2] == (1, 43)
+    assert q.inflight_counter == 43
+    q.add_used(b, 8)
+    assert desc(b)[0] == 0 and desc(a)[0] == 1
+    _f, _v, _n, last_batch_head, used_idx = struct.unpack_from("<QHHHH", area, 0)
+    assert (last_batch_head, used_idx) == (b, 1)
+    q.add_used(a, 8)
+    assert desc(a)[:2] == (0, b)  # linked to the previous batch head
+    assert struct.unpack_from("<QHHHH", area, 0)[3:] == (a, 2)
+    q.set_inflight(None)
+    mock.add_chain([RawDesc(0xA000, 8, VIRTQ_DESC_F_WRITE, 0)])
+    assert q.pop_chain() is not None and q.inflight_counter == 43  # no longer tracked
+
+
+def test_queue_inflight_area_too_small_refused() -> None:
+    q = Queue(16)
+    area = bytearray(16 + 16 * 4)
+    area[10] = 16  # desc_num 16 needs 16 + 256 bytes
+    with pytest.raises(InvalidQueueConfig):
+        q.set_inflight(area)
