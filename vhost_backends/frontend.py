@@ -14,7 +14,6 @@ QEMU's are, so a back-end's user-address translation is exercised for real.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import select
 import socket

@@ -558,14 +558,17 @@ def test_queue_fill_from_fd_serves_single_writable_buffers(mem: GuestMemory, tmp
     finally:
         os.close(fd)
     assert mock.used_elems() == [(h, 16) for h in heads]
-    assert [mem.read(0x8000 + 0x100 * i, 16) for i in range(3)] == [bytes(range(16 * i, 16 * i + 16)) for i in range(3)]
+    got = [mem.read(0x8000 + 0x100 * i, 16) for i in range(3)]
+    assert got == [bytes(range(16 * i, 16 * i + 16)) for i in range(3)]
 
 
 def test_queue_fill_from_fd_returns_other_shapes_to_the_caller(mem: GuestMemory, tmp_path: Any) -> None:
     mock = MockSplitQueue(mem, 16)
     q = mock.create_queue()
     ok = mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
-    two = mock.add_chain([RawDesc(0x9000, 8, VIRTQ_DESC_F_WRITE, 0), RawDesc(0x9100, 8, VIRTQ_DESC_F_WRITE, 0)])
+    two = mock.add_chain(
+        [RawDesc(0x9000, 8, VIRTQ_DESC_F_WRITE, 0), RawDesc(0x9100, 8, VIRTQ_DESC_F_WRITE, 0)]
+    )
     readable = mock.add_chain([RawDesc(0xA000, 8, 0, 0)])
     fd = _source(tmp_path, bytes(64))
     try:
