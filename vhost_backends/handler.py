@@ -253,7 +253,7 @@ class VhostUserInterrupt:
         if fd >= 0:
             # A saturated counter means the front-end has a pending call anyway.
             # (try/except, not contextlib.suppress: this runs once per batch.)
-            try:
+            try:  # noqa: SIM105
                 os.eventfd_write(fd, 1)
             except BlockingIOError:
                 pass
