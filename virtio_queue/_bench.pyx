@@ -191,7 +191,8 @@ def workload_fd(Queue q not None, int fd, Py_ssize_t iters, long long offset=0, 
                 if variant == 1:
                     m = 0
                     for j in range(1, k):
-                        if <unsigned char *>iov[m].iov_base + iov[m].iov_len == <unsigned char *>iov[j].iov_base:
+                        if (<unsigned char *>iov[m].iov_base + iov[m].iov_len
+                                == <unsigned char *>iov[j].iov_base):
                             iov[m].iov_len += iov[j].iov_len
                         else:
                             m += 1
