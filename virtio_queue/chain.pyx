@@ -430,6 +430,20 @@ cdef class _Stream:
         return other
 
 
+cdef inline int _merge_iov(iovec *iov, int k) noexcept nogil:
+    """Join iovecs that are contiguous in this process (a driver often lays a chain's
+    buffers out back to back): fewer segments for the kernel, which handles up to 8
+    without allocating (UIO_FASTIOV)."""
+    cdef int i, m = 0
+    for i in range(1, k):
+        if <unsigned char *>iov[m].iov_base + iov[m].iov_len == <unsigned char *>iov[i].iov_base:
+            iov[m].iov_len += iov[i].iov_len
+        else:
+            m += 1
+            iov[m] = iov[i]
+    return m + 1 if k else 0
+
+
 cdef Reader make_reader(DescriptorChain ch):
     cdef Reader r = Reader.__new__(Reader)
     r._collect(ch, False)
@@ -522,7 +536,7 @@ cdef class Reader(_Stream):
         cdef int k, err = 0
         with nogil:
             while total < want:
-                k = self._iov(iov, IOV_BATCH, want - total, &got)
+                k = _merge_iov(iov, self._iov(iov, IOV_BATCH, want - total, &got))
                 if offset >= 0:
                     r = pwritev(fd, iov, k, <off_t>(offset + <long long>total))
                 else:
@@ -616,7 +630,7 @@ cdef class Writer(_Stream):
         cdef int k, err = 0
         with nogil:
             while total < want:
-                k = self._iov(iov, IOV_BATCH, want - total, &got)
+                k = _merge_iov(iov, self._iov(iov, IOV_BATCH, want - total, &got))
                 if offset >= 0:
                     r = preadv(fd, iov, k, <off_t>(offset + <long long>total))
                 else:
