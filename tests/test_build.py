@@ -65,8 +65,10 @@ def test_setup_bad_flag_value_exits_with_allowed_values(tmp_path: Path, flag: st
 
 def test_import_unbuilt_tree_says_how_to_build(tmp_path: Path) -> None:
     _copy_sources(tmp_path)
+    # -S: no site-packages, so an editable install of the built tree (whose import
+    # hook serves missing submodules from there) cannot mask the unbuilt copy.
     res = subprocess.run(
-        [sys.executable, "-c", "import virtio_queue"],
+        [sys.executable, "-S", "-c", "import virtio_queue"],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60, check=False,
     )
     assert res.returncode != 0
