@@ -456,6 +456,7 @@ cdef Writer make_writer(DescriptorChain ch):
     return w
 
 
+@cython.freelist(16)
 cdef class Reader(_Stream):
     """Reads the device-readable buffers of a chain as one byte stream (rust-vmm's
     ``Reader``).  Made by :meth:`DescriptorChain.reader`."""
@@ -561,6 +562,7 @@ cdef class Reader(_Stream):
         return f"<Reader available={self.avail} read={self.done}>"
 
 
+@cython.freelist(16)
 cdef class Writer(_Stream):
     """Writes into the device-writable buffers of a chain as one byte stream
     (rust-vmm's ``Writer``).  Made by :meth:`DescriptorChain.writer`.
