@@ -237,6 +237,20 @@ cdef DescriptorChain make_chain(MemorySnapshot snap, object memory, const unsign
     return ch
 
 
+cdef inline int _merge_iov(iovec *iov, int k) noexcept nogil:
+    """Join iovecs that are contiguous in this process (a driver often lays a chain's
+    buffers out back to back): fewer segments for the kernel, which handles up to 8
+    without allocating (UIO_FASTIOV)."""
+    cdef int i, m = 0
+    for i in range(1, k):
+        if <unsigned char *>iov[m].iov_base + iov[m].iov_len == <unsigned char *>iov[i].iov_base:
+            iov[m].iov_len += iov[i].iov_len
+        else:
+            m += 1
+            iov[m] = iov[i]
+    return m + 1 if k else 0
+
+
 cdef class _Stream:
     """The common cursor of Reader and Writer: an array of host iovecs, a position
     and a byte budget (``avail``) that bounds every operation."""
@@ -369,6 +383,41 @@ cdef class _Stream:
         self.done += total
         return total
 
+    cdef size_t _fd_io(self, int fd, Py_ssize_t n, long long offset, bint reading) except? 0:
+        """Move up to ``n`` bytes (all if -1) between the buffers and ``fd``:
+        ``readv``/``preadv`` into them when ``reading``, else ``writev``/``pwritev``
+        out of them, at ``offset`` if >= 0; GIL released.  Short counts (end of
+        file, a full or empty pipe or socket, EAGAIN) end the call; EINTR is
+        retried; an error after some bytes moved reports the bytes (the cursor
+        has moved past them, the error shows again on the next call)."""
+        cdef iovec iov[IOV_BATCH]
+        cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
+        cdef size_t total = 0, got
+        cdef ssize_t r
+        cdef int k, err = 0
+        with nogil:
+            while total < want:
+                k = _merge_iov(iov, self._iov(iov, IOV_BATCH, want - total, &got))
+                if reading:
+                    r = (preadv(fd, iov, k, <off_t>(offset + <long long>total)) if offset >= 0
+                         else readv(fd, iov, k))
+                else:
+                    r = (pwritev(fd, iov, k, <off_t>(offset + <long long>total)) if offset >= 0
+                         else writev(fd, iov, k))
+                if r < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno != EAGAIN:
+                        err = errno
+                    break
+                self._advance(<size_t>r)
+                total += <size_t>r
+                if <size_t>r < got:
+                    break
+        if err and total == 0:
+            raise OSError(err, os.strerror(err))
+        return total
+
     def available_bytes(self):
         """Bytes left to read (Reader) or to fill (Writer)."""
         return self.avail
@@ -428,20 +477,6 @@ cdef class _Stream:
         self.idx, self.off, self.done = save_idx, save_off, save_done
         self.avail = <size_t>offset
         return other
-
-
-cdef inline int _merge_iov(iovec *iov, int k) noexcept nogil:
-    """Join iovecs that are contiguous in this process (a driver often lays a chain's
-    buffers out back to back): fewer segments for the kernel, which handles up to 8
-    without allocating (UIO_FASTIOV)."""
-    cdef int i, m = 0
-    for i in range(1, k):
-        if <unsigned char *>iov[m].iov_base + iov[m].iov_len == <unsigned char *>iov[i].iov_base:
-            iov[m].iov_len += iov[i].iov_len
-        else:
-            m += 1
-            iov[m] = iov[i]
-    return m + 1 if k else 0
 
 
 cdef Reader make_reader(DescriptorChain ch):
@@ -530,33 +565,7 @@ cdef class Reader(_Stream):
         Raises:
             OSError: any other error of the system call, if nothing was written.
         """
-        cdef iovec iov[IOV_BATCH]
-        cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
-        cdef size_t total = 0, got
-        cdef ssize_t r
-        cdef int k, err = 0
-        with nogil:
-            while total < want:
-                k = _merge_iov(iov, self._iov(iov, IOV_BATCH, want - total, &got))
-                if offset >= 0:
-                    r = pwritev(fd, iov, k, <off_t>(offset + <long long>total))
-                else:
-                    r = writev(fd, iov, k)
-                if r < 0:
-                    if errno == EINTR:
-                        continue
-                    if errno != EAGAIN:
-                        err = errno
-                    break
-                self._advance(<size_t>r)
-                total += <size_t>r
-                if <size_t>r < got:
-                    break
-        # An error after some bytes moved reports the bytes (the cursor has moved
-        # past them); the error shows again on the next call.
-        if err and total == 0:
-            raise OSError(err, os.strerror(err))
-        return total
+        return self._fd_io(fd, n, offset, False)
 
     def __repr__(self):
         return f"<Reader available={self.avail} read={self.done}>"
@@ -625,33 +634,7 @@ cdef class Writer(_Stream):
         Raises:
             OSError: any other error of the system call, if nothing was read.
         """
-        cdef iovec iov[IOV_BATCH]
-        cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
-        cdef size_t total = 0, got
-        cdef ssize_t r
-        cdef int k, err = 0
-        with nogil:
-            while total < want:
-                k = _merge_iov(iov, self._iov(iov, IOV_BATCH, want - total, &got))
-                if offset >= 0:
-                    r = preadv(fd, iov, k, <off_t>(offset + <long long>total))
-                else:
-                    r = readv(fd, iov, k)
-                if r < 0:
-                    if errno == EINTR:
-                        continue
-                    if errno != EAGAIN:
-                        err = errno
-                    break
-                self._advance(<size_t>r)
-                total += <size_t>r
-                if <size_t>r < got:
-                    break
-        # An error after some bytes moved reports the bytes (the cursor has moved
-        # past them); the error shows again on the next call.
-        if err and total == 0:
-            raise OSError(err, os.strerror(err))
-        return total
+        return self._fd_io(fd, n, offset, True)
 
     def __repr__(self):
         return f"<Writer available={self.avail} written={self.done}>"
