@@ -196,11 +196,18 @@ class RngDevice(VirtioDevice):
                         chain = None
                         if self.max_bytes is None:
                             # No rate limit: the compiled fast path fills well-formed
-                            # requests straight from the source; whatever it does not
-                            # serve comes back for the general path below.
-                            n, b, chain = queue.fill_from_fd(self.source.fileno())
+                            # requests straight from the source, suppressing
+                            # notifications itself; whatever it does not serve comes
+                            # back for the general path below.
+                            n, b, chain = queue.fill_from_fd(self.source.fileno(), suppress=True)
                             served += n
                             nbytes += b
+                            if chain is None:
+                                # Empty with notifications on again, or a bad head
+                                # index next, which pop_chain reports.
+                                chain = queue.pop_chain()
+                                if chain is None:
+                                    return
                         # Only a chain that is there may start a window or wait for
                         # one: upstream checks the limit when a request arrives.
                         elif queue.pending() == 0:

@@ -43,5 +43,7 @@ cdef class Queue:
     cdef int pop_head(self, uint16_t *head) except -1
     cdef int add_used_c(self, uint16_t head, uint32_t length) except -1
     cdef int needs_notification_c(self) except -1
+    cdef int enable_notification_c(self) except -1
+    cdef int disable_notification_c(self) except -1
     cdef void _inflight_popped(self, uint16_t head) noexcept nogil
     cdef void _inflight_release(self)

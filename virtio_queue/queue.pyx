@@ -441,7 +441,7 @@ cdef class Queue:
                 f"head descriptor index {head_index} out of range (queue size {self._size})")
         return make_chain(self._snap, self._memory, self._desc, self._size, head_index)
 
-    def fill_from_fd(self, int fd, Py_ssize_t max_chains=-1):
+    def fill_from_fd(self, int fd, Py_ssize_t max_chains=-1, bint suppress=False):
         """Serve chains that are one device-writable buffer each straight from ``fd``.
 
         The compiled fast path of devices like virtio-rng (VIRTIO 1.2 §5.4): for
@@ -453,6 +453,11 @@ cdef class Queue:
         or failed (end of file, EAGAIN, an error: the caller decides what that
         means).  A head index out of range is left in the ring for
         :meth:`pop_chain` to report.
+
+        With ``suppress``, the whole drain follows VIRTIO 1.2 §2.7.10 as well:
+        notifications are disabled while draining and re-enabled once the ring is
+        empty, draining again if chains arrived meanwhile (they stay disabled when
+        a chain is returned: the caller is still draining).
 
         Returns ``(chains served, bytes, chain or None)``; None when the ring ran
         dry, ``max_chains`` were served, or a bad head index is next.  Notifying
@@ -468,33 +473,41 @@ cdef class Queue:
         cdef ssize_t r
         cdef Py_ssize_t served = 0
         cdef unsigned long long total = 0
-        while max_chains < 0 or served < max_chains:
-            if not self.pop_head(&head):
-                break
-            if head >= self._size:
-                self._next_avail -= 1   # not consumed: pop_chain reports it
-                break
-            chain_init(&c, self._desc, self._size, head)
-            p = NULL
-            if chain_next(self._snap, &c, &d) == 1 and not c.has_next \
-                    and d.flags & VRING_DESC_F_WRITE:
-                p = snap_ptr_w(self._snap, d.addr, d.len)
-            if p == NULL:
-                return served, total, make_chain(self._snap, self._memory, self._desc,
-                                                 self._size, head)
-            r = 0
-            if d.len:
-                with nogil:
-                    while True:
-                        r = read(fd, p, d.len)
-                        if r >= 0 or errno != EINTR:
-                            break
-                if r <= 0:
+        cdef bint dry
+        while True:
+            if suppress:
+                self.disable_notification_c()
+            dry = False
+            while max_chains < 0 or served < max_chains:
+                if not self.pop_head(&head):
+                    dry = True
+                    break
+                if head >= self._size:
+                    self._next_avail -= 1   # not consumed: pop_chain reports it
+                    break
+                chain_init(&c, self._desc, self._size, head)
+                p = NULL
+                if chain_next(self._snap, &c, &d) == 1 and not c.has_next \
+                        and d.flags & VRING_DESC_F_WRITE:
+                    p = snap_ptr_w(self._snap, d.addr, d.len)
+                if p == NULL:
                     return served, total, make_chain(self._snap, self._memory, self._desc,
                                                      self._size, head)
-            self.add_used_c(head, <uint32_t>r)
-            served += 1
-            total += <unsigned long long>r
+                r = 0
+                if d.len:
+                    with nogil:
+                        while True:
+                            r = read(fd, p, d.len)
+                            if r >= 0 or errno != EINTR:
+                                break
+                    if r <= 0:
+                        return served, total, make_chain(self._snap, self._memory, self._desc,
+                                                         self._size, head)
+                self.add_used_c(head, <uint32_t>r)
+                served += 1
+                total += <unsigned long long>r
+            if not (suppress and dry) or not self.enable_notification_c():
+                break
         return served, total, None
 
     def pop_chain(self):
@@ -536,9 +549,7 @@ cdef class Queue:
         honours VRING_AVAIL_F_NO_INTERRUPT."""
         return self.needs_notification_c() != 0
 
-    def enable_notification(self):
-        """Ask the driver to kick again (VIRTIO 1.2 §2.7.10); returns True if chains
-        are already available, so the caller must drain again instead of waiting."""
+    cdef int enable_notification_c(self) except -1:
         cdef uint16_t flags
         self.ensure_ready()
         if self._event_idx:
@@ -551,12 +562,21 @@ cdef class Queue:
         vq_fence_seqcst()
         return le16toh(vq_load_acquire16(self._avail + 2)) != self._next_avail
 
-    def disable_notification(self):
-        """Tell the driver not to kick while we drain (no-op with EVENT_IDX, where
-        not updating avail_event has that effect)."""
+    cdef int disable_notification_c(self) except -1:
         self.ensure_ready()
         if not self._event_idx:
             _wr16(self._used, _rd16(self._used) | VRING_USED_F_NO_NOTIFY)
+        return 0
+
+    def enable_notification(self):
+        """Ask the driver to kick again (VIRTIO 1.2 §2.7.10); returns True if chains
+        are already available, so the caller must drain again instead of waiting."""
+        return self.enable_notification_c() != 0
+
+    def disable_notification(self):
+        """Tell the driver not to kick while we drain (no-op with EVENT_IDX, where
+        not updating avail_event has that effect)."""
+        self.disable_notification_c()
 
     def __repr__(self):
         return (f"<Queue size={self._size}/{self._max_size} ready={self._ready} "

@@ -653,3 +653,24 @@ def test_queue_inflight_area_too_small_refused() -> None:
     area[10] = 16  # desc_num 16 needs 16 + 256 bytes
     with pytest.raises(InvalidQueueConfig):
         q.set_inflight(area)
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_queue_fill_from_fd_suppress_reenables_notifications(
+    mem: GuestMemory, tmp_path: Any, event_idx: bool
+) -> None:
+    """VIRTIO 1.2 §2.7.10: after draining, the device asks for kicks again."""
+    mock = MockSplitQueue(mem, 16)
+    q = mock.create_queue()
+    q.event_idx = event_idx
+    for i in range(3):
+        mock.add_chain([RawDesc(0x8000 + 0x100 * i, 8, VIRTQ_DESC_F_WRITE, 0)])
+    fd = _source(tmp_path, bytes(64))
+    try:
+        assert q.fill_from_fd(fd, suppress=True) == (3, 24, None)
+    finally:
+        os.close(fd)
+    used_flags = mem.read_u16(q.used_ring)
+    assert used_flags & VRING_USED_F_NO_NOTIFY == 0
+    if event_idx:
+        assert mem.read_u16(q.used_ring + 4 + 8 * q.size) == q.next_avail() == 3
