@@ -134,6 +134,7 @@ cdef class _Stream:
     cdef size_t copy_out(self, unsigned char *dst, size_t n) noexcept nogil
     cdef size_t copy_in(self, const unsigned char *src, size_t n) noexcept nogil
     cdef object _split(self, _Stream other, Py_ssize_t offset)
+    cdef size_t _copy_py(self, object buffer, bint into_guest, bint exact) except? 0
     cdef size_t _fd_io(self, int fd, Py_ssize_t n, long long offset, bint reading) except? 0
 
 

@@ -10,7 +10,6 @@ to/from a file descriptor with ``readv``/``writev`` (GIL released).
 """
 
 import os
-import struct
 
 cimport cython
 from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
@@ -24,7 +23,7 @@ from posix.uio cimport iovec, readv, writev
 
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
 from virtio_queue.includes.vq_copy cimport vq_copy
-from virtio_queue.memory cimport MemorySnapshot, make_view, snap_ptr, snap_ptr_w
+from virtio_queue.memory cimport MemorySnapshot, make_view, snap_ptr, snap_ptr_w, struct_for
 
 from virtio_queue.errors import (DescriptorChainOverflow, GuestMemoryError, InvalidChain,
                                  InvalidDescriptorIndex, InvalidIndirectDescriptor)
@@ -418,6 +417,32 @@ cdef class _Stream:
             raise OSError(err, os.strerror(err))
         return total
 
+    cdef size_t _copy_py(self, object buffer, bint into_guest, bint exact) except? 0:
+        """Copy between the guest buffers and a Python buffer (into the guest for a
+        Writer, out of it for a Reader); ``exact``: all of the buffer or nothing
+        (DescriptorChainOverflow).  The GIL is released for long copies."""
+        cdef Py_buffer view
+        cdef size_t got
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE if into_guest else PyBUF_WRITABLE)
+        try:
+            if exact and <size_t>view.len > self.avail:
+                raise DescriptorChainOverflow(
+                    f"{'write' if into_guest else 'read'} of {view.len} bytes exceeds the "
+                    f"{self.avail} {'device-writable' if into_guest else 'available'} bytes "
+                    "of the chain")
+            if <size_t>view.len >= NOGIL_COPY_MIN:
+                with nogil:
+                    got = (self.copy_in(<const unsigned char *>view.buf, <size_t>view.len)
+                           if into_guest else
+                           self.copy_out(<unsigned char *>view.buf, <size_t>view.len))
+            elif into_guest:
+                got = self.copy_in(<const unsigned char *>view.buf, <size_t>view.len)
+            else:
+                got = self.copy_out(<unsigned char *>view.buf, <size_t>view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return got
+
     def available_bytes(self):
         """Bytes left to read (Reader) or to fill (Writer)."""
         return self.avail
@@ -511,34 +536,11 @@ cdef class Reader(_Stream):
 
     def readinto(self, buffer):
         """Fill ``buffer`` with as many bytes as are left; returns the count."""
-        cdef Py_buffer view
-        cdef size_t got
-        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
-        try:
-            if <size_t>view.len >= NOGIL_COPY_MIN:
-                with nogil:
-                    got = self.copy_out(<unsigned char *>view.buf, <size_t>view.len)
-            else:
-                got = self.copy_out(<unsigned char *>view.buf, <size_t>view.len)
-        finally:
-            PyBuffer_Release(&view)
-        return got
+        return self._copy_py(buffer, False, False)
 
     def read_exact_into(self, buffer):
         """Fill all of ``buffer``, or raise DescriptorChainOverflow and read nothing."""
-        cdef Py_buffer view
-        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
-        try:
-            if <size_t>view.len > self.avail:
-                raise DescriptorChainOverflow(
-                    f"read of {view.len} bytes exceeds the {self.avail} bytes available")
-            if <size_t>view.len >= NOGIL_COPY_MIN:
-                with nogil:
-                    self.copy_out(<unsigned char *>view.buf, <size_t>view.len)
-            else:
-                self.copy_out(<unsigned char *>view.buf, <size_t>view.len)
-        finally:
-            PyBuffer_Release(&view)
+        self._copy_py(buffer, False, True)
 
     def read_obj(self, str fmt):
         """Read a little-endian struct (``struct`` format without byte-order prefix).
@@ -546,7 +548,7 @@ cdef class Reader(_Stream):
         Raises:
             DescriptorChainOverflow: fewer bytes are left than the struct needs.
         """
-        st = _struct("<" + fmt)
+        st = struct_for(fmt)
         cdef Py_ssize_t size = st.size
         if <size_t>size > self.avail:
             raise DescriptorChainOverflow(
@@ -587,39 +589,15 @@ cdef class Writer(_Stream):
 
     def write(self, data):
         """Write as much of ``data`` as fits; returns the count."""
-        cdef Py_buffer view
-        cdef size_t got
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            if <size_t>view.len >= NOGIL_COPY_MIN:
-                with nogil:
-                    got = self.copy_in(<const unsigned char *>view.buf, <size_t>view.len)
-            else:
-                got = self.copy_in(<const unsigned char *>view.buf, <size_t>view.len)
-        finally:
-            PyBuffer_Release(&view)
-        return got
+        return self._copy_py(data, True, False)
 
     def write_all(self, data):
         """Write all of ``data``, or raise DescriptorChainOverflow and write nothing."""
-        cdef Py_buffer view
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            if <size_t>view.len > self.avail:
-                raise DescriptorChainOverflow(
-                    f"write of {view.len} bytes exceeds the {self.avail} device-writable "
-                    "bytes of the chain")
-            if <size_t>view.len >= NOGIL_COPY_MIN:
-                with nogil:
-                    self.copy_in(<const unsigned char *>view.buf, <size_t>view.len)
-            else:
-                self.copy_in(<const unsigned char *>view.buf, <size_t>view.len)
-        finally:
-            PyBuffer_Release(&view)
+        self._copy_py(data, True, True)
 
     def write_obj(self, str fmt, *values):
         """Write a little-endian struct, all of it or nothing."""
-        self.write_all(_struct("<" + fmt).pack(*values))
+        self.write_all(struct_for(fmt).pack(*values))
 
     def split_at(self, Py_ssize_t offset):
         """Keep the first ``offset`` bytes; return a Writer over the rest."""
@@ -638,13 +616,3 @@ cdef class Writer(_Stream):
 
     def __repr__(self):
         return f"<Writer available={self.avail} written={self.done}>"
-
-
-_structs = {}
-
-
-cdef object _struct(str fmt):
-    st = _structs.get(fmt)
-    if st is None:
-        st = _structs[fmt] = struct.Struct(fmt)
-    return st

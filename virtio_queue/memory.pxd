@@ -94,3 +94,4 @@ cdef inline unsigned char *snap_ptr_w(MemorySnapshot s, uint64_t gpa, uint64_t l
 
 cdef unsigned char *gm_ptr(GuestMemory m, uint64_t gpa, uint64_t length, bint write) except NULL
 cdef object make_view(MemorySnapshot snap, unsigned char *ptr, Py_ssize_t length, bint readonly)
+cdef object struct_for(str fmt)

@@ -413,12 +413,12 @@ cdef class GuestMemory:
 
     def read_obj(self, uint64_t gpa, str fmt):
         """Unpack a little-endian struct (``struct`` format, no byte-order prefix)."""
-        st = _struct("<" + fmt)
+        st = struct_for(fmt)
         return st.unpack(self.read(gpa, st.size))
 
     def write_obj(self, uint64_t gpa, str fmt, *values):
         """Pack a little-endian struct into guest memory."""
-        self.write(gpa, _struct("<" + fmt).pack(*values))
+        self.write(gpa, struct_for(fmt).pack(*values))
 
     def get_slice(self, uint64_t gpa, Py_ssize_t length):
         """A memoryview straight into guest memory (no copy).  It keeps the region
@@ -443,8 +443,9 @@ cdef class GuestMemory:
 _structs = {}
 
 
-cdef object _struct(str fmt):
+cdef object struct_for(str fmt):
+    """The cached little-endian ``struct.Struct`` of ``fmt`` (no byte-order prefix)."""
     st = _structs.get(fmt)
     if st is None:
-        st = _structs[fmt] = struct.Struct(fmt)
+        st = _structs[fmt] = struct.Struct("<" + fmt)
     return st
