@@ -13,7 +13,6 @@ QEMU's are, so a back-end's user-address translation is exercised for real.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import select
 import socket
@@ -240,7 +239,7 @@ class Frontend:
         """The description as sent: the Xen variant (UNIX mapping, domid 0) once
         XEN_MMAP was negotiated."""
         if self.protocol_features & PF.XEN_MMAP and desc.xen_mmap_flags is None:
-            return dataclasses.replace(desc, xen_mmap_flags=0, domid=0)
+            return desc._replace(xen_mmap_flags=0, domid=0)
         return desc
 
     def set_mem_table(self) -> None:

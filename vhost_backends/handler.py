@@ -35,12 +35,15 @@ import mmap
 import os
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import xen.flags
 
 from virtio_devices.base import VIRTIO_RING_F_EVENT_IDX, VirtioDevice
 from virtio_queue import BUILT_WITH_XEN, GuestMemory, GuestRegion, Queue
 from virtio_queue.errors import GuestMemoryError, QueueError
 from virtio_queue.ratelimit import RateLimiter
-from xen.flags import XenSys, map_region
 
 from .connection import Connection, Message
 from .event_loop import EventLoop
@@ -280,7 +283,7 @@ class VhostUserHandler:
         *,
         name: str = "vhost-user",
         xen: bool = BUILT_WITH_XEN,
-        xen_sys: XenSys | None = None,
+        xen_sys: xen.flags.XenSys | None = None,
     ) -> None:
         self.device = device
         self.conn = conn
@@ -478,6 +481,8 @@ class VhostUserHandler:
             # A Xen build maps every region as its xen mmap flags say (foreign through
             # privcmd, grant through gntdev, or plain mmap for UNIX); the flags are
             # validated there (xen.flags.validate_flags: rust-vmm's rules).
+            from xen.flags import map_region  # noqa: PLC0415 - a Xen build's path only
+
             try:
                 return map_region(
                     fd, desc.size, desc.guest_addr, desc.mmap_offset,

@@ -16,9 +16,9 @@ Example::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from virtio_devices.errors import RngError
 from virtio_devices.hosts.files import FileEntropySource
@@ -78,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """A validated ``vhost-device-rng`` configuration (upstream's ``VuRngConfig``).
 
     ``max_bytes`` is already the per-socket share: ``--max-bytes`` divided by the
@@ -88,7 +87,7 @@ class Config:
 
     period_ms: int
     max_bytes: int
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count: never used as a sequence
     socket_path: str
     rng_source: str
 

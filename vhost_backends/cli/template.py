@@ -13,10 +13,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from virtio_devices.template import TemplateDevice
 
@@ -40,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """A validated ``vhost-device-template`` configuration (upstream's ``FooConfiguration``)."""
 
     socket_path: str

@@ -17,7 +17,7 @@ import contextlib
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .codes import (
     INFLIGHT_ALIGNMENT,
@@ -121,8 +121,9 @@ _U64_MAX = (1 << 64) - 1
 
 
 # -- records ------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Header:
+# Immutable records as NamedTuples rather than frozen dataclasses: importing
+# dataclasses (and with it inspect and ast) costs a daemon ~10 ms of start-up.
+class Header(NamedTuple):
     """A validated message header."""
 
     request: int
@@ -138,19 +139,17 @@ class Header:
         return bool(self.flags & _NEED_REPLY)
 
 
-@dataclass(frozen=True, slots=True)
-class VringState:
+class VringState(NamedTuple):
     """SET_VRING_NUM/BASE/ENABLE payload and GET_VRING_BASE reply."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index: never used as a sequence
     num: int
 
 
-@dataclass(frozen=True, slots=True)
-class VringAddr:
+class VringAddr(NamedTuple):
     """SET_VRING_ADDR payload: front-end user addresses of the three ring parts."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index: never used as a sequence
     flags: int
     descriptor: int
     used: int
@@ -158,8 +157,7 @@ class VringAddr:
     log: int
 
 
-@dataclass(frozen=True, slots=True)
-class MemoryRegion:
+class MemoryRegion(NamedTuple):
     """One memory region descriptor ("Memory regions description").
 
     ``xen_mmap_flags`` and ``domid`` are only present in the Xen variant
@@ -204,8 +202,7 @@ class MemoryRegion:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigMsg:
+class ConfigMsg(NamedTuple):
     """GET_CONFIG / SET_CONFIG payload."""
 
     offset: int
@@ -214,8 +211,7 @@ class ConfigMsg:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Inflight:
+class Inflight(NamedTuple):
     """GET/SET_INFLIGHT_FD payload ("Inflight description")."""
 
     mmap_size: int
@@ -227,8 +223,7 @@ class Inflight:
         return INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
 
 
-@dataclass(frozen=True, slots=True)
-class Log:
+class Log(NamedTuple):
     """SET_LOG_BASE payload ("Log description")."""
 
     mmap_size: int
