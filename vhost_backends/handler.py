@@ -112,8 +112,9 @@ class InflightQueueRegion:
 
     Layout: ``features u64, version u16, desc_num u16, last_batch_head u16,
     used_idx u16`` then ``desc_num`` × ``DescStateSplit {inflight u8, padding[5],
-    next u16, counter u64}``.  The back-end keeps it current so that a back-end
-    restarted with SET_INFLIGHT_FD finds what was in flight.
+    next u16, counter u64}``.  While a ring runs, the compiled Queue keeps the area
+    current (Queue.set_inflight); this class sets it up and, when a back-end is
+    restarted with SET_INFLIGHT_FD, reads what was in flight (:meth:`recover`).
     """
 
     VERSION = 1
@@ -151,29 +152,6 @@ class InflightQueueRegion:
         m.INFLIGHT_DESC.pack_into(
             self.buf, m.INFLIGHT_QUEUE_HEADER.size + m.INFLIGHT_DESC.size * head, inflight, nxt, counter
         )
-
-    # the spec's three procedures
-    def mark_available(self, head: int) -> None:
-        """A head was popped: ``inflight = 1`` with the next counter value."""
-        self.counter += 1
-        _i, nxt, _c = self.desc(head)
-        self._set_desc(head, 1, nxt, self.counter)
-
-    def prepare_used(self, head: int) -> None:
-        """Before a head is published in the used ring: link it into the last batch
-        (``next = last_batch_head``, ``last_batch_head = head``), steps 2-3."""
-        _f, _v, _d, last_batch_head, used_idx = self.header()
-        inflight, _n, counter = self.desc(head)
-        self._set_desc(head, inflight, last_batch_head, counter)
-        self._set_header(head, used_idx)
-
-    def commit_used(self, head: int, ring_used_idx: int) -> None:
-        """After the used ring's idx was published: clear ``inflight`` and record
-        the idx (steps 5-6).  A crash between the two leaves ``used_idx`` behind,
-        which :meth:`recover` detects."""
-        _i, nxt, counter = self.desc(head)
-        self._set_desc(head, 0, nxt, counter)
-        self._set_header(head, ring_used_idx)
 
     def recover(self, ring_used_idx: int) -> list[int]:
         """On reconnect: fix up the last batch, then return the heads still in flight,

@@ -404,6 +404,24 @@ def test_handler_xen_unix_flag_region_is_plain_mmap() -> None:
     sess.finish()
 
 
+class DeadBackendArea(InflightQueueRegion):
+    """Writes an inflight area the way a previous back-end left it, one step of the
+    spec's procedure at a time (the running daemon does this in compiled code)."""
+
+    def mark_available(self, head: int) -> None:
+        """A head was popped: ``inflight = 1`` with the next counter value."""
+        self.counter += 1
+        _i, nxt, _c = self.desc(head)
+        self._set_desc(head, 1, nxt, self.counter)
+
+    def prepare_used(self, head: int) -> None:
+        """Before publishing a head: ``next = last_batch_head``, ``last_batch_head = head``."""
+        _f, _v, _d, last_batch_head, used_idx = self.header()
+        inflight, _n, counter = self.desc(head)
+        self._set_desc(head, inflight, last_batch_head, counter)
+        self._set_header(head, used_idx)
+
+
 # -- inflight I/O tracking ----------------------------------------------------------------
 def test_inflight_area_layout_and_tracking(s: Session) -> None:
     s.fe.negotiate()
@@ -447,7 +465,7 @@ def test_inflight_resubmitted_after_reconnect() -> None:
             sess.fe.memory.write(src, text.ljust(8, b"."))
             mock.add_chain([RawDesc(src, 8, 0, 0), RawDesc(dst, 8, WRITE, 0)])
             bufs.append(dst)
-        area = InflightQueueRegion(memoryview(bytearray(m.inflight_queue_size(64))), 64)
+        area = DeadBackendArea(memoryview(bytearray(m.inflight_queue_size(64))), 64)
         area.buf[:] = os.pread(ifd, m.inflight_queue_size(64), 0)
         area.mark_available(0)
         area.mark_available(2)  # heads are 0 and 2 (two descriptors each)
@@ -474,7 +492,7 @@ def test_inflight_resubmitted_after_reconnect() -> None:
 
 
 def test_inflight_recover_fixes_the_last_batch() -> None:
-    area = InflightQueueRegion(memoryview(bytearray(m.inflight_queue_size(8))), 8)
+    area = DeadBackendArea(memoryview(bytearray(m.inflight_queue_size(8))), 8)
     area.init_header(0)
     for head in (1, 3, 5):
         area.mark_available(head)
