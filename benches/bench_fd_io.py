@@ -21,6 +21,10 @@ def test_fd_writer_read_from_fd(figure: Any) -> None:
     figure(W.make_fd_writer(16), ITERS, ref="preadv", group="fd")
 
 
+def test_fd_writer_read_from_fd_spread(figure: Any) -> None:
+    figure(W.make_fd_writer(16, spread=True), ITERS, ref="preadv", group="fd")
+
+
 def test_fd_preadv_c_reference(figure: Any) -> None:
     figure(W.make_fd_preadv_c(1), ITERS, ref="preadv", group="fd")
 

@@ -4,7 +4,9 @@ page+1, page+16, a plain bytearray), against a page-aligned glibc memcpy of the 
 bytes measured in the same run (goal: >= 0.8x everywhere).  Also glibc memcpy and our
 vq_copy at those placements (glibc's `rep movsb` path collapses at some relative
 alignments: the reason for vq_copy), the Python-API variant of C (information), and a
-correctness check of vq_copy at every small size and alignment.
+correctness check of vq_copy at every small size and alignment.  The anchor's
+16 buffers are back to back in guest memory, which the Reader/Writer joins into
+one segment; the "spread" figures leave a page between them (nothing to join).
 """
 
 from __future__ import annotations
@@ -47,6 +49,18 @@ def test_c_cython(figure: Any, device_writes: bool, ndesc: int, placement: str) 
         ITERS,
         ref="memcpy",
         group=f"C-{'W' if device_writes else 'R'}{ndesc}",
+    )
+
+
+@pytest.mark.parametrize("placement", W.ALIGNMENTS)
+@pytest.mark.parametrize("device_writes", [True, False], ids=["Writer", "Reader"])
+def test_c_cython_spread(figure: Any, device_writes: bool, placement: str) -> None:
+    """16 buffers that are not back to back: no segment joining (information)."""
+    figure(
+        W.make_c_cython(16, device_writes, placement, spread=True),
+        ITERS,
+        ref="memcpy",
+        group=f"C-{'W' if device_writes else 'R'}16s",
     )
 
 

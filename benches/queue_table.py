@@ -78,6 +78,16 @@ def rows() -> list[Row]:
                         anchor=f"C-{'W' if dw else 'R'}{nd}" if pl == "pg" else None,
                     )
                 )
+    for dw in (True, False):
+        for pl in W.ALIGNMENTS:
+            out.append(
+                Row(
+                    "Cs",
+                    (lambda dw=dw, pl=pl: W.make_c_cython(16, dw, pl, spread=True)),
+                    ref="memcpy",
+                    info=True,
+                )
+            )
     out.append(Row("copy", lambda: W.make_memcpy("pg", True, "vq"), ref="memcpy", info=True))
     for pl in ("+1", "+16", "ba"):
         for to_host in (True, False):
@@ -98,6 +108,7 @@ def rows() -> list[Row]:
             )
     out.append(Row("fd", W.make_fd_preadv))
     out.append(Row("fd", lambda: W.make_fd_writer(16), ref="preadv", goal=("ref", 0.9)))
+    out.append(Row("fd", lambda: W.make_fd_writer(16, spread=True), ref="preadv", info=True))
     out.append(Row("fd", lambda: W.make_fd_preadv_c(1), ref="preadv", info=True))
     out.append(Row("fd", lambda: W.make_fd_preadv_c(16), ref="preadv-c1", info=True))
     out.append(Row("fd", lambda: W.make_fd_writer_cython(16), ref="preadv-c1", info=True))
@@ -109,6 +120,7 @@ def rows() -> list[Row]:
 SECTION_TITLES = {
     "A": "Workload A/B: pop + add_used of 1-descriptor chains (queue 256, batches of 256), Mchains/s",
     "C": "Workload C: 64 KiB through Writer/Reader, Cython level, GB/s (ratio vs page-aligned memcpy)",
+    "Cs": "Workload C with the 16 buffers spread (a page unused after each: nothing to join), information",
     "copy": "Copy routines, 64 KiB, GB/s (G = page-aligned guest side, H = host buffer)",
     "Cpy": "Workload C through the Python API (information)",
     "fd": "fd I/O: 64 KiB file in the page cache -> 16-descriptor chain, GB/s",

@@ -262,43 +262,76 @@ def make_a0_python() -> Workload:
 # ------------------------------------------------------------------ C
 
 
-def _big_chain(ndesc: int, device_writes: bool) -> tuple[GuestMemory, mmap.mmap, MockSplitQueue]:
+# A "spread" chain leaves one page unused after every buffer, so that no two
+# buffers are back to back in guest memory: the Reader/Writer cannot join them
+# into one segment and pays the per-descriptor cost the anchor's layout hides.
+SPREAD_GAP = 4096
+
+
+def _segs(ndesc: int, spread: bool = False) -> list[tuple[int, int]]:
+    part = BIG_LEN // ndesc
+    stride = part + (SPREAD_GAP if spread else 0)
+    return [(BIG_BUF + stride * i, part) for i in range(ndesc)]
+
+
+def _guest_read(mem: GuestMemory, segs: list[tuple[int, int]]) -> bytes:
+    return b"".join(mem.read(g, n) for g, n in segs)
+
+
+def _guest_write(mem: GuestMemory, segs: list[tuple[int, int]], data: bytes) -> None:
+    off = 0
+    for g, n in segs:
+        mem.write(g, data[off : off + n])
+        off += n
+
+
+def _big_chain(
+    ndesc: int, device_writes: bool, spread: bool = False
+) -> tuple[GuestMemory, mmap.mmap, MockSplitQueue]:
     mem, buf = guest_memory()
+    segs = _segs(ndesc, spread)
+    end = segs[-1][0] + segs[-1][1]
     mock = MockSplitQueue(
         mem,
         QSIZE,
         desc_table=DESC_TABLE,
         avail_ring=AVAIL_RING,
         used_ring=USED_RING,
-        data_addr=BIG_BUF + BIG_LEN,
+        data_addr=(end + 4095) & ~4095,
     )
-    part = BIG_LEN // ndesc
     descs = []
-    for i in range(ndesc):
+    for i, (gpa, n) in enumerate(segs):
         flags = (VIRTQ_DESC_F_NEXT if i + 1 < ndesc else 0) | (VIRTQ_DESC_F_WRITE if device_writes else 0)
-        descs.append(RawDesc(BIG_BUF + part * i, part, flags, i + 1 if i + 1 < ndesc else 0))
+        descs.append(RawDesc(gpa, n, flags, i + 1 if i + 1 < ndesc else 0))
     mock.write_descs(0, descs)
     if not device_writes:
-        mem.write(BIG_BUF, pattern(BIG_LEN, 13, 1))
+        _guest_write(mem, segs, pattern(BIG_LEN, 13, 1))
     return mem, buf, mock
 
 
 def _check_c(
-    mem: GuestMemory, mock: MockSplitQueue, host: memoryview, device_writes: bool, one: Callable[[], None]
+    mem: GuestMemory,
+    mock: MockSplitQueue,
+    host: memoryview,
+    device_writes: bool,
+    one: Callable[[], None],
+    *,
+    segs: list[tuple[int, int]],
 ) -> None:
     used0 = mock.used_idx()
     if device_writes:
-        mem.write(BIG_BUF, b"\0" * BIG_LEN)
+        _guest_write(mem, segs, b"\0" * BIG_LEN)
     else:
         host[:] = b"\0" * BIG_LEN
     one()
-    assert mem.read(BIG_BUF, BIG_LEN) == bytes(host), "guest and host buffers differ"
+    assert _guest_read(mem, segs) == bytes(host), "guest and host buffers differ"
     assert mock.read_used(used0) == [(0, BIG_LEN if device_writes else 0)]
 
 
-def make_c_cython(ndesc: int, device_writes: bool, placement: str = "pg") -> Workload:
-    """C through ``_bench.workload_c`` (Cython-level Writer.copy_in / Reader.copy_out)."""
-    mem, buf, mock = _big_chain(ndesc, device_writes)
+def make_c_cython(ndesc: int, device_writes: bool, placement: str = "pg", spread: bool = False) -> Workload:
+    """C through ``_bench.workload_c`` (Cython-level Writer.copy_in / Reader.copy_out);
+    ``spread``: buffers not back to back (:data:`SPREAD_GAP`)."""
+    mem, buf, mock = _big_chain(ndesc, device_writes, spread)
     q = mock.create_queue()
     host = HostBuffer(placement)
 
@@ -307,12 +340,18 @@ def make_c_cython(ndesc: int, device_writes: bool, placement: str = "pg") -> Wor
 
     def check() -> None:
         _check_c(
-            mem, mock, host.view, device_writes, lambda: _bench.workload_c(q, host.view, 1, device_writes)
+            mem,
+            mock,
+            host.view,
+            device_writes,
+            lambda: _bench.workload_c(q, host.view, 1, device_writes),
+            segs=_segs(ndesc, spread),
         )
 
     kind = "W" if device_writes else "R"
-    name = f"C-{kind}{ndesc}@{placement}"
-    what = f"{'Writer' if device_writes else 'Reader'} 64K, {ndesc} desc, host {_place_text(placement)}"
+    name = f"C-{kind}{ndesc}{'s' if spread else ''}@{placement}"
+    what = f"{'Writer' if device_writes else 'Reader'} 64K, {ndesc} desc{' spread' if spread else ''}, "
+    what += f"host {_place_text(placement)}"
     return Workload(name, what, "bytes", run, check, [mem, buf, mock, q, host])
 
 
@@ -378,7 +417,7 @@ def make_c_python(ndesc: int, device_writes: bool, placement: str = "pg") -> Wor
             return n * BIG_LEN
 
     def check() -> None:
-        _check_c(mem, mock, hv, device_writes, lambda: run(1))
+        _check_c(mem, mock, hv, device_writes, lambda: run(1), segs=_segs(ndesc))
 
     kind = "W" if device_writes else "R"
     name = f"Cpy-{kind}{ndesc}@{placement}"
@@ -438,11 +477,12 @@ def page_cache_file(length: int = BIG_LEN) -> int:
     return fd
 
 
-def make_fd_writer(ndesc: int = 16) -> Workload:
+def make_fd_writer(ndesc: int = 16, spread: bool = False) -> Workload:
     """fd: per iteration pop, ``writer().read_from_fd(fd, offset=0)`` (one preadv
     straight into the 16 guest buffers), add_used; Python API, the driver publishing
-    256 heads at a time (:class:`_BatchDriver`)."""
-    mem, buf, mock = _big_chain(ndesc, True)
+    256 heads at a time (:class:`_BatchDriver`).  ``spread``: as in workload C."""
+    mem, buf, mock = _big_chain(ndesc, True, spread)
+    segs = _segs(ndesc, spread)
     q = mock.create_queue()
     fd = page_cache_file()
     drv = _BatchDriver(mock)
@@ -468,14 +508,14 @@ def make_fd_writer(ndesc: int = 16) -> Workload:
 
     def check() -> None:
         used0 = mock.used_idx()
-        mem.write(BIG_BUF, b"\0" * BIG_LEN)
+        _guest_write(mem, segs, b"\0" * BIG_LEN)
         assert run(1) == BIG_LEN
-        assert mem.read(BIG_BUF, BIG_LEN) == pattern(BIG_LEN, 11, 5)
+        assert _guest_read(mem, segs) == pattern(BIG_LEN, 11, 5)
         assert mock.read_used(used0) == [(0, BIG_LEN)]
 
     return Workload(
-        f"fd-W{ndesc}",
-        f"Writer.read_from_fd 64K file -> {ndesc} desc (Python API)",
+        f"fd-W{ndesc}{'s' if spread else ''}",
+        f"Writer.read_from_fd 64K file -> {ndesc} desc{' spread' if spread else ''} (Python API)",
         "bytes",
         run,
         check,

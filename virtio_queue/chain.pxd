@@ -139,7 +139,19 @@ cdef class _Stream:
 
 
 cdef inline int stream_append(_Stream s, unsigned char *p, size_t n) except -1:
-    """Add a segment (the common case stays inline; growing is out of line)."""
+    """Add a segment (the common case stays inline; growing is out of line).
+
+    A buffer that continues the previous one in this process's address space
+    extends it instead: a driver often lays a chain's buffers out back to back,
+    and one long copy or iovec is cheaper than many short ones (every segment
+    lies in the stream's one snapshot, which keeps all its regions mapped)."""
+    cdef iovec *last
+    if s.nsegs:
+        last = &s.segs[s.nsegs - 1]
+        if <unsigned char *>last.iov_base + last.iov_len == p:
+            last.iov_len += n
+            s.avail += n
+            return 0
     if s.nsegs == s.cap:
         s._grow()
     s.segs[s.nsegs].iov_base = p

@@ -247,6 +247,33 @@ def test_writer_split_beyond_available_raises(env: Env) -> None:
         w.split_at(3)
 
 
+def test_back_to_back_buffers_join_into_one_segment(env: Env) -> None:
+    # Descriptors whose buffers follow each other in guest memory become one
+    # segment (one copy, one iovec); splitting and reading inside it still work.
+    segs = [(DATA, 4), (DATA + 4, 8), (DATA + 12, 4), (DATA + 32, 4)]
+    r = env.chain(segs, write=False).reader()
+    assert [len(v) for v in r.buffers()] == [16, 4]
+    rest = r.split_at(6)
+    assert r.read() == PATTERN[:6]
+    assert [len(v) for v in rest.buffers()] == [10, 4]
+    assert rest.read() == PATTERN[6:16] + PATTERN[32:36]
+
+
+def test_back_to_back_writable_buffers_skip_readable_ones_between(env: Env) -> None:
+    # Readable descriptors between two writable ones are not part of the Writer:
+    # the writable buffers [W, W+4) and [W+4, W+8) still join.
+    descs = [(WDATA, 4, WRITE), (DATA, 4, 0), (WDATA + 4, 4, WRITE)]
+    env.mock.add_chain(descs)
+    chain = env.queue.pop_chain()
+    assert chain is not None
+    env.before = env.gm.snapshot()
+    w = chain.writer()
+    assert [len(v) for v in w.buffers()] == [8]
+    assert w.write(b"ABCDEFGHIJ") == 8
+    assert env.mem.read(WDATA, 8) == b"ABCDEFGH"
+    env.only_changed([(WDATA, 8)])
+
+
 def test_writer_buffers_are_writable_views(env: Env) -> None:
     w, segs = env.writer([4, 4])
     views = w.buffers()
