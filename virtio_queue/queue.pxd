@@ -1,5 +1,6 @@
 # cython: language_level=3
 from cpython.buffer cimport Py_buffer
+from posix.uio cimport iovec
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 from virtio_queue.memory cimport GuestMemory, MemorySnapshot
@@ -41,6 +42,7 @@ cdef class Queue:
     cdef int _map(self) except -1
     cdef int ensure_ready(self) except -1
     cdef int pop_head(self, uint16_t *head) except -1
+    cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -1
     cdef int add_used_c(self, uint16_t head, uint32_t length) except -1
     cdef int needs_notification_c(self) except -1
     cdef int enable_notification_c(self) except -1
