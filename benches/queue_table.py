@@ -8,7 +8,9 @@ figures of rust-vmm virtio-queue 0.18 (shared/tools/queue-anchor) run in the sam
 
 Run by hand on a quiet machine; never from CI (it takes minutes and times things).
 Figures are measured round-robin (each rep visits every figure once), after a short
-warm-up; median/min/max over the reps.  The workloads are the anchor's (see
+warm-up; median/min/max over the reps.  A ratio compares a figure with its reference
+measured just before and just after it in the same rep (their mean), so that the
+machine's drift within a rep does not enter it.  The workloads are the anchor's (see
 ``benches/vq_workloads.py`` and ``queue-anchor/run -- --help``).
 """
 
@@ -49,6 +51,9 @@ class Row:
     wl: W.Workload | None = None
     n: int = 1
     samples: list[float] = field(default_factory=list)
+    # The reference measured around each sample: the mean of its figures just
+    # before and just after this row's measurement in the same round.
+    ref_samples: list[float] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -313,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 r.wl.close()
         table = [r for r in table if r.name in keep]
 
+    by_name = {r.name: r for r in table}
     print(f"checking and calibrating {len(table)} figures ...", file=sys.stderr, flush=True)
     for r in table:
         assert r.wl is not None
@@ -325,9 +331,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rep {rep + 1}/{args.reps}", file=sys.stderr, flush=True)
         if anchor_run:
             anchor_run.rep()
+        # Each row with a reference is bracketed by measurements of it, so that its
+        # ratio compares figures taken seconds apart, not a round apart (this
+        # machine's speed drifts by 10-30% within a round).
+        last: dict[str, float] = {}
         for r in table:
             assert r.wl is not None
+            ref_row = by_name.get(r.ref) if r.ref else None
+            if ref_row is not None and ref_row.wl is not None:
+                before = last.get(ref_row.name)
+                if before is None:
+                    before = measure(ref_row.wl, ref_row.n, args.secs)
             r.samples.append(measure(r.wl, r.n, args.secs))
+            last = {r.name: r.samples[-1]}
+            if ref_row is not None and ref_row.wl is not None:
+                after = measure(ref_row.wl, ref_row.n, args.secs)
+                r.ref_samples.append((before + after) / 2)
+                last[ref_row.name] = after
     elapsed = time.time() - t0
     cpu1 = cpu_times()
     load1 = os.getloadavg()
@@ -338,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     anchor = anchor_run.figures() if anchor_run else {}
     anchor_status = anchor_run.summary() if anchor_run else "not run (use --anchor or QUEUE_ANCHOR=1)"
     med = {r.name: statistics.median(r.samples) for r in table}
-    by_name = {r.name: r for r in table}
     ba = names.get("C-W1@ba")
     ba_align = ""
     if ba and ba.wl:
@@ -352,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         "virtio_queue benchmark (workloads of shared/tools/queue-anchor); 'ratio' = median over the "
-        "rounds of figure / the same round's reference named in 'vs'; 'best' = max / max(ref)"
+        "rounds of figure / the reference named in 'vs' measured just before and after it (mean); "
+        "'best' = max / max of those references"
     )
     print(
         f"python {sys.version.split()[0]}, {args.reps} reps x >= {args.secs} s, round-robin, "
@@ -374,9 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         # (both measured within one round, so slow load drifts cancel); best: max / max.
         ratio = best = None
         if r.ref and r.ref in by_name:
-            ref_samples = by_name[r.ref].samples
-            ratio = statistics.median(a / b for a, b in zip(r.samples, ref_samples, strict=True))
-            best = max(r.samples) / max(ref_samples)
+            ratio = statistics.median(a / b for a, b in zip(r.samples, r.ref_samples, strict=True))
+            best = max(r.samples) / max(r.ref_samples)
         a = anchor.get(r.anchor or "")
         a_med = float(a["median"]) if a else None
         goal_txt = ""

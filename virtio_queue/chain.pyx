@@ -250,6 +250,9 @@ cdef inline int _merge_iov(iovec *iov, int k) noexcept nogil:
     return m + 1 if k else 0
 
 
+# Cython keeps a freelist for the base class only; it serves Reader and Writer,
+# which add no fields (same size).
+@cython.freelist(32)
 cdef class _Stream:
     """The common cursor of Reader and Writer: an array of host iovecs, a position
     and a byte budget (``avail``) that bounds every operation."""
@@ -544,7 +547,6 @@ cdef Writer make_writer(DescriptorChain ch):
     return w
 
 
-@cython.freelist(16)
 cdef class Reader(_Stream):
     """Reads the device-readable buffers of a chain as one byte stream (rust-vmm's
     ``Reader``).  Made by :meth:`DescriptorChain.reader`."""
@@ -601,7 +603,6 @@ cdef class Reader(_Stream):
         return f"<Reader available={self.avail} read={self.done}>"
 
 
-@cython.freelist(16)
 cdef class Writer(_Stream):
     """Writes into the device-writable buffers of a chain as one byte stream
     (rust-vmm's ``Writer``).  Made by :meth:`DescriptorChain.writer`.
