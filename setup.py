@@ -93,6 +93,7 @@ MODULES = [
     "virtio_queue.chain",
     "virtio_queue.queue",
     "virtio_queue._bench",
+    "vhost_backends._fastpath",
 ]
 if XEN:
     MODULES += ["xen._foreign", "xen._grant"]

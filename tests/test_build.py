@@ -19,7 +19,7 @@ def _copy_sources(dst: Path, with_compiled: bool = False) -> None:
     """Copy what a build needs (sources only unless asked) into ``dst``."""
     shutil.copy2(ROOT / "setup.py", dst)
     shutil.copy2(ROOT / "pyproject.toml", dst)
-    for pkg in ("virtio_queue", "xen"):
+    for pkg in ("virtio_queue", "vhost_backends", "xen"):
         ignore = shutil.ignore_patterns("*.so", "*.c", "*.html", "_build_config.h", "__pycache__")
         shutil.copytree(ROOT / pkg, dst / pkg, ignore=None if with_compiled else ignore)
 
@@ -74,6 +74,13 @@ def test_import_unbuilt_tree_says_how_to_build(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert "ImportError" in res.stderr
     assert "pip install -e ." in res.stderr
+    # The compiled part of the daemon's event loop says the same.
+    res = subprocess.run(
+        [sys.executable, "-S", "-c", "import vhost_backends.event_loop"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert res.returncode != 0
+    assert "pip install -e ." in res.stderr, res.stderr
 
 
 @pytest.mark.slow

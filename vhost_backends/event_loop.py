@@ -11,7 +11,11 @@ removing its kick fd.  Only :meth:`EventLoop.stop` may be called from another th
 
 The kick path is kept short on purpose: ``epoll.poll`` → dict lookup → the
 callback (which reads the eventfd and calls ``process_queue``).  Callbacks are
-level-triggered, so a callback that does not drain its fd is called again.
+level-triggered, so a callback that does not drain its fd is called again.  The
+epoll set is compiled (:mod:`vhost_backends._fastpath`): a kick fd given a
+:class:`~vhost_backends._fastpath.FillRing` (:meth:`EventLoop.set_fill_ring`) is
+served inside the poll, in C, and reaches its Python callback only when that
+path cannot finish the ring.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ import select
 import time
 from collections.abc import Callable
 
-__all__ = ["EventLoop", "TimerHandle"]
+try:
+    from vhost_backends._fastpath import Epoll, FillRing
+except ImportError as e:  # an unbuilt source tree
+    raise ImportError(
+        f"vhost_backends._fastpath is not built ({e}): build the extensions with "
+        "`pip install -e .` (or `python setup.py build_ext --inplace`)"
+    ) from e
+
+__all__ = ["EventLoop", "FillRing", "TimerHandle"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +62,7 @@ class EventLoop:
     """epoll over fds plus a timer heap; see the module docstring."""
 
     def __init__(self) -> None:
-        self._epoll = select.epoll()
+        self._epoll = Epoll()
         self._readers: dict[int, Callable[[], None]] = {}
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
@@ -68,6 +80,15 @@ class EventLoop:
             return
         self._epoll.register(fd, _READ_EVENTS)
         self._readers[fd] = callback
+
+    def set_fill_ring(self, fd: int, ring: FillRing | None) -> None:
+        """Serve the kicks of reader ``fd`` with ``ring`` in compiled code (None: in
+        its callback again); the callback still gets the kicks the ring cannot
+        finish, possibly after the eventfd was read, so it must not insist on a
+        count.  :meth:`remove_reader` drops the ring too."""
+        if fd not in self._readers:
+            raise KeyError(f"fd {fd} is not a reader of this loop")
+        self._epoll.set_fill_ring(fd, _READ_EVENTS, ring)
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd``; unknown fds are ignored."""
@@ -132,7 +153,7 @@ class EventLoop:
                     if left <= 0:
                         return
                     wait = left if wait < 0 else min(wait, left)
-            for fd, _ev in poll(wait):
+            for fd in poll(wait):
                 if fd == stop_fd:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(stop_fd)

@@ -348,12 +348,15 @@ class Frontend:
         """
         mock = self.rings[index].mock
         while True:
-            if (mock.used_idx() - mock.last_used) & 0xFFFF >= count:
+            seen = mock.used_idx()
+            if (seen - mock.last_used) & 0xFFFF >= count:
                 return mock.used_elems()
             # VIRTIO 1.2 §2.7.10: with EVENT_IDX the device only notifies once
-            # used->idx passes used_event, so ask for the next one, then look again
-            # (the device may have published before it could see our request).
-            mock.set_used_event(mock.last_used)
+            # used->idx passes used_event, so ask for one as soon as an entry past
+            # those already seen is used (a device may well notify for the first of
+            # a batch), then look again (it may have published before it could see
+            # our request).
+            mock.set_used_event(seen)
             if (mock.used_idx() - mock.last_used) & 0xFFFF >= count:
                 return mock.used_elems()
             if not self.wait_call(index, timeout):

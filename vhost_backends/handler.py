@@ -46,7 +46,7 @@ from virtio_queue.errors import GuestMemoryError, QueueError
 from virtio_queue.ratelimit import RateLimiter
 
 from .connection import Connection, Message
-from .event_loop import EventLoop
+from .event_loop import EventLoop, FillRing
 from .protocol import messages as m
 from .protocol.codes import (
     MAX_ATTACHED_FDS,
@@ -198,6 +198,7 @@ class _Ring:
         "call_fd",
         "enabled",
         "err_fd",
+        "fill",
         "index",
         "inflight",
         "kick_fd",
@@ -217,6 +218,8 @@ class _Ring:
         self.addr_set = False
         self.polled = False
         self.inflight: InflightQueueRegion | None = None
+        # Set while the ring's kicks are served in compiled code (see _update_ring).
+        self.fill: FillRing | None = None
 
 
 class VhostUserInterrupt:
@@ -463,8 +466,13 @@ class VhostUserHandler:
 
             try:
                 return map_region(
-                    fd, desc.size, desc.guest_addr, desc.mmap_offset,
-                    desc.xen_mmap_flags or 0, desc.domid or 0, xen_sys=self.xen_sys,
+                    fd,
+                    desc.size,
+                    desc.guest_addr,
+                    desc.mmap_offset,
+                    desc.xen_mmap_flags or 0,
+                    desc.domid or 0,
+                    xen_sys=self.xen_sys,
                 )
             except (GuestMemoryError, OSError) as e:  # XenMapError, InvalidXenFlags included
                 raise InvalidMessage(f"cannot map Xen region at guest 0x{desc.guest_addr:x}: {e}") from None
@@ -610,8 +618,13 @@ class VhostUserHandler:
         ring, fd = self._vring_fd(msg, "SET_VRING_KICK")
         if ring.kick_fd >= 0:
             self.loop.remove_reader(ring.kick_fd)
+            self._drop_fill(ring)
             ring.polled = False
             os.close(ring.kick_fd)
+        if fd >= 0:
+            # The kick callback reads the eventfd even when the compiled path took
+            # the count first: it must never block.
+            os.set_blocking(fd, False)
         ring.kick_fd = fd
         # A kick fd starts the ring; without one (bit 8, "polling mode") we cannot
         # serve it, as rust-vmm's back-end cannot: it stays stopped.
@@ -622,8 +635,14 @@ class VhostUserHandler:
         ring, fd = self._vring_fd(msg, "SET_VRING_CALL")
         if ring.call_fd >= 0:
             os.close(ring.call_fd)
+        self._set_call_fd(ring, fd)
+
+    def _set_call_fd(self, ring: _Ring, fd: int) -> None:
+        """Every holder of a ring's call fd learns it here (and that it closed: -1)."""
         ring.call_fd = fd
         self.interrupt.call_fds[ring.index] = fd
+        if ring.fill is not None:
+            ring.fill.call_fd = fd
 
     def _set_vring_err(self, msg: Message) -> None:
         ring, fd = self._vring_fd(msg, "SET_VRING_ERR")
@@ -652,6 +671,7 @@ class VhostUserHandler:
         q = ring.queue
         if not want:
             self.loop.remove_reader(ring.kick_fd)
+            self._drop_fill(ring)
             q.ready = False
             ring.polled = False
             self._maybe_deactivate()
@@ -673,6 +693,11 @@ class VhostUserHandler:
             self.device_active = True
         on_kick = self._kick_callback(ring)
         self.loop.add_reader(ring.kick_fd, on_kick)
+        if self.device.fill_source(ring.index) is not None:
+            # The device needs nothing but bytes from a host fd for single-buffer
+            # requests: serve the kicks in compiled code (on_kick gets the rest).
+            ring.fill = FillRing(q, ring.kick_fd, self.device.fill_source, ring.index, ring.call_fd)
+            self.loop.set_fill_ring(ring.kick_fd, ring.fill)
         if resubmit:
             # The driver kicked these long ago: serve them without waiting for a kick.
             self._serve(ring)
@@ -685,10 +710,11 @@ class VhostUserHandler:
         read = os.read
 
         def on_kick() -> None:
-            try:
+            # EAGAIN: the compiled path read the count and left the ring to us.
+            try:  # noqa: SIM105 - once per kick: no contextlib on this path
                 read(fd, 8)
             except BlockingIOError:
-                return
+                pass
             try:
                 process(index)
             except (QueueError, GuestMemoryError) as e:
@@ -734,9 +760,22 @@ class VhostUserHandler:
             if fd >= 0:
                 if attr == "kick_fd":
                     self.loop.remove_reader(fd)
+                    self._drop_fill(ring)
                 os.close(fd)
                 setattr(ring, attr, -1)
-        self.interrupt.call_fds[ring.index] = -1
+        self._set_call_fd(ring, -1)
+
+    def _drop_fill(self, ring: _Ring) -> None:
+        """The ring's compiled kick path is gone (the loop dropped it with the reader)."""
+        if ring.fill is not None:
+            log.debug(
+                "%s q%d: %d chains, %d bytes served in compiled code",
+                self.name,
+                ring.index,
+                ring.fill.chains,
+                ring.fill.bytes,
+            )
+            ring.fill = None
 
     # -- config space ------------------------------------------------------------------------
     def _get_config(self, msg: Message) -> None:

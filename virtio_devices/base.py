@@ -71,10 +71,7 @@ VIRTIO_F_RING_PACKED = 1 << 34
 
 #: What nearly every upstream daemon offers (shared/reference/upstream-devices.md §0).
 COMMON_FEATURES = (
-    VIRTIO_F_VERSION_1
-    | VIRTIO_F_NOTIFY_ON_EMPTY
-    | VIRTIO_RING_F_INDIRECT_DESC
-    | VIRTIO_RING_F_EVENT_IDX
+    VIRTIO_F_VERSION_1 | VIRTIO_F_NOTIFY_ON_EMPTY | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
 )
 
 
@@ -201,6 +198,18 @@ class VirtioDevice(abc.ABC):
     @abc.abstractmethod
     def process_queue(self, index: int) -> None:
         """The driver kicked queue ``index``: consume what it made available."""
+
+    def fill_source(self, index: int) -> int | None:
+        """A host fd whose bytes are all that a request of queue ``index`` needs, now.
+
+        When it returns an fd, whoever runs the queue may serve every request that
+        is one device-writable buffer by reading the fd into it and completing it
+        with the bytes read (``Queue.fill_from_fd``), without calling
+        :meth:`process_queue`, which still gets every kick that path cannot finish
+        (another shape of request, a read that gave nothing).  The vhost-user
+        transport asks on every kick and serves such a queue in compiled code.
+        None (the default): every request goes through :meth:`process_queue`."""
+        return None
 
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | None:
         """Serve one chain of queue ``index``; return the used length, or None to keep

@@ -159,6 +159,13 @@ class RngDevice(VirtioDevice):
         self._pending = None
 
     # -- work ----------------------------------------------------------------------------
+    def fill_source(self, index: int) -> int | None:
+        """The source fd while requests need nothing but its bytes: no rate limit,
+        and no request parked waiting for the source (it must be served first)."""
+        if index != 0 or self.max_bytes is not None or self._pending is not None or not self.active:
+            return None
+        return self.source.fileno()
+
     def process_queue(self, index: int) -> None:
         """The driver kicked the request queue: serve chains within the rate limit.
 

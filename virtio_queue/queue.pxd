@@ -42,7 +42,9 @@ cdef class Queue:
     cdef int _map(self) except -1
     cdef int ensure_ready(self) except -1
     cdef int pop_head(self, uint16_t *head) except -1
-    cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -1
+    cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -2
+    cdef int fill_c(self, int fd, Py_ssize_t max_chains, bint suppress,
+                    Py_ssize_t *served, unsigned long long *total) except -1
     cdef int add_used_c(self, uint16_t head, uint32_t length) except -1
     cdef int needs_notification_c(self) except -1
     cdef int enable_notification_c(self) except -1

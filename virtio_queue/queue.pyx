@@ -445,12 +445,12 @@ cdef class Queue:
                 f"head descriptor index {head_index} out of range (queue size {self._size})")
         return make_chain(self._snap, self._memory, self._desc, self._size, head_index)
 
-    cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -1:
+    cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -2:
         """Look at (without taking) up to ``limit`` available chains from the next
         one on that are each one device-writable buffer in writable guest memory;
         describe their buffers in ``iov`` and their heads in ``heads``; return how
         many, stopping at the first other chain (or a bad head, or a broken avail
-        index: ``pop_head`` reports those)."""
+        index: ``pop_head`` reports those), or -1 when none is available."""
         cdef uint16_t idx, n, head
         cdef int k = 0
         cdef ChainCursor c
@@ -461,7 +461,9 @@ cdef class Queue:
         if self._next_avail == self._avail_seen:
             idx = le16toh(vq_load_acquire16(self._avail + 2))
             n = idx - self._next_avail
-            if n == 0 or n > self._size:
+            if n == 0:
+                return -1
+            if n > self._size:
                 return 0
             self._avail_seen = idx
         n = self._avail_seen - self._next_avail
@@ -483,6 +485,68 @@ cdef class Queue:
             k += 1
         return k
 
+    cdef int fill_c(self, int fd, Py_ssize_t max_chains, bint suppress,
+                    Py_ssize_t *served, unsigned long long *total) except -1:
+        """The core of :meth:`fill_from_fd`, for compiled callers: fill the available
+        single-buffer requests from ``fd`` and add them to ``served``/``total``.
+        Returns 0 when the ring ran dry (notifications re-enabled with ``suppress``)
+        or ``max_chains`` were served, 1 when the next chain is not for this path
+        (another shape, a bad head or avail index, a resubmitted request, or a read
+        that gave nothing): it is left in the ring, notifications stay disabled."""
+        cdef iovec iov[FILL_BATCH]
+        cdef uint16_t heads[FILL_BATCH]
+        cdef int k, j, limit
+        cdef size_t want, left, take
+        cdef ssize_t r
+        cdef Py_ssize_t done = 0
+        while True:
+            if suppress:
+                self.disable_notification_c()
+            while max_chains < 0 or done < max_chains:
+                if self._n_resubmit:
+                    return 1
+                limit = FILL_BATCH
+                if max_chains >= 0 and max_chains - done < limit:
+                    limit = <int>(max_chains - done)
+                k = self._peek_fill(iov, heads, limit)
+                if k < 0:
+                    break       # dry
+                if k == 0:
+                    return 1
+                want = 0
+                for j in range(k):
+                    want += iov[j].iov_len
+                r = 0
+                if want:
+                    with nogil:
+                        while True:
+                            r = readv(fd, iov, k)
+                            if r >= 0 or errno != EINTR:
+                                break
+                if r <= 0 and want:
+                    return 1    # end of file, EAGAIN or an error: the caller's
+                # Take the chains the bytes reached (zero-length ones too).
+                left = <size_t>r
+                for j in range(k):
+                    if iov[j].iov_len == 0:
+                        take = 0
+                    elif left == 0:
+                        break
+                    else:
+                        take = iov[j].iov_len if iov[j].iov_len < left else left
+                        left -= take
+                    self._next_avail += 1
+                    if self._inflight != NULL:
+                        self._inflight_popped(heads[j])
+                    self.add_used_c(heads[j], <uint32_t>take)
+                    done += 1
+                    served[0] += 1
+                    total[0] += take
+            else:
+                return 0        # max_chains served
+            if not suppress or not self.enable_notification_c():
+                return 0
+
     def fill_from_fd(self, int fd, Py_ssize_t max_chains=-1, bint suppress=False):
         """Serve chains that are one device-writable buffer each straight from ``fd``.
 
@@ -493,10 +557,10 @@ cdef class Queue:
         read serves the chains it reached (the last one partly) and leaves the
         others available.  It stops at the first chain it does not serve and
         returns it, popped, for the caller's general path: a chain of another
-        shape, a buffer outside guest memory, or a read that gave 0 bytes or
-        failed (end of file, EAGAIN, an error: the caller decides what that means).
-        A head index out of range is left in the ring for :meth:`pop_chain` to
-        report.
+        shape, a buffer outside guest memory, a request resubmitted after a
+        reconnect, or a read that gave 0 bytes or failed (end of file, EAGAIN, an
+        error: the caller decides what that means).  A head index out of range is
+        left in the ring for :meth:`pop_chain` to report.
 
         With ``suppress``, the whole drain follows VIRTIO 1.2 §2.7.10 as well:
         notifications are disabled while draining and re-enabled once the ring is
@@ -510,71 +574,17 @@ cdef class Queue:
         Raises:
             QueueNotReady, InvalidAvailRingIndex: as :meth:`pop_chain`.
         """
-        cdef iovec iov[FILL_BATCH]
-        cdef uint16_t heads[FILL_BATCH]
         cdef uint16_t head
-        cdef int k, j, limit
-        cdef size_t want, left, take
-        cdef ssize_t r
         cdef Py_ssize_t served = 0
         cdef unsigned long long total = 0
-        cdef bint dry
-        while True:
-            if suppress:
-                self.disable_notification_c()
-            dry = False
-            while max_chains < 0 or served < max_chains:
-                limit = FILL_BATCH
-                if max_chains >= 0 and max_chains - served < limit:
-                    limit = <int>(max_chains - served)
-                k = 0 if self._n_resubmit else self._peek_fill(iov, heads, limit)
-                if k:
-                    want = 0
-                    for j in range(k):
-                        want += iov[j].iov_len
-                    r = 0
-                    if want:
-                        with nogil:
-                            while True:
-                                r = readv(fd, iov, k)
-                                if r >= 0 or errno != EINTR:
-                                    break
-                    if r > 0 or want == 0:
-                        # Take the chains the bytes reached (zero-length ones too).
-                        left = <size_t>r
-                        for j in range(k):
-                            if iov[j].iov_len == 0:
-                                take = 0
-                            elif left == 0:
-                                break
-                            else:
-                                take = iov[j].iov_len if iov[j].iov_len < left else left
-                                left -= take
-                            self._next_avail += 1
-                            if self._inflight != NULL:
-                                self._inflight_popped(heads[j])
-                            self.add_used_c(heads[j], <uint32_t>take)
-                            served += 1
-                            total += take
-                        continue
-                    # Nothing read: the first chain goes to the caller.
-                    if not self.pop_head(&head):
-                        dry = True
-                        break
-                    return served, total, make_chain(self._snap, self._memory, self._desc,
-                                                     self._size, head)
-                # Not a chain for the fast path (or resubmitted ones first): one by one.
-                if not self.pop_head(&head):
-                    dry = True
-                    break
-                if head >= self._size:
-                    self._next_avail -= 1   # not consumed: pop_chain reports it
-                    break
-                return served, total, make_chain(self._snap, self._memory, self._desc,
-                                                 self._size, head)
-            if not (suppress and dry) or not self.enable_notification_c():
-                break
-        return served, total, None
+        if self.fill_c(fd, max_chains, suppress, &served, &total) == 0:
+            return served, total, None
+        if not self.pop_head(&head):
+            return served, total, None      # not reached: fill_c saw a chain
+        if head >= self._size:
+            self._next_avail -= 1           # not consumed: pop_chain reports it
+            return served, total, None
+        return served, total, make_chain(self._snap, self._memory, self._desc, self._size, head)
 
     def pop_chain(self):
         """The next available descriptor chain, or None.

@@ -236,3 +236,37 @@ def test_rng_daemon_usage_error_exits_2(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "--socket-path" in r.stderr
+
+
+def test_rng_daemon_compiled_path_leaves_bad_requests_to_the_device(
+    tmp_path: Path, source_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Well-formed requests (one device-writable buffer) are filled in compiled code;
+    at a chain of two buffers the kick goes to the device, which completes that one
+    empty as upstream does and drains the rest itself; later kicks are compiled
+    again."""
+    monkeypatch.setenv("RUST_LOG", "debug")
+    d = start(tmp_path, source_file)
+    try:
+        fe, ring = open_device(d.path(0))
+        with fe:
+            mock = ring.mock
+            mock.set_used_event(mock.used_idx())
+            g1, g2, b1, b2 = (mock.alloc(16) for _ in range(4))
+            first = mock.add_chain([RawDesc(g1, 16, VIRTQ_DESC_F_WRITE, 0)])
+            bad = mock.add_chain(
+                [RawDesc(b1, 16, VIRTQ_DESC_F_WRITE, 0), RawDesc(b2, 16, VIRTQ_DESC_F_WRITE, 0)]
+            )
+            last = mock.add_chain([RawDesc(g2, 16, VIRTQ_DESC_F_WRITE, 0)])
+            fe.kick(0)
+            used = dict(fe.wait_used(0, count=3, timeout=DEADLINE))
+            assert used == {first: 16, bad: 0, last: 16}
+            assert fe.memory.read(g1, 16) + fe.memory.read(g2, 16) == SOURCE[:32]
+            # More kicks, all on the compiled path.
+            assert b"".join(read_random(fe, ring, [100, 200])) == SOURCE[32:332]
+    finally:
+        assert d.stop() == 0, d.stderr()
+    log = d.stderr()
+    assert "q0: 3 chains, 316 bytes served in compiled code" in log, log  # first, 100, 200
+    assert "rng q0: served 2 chains, 16 bytes" in log, log  # bad, last
+    assert "expected 1" in log  # the device's own report of the bad chain

@@ -1,0 +1,192 @@
+"""The compiled epoll set and the fill rings it serves (vhost_backends._fastpath)."""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vhost_backends._fastpath import Epoll, FillRing
+from virtio_queue import GuestMemory, QueueNotReady
+from virtio_queue.testing import VIRTQ_DESC_F_WRITE, MockSplitQueue, RawDesc
+
+IN = select.EPOLLIN
+SOURCE = bytes((i * 7 + 1) & 0xFF for i in range(4096))
+
+
+@pytest.fixture
+def epoll() -> Iterator[Epoll]:
+    ep = Epoll()
+    yield ep
+    ep.close()
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+
+def test_poll_returns_ready_fds_and_times_out(epoll: Epoll) -> None:
+    a, b = _eventfd(), _eventfd()
+    try:
+        epoll.register(a, IN)
+        epoll.register(b, IN)
+        t0 = time.monotonic()
+        assert epoll.poll(0.05) == []
+        assert time.monotonic() - t0 >= 0.04
+        os.eventfd_write(b, 1)
+        assert epoll.poll(1.0) == [b]
+        assert epoll.poll(0) == [b]  # level-triggered: still readable
+        epoll.unregister(b)
+        assert epoll.poll(0) == []
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def test_register_errors_and_closed_set(epoll: Epoll) -> None:
+    a = _eventfd()
+    try:
+        epoll.register(a, IN)
+        with pytest.raises(FileExistsError):
+            epoll.register(a, IN)
+        with pytest.raises(ValueError):
+            epoll.register(-1, IN)
+        epoll.unregister(a)
+        with pytest.raises(FileNotFoundError):
+            epoll.unregister(a)
+        epoll.close()
+        epoll.close()
+        with pytest.raises(ValueError):
+            epoll.poll(0)
+        with pytest.raises(ValueError):
+            epoll.register(a, IN)
+    finally:
+        os.close(a)
+
+
+class Rig:
+    """A queue with a kick and a call eventfd and a file as the source."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.mem = GuestMemory.from_buffer(bytearray(1 << 20))
+        self.mock = MockSplitQueue(self.mem, 16)
+        self.queue = self.mock.create_queue()
+        self.kick = _eventfd()
+        self.call = _eventfd()
+        path = tmp / "source"
+        path.write_bytes(SOURCE)
+        self.src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.asked: list[int] = []
+        self.source: int | None = self.src
+
+    def fill_source(self, index: int) -> int | None:
+        self.asked.append(index)
+        return self.source
+
+    def calls(self) -> int:
+        try:
+            return os.eventfd_read(self.call)
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        for fd in (self.kick, self.call, self.src):
+            os.close(fd)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def test_fill_ring_serves_a_kick_without_python(rig: Rig, epoll: Epoll) -> None:
+    """VIRTIO 1.2 §5.4: each request is one device-writable buffer; the kick is
+    read, the buffers filled in ring order, the driver called once."""
+    ring = FillRing(rig.queue, rig.kick, rig.fill_source, 3, rig.call)
+    epoll.register(rig.kick, IN)
+    epoll.set_fill_ring(rig.kick, IN, ring)
+    heads = [rig.mock.add_chain([RawDesc(0x8000 + 0x100 * i, 16, VIRTQ_DESC_F_WRITE, 0)]) for i in range(3)]
+    os.eventfd_write(rig.kick, 1)
+    assert epoll.poll(0.05) == []  # handled inside the poll
+    assert rig.asked == [3]
+    assert rig.mock.used_elems() == [(h, 16) for h in heads]
+    assert b"".join(rig.mem.read(0x8000 + 0x100 * i, 16) for i in range(3)) == SOURCE[:48]
+    assert rig.calls() == 1
+    assert (ring.chains, ring.bytes) == (3, 48)
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(rig.kick)  # the kick was consumed
+
+
+def test_fill_ring_leaves_other_requests_to_python(rig: Rig, epoll: Epoll) -> None:
+    ring = FillRing(rig.queue, rig.kick, rig.fill_source, 0, rig.call)
+    epoll.register(rig.kick, IN)
+    epoll.set_fill_ring(rig.kick, IN, ring)
+    ok = rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+    rig.mock.add_chain([RawDesc(0x9000, 8, 0, 0)])  # device-readable: not for this path
+    os.eventfd_write(rig.kick, 1)
+    assert epoll.poll(0.05) == [rig.kick]
+    assert rig.mock.used_elems() == [(ok, 8)]
+    assert rig.queue.pending() == 1  # left in the ring for process_queue
+    assert rig.calls() == 1
+
+
+def test_fill_ring_defers_to_python_when_the_device_says_so(rig: Rig, epoll: Epoll) -> None:
+    ring = FillRing(rig.queue, rig.kick, rig.fill_source, 0, rig.call)
+    epoll.register(rig.kick, IN)
+    epoll.set_fill_ring(rig.kick, IN, ring)
+    rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+    rig.source = None  # e.g. a request is parked waiting for the source
+    os.eventfd_write(rig.kick, 1)
+    assert epoll.poll(0.05) == [rig.kick]
+    assert os.eventfd_read(rig.kick) == 1  # not consumed: the Python callback reads it
+    assert rig.queue.pending() == 1 and rig.calls() == 0
+
+
+def test_fill_ring_end_of_source_goes_to_python(tmp_path: Path, rig: Rig, epoll: Epoll) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    fd = os.open(empty, os.O_RDONLY)
+    try:
+        rig.source = fd
+        ring = FillRing(rig.queue, rig.kick, rig.fill_source, 0, rig.call)
+        epoll.register(rig.kick, IN)
+        epoll.set_fill_ring(rig.kick, IN, ring)
+        rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+        os.eventfd_write(rig.kick, 1)
+        assert epoll.poll(0.05) == [rig.kick]
+        assert rig.queue.pending() == 1
+    finally:
+        os.close(fd)
+
+
+def test_fill_ring_error_goes_to_python_not_up(rig: Rig, epoll: Epoll) -> None:
+    """A ring that cannot be used (here: not ready) is the Python path's to report."""
+    ring = FillRing(rig.queue, rig.kick, rig.fill_source, 0, rig.call)
+    epoll.register(rig.kick, IN)
+    epoll.set_fill_ring(rig.kick, IN, ring)
+    rig.queue.ready = False
+    os.eventfd_write(rig.kick, 1)
+    assert epoll.poll(0.05) == [rig.kick]
+    with pytest.raises(QueueNotReady):
+        ring.serve_kick()  # what the poll kept from its caller
+
+
+def test_fill_ring_without_call_fd_and_detached(rig: Rig, epoll: Epoll) -> None:
+    ring = FillRing(rig.queue, rig.kick, rig.fill_source, 0)
+    epoll.register(rig.kick, IN)
+    epoll.set_fill_ring(rig.kick, IN, ring)
+    rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+    os.eventfd_write(rig.kick, 1)
+    assert epoll.poll(0.05) == []
+    assert rig.calls() == 0 and ring.chains == 1
+    epoll.set_fill_ring(rig.kick, IN, None)
+    os.eventfd_write(rig.kick, 1)
+    assert epoll.poll(0.05) == [rig.kick]
+    with pytest.raises(ValueError):
+        epoll.set_fill_ring(rig.call, IN, ring)  # not the ring's kick fd
