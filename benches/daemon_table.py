@@ -10,8 +10,10 @@ that machine noise hits them alike:
 
 * **rng throughput**, 4 KiB requests through our Python front-end
   (:class:`vhost_backends.frontend.Frontend`), batches of 1, 16 and 64 chains per
-  kick: ours, the Rust daemon's, and a plain ``readv`` of the same source in 4 KiB
-  pieces (the reference);
+  kick (the front-end waits for each batch), and streams keeping 16 or 64 requests
+  in flight (the front-end refills as buffers come back, kicking only when the
+  device asks): ours, the Rust daemon's, and a plain ``readv`` of the same source
+  in 4 KiB pieces (the reference);
 * **kick -> used round trip** of a 1-byte request, against an eventfd ping-pong
   between two processes (the same wait on our side; the other side an epoll loop);
 * **daemon RSS** (VmRSS and VmHWM after serving) and **start-up time** (before
@@ -61,6 +63,8 @@ DEADLINE = 10.0
 REQ_SIZE = 4096
 RING_SIZE = 256
 BATCHES = (1, 16, 64)
+# Streaming: requests kept in flight by a front-end that refills as buffers come back.
+DEPTHS = (16, 64)
 SOURCE = "/dev/urandom"
 KINDS = ("ours", "rust")
 
@@ -98,8 +102,10 @@ class RngDaemon:
         count: int = 1,
         source: str = SOURCE,
         env: dict[str, str | None] | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
-        """``env``: variables to set (None: unset) for this daemon only."""
+        """``env``: variables to set (None: unset) for this daemon only; ``cpus``:
+        the CPUs it may run on (None: any)."""
         self.kind = kind
         self.base = os.path.join(tmpdir, f"{kind}-rng.sock")
         self.count = count
@@ -119,7 +125,13 @@ class RngDaemon:
         with open(self.log, "wb") as err:
             self.t0 = time.perf_counter()
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=full_env, cwd=tmpdir
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=full_env,
+                cwd=tmpdir,
+                preexec_fn=None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus),  # noqa: PLW1509
             )
         self.t_file: float | None = None
         self.t_connect: float | None = None
@@ -250,9 +262,10 @@ class RngClient:
         # Twice round, so that heads[slot : slot + n] wraps like the ring.
         self.heads = array("H", list(range(ring_size)) * 2)
         mem = fe.memory
-        used = mem.get_slice(mock.used_ring, 4 + 8 * ring_size).cast("B")
+        used = mem.get_slice(mock.used_ring, 4 + 8 * ring_size + 2).cast("B")
         self._used_idx = used[2:4].cast("H")
-        self._used_elems = used[4:].cast("I")  # [2k] = id, [2k+1] = len
+        self._used_elems = used[4 : 4 + 8 * ring_size].cast("I")  # [2k] = id, [2k+1] = len
+        self._avail_event = used[4 + 8 * ring_size :].cast("H")
         self._poll = select.poll()
         self._poll.register(ring.call_fd, select.POLLIN)
         self.next_avail = 0
@@ -261,6 +274,7 @@ class RngClient:
     def close(self) -> None:
         self._used_idx.release()
         self._used_elems.release()
+        self._avail_event.release()
         self.fe.close()
 
     def __enter__(self) -> RngClient:
@@ -292,6 +306,62 @@ class RngClient:
         if end <= self.ring_size:
             return sum(elems[2 * slot + 1 : 2 * end : 2])
         return sum(elems[2 * slot + 1 :: 2]) + sum(elems[1 : 2 * (end - self.ring_size) : 2])
+
+    def _used_bytes(self, start: int, n: int) -> int:
+        """Sum of the used lengths of ``n`` used entries from used index ``start``."""
+        elems = self._used_elems
+        slot = start % self.ring_size
+        end = slot + n
+        if end <= self.ring_size:
+            return sum(elems[2 * slot + 1 : 2 * end : 2])
+        return sum(elems[2 * slot + 1 :: 2]) + sum(elems[1 : 2 * (end - self.ring_size) : 2])
+
+    def stream(self, depth: int, count: int) -> int:
+        """Complete ``count`` requests keeping up to ``depth`` in flight, as a driver
+        that refills its ring as buffers come back; returns the bytes used.
+
+        Each wake-up takes every used entry there is and makes as many buffers
+        available again in one publish; the driver kicks only when the device asks
+        (EVENT_IDX ``avail_event``, VIRTIO 1.2 §2.7.10: a device still draining
+        does not need one) and asks for an interrupt once half of what is in
+        flight is done (like Linux's ``virtqueue_enable_cb_delayed``).  It returns
+        with nothing in flight."""
+        mock = self.ring.mock
+        used_idx, avail_event = self._used_idx, self._avail_event
+        heads, size = self.heads, self.ring_size
+        kick_fd, call_fd, poll = self.ring.kick_fd, self.ring.call_fd, self._poll.poll
+        ms = int(DEADLINE * 1000)
+        last = self.last_used
+        avail = self.next_avail
+        inflight = issued = total = 0
+        while True:
+            add = min(depth - inflight, count - issued)
+            if add > 0:
+                old = avail
+                slot = avail % size
+                mock.publish(heads[slot : slot + add])
+                avail = (avail + add) & 0xFFFF
+                issued += add
+                inflight += add
+                # vring_need_event(avail_event, new, old)
+                if (avail - avail_event[0] - 1) & 0xFFFF < (avail - old) & 0xFFFF:
+                    os.eventfd_write(kick_fd, 1)
+            if inflight == 0:
+                break
+            mock.set_used_event((last + max(1, inflight // 2) - 1) & 0xFFFF)
+            while used_idx[0] == last:
+                if not poll(ms):
+                    raise TimeoutError(f"no used buffers within {DEADLINE} s")
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(call_fd)
+            now = used_idx[0]
+            n = (now - last) & 0xFFFF
+            total += self._used_bytes(last, n)
+            last = now
+            inflight -= n
+        self.last_used = last
+        self.next_avail = avail
+        return total
 
     def run(self, n: int, batches: int) -> int:
         """``batches`` batches of ``n``; returns the bytes used."""
@@ -525,23 +595,27 @@ def section_throughput(
     ref = SourceReader()
     cpu_rows = []
     try:
-        for n in BATCHES:
+        for label in [*BATCHES, *(f"s{d}" for d in DEPTHS)]:
             rates: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
             cpu: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
-            per = max(1, 64 // n)
             for _ in range(reps):
                 c0 = time.thread_time()
                 b, t = timed(ref.run, 64, secs)
                 cpu["ref"].append((time.thread_time() - c0) * 1e6 / (b / REQ_SIZE))
                 rates["ref"].append(b / t / 1e6)
                 for k, c in clients.items():
+                    if isinstance(label, int):
+                        fn, per = functools.partial(c.run, label), max(1, 64 // label)
+                    else:
+                        depth = int(label[1:])
+                        fn, per = functools.partial(c.stream, depth), 4 * depth
                     c0 = task_cpu_us(pids[k])
-                    b, t = timed(functools.partial(c.run, n), per, secs)
+                    b, t = timed(fn, per, secs)
                     cpu[k].append((task_cpu_us(pids[k]) - c0) / (b / REQ_SIZE))
                     rates[k].append(b / t / 1e6)
             st = {k: Stat(v) for k, v in rates.items()}
             row = (
-                n,
+                label,
                 st["ref"].fmt(),
                 st["ours"].fmt(),
                 st["rust"].fmt(),
@@ -551,10 +625,19 @@ def section_throughput(
             )
             out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*row))
             cpu_rows.append(
-                (n, Stat(cpu["ref"]).fmt(".1f"), Stat(cpu["ours"]).fmt(".1f"), Stat(cpu["rust"]).fmt(".1f"))
+                (
+                    label,
+                    Stat(cpu["ref"]).fmt(".1f"),
+                    Stat(cpu["ours"]).fmt(".1f"),
+                    Stat(cpu["rust"]).fmt(".1f"),
+                )
             )
     finally:
         ref.close()
+    out(
+        "   batch n: n requests per kick, the front-end waiting for all of them; sN: a stream"
+        " keeping N in flight (RngClient.stream)"
+    )
     out("   goals: ours/ref >= 0.7, ours/rust >= 1.0 (ratios: median of the per-rep ratios)")
     out("   CPU us per request (ref: the reading thread; ours/rust: all daemon threads, schedstat):")
     for cells in cpu_rows:
@@ -705,6 +788,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--par-secs", type=float, default=1.0, help="seconds per -c N repetition")
     ap.add_argument("--par-reps", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: tput,rt,mem,start,par")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="throughput and round trip: front-end on the first CPU, daemons on the second "
+        "(the same for both daemons; less scheduler noise)",
+    )
     ap.add_argument("--worker", nargs=3, metavar=("PATH", "BATCH", "SECS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -720,10 +809,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out(f"ours   : {sys.executable} -m vhost_backends.cli.rng (Python {sys.version.split()[0]})")
     out(f"rust   : {rust_daemon() or 'n/a (set $' + RUST_ENV + ')'}")
     out(f"reps   : {a.reps} x {a.secs} s per throughput figure, interleaved; median (min..max)")
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = a.pin and len(cpus) >= 2
+    if pin:
+        out(f"pinned : throughput and round trip: front-end on CPU {cpus[0]}, daemons on CPU {cpus[1]}")
     out()
     with tempfile.TemporaryDirectory(prefix="vdev-bench-") as tmp:
         if not {"tput", "rt", "mem"} <= skip:
-            daemons = {k: RngDaemon(k, tmp) for k in kinds}
+            if pin:
+                os.sched_setaffinity(0, {cpus[0]})
+            daemons = {k: RngDaemon(k, tmp, cpus={cpus[1]} if pin else None) for k in kinds}
             try:
                 for d in daemons.values():
                     d.wait_listening(probe=False)
@@ -751,6 +846,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 for d in daemons.values():
                     d.stop()
+                if pin:
+                    os.sched_setaffinity(0, cpus)
         if "start" not in skip:
             section_startup(out, tmp, kinds, a.startups)
         if "par" not in skip:
