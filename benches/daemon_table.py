@@ -388,20 +388,46 @@ class RngClient:
 
 class SourceReader:
     """The throughput reference: ``readv`` of ``req_size`` bytes from the source into a
-    page-aligned buffer, in a Python loop."""
+    page-aligned buffer, in a Python loop.
 
-    def __init__(self, source: str = SOURCE, req_size: int = REQ_SIZE) -> None:
+    ``buffers`` > 1 (information): read into that many page-aligned buffers of a
+    shared memfd mapping in turn, as the daemons fill a ring's worth of guest
+    buffers: the cost of the destination alone (a working set larger than the
+    caches, shared-memory pages), without any virtqueue."""
+
+    def __init__(self, source: str = SOURCE, req_size: int = REQ_SIZE, buffers: int = 1) -> None:
         self.fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         self.req_size = req_size
-        self.buf = mmap.mmap(-1, max(4096, req_size))
-        self.mv = memoryview(self.buf)[:req_size]
+        stride = (max(4096, req_size) + 4095) & ~4095
+        if buffers > 1:
+            mfd = os.memfd_create("ref-guest", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(mfd, stride * buffers)
+                self.buf = mmap.mmap(mfd, stride * buffers, mmap.MAP_SHARED)
+            finally:
+                os.close(mfd)
+        else:
+            self.buf = mmap.mmap(-1, stride)
+        whole = memoryview(self.buf)
+        self.mvs = [[whole[i * stride : i * stride + req_size]] for i in range(buffers)]
+        whole.release()
+        self.next = 0
 
     def run(self, count: int) -> int:
-        readv, fd, bufs = os.readv, self.fd, [self.mv]
-        return sum(readv(fd, bufs) for _ in range(count))
+        readv, fd, bufs = os.readv, self.fd, self.mvs
+        if len(bufs) == 1:
+            one = bufs[0]
+            return sum(readv(fd, one) for _ in range(count))
+        n, k, total = len(bufs), self.next, 0
+        for _ in range(count):
+            total += readv(fd, bufs[k])
+            k = (k + 1) % n
+        self.next = k
+        return total
 
     def close(self) -> None:
-        self.mv.release()
+        for views in self.mvs:
+            views[0].release()
         self.buf.close()
         os.close(self.fd)
 
@@ -590,19 +616,31 @@ def section_throughput(
     out: Table, clients: dict[str, RngClient], pids: dict[str, int], reps: int, secs: float
 ) -> None:
     out(f"-- rng throughput, {REQ_SIZE} B requests, MB/s (1 MB = 1e6 B); ref = readv of {SOURCE}")
-    head = ("batch", "ref readv", "ours", "rust", "ours/ref", "ours/rust", "rust/ref")
-    out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*head))
-    ref = SourceReader()
+    head = (
+        "batch",
+        "ref readv",
+        "ref ring",
+        "ours",
+        "rust",
+        "ours/ref",
+        "ours/rust",
+        "rust/ref",
+        "ours/ring",
+    )
+    fmt_row = "{:>6} {:>18} {:>18} {:>18} {:>18} {:>9} {:>10} {:>9} {:>9}"
+    out(fmt_row.format(*head))
+    refs = {"ref": SourceReader(), "ring": SourceReader(buffers=RING_SIZE)}
     cpu_rows = []
     try:
         for label in [*BATCHES, *(f"s{d}" for d in DEPTHS)]:
-            rates: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
-            cpu: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
+            rates: dict[str, list[float]] = {"ref": [], "ring": [], "ours": [], "rust": []}
+            cpu: dict[str, list[float]] = {"ref": [], "ring": [], "ours": [], "rust": []}
             for _ in range(reps):
-                c0 = time.thread_time()
-                b, t = timed(ref.run, 64, secs)
-                cpu["ref"].append((time.thread_time() - c0) * 1e6 / (b / REQ_SIZE))
-                rates["ref"].append(b / t / 1e6)
+                for k, r in refs.items():
+                    c0 = time.thread_time()
+                    b, t = timed(r.run, 64, secs)
+                    cpu[k].append((time.thread_time() - c0) * 1e6 / (b / REQ_SIZE))
+                    rates[k].append(b / t / 1e6)
                 for k, c in clients.items():
                     if isinstance(label, int):
                         fn, per = functools.partial(c.run, label), max(1, 64 // label)
@@ -617,31 +655,32 @@ def section_throughput(
             row = (
                 label,
                 st["ref"].fmt(),
+                st["ring"].fmt(),
                 st["ours"].fmt(),
                 st["rust"].fmt(),
                 _ratios(rates["ours"], rates["ref"]).fmt(".2f"),
                 _ratios(rates["ours"], rates["rust"]).fmt(".2f"),
                 _ratios(rates["rust"], rates["ref"]).fmt(".2f"),
+                _ratios(rates["ours"], rates["ring"]).fmt(".2f"),
             )
-            out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*row))
-            cpu_rows.append(
-                (
-                    label,
-                    Stat(cpu["ref"]).fmt(".1f"),
-                    Stat(cpu["ours"]).fmt(".1f"),
-                    Stat(cpu["rust"]).fmt(".1f"),
-                )
-            )
+            out(fmt_row.format(*row))
+            cpu_rows.append((label, *(Stat(cpu[k]).fmt(".1f") for k in ("ref", "ring", "ours", "rust"))))
     finally:
-        ref.close()
+        for r in refs.values():
+            r.close()
     out(
         "   batch n: n requests per kick, the front-end waiting for all of them; sN: a stream"
         " keeping N in flight (RngClient.stream)"
     )
+    out(
+        f"   ref ring (information): the same readv into {RING_SIZE} page-aligned buffers of a shared"
+        " memfd in turn, the destination the daemons fill (one per ring entry)"
+    )
     out("   goals: ours/ref >= 0.7, ours/rust >= 1.0 (ratios: median of the per-rep ratios)")
-    out("   CPU us per request (ref: the reading thread; ours/rust: all daemon threads, schedstat):")
+    out("   CPU us per request (refs: the reading thread; ours/rust: all daemon threads, schedstat):")
+    out("{:>6} {:>18} {:>18} {:>18} {:>18}".format("", "ref readv", "ref ring", "ours", "rust"))
     for cells in cpu_rows:
-        out("{:>6} {:>22} {:>22} {:>22}".format(*cells))
+        out("{:>6} {:>18} {:>18} {:>18} {:>18}".format(*cells))
     out()
 
 
