@@ -207,8 +207,9 @@ class VirtioDevice(abc.ABC):
         with the bytes read (``Queue.fill_from_fd``), without calling
         :meth:`process_queue`, which still gets every kick that path cannot finish
         (another shape of request, a read that gave nothing).  The vhost-user
-        transport asks on every kick and serves such a queue in compiled code.
-        None (the default): every request goes through :meth:`process_queue`."""
+        transport asks when the ring starts (None then: never for this ring) and on
+        every kick, and serves such a queue in compiled code.  None (the default):
+        every request goes through :meth:`process_queue`."""
         return None
 
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | None:
