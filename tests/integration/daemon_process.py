@@ -18,13 +18,14 @@ HERE = Path(__file__).resolve().parent
 
 
 class DaemonProcess:
-    """``python echo_device.py SOCKET`` with its stderr watched for log lines."""
+    """``python echo_device.py SOCKET`` (or ``command``, whose socket is
+    ``socket_path``) with its stderr watched for log lines."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, command: list[str] | None = None) -> None:
         self.socket_path = socket_path
         env = dict(os.environ, RUST_LOG="info", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "echo_device.py"), socket_path],
+            command or [sys.executable, str(HERE / "echo_device.py"), socket_path],
             stderr=subprocess.PIPE,
             env=env,
         )

@@ -13,6 +13,8 @@ import os
 import random
 import socket
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 from daemon_process import DaemonProcess
@@ -20,9 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_echo_daemon import serve_one
 
+from vhost_backends.frontend import Frontend
 from vhost_backends.protocol import messages as m
 from vhost_backends.protocol.codes import FrontendReq
 from virtio_queue import BUILT_WITH_XEN
+from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +157,7 @@ def run_sequence(daemon: DaemonProcess, msgs: list[tuple[bytes, int]]) -> None:
         os.close(efd)
 
 
-def test_fuzz_message_sequences(echo_daemon: DaemonProcess) -> None:
+def _fuzz(daemon: DaemonProcess) -> None:
     global sent
     sent = 0
 
@@ -161,12 +165,50 @@ def test_fuzz_message_sequences(echo_daemon: DaemonProcess) -> None:
     @given(st.integers(0, 2**64 - 1))
     def fuzz(seed: int) -> None:
         rnd = random.Random(seed)
-        run_sequence(echo_daemon, [message(rnd) for _ in range(PER_EXAMPLE)])
+        run_sequence(daemon, [message(rnd) for _ in range(PER_EXAMPLE)])
 
     fuzz()
     assert sent >= MESSAGES_PER_RUN, sent
+
+
+def _no_traceback(daemon: DaemonProcess) -> None:
+    assert not any("Traceback" in line for line in daemon.log), [
+        line for line in daemon.log if "Traceback" in line
+    ]
+
+
+def test_fuzz_message_sequences(echo_daemon: DaemonProcess) -> None:
+    _fuzz(echo_daemon)
     serve_one(echo_daemon.socket_path, b"after the fuzzer")
     assert echo_daemon.terminate() == 0
-    assert not any("Traceback" in line for line in echo_daemon.log), [
-        line for line in echo_daemon.log if "Traceback" in line
-    ]
+    _no_traceback(echo_daemon)
+
+
+def test_fuzz_message_sequences_rng(tmp_path: Path) -> None:
+    """The same against vhost-device-rng, whose rings the transport serves in
+    compiled code (vhost_backends._fastpath): rings start and stop, memory tables
+    and call fds change under it; afterwards a session still reads random bytes."""
+    base = str(tmp_path / "rng.sock")
+    daemon = DaemonProcess(
+        base + "0", [sys.executable, "-m", "vhost_backends.cli.rng", "-s", base, "-f", "/dev/urandom"]
+    )
+    try:
+        daemon.wait_for("listening")
+        _fuzz(daemon)
+        with Frontend.connect(daemon.socket_path, timeout=10) as fe:
+            fe.negotiate()
+            fe.add_memory(1 << 20)
+            fe.set_mem_table()
+            ring = fe.setup_ring(0, 64)
+            ring.mock.set_used_event(ring.mock.used_idx())
+            gpa = ring.mock.alloc(256)
+            head = ring.mock.add_chain([RawDesc(gpa, 256, VIRTQ_DESC_F_WRITE, 0)])
+            fe.kick(0)
+            assert fe.wait_used(0, timeout=10) == [(head, 256)]
+            assert len(set(fe.memory.read(gpa, 256))) > 1
+        assert daemon.terminate() == 0
+        _no_traceback(daemon)
+    finally:
+        if daemon.alive():
+            daemon.proc.kill()
+            daemon.terminate()

@@ -270,3 +270,54 @@ def test_rng_daemon_compiled_path_leaves_bad_requests_to_the_device(
     assert "q0: 3 chains, 316 bytes served in compiled code" in log, log  # first, 100, 200
     assert "rng q0: served 2 chains, 16 bytes" in log, log  # bad, last
     assert "expected 1" in log  # the device's own report of the bad chain
+
+
+def test_rng_daemon_compiled_path_follows_the_ring_lifecycle(tmp_path: Path, source_file: Path) -> None:
+    """The compiled kick path through what a VMM does to a running ring: a new call
+    eventfd (the old one is no longer signalled), memory added and removed while it
+    runs, GET_VRING_BASE (stopped: a kick serves nothing, the request stays
+    available) and a restart from the returned base (the request is served)."""
+    d = start(tmp_path, source_file)
+    try:
+        fe, ring = open_device(d.path(0))
+        with fe:
+            assert read_random(fe, ring, [16]) == [SOURCE[:16]]
+            old_call = ring.call_fd
+            new_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fe.set_vring_call(0, new_call)
+            ring.call_fd = new_call
+            assert read_random(fe, ring, [16]) == [SOURCE[16:32]]
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(old_call)  # nothing signalled on the replaced fd
+
+            extra = fe.add_memory(1 << 16, guest_addr=1 << 24)
+            fe.add_mem_reg(extra)
+            assert read_random(fe, ring, [16]) == [SOURCE[32:48]]
+            fe.rem_mem_reg(extra)
+            assert read_random(fe, ring, [16]) == [SOURCE[48:64]]
+
+            base = fe.get_vring_base(0)
+            assert base == 4
+            ((head, gpa),) = submit(ring, [16])
+            fe.kick(0)
+            time.sleep(0.3)
+            assert ring.mock.used_idx() == 4  # stopped: not served
+
+            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            ring.kick_fd, ring.call_fd = kick, call
+            mock = ring.mock
+            fe.set_vring_num(0, mock.size)
+            fe.set_vring_base(0, base)
+            fe.set_vring_addr(
+                0, fe.user_addr(mock.desc_table), fe.user_addr(mock.avail_ring), fe.user_addr(mock.used_ring)
+            )
+            fe.set_vring_call(0, call)
+            fe.set_vring_kick(0, kick)
+            fe.set_vring_enable(0, True)
+            fe.kick(0)
+            assert fe.wait_used(0, timeout=DEADLINE) == [(head, 16)]
+            assert fe.memory.read(gpa, 16) == SOURCE[64:80]
+    finally:
+        assert d.stop() == 0, d.stderr()
+    assert "Traceback" not in d.stderr()
