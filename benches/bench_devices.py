@@ -17,7 +17,6 @@ buffers are filled whole, with bytes that are not constant and not repeated.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,26 +58,11 @@ def tmpdir_mod(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("rng-daemons")
 
 
-@contextlib.contextmanager
-def _daemon(kind: str, tmp: Path, count: int = 1) -> Iterator[D.RngDaemon]:
-    """A listening daemon for the ``with`` block; ours must then exit 0 on SIGTERM."""
-    if kind == "rust" and D.rust_daemon() is None:
-        pytest.skip(f"Rust {D.RNG}: n/a (${D.RUST_ENV} unset or without it)")
-    d = D.RngDaemon(kind, str(tmp), count=count)
-    try:
-        d.wait_listening(probe=False)
-        yield d
-    finally:
-        rc = d.stop()
-    if kind == "ours":
-        assert rc == 0, d.stderr()
-
-
 @pytest.fixture(scope="module", params=D.KINDS)
 def rng_client(request: pytest.FixtureRequest, tmpdir_mod: Path) -> Iterator[tuple[str, D.RngClient]]:
     """One daemon of each kind with one connected, checked front-end (4 KiB buffers)."""
     kind: str = request.param
-    with _daemon(kind, tmpdir_mod) as d, d.connect() as c:
+    with D.running(kind, tmpdir_mod) as d, d.connect() as c:
         c.check()
         yield kind, c
 
@@ -120,7 +104,7 @@ def test_rng_sockets_parallel(benchmark: Any, summary: Any, tmpdir_mod: Path, ki
     secs = 0.05 if getattr(benchmark, "disabled", False) else 0.5
     sub = tmpdir_mod / f"par-{kind}-{n}"
     sub.mkdir()
-    with _daemon(kind, sub, count=n) as d:
+    with D.running(kind, sub, count=n) as d:
         rates: list[float] = []
         benchmark.group = "rng -c N aggregate"
         benchmark.pedantic(

@@ -15,7 +15,6 @@ Figures, each beside a reference measured in the same run:
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,29 +36,11 @@ def summary(request: pytest.FixtureRequest) -> Iterator[dict[str, tuple[float, s
     D.write_summary(request.config, "rng daemon round trip / lifecycle", rows)
 
 
-def _skip_absent(kind: str) -> None:
-    if kind == "rust" and D.rust_daemon() is None:
-        pytest.skip(f"Rust {D.RNG}: n/a (${D.RUST_ENV} unset or without it)")
-
-
-@contextlib.contextmanager
-def _daemon(kind: str, tmp: Path) -> Iterator[D.RngDaemon]:
-    _skip_absent(kind)
-    d = D.RngDaemon(kind, str(tmp))
-    try:
-        d.wait_listening(probe=False)
-        yield d
-    finally:
-        rc = d.stop()
-    if kind == "ours":
-        assert rc == 0, d.stderr()
-
-
 @pytest.mark.parametrize("kind", D.KINDS)
 def test_rng_roundtrip(benchmark: Any, summary: Any, tmp_path: Path, kind: str) -> None:
     """Kick -> used notification of one 1-byte request (batch of 1), then the daemon's
     memory after serving."""
-    with _daemon(kind, tmp_path) as d, d.connect(req_size=1) as c:
+    with D.running(kind, tmp_path) as d, d.connect(req_size=1) as c:
         c.check()
         benchmark.group = "rng 1-byte round trip"
         done = benchmark(c.run, 1, ROUND_TRIPS)
@@ -93,7 +74,7 @@ def test_eventfd_pingpong_reference(benchmark: Any, summary: Any) -> None:
 def test_rng_startup(benchmark: Any, summary: Any, tmp_path: Path, kind: str) -> None:
     """Before ``Popen`` -> a ``connect`` succeeds; the timer also covers the stop, so
     the figure is the median of the start-up times the daemon objects recorded."""
-    _skip_absent(kind)
+    D.skip_absent(kind)
     times: list[float] = []
 
     def start_stop() -> None:

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,29 @@ def daemon_command(kind: str) -> list[str]:
     if path is None:
         raise FileNotFoundError(f"{RNG} not found in ${RUST_ENV}")
     return [path]
+
+
+def skip_absent(kind: str) -> None:
+    """In a pytest benchmark: skip when ``kind`` is "rust" and no Rust daemon is there."""
+    if kind == "rust" and rust_daemon() is None:
+        import pytest  # noqa: PLC0415 - only the pytest benchmarks call this
+
+        pytest.skip(f"Rust {RNG}: n/a (${RUST_ENV} unset or without it)")
+
+
+@contextlib.contextmanager
+def running(kind: str, tmp: str | Path, count: int = 1) -> Iterator[RngDaemon]:
+    """In a pytest benchmark: a listening daemon of ``kind`` for the ``with`` block
+    (skipped if absent); ours must then exit 0 on SIGTERM."""
+    skip_absent(kind)
+    d = RngDaemon(kind, str(tmp), count=count)
+    try:
+        d.wait_listening(probe=False)
+        yield d
+    finally:
+        rc = d.stop()
+    if kind == "ours":
+        assert rc == 0, d.stderr()
 
 
 class RngDaemon:

@@ -617,8 +617,7 @@ class VhostUserHandler:
     def _set_vring_kick(self, msg: Message) -> None:
         ring, fd = self._vring_fd(msg, "SET_VRING_KICK")
         if ring.kick_fd >= 0:
-            self.loop.remove_reader(ring.kick_fd)
-            self._drop_fill(ring)
+            self._unwatch_kick(ring)
             ring.polled = False
             os.close(ring.kick_fd)
         if fd >= 0:
@@ -670,8 +669,7 @@ class VhostUserHandler:
             return
         q = ring.queue
         if not want:
-            self.loop.remove_reader(ring.kick_fd)
-            self._drop_fill(ring)
+            self._unwatch_kick(ring)
             q.ready = False
             ring.polled = False
             self._maybe_deactivate()
@@ -759,14 +757,14 @@ class VhostUserHandler:
             fd = getattr(ring, attr)
             if fd >= 0:
                 if attr == "kick_fd":
-                    self.loop.remove_reader(fd)
-                    self._drop_fill(ring)
+                    self._unwatch_kick(ring)
                 os.close(fd)
                 setattr(ring, attr, -1)
         self._set_call_fd(ring, -1)
 
-    def _drop_fill(self, ring: _Ring) -> None:
-        """The ring's compiled kick path is gone (the loop dropped it with the reader)."""
+    def _unwatch_kick(self, ring: _Ring) -> None:
+        """Stop watching the ring's kick fd, and with it its compiled kick path."""
+        self.loop.remove_reader(ring.kick_fd)
         if ring.fill is not None:
             log.debug(
                 "%s q%d: %d chains, %d bytes served in compiled code",

@@ -236,20 +236,6 @@ cdef DescriptorChain make_chain(MemorySnapshot snap, object memory, const unsign
     return ch
 
 
-cdef inline int _merge_iov(iovec *iov, int k) noexcept nogil:
-    """Join iovecs that are contiguous in this process (a driver often lays a chain's
-    buffers out back to back): fewer segments for the kernel, which handles up to 8
-    without allocating (UIO_FASTIOV)."""
-    cdef int i, m = 0
-    for i in range(1, k):
-        if <unsigned char *>iov[m].iov_base + iov[m].iov_len == <unsigned char *>iov[i].iov_base:
-            iov[m].iov_len += iov[i].iov_len
-        else:
-            m += 1
-            iov[m] = iov[i]
-    return m + 1 if k else 0
-
-
 # Cython keeps a freelist for the base class only; it serves Reader and Writer,
 # which add no fields (same size).
 @cython.freelist(32)
@@ -427,7 +413,9 @@ cdef class _Stream:
         cdef int k, err = 0
         with nogil:
             while total < want:
-                k = _merge_iov(iov, self._iov(iov, IOV_BATCH, want - total, &got))
+                # Back-to-back buffers are one segment already (stream_append):
+                # few iovecs, which the kernel handles without allocating (up to 8).
+                k = self._iov(iov, IOV_BATCH, want - total, &got)
                 if reading:
                     r = (preadv(fd, iov, k, <off_t>(offset + <long long>total)) if offset >= 0
                          else readv(fd, iov, k))

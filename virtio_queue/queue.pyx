@@ -48,6 +48,29 @@ cdef inline void _wr16(unsigned char *p, uint16_t v) noexcept nogil:
     memcpy(p, &v, 2)
 
 
+cdef inline int _known_avail(Queue q) noexcept nogil:
+    """How many chains from next_avail on are known to be available.  avail->idx is
+    re-read (acquire) only once those known are used up, so a batch costs one
+    atomic load.  -1: avail->idx is more than a queue ahead (nothing is recorded;
+    the caller reports it with :func:`_raise_ahead` or leaves it to pop_head)."""
+    cdef uint16_t idx, n
+    if q._next_avail == q._avail_seen:
+        idx = le16toh(vq_load_acquire16(q._avail + 2))
+        n = idx - q._next_avail
+        if n > q._size:
+            return -1
+        q._avail_seen = idx
+    return <uint16_t>(q._avail_seen - q._next_avail)
+
+
+cdef int _raise_ahead(Queue q, uint16_t idx) except -1:
+    # rust-vmm's InvalidAvailRingIndex: the driver can never have more than a
+    # queue's worth of chains outstanding.
+    raise InvalidAvailRingIndex(
+        f"avail index {idx} is {<uint16_t>(idx - q._next_avail)} ahead of next_avail "
+        f"{q._next_avail} (queue size {q._size})")
+
+
 cdef class Queue:
     """Device side of one split virtqueue.
 
@@ -265,19 +288,15 @@ cdef class Queue:
         cdef uint16_t idx = le16toh(vq_load_acquire16(self._avail + 2))
         cdef uint16_t n = idx - self._next_avail
         if n > self._size:
-            raise InvalidAvailRingIndex(
-                f"avail index {idx} is {n} ahead of next_avail {self._next_avail} "
-                f"(queue size {self._size})")
+            _raise_ahead(self, idx)
         return n
 
     # ------------------------------------------------------------ hot path
     cdef int pop_head(self, uint16_t *head) except -1:
-        """Take the next available head index: 1 if there was one, 0 if not.
-
-        avail->idx is re-read (acquire) only once the chains known from the last
-        read are used up, so a batch costs one atomic load.  The head itself is not
+        """Take the next available head index: 1 if there was one, 0 if not
+        (:func:`_known_avail`: one atomic load per batch).  The head itself is not
         range-checked here (see pop_chain)."""
-        cdef uint16_t idx, n
+        cdef int n
         if not self._ready or not self._mapped or self._gen != self._memory._generation:
             self.ensure_ready()
         if self._n_resubmit:
@@ -286,18 +305,11 @@ cdef class Queue:
             if self._inflight != NULL:
                 self._inflight_popped(head[0])
             return 1
-        if self._next_avail == self._avail_seen:
-            idx = le16toh(vq_load_acquire16(self._avail + 2))
-            n = idx - self._next_avail
-            if n > self._size:
-                # rust-vmm's InvalidAvailRingIndex: the driver can never have more
-                # than a queue's worth of chains outstanding.
-                raise InvalidAvailRingIndex(
-                    f"avail index {idx} is {n} ahead of next_avail {self._next_avail} "
-                    f"(queue size {self._size})")
-            if n == 0:
-                return 0
-            self._avail_seen = idx
+        n = _known_avail(self)
+        if n <= 0:
+            if n < 0:
+                _raise_ahead(self, le16toh(vq_load_acquire16(self._avail + 2)))
+            return 0
         head[0] = _rd16(self._avail + 4 + 2 * <size_t>(self._next_avail & (self._size - 1)))
         self._next_avail += 1
         if self._inflight != NULL:
@@ -451,22 +463,18 @@ cdef class Queue:
         describe their buffers in ``iov`` and their heads in ``heads``; return how
         many, stopping at the first other chain (or a bad head, or a broken avail
         index: ``pop_head`` reports those), or -1 when none is available."""
-        cdef uint16_t idx, n, head
-        cdef int k = 0
+        cdef uint16_t head
+        cdef int n, k = 0
         cdef ChainCursor c
         cdef vring_desc d
         cdef unsigned char *p
         if not self._ready or not self._mapped or self._gen != self._memory._generation:
             self.ensure_ready()
-        if self._next_avail == self._avail_seen:
-            idx = le16toh(vq_load_acquire16(self._avail + 2))
-            n = idx - self._next_avail
-            if n == 0:
-                return -1
-            if n > self._size:
-                return 0
-            self._avail_seen = idx
-        n = self._avail_seen - self._next_avail
+        n = _known_avail(self)
+        if n == 0:
+            return -1
+        if n < 0:
+            return 0
         if n < limit:
             limit = n
         while k < limit:
