@@ -117,7 +117,6 @@ def rows() -> list[Row]:
     out.append(Row("fd", lambda: W.make_fd_preadv_c(1), ref="preadv", info=True))
     out.append(Row("fd", lambda: W.make_fd_preadv_c(16), ref="preadv-c1", info=True))
     out.append(Row("fd", lambda: W.make_fd_writer_cython(16), ref="preadv-c1", info=True))
-    out.append(Row("fd", lambda: W.make_fd_writer_cython(16, 1), ref="preadv-c1", info=True))
     out.append(Row("fd", lambda: W.make_fd_writer_cython(16, 2), ref="preadv-c1", info=True))
     return out
 

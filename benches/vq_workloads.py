@@ -527,8 +527,8 @@ def make_fd_writer(ndesc: int = 16, spread: bool = False) -> Workload:
 def make_fd_writer_cython(ndesc: int = 16, variant: int = 0) -> Workload:
     """As fd-W16 at Cython level (``_bench.workload_fd``: publish, pop, Writer, preadv
     into its iovecs, add_used, in one C loop): no Python call per iteration.
-    ``variant`` 1: host-contiguous iovecs merged before the preadv; 2: no Writer
-    built (pop, preadv into fixed iovecs, add_used): for profiling."""
+    ``variant`` 2: no Writer built (pop, preadv into fixed iovecs, add_used): for
+    profiling."""
     mem, buf, mock = _big_chain(ndesc, True)
     q = mock.create_queue()
     fd = page_cache_file()
@@ -543,9 +543,9 @@ def make_fd_writer_cython(ndesc: int = 16, variant: int = 0) -> Workload:
         assert mem.read(BIG_BUF, BIG_LEN) == pattern(BIG_LEN, 11, 5)
         assert mock.read_used(used0) == [(0, BIG_LEN)]
 
-    suffix = ["", " iovecs merged", " no Writer"][variant]
+    suffix = " no Writer" if variant == 2 else ""
     return Workload(
-        f"fdc-W{ndesc}" + ["", "m", "x"][variant],
+        f"fdc-W{ndesc}" + ("x" if variant == 2 else ""),
         f"as fd-W{ndesc}, Cython loop (_bench.workload_fd){suffix}",
         "bytes",
         run,

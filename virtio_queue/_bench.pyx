@@ -154,9 +154,8 @@ def workload_fd(Queue q not None, int fd, Py_ssize_t iters, long long offset=0, 
     ``Writer.read_from_fd`` does, add_used(head, bytes read).  Returns the bytes read.
     (Separates the Python-level call overhead from the kernel's cost.)
 
-    ``variant`` (for profiling): 1 merges host-contiguous iovecs before the preadv
-    (what a coalescing Writer would pass the kernel); 2 builds no Writer at all (the
-    iovecs of the first chain are reused: pop, preadv, add_used only)."""
+    ``variant`` (for profiling): 2 builds no Writer at all (the iovecs of the first
+    chain are reused: pop, preadv, add_used only)."""
     cdef iovec iov[_IOV_MAX_BENCH]
     cdef iovec fixed[_IOV_MAX_BENCH]
     cdef uint16_t head, drv
@@ -165,7 +164,7 @@ def workload_fd(Queue q not None, int fd, Py_ssize_t iters, long long offset=0, 
     cdef uint64_t total = 0
     cdef size_t got, done
     cdef ssize_t r
-    cdef int k, j, m, nfixed = 0
+    cdef int k, j, nfixed = 0
     cdef Py_ssize_t _i
     q.ensure_ready()
     drv = le16toh((<uint16_t *>(q._avail + 2))[0])
@@ -188,16 +187,6 @@ def workload_fd(Queue q not None, int fd, Py_ssize_t iters, long long offset=0, 
                     for j in range(k):
                         fixed[j] = iov[j]
                     nfixed = k
-                if variant == 1:
-                    m = 0
-                    for j in range(1, k):
-                        if (<unsigned char *>iov[m].iov_base + iov[m].iov_len
-                                == <unsigned char *>iov[j].iov_base):
-                            iov[m].iov_len += iov[j].iov_len
-                        else:
-                            m += 1
-                            iov[m] = iov[j]
-                    k = m + 1 if k else 0
                 r = _preadv(fd, iov, k, <off_t>(offset + <long long>done))
                 if r < 0:
                     raise OSError(errno, "preadv")
