@@ -11,16 +11,39 @@ GIL released), write the call eventfd if the driver wants an interrupt.  Anythin
 else (another shape of request, a read that gave nothing, an error) leaves the
 ring to the Python reader callback of the kick fd, which the poll returns as
 ready: the device's ``process_queue`` sees it exactly as it would have.
+
+Adaptive polling (``Epoll(poll_max_us=...)``, as QEMU's event loop polls its
+handlers): after a fill ring was served, the poll watches the ring's avail index
+for a while before sleeping in ``epoll_wait``, with the driver's kicks suppressed
+(VIRTIO 1.2 §2.7.10), so that a driver that sends its next request soon after its
+last one is answered without a kick and a wake-up on either side.  How long is
+learnt per ring: the window grows (4 µs, doubling, up to the maximum) while the
+next kick keeps coming within the maximum after a service, and drops to 0 as soon
+as one comes later, so an idle or slow driver costs no polling.  The spin releases
+the GIL and returns to ``epoll_wait`` whenever any other fd is ready.
 """
 
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint32_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
 
 from virtio_queue.queue cimport Queue
+
+
+cdef extern from *:
+    """
+    #if defined(__x86_64__) || defined(__i386__)
+    #include <immintrin.h>
+    static inline void vhd_cpu_relax(void) { _mm_pause(); }
+    #else
+    static inline void vhd_cpu_relax(void) { }
+    #endif
+    """
+    void vhd_cpu_relax() noexcept nogil
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -50,6 +73,19 @@ cdef enum:
 # epoll_data.u64 of a registered fd: the fd in the low 32 bits, this bit for a fill ring.
 cdef uint64_t FILL_BIT = (<uint64_t>1) << 32
 
+cdef enum:
+    # Adaptive polling: the first window, and how often the spin looks at the
+    # other fds (one epoll_wait(0)).
+    POLL_START_NS = 4000
+    POLL_CHECK_NS = 5000
+    MAX_POLLED = 16
+
+
+cdef inline long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
 
 @cython.final
 cdef class FillRing:
@@ -70,6 +106,10 @@ cdef class FillRing:
     cdef public int call_fd
     cdef readonly unsigned long long chains
     cdef readonly unsigned long long bytes
+    # Adaptive polling: the ring's current window and when its last service ended.
+    cdef public long long poll_ns
+    cdef long long last_end_ns
+    cdef readonly unsigned long long poll_hits
 
     def __init__(self, Queue queue not None, int kick_fd, fill_source, int index, int call_fd=-1):
         self.queue = queue
@@ -81,16 +121,27 @@ cdef class FillRing:
     cdef int serve(self) except -1:
         """One kick: 0 when it is handled, 1 when the Python path must see the ring."""
         cdef uint64_t value
-        cdef Py_ssize_t served = 0
-        cdef unsigned long long total = 0
-        cdef int status
         source = self.fill_source(self.index)
         if source is None:
-            return 1
+            return 1    # the kick is left for the Python callback to read
         # The kick fds are non-blocking (the handler makes them so): EAGAIN here
         # only means another reader took the count.
         read(self.kick_fd, &value, 8)
-        status = self.queue.fill_c(<int>source, -1, True, &served, &total)
+        return self._fill(<int>source, True)
+
+    cdef int fill(self, bint suppress) except -1:
+        """Serve what the ring holds without a kick (polling); as :meth:`serve`."""
+        source = self.fill_source(self.index)
+        if source is None:
+            return 1
+        return self._fill(<int>source, suppress)
+
+    cdef int _fill(self, int source, bint suppress) except -1:
+        """``Queue.fill_c`` from ``source``, then notify the driver if it wants."""
+        cdef uint64_t value
+        cdef Py_ssize_t served = 0
+        cdef unsigned long long total = 0
+        cdef int status = self.queue.fill_c(source, -1, suppress, &served, &total)
         if served:
             self.chains += <unsigned long long>served
             self.bytes += total
@@ -99,6 +150,19 @@ cdef class FillRing:
                 # EAGAIN: the counter is saturated, a call is pending anyway.
                 write(self.call_fd, &value, 8)
         return status
+
+    cdef void adapt(self, long long now, long long max_ns) noexcept:
+        """A kick woke the loop at ``now``: learn from the time since the last service
+        whether polling would have caught it (QEMU's aio poll adaptation)."""
+        cdef long long gap
+        if self.last_end_ns:
+            gap = now - self.last_end_ns
+            if gap > max_ns:
+                self.poll_ns = 0
+            elif gap > self.poll_ns:
+                self.poll_ns = self.poll_ns * 2 if self.poll_ns else POLL_START_NS
+                if self.poll_ns > max_ns:
+                    self.poll_ns = max_ns
 
     def serve_kick(self):
         """:meth:`serve` for tests: True when handled, False when the Python path
@@ -113,12 +177,20 @@ cdef class Epoll:
 
     cdef int epfd
     cdef dict _rings        # fd -> FillRing
+    cdef readonly long long poll_max_ns
 
-    def __cinit__(self):
+    def __cinit__(self, *args, **kwargs):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             PyErr_SetFromErrno(OSError)
         self._rings = {}
+
+    def __init__(self, long long poll_max_us=0):
+        """``poll_max_us``: the longest adaptive polling window of a fill ring
+        (0: never poll), at most 1 s."""
+        if not 0 <= poll_max_us <= 1000000:
+            raise ValueError(f"poll_max_us must be from 0 to 1000000, not {poll_max_us}")
+        self.poll_max_ns = poll_max_us * 1000
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -176,6 +248,8 @@ cdef class Epoll:
         cdef epoll_event evs[MAX_EVENTS]
         cdef int n, i, fd, ms, status
         cdef uint64_t data
+        cdef long long now_ns = 0
+        cdef list polled
         cdef timespec ts
         cdef double now, deadline = 0.0
         cdef list out = []
@@ -202,18 +276,137 @@ cdef class Epoll:
                     PyErr_CheckSignals()
                     return out
                 PyErr_SetFromErrno(OSError)
+            polled = None
+            if n > 0 and self.poll_max_ns:
+                now_ns = _now_ns()
             for i in range(n):
                 data = evs[i].data.u64
                 fd = <int>(data & 0xFFFFFFFF)
                 if data & FILL_BIT:
                     ring = self._rings.get(fd)
                     if ring is not None:
+                        if self.poll_max_ns:
+                            (<FillRing>ring).adapt(now_ns, self.poll_max_ns)
                         try:
                             status = (<FillRing>ring).serve()
                         except Exception:
                             status = 1
                         if status == 0:
+                            if self.poll_max_ns:
+                                (<FillRing>ring).last_end_ns = _now_ns()
+                                if (<FillRing>ring).poll_ns:
+                                    if polled is None:
+                                        polled = []
+                                    polled.append(ring)
                             continue
                 out.append(fd)
+            if polled is not None and not out and ms != 0:
+                self._poll_rings(polled, -1 if timeout < 0 or timeout > 1e6 else <long long>(deadline * 1e9),
+                                 out)
             if out or ms == 0:
                 return out
+
+    cdef int _poll_rings(self, list rings, long long deadline_ns, list out) except -1:
+        """Adaptive polling (see the module docstring) of fill ``rings``, which were
+        just served, until their longest window passes without a request, another
+        fd is ready, ``deadline_ns`` (< 0: none) comes, or a ring needs Python (its
+        kick fd is added to ``out``).  Leaves every ring with notifications on and
+        nothing available that it could serve."""
+        cdef PyObject *queues[MAX_POLLED]
+        cdef int kick_fds[MAX_POLLED]
+        cdef epoll_event evs[MAX_EVENTS]
+        cdef int nr = 0, j, i, m, found, status, other = 0
+        cdef long long window = 0, now, stop, check
+        cdef uint64_t value
+        cdef FillRing r
+        for ring in rings:
+            r = <FillRing>ring
+            if nr == MAX_POLLED:
+                break
+            queues[nr] = <PyObject *>r.queue
+            kick_fds[nr] = r.kick_fd
+            if r.poll_ns > window:
+                window = r.poll_ns
+            r.queue.suppress_notification_c()
+            nr += 1
+        rings = rings[:nr]
+        while True:
+            found = -1
+            with nogil:
+                now = _now_ns()
+                stop = now + window
+                if deadline_ns >= 0 and deadline_ns < stop:
+                    stop = deadline_ns
+                check = now + POLL_CHECK_NS
+                while found < 0:
+                    for j in range(nr):
+                        if (<Queue>queues[j]).work_pending_c():
+                            found = j
+                            break
+                    else:
+                        now = _now_ns()
+                        if now >= stop:
+                            break
+                        if now >= check:
+                            check = now + POLL_CHECK_NS
+                            m = epoll_wait(self.epfd, evs, MAX_EVENTS, 0)
+                            for i in range(m):
+                                for j in range(nr):
+                                    if kick_fds[j] == <int><uint32_t>evs[i].data.u64:
+                                        # A kick sent before the driver saw the
+                                        # suppression: the spin serves it.
+                                        read(kick_fds[j], &value, 8)
+                                        break
+                                else:
+                                    other = 1
+                            if other:
+                                break
+                        vhd_cpu_relax()
+            if found >= 0:
+                r = <FillRing>rings[found]
+                try:
+                    status = r.fill(False)
+                except Exception:
+                    status = 1
+                r.poll_hits += 1
+                r.last_end_ns = _now_ns()
+                if status != 0:
+                    out.append(r.kick_fd)   # Python must see this ring: leave
+                    other = 1
+                elif PyErr_CheckSignals() < 0:
+                    self._unpoll(rings, out)
+                    return -1
+                else:
+                    continue
+            # Leaving, or the window passed: notifications on, serving what came
+            # meanwhile; polling goes on if anything did.
+            if (self._unpoll(rings, out) == 0 or other or out
+                    or (deadline_ns >= 0 and _now_ns() >= deadline_ns)):
+                return 0
+            for ring in rings:
+                (<FillRing>ring).queue.suppress_notification_c()
+
+    cdef unsigned long long _unpoll(self, list rings, list out) noexcept:
+        """Turn the driver's notifications back on for polled ``rings`` and serve what
+        they hold (a ring already in ``out`` is Python's to drain; one that needs
+        Python now is added to it); returns the chains served."""
+        cdef FillRing r
+        cdef unsigned long long before, served = 0
+        cdef int status
+        for ring in rings:
+            r = <FillRing>ring
+            if r.kick_fd in out:
+                try:
+                    r.queue.enable_notification_c()
+                except Exception:
+                    pass
+                continue
+            before = r.chains
+            try:
+                status = r.fill(True)
+            except Exception:
+                status = 1
+            if status != 0:
+                out.append(r.kick_fd)
+            served += r.chains - before
+        return served

@@ -36,7 +36,7 @@ from types import FrameType
 from virtio_devices.base import VirtioDevice
 
 from .connection import Connection
-from .event_loop import EventLoop
+from .event_loop import DEFAULT_POLL_MAX_US, EventLoop
 from .handler import VhostUserHandler
 
 __all__ = ["VhostUserDaemon", "run_daemons"]
@@ -50,6 +50,7 @@ class VhostUserDaemon:
     ``stop_fd`` is an eventfd shared by every daemon of the process: once it is
     readable (never read by anyone) the daemon finishes its session and returns
     from :meth:`serve`.  Without one, the daemon makes its own (:meth:`stop`).
+    ``poll_max_us`` bounds the sessions' adaptive ring polling (:class:`EventLoop`).
     """
 
     def __init__(
@@ -60,8 +61,10 @@ class VhostUserDaemon:
         *,
         stop_fd: int | None = None,
         max_connections: int | None = None,
+        poll_max_us: int = DEFAULT_POLL_MAX_US,
     ) -> None:
         self.name = name
+        self.poll_max_us = poll_max_us
         self.socket_path = socket_path
         self.device_factory = device_factory
         self.max_connections = max_connections
@@ -144,7 +147,7 @@ class VhostUserDaemon:
         """Run one front-end session to its end; returns why it ended."""
         tag = f"{self.socket_path}"
         log.info("%s: front-end connected", tag)
-        loop = EventLoop()
+        loop = EventLoop(self.poll_max_us)
         conn = Connection(sock)
         handler: VhostUserHandler | None = None
         try:
@@ -181,16 +184,25 @@ class VhostUserDaemon:
             os.close(self.stop_fd)
 
 
-def run_daemons(name: str, socket_paths: Sequence[str], device_factory: Callable[[int], VirtioDevice]) -> int:
-    """Serve ``device_factory(i)`` devices on ``socket_paths[i]``, one thread each.
+def run_daemons(
+    name: str,
+    socket_paths: Sequence[str],
+    device_factory: Callable[[int], VirtioDevice],
+    *,
+    poll_max_us: int | None = None,
+) -> int:
+    """Serve ``device_factory(i)`` devices on ``socket_paths[i]``, one thread each
+    (``poll_max_us``: see :class:`VhostUserDaemon`; None: ``DEFAULT_POLL_MAX_US``).
 
     SIGINT and SIGTERM (when called from the main thread) shut every daemon down
     cleanly.  Returns 0 after a clean shutdown, 1 if a socket could not be bound
     or a daemon thread died of an unexpected error (both are logged).
     """
+    if poll_max_us is None:
+        poll_max_us = DEFAULT_POLL_MAX_US
     stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     daemons = [
-        VhostUserDaemon(name, path, _bind_index(device_factory, i), stop_fd=stop_fd)
+        VhostUserDaemon(name, path, _bind_index(device_factory, i), stop_fd=stop_fd, poll_max_us=poll_max_us)
         for i, path in enumerate(socket_paths)
     ]
     failed = False

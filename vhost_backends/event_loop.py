@@ -15,7 +15,8 @@ level-triggered, so a callback that does not drain its fd is called again.  The
 epoll set is compiled (:mod:`vhost_backends._fastpath`): a kick fd given a
 :class:`~vhost_backends._fastpath.FillRing` (:meth:`EventLoop.set_fill_ring`) is
 served inside the poll, in C, and reaches its Python callback only when that
-path cannot finish the ring.
+path cannot finish the ring.  Such rings may also be polled for a short, learnt
+while after each service (``poll_max_us``; see :mod:`vhost_backends._fastpath`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ except ImportError as e:  # an unbuilt source tree
         "`pip install -e .` (or `python setup.py build_ext --inplace`)"
     ) from e
 
-__all__ = ["EventLoop", "FillRing", "TimerHandle"]
+__all__ = ["DEFAULT_POLL_MAX_US", "EventLoop", "FillRing", "TimerHandle"]
+
+#: The daemons' longest adaptive polling window (µs) after serving a fill ring:
+#: QEMU's default for its own event loops (``poll-max-ns`` 32768).
+DEFAULT_POLL_MAX_US = 32
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +64,14 @@ class TimerHandle:
 
 
 class EventLoop:
-    """epoll over fds plus a timer heap; see the module docstring."""
+    """epoll over fds plus a timer heap; see the module docstring.
 
-    def __init__(self) -> None:
-        self._epoll = Epoll()
+    ``poll_max_us``: the longest adaptive polling window of fill rings (0: never
+    poll; a loop a daemon runs gets ``DEFAULT_POLL_MAX_US`` unless told otherwise).
+    """
+
+    def __init__(self, poll_max_us: int = 0) -> None:
+        self._epoll = Epoll(poll_max_us)
         self._readers: dict[int, Callable[[], None]] = {}
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()

@@ -42,6 +42,7 @@ cdef class Queue:
     cdef int _map(self) except -1
     cdef int ensure_ready(self) except -1
     cdef int pop_head(self, uint16_t *head) except -1
+    cdef bint work_pending_c(self) noexcept nogil
     cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -2
     cdef int fill_c(self, int fd, Py_ssize_t max_chains, bint suppress,
                     Py_ssize_t *served, unsigned long long *total) except -1
@@ -49,5 +50,6 @@ cdef class Queue:
     cdef int needs_notification_c(self) except -1
     cdef int enable_notification_c(self) except -1
     cdef int disable_notification_c(self) except -1
+    cdef int suppress_notification_c(self) except -1
     cdef void _inflight_popped(self, uint16_t head) noexcept nogil
     cdef void _inflight_release(self)

@@ -457,6 +457,16 @@ cdef class Queue:
                 f"head descriptor index {head_index} out of range (queue size {self._size})")
         return make_chain(self._snap, self._memory, self._desc, self._size, head_index)
 
+    cdef bint work_pending_c(self) noexcept nogil:
+        """Whether the driver made chains available past next_avail (or requests
+        wait to be resubmitted), for a device that polls the ring instead of
+        waiting for a kick: one acquire load of avail->idx, no Python.  Only
+        meaningful on a ready queue whose rings are mapped for the current memory
+        (``ensure_ready`` since the memory last changed); otherwise False."""
+        if not self._ready or not self._mapped or self._gen != self._memory._generation:
+            return False
+        return self._n_resubmit != 0 or le16toh(vq_load_acquire16(self._avail + 2)) != self._next_avail
+
     cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -2:
         """Look at (without taking) up to ``limit`` available chains from the next
         one on that are each one device-writable buffer in writable guest memory;
@@ -649,6 +659,18 @@ cdef class Queue:
     cdef int disable_notification_c(self) except -1:
         self.ensure_ready()
         if not self._event_idx:
+            _wr16(self._used, _rd16(self._used) | VRING_USED_F_NO_NOTIFY)
+        return 0
+
+    cdef int suppress_notification_c(self) except -1:
+        """Disable notifications so that not even the driver's next request kicks,
+        for a device that polls the ring: with EVENT_IDX, avail_event is set to the
+        index before next_avail, one the driver has already passed (VIRTIO 1.2
+        §2.7.10), where :meth:`disable_notification` leaves it where it was."""
+        self.ensure_ready()
+        if self._event_idx:
+            _wr16(self._used + 4 + 8 * <size_t>self._size, <uint16_t>(self._next_avail - 1))
+        else:
             _wr16(self._used, _rd16(self._used) | VRING_USED_F_NO_NOTIFY)
         return 0
 

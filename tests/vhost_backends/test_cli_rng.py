@@ -152,10 +152,19 @@ class FakeDaemon:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str], list[Any]]] = []
+        self.poll_max_us: list[int | None] = []
 
-    def run_daemons(self, name: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
+    def run_daemons(
+        self,
+        name: str,
+        paths: Sequence[str],
+        factory: Callable[[int], Any],
+        *,
+        poll_max_us: int | None = None,
+    ) -> int:
         devices = [factory(i) for i in range(len(paths))]
         self.calls.append((name, list(paths), devices))
+        self.poll_max_us.append(poll_max_us)
         return 0
 
 
@@ -165,6 +174,7 @@ def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> FakeDaemon:
     mod = types.ModuleType("vhost_backends.daemon")
     mod.run_daemons = fake.run_daemons  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "vhost_backends.daemon", mod)
+    monkeypatch.delenv("VHD_POLL_US", raising=False)
     return fake
 
 
@@ -185,3 +195,30 @@ def test_rng_run_builds_one_device_per_socket_on_a_shared_source(
     # run() closed the source when the daemons returned.
     with pytest.raises(ValueError, match="closed"):
         devices[0].source.fileno()
+
+
+def test_rng_polling_window_comes_from_vhd_poll_us(
+    fake_daemon: FakeDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = str(tmp_path / "rng.sock")
+    assert cli.main(["-s", sock, "-f", "/dev/zero"]) == 0
+    monkeypatch.setenv("VHD_POLL_US", "0")
+    assert cli.main(["-s", sock, "-f", "/dev/zero"]) == 0
+    monkeypatch.setenv("VHD_POLL_US", " 250 ")
+    assert cli.main(["-s", sock, "-f", "/dev/zero"]) == 0
+    assert fake_daemon.poll_max_us == [None, 0, 250]
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1e3", "1000001", "٣"])
+def test_rng_bad_vhd_poll_us_is_refused(
+    fake_daemon: FakeDaemon,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    value: str,
+) -> None:
+    monkeypatch.setenv("VHD_POLL_US", value)
+    assert cli.main(["-s", str(tmp_path / "rng.sock"), "-f", "/dev/zero"]) == 1
+    err = capsys.readouterr().err
+    assert "VHD_POLL_US" in err and err.count("\n") == 1
+    assert fake_daemon.calls == []

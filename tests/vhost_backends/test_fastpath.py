@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import os
 import select
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from vhost_backends._fastpath import Epoll, FillRing
 from virtio_queue import GuestMemory, QueueNotReady
-from virtio_queue.testing import VIRTQ_DESC_F_WRITE, MockSplitQueue, RawDesc
+from virtio_queue.testing import (
+    VIRTQ_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    MockSplitQueue,
+    RawDesc,
+    vring_need_event,
+)
 
 IN = select.EPOLLIN
 SOURCE = bytes((i * 7 + 1) & 0xFF for i in range(4096))
@@ -190,3 +197,146 @@ def test_fill_ring_without_call_fd_and_detached(rig: Rig, epoll: Epoll) -> None:
     assert epoll.poll(0.05) == [rig.kick]
     with pytest.raises(ValueError):
         epoll.set_fill_ring(rig.call, IN, ring)  # not the ring's kick fd
+
+
+# -- adaptive polling -------------------------------------------------------------------
+
+
+def _polling(rig: Rig, max_us: int, window_ns: int = 0) -> tuple[Epoll, FillRing]:
+    ep = Epoll(max_us)
+    ring = FillRing(rig.queue, rig.kick, rig.fill_source, 0, rig.call)
+    ring.poll_ns = window_ns
+    ep.register(rig.kick, IN)
+    ep.set_fill_ring(rig.kick, IN, ring)
+    return ep, ring
+
+
+def _later(delay: float, fn: Callable[[], object]) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        fn()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_poll_window_bounds() -> None:
+    assert Epoll().poll_max_ns == 0
+    assert Epoll(32).poll_max_ns == 32000
+    for bad in (-1, 1_000_001):
+        with pytest.raises(ValueError, match="poll_max_us"):
+            Epoll(bad)
+
+
+def test_poll_window_grows_while_kicks_come_soon_and_drops_when_late(rig: Rig) -> None:
+    """Like QEMU's aio polling: a kick within the maximum after a service, later
+    than the window, doubles the window (from 4 µs); one beyond the maximum ends
+    polling."""
+    ep, ring = _polling(rig, 1_000_000)
+    try:
+        windows = []
+        for i in range(4):
+            rig.mock.add_chain([RawDesc(0x8000 + 0x100 * i, 8, VIRTQ_DESC_F_WRITE, 0)])
+            os.eventfd_write(rig.kick, 1)
+            assert ep.poll(0) == []
+            windows.append(ring.poll_ns)
+            time.sleep(0.002)   # later than the window, well within the maximum
+        assert windows == [0, 4000, 8000, 16000]
+    finally:
+        ep.close()
+    ep, ring = _polling(rig, 1000, 16000)   # a window above a (new) maximum of 1 ms
+    try:
+        for i in range(2):
+            rig.mock.add_chain([RawDesc(0x9000 + 0x100 * i, 8, VIRTQ_DESC_F_WRITE, 0)])
+            os.eventfd_write(rig.kick, 1)
+            assert ep.poll(0) == []
+            time.sleep(0.005)
+        assert ring.poll_ns == 0
+        assert ring.chains == 2 and ring.poll_hits == 0
+    finally:
+        ep.close()
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_polling_serves_a_request_without_a_kick(tmp_path: Path, event_idx: bool) -> None:
+    """VIRTIO 1.2 §2.7.10: while the device polls it tells the driver not to kick
+    (VRING_USED_F_NO_NOTIFY, or an avail_event it has passed); a request made then
+    is served by the poll, and notifications are on again once polling ends."""
+    rig = Rig(tmp_path)
+    if event_idx:
+        rig.queue = rig.mock.create_queue(event_idx=True)
+    ep, ring = _polling(rig, 1_000_000, 200_000_000)   # 200 ms window
+    seen: list[bool] = []
+    try:
+        first = rig.mock.add_chain([RawDesc(0x8000, 16, VIRTQ_DESC_F_WRITE, 0)])
+        os.eventfd_write(rig.kick, 1)
+
+        def request() -> None:
+            # What a driver checks before kicking.
+            if event_idx:
+                idx = rig.mock.avail_idx()
+                seen.append(vring_need_event(rig.mock.avail_event(), idx + 1, idx))
+            else:
+                seen.append(not rig.mock.used_flags() & VRING_USED_F_NO_NOTIFY)
+            rig.mock.add_chain([RawDesc(0x9000, 16, VIRTQ_DESC_F_WRITE, 0)])
+
+        t = _later(0.02, request)
+        assert ep.poll(0.5) == []
+        t.join()
+        assert seen == [False]   # no kick wanted while polling
+        assert [h for h, _ in rig.mock.used_elems()] == [first, first + 1]
+        assert ring.poll_hits == 1 and ring.chains == 2
+        assert rig.mem.read(0x9000, 16) == SOURCE[16:32]
+        # Polling ended (the deadline): the driver is asked to kick again.
+        if event_idx:
+            assert rig.mock.avail_event() == rig.mock.avail_idx()
+        else:
+            assert not rig.mock.used_flags() & VRING_USED_F_NO_NOTIFY
+    finally:
+        ep.close()
+        rig.close()
+
+
+def test_polling_gives_way_to_other_fds_and_to_python(rig: Rig) -> None:
+    """The spin returns to epoll as soon as another fd is ready, and hands a request
+    it cannot serve to the ring's Python callback (the kick fd is returned)."""
+    ep, _ring = _polling(rig, 1_000_000, 1_000_000_000)   # a 1 s window
+    r, w = os.pipe()
+    try:
+        ep.register(r, IN)
+        rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+        os.eventfd_write(rig.kick, 1)
+        t = _later(0.02, lambda: os.write(w, b"x"))
+        t0 = time.monotonic()
+        assert ep.poll(5.0) == [r]
+        assert time.monotonic() - t0 < 0.9    # long before the window ends
+        t.join()
+        assert not rig.mock.used_flags() & VRING_USED_F_NO_NOTIFY
+        os.read(r, 1)
+
+        os.eventfd_write(rig.kick, 1)
+        t = _later(0.02, lambda: rig.mock.add_chain([RawDesc(0x9000, 8, 0, 0)]))  # device-readable
+        t0 = time.monotonic()
+        assert ep.poll(5.0) == [rig.kick]
+        assert time.monotonic() - t0 < 0.9
+        t.join()
+        assert rig.queue.pending() == 1   # left for process_queue
+        assert not rig.mock.used_flags() & VRING_USED_F_NO_NOTIFY
+    finally:
+        ep.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_polling_stops_at_the_poll_deadline(rig: Rig) -> None:
+    ep, ring = _polling(rig, 1_000_000, 1_000_000_000)
+    try:
+        rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+        os.eventfd_write(rig.kick, 1)
+        t0 = time.monotonic()
+        assert ep.poll(0.05) == []
+        assert time.monotonic() - t0 < 0.9
+        assert ring.chains == 1
+    finally:
+        ep.close()

@@ -11,6 +11,9 @@
 * :func:`add_version_argument`: ``-V/--version`` printing the version and the build
   features (``xen=on|off debug=on|off``).
 * Typed argument parsers for clap's integer types (``u32``, ``usize``, ``u128``).
+* :func:`env_poll_max_us`: ``VHD_POLL_US``, our one setting that upstream has no
+  flag for (the adaptive ring polling window; an environment variable, so that the
+  command lines stay upstream's).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
     "USIZE_MAX",
     "ConfigError",
     "add_version_argument",
+    "env_poll_max_us",
     "make_parser",
     "parse_rust_log",
     "run_main",
@@ -175,6 +179,22 @@ def socket_paths(path: str | os.PathLike[str], count: int) -> list[str]:
     if p.name in ("", ".", ".."):
         raise ConfigError(f"socket path {os.fspath(path)!r} has no file name")
     return [str(p.parent / f"{p.name}{i}") for i in range(count)]
+
+
+def env_poll_max_us(env: Mapping[str, str] | None = None) -> int | None:
+    """``VHD_POLL_US`` from the environment: the longest adaptive polling window in
+    µs (0: never poll); None when unset or empty (the daemon's default).
+
+    Raises:
+        ConfigError: not a whole number from 0 to 1000000.
+    """
+    env = os.environ if env is None else env
+    text = env.get("VHD_POLL_US", "").strip()
+    if not text:
+        return None
+    if not text.isascii() or not text.isdigit() or int(text) > 1_000_000:
+        raise ConfigError(f"VHD_POLL_US must be a number of microseconds from 0 to 1000000, not {text!r}")
+    return int(text)
 
 
 # -- argument types ---------------------------------------------------------------------------

@@ -24,7 +24,16 @@ from virtio_devices.errors import RngError
 from virtio_devices.hosts.files import FileEntropySource
 from virtio_devices.rng import RngDevice
 
-from ._common import U32_MAX, USIZE_MAX, ConfigError, make_parser, run_main, socket_paths, uint
+from ._common import (
+    U32_MAX,
+    USIZE_MAX,
+    ConfigError,
+    env_poll_max_us,
+    make_parser,
+    run_main,
+    socket_paths,
+    uint,
+)
 
 __all__ = ["DEFAULT_RNG_SOURCE", "Config", "build_parser", "main", "run"]
 
@@ -151,7 +160,7 @@ def run(config: Config) -> int:
         # Imported here so that parsing and validation work without the daemon layer.
         from vhost_backends.daemon import run_daemons  # noqa: PLC0415
 
-        return run_daemons(PROG, config.socket_paths(), device_factory)
+        return run_daemons(PROG, config.socket_paths(), device_factory, poll_max_us=env_poll_max_us())
     finally:
         source.close()
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from virtio_devices.template import TemplateDevice
 
-from ._common import ConfigError, make_parser, run_main
+from ._common import ConfigError, env_poll_max_us, make_parser, run_main
 
 __all__ = ["Config", "build_parser", "main", "run"]
 
@@ -69,7 +69,7 @@ def run(config: Config) -> int:
     def device_factory(index: int) -> TemplateDevice:
         return TemplateDevice()
 
-    return run_daemons(PROG, [config.socket_path], device_factory)
+    return run_daemons(PROG, [config.socket_path], device_factory, poll_max_us=env_poll_max_us())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
