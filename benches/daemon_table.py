@@ -868,7 +868,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     load0 = loadavg()
     out(f"== vhost-device-rng daemon figures, {time.strftime('%Y-%m-%d %H:%M:%S')} on {os.uname().nodename}")
     out(f"cpu    : {os.cpu_count()} CPUs; load {load0} (1/5/15 min) at start")
-    out(f"ours   : {sys.executable} -m vhost_backends.cli.rng (Python {sys.version.split()[0]})")
+    poll = os.environ.get("VHD_POLL_US", "").strip() or "unset: the default, 32"
+    out(f"ours   : {sys.executable} -m vhost_backends.cli.rng (Python {sys.version.split()[0]}); "
+        f"VHD_POLL_US {poll} (adaptive ring polling, µs; run with VHD_POLL_US=0 for none)")
     out(f"rust   : {rust_daemon() or 'n/a (set $' + RUST_ENV + ')'}")
     out(f"reps   : {a.reps} x {a.secs} s per throughput figure, interleaved; median (min..max)")
     cpus = sorted(os.sched_getaffinity(0))
