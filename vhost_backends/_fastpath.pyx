@@ -330,38 +330,38 @@ cdef class Epoll:
             r.queue.suppress_notification_c()
             nr += 1
         rings = rings[:nr]
+        check = _now_ns() + POLL_CHECK_NS
         while True:
             found = -1
             with nogil:
-                now = _now_ns()
-                stop = now + window
+                stop = _now_ns() + window
                 if deadline_ns >= 0 and deadline_ns < stop:
                     stop = deadline_ns
-                check = now + POLL_CHECK_NS
-                while found < 0:
+                while True:
+                    # The other fds first, also while requests keep coming: a guest
+                    # must not be able to starve the socket or the stop fd.
+                    now = _now_ns()
+                    if now >= check:
+                        check = now + POLL_CHECK_NS
+                        m = epoll_wait(self.epfd, evs, MAX_EVENTS, 0)
+                        for i in range(m):
+                            for j in range(nr):
+                                if kick_fds[j] == <int><uint32_t>evs[i].data.u64:
+                                    # A kick sent before the driver saw the
+                                    # suppression: the spin serves it.
+                                    read(kick_fds[j], &value, 8)
+                                    break
+                            else:
+                                other = 1
+                        if other:
+                            break
                     for j in range(nr):
                         if (<Queue>queues[j]).work_pending_c():
                             found = j
                             break
-                    else:
-                        now = _now_ns()
-                        if now >= stop:
-                            break
-                        if now >= check:
-                            check = now + POLL_CHECK_NS
-                            m = epoll_wait(self.epfd, evs, MAX_EVENTS, 0)
-                            for i in range(m):
-                                for j in range(nr):
-                                    if kick_fds[j] == <int><uint32_t>evs[i].data.u64:
-                                        # A kick sent before the driver saw the
-                                        # suppression: the spin serves it.
-                                        read(kick_fds[j], &value, 8)
-                                        break
-                                else:
-                                    other = 1
-                            if other:
-                                break
-                        vhd_cpu_relax()
+                    if found >= 0 or now >= stop:
+                        break
+                    vhd_cpu_relax()
             if found >= 0:
                 r = <FillRing>rings[found]
                 try:

@@ -340,3 +340,45 @@ def test_polling_stops_at_the_poll_deadline(rig: Rig) -> None:
         assert ring.chains == 1
     finally:
         ep.close()
+
+
+def test_polling_a_ring_that_never_runs_dry_still_sees_other_fds(tmp_path: Path) -> None:
+    """A driver that keeps requests coming must not starve the socket or the stop fd:
+    here two polled rings refill each other whenever one is served, so work is
+    pending at every turn of the spin, and a pipe written meanwhile still ends it."""
+    a, b = Rig(tmp_path), Rig(tmp_path)
+    ep = Epoll(1_000_000)
+    r, w = os.pipe()
+    zero = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)  # a source without an end
+    served = 0
+
+    def refill(other: Rig) -> Callable[[int], int]:
+        def fill_source(index: int) -> int:
+            nonlocal served
+            served += 1
+            if served < 1_000_000:  # ends the flood if the spin never looked up
+                other.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+            return zero
+
+        return fill_source
+
+    try:
+        rings = [FillRing(x.queue, x.kick, refill(y), 0) for x, y in ((a, b), (b, a))]
+        for ring, rig in zip(rings, (a, b), strict=True):
+            ring.poll_ns = 1_000_000_000
+            ep.register(rig.kick, IN)
+            ep.set_fill_ring(rig.kick, IN, ring)
+            rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+            os.eventfd_write(rig.kick, 1)
+        ep.register(r, IN)
+        t = _later(0.05, lambda: os.write(w, b"x"))
+        assert ep.poll(5.0) == [r]
+        t.join()
+        assert 0 < served < 1_000_000
+        assert sum(ring.poll_hits for ring in rings) > 0
+    finally:
+        ep.close()
+        for fd in (r, w, zero):
+            os.close(fd)
+        a.close()
+        b.close()
