@@ -767,11 +767,12 @@ class VhostUserHandler:
         self.loop.remove_reader(ring.kick_fd)
         if ring.fill is not None:
             log.debug(
-                "%s q%d: %d chains, %d bytes served in compiled code",
+                "%s q%d: %d chains, %d bytes served in compiled code (%d times found by polling)",
                 self.name,
                 ring.index,
                 ring.fill.chains,
                 ring.fill.bytes,
+                ring.fill.poll_hits,
             )
             ring.fill = None
 

@@ -9,7 +9,9 @@ consecutive bytes of it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -283,6 +285,10 @@ def test_rng_daemon_compiled_path_follows_the_ring_lifecycle(tmp_path: Path, sou
         with fe:
             assert read_random(fe, ring, [16]) == [SOURCE[:16]]
             old_call = ring.call_fd
+            with contextlib.suppress(BlockingIOError):
+                # wait_used returns as soon as the used entry is visible: a call
+                # signalled before the replacement may still be unread.
+                os.eventfd_read(old_call)
             new_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             fe.set_vring_call(0, new_call)
             ring.call_fd = new_call
@@ -321,3 +327,36 @@ def test_rng_daemon_compiled_path_follows_the_ring_lifecycle(tmp_path: Path, sou
     finally:
         assert d.stop() == 0, d.stderr()
     assert "Traceback" not in d.stderr()
+
+
+@pytest.mark.parametrize("poll_us", ["1000000", "0"])
+def test_rng_daemon_polls_after_a_service_as_vhd_poll_us_says(
+    tmp_path: Path, source_file: Path, monkeypatch: pytest.MonkeyPatch, poll_us: str
+) -> None:
+    """Requests that keep coming soon after each other teach the daemon to poll the
+    ring after each service (VHD_POLL_US bounds the window): a request then made
+    without a kick is served; with VHD_POLL_US=0 it waits for the kick."""
+    monkeypatch.setenv("RUST_LOG", "debug")
+    monkeypatch.setenv("VHD_POLL_US", poll_us)
+    d = start(tmp_path, source_file)
+    try:
+        fe, ring = open_device(d.path(0))
+        with fe:
+            for _ in range(14):  # 20 ms apart: the window doubles from 4 µs to >= 32 ms
+                read_random(fe, ring, [8])
+                time.sleep(0.02)
+            assert b"".join(read_random(fe, ring, [8])) == SOURCE[112:120]
+            ((head, gpa),) = submit(ring, [16])  # no kick
+            if poll_us == "0":
+                with pytest.raises(TimeoutError):
+                    fe.wait_used(0, count=1, timeout=0.3)
+                fe.kick(0)
+            used = dict(fe.wait_used(0, count=1, timeout=DEADLINE))
+            assert used == {head: 16}
+            assert fe.memory.read(gpa, 16) == SOURCE[120:136]
+    finally:
+        assert d.stop() == 0, d.stderr()
+    log = d.stderr()
+    m = re.search(r"q0: 16 chains, 136 bytes served in compiled code \((\d+) times found by polling\)", log)
+    assert m is not None, log
+    assert (int(m[1]) == 0) if poll_us == "0" else (int(m[1]) >= 1), log
