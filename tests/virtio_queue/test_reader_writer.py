@@ -11,9 +11,20 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from virtio_queue import DescriptorChain, DescriptorChainOverflow, GuestMemory, Reader, Writer
+from virtio_queue import (
+    DescriptorChain,
+    DescriptorChainOverflow,
+    GuestMemory,
+    GuestMemoryError,
+    InvalidChain,
+    InvalidDescriptorIndex,
+    Reader,
+    Writer,
+)
+from virtio_queue.testing import VIRTQ_DESC_F_INDIRECT as INDIRECT
+from virtio_queue.testing import VIRTQ_DESC_F_NEXT as NEXT
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE as WRITE
-from virtio_queue.testing import GuardedMemory, MockSplitQueue
+from virtio_queue.testing import GuardedMemory, MockSplitQueue, RawDesc
 
 DATA = 0x10000  # readable buffers
 WDATA = 0x30000  # writable buffers
@@ -272,6 +283,72 @@ def test_back_to_back_writable_buffers_skip_readable_ones_between(env: Env) -> N
     assert w.write(b"ABCDEFGHIJ") == 8
     assert env.mem.read(WDATA, 8) == b"ABCDEFGH"
     env.only_changed([(WDATA, 8)])
+
+
+def _raw_chain(env: Env, descs: Sequence[RawDesc]) -> DescriptorChain:
+    """Descriptors written as given (links and flags included) from index 0."""
+    env.mock.write_descs(0, descs)
+    env.mock.add_avail(0)
+    chain = env.queue.pop_chain()
+    assert chain is not None
+    return chain
+
+
+def test_direct_descriptors_then_an_indirect_table(env: Env) -> None:
+    """VIRTIO 1.2 §2.7.5.3: a chain's last descriptor may point at an indirect
+    table; the walk of the direct ones hands over to it in the middle."""
+    env.mem.write(DATA, PATTERN[:64])
+    table, length = env.mock.build_indirect_table([(DATA + 16, 8, 0), (DATA + 40, 4, 0)])
+    chain = _raw_chain(
+        env,
+        [
+            RawDesc(DATA, 8, NEXT, 1),
+            RawDesc(WDATA, 8, WRITE | NEXT, 2),
+            RawDesc(table, length, INDIRECT, 0),
+        ],
+    )
+    assert chain.reader().read() == PATTERN[:8] + PATTERN[16:24] + PATTERN[40:44]
+    assert chain.writer().available_bytes() == 8
+
+
+@pytest.mark.parametrize(
+    ("tail", "error", "message"),
+    [
+        ([RawDesc(DATA + 8, 4, NEXT, 99)], InvalidDescriptorIndex, "descriptor index 99 out of range"),
+        ([RawDesc(DATA + 8, 4, NEXT, 0)], InvalidChain, "a cycle"),
+    ],
+)
+def test_chain_errors_after_direct_descriptors(
+    env: Env, tail: list[RawDesc], error: type[Exception], message: str
+) -> None:
+    """VIRTIO 1.2 §2.7.5.2: a bad next index or a cycle found after some good
+    descriptors is reported, by the Writer too (whose buffers are all fine)."""
+    chain = _raw_chain(env, [RawDesc(DATA, 8, NEXT, 1), *tail])
+    for make in (chain.reader, chain.writer):
+        with pytest.raises(error, match=message):
+            make()
+
+
+def test_chain_longer_than_4_gib_after_direct_descriptors(env: Env) -> None:
+    """VIRTIO 1.2 §2.7.5.2: the total length counts the buffers the Reader skips
+    (here a huge device-writable one, never translated)."""
+    chain = _raw_chain(
+        env,
+        [
+            RawDesc(DATA, 8, NEXT, 1),
+            RawDesc(WDATA, 0xFFFF_FFF0, WRITE | NEXT, 2),
+            RawDesc(DATA + 8, 0x20, 0, 0),
+        ],
+    )
+    with pytest.raises(DescriptorChainOverflow, match="exceeds 2"):
+        chain.reader()
+
+
+def test_buffer_outside_memory_after_direct_descriptors(env: Env) -> None:
+    chain = _raw_chain(env, [RawDesc(WDATA, 8, WRITE | NEXT, 1), RawDesc(1 << 30, 8, WRITE, 0)])
+    with pytest.raises(GuestMemoryError, match=r"\[0x40000000, \+0x8\) is not in"):
+        chain.writer()
+    assert chain.reader().available_bytes() == 0
 
 
 def test_writer_buffers_are_writable_views(env: Env) -> None:
