@@ -319,17 +319,24 @@ cdef class Epoll:
         cdef long long window = 0, now, stop, check
         cdef uint64_t value
         cdef FillRing r
+        cdef list polled = []
         for ring in rings:
             r = <FillRing>ring
             if nr == MAX_POLLED:
                 break
+            try:
+                r.queue.suppress_notification_c()
+            except Exception:
+                continue    # not polled: its next kick meets the error on its path
             queues[nr] = <PyObject *>r.queue
             kick_fds[nr] = r.kick_fd
             if r.poll_ns > window:
                 window = r.poll_ns
-            r.queue.suppress_notification_c()
+            polled.append(r)
             nr += 1
-        rings = rings[:nr]
+        rings = polled
+        if nr == 0:
+            return 0
         check = _now_ns() + POLL_CHECK_NS
         while True:
             found = -1
@@ -383,8 +390,12 @@ cdef class Epoll:
             if (self._unpoll(rings, out) == 0 or other or out
                     or (deadline_ns >= 0 and _now_ns() >= deadline_ns)):
                 return 0
-            for ring in rings:
-                (<FillRing>ring).queue.suppress_notification_c()
+            try:
+                for ring in rings:
+                    (<FillRing>ring).queue.suppress_notification_c()
+            except Exception:
+                self._unpoll(rings, out)    # the broken ring goes to Python from there
+                return 0
 
     cdef unsigned long long _unpoll(self, list rings, list out) noexcept:
         """Turn the driver's notifications back on for polled ``rings`` and serve what
