@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vhost_backends._fastpath import Epoll, FillRing
-from virtio_queue import GuestMemory, QueueNotReady
+from virtio_queue import GuestMemory, InvalidAvailRingIndex, QueueNotReady
 from virtio_queue.testing import (
     VIRTQ_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
@@ -382,3 +382,24 @@ def test_polling_a_ring_that_never_runs_dry_still_sees_other_fds(tmp_path: Path)
             os.close(fd)
         a.close()
         b.close()
+
+
+def test_polling_hands_a_broken_avail_index_to_python(rig: Rig) -> None:
+    """VIRTIO 1.2 §2.7.13.3: an avail index more than a queue ahead, written while
+    the device polls, is not served: the ring goes to its Python path (which stops
+    it and reports the error) and the poll returns."""
+    ep, ring = _polling(rig, 1_000_000, 1_000_000_000)
+    try:
+        rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+        os.eventfd_write(rig.kick, 1)
+        t = _later(0.02, lambda: rig.mock.set_avail_idx(rig.mock.avail_idx() + 1000))
+        t0 = time.monotonic()
+        assert ep.poll(5.0) == [rig.kick]
+        assert time.monotonic() - t0 < 0.9
+        t.join()
+        assert ring.chains == 1 and rig.mock.used_idx() == 1
+        assert not rig.mock.used_flags() & VRING_USED_F_NO_NOTIFY
+        with pytest.raises(InvalidAvailRingIndex):
+            rig.queue.pop_chain()
+    finally:
+        ep.close()
