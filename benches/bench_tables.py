@@ -1,0 +1,36 @@
+"""The table scripts run end to end (a smoke test: one tiny repetition each).
+
+``queue_table.py`` and ``daemon_table.py`` print the README's speed tables by hand;
+this only proves they still run through every figure and print them (the Rust
+anchor and daemons are left out: CI never builds or runs them).
+"""
+
+from __future__ import annotations
+
+import daemon_table
+import pytest
+import queue_table
+
+
+def test_queue_table_prints_every_section(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QUEUE_ANCHOR", raising=False)
+    assert queue_table.main(["--reps", "1", "--secs", "0.002"]) == 0
+    out = capsys.readouterr().out
+    for row in ("A-py ", "C-R16@ba ", "C-W16s@+1 ", "vq-G->H@+16 ", "fd-W16 ", "fdc-W16x "):
+        assert row in out, row
+    assert "goals   :" in out
+
+
+def test_daemon_table_prints_every_section(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(daemon_table.RUST_ENV, raising=False)
+    argv = ["--reps", "1", "--secs", "0.02", "--rt-count", "20", "--startups", "1"]
+    assert daemon_table.main([*argv, "--par-secs", "0.05", "--par-reps", "1"]) == 0
+    out = capsys.readouterr().out
+    for section in ("rng throughput", "round trip", "daemon memory", "start-up", "-c N"):
+        assert section in out, section
+    for row in ("     1 ", "    64 ", "   s16 ", "   s64 "):
+        assert row in out, row
