@@ -342,10 +342,10 @@ def test_rng_daemon_polls_after_a_service_as_vhd_poll_us_says(
     try:
         fe, ring = open_device(d.path(0))
         with fe:
-            for _ in range(14):  # 20 ms apart: the window doubles from 4 µs to >= 32 ms
+            for _ in range(15):  # 50 ms apart: the window doubles from 4 µs to ~65 ms
                 read_random(fe, ring, [8])
-                time.sleep(0.02)
-            assert b"".join(read_random(fe, ring, [8])) == SOURCE[112:120]
+                time.sleep(0.05)
+            assert b"".join(read_random(fe, ring, [8])) == SOURCE[120:128]
             ((head, gpa),) = submit(ring, [16])  # no kick
             if poll_us == "0":
                 with pytest.raises(TimeoutError):
@@ -353,10 +353,10 @@ def test_rng_daemon_polls_after_a_service_as_vhd_poll_us_says(
                 fe.kick(0)
             used = dict(fe.wait_used(0, count=1, timeout=DEADLINE))
             assert used == {head: 16}
-            assert fe.memory.read(gpa, 16) == SOURCE[120:136]
+            assert fe.memory.read(gpa, 16) == SOURCE[128:144]
     finally:
         assert d.stop() == 0, d.stderr()
     log = d.stderr()
-    m = re.search(r"q0: 16 chains, 136 bytes served in compiled code \((\d+) times found by polling\)", log)
+    m = re.search(r"q0: 17 chains, 144 bytes served in compiled code \((\d+) times found by polling\)", log)
     assert m is not None, log
     assert (int(m[1]) == 0) if poll_us == "0" else (int(m[1]) >= 1), log
