@@ -324,11 +324,7 @@ class RngClient:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(call_fd)
         self.last_used = target
-        elems = self._used_elems
-        end = slot + n
-        if end <= self.ring_size:
-            return sum(elems[2 * slot + 1 : 2 * end : 2])
-        return sum(elems[2 * slot + 1 :: 2]) + sum(elems[1 : 2 * (end - self.ring_size) : 2])
+        return self._used_bytes(target - n, n)
 
     def _used_bytes(self, start: int, n: int) -> int:
         """Sum of the used lengths of ``n`` used entries from used index ``start``."""

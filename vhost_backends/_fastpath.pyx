@@ -248,27 +248,20 @@ cdef class Epoll:
         cdef epoll_event evs[MAX_EVENTS]
         cdef int n, i, fd, ms, status
         cdef uint64_t data
-        cdef long long now_ns = 0
+        cdef long long now_ns = 0, left
+        # < 0: no deadline (a timeout beyond ~11 days counts as none)
+        cdef long long deadline = -1
         cdef list polled
-        cdef timespec ts
-        cdef double now, deadline = 0.0
         cdef list out = []
         if self.epfd < 0:
             raise ValueError("I/O operation on closed epoll object")
-        if timeout >= 0:
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            deadline = ts.tv_sec + ts.tv_nsec * 1e-9 + timeout
+        if 0 <= timeout <= 1e6:
+            deadline = _now_ns() + <long long>(timeout * 1e9)
         while True:
             ms = -1
-            if timeout >= 0:
-                clock_gettime(CLOCK_MONOTONIC, &ts)
-                now = ts.tv_sec + ts.tv_nsec * 1e-9
-                if now >= deadline:
-                    ms = 0
-                elif deadline - now > 1e6:
-                    ms = 1000000000     # ~11 days; the loop waits again after it
-                else:
-                    ms = <int>((deadline - now) * 1000.0 + 0.999)
+            if deadline >= 0:
+                left = deadline - _now_ns()
+                ms = 0 if left <= 0 else <int>((left + 999999) // 1000000)
             with nogil:
                 n = epoll_wait(self.epfd, evs, MAX_EVENTS, ms)
             if n < 0:
@@ -301,8 +294,7 @@ cdef class Epoll:
                             continue
                 out.append(fd)
             if polled is not None and not out and ms != 0:
-                self._poll_rings(polled, -1 if timeout < 0 or timeout > 1e6 else <long long>(deadline * 1e9),
-                                 out)
+                self._poll_rings(polled, deadline, out)
             if out or ms == 0:
                 return out
 

@@ -48,6 +48,12 @@ cdef inline void _wr16(unsigned char *p, uint16_t v) noexcept nogil:
     memcpy(p, &v, 2)
 
 
+cdef inline bint _rings_current(Queue q) noexcept nogil:
+    """The queue is ready and its ring pointers were translated against the current
+    memory (the hot paths' check; ``ensure_ready`` redoes the translation)."""
+    return q._ready and q._mapped and q._gen == q._memory._generation
+
+
 cdef inline int _known_avail(Queue q) noexcept nogil:
     """How many chains from next_avail on are known to be available.  avail->idx is
     re-read (acquire) only once those known are used up, so a batch costs one
@@ -297,7 +303,7 @@ cdef class Queue:
         (:func:`_known_avail`: one atomic load per batch).  The head itself is not
         range-checked here (see pop_chain)."""
         cdef int n
-        if not self._ready or not self._mapped or self._gen != self._memory._generation:
+        if not _rings_current(self):
             self.ensure_ready()
         if self._n_resubmit:
             self._n_resubmit -= 1
@@ -339,7 +345,7 @@ cdef class Queue:
         if head >= self._size:
             raise InvalidDescriptorIndex(
                 f"used head index {head} out of range (queue size {self._size})")
-        if not self._ready or not self._mapped or self._gen != self._memory._generation:
+        if not _rings_current(self):
             self.ensure_ready()
         elem = self._used + 4 + 8 * <size_t>(self._next_used & (self._size - 1))
         v[0] = htole32(head)
@@ -463,7 +469,7 @@ cdef class Queue:
         waiting for a kick: one acquire load of avail->idx, no Python.  Only
         meaningful on a ready queue whose rings are mapped for the current memory
         (``ensure_ready`` since the memory last changed); otherwise False."""
-        if not self._ready or not self._mapped or self._gen != self._memory._generation:
+        if not _rings_current(self):
             return False
         return self._n_resubmit != 0 or le16toh(vq_load_acquire16(self._avail + 2)) != self._next_avail
 
@@ -478,7 +484,7 @@ cdef class Queue:
         cdef ChainCursor c
         cdef vring_desc d
         cdef unsigned char *p
-        if not self._ready or not self._mapped or self._gen != self._memory._generation:
+        if not _rings_current(self):
             self.ensure_ready()
         n = _known_avail(self)
         if n == 0:
@@ -667,11 +673,10 @@ cdef class Queue:
         for a device that polls the ring: with EVENT_IDX, avail_event is set to the
         index before next_avail, one the driver has already passed (VIRTIO 1.2
         §2.7.10), where :meth:`disable_notification` leaves it where it was."""
+        if not self._event_idx:
+            return self.disable_notification_c()
         self.ensure_ready()
-        if self._event_idx:
-            _wr16(self._used + 4 + 8 * <size_t>self._size, <uint16_t>(self._next_avail - 1))
-        else:
-            _wr16(self._used, _rd16(self._used) | VRING_USED_F_NO_NOTIFY)
+        _wr16(self._used + 4 + 8 * <size_t>self._size, <uint16_t>(self._next_avail - 1))
         return 0
 
     def enable_notification(self):
