@@ -18,19 +18,15 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from posix.types cimport off_t
-from posix.uio cimport iovec, readv, writev
+from posix.uio cimport iovec
 
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
 from virtio_queue.includes.vq_copy cimport vq_copy
+from virtio_queue.includes.vq_io cimport vq_fd_iov
 from virtio_queue.memory cimport MemorySnapshot, make_view, snap_ptr, snap_ptr_w, struct_for
 
 from virtio_queue.errors import (DescriptorChainOverflow, GuestMemoryError, InvalidChain,
                                  InvalidDescriptorIndex, InvalidIndirectDescriptor)
-
-cdef extern from "<sys/uio.h>" nogil:
-    ssize_t preadv(int fd, const iovec *iov, int iovcnt, off_t offset)
-    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset)
 
 cdef extern from *:
     """
@@ -421,12 +417,8 @@ cdef class _Stream:
                 # Back-to-back buffers are one segment already (stream_append):
                 # few iovecs, which the kernel handles without allocating (up to 8).
                 k = self._iov(iov, IOV_BATCH, want - total, &got)
-                if reading:
-                    r = (preadv(fd, iov, k, <off_t>(offset + <long long>total)) if offset >= 0
-                         else readv(fd, iov, k))
-                else:
-                    r = (pwritev(fd, iov, k, <off_t>(offset + <long long>total)) if offset >= 0
-                         else writev(fd, iov, k))
+                r = vq_fd_iov(fd, iov, k, offset + <long long>total if offset >= 0 else -1,
+                              reading)
                 if r < 0:
                     if errno == EINTR:
                         continue

@@ -15,7 +15,7 @@ from libc.string cimport memcpy
 
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.errno cimport EINTR, errno
-from posix.uio cimport iovec, readv
+from posix.uio cimport iovec
 
 from virtio_queue.chain cimport ChainCursor, chain_init, chain_next, make_chain
 from virtio_queue.includes.atomics cimport (vq_fence_seqcst, vq_load_acquire16,
@@ -24,6 +24,7 @@ from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh
 from virtio_queue.includes.virtio_ring cimport (VRING_AVAIL_F_NO_INTERRUPT,
                                                 VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
                                                 vring_desc)
+from virtio_queue.includes.vq_io cimport vq_fd_iov
 from virtio_queue.memory cimport GuestMemory, MemorySnapshot, snap_ptr, snap_ptr_w
 
 from virtio_queue.errors import (InvalidAvailRingIndex, InvalidDescriptorIndex,
@@ -33,7 +34,7 @@ from virtio_queue.errors import (InvalidAvailRingIndex, InvalidDescriptorIndex,
 MAX_QUEUE_SIZE = 32768
 
 cdef enum:
-    # Requests that Queue.fill_from_fd fills with one readv(2).
+    # Requests that Queue.fill_from_fd fills with one read(2)/readv(2).
     FILL_BATCH = 64
 
 
@@ -544,7 +545,7 @@ cdef class Queue:
                 if want:
                     with nogil:
                         while True:
-                            r = readv(fd, iov, k)
+                            r = vq_fd_iov(fd, iov, k, -1, True)
                             if r >= 0 or errno != EINTR:
                                 break
                 if r <= 0 and want:
