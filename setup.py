@@ -70,8 +70,10 @@ DIRECTIVES = {
 DEPENDS = [
     HEADER,
     "virtio_queue/memory.pxd",
+    "virtio_queue/source.pxd",
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "virtio_queue/includes").glob("*"))),
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "xen").rglob("*.h"))),
+    *(str(p.relative_to(HERE)) for p in sorted((HERE / "virtio_devices").rglob("*.h"))),
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "xen").glob("*.pxd"))),
 ]
 
@@ -90,10 +92,12 @@ def _ext(name: str) -> Extension:
 MODULES = [
     "virtio_queue._build",
     "virtio_queue.memory",
+    "virtio_queue.source",
     "virtio_queue.chain",
     "virtio_queue.queue",
     "virtio_queue._bench",
     "vhost_backends._fastpath",
+    "virtio_devices.hosts._getrandom",
 ]
 if XEN:
     MODULES += ["xen._foreign", "xen._grant"]

@@ -55,6 +55,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from vhost_backends.frontend import Frontend, FrontendRing  # noqa: E402
+from virtio_devices.hosts._getrandom import vdso_available  # noqa: E402
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc  # noqa: E402
 
 RUST_ENV = "VHOST_DEVICE_RUST_BIN"
@@ -878,6 +879,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     poll = os.environ.get("VHD_POLL_US", "").strip() or "unset: the default, 32"
     out(f"ours   : {sys.executable} -m vhost_backends.cli.rng (Python {sys.version.split()[0]}); "
         f"VHD_POLL_US {poll} (adaptive ring polling, µs; run with VHD_POLL_US=0 for none)")
+    vdso = os.environ.get("VHD_RNG_VDSO", "").strip() or "unset: the default, 1"
+    out(f"         VHD_RNG_VDSO {vdso} (1: {SOURCE} through the vDSO's getrandom where the kernel has it, "
+        f"{'as here' if vdso_available() else 'not here'}; 0: read the file, as rust does)")
     out(f"rust   : {rust_daemon() or 'n/a (set $' + RUST_ENV + ')'}")
     out(f"reps   : {a.reps} x {a.secs} s per throughput figure, interleaved; median (min..max)")
     cpus = sorted(os.sched_getaffinity(0))

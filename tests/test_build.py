@@ -19,7 +19,7 @@ def _copy_sources(dst: Path, with_compiled: bool = False) -> None:
     """Copy what a build needs (sources only unless asked) into ``dst``."""
     shutil.copy2(ROOT / "setup.py", dst)
     shutil.copy2(ROOT / "pyproject.toml", dst)
-    for pkg in ("virtio_queue", "vhost_backends", "xen"):
+    for pkg in ("virtio_queue", "virtio_devices", "vhost_backends", "xen"):
         ignore = shutil.ignore_patterns("*.so", "*.c", "*.html", "_build_config.h", "__pycache__")
         shutil.copytree(ROOT / pkg, dst / pkg, ignore=None if with_compiled else ignore)
 

@@ -1,11 +1,11 @@
 from collections.abc import Callable
 from typing import final
 
-from virtio_queue import Queue
+from virtio_queue import ByteSource, Queue
 
 @final
 class FillRing:
-    """A ring whose single-buffer requests are filled from a host fd in compiled code."""
+    """A ring whose single-buffer requests are filled from a host source in compiled code."""
 
     @property
     def index(self) -> int: ...
@@ -23,7 +23,7 @@ class FillRing:
         self,
         queue: Queue,
         kick_fd: int,
-        fill_source: Callable[[int], int | None],
+        fill_source: Callable[[int], ByteSource | None],
         index: int,
         call_fd: int = -1,
     ) -> None: ...

@@ -3,14 +3,15 @@
 
 :class:`Epoll` is the loop's epoll set.  Its :meth:`Epoll.poll` hands the ready fds
 back to Python, except the kick fds of :class:`FillRing` rings: a device whose
-requests on a queue need nothing but bytes from a host fd (virtio-rng; see
+requests on a queue need nothing but bytes from a host source (virtio-rng; see
 ``VirtioDevice.fill_source``) lets the transport serve that queue's kicks here,
 without a Python call per kick: read the kick eventfd, fill every available
-single-buffer request with ``Queue.fill_c`` (one ``readv`` per run of them, the
-GIL released), write the call eventfd if the driver wants an interrupt.  Anything
-else (another shape of request, a read that gave nothing, an error) leaves the
-ring to the Python reader callback of the kick fd, which the poll returns as
-ready: the device's ``process_queue`` sees it exactly as it would have.
+single-buffer request with ``Queue.fill_c`` (one read of the device's
+``ByteSource`` per run of them, the GIL released), write the call eventfd if the
+driver wants an interrupt.  Anything else (another shape of request, a read that
+gave nothing, an error) leaves the ring to the Python reader callback of the kick
+fd, which the poll returns as ready: the device's ``process_queue`` sees it
+exactly as it would have.
 
 Adaptive polling (``Epoll(poll_max_us=...)``, as QEMU's event loop polls its
 handlers): after a fill ring was served, the poll watches the ring's avail index
@@ -32,6 +33,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
 
 from virtio_queue.queue cimport Queue
+from virtio_queue.source cimport ByteSource
 
 
 cdef extern from *:
@@ -90,11 +92,11 @@ cdef inline long long _now_ns() noexcept nogil:
 @cython.final
 cdef class FillRing:
     """Queue ``index`` of a device whose requests there are each one
-    device-writable buffer filled from a host fd (VIRTIO 1.2 §5.4 for virtio-rng),
-    served when ``kick_fd`` fires.
+    device-writable buffer filled from a host source (VIRTIO 1.2 §5.4 for
+    virtio-rng), served when ``kick_fd`` fires.
 
     ``fill_source(index)`` is the device's ``VirtioDevice.fill_source``, asked on
-    every kick: the fd to fill from, or None when the device must see the kick
+    every kick: the ``ByteSource`` to fill from, or None when the device must see the kick
     (it waits for the source, say).  ``call_fd`` is the ring's call eventfd (-1:
     none; the owner keeps it current).  ``chains``/``bytes`` count what this path
     served."""
@@ -127,16 +129,16 @@ cdef class FillRing:
         # The kick fds are non-blocking (the handler makes them so): EAGAIN here
         # only means another reader took the count.
         read(self.kick_fd, &value, 8)
-        return self._fill(<int>source, True)
+        return self._fill(<ByteSource?>source, True)
 
     cdef int fill(self, bint suppress) except -1:
         """Serve what the ring holds without a kick (polling); as :meth:`serve`."""
         source = self.fill_source(self.index)
         if source is None:
             return 1
-        return self._fill(<int>source, suppress)
+        return self._fill(<ByteSource?>source, suppress)
 
-    cdef int _fill(self, int source, bint suppress) except -1:
+    cdef int _fill(self, ByteSource source, bint suppress) except -1:
         """``Queue.fill_c`` from ``source``, then notify the driver if it wants."""
         cdef uint64_t value
         cdef Py_ssize_t served = 0

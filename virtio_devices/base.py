@@ -37,7 +37,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol
 
-from virtio_queue import DescriptorChain, GuestMemory, Queue
+from virtio_queue import ByteSource, DescriptorChain, GuestMemory, Queue
 from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, QueueError
 from virtio_queue.ratelimit import RateLimiter
 
@@ -199,12 +199,13 @@ class VirtioDevice(abc.ABC):
     def process_queue(self, index: int) -> None:
         """The driver kicked queue ``index``: consume what it made available."""
 
-    def fill_source(self, index: int) -> int | None:
-        """A host fd whose bytes are all that a request of queue ``index`` needs, now.
+    def fill_source(self, index: int) -> ByteSource | None:
+        """A host source whose bytes are all that a request of queue ``index`` needs, now.
 
-        When it returns an fd, whoever runs the queue may serve every request that
-        is one device-writable buffer by reading the fd into it and completing it
-        with the bytes read (``Queue.fill_from_fd``), without calling
+        When it returns a :class:`~virtio_queue.ByteSource` (an fd to read, or
+        bytes made another way), whoever runs the queue may serve every request
+        that is one device-writable buffer by filling it from the source and
+        completing it with the bytes it got (``Queue.fill_from``), without calling
         :meth:`process_queue`, which still gets every kick that path cannot finish
         (another shape of request, a read that gave nothing).  The vhost-user
         transport asks when the ring starts (None then: never for this ring) and on

@@ -9,7 +9,7 @@ Behaviour follows rust-vmm/vhost-device ``vhost-device-rng/src/vhu_rng.rs``:
   NOT place driver-readable buffers into the queue" (§5.4.6.1); upstream also
   refuses chains of several writable buffers, and so do we;
 * the bytes are read from the entropy source straight into the guest buffer
-  (:meth:`virtio_queue.Writer.read_from_fd`, no copy through Python, GIL released);
+  (:meth:`virtio_queue.Writer.read_from`, no copy through Python, GIL released);
   the used length is what the read returned, which may be short or even 0 (a
   regular file at its end), as upstream;
 * rate limit: at most ``max_bytes`` per ``period_ms`` window.  Each request is
@@ -41,7 +41,7 @@ import stat
 import time
 from collections.abc import Callable
 
-from virtio_queue import DescriptorChain
+from virtio_queue import ByteSource, DescriptorChain
 from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, QueueError
 
 from .base import COMMON_FEATURES, TimerHandle, VirtioDevice
@@ -159,12 +159,12 @@ class RngDevice(VirtioDevice):
         self._pending = None
 
     # -- work ----------------------------------------------------------------------------
-    def fill_source(self, index: int) -> int | None:
-        """The source fd while requests need nothing but its bytes: no rate limit,
-        and no request parked waiting for the source (it must be served first)."""
+    def fill_source(self, index: int) -> ByteSource | None:
+        """The source while requests need nothing but its bytes: no rate limit, and
+        no request parked waiting for the source (it must be served first)."""
         if index != 0 or self.max_bytes is not None or self._pending is not None or not self.active:
             return None
-        return self.source.fileno()
+        return self.source.byte_source()
 
     def process_queue(self, index: int) -> None:
         """The driver kicked the request queue: serve chains within the rate limit.
@@ -206,7 +206,7 @@ class RngDevice(VirtioDevice):
                             # requests straight from the source, suppressing
                             # notifications itself; whatever it does not serve comes
                             # back for the general path below.
-                            n, b, chain = queue.fill_from_fd(self.source.fileno(), suppress=True)
+                            n, b, chain = queue.fill_from(self.source.byte_source(), suppress=True)
                             served += n
                             nbytes += b
                             if chain is None:
@@ -286,7 +286,7 @@ class RngDevice(VirtioDevice):
         """Fill one request; return the used length, or None if parked on ``EAGAIN``.
 
         A FIFO or char device that gives 0 bytes has nothing *now* (``EAGAIN``,
-        which :meth:`Writer.read_from_fd` reports as a 0-byte read) or is at its
+        which :meth:`Writer.read_from` reports as a 0-byte read) or is at its
         end: the chain is parked until the fd is readable, and a retry that again
         reads 0 bytes is an end of file, completed with length 0 as upstream does.
         """
@@ -333,10 +333,10 @@ class RngDevice(VirtioDevice):
 
     def _read_into(self, chain: DescriptorChain, want: int) -> int:
         """One zero-copy read of up to ``want`` bytes from the source into the chain."""
-        fd = self.source.fileno()
+        source = self.source.byte_source()
         while True:
             try:
-                return chain.writer().read_from_fd(fd, want)
+                return chain.writer().read_from(source, want)
             except InterruptedError:  # a signal, nothing read: try again
                 continue
 

@@ -11,6 +11,7 @@ try:
     from .chain import Descriptor, DescriptorChain, Reader, Writer
     from .memory import GuestMemory, GuestRegion
     from .queue import MAX_QUEUE_SIZE, Queue
+    from .source import ByteSource
 except ImportError as _e:  # pragma: no cover - exercised by test_unbuilt_tree
     if "No module named 'virtio_queue." not in str(_e):
         raise
@@ -39,6 +40,7 @@ __all__ = [
     "BUILT_WITH_DEBUG",
     "BUILT_WITH_XEN",
     "MAX_QUEUE_SIZE",
+    "ByteSource",
     "Descriptor",
     "DescriptorChain",
     "DescriptorChainOverflow",

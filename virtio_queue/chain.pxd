@@ -7,6 +7,7 @@ from virtio_queue.includes.endian cimport le16toh, le32toh, le64toh
 from virtio_queue.includes.virtio_ring cimport (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
                                                 vring_desc)
 from virtio_queue.memory cimport MemorySnapshot, snap_ptr
+from virtio_queue.source cimport ByteSource
 
 # Status codes of nogil code (STYLE.md §2); raise_for_status() turns them into errors.
 cdef enum:
@@ -135,7 +136,8 @@ cdef class _Stream:
     cdef size_t copy_in(self, const unsigned char *src, size_t n) noexcept nogil
     cdef object _split(self, _Stream other, Py_ssize_t offset)
     cdef size_t _copy_py(self, object buffer, bint into_guest, bint exact) except? 0
-    cdef size_t _fd_io(self, int fd, Py_ssize_t n, long long offset, bint reading) except? 0
+    cdef size_t _fd_io(self, int fd, Py_ssize_t n, long long offset, bint reading,
+                       ByteSource source=*) except? 0
 
 
 cdef inline int stream_append(_Stream s, unsigned char *p, size_t n) except -1:

@@ -400,10 +400,12 @@ cdef class _Stream:
         self.done += total
         return total
 
-    cdef size_t _fd_io(self, int fd, Py_ssize_t n, long long offset, bint reading) except? 0:
+    cdef size_t _fd_io(self, int fd, Py_ssize_t n, long long offset, bint reading,
+                       ByteSource source=None) except? 0:
         """Move up to ``n`` bytes (all if -1) between the buffers and ``fd``:
         ``readv``/``preadv`` into them when ``reading``, else ``writev``/``pwritev``
-        out of them, at ``offset`` if >= 0; GIL released.  Short counts (end of
+        out of them, at ``offset`` if >= 0; GIL released.  With ``source``, its
+        ``readv`` fills them instead (``reading``; ``fd`` and ``offset`` unused).  Short counts (end of
         file, a full or empty pipe or socket, EAGAIN) end the call; EINTR is
         retried; an error after some bytes moved reports the bytes (the cursor
         has moved past them, the error shows again on the next call)."""
@@ -417,8 +419,11 @@ cdef class _Stream:
                 # Back-to-back buffers are one segment already (stream_append):
                 # few iovecs, which the kernel handles without allocating (up to 8).
                 k = self._iov(iov, IOV_BATCH, want - total, &got)
-                r = vq_fd_iov(fd, iov, k, offset + <long long>total if offset >= 0 else -1,
-                              reading)
+                if source is not None:
+                    r = source.readv(iov, k)
+                else:
+                    r = vq_fd_iov(fd, iov, k, offset + <long long>total if offset >= 0 else -1,
+                                  reading)
                 if r < 0:
                     if errno == EINTR:
                         continue
@@ -627,6 +632,17 @@ cdef class Writer(_Stream):
             OSError: any other error of the system call, if nothing was read.
         """
         return self._fd_io(fd, n, offset, True)
+
+    def read_from(self, ByteSource source not None, Py_ssize_t n=-1):
+        """Fill up to ``n`` bytes (all if -1) straight from ``source``
+        (:class:`~virtio_queue.source.ByteSource`), GIL released, as
+        :meth:`read_from_fd` does from an fd: short counts (possibly 0 on
+        ``EAGAIN``) end it, EINTR is retried.
+
+        Raises:
+            OSError: the source failed before giving anything.
+        """
+        return self._fd_io(-1, n, -1, True, source)
 
     def __repr__(self):
         return f"<Writer available={self.avail} written={self.done}>"

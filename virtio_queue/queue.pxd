@@ -4,6 +4,7 @@ from posix.uio cimport iovec
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 from virtio_queue.memory cimport GuestMemory, MemorySnapshot
+from virtio_queue.source cimport ByteSource
 
 
 cdef class Queue:
@@ -44,7 +45,7 @@ cdef class Queue:
     cdef int pop_head(self, uint16_t *head) except -1
     cdef bint work_pending_c(self) noexcept nogil
     cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -2
-    cdef int fill_c(self, int fd, Py_ssize_t max_chains, bint suppress,
+    cdef int fill_c(self, ByteSource source, Py_ssize_t max_chains, bint suppress,
                     Py_ssize_t *served, unsigned long long *total) except -1
     cdef int add_used_c(self, uint16_t head, uint32_t length) except -1
     cdef int needs_notification_c(self) except -1

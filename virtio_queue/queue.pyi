@@ -4,6 +4,7 @@ from typing_extensions import Buffer, disjoint_base
 
 from .chain import DescriptorChain
 from .memory import GuestMemory
+from .source import ByteSource
 
 MAX_QUEUE_SIZE: int
 
@@ -38,6 +39,9 @@ class Queue:
     def chain_at(self, head_index: int) -> DescriptorChain: ...
     def fill_from_fd(
         self, fd: int, max_chains: int = -1, suppress: bool = False
+    ) -> tuple[int, int, DescriptorChain | None]: ...
+    def fill_from(
+        self, source: ByteSource, max_chains: int = -1, suppress: bool = False
     ) -> tuple[int, int, DescriptorChain | None]: ...
     def pop_chain(self) -> DescriptorChain | None: ...
     def __iter__(self) -> Iterator[DescriptorChain]: ...

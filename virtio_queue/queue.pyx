@@ -24,8 +24,8 @@ from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh
 from virtio_queue.includes.virtio_ring cimport (VRING_AVAIL_F_NO_INTERRUPT,
                                                 VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
                                                 vring_desc)
-from virtio_queue.includes.vq_io cimport vq_fd_iov
 from virtio_queue.memory cimport GuestMemory, MemorySnapshot, snap_ptr, snap_ptr_w
+from virtio_queue.source cimport ByteSource
 
 from virtio_queue.errors import (InvalidAvailRingIndex, InvalidDescriptorIndex,
                                  InvalidQueueConfig, QueueNotReady)
@@ -34,7 +34,7 @@ from virtio_queue.errors import (InvalidAvailRingIndex, InvalidDescriptorIndex,
 MAX_QUEUE_SIZE = 32768
 
 cdef enum:
-    # Requests that Queue.fill_from_fd fills with one read(2)/readv(2).
+    # Requests that Queue.fill_from fills with one read of the source.
     FILL_BATCH = 64
 
 
@@ -510,10 +510,10 @@ cdef class Queue:
             k += 1
         return k
 
-    cdef int fill_c(self, int fd, Py_ssize_t max_chains, bint suppress,
+    cdef int fill_c(self, ByteSource source, Py_ssize_t max_chains, bint suppress,
                     Py_ssize_t *served, unsigned long long *total) except -1:
-        """The core of :meth:`fill_from_fd`, for compiled callers: fill the available
-        single-buffer requests from ``fd`` and add them to ``served``/``total``.
+        """The core of :meth:`fill_from`, for compiled callers: fill the available
+        single-buffer requests from ``source`` and add them to ``served``/``total``.
         Returns 0 when the ring ran dry (notifications re-enabled with ``suppress``)
         or ``max_chains`` were served, 1 when the next chain is not for this path
         (another shape, a bad head or avail index, a resubmitted request, or a read
@@ -545,7 +545,7 @@ cdef class Queue:
                 if want:
                     with nogil:
                         while True:
-                            r = vq_fd_iov(fd, iov, k, -1, True)
+                            r = source.readv(iov, k)
                             if r >= 0 or errno != EINTR:
                                 break
                 if r <= 0 and want:
@@ -573,19 +573,25 @@ cdef class Queue:
                 return 0
 
     def fill_from_fd(self, int fd, Py_ssize_t max_chains=-1, bint suppress=False):
-        """Serve chains that are one device-writable buffer each straight from ``fd``.
+        """:meth:`fill_from` a :class:`~virtio_queue.source.ByteSource` reading ``fd``."""
+        return self.fill_from(ByteSource(fd), max_chains, suppress)
+
+    def fill_from(self, ByteSource source not None, Py_ssize_t max_chains=-1,
+                  bint suppress=False):
+        """Serve chains that are one device-writable buffer each straight from ``source``.
 
         The compiled fast path of devices like virtio-rng (VIRTIO 1.2 §5.4): the
         available chains made of exactly one device-writable descriptor in writable
-        guest memory are filled by one ``readv(2)`` per run of up to 64 of them (GIL
-        released), in ring order, each ``add_used(head, bytes it got)``; a short
-        read serves the chains it reached (the last one partly) and leaves the
-        others available.  It stops at the first chain it does not serve and
-        returns it, popped, for the caller's general path: a chain of another
-        shape, a buffer outside guest memory, a request resubmitted after a
-        reconnect, or a read that gave 0 bytes or failed (end of file, EAGAIN, an
-        error: the caller decides what that means).  A head index out of range is
-        left in the ring for :meth:`pop_chain` to report.
+        guest memory are filled by one read of ``source`` (``read(2)``/``readv(2)``
+        for an fd) per run of up to 64 of them (GIL released), in ring order, each
+        ``add_used(head, bytes it got)``; a short read serves the chains it reached
+        (the last one partly) and leaves the others available.  It stops at the
+        first chain it does not serve and returns it, popped, for the caller's
+        general path: a chain of another shape, a buffer outside guest memory, a
+        request resubmitted after a reconnect, or a read that gave 0 bytes or
+        failed (end of file, EAGAIN, an error: the caller decides what that
+        means).  A head index out of range is left in the ring for
+        :meth:`pop_chain` to report.
 
         With ``suppress``, the whole drain follows VIRTIO 1.2 §2.7.10 as well:
         notifications are disabled while draining and re-enabled once the ring is
@@ -602,7 +608,7 @@ cdef class Queue:
         cdef uint16_t head
         cdef Py_ssize_t served = 0
         cdef unsigned long long total = 0
-        if self.fill_c(fd, max_chains, suppress, &served, &total) == 0:
+        if self.fill_c(source, max_chains, suppress, &served, &total) == 0:
             return served, total, None
         if not self.pop_head(&head):
             return served, total, None      # not reached: fill_c saw a chain

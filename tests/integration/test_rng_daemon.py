@@ -360,3 +360,30 @@ def test_rng_daemon_polls_after_a_service_as_vhd_poll_us_says(
     m = re.search(r"q0: 17 chains, 144 bytes served in compiled code \((\d+) times found by polling\)", log)
     assert m is not None, log
     assert (int(m[1]) == 0) if poll_us == "0" else (int(m[1]) >= 1), log
+
+
+@pytest.mark.parametrize("vdso", ["1", "0"])
+def test_rng_daemon_serves_urandom_through_the_vdso_or_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vdso: str
+) -> None:
+    """The default source, /dev/urandom: random bytes in both compiled paths (one
+    request per kick, a batch), made by the vDSO's getrandom where the kernel has it
+    (said at info level), read from the file with VHD_RNG_VDSO=0."""
+    from virtio_devices.hosts._getrandom import vdso_available  # noqa: PLC0415
+
+    monkeypatch.setenv("VHD_RNG_VDSO", vdso)
+    d = Daemon(tmp_path, [])
+    d.wait_listening(1)
+    try:
+        fe, ring = open_device(d.path(0))
+        with fe:
+            single = [b"".join(read_random(fe, ring, [4096])) for _ in range(4)]
+            batch = read_random(fe, ring, [4096] * 16)
+    finally:
+        assert d.stop() == 0, d.stderr()
+    chunks = single + batch
+    assert all(len(c) == 4096 for c in chunks)
+    blocks = [c[i : i + 32] for c in chunks for i in range(0, 4096, 32)]
+    assert len(set(blocks)) == len(blocks)  # nothing repeated, nothing constant
+    said = "its bytes come from the vDSO's getrandom" in d.stderr()
+    assert said == (vdso == "1" and vdso_available()), d.stderr()

@@ -16,6 +16,7 @@ import pytest
 
 from vhost_backends.cli import rng as cli
 from vhost_backends.cli._common import USIZE_MAX, ConfigError
+from virtio_devices.hosts._getrandom import vdso_available
 from virtio_devices.rng import RngDevice
 
 
@@ -175,6 +176,7 @@ def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> FakeDaemon:
     mod.run_daemons = fake.run_daemons  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "vhost_backends.daemon", mod)
     monkeypatch.delenv("VHD_POLL_US", raising=False)
+    monkeypatch.delenv("VHD_RNG_VDSO", raising=False)
     return fake
 
 
@@ -221,4 +223,38 @@ def test_rng_bad_vhd_poll_us_is_refused(
     assert cli.main(["-s", str(tmp_path / "rng.sock"), "-f", "/dev/zero"]) == 1
     err = capsys.readouterr().err
     assert "VHD_POLL_US" in err and err.count("\n") == 1
+    assert fake_daemon.calls == []
+
+
+@pytest.mark.parametrize(("value", "vdso"), [(None, True), ("", True), ("1", True), (" 0 ", False)])
+def test_rng_vdso_setting_comes_from_vhd_rng_vdso(
+    fake_daemon: FakeDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None, vdso: bool
+) -> None:
+    """/dev/urandom (the default source) is served through the vDSO's getrandom where
+    the kernel has it, unless VHD_RNG_VDSO=0; a regular file never is."""
+    if value is not None:
+        monkeypatch.setenv("VHD_RNG_VDSO", value)
+    sock = str(tmp_path / "rng.sock")
+    assert cli.main(["-s", sock]) == 0
+    src = tmp_path / "entropy"
+    src.write_bytes(b"x")
+    assert cli.main(["-s", sock, "-f", str(src)]) == 0
+    (_, _, (urandom,)), (_, _, (regular,)) = fake_daemon.calls
+    assert urandom.source.name == "/dev/urandom"
+    assert urandom.source.uses_vdso == (vdso and vdso_available())
+    assert not regular.source.uses_vdso
+
+
+@pytest.mark.parametrize("value", ["2", "yes", "on", "true", "-1"])
+def test_rng_bad_vhd_rng_vdso_is_refused(
+    fake_daemon: FakeDaemon,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    value: str,
+) -> None:
+    monkeypatch.setenv("VHD_RNG_VDSO", value)
+    assert cli.main(["-s", str(tmp_path / "rng.sock")]) == 1
+    err = capsys.readouterr().err
+    assert "VHD_RNG_VDSO must be 0 or 1" in err and err.count("\n") == 1
     assert fake_daemon.calls == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vhost_backends._fastpath import Epoll, FillRing
-from virtio_queue import GuestMemory, InvalidAvailRingIndex, QueueNotReady
+from virtio_queue import ByteSource, GuestMemory, InvalidAvailRingIndex, QueueNotReady
 from virtio_queue.testing import (
     VIRTQ_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
@@ -88,9 +88,9 @@ class Rig:
         path.write_bytes(SOURCE)
         self.src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.asked: list[int] = []
-        self.source: int | None = self.src
+        self.source: ByteSource | None = ByteSource(self.src)
 
-    def fill_source(self, index: int) -> int | None:
+    def fill_source(self, index: int) -> ByteSource | None:
         self.asked.append(index)
         return self.source
 
@@ -160,7 +160,7 @@ def test_fill_ring_end_of_source_goes_to_python(tmp_path: Path, rig: Rig, epoll:
     empty.write_bytes(b"")
     fd = os.open(empty, os.O_RDONLY)
     try:
-        rig.source = fd
+        rig.source = ByteSource(fd)
         ring = FillRing(rig.queue, rig.kick, rig.fill_source, 0, rig.call)
         epoll.register(rig.kick, IN)
         epoll.set_fill_ring(rig.kick, IN, ring)
@@ -352,13 +352,15 @@ def test_polling_a_ring_that_never_runs_dry_still_sees_other_fds(tmp_path: Path)
     zero = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)  # a source without an end
     served = 0
 
-    def refill(other: Rig) -> Callable[[int], int]:
-        def fill_source(index: int) -> int:
+    zero_source = ByteSource(zero)
+
+    def refill(other: Rig) -> Callable[[int], ByteSource]:
+        def fill_source(index: int) -> ByteSource:
             nonlocal served
             served += 1
             if served < 1_000_000:  # ends the flood if the spin never looked up
                 other.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
-            return zero
+            return zero_source
 
         return fill_source
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from virtio_queue import (
+    ByteSource,
     DescriptorChain,
     DescriptorChainOverflow,
     GuestMemory,
@@ -396,6 +397,33 @@ def test_writer_read_from_fd_pipe_fills(env: Env) -> None:
     finally:
         os.close(rfd)
     env.only_changed(segs)
+
+
+def test_writer_read_from_source_fills_across_descriptors(env: Env, pipe: tuple[int, int]) -> None:
+    """Writer.read_from: the same fill as read_from_fd, through a ByteSource."""
+    w, segs = env.writer([3, 5, 4])
+    os.write(pipe[1], b"abcdefghij")
+    os.set_blocking(pipe[0], False)
+    src = ByteSource(pipe[0])
+    assert w.read_from(src, 9) == 9
+    assert w.read_from(src) == 1  # short: all there is right now
+    assert w.read_from(src) == 0  # EAGAIN, nothing read
+    assert w.bytes_written() == 10 and w.available_bytes() == 2
+    assert env.written(segs)[:10] == b"abcdefghij"
+    env.only_changed(segs)
+
+
+def test_writer_read_from_failing_source_raises_and_keeps_guest_memory(env: Env) -> None:
+    w, _ = env.writer([8])
+    fd = os.open(tempfile.gettempdir(), os.O_RDONLY)  # a directory: read() fails, EISDIR
+    try:
+        with pytest.raises(OSError) as info:
+            w.read_from(ByteSource(fd))
+        assert info.value.errno == errno.EISDIR
+    finally:
+        os.close(fd)
+    assert w.bytes_written() == 0
+    env.only_changed([])
 
 
 def test_writer_read_from_fd_respects_n(env: Env, pipe: tuple[int, int]) -> None:

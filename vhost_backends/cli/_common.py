@@ -11,9 +11,10 @@
 * :func:`add_version_argument`: ``-V/--version`` printing the version and the build
   features (``xen=on|off debug=on|off``).
 * Typed argument parsers for clap's integer types (``u32``, ``usize``, ``u128``).
-* :func:`env_poll_max_us`: ``VHD_POLL_US``, our one setting that upstream has no
-  flag for (the adaptive ring polling window; an environment variable, so that the
-  command lines stay upstream's).
+* :func:`env_poll_max_us`, :func:`env_switch`: settings that upstream has no flag
+  for (``VHD_POLL_US``, the adaptive ring polling window; ``VHD_RNG_VDSO``, the
+  vDSO's getrandom for the kernel's random device), environment variables so that
+  the command lines stay upstream's.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "add_version_argument",
     "env_poll_max_us",
+    "env_switch",
     "make_parser",
     "parse_rust_log",
     "run_main",
@@ -195,6 +197,22 @@ def env_poll_max_us(env: Mapping[str, str] | None = None) -> int | None:
     if not text.isascii() or not text.isdigit() or int(text) > 1_000_000:
         raise ConfigError(f"VHD_POLL_US must be a number of microseconds from 0 to 1000000, not {text!r}")
     return int(text)
+
+
+def env_switch(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """An on/off setting from environment variable ``name``: ``1`` or ``0``;
+    ``default`` when unset or empty.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    env = os.environ if env is None else env
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    if text not in ("0", "1"):
+        raise ConfigError(f"{name} must be 0 or 1, not {text!r}")
+    return text == "1"
 
 
 # -- argument types ---------------------------------------------------------------------------

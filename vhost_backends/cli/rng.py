@@ -8,6 +8,11 @@ window in milliseconds, 1..=65536; ``--rng-source`` is opened once and shared.
 Upstream's README calls the last flag ``--filename``; the binary only knows
 ``-f/--rng-source``, and so do we.
 
+When ``--rng-source`` is the kernel's random device (``/dev/urandom``, the default,
+or ``/dev/random``), its bytes are made by the vDSO's ``getrandom`` where the kernel
+has it: the same generator without a system call per request
+(:mod:`virtio_devices.hosts.files`); ``VHD_RNG_VDSO=0`` reads the file instead.
+
 Example::
 
     vhost-device-rng --socket-path=/tmp/rng.sock -c 2 -m 512 -p 1000
@@ -16,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -29,6 +35,7 @@ from ._common import (
     USIZE_MAX,
     ConfigError,
     env_poll_max_us,
+    env_switch,
     make_parser,
     run_main,
     socket_paths,
@@ -38,6 +45,8 @@ from ._common import (
 __all__ = ["DEFAULT_RNG_SOURCE", "Config", "build_parser", "main", "run"]
 
 PROG = "vhost-device-rng"
+
+log = logging.getLogger(__name__)
 DEFAULT_RNG_SOURCE = "/dev/urandom"
 #: Upstream's VHU_RNG_MAX_PERIOD_MS (QEMU's vhost-user-rng/virtio-rng maximum).
 MAX_PERIOD_MS = 65536
@@ -148,10 +157,13 @@ def run(config: Config) -> int:
     Raises:
         ConfigError: the source cannot be opened.
     """
+    vdso = env_switch("VHD_RNG_VDSO", True)
     try:
-        source = FileEntropySource(config.rng_source)
+        source = FileEntropySource(config.rng_source, vdso=vdso)
     except RngError as e:
         raise ConfigError(str(e)) from e
+    if source.uses_vdso:
+        log.info("%s is the kernel's random device: its bytes come from the vDSO's getrandom", source.name)
 
     def device_factory(index: int) -> RngDevice:
         return RngDevice(source, period_ms=config.period_ms, max_bytes=config.device_max_bytes)

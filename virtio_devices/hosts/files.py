@@ -7,6 +7,14 @@ description: concurrent ``read(2)`` calls on it are serialised by the kernel, so
 lock is needed, and the bytes go from the fd straight into guest memory
 (:meth:`virtio_queue.Writer.read_from_fd`).
 
+When the file is the kernel's random device itself (``/dev/urandom`` or
+``/dev/random``, whatever the path, told by its device number), the bytes come from
+the same generator through the vDSO's ``getrandom`` instead of ``read(2)`` (Linux
+>= 6.11; :mod:`virtio_devices.hosts._getrandom`): no system call per request and a
+faster ChaCha20, with exactly what a read of that device would give (``/dev/urandom``
+is ``getrandom(GRND_INSECURE)``, a non-blocking ``/dev/random`` is
+``getrandom(GRND_NONBLOCK)``).  The fd stays open for waiting on.
+
 The fd is nonblocking: a FIFO or a character device with nothing to give must not
 stall the event loop (upstream blocks its worker thread instead).  A read then fails
 with ``EAGAIN`` and the device waits for the fd to become readable.  A regular file
@@ -20,7 +28,10 @@ import os
 import stat
 from typing import Protocol, Self, runtime_checkable
 
+from virtio_queue import ByteSource
+
 from ..errors import RngError
+from . import _getrandom
 
 __all__ = ["BytesEntropySource", "EntropySource", "FdEntropySource", "FileEntropySource"]
 
@@ -41,8 +52,18 @@ class EntropySource(Protocol):
     def fileno(self) -> int:
         """The fd to read entropy from."""
 
+    def byte_source(self) -> ByteSource:
+        """What the compiled paths fill guest buffers from (reads ``fileno()``
+        unless the source knows a faster way to the same bytes)."""
+
     def close(self) -> None:
         """Release the fd; closing twice is harmless."""
+
+
+# The kernel's random devices (Documentation/admin-guide/devices.txt: char 1:8 and
+# 1:9) and the getrandom(2) flags that give what reading them does.  /dev/random is
+# always open non-blocking here: EAGAIN until the generator is seeded.
+_RANDOM_DEVICES = {(1, 8): _getrandom.NONBLOCK, (1, 9): _getrandom.INSECURE}
 
 
 class FdEntropySource:
@@ -50,9 +71,11 @@ class FdEntropySource:
 
     The fd is switched to nonblocking mode unless it is a regular file (where the
     flag means nothing).  With ``close_fd`` (the default) :meth:`close` closes it.
+    With ``vdso`` (the default), the kernel's random device is served through the
+    vDSO's getrandom where the kernel has it (see the module's docstring).
     """
 
-    def __init__(self, fd: int, *, name: str | None = None, close_fd: bool = True) -> None:
+    def __init__(self, fd: int, *, name: str | None = None, close_fd: bool = True, vdso: bool = True) -> None:
         self._fd = fd
         self._close_fd = close_fd
         self._name = name if name is not None else f"fd {fd}"
@@ -60,6 +83,15 @@ class FdEntropySource:
         self.is_regular = stat.S_ISREG(st.st_mode)
         if not self.is_regular:
             os.set_blocking(fd, False)
+        self._source: ByteSource | None = None
+        #: Whether the bytes come from the vDSO's getrandom (the fd is the kernel's
+        #: random device, ``vdso`` allows it and the kernel has it).
+        self.uses_vdso = False
+        device = (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISCHR(st.st_mode) else None
+        flags = _RANDOM_DEVICES.get(device) if device is not None else None
+        if vdso and flags is not None and _getrandom.vdso_available():
+            self._source = _getrandom.GetrandomSource(fd, flags)
+            self.uses_vdso = True
 
     @property
     def name(self) -> str:
@@ -76,9 +108,21 @@ class FdEntropySource:
             raise ValueError(f"entropy source {self._name} is closed")
         return self._fd
 
+    def byte_source(self) -> ByteSource:
+        """A :class:`~virtio_queue.ByteSource` reading the fd.
+
+        Raises:
+            ValueError: the source was closed.
+        """
+        fd = self.fileno()
+        if self._source is None:
+            self._source = ByteSource(fd)
+        return self._source
+
     def close(self) -> None:
         """Close the fd (if owned); closing twice is harmless."""
         fd, self._fd = self._fd, -1
+        self._source = None
         if fd >= 0 and self._close_fd:
             os.close(fd)
 
@@ -105,7 +149,7 @@ class FileEntropySource(FdEntropySource):
             directory opens there and then fails on every read, we refuse it at once).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, vdso: bool = True) -> None:
         spath = os.fspath(path)
         try:
             fd = os.open(spath, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -114,7 +158,7 @@ class FileEntropySource(FdEntropySource):
         try:
             if stat.S_ISDIR(os.fstat(fd).st_mode):
                 raise RngError(f"RNG source file {spath} can't be accessed: it is a directory")
-            super().__init__(fd, name=spath)
+            super().__init__(fd, name=spath, vdso=vdso)
         except BaseException:
             os.close(fd)
             raise
