@@ -55,29 +55,6 @@ static pthread_key_t vq_vgr_key;
 static pthread_once_t vq_vgr_once = PTHREAD_ONCE_INIT;
 static int vq_vgr_disabled;         /* tests: behave as if the vDSO had none */
 
-/* Number of dynamic symbols, from DT_HASH (nchain) or DT_GNU_HASH (the highest
- * index any bucket's chain reaches, plus one). */
-static size_t vq_vdso_nsyms(const uint32_t *hash, const uint32_t *gnu_hash)
-{
-    if (hash)
-        return hash[1];
-    if (!gnu_hash)
-        return 0;
-    uint32_t nbuckets = gnu_hash[0], symoffset = gnu_hash[1], bloom_words = gnu_hash[2];
-    const uint32_t *buckets =
-        (const uint32_t *)((const ElfW(Addr) *)(gnu_hash + 4) + bloom_words);
-    const uint32_t *chain = buckets + nbuckets;
-    uint32_t last = 0;
-    for (uint32_t i = 0; i < nbuckets; i++)
-        if (buckets[i] > last)
-            last = buckets[i];
-    if (last < symoffset)
-        return symoffset;
-    while (!(chain[last - symoffset] & 1))
-        last++;
-    return (size_t)last + 1;
-}
-
 /* Address of the defined function `name` in the vDSO, or NULL. */
 static void *vq_vdso_sym(const char *name)
 {
@@ -100,21 +77,21 @@ static void *vq_vdso_sym(const char *name)
         return NULL;
     const ElfW(Sym) *syms = NULL;
     const char *strs = NULL;
-    const uint32_t *hash = NULL, *gnu_hash = NULL;
+    const uint32_t *hash = NULL;
     for (; dyn->d_tag != DT_NULL; dyn++) {
         uintptr_t p = dyn->d_un.d_ptr + bias;
         switch (dyn->d_tag) {
         case DT_SYMTAB: syms = (const ElfW(Sym) *)p; break;
         case DT_STRTAB: strs = (const char *)p; break;
         case DT_HASH: hash = (const uint32_t *)p; break;
-        case DT_GNU_HASH: gnu_hash = (const uint32_t *)p; break;
         default: break;
         }
     }
-    if (!syms || !strs)
+    /* The symbol count is DT_HASH's nchain; the kernel links every vDSO with a
+     * SysV hash table (--hash-style=sysv or both). */
+    if (!syms || !strs || !hash)
         return NULL;
-    size_t n = vq_vdso_nsyms(hash, gnu_hash);
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < hash[1]; i++) {
         const ElfW(Sym) *s = &syms[i];
         int bind = ELF64_ST_BIND(s->st_info);  /* same bits in ELF32 */
         if (ELF64_ST_TYPE(s->st_info) != STT_FUNC || s->st_shndx == SHN_UNDEF ||
