@@ -211,18 +211,26 @@ def test_rng_polling_window_comes_from_vhd_poll_us(
     assert fake_daemon.poll_max_us == [None, 0, 250]
 
 
-@pytest.mark.parametrize("value", ["-1", "abc", "1e3", "1000001", "٣"])
-def test_rng_bad_vhd_poll_us_is_refused(
+@pytest.mark.parametrize(
+    "case",
+    [
+        *(("VHD_POLL_US", v, "VHD_POLL_US must be a number") for v in ["-1", "abc", "1e3", "1000001", "٣"]),
+        *(("VHD_RNG_VDSO", v, "VHD_RNG_VDSO must be 0 or 1") for v in ["2", "yes", "on", "true", "-1"]),
+    ],
+)
+def test_rng_bad_environment_setting_is_refused(
     fake_daemon: FakeDaemon,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    value: str,
+    case: tuple[str, str, str],
 ) -> None:
-    monkeypatch.setenv("VHD_POLL_US", value)
-    assert cli.main(["-s", str(tmp_path / "rng.sock"), "-f", "/dev/zero"]) == 1
+    """A bad VHD_* setting: one error line, exit 1, before anything is served."""
+    name, value, message = case
+    monkeypatch.setenv(name, value)
+    assert cli.main(["-s", str(tmp_path / "rng.sock")]) == 1
     err = capsys.readouterr().err
-    assert "VHD_POLL_US" in err and err.count("\n") == 1
+    assert message in err and err.count("\n") == 1
     assert fake_daemon.calls == []
 
 
@@ -243,18 +251,3 @@ def test_rng_vdso_setting_comes_from_vhd_rng_vdso(
     assert urandom.source.name == "/dev/urandom"
     assert urandom.source.uses_vdso == (vdso and vdso_available())
     assert not regular.source.uses_vdso
-
-
-@pytest.mark.parametrize("value", ["2", "yes", "on", "true", "-1"])
-def test_rng_bad_vhd_rng_vdso_is_refused(
-    fake_daemon: FakeDaemon,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    value: str,
-) -> None:
-    monkeypatch.setenv("VHD_RNG_VDSO", value)
-    assert cli.main(["-s", str(tmp_path / "rng.sock")]) == 1
-    err = capsys.readouterr().err
-    assert "VHD_RNG_VDSO must be 0 or 1" in err and err.count("\n") == 1
-    assert fake_daemon.calls == []
