@@ -30,7 +30,11 @@ Where we differ from upstream, on purpose (listed in README, "Differences"):
   ``EAGAIN``) is waited for with the event loop instead of blocking a thread; if
   the ring is stopped meanwhile, the waiting chain goes back to the avail ring;
 * an I/O error of the source completes the chain with length 0 and logs
-  (rate-limited); upstream ends the worker.
+  (rate-limited); upstream ends the worker;
+* the kernel's random device as the source (``/dev/urandom``, ``/dev/random``) is
+  served through the vDSO's ``getrandom`` where the kernel has it
+  (:mod:`virtio_devices.hosts.files`): the same bytes a read would give, without a
+  system call per request; upstream reads the file.
 """
 
 from __future__ import annotations
