@@ -27,7 +27,7 @@ import mmap
 import os
 import tempfile
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from virtio_queue import GuestMemory, Queue, _bench
@@ -366,6 +366,19 @@ class _BatchDriver:
         self.heads = array("H", [0] * QSIZE)
         self.left = 0
 
+    def runs(self, n: int) -> Iterator[int]:
+        """Split ``n`` iterations into runs of published slots, publishing a batch
+        whenever the slots run out, so that the loop inside a run is the device's
+        work alone (as the reference's loop is its own work alone)."""
+        while n:
+            if not self.left:
+                self.mock.publish(self.heads)
+                self.left = QSIZE
+            k = min(self.left, n)
+            self.left -= k
+            n -= k
+            yield k
+
 
 def make_c_python(ndesc: int, device_writes: bool, placement: str = "pg") -> Workload:
     """C through the Python API: pop_chain, writer().write_all(buf) or
@@ -380,40 +393,26 @@ def make_c_python(ndesc: int, device_writes: bool, placement: str = "pg") -> Wor
     if device_writes:
 
         def run(n: int) -> int:
-            pub = mock.publish
-            heads = drv.heads
             pop = q.pop_chain
             add = q.add_used
-            left = drv.left
-            for _ in range(n):
-                if not left:
-                    pub(heads)
-                    left = QSIZE
-                left -= 1
-                c = pop()
-                w = c.writer()
-                w.write_all(hv)
-                add(c.head_index, w.bytes_written())
-            drv.left = left
+            for k in drv.runs(n):
+                for _ in range(k):
+                    c = pop()
+                    w = c.writer()
+                    w.write_all(hv)
+                    add(c.head_index, w.bytes_written())
             return n * BIG_LEN
 
     else:
 
         def run(n: int) -> int:
-            pub = mock.publish
-            heads = drv.heads
             pop = q.pop_chain
             add = q.add_used
-            left = drv.left
-            for _ in range(n):
-                if not left:
-                    pub(heads)
-                    left = QSIZE
-                left -= 1
-                c = pop()
-                c.reader().read_exact_into(hv)
-                add(c.head_index, 0)
-            drv.left = left
+            for k in drv.runs(n):
+                for _ in range(k):
+                    c = pop()
+                    c.reader().read_exact_into(hv)
+                    add(c.head_index, 0)
             return n * BIG_LEN
 
     def check() -> None:
@@ -488,22 +487,15 @@ def make_fd_writer(ndesc: int = 16, spread: bool = False) -> Workload:
     drv = _BatchDriver(mock)
 
     def run(n: int) -> int:
-        pub = mock.publish
-        heads = drv.heads
         pop = q.pop_chain
         add = q.add_used
-        left = drv.left
         total = 0
-        for _ in range(n):
-            if not left:
-                pub(heads)
-                left = QSIZE
-            left -= 1
-            c = pop()
-            got = c.writer().read_from_fd(fd, offset=0)
-            add(c.head_index, got)
-            total += got
-        drv.left = left
+        for k in drv.runs(n):
+            for _ in range(k):
+                c = pop()
+                got = c.writer().read_from_fd(fd, offset=0)
+                add(c.head_index, got)
+                total += got
         return total
 
     def check() -> None:
