@@ -352,6 +352,56 @@ def test_buffer_outside_memory_after_direct_descriptors(env: Env) -> None:
     assert chain.reader().available_bytes() == 0
 
 
+def test_runs_and_jumps_in_one_chain(env: Env) -> None:
+    """A chain whose links go forward by one, jump, and go back: the walk follows
+    `next`, whatever the table order (VIRTIO 1.2 §2.7.5: the driver chooses the
+    indices)."""
+    order = [0, 1, 5, 6, 7, 3, 4, 2]
+    descs = [RawDesc(0, 0, 0, 0)] * 8
+    for k, idx in enumerate(order):
+        if k + 1 < len(order):
+            descs[idx] = RawDesc(WDATA + 0x100 * k, 16, WRITE | NEXT, order[k + 1])
+        else:
+            descs[idx] = RawDesc(WDATA + 0x100 * k, 16, WRITE, 0)
+    w = _raw_chain(env, descs).writer()
+    env.before = env.gm.snapshot()
+    assert w.write(PATTERN[: 16 * 8]) == 16 * 8
+    assert [env.mem.read(WDATA + 0x100 * k, 16) for k in range(8)] == [
+        PATTERN[16 * k : 16 * k + 16] for k in range(8)
+    ]
+    env.only_changed([(WDATA + 0x100 * k, 16) for k in range(8)])
+
+
+def test_next_one_past_the_table_ends_a_run_with_an_error(env: Env) -> None:
+    """A run of next = index + 1 that reaches the queue size (16) is an index out
+    of range (VIRTIO 1.2 §2.7.5.2), not a read past the table."""
+    descs = [RawDesc(DATA + 8 * i, 8, NEXT, i + 1) for i in range(16)]
+    chain = _raw_chain(env, descs)
+    for make in (chain.reader, chain.writer):
+        with pytest.raises(InvalidDescriptorIndex, match="descriptor index 16 out of range"):
+            make()
+
+
+def test_buffer_running_off_the_region_of_the_one_before() -> None:
+    """The region that held the previous buffer is reused only for buffers it holds
+    whole: one that starts in it and ends in the next region is refused (VIRTIO
+    buffers may not cross regions here, as in rust-vmm), and nothing is written."""
+    gm = GuardedMemory([(0, 0x10000), (0x10000, 0x10000)])
+    mock = MockSplitQueue(gm.memory, 16)
+    q = mock.create_queue()
+    mock.add_chain([(0x8000, 16, WRITE), (0xFFF8, 16, WRITE)])
+    mock.add_chain([(0x8000, 16, WRITE), (0x10000, 16, WRITE)])  # adjacent, each in one region
+    bad, good = q.pop_chain(), q.pop_chain()
+    assert bad is not None and good is not None
+    before = gm.snapshot()
+    with pytest.raises(GuestMemoryError, match="is not in"):
+        bad.writer()
+    w = good.writer()
+    assert w.write(b"x" * 32) == 32
+    gm.assert_unchanged_except(before, [(0x8000, 16), (0x10000, 16)])
+    gm.check_guards()
+
+
 def test_writer_buffers_are_writable_views(env: Env) -> None:
     w, segs = env.writer([4, 4])
     views = w.buffers()
