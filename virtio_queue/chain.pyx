@@ -240,6 +240,32 @@ cdef DescriptorChain make_chain(MemorySnapshot snap, object memory, const unsign
     return ch
 
 
+cdef struct _Collected:
+    # The segments a walk is collecting, in locals of the walk (see _collect).
+    iovec *segs
+    Py_ssize_t n
+    unsigned char *end       # where the last segment ends (a buffer there joins it)
+    size_t avail
+
+
+cdef inline int _collect_take(_Stream s, _Collected *a, unsigned char *p, size_t length) except -1:
+    """Add buffer ``[p, p+length)`` to what a walk collects, as :func:`stream_append`
+    does (inlined into the walk, where ``a`` lives in registers)."""
+    a.avail += length
+    if p == a.end:
+        a.segs[a.n - 1].iov_len += length
+    else:
+        if a.n == s.cap:
+            s.nsegs = a.n
+            s._grow()
+            a.segs = s.segs
+        a.segs[a.n].iov_base = p
+        a.segs[a.n].iov_len = length
+        a.n += 1
+    a.end = p + length
+    return 0
+
+
 # Cython keeps a freelist for the base class only; it serves Reader and Writer,
 # which add no fields (same size).
 @cython.freelist(32)
@@ -280,10 +306,10 @@ cdef class _Stream:
     cdef int _collect(self, DescriptorChain ch, bint want_write) except -1:
         """Walk the whole chain, keeping the buffers of one direction.
 
-        The hot loop keeps the segment array, its count and the byte budget in
-        locals (stores into the array would otherwise force the compiler to reload
-        the fields of ``self`` after each one) and joins back-to-back buffers as
-        :func:`stream_append` does.
+        The segment array, its count and the byte budget are kept in a local
+        struct (stores into the array would otherwise force the compiler to reload
+        the fields of ``self`` after each one), which :func:`_collect_take` fills,
+        joining back-to-back buffers as :func:`stream_append` does.
 
         It first walks the main table's direct descriptors itself, with its state
         in plain locals (the cursor's address is taken, so the compiler keeps it in
@@ -300,12 +326,9 @@ cdef class _Stream:
         cdef vring_desc d
         cdef int rc
         cdef unsigned char *p
-        cdef unsigned char *end = NULL
         cdef MemorySnapshot snap = ch.snap
         cdef uint16_t want = VRING_DESC_F_WRITE if want_write else 0
-        cdef iovec *segs = self.segs
-        cdef Py_ssize_t n = self.nsegs
-        cdef size_t avail = self.avail
+        cdef _Collected a
         cdef const unsigned char *table = ch.table
         cdef const unsigned char *dp
         cdef uint32_t idx = ch.head_index, ttl = ch.queue_size, tlen = ch.queue_size, dlen
@@ -315,8 +338,12 @@ cdef class _Stream:
         cdef uint64_t hit_gpa = 1, hit_last = 0     # an empty range: no region yet
         cdef unsigned char *hit_hva = NULL
         cdef bint fast = True
-        if n:
-            end = <unsigned char *>segs[n - 1].iov_base + segs[n - 1].iov_len
+        a.segs = self.segs
+        a.n = self.nsegs
+        a.avail = self.avail
+        a.end = NULL
+        if a.n:
+            a.end = <unsigned char *>a.segs[a.n - 1].iov_base + a.segs[a.n - 1].iov_len
         self.snap = snap
         chain_init(&c, table, ch.queue_size, ch.head_index)
         while fast and idx < tlen:
@@ -348,18 +375,7 @@ cdef class _Stream:
                         hit_last = e.last
                         hit_hva = e.hva
                         p = hit_hva + (addr - hit_gpa)
-                    avail += dlen
-                    if p == end:
-                        segs[n - 1].iov_len += dlen
-                    else:
-                        if n == self.cap:
-                            self.nsegs = n
-                            self._grow()
-                            segs = self.segs
-                        segs[n].iov_base = p
-                        segs[n].iov_len = dlen
-                        n += 1
-                    end = p + dlen
+                    _collect_take(self, &a, p, dlen)
                 ttl -= 1
                 total += dlen
                 if not (flags & VRING_DESC_F_NEXT):
@@ -387,20 +403,9 @@ cdef class _Stream:
                 c.bad_value = d.addr
                 c.total_len = d.len
                 break
-            avail += d.len
-            if p == end:
-                segs[n - 1].iov_len += d.len
-            else:
-                if n == self.cap:
-                    self.nsegs = n
-                    self._grow()
-                    segs = self.segs
-                segs[n].iov_base = p
-                segs[n].iov_len = d.len
-                n += 1
-            end = p + d.len
-        self.nsegs = n
-        self.avail = avail
+            _collect_take(self, &a, p, d.len)
+        self.nsegs = a.n
+        self.avail = a.avail
         if rc < 0:
             raise_for_status(rc, &c, ch.head_index)
         return 0
