@@ -387,3 +387,30 @@ def test_rng_daemon_serves_urandom_through_the_vdso_or_the_file(
     assert len(set(blocks)) == len(blocks)  # nothing repeated, nothing constant
     said = "its bytes come from the vDSO's getrandom" in d.stderr()
     assert said == (vdso == "1" and vdso_available()), d.stderr()
+
+
+def test_rng_daemon_two_sockets_on_urandom_never_share_bytes(tmp_path: Path) -> None:
+    """-c 2 on the default source: the two sockets' loops fill at the same time
+    (each thread with its own vDSO state where the kernel has one), and no 32-byte
+    block appears twice across both guests."""
+    d = Daemon(tmp_path, ["-c", "2"])
+    d.wait_listening(2)
+    try:
+        devices = [open_device(d.path(i)) for i in range(2)]
+        try:
+            chunks: list[bytes] = []
+            for _ in range(4):
+                reqs = [submit(ring, [4096] * 16) for _, ring in devices]
+                for fe, _ in devices:
+                    fe.kick(0)  # both in flight before either is waited for
+                for (fe, _), sub in zip(devices, reqs, strict=True):
+                    used = dict(fe.wait_used(0, count=len(sub), timeout=DEADLINE))
+                    chunks += [fe.memory.read(gpa, used[head]) for head, gpa in sub]
+        finally:
+            for fe, _ in devices:
+                fe.close()
+    finally:
+        assert d.stop() == 0, d.stderr()
+    assert len(chunks) == 128 and all(len(c) == 4096 for c in chunks)
+    blocks = [c[i : i + 32] for c in chunks for i in range(0, 4096, 32)]
+    assert len(set(blocks)) == len(blocks)
