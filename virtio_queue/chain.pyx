@@ -25,9 +25,9 @@ from virtio_queue.includes.endian cimport le16toh, le32toh, le64toh
 from virtio_queue.includes.virtio_ring cimport (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
                                                 VRING_DESC_F_WRITE, vring_desc)
 from virtio_queue.includes.vq_copy cimport vq_copy
-from virtio_queue.includes.vq_io cimport vq_fd_iov
 from virtio_queue.memory cimport (MemEntry, MemorySnapshot, make_view, snap_entry, snap_ptr,
                                   snap_ptr_w, struct_for)
+from virtio_queue.source cimport fd_iov
 
 from virtio_queue.errors import (DescriptorChainOverflow, GuestMemoryError, InvalidChain,
                                  InvalidDescriptorIndex, InvalidIndirectDescriptor)
@@ -508,8 +508,8 @@ cdef class _Stream:
                 if source is not None:
                     r = source.readv(iov, k)
                 else:
-                    r = vq_fd_iov(fd, iov, k, offset + <long long>total if offset >= 0 else -1,
-                                  reading)
+                    r = fd_iov(fd, iov, k, offset + <long long>total if offset >= 0 else -1,
+                               reading)
                 if r < 0:
                     if errno == EINTR:
                         continue

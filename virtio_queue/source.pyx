@@ -13,8 +13,6 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.errno cimport EAGAIN, EINTR, errno
 from posix.uio cimport iovec
 
-from virtio_queue.includes.vq_io cimport vq_fd_iov
-
 import os
 
 
@@ -32,7 +30,7 @@ cdef class ByteSource:
     cdef ssize_t readv(self, const iovec *iov, int n) noexcept nogil:
         """Fill ``iov[0..n)`` in order, as ``readv(2)`` (one call: short counts
         allowed): the bytes written, or -1 with ``errno`` set."""
-        return vq_fd_iov(self.fd, iov, n, -1, True)
+        return fd_iov(self.fd, iov, n, -1, True)
 
     def fileno(self):
         """The fd to wait on for readability (-1: none)."""

@@ -124,7 +124,7 @@ def test_writer_read_from_getrandom_fills_only_the_writable_buffers(mode: str) -
     assert len({mem.read(g, n) for g, n in segs[1:]}) == 2
 
 
-def test_random_devices_use_the_vdso_by_device_number(tmp_path: Path) -> None:
+def test_entropy_source_random_devices_use_the_vdso_by_device_number(tmp_path: Path) -> None:
     link = tmp_path / "entropy"
     link.symlink_to("/dev/urandom")
     cases = [
@@ -145,7 +145,7 @@ def test_random_devices_use_the_vdso_by_device_number(tmp_path: Path) -> None:
             assert not src.uses_vdso and type(src.byte_source()) is ByteSource
 
 
-def test_other_files_are_read(tmp_path: Path) -> None:
+def test_entropy_source_other_files_are_read(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"abc")
     for path in ("/dev/zero", p):
@@ -163,7 +163,7 @@ def test_other_files_are_read(tmp_path: Path) -> None:
 
 
 @needs_vdso
-def test_disabled_vdso_reads_the_device(mode: str) -> None:
+def test_entropy_source_with_vdso_disabled_reads_the_device(mode: str) -> None:
     with FileEntropySource("/dev/urandom") as src:
         assert src.uses_vdso == (mode == "vdso")
 

@@ -352,7 +352,7 @@ def test_buffer_outside_memory_after_direct_descriptors(env: Env) -> None:
     assert chain.reader().available_bytes() == 0
 
 
-def test_runs_and_jumps_in_one_chain(env: Env) -> None:
+def test_writer_chain_of_runs_and_jumps_follows_next(env: Env) -> None:
     """A chain whose links go forward by one, jump, and go back: the walk follows
     `next`, whatever the table order (VIRTIO 1.2 §2.7.5: the driver chooses the
     indices)."""
@@ -372,7 +372,7 @@ def test_runs_and_jumps_in_one_chain(env: Env) -> None:
     env.only_changed([(WDATA + 0x100 * k, 16) for k in range(8)])
 
 
-def test_next_one_past_the_table_ends_a_run_with_an_error(env: Env) -> None:
+def test_chain_run_to_one_past_the_table_is_an_index_error(env: Env) -> None:
     """A run of next = index + 1 that reaches the queue size (16) is an index out
     of range (VIRTIO 1.2 §2.7.5.2), not a read past the table."""
     descs = [RawDesc(DATA + 8 * i, 8, NEXT, i + 1) for i in range(16)]
@@ -382,7 +382,7 @@ def test_next_one_past_the_table_ends_a_run_with_an_error(env: Env) -> None:
             make()
 
 
-def test_buffer_running_off_the_region_of_the_one_before() -> None:
+def test_writer_buffer_running_into_the_next_region_is_refused() -> None:
     """The region that held the previous buffer is reused only for buffers it holds
     whole: one that starts in it and ends in the next region is refused (VIRTIO
     buffers may not cross regions here, as in rust-vmm), and nothing is written."""
