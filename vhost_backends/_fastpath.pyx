@@ -120,30 +120,23 @@ cdef class FillRing:
         self.index = index
         self.call_fd = call_fd
 
-    cdef int serve(self) except -1:
-        """One kick: 0 when it is handled, 1 when the Python path must see the ring."""
-        cdef uint64_t value
-        source = self.fill_source(self.index)
-        if source is None:
-            return 1    # the kick is left for the Python callback to read
-        # The kick fds are non-blocking (the handler makes them so): EAGAIN here
-        # only means another reader took the count.
-        read(self.kick_fd, &value, 8)
-        return self._fill(<ByteSource?>source, True)
-
-    cdef int fill(self, bint suppress) except -1:
-        """Serve what the ring holds without a kick (polling); as :meth:`serve`."""
-        source = self.fill_source(self.index)
-        if source is None:
-            return 1
-        return self._fill(<ByteSource?>source, suppress)
-
-    cdef int _fill(self, ByteSource source, bint suppress) except -1:
-        """``Queue.fill_c`` from ``source``, then notify the driver if it wants."""
+    cdef int fill(self, bint suppress, bint kicked=False) except -1:
+        """Serve what the ring holds, on a kick (``kicked``: the kick's count is read
+        here) or while polling: ``Queue.fill_c`` from the device's source, then
+        notify the driver if it wants.  0 when it is handled, 1 when the Python path
+        must see the ring."""
         cdef uint64_t value
         cdef Py_ssize_t served = 0
         cdef unsigned long long total = 0
-        cdef int status = self.queue.fill_c(source, -1, suppress, &served, &total)
+        cdef int status
+        source = self.fill_source(self.index)
+        if source is None:
+            return 1    # a kick is left for the Python callback to read
+        if kicked:
+            # The kick fds are non-blocking (the handler makes them so): EAGAIN here
+            # only means another reader took the count.
+            read(self.kick_fd, &value, 8)
+        status = self.queue.fill_c(<ByteSource?>source, -1, suppress, &served, &total)
         if served:
             self.chains += <unsigned long long>served
             self.bytes += total
@@ -152,6 +145,14 @@ cdef class FillRing:
                 # EAGAIN: the counter is saturated, a call is pending anyway.
                 write(self.call_fd, &value, 8)
         return status
+
+    cdef int try_fill(self, bint suppress, bint kicked=False) noexcept:
+        """:meth:`fill` for the poll: an error leaves the ring to the Python path
+        (returns 1), which meets and reports it there."""
+        try:
+            return self.fill(suppress, kicked)
+        except Exception:
+            return 1
 
     cdef void adapt(self, long long now, long long max_ns) noexcept:
         """A kick woke the loop at ``now``: learn from the time since the last service
@@ -167,9 +168,9 @@ cdef class FillRing:
                     self.poll_ns = max_ns
 
     def serve_kick(self):
-        """:meth:`serve` for tests: True when handled, False when the Python path
-        must see the ring."""
-        return self.serve() == 0
+        """:meth:`fill` on a kick, for tests: True when handled, False when the
+        Python path must see the ring."""
+        return self.fill(True, True) == 0
 
 
 @cython.final
@@ -248,7 +249,7 @@ cdef class Epoll:
         is left of the timeout.  An error in a ring's fast path is not raised: the
         ring goes to Python, whose path meets the same condition and reports it."""
         cdef epoll_event evs[MAX_EVENTS]
-        cdef int n, i, fd, ms, status
+        cdef int n, i, fd, ms
         cdef uint64_t data
         cdef long long now_ns = 0, left
         # < 0: no deadline (a timeout beyond ~11 days counts as none)
@@ -282,11 +283,7 @@ cdef class Epoll:
                     if ring is not None:
                         if self.poll_max_ns:
                             (<FillRing>ring).adapt(now_ns, self.poll_max_ns)
-                        try:
-                            status = (<FillRing>ring).serve()
-                        except Exception:
-                            status = 1
-                        if status == 0:
+                        if (<FillRing>ring).try_fill(True, True) == 0:
                             if self.poll_max_ns:
                                 (<FillRing>ring).last_end_ns = _now_ns()
                                 if (<FillRing>ring).poll_ns:
@@ -365,10 +362,7 @@ cdef class Epoll:
                     vhd_cpu_relax()
             if found >= 0:
                 r = <FillRing>rings[found]
-                try:
-                    status = r.fill(False)
-                except Exception:
-                    status = 1
+                status = r.try_fill(False)
                 r.poll_hits += 1
                 r.last_end_ns = _now_ns()
                 if status != 0:
@@ -397,7 +391,6 @@ cdef class Epoll:
         Python now is added to it); returns the chains served."""
         cdef FillRing r
         cdef unsigned long long before, served = 0
-        cdef int status
         for ring in rings:
             r = <FillRing>ring
             if r.kick_fd in out:
@@ -407,11 +400,7 @@ cdef class Epoll:
                     pass
                 continue
             before = r.chains
-            try:
-                status = r.fill(True)
-            except Exception:
-                status = 1
-            if status != 0:
+            if r.try_fill(True) != 0:
                 out.append(r.kick_fd)
             served += r.chains - before
         return served

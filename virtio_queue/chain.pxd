@@ -47,6 +47,20 @@ cdef inline void chain_init(ChainCursor *c, const unsigned char *table, uint16_t
 cdef int chain_enter_indirect(MemorySnapshot snap, ChainCursor *c, vring_desc *d) noexcept nogil
 
 
+cdef inline void desc_load(const unsigned char *p, vring_desc *out) noexcept nogil:
+    """Read the descriptor at ``p`` into *out, field by field: a table need not be
+    aligned, the guest may change the descriptor under us (we act on this copy
+    only), and same-size loads of what was just stored forward cheaply."""
+    memcpy(&out.addr, p, 8)
+    memcpy(&out.len, p + 8, 4)
+    memcpy(&out.flags, p + 12, 2)
+    memcpy(&out.next, p + 14, 2)
+    out.flags = le16toh(out.flags)
+    out.len = le32toh(out.len)
+    out.addr = le64toh(out.addr)
+    out.next = le16toh(out.next)
+
+
 cdef inline int chain_next(MemorySnapshot snap, ChainCursor *c, vring_desc *out) noexcept nogil:
     """Read the next descriptor of the chain into *out: 1 if one was read, 0 at the
     end, a VQ_E_* code (< 0) if the chain is malformed.
@@ -56,7 +70,6 @@ cdef inline int chain_next(MemorySnapshot snap, ChainCursor *c, vring_desc *out)
     with NEXT, and a total length above 2^32 all stop the walk.  The common path
     is small enough to inline into every walker; entering an indirect table is
     out of line (chain_enter_indirect)."""
-    cdef const unsigned char *p
     cdef int rc
     while True:
         if not c.has_next:
@@ -68,18 +81,7 @@ cdef inline int chain_next(MemorySnapshot snap, ChainCursor *c, vring_desc *out)
             c.bad_value = c.table_len
             return VQ_E_TTL
         c.ttl -= 1
-        # Field by field into *out: an indirect table need not be aligned, the guest
-        # may change the descriptor under us (we act on this copy only), and
-        # same-size loads of what was just stored forward cheaply.
-        p = c.table + 16 * <size_t>c.next_index
-        memcpy(&out.addr, p, 8)
-        memcpy(&out.len, p + 8, 4)
-        memcpy(&out.flags, p + 12, 2)
-        memcpy(&out.next, p + 14, 2)
-        out.flags = le16toh(out.flags)
-        out.len = le32toh(out.len)
-        out.addr = le64toh(out.addr)
-        out.next = le16toh(out.next)
+        desc_load(c.table + 16 * <size_t>c.next_index, out)
         if out.flags & VRING_DESC_F_INDIRECT:
             rc = chain_enter_indirect(snap, c, out)
             if rc < 0:

@@ -18,10 +18,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy
 from posix.uio cimport iovec
 
-from virtio_queue.includes.endian cimport le16toh, le32toh, le64toh
 from virtio_queue.includes.virtio_ring cimport (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
                                                 VRING_DESC_F_WRITE, vring_desc)
 from virtio_queue.includes.vq_copy cimport vq_copy
@@ -331,9 +329,9 @@ cdef class _Stream:
         cdef _Collected a
         cdef const unsigned char *table = ch.table
         cdef const unsigned char *dp
-        cdef uint32_t idx = ch.head_index, ttl = ch.queue_size, tlen = ch.queue_size, dlen
-        cdef uint64_t total = 0, addr
-        cdef uint16_t flags, nxt
+        cdef vring_desc dsc       # the fast walk's descriptor
+        cdef uint32_t idx = ch.head_index, ttl = ch.queue_size, tlen = ch.queue_size
+        cdef uint64_t total = 0, last
         cdef MemEntry *e
         cdef uint64_t hit_gpa = 1, hit_last = 0     # an empty range: no region yet
         cdef unsigned char *hit_hva = NULL
@@ -352,38 +350,32 @@ cdef class _Stream:
                 if ttl == 0:
                     fast = False
                     break
-                memcpy(&addr, dp, 8)
-                memcpy(&dlen, dp + 8, 4)
-                memcpy(&flags, dp + 12, 2)
-                memcpy(&nxt, dp + 14, 2)
-                addr = le64toh(addr)
-                dlen = le32toh(dlen)
-                flags = le16toh(flags)
-                nxt = le16toh(nxt)
-                if flags & VRING_DESC_F_INDIRECT or total + dlen > (<uint64_t>1 << 32):
+                desc_load(dp, &dsc)
+                if dsc.flags & VRING_DESC_F_INDIRECT or total + dsc.len > (<uint64_t>1 << 32):
                     fast = False
                     break
-                if (flags & VRING_DESC_F_WRITE) == want and dlen != 0:
-                    if hit_gpa <= addr and addr + (dlen - 1) <= hit_last and addr + (dlen - 1) >= addr:
-                        p = hit_hva + (addr - hit_gpa)
+                if (dsc.flags & VRING_DESC_F_WRITE) == want and dsc.len != 0:
+                    last = dsc.addr + (dsc.len - 1)
+                    if hit_gpa <= dsc.addr and last <= hit_last and last >= dsc.addr:
+                        p = hit_hva + (dsc.addr - hit_gpa)
                     else:
-                        e = snap_entry(snap, addr, dlen)
+                        e = snap_entry(snap, dsc.addr, dsc.len)
                         if e == NULL or (want_write and not e.writable):
                             fast = False
                             break
                         hit_gpa = e.gpa
                         hit_last = e.last
                         hit_hva = e.hva
-                        p = hit_hva + (addr - hit_gpa)
-                    _collect_take(self, &a, p, dlen)
+                        p = hit_hva + (dsc.addr - hit_gpa)
+                    _collect_take(self, &a, p, dsc.len)
                 ttl -= 1
-                total += dlen
-                if not (flags & VRING_DESC_F_NEXT):
+                total += dsc.len
+                if not (dsc.flags & VRING_DESC_F_NEXT):
                     c.has_next = False
                     fast = False
                     break
-                if nxt != idx + 1 or nxt >= tlen:
-                    idx = nxt           # a jump (or out of range: the next pass stops)
+                if dsc.next != idx + 1 or dsc.next >= tlen:
+                    idx = dsc.next       # a jump (or out of range: the next pass stops)
                     break
                 idx += 1
                 dp += 16
@@ -491,10 +483,10 @@ cdef class _Stream:
         """Move up to ``n`` bytes (all if -1) between the buffers and ``fd``:
         ``readv``/``preadv`` into them when ``reading``, else ``writev``/``pwritev``
         out of them, at ``offset`` if >= 0; GIL released.  With ``source``, its
-        ``readv`` fills them instead (``reading``; ``fd`` and ``offset`` unused).  Short counts (end of
-        file, a full or empty pipe or socket, EAGAIN) end the call; EINTR is
-        retried; an error after some bytes moved reports the bytes (the cursor
-        has moved past them, the error shows again on the next call)."""
+        ``readv`` fills them instead (``reading``; ``fd`` and ``offset`` unused).
+        Short counts (end of file, a full or empty pipe or socket, EAGAIN) end the
+        call; EINTR is retried; an error after some bytes moved reports the bytes
+        (the cursor has moved past them, the error shows again on the next call)."""
         cdef iovec iov[IOV_BATCH]
         cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
         cdef size_t total = 0, got

@@ -183,6 +183,12 @@ def socket_paths(path: str | os.PathLike[str], count: int) -> list[str]:
     return [str(p.parent / f"{p.name}{i}") for i in range(count)]
 
 
+def _env_text(name: str, env: Mapping[str, str] | None) -> str:
+    """Environment variable ``name`` (from ``env``, else the process's), stripped;
+    empty when unset."""
+    return (os.environ if env is None else env).get(name, "").strip()
+
+
 def env_poll_max_us(env: Mapping[str, str] | None = None) -> int | None:
     """``VHD_POLL_US`` from the environment: the longest adaptive polling window in
     µs (0: never poll); None when unset or empty (the daemon's default).
@@ -190,8 +196,7 @@ def env_poll_max_us(env: Mapping[str, str] | None = None) -> int | None:
     Raises:
         ConfigError: not a whole number from 0 to 1000000.
     """
-    env = os.environ if env is None else env
-    text = env.get("VHD_POLL_US", "").strip()
+    text = _env_text("VHD_POLL_US", env)
     if not text:
         return None
     if not text.isascii() or not text.isdigit() or int(text) > 1_000_000:
@@ -206,8 +211,7 @@ def env_switch(name: str, default: bool, env: Mapping[str, str] | None = None) -
     Raises:
         ConfigError: any other value.
     """
-    env = os.environ if env is None else env
-    text = env.get(name, "").strip()
+    text = _env_text(name, env)
     if not text:
         return default
     if text not in ("0", "1"):

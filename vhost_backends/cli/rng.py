@@ -44,9 +44,9 @@ from ._common import (
 
 __all__ = ["DEFAULT_RNG_SOURCE", "Config", "build_parser", "main", "run"]
 
-PROG = "vhost-device-rng"
-
 log = logging.getLogger(__name__)
+
+PROG = "vhost-device-rng"
 DEFAULT_RNG_SOURCE = "/dev/urandom"
 #: Upstream's VHU_RNG_MAX_PERIOD_MS (QEMU's vhost-user-rng/virtio-rng maximum).
 MAX_PERIOD_MS = 65536

@@ -9,7 +9,6 @@ portable ChaCha20 code; the vDSO's is vectorised).  Where the vDSO lacks the
 function it uses the system call.
 """
 
-from libc.errno cimport EINTR, errno
 from posix.uio cimport iovec
 
 from virtio_queue.source cimport ByteSource
@@ -53,16 +52,13 @@ cdef class GetrandomSource(ByteSource):
 
     cdef ssize_t readv(self, const iovec *iov, int n) noexcept nogil:
         """Fill the iovecs in order; a short count or an error ends it (the bytes
-        so far, or -1 with ``errno`` when there are none)."""
+        so far, or -1 with ``errno`` when there are none; callers retry EINTR)."""
         cdef ssize_t total = 0, r
         cdef int i
         for i in range(n):
             if iov[i].iov_len == 0:
                 continue
-            while True:
-                r = vq_getrandom(iov[i].iov_base, iov[i].iov_len, self.flags)
-                if r >= 0 or errno != EINTR:
-                    break
+            r = vq_getrandom(iov[i].iov_base, iov[i].iov_len, self.flags)
             if r < 0:
                 return total if total else -1
             total += r
