@@ -70,6 +70,7 @@ DIRECTIVES = {
 DEPENDS = [
     HEADER,
     "virtio_queue/memory.pxd",
+    "virtio_queue/layouts.pxd",
     "virtio_queue/source.pxd",
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "virtio_queue/includes").glob("*"))),
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "xen").rglob("*.h"))),
@@ -91,11 +92,11 @@ def _ext(name: str) -> Extension:
 
 MODULES = [
     "virtio_queue._build",
+    "virtio_queue.layouts",
     "virtio_queue.memory",
     "virtio_queue.source",
     "virtio_queue.chain",
     "virtio_queue.queue",
-    "virtio_queue._bench",
     "vhost_backends._fastpath",
     "virtio_devices.hosts._getrandom",
 ]

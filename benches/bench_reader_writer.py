@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import vq_workloads as W
 
-from virtio_queue import _bench
+_bench = W._bench
 
 ITERS = 8  # 64 KiB copies per benchmark call
 

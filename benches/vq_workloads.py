@@ -30,9 +30,13 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from virtio_queue import GuestMemory, Queue, _bench
+from _bench_build import load as _load_bench
+
+from virtio_queue import GuestMemory, Queue
 from virtio_queue.chain import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from virtio_queue.testing import MockSplitQueue, RawDesc, RefQueue, workload_a
+
+_bench = _load_bench()
 
 MEM_SIZE = 1 << 20
 QSIZE = 256

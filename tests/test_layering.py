@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {
     "virtio_queue": {"virtio_devices", "vhost_backends"},
     "virtio_devices": {"vhost_backends"},
+    # xen plugs into virtio_queue (STYLE.md §1): the layouts it shares with the wire
+    # format live there (virtio_queue/layouts.pxd), not in vhost_backends.
+    "xen": {"virtio_devices", "vhost_backends"},
 }
+
+#: Test-only modules that production code must not load (issue 12: the front-end
+#: imports only the mock driver, virtio_queue.mock).
+TEST_ONLY = {"virtio_queue.testing", "virtio_queue.reference"}
 
 _CY_FROM = re.compile(r"^\s*from\s+(\.*[\w.]*)\s+c?import\b")
 _CY_IMPORT = re.compile(r"^\s*c?import\s+(.+)$")
@@ -135,6 +144,19 @@ def test_layering_package_imports_only_lower_layers(package: str) -> None:
         pytest.skip(f"{package} does not exist yet")
     assert sources(package), f"no sources found under {package}"
     assert violations(package) == []
+
+
+def test_layering_production_code_loads_no_test_helpers() -> None:
+    """The daemons, the CLIs and the front-end load the mock driver at most, never the
+    reference model or the test helpers (issue 12; checked in a fresh interpreter,
+    because the front-end's MockSplitQueue reaches the model only when a test asks)."""
+    code = (
+        "import sys, vhost_backends.frontend, vhost_backends.daemon, vhost_backends.cli.rng, "
+        "vhost_backends.cli.template, virtio_devices.rng\n"
+        f"print(sorted(m for m in sys.modules if m in {sorted(TEST_ONLY)!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
 
 
 def test_layering_checker_sees_python_imports() -> None:

@@ -3,7 +3,7 @@
 :class:`Frontend` connects to any vhost-user back-end (ours, the Rust daemons,
 ``qemu-storage-daemon``), negotiates features, shares memfd guest memory
 (SET_MEM_TABLE or ADD_MEM_REG), lays out split rings with
-:class:`virtio_queue.testing.MockSplitQueue` (the driver side), starts them with
+:class:`virtio_queue.mock.MockSplitQueue` (the driver side), starts them with
 the SET_VRING_* requests, kicks and waits for calls.  :meth:`Frontend.send_raw`
 sends arbitrary bytes and fds, for adversity tests.
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from virtio_queue import GuestMemory, GuestRegion
-from virtio_queue.testing import MockSplitQueue
+from virtio_queue.mock import MockSplitQueue
 
 from .connection import Connection, Message
 from .protocol import messages as m

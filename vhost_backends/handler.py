@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import mmap
 import os
 import socket
 from collections.abc import Callable
@@ -45,8 +44,10 @@ from virtio_queue import BUILT_WITH_XEN, GuestMemory, GuestRegion, Queue
 from virtio_queue.errors import GuestMemoryError, QueueError
 from virtio_queue.ratelimit import RateLimiter
 
+from . import inflight
 from .connection import Connection, Message
 from .event_loop import EventLoop, FillRing
+from .inflight import InflightArea, InflightQueueRegion
 from .protocol import messages as m
 from .protocol.codes import (
     MAX_ATTACHED_FDS,
@@ -64,7 +65,10 @@ from .protocol.errors import (
     InvalidMessage,
     VhostUserError,
 )
+from .vrings import VhostUserInterrupt, Vring
 
+# InflightQueueRegion and VhostUserInterrupt live in inflight.py and vrings.py; they
+# stay importable from here.
 __all__ = ["InflightQueueRegion", "VhostUserHandler", "VhostUserInterrupt", "offered_protocol_features"]
 
 log = logging.getLogger(__name__)
@@ -107,145 +111,6 @@ def offered_protocol_features(device: VirtioDevice, *, xen: bool = BUILT_WITH_XE
     return int(bits)
 
 
-class InflightQueueRegion:
-    """One queue's split-ring area of the shared inflight region ("Inflight I/O tracking").
-
-    Layout: ``features u64, version u16, desc_num u16, last_batch_head u16,
-    used_idx u16`` then ``desc_num`` × ``DescStateSplit {inflight u8, padding[5],
-    next u16, counter u64}``.  While a ring runs, the compiled Queue keeps the area
-    current (Queue.set_inflight); this class sets it up and, when a back-end is
-    restarted with SET_INFLIGHT_FD, reads what was in flight (:meth:`recover`).
-    """
-
-    VERSION = 1
-
-    def __init__(self, buf: memoryview, queue_size: int) -> None:
-        self.buf = buf
-        self.queue_size = queue_size
-        self.counter = 0
-
-    # header fields
-    def header(self) -> tuple[int, int, int, int, int]:
-        fields: tuple[int, int, int, int, int] = m.INFLIGHT_QUEUE_HEADER.unpack_from(self.buf, 0)
-        return fields
-
-    def init_header(self, features: int) -> None:
-        """Fresh area (GET_INFLIGHT_FD): the spec has the back-end set version and desc_num."""
-        m.INFLIGHT_QUEUE_HEADER.pack_into(self.buf, 0, features, self.VERSION, self.queue_size, 0, 0)
-
-    @property
-    def used_idx(self) -> int:
-        return self.header()[4]
-
-    def _set_header(self, last_batch_head: int, used_idx: int) -> None:
-        features, version, desc_num, _lbh, _ui = self.header()
-        m.INFLIGHT_QUEUE_HEADER.pack_into(self.buf, 0, features, version, desc_num, last_batch_head, used_idx)
-
-    def desc(self, head: int) -> tuple[int, int, int]:
-        """``(inflight, next, counter)`` of descriptor ``head``."""
-        fields: tuple[int, int, int] = m.INFLIGHT_DESC.unpack_from(
-            self.buf, m.INFLIGHT_QUEUE_HEADER.size + m.INFLIGHT_DESC.size * head
-        )
-        return fields
-
-    def _set_desc(self, head: int, inflight: int, nxt: int, counter: int) -> None:
-        m.INFLIGHT_DESC.pack_into(
-            self.buf, m.INFLIGHT_QUEUE_HEADER.size + m.INFLIGHT_DESC.size * head, inflight, nxt, counter
-        )
-
-    def recover(self, ring_used_idx: int) -> list[int]:
-        """On reconnect: fix up the last batch, then return the heads still in flight,
-        oldest (lowest counter) first.
-
-        If the used ring's idx moved past ``used_idx`` the back-end died between
-        publishing a batch and clearing its inflight flags: the batch is walked from
-        ``last_batch_head`` and cleared ("When reconnecting", split rings, step 1).
-
-        Raises:
-            InvalidMessage: the area's version or desc_num do not match the queue.
-        """
-        _features, version, desc_num, last_batch_head, used_idx = self.header()
-        if version != self.VERSION or desc_num != self.queue_size:
-            raise InvalidMessage(
-                f"inflight area version {version}/desc_num {desc_num} "
-                f"does not match queue size {self.queue_size}"
-            )
-        if used_idx != ring_used_idx:
-            batch = (ring_used_idx - used_idx) & 0xFFFF
-            head = last_batch_head
-            for _ in range(min(batch, self.queue_size)):
-                if head >= self.queue_size:
-                    break
-                _i, nxt, counter = self.desc(head)
-                self._set_desc(head, 0, nxt, counter)
-                head = nxt
-            self._set_header(last_batch_head, ring_used_idx)
-        found = []
-        for head in range(self.queue_size):
-            inflight, _nxt, counter = self.desc(head)
-            if inflight == 1:
-                found.append((counter, head))
-        found.sort()
-        self.counter = found[-1][0] if found else 0
-        return [h for _c, h in found]
-
-
-class _Ring:
-    """Back-end state of one vring."""
-
-    __slots__ = (
-        "addr_set",
-        "call_fd",
-        "enabled",
-        "err_fd",
-        "fill",
-        "index",
-        "inflight",
-        "kick_fd",
-        "polled",
-        "queue",
-        "started",
-    )
-
-    def __init__(self, index: int, queue: Queue) -> None:
-        self.index = index
-        self.queue = queue
-        self.kick_fd = -1
-        self.call_fd = -1
-        self.err_fd = -1
-        self.started = False
-        self.enabled = False
-        self.addr_set = False
-        self.polled = False
-        self.inflight: InflightQueueRegion | None = None
-        # Set while the ring's kicks are served in compiled code (see _update_ring).
-        self.fill: FillRing | None = None
-
-
-class VhostUserInterrupt:
-    """The device's :class:`~virtio_devices.base.Interrupt`: call eventfds, and
-    CONFIG_CHANGE_MSG on the back-end channel."""
-
-    __slots__ = ("_handler", "call_fds")
-
-    def __init__(self, handler: VhostUserHandler, num_queues: int) -> None:
-        self.call_fds = [-1] * num_queues
-        self._handler = handler
-
-    def signal_used(self, queue_index: int) -> None:
-        fd = self.call_fds[queue_index]
-        if fd >= 0:
-            # A saturated counter means the front-end has a pending call anyway.
-            # (try/except, not contextlib.suppress: this runs once per batch.)
-            try:  # noqa: SIM105
-                os.eventfd_write(fd, 1)
-            except BlockingIOError:
-                pass
-
-    def signal_config_change(self) -> None:
-        self._handler.send_config_change()
-
-
 class VhostUserHandler:
     """Back-end side of one vhost-user connection (see the module docstring).
 
@@ -277,7 +142,7 @@ class VhostUserHandler:
         # (descriptor, region) per mapped region, in the order of the table, for the
         # front-end-user-address → guest-address translation of SET_VRING_ADDR.
         self.regions: list[m.MemoryRegion] = []
-        self.rings = [_Ring(i, Queue(size, self.memory)) for i, size in enumerate(device.queue_sizes)]
+        self.rings = [Vring(i, Queue(size, self.memory)) for i, size in enumerate(device.queue_sizes)]
         self.interrupt = VhostUserInterrupt(self, self.num_queues)
         self.owned = False
         self.features_acked = False
@@ -286,7 +151,7 @@ class VhostUserHandler:
         self.status = 0
         self.device_active = False
         self.backend_channel: Connection | None = None
-        self.inflight_map: mmap.mmap | None = None
+        self.inflight_area: InflightArea | None = None
         self.close_reason: str | None = None
         self.closed = False
         self._ratelimit = RateLimiter()
@@ -392,7 +257,7 @@ class VhostUserHandler:
         if not self.acked_protocol_features & feature:
             raise InactiveFeature(f"{_req_name(req)} needs protocol feature {feature.name}, not negotiated")
 
-    def _ring(self, index: int) -> _Ring:
+    def _ring(self, index: int) -> Vring:
         if index >= self.num_queues:
             raise InvalidMessage(f"vring index {index} out of range (device has {self.num_queues} queues)")
         return self.rings[index]
@@ -609,7 +474,7 @@ class VhostUserHandler:
         self._maybe_deactivate()
         self._reply(msg, m.VRING_STATE.pack(st.index, base))
 
-    def _vring_fd(self, msg: Message, what: str) -> tuple[_Ring, int]:
+    def _vring_fd(self, msg: Message, what: str) -> tuple[Vring, int]:
         index, has_fd = m.unpack_vring_fd_index(msg.payload, what)
         ring = self._ring(index)
         return ring, msg.take_fd(0) if has_fd else -1
@@ -636,7 +501,7 @@ class VhostUserHandler:
             os.close(ring.call_fd)
         self._set_call_fd(ring, fd)
 
-    def _set_call_fd(self, ring: _Ring, fd: int) -> None:
+    def _set_call_fd(self, ring: Vring, fd: int) -> None:
         """Every holder of a ring's call fd learns it here (and that it closed: -1)."""
         ring.call_fd = fd
         self.interrupt.call_fds[ring.index] = fd
@@ -662,7 +527,7 @@ class VhostUserHandler:
     def _get_queue_num(self, msg: Message) -> None:
         self._reply(msg, m.pack_u64(self.num_queues))
 
-    def _update_ring(self, ring: _Ring) -> None:
+    def _update_ring(self, ring: Vring) -> None:
         """Poll the ring iff it is started, enabled and fully configured."""
         want = ring.started and ring.enabled and ring.addr_set and ring.kick_fd >= 0 and bool(self.regions)
         if want == ring.polled:
@@ -700,7 +565,7 @@ class VhostUserHandler:
             # The driver kicked these long ago: serve them without waiting for a kick.
             self._serve(ring)
 
-    def _kick_callback(self, ring: _Ring) -> Callable[[], None]:
+    def _kick_callback(self, ring: Vring) -> Callable[[], None]:
         # The hot path: bind everything it needs to locals of the closure.
         fd = ring.kick_fd
         index = ring.index
@@ -720,13 +585,13 @@ class VhostUserHandler:
 
         return on_kick
 
-    def _serve(self, ring: _Ring) -> None:
+    def _serve(self, ring: Vring) -> None:
         try:
             self.device.process_queue(ring.index)
         except (QueueError, GuestMemoryError) as e:
             self._ring_broken(ring, e)
 
-    def _ring_broken(self, ring: _Ring, err: Exception) -> None:
+    def _ring_broken(self, ring: Vring, err: Exception) -> None:
         """The guest broke the ring: stop it and tell the front-end on the err fd
         (vhost-user's equivalent of NEEDS_RESET); the connection stays up."""
         self._ratelimit.log(
@@ -734,9 +599,7 @@ class VhostUserHandler:
         )
         ring.started = False
         self._update_ring(ring)
-        if ring.err_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.eventfd_write(ring.err_fd, 1)
+        ring.signal_err()
 
     def _maybe_deactivate(self) -> None:
         if self.device_active and not any(r.polled for r in self.rings):
@@ -752,7 +615,7 @@ class VhostUserHandler:
             ring.addr_set = False
         self._maybe_deactivate()
 
-    def _close_ring_fds(self, ring: _Ring) -> None:
+    def _close_ring_fds(self, ring: Vring) -> None:
         for attr in ("kick_fd", "call_fd", "err_fd"):
             fd = getattr(ring, attr)
             if fd >= 0:
@@ -762,7 +625,7 @@ class VhostUserHandler:
                 setattr(ring, attr, -1)
         self._set_call_fd(ring, -1)
 
-    def _unwatch_kick(self, ring: _Ring) -> None:
+    def _unwatch_kick(self, ring: Vring) -> None:
         """Stop watching the ring's kick fd, and with it its compiled kick path."""
         self.loop.remove_reader(ring.kick_fd)
         if ring.fill is not None:
@@ -823,49 +686,26 @@ class VhostUserHandler:
             self.backend_channel.close()
             self.backend_channel = None
 
-    # -- inflight I/O tracking -------------------------------------------------------------
-    def _inflight_regions(self, buf: memoryview, num_queues: int, queue_size: int) -> None:
-        per_queue = m.inflight_queue_size(queue_size)
+    # -- inflight I/O tracking (inflight.py) -----------------------------------------------
+    def _use_inflight(self, area: InflightArea | None) -> None:
+        """Make ``area`` the connection's inflight area (None: none), dropping the old one."""
         for i, ring in enumerate(self.rings):
-            ring.inflight = (
-                InflightQueueRegion(buf[i * per_queue : (i + 1) * per_queue], queue_size)
-                if i < num_queues
-                else None
-            )
+            ring.inflight = area.regions[i] if area is not None and i < len(area.regions) else None
             # Tracking starts with the ring (_resubmit_inflight), after recovery.
             ring.queue.set_inflight(None)
-
-    def _drop_inflight(self) -> None:
-        for ring in self.rings:
-            ring.inflight = None
-            ring.queue.set_inflight(None)
-        if self.inflight_map is not None:
-            # If a memoryview still refers to it, it goes when the last one does.
-            with contextlib.suppress(BufferError):
-                self.inflight_map.close()
-            self.inflight_map = None
-
-    def _check_inflight_shape(self, inf: m.Inflight) -> None:
-        if not 1 <= inf.num_queues <= self.num_queues:
-            raise InvalidMessage(f"inflight num_queues {inf.num_queues} out of range (1..{self.num_queues})")
-        biggest = max(self.device.queue_sizes[: inf.num_queues])
-        if not 1 <= inf.queue_size <= biggest:
-            raise InvalidMessage(f"inflight queue_size {inf.queue_size} out of range (1..{biggest})")
+        if self.inflight_area is not None:
+            self.inflight_area.close()
+        self.inflight_area = area
 
     def _get_inflight_fd(self, msg: Message) -> None:
         self._require(PF.INFLIGHT_SHMFD, msg.request)
         inf = m.unpack_inflight(msg.payload)
-        self._check_inflight_shape(inf)
-        size = m.inflight_queue_size(inf.queue_size) * inf.num_queues
-        fd = os.memfd_create("vhost-inflight", os.MFD_CLOEXEC)
+        inflight.check_shape(inf, self.device.queue_sizes)
+        self._use_inflight(None)
+        area, fd = InflightArea.create(inf, self.acked_features)
         try:
-            os.ftruncate(fd, size)
-            self._drop_inflight()
-            self.inflight_map = mmap.mmap(fd, size, mmap.MAP_SHARED)
-            self._inflight_regions(memoryview(self.inflight_map), inf.num_queues, inf.queue_size)
-            for ring in self.rings:
-                if ring.inflight is not None:
-                    ring.inflight.init_header(self.acked_features)
+            self._use_inflight(area)
+            size = len(area.mapping)
             self._reply(msg, m.Inflight(size, 0, inf.num_queues, inf.queue_size).pack(), (fd,))
         finally:
             # The front-end got its own copy of the fd with the reply; the mapping
@@ -875,40 +715,18 @@ class VhostUserHandler:
     def _set_inflight_fd(self, msg: Message) -> None:
         self._require(PF.INFLIGHT_SHMFD, msg.request)
         inf = m.unpack_inflight(msg.payload)
-        self._check_inflight_shape(inf)
-        need = m.inflight_queue_size(inf.queue_size) * inf.num_queues
-        if inf.mmap_size < need:
-            raise InvalidMessage(f"inflight mmap_size {inf.mmap_size} too small for the layout ({need})")
-        if inf.mmap_size > 64 << 20:
-            raise InvalidMessage(f"inflight mmap_size {inf.mmap_size} is implausibly large")
-        self._drop_inflight()
-        try:
-            self.inflight_map = mmap.mmap(msg.fds[0], inf.mmap_size, mmap.MAP_SHARED, offset=inf.mmap_offset)
-        except (OSError, ValueError, OverflowError) as e:
-            raise InvalidMessage(f"SET_INFLIGHT_FD: cannot map the area: {e}") from None
-        self._inflight_regions(memoryview(self.inflight_map), inf.num_queues, inf.queue_size)
+        inflight.check_shape(inf, self.device.queue_sizes)
+        self._use_inflight(None)
+        self._use_inflight(InflightArea.attach(msg.fds[0], inf))
 
-    def _resubmit_inflight(self, ring: _Ring) -> bool:
-        """Resume what a previous back-end left in flight on this ring.
-
-        The spec's "When reconnecting" procedure: fix the last batch from the used
-        ring, then serve the in-flight heads again in the order they were popped
-        (their counters), before anything new; the device's next avail index is
-        the used index plus the in-flight count, as libvhost-user sets it.  Returns
-        whether anything is to be resubmitted.
-        """
+    def _resubmit_inflight(self, ring: Vring) -> bool:
+        """Resume what a previous back-end left in flight on this ring (see
+        :func:`inflight.resubmit`); returns whether anything is to be served again."""
         assert ring.inflight is not None
-        q = ring.queue
-        used = q.used_idx()
-        heads = [h for h in ring.inflight.recover(used) if h < q.size]
-        # From here the compiled Queue keeps the area current on its pop/used path.
-        q.set_inflight(ring.inflight.buf, ring.inflight.counter)
-        if not heads:
-            return False
-        q.set_next_avail((used + len(heads)) & 0xFFFF)
-        q.resubmit(heads)
-        log.info("%s q%d: resubmitting %d in-flight requests", self.name, ring.index, len(heads))
-        return True
+        n = inflight.resubmit(ring.queue, ring.inflight)
+        if n:
+            log.info("%s q%d: resubmitting %d in-flight requests", self.name, ring.index, n)
+        return bool(n)
 
     # -- status -----------------------------------------------------------------------------
     def _set_status(self, msg: Message) -> None:
@@ -936,7 +754,7 @@ class VhostUserHandler:
             if self.device_active:
                 self.device_active = False
                 self.device.reset()
-            self._drop_inflight()
+            self._use_inflight(None)
             self.memory.clear()
             self.regions = []
             if self.backend_channel is not None:

@@ -3,6 +3,7 @@ from cpython.buffer cimport Py_buffer
 from posix.uio cimport iovec
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
+from virtio_queue.layouts cimport QueueRegionSplit
 from virtio_queue.memory cimport GuestMemory, MemorySnapshot
 from virtio_queue.source cimport ByteSource
 
@@ -31,9 +32,9 @@ cdef class Queue:
     cdef bint _signalled_valid
     cdef list _resubmit            # heads to serve again before the avail ring (reversed)
     cdef Py_ssize_t _n_resubmit
-    # vhost-user inflight tracking: this queue's area of the shared inflight region,
-    # kept exported while set (NULL: not tracked).
-    cdef unsigned char *_inflight
+    # vhost-user inflight tracking: this queue's area of the shared inflight region
+    # (layouts.pxd), kept exported while set (NULL: not tracked).
+    cdef QueueRegionSplit *_inflight
     cdef uint32_t _inflight_descs
     cdef uint64_t _inflight_counter
     cdef Py_buffer _inflight_view

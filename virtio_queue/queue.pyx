@@ -24,6 +24,7 @@ from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh
 from virtio_queue.includes.virtio_ring cimport (VRING_AVAIL_F_NO_INTERRUPT,
                                                 VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
                                                 vring_desc)
+from virtio_queue.layouts cimport DescStateSplit, QueueRegionSplit, inflight_desc
 from virtio_queue.memory cimport GuestMemory, MemorySnapshot, snap_ptr, snap_ptr_w
 from virtio_queue.source cimport ByteSource
 
@@ -323,25 +324,22 @@ cdef class Queue:
             self._inflight_popped(head[0])
         return 1
 
-    # vhost-user "Inflight I/O tracking", split rings.  The area is a 16-byte header
-    # {features u64, version u16, desc_num u16, last_batch_head u16, used_idx u16}
-    # then desc_num x {inflight u8, padding[5], next u16, counter u64}.
+    # vhost-user "Inflight I/O tracking", split rings: a QueueRegionSplit head, then
+    # desc_num DescStateSplit (layouts.pxd).  The fields are little-endian.
     cdef void _inflight_popped(self, uint16_t head) noexcept nogil:
         """A head was taken (step 1): inflight = 1 with the next counter value."""
-        cdef unsigned char *d
-        cdef uint64_t counter
+        cdef DescStateSplit *d
         if head >= self._inflight_descs:
             return      # an out-of-range head is refused by the caller
-        d = self._inflight + 16 + 16 * <size_t>head
+        d = inflight_desc(self._inflight, head)
         self._inflight_counter += 1
-        counter = htole64(self._inflight_counter)
-        memcpy(d + 8, &counter, 8)
-        d[0] = 1
+        d.counter = htole64(self._inflight_counter)
+        d.inflight = 1
 
     cdef int add_used_c(self, uint16_t head, uint32_t length) except -1:
         """Put {head, length} in the used ring and publish used->idx (release)."""
         cdef unsigned char *elem
-        cdef unsigned char *d = NULL
+        cdef DescStateSplit *d = NULL
         cdef uint32_t v[2]
         if head >= self._size:
             raise InvalidDescriptorIndex(
@@ -355,9 +353,9 @@ cdef class Queue:
             # Before publishing: link the head into the last batch (next =
             # last_batch_head, last_batch_head = head), so that a back-end dying
             # between publishing and clearing can be recovered from the used ring.
-            d = self._inflight + 16 + 16 * <size_t>head
-            memcpy(d + 6, self._inflight + 12, 2)
-            _wr16(self._inflight + 12, head)
+            d = inflight_desc(self._inflight, head)
+            d.next = self._inflight.last_batch_head
+            self._inflight.last_batch_head = htole16(head)
             vq_fence_seqcst()
         memcpy(elem, v, 8)
         self._next_used += 1
@@ -365,8 +363,8 @@ cdef class Queue:
         if self._inflight != NULL and head < self._inflight_descs:
             # After publishing: no longer in flight, and the used index reached.
             vq_fence_seqcst()
-            d[0] = 0
-            _wr16(self._inflight + 14, self._next_used)
+            d.inflight = 0
+            self._inflight.used_idx = htole16(self._next_used)
         return 0
 
     cdef int needs_notification_c(self) except -1:
@@ -430,18 +428,17 @@ cdef class Queue:
         if area is None:
             return
         PyObject_GetBuffer(area, &view, PyBUF_WRITABLE)
-        if view.len < 16:
+        if view.len < <Py_ssize_t>sizeof(QueueRegionSplit):
             PyBuffer_Release(&view)
             raise InvalidQueueConfig(f"inflight area of {view.len} bytes has no header")
-        memcpy(&descs, <unsigned char *>view.buf + 10, 2)
-        descs = le16toh(descs)
-        if view.len < 16 + 16 * <Py_ssize_t>descs:
+        descs = le16toh((<QueueRegionSplit *>view.buf).desc_num)
+        if view.len < <Py_ssize_t>(sizeof(QueueRegionSplit) + sizeof(DescStateSplit) * <size_t>descs):
             PyBuffer_Release(&view)
             raise InvalidQueueConfig(
                 f"inflight area of {view.len} bytes is too small for its desc_num {descs}")
         self._inflight_view = view
         self._has_inflight_view = True
-        self._inflight = <unsigned char *>view.buf
+        self._inflight = <QueueRegionSplit *>view.buf
         self._inflight_descs = descs
         self._inflight_counter = counter
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import virtio_queue
+from virtio_queue import layouts
 from xen.errors import InvalidXenFlags, XenMapError
 
 if TYPE_CHECKING:
@@ -93,10 +94,12 @@ KNOWN_FLAGS = XenMmapFlags.FOREIGN | XenMmapFlags.GRANT | XenMmapFlags.NO_ADVANC
 MappingKind = Literal["unix", "foreign", "grant"]
 
 #: The vhost-user memory region description (guest address, size, user address,
-#: mmap offset), little-endian, 32 bytes.
-MEMORY_REGION = struct.Struct("<QQQQ")
+#: mmap offset), little-endian, 32 bytes.  Both layouts are declared once, as packed
+#: structs in virtio_queue/layouts.pxd: the layer xen plugs into, which
+#: vhost_backends' wire format uses too (xen never imports vhost_backends).
+MEMORY_REGION: struct.Struct = layouts.MEMORY_REGION.struct
 #: The same with ``xen mmap flags`` and ``domid`` appended (F_XEN_MMAP), 40 bytes.
-XEN_MEMORY_REGION = struct.Struct("<QQQQII")
+XEN_MEMORY_REGION: struct.Struct = layouts.XEN_MEMORY_REGION.struct
 
 
 def validate_flags(flags: int) -> XenMmapFlags:

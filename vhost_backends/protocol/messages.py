@@ -19,6 +19,8 @@ import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from virtio_queue import layouts
+
 from .codes import (
     INFLIGHT_ALIGNMENT,
     MAX_ATTACHED_FDS,
@@ -89,10 +91,11 @@ U64 = struct.Struct("<Q")
 VRING_STATE = struct.Struct("<II")
 #: vring address: index u32, flags u32, descriptor u64, used u64, available u64, log u64.
 VRING_ADDR = struct.Struct("<IIQQQQ")
-#: memory region: guest address, size, user address, mmap offset (all u64).
-MEMORY_REGION = struct.Struct("<QQQQ")
+#: memory region: guest address, size, user address, mmap offset (all u64).  Declared
+#: once, as a packed struct in virtio_queue/layouts.pxd (xen.flags uses it too).
+MEMORY_REGION = layouts.MEMORY_REGION.struct
 #: Xen memory region: the four u64 plus xen_mmap_flags u32 and domid u32.
-XEN_MEMORY_REGION = struct.Struct("<QQQQII")
+XEN_MEMORY_REGION = layouts.XEN_MEMORY_REGION.struct
 #: memory table: num_regions u32, padding u32, then the regions.
 MEMORY_TABLE_HEADER = struct.Struct("<II")
 #: ADD/REM_MEM_REG: padding u64 then one region.
@@ -106,11 +109,12 @@ INFLIGHT = struct.Struct("<QQHH4x")
 LOG = struct.Struct("<QQ")
 #: SET_DEVICE_STATE_FD: transfer direction u32, migration phase u32.
 DEVICE_STATE_TRANSFER = struct.Struct("<II")
-#: Inflight split ring ``DescStateSplit``: inflight u8, padding[5], next u16, counter u64.
-INFLIGHT_DESC = struct.Struct("<B5xHQ")
+#: Inflight split ring ``DescStateSplit``: inflight u8, padding[5], next u16, counter u64
+#: (virtio_queue/layouts.pxd, which queue.pyx writes through).
+INFLIGHT_DESC = layouts.INFLIGHT_DESC_SPLIT.struct
 #: Inflight split ring ``QueueRegionSplit`` head: features u64, version u16,
-#: desc_num u16, last_batch_head u16, used_idx u16.
-INFLIGHT_QUEUE_HEADER = struct.Struct("<QHHHH")
+#: desc_num u16, last_batch_head u16, used_idx u16 (virtio_queue/layouts.pxd).
+INFLIGHT_QUEUE_HEADER = layouts.INFLIGHT_QUEUE_REGION_SPLIT.struct
 
 _VERSION_FLAG = VHOST_USER_VERSION
 _REPLY = int(VhostUserHeaderFlag.REPLY)
