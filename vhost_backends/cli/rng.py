@@ -26,8 +26,7 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from virtio_devices.errors import RngError
-from virtio_devices.hosts.files import FileEntropySource
+from virtio_devices.hosts.files import FileEntropySource, RngError
 from virtio_devices.rng import RngDevice
 
 from ._common import (
