@@ -91,7 +91,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from virtio_queue import ByteSource, DescriptorChain, GuestMemory, Queue
-from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, QueueError
+from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
 from virtio_queue.ratelimit import RateLimiter
 
 from .errors import DeviceNeedsReset, HostFault, MalformedRequest
@@ -478,73 +478,70 @@ class VirtioDevice:
         a chain was completed before, check for a notification even if none is now."""
         queue = self.queues[index]
         handle = self.handle_chain
-        admits = self._admits
         source = self.fill_source(index)
+        # What comes before each pop: nothing (most devices), the device's admit,
+        # or the compiled fill path.  One test per chain for the plain case.
+        gate = source is not None or self._admits
+        park = PARK
         served = nbytes = 0
-        used_any = notify
+        chain: DescriptorChain | None
         try:
             while True:
                 queue.disable_notification()
                 stopped = False
-                while limit is None or served < limit:
-                    chain: DescriptorChain | None = None
-                    if source is not None:
-                        # The compiled path fills well-formed requests straight from
-                        # the source, suppressing notifications itself; what it does
-                        # not serve comes back for handle_chain.
-                        n, b, chain = queue.fill_from(source, -1 if limit is None else limit - served, True)
-                        if n:
-                            served += n
-                            nbytes += b
-                            used_any = True
-                        if chain is None and (limit is None or served < limit):
-                            # Empty with notifications on again, or a bad head next,
-                            # which pop_chain reports.
-                            try:
+                try:
+                    while limit is None or served < limit:
+                        if gate:
+                            if source is not None:
+                                # The compiled path fills well-formed requests straight
+                                # from the source, suppressing notifications itself; what
+                                # it does not serve comes back for handle_chain.
+                                most = -1 if limit is None else limit - served
+                                n, b, chain = queue.fill_from(source, most, True)
+                                served += n
+                                nbytes += b
+                                if chain is None:
+                                    if limit is not None and served >= limit:
+                                        break
+                                    # Empty with notifications on again, or a bad head
+                                    # next, which pop_chain reports.
+                                    chain = queue.pop_chain()
+                                    if chain is None:
+                                        return served
+                            else:
+                                # Only a chain that is there may be refused (and arm a timer).
+                                if queue.pending() == 0:
+                                    break
+                                if not self.admit(index):
+                                    stopped = True
+                                    break
                                 chain = queue.pop_chain()
-                            except InvalidAvailRingIndex:
-                                raise
-                            except QueueError as e:
-                                self._log_guest_fault(index, e)
-                                continue
-                            if chain is None:
-                                return served
-                    else:
-                        # Only a chain that is there may be refused (and arm a timer).
-                        if admits:
-                            if queue.pending() == 0:
-                                break
-                            if not self.admit(index):
-                                stopped = True
-                                break
-                        try:
+                        else:
                             chain = queue.pop_chain()
+                        if chain is None:
+                            break
+                        try:
+                            used = handle(index, chain)
                         except InvalidAvailRingIndex:
                             raise
-                        except QueueError as e:
-                            # An out-of-range head: the entry is consumed, nothing to return.
-                            self._log_guest_fault(index, e)
+                        except _GUEST_FAULTS as e:
+                            used = self.guest_fault(index, chain, e)
+                        except _HOST_FAULTS as e:
+                            used = self.host_fault(index, chain, e)
+                        if used is None:
                             continue
-                    if chain is None:
-                        break
-                    try:
-                        used = handle(index, chain)
-                    except InvalidAvailRingIndex:
-                        raise
-                    except _GUEST_FAULTS as e:
-                        used = self.guest_fault(index, chain, e)
-                    except _HOST_FAULTS as e:
-                        used = self.host_fault(index, chain, e)
-                    if used is None:
-                        continue
-                    if used is PARK:
-                        self._parked[index] = chain
-                        stopped = True
-                        break
-                    queue.add_used(chain.head_index, used)
-                    served += 1
-                    nbytes += used
-                    used_any = True
+                        if used is park:
+                            self._parked[index] = chain
+                            stopped = True
+                            break
+                        queue.add_used(chain.head_index, used)
+                        served += 1
+                        nbytes += used
+                except InvalidDescriptorIndex as e:
+                    # pop_chain: a head index out of range.  The entry is consumed and
+                    # there is no chain to return; go on with the next one.
+                    self._log_guest_fault(index, e)
+                    continue
                 if stopped or (limit is not None and served >= limit):
                     break
                 if not queue.enable_notification():
@@ -553,8 +550,8 @@ class VirtioDevice:
             queue.ready = False
             raise
         except (QueueError, GuestMemoryError):
-            # The ring itself is unusable (add_used outside memory...): the transport
-            # stops it.
+            # The ring itself is unusable (not ready, add_used outside memory...):
+            # the transport stops it.
             raise
         except DeviceNeedsReset as e:
             if self.broken is None:
@@ -567,7 +564,7 @@ class VirtioDevice:
                 self.chains_served += served
                 self.bytes_served += nbytes
                 log.debug("%s q%d: served %d chains, %d bytes", self.name, index, served, nbytes)
-            if used_any:
+            if served or notify:
                 self.notify(index)
         return served
 

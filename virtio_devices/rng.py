@@ -174,8 +174,6 @@ class RngDevice(VirtioDevice):
         """
         if self.max_bytes is None:
             return True
-        if self._timer is not None:
-            return False  # the window's end resumes the queue
         now = self._clock()
         elapsed = now - self._window_start
         # Upstream compares whole milliseconds; a timer may fire a hair early.
@@ -186,6 +184,8 @@ class RngDevice(VirtioDevice):
             return True
         if self._quota > 0 or self._window_fresh:
             return True
+        if self._timer is not None:
+            return False  # a kick inside the window: its end resumes the queue
         assert self.loop is not None
         self._timer = self.loop.call_later(self._period - elapsed, self._on_window_end)
         return False
@@ -195,28 +195,19 @@ class RngDevice(VirtioDevice):
         self._timer = None
         self.resume(0)
 
-    def handle_chain(self, index: int, chain: DescriptorChain) -> int | Park:
-        """Fill one request from the source; :data:`PARK` if the source has nothing now.
+    def handle_chain(self, index: int, chain: DescriptorChain, retry: bool = False) -> int | Park:
+        """Fill one request from the source; return the used length, or PARK on ``EAGAIN``.
+
+        A FIFO or char device that gives 0 bytes has nothing *now* (``EAGAIN``,
+        which :meth:`Writer.read_from` reports as a 0-byte read) or is at its
+        end: the chain is parked until the fd is readable, and a ``retry`` that
+        again reads 0 bytes is an end of file, completed with length 0 as upstream
+        does.
 
         Raises:
             MalformedRequest: not exactly one device-writable descriptor
                 (VIRTIO 1.2 §5.4.6.1).
             RngError: reading the source failed (a host fault: length 0).
-        """
-        return self._serve(chain, retry=False)
-
-    def retry_chain(self, index: int, chain: DescriptorChain) -> int | Park:
-        """The parked chain, once the source is readable: a second empty read is an
-        end of file, completed with length 0 as upstream does."""
-        return self._serve(chain, retry=True)
-
-    def _serve(self, chain: DescriptorChain, *, retry: bool) -> int | Park:
-        """Fill one request; return the used length, or PARK on ``EAGAIN``.
-
-        A FIFO or char device that gives 0 bytes has nothing *now* (``EAGAIN``,
-        which :meth:`Writer.read_from` reports as a 0-byte read) or is at its
-        end: the chain is parked until the fd is readable, and a retry that again
-        reads 0 bytes is an end of file, completed with length 0.
         """
         self._window_fresh = False
         descs = chain.descriptors()
@@ -244,6 +235,11 @@ class RngDevice(VirtioDevice):
         if self.max_bytes is not None:
             self._quota -= got
         return got
+
+    def retry_chain(self, index: int, chain: DescriptorChain) -> int | Park:
+        """The parked chain, once the source is readable (:meth:`handle_chain` with
+        ``retry``: a second empty read is an end of file)."""
+        return self.handle_chain(index, chain, True)
 
     def _read_into(self, chain: DescriptorChain, want: int) -> int:
         """One zero-copy read of up to ``want`` bytes from the source into the chain."""
