@@ -202,12 +202,17 @@ class DeviceJobs:
         self._lock = threading.Lock()
         self._done: list[tuple[_Entry, int, Exception | None]] = []
         self._wake_posted = False
-        self._inflight: dict[int, set[_Entry]] = collections.defaultdict(set)
+        # Per queue, in submission order (a dict used as an ordered set).
+        self._inflight: dict[int, dict[_Entry, None]] = collections.defaultdict(dict)
         self._gen: dict[int, int] = collections.defaultdict(int)
 
     def in_flight(self, index: int) -> int:
         """Jobs of queue ``index`` submitted and not yet applied."""
         return len(self._inflight[index])
+
+    def jobs(self, index: int) -> list[Job]:
+        """The pool jobs of queue ``index`` not yet applied, in submission order."""
+        return [e.job for e in self._inflight[index] if e.job is not None]
 
     def submit(self, index: int, chain: DescriptorChain, fn: Callable[[], int]) -> None:
         """Run ``fn`` for ``chain`` (the chain being handled) of queue ``index``."""
@@ -234,7 +239,7 @@ class DeviceJobs:
                 except (OSError, RuntimeError) as e:  # the loop is gone: so is the device
                     log.debug("%s q%d: completion not posted: %s", device.name, index, e)
 
-        self._inflight[index].add(entry)
+        self._inflight[index][entry] = None
         entry.job = self._pool.submit(run)
 
     def flush(self) -> None:
@@ -256,7 +261,7 @@ class DeviceJobs:
             used = result
             if entry.gen != self._gen[index] or not device.active:
                 continue  # the queue was given back meanwhile: never write its ring
-            self._inflight[index].discard(entry)
+            self._inflight[index].pop(entry, None)
             try:
                 if err is not None:
                     answer = device._call(_reraise(err), index, entry.chain)
@@ -284,17 +289,22 @@ class DeviceJobs:
         if not entries:
             self._gen[index] += 1
             return
+        # Cancel every job not started first, then wait for the running ones (which
+        # then cannot pick up another job of this queue).
         cancelled: list[_Entry] = []
+        running: list[Job] = []
         for entry in list(entries):
             assert entry.job is not None
             if self._pool.cancel(entry.job):
                 cancelled.append(entry)
             else:
-                entry.job.wait()
+                running.append(entry.job)
+        for job in running:
+            job.wait()
         self.flush()
         queue = self._device.queues[index]
         for entry in cancelled:
-            entries.discard(entry)
+            entries.pop(entry, None)
         # Chains popped last go back to the avail ring (GET_VRING_BASE reports them
         # as not consumed); one with a chain popped after it that is still the
         # driver's cannot, and completes empty (VIRTIO 1.2 §2.7.8 allows length 0).
