@@ -6,8 +6,10 @@ It implements :class:`virtio_devices.base.EventLoop` for devices.
 
 Everything runs on the thread that calls :meth:`EventLoop.run`, so message
 handling and ring processing never race: GET_VRING_BASE stops a ring simply by
-removing its kick fd.  Only :meth:`EventLoop.stop` may be called from another thread
-(it writes an eventfd).
+removing its kick fd.  Only :meth:`EventLoop.stop` and
+:meth:`EventLoop.call_soon_threadsafe` may be called from another thread (each
+writes an eventfd); the latter is how worker threads hand results back
+(:mod:`virtio_devices.workers`).
 
 The kick path is kept short on purpose: ``epoll.poll`` → dict lookup → the
 callback (which reads the eventfd and calls ``process_queue``).  Callbacks are
@@ -21,12 +23,14 @@ while after each service (``poll_max_us``; see :mod:`vhost_backends._fastpath`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import heapq
 import itertools
 import logging
 import os
 import select
+import threading
 import time
 from collections.abc import Callable
 
@@ -79,6 +83,12 @@ class EventLoop:
         self._stopping = False
         self._closed = False
         self._epoll.register(self._stop_fd, select.EPOLLIN)
+        # call_soon_threadsafe: callbacks posted by other threads, and the eventfd
+        # that wakes the loop for them (an ordinary reader of the loop).
+        self._soon: collections.deque[Callable[[], None]] = collections.deque()
+        self._soon_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._soon_lock = threading.Lock()
+        self.add_reader(self._soon_fd, self._run_soon)
 
     # -- EventLoop protocol (virtio_devices.base) -------------------------------------
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -112,6 +122,32 @@ class EventLoop:
         handle = TimerHandle(time.monotonic() + max(0.0, delay), callback)
         heapq.heappush(self._timers, (handle.when, next(self._seq), handle))
         return handle
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` on the loop thread soon; any thread may call it.
+
+        Ordering: callbacks run in the order they were posted (one deque; appends
+        are atomic), each once, in the loop iteration after the wake-up eventfd is
+        seen, so after the callbacks of the events already being dispatched.  A
+        callback posted from a callback runs in a later iteration.  Posting to a
+        closed loop drops the callback (the device it was for is gone).
+        """
+        # The lock keeps close() from closing the eventfd (whose number the kernel
+        # may then give to another file) between the check and the write.
+        with self._soon_lock:
+            if self._closed:
+                return
+            self._soon.append(callback)
+            os.eventfd_write(self._soon_fd, 1)
+
+    def _run_soon(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._soon_fd)
+        soon = self._soon
+        # Only what was posted before this wake-up: a callback that posts again
+        # cannot starve the loop (its eventfd write wakes us next time).
+        for _ in range(len(soon)):
+            soon.popleft()()
 
     # -- running ---------------------------------------------------------------------------
     def has_reader(self, fd: int) -> bool:
@@ -187,13 +223,17 @@ class EventLoop:
 
     def close(self) -> None:
         """Release the epoll and stop fds; registered fds are not closed (their owners do)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._soon_lock:
+            if self._closed:
+                return
+            self._closed = True
         self._readers.clear()
         self._timers.clear()
         self._epoll.close()
         os.close(self._stop_fd)
+        with self._soon_lock:
+            os.close(self._soon_fd)
+            self._soon.clear()
 
     def __enter__(self) -> EventLoop:
         return self

@@ -10,6 +10,7 @@ vhost-user handler in :mod:`vhost_backends`, the virtio-mmio model in
     data = dev.read_config(offset, size)         # config space (VIRTIO 1.2 §4.x.4)
     dev.activate(memory, queues, interrupt, loop)
     dev.process_queue(i)                         # each time the driver kicks queue i
+    dev.quiesce(i)                               # before the transport takes queue i back
     dev.reset()                                  # device reset or front-end gone
 
 * ``memory`` is a :class:`virtio_queue.GuestMemory`; it may change (regions added or
@@ -24,27 +25,83 @@ vhost-user handler in :mod:`vhost_backends`, the virtio-mmio model in
   called back on the same thread that calls :meth:`VirtioDevice.process_queue`, so a
   device never needs a lock against its own queue processing.
 
-Errors: a malformed chain is the guest's fault.  :meth:`VirtioDevice.process_chains`
-logs it (rate-limited), returns the chain to the driver with a used length of 0 and
-goes on.  A broken ring (``InvalidAvailRingIndex``) stops the queue and is raised to
-the transport, which marks the device NEEDS_RESET; the process keeps running.
+The drain loop (:meth:`VirtioDevice.process_chains`, what ``process_queue`` does by
+default) pops chains and hands each to the device's ``handle_chain``; a device adds
+only its own logic through these hooks:
+
+* ``admit(index)``: asked before each pop while a chain is available; False leaves
+  the chains in the avail ring (a rate limit, a full host socket) with notifications
+  disabled, until the device calls ``resume(index)``;
+* ``handle_chain`` returns the used length (completed now), ``None`` (the device
+  keeps the chain: it completes it later with ``complete()``, or hands it to a
+  worker with ``run_in_worker()``), or :data:`PARK` (stop draining; the framework
+  holds the chain and hands it to ``retry_chain`` when the device calls
+  ``resume(index)``, e.g. from an fd reader once the host has data);
+* ``guest_fault`` / ``host_fault``: what the guest gets back for a chain that
+  failed (see "Errors").
+
+Ordering rules (who may do what, and when):
+
+* **Only the loop thread touches a Queue** (pop, add_used, notification flags,
+  next_avail).  Device callbacks registered on the loop (readers, timers,
+  ``call_soon_threadsafe`` callbacks) run on that thread too.
+* **Worker threads** (:mod:`virtio_devices.workers`) may read and write guest
+  buffers of the chain they were given (a chain holds a snapshot of guest memory;
+  unmaps are deferred while it lives) and may call ``loop.call_soon_threadsafe``,
+  nothing else.  Their results are applied on the loop thread, in batches:
+  ``add_used`` for each finished job, then one notification check per queue per
+  batch.
+* **add_used and the notification.**  The drain loop adds a chain to the used ring
+  as soon as ``handle_chain`` returns its length, and checks
+  ``needs_notification()`` once, at the end of the batch (VIRTIO 1.2 §2.7.10, EVENT_IDX
+  honoured).  ``complete()`` notifies at once unless told not to.
+* **quiesce(index)** is called by the transport, on the loop thread, before it
+  takes a queue back (vhost-user GET_VRING_BASE, a ring stopped, a memory table
+  replaced, RESET_DEVICE, a disconnect), and by ``reset()`` for every queue.  It
+  returns the parked chain to the avail ring, cancels the queue's worker jobs not
+  yet started (returning their chains to the avail ring when they are the last
+  popped, else completing them with used length 0), waits for the jobs already
+  running and completes them, and from then on the device does not touch the queue
+  until the next ``process_queue(index)``: a late timer or fd callback that calls
+  ``resume`` does nothing, and a worker completion that arrives after it is dropped
+  (a generation counter per queue), so a ring the front-end took back is never
+  written.  GET_VRING_BASE then reports the returned chains as not consumed.
+
+Errors (issue 12, "host-fault policy"; the classes are in
+:mod:`virtio_devices.errors`), per chain:
+
+* the guest's fault (``QueueError`` other than ``InvalidAvailRingIndex``,
+  ``GuestMemoryError``, ``MalformedRequest``): ``guest_fault`` (default: a
+  rate-limited warning, used length 0) and the queue goes on;
+* the host's fault (``HostFault``, ``OSError``): ``host_fault`` (default: a
+  rate-limited error line, used length 0; a device with a status byte answers
+  IO_ERR, CHECK CONDITION...) and the queue goes on;
+* a broken avail ring (``InvalidAvailRingIndex``): the queue is stopped and the error
+  raised to the transport, which stops that ring;
+* anything else is a device bug: the device marks itself broken and raises
+  ``DeviceNeedsReset`` (chained from the bug) to the transport, which resets it;
+  until ``reset()`` every kick raises it again.
 """
 
 from __future__ import annotations
 
-import abc
+import enum
 import logging
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from virtio_queue import ByteSource, DescriptorChain, GuestMemory, Queue
-from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, QueueError
+from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
 from virtio_queue.ratelimit import RateLimiter
 
-from .errors import MalformedRequest
+from .errors import DeviceNeedsReset, HostFault, MalformedRequest
+
+if TYPE_CHECKING:
+    from .workers import DeviceJobs, WorkerPool
 
 __all__ = [
     "COMMON_FEATURES",
+    "PARK",
     "VIRTIO_F_ACCESS_PLATFORM",
     "VIRTIO_F_ANY_LAYOUT",
     "VIRTIO_F_NOTIFY_ON_EMPTY",
@@ -54,6 +111,7 @@ __all__ = [
     "VIRTIO_RING_F_INDIRECT_DESC",
     "EventLoop",
     "Interrupt",
+    "Park",
     "TimerHandle",
     "VirtioDevice",
 ]
@@ -73,6 +131,22 @@ VIRTIO_F_RING_PACKED = 1 << 34
 COMMON_FEATURES = (
     VIRTIO_F_VERSION_1 | VIRTIO_F_NOTIFY_ON_EMPTY | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
 )
+
+
+class Park(enum.Enum):
+    """The type of :data:`PARK` (an enum so that type checkers narrow on ``is``)."""
+
+    PARK = "park"
+
+
+#: Returned by ``handle_chain``: stop draining this queue and hold the chain until
+#: the device calls :meth:`VirtioDevice.resume`.
+PARK: Final = Park.PARK
+
+# What the guest did wrong: the chain goes back, the queue goes on.
+_GUEST_FAULTS = (QueueError, GuestMemoryError, MalformedRequest)
+# What the host did wrong: the device's error status, the queue goes on.
+_HOST_FAULTS = (HostFault, OSError)
 
 
 class Interrupt(Protocol):
@@ -104,12 +178,21 @@ class EventLoop(Protocol):
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         """Call ``callback()`` once, ``delay`` seconds from now (monotonic clock)."""
 
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` soon on the loop thread; the one call any thread may make.
 
-class VirtioDevice(abc.ABC):
-    """Base class of every device: identity, features, config space, queues.
+        Callbacks run in the order they were posted, each once, after the events
+        the loop is dispatching when it is woken; a loop that is closed drops them.
+        """
+
+
+class VirtioDevice:
+    """Base class of every device: identity, features, config space, queues, the drain loop.
 
     Subclasses set :attr:`device_id`, :attr:`name`, :attr:`queue_sizes`, and
-    implement :meth:`process_queue` (usually through :meth:`process_chains`).
+    implement :meth:`handle_chain` (and the hooks they need: :meth:`admit`,
+    :meth:`retry_chain`, :meth:`guest_fault`, :meth:`host_fault`), or override
+    :meth:`process_queue` altogether.
     """
 
     #: VIRTIO device id (VIRTIO 1.2 §5), 0 for the template device that has none.
@@ -122,6 +205,8 @@ class VirtioDevice(abc.ABC):
     features: int = COMMON_FEATURES
     #: Whether the device has a config space (vhost-user: offer the CONFIG protocol feature).
     has_config: ClassVar[bool] = False
+    #: The pool :meth:`run_in_worker` uses; None: the process-wide default pool.
+    worker_pool: WorkerPool | None = None
 
     def __init__(self) -> None:
         self.acked_features = 0
@@ -130,7 +215,18 @@ class VirtioDevice(abc.ABC):
         self.interrupt: Interrupt | None = None
         self.loop: EventLoop | None = None
         self.active = False
+        #: The bug that broke the device (it refuses work until :meth:`reset`), or None.
+        self.broken: BaseException | None = None
+        #: Chains completed and the used bytes they reported, since the device was made.
+        self.chains_served = 0
+        self.bytes_served = 0
         self._ratelimit = RateLimiter()
+        # Per queue: the parked chain, and whether the transport took the queue back.
+        self._parked: list[DescriptorChain | None] = []
+        self._quiesced: list[bool] = []
+        self._jobs: DeviceJobs | None = None
+        # Only a device that overrides admit pays for asking it (pending() per chain).
+        self._admits = type(self).admit is not VirtioDevice.admit
 
     # -- identity and features ---------------------------------------------------
     @property
@@ -186,18 +282,62 @@ class VirtioDevice(abc.ABC):
         if len(queues) != self.num_queues:
             raise ValueError(f"{self.name}: {len(queues)} queues given, device has {self.num_queues}")
         self.memory, self.queues, self.interrupt, self.loop = memory, queues, interrupt, loop
+        self._parked = [None] * len(queues)
+        self._quiesced = [False] * len(queues)
         self.active = True
 
     def reset(self) -> None:
-        """Return to the initial state: forget queues, memory and pending host work."""
+        """Return to the initial state: quiesce every queue, forget queues and memory.
+
+        Subclasses cancel their own host work (timers, fd watches) and then call
+        this.  A broken device is usable again afterwards.
+        """
+        for index in range(len(self._parked)):
+            self.quiesce(index)
         self.active = False
+        self.broken = None
         self.acked_features = 0
         self.memory, self.queues, self.interrupt, self.loop = None, (), None, None
+        self._parked, self._quiesced = [], []
+
+    def quiesce(self, index: int) -> None:
+        """Give queue ``index`` back: nothing the device holds may touch it afterwards.
+
+        Called by the transport on the loop thread before it takes the queue back
+        (vhost-user GET_VRING_BASE, a ring stopped, a memory table that removes
+        regions, RESET_DEVICE, a disconnect) and by :meth:`reset`.  The parked chain
+        goes back to the avail ring: nothing is popped while one is parked, so it is
+        the last chain popped and ``next_avail`` steps back by one.  Worker jobs of
+        the queue not yet started are cancelled (their chains go back to the avail
+        ring when they were the last ones popped, else they complete with used length
+        0); jobs already running are waited for and completed (add_used and one
+        notification).  Until the next :meth:`process_queue` of this queue,
+        :meth:`resume` does nothing and late completions are dropped.  Idempotent,
+        cheap when nothing is pending; a no-op on an inactive device.
+        """
+        if index >= len(self._parked):
+            return
+        queue = self.queues[index]
+        chain = self._parked[index]
+        if chain is not None:
+            self._parked[index] = None
+            queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+        if self._jobs is not None:
+            self._jobs.quiesce(index)
+        self._quiesced[index] = True
 
     # -- work ----------------------------------------------------------------------
-    @abc.abstractmethod
     def process_queue(self, index: int) -> None:
-        """The driver kicked queue ``index``: consume what it made available."""
+        """The driver kicked queue ``index``: drain it (:meth:`process_chains`).
+
+        The transport calls it only for queues that exist.  Override it only for a
+        device whose queue is not a stream of independent requests.
+
+        Raises:
+            InvalidAvailRingIndex: the avail ring is broken; the queue is stopped.
+            DeviceNeedsReset: the device is broken (see the module docstring).
+        """
+        self.process_chains(index)
 
     def fill_source(self, index: int) -> ByteSource | None:
         """A host source whose bytes are all that a request of queue ``index`` needs, now.
@@ -206,17 +346,69 @@ class VirtioDevice(abc.ABC):
         bytes made another way), whoever runs the queue may serve every request
         that is one device-writable buffer by filling it from the source and
         completing it with the bytes it got (``Queue.fill_from``), without calling
-        :meth:`process_queue`, which still gets every kick that path cannot finish
-        (another shape of request, a read that gave nothing).  The vhost-user
-        transport asks when the ring starts (None then: never for this ring) and on
-        every kick, and serves such a queue in compiled code.  None (the default):
-        every request goes through :meth:`process_queue`."""
+        :meth:`handle_chain`, which still gets every request that path cannot
+        finish (another shape of request, a read that gave nothing).  The drain
+        loop asks once per pass and uses it; the vhost-user transport asks when the
+        ring starts (None then: never for this ring) and on every kick, and serves
+        such a queue in compiled code.  None (the default): every request goes
+        through :meth:`handle_chain`."""
         return None
 
-    def handle_chain(self, index: int, chain: DescriptorChain) -> int | None:
-        """Serve one chain of queue ``index``; return the used length, or None to keep
-        the chain pending (the device completes it later with :meth:`complete`)."""
+    def admit(self, index: int) -> bool:
+        """Whether the drain loop may pop the next chain of queue ``index`` now.
+
+        Asked only while a chain is available, before each pop.  False stops the
+        drain: the chains stay in the avail ring (a vhost-user GET_VRING_BASE sees
+        them as not consumed) and notifications stay disabled; the device arms
+        whatever tells it that it can go on (a timer, an fd reader) and calls
+        :meth:`resume` then.  Kicks meanwhile ask again.  Default: always True.
+        """
+        return True
+
+    def handle_chain(self, index: int, chain: DescriptorChain) -> int | Park | None:
+        """Serve one chain of queue ``index``.
+
+        Returns the used length (the chain is completed now), None (the device
+        keeps the chain and completes it later with :meth:`complete`, or gave it to
+        :meth:`run_in_worker`), or :data:`PARK` (stop draining; the chain is held
+        until :meth:`resume`, which hands it to :meth:`retry_chain`).
+
+        Raises:
+            MalformedRequest, QueueError, GuestMemoryError: the guest's fault
+                (:meth:`guest_fault` answers).
+            HostFault, OSError: the host's fault (:meth:`host_fault` answers).
+        """
         raise NotImplementedError(f"{type(self).__name__} must override handle_chain or process_queue")
+
+    def retry_chain(self, index: int, chain: DescriptorChain) -> int | Park | None:
+        """Serve the parked chain again after :meth:`resume` (default: :meth:`handle_chain`).
+
+        Override it when a retry means something else (rng: a second empty read is
+        an end of file).  Same results and errors as :meth:`handle_chain`.
+        """
+        return self.handle_chain(index, chain)
+
+    def guest_fault(self, index: int, chain: DescriptorChain, err: Exception) -> int:
+        """The guest's chain was wrong: return its used length (default: log, 0).
+
+        A device whose requests have a status byte writes its error status into the
+        chain here and returns the bytes written.  VIRTIO 1.2 §2.7.8 lets a device
+        return a buffer it did not write to with used length 0.
+        """
+        self._log_guest_fault(index, err)
+        return 0
+
+    def host_fault(self, index: int, chain: DescriptorChain, err: Exception) -> int:
+        """The host failed the guest's request: return its used length (default: log, 0).
+
+        A device answers with its error status here (virtio-blk/scsi IO_ERR, CHECK
+        CONDITION, virtio-i2c VIRTIO_I2C_MSG_ERR) and returns the bytes written.
+        The log is rate-limited: a failing disk must not flood the journal.
+        """
+        self._ratelimit.log(
+            log, logging.ERROR, ("host", index), "%s q%d: host fault: %s", self.name, index, err
+        )
+        return 0
 
     def process_chains(self, index: int, limit: int | None = None) -> int:
         """Pop and serve available chains of queue ``index`` with :meth:`handle_chain`.
@@ -225,54 +417,209 @@ class VirtioDevice(abc.ABC):
         notifications while draining, re-enable, and drain again if more chains
         arrived meanwhile.  One interrupt at most per call, and only if
         ``needs_notification()`` says the driver wants one (EVENT_IDX honoured).
-        ``limit`` stops after that many chains (a rate limit); notifications then
-        stay enabled only if the queue is empty.
+        ``limit`` stops after that many chains; notifications then stay disabled.
+        :meth:`admit` is asked before each pop; a chain returned by
+        :meth:`fill_source`'s compiled path skips :meth:`handle_chain`.  While a
+        chain is parked, a kick pops nothing (:meth:`resume` goes on).
 
-        A chain the guest malformed is logged (rate-limited) and returned with used
-        length 0.  Returns the number of chains served.
+        Errors per chain follow the module docstring.  Returns the number of chains
+        completed.
 
         Raises:
             InvalidAvailRingIndex: the avail ring is broken; the queue is stopped.
+            DeviceNeedsReset: the device is broken.
         """
+        if self.broken is not None:
+            raise DeviceNeedsReset(f"{self.name}: device is broken ({self.broken!r}) until it is reset")
+        try:
+            self._quiesced[index] = False  # a kick: the queue is the device's again
+        except IndexError:
+            log.warning("%s: kick on unknown queue %d ignored", self.name, index)
+            return 0
+        if self._parked[index] is not None:
+            return 0
+        return self._drain(index, limit, False)
+
+    def resume(self, index: int) -> None:
+        """Go on with queue ``index`` after :meth:`admit` said no or a chain was parked.
+
+        Called by the device from its own callbacks (a timer, an fd reader, a worker
+        completion), on the loop thread.  Retries the parked chain with
+        :meth:`retry_chain` (parked again if it returns :data:`PARK`), then drains.
+        Does nothing when the device is inactive or broken, or the queue was
+        quiesced or stopped.
+
+        Raises:
+            InvalidAvailRingIndex: the avail ring is broken; the queue is stopped.
+            DeviceNeedsReset: the device's retry raised a bug.
+        """
+        if not self.active or self.broken is not None or self._quiesced[index]:
+            return
         queue = self.queues[index]
-        served = 0
-        used_any = False
+        if not queue.ready:
+            return
+        chain = self._parked[index]
+        done = False
+        if chain is not None:
+            self._parked[index] = None
+            used = self._call(self.retry_chain, index, chain)
+            if used is PARK:
+                self._parked[index] = chain
+                return
+            if used is not None:
+                queue.add_used(chain.head_index, used)
+                self.chains_served += 1
+                self.bytes_served += used
+                done = True
+        self._drain(index, None, done)
+
+    def _drain(self, index: int, limit: int | None, notify: bool) -> int:
+        """The drain loop behind :meth:`process_chains` and :meth:`resume`; ``notify``:
+        a chain was completed before, check for a notification even if none is now."""
+        queue = self.queues[index]
+        handle = self.handle_chain
+        source = self.fill_source(index)
+        # What comes before each pop: nothing (most devices), the device's admit,
+        # or the compiled fill path.  One test per chain for the plain case.
+        gate = source is not None or self._admits
+        park = PARK
+        served = nbytes = 0
+        chain: DescriptorChain | None
         try:
             while True:
                 queue.disable_notification()
-                while limit is None or served < limit:
-                    try:
-                        chain = queue.pop_chain()
-                    except InvalidAvailRingIndex:
-                        queue.ready = False
-                        raise
-                    except QueueError as e:
-                        # An out-of-range head: the entry is consumed, nothing to return.
-                        self._guest_error(index, e)
-                        continue
-                    if chain is None:
-                        break
-                    served += 1
-                    try:
-                        used_len = self.handle_chain(index, chain)
-                    except (QueueError, GuestMemoryError, MalformedRequest) as e:
-                        self._guest_error(index, e)
-                        used_len = 0
-                    if used_len is not None:
-                        queue.add_used(chain.head_index, used_len)
-                        used_any = True
-                if limit is not None and served >= limit:
+                stopped = False
+                try:
+                    while limit is None or served < limit:
+                        if gate:
+                            if source is not None:
+                                # The compiled path fills well-formed requests straight
+                                # from the source, suppressing notifications itself; what
+                                # it does not serve comes back for handle_chain.
+                                most = -1 if limit is None else limit - served
+                                n, b, chain = queue.fill_from(source, most, True)
+                                served += n
+                                nbytes += b
+                                if chain is None:
+                                    if limit is not None and served >= limit:
+                                        break
+                                    # Empty with notifications on again, or a bad head
+                                    # next, which pop_chain reports.
+                                    chain = queue.pop_chain()
+                                    if chain is None:
+                                        return served
+                            else:
+                                # Only a chain that is there may be refused (and arm a timer).
+                                if queue.pending() == 0:
+                                    break
+                                if not self.admit(index):
+                                    stopped = True
+                                    break
+                                chain = queue.pop_chain()
+                        else:
+                            chain = queue.pop_chain()
+                        if chain is None:
+                            break
+                        try:
+                            used = handle(index, chain)
+                        except InvalidAvailRingIndex:
+                            raise
+                        except _GUEST_FAULTS as e:
+                            used = self.guest_fault(index, chain, e)
+                        except _HOST_FAULTS as e:
+                            used = self.host_fault(index, chain, e)
+                        if used is None:
+                            continue
+                        if used is park:
+                            self._parked[index] = chain
+                            stopped = True
+                            break
+                        queue.add_used(chain.head_index, used)
+                        served += 1
+                        nbytes += used
+                except InvalidDescriptorIndex as e:
+                    # pop_chain: a head index out of range.  The entry is consumed and
+                    # there is no chain to return; go on with the next one.
+                    self._log_guest_fault(index, e)
+                    continue
+                if stopped or (limit is not None and served >= limit):
                     break
                 if not queue.enable_notification():
                     break
+        except InvalidAvailRingIndex:
+            queue.ready = False
+            raise
+        except (QueueError, GuestMemoryError):
+            # The ring itself is unusable (not ready, add_used outside memory...):
+            # the transport stops it.
+            raise
+        except DeviceNeedsReset as e:
+            if self.broken is None:
+                self.broken = e
+            raise
+        except Exception as e:
+            raise self._break(index, e) from e
         finally:
-            if used_any:
+            if served:
+                self.chains_served += served
+                self.bytes_served += nbytes
+                log.debug("%s q%d: served %d chains, %d bytes", self.name, index, served, nbytes)
+            if served or notify:
                 self.notify(index)
         return served
 
+    def _call(
+        self, fn: Callable[[int, DescriptorChain], int | Park | None], index: int, chain: DescriptorChain
+    ) -> int | Park | None:
+        """``fn(index, chain)`` under the error policy (the slow paths' copy of the
+        drain loop's per-chain ``try``)."""
+        try:
+            return fn(index, chain)
+        except InvalidAvailRingIndex:
+            self.queues[index].ready = False
+            raise
+        except _GUEST_FAULTS as e:
+            return self.guest_fault(index, chain, e)
+        except _HOST_FAULTS as e:
+            return self.host_fault(index, chain, e)
+        except DeviceNeedsReset as e:
+            if self.broken is None:
+                self.broken = e
+            raise
+        except Exception as e:
+            raise self._break(index, e) from e
+
+    def _break(self, index: int, err: BaseException) -> DeviceNeedsReset:
+        """Mark the device broken by ``err`` (a bug) and make the error to raise."""
+        self.broken = err
+        return DeviceNeedsReset(f"{self.name} q{index}: device bug: {type(err).__name__}: {err}")
+
+    def parked(self, index: int) -> DescriptorChain | None:
+        """The chain parked on queue ``index`` (waiting for :meth:`resume`), or None."""
+        return self._parked[index] if index < len(self._parked) else None
+
+    def run_in_worker(self, index: int, chain: DescriptorChain, job: Callable[[], int]) -> None:
+        """Run ``job()`` on a worker thread; its result completes ``chain`` on the loop.
+
+        Call it from :meth:`handle_chain` for the chain being handled, and return
+        None.  ``job`` runs host I/O off the loop (it may read and write the chain's
+        buffers, nothing else of the device) and returns the used length; what it
+        raises goes through the error policy like an exception of
+        :meth:`handle_chain`.  Completions are applied on the loop thread in
+        batches, with one notification per queue per batch.  The pool is
+        :attr:`worker_pool`, else :func:`virtio_devices.workers.default_pool`.
+        """
+        if self._jobs is None:
+            from .workers import DeviceJobs, default_pool  # noqa: PLC0415 - only devices that use it
+
+            self._jobs = DeviceJobs(self, self.worker_pool or default_pool())
+        self._jobs.submit(index, chain, job)
+
     def complete(self, index: int, head_index: int, used_len: int, notify: bool = True) -> None:
-        """Return a chain that :meth:`handle_chain` left pending."""
+        """Return a chain that :meth:`handle_chain` kept (returned None for)."""
         self.queues[index].add_used(head_index, used_len)
+        self.chains_served += 1
+        self.bytes_served += used_len
         if notify:
             self.notify(index)
 
@@ -281,5 +628,5 @@ class VirtioDevice(abc.ABC):
         if self.interrupt is not None and self.queues[index].needs_notification():
             self.interrupt.signal_used(index)
 
-    def _guest_error(self, index: int, err: Exception) -> None:
+    def _log_guest_fault(self, index: int, err: Exception) -> None:
         self._ratelimit.log(log, logging.WARNING, index, "%s q%d: dropped chain: %s", self.name, index, err)

@@ -29,8 +29,9 @@ Where we differ from upstream, on purpose (listed in README, "Differences"):
 * a source that has nothing to give right now (a FIFO, a char device;
   ``EAGAIN``) is waited for with the event loop instead of blocking a thread; if
   the ring is stopped meanwhile, the waiting chain goes back to the avail ring;
-* an I/O error of the source completes the chain with length 0 and logs
-  (rate-limited); upstream ends the worker;
+* an I/O error of the source is a host fault (:class:`~virtio_devices.hosts.files.RngError`):
+  the chain completes with length 0 and the log gets a rate-limited line; upstream
+  ends the worker;
 * the kernel's random device as the source (``/dev/urandom``, ``/dev/random``) is
   served through the vDSO's ``getrandom`` where the kernel has it
   (:mod:`virtio_devices.hosts.files`): the same bytes a read would give, without a
@@ -46,11 +47,10 @@ import time
 from collections.abc import Callable
 
 from virtio_queue import ByteSource, DescriptorChain
-from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, QueueError
 
-from .base import COMMON_FEATURES, TimerHandle, VirtioDevice
+from .base import COMMON_FEATURES, PARK, Park, TimerHandle, VirtioDevice
 from .errors import MalformedRequest
-from .hosts.files import EntropySource
+from .hosts.files import EntropySource, RngError
 
 __all__ = ["MAX_PERIOD_MS", "QUEUE_SIZE", "VIRTIO_ID_RNG", "RngDevice"]
 
@@ -68,6 +68,12 @@ _EPSILON = 0.0005
 
 class RngDevice(VirtioDevice):
     """The virtio entropy device over an :class:`~virtio_devices.hosts.files.EntropySource`.
+
+    Built on the drain loop of :class:`~virtio_devices.base.VirtioDevice`: the rate
+    limit is :meth:`admit` plus a timer that calls :meth:`resume`; a source with
+    nothing to give parks the chain (:data:`~virtio_devices.base.PARK`) and an fd
+    reader calls :meth:`resume`; without a rate limit, :meth:`fill_source` lets the
+    compiled path fill the requests.
 
     Args:
         source: where the bytes come from; shared sources (one per daemon, as
@@ -114,15 +120,11 @@ class RngDevice(VirtioDevice):
         # upstream then completes it with 0 bytes once per period.
         self._window_fresh = False
         self._timer: TimerHandle | None = None
-        # A chain popped while the source had nothing to give (EAGAIN).
-        self._pending: DescriptorChain | None = None
+        # The source fd while a parked chain waits for it to become readable.
         self._reader_fd = -1
         # Only a FIFO, socket or char device can have nothing to give right now; a
         # regular file at its end gives 0 bytes for good (and epoll refuses it).
         self._may_block = not stat.S_ISREG(os.fstat(source.fileno()).st_mode)
-        #: Bytes served and chains completed since the device was made (stats).
-        self.bytes_served = 0
-        self.chains_served = 0
 
     # -- state seen by tests and the transport -------------------------------------
     @property
@@ -133,7 +135,7 @@ class RngDevice(VirtioDevice):
     @property
     def throttled(self) -> bool:
         """Whether queue processing waits for a window timer or for the source."""
-        return self._timer is not None or self._pending is not None
+        return self._timer is not None or self.parked(0) is not None
 
     # -- lifecycle ---------------------------------------------------------------------
     def reset(self) -> None:
@@ -143,117 +145,27 @@ class RngDevice(VirtioDevice):
         lives for the whole connection), so a guest cannot reset its way to a
         fresh quota.
         """
-        self._cancel_waits()
-        super().reset()
-
-    def _cancel_waits(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._reader_fd >= 0 and self.loop is not None:
-            self.loop.remove_reader(self._reader_fd)
-        self._reader_fd = -1
-        if self._pending is not None and self.queues:
-            # Give the parked chain back to the avail ring.  It is the last chain
-            # popped (nothing is popped while one is parked), so stepping back one
-            # makes GET_VRING_BASE report it as not consumed: the next back-end
-            # serves it instead of the guest waiting for it forever.
-            q = self.queues[0]
-            q.set_next_avail((q.next_avail() - 1) & 0xFFFF)
-        self._pending = None
+        super().reset()
+
+    def quiesce(self, index: int) -> None:
+        """Give the queue back (the parked chain returns to the avail ring) and stop
+        watching the source; a window timer stays armed, its :meth:`resume` does
+        nothing until the next kick."""
+        super().quiesce(index)
+        self._unwatch()
 
     # -- work ----------------------------------------------------------------------------
     def fill_source(self, index: int) -> ByteSource | None:
         """The source while requests need nothing but its bytes: no rate limit, and
         no request parked waiting for the source (it must be served first)."""
-        if index != 0 or self.max_bytes is not None or self._pending is not None or not self.active:
+        if index != 0 or self.max_bytes is not None or not self.active or self.parked(0) is not None:
             return None
         return self.source.byte_source()
 
-    def process_queue(self, index: int) -> None:
-        """The driver kicked the request queue: serve chains within the rate limit.
-
-        While a window timer or a source wait is pending, a kick does nothing: the
-        callback resumes the queue.
-
-        Raises:
-            InvalidAvailRingIndex: the avail ring is broken; the queue is stopped.
-        """
-        if index != 0:
-            log.warning("%s: kick on unknown queue %d ignored", self.name, index)
-            return
-        if self.throttled:
-            return
-        self._drain()
-
-    def _drain(self, notify: bool = False) -> None:
-        """Pop and serve chains until the queue is empty or a limit stops us.
-
-        Notification suppression follows VIRTIO 1.2 §2.7.10, like
-        :meth:`VirtioDevice.process_chains`: disable notifications while draining,
-        re-enable, drain again if chains arrived meanwhile.  When the rate limit or
-        the source stops us, notifications stay disabled; the timer or fd callback
-        resumes and re-enables them.  At most one interrupt per call; ``notify``
-        asks for one even if nothing more is served (a chain was completed before).
-        """
-        queue = self.queues[0]
-        served = nbytes = 0
-        try:
-            while True:
-                queue.disable_notification()
-                stopped = False
-                while True:
-                    try:
-                        chain = None
-                        if self.max_bytes is None:
-                            # No rate limit: the compiled fast path fills well-formed
-                            # requests straight from the source, suppressing
-                            # notifications itself; whatever it does not serve comes
-                            # back for the general path below.
-                            n, b, chain = queue.fill_from(self.source.byte_source(), suppress=True)
-                            served += n
-                            nbytes += b
-                            if chain is None:
-                                # Empty with notifications on again, or a bad head
-                                # index next, which pop_chain reports.
-                                chain = queue.pop_chain()
-                                if chain is None:
-                                    return
-                        # Only a chain that is there may start a window or wait for
-                        # one: upstream checks the limit when a request arrives.
-                        elif queue.pending() == 0:
-                            break
-                        elif not self._admit():
-                            stopped = True
-                            break
-                        if chain is None:
-                            chain = queue.pop_chain()
-                    except InvalidAvailRingIndex:
-                        queue.ready = False
-                        raise
-                    except QueueError as e:
-                        self._guest_error(0, e)
-                        continue
-                    if chain is None:
-                        break
-                    used = self._serve(chain)
-                    if used is None:  # parked until the source is readable
-                        stopped = True
-                        break
-                    queue.add_used(chain.head_index, used)
-                    served += 1
-                    nbytes += used
-                if stopped or not queue.enable_notification():
-                    break
-        finally:
-            if served:
-                self.chains_served += served
-                self.bytes_served += nbytes
-                log.debug("%s q0: served %d chains, %d bytes", self.name, served, nbytes)
-            if served or notify:
-                self.notify(0)
-
-    def _admit(self) -> bool:
+    def admit(self, index: int) -> bool:
         """Whether the rate limit lets the next chain be popped; arm the timer if not.
 
         Mirrors upstream's per-request check: a window that elapsed restarts with a
@@ -266,74 +178,68 @@ class RngDevice(VirtioDevice):
         elapsed = now - self._window_start
         # Upstream compares whole milliseconds; a timer may fire a hair early.
         if elapsed >= self._period - _EPSILON:
-            self._new_window(now)
+            self._window_start = now
+            self._quota = self.max_bytes
+            self._window_fresh = True
             return True
         if self._quota > 0 or self._window_fresh:
             return True
+        if self._timer is not None:
+            return False  # a kick inside the window: its end resumes the queue
         assert self.loop is not None
         self._timer = self.loop.call_later(self._period - elapsed, self._on_window_end)
         return False
 
-    def _new_window(self, now: float) -> None:
-        self._window_start = now
-        self._quota = self.max_bytes if self.max_bytes is not None else 0
-        self._window_fresh = True
-
     def _on_window_end(self) -> None:
         """Timer callback: the window is over; resume the queue (which starts a new one)."""
         self._timer = None
-        if not self.active or not self.queues or not self.queues[0].ready:
-            return
-        self._drain()
+        self.resume(0)
 
-    def _serve(self, chain: DescriptorChain, *, retry: bool = False) -> int | None:
-        """Fill one request; return the used length, or None if parked on ``EAGAIN``.
+    def handle_chain(self, index: int, chain: DescriptorChain, retry: bool = False) -> int | Park:
+        """Fill one request from the source; return the used length, or PARK on ``EAGAIN``.
 
         A FIFO or char device that gives 0 bytes has nothing *now* (``EAGAIN``,
         which :meth:`Writer.read_from` reports as a 0-byte read) or is at its
-        end: the chain is parked until the fd is readable, and a retry that again
-        reads 0 bytes is an end of file, completed with length 0 as upstream does.
+        end: the chain is parked until the fd is readable, and a ``retry`` that
+        again reads 0 bytes is an end of file, completed with length 0 as upstream
+        does.
+
+        Raises:
+            MalformedRequest: not exactly one device-writable descriptor
+                (VIRTIO 1.2 §5.4.6.1).
+            RngError: reading the source failed (a host fault: length 0).
         """
         self._window_fresh = False
-        try:
-            descs = chain.descriptors()
-            # VIRTIO 1.2 §5.4.6.1: the driver MUST NOT place driver-readable buffers
-            # into the queue; upstream further wants exactly one buffer per chain.
-            if len(descs) != 1:
-                raise MalformedRequest(f"chain has {len(descs)} descriptors, expected 1")
-            desc = descs[0]
-            if not desc.is_write_only():
-                raise MalformedRequest(f"descriptor at {desc.addr:#x} is device-readable")
-            want = desc.len
-            if self.max_bytes is not None:
-                want = min(want, self._quota)
-            if want == 0:
-                return 0
-            got = self._read_into(chain, want)
-            if got == 0 and self._may_block and not retry:
-                self._park(chain)
-                return None
-        except (QueueError, GuestMemoryError, MalformedRequest) as e:
-            self._guest_error(0, e)
+        descs = chain.descriptors()
+        # VIRTIO 1.2 §5.4.6.1: the driver MUST NOT place driver-readable buffers
+        # into the queue; upstream further wants exactly one buffer per chain.
+        if len(descs) != 1:
+            raise MalformedRequest(f"chain has {len(descs)} descriptors, expected 1")
+        desc = descs[0]
+        if not desc.is_write_only():
+            raise MalformedRequest(f"descriptor at {desc.addr:#x} is device-readable")
+        want = desc.len
+        if self.max_bytes is not None:
+            want = min(want, self._quota)
+        if want == 0:
             return 0
+        try:
+            got = self._read_into(chain, want)
         except BlockingIOError:
-            self._park(chain)
-            return None
+            return self._park()
         except OSError as e:
             # Not the guest's fault, but the guest must get its buffer back.
-            self._ratelimit.log(
-                log,
-                logging.ERROR,
-                "source",
-                "%s q0: reading %s failed: %s",
-                self.name,
-                self.source.name,
-                e,
-            )
-            return 0
+            raise RngError(f"reading {self.source.name} failed: {e}") from e
+        if got == 0 and self._may_block and not retry:
+            return self._park()
         if self.max_bytes is not None:
             self._quota -= got
         return got
+
+    def retry_chain(self, index: int, chain: DescriptorChain) -> int | Park:
+        """The parked chain, once the source is readable (:meth:`handle_chain` with
+        ``retry``: a second empty read is an end of file)."""
+        return self.handle_chain(index, chain, True)
 
     def _read_into(self, chain: DescriptorChain, want: int) -> int:
         """One zero-copy read of up to ``want`` bytes from the source into the chain."""
@@ -344,25 +250,20 @@ class RngDevice(VirtioDevice):
             except InterruptedError:  # a signal, nothing read: try again
                 continue
 
-    def _park(self, chain: DescriptorChain) -> None:
-        """Keep ``chain`` until the source is readable (a FIFO or char device)."""
-        assert self.loop is not None
-        self._pending = chain
-        self._reader_fd = self.source.fileno()
-        self.loop.add_reader(self._reader_fd, self._on_source_readable)
+    def _park(self) -> Park:
+        """Watch the source until it is readable (a FIFO or char device); park the chain."""
+        if self._reader_fd < 0:
+            assert self.loop is not None
+            self._reader_fd = self.source.fileno()
+            self.loop.add_reader(self._reader_fd, self._on_source_readable)
+        return PARK
 
     def _on_source_readable(self) -> None:
         """Fd callback: retry the parked chain, then go on with the queue."""
-        chain, self._pending = self._pending, None
+        self._unwatch()
+        self.resume(0)
+
+    def _unwatch(self) -> None:
         if self._reader_fd >= 0 and self.loop is not None:
             self.loop.remove_reader(self._reader_fd)
         self._reader_fd = -1
-        if chain is None or not self.active or not self.queues[0].ready:
-            return
-        used = self._serve(chain, retry=True)
-        if used is None:
-            return  # parked again
-        self.chains_served += 1
-        self.bytes_served += used
-        self.queues[0].add_used(chain.head_index, used)
-        self._drain(notify=True)

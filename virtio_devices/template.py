@@ -49,10 +49,10 @@ class TemplateDevice(VirtioDevice):
     """The "Foo" device: logs each request's descriptors and echoes readable bytes back.
 
     Everything a device needs is here: identity (:attr:`device_id`, :attr:`name`),
-    queues (:attr:`queue_sizes`), features (:attr:`features`), and the work
-    (:meth:`process_queue` delegating to :meth:`VirtioDevice.process_chains`, which
-    pops chains, handles notification suppression and guest errors, and calls
-    :meth:`handle_chain` for each).
+    queues (:attr:`queue_sizes`), features (:attr:`features`), and the work:
+    :meth:`handle_chain`, which the drain loop of :class:`VirtioDevice` calls for each
+    chain (it pops them, follows notification suppression, and turns the guest's
+    errors into used length 0; the transport calls its ``process_queue`` on each kick).
     """
 
     device_id = VIRTIO_ID_TEMPLATE
@@ -66,18 +66,6 @@ class TemplateDevice(VirtioDevice):
         #: Requests seen so far on this device (upstream's ``FooInfo::counter``).
         self.requests = 0
 
-    def process_queue(self, index: int) -> None:
-        """The driver kicked queue ``index``: serve every available chain.
-
-        Raises:
-            InvalidAvailRingIndex: the avail ring is broken; the queue is stopped.
-        """
-        if index != 0:
-            log.warning("%s: kick on unknown queue %d ignored", self.name, index)
-            return
-        served = self.process_chains(index)
-        log.debug("%s q%d: served %d requests", self.name, index, served)
-
     def handle_chain(self, index: int, chain: DescriptorChain) -> int:
         """Log the request's descriptors, copy readable bytes into writable ones.
 
@@ -85,7 +73,7 @@ class TemplateDevice(VirtioDevice):
 
         Raises:
             QueueError: the chain is malformed (a loop, a bad indirect table...);
-                :meth:`process_chains` returns it with length 0.
+                the drain loop returns it with length 0 (:meth:`guest_fault`).
             GuestMemoryError: a buffer lies outside guest memory; same handling.
         """
         self.requests += 1

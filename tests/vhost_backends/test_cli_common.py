@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -14,11 +17,16 @@ from vhost_backends.cli._common import (
     TRACE,
     USIZE_MAX,
     ConfigError,
+    add_socket_count_args,
+    add_socket_or_fd_args,
+    add_socket_path_arg,
     make_parser,
     parse_rust_log,
+    serve,
     setup_logging,
     socket_paths,
     uint,
+    verbatim_socket_path,
     version_string,
 )
 
@@ -166,3 +174,102 @@ def test_help_description_is_docstring_first_line() -> None:
     parser = make_parser("vhost-device-x", "vhost-device-x: does a thing.\n\nDetails.")
     assert parser.description == "vhost-device-x: does a thing."
     assert "Details" not in parser.format_help()
+
+
+# -- socket flags ---------------------------------------------------------------------------------
+
+
+def test_socket_count_args_suffix_every_path() -> None:
+    p = make_parser("vhost-device-x", None)
+    add_socket_count_args(p)
+    ns = p.parse_args(["--socket-path", "/tmp/x.sock", "-c", "2"])
+    assert socket_paths(ns.socket_path, ns.socket_count) == ["/tmp/x.sock0", "/tmp/x.sock1"]
+    ns = p.parse_args(["-s", "/tmp/x.sock"])
+    assert socket_paths(ns.socket_path, ns.socket_count) == ["/tmp/x.sock0"]
+
+
+def test_socket_path_arg_is_verbatim_and_required(capsys: pytest.CaptureFixture[str]) -> None:
+    p = make_parser("vhost-device-x", None)
+    add_socket_path_arg(p)
+    assert verbatim_socket_path(p.parse_args(["-s", "/tmp/foo.sock"]).socket_path) == "/tmp/foo.sock"
+    with pytest.raises(SystemExit) as exc:
+        p.parse_args([])
+    assert exc.value.code == 2
+    with pytest.raises(ConfigError, match="no file name"):
+        verbatim_socket_path("/")
+
+
+@pytest.mark.parametrize(
+    ("argv", "socket", "fd"),
+    [(["--socket", "/tmp/snd.sock"], "/tmp/snd.sock", None), (["--socket-fd", "3"], None, 3)],
+)
+def test_socket_or_fd_args_take_one(argv: list[str], socket: str | None, fd: int | None) -> None:
+    p = make_parser("vhost-device-x", None)
+    add_socket_or_fd_args(p)
+    ns = p.parse_args(argv)
+    assert (ns.socket, ns.socket_fd) == (socket, fd)
+
+
+@pytest.mark.parametrize("argv", [[], ["--socket", "/a", "--socket-fd", "3"], ["--socket-fd", "x"]])
+def test_socket_or_fd_args_need_exactly_one(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Upstream sound's clap group "socket group" is required and takes one member."""
+    p = make_parser("vhost-device-x", None)
+    add_socket_or_fd_args(p)
+    with pytest.raises(SystemExit) as exc:
+        p.parse_args(argv)
+    assert exc.value.code == 2
+
+
+# -- serve ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_daemons(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str], Any, int | None]]:
+    """Replace vhost_backends.daemon.run_daemons (the real module) with a recorder."""
+    import vhost_backends.daemon  # noqa: PLC0415
+
+    calls: list[tuple[str, list[str], Any, int | None]] = []
+
+    def fake(
+        name: str, paths: Sequence[str], factory: Callable[[int], Any], *, poll_max_us: int | None = None
+    ) -> int:
+        calls.append((name, list(paths), factory(0), poll_max_us))
+        return 7
+
+    monkeypatch.setattr(vhost_backends.daemon, "run_daemons", fake)
+    monkeypatch.delenv("VHD_POLL_US", raising=False)
+    return calls
+
+
+def test_serve_passes_paths_factory_and_exit_status(run_daemons: list[Any]) -> None:
+    assert serve("vhost-device-x", ["/tmp/a0"], lambda i: ("dev", i)) == 7
+    assert run_daemons == [("vhost-device-x", ["/tmp/a0"], ("dev", 0), None)]
+
+
+@pytest.mark.parametrize(("value", "want"), [("0", 0), (" 250 ", 250), ("", None)])
+def test_serve_polling_window_comes_from_vhd_poll_us(
+    run_daemons: list[Any], monkeypatch: pytest.MonkeyPatch, value: str, want: int | None
+) -> None:
+    monkeypatch.setenv("VHD_POLL_US", value)
+    serve("vhost-device-x", ["/tmp/a0"], lambda i: None)
+    assert run_daemons[0][3] == want
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1e3", "1000001", "\u0663"])
+def test_serve_bad_vhd_poll_us_is_config_error_before_serving(
+    run_daemons: list[Any], monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("VHD_POLL_US", value)
+    with pytest.raises(ConfigError, match="VHD_POLL_US must be a number"):
+        serve("vhost-device-x", ["/tmp/a0"], lambda i: None)
+    assert run_daemons == []
+
+
+def test_cli_modules_import_without_the_daemon_layer() -> None:
+    """Parsing and validation need no vhost_backends.daemon: serve imports it late."""
+    code = (
+        "import sys; import vhost_backends.cli.rng, vhost_backends.cli.template; "
+        "print('vhost_backends.daemon' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "False"

@@ -6,8 +6,6 @@ Mirrors upstream's ``verify_cmd_line_arguments`` and ``verify_start_backend``
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,40 +146,28 @@ def test_rng_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("vhost-device-rng ")
 
 
-class FakeDaemon:
-    """Stands in for vhost_backends.daemon.run_daemons and records its arguments."""
+class FakeServe:
+    """Stands in for ``_common.serve`` (the one call of ``run``) and records its arguments."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str], list[Any]]] = []
-        self.poll_max_us: list[int | None] = []
 
-    def run_daemons(
-        self,
-        name: str,
-        paths: Sequence[str],
-        factory: Callable[[int], Any],
-        *,
-        poll_max_us: int | None = None,
-    ) -> int:
+    def __call__(self, name: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
         devices = [factory(i) for i in range(len(paths))]
         self.calls.append((name, list(paths), devices))
-        self.poll_max_us.append(poll_max_us)
         return 0
 
 
 @pytest.fixture
-def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> FakeDaemon:
-    fake = FakeDaemon()
-    mod = types.ModuleType("vhost_backends.daemon")
-    mod.run_daemons = fake.run_daemons  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vhost_backends.daemon", mod)
-    monkeypatch.delenv("VHD_POLL_US", raising=False)
+def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> FakeServe:
+    fake = FakeServe()
+    monkeypatch.setattr(cli, "serve", fake)
     monkeypatch.delenv("VHD_RNG_VDSO", raising=False)
     return fake
 
 
 def test_rng_run_builds_one_device_per_socket_on_a_shared_source(
-    fake_daemon: FakeDaemon, tmp_path: Path
+    fake_daemon: FakeServe, tmp_path: Path
 ) -> None:
     src = tmp_path / "entropy"
     src.write_bytes(b"\x00" * 64)
@@ -199,27 +185,14 @@ def test_rng_run_builds_one_device_per_socket_on_a_shared_source(
         devices[0].source.fileno()
 
 
-def test_rng_polling_window_comes_from_vhd_poll_us(
-    fake_daemon: FakeDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    sock = str(tmp_path / "rng.sock")
-    assert cli.main(["-s", sock, "-f", "/dev/zero"]) == 0
-    monkeypatch.setenv("VHD_POLL_US", "0")
-    assert cli.main(["-s", sock, "-f", "/dev/zero"]) == 0
-    monkeypatch.setenv("VHD_POLL_US", " 250 ")
-    assert cli.main(["-s", sock, "-f", "/dev/zero"]) == 0
-    assert fake_daemon.poll_max_us == [None, 0, 250]
-
-
 @pytest.mark.parametrize(
     "case",
     [
-        *(("VHD_POLL_US", v, "VHD_POLL_US must be a number") for v in ["-1", "abc", "1e3", "1000001", "٣"]),
         *(("VHD_RNG_VDSO", v, "VHD_RNG_VDSO must be 0 or 1") for v in ["2", "yes", "on", "true", "-1"]),
     ],
 )
 def test_rng_bad_environment_setting_is_refused(
-    fake_daemon: FakeDaemon,
+    fake_daemon: FakeServe,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -236,7 +209,7 @@ def test_rng_bad_environment_setting_is_refused(
 
 @pytest.mark.parametrize(("value", "vdso"), [(None, True), ("", True), ("1", True), (" 0 ", False)])
 def test_rng_vdso_setting_comes_from_vhd_rng_vdso(
-    fake_daemon: FakeDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None, vdso: bool
+    fake_daemon: FakeServe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None, vdso: bool
 ) -> None:
     """/dev/urandom (the default source) is served through the vDSO's getrandom where
     the kernel has it, unless VHD_RNG_VDSO=0; a regular file never is."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,20 +33,15 @@ def test_template_path_without_file_name_is_config_error() -> None:
 
 
 def test_template_run_serves_one_socket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    calls: list[tuple[str, list[str], Any, int | None]] = []
+    calls: list[tuple[str, list[str], Any]] = []
 
-    def run_daemons(
-        name: str, paths: Sequence[str], factory: Callable[[int], Any], *, poll_max_us: int | None = None
-    ) -> int:
-        calls.append((name, list(paths), factory(0), poll_max_us))
+    def serve(name: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
+        calls.append((name, list(paths), factory(0)))
         return 0
 
-    mod = types.ModuleType("vhost_backends.daemon")
-    mod.run_daemons = run_daemons  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vhost_backends.daemon", mod)
-    monkeypatch.setenv("VHD_POLL_US", "7")
+    monkeypatch.setattr(cli, "serve", serve)
     sock = str(tmp_path / "foo.sock")
     assert cli.main(["-s", sock]) == 0
-    ((name, paths, dev, poll_max_us),) = calls
-    assert (name, paths, poll_max_us) == ("vhost-device-template", [sock], 7)
+    ((name, paths, dev),) = calls
+    assert (name, paths) == ("vhost-device-template", [sock])
     assert isinstance(dev, TemplateDevice)

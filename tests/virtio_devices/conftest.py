@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from device_fakes import FakeClock, FakeInterrupt, FakeLoop
+
+from virtio_devices.testing import FakeClock, FakeInterrupt, FakeLoop
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from device_fakes import FakeInterrupt, FakeLoop
 
 from virtio_devices.hosts import _getrandom
 from virtio_devices.hosts.files import FdEntropySource, FileEntropySource
 from virtio_devices.rng import RngDevice
+from virtio_devices.testing import FakeInterrupt, FakeLoop
 from virtio_queue import ByteSource, GuestMemory
 from virtio_queue.testing import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, GuardedMemory, MockSplitQueue, RawDesc
 

@@ -8,16 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from device_fakes import FakeInterrupt, FakeLoop
 
-from virtio_devices.errors import DeviceError, RngError
+from virtio_devices.errors import DeviceError
 from virtio_devices.hosts.files import (
     BytesEntropySource,
     EntropySource,
     FdEntropySource,
     FileEntropySource,
+    RngError,
 )
 from virtio_devices.rng import RngDevice
+from virtio_devices.testing import FakeInterrupt, FakeLoop
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, MockSplitQueue, RawDesc
 
 

@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from device_fakes import FakeInterrupt, FakeLoop
 
-from virtio_devices.base import COMMON_FEATURES, VIRTIO_RING_F_EVENT_IDX
+from virtio_devices.base import COMMON_FEATURES
 from virtio_devices.hosts.files import BytesEntropySource, FdEntropySource, FileEntropySource
 from virtio_devices.rng import MAX_PERIOD_MS, RngDevice
+from virtio_devices.testing import DeviceRig, FakeInterrupt, FakeLoop
 from virtio_queue.testing import (
     VIRTQ_DESC_F_WRITE,
     VRING_AVAIL_F_NO_INTERRUPT,
-    MockSplitQueue,
     RawDesc,
 )
 
@@ -32,8 +31,8 @@ W = VIRTQ_DESC_F_WRITE
 DATA = bytes((i * 7 + i // 256) & 0xFF for i in range(4096))
 
 
-class Rig:
-    """A device activated on a 16-entry mock queue, with helpers to add requests."""
+class Rig(DeviceRig):
+    """The kit's rig on the test's memory: a 16-entry mock queue, request helpers."""
 
     def __init__(
         self,
@@ -44,25 +43,18 @@ class Rig:
         *,
         event_idx: bool = False,
     ) -> None:
-        self.memory = memory
-        self.mock = MockSplitQueue(memory, 16)
-        self.queue = self.mock.create_queue(event_idx=event_idx, max_size=1024)
+        super().__init__(dev, memory=memory, loop=loop, interrupt=interrupt, event_idx=event_idx)
         self.dev = dev
-        self.loop = loop
-        self.interrupt = interrupt
-        dev.ack_features(COMMON_FEATURES if event_idx else COMMON_FEATURES & ~VIRTIO_RING_F_EVENT_IDX)
-        dev.activate(memory, [self.queue], interrupt, loop)
+        self.queue = self.queues[0]
 
     def request(self, length: int) -> tuple[int, int]:
         """Add a one-descriptor writable request; return ``(head, buffer gpa)``."""
-        buf = self.mock.alloc(max(length, 1))
-        self.memory.write(buf, b"\xee" * max(length, 1))
-        head = self.mock.add_chain([RawDesc(buf, length, W, 0)])
+        buf = self.alloc(0, max(length, 1))
+        head = self.add_chain(0, [RawDesc(buf, length, W, 0)])
         return head, buf
 
-    def kick(self) -> list[tuple[int, int]]:
-        self.dev.process_queue(0)
-        return self.mock.used_elems()
+    def kick(self, index: int = 0) -> list[tuple[int, int]]:
+        return super().kick(index)
 
 
 @pytest.fixture

@@ -10,35 +10,30 @@ import logging
 from typing import Any
 
 import pytest
-from device_fakes import FakeInterrupt, FakeLoop
 
-from virtio_devices.base import COMMON_FEATURES, VIRTIO_RING_F_EVENT_IDX
+from virtio_devices.base import COMMON_FEATURES
 from virtio_devices.template import VIRTIO_ID_TEMPLATE, TemplateDevice
-from virtio_queue.testing import VIRTQ_DESC_F_WRITE, MockSplitQueue, RawDesc
+from virtio_devices.testing import DeviceRig, FakeInterrupt, FakeLoop
+from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 W = VIRTQ_DESC_F_WRITE
 
 
-class Rig:
+class Rig(DeviceRig):
+    """The kit's rig on the test's memory, with a buffer helper."""
+
     def __init__(self, memory: Any, loop: FakeLoop, interrupt: FakeInterrupt, *, event_idx: bool) -> None:
-        self.memory = memory
-        self.mock = MockSplitQueue(memory, 16)
-        self.queue = self.mock.create_queue(event_idx=event_idx, max_size=1024)
-        self.dev = TemplateDevice()
-        self.interrupt = interrupt
-        self.dev.ack_features(COMMON_FEATURES if event_idx else COMMON_FEATURES & ~VIRTIO_RING_F_EVENT_IDX)
-        self.dev.activate(memory, [self.queue], interrupt, loop)
+        super().__init__(TemplateDevice(), memory=memory, loop=loop, interrupt=interrupt, event_idx=event_idx)
+        self.dev = self.device
+        self.queue = self.queues[0]
 
     def buf(self, data: bytes | int) -> tuple[int, int]:
         """A buffer holding ``data`` (or ``data`` bytes of 0xee); returns ``(gpa, len)``."""
-        payload = data if isinstance(data, bytes) else b"\xee" * data
-        gpa = self.mock.alloc(len(payload))
-        self.memory.write(gpa, payload)
-        return gpa, len(payload)
+        gpa = self.alloc(0, data)
+        return gpa, len(data) if isinstance(data, bytes) else data
 
-    def kick(self) -> list[tuple[int, int]]:
-        self.dev.process_queue(0)
-        return self.mock.used_elems()
+    def kick(self, index: int = 0) -> list[tuple[int, int]]:
+        return super().kick(index)
 
 
 @pytest.fixture

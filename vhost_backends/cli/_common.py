@@ -3,8 +3,14 @@
 * :func:`setup_logging`: the ``RUST_LOG`` convention of env_logger, which the Rust
   daemons use (levels error, warn, info, debug, trace, off; ``target=level``
   directives; errors only when unset).  Only the CLI installs log handlers.
-* :func:`socket_paths`: ``<path>0 .. <path>N-1``, the suffixing upstream applies
-  for ``-c/--socket-count`` (always, even for one socket).
+* The socket flags, spelled as upstream's daemons spell them:
+  :func:`add_socket_count_args` (``-s/--socket-path`` + ``-c/--socket-count``, the
+  index always appended: :func:`socket_paths`), :func:`add_socket_path_arg`
+  (``-s/--socket-path`` used verbatim: :func:`verbatim_socket_path`) and
+  :func:`add_socket_or_fd_args` (``--socket`` or ``--socket-fd``, exactly one).
+* :func:`serve`: the one call at the end of every ``run``: the daemon layer imported
+  late (parsing and validation work without it), ``VHD_POLL_US`` read, a fresh
+  device per connection from the factory.  CLI tests patch this one function.
 * :class:`ConfigError`: a bad command line found by ``Config.from_args``;
   :func:`run_main` prints ``error: ...`` and exits 1.  argparse usage errors exit 2
   with one line, as clap's do.
@@ -35,15 +41,20 @@ __all__ = [
     "U32_MAX",
     "USIZE_MAX",
     "ConfigError",
+    "add_socket_count_args",
+    "add_socket_or_fd_args",
+    "add_socket_path_arg",
     "add_version_argument",
     "env_poll_max_us",
     "env_switch",
     "make_parser",
     "parse_rust_log",
     "run_main",
+    "serve",
     "setup_logging",
     "socket_paths",
     "uint",
+    "verbatim_socket_path",
     "version_string",
 ]
 
@@ -181,6 +192,80 @@ def socket_paths(path: str | os.PathLike[str], count: int) -> list[str]:
     if p.name in ("", ".", ".."):
         raise ConfigError(f"socket path {os.fspath(path)!r} has no file name")
     return [str(p.parent / f"{p.name}{i}") for i in range(count)]
+
+
+def verbatim_socket_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as the socket to serve, unchanged (daemons without ``-c``).
+
+    Raises:
+        ConfigError: ``path`` names no file.
+    """
+    text = os.fspath(path)
+    if pathlib.PurePath(text).name in ("", ".", ".."):
+        raise ConfigError(f"socket path {text!r} has no file name")
+    return text
+
+
+def add_socket_count_args(
+    parser: argparse.ArgumentParser,
+    *,
+    count_help: str = "Number of guests (sockets) to connect to [default: 1]",
+) -> None:
+    """``-c/--socket-count`` (default 1) and a required ``-s/--socket-path``, whose
+    paths :func:`socket_paths` makes (``ns.socket_path``, ``ns.socket_count``)."""
+    parser.add_argument(
+        "-c",
+        "--socket-count",
+        type=uint(32),
+        default=1,
+        metavar="SOCKET_COUNT",
+        help=count_help,
+    )
+    parser.add_argument(
+        "-s",
+        "--socket-path",
+        required=True,
+        metavar="SOCKET",
+        help="Location of vhost-user Unix domain socket. This is suffixed by 0,1,2..socket_count-1.",
+    )
+
+
+def add_socket_path_arg(
+    parser: argparse.ArgumentParser,
+    *,
+    help: str = "Location of vhost-user Unix domain socket. This supports a single socket / guest.",
+) -> None:
+    """A required ``-s/--socket-path`` used verbatim (:func:`verbatim_socket_path`)."""
+    parser.add_argument("-s", "--socket-path", required=True, metavar="SOCKET", help=help)
+
+
+def add_socket_or_fd_args(parser: argparse.ArgumentParser) -> None:
+    """``--socket PATH`` or ``--socket-fd FD``, exactly one (upstream sound's group).
+
+    ``ns.socket`` is the path used verbatim, ``ns.socket_fd`` a listening socket
+    the daemon inherited; the other is None.
+    """
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--socket", metavar="SOCKET", help="vhost-user Unix domain socket path")
+    group.add_argument(
+        "--socket-fd", type=uint(32), metavar="FD", help="vhost-user Unix domain socket file descriptor"
+    )
+
+
+def serve(prog: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
+    """Serve ``factory(i)`` devices on ``paths[i]`` until SIGINT/SIGTERM; the exit status.
+
+    The end of every daemon's ``run``: a fresh device per front-end connection,
+    the polling window from ``VHD_POLL_US``.  The daemon layer is imported here,
+    so that parsing and validation work without it; tests patch this function.
+
+    Raises:
+        ConfigError: ``VHD_POLL_US`` is not a number of microseconds.
+    """
+    poll_max_us = env_poll_max_us()
+    from vhost_backends.daemon import run_daemons  # noqa: PLC0415 - late, see above
+
+    return run_daemons(prog, paths, factory, poll_max_us=poll_max_us)
 
 
 def _env_text(name: str, env: Mapping[str, str] | None) -> str:

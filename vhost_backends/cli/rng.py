@@ -26,18 +26,18 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from virtio_devices.errors import RngError
-from virtio_devices.hosts.files import FileEntropySource
+from virtio_devices.hosts.files import FileEntropySource, RngError
 from virtio_devices.rng import RngDevice
 
 from ._common import (
     U32_MAX,
     USIZE_MAX,
     ConfigError,
-    env_poll_max_us,
+    add_socket_count_args,
     env_switch,
     make_parser,
     run_main,
+    serve,
     socket_paths,
     uint,
 )
@@ -71,21 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MAX_BYTES",
         help=f"Maximum amount of byte that can be transferred in a period [default: {USIZE_MAX}]",
     )
-    p.add_argument(
-        "-c",
-        "--socket-count",
-        type=uint(32),
-        default=1,
-        metavar="SOCKET_COUNT",
-        help="Number of guests (sockets) to connect to [default: 1]",
-    )
-    p.add_argument(
-        "-s",
-        "--socket-path",
-        required=True,
-        metavar="SOCKET",
-        help="Location of vhost-user Unix domain socket. This is suffixed by 0,1,2..socket_count-1.",
-    )
+    add_socket_count_args(p)
     p.add_argument(
         "-f",
         "--rng-source",
@@ -169,10 +155,7 @@ def run(config: Config) -> int:
         return RngDevice(source, period_ms=config.period_ms, max_bytes=config.device_max_bytes)
 
     try:
-        # Imported here so that parsing and validation work without the daemon layer.
-        from vhost_backends.daemon import run_daemons  # noqa: PLC0415
-
-        return run_daemons(PROG, config.socket_paths(), device_factory, poll_max_us=env_poll_max_us())
+        return serve(PROG, config.socket_paths(), device_factory)
     finally:
         source.close()
 

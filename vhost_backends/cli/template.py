@@ -13,14 +13,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import os
-import pathlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from virtio_devices.template import TemplateDevice
 
-from ._common import ConfigError, env_poll_max_us, make_parser, run_main
+from ._common import add_socket_path_arg, make_parser, run_main, serve, verbatim_socket_path
 
 __all__ = ["Config", "build_parser", "main", "run"]
 
@@ -30,13 +28,7 @@ PROG = "vhost-device-template"
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``vhost-device-template``, as upstream's ``FooArgs``."""
     p = make_parser(PROG, __doc__)
-    p.add_argument(
-        "-s",
-        "--socket-path",
-        required=True,
-        metavar="SOCKET",
-        help="Location of vhost-user Unix domain socket. This supports a single socket / guest.",
-    )
+    add_socket_path_arg(p)
     return p
 
 
@@ -55,21 +47,12 @@ class Config(NamedTuple):
         Raises:
             ConfigError: the socket path names no file.
         """
-        path = os.fspath(ns.socket_path)
-        if pathlib.PurePath(path).name in ("", ".", ".."):
-            raise ConfigError(f"socket path {path!r} has no file name")
-        return cls(socket_path=path)
+        return cls(socket_path=verbatim_socket_path(ns.socket_path))
 
 
 def run(config: Config) -> int:
     """Serve the socket until SIGINT/SIGTERM, a fresh device per connection."""
-    # Imported here so that parsing and validation work without the daemon layer.
-    from vhost_backends.daemon import run_daemons  # noqa: PLC0415
-
-    def device_factory(index: int) -> TemplateDevice:
-        return TemplateDevice()
-
-    return run_daemons(PROG, [config.socket_path], device_factory, poll_max_us=env_poll_max_us())
+    return serve(PROG, [config.socket_path], lambda index: TemplateDevice())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

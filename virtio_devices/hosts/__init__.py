@@ -5,10 +5,11 @@ itself (DESIGN.md, "virtio_devices").  Each backend has a simulated twin usable 
 tests and, where upstream offers one, from the CLI.
 
 * :mod:`virtio_devices.hosts.files`: entropy sources for virtio-rng.
+
+This package imports nothing on its own: a backend's optional dependency (gpiod,
+pyalsaaudio, smbus2) is needed only by whoever imports that backend's module, never
+to start another daemon.  Import the module you need
+(``from virtio_devices.hosts.files import FileEntropySource``).
 """
 
 from __future__ import annotations
-
-from .files import BytesEntropySource, EntropySource, FdEntropySource, FileEntropySource
-
-__all__ = ["BytesEntropySource", "EntropySource", "FdEntropySource", "FileEntropySource"]

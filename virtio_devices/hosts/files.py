@@ -30,10 +30,21 @@ from typing import Protocol, Self, runtime_checkable
 
 from virtio_queue import ByteSource
 
-from ..errors import RngError
+from ..errors import HostFault
 from . import _getrandom
 
-__all__ = ["BytesEntropySource", "EntropySource", "FdEntropySource", "FileEntropySource"]
+__all__ = ["BytesEntropySource", "EntropySource", "FdEntropySource", "FileEntropySource", "RngError"]
+
+
+class RngError(HostFault):
+    """The entropy source of virtio-rng cannot be opened or read.
+
+    Raised when the source file is missing, unreadable or a directory (upstream:
+    "RNG source file doesn't exists or can't be accessed"): at startup the CLI
+    exits 1 with the message.  Raised by :class:`~virtio_devices.rng.RngDevice`
+    when a read of the source fails while serving: a host fault, so the request
+    completes with 0 bytes and the log gets a rate-limited line.
+    """
 
 
 @runtime_checkable
