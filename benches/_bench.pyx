@@ -85,7 +85,7 @@ def workload_c(Queue q not None, buffer, Py_ssize_t iters, bint device_writes):
             _publish(q, &drv, 1, True, False)
             if not q.pop_head(&head):
                 raise RuntimeError("no chain")
-            ch = make_chain(q._snap, q._memory, q._desc, q._size, head)
+            ch = make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head)
             if device_writes:
                 w = make_writer(ch)
                 if w.avail < <size_t>view.len:
@@ -179,7 +179,7 @@ def workload_fd(Queue q not None, int fd, Py_ssize_t iters, long long offset=0, 
                 raise OSError(errno, "preadv")
             done = <size_t>r
         else:
-            ch = make_chain(q._snap, q._memory, q._desc, q._size, head)
+            ch = make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head)
             w = make_writer(ch)
             while w.avail:
                 k = w._iov(iov, _IOV_MAX_BENCH, w.avail, &got)

@@ -22,14 +22,23 @@ cdef enum:
     VQ_E_BUF_MEM = -8           # a buffer is not in (writable) guest memory
 
 cdef struct ChainCursor:
-    const unsigned char *table  # host address of the current table (main or indirect)
-    uint32_t table_len          # entries in it
+    # The current table (main or indirect) is either one host range (`table`, the
+    # fast case) or, when it runs over adjacent regions, read descriptor by
+    # descriptor through the snapshot: then `table` is NULL, `table_len` 0 (so that
+    # chain_next's index check sends every read to chain_load_split) and
+    # `split_len` its real number of entries.
+    const unsigned char *table  # host address of the current table, or NULL (split)
+    uint32_t table_len          # entries readable through `table` (0 when split)
     uint32_t next_index         # index of the next descriptor to read
     uint32_t ttl                # descriptors that may still be read from this table
     uint64_t total_len          # sum of buffer lengths so far
     uint64_t bad_value          # the offending value, for the error message
     bint has_next
     bint in_indirect
+    uint64_t table_gpa          # guest address of a split table
+    uint32_t split_len          # entries of a split table
+    int mem_rc                  # for VQ_E_TABLE_MEM/VQ_E_BUF_MEM: the GM_* status
+    uint64_t bad_addr           # ... and the address it names
 
 
 cdef inline void chain_init(ChainCursor *c, const unsigned char *table, uint16_t queue_size,
@@ -44,7 +53,27 @@ cdef inline void chain_init(ChainCursor *c, const unsigned char *table, uint16_t
     c.in_indirect = False
 
 
+cdef inline void chain_init_split(ChainCursor *c, uint64_t table_gpa, uint16_t queue_size,
+                                  uint16_t head) noexcept nogil:
+    """chain_init for a main table that runs over adjacent regions (read through
+    the snapshot, see ChainCursor)."""
+    chain_init(c, NULL, 0, head)
+    c.table_gpa = table_gpa
+    c.split_len = queue_size
+    c.ttl = queue_size
+
+
+cdef inline void chain_start(ChainCursor *c, const unsigned char *table, uint64_t table_gpa,
+                             uint16_t queue_size, uint16_t head) noexcept nogil:
+    """chain_init, or chain_init_split when the queue's table has no host pointer."""
+    if table != NULL:
+        chain_init(c, table, queue_size, head)
+    else:
+        chain_init_split(c, table_gpa, queue_size, head)
+
+
 cdef int chain_enter_indirect(MemorySnapshot snap, ChainCursor *c, vring_desc *d) noexcept nogil
+cdef int chain_load_split(MemorySnapshot snap, ChainCursor *c, vring_desc *out) noexcept nogil
 
 
 cdef inline void desc_load(const unsigned char *p, vring_desc *out) noexcept nogil:
@@ -69,19 +98,23 @@ cdef inline int chain_next(MemorySnapshot snap, ChainCursor *c, vring_desc *out)
     table, a walk longer than the table (a cycle), nested indirect tables, INDIRECT
     with NEXT, and a total length above 2^32 all stop the walk.  The common path
     is small enough to inline into every walker; entering an indirect table is
-    out of line (chain_enter_indirect)."""
+    out of line (chain_enter_indirect), and so is reading a table that runs over
+    adjacent regions (chain_load_split)."""
     cdef int rc
     while True:
         if not c.has_next:
             return 0
-        if c.next_index >= c.table_len:
-            c.bad_value = c.next_index
-            return VQ_E_DESC_INDEX
-        if c.ttl == 0:
-            c.bad_value = c.table_len
-            return VQ_E_TTL
-        c.ttl -= 1
-        desc_load(c.table + 16 * <size_t>c.next_index, out)
+        if c.next_index < c.table_len:
+            if c.ttl == 0:
+                c.bad_value = c.table_len
+                return VQ_E_TTL
+            c.ttl -= 1
+            desc_load(c.table + 16 * <size_t>c.next_index, out)
+        else:
+            # An index out of range, or a table over adjacent regions (out of line).
+            rc = chain_load_split(snap, c, out)
+            if rc < 0:
+                return rc
         if out.flags & VRING_DESC_F_INDIRECT:
             rc = chain_enter_indirect(snap, c, out)
             if rc < 0:
@@ -109,14 +142,15 @@ cdef class Descriptor:
 cdef class DescriptorChain:
     cdef MemorySnapshot snap
     cdef object _memory
-    cdef const unsigned char *table
+    cdef const unsigned char *table     # NULL: the table runs over regions (table_gpa)
+    cdef uint64_t table_gpa
     cdef uint16_t queue_size
     cdef readonly uint16_t head_index
     cdef ChainCursor cur
 
 
 cdef DescriptorChain make_chain(MemorySnapshot snap, object memory, const unsigned char *table,
-                                uint16_t queue_size, uint16_t head)
+                                uint64_t table_gpa, uint16_t queue_size, uint16_t head)
 
 
 cdef class _Stream:

@@ -23,8 +23,9 @@ from posix.uio cimport iovec
 from virtio_queue.includes.virtio_ring cimport (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
                                                 VRING_DESC_F_WRITE, vring_desc)
 from virtio_queue.includes.vq_copy cimport vq_copy
-from virtio_queue.memory cimport (MemEntry, MemorySnapshot, make_view, snap_entry, snap_ptr,
-                                  snap_ptr_w, struct_for)
+from virtio_queue.memory cimport (GM_OK, MemEntry, MemorySnapshot, gm_text, make_view,
+                                  snap_check, snap_copy, snap_entry, snap_ptr, snap_ptr_w,
+                                  struct_for)
 from virtio_queue.source cimport fd_iov
 
 from virtio_queue.errors import (DescriptorChainOverflow, GuestMemoryError, InvalidChain,
@@ -62,9 +63,11 @@ def set_copy_mode(str mode):
 
 cdef int chain_enter_indirect(MemorySnapshot snap, ChainCursor *c, vring_desc *d) noexcept nogil:
     """Switch the cursor to the indirect table that *d refers to (VIRTIO 1.2
-    §2.7.5.3): 0, or a VQ_E_* code if the table is not allowed or not mapped."""
+    §2.7.5.3): 0, or a VQ_E_* code if the table is not allowed or not mapped.  The
+    table may run over adjacent regions (then it is read through the snapshot)."""
     cdef const unsigned char *p
     cdef uint32_t n
+    cdef int rc
     # §2.7.5.3.1: the driver MUST NOT set INDIRECT in a descriptor of an indirect
     # table, nor INDIRECT together with NEXT.
     if c.in_indirect:
@@ -75,16 +78,51 @@ cdef int chain_enter_indirect(MemorySnapshot snap, ChainCursor *c, vring_desc *d
     if d.len == 0 or d.len % 16 != 0 or d.len // 16 > 65536:
         c.bad_value = d.len
         return VQ_E_INDIRECT_LEN
-    p = snap_ptr(snap, d.addr, d.len)
-    if p == NULL:
-        c.bad_value = d.addr
-        return VQ_E_TABLE_MEM
     n = d.len // 16
+    p = snap_ptr(snap, d.addr, d.len)
+    if p != NULL:
+        c.table_len = n
+    else:
+        # Not in one region: a table that runs on into the next region is read
+        # descriptor by descriptor (chain_load_split); one with a hole is refused.
+        rc = snap_check(snap, d.addr, d.len, False, 1, &c.bad_addr)
+        if rc != GM_OK:
+            c.mem_rc = rc
+            c.bad_value = d.addr
+            c.total_len = d.len
+            return VQ_E_TABLE_MEM
+        c.table_len = 0
+        c.table_gpa = d.addr
+        c.split_len = n
     c.table = p
-    c.table_len = n
     c.ttl = n
     c.next_index = 0
     c.in_indirect = True
+    return 0
+
+
+cdef int chain_load_split(MemorySnapshot snap, ChainCursor *c, vring_desc *out) noexcept nogil:
+    """chain_next's slow step: 0 with the next descriptor of a table that runs over
+    adjacent regions in *out (copied piece by piece), or the VQ_E_* code of an
+    index outside the table or of a walk longer than it (VIRTIO 1.2 §2.7.5.2)."""
+    cdef unsigned char raw[16]
+    cdef int rc
+    if c.table != NULL or c.next_index >= c.split_len:
+        c.bad_value = c.next_index
+        return VQ_E_DESC_INDEX
+    if c.ttl == 0:
+        c.bad_value = c.split_len
+        return VQ_E_TTL
+    c.ttl -= 1
+    # The table was checked when the walk entered it and the snapshot cannot
+    # change, so this copy fails only if that check was skipped (a bug).
+    rc = snap_copy(snap, c.table_gpa + 16 * <uint64_t>c.next_index, raw, 16, False, &c.bad_addr)
+    if rc != GM_OK:
+        c.mem_rc = rc
+        c.bad_value = c.table_gpa
+        c.total_len = 16 * <uint64_t>c.split_len
+        return VQ_E_TABLE_MEM
+    desc_load(raw, out)
     return 0
 
 
@@ -93,7 +131,8 @@ cdef int raise_for_status(int rc, ChainCursor *c, uint16_t head) except -1:
     where = f"chain {head}"
     if rc == VQ_E_DESC_INDEX:
         raise InvalidDescriptorIndex(
-            f"{where}: descriptor index {c.bad_value} out of range (table size {c.table_len})")
+            f"{where}: descriptor index {c.bad_value} out of range "
+            f"(table size {c.table_len if c.table != NULL else c.split_len})")
     if rc == VQ_E_TTL:
         raise InvalidChain(
             f"{where}: longer than its table of {c.bad_value} descriptors (a cycle)")
@@ -108,14 +147,14 @@ cdef int raise_for_status(int rc, ChainCursor *c, uint16_t head) except -1:
             f"{where}: indirect table length {c.bad_value} is zero, not a multiple of 16 "
             "or too large")
     if rc == VQ_E_TABLE_MEM:
-        raise GuestMemoryError(f"{where}: indirect table at {c.bad_value:#x} is not in guest memory")
+        raise GuestMemoryError(f"{where}: indirect table [{c.bad_value:#x}, +{c.total_len:#x}) "
+                               f"{gm_text(c.mem_rc, c.bad_addr)}")
     if rc == VQ_E_CHAIN_LEN:
         raise DescriptorChainOverflow(
             f"{where}: total length {c.bad_value} exceeds 2^32 (VIRTIO 1.2 §2.7.5.2)")
     if rc == VQ_E_BUF_MEM:
-        raise GuestMemoryError(
-            f"{where}: buffer [{c.bad_value:#x}, +{c.total_len:#x}) is not in "
-            "(writable) guest memory")
+        raise GuestMemoryError(f"{where}: buffer [{c.bad_value:#x}, +{c.total_len:#x}) "
+                               f"{gm_text(c.mem_rc, c.bad_addr)}")
     raise InvalidChain(f"{where}: error {rc}")
 
 
@@ -203,7 +242,7 @@ cdef class DescriptorChain:
         cdef int rc
         cdef Descriptor x
         out = []
-        chain_init(&c, self.table, self.queue_size, self.head_index)
+        chain_start(&c, self.table, self.table_gpa, self.queue_size, self.head_index)
         while True:
             rc = chain_next(self.snap, &c, &d)
             if rc == 0:
@@ -227,14 +266,17 @@ cdef class DescriptorChain:
 
 
 cdef DescriptorChain make_chain(MemorySnapshot snap, object memory, const unsigned char *table,
-                                uint16_t queue_size, uint16_t head):
+                                uint64_t table_gpa, uint16_t queue_size, uint16_t head):
+    """The chain at ``head`` of a main table at host address ``table`` or, if NULL,
+    of one that runs over adjacent regions from ``table_gpa``."""
     cdef DescriptorChain ch = DescriptorChain.__new__(DescriptorChain)
     ch.snap = snap
     ch._memory = memory
     ch.table = table
+    ch.table_gpa = table_gpa
     ch.queue_size = queue_size
     ch.head_index = head
-    chain_init(&ch.cur, table, queue_size, head)
+    chain_start(&ch.cur, table, table_gpa, queue_size, head)
     return ch
 
 
@@ -261,6 +303,23 @@ cdef inline int _collect_take(_Stream s, _Collected *a, unsigned char *p, size_t
         a.segs[a.n].iov_len = length
         a.n += 1
     a.end = p + length
+    return 0
+
+
+cdef int _collect_pieces(_Stream s, _Collected *a, MemorySnapshot snap, uint64_t gpa,
+                         uint32_t length) except -1:
+    """Add a buffer that snap_check found mapped over adjacent regions, one
+    segment per region (the slow path of _collect)."""
+    cdef MemEntry *e
+    cdef uint64_t take
+    while length:
+        e = snap_entry(snap, gpa, 1)
+        take = length
+        if e.last - gpa < take - 1:
+            take = e.last - gpa + 1
+        _collect_take(s, a, e.hva + (gpa - e.gpa), <size_t>take)
+        gpa += take
+        length -= <uint32_t>take
     return 0
 
 
@@ -335,7 +394,8 @@ cdef class _Stream:
         cdef MemEntry *e
         cdef uint64_t hit_gpa = 1, hit_last = 0     # an empty range: no region yet
         cdef unsigned char *hit_hva = NULL
-        cdef bint fast = True
+        # The fast walk reads the main table by host address: not one over regions.
+        cdef bint fast = table != NULL
         a.segs = self.segs
         a.n = self.nsegs
         a.avail = self.avail
@@ -343,7 +403,7 @@ cdef class _Stream:
         if a.n:
             a.end = <unsigned char *>a.segs[a.n - 1].iov_base + a.segs[a.n - 1].iov_len
         self.snap = snap
-        chain_init(&c, table, ch.queue_size, ch.head_index)
+        chain_start(&c, table, ch.table_gpa, ch.queue_size, ch.head_index)
         while fast and idx < tlen:
             dp = table + 16 * <size_t>idx
             while True:                 # a run of descriptors at idx, idx+1, ...
@@ -390,12 +450,18 @@ cdef class _Stream:
             if (d.flags & VRING_DESC_F_WRITE) != want or d.len == 0:
                 continue
             p = snap_ptr_w(snap, d.addr, d.len) if want_write else snap_ptr(snap, d.addr, d.len)
-            if p == NULL:
+            if p != NULL:
+                _collect_take(self, &a, p, d.len)
+                continue
+            # Not in one region: a buffer that runs on into the next region(s) is
+            # taken as one segment per region; one with a hole is refused.
+            c.mem_rc = snap_check(snap, d.addr, d.len, want_write, 1, &c.bad_addr)
+            if c.mem_rc != GM_OK:
                 rc = VQ_E_BUF_MEM
                 c.bad_value = d.addr
                 c.total_len = d.len
                 break
-            _collect_take(self, &a, p, d.len)
+            _collect_pieces(self, &a, snap, d.addr, d.len)
         self.nsegs = a.n
         self.avail = a.avail
         if rc < 0:

@@ -92,6 +92,24 @@ cdef inline unsigned char *snap_ptr_w(MemorySnapshot s, uint64_t gpa, uint64_t l
     return e.hva + (gpa - e.gpa)
 
 
+# Status of a range that may run over several regions (snap_check); `bad` is the
+# address the status is about.
+cdef enum:
+    GM_OK = 0
+    GM_UNMAPPED = -1        # the first byte is not mapped (bad = gpa)
+    GM_GAP = -2             # the range runs off a region into unmapped space (bad: where)
+    GM_READ_ONLY = -3       # a write range reaches a read-only region (bad: where)
+    GM_OVERFLOW = -4        # gpa + length overflows 2^64
+    GM_SPLIT_FIELD = -5     # a region boundary falls inside an aligned field (bad: where)
+
+
+cdef int snap_check(MemorySnapshot s, uint64_t gpa, uint64_t length, bint write,
+                    uint64_t align, uint64_t *bad) noexcept nogil
+cdef int snap_copy(MemorySnapshot s, uint64_t gpa, unsigned char *buf, size_t length,
+                   bint to_guest, uint64_t *bad) noexcept nogil
+cdef str gm_text(int rc, uint64_t bad)
+cdef int gm_raise(int rc, uint64_t gpa, uint64_t length, uint64_t bad, str what=*) except -1
+cdef int gm_copy(GuestMemory m, uint64_t gpa, void *buf, size_t length, bint to_guest) except -1
 cdef unsigned char *gm_ptr(GuestMemory m, uint64_t gpa, uint64_t length, bint write) except NULL
 cdef object make_view(MemorySnapshot snap, unsigned char *ptr, Py_ssize_t length, bint readonly)
 cdef object struct_for(str fmt)

@@ -18,7 +18,6 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.unistd cimport sysconf
 
@@ -238,16 +237,131 @@ cdef object make_view(MemorySnapshot snap, unsigned char *ptr, Py_ssize_t length
     return memoryview(v)
 
 
-cdef unsigned char *gm_ptr(GuestMemory m, uint64_t gpa, uint64_t length, bint write) except NULL:
-    """Checked translation for the Python-level helpers; raises GuestMemoryError."""
+cdef int snap_check(MemorySnapshot s, uint64_t gpa, uint64_t length, bint write,
+                    uint64_t align, uint64_t *bad) noexcept nogil:
+    """Whether ``[gpa, gpa+length)`` is mapped, in one region or over several that
+    follow each other in guest-physical memory: GM_OK, or a GM_* code with ``bad``
+    the address it is about.
+
+    A driver addresses guest-physical memory (VIRTIO 1.2 §2.7) and cannot know how
+    the VMM split it into regions, so a range may run from one region into the next
+    (rust-vmm's ``check_range`` accepts it too); a hole anywhere is refused.  With
+    ``write`` every byte must be writable; with ``align`` > 1 every boundary inside
+    the range must fall on a multiple of ``align``, so that no aligned field of that
+    size is split (a ring's u16/u32 fields are loaded and stored in one access).
+    The slow path, taken only when one region does not hold the whole range."""
+    cdef uint64_t cur = gpa, left = length
+    cdef MemEntry *e
+    bad[0] = gpa
+    if length and gpa + (length - 1) < gpa:
+        return GM_OVERFLOW
+    while True:
+        e = snap_entry(s, cur, 1)
+        if e == NULL:
+            bad[0] = cur
+            return GM_UNMAPPED if cur == gpa else GM_GAP
+        if write and not e.writable:
+            bad[0] = cur
+            return GM_READ_ONLY
+        if cur != gpa and align > 1 and cur % align:
+            bad[0] = cur
+            return GM_SPLIT_FIELD
+        if left <= 1 or left - 1 <= e.last - cur:
+            return GM_OK
+        # e.last - cur < left - 1 here, so neither step overflows.
+        left -= e.last - cur + 1
+        cur = e.last + 1
+
+
+cdef int snap_copy(MemorySnapshot s, uint64_t gpa, unsigned char *buf, size_t length,
+                   bint to_guest, uint64_t *bad) noexcept nogil:
+    """Copy between ``buf`` and ``[gpa, gpa+length)`` (into the guest if
+    ``to_guest``), region by region: all of it, or nothing and a GM_* code from
+    :func:`snap_check`."""
+    cdef int rc = snap_check(s, gpa, length, to_guest, 1, bad)
+    cdef size_t done = 0, take
+    cdef MemEntry *e
+    cdef unsigned char *p
+    if rc != GM_OK:
+        return rc
+    while done < length:
+        e = snap_entry(s, gpa, 1)      # checked above: not NULL
+        p = e.hva + (gpa - e.gpa)
+        take = length - done
+        if e.last - gpa < take - 1:
+            take = <size_t>(e.last - gpa + 1)
+        if to_guest:
+            vq_copy(p, buf + done, take)
+        else:
+            vq_copy(buf + done, p, take)
+        done += take
+        gpa += take
+    return GM_OK
+
+
+cdef str gm_text(int rc, uint64_t bad):
+    """What a GM_* status says about a range (the end of an error message)."""
+    if rc == GM_OVERFLOW:
+        return "overflows the address space"
+    if rc == GM_UNMAPPED:
+        return f"is not mapped at {bad:#x}"
+    if rc == GM_GAP:
+        return f"crosses a gap at {bad:#x}"
+    if rc == GM_READ_ONLY:
+        return f"is read-only at {bad:#x}"
+    if rc == GM_SPLIT_FIELD:
+        return f"has a region boundary inside a field at {bad:#x}"
+    return f"is not in guest memory (status {rc})"
+
+
+cdef int gm_raise(int rc, uint64_t gpa, uint64_t length, uint64_t bad, str what="guest range") except -1:
+    """Raise the GuestMemoryError that a GM_* code of ``[gpa, gpa+length)`` means."""
+    raise GuestMemoryError(f"{what} [{gpa:#x}, +{length:#x}) {gm_text(rc, bad)}")
+
+
+cdef int gm_copy(GuestMemory m, uint64_t gpa, void *buf, size_t length, bint to_guest) except -1:
+    """Copy between ``buf`` and guest memory at ``gpa``: one copy when one region
+    holds the range, else region by region (:func:`snap_copy`).
+
+    Raises:
+        GuestMemoryError: the range is not all mapped (writable, for ``to_guest``).
+    """
     cdef MemEntry *e = snap_entry(m.snap, gpa, length)
+    cdef uint64_t bad
+    cdef int rc
+    if e != NULL and (e.writable or not to_guest):
+        if to_guest:
+            vq_copy(e.hva + (gpa - e.gpa), buf, length)
+        else:
+            vq_copy(buf, e.hva + (gpa - e.gpa), length)
+        return 0
+    rc = snap_copy(m.snap, gpa, <unsigned char *>buf, length, to_guest, &bad)
+    if rc != GM_OK:
+        gm_raise(rc, gpa, length, bad)
+    return 0
+
+
+cdef unsigned char *gm_ptr(GuestMemory m, uint64_t gpa, uint64_t length, bint write) except NULL:
+    """One host pointer for ``[gpa, gpa+length)``, which must lie in one region (a
+    host address or a zero-copy view cannot span two mappings).
+
+    Raises:
+        GuestMemoryError: not mapped, read-only for ``write``, or over a boundary.
+    """
+    cdef MemEntry *e = snap_entry(m.snap, gpa, length)
+    cdef uint64_t bad
+    cdef int rc
     if e == NULL:
-        if gpa + length < gpa and length:
-            raise GuestMemoryError(f"guest range [{gpa:#x}, +{length:#x}) overflows")
+        rc = snap_check(m.snap, gpa, length, write, 1, &bad)
+        if rc != GM_OK:
+            gm_raise(rc, gpa, length, bad)
+        e = snap_entry(m.snap, gpa, 1)
         raise GuestMemoryError(
-            f"guest range [{gpa:#x}, +{length:#x}) is not inside one mapped region")
+            f"guest range [{gpa:#x}, +{length:#x}) is mapped but crosses from one region into "
+            f"the next at {e.last + 1:#x}: one host pointer cannot span both "
+            "(copy it with read/write or a Reader/Writer)")
     if write and not e.writable:
-        raise GuestMemoryError(f"guest range [{gpa:#x}, +{length:#x}) is read-only")
+        raise GuestMemoryError(f"guest range [{gpa:#x}, +{length:#x}) is read-only at {gpa:#x}")
     return e.hva + (gpa - e.gpa)
 
 
@@ -256,7 +370,10 @@ cdef class GuestMemory:
 
     Every change (:meth:`add_region`, :meth:`remove_region`, :meth:`clear`) bumps
     :attr:`generation`, which queues use to re-translate their ring addresses.
-    Translation of ``[gpa, gpa+len)`` is overflow-checked and never crosses regions.
+    Translation of ``[gpa, gpa+len)`` is overflow-checked.  Copies (:meth:`read`,
+    :meth:`write`, the scalars, a Reader/Writer) run over regions that follow each
+    other in guest-physical memory; a host address or a zero-copy view
+    (:meth:`translate`, :meth:`get_slice`) needs the range inside one region.
     """
 
     def __cinit__(self):
@@ -339,41 +456,66 @@ cdef class GuestMemory:
         return None
 
     def check_range(self, uint64_t gpa, uint64_t length):
-        """Whether ``[gpa, gpa+length)`` lies inside one region."""
-        return snap_entry(self.snap, gpa, length) != NULL
+        """Whether ``[gpa, gpa+length)`` is mapped: inside one region, or over regions
+        that follow each other with no gap (rust-vmm's ``check_range``)."""
+        cdef uint64_t bad
+        return (snap_entry(self.snap, gpa, length) != NULL
+                or snap_check(self.snap, gpa, length, False, 1, &bad) == GM_OK)
 
-    def translate(self, uint64_t gpa, uint64_t length):
-        """The host address of ``[gpa, gpa+length)``.
+    def check_access(self, uint64_t gpa, uint64_t length, bint write=False):
+        """Raise unless ``[gpa, gpa+length)`` is mapped (and writable, for ``write``),
+        possibly over adjacent regions.
 
         Raises:
-            GuestMemoryError: unmapped, overflowing, or crossing a region boundary.
+            GuestMemoryError: naming the first unmapped (or read-only) address, and
+                whether the range starts there ("not mapped at") or runs into it
+                from a mapped region ("crosses a gap at").
+        """
+        cdef uint64_t bad
+        cdef int rc = snap_check(self.snap, gpa, length, write, 1, &bad)
+        if rc != GM_OK:
+            gm_raise(rc, gpa, length, bad)
+
+    def translate(self, uint64_t gpa, uint64_t length):
+        """The host address of ``[gpa, gpa+length)``, which must lie in one region.
+
+        Raises:
+            GuestMemoryError: unmapped, overflowing, or crossing into the next region.
         """
         return <size_t>gm_ptr(self, gpa, length, False)
 
     def read(self, uint64_t gpa, Py_ssize_t length):
-        """Copy ``length`` bytes out of guest memory."""
+        """Copy ``length`` bytes out of guest memory (over adjacent regions too).
+
+        Raises:
+            GuestMemoryError: a byte of the range is not mapped.
+        """
         if length < 0:
             raise ValueError("negative length")
-        cdef unsigned char *p = gm_ptr(self, gpa, <uint64_t>length, False)
         out = PyBytes_FromStringAndSize(NULL, length)
-        vq_copy(PyBytes_AS_STRING(out), p, <size_t>length)
+        gm_copy(self, gpa, PyBytes_AS_STRING(out), <size_t>length, False)
         return out
 
     def readinto(self, uint64_t gpa, buffer):
-        """Fill ``buffer`` from guest memory at ``gpa``."""
+        """Fill ``buffer`` from guest memory at ``gpa`` (over adjacent regions too)."""
         cdef Py_buffer view
         PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
         try:
-            vq_copy(view.buf, gm_ptr(self, gpa, <uint64_t>view.len, False), <size_t>view.len)
+            gm_copy(self, gpa, view.buf, <size_t>view.len, False)
         finally:
             PyBuffer_Release(&view)
 
     def write(self, uint64_t gpa, data):
-        """Copy ``data`` (any bytes-like object) into guest memory at ``gpa``."""
+        """Copy ``data`` (any bytes-like object) into guest memory at ``gpa``, all of it
+        or nothing (over adjacent regions too).
+
+        Raises:
+            GuestMemoryError: a byte of the range is not mapped or is read-only.
+        """
         cdef Py_buffer view
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            vq_copy(gm_ptr(self, gpa, <uint64_t>view.len, True), view.buf, <size_t>view.len)
+            gm_copy(self, gpa, view.buf, <size_t>view.len, True)
         finally:
             PyBuffer_Release(&view)
 
@@ -383,17 +525,17 @@ cdef class GuestMemory:
 
     def read_u16(self, uint64_t gpa):
         cdef uint16_t v
-        memcpy(&v, gm_ptr(self, gpa, 2, False), 2)
+        gm_copy(self, gpa, &v, 2, False)
         return le16toh(v)
 
     def read_u32(self, uint64_t gpa):
         cdef uint32_t v
-        memcpy(&v, gm_ptr(self, gpa, 4, False), 4)
+        gm_copy(self, gpa, &v, 4, False)
         return le32toh(v)
 
     def read_u64(self, uint64_t gpa):
         cdef uint64_t v
-        memcpy(&v, gm_ptr(self, gpa, 8, False), 8)
+        gm_copy(self, gpa, &v, 8, False)
         return le64toh(v)
 
     def write_u8(self, uint64_t gpa, uint8_t value):
@@ -401,15 +543,15 @@ cdef class GuestMemory:
 
     def write_u16(self, uint64_t gpa, uint16_t value):
         cdef uint16_t v = htole16(value)
-        memcpy(gm_ptr(self, gpa, 2, True), &v, 2)
+        gm_copy(self, gpa, &v, 2, True)
 
     def write_u32(self, uint64_t gpa, uint32_t value):
         cdef uint32_t v = htole32(value)
-        memcpy(gm_ptr(self, gpa, 4, True), &v, 4)
+        gm_copy(self, gpa, &v, 4, True)
 
     def write_u64(self, uint64_t gpa, uint64_t value):
         cdef uint64_t v = htole64(value)
-        memcpy(gm_ptr(self, gpa, 8, True), &v, 8)
+        gm_copy(self, gpa, &v, 8, True)
 
     def read_obj(self, uint64_t gpa, str fmt):
         """Unpack a little-endian struct (``struct`` format, no byte-order prefix)."""

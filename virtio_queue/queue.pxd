@@ -22,6 +22,10 @@ cdef class Queue:
     cdef MemorySnapshot _snap
     cdef uint64_t _gen
     cdef bint _mapped
+    # The avail or used ring runs over adjacent regions: _avail/_used are NULL and
+    # every ring access translates its field (_mapped stays False, so the hot
+    # paths' _rings_current check sends them to their out-of-line split branch).
+    cdef bint _split
     cdef unsigned char *_desc
     cdef unsigned char *_avail
     cdef unsigned char *_used
@@ -44,6 +48,9 @@ cdef class Queue:
     cdef int _map(self) except -1
     cdef int ensure_ready(self) except -1
     cdef int pop_head(self, uint16_t *head) except -1
+    cdef int _pop_resubmitted(self, uint16_t *head) except -1
+    cdef int _pop_head_split(self, uint16_t *head) except -1
+    cdef void _publish_used_split(self, uint32_t *v) noexcept nogil
     cdef bint work_pending_c(self) noexcept nogil
     cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -2
     cdef int fill_c(self, ByteSource source, Py_ssize_t max_chains, bint suppress,

@@ -17,7 +17,7 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.errno cimport EINTR, errno
 from posix.uio cimport iovec
 
-from virtio_queue.chain cimport ChainCursor, chain_init, chain_next, make_chain
+from virtio_queue.chain cimport ChainCursor, chain_next, chain_start, make_chain
 from virtio_queue.includes.atomics cimport (vq_fence_seqcst, vq_load_acquire16,
                                             vq_store_release16)
 from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh
@@ -25,7 +25,8 @@ from virtio_queue.includes.virtio_ring cimport (VRING_AVAIL_F_NO_INTERRUPT,
                                                 VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
                                                 vring_desc)
 from virtio_queue.layouts cimport DescStateSplit, QueueRegionSplit, inflight_desc
-from virtio_queue.memory cimport GuestMemory, MemorySnapshot, snap_ptr, snap_ptr_w
+from virtio_queue.memory cimport (GM_OK, GuestMemory, MemorySnapshot, gm_text, snap_check,
+                                  snap_ptr, snap_ptr_w)
 from virtio_queue.source cimport ByteSource
 
 from virtio_queue.errors import (InvalidAvailRingIndex, InvalidDescriptorIndex,
@@ -50,6 +51,40 @@ cdef inline void _wr16(unsigned char *p, uint16_t v) noexcept nogil:
     memcpy(p, &v, 2)
 
 
+cdef inline unsigned char *_field(Queue q, uint64_t gpa, uint64_t size) noexcept nogil:
+    """Host address of a ring field of a split queue (q._split).  _map checked that
+    the ring is mapped and that no region boundary falls inside a field, so this
+    finds the field in one region of the queue's snapshot."""
+    return snap_ptr(q._snap, gpa, size)
+
+
+cdef inline uint16_t _avail_rd16(Queue q, size_t off) noexcept nogil:
+    """avail ring u16 at ``off`` (not the per-chain hot path: see pop_head)."""
+    if q._avail != NULL:
+        return _rd16(q._avail + off)
+    return _rd16(_field(q, q._avail_gpa + off, 2))
+
+
+cdef inline uint16_t _avail_idx_acquire(Queue q) noexcept nogil:
+    """avail->idx, loaded with acquire ordering (VIRTIO 1.2 §2.7.13.3)."""
+    if q._avail != NULL:
+        return le16toh(vq_load_acquire16(q._avail + 2))
+    return le16toh(vq_load_acquire16(_field(q, q._avail_gpa + 2, 2)))
+
+
+cdef inline uint16_t _used_rd16(Queue q, size_t off) noexcept nogil:
+    if q._used != NULL:
+        return _rd16(q._used + off)
+    return _rd16(_field(q, q._used_gpa + off, 2))
+
+
+cdef inline void _used_wr16(Queue q, size_t off, uint16_t v) noexcept nogil:
+    if q._used != NULL:
+        _wr16(q._used + off, v)
+    else:
+        _wr16(_field(q, q._used_gpa + off, 2), v)
+
+
 cdef inline bint _rings_current(Queue q) noexcept nogil:
     """The queue is ready and its ring pointers were translated against the current
     memory (the hot paths' check; ``ensure_ready`` redoes the translation)."""
@@ -63,7 +98,7 @@ cdef inline int _known_avail(Queue q) noexcept nogil:
     the caller reports it with :func:`_raise_ahead` or leaves it to pop_head)."""
     cdef uint16_t idx, n
     if q._next_avail == q._avail_seen:
-        idx = le16toh(vq_load_acquire16(q._avail + 2))
+        idx = _avail_idx_acquire(q)
         n = idx - q._next_avail
         if n > q._size:
             return -1
@@ -121,7 +156,7 @@ cdef class Queue:
         self._signalled_valid = False
         self._resubmit = None
         self._n_resubmit = 0
-        self._mapped = False
+        self._mapped = self._split = False
         self._snap = None
         self._desc = self._avail = self._used = NULL
 
@@ -147,7 +182,7 @@ cdef class Queue:
             raise InvalidQueueConfig(
                 f"queue size {value!r} is not a power of two in 1..{self._max_size}")
         self._size = <uint16_t>value
-        self._mapped = False
+        self._mapped = self._split = False
 
     @property
     def ready(self):
@@ -175,7 +210,7 @@ cdef class Queue:
         if gpa & 15:
             raise InvalidQueueConfig(f"descriptor table address {gpa:#x} is not 16-byte aligned")
         self._desc_gpa = gpa
-        self._mapped = False
+        self._mapped = self._split = False
 
     @property
     def avail_ring(self):
@@ -186,7 +221,7 @@ cdef class Queue:
         if gpa & 1:
             raise InvalidQueueConfig(f"available ring address {gpa:#x} is not 2-byte aligned")
         self._avail_gpa = gpa
-        self._mapped = False
+        self._mapped = self._split = False
 
     @property
     def used_ring(self):
@@ -197,7 +232,7 @@ cdef class Queue:
         if gpa & 3:
             raise InvalidQueueConfig(f"used ring address {gpa:#x} is not 4-byte aligned")
         self._used_gpa = gpa
-        self._mapped = False
+        self._mapped = self._split = False
 
     @property
     def memory(self):
@@ -206,35 +241,55 @@ cdef class Queue:
     @memory.setter
     def memory(self, GuestMemory memory):
         self._memory = memory
-        self._mapped = False
+        self._mapped = self._split = False
         self._snap = None
 
     cdef int _map(self) except -1:
-        """Translate the three rings against the memory's current snapshot."""
+        """Translate the three rings against the memory's current snapshot.
+
+        A part may run over regions that follow each other in guest-physical memory
+        (VIRTIO 1.2 §2.7 gives the driver guest-physical addresses only): a
+        descriptor table then has no host pointer and chains read it through the
+        snapshot; an avail or used ring puts the queue in split mode (every ring
+        access translates its field), as long as no region boundary falls inside
+        a u16/u32 field, which is loaded or stored in one access."""
         cdef MemorySnapshot snap
         cdef uint64_t n = self._size
         cdef unsigned char *desc
         cdef unsigned char *avail
         cdef unsigned char *used
+        cdef uint64_t bad
+        cdef int rc
         if self._memory is None:
             raise QueueNotReady("queue has no guest memory")
         snap = self._memory.snap
+        if self._split and self._snap is snap:
+            return 0                    # split mode, still current
         desc = snap_ptr(snap, self._desc_gpa, 16 * n)
         avail = snap_ptr(snap, self._avail_gpa, 6 + 2 * n)
         used = snap_ptr_w(snap, self._used_gpa, 6 + 8 * n)
         if desc == NULL:
-            raise InvalidQueueConfig(
-                f"descriptor table [{self._desc_gpa:#x}, +{16 * n:#x}) is not in guest memory")
+            rc = snap_check(snap, self._desc_gpa, 16 * n, False, 1, &bad)
+            if rc != GM_OK:
+                raise InvalidQueueConfig(
+                    f"descriptor table [{self._desc_gpa:#x}, +{16 * n:#x}) {gm_text(rc, bad)}")
         if avail == NULL:
-            raise InvalidQueueConfig(
-                f"available ring [{self._avail_gpa:#x}, +{6 + 2 * n:#x}) is not in guest memory")
+            rc = snap_check(snap, self._avail_gpa, 6 + 2 * n, False, 2, &bad)
+            if rc != GM_OK:
+                raise InvalidQueueConfig(
+                    f"available ring [{self._avail_gpa:#x}, +{6 + 2 * n:#x}) {gm_text(rc, bad)}")
         if used == NULL:
-            raise InvalidQueueConfig(
-                f"used ring [{self._used_gpa:#x}, +{6 + 8 * n:#x}) is not in writable guest memory")
+            rc = snap_check(snap, self._used_gpa, 6 + 8 * n, True, 4, &bad)
+            if rc != GM_OK:
+                raise InvalidQueueConfig(
+                    f"used ring [{self._used_gpa:#x}, +{6 + 8 * n:#x}) {gm_text(rc, bad)}")
+        self._split = avail == NULL or used == NULL
+        if self._split:
+            avail = used = NULL
         self._desc, self._avail, self._used = desc, avail, used
         self._snap = snap
         self._gen = self._memory._generation
-        self._mapped = True
+        self._mapped = not self._split
         return 0
 
     cdef inline int ensure_ready(self) except -1:
@@ -279,11 +334,13 @@ cdef class Queue:
     def avail_idx(self):
         """The driver's avail->idx, read with acquire ordering."""
         self.ensure_ready()
-        return le16toh(vq_load_acquire16(self._avail + 2))
+        return _avail_idx_acquire(self)
 
     def used_idx(self):
         """used->idx as published."""
         self.ensure_ready()
+        if self._used == NULL:
+            return le16toh(vq_load_acquire16(_field(self, self._used_gpa + 2, 2)))
         return le16toh(vq_load_acquire16(self._used + 2))
 
     def pending(self):
@@ -293,7 +350,7 @@ cdef class Queue:
             InvalidAvailRingIndex: avail->idx is more than the queue size ahead.
         """
         self.ensure_ready()
-        cdef uint16_t idx = le16toh(vq_load_acquire16(self._avail + 2))
+        cdef uint16_t idx = _avail_idx_acquire(self)
         cdef uint16_t n = idx - self._next_avail
         if n > self._size:
             _raise_ahead(self, idx)
@@ -307,18 +364,40 @@ cdef class Queue:
         cdef int n
         if not _rings_current(self):
             self.ensure_ready()
+            if self._split:
+                return self._pop_head_split(head)
         if self._n_resubmit:
-            self._n_resubmit -= 1
-            head[0] = <uint16_t>self._resubmit.pop()
-            if self._inflight != NULL:
-                self._inflight_popped(head[0])
-            return 1
+            return self._pop_resubmitted(head)
         n = _known_avail(self)
         if n <= 0:
             if n < 0:
-                _raise_ahead(self, le16toh(vq_load_acquire16(self._avail + 2)))
+                _raise_ahead(self, _avail_idx_acquire(self))
             return 0
         head[0] = _rd16(self._avail + 4 + 2 * <size_t>(self._next_avail & (self._size - 1)))
+        self._next_avail += 1
+        if self._inflight != NULL:
+            self._inflight_popped(head[0])
+        return 1
+
+    cdef int _pop_resubmitted(self, uint16_t *head) except -1:
+        self._n_resubmit -= 1
+        head[0] = <uint16_t>self._resubmit.pop()
+        if self._inflight != NULL:
+            self._inflight_popped(head[0])
+        return 1
+
+    cdef int _pop_head_split(self, uint16_t *head) except -1:
+        """pop_head for a queue in split mode: the same steps, each ring field
+        translated on its own."""
+        cdef int n
+        if self._n_resubmit:
+            return self._pop_resubmitted(head)
+        n = _known_avail(self)
+        if n <= 0:
+            if n < 0:
+                _raise_ahead(self, _avail_idx_acquire(self))
+            return 0
+        head[0] = _avail_rd16(self, 4 + 2 * <size_t>(self._next_avail & (self._size - 1)))
         self._next_avail += 1
         if self._inflight != NULL:
             self._inflight_popped(head[0])
@@ -341,12 +420,13 @@ cdef class Queue:
         cdef unsigned char *elem
         cdef DescStateSplit *d = NULL
         cdef uint32_t v[2]
+        cdef bint split = False
         if head >= self._size:
             raise InvalidDescriptorIndex(
                 f"used head index {head} out of range (queue size {self._size})")
         if not _rings_current(self):
             self.ensure_ready()
-        elem = self._used + 4 + 8 * <size_t>(self._next_used & (self._size - 1))
+            split = self._split
         v[0] = htole32(head)
         v[1] = htole32(length)
         if self._inflight != NULL and head < self._inflight_descs:
@@ -357,9 +437,13 @@ cdef class Queue:
             d.next = self._inflight.last_batch_head
             self._inflight.last_batch_head = htole16(head)
             vq_fence_seqcst()
-        memcpy(elem, v, 8)
-        self._next_used += 1
-        vq_store_release16(self._used + 2, htole16(self._next_used))
+        if not split:
+            elem = self._used + 4 + 8 * <size_t>(self._next_used & (self._size - 1))
+            memcpy(elem, v, 8)
+            self._next_used += 1
+            vq_store_release16(self._used + 2, htole16(self._next_used))
+        else:
+            self._publish_used_split(v)
         if self._inflight != NULL and head < self._inflight_descs:
             # After publishing: no longer in flight, and the used index reached.
             vq_fence_seqcst()
@@ -367,15 +451,24 @@ cdef class Queue:
             self._inflight.used_idx = htole16(self._next_used)
         return 0
 
+    cdef void _publish_used_split(self, uint32_t *v) noexcept nogil:
+        """add_used's element store and used->idx publication (release) in split
+        mode: id and len each in one region (_map's check), then the index."""
+        cdef uint64_t elem = self._used_gpa + 4 + 8 * <uint64_t>(self._next_used & (self._size - 1))
+        memcpy(_field(self, elem, 4), &v[0], 4)
+        memcpy(_field(self, elem + 4, 4), &v[1], 4)
+        self._next_used += 1
+        vq_store_release16(_field(self, self._used_gpa + 2, 2), htole16(self._next_used))
+
     cdef int needs_notification_c(self) except -1:
         """VIRTIO 1.2 §2.7.10: whether the driver wants an interrupt now."""
         cdef uint16_t used_event, old, new
         self.ensure_ready()
         if not self._event_idx:
-            return (_rd16(self._avail) & VRING_AVAIL_F_NO_INTERRUPT) == 0
+            return (_avail_rd16(self, 0) & VRING_AVAIL_F_NO_INTERRUPT) == 0
         # Order our used->idx store before the used_event load (Linux: virtio_mb()).
         vq_fence_seqcst()
-        used_event = _rd16(self._avail + 4 + 2 * <size_t>self._size)
+        used_event = _avail_rd16(self, 4 + 2 * <size_t>self._size)
         new = self._next_used
         old = self._signalled_used
         self._signalled_used = new
@@ -459,7 +552,7 @@ cdef class Queue:
         if head_index >= self._size:
             raise InvalidDescriptorIndex(
                 f"head descriptor index {head_index} out of range (queue size {self._size})")
-        return make_chain(self._snap, self._memory, self._desc, self._size, head_index)
+        return make_chain(self._snap, self._memory, self._desc, self._desc_gpa, self._size, head_index)
 
     cdef bint work_pending_c(self) noexcept nogil:
         """Whether the driver made chains available past next_avail (or requests
@@ -467,9 +560,10 @@ cdef class Queue:
         waiting for a kick: one acquire load of avail->idx, no Python.  Only
         meaningful on a ready queue whose rings are mapped for the current memory
         (``ensure_ready`` since the memory last changed); otherwise False."""
-        if not _rings_current(self):
+        if not _rings_current(self) and not (self._split and self._ready
+                                             and self._gen == self._memory._generation):
             return False
-        return self._n_resubmit != 0 or le16toh(vq_load_acquire16(self._avail + 2)) != self._next_avail
+        return self._n_resubmit != 0 or _avail_idx_acquire(self) != self._next_avail
 
     cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -2:
         """Look at (without taking) up to ``limit`` available chains from the next
@@ -484,6 +578,10 @@ cdef class Queue:
         cdef unsigned char *p
         if not _rings_current(self):
             self.ensure_ready()
+            if self._split:
+                # Rings over regions: every chain takes the general path.
+                n = _known_avail(self)
+                return -1 if n == 0 else 0
         n = _known_avail(self)
         if n == 0:
             return -1
@@ -495,7 +593,7 @@ cdef class Queue:
             head = _rd16(self._avail + 4 + 2 * <size_t>((self._next_avail + k) & (self._size - 1)))
             if head >= self._size:
                 break
-            chain_init(&c, self._desc, self._size, head)
+            chain_start(&c, self._desc, self._desc_gpa, self._size, head)
             if chain_next(self._snap, &c, &d) != 1 or c.has_next or not d.flags & VRING_DESC_F_WRITE:
                 break
             p = snap_ptr_w(self._snap, d.addr, d.len)
@@ -612,7 +710,7 @@ cdef class Queue:
         if head >= self._size:
             self._next_avail -= 1           # not consumed: pop_chain reports it
             return served, total, None
-        return served, total, make_chain(self._snap, self._memory, self._desc, self._size, head)
+        return served, total, make_chain(self._snap, self._memory, self._desc, self._desc_gpa, self._size, head)
 
     def pop_chain(self):
         """The next available descriptor chain, or None.
@@ -629,7 +727,7 @@ cdef class Queue:
         if head >= self._size:
             raise InvalidDescriptorIndex(
                 f"head descriptor index {head} out of range (queue size {self._size})")
-        return make_chain(self._snap, self._memory, self._desc, self._size, head)
+        return make_chain(self._snap, self._memory, self._desc, self._desc_gpa, self._size, head)
 
     def __iter__(self):
         """Pop every available chain (see :meth:`pop_chain`)."""
@@ -657,19 +755,19 @@ cdef class Queue:
         cdef uint16_t flags
         self.ensure_ready()
         if self._event_idx:
-            _wr16(self._used + 4 + 8 * <size_t>self._size, self._next_avail)
+            _used_wr16(self, 4 + 8 * <size_t>self._size, self._next_avail)
         else:
-            flags = _rd16(self._used) & ~VRING_USED_F_NO_NOTIFY
-            _wr16(self._used, flags)
+            flags = _used_rd16(self, 0) & ~VRING_USED_F_NO_NOTIFY
+            _used_wr16(self, 0, flags)
         # Our store must be visible before we look at avail->idx again, or a kick
         # sent in between could be lost.
         vq_fence_seqcst()
-        return le16toh(vq_load_acquire16(self._avail + 2)) != self._next_avail
+        return _avail_idx_acquire(self) != self._next_avail
 
     cdef int disable_notification_c(self) except -1:
         self.ensure_ready()
         if not self._event_idx:
-            _wr16(self._used, _rd16(self._used) | VRING_USED_F_NO_NOTIFY)
+            _used_wr16(self, 0, _used_rd16(self, 0) | VRING_USED_F_NO_NOTIFY)
         return 0
 
     cdef int suppress_notification_c(self) except -1:
@@ -680,7 +778,7 @@ cdef class Queue:
         if not self._event_idx:
             return self.disable_notification_c()
         self.ensure_ready()
-        _wr16(self._used + 4 + 8 * <size_t>self._size, <uint16_t>(self._next_avail - 1))
+        _used_wr16(self, 4 + 8 * <size_t>self._size, <uint16_t>(self._next_avail - 1))
         return 0
 
     def enable_notification(self):
