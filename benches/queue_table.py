@@ -84,6 +84,9 @@ def rows() -> list[Row]:
                     )
                 )
     for dw in (True, False):
+        # One 64 KiB buffer over two adjacent regions (issue 13: >= 0.8x memcpy).
+        out.append(Row("Cx", (lambda dw=dw: W.make_c_cross(dw)), ref="memcpy", goal=("ref", 0.8)))
+    for dw in (True, False):
         for pl in W.ALIGNMENTS:
             out.append(
                 Row(
@@ -124,6 +127,7 @@ def rows() -> list[Row]:
 SECTION_TITLES = {
     "A": "Workload A/B: pop + add_used of 1-descriptor chains (queue 256, batches of 256), Mchains/s",
     "C": "Workload C: 64 KiB through Writer/Reader, Cython level, GB/s (ratio vs page-aligned memcpy)",
+    "Cx": "Workload C with its one buffer over two adjacent regions (two segments), GB/s",
     "Cs": "Workload C with the 16 buffers spread (a page unused after each: nothing to join), information",
     "copy": "Copy routines, 64 KiB, GB/s (G = page-aligned guest side, H = host buffer)",
     "Cpy": "Workload C through the Python API (information)",

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from _bench_build import load as _load_bench
 
-from virtio_queue import GuestMemory, Queue
+from virtio_queue import GuestMemory, GuestRegion, Queue
 from virtio_queue.chain import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from virtio_queue.testing import MockSplitQueue, RawDesc, RefQueue, workload_a
 
@@ -357,6 +357,52 @@ def make_c_cython(ndesc: int, device_writes: bool, placement: str = "pg", spread
     what = f"{'Writer' if device_writes else 'Reader'} 64K, {ndesc} desc{' spread' if spread else ''}, "
     what += f"host {_place_text(placement)}"
     return Workload(name, what, "bytes", run, check, [mem, buf, mock, q, host])
+
+
+#: Where the two regions of the cross-region workload meet: half-way through the
+#: 64 KiB buffer at BIG_BUF.
+CROSS_SPLIT = BIG_BUF + BIG_LEN // 2
+
+
+def make_c_cross(device_writes: bool, placement: str = "pg") -> Workload:
+    """C with one 64 KiB buffer that runs from one region into the next (two mmaps,
+    adjacent in guest-physical memory only): the Writer/Reader copies it as two
+    segments.  Rings and table sit in the first region."""
+    bufs = [mmap.mmap(-1, CROSS_SPLIT), mmap.mmap(-1, MEM_SIZE - CROSS_SPLIT)]
+    mem = GuestMemory([GuestRegion.from_buffer(bufs[0], 0), GuestRegion.from_buffer(bufs[1], CROSS_SPLIT)])
+    segs = [(BIG_BUF, BIG_LEN)]
+    mock = MockSplitQueue(
+        mem,
+        QSIZE,
+        desc_table=DESC_TABLE,
+        avail_ring=AVAIL_RING,
+        used_ring=USED_RING,
+        data_addr=BIG_BUF + BIG_LEN,
+    )
+    mock.write_descs(0, [RawDesc(BIG_BUF, BIG_LEN, VIRTQ_DESC_F_WRITE if device_writes else 0, 0)])
+    if not device_writes:
+        _guest_write(mem, segs, pattern(BIG_LEN, 13, 1))
+    q = mock.create_queue()
+    host = HostBuffer(placement)
+
+    def run(n: int) -> int:
+        return _bench.workload_c(q, host.view, n, device_writes)
+
+    def check() -> None:
+        _check_c(
+            mem,
+            mock,
+            host.view,
+            device_writes,
+            lambda: _bench.workload_c(q, host.view, 1, device_writes),
+            segs=segs,
+        )
+
+    kind = "W" if device_writes else "R"
+    what = (
+        f"{'Writer' if device_writes else 'Reader'} 64K, 1 desc over 2 regions, host {_place_text(placement)}"
+    )
+    return Workload(f"C-{kind}1x2@{placement}", what, "bytes", run, check, [mem, bufs, mock, q, host])
 
 
 class _BatchDriver:
