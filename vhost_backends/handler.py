@@ -444,10 +444,12 @@ class VhostUserHandler:
             ("available", avail, 6 + 2 * n),
             ("used", used, 6 + 8 * n),
         ):
-            if not self.memory.check_range(gpa, length):
-                raise InvalidMessage(
-                    f"vring {a.index} {what} ring [0x{gpa:x}, +0x{length:x}) is outside guest memory"
-                )
+            # A part may run on into the next region (VIRTIO 1.2 §2.7 gives the driver
+            # guest-physical addresses only); a gap is refused, naming its address.
+            try:
+                self.memory.check_access(gpa, length)
+            except GuestMemoryError as e:
+                raise InvalidMessage(f"vring {a.index} {what} ring: {e}") from None
         q = ring.queue
         q.desc_table, q.avail_ring, q.used_ring = desc, avail, used
         ring.addr_set = True

@@ -269,7 +269,23 @@ def test_handler_ring_crossing_memory_end_refused(s: Session) -> None:
         FrontendReq.SET_VRING_ADDR,
         m.VRING_ADDR.pack(0, 0, desc.user_addr, end - 64, desc.user_addr + 4096, 0),
     )
-    assert "outside guest memory" in s.refused()
+    assert "used ring: guest range [0xffc0, +0x806) crosses a gap at 0x10000" in s.refused()
+
+
+def test_handler_ring_across_adjacent_regions_accepted(s: Session) -> None:
+    """A ring part that runs from one region into the next one, adjacent in guest-physical
+    memory, is accepted (VIRTIO 1.2 §2.7); the queue serves through both mappings."""
+    s.fe.negotiate()
+    first = s.fe.add_memory(1 << 16)
+    s.fe.add_memory(1 << 16, 1 << 16)
+    s.fe.set_mem_table()
+    s.fe.set_vring_num(0, 256)
+    end = first.user_addr + (1 << 16)
+    s.fe.request(
+        FrontendReq.SET_VRING_ADDR,
+        m.VRING_ADDR.pack(0, 0, first.user_addr, end - 64, first.user_addr + 4096, 0),
+    )
+    assert s.fe.get_queue_num() >= 1  # still connected: the message was accepted
 
 
 def test_handler_overlapping_regions_refused(s: Session) -> None:
