@@ -710,7 +710,8 @@ cdef class Queue:
         if head >= self._size:
             self._next_avail -= 1           # not consumed: pop_chain reports it
             return served, total, None
-        return served, total, make_chain(self._snap, self._memory, self._desc, self._desc_gpa, self._size, head)
+        return served, total, make_chain(self._snap, self._memory, self._desc, self._desc_gpa,
+                                         self._size, head)
 
     def pop_chain(self):
         """The next available descriptor chain, or None.
