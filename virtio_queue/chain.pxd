@@ -25,7 +25,7 @@ cdef struct ChainCursor:
     # The current table (main or indirect) is either one host range (`table`, the
     # fast case) or, when it runs over adjacent regions, read descriptor by
     # descriptor through the snapshot: then `table` is NULL, `table_len` 0 (so that
-    # chain_next's index check sends every read to chain_load_split) and
+    # chain_next's index check sends every step to chain_next_split) and
     # `split_len` its real number of entries.
     const unsigned char *table  # host address of the current table, or NULL (split)
     uint32_t table_len          # entries readable through `table` (0 when split)
@@ -73,7 +73,7 @@ cdef inline void chain_start(ChainCursor *c, const unsigned char *table, uint64_
 
 
 cdef int chain_enter_indirect(MemorySnapshot snap, ChainCursor *c, vring_desc *d) noexcept nogil
-cdef int chain_load_split(MemorySnapshot snap, ChainCursor *c, vring_desc *out) noexcept nogil
+cdef int chain_next_split(MemorySnapshot snap, ChainCursor *c, vring_desc *out) noexcept nogil
 
 
 cdef inline void desc_load(const unsigned char *p, vring_desc *out) noexcept nogil:
@@ -98,23 +98,20 @@ cdef inline int chain_next(MemorySnapshot snap, ChainCursor *c, vring_desc *out)
     table, a walk longer than the table (a cycle), nested indirect tables, INDIRECT
     with NEXT, and a total length above 2^32 all stop the walk.  The common path
     is small enough to inline into every walker; entering an indirect table is
-    out of line (chain_enter_indirect), and so is reading a table that runs over
-    adjacent regions (chain_load_split)."""
+    out of line (chain_enter_indirect), and so is a step through a table that runs
+    over adjacent regions (chain_next_split)."""
     cdef int rc
     while True:
         if not c.has_next:
             return 0
-        if c.next_index < c.table_len:
-            if c.ttl == 0:
-                c.bad_value = c.table_len
-                return VQ_E_TTL
-            c.ttl -= 1
-            desc_load(c.table + 16 * <size_t>c.next_index, out)
-        else:
+        if c.next_index >= c.table_len:
             # An index out of range, or a table over adjacent regions (out of line).
-            rc = chain_load_split(snap, c, out)
-            if rc < 0:
-                return rc
+            return chain_next_split(snap, c, out)
+        if c.ttl == 0:
+            c.bad_value = c.table_len
+            return VQ_E_TTL
+        c.ttl -= 1
+        desc_load(c.table + 16 * <size_t>c.next_index, out)
         if out.flags & VRING_DESC_F_INDIRECT:
             rc = chain_enter_indirect(snap, c, out)
             if rc < 0:

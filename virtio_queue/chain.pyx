@@ -84,7 +84,7 @@ cdef int chain_enter_indirect(MemorySnapshot snap, ChainCursor *c, vring_desc *d
         c.table_len = n
     else:
         # Not in one region: a table that runs on into the next region is read
-        # descriptor by descriptor (chain_load_split); one with a hole is refused.
+        # descriptor by descriptor (chain_next_split); one with a hole is refused.
         rc = snap_check(snap, d.addr, d.len, False, 1, &c.bad_addr)
         if rc != GM_OK:
             c.mem_rc = rc
@@ -101,10 +101,11 @@ cdef int chain_enter_indirect(MemorySnapshot snap, ChainCursor *c, vring_desc *d
     return 0
 
 
-cdef int chain_load_split(MemorySnapshot snap, ChainCursor *c, vring_desc *out) noexcept nogil:
-    """chain_next's slow step: 0 with the next descriptor of a table that runs over
-    adjacent regions in *out (copied piece by piece), or the VQ_E_* code of an
-    index outside the table or of a walk longer than it (VIRTIO 1.2 §2.7.5.2)."""
+cdef int chain_next_split(MemorySnapshot snap, ChainCursor *c, vring_desc *out) noexcept nogil:
+    """chain_next's slow step, taken when the index is not below ``table_len``: the
+    VQ_E_* code of an index outside its table or of a walk longer than it (VIRTIO
+    1.2 §2.7.5.2), or the step through a table that runs over adjacent regions,
+    whose descriptor is copied piece by piece; then the same rules as chain_next."""
     cdef unsigned char raw[16]
     cdef int rc
     if c.table != NULL or c.next_index >= c.split_len:
@@ -123,7 +124,18 @@ cdef int chain_load_split(MemorySnapshot snap, ChainCursor *c, vring_desc *out) 
         c.total_len = 16 * <uint64_t>c.split_len
         return VQ_E_TABLE_MEM
     desc_load(raw, out)
-    return 0
+    if out.flags & VRING_DESC_F_INDIRECT:
+        rc = chain_enter_indirect(snap, c, out)
+        if rc < 0:
+            return rc
+        return chain_next(snap, c, out)     # the indirect table's first descriptor
+    c.total_len += out.len
+    if c.total_len > (<uint64_t>1 << 32):
+        c.bad_value = c.total_len
+        return VQ_E_CHAIN_LEN
+    c.has_next = (out.flags & VRING_DESC_F_NEXT) != 0
+    c.next_index = out.next
+    return 1
 
 
 cdef int raise_for_status(int rc, ChainCursor *c, uint16_t head) except -1:

@@ -48,7 +48,6 @@ cdef class Queue:
     cdef int _map(self) except -1
     cdef int ensure_ready(self) except -1
     cdef int pop_head(self, uint16_t *head) except -1
-    cdef int _pop_resubmitted(self, uint16_t *head) except -1
     cdef int _pop_head_split(self, uint16_t *head) except -1
     cdef void _publish_used_split(self, uint32_t *v) noexcept nogil
     cdef bint work_pending_c(self) noexcept nogil

@@ -367,7 +367,11 @@ cdef class Queue:
             if self._split:
                 return self._pop_head_split(head)
         if self._n_resubmit:
-            return self._pop_resubmitted(head)
+            self._n_resubmit -= 1
+            head[0] = <uint16_t>self._resubmit.pop()
+            if self._inflight != NULL:
+                self._inflight_popped(head[0])
+            return 1
         n = _known_avail(self)
         if n <= 0:
             if n < 0:
@@ -379,19 +383,16 @@ cdef class Queue:
             self._inflight_popped(head[0])
         return 1
 
-    cdef int _pop_resubmitted(self, uint16_t *head) except -1:
-        self._n_resubmit -= 1
-        head[0] = <uint16_t>self._resubmit.pop()
-        if self._inflight != NULL:
-            self._inflight_popped(head[0])
-        return 1
-
     cdef int _pop_head_split(self, uint16_t *head) except -1:
         """pop_head for a queue in split mode: the same steps, each ring field
         translated on its own."""
         cdef int n
         if self._n_resubmit:
-            return self._pop_resubmitted(head)
+            self._n_resubmit -= 1
+            head[0] = <uint16_t>self._resubmit.pop()
+            if self._inflight != NULL:
+                self._inflight_popped(head[0])
+            return 1
         n = _known_avail(self)
         if n <= 0:
             if n < 0:
