@@ -4,7 +4,8 @@
 The equivalent of rust-vmm virtio-queue's ``DescriptorChain``, ``Descriptor``,
 ``Reader`` and ``Writer``.  A chain is walked with a C cursor (``ChainCursor`` in
 chain.pxd); no Python object is made per descriptor on the I/O path.  A Reader sees
-the device-readable buffers of a chain, a Writer the device-writable ones, each as
+the device-readable buffers of a chain, a Writer the device-writable ones (a buffer
+that runs over adjacent guest memory regions is one segment per region), each as
 one byte stream that can be split, copied to/from Python buffers, or moved straight
 to/from a file descriptor with ``readv``/``writev`` (GIL released).
 """
@@ -390,7 +391,9 @@ cdef class _Stream:
         first unusual one (INDIRECT, an index, TTL or length error, a buffer
         outside guest memory) it hands the cursor to the general walk, which reads
         that descriptor again and handles or reports it: every rule of VIRTIO 1.2
-        §2.7.5 stays in chain_next."""
+        §2.7.5 stays in chain_next.  The general walk also takes a buffer that runs
+        from one region into the next (one segment per region, _collect_pieces) and
+        a main table over regions (no host pointer: the fast walk is skipped)."""
         cdef ChainCursor c
         cdef vring_desc d
         cdef int rc
