@@ -12,6 +12,7 @@ import pytest
 
 from vhost_backends.cli import template as cli
 from vhost_backends.cli._common import ConfigError
+from vhost_backends.daemon import ListenError
 from virtio_devices.template import TemplateDevice
 
 
@@ -45,6 +46,7 @@ def test_template_run_serves_one_socket(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
     mod = types.ModuleType("vhost_backends.daemon")
     mod.run_daemons = run_daemons  # type: ignore[attr-defined]
+    mod.ListenError = ListenError  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "vhost_backends.daemon", mod)
     monkeypatch.setenv("VHD_POLL_US", "7")
     sock = str(tmp_path / "foo.sock")
