@@ -6,6 +6,7 @@ Mirrors upstream's ``verify_cmd_line_arguments`` and ``verify_start_backend``
 
 from __future__ import annotations
 
+import socket
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -146,6 +147,20 @@ def test_rng_missing_source_exits_1(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert err.startswith(f"error: RNG source file {missing} doesn't exist or can't be accessed")
     assert err.count("\n") == 1
+
+
+def test_rng_unopenable_source_exits_1_even_as_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A Unix socket file cannot be opened (ENXIO), whoever asks; the permission
+    # case for root is in tests/virtio_devices/test_hosts_files.py.
+    src = tmp_path / "sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(src))
+        assert cli.main(["-s", str(tmp_path / "s.sock"), "-f", str(src)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: RNG source file {src} doesn't exist or can't be accessed: No such device or address\n"
+    )
 
 
 def test_rng_directory_source_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
