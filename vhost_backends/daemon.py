@@ -1,8 +1,8 @@
 """vhost-user daemons: listen on a socket, serve one front-end at a time, repeat.
 
 :class:`VhostUserDaemon` serves one socket path: it refuses a path where another
-process is listening, unlinks a stale socket file (nobody listening), binds and
-listens, then for each front-end that connects builds a **fresh device**
+process is listening, replaces a stale socket file (nobody listening), binds and
+listens (under a temporary name, renamed into place once listening), then for each front-end that connects builds a **fresh device**
 (rust-vmm's daemons also build a new back-end per connection), runs a
 :class:`VhostUserHandler` on a new :class:`EventLoop` until the front-end leaves or
 breaks the protocol, cleans up and accepts the next one.
@@ -62,6 +62,17 @@ class ListenError(OSError):
     def __str__(self) -> str:
         # OSError's own form ("[Errno 2] None: 'path'") hides the reason.
         return self.message
+
+
+#: Bytes of a Unix socket path, its terminating NUL included (``sun_path``).
+_SUN_PATH_MAX = 108
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _someone_listens(path: str) -> bool:
@@ -130,8 +141,9 @@ class VhostUserDaemon:
         """Listen on ``socket_path``, replacing a stale socket file.
 
         A socket file nobody listens on is a leftover of a previous run and is
-        unlinked, as upstream does.  One where another daemon listens is refused:
+        replaced, as upstream does.  One where another daemon listens is refused:
         upstream unlinks it too, which leaves that daemon running but unreachable.
+        The path appears only once the socket listens.
 
         Raises:
             ListenError: another process listens on the path, the path exists and
@@ -156,9 +168,27 @@ class VhostUserDaemon:
                 raise ListenError(path, "another process is listening on it", errno.EADDRINUSE)
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # The file appears at bind(), before listen(): a front-end that connects as
+        # soon as it sees the path would be refused in between.  Bound and
+        # listening under a temporary name in the same directory, the socket is
+        # then renamed into place, so the path only ever leads to a listener.
+        # (A path too long for a temporary name beside it is bound directly.)
+        tmp = f"{path}.{os.getpid()}~"
+        if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+            tmp = path
+        elif _is_socket(tmp):
+            os.unlink(tmp)  # left by a process of the same pid that died here
         try:
-            sock.bind(path)
-            sock.listen(1)
+            try:
+                sock.bind(tmp)
+                sock.listen(1)
+                if tmp != path:
+                    os.rename(tmp, path)
+            except BaseException:
+                if tmp != path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                raise
         except OSError as e:
             sock.close()
             parent = os.path.dirname(path) or "."

@@ -70,7 +70,11 @@ class Daemon:
         return f"{self.sock}{index}"
 
     def wait_listening(self, count: int) -> None:
-        """Poll until every socket accepts connections (or the daemon died)."""
+        """Poll until every socket accepts connections (or the daemon died).
+
+        The daemon's "listening" line (RUST_LOG info or more) marks it: the socket
+        file appears at bind(), before listen(), and a connect in between is refused.
+        """
         deadline = time.monotonic() + DEADLINE
         pending = {self.path(i) for i in range(count)}
         while pending:
@@ -78,7 +82,8 @@ class Daemon:
                 raise AssertionError(f"daemon exited {self.proc.returncode}: {self.stderr()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"daemon not listening on {sorted(pending)}: {self.stderr()}")
-            pending = {p for p in pending if not os.path.exists(p)}
+            log = self.stderr()
+            pending = {p for p in pending if f"{p}: listening" not in log}
             if pending:
                 time.sleep(0.01)
 
