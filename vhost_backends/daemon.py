@@ -2,10 +2,11 @@
 
 :class:`VhostUserDaemon` serves one socket path: it refuses a path where another
 process is listening, replaces a stale socket file (nobody listening), binds and
-listens (under a temporary name, renamed into place once listening), then for each front-end that connects builds a **fresh device**
-(rust-vmm's daemons also build a new back-end per connection), runs a
-:class:`VhostUserHandler` on a new :class:`EventLoop` until the front-end leaves or
-breaks the protocol, cleans up and accepts the next one.
+listens (under a temporary name, renamed into place once listening), then for
+each front-end that connects builds a **fresh device** (rust-vmm's daemons also
+build a new back-end per connection), runs a :class:`VhostUserHandler` on a new
+:class:`EventLoop` until the front-end leaves or breaks the protocol, cleans up and
+accepts the next one.
 
 The listening socket stays bound for the daemon's lifetime instead of being
 re-created after each disconnect as upstream's ``Listener`` is: a front-end that
