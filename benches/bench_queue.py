@@ -1,4 +1,4 @@
-"""Workload A/B (shared/tools/queue-anchor): pop + add_used of 1-descriptor chains,
+"""Workload A/B (the Rust anchor's, see queue_table.py): pop + add_used of 1-descriptor chains,
 queue size 256, batches of 256, driver and device both timed.
 
 Goals (see queue_table.py for the table with the Rust anchor): the Cython-level loop

@@ -1,4 +1,4 @@
-"""Workload C (shared/tools/queue-anchor): a 64 KiB chain of 1, 4 or 16 descriptors
+"""Workload C (the Rust anchor's, see queue_table.py): a 64 KiB chain of 1, 4 or 16 descriptors
 through Writer and Reader, at every placement of the Python-side buffer (page-aligned,
 page+1, page+16, a plain bytearray), against a page-aligned glibc memcpy of the same
 bytes measured in the same run (goal: >= 0.8x everywhere).  Also glibc memcpy and our

@@ -21,8 +21,9 @@ that machine noise hits them alike:
 * **-c N** (1, 2, 4): aggregate throughput of N front-end processes against one
   daemon serving N sockets.
 
-The Rust daemon is looked for in ``$VHOST_DEVICE_RUST_BIN`` (see
-shared/tools/README.md); without it its columns read "n/a".
+The Rust daemon is looked for in ``$VHOST_DEVICE_RUST_BIN``, a directory holding
+upstream's ``vhost-device-rng`` binary (built from rust-vmm/vhost-device); without
+it its columns read "n/a".
 
 This module is also the helper library of ``bench_devices.py`` and
 ``bench_vhost_roundtrip.py`` (daemon processes, the benchmark front-end, the

@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
 """Print the queue benchmark's table: every figure of the speed goals, with the ratio to
 a reference measured in the same run, and (with ``--anchor`` or ``QUEUE_ANCHOR=1``) the
-figures of rust-vmm virtio-queue 0.18 (shared/tools/queue-anchor) run in the same session.
+figures of an *anchor*, rust-vmm virtio-queue 0.18 running the same workloads, in the
+same session.
 
-    PYTHONPATH=. python benches/queue_table.py [--reps 5] [--secs 0.3] [--anchor]
-        [--only REGEX] [--json out.json]
+    .venv/bin/python benches/queue_table.py [--reps 5] [--secs 0.3] [--only REGEX] [--json out.json]
+        [--anchor --anchor-path PROGRAM]
+
+The anchor is a program kept outside this repository (it needs cargo and the Rust
+crates): ``--anchor-path`` or the environment variable ``QUEUE_ANCHOR_RUN`` names it.
+It is run as ``PROGRAM -- --reps N --secs S`` and prints one line per figure,
+``name what median min max unit ns ratio`` (unit ``Mchains/s`` or ``GB/s``).  Without
+one, the anchor's columns say n/a.
 
 Run by hand on a quiet machine; never from CI (it takes minutes and times things).
 Figures are measured round-robin (each rep visits every figure once), after a short
 warm-up; median/min/max over the reps.  A ratio compares a figure with its reference
 measured just before and just after it in the same rep (their mean), so that the
 machine's drift within a rep does not enter it.  The workloads are the anchor's (see
-``benches/vq_workloads.py`` and ``queue-anchor/run -- --help``).
+``benches/vq_workloads.py``).
 """
 
 from __future__ import annotations
@@ -36,8 +43,6 @@ for p in (str(ROOT), str(HERE)):
         sys.path.insert(0, p)
 
 import vq_workloads as W  # noqa: E402
-
-DEFAULT_ANCHOR = Path("/work/shared/tools/queue-anchor/run")
 
 
 @dataclass
@@ -208,8 +213,12 @@ def parse_anchor(text: str) -> dict[str, dict[str, float | str]]:
     return out
 
 
-def run_anchor(path: Path, reps: int, secs: float) -> tuple[dict[str, dict[str, float | str]], str]:
+def run_anchor(
+    path: Path | None, reps: int, secs: float
+) -> tuple[dict[str, dict[str, float | str]], str]:
     """Run the anchor once; returns (figures by name, status text).  Never raises."""
+    if path is None:
+        return {}, "n/a (no anchor program: give --anchor-path PROGRAM or QUEUE_ANCHOR_RUN)"
     if not path.exists():
         return {}, f"n/a ({path} not found)"
     if shutil.which("cargo") is None and not (Path.home() / ".cargo/bin/cargo").exists():
@@ -233,7 +242,7 @@ class Anchor:
     run of the program) before each of our rounds, so that load drifts hit both
     sides alike.  Figures: median/min/max over those runs."""
 
-    def __init__(self, path: Path, secs: float) -> None:
+    def __init__(self, path: Path | None, secs: float) -> None:
         self.path = path
         self.secs = secs
         self.samples: dict[str, list[float]] = {}
@@ -297,8 +306,13 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("QUEUE_ANCHOR") == "1",
         help="run the Rust anchor in the same session (or QUEUE_ANCHOR=1)",
     )
+    anchor_env = os.environ.get("QUEUE_ANCHOR_RUN", "").strip()
     ap.add_argument(
-        "--anchor-path", type=Path, default=Path(os.environ.get("QUEUE_ANCHOR_RUN", DEFAULT_ANCHOR))
+        "--anchor-path",
+        type=Path,
+        default=Path(anchor_env) if anchor_env else None,
+        metavar="PROGRAM",
+        help="the anchor program (or QUEUE_ANCHOR_RUN); without one the anchor columns say n/a",
     )
     ap.add_argument("--anchor-secs", type=float, default=1.0)
     ap.add_argument("--only", default=None, help="regex on row names (references are kept)")
@@ -373,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(
-        "virtio_queue benchmark (workloads of shared/tools/queue-anchor); 'ratio' = median over the "
+        "virtio_queue benchmark (the anchor's workloads); 'ratio' = median over the "
         "rounds of figure / the reference named in 'vs' measured just before and after it (mean); "
         "'best' = max / max of those references"
     )

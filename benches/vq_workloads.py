@@ -1,6 +1,6 @@
 """The queue benchmark's workloads, shared by the pytest benches and ``queue_table.py``.
 
-Every workload is the one of ``shared/tools/queue-anchor`` (rust-vmm virtio-queue 0.18):
+Every workload is the one of the Rust anchor (rust-vmm virtio-queue 0.18; ``queue_table.py``):
 1 MiB of anonymous-mmap guest memory at guest address 0, a split queue of size 256 with
 the descriptor table at 0x0, the available ring at 0x1000 and the used ring at 0x2000.
 

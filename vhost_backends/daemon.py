@@ -1,10 +1,12 @@
 """vhost-user daemons: listen on a socket, serve one front-end at a time, repeat.
 
-:class:`VhostUserDaemon` serves one socket path: it unlinks a stale socket file,
-binds and listens, then for each front-end that connects builds a **fresh device**
-(rust-vmm's daemons also build a new back-end per connection), runs a
-:class:`VhostUserHandler` on a new :class:`EventLoop` until the front-end leaves or
-breaks the protocol, cleans up and accepts the next one.
+:class:`VhostUserDaemon` serves one socket path: it refuses a path where another
+process is listening, replaces a stale socket file (nobody listening), binds and
+listens (under a temporary name, renamed into place once listening), then for
+each front-end that connects builds a **fresh device** (rust-vmm's daemons also
+build a new back-end per connection), runs a :class:`VhostUserHandler` on a new
+:class:`EventLoop` until the front-end leaves or breaks the protocol, cleans up and
+accepts the next one.
 
 The listening socket stays bound for the daemon's lifetime instead of being
 re-created after each disconnect as upstream's ``Listener`` is: a front-end that
@@ -39,9 +41,62 @@ from .connection import Connection
 from .event_loop import DEFAULT_POLL_MAX_US, EventLoop
 from .handler import VhostUserHandler
 
-__all__ = ["VhostUserDaemon", "run_daemons"]
+__all__ = ["ListenError", "VhostUserDaemon", "run_daemons"]
 
 log = logging.getLogger(__name__)
+
+
+class ListenError(OSError):
+    """A daemon cannot listen on its socket path: another process listens there, the
+    path is not a socket, its directory is missing, or the bind failed.
+
+    The message names the path and the reason; the commands print it as
+    ``error: <message>`` and exit 1.  The user must free or fix the path.
+    """
+
+    def __init__(self, path: str, reason: str, err: int | None = None) -> None:
+        self.message = f"cannot listen on {path}: {reason}"
+        super().__init__(self.message)
+        self.errno = err
+        self.filename = path
+
+    def __str__(self) -> str:
+        # OSError's own form ("[Errno 2] None: 'path'") hides the reason.
+        return self.message
+
+
+#: Bytes of a Unix socket path, its terminating NUL included (``sun_path``).
+_SUN_PATH_MAX = 108
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _someone_listens(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket file ``path``.
+
+    A non-blocking connect answers without waiting: it succeeds or finds the backlog
+    full (EAGAIN) when a listener is there, and is refused (ECONNREFUSED) when the
+    file is a leftover whose listener is gone.  The listener sees a front-end that
+    connects and leaves at once.
+
+    Raises:
+        OSError: the connect failed for another reason (permissions, ...).
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        probe.connect(path)
+    except BlockingIOError:
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 class VhostUserDaemon:
@@ -84,25 +139,63 @@ class VhostUserDaemon:
         return bool(p.poll(0))
 
     def bind(self) -> None:
-        """Unlink a stale socket file and listen on ``socket_path``.
+        """Listen on ``socket_path``, replacing a stale socket file.
+
+        A socket file nobody listens on is a leftover of a previous run and is
+        replaced, as upstream does.  One where another daemon listens is refused:
+        upstream unlinks it too, which leaves that daemon running but unreachable.
+        The path appears only once the socket listens.
 
         Raises:
-            OSError: the path exists and is not a socket, or binding failed.
+            ListenError: another process listens on the path, the path exists and
+                is not a socket, its directory does not exist, or binding failed.
         """
         path = self.socket_path
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise ListenError(path, e.strerror or str(e), e.errno) from e
         else:
             if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-            # A leftover of a previous run: upstream unlinks it too.
+                raise ListenError(path, "the path exists and is not a socket", errno.EEXIST)
+            try:
+                live = _someone_listens(path)
+            except OSError as e:
+                reason = f"cannot probe the existing socket: {e.strerror or e}"
+                raise ListenError(path, reason, e.errno) from e
+            if live:
+                raise ListenError(path, "another process is listening on it", errno.EADDRINUSE)
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # The file appears at bind(), before listen(): a front-end that connects as
+        # soon as it sees the path would be refused in between.  Bound and
+        # listening under a temporary name in the same directory, the socket is
+        # then renamed into place, so the path only ever leads to a listener.
+        # (A path too long for a temporary name beside it is bound directly.)
+        tmp = f"{path}.{os.getpid()}~"
+        if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+            tmp = path
+        elif _is_socket(tmp):
+            os.unlink(tmp)  # left by a process of the same pid that died here
         try:
-            sock.bind(path)
-            sock.listen(1)
+            try:
+                sock.bind(tmp)
+                sock.listen(1)
+                if tmp != path:
+                    os.rename(tmp, path)
+            except BaseException:
+                if tmp != path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                raise
+        except OSError as e:
+            sock.close()
+            parent = os.path.dirname(path) or "."
+            if isinstance(e, FileNotFoundError) and not os.path.isdir(parent):
+                raise ListenError(path, f"directory {parent} does not exist", e.errno) from e
+            raise ListenError(path, e.strerror or str(e), e.errno) from e
         except BaseException:
             sock.close()
             raise
@@ -195,8 +288,12 @@ def run_daemons(
     (``poll_max_us``: see :class:`VhostUserDaemon`; None: ``DEFAULT_POLL_MAX_US``).
 
     SIGINT and SIGTERM (when called from the main thread) shut every daemon down
-    cleanly.  Returns 0 after a clean shutdown, 1 if a socket could not be bound
-    or a daemon thread died of an unexpected error (both are logged).
+    cleanly.  Every socket is bound before any is served.  Returns 0 after a clean
+    shutdown, 1 if a daemon thread died of an unexpected error (logged).
+
+    Raises:
+        ListenError: a socket could not be bound (the ones already bound are
+            closed and their files removed; a path found in use is left alone).
     """
     if poll_max_us is None:
         poll_max_us = DEFAULT_POLL_MAX_US
@@ -219,11 +316,10 @@ def run_daemons(
         try:
             for d in daemons:
                 d.bind()
-        except OSError as e:
-            log.error("%s: cannot listen: %s", name, e)
+        except ListenError:
             for d in daemons:
                 d.close()
-            return 1
+            raise
         errors: list[BaseException] = []
 
         def worker(d: VhostUserDaemon) -> None:

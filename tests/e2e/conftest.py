@@ -1,7 +1,7 @@
 """Fixtures for the end-to-end tests: a cached guest, daemons, short socket dirs.
 
 Every test here boots a Linux guest under QEMU (see ``harness.py`` and
-shared/guest/README.md) and carries the ``qemu`` marker.
+``README.md`` here) and carries the ``qemu`` marker.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import os
 import struct
 import sys
 
-from vhost_backends.daemon import run_daemons
+from vhost_backends.daemon import ListenError, run_daemons
 from virtio_devices.base import COMMON_FEATURES, VirtioDevice
 from virtio_queue import DescriptorChain
 
@@ -69,7 +69,11 @@ def main(argv: list[str]) -> int:
         logging.basicConfig(
             level={"trace": 5, "debug": 10, "info": 20, "warn": 30}.get(level, 40), stream=sys.stderr
         )
-    return run_daemons("echo", argv, lambda _i: EchoDevice())
+    try:
+        return run_daemons("echo", argv, lambda _i: EchoDevice())
+    except ListenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

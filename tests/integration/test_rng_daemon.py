@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ try:
     from vhost_backends.frontend import Frontend, FrontendRing
 except ImportError as e:  # pragma: no cover - only while the vhost layer is missing
     pytest.skip(f"vhost_backends.frontend not available yet: {e}", allow_module_level=True)
+
+from daemon_process import DaemonProcess
 
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
@@ -67,7 +70,11 @@ class Daemon:
         return f"{self.sock}{index}"
 
     def wait_listening(self, count: int) -> None:
-        """Poll until every socket accepts connections (or the daemon died)."""
+        """Poll until every socket accepts connections (or the daemon died).
+
+        The daemon's "listening" line (RUST_LOG info or more) marks it: the socket
+        file appears at bind(), before listen(), and a connect in between is refused.
+        """
         deadline = time.monotonic() + DEADLINE
         pending = {self.path(i) for i in range(count)}
         while pending:
@@ -75,7 +82,8 @@ class Daemon:
                 raise AssertionError(f"daemon exited {self.proc.returncode}: {self.stderr()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"daemon not listening on {sorted(pending)}: {self.stderr()}")
-            pending = {p for p in pending if not os.path.exists(p)}
+            log = self.stderr()
+            pending = {p for p in pending if f"{p}: listening" not in log}
             if pending:
                 time.sleep(0.01)
 
@@ -211,6 +219,49 @@ def test_rng_daemon_sigterm_exits_0_and_removes_socket(tmp_path: Path, source_fi
     with fe:
         assert d.stop() == 0, d.stderr()
     assert not os.path.exists(d.path(0))
+
+
+def test_rng_second_daemon_on_a_live_path_refuses_and_first_keeps_serving(
+    tmp_path: Path, source_file: Path
+) -> None:
+    first = start(tmp_path, source_file)
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
+        env["PYTHONPATH"] = str(REPO)
+        second = subprocess.run(
+            [*daemon_command(), "-s", first.sock, "-f", str(source_file)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            env=env,
+            check=False,
+        )
+        assert second.returncode == 1
+        refusal = f"error: cannot listen on {first.path(0)}: another process is listening on it\n"
+        assert second.stderr == refusal
+        # The path still leads to the first daemon, which serves a guest as before.
+        fe, ring = open_device(first.path(0))
+        with fe:
+            assert read_random(fe, ring, [16])[0] == SOURCE[:16]
+    finally:
+        assert first.stop() == 0, first.stderr()
+
+
+def test_rng_daemon_replaces_a_stale_socket_file(tmp_path: Path, source_file: Path) -> None:
+    # A socket file whose listener is gone, as a killed daemon leaves it.
+    path = str(tmp_path / "rng.sock0")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    d = DaemonProcess(path, [*daemon_command(), "-s", str(tmp_path / "rng.sock"), "-f", str(source_file)])
+    try:
+        d.wait_for(f"{path}: listening")
+        fe, ring = open_device(path)
+        with fe:
+            assert read_random(fe, ring, [16])[0] == SOURCE[:16]
+    finally:
+        assert d.terminate() == 0, d.log
 
 
 def test_rng_daemon_unreadable_source_exits_1(tmp_path: Path) -> None:

@@ -107,6 +107,28 @@ def test_setup_logging_bad_directive_warns(restore_logging: None, capsys: pytest
     assert "invalid logging spec 'foo=loud'" in capsys.readouterr().err
 
 
+def test_rust_log_misspelt_level_is_bad_once() -> None:
+    default, targets, bad = parse_rust_log("verbose,x=loud,verbose,x=loud")
+    assert (default, targets, bad) == (logging.ERROR, {}, ["verbose", "x=loud"])
+
+
+def test_rust_log_bare_target_of_ours_is_accepted() -> None:
+    _default, targets, bad = parse_rust_log("vhost_backends::daemon,vhost_device_rng")
+    assert targets == {"vhost_backends.daemon": TRACE, "vhost_device_rng": TRACE}
+    assert bad == []
+
+
+def test_setup_logging_unknown_level_reported_once_on_stderr(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup_logging({"RUST_LOG": "verbose,verbose"}, io.StringIO())
+    err = capsys.readouterr().err
+    assert err == (
+        "warning: invalid logging spec 'verbose' in RUST_LOG "
+        "(levels: error, warn, info, debug, trace, off), ignoring it\n"
+    )
+
+
 # -- socket paths -----------------------------------------------------------------------
 
 
@@ -130,7 +152,7 @@ def test_socket_paths_without_file_name_is_config_error(path: str) -> None:
 
 
 def test_socket_paths_zero_count_is_config_error() -> None:
-    with pytest.raises(ConfigError, match="Wrong socket count: 0"):
+    with pytest.raises(ConfigError, match=r"^--socket-count must be at least 1, not 0$"):
         socket_paths("/tmp/x", 0)
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
+import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +47,60 @@ def test_file_source_directory_refused(tmp_path: Path) -> None:
         FileEntropySource(tmp_path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: the next test drops privileges")
 def test_file_source_unreadable_raises_rng_error(tmp_path: Path) -> None:
     p = tmp_path / "secret"
     p.write_bytes(b"x")
     p.chmod(0)
     with pytest.raises(RngError, match="Permission denied"):
         FileEntropySource(p)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root: the test above runs")
+def test_file_source_unreadable_after_dropping_root_raises_rng_error() -> None:
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' to drop privileges to")
+    # A directory the unprivileged user may pass through (pytest's own temporary
+    # directories are root's alone), holding a file nobody may read.
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o711)
+        p = Path(tmp) / "secret"
+        p.write_bytes(b"x")
+        p.chmod(0)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no return into pytest, whatever happens
+            status = 2
+            try:
+                os.close(r)
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                try:
+                    FileEntropySource(p).close()
+                    os.write(w, b"opened")
+                except RngError as e:
+                    os.write(w, str(e).encode())
+                    status = 0
+            finally:
+                os._exit(status)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            message = f.read().decode()
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, message
+    assert message == f"RNG source file {p} doesn't exist or can't be accessed: Permission denied"
+
+
+def test_file_source_socket_file_raises_rng_error(tmp_path: Path) -> None:
+    # Opening a Unix socket file fails (ENXIO) for root too.
+    p = tmp_path / "sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(p))
+        with pytest.raises(RngError, match="can't be accessed: No such device or address"):
+            FileEntropySource(p)
 
 
 def test_file_source_fifo_without_writer_opens_without_blocking(tmp_path: Path) -> None:

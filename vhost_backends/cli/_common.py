@@ -77,6 +77,8 @@ _LEVELS = {
     "trace": TRACE,
 }
 
+_LEVEL_NAMES = "error, warn, info, debug, trace, off"
+
 # The packages whose loggers RUST_LOG configures when a directive names no target.
 _OUR_PACKAGES = ("virtio_queue", "virtio_devices", "vhost_backends", "xen")
 
@@ -99,8 +101,9 @@ def parse_rust_log(spec: str | None) -> tuple[int, dict[str, int], list[str]]:
     Returns the default level, per-logger levels (``target=level``; Rust's ``::``
     becomes ``.``, and a target naming an upstream crate such as
     ``vhost_device_rng`` applies to our packages), and the directives it could not
-    understand, which env_logger too reports and ignores.  Unset or empty means
-    errors only.
+    understand, each once: a bad level, or a bare word that is neither a level nor
+    a target of this program (env_logger would take it as a target and say
+    nothing).  Unset or empty means errors only.
     """
     default = logging.ERROR
     targets: dict[str, int] = {}
@@ -117,16 +120,32 @@ def parse_rust_log(spec: str | None) -> tuple[int, dict[str, int], list[str]]:
             lvl = _LEVELS.get(name.lower())
             if lvl is not None:
                 default = lvl
-            else:
+            elif _known_target(name.replace("::", ".")):
                 # A bare target enables everything for it (env_logger semantics).
                 targets[name.replace("::", ".")] = TRACE
+            elif directive not in bad:
+                # Neither a level nor anything that logs here: most likely a
+                # misspelt level ("warning", "verbose"), which would otherwise
+                # change nothing without a word.
+                bad.append(directive)
             continue
         lvl = _LEVELS.get(level.strip().lower())
         if lvl is None or not name:
-            bad.append(directive)
+            if directive not in bad:
+                bad.append(directive)
             continue
         targets[name.strip().replace("::", ".")] = lvl
     return default, targets, bad
+
+
+def _is_upstream_crate(target: str) -> bool:
+    """Whether ``target`` names a Rust crate whose part our packages play."""
+    return target.startswith("vhost_device") or target in ("vhost_user_backend", "virtio_queue")
+
+
+def _known_target(target: str) -> bool:
+    """Whether a ``RUST_LOG`` target can select any of this program's loggers."""
+    return _is_upstream_crate(target) or target.split(".", 1)[0] in _OUR_PACKAGES
 
 
 class _RustStyleFormatter(logging.Formatter):
@@ -161,14 +180,17 @@ def setup_logging(env: Mapping[str, str] | None = None, stream: Any = None) -> l
     for pkg in _OUR_PACKAGES:
         logging.getLogger(pkg).setLevel(logging.NOTSET)
     for target, level in targets.items():
-        if target.startswith("vhost_device") or target in ("vhost_user_backend", "virtio_queue"):
+        if _is_upstream_crate(target):
             # An upstream crate name: the Python packages play its part.
             for pkg in _OUR_PACKAGES:
                 logging.getLogger(pkg).setLevel(level)
         else:
             logging.getLogger(target).setLevel(level)
     for directive in bad:
-        print(f"warning: invalid logging spec '{directive}', ignoring it", file=sys.stderr)
+        print(
+            f"warning: invalid logging spec '{directive}' in RUST_LOG (levels: {_LEVEL_NAMES}), ignoring it",
+            file=sys.stderr,
+        )
     return handler
 
 
@@ -187,7 +209,7 @@ def socket_paths(path: str | os.PathLike[str], count: int) -> list[str]:
             panics: "socket_path has no filename").
     """
     if count < 1:
-        raise ConfigError(f"Wrong socket count: {count}")
+        raise ConfigError(f"--socket-count must be at least 1, not {count}")
     p = pathlib.PurePath(os.fspath(path))
     if p.name in ("", ".", ".."):
         raise ConfigError(f"socket path {os.fspath(path)!r} has no file name")
@@ -378,15 +400,21 @@ def run_main(
     """Parse, validate, run: the body of every daemon's ``main``.
 
     Usage errors exit 2 inside argparse.  A :class:`ConfigError` from validation or
-    setup prints ``error: <message>`` on stderr and returns 1.  Logging is set up
-    from ``RUST_LOG`` before validation, so setup messages follow it.
+    setup, or a socket path the daemon cannot listen on
+    (:class:`~vhost_backends.daemon.ListenError`), prints ``error: <message>`` on
+    stderr and returns 1.  Logging is set up from ``RUST_LOG`` before validation, so
+    setup messages follow it.
     """
     ns = parser.parse_args(argv)
+    # The daemon layer, which run() imports anyway, raises ListenError for a socket
+    # path it cannot take: a bad value like any other.
+    from vhost_backends.daemon import ListenError  # noqa: PLC0415
+
     handler = setup_logging()
     try:
         config = from_args(ns)
         return run(config)
-    except ConfigError as e:
+    except (ConfigError, ListenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

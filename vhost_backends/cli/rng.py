@@ -100,17 +100,17 @@ class Config(NamedTuple):
         """Validate the parsed flags.
 
         Raises:
-            ConfigError: the period is 0 or above 65536 ms ("Period is too big"),
-                the socket count is 0, or the socket path names no file.
+            ConfigError: the period is 0 or above 65536 ms (upstream: "Period is
+                too big"), the socket count is 0, or the socket path names no file.
         """
         period: int = ns.period
         count: int = ns.socket_count
         if period == 0 or period > MAX_PERIOD_MS:
-            raise ConfigError(f"Period is too big: {period} (must be 1..={MAX_PERIOD_MS} ms)")
+            raise ConfigError(f"--period must be 1..={MAX_PERIOD_MS} (ms), not {period}")
         if count == 0:
-            raise ConfigError(f"Wrong socket count: {count}")
+            raise ConfigError(f"--socket-count must be at least 1, not {count}")
         if count > U32_MAX:  # argparse's u32 already refuses it; keep the invariant local
-            raise ConfigError(f"Wrong socket count: {count}")
+            raise ConfigError(f"--socket-count must be at most {U32_MAX}, not {count}")
         config = cls(
             period_ms=period,
             # Divide the bandwidth between the guests so the source is not overwhelmed.
