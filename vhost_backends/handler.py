@@ -675,6 +675,12 @@ class VhostUserHandler:
             return
         try:
             self.device.quiesce(ring.index)
+        except (QueueError, GuestMemoryError) as e:
+            # Completing the last jobs hit the ring the guest broke (a used ring
+            # outside memory...): the ring stops anyway, the device is not at fault.
+            self._ratelimit.log(
+                log, logging.WARNING, ring.index, "%s q%d: quiesce: %s", self.name, ring.index, e
+            )
         except Exception as e:
             self._device_failed(e, f"q{ring.index} quiesce")
 

@@ -468,3 +468,35 @@ def test_late_completion_after_get_vring_base_never_writes_the_ring(
     s.sync()  # the completion was posted before: the loop had its chance to run it
     assert s.fe.rings[0].mock.used_idx() == 0
     assert dev.applied_after_quiesce == 0  # dropped by the transport, not by the device
+
+
+class QuiesceFailingDevice(ParkingDevice):
+    """quiesce() itself raises: ``fault``."""
+
+    def __init__(self, fault: Exception) -> None:
+        super().__init__()
+        self.fault = fault
+
+    def quiesce(self, index: int) -> None:
+        super().quiesce(index)
+        raise self.fault
+
+
+@pytest.mark.parametrize(
+    ("fault", "device_failed"),
+    [(RuntimeError("bug in quiesce"), True), (InvalidAvailRingIndex("used ring outside memory"), False)],
+    ids=["bug", "queue-error"],
+)
+def test_quiesce_failure_still_answers_get_vring_base(
+    session_of: Callable[[EchoDevice], Session], fault: Exception, device_failed: bool
+) -> None:
+    dev = QuiesceFailingDevice(fault)
+    s = session_of(dev)
+    s.ready()
+    s.add_echo()
+    s.fe.kick(0)
+    assert dev.parked_once.wait(TIMEOUT)
+    assert s.fe.get_vring_base(0) == 0  # answered: the session goes on
+    assert s.handler.device_failures == int(device_failed)
+    assert dev.resets == 1 and not dev.active
+    assert s.err_signalled(1, timeout=0 if not device_failed else TIMEOUT) is device_failed
