@@ -43,6 +43,9 @@ __all__ = ["VhostUserDaemon", "run_daemons"]
 
 log = logging.getLogger(__name__)
 
+#: sizeof(sockaddr_un.sun_path) on Linux, the terminating NUL included.
+_SUN_PATH_MAX = 108
+
 
 class VhostUserDaemon:
     """Serve ``device_factory()`` devices on the Unix socket ``socket_path``.
@@ -100,11 +103,23 @@ class VhostUserDaemon:
             # A leftover of a previous run: upstream unlinks it too.
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # The path appears only once the socket listens: bound and listening under a
+        # temporary name first, then renamed (atomic), so a front-end, supervisor or
+        # test that waits for the file never meets ECONNREFUSED between bind() and
+        # listen().  A path too long for the temporary name is bound directly.
+        tmp = f"{path}.{os.getpid()}~"
+        if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+            tmp = path
         try:
-            sock.bind(path)
+            sock.bind(tmp)
             sock.listen(1)
+            if tmp != path:
+                os.rename(tmp, path)
         except BaseException:
             sock.close()
+            if tmp != path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             raise
         self.listener = sock
         self.ready.set()
