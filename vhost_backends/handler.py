@@ -22,6 +22,21 @@ started ring, RESET_DEVICE, RESET_OWNER or the front-end leaving) the device is
 starts next.  This matches QEMU, which starts and stops all rings of a device
 together (vhost_dev_start/stop) but skips rings the driver never set up.
 
+Taking a queue back (issue 12's contract with the device framework): before a ring
+stops (GET_VRING_BASE reads next_avail after it, SET_VRING_ENABLE 0, RESET_DEVICE,
+RESET_OWNER, the front-end leaving) and before SET_MEM_TABLE or REM_MEM_REG change
+the memory under running rings, the device's ``quiesce(index)`` returns its parked
+chain to the avail ring and finishes or cancels its worker jobs, so the used ring is
+written before the reply and never after.  After a memory change the running rings
+are served again at once (what went back to the avail ring was kicked already).
+
+Errors from the device: a queue or guest-memory error stops that ring and writes its
+err fd (vhost-user's NEEDS_RESET); ``DeviceNeedsReset`` or any other exception, from
+``process_queue`` or from a callback the device registered on the loop (it gets a
+:class:`~vhost_backends.device_loop.DeviceLoop` that guards each one), stops every ring
+of the device, writes every err fd and resets the device.  The connection and the
+process stay up; the front-end can start the rings again.
+
 Every request is validated before it changes anything; a violation raises a
 :class:`VhostUserError` that closes the connection (never the process).
 """
@@ -46,6 +61,7 @@ from virtio_queue.ratelimit import RateLimiter
 
 from . import inflight
 from .connection import Connection, Message
+from .device_loop import DeviceLoop
 from .event_loop import EventLoop, FillRing
 from .inflight import InflightArea, InflightQueueRegion
 from .protocol import messages as m
@@ -155,6 +171,12 @@ class VhostUserHandler:
         self.close_reason: str | None = None
         self.closed = False
         self._ratelimit = RateLimiter()
+        # The device's view of the loop: its callbacks run under the error policy.
+        self.device_loop = DeviceLoop(loop, self._callback_failed)
+        #: The device failures seen (DeviceNeedsReset or another exception): each
+        #: stopped the device's rings and reset it; the connection stayed up.
+        self.device_failures = 0
+        self._failing = False
         self._offered_features = device.device_features() | VHOST_USER_F_PROTOCOL_FEATURES
         self._offered_protocol = offered_protocol_features(device, xen=xen)
         self._dispatch: dict[int, Callable[[Message], None]] = {
@@ -360,11 +382,15 @@ class VhostUserHandler:
         # leaves the old one intact (the connection is closed anyway).
         new = [self._map_region(d, msg.fds[i]) for i, d in enumerate(descs)]
         # GuestRegion.from_fd does not keep the fd: the caller closes (finally).
+        # The device gives its queues back first: nothing it holds may use the old
+        # regions (its parked chains go back to the avail rings, its workers finish).
+        self._quiesce_polled()
         self.memory.clear()
         for region in new:
             self.memory.add_region(region)
         self.regions = descs
         self._revalidate_rings()
+        self._serve_polled()
 
     def _get_max_mem_slots(self, msg: Message) -> None:
         self._require(PF.CONFIGURE_MEM_SLOTS, msg.request)
@@ -396,15 +422,30 @@ class VhostUserHandler:
             raise InvalidMessage(
                 f"REM_MEM_REG: no region at guest 0x{desc.guest_addr:x} size 0x{desc.size:x}"
             )
+        self._quiesce_polled()
         self.memory.remove_region(desc.guest_addr, desc.size)
         del self.regions[i]
         self._revalidate_rings()
+        self._serve_polled()
 
     def _user_to_guest(self, index: int, what: str, user_addr: int) -> int:
         for r in self.regions:
             if r.user_addr <= user_addr < r.user_addr + r.size:
                 return user_addr - r.user_addr + r.guest_addr
         raise InvalidMessage(f"vring {index} {what} address 0x{user_addr:x} is outside the memory table")
+
+    def _quiesce_polled(self) -> None:
+        """Take every running queue back from the device (a memory change is coming)."""
+        for ring in self.rings:
+            if ring.polled:
+                self._quiesce(ring)
+
+    def _serve_polled(self) -> None:
+        """Give the running queues back: what a quiesce returned to the avail rings
+        (a parked chain, cancelled worker jobs) was kicked already, so serve it now."""
+        for ring in self.rings:
+            if ring.polled:
+                self._serve(ring)
 
     def _revalidate_rings(self) -> None:
         # Memory changed under polled rings: a ring whose parts left guest memory
@@ -537,6 +578,11 @@ class VhostUserHandler:
         q = ring.queue
         if not want:
             self._unwatch_kick(ring)
+            # The device gives the queue back while it is still usable: its parked
+            # chain returns to the avail ring (GET_VRING_BASE then reports it as not
+            # consumed) and its worker jobs finish or are cancelled, so nothing
+            # writes the used ring after the front-end took the ring back.
+            self._quiesce(ring)
             q.ready = False
             ring.polled = False
             self._maybe_deactivate()
@@ -554,7 +600,16 @@ class VhostUserHandler:
         ring.polled = True
         if not self.device_active:
             self.device.ack_features(self.acked_features & ~VHOST_USER_F_PROTOCOL_FEATURES)
-            self.device.activate(self.memory, [r.queue for r in self.rings], self.interrupt, self.loop)
+            self.device_loop.open()
+            try:
+                self.device.activate(
+                    self.memory, [r.queue for r in self.rings], self.interrupt, self.device_loop
+                )
+            except Exception as e:
+                q.ready = False
+                ring.polled = False
+                self._device_failed(e, "activate")
+                return
             self.device_active = True
         on_kick = self._kick_callback(ring)
         self.loop.add_reader(ring.kick_fd, on_kick)
@@ -584,14 +639,20 @@ class VhostUserHandler:
                 process(index)
             except (QueueError, GuestMemoryError) as e:
                 self._ring_broken(ring, e)
+            except Exception as e:  # DeviceNeedsReset, or a bug the device let out
+                self._device_failed(e, f"q{index}")
 
         return on_kick
 
     def _serve(self, ring: Vring) -> None:
+        if not ring.polled:
+            return
         try:
             self.device.process_queue(ring.index)
         except (QueueError, GuestMemoryError) as e:
             self._ring_broken(ring, e)
+        except Exception as e:
+            self._device_failed(e, f"q{ring.index}")
 
     def _ring_broken(self, ring: Vring, err: Exception) -> None:
         """The guest broke the ring: stop it and tell the front-end on the err fd
@@ -605,8 +666,88 @@ class VhostUserHandler:
 
     def _maybe_deactivate(self) -> None:
         if self.device_active and not any(r.polled for r in self.rings):
-            self.device_active = False
+            self._reset_device_state()
+
+    # -- the device's faults (issue 12's policy, transport side) --------------------------
+    def _quiesce(self, ring: Vring) -> None:
+        """``device.quiesce(index)`` before the transport takes the queue back."""
+        if not self.device_active:
+            return
+        try:
+            self.device.quiesce(ring.index)
+        except (QueueError, GuestMemoryError) as e:
+            # Completing the last jobs hit the ring the guest broke (a used ring
+            # outside memory...): the ring stops anyway, the device is not at fault.
+            self._ratelimit.log(
+                log, logging.WARNING, ring.index, "%s q%d: quiesce: %s", self.name, ring.index, e
+            )
+        except Exception as e:
+            self._device_failed(e, f"q{ring.index} quiesce")
+
+    def _reset_device_state(self) -> None:
+        """Reset the device (it is inactive afterwards, whatever its reset raised) and
+        drop what it left on the loop."""
+        self.device_active = False
+        try:
             self.device.reset()
+        except Exception as e:
+            self.device_failures += 1
+            log.error("%s: device reset failed: %s: %s", self.name, type(e).__name__, e, exc_info=e)
+        self.device_loop.clear()
+
+    def _device_failed(self, err: Exception, where: str) -> None:
+        """The device raised ``DeviceNeedsReset`` or an exception outside the guest/host
+        fault classes (a bug): it cannot be trusted with its queues.
+
+        vhost-user has no NEEDS_RESET status bit (VIRTIO 1.2 §2.1.2): its equivalent
+        is SET_VRING_ERR's eventfd.  So: log it (the traceback the first time, then
+        rate-limited lines), stop every ring of the device, signal every err fd, and
+        reset the device.  The connection and the process stay up: the front-end can
+        start the rings again (the device is activated afresh) or reconnect.
+        """
+        self.device_failures += 1
+        if self.device_failures == 1:
+            log.error("%s: %s: device failed, rings stopped: %s", self.name, where, err, exc_info=err)
+        else:
+            self._ratelimit.log(
+                log,
+                logging.ERROR,
+                "device",
+                "%s: %s: device failed again, rings stopped: %s",
+                self.name,
+                where,
+                err,
+            )
+        if self._failing:
+            # A quiesce or a reset inside the teardown below failed too: it is logged,
+            # the teardown goes on.
+            return
+        self._failing = True
+        try:
+            for ring in self.rings:
+                if ring.started:
+                    ring.started = False
+                    self._update_ring(ring)
+            for ring in self.rings:
+                ring.signal_err()
+            if self.device_active:
+                self._reset_device_state()
+        finally:
+            self._failing = False
+
+    def _callback_failed(self, err: Exception) -> None:
+        """A device callback on the loop (reader, timer, worker completion) raised.
+
+        A queue error stops the rings whose queue the device stopped (a broken avail
+        ring found by ``resume``); any other error is a device failure.
+        """
+        if isinstance(err, (QueueError, GuestMemoryError)):
+            stopped = [r for r in self.rings if r.polled and not r.queue.ready]
+            for ring in stopped:
+                self._ring_broken(ring, err)
+            if stopped:
+                return
+        self._device_failed(err, "callback")
 
     def _stop_all(self) -> None:
         for ring in self.rings:
@@ -754,8 +895,7 @@ class VhostUserHandler:
             self._stop_all()
         finally:
             if self.device_active:
-                self.device_active = False
-                self.device.reset()
+                self._reset_device_state()
             self._use_inflight(None)
             self.memory.clear()
             self.regions = []

@@ -16,7 +16,7 @@ cdef inline ssize_t fd_iov(int fd, const iovec *iov, int n, long long offset,
     """``readv``/``writev`` (``preadv``/``pwritev`` at ``offset`` if >= 0) of ``n``
     iovecs, one system call; one iovec goes through ``read``/``write``
     (``pread``/``pwrite``), which spares the kernel importing the iovec array
-    (~0.1-0.2 µs a call here; back-to-back guest buffers are one iovec already).
+    (back-to-back guest buffers are one iovec already).
     errno is left for the caller."""
     if n == 1:
         if reading:

@@ -126,7 +126,7 @@ _U64_MAX = (1 << 64) - 1
 
 # -- records ------------------------------------------------------------------------
 # Immutable records as NamedTuples rather than frozen dataclasses: importing
-# dataclasses (and with it inspect and ast) costs a daemon ~10 ms of start-up.
+# dataclasses (and with it inspect and ast) lengthens every daemon's start-up.
 class Header(NamedTuple):
     """A validated message header."""
 

@@ -3,9 +3,9 @@
 
 :class:`GetrandomSource` fills guest buffers with ``getrandom(2)`` bytes through the
 vDSO (Linux >= 6.11; ``vdso_getrandom.h``), without a system call per request:
-the same generator, the same guarantees, and on this kind of machine about 1.6x the
-bytes per second of ``read(2)`` on ``/dev/urandom`` (whose kernel side runs the
-portable ChaCha20 code; the vDSO's is vectorised).  Where the vDSO lacks the
+the same generator, the same guarantees, and more bytes per second than ``read(2)``
+on ``/dev/urandom`` (whose kernel side runs the portable ChaCha20 code; the vDSO's is
+vectorised; docs/performance.md has the figures).  Where the vDSO lacks the
 function it uses the system call.
 """
 

@@ -1,7 +1,7 @@
 /* vq_copy: memcpy for guest <-> host copies that holds its speed at every alignment.
  *
  * glibc 2.36's memcpy uses `rep movsb` above a size threshold; on AMD Zen that path
- * falls from ~40 GB/s to ~1.8 GB/s when (dst - src) % 64 is 1, 8, 16, ...  A Python
+ * collapses when (dst - src) % 64 is 1, 8, 16, ... (docs/performance.md).  A Python
  * bytearray is only 16-byte aligned, so every device copy could hit it.  For large
  * copies we use an AVX2 loop instead: unaligned 32-byte loads, stores aligned to the
  * destination, whose speed does not depend on the relative alignment.  Small copies
