@@ -113,3 +113,25 @@ def test_flipping_xen_flag_rebuilds_and_same_flag_does_not(tmp_path: Path) -> No
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60, check=True,
     )
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_setup_ext_modules_lists_every_stubbed_extension() -> None:
+    """run-tests' stubtest list comes from setup.py: every .pyx with a .pyi beside it
+    (outside the Xen-only modules of a XEN=0 build) is listed, and nothing is built."""
+    env = {k: v for k, v in os.environ.items() if k != "XEN"}
+    out = subprocess.run(
+        [sys.executable, "setup.py", "--ext-modules"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    listed = set(out.stdout.split())
+    stubbed = {
+        str(p.relative_to(ROOT).with_suffix("")).replace("/", ".")
+        for p in ROOT.glob("*/**/*.pyx")
+        if p.with_suffix(".pyi").exists() and p.relative_to(ROOT).parts[0] not in ("build", "xen")
+    }
+    assert stubbed <= listed
+    assert out.stderr == ""  # no build banner: nothing was configured or built

@@ -7,6 +7,8 @@ Mirrors upstream's ``verify_cmd_line_arguments`` and ``verify_start_backend``
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -259,3 +261,28 @@ def test_rng_vdso_setting_comes_from_vhd_rng_vdso(
     assert urandom.source.name == "/dev/urandom"
     assert urandom.source.uses_vdso == (vdso and vdso_available())
     assert not regular.source.uses_vdso
+
+
+def test_rng_start_imports_no_optional_host_module(tmp_path: Path) -> None:
+    """Starting vhost-device-rng needs none of the optional host dependencies (gpiod,
+    smbus2, pyalsaaudio, pulsectl) nor any other host backend: hosts/__init__ is empty."""
+    src = tmp_path / "entropy"
+    src.write_bytes(b"x" * 16)
+    code = f"""
+import importlib.abc, sys
+OPTIONAL = {{"gpiod", "smbus2", "alsaaudio", "pulsectl"}}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in OPTIONAL:
+            raise ImportError(f"optional module {{name}} imported")
+sys.meta_path.insert(0, Block())
+import vhost_backends.cli.rng as cli
+built = []
+cli.serve = lambda prog, paths, factory: built.append(factory(0)) or 0
+assert cli.main(["-s", {str(tmp_path / "rng.sock")!r}, "-f", {str(src)!r}]) == 0
+assert type(built[0]).__name__ == "RngDevice"
+hosts = sorted(m for m in sys.modules if m.startswith("virtio_devices.hosts."))
+print(",".join(hosts))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["virtio_devices.hosts._getrandom,virtio_devices.hosts.files"]

@@ -71,3 +71,45 @@ def test_shared_stop_fd_stops_every_loop() -> None:
         for lp in loops:
             lp.close()
         os.close(stop)
+
+
+def test_call_soon_threadsafe_runs_on_the_loop_thread_in_order() -> None:
+    """Worker threads hand results back with call_soon_threadsafe (virtio_devices.workers)."""
+    ran: list[tuple[int, str]] = []
+    with EventLoop() as loop:
+        loop_thread = threading.current_thread().name
+
+        def post() -> None:
+            for i in range(50):
+                loop.call_soon_threadsafe(lambda i=i: ran.append((i, threading.current_thread().name)))
+            loop.call_soon_threadsafe(loop.stop)
+
+        t = threading.Thread(target=post, name="worker")
+        t.start()
+        loop.run(timeout=10)
+        t.join()
+    assert [i for i, _ in ran] == list(range(50))
+    assert {name for _, name in ran} == {loop_thread}
+
+
+def test_call_soon_threadsafe_posted_from_a_callback_runs_in_a_later_pass() -> None:
+    order: list[str] = []
+    with EventLoop() as loop:
+
+        def first() -> None:
+            order.append("first")
+            loop.call_soon_threadsafe(second)
+
+        def second() -> None:
+            order.append("second")
+            loop.stop()
+
+        loop.call_soon_threadsafe(first)
+        loop.run(timeout=10)
+    assert order == ["first", "second"]
+
+
+def test_call_soon_threadsafe_after_close_is_dropped() -> None:
+    loop = EventLoop()
+    loop.close()
+    loop.call_soon_threadsafe(lambda: None)  # no error, nothing written to a closed fd
