@@ -212,3 +212,55 @@ def test_fuzz_message_sequences_rng(tmp_path: Path) -> None:
         if daemon.alive():
             daemon.proc.kill()
             daemon.terminate()
+
+
+def serve_parked(path: str) -> None:
+    """A well-formed session on the parking device: chains completed by workers and
+    chains parked then resumed from a worker thread all come back echoed."""
+    with Frontend.connect(path, timeout=10) as fe:
+        fe.negotiate()
+        fe.add_memory(1 << 20)
+        fe.set_mem_table()
+        ring = fe.setup_ring(0, 128)
+        want = {}
+        for i in range(8):
+            payload = f"chain {i} ".encode() * 3
+            a, b = ring.mock.alloc(4), ring.mock.alloc(len(payload) - 4)
+            dst = ring.mock.alloc(len(payload))
+            fe.memory.write(a, payload[:4])
+            fe.memory.write(b, payload[4:])
+            # Three descriptors each: heads 0, 3, 6, ... alternate worker / park.
+            head = ring.mock.add_chain(
+                [
+                    RawDesc(a, 4, 0, 0),
+                    RawDesc(b, len(payload) - 4, 0, 0),
+                    RawDesc(dst, len(payload), VIRTQ_DESC_F_WRITE, 0),
+                ]
+            )
+            want[head] = (dst, payload)
+        fe.kick(0)
+        got: list[tuple[int, int]] = []
+        while len(got) < len(want):
+            got += fe.wait_used(0, timeout=10)
+        assert sorted(got) == sorted((h, len(p)) for h, (_, p) in want.items())
+        for dst, payload in want.values():
+            assert fe.memory.read(dst, len(payload)) == payload
+
+
+def test_fuzz_message_sequences_parking_device(tmp_path: Path) -> None:
+    """The same against a device that parks chains and completes them from worker
+    threads: rings stop, memory tables change and connections drop with work in
+    flight; afterwards a session still gets every chain back."""
+    sock = str(tmp_path / "parking.sock")
+    daemon = DaemonProcess(sock, [sys.executable, str(Path(__file__).parent / "parking_device.py"), sock])
+    try:
+        daemon.wait_for("listening")
+        serve_parked(daemon.socket_path)
+        _fuzz(daemon)
+        serve_parked(daemon.socket_path)
+        assert daemon.terminate() == 0
+        _no_traceback(daemon)
+    finally:
+        if daemon.alive():
+            daemon.proc.kill()
+            daemon.terminate()
