@@ -291,14 +291,24 @@ class VirtioDevice:
 
         Subclasses cancel their own host work (timers, fd watches) and then call
         this.  A broken device is usable again afterwards.
+
+        Raises:
+            Exception: the first error a queue's :meth:`quiesce` raised (a used ring
+                outside memory...); the device is reset all the same.
         """
+        failed: Exception | None = None
         for index in range(len(self._parked)):
-            self.quiesce(index)
+            try:
+                self.quiesce(index)
+            except Exception as e:  # still forget everything; the caller hears of it
+                failed = failed or e
         self.active = False
         self.broken = None
         self.acked_features = 0
         self.memory, self.queues, self.interrupt, self.loop = None, (), None, None
         self._parked, self._quiesced = [], []
+        if failed is not None:
+            raise failed
 
     def quiesce(self, index: int) -> None:
         """Give queue ``index`` back: nothing the device holds may touch it afterwards.

@@ -346,3 +346,20 @@ def test_broken_avail_ring_stops_the_queue_and_is_raised(rig: DeviceRig) -> None
         rig.kick(0)
     assert not rig.queues[0].ready
     assert rig.device.broken is None
+
+
+def test_reset_completes_even_if_a_quiesce_fails(rig: DeviceRig) -> None:
+    class FailingQuiesce(ScriptDevice):
+        def quiesce(self, index: int) -> None:
+            super().quiesce(index)
+            if index == 0:
+                raise GuestMemoryError("used ring at 0x100000 outside guest memory")
+
+    with DeviceRig(FailingQuiesce()) as r:
+        req(r, b"p", 1)
+        r.kick(1)
+        q1 = r.queues[1]
+        with pytest.raises(GuestMemoryError):
+            r.device.reset()
+        assert not r.device.active
+        assert q1.next_avail() == 0  # queue 1 was quiesced after queue 0 failed
