@@ -323,7 +323,10 @@ class VirtioDevice:
         0); jobs already running are waited for and completed (add_used and one
         notification).  Until the next :meth:`process_queue` of this queue,
         :meth:`resume` does nothing and late completions are dropped.  Idempotent,
-        cheap when nothing is pending; a no-op on an inactive device.
+        cheap when nothing is pending; a no-op on an inactive device.  Chains the
+        device keeps itself (``handle_chain`` returned None without
+        :meth:`run_in_worker`) are its own: it overrides this to complete them
+        (``complete``) before calling ``super().quiesce(index)``.
         """
         if index >= len(self._parked):
             return
