@@ -350,7 +350,16 @@ class VirtioDevice:
             InvalidAvailRingIndex: the avail ring is broken; the queue is stopped.
             DeviceNeedsReset: the device is broken (see the module docstring).
         """
-        self.process_chains(index)
+        # process_chains(index), one call shorter: this runs on every kick.
+        if self.broken is not None:
+            raise DeviceNeedsReset(f"{self.name}: device is broken ({self.broken!r}) until it is reset")
+        try:
+            self._quiesced[index] = False  # a kick: the queue is the device's again
+        except IndexError:
+            log.warning("%s: kick on unknown queue %d ignored", self.name, index)
+            return
+        if self._parked[index] is None:
+            self._drain(index, None, False)
 
     def fill_source(self, index: int) -> ByteSource | None:
         """A host source whose bytes are all that a request of queue ``index`` needs, now.
@@ -490,7 +499,10 @@ class VirtioDevice:
         """The drain loop behind :meth:`process_chains` and :meth:`resume`; ``notify``:
         a chain was completed before, check for a notification even if none is now."""
         queue = self.queues[index]
+        # Bound once: the per-chain path is a handful of calls.
         handle = self.handle_chain
+        pop = queue.pop_chain
+        add_used = queue.add_used
         source = self.fill_source(index)
         # What comes before each pop: nothing (most devices), the device's admit,
         # or the compiled fill path.  One test per chain for the plain case.
@@ -518,7 +530,7 @@ class VirtioDevice:
                                         break
                                     # Empty with notifications on again, or a bad head
                                     # next, which pop_chain reports.
-                                    chain = queue.pop_chain()
+                                    chain = pop()
                                     if chain is None:
                                         return served
                             else:
@@ -528,9 +540,9 @@ class VirtioDevice:
                                 if not self.admit(index):
                                     stopped = True
                                     break
-                                chain = queue.pop_chain()
+                                chain = pop()
                         else:
-                            chain = queue.pop_chain()
+                            chain = pop()
                         if chain is None:
                             break
                         try:
@@ -547,7 +559,7 @@ class VirtioDevice:
                             self._parked[index] = chain
                             stopped = True
                             break
-                        queue.add_used(chain.head_index, used)
+                        add_used(chain.head_index, used)
                         served += 1
                         nbytes += used
                 except InvalidDescriptorIndex as e:
