@@ -65,11 +65,6 @@ def test_guest_and_host_faults_return_the_chain_and_the_queue_goes_on(fault_daem
     assert any("on purpose" in line for line in fault_daemon.log)  # both were logged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="waits for the transport side of issue 12 (branch transport): a device bug must "
-    "reset the device and write the err fd, not end the session",
-)
 def test_device_bug_resets_the_device_and_the_session_stays_up(fault_daemon: DaemonProcess) -> None:
     with session(fault_daemon.socket_path) as fe:
         err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -95,3 +90,5 @@ def test_device_bug_resets_the_device_and_the_session_stays_up(fault_daemon: Dae
             os.close(err)
     fault_daemon.wait_for("session ended")
     assert fault_daemon.alive()
+    assert any("device failed" in line and "a bug on purpose" in line for line in fault_daemon.log)
+    assert fault_daemon.terminate() == 0
