@@ -321,7 +321,8 @@ def test_rng_daemon_compiled_path_leaves_bad_requests_to_the_device(
         assert d.stop() == 0, d.stderr()
     log = d.stderr()
     # first, 100, 200 filled in compiled code; the bad request is process_queue's
-    assert "q0: 2 kicks, 3 chains / 316 bytes filled in compiled code, 1 calls of process_queue" in log, log
+    # (a kick can find the daemon polling: how many it read varies)
+    assert re.search(r"q0: \d+ kicks, 3 chains / 316 bytes filled in compiled code, 1 calls of process_queue", log), log
     assert "rng q0: served 2 chains, 16 bytes" in log, log  # bad, last
     assert "expected 1" in log  # the device's own report of the bad chain
 
