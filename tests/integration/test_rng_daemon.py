@@ -322,7 +322,8 @@ def test_rng_daemon_compiled_path_leaves_bad_requests_to_the_device(
     log = d.stderr()
     # first, 100, 200 filled in compiled code; the bad request is process_queue's
     # (a kick can find the daemon polling: how many it read varies)
-    assert re.search(r"q0: \d+ kicks, 3 chains / 316 bytes filled in compiled code, 1 calls of process_queue", log), log
+    filled = r"q0: \d+ kicks, 3 chains / 316 bytes filled in compiled code, 1 calls of process_queue"
+    assert re.search(filled, log), log
     assert "rng q0: served 2 chains, 16 bytes" in log, log  # bad, last
     assert "expected 1" in log  # the device's own report of the bad chain
 
