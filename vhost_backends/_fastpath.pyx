@@ -493,6 +493,7 @@ cdef class Epoll:
                         # Never keep the CPU from a task that wants it (the driver
                         # above all): a yield that ran one ends polling.
                         if self.give_way:
+                            now = _now_ns()
                             sched_yield()
                             if _now_ns() - now > YIELD_SWITCH_NS:
                                 shared = True
