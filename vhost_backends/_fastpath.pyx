@@ -36,9 +36,11 @@ Polling must never take the CPU from anyone, above all from the driver: a spin o
 the CPU the driver runs on keeps the driver from making the very request it waits
 for.  So the spin calls ``sched_yield`` at every turn, and a yield that let another
 task run (it took longer than a bare system call can) ends polling: the loop
-sleeps in ``epoll_wait`` instead and polls no ring for a while
-(``SHARED_BACKOFF_NS``), whatever the windows learnt.  On a CPU of its own the
-yield returns at once and polling goes on.
+sleeps in ``epoll_wait`` instead and polls no ring for a while, whatever the
+windows learnt: 1 ms, doubling at each such yield up to 128 ms, and back to 1 ms
+once a spin finds a request without giving way.  So a driver that shares the CPU
+meets a spin only every 128 ms, and a CPU that is free again is polled again soon.
+On a CPU of its own the yield returns at once and polling goes on.
 """
 
 cimport cython
@@ -94,8 +96,9 @@ cdef enum:
     # CPU (a bare yield is a system call, well under it; a switch to another task
     # and back is well above it).
     YIELD_SWITCH_NS = 3000
-    # Then no ring is polled for this long.
-    SHARED_BACKOFF_NS = 2000000
+    # Then no ring is polled for this long, doubling up to the maximum.
+    SHARED_BACKOFF_NS = 1000000
+    SHARED_BACKOFF_MAX_NS = 128000000
 
 
 cdef inline long long _now_ns() noexcept nogil:
@@ -265,6 +268,7 @@ cdef class Epoll:
     cdef readonly long long poll_max_ns
     # No polling before this (CLOCK_MONOTONIC ns): another task wanted our CPU.
     cdef long long _calm_until_ns
+    cdef long long _calm_ns
     cdef readonly bint give_way
     cdef readonly unsigned long long gave_way
 
@@ -283,6 +287,7 @@ cdef class Epoll:
             raise ValueError(f"poll_max_us must be from 0 to 1000000, not {poll_max_us}")
         self.poll_max_ns = poll_max_us * 1000
         self.give_way = give_way
+        self._calm_ns = SHARED_BACKOFF_NS
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -501,6 +506,7 @@ cdef class Epoll:
                 if found >= 0:
                     r = <KickRing>rings[found]
                     r.poll_hits += 1
+                    self._calm_ns = SHARED_BACKOFF_NS
                     calls = r.python_calls
                     r.service(False, False)
                     r.last_end_ns = _now_ns()
@@ -527,7 +533,9 @@ cdef class Epoll:
             raise
         if shared:
             self.gave_way += 1
-            self._calm_until_ns = _now_ns() + SHARED_BACKOFF_NS
+            self._calm_until_ns = _now_ns() + self._calm_ns
+            if self._calm_ns < SHARED_BACKOFF_MAX_NS:
+                self._calm_ns *= 2
         return 0
 
     cdef unsigned long long _unpoll(self, list rings, bint serve=True) except? 0:
