@@ -73,8 +73,10 @@ BATCHES = (1, 16, 64)
 # Streaming: requests kept in flight by a front-end that refills as buffers come back.
 DEPTHS = (16, 64)
 SOURCE = "/dev/urandom"
-KINDS = ("ours", "before", "rust")
-#: A built source tree of ours to measure as the "before" kind (``--before``).
+#: The daemons of the pytest benchmarks; the table also has "before" (``--before``).
+KINDS = ("ours", "rust")
+TABLE_KINDS = ("ours", "before", "rust")
+#: A built source tree of ours to measure as the "before" kind.
 BEFORE_TREE: str | None = None
 
 
@@ -105,10 +107,6 @@ def skip_absent(kind: str) -> None:
         import pytest  # noqa: PLC0415 - only the pytest benchmarks call this
 
         pytest.skip(f"Rust {RNG}: n/a (${RUST_ENV} unset or without it)")
-    if kind == "before" and BEFORE_TREE is None:
-        import pytest  # noqa: PLC0415
-
-        pytest.skip("before: n/a (daemon_table.py --before DIR only)")
 
 
 @contextlib.contextmanager
@@ -655,7 +653,7 @@ def section_throughput(
     out: Table, clients: dict[str, RngClient], pids: dict[str, int], reps: int, secs: float
 ) -> None:
     out(f"-- rng throughput, {REQ_SIZE} B requests, MB/s (1 MB = 1e6 B); ref = readv of {SOURCE}")
-    kinds = [k for k in KINDS if k in clients or k in ("ours", "rust")]
+    kinds = [k for k in TABLE_KINDS if k in clients or k in ("ours", "rust")]
     pairs = [("ours", "ref"), ("ours", "before"), ("ours", "rust"), ("rust", "ref"), ("ours", "ring")]
     pairs = [(x, y) for x, y in pairs if y in ("ref", "ring") or y in kinds]
     head = ("batch", "ref readv", "ref ring", *kinds, *(f"{x}/{y}" for x, y in pairs))
@@ -806,7 +804,7 @@ def section_roundtrip(out: Table, tmp: str, kinds: Sequence[str], reps: int, cou
 
 def section_memory(out: Table, daemons: dict[str, RngDaemon]) -> None:
     out("-- daemon memory after serving (the runs above), MiB; goal <= 25")
-    for k in KINDS:
+    for k in TABLE_KINDS:
         if k in daemons:
             mk = daemons[k].memory_kib()
             out(f"{k:>6} VmRSS {mk['VmRSS'] / 1024:6.1f}   VmHWM {mk['VmHWM'] / 1024:6.1f}")
@@ -848,7 +846,7 @@ def section_startup(out: Table, tmp: str, kinds: Sequence[str], starts: int) -> 
             times.append((time.perf_counter() - t0) * 1e3)
     out(f"-- start-up, ms from before Popen to the socket file / a connect OK; {starts} starts; goal <= 150")
     out("{:>9} {:>22} {:>22} {:>22}".format("", "file", "connect", "idle VmRSS MiB"))
-    for v in (*(k for k in KINDS if k != "before"), "ours .pyc"):
+    for v in (*KINDS, "ours .pyc"):
         if v not in variants:
             out(f"{v:>9} n/a")
             continue
@@ -928,9 +926,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     global BEFORE_TREE
     if a.before:
         BEFORE_TREE = str(Path(a.before).resolve())
-    kinds = [
-        k for k in KINDS if k == "ours" or (k == "before" and BEFORE_TREE) or (k == "rust" and rust_daemon())
-    ]
+    present = {"ours": True, "before": bool(BEFORE_TREE), "rust": rust_daemon() is not None}
+    kinds = [k for k in TABLE_KINDS if present[k]]
     out = Table()
     cpu0 = cpustat()
     load0 = loadavg()
