@@ -201,7 +201,7 @@ cdef class KickRing:
         """Serve what the ring holds, on a kick (``kicked``: the kick's count is read
         here) or while polling (``suppress`` false: notifications stay suppressed
         on the fill path): fill it from the device's source if it has one for the
-        ring, and hand what is left to ``serve``."""
+        ring, and hand what is left to ``serve``.  Returns 1 when ``serve`` ran."""
         cdef uint64_t value
         if kicked:
             self.kicks += 1
@@ -217,7 +217,7 @@ cdef class KickRing:
             if self.fail is None:
                 raise
             self.fail(e)
-        return 0
+        return 1
 
     cdef int _fill(self, bint suppress) except -1:
         """``Queue.fill_c`` from the device's source, then notify the driver if it
@@ -270,6 +270,8 @@ cdef class Epoll:
     cdef long long _calm_until_ns
     cdef long long _calm_ns
     cdef readonly bint give_way
+    # A ring's serve ran in this poll (Python may have added a timer, stopped a ring).
+    cdef bint _py_ran
     cdef readonly unsigned long long gave_way
 
     def __cinit__(self, *args, **kwargs):
@@ -353,8 +355,10 @@ cdef class Epoll:
         """Wait up to ``timeout`` seconds (< 0: forever) for fds that need Python;
         return them (a list, possibly empty when the time ran out or a signal came).
 
-        Kicks of rings are served here meanwhile (a ring's ``serve`` may run), the
-        wait going on for what is left of the timeout.
+        Kicks of rings are served here meanwhile, the wait going on for what is left
+        of the timeout, unless a ring's ``serve`` ran: then it returns (possibly an
+        empty list), so that the caller sees what that Python code did (a timer
+        it added, say).
 
         Raises:
             OSError: epoll_wait failed (not EINTR: a signal just returns).
@@ -374,6 +378,7 @@ cdef class Epoll:
             raise ValueError("I/O operation on closed epoll object")
         if 0 <= timeout <= 1e6:
             deadline = _now_ns() + <long long>(timeout * 1e9)
+        self._py_ran = False
         while True:
             ms = -1
             if deadline >= 0:
@@ -403,7 +408,8 @@ cdef class Epoll:
                         r.poll_ns = 0
                     else:
                         r.adapt(now_ns, self.poll_max_ns)
-                    r.service(True, True)
+                    if r.service(True, True):
+                        self._py_ran = True
                     if self.poll_max_ns:
                         r.last_end_ns = _now_ns()
                         # A ring the device left requests in (it stopped draining:
@@ -416,7 +422,8 @@ cdef class Epoll:
                 out.append(fd)
             if polled is not None and not out and ms != 0:
                 self._poll_rings(polled, deadline)
-            if out or ms == 0:
+            if out or ms == 0 or self._py_ran:
+                # After Python code ran the caller looks at its timers again.
                 return out
 
     cdef list _arm(self, list rings):
@@ -508,7 +515,8 @@ cdef class Epoll:
                     r.poll_hits += 1
                     self._calm_ns = SHARED_BACKOFF_NS
                     calls = r.python_calls
-                    r.service(False, False)
+                    if r.service(False, False):
+                        self._py_ran = True
                     r.last_end_ns = _now_ns()
                     if r.attached and r.queue.work_pending_c():
                         # The device stopped draining (admit, park): the ring is
@@ -553,6 +561,7 @@ cdef class Epoll:
             except Exception:
                 pending = True      # the ring's path meets the error and reports it
             if pending and serve:
-                r.service(False, True)
+                if r.service(False, True):
+                    self._py_ran = True
                 served += 1
         return served

@@ -71,7 +71,8 @@ def main(argv: list[str]) -> int:
         )
     poll = os.environ.get("VHD_POLL_US")
     try:
-        return run_daemons("echo", argv, lambda _i: EchoDevice(), poll_max_us=None if poll is None else int(poll))
+        poll_max_us = None if poll is None else int(poll)
+        return run_daemons("echo", argv, lambda _i: EchoDevice(), poll_max_us=poll_max_us)
     except ListenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -275,6 +275,32 @@ def test_non_fill_ring_is_served_by_one_call_per_kick(rig: Rig, epoll: Epoll) ->
         os.eventfd_read(rig.kick)
 
 
+def test_poll_returns_after_serve_ran(rig: Rig, epoll: Epoll) -> None:
+    """Python code that serve ran may have added a timer the caller must run (a rate
+    limit, a retry): the poll returns to its caller after it instead of waiting on
+    for its whole timeout.  (A pipe written 5 s later is what it would return.)"""
+    ring = _attach(epoll, rig.ring(fill=False))
+    r, w = os.pipe()
+    epoll.register(r, IN)
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if not done.wait(5.0):
+            os.write(w, b"x")
+
+    t = threading.Thread(target=watchdog)
+    t.start()
+    try:
+        os.eventfd_write(rig.kick, 1)
+        assert epoll.poll(-1) == []
+        assert rig.served == [0] and ring.python_calls == 1
+    finally:
+        done.set()
+        t.join()
+        os.close(r)
+        os.close(w)
+
+
 def test_serve_errors_go_to_fail_or_up(rig: Rig, epoll: Epoll) -> None:
     """What serve raises reaches the ring's fail(exc), the transport's policy; with
     no fail it propagates out of the poll (a bug must be loud)."""
