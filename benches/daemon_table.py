@@ -14,8 +14,11 @@ that machine noise hits them alike:
   in flight (the front-end refills as buffers come back, kicking only when the
   device asks): ours, the Rust daemon's, and a plain ``readv`` of the same source
   in 4 KiB pieces (the reference);
-* **kick -> used round trip** of a 1-byte request, against an eventfd ping-pong
-  between two processes (the same wait on our side; the other side an epoll loop);
+* **kick -> used round trip** of a 1-byte request, with the front-end and the
+  daemon on one shared CPU, on two CPUs (each pinned to its own) and unpinned, ours
+  with adaptive polling (the default) and without (``VHD_POLL_US=0``), against an
+  eventfd ping-pong between two processes placed like them (the same wait on our
+  side; the other side an epoll loop);
 * **daemon RSS** (VmRSS and VmHWM after serving) and **start-up time** (before
   ``Popen`` to the socket file appearing, and to ``connect`` succeeding);
 * **-c N** (1, 2, 4): aggregate throughput of N front-end processes against one
@@ -23,7 +26,9 @@ that machine noise hits them alike:
 
 The Rust daemon is looked for in ``$VHOST_DEVICE_RUST_BIN``, a directory holding
 upstream's ``vhost-device-rng`` binary (built from rust-vmm/vhost-device); without
-it its columns read "n/a".
+it its columns read "n/a".  ``--before DIR`` adds "before": our daemon from another
+built tree (a copy of main, say), measured beside this one in the same run, for
+before/after figures of a change.
 
 This module is also the helper library of ``bench_devices.py`` and
 ``bench_vhost_roundtrip.py`` (daemon processes, the benchmark front-end, the
@@ -68,7 +73,11 @@ BATCHES = (1, 16, 64)
 # Streaming: requests kept in flight by a front-end that refills as buffers come back.
 DEPTHS = (16, 64)
 SOURCE = "/dev/urandom"
+#: The daemons of the pytest benchmarks; the table also has "before" (``--before``).
 KINDS = ("ours", "rust")
+TABLE_KINDS = ("ours", "before", "rust")
+#: A built source tree of ours to measure as the "before" kind.
+BEFORE_TREE: str | None = None
 
 
 # -- the daemons ------------------------------------------------------------------------
@@ -84,7 +93,7 @@ def rust_daemon(name: str = RNG) -> str | None:
 
 
 def daemon_command(kind: str) -> list[str]:
-    if kind == "ours":
+    if kind in ("ours", "before"):
         return [sys.executable, "-m", "vhost_backends.cli.rng"]
     path = rust_daemon()
     if path is None:
@@ -132,12 +141,16 @@ class RngDaemon:
         """``env``: variables to set (None: unset) for this daemon only; ``cpus``:
         the CPUs it may run on (None: any)."""
         self.kind = kind
-        self.base = os.path.join(tmpdir, f"{kind}-rng.sock")
+        # Several daemons of one kind may share tmpdir (a tag from env tells them apart).
+        tag = kind + "".join(f"-{k}={v}" for k, v in sorted((env or {}).items()) if k.startswith("VHD_"))
+        self.base = os.path.join(tmpdir, f"{tag}-rng.sock")
         self.count = count
-        self.log = os.path.join(tmpdir, f"{kind}-rng.log")
-        full_env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        )
+        self.log = os.path.join(tmpdir, f"{tag}-rng.log")
+        tree = BEFORE_TREE if kind == "before" else str(REPO)
+        if tree is None:
+            raise FileNotFoundError("the before kind needs --before DIR")
+        path = os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))
+        full_env = dict(os.environ, PYTHONPATH=path)
         for key, value in (env or {}).items():
             if value is None:
                 full_env.pop(key, None)
@@ -472,11 +485,14 @@ class EventfdPingPong:
     waits in ``epoll`` and answers on a second eventfd; our side waits exactly as
     :meth:`RngClient.batch` does (``poll`` then ``eventfd_read``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: set[int] | None = None) -> None:
+        """``cpus``: the CPUs the answering process may run on (None: any)."""
         self.ping = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.pong = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _PONG, str(self.ping), str(self.pong)], pass_fds=(self.ping, self.pong)
+            [sys.executable, "-c", _PONG, str(self.ping), str(self.pong)],
+            pass_fds=(self.ping, self.pong),
+            preexec_fn=None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus),  # noqa: PLW1509
         )
         self._poll = select.poll()
         self._poll.register(self.pong, select.POLLIN)
@@ -637,25 +653,18 @@ def section_throughput(
     out: Table, clients: dict[str, RngClient], pids: dict[str, int], reps: int, secs: float
 ) -> None:
     out(f"-- rng throughput, {REQ_SIZE} B requests, MB/s (1 MB = 1e6 B); ref = readv of {SOURCE}")
-    head = (
-        "batch",
-        "ref readv",
-        "ref ring",
-        "ours",
-        "rust",
-        "ours/ref",
-        "ours/rust",
-        "rust/ref",
-        "ours/ring",
-    )
-    fmt_row = "{:>6} {:>18} {:>18} {:>18} {:>18} {:>9} {:>10} {:>9} {:>9}"
+    kinds = [k for k in TABLE_KINDS if k in clients or k in ("ours", "rust")]
+    pairs = [("ours", "ref"), ("ours", "before"), ("ours", "rust"), ("rust", "ref"), ("ours", "ring")]
+    pairs = [(x, y) for x, y in pairs if y in ("ref", "ring") or y in kinds]
+    head = ("batch", "ref readv", "ref ring", *kinds, *(f"{x}/{y}" for x, y in pairs))
+    fmt_row = "{:>6} " + "{:>18} " * (2 + len(kinds)) + "{:>11} " * len(pairs)
     out(fmt_row.format(*head))
     refs = {"ref": SourceReader(), "ring": SourceReader(buffers=RING_SIZE)}
     cpu_rows = []
     try:
         for label in [*BATCHES, *(f"s{d}" for d in DEPTHS)]:
-            rates: dict[str, list[float]] = {"ref": [], "ring": [], "ours": [], "rust": []}
-            cpu: dict[str, list[float]] = {"ref": [], "ring": [], "ours": [], "rust": []}
+            rates: dict[str, list[float]] = {k: [] for k in ("ref", "ring", *kinds)}
+            cpu: dict[str, list[float]] = {k: [] for k in ("ref", "ring", *kinds)}
             for _ in range(reps):
                 for k, r in refs.items():
                     c0 = time.thread_time()
@@ -685,17 +694,11 @@ def section_throughput(
             st = {k: Stat(v) for k, v in rates.items()}
             row = (
                 label,
-                st["ref"].fmt(),
-                st["ring"].fmt(),
-                st["ours"].fmt(),
-                st["rust"].fmt(),
-                _ratios(rates["ours"], rates["ref"]).fmt(".2f"),
-                _ratios(rates["ours"], rates["rust"]).fmt(".2f"),
-                _ratios(rates["rust"], rates["ref"]).fmt(".2f"),
-                _ratios(rates["ours"], rates["ring"]).fmt(".2f"),
+                *(st[k].fmt() for k in ("ref", "ring", *kinds)),
+                *(_ratios(rates[x], rates[y]).fmt(".2f") for x, y in pairs),
             )
             out(fmt_row.format(*row))
-            cpu_rows.append((label, *(Stat(cpu[k]).fmt(".1f") for k in ("ref", "ring", "ours", "rust"))))
+            cpu_rows.append((label, *(Stat(cpu[k]).fmt(".1f") for k in ("ref", "ring", *kinds))))
     finally:
         for r in refs.values():
             r.close()
@@ -708,56 +711,100 @@ def section_throughput(
         " memfd in turn, the destination the daemons fill (one per ring entry)"
     )
     out("   goals: ours/ref >= 0.7, ours/rust >= 1.0 (ratios: median of the per-rep ratios; within a rep")
-    out("   the daemons run in two halves each, ours rust rust ours, so that drift weighs on both alike)")
+    out("   the daemons run in two halves each, A B B A, so that drift weighs on all alike)")
     out("   CPU us per request (refs: the reading thread; ours/rust: all daemon threads, schedstat):")
-    out("{:>6} {:>18} {:>18} {:>18} {:>18}".format("", "ref readv", "ref ring", "ours", "rust"))
+    cpu_fmt = "{:>6} " + "{:>18} " * (2 + len(kinds))
+    out(cpu_fmt.format("", "ref readv", "ref ring", *kinds))
     for cells in cpu_rows:
-        out("{:>6} {:>18} {:>18} {:>18} {:>18}".format(*cells))
+        out(cpu_fmt.format(*cells))
     out()
 
 
-def section_roundtrip(
-    out: Table, clients: dict[str, RngClient], pids: dict[str, int], reps: int, count: int
-) -> None:
-    us: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
-    cpu: dict[str, list[float]] = {"ref": [], "ours": [], "rust": []}
-    pp = EventfdPingPong()
-    try:
-        for _ in range(reps):
-            c0 = task_cpu_us(pp.proc.pid)
-            t0 = time.perf_counter()
-            pp.run(count)
-            us["ref"].append((time.perf_counter() - t0) / count * 1e6)
-            cpu["ref"].append((task_cpu_us(pp.proc.pid) - c0) / count)
-            for k, c in clients.items():
-                c0 = task_cpu_us(pids[k])
-                t0 = time.perf_counter()
-                c.run(1, count)
-                us[k].append((time.perf_counter() - t0) / count * 1e6)
-                cpu[k].append((task_cpu_us(pids[k]) - c0) / count)
-    finally:
-        pp.close()
-    out("-- kick -> used round trip of a 1-byte request, us; ref = eventfd ping-pong between 2 processes")
-    head = ("", "ref ping-pong", "ours", "rust", "ours/ref", "ours/rust", "rust/ref")
-    out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*head))
-    row = (
-        "wall",
-        Stat(us["ref"]).fmt(".1f"),
-        Stat(us["ours"]).fmt(".1f"),
-        Stat(us["rust"]).fmt(".1f"),
-        _ratios(us["ours"], us["ref"]).fmt(".2f"),
-        _ratios(us["ours"], us["rust"]).fmt(".2f"),
-        _ratios(us["rust"], us["ref"]).fmt(".2f"),
+#: Where the round trip runs: (label, front-end CPUs, daemon and ping-pong peer CPUs)
+#: as indexes into the CPUs this process may use; None: unpinned.
+PLACEMENTS: tuple[tuple[str, int | None, int | None], ...] = (
+    ("same CPU", 0, 0),
+    ("two CPUs", 0, 1),
+    ("unpinned", None, None),
+)
+
+
+def section_roundtrip(out: Table, tmp: str, kinds: Sequence[str], reps: int, count: int) -> None:
+    """The 1-request round trip, for each placement: each daemon variant (ours and
+    "before" with polling, the default, and with ``VHD_POLL_US=0``; rust) against an
+    eventfd ping-pong whose answering process is pinned as the daemons are; the
+    repetitions interleaved.  Polling must never cost the driver: "poll/off" is
+    each variant with polling against itself without, per repetition."""
+    cpus = sorted(os.sched_getaffinity(0))
+    variants: dict[str, tuple[str, dict[str, str | None]]] = {}
+    for k in kinds:
+        variants[k] = (k, {"VHD_POLL_US": None})
+        if k != "rust":
+            variants[f"{k} poll=0"] = (k, {"VHD_POLL_US": "0"})
+    out(
+        f"-- kick -> used round trip of a 1-byte request, us; ref = eventfd ping-pong between 2 processes"
+        f" placed like the front-end and the daemon; {reps} reps x {count} round trips, interleaved"
     )
-    out("{:>6} {:>22} {:>22} {:>22} {:>9} {:>10} {:>9}".format(*row))
-    cells = ("cpu", Stat(cpu["ref"]).fmt(".1f"), Stat(cpu["ours"]).fmt(".1f"), Stat(cpu["rust"]).fmt(".1f"))
-    out("{:>6} {:>22} {:>22} {:>22}   (CPU us per round trip of the answering process)".format(*cells))
+    fmt_row = "{:>9} {:>13} {:>22} {:>10} {:>10} {:>22}"
+    out(fmt_row.format("placement", "", "us", "/ref", "poll/off", "daemon CPU us / rt"))
+    for label, fe_i, d_i in PLACEMENTS:
+        if (fe_i is not None and fe_i >= len(cpus)) or (d_i is not None and d_i >= len(cpus)):
+            out(f"{label:>9} n/a (needs {max(fe_i or 0, d_i or 0) + 1} CPUs)")
+            continue
+        fe_cpus = None if fe_i is None else {cpus[fe_i]}
+        d_cpus = None if d_i is None else {cpus[d_i]}
+        us: dict[str, list[float]] = {v: [] for v in ("ref", *variants)}
+        cpu: dict[str, list[float]] = {v: [] for v in ("ref", *variants)}
+        daemons = {v: RngDaemon(k, tmp, env=env, cpus=d_cpus) for v, (k, env) in variants.items()}
+        clients: dict[str, RngClient] = {}
+        pp = None
+        try:
+            for d in daemons.values():
+                d.wait_listening(probe=False)
+            if fe_cpus is not None:
+                os.sched_setaffinity(0, fe_cpus)
+            pp = EventfdPingPong(d_cpus)
+            for v, d in daemons.items():
+                clients[v] = d.connect(req_size=1)
+                clients[v].check()
+                clients[v].run(1, max(1, count // 10))   # warm: the polling windows learn
+            runs: list[tuple[str, int, Callable[[int], object]]] = [("ref", pp.proc.pid, pp.run)]
+            runs += [(v, daemons[v].proc.pid, functools.partial(clients[v].run, 1)) for v in variants]
+            for rep in range(reps):
+                # A B C ... then ... C B A: drift weighs on all alike.
+                for v, pid, fn in runs if rep % 2 == 0 else runs[::-1]:
+                    c0 = task_cpu_us(pid)
+                    t0 = time.perf_counter()
+                    fn(count)
+                    us[v].append((time.perf_counter() - t0) / count * 1e6)
+                    cpu[v].append((task_cpu_us(pid) - c0) / count)
+        finally:
+            for c in clients.values():
+                c.close()
+            if pp is not None:
+                pp.close()
+            for d in daemons.values():
+                d.stop()
+            os.sched_setaffinity(0, cpus)
+        for v in ("ref", *variants):
+            off = f"{v} poll=0"
+            cells = (
+                label,
+                "ping-pong" if v == "ref" else v,
+                Stat(us[v]).fmt(".1f"),
+                "" if v == "ref" else _ratios(us[v], us["ref"]).fmt(".2f"),
+                _ratios(us[v], us[off]).fmt(".2f") if off in us else "",
+                Stat(cpu[v]).fmt(".1f"),
+            )
+            out(fmt_row.format(*cells))
+    out("   /ref: the time against the ping-pong's (median of per-rep ratios); poll/off: with adaptive")
+    out("   polling (VHD_POLL_US unset: 32) against without (goal <= 1.0 in every placement)")
     out()
 
 
 def section_memory(out: Table, daemons: dict[str, RngDaemon]) -> None:
     out("-- daemon memory after serving (the runs above), MiB; goal <= 25")
-    for k in KINDS:
+    for k in TABLE_KINDS:
         if k in daemons:
             mk = daemons[k].memory_kib()
             out(f"{k:>6} VmRSS {mk['VmRSS'] / 1024:6.1f}   VmHWM {mk['VmHWM'] / 1024:6.1f}")
@@ -834,7 +881,7 @@ def section_parallel(out: Table, tmp: str, kinds: Sequence[str], reps: int, secs
                 d.stop()
         st = {k: Stat(v) for k, v in rates.items()}
         scale = {}
-        for k in KINDS:
+        for k in kinds:
             if rates[k]:
                 base.setdefault(k, st[k].med)
                 scale[k] = f"{st[k].med / base[k]:.2f}"
@@ -862,8 +909,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--pin",
         action="store_true",
-        help="throughput and round trip: front-end on the first CPU, daemons on the second "
-        "(the same for both daemons; less scheduler noise)",
+        help="throughput: front-end on the first CPU, daemons on the second (the same for all"
+        " daemons; less scheduler noise); the round trip has its own placements",
+    )
+    ap.add_argument(
+        "--before",
+        metavar="DIR",
+        help="also measure our daemon from this built source tree (a copy of main) as 'before'",
     )
     ap.add_argument("--worker", nargs=3, metavar=("PATH", "BATCH", "SECS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -871,7 +923,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_main(a.worker[0], int(a.worker[1]), float(a.worker[2]))
         return 0
     skip = set(filter(None, a.skip.split(",")))
-    kinds = [k for k in KINDS if k == "ours" or rust_daemon() is not None]
+    global BEFORE_TREE
+    if a.before:
+        BEFORE_TREE = str(Path(a.before).resolve())
+    present = {"ours": True, "before": bool(BEFORE_TREE), "rust": rust_daemon() is not None}
+    kinds = [k for k in TABLE_KINDS if present[k]]
     out = Table()
     cpu0 = cpustat()
     load0 = loadavg()
@@ -884,14 +940,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out(f"         VHD_RNG_VDSO {vdso} (1: {SOURCE} through the vDSO's getrandom where the kernel has it, "
         f"{'as here' if vdso_available() else 'not here'}; 0: read the file, as rust does)")
     out(f"rust   : {rust_daemon() or 'n/a (set $' + RUST_ENV + ')'}")
+    if BEFORE_TREE:
+        out(f"before : {sys.executable} -m vhost_backends.cli.rng from {BEFORE_TREE}, same settings")
     out(f"reps   : {a.reps} x {a.secs} s per throughput figure, interleaved; median (min..max)")
     cpus = sorted(os.sched_getaffinity(0))
     pin = a.pin and len(cpus) >= 2
     if pin:
-        out(f"pinned : throughput and round trip: front-end on CPU {cpus[0]}, daemons on CPU {cpus[1]}")
+        out(f"pinned : throughput: front-end on CPU {cpus[0]}, daemons on CPU {cpus[1]}")
     out()
     with tempfile.TemporaryDirectory(prefix="vdev-bench-") as tmp:
-        if not {"tput", "rt", "mem"} <= skip:
+        if not {"tput", "mem"} <= skip:
             if pin:
                 os.sched_setaffinity(0, {cpus[0]})
             daemons = {k: RngDaemon(k, tmp, cpus={cpus[1]} if pin else None) for k in kinds}
@@ -908,15 +966,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     finally:
                         for c in clients.values():
                             c.close()
-                if "rt" not in skip:
-                    clients = {k: d.connect(req_size=1) for k, d in daemons.items()}
-                    try:
-                        for c in clients.values():
-                            c.check()
-                        section_roundtrip(out, clients, pids, a.reps, a.rt_count)
-                    finally:
-                        for c in clients.values():
-                            c.close()
                 if "mem" not in skip:
                     section_memory(out, daemons)
             finally:
@@ -924,10 +973,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     d.stop()
                 if pin:
                     os.sched_setaffinity(0, cpus)
+        if "rt" not in skip:
+            section_roundtrip(out, tmp, kinds, a.reps, a.rt_count)
+        # Start-up and -c N: ours against rust only.
         if "start" not in skip:
-            section_startup(out, tmp, kinds, a.startups)
+            section_startup(out, tmp, [k for k in kinds if k != "before"], a.startups)
         if "par" not in skip:
-            section_parallel(out, tmp, kinds, a.par_reps, a.par_secs)
+            section_parallel(out, tmp, [k for k in kinds if k != "before"], a.par_reps, a.par_secs)
     b1, i1, s1 = cpustat()
     b0, i0, s0 = cpu0
     tot = (b1 - b0) + (i1 - i0) + (s1 - s0)

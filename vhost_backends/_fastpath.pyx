@@ -2,26 +2,45 @@
 """The compiled part of the daemon's event loop (DESIGN.md "Concurrency and I/O").
 
 :class:`Epoll` is the loop's epoll set.  Its :meth:`Epoll.poll` hands the ready fds
-back to Python, except the kick fds of :class:`FillRing` rings: a device whose
-requests on a queue need nothing but bytes from a host source (virtio-rng; see
-``VirtioDevice.fill_source``) lets the transport serve that queue's kicks here,
-without a Python call per kick: read the kick eventfd, fill every available
-single-buffer request with ``Queue.fill_c`` (one read of the device's
-``ByteSource`` per run of them, the GIL released), write the call eventfd if the
-driver wants an interrupt.  Anything else (another shape of request, a read that
-gave nothing, an error) leaves the ring to the Python reader callback of the kick
-fd, which the poll returns as ready: the device's ``process_queue`` sees it
-exactly as it would have.
+back to Python, except the kick fds of :class:`KickRing` rings, which it serves
+itself: one compiled object per ring reads the kick eventfd and then either
+
+* fills the ring from the device's host source (``VirtioDevice.fill_source``:
+  virtio-rng, whose requests there are each one device-writable buffer) with
+  ``Queue.fill_c``, one read of the ``ByteSource`` per run of requests with the
+  GIL released, and writes the call eventfd if the driver wants an interrupt; or
+* hands the ring to Python with one call, ``serve(index)`` (the device's
+  ``process_queue``), also when the fill path cannot finish the ring (another
+  shape of request, a read that gave nothing, an error): ``process_queue`` then
+  sees the ring exactly as it would have.
+
+An exception raised by ``serve`` goes to the ring's ``fail(exc)`` (the transport's
+error policy), never up through the poll unless there is no ``fail`` or it raises.
+
+The ring object is also the one owner of the ring's call eventfd: the transport
+gives it the fd (:meth:`KickRing.set_call_fd`, which closes the previous one) and the
+device's interrupt signals through :meth:`KickRing.signal_used`.
 
 Adaptive polling (``Epoll(poll_max_us=...)``, as QEMU's event loop polls its
-handlers): after a fill ring was served, the poll watches the ring's avail index
-for a while before sleeping in ``epoll_wait``, with the driver's kicks suppressed
-(VIRTIO 1.2 §2.7.10), so that a driver that sends its next request soon after its
-last one is answered without a kick and a wake-up on either side.  How long is
-learnt per ring: the window grows (4 µs, doubling, up to the maximum) while the
-next kick keeps coming within the maximum after a service, and drops to 0 as soon
-as one comes later, so an idle or slow driver costs no polling.  The spin releases
-the GIL and returns to ``epoll_wait`` whenever any other fd is ready.
+handlers): after a ring was served, the poll watches the avail index of every ring
+just served for a while before sleeping in ``epoll_wait``, with the driver's kicks
+suppressed (VIRTIO 1.2 §2.7.10), so that a driver that sends its next request soon
+after its last one is answered without a kick and a wake-up on either side.  How
+long is learnt per ring: the window grows (4 µs, doubling, up to the maximum)
+while the next kick keeps coming within the maximum after a service, and drops to
+0 as soon as one comes later, so an idle or slow driver costs no polling.  The
+spin releases the GIL and returns to ``epoll_wait`` whenever any other fd is
+ready.
+
+Polling must never take the CPU from anyone, above all from the driver: a spin on
+the CPU the driver runs on keeps the driver from making the very request it waits
+for.  So the spin calls ``sched_yield`` at every turn, and a yield that let another
+task run (it took longer than a bare system call can) ends polling: the loop
+sleeps in ``epoll_wait`` instead and polls no ring for a while, whatever the
+windows learnt: 1 ms, doubling at each such yield up to 128 ms, and back to 1 ms
+once a spin finds a request without giving way.  So a driver that shares the CPU
+meets a spin only every 128 ms, and a CPU that is free again is polled again soon.
+On a CPU of its own the yield returns at once and polling goes on.
 """
 
 cimport cython
@@ -36,16 +55,8 @@ from virtio_queue.queue cimport Queue
 from virtio_queue.source cimport ByteSource
 
 
-cdef extern from *:
-    """
-    #if defined(__x86_64__) || defined(__i386__)
-    #include <immintrin.h>
-    static inline void vhd_cpu_relax(void) { _mm_pause(); }
-    #else
-    static inline void vhd_cpu_relax(void) { }
-    #endif
-    """
-    void vhd_cpu_relax() noexcept nogil
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -71,16 +82,23 @@ cdef extern from "<sys/epoll.h>" nogil:
 
 cdef enum:
     MAX_EVENTS = 64
+    MAX_POLLED = 16
 
-# epoll_data.u64 of a registered fd: the fd in the low 32 bits, this bit for a fill ring.
-cdef uint64_t FILL_BIT = (<uint64_t>1) << 32
+# epoll_data.u64 of a registered fd: the fd in the low 32 bits, this bit for a ring.
+cdef uint64_t RING_BIT = (<uint64_t>1) << 32
 
 cdef enum:
     # Adaptive polling: the first window, and how often the spin looks at the
     # other fds (one epoll_wait(0)).
     POLL_START_NS = 4000
     POLL_CHECK_NS = 5000
-    MAX_POLLED = 16
+    # A sched_yield in the spin that took longer than this ran another task on our
+    # CPU (a bare yield is a system call, well under it; a switch to another task
+    # and back is well above it).
+    YIELD_SWITCH_NS = 3000
+    # Then no ring is polled for this long, doubling up to the maximum.
+    SHARED_BACKOFF_NS = 1000000
+    SHARED_BACKOFF_MAX_NS = 128000000
 
 
 cdef inline long long _now_ns() noexcept nogil:
@@ -90,69 +108,137 @@ cdef inline long long _now_ns() noexcept nogil:
 
 
 @cython.final
-cdef class FillRing:
-    """Queue ``index`` of a device whose requests there are each one
-    device-writable buffer filled from a host source (VIRTIO 1.2 §5.4 for
-    virtio-rng), served when ``kick_fd`` fires.
+cdef class KickRing:
+    """Queue ``index`` served on its kicks in compiled code (see the module docstring).
 
-    ``fill_source(index)`` is the device's ``VirtioDevice.fill_source``, asked on
-    every kick: the ``ByteSource`` to fill from, or None when the device must see the kick
-    (it waits for the source, say).  ``call_fd`` is the ring's call eventfd (-1:
-    none; the owner keeps it current).  ``chains``/``bytes`` count what this path
-    served."""
+    ``serve(index)`` serves the ring in Python (the device's ``process_queue``): the
+    one place the ring reaches Python code besides ``fill_source``.  ``fail(exc)``,
+    when given, gets what ``serve`` raised (None: it propagates out of the poll).
+    ``fill_source(index)``, when given, is the device's ``VirtioDevice.fill_source``,
+    asked on every service: the ``ByteSource`` to fill single-buffer requests from,
+    or None when ``serve`` must see the ring.  ``kick_fd`` is watched, not owned
+    (it cannot change while an :class:`Epoll` serves the ring); ``call_fd`` is owned
+    (:meth:`set_call_fd`, :meth:`close`).  ``kicks``, ``chains``/``bytes`` (filled
+    here), ``python_calls`` and ``poll_hits`` count what this ring served."""
 
-    cdef Queue queue
-    cdef object fill_source
+    cdef readonly Queue queue
     cdef readonly int index
-    cdef readonly int kick_fd
-    cdef public int call_fd
+    cdef public object serve
+    cdef public object fail
+    cdef public object fill_source
+    cdef int _kick_fd
+    cdef int _call_fd
+    cdef readonly bint attached
+    cdef readonly unsigned long long kicks
     cdef readonly unsigned long long chains
     cdef readonly unsigned long long bytes
+    cdef readonly unsigned long long python_calls
+    cdef readonly unsigned long long poll_hits
     # Adaptive polling: the ring's current window and when its last service ended.
     cdef public long long poll_ns
     cdef long long last_end_ns
-    cdef readonly unsigned long long poll_hits
 
-    def __init__(self, Queue queue not None, int kick_fd, fill_source, int index, int call_fd=-1):
+    def __cinit__(self, *args, **kwargs):
+        self._kick_fd = -1
+        self._call_fd = -1
+
+    def __init__(self, Queue queue not None, int index, serve, *, fill_source=None, fail=None,
+                 int kick_fd=-1, int call_fd=-1):
+        if not callable(serve):
+            raise TypeError(f"serve must be callable, not {type(serve).__name__}")
         self.queue = queue
-        self.kick_fd = kick_fd
-        self.fill_source = fill_source
         self.index = index
-        self.call_fd = call_fd
+        self.serve = serve
+        self.fail = fail
+        self.fill_source = fill_source
+        self._kick_fd = kick_fd
+        self._call_fd = call_fd
 
-    cdef int fill(self, bint suppress, bint kicked=False) except -1:
+    def __dealloc__(self):
+        if self._call_fd >= 0:
+            close(self._call_fd)
+
+    @property
+    def kick_fd(self):
+        return self._kick_fd
+
+    @kick_fd.setter
+    def kick_fd(self, int fd):
+        if self.attached:
+            raise ValueError(f"ring {self.index}: kick fd changed while an epoll set serves it")
+        self._kick_fd = fd
+
+    @property
+    def call_fd(self):
+        """The call eventfd this ring owns (-1: none)."""
+        return self._call_fd
+
+    def set_call_fd(self, int fd):
+        """Own ``fd`` (-1: none) as the ring's call eventfd from now on; the previous
+        one is closed (the vhost-user front-end replaces it with SET_VRING_CALL)."""
+        if fd < -1:
+            raise ValueError(f"bad file descriptor {fd}")
+        old = self._call_fd
+        self._call_fd = fd
+        if old >= 0 and old != fd:
+            close(old)
+
+    def close(self):
+        """Close the call eventfd (idempotent)."""
+        self.set_call_fd(-1)
+
+    def signal_used(self):
+        """Interrupt the driver: write the call eventfd (none: nothing to do).  A
+        saturated counter (EAGAIN) means a call is pending anyway."""
+        self._signal()
+
+    cdef inline void _signal(self) noexcept:
+        cdef uint64_t one = 1
+        if self._call_fd >= 0:
+            write(self._call_fd, &one, 8)
+
+    cdef int service(self, bint kicked, bint suppress) except -1:
         """Serve what the ring holds, on a kick (``kicked``: the kick's count is read
-        here) or while polling: ``Queue.fill_c`` from the device's source, then
-        notify the driver if it wants.  0 when it is handled, 1 when the Python path
-        must see the ring."""
+        here) or while polling (``suppress`` false: notifications stay suppressed
+        on the fill path): fill it from the device's source if it has one for the
+        ring, and hand what is left to ``serve``.  Returns 1 when ``serve`` ran."""
         cdef uint64_t value
+        if kicked:
+            self.kicks += 1
+            # The kick fds are non-blocking (the transport makes them so): EAGAIN
+            # only means nothing was counted since the last read.
+            read(self._kick_fd, &value, 8)
+        try:
+            if self.fill_source is not None and self._fill(suppress) == 0:
+                return 0
+            self.python_calls += 1
+            self.serve(self.index)
+        except Exception as e:
+            if self.fail is None:
+                raise
+            self.fail(e)
+        return 1
+
+    cdef int _fill(self, bint suppress) except -1:
+        """``Queue.fill_c`` from the device's source, then notify the driver if it
+        wants; 0 when the ring is done, 1 when ``serve`` must see it (an error here
+        is left to ``serve``, whose path meets the same condition and reports it)."""
         cdef Py_ssize_t served = 0
         cdef unsigned long long total = 0
         cdef int status
         source = self.fill_source(self.index)
         if source is None:
-            return 1    # a kick is left for the Python callback to read
-        if kicked:
-            # The kick fds are non-blocking (the handler makes them so): EAGAIN here
-            # only means another reader took the count.
-            read(self.kick_fd, &value, 8)
-        status = self.queue.fill_c(<ByteSource?>source, -1, suppress, &served, &total)
+            return 1
+        try:
+            status = self.queue.fill_c(<ByteSource?>source, -1, suppress, &served, &total)
+        except Exception:
+            status = 1
         if served:
             self.chains += <unsigned long long>served
             self.bytes += total
-            if self.call_fd >= 0 and self.queue.needs_notification_c():
-                value = 1
-                # EAGAIN: the counter is saturated, a call is pending anyway.
-                write(self.call_fd, &value, 8)
+            if self._call_fd >= 0 and self.queue.needs_notification_c():
+                self._signal()
         return status
-
-    cdef int try_fill(self, bint suppress, bint kicked=False) noexcept:
-        """:meth:`fill` for the poll: an error leaves the ring to the Python path
-        (returns 1), which meets and reports it there."""
-        try:
-            return self.fill(suppress, kicked)
-        except Exception:
-            return 1
 
     cdef void adapt(self, long long now, long long max_ns) noexcept:
         """A kick woke the loop at ``now``: learn from the time since the last service
@@ -168,19 +254,25 @@ cdef class FillRing:
                     self.poll_ns = max_ns
 
     def serve_kick(self):
-        """:meth:`fill` on a kick, for tests: True when handled, False when the
-        Python path must see the ring."""
-        return self.fill(True, True) == 0
+        """Serve a kick as the poll does (read the kick, fill or ``serve``), for tests."""
+        self.service(True, True)
 
 
 @cython.final
 cdef class Epoll:
     """An epoll set (level-triggered) whose :meth:`poll` returns the ready fds, less
-    the kicks that :class:`FillRing` rings handled."""
+    the kick fds of the :class:`KickRing` rings, which it serves itself."""
 
     cdef int epfd
-    cdef dict _rings        # fd -> FillRing
+    cdef dict _rings        # fd -> KickRing
     cdef readonly long long poll_max_ns
+    # No polling before this (CLOCK_MONOTONIC ns): another task wanted our CPU.
+    cdef long long _calm_until_ns
+    cdef long long _calm_ns
+    cdef readonly bint give_way
+    # A ring's serve ran in this poll (Python may have added a timer, stopped a ring).
+    cdef bint _py_ran
+    cdef readonly unsigned long long gave_way
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -188,12 +280,16 @@ cdef class Epoll:
             PyErr_SetFromErrno(OSError)
         self._rings = {}
 
-    def __init__(self, long long poll_max_us=0):
-        """``poll_max_us``: the longest adaptive polling window of a fill ring
-        (0: never poll), at most 1 s."""
+    def __init__(self, long long poll_max_us=0, *, bint give_way=True):
+        """``poll_max_us``: the longest adaptive polling window of a ring (0: never
+        poll), at most 1 s.  ``give_way``: the spin yields the CPU and stops when
+        another task wants it (see the module docstring); False only where the CPU
+        is known to be the loop's alone (tests of the other polling rules)."""
         if not 0 <= poll_max_us <= 1000000:
             raise ValueError(f"poll_max_us must be from 0 to 1000000, not {poll_max_us}")
         self.poll_max_ns = poll_max_us * 1000
+        self.give_way = give_way
+        self._calm_ns = SHARED_BACKOFF_NS
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -204,10 +300,15 @@ cdef class Epoll:
 
     def close(self):
         """Close the epoll fd (the registered fds are not closed); idempotent."""
-        self._rings.clear()
+        self._detach_all()
         if self.epfd >= 0:
             close(self.epfd)
             self.epfd = -1
+
+    cdef void _detach_all(self):
+        for ring in self._rings.values():
+            (<KickRing>ring).attached = False
+        self._rings.clear()
 
     cdef int _ctl(self, int op, int fd, uint32_t events, uint64_t data) except -1:
         cdef epoll_event ev
@@ -226,40 +327,58 @@ cdef class Epoll:
         self._ctl(EPOLL_CTL_ADD, fd, events, <uint32_t>fd)
 
     def unregister(self, int fd):
-        """Stop watching ``fd`` (and serving it as a fill ring)."""
-        self._rings.pop(fd, None)
+        """Stop watching ``fd`` (and serving it as a ring's kick fd)."""
+        ring = self._rings.pop(fd, None)
+        if ring is not None:
+            (<KickRing>ring).attached = False
         self._ctl(EPOLL_CTL_DEL, fd, 0, 0)
 
-    def set_fill_ring(self, int fd, unsigned int events, FillRing ring):
-        """Serve the kicks of registered ``fd`` with ``ring`` (None: hand them to
-        Python again)."""
-        if ring is not None and ring.kick_fd != fd:
-            raise ValueError(f"ring kick fd {ring.kick_fd} is not fd {fd}")
-        self._ctl(EPOLL_CTL_MOD, fd, events, <uint32_t>fd | (FILL_BIT if ring is not None else 0))
-        if ring is None:
-            self._rings.pop(fd, None)
-        else:
+    def set_ring(self, int fd, unsigned int events, KickRing ring):
+        """Serve the kicks of registered ``fd`` with ``ring`` (None: return ``fd`` from
+        :meth:`poll` again)."""
+        if ring is not None and ring._kick_fd != fd:
+            raise ValueError(f"ring kick fd {ring._kick_fd} is not fd {fd}")
+        self._ctl(EPOLL_CTL_MOD, fd, events, <uint32_t>fd | (RING_BIT if ring is not None else 0))
+        old = self._rings.pop(fd, None)
+        if old is not None:
+            (<KickRing>old).attached = False
+        if ring is not None:
             self._rings[fd] = ring
+            ring.attached = True
+
+    @property
+    def polling_paused(self):
+        """Whether polling gives way now (another task wanted the CPU lately)."""
+        return _now_ns() < self._calm_until_ns
 
     def poll(self, double timeout=-1.0):
         """Wait up to ``timeout`` seconds (< 0: forever) for fds that need Python;
         return them (a list, possibly empty when the time ran out or a signal came).
 
-        Kicks of fill rings are served here meanwhile, the wait going on for what
-        is left of the timeout.  An error in a ring's fast path is not raised: the
-        ring goes to Python, whose path meets the same condition and reports it."""
+        Kicks of rings are served here meanwhile, the wait going on for what is left
+        of the timeout, unless a ring's ``serve`` ran: then it returns (possibly an
+        empty list), so that the caller sees what that Python code did (a timer
+        it added, say).
+
+        Raises:
+            OSError: epoll_wait failed (not EINTR: a signal just returns).
+            Exception: what a ring's ``fail`` raised, or ``serve`` without ``fail``.
+        """
         cdef epoll_event evs[MAX_EVENTS]
         cdef int n, i, fd, ms
         cdef uint64_t data
         cdef long long now_ns = 0, left
         # < 0: no deadline (a timeout beyond ~11 days counts as none)
         cdef long long deadline = -1
+        cdef bint calm
+        cdef KickRing r
         cdef list polled
         cdef list out = []
         if self.epfd < 0:
             raise ValueError("I/O operation on closed epoll object")
         if 0 <= timeout <= 1e6:
             deadline = _now_ns() + <long long>(timeout * 1e9)
+        self._py_ran = False
         while True:
             ms = -1
             if deadline >= 0:
@@ -273,134 +392,176 @@ cdef class Epoll:
                     return out
                 PyErr_SetFromErrno(OSError)
             polled = None
+            calm = True
             if n > 0 and self.poll_max_ns:
                 now_ns = _now_ns()
+                calm = now_ns < self._calm_until_ns
             for i in range(n):
                 data = evs[i].data.u64
                 fd = <int>(data & 0xFFFFFFFF)
-                if data & FILL_BIT:
+                if data & RING_BIT:
                     ring = self._rings.get(fd)
-                    if ring is not None:
-                        if self.poll_max_ns:
-                            (<FillRing>ring).adapt(now_ns, self.poll_max_ns)
-                        if (<FillRing>ring).try_fill(True, True) == 0:
-                            if self.poll_max_ns:
-                                (<FillRing>ring).last_end_ns = _now_ns()
-                                if (<FillRing>ring).poll_ns:
-                                    if polled is None:
-                                        polled = []
-                                    polled.append(ring)
-                            continue
+                    if ring is None:
+                        continue    # stopped by a ring served before it in this batch
+                    r = <KickRing>ring
+                    if calm:
+                        r.poll_ns = 0
+                    else:
+                        r.adapt(now_ns, self.poll_max_ns)
+                    if r.service(True, True):
+                        self._py_ran = True
+                    if self.poll_max_ns:
+                        r.last_end_ns = _now_ns()
+                        # A ring the device left requests in (it stopped draining:
+                        # admit, park) is the device's until it resumes.
+                        if r.poll_ns and r.attached and not r.queue.work_pending_c():
+                            if polled is None:
+                                polled = []
+                            polled.append(r)
+                    continue
                 out.append(fd)
             if polled is not None and not out and ms != 0:
-                self._poll_rings(polled, deadline, out)
-            if out or ms == 0:
+                self._poll_rings(polled, deadline)
+            if out or ms == 0 or self._py_ran:
+                # After Python code ran the caller looks at its timers again.
                 return out
 
-    cdef int _poll_rings(self, list rings, long long deadline_ns, list out) except -1:
-        """Adaptive polling (see the module docstring) of fill ``rings``, which were
-        just served, until their longest window passes without a request, another
-        fd is ready, ``deadline_ns`` (< 0: none) comes, or a ring needs Python (its
-        kick fd is added to ``out``).  Leaves every ring with notifications on and
-        nothing available that it could serve."""
-        cdef PyObject *queues[MAX_POLLED]
-        cdef int kick_fds[MAX_POLLED]
-        cdef epoll_event evs[MAX_EVENTS]
-        cdef int nr = 0, j, i, m, found, status, other = 0
-        cdef long long window = 0, now, stop, check
-        cdef uint64_t value
-        cdef FillRing r
-        cdef list polled = []
+    cdef list _arm(self, list rings):
+        """The rings of ``rings`` still served here, with the driver's notifications
+        suppressed for polling (at most ``MAX_POLLED``; a ring whose queue refuses is
+        left out: its next kick meets the error on its path)."""
+        cdef list armed = []
+        cdef KickRing r
         for ring in rings:
-            r = <FillRing>ring
-            if nr == MAX_POLLED:
+            r = <KickRing>ring
+            if len(armed) == MAX_POLLED:
                 break
+            if not r.attached:
+                continue
             try:
                 r.queue.suppress_notification_c()
             except Exception:
-                continue    # not polled: its next kick meets the error on its path
-            queues[nr] = <PyObject *>r.queue
-            kick_fds[nr] = r.kick_fd
-            if r.poll_ns > window:
-                window = r.poll_ns
-            polled.append(r)
-            nr += 1
-        rings = polled
-        if nr == 0:
-            return 0
-        check = _now_ns() + POLL_CHECK_NS
-        while True:
-            found = -1
-            with nogil:
-                stop = _now_ns() + window
-                if deadline_ns >= 0 and deadline_ns < stop:
-                    stop = deadline_ns
-                while True:
-                    # The other fds first, also while requests keep coming: a guest
-                    # must not be able to starve the socket or the stop fd.
-                    now = _now_ns()
-                    if now >= check:
-                        check = now + POLL_CHECK_NS
-                        m = epoll_wait(self.epfd, evs, MAX_EVENTS, 0)
-                        for i in range(m):
-                            for j in range(nr):
-                                if kick_fds[j] == <int><uint32_t>evs[i].data.u64:
-                                    # A kick sent before the driver saw the
-                                    # suppression: the spin serves it.
-                                    read(kick_fds[j], &value, 8)
-                                    break
-                            else:
-                                other = 1
-                        if other:
-                            break
-                    for j in range(nr):
-                        if (<Queue>queues[j]).work_pending_c():
-                            found = j
-                            break
-                    if found >= 0 or now >= stop:
-                        break
-                    vhd_cpu_relax()
-            if found >= 0:
-                r = <FillRing>rings[found]
-                status = r.try_fill(False)
-                r.poll_hits += 1
-                r.last_end_ns = _now_ns()
-                if status != 0:
-                    out.append(r.kick_fd)   # Python must see this ring: leave
-                    other = 1
-                elif PyErr_CheckSignals() < 0:
-                    self._unpoll(rings, out)
-                    return -1
-                else:
-                    continue
-            # Leaving, or the window passed: notifications on, serving what came
-            # meanwhile; polling goes on if anything did.
-            if (self._unpoll(rings, out) == 0 or other or out
-                    or (deadline_ns >= 0 and _now_ns() >= deadline_ns)):
-                return 0
-            try:
-                for ring in rings:
-                    (<FillRing>ring).queue.suppress_notification_c()
-            except Exception:
-                self._unpoll(rings, out)    # the broken ring goes to Python from there
-                return 0
-
-    cdef unsigned long long _unpoll(self, list rings, list out) noexcept:
-        """Turn the driver's notifications back on for polled ``rings`` and serve what
-        they hold (a ring already in ``out`` is Python's to drain; one that needs
-        Python now is added to it); returns the chains served."""
-        cdef FillRing r
-        cdef unsigned long long before, served = 0
-        for ring in rings:
-            r = <FillRing>ring
-            if r.kick_fd in out:
-                try:
-                    r.queue.enable_notification_c()
-                except Exception:
-                    pass
                 continue
-            before = r.chains
-            if r.try_fill(True) != 0:
-                out.append(r.kick_fd)
-            served += r.chains - before
+            armed.append(r)
+        return armed
+
+    cdef int _poll_rings(self, list rings, long long deadline_ns) except -1:
+        """Adaptive polling (see the module docstring) of ``rings``, which were just
+        served, until their longest window passes without a request, another fd is
+        ready, ``deadline_ns`` (< 0: none) comes, or another task wants the CPU.
+        Leaves every ring that is still polled with notifications on and nothing
+        available; a ring whose device left requests in it (it stopped draining) is
+        left as the device left it."""
+        cdef PyObject *queues[MAX_POLLED]
+        cdef int kick_fds[MAX_POLLED]
+        cdef epoll_event evs[MAX_EVENTS]
+        cdef int nr, j, i, m, found
+        cdef bint other = False, shared = False
+        cdef long long window, now, stop, check
+        cdef uint64_t value
+        cdef unsigned long long calls
+        cdef KickRing r
+        rings = self._arm(rings)
+        check = _now_ns() + POLL_CHECK_NS
+        try:
+            while rings:
+                nr = len(rings)
+                window = 0
+                for j in range(nr):
+                    r = <KickRing>rings[j]
+                    queues[j] = <PyObject *>r.queue
+                    kick_fds[j] = r._kick_fd
+                    if r.poll_ns > window:
+                        window = r.poll_ns
+                found = -1
+                with nogil:
+                    stop = _now_ns() + window
+                    if deadline_ns >= 0 and deadline_ns < stop:
+                        stop = deadline_ns
+                    while True:
+                        # The other fds first, also while requests keep coming: a
+                        # guest must not be able to starve the socket or the stop fd.
+                        now = _now_ns()
+                        if now >= check:
+                            check = now + POLL_CHECK_NS
+                            m = epoll_wait(self.epfd, evs, MAX_EVENTS, 0)
+                            for i in range(m):
+                                for j in range(nr):
+                                    if kick_fds[j] == <int><uint32_t>evs[i].data.u64:
+                                        # A kick sent before the driver saw the
+                                        # suppression: the spin serves it.
+                                        read(kick_fds[j], &value, 8)
+                                        break
+                                else:
+                                    other = True
+                            if other:
+                                break
+                        for j in range(nr):
+                            if (<Queue>queues[j]).work_pending_c():
+                                found = j
+                                break
+                        if found >= 0 or now >= stop:
+                            break
+                        # Never keep the CPU from a task that wants it (the driver
+                        # above all): a yield that ran one ends polling.
+                        if self.give_way:
+                            now = _now_ns()
+                            sched_yield()
+                            if _now_ns() - now > YIELD_SWITCH_NS:
+                                shared = True
+                                break
+                if found >= 0:
+                    r = <KickRing>rings[found]
+                    r.poll_hits += 1
+                    self._calm_ns = SHARED_BACKOFF_NS
+                    calls = r.python_calls
+                    if r.service(False, False):
+                        self._py_ran = True
+                    r.last_end_ns = _now_ns()
+                    if r.attached and r.queue.work_pending_c():
+                        # The device stopped draining (admit, park): the ring is
+                        # the device's until it resumes, not the spin's.
+                        rings.remove(r)
+                    if r.python_calls != calls or not r.attached:
+                        # Python ran: it may have stopped rings or turned
+                        # notifications back on.
+                        rings = self._arm(rings)
+                    if PyErr_CheckSignals() < 0:
+                        return -1
+                    continue
+                # Leaving, or the window passed: notifications on, serving what came
+                # meanwhile; polling goes on if anything did.
+                if (self._unpoll(rings) == 0 or other or shared
+                        or (deadline_ns >= 0 and _now_ns() >= deadline_ns)):
+                    rings = []
+                    break
+                rings = self._arm(rings)
+        except BaseException:
+            self._unpoll(rings, serve=False)
+            raise
+        if shared:
+            self.gave_way += 1
+            self._calm_until_ns = _now_ns() + self._calm_ns
+            if self._calm_ns < SHARED_BACKOFF_MAX_NS:
+                self._calm_ns *= 2
+        return 0
+
+    cdef unsigned long long _unpoll(self, list rings, bint serve=True) except? 0:
+        """Turn the driver's notifications back on for polled ``rings`` and serve what
+        they hold (``serve`` false: only the former); returns how many were served."""
+        cdef KickRing r
+        cdef unsigned long long served = 0
+        cdef bint pending
+        for ring in rings:
+            r = <KickRing>ring
+            if not r.attached:
+                continue
+            try:
+                pending = r.queue.enable_notification_c() != 0
+            except Exception:
+                pending = True      # the ring's path meets the error and reports it
+            if pending and serve:
+                if r.service(False, True):
+                    self._py_ran = True
+                served += 1
         return served

@@ -11,14 +11,14 @@ removing its kick fd.  Only :meth:`EventLoop.stop` and
 writes an eventfd); the latter is how worker threads hand results back
 (:mod:`virtio_devices.workers`).
 
-The kick path is kept short on purpose: ``epoll.poll`` → dict lookup → the
-callback (which reads the eventfd and calls ``process_queue``).  Callbacks are
-level-triggered, so a callback that does not drain its fd is called again.  The
-epoll set is compiled (:mod:`vhost_backends._fastpath`): a kick fd given a
-:class:`~vhost_backends._fastpath.FillRing` (:meth:`EventLoop.set_fill_ring`) is
-served inside the poll, in C, and reaches its Python callback only when that
-path cannot finish the ring.  Such rings may also be polled for a short, learnt
-while after each service (``poll_max_us``; see :mod:`vhost_backends._fastpath`).
+The kick path is compiled (:mod:`vhost_backends._fastpath`): a ring added with
+:meth:`EventLoop.add_ring` is a :class:`~vhost_backends._fastpath.KickRing`, whose
+kicks are served inside the poll, in C: it reads the kick and fills the ring from
+the device's host source, or makes one Python call, its ``serve(index)`` (the
+device's ``process_queue``).  Other fds get their callbacks, level-triggered: a
+callback that does not drain its fd is called again.  Rings may also be polled
+for a short, learnt while after each service (``poll_max_us``; see
+:mod:`vhost_backends._fastpath`).
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ import time
 from collections.abc import Callable
 
 try:
-    from vhost_backends._fastpath import Epoll, FillRing
+    from vhost_backends._fastpath import Epoll, KickRing
 except ImportError as e:  # an unbuilt source tree
     raise ImportError(
         f"vhost_backends._fastpath is not built ({e}): build the extensions with "
         "`pip install -e .` (or `python setup.py build_ext --inplace`)"
     ) from e
 
-__all__ = ["DEFAULT_POLL_MAX_US", "EventLoop", "FillRing", "TimerHandle"]
+__all__ = ["DEFAULT_POLL_MAX_US", "EventLoop", "KickRing", "TimerHandle"]
 
-#: The daemons' longest adaptive polling window (µs) after serving a fill ring:
+#: The daemons' longest adaptive polling window (µs) after serving a ring:
 #: QEMU's default for its own event loops (``poll-max-ns`` 32768).
 DEFAULT_POLL_MAX_US = 32
 
@@ -70,13 +70,14 @@ class TimerHandle:
 class EventLoop:
     """epoll over fds plus a timer heap; see the module docstring.
 
-    ``poll_max_us``: the longest adaptive polling window of fill rings (0: never
-    poll; a loop a daemon runs gets ``DEFAULT_POLL_MAX_US`` unless told otherwise).
+    ``poll_max_us``: the longest adaptive polling window of rings (0: never poll;
+    a loop a daemon runs gets ``DEFAULT_POLL_MAX_US`` unless told otherwise).
     """
 
     def __init__(self, poll_max_us: int = 0) -> None:
         self._epoll = Epoll(poll_max_us)
         self._readers: dict[int, Callable[[], None]] = {}
+        self._rings: dict[int, KickRing] = {}
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -100,18 +101,29 @@ class EventLoop:
         self._epoll.register(fd, _READ_EVENTS)
         self._readers[fd] = callback
 
-    def set_fill_ring(self, fd: int, ring: FillRing | None) -> None:
-        """Serve the kicks of reader ``fd`` with ``ring`` in compiled code (None: in
-        its callback again); the callback still gets the kicks the ring cannot
-        finish, possibly after the eventfd was read, so it must not insist on a
-        count.  :meth:`remove_reader` drops the ring too."""
-        if fd not in self._readers:
-            raise KeyError(f"fd {fd} is not a reader of this loop")
-        self._epoll.set_fill_ring(fd, _READ_EVENTS, ring)
+    def add_ring(self, ring: KickRing) -> None:
+        """Serve the kicks of ``ring.kick_fd`` with ``ring`` in compiled code (see the
+        module docstring) until :meth:`remove_reader` of that fd.
+
+        Raises:
+            ValueError: the ring has no kick fd, or the fd is watched already.
+        """
+        fd = ring.kick_fd
+        if fd < 0:
+            raise ValueError(f"ring {ring.index} has no kick fd")
+        if fd in self._readers or fd in self._rings:
+            raise ValueError(f"fd {fd} is watched by this loop already")
+        self._epoll.register(fd, _READ_EVENTS)
+        try:
+            self._epoll.set_ring(fd, _READ_EVENTS, ring)
+        except BaseException:
+            self._epoll.unregister(fd)
+            raise
+        self._rings[fd] = ring
 
     def remove_reader(self, fd: int) -> None:
-        """Stop watching ``fd``; unknown fds are ignored."""
-        if self._readers.pop(fd, None) is None:
+        """Stop watching ``fd`` (a reader or a ring's kick fd); unknown fds are ignored."""
+        if self._readers.pop(fd, None) is None and self._rings.pop(fd, None) is None:
             return
         # An fd already closed was dropped from the epoll set by the kernel itself.
         with contextlib.suppress(OSError, ValueError):
@@ -151,7 +163,7 @@ class EventLoop:
 
     # -- running ---------------------------------------------------------------------------
     def has_reader(self, fd: int) -> bool:
-        return fd in self._readers
+        return fd in self._readers or fd in self._rings
 
     def stop(self) -> None:
         """Make :meth:`run` return after the current iteration; thread-safe."""
@@ -227,7 +239,10 @@ class EventLoop:
             if self._closed:
                 return
             self._closed = True
+        if self._epoll.gave_way:
+            log.debug("ring polling gave the CPU away %d times", self._epoll.gave_way)
         self._readers.clear()
+        self._rings.clear()
         self._timers.clear()
         self._epoll.close()
         os.close(self._stop_fd)

@@ -44,6 +44,7 @@ Every request is validated before it changes anything; a violation raises a
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -62,7 +63,7 @@ from virtio_queue.ratelimit import RateLimiter
 from . import inflight
 from .connection import Connection, Message
 from .device_loop import DeviceLoop
-from .event_loop import EventLoop, FillRing
+from .event_loop import EventLoop
 from .inflight import InflightArea, InflightQueueRegion
 from .protocol import messages as m
 from .protocol.codes import (
@@ -158,8 +159,12 @@ class VhostUserHandler:
         # (descriptor, region) per mapped region, in the order of the table, for the
         # front-end-user-address → guest-address translation of SET_VRING_ADDR.
         self.regions: list[m.MemoryRegion] = []
-        self.rings = [Vring(i, Queue(size, self.memory)) for i, size in enumerate(device.queue_sizes)]
-        self.interrupt = VhostUserInterrupt(self, self.num_queues)
+        serve = device.process_queue
+        self.rings = [Vring(i, Queue(size, self.memory), serve) for i, size in enumerate(device.queue_sizes)]
+        for ring in self.rings:
+            # Where what process_queue raises on the ring's kick path stops.
+            ring.kick.fail = functools.partial(self._serve_failed, ring)
+        self.interrupt = VhostUserInterrupt(self, self.rings)
         self.owned = False
         self.features_acked = False
         self.acked_features = 0
@@ -540,16 +545,7 @@ class VhostUserHandler:
 
     def _set_vring_call(self, msg: Message) -> None:
         ring, fd = self._vring_fd(msg, "SET_VRING_CALL")
-        if ring.call_fd >= 0:
-            os.close(ring.call_fd)
-        self._set_call_fd(ring, fd)
-
-    def _set_call_fd(self, ring: Vring, fd: int) -> None:
-        """Every holder of a ring's call fd learns it here (and that it closed: -1)."""
-        ring.call_fd = fd
-        self.interrupt.call_fds[ring.index] = fd
-        if ring.fill is not None:
-            ring.fill.call_fd = fd
+        ring.set_call_fd(fd)
 
     def _set_vring_err(self, msg: Message) -> None:
         ring, fd = self._vring_fd(msg, "SET_VRING_ERR")
@@ -611,38 +607,26 @@ class VhostUserHandler:
                 self._device_failed(e, "activate")
                 return
             self.device_active = True
-        on_kick = self._kick_callback(ring)
-        self.loop.add_reader(ring.kick_fd, on_kick)
-        if self.device.fill_source(ring.index) is not None:
-            # The device needs nothing but bytes from a host fd for single-buffer
-            # requests: serve the kicks in compiled code (on_kick gets the rest).
-            ring.fill = FillRing(q, ring.kick_fd, self.device.fill_source, ring.index, ring.call_fd)
-            self.loop.set_fill_ring(ring.kick_fd, ring.fill)
+        kick = ring.kick
+        kick.kick_fd = ring.kick_fd
+        # A device that fills single-buffer requests from a host source has them
+        # filled in compiled code; asked once here, so that other devices pay no
+        # call for it per kick.
+        fills = self.device.fill_source(ring.index) is not None
+        kick.fill_source = self.device.fill_source if fills else None
+        self.loop.add_ring(kick)
         if resubmit:
             # The driver kicked these long ago: serve them without waiting for a kick.
             self._serve(ring)
 
-    def _kick_callback(self, ring: Vring) -> Callable[[], None]:
-        # The hot path: bind everything it needs to locals of the closure.
-        fd = ring.kick_fd
-        index = ring.index
-        process = self.device.process_queue
-        read = os.read
-
-        def on_kick() -> None:
-            # EAGAIN: the compiled path read the count and left the ring to us.
-            try:  # noqa: SIM105 - once per kick: no contextlib on this path
-                read(fd, 8)
-            except BlockingIOError:
-                pass
-            try:
-                process(index)
-            except (QueueError, GuestMemoryError) as e:
-                self._ring_broken(ring, e)
-            except Exception as e:  # DeviceNeedsReset, or a bug the device let out
-                self._device_failed(e, f"q{index}")
-
-        return on_kick
+    def _serve_failed(self, ring: Vring, err: Exception) -> None:
+        """What ``process_queue`` (or ``fill_source``) raised on ``ring``'s kick path,
+        the KickRing's one call of it: a guest error stops the ring; anything else
+        (DeviceNeedsReset, a bug the device let out) is a device failure."""
+        if isinstance(err, (QueueError, GuestMemoryError)):
+            self._ring_broken(ring, err)
+        else:
+            self._device_failed(err, f"q{ring.index}")
 
     def _serve(self, ring: Vring) -> None:
         if not ring.polled:
@@ -759,28 +743,31 @@ class VhostUserHandler:
         self._maybe_deactivate()
 
     def _close_ring_fds(self, ring: Vring) -> None:
-        for attr in ("kick_fd", "call_fd", "err_fd"):
+        for attr in ("kick_fd", "err_fd"):
             fd = getattr(ring, attr)
             if fd >= 0:
                 if attr == "kick_fd":
                     self._unwatch_kick(ring)
                 os.close(fd)
                 setattr(ring, attr, -1)
-        self._set_call_fd(ring, -1)
+        ring.set_call_fd(-1)
 
     def _unwatch_kick(self, ring: Vring) -> None:
         """Stop watching the ring's kick fd, and with it its compiled kick path."""
-        self.loop.remove_reader(ring.kick_fd)
-        if ring.fill is not None:
+        kick = ring.kick
+        if kick.attached:
+            self.loop.remove_reader(ring.kick_fd)
             log.debug(
-                "%s q%d: %d chains, %d bytes served in compiled code (%d times found by polling)",
+                "%s q%d: %d kicks, %d chains / %d bytes filled in compiled code, %d calls of"
+                " process_queue, %d services found by polling",
                 self.name,
                 ring.index,
-                ring.fill.chains,
-                ring.fill.bytes,
-                ring.fill.poll_hits,
+                kick.kicks,
+                kick.chains,
+                kick.bytes,
+                kick.python_calls,
+                kick.poll_hits,
             )
-            ring.fill = None
 
     # -- config space ------------------------------------------------------------------------
     def _get_config(self, msg: Message) -> None:

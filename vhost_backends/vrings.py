@@ -4,18 +4,25 @@ rust-vmm's vhost-user-backend keeps this in ``vring.rs`` (``VringState``): per r
 :class:`~virtio_queue.Queue`, the kick, call and err eventfds and the started/enabled
 flags of the spec's "Ring states".  The handler (handler.py) owns the rings and
 changes them only on its loop thread, so nothing here locks.
+
+Each ring's compiled kick path, a :class:`~vhost_backends._fastpath.KickRing`, lives
+as long as the ring: the loop serves the ring's kicks with it while the ring is
+polled, and it is the one owner of the ring's call eventfd, through which the
+device's interrupt signals.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from .event_loop import KickRing
 
 if TYPE_CHECKING:
     from virtio_queue import Queue
 
-    from .event_loop import FillRing
     from .handler import VhostUserHandler
     from .inflight import InflightQueueRegion
 
@@ -29,35 +36,45 @@ class Vring:
     *enabled* by SET_VRING_ENABLE (or by SET_FEATURES without
     VHOST_USER_F_PROTOCOL_FEATURES), and *polled* while started, enabled and fully
     configured (:meth:`VhostUserHandler._update_ring`).
+
+    ``serve(index)`` serves the ring in Python (the device's ``process_queue``): the
+    one call the ring's :attr:`kick` path makes per kick.
     """
 
     __slots__ = (
         "addr_set",
-        "call_fd",
         "enabled",
         "err_fd",
-        "fill",
         "index",
         "inflight",
+        "kick",
         "kick_fd",
         "polled",
         "queue",
         "started",
     )
 
-    def __init__(self, index: int, queue: Queue) -> None:
+    def __init__(self, index: int, queue: Queue, serve: Callable[[int], object]) -> None:
         self.index = index
         self.queue = queue
+        self.kick = KickRing(queue, index, serve)
         self.kick_fd = -1
-        self.call_fd = -1
         self.err_fd = -1
         self.started = False
         self.enabled = False
         self.addr_set = False
         self.polled = False
         self.inflight: InflightQueueRegion | None = None
-        # Set while the ring's kicks are served in compiled code (see _update_ring).
-        self.fill: FillRing | None = None
+
+    @property
+    def call_fd(self) -> int:
+        """The call eventfd (-1: none); its owner is :attr:`kick`."""
+        return self.kick.call_fd
+
+    def set_call_fd(self, fd: int) -> None:
+        """SET_VRING_CALL: :attr:`kick` owns ``fd`` from now on and closes the one it
+        replaces (-1: none)."""
+        self.kick.set_call_fd(fd)
 
     def signal_err(self) -> None:
         """Tell the front-end the ring failed (SET_VRING_ERR's eventfd), if it gave one.
@@ -74,21 +91,15 @@ class VhostUserInterrupt:
     """The device's :class:`~virtio_devices.base.Interrupt`: call eventfds, and
     CONFIG_CHANGE_MSG on the back-end channel."""
 
-    __slots__ = ("_handler", "call_fds")
+    __slots__ = ("_handler", "_rings")
 
-    def __init__(self, handler: VhostUserHandler, num_queues: int) -> None:
-        self.call_fds = [-1] * num_queues
+    def __init__(self, handler: VhostUserHandler, rings: list[Vring]) -> None:
+        self._rings = [r.kick for r in rings]
         self._handler = handler
 
     def signal_used(self, queue_index: int) -> None:
-        fd = self.call_fds[queue_index]
-        if fd >= 0:
-            # A saturated counter means the front-end has a pending call anyway.
-            # (try/except, not contextlib.suppress: this runs once per batch.)
-            try:  # noqa: SIM105
-                os.eventfd_write(fd, 1)
-            except BlockingIOError:
-                pass
+        """Write the ring's call eventfd, through its owner (the ring's KickRing)."""
+        self._rings[queue_index].signal_used()
 
     def signal_config_change(self) -> None:
         self._handler.send_config_change()

@@ -21,9 +21,13 @@ class DaemonProcess:
     """``python echo_device.py SOCKET`` (or ``command``, whose socket is
     ``socket_path``) with its stderr watched for log lines."""
 
-    def __init__(self, socket_path: str, command: list[str] | None = None) -> None:
+    def __init__(
+        self, socket_path: str, command: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        """``env``: variables set for the daemon (over RUST_LOG=info and the path)."""
         self.socket_path = socket_path
-        env = dict(os.environ, RUST_LOG="info", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
+        path = os.pathsep.join([str(ROOT), str(HERE)])
+        env = {**os.environ, "RUST_LOG": "info", "PYTHONPATH": path, **(env or {})}
         self.proc = subprocess.Popen(
             command or [sys.executable, str(HERE / "echo_device.py"), socket_path],
             stderr=subprocess.PIPE,

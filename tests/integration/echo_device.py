@@ -69,8 +69,10 @@ def main(argv: list[str]) -> int:
         logging.basicConfig(
             level={"trace": 5, "debug": 10, "info": 20, "warn": 30}.get(level, 40), stream=sys.stderr
         )
+    poll = os.environ.get("VHD_POLL_US")
     try:
-        return run_daemons("echo", argv, lambda _i: EchoDevice())
+        poll_max_us = None if poll is None else int(poll)
+        return run_daemons("echo", argv, lambda _i: EchoDevice(), poll_max_us=poll_max_us)
     except ListenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

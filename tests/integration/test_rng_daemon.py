@@ -30,7 +30,7 @@ except ImportError as e:  # pragma: no cover - only while the vhost layer is mis
 
 from daemon_process import DaemonProcess
 
-from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
+from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc, vring_need_event
 
 pytestmark = pytest.mark.slow
 
@@ -320,7 +320,10 @@ def test_rng_daemon_compiled_path_leaves_bad_requests_to_the_device(
     finally:
         assert d.stop() == 0, d.stderr()
     log = d.stderr()
-    assert "q0: 3 chains, 316 bytes served in compiled code" in log, log  # first, 100, 200
+    # first, 100, 200 filled in compiled code; the bad request is process_queue's
+    # (a kick can find the daemon polling: how many it read varies)
+    filled = r"q0: \d+ kicks, 3 chains / 316 bytes filled in compiled code, 1 calls of process_queue"
+    assert re.search(filled, log), log
     assert "rng q0: served 2 chains, 16 bytes" in log, log  # bad, last
     assert "expected 1" in log  # the device's own report of the bad chain
 
@@ -397,10 +400,17 @@ def test_rng_daemon_polls_after_a_service_as_vhd_poll_us_says(
                 read_random(fe, ring, [8])
                 time.sleep(0.05)
             assert b"".join(read_random(fe, ring, [8])) == SOURCE[120:128]
-            ((head, gpa),) = submit(ring, [16])  # no kick
+            old = ring.mock.avail_idx()
+            ((head, gpa),) = submit(ring, [16])
+            # A driver kicks only when the device asks (EVENT_IDX, VIRTIO 1.2
+            # §2.7.10): not while it polls.  Polling gives way to any other task
+            # that wants the daemon's CPU, and then the device asks again.
+            asked = vring_need_event(ring.mock.avail_event(), old + 1, old)
             if poll_us == "0":
-                with pytest.raises(TimeoutError):
+                assert asked
+                with pytest.raises(TimeoutError):  # no kick yet: not served
                     fe.wait_used(0, count=1, timeout=0.3)
+            if asked:
                 fe.kick(0)
             used = dict(fe.wait_used(0, count=1, timeout=DEADLINE))
             assert used == {head: 16}
@@ -408,9 +418,19 @@ def test_rng_daemon_polls_after_a_service_as_vhd_poll_us_says(
     finally:
         assert d.stop() == 0, d.stderr()
     log = d.stderr()
-    m = re.search(r"q0: 17 chains, 144 bytes served in compiled code \((\d+) times found by polling\)", log)
+    m = re.search(
+        r"q0: \d+ kicks, 17 chains / 144 bytes filled in compiled code, 0 calls of process_queue,"
+        r" (\d+) services found by polling",
+        log,
+    )
     assert m is not None, log
-    assert (int(m[1]) == 0) if poll_us == "0" else (int(m[1]) >= 1), log
+    gave_way = re.search(r"ring polling gave the CPU away (\d+) times", log)
+    if poll_us == "0":
+        assert int(m[1]) == 0 and gave_way is None, log
+    else:
+        # Polled: a request was found by the spin, or the spin gave way (a loaded
+        # machine); both only happen with polling on.
+        assert int(m[1]) >= 1 or gave_way is not None, log
 
 
 @pytest.mark.parametrize("vdso", ["1", "0"])

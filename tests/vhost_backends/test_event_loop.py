@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import threading
 
-from vhost_backends.event_loop import EventLoop
+import pytest
+
+from vhost_backends.event_loop import EventLoop, KickRing
+from virtio_queue import GuestMemory
+from virtio_queue.testing import MockSplitQueue
 
 
 def test_reader_called_until_removed() -> None:
@@ -113,3 +117,31 @@ def test_call_soon_threadsafe_after_close_is_dropped() -> None:
     loop = EventLoop()
     loop.close()
     loop.call_soon_threadsafe(lambda: None)  # no error, nothing written to a closed fd
+
+
+def test_ring_kicks_served_by_its_kick_ring_until_removed() -> None:
+    """add_ring: the ring's kicks never reach a Python reader callback; the compiled
+    KickRing reads each and calls its serve(index) once."""
+    mem = GuestMemory.from_buffer(bytearray(1 << 16))
+    queue = MockSplitQueue(mem, 8).create_queue()
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    served: list[int] = []
+    with EventLoop() as loop:
+
+        def serve(index: int) -> None:
+            served.append(index)
+            loop.stop()
+
+        ring = KickRing(queue, 2, serve, kick_fd=kick)
+        loop.add_ring(ring)
+        assert loop.has_reader(kick) and ring.attached
+        with pytest.raises(ValueError, match="watched by this loop already"):
+            loop.add_ring(ring)
+        os.eventfd_write(kick, 1)
+        loop.run(timeout=5)
+        assert served == [2] and ring.kicks == 1
+        loop.remove_reader(kick)
+        assert not loop.has_reader(kick) and not ring.attached
+        with pytest.raises(ValueError, match="no kick fd"):
+            loop.add_ring(KickRing(queue, 0, serve))
+    os.close(kick)

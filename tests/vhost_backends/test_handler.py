@@ -7,6 +7,7 @@ Disconnected, and ``handler.close_reason`` names the check.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -176,6 +177,38 @@ def test_handler_stopped_ring_keeps_base_for_the_next_start(s: Session) -> None:
     s.fe.set_vring_enable(0, True)
     assert echo(s, b"after restart") == b"after restart"
     assert s.device.activations == 2
+
+
+def test_handler_ring_kick_path_owns_the_call_fd(s: Session) -> None:
+    """The ring's KickRing serves its kicks with one process_queue call each and is
+    the one owner of the call eventfd: SET_VRING_CALL replaces it (closing the old
+    one), the device's interrupt signals the new one, and a stop closes it."""
+    ready(s)
+    ring = s.handler.rings[0]
+    kick = ring.kick
+    assert echo(s, b"one") == b"one"
+    assert kick.attached and kick.kicks >= 1 and kick.python_calls >= 1
+    old = ring.call_fd
+    assert old >= 0 and old == kick.call_fd
+    fe_ring = s.fe.rings[0]
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(fe_ring.call_fd)   # the echo's call, if wait_used left it
+    new_call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        s.fe.set_vring_call(0, new_call)   # acked: the handler has applied it
+        assert kick.call_fd not in (-1, old)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(new_call)
+        s.handler.interrupt.signal_used(0)   # the device's interrupt goes through the ring
+        assert os.eventfd_read(new_call) == 1
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(fe_ring.call_fd)   # the old eventfd is not written any more
+        s.fe.get_vring_base(0)   # stops the ring
+        assert not kick.attached
+        assert s.finish() is not None
+        assert kick.call_fd == -1   # closed by its owner with the ring's fds
+    finally:
+        os.close(new_call)
 
 
 def test_handler_config_and_backend_channel(s: Session) -> None:
