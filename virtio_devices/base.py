@@ -58,10 +58,9 @@ Ordering rules (who may do what, and when):
 * **quiesce(index)** is called by the transport, on the loop thread, before it
   takes a queue back (vhost-user GET_VRING_BASE, a ring stopped, a memory table
   replaced, RESET_DEVICE, a disconnect), and by ``reset()`` for every queue.  It
-  returns the parked chain to the avail ring, cancels the queue's worker jobs not
-  yet started (returning their chains to the avail ring when they are the last
-  popped, else completing them with used length 0), waits for the jobs already
-  running and completes them, and from then on the device does not touch the queue
+  returns the parked chain to the avail ring, gives back the queue's worker jobs
+  not yet started whose chains were the last ones popped (to the avail ring), runs
+  every other job to its end and completes it, and from then on the device does not touch the queue
   until the next ``process_queue(index)``: a late timer or fd callback that calls
   ``resume`` does nothing, and a worker completion that arrives after it is dropped
   (a generation counter per queue), so a ring the front-end took back is never
@@ -318,10 +317,10 @@ class VirtioDevice:
         regions, RESET_DEVICE, a disconnect) and by :meth:`reset`.  The parked chain
         goes back to the avail ring: nothing is popped while one is parked, so it is
         the last chain popped and ``next_avail`` steps back by one.  Worker jobs of
-        the queue not yet started are cancelled (their chains go back to the avail
-        ring when they were the last ones popped, else they complete with used length
-        0); jobs already running are waited for and completed (add_used and one
-        notification).  Until the next :meth:`process_queue` of this queue,
+        the queue not yet started whose chains were the last ones popped are
+        cancelled and their chains go back to the avail ring; every other job is
+        waited for and completed (add_used and one notification): a request is
+        never returned undone.  Until the next :meth:`process_queue` of this queue,
         :meth:`resume` does nothing and late completions are dropped.  Idempotent,
         cheap when nothing is pending; a no-op on an inactive device.  Chains the
         device keeps itself (``handle_chain`` returned None without

@@ -19,7 +19,8 @@ Ordering rules (also in :mod:`virtio_devices.base`):
   in the order they finished (``add_used``, or the device's fault hooks), then
   checks for a notification once per queue: one interrupt per batch;
 * :meth:`DeviceJobs.quiesce` (from ``VirtioDevice.quiesce``) cancels the queue's jobs
-  not yet started, waits for those running, applies their outcomes, and bumps the
+  not yet started whose chains were the last popped (they go back to the avail
+  ring), waits for every other job, applies their outcomes, and bumps the
   queue's generation: any outcome still on its way afterwards is dropped, so a ring
   the front-end took back (GET_VRING_BASE, reset) is never written.  A job must
   therefore be bounded in time (host I/O with a timeout): the loop waits for it.
@@ -284,44 +285,35 @@ class DeviceJobs:
             raise bug
 
     def quiesce(self, index: int) -> None:
-        """Cancel, wait for and apply queue ``index``'s jobs; drop later outcomes."""
+        """Give back, wait for and apply queue ``index``'s jobs; drop later outcomes.
+
+        A job not started whose chain is among the last ones popped is cancelled and
+        its chain goes back to the avail ring (GET_VRING_BASE then reports it as not
+        consumed, and the next back-end serves it).  Every other job runs to its end
+        and is completed: a request is never returned to the driver without being
+        done, since a used length of 0 could read as success to a driver that does
+        not check it (a SCSI write whose zeroed response says GOOD).
+        """
         entries = self._inflight.get(index)
         if not entries:
             self._gen[index] += 1
             return
-        # Cancel every job not started first, then wait for the running ones (which
-        # then cannot pick up another job of this queue).
-        cancelled: list[_Entry] = []
-        running: list[Job] = []
+        queue = self._device.queues[index]
+        nxt = queue.next_avail()
+        # Newest first: the run of chains popped last whose jobs have not started.
+        back = 0
+        for entry in sorted(entries, key=lambda e: (nxt - e.distance_base) & 0xFFFF):
+            assert entry.job is not None
+            if (nxt - entry.distance_base) & 0xFFFF != back or not self._pool.cancel(entry.job):
+                break
+            back += 1
+            entries.pop(entry, None)
         for entry in list(entries):
             assert entry.job is not None
-            if self._pool.cancel(entry.job):
-                cancelled.append(entry)
-            else:
-                running.append(entry.job)
-        for job in running:
-            job.wait()
+            entry.job.wait()
         self.flush()
-        queue = self._device.queues[index]
-        for entry in cancelled:
-            entries.pop(entry, None)
-        # Chains popped last go back to the avail ring (GET_VRING_BASE reports them
-        # as not consumed); one with a chain popped after it that is still the
-        # driver's cannot, and completes empty (VIRTIO 1.2 §2.7.8 allows length 0).
-        nxt = queue.next_avail()
-        back = 0
-        empty: list[_Entry] = []
-        for entry in sorted(cancelled, key=lambda e: (nxt - e.distance_base) & 0xFFFF):
-            if (nxt - entry.distance_base) & 0xFFFF == back:
-                back += 1
-            else:
-                empty.append(entry)
         if back:
             queue.set_next_avail((nxt - back) & 0xFFFF)
-        for entry in empty:
-            queue.add_used(entry.chain.head_index, 0)
-        if empty:
-            self._device.notify(index)
         entries.clear()
         self._gen[index] += 1
 
