@@ -41,6 +41,7 @@ from virtio_queue.testing import VIRTQ_DESC_F_WRITE, MockSplitQueue, RawDesc
 from .base import VIRTIO_RING_F_EVENT_IDX, VirtioDevice
 
 __all__ = [
+    "DeviceDriver",
     "DeviceRig",
     "FakeClock",
     "FakeInterrupt",
@@ -534,6 +535,34 @@ class MmioDriver:
                 return data
 
 
+class DeviceDriver(Protocol):
+    """What a device behaviour test drives, whatever the transport: one interface,
+    two implementations (:class:`MmioDeviceDriver` in-process, and the vhost-user
+    twin of the integration tests, our ``Frontend`` against the daemon), so that a
+    device's behaviour tests are written once and run through both
+    (docs/adding-a-device.md, "One suite, two transports")."""
+
+    def add_request(
+        self, index: int, readable: Sequence[bytes] = (), writable: Sequence[int] = ()
+    ) -> tuple[int, list[int]]:
+        """Make a chain available on queue ``index``: device-readable buffers holding
+        ``readable``, then device-writable buffers of these sizes (filled with 0xee);
+        return its head and the writable buffers' guest addresses."""
+
+    def kick(self, index: int = 0, count: int = 1) -> list[tuple[int, int]]:
+        """Notify queue ``index``; return the new used ``(head, length)`` entries once
+        at least ``count`` are there (what the device did by then)."""
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Bytes of guest memory."""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Bytes of the device's config space."""
+
+    def close(self) -> None:
+        """Take the device down and release what the driver made."""
+
+
 class MmioDeviceDriver:
     """A device driven through virtio-mmio in-process: the transport, the driver,
     a :class:`FakeLoop` and guest memory, behind the same small interface as the
@@ -543,10 +572,20 @@ class MmioDeviceDriver:
     Args:
         device: the device (not active).
         features: what the driver accepts (default: everything offered).
-        queue_size: entries per queue (default: QueueNumMax, capped at 256).
+        queue_size: entries per queue (at most QueueNumMax).
+        on_close: called by :meth:`close` after the device was reset (closes what
+            the test gave the device, e.g. rng's entropy source).
     """
 
-    def __init__(self, device: VirtioDevice, *, features: int | None = None, queue_size: int = 256) -> None:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        *,
+        features: int | None = None,
+        queue_size: int = 256,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_close = on_close
         from .mmio import MmioTransport  # noqa: PLC0415 - the kit does not need the transport otherwise
 
         nq = max(device.num_queues, 1)
@@ -582,6 +621,9 @@ class MmioDeviceDriver:
 
     def close(self) -> None:
         self.transport.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
