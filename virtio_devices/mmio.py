@@ -225,7 +225,12 @@ class _Interrupt:
         self._transport = transport
 
     def signal_used(self, queue_index: int) -> None:
-        self._transport._interrupt(VIRTIO_MMIO_INT_VRING)
+        t = self._transport
+        if t.interrupt_status:
+            t.interrupt_status |= VIRTIO_MMIO_INT_VRING
+        else:
+            t.interrupt_status = VIRTIO_MMIO_INT_VRING
+            t.irq(True)
 
     def signal_config_change(self) -> None:
         t = self._transport
@@ -342,6 +347,10 @@ class MmioTransport:
         #: The Queue objects the device gets at DRIVER_OK, one per ``queue_sizes`` entry.
         self.queues: list[Queue] = [Queue(size, memory) for size in device.queue_sizes]
         self._regs = [_QueueRegs() for _ in self.queues]
+        # Whether the device serves some requests from a host source (fill path),
+        # and per queue whether its next kick must go through process_queue.
+        self._fills = type(device).fill_source is not VirtioDevice.fill_source
+        self._fresh = [True] * len(self.queues)
         self._interrupt_obj = _Interrupt(self)
         self._ratelimit = RateLimiter()
         #: Feature bits offered: the device's and the transport's.
@@ -367,6 +376,8 @@ class MmioTransport:
 
         Never raises: accesses §4.2.2.2 forbids read 0 (see the module docstring).
         """
+        if offset == 0x060 and size == 4:
+            return self.interrupt_status  # InterruptStatus, once per interrupt
         if offset >= MMIO_CONFIG:
             return self._read_config(offset - MMIO_CONFIG, size)
         if size != 4 or offset & 3 or offset < 0:
@@ -379,15 +390,17 @@ class MmioTransport:
 
         Never raises: accesses §4.2.2.2 forbids are ignored (see the module docstring).
         """
-        if offset == Reg.QUEUE_NOTIFY and size == 4 and self._running and 0 <= value < len(self.queues):
-            # The hot path: a kick of a queue that exists, the device running.
-            queue = self.queues[value]
-            if queue.ready:
+        if offset == 0x050 and size == 4 and self._running and 0 <= value < len(self.queues):
+            # The hot path (QueueNotify): a kick of a queue that exists, the device running.
+            if self.queues[value].ready:
                 try:
-                    self.device.process_queue(value)
+                    self._serve(value)
                 except Exception as e:
                     self._device_failed(e, f"q{value}")
                 return
+        elif offset == 0x064 and size == 4 and 0 <= value <= _U32:
+            self._ack(value)  # InterruptACK, once per interrupt
+            return
         if size in (1, 2, 4) and not 0 <= value < 1 << (8 * size):
             self._refuse("value", "%d-byte write at %#x: value %r does not fit", size, offset, value)
             return
@@ -623,6 +636,7 @@ class MmioTransport:
             return
         queue.ready = True
         regs.reset_done = False
+        self._fresh[index] = True
 
     def _stop_queue(self, index: int) -> None:
         """QueueReady 0 on a ready queue: take it back from the device, then stop it."""
@@ -654,6 +668,37 @@ class MmioTransport:
         queue.event_idx = bool(self.driver_features & VIRTIO_RING_F_EVENT_IDX)
         regs.clear()
         regs.reset_done = True
+
+    def _serve(self, index: int) -> None:
+        """Serve ready queue ``index`` after a QueueNotify.
+
+        A device with a host source for its requests (``fill_source``, base.py:
+        "whoever runs the queue may serve every request that is one
+        device-writable buffer" from it) is filled by the queue's compiled path
+        here, as the vhost-user transport does, without the drain loop's Python
+        frame; the first chain that path does not serve goes back to the avail ring
+        (it was the last one popped) and ``process_queue`` serves the queue as it
+        would have.  The first kick after a queue was (re-)enabled always goes to
+        ``process_queue``, which makes the queue the device's again after a
+        ``quiesce``.
+        """
+        device = self.device
+        if self._fills and not self._fresh[index]:
+            source = device.fill_source(index)
+            if source is not None:
+                queue = self.queues[index]
+                served, nbytes, chain = queue.fill_from(source, -1, True)
+                if served:
+                    device.chains_served += served
+                    device.bytes_served += nbytes
+                if chain is not None:
+                    queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+                    device.process_queue(index)
+                if served and queue.needs_notification():
+                    self._interrupt(VIRTIO_MMIO_INT_VRING)
+                return
+        self._fresh[index] = False
+        device.process_queue(index)
 
     def _notify(self, value: int) -> None:
         """QueueNotify that the fast path of :meth:`write` did not serve: refused."""

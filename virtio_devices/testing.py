@@ -575,6 +575,8 @@ class MmioDeviceDriver:
         queue_size: entries per queue (at most QueueNumMax).
         on_close: called by :meth:`close` after the device was reset (closes what
             the test gave the device, e.g. rng's entropy source).
+        memory_size: bytes of guest memory at least (split evenly between the
+            queues' areas); default: what the rings need, twice.
     """
 
     def __init__(
@@ -584,20 +586,23 @@ class MmioDeviceDriver:
         features: int | None = None,
         queue_size: int = 256,
         on_close: Callable[[], None] | None = None,
+        memory_size: int = 0,
     ) -> None:
         self._on_close = on_close
         from .mmio import MmioTransport  # noqa: PLC0415 - the kit does not need the transport otherwise
 
         nq = max(device.num_queues, 1)
+        # Each queue's area: its rings, then at least as much again for buffers.
         span = 1 << 16
         while span < 16 * queue_size + 8 * queue_size + 3 * 4096:
             span <<= 1
-        self.memory, self._fd = GuestMemory.memfd(nq * span * 2)
+        span = max(2 * span, (memory_size // nq) & ~0xFFF)
+        self.memory, self._fd = GuestMemory.memfd(nq * span)
         self.loop = FakeLoop()
         self.irq = IrqLine()
         self.device = device
         self.transport = MmioTransport(device, self.memory, self.loop, self.irq)
-        self.driver = MmioDriver(self.transport, self.memory, irq=self.irq, span=span * 2)
+        self.driver = MmioDriver(self.transport, self.memory, irq=self.irq, span=span)
         self.driver.init(features, queue_size=queue_size)
 
     def add_request(

@@ -586,3 +586,34 @@ def test_random_register_sequences_never_raise(accesses: list[tuple[bool, int, i
     finally:
         source.close()
         r.close()
+
+
+# -- the fill path (rng) -------------------------------------------------------------------
+
+
+def test_rng_fill_path_hands_other_chains_to_process_queue() -> None:
+    """After the first kick, rng requests are filled by the queue's compiled path; a
+    chain it cannot serve (device-readable, VIRTIO 1.2 §5.4.6.1) goes back to the
+    avail ring and the drain loop returns it with length 0; the requests after it
+    are served, in order, with one interrupt."""
+    data = bytes(range(200))
+    source = BytesEntropySource(data)
+    r = Rig(RngDevice(source))
+    try:
+        r.drv.init(queue_size=8)
+        first, _ = r.drv.add_request(0, [], [4])
+        r.drv.notify(0)  # the first kick: process_queue
+        r.drv.interrupt()
+        assert r.drv.used(0) == [(first, 4)]
+        good1, (out1,) = r.drv.add_request(0, [], [8])
+        bad, _ = r.drv.add_request(0, [b"readable"], [])
+        good2, (out2,) = r.drv.add_request(0, [], [8])
+        raised = r.irq.raised
+        r.drv.notify(0)
+        assert r.irq.raised == raised + 1
+        assert r.drv.used(0) == [(good1, 8), (bad, 0), (good2, 8)]
+        assert r.memory.read(out1, 8) + r.memory.read(out2, 8) == data[4:20]
+        assert r.device.chains_served == 4 and r.device.bytes_served == 20
+    finally:
+        r.close()
+        source.close()
