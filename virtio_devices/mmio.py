@@ -36,9 +36,11 @@ What the transport does for the device (each with the clause it implements):
   resets the device, its queues, InterruptStatus and the features (§2.4, §4.2.2.1);
   bits going backwards and bits out of order are ignored (§2.1.2: the driver MUST
   NOT clear a status bit);
-* QueueNotify serves the queue with ``device.process_queue`` on the caller's
-  thread, only after DRIVER_OK and for a ready queue (§2.1.2, §4.2.2.1: the device
-  MUST NOT access a queue whose QueueReady is zero);
+* QueueNotify serves the queue on the caller's thread, only after DRIVER_OK and
+  for a ready queue (§2.1.2, §4.2.2.1: the device MUST NOT access a queue whose
+  QueueReady is zero): with ``device.process_queue``, or for a device with a host
+  source (``fill_source``) with the queue's compiled fill path first, as the
+  vhost-user transport does (see ``MmioTransport._serve``);
 * interrupts: the device's ``signal_used`` sets InterruptStatus bit 0 and
   ``signal_config_change`` bit 1; InterruptACK clears the bits written (§4.2.2.1);
 * DEVICE_NEEDS_RESET: when the device raises ``DeviceNeedsReset`` (or any bug),

@@ -617,3 +617,51 @@ def test_rng_fill_path_hands_other_chains_to_process_queue() -> None:
     finally:
         r.close()
         source.close()
+
+
+def test_memory_removed_under_ready_ring_sets_needs_reset(rig: Rig) -> None:
+    """The VMM removed the RAM holding a ready ring: the next notify breaks the ring
+    (no access outside guest memory) and the device reports DEVICE_NEEDS_RESET."""
+    rig.drv.init(queue_size=8)
+    rig.drv.add_request(0, [b"a"], [1])
+    region = rig.memory.remove_region(0)
+    try:
+        rig.drv.notify(0)
+        assert rig.t.status & STATUS_DEVICE_NEEDS_RESET
+        assert rig.t.device_failures == 1
+    finally:
+        rig.memory.add_region(region)
+
+
+# -- the kit's driver ----------------------------------------------------------------------
+
+
+class _FakeBus:
+    def __init__(self, regs: dict[int, int]) -> None:
+        self.regs = regs
+
+    def read(self, offset: int, size: int) -> int:
+        return self.regs.get(offset, 0)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.regs[offset] = value
+
+
+@pytest.mark.parametrize(
+    ("regs", "match"),
+    [
+        ({0x0: 0x12345678, 0x4: 2, 0x8: 4}, "MagicValue"),
+        ({0x0: MAGIC_VALUE, 0x4: 1, 0x8: 4}, "Version 1"),
+        ({0x0: MAGIC_VALUE, 0x4: 2, 0x8: 0}, "DeviceID 0"),
+    ],
+)
+def test_kit_driver_probe_ignores_wrong_devices(regs: dict[int, int], match: str) -> None:
+    """§4.2.2.2: the driver MUST ignore a device whose MagicValue is not 0x74726976,
+    whose Version is not 2 (this driver has no legacy support), or whose DeviceID is
+    0x0; the kit's driver refuses them as Linux's virtio_mmio does."""
+    memory, fd = GuestMemory.memfd(1 << 16)
+    try:
+        with pytest.raises(MmioDriverError, match=match):
+            MmioDriver(_FakeBus(regs), memory).probe()
+    finally:
+        os.close(fd)
