@@ -7,6 +7,7 @@ register accesses.  The last test drives random register sequences (hypothesis).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from virtio_devices.rng import RngDevice
 from virtio_devices.template import TemplateDevice
 from virtio_devices.testing import FakeLoop, IrqLine, MmioDriver, MmioDriverError
 from virtio_queue import DescriptorChain, GuestMemory
+from virtio_queue.testing import GuardedMemory
 
 MEM = 1 << 20
 
@@ -65,8 +67,11 @@ class BuggyDevice(TemplateDevice):
 
 
 class Rig:
-    def __init__(self, device: VirtioDevice) -> None:
-        self.memory, self._fd = GuestMemory.memfd(MEM)
+    def __init__(self, device: VirtioDevice, memory: GuestMemory | None = None) -> None:
+        self._fd = -1
+        if memory is None:
+            memory, self._fd = GuestMemory.memfd(MEM)
+        self.memory = memory
         self.loop = FakeLoop()
         self.irq = IrqLine()
         self.device = device
@@ -546,18 +551,22 @@ def test_value_wider_than_access_refused(rig: Rig) -> None:
 
 # -- random register traffic ---------------------------------------------------------------
 
+# Mostly well-formed accesses to real registers (so that sequences reach the queues
+# and the device), some anywhere and of any size.
+_REGS = [v for k, v in vars(Reg).items() if k.isupper()]
 _OFFSETS = st.one_of(
-    st.sampled_from([v for k, v in vars(Reg).items() if k.isupper()]),
+    st.sampled_from(_REGS),
+    st.sampled_from([Reg.QUEUE_NOTIFY, Reg.STATUS, Reg.QUEUE_READY, Reg.QUEUE_SEL, Reg.INTERRUPT_ACK]),
     st.integers(0x100, 0x110),
     st.integers(-8, 0x210),
 )
 _ACCESS = st.tuples(
     st.booleans(),
     _OFFSETS,
-    st.sampled_from([1, 2, 4, 8, 3]),
+    st.sampled_from([4, 4, 4, 4, 1, 2, 8, 3]),
     st.one_of(
         st.integers(0, 15),
-        st.sampled_from([0xFF, 0x1000, 0x4000, 0x5000, 0xFFFFFFFF, 1 << 32, -1]),
+        st.sampled_from([0, 0, 0xFF, 0x1000, 0x4000, 0x5000, 0xFFFFFFFF, 1 << 32, -1]),
         st.integers(0, 0xFFFFFFFF),
     ),
 )
@@ -565,11 +574,12 @@ _ACCESS = st.tuples(
 
 @given(st.lists(_ACCESS, max_size=60), st.booleans())
 def test_random_register_sequences_never_raise(accesses: list[tuple[bool, int, int, int]], rng: bool) -> None:
-    """No exception escapes read/write whatever the driver does, and every ring write
-    stays inside guest memory (a memfd: the queue layer refuses anything else)."""
+    """No exception escapes read/write whatever the driver does, and nothing is
+    written outside guest memory (guard bytes around two regions with a gap)."""
+    guarded = GuardedMemory([(0, 0x40000), (0x80000, 0x10000)])
     source = BytesEntropySource(bytes(range(256)) * 4)
     device: VirtioDevice = RngDevice(source) if rng else ConfigDevice()
-    r = Rig(device)
+    r = Rig(device, guarded.memory)
     try:
         # Half the time start from a working device, so that notifies reach queues.
         if accesses and accesses[0][3] & 1:
@@ -583,9 +593,70 @@ def test_random_register_sequences_never_raise(accesses: list[tuple[bool, int, i
                 assert 0 <= got < 1 << 32
         r.t.close()
         assert not device.active
+        guarded.check_guards()
     finally:
         source.close()
         r.close()
+        guarded.memory.clear()
+
+
+_OPS = st.lists(
+    st.one_of(
+        _ACCESS,
+        st.sampled_from(["notify", "request", "ack", "stop", "queue-reset", "set-up", "overrun"]),
+    ),
+    max_size=60,
+)
+
+
+@given(_OPS, st.booleans())
+def test_random_accesses_between_requests_never_raise(ops: list[object], rng: bool) -> None:
+    """From a working device: requests, notifies and interrupt handling mixed with
+    random register accesses (resets, queue stops and resets, bad addresses...): no
+    exception escapes, nothing is written outside guest memory, and after a reset
+    the driver can initialise the device again."""
+    guarded = GuardedMemory([(0, 0x40000), (0x80000, 0x10000)])
+    source = BytesEntropySource(bytes(range(256)) * 64)
+    device: VirtioDevice = RngDevice(source) if rng else TemplateDevice()
+    r = Rig(device, guarded.memory)
+    try:
+        r.drv.init(queue_size=8)
+        for op in ops:
+            if op == "notify":
+                r.drv.notify(0)
+            elif op == "request":
+                r.drv.add_request(0, [] if rng else [b"ping"], [16])
+            elif op == "ack":
+                r.drv.interrupt()
+            elif op in ("stop", "queue-reset"):
+                r.w(Reg.QUEUE_SEL, 0)
+                r.w(Reg.QUEUE_READY if op == "stop" else Reg.QUEUE_RESET, 0 if op == "stop" else 1)
+            elif op == "set-up":
+                # A stopped or reset queue set up again with fresh rings.
+                with contextlib.suppress(MmioDriverError):
+                    mock = r.drv.setup_queue(0, 8)
+                    if mock is not None:
+                        r.drv.mocks[0] = mock
+            elif op == "overrun":
+                # avail->idx more than a ring ahead (§2.7.13.3): the ring breaks.
+                mock = r.drv.mocks[0]
+                mock.set_avail_idx(mock.avail_idx() + 100)
+            else:
+                assert isinstance(op, tuple)
+                is_write, offset, size, value = op
+                if is_write:
+                    r.t.write(offset, size, value)
+                else:
+                    assert 0 <= r.t.read(offset, size) < 1 << 32
+        guarded.check_guards()
+        r.drv.init(queue_size=8)
+        head, _ = r.drv.add_request(0, [] if rng else [b"ping"], [4])
+        r.drv.notify(0)
+        assert r.drv.used(0) == [(head, 4)]
+    finally:
+        source.close()
+        r.close()
+        guarded.memory.clear()
 
 
 # -- the fill path (rng) -------------------------------------------------------------------
