@@ -68,6 +68,23 @@ def test_rng_requests_of_one_kick_get_consecutive_bytes(rng: DeviceDriver) -> No
     assert got == SOURCE[:117]
 
 
+def test_rng_later_kicks_continue_the_stream(rng: DeviceDriver) -> None:
+    """Kick after kick (mmio: the fill path after the first), the bytes go on where
+    the last request stopped, and a chain the fill path cannot serve in the middle
+    is returned empty without disturbing the others."""
+    got = b""
+    for n in (5, 7, 9):
+        head, (out,) = rng.add_request(0, writable=[n])
+        assert rng.kick(0) == [(head, n)]
+        got += rng.read(out, n)
+    good, (out1,) = rng.add_request(0, writable=[3])
+    bad, _ = rng.add_request(0, readable=[b"x"], writable=[4])
+    last, (out2,) = rng.add_request(0, writable=[3])
+    assert rng.kick(0, count=3) == [(good, 3), (bad, 0), (last, 3)]
+    got += rng.read(out1, 3) + rng.read(out2, 3)
+    assert got == SOURCE[:27]
+
+
 def test_rng_driver_readable_buffer_returned_empty(rng: DeviceDriver) -> None:
     """§5.4.6.1: the driver MUST NOT place driver-readable buffers into the queue;
     the device returns such a chain with used length 0 and goes on."""
