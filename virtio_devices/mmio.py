@@ -327,7 +327,7 @@ class MmioTransport:
         irq: the interrupt line, ``irq(True)`` when InterruptStatus becomes
             non-zero, ``irq(False)`` when it is acknowledged back to zero.
         vendor_id: what VendorID reads (default 0: no vendor).
-        name: prefix of log lines (default: the device's name).
+        name: prefix of log lines (default: ``mmio-<device name>``).
     """
 
     def __init__(
