@@ -9,6 +9,10 @@ Public, so that embedders test their own devices the same way:
   worker threads when the test runs them (:meth:`FakeLoop.run_soon`, after
   :meth:`FakeLoop.wait_soon` to wait for one without sleeping);
 * :class:`FakeInterrupt`: records ``signal_used`` and config changes;
+* :class:`MmioDriver`: a virtio-mmio driver (probe, initialisation, notify,
+  interrupt, config reads) as Linux's virtio_mmio does them, over any register
+  window; :class:`MmioDeviceDriver` puts a device behind
+  :class:`~virtio_devices.mmio.MmioTransport` and that driver in-process;
 * :class:`DeviceRig`: a device activated on all its queues, each driven by a
   :class:`virtio_queue.testing.MockSplitQueue` in memfd guest memory, EVENT_IDX on
   or off, with helpers to add a chain, kick, and read the used entries::
@@ -29,14 +33,27 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from virtio_queue import GuestMemory, Queue
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, MockSplitQueue, RawDesc
 
 from .base import VIRTIO_RING_F_EVENT_IDX, VirtioDevice
 
-__all__ = ["DeviceRig", "FakeClock", "FakeInterrupt", "FakeLoop", "FakeTimer", "RawDesc"]
+__all__ = [
+    "DeviceDriver",
+    "DeviceRig",
+    "FakeClock",
+    "FakeInterrupt",
+    "FakeLoop",
+    "FakeTimer",
+    "IrqLine",
+    "MmioBus",
+    "MmioDeviceDriver",
+    "MmioDriver",
+    "MmioDriverError",
+    "RawDesc",
+]
 
 
 @dataclass
@@ -262,3 +279,356 @@ class DeviceRig:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# -- a virtio-mmio driver -------------------------------------------------------------------
+
+# Offsets and status bits a driver uses (VIRTIO 1.2 §4.2.2, §2.1); the same values as
+# virtio_devices.mmio's, spelled again so that the driver does not lean on the model.
+_MAGIC, _VERSION, _DEVICE_ID, _VENDOR_ID = 0x000, 0x004, 0x008, 0x00C
+_DEV_FEAT, _DEV_FEAT_SEL, _DRV_FEAT, _DRV_FEAT_SEL = 0x010, 0x014, 0x020, 0x024
+_QSEL, _QNUM_MAX, _QNUM, _QREADY, _QNOTIFY = 0x030, 0x034, 0x038, 0x044, 0x050
+_INT_STATUS, _INT_ACK, _STATUS = 0x060, 0x064, 0x070
+_QDESC, _QDRIVER, _QDEVICE = 0x080, 0x090, 0x0A0
+_CONFIG_GEN, _CONFIG = 0x0FC, 0x100
+_ACK, _DRIVER, _DRIVER_OK, _FEATURES_OK = 1, 2, 4, 8
+_VERSION_1 = 1 << 32
+
+
+class MmioBus(Protocol):
+    """A virtio-mmio register window: what :class:`virtio_devices.mmio.MmioTransport`
+    is, or a VMM's bus at the device's base address."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class MmioDriverError(RuntimeError):
+    """The device failed a step of the driver's probe or initialisation (the step and
+    the value read are in the message), as Linux's virtio_mmio would refuse it."""
+
+
+@dataclass
+class IrqLine:
+    """An interrupt line for :class:`~virtio_devices.mmio.MmioTransport`'s ``irq``:
+    the level, how often it was raised, and an optional callback on each raise."""
+
+    level: bool = False
+    raised: int = 0
+    on_raise: Callable[[], None] | None = None
+
+    def __call__(self, level: bool) -> None:
+        if level and not self.level:
+            self.raised += 1
+            self.level = True
+            if self.on_raise is not None:
+                self.on_raise()
+        elif not level:
+            self.level = False
+
+
+class MmioDriver:
+    """The driver side of a virtio-mmio device, in the order Linux's virtio_mmio and
+    virtio_ring use (drivers/virtio/virtio_mmio.c, virtio.c).
+
+    :meth:`probe` checks MagicValue, Version 2 and a non-zero DeviceID (VIRTIO 1.2
+    §4.2.2.2: the driver MUST ignore a device otherwise).  :meth:`init` resets the
+    device, sets ACKNOWLEDGE and DRIVER, reads the 64 feature bits, writes the
+    accepted ones, sets FEATURES_OK and reads it back, sets up every queue (QueueSel,
+    QueueReady must read 0, QueueNumMax, QueueNum, the three ring addresses,
+    QueueReady) with a :class:`~virtio_queue.testing.MockSplitQueue` each, and sets
+    DRIVER_OK (§3.1.1).  :meth:`notify` writes QueueNotify; :meth:`interrupt` reads
+    InterruptStatus and acknowledges it, as the interrupt handler does;
+    :meth:`read_config` retries while ConfigGeneration changes (§2.5.1).
+
+    Queue ``i``'s rings and buffers live in ``[base + i * span, base + (i+1) * span)``
+    of ``memory``.
+
+    Raises:
+        MmioDriverError: from :meth:`probe` and :meth:`init`, a refusal.
+    """
+
+    def __init__(
+        self,
+        bus: MmioBus,
+        memory: GuestMemory,
+        *,
+        irq: IrqLine | None = None,
+        base: int = 0,
+        span: int = 1 << 16,
+    ) -> None:
+        self.bus = bus
+        self.memory = memory
+        self.irq = irq
+        self.base = base
+        self.span = span
+        self.mocks: list[MockSplitQueue] = []
+        self.features = 0
+        self.device_id = 0
+        self.event_idx = False
+        #: InterruptStatus bits seen by :meth:`interrupt` since the last look.
+        self.config_changes = 0
+
+    # -- registers --------------------------------------------------------------------------
+    def read32(self, offset: int) -> int:
+        return self.bus.read(offset, 4)
+
+    def write32(self, offset: int, value: int) -> None:
+        self.bus.write(offset, 4, value)
+
+    def status(self) -> int:
+        return self.read32(_STATUS)
+
+    def add_status(self, bits: int) -> None:
+        """``vm_set_status(get_status() | bits)`` (Linux's virtio_add_status)."""
+        self.write32(_STATUS, self.status() | bits)
+
+    # -- probe and initialisation ------------------------------------------------------------
+    def probe(self) -> int:
+        """Check the device's identity; return its DeviceID.
+
+        Raises:
+            MmioDriverError: a wrong MagicValue or Version, or DeviceID 0.
+        """
+        magic = self.read32(_MAGIC)
+        if magic != 0x74726976:
+            raise MmioDriverError(f"probe: MagicValue {magic:#x} is not 0x74726976")
+        version = self.read32(_VERSION)
+        if version != 2:
+            raise MmioDriverError(f"probe: Version {version} is not 2")
+        self.device_id = self.read32(_DEVICE_ID)
+        if self.device_id == 0:
+            raise MmioDriverError("probe: DeviceID 0 (a placeholder)")
+        self.read32(_VENDOR_ID)
+        return self.device_id
+
+    def device_features(self) -> int:
+        self.write32(_DEV_FEAT_SEL, 1)
+        high = self.read32(_DEV_FEAT)
+        self.write32(_DEV_FEAT_SEL, 0)
+        return high << 32 | self.read32(_DEV_FEAT)
+
+    def reset(self) -> None:
+        """Write 0 to Status and check it reads 0 (§2.4, Linux's vm_reset)."""
+        self.write32(_STATUS, 0)
+        if self.status() != 0:
+            raise MmioDriverError(f"reset: Status reads {self.status():#x} after writing 0")
+
+    def init(
+        self, features: int | None = None, *, queue_size: int | None = None, queues: int | None = None
+    ) -> int:
+        """Probe, negotiate and set up the queues; return the features negotiated.
+
+        ``features``: the bits the driver accepts (default: everything offered);
+        ``queue_size``: at most this many entries per queue (default QueueNumMax);
+        ``queues``: how many queues to set up (default: until QueueNumMax reads 0).
+
+        Raises:
+            MmioDriverError: FEATURES_OK did not stick, or a queue was refused.
+        """
+        self.probe()
+        self.reset()
+        self.add_status(_ACK)
+        self.add_status(_DRIVER)
+        offered = self.device_features()
+        accepted = offered if features is None else offered & features
+        self.write32(_DRV_FEAT_SEL, 1)
+        self.write32(_DRV_FEAT, accepted >> 32)
+        self.write32(_DRV_FEAT_SEL, 0)
+        self.write32(_DRV_FEAT, accepted & 0xFFFFFFFF)
+        self.add_status(_FEATURES_OK)
+        if not self.status() & _FEATURES_OK:
+            raise MmioDriverError(f"init: FEATURES_OK refused for features {accepted:#x}")
+        self.features = accepted
+        self.event_idx = bool(accepted & VIRTIO_RING_F_EVENT_IDX)
+        self.mocks = []
+        index = 0
+        while queues is None or index < queues:
+            mock = self.setup_queue(index, queue_size)
+            if mock is None:
+                break
+            self.mocks.append(mock)
+            index += 1
+        self.add_status(_DRIVER_OK)
+        return accepted
+
+    def setup_queue(self, index: int, queue_size: int | None = None) -> MockSplitQueue | None:
+        """Linux's ``vm_setup_vq``: None when the queue does not exist (QueueNumMax 0).
+
+        Raises:
+            MmioDriverError: the queue is ready already, or QueueReady did not stick.
+        """
+        self.write32(_QSEL, index)
+        if self.read32(_QREADY):
+            raise MmioDriverError(f"queue {index}: QueueReady reads 1 before set-up")
+        num_max = self.read32(_QNUM_MAX)
+        if num_max == 0:
+            return None
+        size = num_max if queue_size is None else min(num_max, queue_size)
+        mock = MockSplitQueue(self.memory, size, base=self.base + index * self.span)
+        if mock.data_addr >= self.base + (index + 1) * self.span:
+            raise MmioDriverError(f"queue {index}: {size} entries do not fit in {self.span} bytes")
+        self.write32(_QNUM, size)
+        for reg, gpa in ((_QDESC, mock.desc_table), (_QDRIVER, mock.avail_ring), (_QDEVICE, mock.used_ring)):
+            self.write32(reg, gpa & 0xFFFFFFFF)
+            self.write32(reg + 4, gpa >> 32)
+        self.write32(_QREADY, 1)
+        if not self.read32(_QREADY):
+            raise MmioDriverError(f"queue {index}: QueueReady refused")
+        return mock
+
+    # -- running ------------------------------------------------------------------------------
+    def alloc(self, index: int, data: bytes | int) -> int:
+        """A buffer in queue ``index``'s area holding ``data`` (or ``data`` bytes of 0xee).
+
+        Raises:
+            ValueError: the queue's area is full.
+        """
+        payload = data if isinstance(data, bytes) else b"\xee" * data
+        gpa = self.mocks[index].alloc(max(len(payload), 1))
+        if gpa + len(payload) > self.base + (index + 1) * self.span:
+            raise ValueError(f"mmio driver: queue {index}'s area is full")
+        self.memory.write(gpa, payload)
+        return gpa
+
+    def add_request(
+        self, index: int, readable: Sequence[bytes] = (), writable: Sequence[int] = ()
+    ) -> tuple[int, list[int]]:
+        """Add a chain of readable buffers then writable ones (these sizes); return its
+        head and the writable buffers' addresses."""
+        descs = [RawDesc(self.alloc(index, data), len(data), 0, 0) for data in readable]
+        outs = [self.alloc(index, size) for size in writable]
+        descs += [RawDesc(gpa, size, VIRTQ_DESC_F_WRITE, 0) for gpa, size in zip(outs, writable, strict=True)]
+        return self.mocks[index].add_chain(descs), outs
+
+    def notify(self, index: int) -> None:
+        """QueueNotify (Linux's ``vm_notify``: the queue index)."""
+        self.write32(_QNOTIFY, index)
+
+    def interrupt(self) -> int:
+        """The interrupt handler (``vm_interrupt``): read InterruptStatus, acknowledge
+        exactly those bits; return them."""
+        status = self.read32(_INT_STATUS)
+        if status:
+            self.write32(_INT_ACK, status)
+        if status & 2:
+            self.config_changes += 1
+        return status
+
+    def used(self, index: int) -> list[tuple[int, int]]:
+        """The new used entries of queue ``index``; with EVENT_IDX, ask to be
+        interrupted for the next one (``virtqueue_enable_cb``)."""
+        mock = self.mocks[index]
+        out = mock.used_elems()
+        if self.event_idx:
+            mock.set_used_event(mock.last_used)
+        return out
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of config space, byte by byte, retried while
+        ConfigGeneration changes (§2.5.1, Linux's ``__virtio_cread_many``)."""
+        while True:
+            before = self.read32(_CONFIG_GEN)
+            data = bytes(self.bus.read(_CONFIG + offset + i, 1) for i in range(size))
+            if self.read32(_CONFIG_GEN) == before:
+                return data
+
+
+class DeviceDriver(Protocol):
+    """What a device behaviour test drives, whatever the transport: one interface,
+    two implementations (:class:`MmioDeviceDriver` in-process, and the vhost-user
+    twin of the integration tests, our ``Frontend`` against the daemon), so that a
+    device's behaviour tests are written once and run through both
+    (docs/adding-a-device.md, "One suite, two transports")."""
+
+    def add_request(
+        self, index: int, readable: Sequence[bytes] = (), writable: Sequence[int] = ()
+    ) -> tuple[int, list[int]]:
+        """Make a chain available on queue ``index``: device-readable buffers holding
+        ``readable``, then device-writable buffers of these sizes (filled with 0xee);
+        return its head and the writable buffers' guest addresses."""
+
+    def kick(self, index: int = 0, count: int = 1) -> list[tuple[int, int]]:
+        """Notify queue ``index``; return the new used ``(head, length)`` entries once
+        at least ``count`` are there (what the device did by then)."""
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Bytes of guest memory."""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Bytes of the device's config space."""
+
+    def close(self) -> None:
+        """Take the device down and release what the driver made."""
+
+
+class MmioDeviceDriver:
+    """A device driven through virtio-mmio in-process: the transport, the driver,
+    a :class:`FakeLoop` and guest memory, behind the same small interface as the
+    vhost-user driver of the shared device tests (``add_request``, ``kick``,
+    ``read``, ``read_config``, ``close``).
+
+    Args:
+        device: the device (not active).
+        features: what the driver accepts (default: everything offered).
+        queue_size: entries per queue (at most QueueNumMax).
+        on_close: called by :meth:`close` after the device was reset (closes what
+            the test gave the device, e.g. rng's entropy source).
+        memory_size: bytes of guest memory at least (split evenly between the
+            queues' areas); default: what the rings need, twice.
+    """
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        *,
+        features: int | None = None,
+        queue_size: int = 256,
+        on_close: Callable[[], None] | None = None,
+        memory_size: int = 0,
+    ) -> None:
+        self._on_close = on_close
+        from .mmio import MmioTransport  # noqa: PLC0415 - the kit does not need the transport otherwise
+
+        nq = max(device.num_queues, 1)
+        # Each queue's area: its rings, then at least as much again for buffers.
+        span = 1 << 16
+        while span < 16 * queue_size + 8 * queue_size + 3 * 4096:
+            span <<= 1
+        span = max(2 * span, (memory_size // nq) & ~0xFFF)
+        self.memory, self._fd = GuestMemory.memfd(nq * span)
+        self.loop = FakeLoop()
+        self.irq = IrqLine()
+        self.device = device
+        self.transport = MmioTransport(device, self.memory, self.loop, self.irq)
+        self.driver = MmioDriver(self.transport, self.memory, irq=self.irq, span=span)
+        self.driver.init(features, queue_size=queue_size)
+
+    def add_request(
+        self, index: int, readable: Sequence[bytes] = (), writable: Sequence[int] = ()
+    ) -> tuple[int, list[int]]:
+        return self.driver.add_request(index, readable, writable)
+
+    def kick(self, index: int = 0, count: int = 1) -> list[tuple[int, int]]:
+        """QueueNotify, then the interrupt handler; return the new used entries
+        (served synchronously: ``count`` is what the vhost-user twin waits for)."""
+        self.driver.notify(index)
+        if self.irq.level:
+            self.driver.interrupt()
+        return self.driver.used(index)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return self.memory.read(gpa, length)
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return self.driver.read_config(offset, size)
+
+    def close(self) -> None:
+        self.transport.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
