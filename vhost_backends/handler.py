@@ -33,7 +33,7 @@ are served again at once (what went back to the avail ring was kicked already).
 Errors from the device: a queue or guest-memory error stops that ring and writes its
 err fd (vhost-user's NEEDS_RESET); ``DeviceNeedsReset`` or any other exception, from
 ``process_queue`` or from a callback the device registered on the loop (it gets a
-:class:`~vhost_backends.device_loop.DeviceLoop` that guards each one), stops every ring
+:class:`~virtio_devices.device_loop.DeviceLoop` that guards each one), stops every ring
 of the device, writes every err fd and resets the device.  The connection and the
 process stay up; the front-end can start the rings again.
 
@@ -56,13 +56,13 @@ if TYPE_CHECKING:
     import xen.flags
 
 from virtio_devices.base import VIRTIO_RING_F_EVENT_IDX, VirtioDevice
+from virtio_devices.device_loop import DeviceLoop
 from virtio_queue import BUILT_WITH_XEN, GuestMemory, GuestRegion, Queue
 from virtio_queue.errors import GuestMemoryError, QueueError
 from virtio_queue.ratelimit import RateLimiter
 
 from . import inflight
 from .connection import Connection, Message
-from .device_loop import DeviceLoop
 from .event_loop import EventLoop
 from .inflight import InflightArea, InflightQueueRegion
 from .protocol import messages as m

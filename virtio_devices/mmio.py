@@ -72,7 +72,8 @@ from virtio_queue import GuestMemory, Queue
 from virtio_queue.errors import GuestMemoryError, QueueError
 from virtio_queue.ratelimit import RateLimiter
 
-from .base import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, EventLoop, TimerHandle, VirtioDevice
+from .base import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, EventLoop, VirtioDevice
+from .device_loop import DeviceLoop
 
 __all__ = [
     "MAGIC_VALUE",
@@ -240,80 +241,6 @@ class _Interrupt:
         t._interrupt(VIRTIO_MMIO_INT_CONFIG)
 
 
-class _Timer:
-    __slots__ = ("_handle", "_owner")
-
-    def __init__(self, owner: _GuardedLoop) -> None:
-        self._owner = owner
-        self._handle: TimerHandle | None = None
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._owner._timers.discard(self)
-
-
-class _GuardedLoop:
-    """The loop as the device sees it: a callback that raises puts the device in
-    DEVICE_NEEDS_RESET instead of unwinding the VMM's loop, and after a device reset
-    nothing the device registered before runs again (a generation counter)."""
-
-    def __init__(self, loop: EventLoop, on_error: Callable[[Exception], None]) -> None:
-        self._loop = loop
-        self._on_error = on_error
-        self._readers: set[int] = set()
-        self._timers: set[_Timer] = set()
-        self._generation = 0
-
-    def _guard(self, callback: Callable[[], None]) -> Callable[[], None]:
-        generation = self._generation
-
-        def guarded() -> None:
-            if generation != self._generation:
-                return
-            try:
-                callback()
-            except Exception as e:
-                self._on_error(e)
-
-        return guarded
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self._loop.add_reader(fd, self._guard(callback))
-        self._readers.add(fd)
-
-    def remove_reader(self, fd: int) -> None:
-        if fd in self._readers:
-            self._readers.discard(fd)
-            self._loop.remove_reader(fd)
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
-        timer = _Timer(self)
-        guarded = self._guard(callback)
-
-        def fire() -> None:
-            self._timers.discard(timer)
-            timer._handle = None
-            guarded()
-
-        timer._handle = self._loop.call_later(delay, fire)
-        self._timers.add(timer)
-        return timer
-
-    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
-        self._loop.call_soon_threadsafe(self._guard(callback))
-
-    def clear(self) -> None:
-        """Forget what the device registered: called after it was reset."""
-        self._generation += 1
-        for fd in self._readers:
-            self._loop.remove_reader(fd)
-        self._readers.clear()
-        for timer in list(self._timers):
-            timer.cancel()
-
-
 class MmioTransport:
     """A virtio-mmio version 2 register block driving one :class:`VirtioDevice`.
 
@@ -345,7 +272,7 @@ class MmioTransport:
         self.irq = irq
         self.vendor_id = vendor_id & _U32
         self.name = name or f"mmio-{device.name}"
-        self.loop = _GuardedLoop(loop, self._callback_failed)
+        self.loop = DeviceLoop(loop, self._callback_failed)
         #: The Queue objects the device gets at DRIVER_OK, one per ``queue_sizes`` entry.
         self.queues: list[Queue] = [Queue(size, memory) for size in device.queue_sizes]
         self._regs = [_QueueRegs() for _ in self.queues]
@@ -552,6 +479,7 @@ class MmioTransport:
 
     def _activate(self) -> None:
         """DRIVER_OK: hand the device its memory, queues, interrupt and loop (§3.1.1)."""
+        self.loop.open()
         try:
             self.device.activate(self.memory, self.queues, self._interrupt_obj, self.loop)
         except Exception as e:

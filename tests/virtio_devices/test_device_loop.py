@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from vhost_backends.device_loop import DeviceLoop
+from virtio_devices.device_loop import DeviceLoop
 
 
 class _Handle:

@@ -1,20 +1,20 @@
 """The event loop as one device sees it: every callback it registers runs under the
-transport's error policy.
+transport's error policy (the device layer's "host-fault policy", see base.py).
 
 A device registers host fds (readers), timers and, from its worker threads,
-``call_soon_threadsafe`` callbacks.  They all run on the connection's loop thread.
-Without a guard an exception from one of them would unwind the loop and end the whole
-vhost-user session (or the daemon thread) for what is a device bug.  :class:`DeviceLoop`
-wraps each callback: an exception is handed to the handler's ``on_error`` (which
-stops the device's rings, signals their err fds and resets the device; see
-``VhostUserHandler._callback_failed``) and the loop goes on.
+``call_soon_threadsafe`` callbacks.  They all run on the transport's loop thread.
+Without a guard an exception from one of them would unwind that loop and end the
+whole vhost-user session (or an embedding VMM's loop) for what is a device bug.
+:class:`DeviceLoop` wraps each callback: an exception is handed to the transport's
+``on_error`` (vhost-user: stop the device's rings, signal their err fds and reset it;
+virtio-mmio: DEVICE_NEEDS_RESET) and the loop goes on.
 
-The handler calls :meth:`DeviceLoop.open` before it activates the device and
-calls :meth:`DeviceLoop.clear` after it reset it: readers and timers the device left
-behind are dropped, callbacks posted before are not run and callbacks posted while
-the device is reset (a worker finishing late) are dropped, so a device that was taken
-back is never called into by an old registration and never writes a ring the
-front-end took back.
+Every transport uses it the same way: :meth:`DeviceLoop.open` before it activates the
+device and :meth:`DeviceLoop.clear` after it reset it: readers and timers the device
+left behind are dropped, callbacks posted before are not run and callbacks posted
+while the device is reset (a worker finishing late) are dropped, so a device that was
+taken back is never called into by an old registration and never writes a ring the
+transport took back.
 """
 
 from __future__ import annotations
