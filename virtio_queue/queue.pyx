@@ -444,7 +444,7 @@ cdef class Queue:
             self._next_used += 1
             vq_store_release16(self._used + 2, htole16(self._next_used))
         else:
-            self._publish_used_split(v)
+            self._publish_used_split(v[0], v[1])
         if self._inflight != NULL and head < self._inflight_descs:
             # After publishing: no longer in flight, and the used index reached.
             vq_fence_seqcst()
@@ -452,12 +452,15 @@ cdef class Queue:
             self._inflight.used_idx = htole16(self._next_used)
         return 0
 
-    cdef void _publish_used_split(self, uint32_t *v) noexcept nogil:
+    cdef void _publish_used_split(self, uint32_t id_le, uint32_t len_le) noexcept nogil:
         """add_used's element store and used->idx publication (release) in split
-        mode: id and len each in one region (_map's check), then the index."""
+        mode: id and len each in one region (_map's check), then the index.  The
+        two words come by value: taking the address of add_used's element would
+        put it in memory on the one-region path too, written as two 4-byte stores
+        and read back as one 8-byte load, which the CPU cannot forward."""
         cdef uint64_t elem = self._used_gpa + 4 + 8 * <uint64_t>(self._next_used & (self._size - 1))
-        memcpy(_field(self, elem, 4), &v[0], 4)
-        memcpy(_field(self, elem + 4, 4), &v[1], 4)
+        memcpy(_field(self, elem, 4), &id_le, 4)
+        memcpy(_field(self, elem + 4, 4), &len_le, 4)
         self._next_used += 1
         vq_store_release16(_field(self, self._used_gpa + 2, 2), htole16(self._next_used))
 
