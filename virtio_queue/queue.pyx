@@ -29,6 +29,14 @@ from virtio_queue.memory cimport (GM_OK, GuestMemory, MemorySnapshot, gm_text, s
                                   snap_ptr, snap_ptr_w)
 from virtio_queue.source cimport ByteSource
 
+# The hot paths' "rings not current" branch (ensure_ready, split mode) is rare: told
+# so, the compiler keeps the one-region path a straight fall-through.
+cdef extern from *:
+    """
+    #define vq_unlikely(x) __builtin_expect(!!(x), 0)
+    """
+    bint vq_unlikely(bint x) noexcept nogil
+
 from virtio_queue.errors import (InvalidAvailRingIndex, InvalidDescriptorIndex,
                                  InvalidQueueConfig, QueueNotReady)
 
@@ -362,7 +370,7 @@ cdef class Queue:
         (:func:`_known_avail`: one atomic load per batch).  The head itself is not
         range-checked here (see pop_chain)."""
         cdef int n
-        if not _rings_current(self):
+        if vq_unlikely(not _rings_current(self)):
             self.ensure_ready()
             if self._split:
                 return self._pop_head_split(head)
@@ -425,7 +433,7 @@ cdef class Queue:
         if head >= self._size:
             raise InvalidDescriptorIndex(
                 f"used head index {head} out of range (queue size {self._size})")
-        if not _rings_current(self):
+        if vq_unlikely(not _rings_current(self)):
             self.ensure_ready()
             split = self._split
         v[0] = htole32(head)
