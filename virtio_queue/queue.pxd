@@ -49,7 +49,7 @@ cdef class Queue:
     cdef int ensure_ready(self) except -1
     cdef int pop_head(self, uint16_t *head) except -1
     cdef int _pop_head_split(self, uint16_t *head) except -1
-    cdef void _publish_used_split(self, uint32_t *v) noexcept nogil
+    cdef void _publish_used_split(self, uint32_t id_le, uint32_t len_le) noexcept nogil
     cdef bint work_pending_c(self) noexcept nogil
     cdef int _peek_fill(self, iovec *iov, uint16_t *heads, int limit) except -2
     cdef int fill_c(self, ByteSource source, Py_ssize_t max_chains, bint suppress,

@@ -29,6 +29,14 @@ from virtio_queue.memory cimport (GM_OK, GuestMemory, MemorySnapshot, gm_text, s
                                   snap_ptr, snap_ptr_w)
 from virtio_queue.source cimport ByteSource
 
+# The hot paths' "rings not current" branch (ensure_ready, split mode) is rare: told
+# so, the compiler keeps the one-region path a straight fall-through.
+cdef extern from *:
+    """
+    #define vq_unlikely(x) __builtin_expect(!!(x), 0)
+    """
+    bint vq_unlikely(bint x) noexcept nogil
+
 from virtio_queue.errors import (InvalidAvailRingIndex, InvalidDescriptorIndex,
                                  InvalidQueueConfig, QueueNotReady)
 
@@ -362,7 +370,7 @@ cdef class Queue:
         (:func:`_known_avail`: one atomic load per batch).  The head itself is not
         range-checked here (see pop_chain)."""
         cdef int n
-        if not _rings_current(self):
+        if vq_unlikely(not _rings_current(self)):
             self.ensure_ready()
             if self._split:
                 return self._pop_head_split(head)
@@ -425,7 +433,7 @@ cdef class Queue:
         if head >= self._size:
             raise InvalidDescriptorIndex(
                 f"used head index {head} out of range (queue size {self._size})")
-        if not _rings_current(self):
+        if vq_unlikely(not _rings_current(self)):
             self.ensure_ready()
             split = self._split
         v[0] = htole32(head)
@@ -444,7 +452,7 @@ cdef class Queue:
             self._next_used += 1
             vq_store_release16(self._used + 2, htole16(self._next_used))
         else:
-            self._publish_used_split(v)
+            self._publish_used_split(v[0], v[1])
         if self._inflight != NULL and head < self._inflight_descs:
             # After publishing: no longer in flight, and the used index reached.
             vq_fence_seqcst()
@@ -452,12 +460,15 @@ cdef class Queue:
             self._inflight.used_idx = htole16(self._next_used)
         return 0
 
-    cdef void _publish_used_split(self, uint32_t *v) noexcept nogil:
+    cdef void _publish_used_split(self, uint32_t id_le, uint32_t len_le) noexcept nogil:
         """add_used's element store and used->idx publication (release) in split
-        mode: id and len each in one region (_map's check), then the index."""
+        mode: id and len each in one region (_map's check), then the index.  The
+        two words come by value: taking the address of add_used's element would
+        put it in memory on the one-region path too, written as two 4-byte stores
+        and read back as one 8-byte load, which the CPU cannot forward."""
         cdef uint64_t elem = self._used_gpa + 4 + 8 * <uint64_t>(self._next_used & (self._size - 1))
-        memcpy(_field(self, elem, 4), &v[0], 4)
-        memcpy(_field(self, elem + 4, 4), &v[1], 4)
+        memcpy(_field(self, elem, 4), &id_le, 4)
+        memcpy(_field(self, elem + 4, 4), &len_le, 4)
         self._next_used += 1
         vq_store_release16(_field(self, self._used_gpa + 2, 2), htole16(self._next_used))
 
