@@ -410,7 +410,10 @@ cdef class Epoll:
                         r.adapt(now_ns, self.poll_max_ns)
                     if r.service(True, True):
                         self._py_ran = True
-                    if self.poll_max_ns:
+                    # While polling gives way nothing is polled or learnt: no clock
+                    # read either (a ring's first kick after the pause finds its
+                    # last service long ago and starts learning afresh).
+                    if self.poll_max_ns and not calm:
                         r.last_end_ns = _now_ns()
                         # A ring the device left requests in (it stopped draining:
                         # admit, park) is the device's until it resumes.
