@@ -38,9 +38,8 @@ What the transport does for the device (each with the clause it implements):
   NOT clear a status bit);
 * QueueNotify serves the queue on the caller's thread, only after DRIVER_OK and
   for a ready queue (§2.1.2, §4.2.2.1: the device MUST NOT access a queue whose
-  QueueReady is zero): with ``device.process_queue``, or for a device with a host
-  source (``fill_source``) with the queue's compiled fill path first, as the
-  vhost-user transport does (see ``MmioTransport._serve``);
+  QueueReady is zero), with ``device.process_queue`` (whose drain loop fills a
+  device's host-source requests on the queue's compiled path itself);
 * interrupts: the device's ``signal_used`` sets InterruptStatus bit 0 and
   ``signal_config_change`` bit 1; InterruptACK clears the bits written (§4.2.2.1);
 * DEVICE_NEEDS_RESET: when the device raises ``DeviceNeedsReset`` (or any bug),
@@ -276,10 +275,6 @@ class MmioTransport:
         #: The Queue objects the device gets at DRIVER_OK, one per ``queue_sizes`` entry.
         self.queues: list[Queue] = [Queue(size, memory) for size in device.queue_sizes]
         self._regs = [_QueueRegs() for _ in self.queues]
-        # Whether the device serves some requests from a host source (fill path),
-        # and per queue whether its next kick must go through process_queue.
-        self._fills = type(device).fill_source is not VirtioDevice.fill_source
-        self._fresh = [True] * len(self.queues)
         self._interrupt_obj = _Interrupt(self)
         self._ratelimit = RateLimiter()
         #: Feature bits offered: the device's and the transport's.
@@ -566,7 +561,6 @@ class MmioTransport:
             return
         queue.ready = True
         regs.reset_done = False
-        self._fresh[index] = True
 
     def _stop_queue(self, index: int) -> None:
         """QueueReady 0 on a ready queue: take it back from the device, then stop it."""
@@ -600,35 +594,8 @@ class MmioTransport:
         regs.reset_done = True
 
     def _serve(self, index: int) -> None:
-        """Serve ready queue ``index`` after a QueueNotify.
-
-        A device with a host source for its requests (``fill_source``, base.py:
-        "whoever runs the queue may serve every request that is one
-        device-writable buffer" from it) is filled by the queue's compiled path
-        here, as the vhost-user transport does, without the drain loop's Python
-        frame; the first chain that path does not serve goes back to the avail ring
-        (it was the last one popped) and ``process_queue`` serves the queue as it
-        would have.  The first kick after a queue was (re-)enabled always goes to
-        ``process_queue``, which makes the queue the device's again after a
-        ``quiesce``.
-        """
-        device = self.device
-        if self._fills and not self._fresh[index]:
-            source = device.fill_source(index)
-            if source is not None:
-                queue = self.queues[index]
-                served, nbytes, chain = queue.fill_from(source, -1, True)
-                if served:
-                    device.chains_served += served
-                    device.bytes_served += nbytes
-                if chain is not None:
-                    queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
-                    device.process_queue(index)
-                if served and queue.needs_notification():
-                    self._interrupt(VIRTIO_MMIO_INT_VRING)
-                return
-        self._fresh[index] = False
-        device.process_queue(index)
+        """Serve ready queue ``index`` after a QueueNotify: ``process_queue``."""
+        self.device.process_queue(index)
 
     def _notify(self, value: int) -> None:
         """QueueNotify that the fast path of :meth:`write` did not serve: refused."""
