@@ -349,16 +349,7 @@ class VirtioDevice:
             InvalidAvailRingIndex: the avail ring is broken; the queue is stopped.
             DeviceNeedsReset: the device is broken (see the module docstring).
         """
-        # process_chains(index), one call shorter: this runs on every kick.
-        if self.broken is not None:
-            raise DeviceNeedsReset(f"{self.name}: device is broken ({self.broken!r}) until it is reset")
-        try:
-            self._quiesced[index] = False  # a kick: the queue is the device's again
-        except IndexError:
-            log.warning("%s: kick on unknown queue %d ignored", self.name, index)
-            return
-        if self._parked[index] is None:
-            self._drain(index, None, False)
+        self.process_chains(index)
 
     def fill_source(self, index: int) -> ByteSource | None:
         """A host source whose bytes are all that a request of queue ``index`` needs, now.
