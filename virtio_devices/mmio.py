@@ -318,7 +318,7 @@ class MmioTransport:
             # The hot path (QueueNotify): a kick of a queue that exists, the device running.
             if self.queues[value].ready:
                 try:
-                    self._serve(value)
+                    self.device.process_queue(value)
                 except Exception as e:
                     self._device_failed(e, f"q{value}")
                 return
@@ -592,10 +592,6 @@ class MmioTransport:
         queue.event_idx = bool(self.driver_features & VIRTIO_RING_F_EVENT_IDX)
         regs.clear()
         regs.reset_done = True
-
-    def _serve(self, index: int) -> None:
-        """Serve ready queue ``index`` after a QueueNotify: ``process_queue``."""
-        self.device.process_queue(index)
 
     def _notify(self, value: int) -> None:
         """QueueNotify that the fast path of :meth:`write` did not serve: refused."""

@@ -161,7 +161,7 @@ class RngDevice(VirtioDevice):
     def fill_source(self, index: int) -> ByteSource | None:
         """The source while requests need nothing but its bytes: no rate limit, and
         no request parked waiting for the source (it must be served first)."""
-        if index != 0 or self.max_bytes is not None or not self.active or self.parked(0) is not None:
+        if index != 0 or self.max_bytes is not None or not self.active or self._parked[0] is not None:
             return None
         return self.source.byte_source()
 
