@@ -125,10 +125,10 @@ class FdEntropySource:
         Raises:
             ValueError: the source was closed.
         """
-        fd = self.fileno()
-        if self._source is None:
-            self._source = ByteSource(fd)
-        return self._source
+        src = self._source  # None once closed: fileno() then raises
+        if src is None:
+            src = self._source = ByteSource(self.fileno())
+        return src
 
     def close(self) -> None:
         """Close the fd (if owned); closing twice is harmless."""
