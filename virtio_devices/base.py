@@ -489,11 +489,41 @@ class VirtioDevice:
         """The drain loop behind :meth:`process_chains` and :meth:`resume`; ``notify``:
         a chain was completed before, check for a notification even if none is now."""
         queue = self.queues[index]
+        source = self.fill_source(index)
+        if source is not None and limit is None and not notify:
+            # A kick of a queue whose requests the compiled path serves: when it
+            # serves them all and leaves the ring empty (notifications on again), the
+            # loop below has nothing to add.
+            try:
+                served, nbytes, chain = queue.fill_from(source, -1, True)
+            except InvalidAvailRingIndex:
+                queue.ready = False
+                raise
+            if chain is not None:
+                # A request for handle_chain: it goes back to the avail ring (it is the
+                # last chain popped) and the loop below serves it.
+                queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+            elif queue.pending() == 0:
+                if served:
+                    self.chains_served += served
+                    self.bytes_served += nbytes
+                    self.notify(index)
+                return served
+            # Otherwise a bad head index is next, which the loop below reports.
+            if served:
+                self.chains_served += served
+                self.bytes_served += nbytes
+            return served + self._drain_loop(index, None, served > 0, source)
+        return self._drain_loop(index, limit, notify, source)
+
+    def _drain_loop(self, index: int, limit: int | None, notify: bool, source: ByteSource | None) -> int:
+        """The general drain loop: every chain through :meth:`handle_chain` under the
+        error policy, the compiled fill path first when there is a ``source``."""
+        queue = self.queues[index]
         # Bound once: the per-chain path is a handful of calls.
         handle = self.handle_chain
         pop = queue.pop_chain
         add_used = queue.add_used
-        source = self.fill_source(index)
         # What comes before each pop: nothing (most devices), the device's admit,
         # or the compiled fill path.  One test per chain for the plain case.
         gate = source is not None or self._admits

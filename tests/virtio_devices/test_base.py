@@ -7,6 +7,7 @@ memory, MockSplitQueue drivers, fake loop and interrupt).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from virtio_devices.base import COMMON_FEATURES, PARK, Park, VirtioDevice
 from virtio_devices.errors import DeviceNeedsReset, HostFault, MalformedRequest
 from virtio_devices.testing import DeviceRig
-from virtio_queue import DescriptorChain
+from virtio_queue import ByteSource, DescriptorChain
 from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidChain
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY
 
@@ -363,3 +364,94 @@ def test_reset_completes_even_if_a_quiesce_fails(rig: DeviceRig) -> None:
             r.device.reset()
         assert not r.device.active
         assert q1.next_avail() == 0  # queue 1 was quiesced after queue 0 failed
+
+
+# -- the compiled fill path inside the drain -----------------------------------------------------
+
+
+class FillDevice(ScriptDevice):
+    """ScriptDevice whose one-writable-buffer requests are filled from a pipe."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.source = ByteSource(fd)
+        self.handled: list[int] = []
+
+    def fill_source(self, index: int) -> ByteSource | None:
+        return self.source
+
+    def handle_chain(self, index: int, chain: DescriptorChain) -> Result:
+        self.handled.append(chain.head_index)
+        return super().handle_chain(index, chain)
+
+
+@pytest.fixture
+def fill_rig() -> Iterator[tuple[DeviceRig, int]]:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        with DeviceRig(FillDevice(r)) as rig:
+            yield rig, w
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def fill_req(rig: DeviceRig, size: int = 4) -> tuple[int, int]:
+    head, (gpa,) = rig.add_request(0, writable=[size])
+    return head, gpa
+
+
+def test_fill_path_serves_the_ring_and_interrupts_once(fill_rig: tuple[DeviceRig, int]) -> None:
+    rig, w = fill_rig
+    os.write(w, b"abcdefgh")
+    (h1, g1), (h2, g2) = fill_req(rig), fill_req(rig)
+    assert rig.kick(0) == [(h1, 4), (h2, 4)]
+    assert rig.read(g1, 4) + rig.read(g2, 4) == b"abcdefgh"
+    assert dev_of(rig).handled == [] and rig.interrupt.used == [0]
+    assert rig.device.chains_served == 2 and rig.device.bytes_served == 8
+    assert not rig.mock.used_flags() & VRING_USED_F_NO_NOTIFY  # VIRTIO 1.2 §2.7.10: on again
+
+
+def test_fill_path_gives_other_requests_to_handle_chain_in_order(fill_rig: tuple[DeviceRig, int]) -> None:
+    """A request of another shape after filled ones goes to handle_chain, and the ones
+    after it are filled again: every chain is used once, in ring order."""
+    rig, w = fill_rig
+    os.write(w, b"12345678")
+    h1, _ = fill_req(rig)
+    other = req(rig, b"x")
+    h3, g3 = fill_req(rig)
+    assert rig.kick(0) == [(h1, 4), (other, 3), (h3, 4)]
+    assert rig.read(g3, 4) == b"5678"
+    assert dev_of(rig).handled == [other] and rig.interrupt.used == [0]
+    assert rig.device.chains_served == 3 and rig.device.bytes_served == 11
+
+
+def test_fill_path_first_request_of_another_shape(fill_rig: tuple[DeviceRig, int]) -> None:
+    rig, w = fill_rig
+    os.write(w, b"zzzz")
+    other = req(rig, b"x")
+    h2, _ = fill_req(rig)
+    assert rig.kick(0) == [(other, 3), (h2, 4)]
+
+
+def test_fill_path_empty_source_leaves_the_request_to_the_device(fill_rig: tuple[DeviceRig, int]) -> None:
+    """A read that gives nothing (EAGAIN) is the device's to decide: here it parks."""
+    rig, _ = fill_rig
+    head, _ = rig.add_request(0, writable=[4])
+    dev = dev_of(rig)
+    dev.handle_chain = lambda index, chain: PARK  # type: ignore[method-assign]
+    assert rig.kick(0) == []
+    assert dev.parked(0) is not None and dev.parked(0).head_index == head  # type: ignore[union-attr]
+
+
+def test_fill_path_bad_head_after_filled_requests(fill_rig: tuple[DeviceRig, int]) -> None:
+    """VIRTIO 1.2 §2.7.13: a head index must be below the queue size; the entry is
+    dropped and the queue goes on, the filled request before it still used once."""
+    rig, w = fill_rig
+    os.write(w, b"abcdefgh")
+    h1, _ = fill_req(rig)
+    rig.mock.add_avail(40)
+    h3, _ = fill_req(rig)
+    assert rig.kick(0) == [(h1, 4), (h3, 4)]
+    assert rig.interrupt.used == [0]
