@@ -147,10 +147,17 @@ def notify_cost(reps: int, count: int) -> tuple[list[float], list[float]]:
         client.close()
 
 
-def one_request_kicks(reps: int, secs: float, req_size: int) -> tuple[list[float], list[float]]:
-    """Requests per second, 1 request per kick: mmio in-process, vhost-user daemon."""
+def one_request_kicks(
+    reps: int, secs: float, req_size: int
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """1 request per kick, mmio in-process and the vhost-user daemon: requests per
+    second, and CPU microseconds per request (every thread of this process, plus the
+    daemon's for vhost-user)."""
     mmio_rates: list[float] = []
     vu_rates: list[float] = []
+    mmio_cpu: list[float] = []
+    vu_cpu: list[float] = []
+    me = os.getpid()
     with tempfile.TemporaryDirectory() as tmp:
         daemon = D.RngDaemon("ours", tmp)
         try:
@@ -160,26 +167,31 @@ def one_request_kicks(reps: int, secs: float, req_size: int) -> tuple[list[float
                 try:
                     vu.check()
                     mm.check()
-                    clients: dict[str, tuple[Callable[[int, int], int], list[float]]] = {
-                        "mmio": (mm.run, mmio_rates),
-                        "vhost-user": (vu.run, vu_rates),
+                    pid = daemon.proc.pid
+                    Client = tuple[Callable[[int, int], int], list[float], list[float], list[int]]
+                    clients: dict[str, Client] = {
+                        "mmio": (mm.run, mmio_rates, mmio_cpu, [me]),
+                        "vhost-user": (vu.run, vu_rates, vu_cpu, [me, pid]),
                     }
                     for _ in range(reps):
-                        got = {k: [0.0, 0.0] for k in clients}
+                        got = {k: [0.0, 0.0, 0.0] for k in clients}
                         for k in ["mmio", "vhost-user", "vhost-user", "mmio"]:
-                            run = clients[k][0]
+                            run, pids = clients[k][0], clients[k][3]
+                            c0 = sum(D.task_cpu_us(p) for p in pids)
                             b, t = D.timed(lambda n, run=run: run(1, n), 64, secs / 2)
+                            got[k][2] += sum(D.task_cpu_us(p) for p in pids) - c0
                             got[k][0] += b / req_size
                             got[k][1] += t
-                        for k, (n, t) in got.items():
+                        for k, (n, t, cpu) in got.items():
                             clients[k][1].append(n / t)
+                            clients[k][2].append(cpu / n)
                 finally:
                     mm.close()
         finally:
             rc = daemon.stop()
     if rc != 0:
         raise RuntimeError(f"daemon exited {rc}: {daemon.stderr()}")
-    return mmio_rates, vu_rates
+    return mmio_rates, vu_rates, mmio_cpu, vu_cpu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,11 +207,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"== virtio-mmio in-process vs vhost-user, {when} on {os.uname().nodename}")
     print(f"cpu : {os.cpu_count()} CPUs; load {D.loadavg()} at start; {a.reps} reps, median (min..max)")
     for size in (int(x) for x in a.sizes.split(",")):
-        mm, vu = one_request_kicks(a.reps, a.secs, size)
+        mm, vu, mm_cpu, vu_cpu = one_request_kicks(a.reps, a.secs, size)
         print(f"-- rng, 1 request of {size} B per kick, requests/s")
         print(f"   mmio in-process  {D.Stat(mm).fmt()}")
         print(f"   vhost-user       {D.Stat(vu).fmt()}")
         print(f"   mmio/vhost-user  {D.Stat([x / y for x, y in zip(mm, vu, strict=True)]).fmt('.2f')}")
+        print("-- the same, CPU us per request (vhost-user: front-end + daemon)")
+        print(f"   mmio in-process  {D.Stat(mm_cpu).fmt('.2f')}")
+        print(f"   vhost-user       {D.Stat(vu_cpu).fmt('.2f')}")
+        cpu_ratios = [y / x for x, y in zip(mm_cpu, vu_cpu, strict=True)]
+        print(f"   vhost-user/mmio  {D.Stat(cpu_ratios).fmt('.2f')}")
     via, direct = notify_cost(a.reps, a.notifies)
     print("-- one QueueNotify write, empty queue, ns")
     print(f"   transport.write  {D.Stat(via).fmt()}")
