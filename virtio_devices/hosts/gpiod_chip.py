@@ -116,7 +116,7 @@ class GpiodChip:
         edges: list[int] = []
         while request.wait_edge_events(0):
             for event in request.read_edge_events():
-                rising = event.event_type == event.Type.RISING_EDGE
+                rising = event.event_type == gpiod.EdgeEvent.Type.RISING_EDGE
                 edges.append(EDGE_RISING if rising else EDGE_FALLING)
         return edges
 
