@@ -108,8 +108,14 @@ IRQ_TYPE_EDGE_BOTH = 0x03
 IRQ_TYPE_LEVEL_HIGH = 0x04
 IRQ_TYPE_LEVEL_LOW = 0x08
 _IRQ_TYPES = frozenset(
-    (IRQ_TYPE_NONE, IRQ_TYPE_EDGE_RISING, IRQ_TYPE_EDGE_FALLING, IRQ_TYPE_EDGE_BOTH)
-    + (IRQ_TYPE_LEVEL_HIGH, IRQ_TYPE_LEVEL_LOW)
+    (
+        IRQ_TYPE_NONE,
+        IRQ_TYPE_EDGE_RISING,
+        IRQ_TYPE_EDGE_FALLING,
+        IRQ_TYPE_EDGE_BOTH,
+        IRQ_TYPE_LEVEL_HIGH,
+        IRQ_TYPE_LEVEL_LOW,
+    )
 )
 # What the host chip must detect for each type: level types are emulated from
 # both edges (libgpiod has no level events).
@@ -271,7 +277,9 @@ class GpioDevice(VirtioDevice):
 
     def host_fault(self, index: int, chain: DescriptorChain, err: Exception) -> int:
         """The host chip failed: answered as :meth:`guest_fault`, logged as an error."""
-        self._ratelimit.log(log, logging.ERROR, ("host", index), "%s q%d: host chip: %s", self.name, index, err)
+        self._ratelimit.log(
+            log, logging.ERROR, ("host", index), "%s q%d: host chip: %s", self.name, index, err
+        )
         return self._write_error(index, chain)
 
     def _write_error(self, index: int, chain: DescriptorChain) -> int:
@@ -408,7 +416,9 @@ class GpioDevice(VirtioDevice):
             raise MalformedRequest("eventq buffer has no device-writable byte for the status")
         size = reader.available_bytes()
         if size != _IRQ_REQUEST.size:
-            raise GpioRequestError(f"eventq request is {size} device-readable bytes, expected {_IRQ_REQUEST.size}")
+            raise GpioRequestError(
+                f"eventq request is {size} device-readable bytes, expected {_IRQ_REQUEST.size}"
+            )
         (line,) = _IRQ_REQUEST.unpack(reader.read(_IRQ_REQUEST.size))
         if line >= self.ngpio:
             raise GpioRequestError(f"eventq: line {line} out of range (ngpio {self.ngpio})")
@@ -444,7 +454,9 @@ class GpioDevice(VirtioDevice):
         try:
             edges = self.chip.read_edges(line)
         except _CHIP_ERRORS as e:  # the chip vanished
-            self._ratelimit.log(log, logging.ERROR, ("host", 1), "%s: line %d: edge events: %s", self.name, line, e)
+            self._ratelimit.log(
+                log, logging.ERROR, ("host", 1), "%s: line %d: edge events: %s", self.name, line, e
+            )
             self._unwatch(line)
             if line in self._waiters:
                 self._fire(line, IRQ_STATUS_INVALID)

@@ -56,7 +56,10 @@ def test_gpio_duplicate_simulated_chips_allowed() -> None:
         (["-c", "3", "-l", "1:4:1"], "Duplicate device detected: 1"),
         (["-l", "x"], "Failed while parsing to integer: 'x': invalid digit found in string"),
         (["-l", ""], "Failed while parsing to integer: '': cannot parse integer from empty string"),
-        (["-c", "2", "-l", "1:"], "Failed while parsing to integer: '': cannot parse integer from empty string"),
+        (
+            ["-c", "2", "-l", "1:"],
+            "Failed while parsing to integer: '': cannot parse integer from empty string",
+        ),
         (["-l", "s"], "Failed while parsing to integer: '': cannot parse integer from empty string"),
         (["-l", "s-1"], "Failed while parsing to integer: '-1': invalid digit found in string"),
         (["-l", "4294967296"], "number too large to fit in target type"),
@@ -78,7 +81,8 @@ def test_gpio_plus_sign_parses_as_rust_does() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["-s", "x"], ["-l", "1"], ["-s", "x", "-l", "1", "-c", "-1"], ["-s", "x", "-l", "1", "--bogus"]]
+    "argv",
+    [[], ["-s", "x"], ["-l", "1"], ["-s", "x", "-l", "1", "-c", "-1"], ["-s", "x", "-l", "1", "--bogus"]],
 )
 def test_gpio_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -143,7 +147,9 @@ def test_gpio_run_serves_sim_control_while_serving(monkeypatch: pytest.MonkeyPat
                     replies.append(_ask(f, cmd))
 
     monkeypatch.setattr(cli, "serve", FakeServe(during))
-    assert cli.main(["-s", str(tmp_path / "g.sock"), "-c", "2", "-l", "s1:s4", "--sim-control", str(ctl)]) == 0
+    assert (
+        cli.main(["-s", str(tmp_path / "g.sock"), "-c", "2", "-l", "s1:s4", "--sim-control", str(ctl)]) == 0
+    )
     assert replies[:3] == ["ok", "ok none 1", "ok none 0"]
     assert replies[3].startswith("err dev 2 out of range")
     assert not ctl.exists()  # removed at exit
@@ -218,7 +224,9 @@ def _ask(f: Any, line: str) -> str:
         ("get 0", "err get takes <dev> <line>, got 1 arguments"),
     ],
 )
-def test_sim_control_errors(control: tuple[SimControlServer, list[SimGpioChip]], command: str, reply: str) -> None:
+def test_sim_control_errors(
+    control: tuple[SimControlServer, list[SimGpioChip]], command: str, reply: str
+) -> None:
     server, _ = control
     assert server.handle(command).startswith(reply)
 
@@ -239,7 +247,11 @@ def test_sim_control_many_clients_set_and_get(control: tuple[SimControlServer, l
         assert _ask(fa, "get 2 1") == "ok out 1"
         # Several commands in one write, CRLF, then a bad byte: one reply each.
         a.sendall(b"get 0 0\r\nget 0 1\n\xff\n")
-        assert [fa.readline() for _ in range(3)] == ["ok none 0\n", "ok none 0\n", "err command is not ASCII\n"]
+        assert [fa.readline() for _ in range(3)] == [
+            "ok none 0\n",
+            "ok none 0\n",
+            "err command is not ASCII\n",
+        ]
     finally:
         fa.close()
         fb.close()
@@ -247,7 +259,9 @@ def test_sim_control_many_clients_set_and_get(control: tuple[SimControlServer, l
         b.close()
 
 
-def test_sim_control_overlong_command_drops_client(control: tuple[SimControlServer, list[SimGpioChip]]) -> None:
+def test_sim_control_overlong_command_drops_client(
+    control: tuple[SimControlServer, list[SimGpioChip]],
+) -> None:
     server, _ = control
     with _client(server.path) as s, s.makefile("r") as f:
         s.sendall(b"g" * 300)

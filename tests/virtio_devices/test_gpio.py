@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import struct
 from collections.abc import Iterator
 
@@ -48,7 +49,6 @@ from virtio_devices.hosts.gpio import (
     SimGpioChip,
 )
 from virtio_devices.testing import DeviceRig
-from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 OK, ERR = b"\x00\x00", b"\x01\x00"
 NONE, OUT, IN = DIRECTION_NONE, DIRECTION_OUT, DIRECTION_IN
@@ -216,7 +216,9 @@ def test_gpio_bad_request_answers_err(rig: Rig, request_bytes: bytes, why: str) 
 
 
 @pytest.mark.parametrize("size", [1, 3, 16])
-def test_gpio_wrong_response_size_answers_err_before_any_effect(rig: Rig, chip: SimGpioChip, size: int) -> None:
+def test_gpio_wrong_response_size_answers_err_before_any_effect(
+    rig: Rig, chip: SimGpioChip, size: int
+) -> None:
     """The response is ``{u8 status; u8 value}`` (§5.17.6); upstream performs the
     request and then answers ERR, we refuse first."""
     assert rig.request(MSG_SET_VALUE, 4, 1) == OK
@@ -258,7 +260,9 @@ def test_gpio_request_split_across_descriptors(rig: Rig) -> None:
     assert rig.read(outs[0], 1) + rig.read(outs[1], 1) == bytes((0, NONE))
 
 
-def test_gpio_host_chip_failure_answers_err(rig: Rig, chip: SimGpioChip, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpio_host_chip_failure_answers_err(
+    rig: Rig, chip: SimGpioChip, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def vanished(*args: object, **kw: object) -> None:
         raise OSError(errno.ENODEV, "No such device")
 
@@ -336,7 +340,7 @@ def test_gpio_rising_edge_completes_waiter(rig: Rig, chip: SimGpioChip) -> None:
 def test_gpio_edge_of_other_kind_does_not_fire(rig: Rig, chip: SimGpioChip) -> None:
     chip.set_input(4, 1)
     rig.make_input(4, IRQ_TYPE_EDGE_RISING)
-    head, out = rig.wait_irq(4)
+    head, _ = rig.wait_irq(4)
     assert rig.kick(1) == []
     chip.set_input(4, 0)  # falling: not enabled
     rig.edges(4)
@@ -356,7 +360,7 @@ def test_gpio_edge_while_masked_is_latched(rig: Rig, chip: SimGpioChip) -> None:
     assert rig.kick(1) == [(head, 1)]
     assert rig.read(out, 1) == bytes((IRQ_STATUS_VALID,))
     # The latch is spent: the next buffer waits.
-    head2, _ = rig.wait_irq(6)
+    _ = rig.wait_irq(6)
     assert rig.kick(1) == []
     assert rig.dev.waiting() == [6]
 
@@ -375,7 +379,7 @@ def test_gpio_none_edge_none_with_waiter_queued(rig: Rig, chip: SimGpioChip) -> 
     chip.set_input(1, 1)
     assert chip.event_fd(1) not in rig.loop.readers
     assert rig.request(MSG_IRQ_TYPE, 1, IRQ_TYPE_EDGE_BOTH) == OK
-    head2, out2 = rig.wait_irq(1)
+    _ = rig.wait_irq(1)
     assert rig.kick(1) == []
     assert rig.used(1) == []
     assert (rig.dev.irqs_valid, rig.dev.irqs_invalid) == (0, 1)
@@ -424,7 +428,9 @@ def test_gpio_second_waiter_on_a_line_returned_first_kept(rig: Rig, chip: SimGpi
         ([struct.pack("<H", 0)], [2], "response of 2 bytes"),
     ],
 )
-def test_gpio_bad_eventq_buffer_returned_invalid(rig: Rig, readable: list[bytes], writable: list[int], why: str) -> None:
+def test_gpio_bad_eventq_buffer_returned_invalid(
+    rig: Rig, readable: list[bytes], writable: list[int], why: str
+) -> None:
     rig.make_input(0, IRQ_TYPE_EDGE_RISING)
     head, (out, *_) = rig.add_request(1, readable=readable, writable=writable)
     assert rig.kick(1) == [(head, 1)], why
@@ -453,7 +459,7 @@ def test_gpio_level_high_fires_at_once_and_is_not_latched(rig: Rig, chip: SimGpi
     # A pulse while masked is forgotten once the level is gone.
     chip.set_input(7, 0)
     rig.edges(7)
-    head3, _ = rig.wait_irq(7)
+    _ = rig.wait_irq(7)
     assert rig.kick(1) == []
 
 
@@ -540,7 +546,7 @@ def test_gpio_reset_releases_every_line(chip: SimGpioChip) -> None:
     typed=st.tuples(st.integers(0, 8), st.integers(0, 10), st.integers(0, 12)),
     use_typed=st.booleans(),
 )
-def test_gpio_any_request_bytes_answered_once(
+def test_gpio_any_request_bytes_answered_once(  # noqa: PLR0917 - hypothesis draws
     chip: SimGpioChip,
     queue: int,
     readable: list[bytes],
@@ -585,7 +591,7 @@ def test_sim_chip_names_and_bounds() -> None:
             c.line_name(3)
         with pytest.raises(ValueError, match="level must be 0 or 1"):
             c.set_input(0, 2)
-    with pytest.raises(ValueError, match="0..65535"):
+    with pytest.raises(ValueError, match=r"0\.\.65535"):
         SimGpioChip(65536)
 
 
@@ -601,8 +607,6 @@ def test_sim_chip_refuses_what_the_kernel_refuses() -> None:
 
 
 def test_sim_chip_edges_wake_the_fd_and_filter_by_detection() -> None:
-    import select
-
     with SimGpioChip(1) as c:
         c.configure(0, IN, 0, 1)  # rising only
         fd = c.event_fd(0)

@@ -8,6 +8,7 @@ read of an empty request blocks).  The real chip is exercised inside a guest on
 gpio-sim by the e2e suite; the test at the end runs here only if a chip exists.
 """
 
+# ruff: noqa: E402 - the imports below need the importorskip above them
 from __future__ import annotations
 
 import glob
@@ -19,9 +20,9 @@ from typing import Any
 import pytest
 
 gpiod = pytest.importorskip("gpiod", reason="the python gpiod binding (hosts/test extra) is not installed")
-from gpiod.line import Direction, Edge, Value  # noqa: E402
+from gpiod.line import Direction, Edge, Value
 
-from virtio_devices.gpio import (  # noqa: E402
+from virtio_devices.gpio import (
     IRQ_STATUS_VALID,
     IRQ_TYPE_EDGE_RISING,
     IRQ_TYPE_LEVEL_LOW,
@@ -31,8 +32,16 @@ from virtio_devices.gpio import (  # noqa: E402
     MSG_SET_VALUE,
     GpioDevice,
 )
-from virtio_devices.hosts import gpiod_chip  # noqa: E402
-from virtio_devices.hosts.gpio import DIRECTION_IN, DIRECTION_OUT, EDGE_BOTH, EDGE_RISING, GpioChip, GpioChipError  # noqa: E402
+from virtio_devices.hosts import gpiod_chip
+from virtio_devices.hosts.gpio import (
+    DIRECTION_IN,
+    DIRECTION_OUT,
+    EDGE_BOTH,
+    EDGE_RISING,
+    GpioChip,
+    GpioChipError,
+)
+from virtio_devices.testing import DeviceRig
 
 
 class FakeRequest:
@@ -189,8 +198,6 @@ def test_gpiod_chip_edges_drained_without_blocking(fake: FakeChip) -> None:
 def test_gpiod_chip_behind_the_device(fake: FakeChip) -> None:
     """The device over the gpiod backend: output, edge IRQ through the request fd,
     and an emulated level interrupt (libgpiod itself has no level events)."""
-    from virtio_devices.testing import DeviceRig
-
     chip = gpiod_chip.GpiodChip(fake.path)
     with DeviceRig(GpioDevice(chip), queue_size=16) as rig:
 
@@ -230,7 +237,9 @@ def _pack(rtype: int, gpio: int, value: int) -> bytes:
     return rtype.to_bytes(2, "little") + gpio.to_bytes(2, "little") + value.to_bytes(4, "little")
 
 
-@pytest.mark.skipif(not glob.glob("/dev/gpiochip*"), reason="this host has no /dev/gpiochip* (the e2e guest has gpio-sim)")
+@pytest.mark.skipif(
+    not glob.glob("/dev/gpiochip*"), reason="this host has no /dev/gpiochip* (the e2e guest has gpio-sim)"
+)
 def test_gpiod_chip_opens_a_real_chip() -> None:
     path = sorted(glob.glob("/dev/gpiochip*"))[0]
     try:

@@ -116,7 +116,9 @@ def parse_device_list(text: str) -> list[DeviceEntry]:
         if item.startswith("s"):
             lines = _parse_u32(item[1:])
             if lines > 0xFFFF:
-                raise ConfigError(f"simulated chip {item}: at most 65535 lines (virtio-gpio's ngpio is 16 bits)")
+                raise ConfigError(
+                    f"simulated chip {item}: at most 65535 lines (virtio-gpio's ngpio is 16 bits)"
+                )
             entries.append(DeviceEntry(True, lines))
             continue
         entry = DeviceEntry(False, _parse_u32(item))

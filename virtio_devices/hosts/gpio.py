@@ -478,12 +478,12 @@ class SimControlServer:
                         buffers[client] = b""
                         sel.register(client, selectors.EVENT_READ)
                         continue
-                    client = key.fileobj
-                    assert isinstance(client, socket.socket)
-                    if not self._serve_client(client, buffers):
-                        sel.unregister(client)
-                        buffers.pop(client, None)
-                        client.close()
+                    peer = key.fileobj
+                    assert isinstance(peer, socket.socket)
+                    if not self._serve_client(peer, buffers):
+                        sel.unregister(peer)
+                        buffers.pop(peer, None)
+                        peer.close()
         finally:
             for client in buffers:
                 client.close()

@@ -15,6 +15,7 @@ package on PyPI builds libgpiod itself.  Only this module imports it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Self
 
@@ -122,10 +123,8 @@ class GpiodChip:
 
     def close(self) -> None:
         for line in list(self._requests):
-            try:
+            with contextlib.suppress(OSError):  # the chip is gone: its requests are too
                 self.release(line)
-            except OSError:
-                pass  # the chip is gone: its requests are too
         if not self._closed:
             self._closed = True
             self._chip.close()
@@ -149,4 +148,3 @@ class GpiodChip:
 def chip_path(number: int) -> str:
     """``/dev/gpiochip<number>``, the device upstream opens for a ``-l`` entry."""
     return os.path.join("/dev", f"gpiochip{number}")
-
