@@ -20,6 +20,13 @@ reported beside a reference measured in the same run:
   completion and the notification).  Median and 99th percentile over ``--edges``
   edges per repetition, and the median's ratio to the GET_VALUE round trip.
 
+* **device cost per request, in-process** (``--callgrind``): instructions per
+  GET_VALUE / SET_VALUE chain through ``GpioDevice.process_queue`` on the kit's
+  ``DeviceRig`` (publish, pop, parse, answer, add_used), against a 1-byte
+  virtio-rng request through ``RngDevice.process_queue`` the same way, counted by
+  ``valgrind --tool=callgrind`` as the difference between two runs of different
+  lengths (start-up cancels out): deterministic, whatever the machine's load.
+
 The Rust daemon: n/a.  Upstream's gpio crate needs the ``libgpiod`` crates, which
 Debian's packaged crate set lacks (``../shared/tools/README.md``), so it cannot be
 built offline here.  Upstream's edge delivery is a thread per waiting line polling
@@ -221,12 +228,78 @@ def edge_latencies(client: GpioClient, ctl: socket.socket, count: int) -> list[f
     return out
 
 
+def inprocess_run(kind: str, n: int) -> None:
+    """``n`` requests of ``kind`` (get, set, rng) through ``process_queue`` in-process."""
+    from virtio_devices.gpio import GpioDevice  # noqa: PLC0415
+    from virtio_devices.hosts.files import FileEntropySource  # noqa: PLC0415
+    from virtio_devices.hosts.gpio import SimGpioChip  # noqa: PLC0415
+    from virtio_devices.rng import RngDevice  # noqa: PLC0415
+    from virtio_devices.testing import DeviceRig  # noqa: PLC0415
+
+    if kind == "rng":
+        rig = DeviceRig(RngDevice(FileEntropySource("/dev/urandom")), queue_size=RING, event_idx=True)
+        buf = rig.alloc(0, 1)
+        head = rig.add_chain(0, [RawDesc(buf, 1, VIRTQ_DESC_F_WRITE, 0)])
+    else:
+        rig = DeviceRig(GpioDevice(SimGpioChip(NGPIO)), queue_size=RING, event_idx=True)
+        req = rig.alloc(0, 8)
+        resp = rig.alloc(0, 2)
+        head = rig.add_chain(0, [RawDesc(req, 8, 0, 0), RawDesc(resp, 2, VIRTQ_DESC_F_WRITE, 0)])
+        for rtype, value in ((SET_VALUE, 1), (SET_DIRECTION, 1)):
+            rig.memory.write(req, struct.pack("<HHI", rtype, 0, value))
+            rig.kick(0)
+            rig.mock.publish(array("H", [head]))
+        rig.memory.write(req, struct.pack("<HHI", GET_VALUE if kind == "get" else SET_VALUE, 0, 1))
+    rig.kick(0)
+    heads = array("H", [head])
+    mock, process = rig.mock, rig.device.process_queue
+    for _ in range(n):
+        mock.publish(heads)
+        process(0)
+    if kind != "rng" and rig.read(resp, 1) != b"\x00":
+        raise RuntimeError(f"{kind}: the request was answered ERR")
+    rig.close()
+
+
+def callgrind_per_request(kind: str, n1: int = 1000, n2: int = 4000) -> float:
+    """Instructions per request of ``kind``: callgrind totals of two runs, differenced."""
+    totals = []
+    with tempfile.TemporaryDirectory(prefix="gpio-cg-") as tmp:
+        for n in (n1, n2):
+            out = os.path.join(tmp, f"cg.{n}")
+            env = dict(os.environ, PYTHONPATH=str(REPO), RUST_LOG="error")
+            cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__]
+            subprocess.run(
+                [*cmd, "--inprocess", kind, str(n)],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            with open(out) as f:
+                total = next(int(line.split()[1]) for line in f if line.startswith("totals:"))
+            totals.append(total)
+    return (totals[1] - totals[0]) / (n2 - n1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--secs", type=float, default=0.5)
     ap.add_argument("--edges", type=int, default=200)
+    ap.add_argument("--callgrind", action="store_true", help="also count instructions per request in-process")
+    ap.add_argument("--inprocess", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.inprocess:
+        inprocess_run(args.inprocess[0], int(args.inprocess[1]))
+        return 0
+    if args.callgrind:
+        counts = {kind: callgrind_per_request(kind) for kind in ("rng", "get", "set")}
+        print("| in-process, instructions per request (callgrind) | count | ratio to rng |")
+        print("|---|---|---|")
+        for kind, name in (("rng", "rng 1-byte request"), ("get", "GET_VALUE"), ("set", "SET_VALUE")):
+            print(f"| {name} | {counts[kind]:.0f} | {counts[kind] / counts['rng']:.2f} |")
+        print()
     with tempfile.TemporaryDirectory(prefix="gpio-bench-") as tmp:
         gd = GpioDaemon(tmp)
         rd = RngDaemon("ours", tmp, env={"RUST_LOG": "error"})
