@@ -199,7 +199,8 @@ def test_gpiod_chip_behind_the_device(fake: FakeChip) -> None:
     """The device over the gpiod backend: output, edge IRQ through the request fd,
     and an emulated level interrupt (libgpiod itself has no level events)."""
     chip = gpiod_chip.GpiodChip(fake.path)
-    with DeviceRig(GpioDevice(chip), queue_size=16) as rig:
+    dev = GpioDevice(chip)
+    with DeviceRig(dev, queue_size=16) as rig:
 
         def request(rtype: int, gpio: int, value: int = 0) -> bytes:
             head, (out,) = rig.add_request(0, readable=[bytes(_pack(rtype, gpio, value))], writable=[2])
@@ -228,7 +229,9 @@ def test_gpiod_chip_behind_the_device(fake: FakeChip) -> None:
         req2.push_edge(2, False)
         rig.loop.fire_reader(req2.fd)
         assert rig.used(1) == [(head, 1)]
-    # The device's reset released what it requested.
+    # A reset keeps the lines requested; the device's close releases them.
+    assert not any(r.released for r in fake.requests)
+    dev.close()
     assert all(r.released for r in fake.requests)
     chip.close()
 
