@@ -10,9 +10,11 @@ where it follows the spec:
   followed by the device-writable response ``{u8 status; u8 value}``, or
   ``{u8 status; u8 names[gpio_names_size]}`` for GET_LINE_NAMES (§5.17.6);
 * GET_LINE_NAMES answers every line's name, NUL-terminated, in line order (an
-  unnamed line is a lone NUL); GET_DIRECTION the direction the driver configured
-  (none, out, in); SET_DIRECTION requests the line from the host chip as an input
-  or an output, or releases it; GET_VALUE reads a requested line; SET_VALUE caches
+  unnamed line is a lone NUL); GET_DIRECTION the direction the driver configured,
+  or for a line it did not configure what the chip reports (input or output, as
+  upstream asks libgpiod's line info; a simulated line is an input);
+  SET_DIRECTION requests the line from the host chip as an input or an output, or
+  releases it; GET_VALUE reads a requested line; SET_VALUE caches
   the output value and drives it at once if the line is an output (§5.17.6.5: "may
   get configured to output later, at which point this output value must be used");
   SET_DIRECTION to output without a SET_VALUE before is refused, as upstream does;
@@ -216,7 +218,8 @@ class GpioDevice(VirtioDevice):
 
     # -- state seen by tests and tools -------------------------------------------------
     def direction(self, line: int) -> int:
-        """The direction the driver configured for ``line`` (0 none, 1 out, 2 in)."""
+        """The direction the driver configured for ``line`` (0 none, 1 out, 2 in);
+        GET_DIRECTION of an unconfigured line asks the chip instead."""
         return self._direction[line]
 
     def irq_type(self, line: int) -> int:
@@ -359,7 +362,11 @@ class GpioDevice(VirtioDevice):
             raise GpioRequestError(f"{name}: line {gpio} out of range (ngpio {self.ngpio})")
         answer = 0
         if rtype == MSG_GET_DIRECTION:
-            answer = self._direction[gpio]
+            # A line the driver configured: what it set.  Otherwise what the chip
+            # says (input or output), as upstream answers for host chips: Linux's
+            # gpio-virtio takes "none" for an error, and some gpiolib versions
+            # refuse to register a chip whose get_direction fails.
+            answer = self._direction[gpio] or self.chip.line_direction(gpio)
         elif rtype == MSG_SET_DIRECTION:
             self._set_direction(gpio, value)
         elif rtype == MSG_GET_VALUE:

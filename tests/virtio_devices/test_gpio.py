@@ -141,7 +141,10 @@ def test_gpio_get_line_names(rig: Rig) -> None:
 
 def test_gpio_line_starts_unconfigured(rig: Rig) -> None:
     for line in range(8):
-        assert rig.request(MSG_GET_DIRECTION, line) == bytes((0, NONE))
+        # Not configured by the driver: what the chip says (a simulated line is an
+        # input), as upstream answers for host chips; Linux takes "none" for an error.
+        assert rig.request(MSG_GET_DIRECTION, line) == bytes((0, IN))
+        assert rig.dev.direction(line) == NONE
         # No direction: nothing requested from the chip, nothing to read.
         assert rig.request(MSG_GET_VALUE, line) == ERR
 
@@ -182,7 +185,8 @@ def test_gpio_direction_none_releases_and_discards_state(rig: Rig, chip: SimGpio
     assert rig.request(MSG_SET_DIRECTION, 1, OUT) == OK
     assert rig.request(MSG_SET_DIRECTION, 1, NONE) == OK
     assert chip.state(1) == (NONE, 0)
-    assert rig.request(MSG_GET_DIRECTION, 1) == bytes((0, NONE))
+    assert rig.dev.direction(1) == NONE
+    assert rig.request(MSG_GET_DIRECTION, 1) == bytes((0, IN))
     # The cached value went too: output needs a new SET_VALUE.
     assert rig.request(MSG_SET_DIRECTION, 1, OUT) == ERR
 
@@ -212,7 +216,7 @@ def test_gpio_bad_request_answers_err(rig: Rig, request_bytes: bytes, why: str) 
     assert rig.kick(0) == [(head, 2)], why
     assert rig.read(out, 2) == ERR, why
     # The device keeps working.
-    assert rig.request(MSG_GET_DIRECTION, 0) == bytes((0, NONE))
+    assert rig.request(MSG_GET_DIRECTION, 0) == bytes((0, IN))
 
 
 @pytest.mark.parametrize("size", [1, 3, 16])
@@ -257,7 +261,7 @@ def test_gpio_request_split_across_descriptors(rig: Rig) -> None:
     raw = msg(MSG_GET_DIRECTION, 2)
     head, outs = rig.add_request(0, readable=[raw[:3], raw[3:]], writable=[1, 1])
     assert rig.kick(0) == [(head, 2)]
-    assert rig.read(outs[0], 1) + rig.read(outs[1], 1) == bytes((0, NONE))
+    assert rig.read(outs[0], 1) + rig.read(outs[1], 1) == bytes((0, IN))
 
 
 def test_gpio_host_chip_failure_answers_err(
@@ -268,7 +272,7 @@ def test_gpio_host_chip_failure_answers_err(
 
     monkeypatch.setattr(chip, "configure", vanished)
     assert rig.request(MSG_SET_DIRECTION, 0, IN) == ERR
-    assert rig.request(MSG_GET_DIRECTION, 0) == bytes((0, NONE))
+    assert rig.dev.direction(0) == NONE
 
 
 def test_gpio_bad_requests_log_rate_limited(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
@@ -539,7 +543,8 @@ def test_gpio_reset_keeps_lines_close_releases_them(chip: SimGpioChip) -> None:
     rig.dev.close()  # twice: harmless
     # A fresh device over the same chip starts from scratch.
     with Rig(chip) as again:
-        assert again.request(MSG_GET_DIRECTION, 1) == bytes((0, NONE))
+        assert again.dev.direction(1) == NONE
+        assert again.request(MSG_GET_DIRECTION, 1) == bytes((0, IN))
 
 
 def test_gpio_interrupt_survives_stop_and_start(chip: SimGpioChip) -> None:

@@ -22,7 +22,16 @@ from typing import Any, Self
 import gpiod
 from gpiod.line import Direction, Edge, Value
 
-from .gpio import DIRECTION_IN, DIRECTION_OUT, EDGE_BOTH, EDGE_FALLING, EDGE_NONE, EDGE_RISING, GpioChipError
+from .gpio import (
+    DIRECTION_IN,
+    DIRECTION_NONE,
+    DIRECTION_OUT,
+    EDGE_BOTH,
+    EDGE_FALLING,
+    EDGE_NONE,
+    EDGE_RISING,
+    GpioChipError,
+)
 
 __all__ = ["CONSUMER", "GpiodChip", "chip_path"]
 
@@ -71,6 +80,15 @@ class GpiodChip:
     def line_name(self, line: int) -> str:
         """The kernel's name of the line, ``""`` when it has none."""
         return str(self._chip.get_line_info(line).name or "")
+
+    def line_direction(self, line: int) -> int:
+        """The kernel's view of the line (its line info), requested or not."""
+        direction = self._chip.get_line_info(line).direction
+        if direction == Direction.OUTPUT:
+            return DIRECTION_OUT
+        if direction == Direction.INPUT:
+            return DIRECTION_IN
+        return DIRECTION_NONE
 
     def configure(self, line: int, direction: int, value: int = 0, edges: int = EDGE_NONE) -> None:
         """Request ``line`` with these settings, or reconfigure its request.
