@@ -134,7 +134,10 @@ class GpiodChip:
         request = self._request(line)
         edges: list[int] = []
         while request.wait_edge_events(0):
-            for event in request.read_edge_events():
+            events = request.read_edge_events()
+            if not events:
+                break  # readable without events (a hang-up): nothing more to read now
+            for event in events:
                 rising = event.event_type == gpiod.EdgeEvent.Type.RISING_EDGE
                 edges.append(EDGE_RISING if rising else EDGE_FALLING)
         return edges
