@@ -283,6 +283,33 @@ def test_gpio_bad_requests_log_rate_limited(rig: Rig, caplog: pytest.LogCaptureF
     assert 1 <= len(lines) < 50
 
 
+# What Linux's gpio-virtio sends, byte for byte (drivers/gpio/gpio-virtio.c): a
+# request and the response the device must write into the 2-byte buffer.
+LINUX_SEQUENCE = [
+    # gpiod_direction_output(line 2, 1): SET_VALUE then SET_DIRECTION out.
+    (bytes.fromhex("0500020001000000"), bytes.fromhex("0000")),  # type 5, gpio 2, value 1 -> OK, 0
+    (bytes.fromhex("0300020001000000"), bytes.fromhex("0000")),  # type 3, gpio 2, out -> OK, 0
+    (bytes.fromhex("0200020000000000"), bytes.fromhex("0001")),  # GET_DIRECTION -> OK, out
+    (bytes.fromhex("0400020000000000"), bytes.fromhex("0001")),  # GET_VALUE -> OK, high
+    # gpiod_direction_input(line 6), then its IRQ enabled for both edges.
+    (bytes.fromhex("0300060002000000"), bytes.fromhex("0000")),  # SET_DIRECTION in -> OK
+    (bytes.fromhex("0600060003000000"), bytes.fromhex("0000")),  # IRQ_TYPE edge both -> OK
+    (bytes.fromhex("0600060004000000"), bytes.fromhex("0100")),  # level high before NONE -> ERR, 0
+    (bytes.fromhex("0600060000000000"), bytes.fromhex("0000")),  # IRQ_TYPE none -> OK
+    # gpio_free(line 2): SET_DIRECTION none.
+    (bytes.fromhex("0300020000000000"), bytes.fromhex("0000")),  # -> OK, line released
+]
+
+
+def test_gpio_linux_request_vectors(rig: Rig, chip: SimGpioChip) -> None:
+    for request, response in LINUX_SEQUENCE:
+        head, (out,) = rig.add_request(0, readable=[request], writable=[2])
+        assert rig.kick(0) == [(head, 2)], request.hex()
+        assert rig.read(out, 2) == response, request.hex()
+    assert chip.state(2) == (NONE, 0)
+    assert chip.state(6) == (IN, 0)
+
+
 # -- IRQ_TYPE (§5.17.6.6) --------------------------------------------------------------------
 
 
