@@ -284,20 +284,20 @@ def test_gpio_bad_requests_log_rate_limited(rig: Rig, caplog: pytest.LogCaptureF
 
 
 # What Linux's gpio-virtio sends, byte for byte (drivers/gpio/gpio-virtio.c): a
-# request and the response the device must write into the 2-byte buffer.
+# request (le16 type, le16 gpio, le32 value) and the response the device must write into the 2-byte buffer.
 LINUX_SEQUENCE = [
     # gpiod_direction_output(line 2, 1): SET_VALUE then SET_DIRECTION out.
-    (bytes.fromhex("0500020001000000"), bytes.fromhex("0000")),  # type 5, gpio 2, value 1 -> OK, 0
-    (bytes.fromhex("0300020001000000"), bytes.fromhex("0000")),  # type 3, gpio 2, out -> OK, 0
-    (bytes.fromhex("0200020000000000"), bytes.fromhex("0001")),  # GET_DIRECTION -> OK, out
-    (bytes.fromhex("0400020000000000"), bytes.fromhex("0001")),  # GET_VALUE -> OK, high
+    (bytes.fromhex("0500 0200 01000000"), bytes.fromhex("00 00")),  # type 5, gpio 2, value 1 -> OK, 0
+    (bytes.fromhex("0300 0200 01000000"), bytes.fromhex("00 00")),  # type 3, gpio 2, out -> OK, 0
+    (bytes.fromhex("0200 0200 00000000"), bytes.fromhex("00 01")),  # GET_DIRECTION -> OK, out
+    (bytes.fromhex("0400 0200 00000000"), bytes.fromhex("00 01")),  # GET_VALUE -> OK, high
     # gpiod_direction_input(line 6), then its IRQ enabled for both edges.
-    (bytes.fromhex("0300060002000000"), bytes.fromhex("0000")),  # SET_DIRECTION in -> OK
-    (bytes.fromhex("0600060003000000"), bytes.fromhex("0000")),  # IRQ_TYPE edge both -> OK
-    (bytes.fromhex("0600060004000000"), bytes.fromhex("0100")),  # level high before NONE -> ERR, 0
-    (bytes.fromhex("0600060000000000"), bytes.fromhex("0000")),  # IRQ_TYPE none -> OK
+    (bytes.fromhex("0300 0600 02000000"), bytes.fromhex("00 00")),  # SET_DIRECTION in -> OK
+    (bytes.fromhex("0600 0600 03000000"), bytes.fromhex("00 00")),  # IRQ_TYPE edge both -> OK
+    (bytes.fromhex("0600 0600 04000000"), bytes.fromhex("01 00")),  # level high before NONE -> ERR, 0
+    (bytes.fromhex("0600 0600 00000000"), bytes.fromhex("00 00")),  # IRQ_TYPE none -> OK
     # gpio_free(line 2): SET_DIRECTION none.
-    (bytes.fromhex("0300020000000000"), bytes.fromhex("0000")),  # -> OK, line released
+    (bytes.fromhex("0300 0200 00000000"), bytes.fromhex("00 00")),  # -> OK, line released
 ]
 
 
