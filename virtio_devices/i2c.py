@@ -241,6 +241,16 @@ class I2cDevice(VirtioDevice):
             if self._open_entries + need <= self.queues[index].size:
                 return None
             log.debug("%s q%d: group of %d fills the ring: run as it is", self.name, index, len(group))
+        if len(group) == 1 and self._running is None and not self._waiting:
+            # The common case (a quick probe, a plain write or read): a group of one
+            # that nothing waits before, answered without the group bookkeeping.
+            msg = req.msg
+            if msg is not None:
+                adapter = self.bus.adapter_for(msg.addr)
+                if adapter is not None and not adapter.blocking:
+                    group.clear()
+                    self.groups += 1
+                    return self._status(req, adapter.transfer((msg,)) == 1)
         self._open = []
         self._open_entries = 0
         return self._dispatch(index, self._plan(index, group))
@@ -370,9 +380,7 @@ class I2cDevice(VirtioDevice):
         try:
             msg = req.msg
             if ok and msg is not None:
-                if msg.read and msg.buf:
-                    writer.write(msg.buf)
-                writer.write(_OK)
+                writer.write(msg.buf + _OK if msg.read else _OK)
                 return req.wlen
             self.failed += 1
             if req.wlen > 1:
