@@ -378,7 +378,10 @@ def _kernel_debs(cache: Path) -> list[Path]:
         raise HarnessError(f"{KERNEL_SUITE} kernel is {kver}, expected {KERNEL_MIN_MAJOR}.x or later")
     image = f"linux-image-{kver}"
     deps = _run(["apt-cache", "depends", image], env=env).stdout
-    pkgs = [image, *sorted(set(re.findall(rf"Depends:\s*(linux-(?:binary|modules)-{re.escape(kver)})\b", deps)))]
+    pkgs = [
+        image,
+        *sorted(set(re.findall(rf"Depends:\s*(linux-(?:binary|modules)-{re.escape(kver)})\b", deps))),
+    ]
     _log(f"downloading {' '.join(pkgs)}")
     before = set(debs.iterdir())
     _run(["apt-get", "-q", "download", *pkgs], env=env, cwd=debs)
@@ -421,8 +424,15 @@ def _debootstrap(cache: Path, target: Path, suite: str = "trixie") -> None:
     _log(f"debootstrap {suite} into {target}")
     try:
         _run(
-            [tool, "--variant=minbase", f"--cache-dir={debcache}", f"--keyring={ARCHIVE_KEYRING}", suite,
-             str(target), DEBIAN_MIRROR],
+            [
+                tool,
+                "--variant=minbase",
+                f"--cache-dir={debcache}",
+                f"--keyring={ARCHIVE_KEYRING}",
+                suite,
+                str(target),
+                DEBIAN_MIRROR,
+            ],
             env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
         )
     except subprocess.CalledProcessError as e:
@@ -492,7 +502,9 @@ def _build_extras(cache: Path, kver: str, out: Path) -> None:
             )
             build = root / "build"
             build.mkdir()
-            _chroot(root, "sh", "-c", f"cd /build && apt-get -q download -t {KERNEL_SUITE} linux-source-{series}")
+            _chroot(
+                root, "sh", "-c", f"cd /build && apt-get -q download -t {KERNEL_SUITE} linux-source-{series}"
+            )
             (src_deb,) = build.glob(f"linux-source-{series}_*.deb")
             members = [f"linux-source-{series}/{f}" for f in OOT_MODULES.values()]
             # Only the driver sources: the 160 MB tarball is streamed, not unpacked.
@@ -514,9 +526,7 @@ def _build_extras(cache: Path, kver: str, out: Path) -> None:
             mdir.mkdir()
             for member in members:
                 shutil.copy(build / member, mdir)
-            (mdir / "Kbuild").write_text(
-                "obj-m += " + " ".join(f"{name}.o" for name in OOT_MODULES) + "\n"
-            )
+            (mdir / "Kbuild").write_text("obj-m += " + " ".join(f"{name}.o" for name in OOT_MODULES) + "\n")
             _log(f"building {', '.join(OOT_MODULES)} for {kver}")
             _chroot(root, "make", "-C", f"/usr/src/linux-headers-{kver}", "M=/build/m", "modules")
             (out / "modules").mkdir(parents=True)
@@ -826,7 +836,7 @@ def _build(cache: Path, out: Path) -> dict[str, object]:
         for tool in TRIXIE_TOOLS:
             cpio.file(f"{tdir}/bin/{tool}", (extras / "trixie/bin" / tool).read_bytes(), 0o755)
             wrapper = (
-                f'#!/bin/sh\nexec {loader} --library-path {TRIXIE_GUEST_DIR}/lib '
+                f"#!/bin/sh\nexec {loader} --library-path {TRIXIE_GUEST_DIR}/lib "
                 f'--argv0 {tool} {TRIXIE_GUEST_DIR}/bin/{tool} "$@"\n'
             )
             cpio.file(f"usr/bin/{tool}", wrapper.encode(), 0o755)

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = """\
 chip=$(mkgpiosim vdev 4) || { echo "mkgpiosim failed"; exit 10; }
 set -- $chip
-echo "gpio-sim chip=$1 dev=$2 lines=$(cat /sys/devices/platform/$2/$1/ngpio 2>/dev/null || ls -d /sys/devices/platform/$2/$1/sim_gpio* | wc -l)"
+echo "gpio-sim chip=$1 dev=$2 lines=$(ls -d /sys/devices/platform/$2/$1/sim_gpio* | wc -l)"
 [ -c /dev/$1 ] && echo "gpio-cdev=/dev/$1"
 echo pull-up > /sys/devices/platform/$2/$1/sim_gpio2/pull
 echo "sim_gpio2=$(cat /sys/devices/platform/$2/$1/sim_gpio2/value)"
