@@ -416,6 +416,8 @@ def _debootstrap(cache: Path, target: Path, suite: str = "trixie") -> None:
     Raises:
         HarnessError: debootstrap is missing (package debootstrap) or failed.
     """
+    if os.geteuid() != 0:
+        raise HarnessError(f"debootstrap of {target} needs root (it and chroot do; run as root once)")
     tool = _which("debootstrap")
     if not tool:
         raise HarnessError("debootstrap is not installed (scripts/install-system-deps installs it)")
@@ -1530,6 +1532,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="build the cached kernel and initramfs")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument(
+        "--qemu",
+        default=",".join(QEMU_BUILDS),
+        metavar="TAGS",
+        help=f"QEMU builds to install beside the system one, comma-separated (default and all: "
+        f"{','.join(QEMU_BUILDS)}; '' for none)",
+    )
     r = sub.add_parser("run", help="boot a guest and run a script in it")
     r.add_argument(
         "--device",
@@ -1549,12 +1558,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.cmd == "prepare":
+        t0 = time.monotonic()
         guest = prepare(force=args.force)
+        for tag in filter(None, args.qemu.split(",")):
+            if tag not in QEMU_BUILDS:
+                parser.error(f"--qemu: unknown build {tag!r} (known: {', '.join(QEMU_BUILDS)})")
+            prepare_qemu(tag)
         print(
             json.dumps(
-                dict(guest.manifest, kernel=str(guest.kernel), initramfs=str(guest.initramfs)), indent=2
+                dict(
+                    guest.manifest,
+                    kernel=str(guest.kernel),
+                    initramfs=str(guest.initramfs),
+                    qemu={".".join(map(str, v)): path for v, path in qemu_binaries()},
+                ),
+                indent=2,
             )
         )
+        _log(f"prepare: {time.monotonic() - t0:.1f}s")
         return 0
 
     if args.command is not None:

@@ -138,7 +138,8 @@ def wait_for_socket(path: Path, timeout: float = 15.0) -> None:
     raise AssertionError(f"{path} did not appear within {timeout:.0f}s")
 
 
-def qemu_params() -> list[object]:
+def all_qemus() -> list[object]:
+    """One param per QEMU the harness has (issue 18: test against each)."""
     qemus = harness.qemu_binaries()
     if not qemus:
         return [pytest.param(None, id="no-qemu")]
@@ -158,7 +159,7 @@ def sim_gpio(guest: harness.Guest, daemon: Daemons, sockdir: Path) -> Iterator[t
         client.close()
 
 
-@pytest.mark.parametrize("qemu", qemu_params())
+@pytest.mark.parametrize("qemu", all_qemus())
 def test_guest_drives_simulated_chip(qemu: str | None, sim_gpio: tuple[Path, SimControl]) -> None:
     if qemu is None:
         pytest.skip("no QEMU (run scripts/install-system-deps)")
