@@ -18,10 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_demo_rng_guest_reads_hwrng_and_cleans_up(guest: object) -> None:
     res = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "demo-rng"), "--bytes", "65536"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
+        capture_output=True, text=True, timeout=240, check=False,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "guest hwrng: virtio_rng" in res.stdout
