@@ -832,8 +832,8 @@ def _build(cache: Path, out: Path) -> dict[str, object]:
 
         # trixie's tools with trixie's C library, run through its loader.
         tdir = TRIXIE_GUEST_DIR.strip("/")
-        for f in sorted((extras / "trixie/lib").iterdir()):
-            cpio.file(f"{tdir}/lib/{f.name}", f.read_bytes(), 0o755)
+        for lib_file in sorted((extras / "trixie/lib").iterdir()):
+            cpio.file(f"{tdir}/lib/{lib_file.name}", lib_file.read_bytes(), 0o755)
         loader = f"{TRIXIE_GUEST_DIR}/lib/ld-linux-x86-64.so.2"
         for tool in TRIXIE_TOOLS:
             cpio.file(f"{tdir}/bin/{tool}", (extras / "trixie/bin" / tool).read_bytes(), 0o755)
@@ -1337,7 +1337,7 @@ set -e
 for m in 9pnet_virtio 9p configfs; do modprobe -q $m; done
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host
-mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
+grep -q " /sys/kernel/config " /proc/mounts || mount -t configfs none /sys/kernel/config
 for d in dev proc sys; do mount -o rbind /$d /host/$d; done
 for d in tmp run; do mount -o bind /$d /host/$d; done
 [ -d /payload ] && cp -a /payload/. /tmp/

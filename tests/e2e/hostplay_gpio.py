@@ -24,7 +24,12 @@ import struct
 import sys
 from pathlib import Path
 
+import device_drivers
 from device_drivers import VhostUserDeviceDriver  # tests/integration, on PYTHONPATH in the guest
+
+# Python starts slowly over 9p under TCG on a shared machine: give the daemon
+# (and each ring) far longer than the integration tests' 10 s.
+device_drivers.TIMEOUT = 120.0
 
 # VIRTIO 1.2 §5.17.6: request types, directions, IRQ types, statuses.
 GET_LINE_NAMES, GET_DIRECTION, SET_DIRECTION, GET_VALUE, SET_VALUE, SET_IRQ_TYPE = range(1, 7)

@@ -11,7 +11,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import device_drivers
 from device_drivers import VhostUserDeviceDriver  # tests/integration, on PYTHONPATH in the guest
+
+# Python starts slowly over 9p under TCG on a shared machine: give the daemon
+# (and each ring) far longer than the integration tests' 10 s.
+device_drivers.TIMEOUT = 120.0
 
 
 def main(source: str) -> int:
