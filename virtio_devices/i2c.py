@@ -53,7 +53,6 @@ from __future__ import annotations
 import collections
 import logging
 import struct
-from collections.abc import Sequence
 
 from virtio_queue import DescriptorChain, Writer
 from virtio_queue.errors import GuestMemoryError, QueueError
@@ -73,7 +72,6 @@ __all__ = [
     "VIRTIO_ID_I2C_ADAPTER",
     "I2cDevice",
     "out_hdr",
-    "requests_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -423,16 +421,3 @@ class I2cDevice(VirtioDevice):
         """Chains popped and not yet answered (open, waiting and running groups)."""
         running = len(self._running.reqs) if self._running is not None else 0
         return len(self._open) + sum(len(g.reqs) for g in self._waiting) + running
-
-
-def requests_of(msgs: Sequence[I2cMsg]) -> list[tuple[bytes, bytes, int]]:
-    """A driver's view of a group: for each message, its ``out_hdr`` (FAIL_NEXT on all
-    but the last, as Linux's virtio_i2c sets it), the bytes to write (or b"") and the
-    read length (or 0)."""
-    out = []
-    for i, m in enumerate(msgs):
-        flags = VIRTIO_I2C_FLAGS_M_RD if m.read else 0
-        if i < len(msgs) - 1:
-            flags |= VIRTIO_I2C_FLAGS_FAIL_NEXT
-        out.append((out_hdr(m.addr, flags), b"" if m.read else bytes(m.buf), len(m.buf) if m.read else 0))
-    return out
