@@ -437,3 +437,14 @@ def test_find_adapter_not_found_and_ambiguous(tmp_path: Path) -> None:
         find_adapter("x", root)
     with pytest.raises(I2cError, match=r"Multiple adapters share the same name 'dup' \(i2c-1, i2c-2\)"):
         find_adapter("dup", root)
+
+
+def test_host_adapter_raw_mode_passes_zero_length_messages(kernel: FakeKernel, node: str) -> None:
+    """Raw mode sends SMBus quick as a zero-length I2C_RDWR message (upstream
+    refuses zero-length messages there); a NAK fails the whole transfer."""
+    host = HostAdapter(7, path=node)
+    assert host.transfer([I2cMsg(80, False)]) == 1
+    assert host.transfer([I2cMsg(80, True)]) == 1
+    assert host.transfer([I2cMsg(80, False, bytearray(b"\x00\x01")), I2cMsg(81, False)]) == 0
+    assert kernel.calls.count("RDWR") == 3
+    host.close()
