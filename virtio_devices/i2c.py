@@ -247,6 +247,7 @@ class I2cDevice(VirtioDevice):
                 adapter = self.bus.adapter_for(msg.addr)
                 if adapter is not None and not adapter.blocking:
                     group.clear()
+                    self._open_entries = 0
                     self.groups += 1
                     return self._status(req, adapter.transfer((msg,)) == 1)
         self._open = []

@@ -299,6 +299,36 @@ def test_group_that_fills_the_ring_runs_as_it_is() -> None:
     assert sim.transactions == 2
 
 
+def test_ring_filling_request_alone_does_not_shrink_the_next_group() -> None:
+    """After a lone FAIL_NEXT request that filled the ring ran by itself, the next
+    group starts from an empty count and waits for its final request as usual."""
+    bus, sim = sim_bus(80)
+    with DeviceRig(I2cDevice(bus), queue_size=4) as rig:
+        hdr = rig.alloc(0, out_hdr(80, FN))
+        data = rig.alloc(0, b"\x00\x01\x02")
+        st1 = rig.alloc(0, 1)
+        st2 = rig.alloc(0, 1)
+        # 4 descriptors: the ring is full with this one chain.
+        head = rig.add_chain(
+            0,
+            [
+                RawDesc(hdr, 8, 0, 0),
+                RawDesc(data, 1, 0, 0),
+                RawDesc(data + 1, 2, 0, 0),
+                RawDesc(st1, 1, VIRTQ_DESC_F_WRITE, 0),
+            ],
+        )
+        assert rig.kick() == [(head, 1)]
+        assert rig.read(st1, 1) == OK
+        h1 = rig.add_chain(0, [RawDesc(hdr, 8, 0, 0), RawDesc(st2, 1, VIRTQ_DESC_F_WRITE, 0)])
+        assert rig.kick() == []  # 2 entries of 4 held: room for the final request
+        assert rig.device.held() == 1
+        h2, s2 = write(rig, 80, b"")
+        assert rig.kick() == [(h1, 1), (h2, 1)]
+        assert rig.read(s2, 1) == OK
+    assert sim.devices[80].memory[0:2] == b"\x01\x02"
+
+
 # -- workers (an adapter that may block) -------------------------------------------------------
 
 
