@@ -1,4 +1,7 @@
-"""Request builders and response parsing for virtio-scsi tests (VIRTIO 1.2 §5.6.6), for our tests and embedders."""
+"""Request builders and response parsing for virtio-scsi tests (VIRTIO 1.2 §5.6.6).
+
+Public, like :mod:`virtio_devices.testing`: our tests and embedders use them.
+"""
 
 from __future__ import annotations
 
