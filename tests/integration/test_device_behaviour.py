@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from device_drivers import DeviceCase, console_script, driver_fixture
 
+from virtio_devices.base import VirtioDevice
 from virtio_devices.hosts.files import FileEntropySource
 from virtio_devices.hosts.images import open_image
 from virtio_devices.rng import RngDevice
@@ -63,12 +64,16 @@ def _disks(tmp: Path) -> list[str]:
     return [str(p) for p in paths]
 
 
+def _close_images(device: VirtioDevice) -> None:
+    if isinstance(device, ScsiDevice):
+        for img in device.images:
+            img.close()
+
+
 SCSI = DeviceCase(
     command=lambda tmp: [*console_script("vhost-device-scsi", "vhost_backends.cli.scsi"), *_disks(tmp)],
     build=lambda tmp: ScsiDevice([open_image(p, read_only=False) for p in _disks(tmp)]),
-    release=lambda device: (
-        [img.close() for img in device.images] and None if isinstance(device, ScsiDevice) else None
-    ),
+    release=_close_images,
     num_queues=6,
 )
 
