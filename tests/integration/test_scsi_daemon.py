@@ -183,53 +183,63 @@ def test_sigkill_with_64_writes_in_flight_loses_none(tmp_path: Path, image: Path
     same inflight area: the in-flight writes are resubmitted, all 64 complete GOOD,
     and every one is in the image."""
     for attempt in range(5):
-        d = Daemon(tmp_path, [image])
-        fe = d.connect(memory=32 << 20)
-        inf, ifd = fe.get_inflight_fd(NQ, QSIZE)
-        fe.set_inflight_fd(inf, ifd)
-        rings = [fe.setup_ring(i, QSIZE) for i in range(3)]
-        payloads = {}
-        for k in range(64):
-            payload = bytes([attempt + 1, k]) * 8192  # 16 KiB each: 64 of them fill the image
-            head, resp, _ = request(fe, 2, st.write10(k * 32, 32, flags=0x08), payload)
-            payloads[head] = (k, resp, payload)
-        fe.kick(2)
-        done = fe.wait_used(2, 1, TIMEOUT)
-        os.kill(d.proc.proc.pid, signal.SIGKILL)
-        d.proc.proc.wait(TIMEOUT)
-        assert d.proc.proc.stderr is not None
-        d.proc.proc.stderr.close()
-        left = _in_flight(ifd, inf, 2)
-        # A second daemon on the same socket path, the same guest memory and area.
-        d2 = Daemon(tmp_path, [image])
-        fe2 = Frontend.connect(d2.sock, timeout=TIMEOUT)
-        fe2.negotiate()
-        fe2.memory, fe2.regions, fe.regions = fe.memory, fe.regions, []
-        fe2.set_mem_table()
-        fe2.set_inflight_fd(inf, ifd)
-        for ring in rings:
-            _restart_ring(fe2, ring)
-        fe.rings.clear()
-        # What was never popped is served on the next kick, as the guest's next one.
-        fe2.kick(2)
-        if len(done) < 64:
-            done += fe2.wait_used(2, 64 - len(done), TIMEOUT)
-        assert sorted({h for h, _ in done}) == sorted(payloads)
-        data = image.read_bytes()
-        for head, length in done:
-            k, resp, payload = payloads[head]
-            assert length == st.RESP_HEADER
-            r = st.Resp.parse(fe2.memory.read(resp, st.RESP_HEADER))
-            assert (r.response, r.status) == (0, 0)
-            assert data[k * 32 * 512 : (k + 1) * 32 * 512] == payload
-        if left:
-            assert "resubmitting" in d2.proc.wait_for("in-flight requests", TIMEOUT)
-        fe2.close()
-        fe.close()
-        os.close(ifd)
-        assert d2.proc.terminate() == 0
-        if left:
-            return
+        started: list[Daemon] = []
+        try:
+            d = Daemon(tmp_path, [image])
+            started.append(d)
+            fe = d.connect(memory=32 << 20)
+            inf, ifd = fe.get_inflight_fd(NQ, QSIZE)
+            fe.set_inflight_fd(inf, ifd)
+            rings = [fe.setup_ring(i, QSIZE) for i in range(3)]
+            payloads = {}
+            for k in range(64):
+                payload = bytes([attempt + 1, k]) * 8192  # 16 KiB each: 64 of them fill the image
+                head, resp, _ = request(fe, 2, st.write10(k * 32, 32, flags=0x08), payload)
+                payloads[head] = (k, resp, payload)
+            fe.kick(2)
+            done = fe.wait_used(2, 1, TIMEOUT)
+            os.kill(d.proc.proc.pid, signal.SIGKILL)
+            d.proc.proc.wait(TIMEOUT)
+            assert d.proc.proc.stderr is not None
+            d.proc.proc.stderr.close()
+            left = _in_flight(ifd, inf, 2)
+            # A second daemon on the same socket path, the same guest memory and area.
+            d2 = Daemon(tmp_path, [image])
+            started.append(d2)
+            fe2 = Frontend.connect(d2.sock, timeout=TIMEOUT)
+            fe2.negotiate()
+            fe2.memory, fe2.regions, fe.regions = fe.memory, fe.regions, []
+            fe2.set_mem_table()
+            fe2.set_inflight_fd(inf, ifd)
+            for ring in rings:
+                _restart_ring(fe2, ring)
+            fe.rings.clear()
+            # What was never popped is served on the next kick, as the guest's next one.
+            fe2.kick(2)
+            if len(done) < 64:
+                done += fe2.wait_used(2, 64 - len(done), TIMEOUT)
+            assert sorted({h for h, _ in done}) == sorted(payloads)
+            data = image.read_bytes()
+            for head, length in done:
+                k, resp, payload = payloads[head]
+                assert length == st.RESP_HEADER
+                r = st.Resp.parse(fe2.memory.read(resp, st.RESP_HEADER))
+                assert (r.response, r.status) == (0, 0)
+                assert data[k * 32 * 512 : (k + 1) * 32 * 512] == payload
+            if left:
+                assert "resubmitting" in d2.proc.wait_for("in-flight requests", TIMEOUT)
+            fe2.close()
+            fe.close()
+            os.close(ifd)
+            assert d2.proc.terminate() == 0
+            if left:
+                return
+        finally:
+            for daemon in started:
+                if daemon.proc.alive():
+                    daemon.proc.proc.kill()
+                    daemon.proc.terminate()
+
     pytest.skip("no write was in flight at SIGKILL in 5 attempts: resubmission not exercised")
 
 
