@@ -72,6 +72,7 @@ QUEUE_SIZE = 128
 #: Request queues offered (upstream: 1).
 REQUEST_QUEUES = 4
 VIRTIO_SCSI_F_HOTPLUG = 1 << 0
+VIRTIO_SCSI_F_CHANGE = 1 << 2
 
 CDB_SIZE = 32
 SENSE_SIZE = 96
@@ -147,9 +148,16 @@ class ScsiDevice(VirtioDevice):
     device_id = VIRTIO_ID_SCSI
     name = "scsi"
     queue_sizes = (QUEUE_SIZE,) * (2 + REQUEST_QUEUES)
-    # Upstream's bits: no NOTIFY_ON_EMPTY.
+    # Upstream's bits (no NOTIFY_ON_EMPTY), and CHANGE: QEMU's vhost-user-scsi-pci
+    # acks it unless ``param_change=off`` whether offered or not, and a back-end must
+    # refuse bits it never offered.  We never send a parameter change event, which
+    # CHANGE allows (§5.6.6.3.3: the device "may" report them).
     features = (
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX | VIRTIO_SCSI_F_HOTPLUG
+        VIRTIO_F_VERSION_1
+        | VIRTIO_RING_F_INDIRECT_DESC
+        | VIRTIO_RING_F_EVENT_IDX
+        | VIRTIO_SCSI_F_HOTPLUG
+        | VIRTIO_SCSI_F_CHANGE
     )
     has_config = True
 
