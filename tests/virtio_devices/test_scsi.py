@@ -508,3 +508,28 @@ def test_any_request_gets_a_response(lun: bytes, cdb: bytes, op: int, data_out: 
         assert len(scsi.image()) == BLOCKS * 512  # never written past the LUN's end
     finally:
         scsi.close()
+
+
+def test_cached_reads_are_served_without_a_worker(tmp_path: Path) -> None:
+    """A page-cache hit is read with RWF_NOWAIT on the loop thread: completed by the
+    kick itself; writes the file system cannot do without blocking go to a worker."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(IMAGE)
+    img = open_image(str(path), read_only=False)
+    dev = ScsiDevice([img])
+    try:
+        with DeviceRig(dev, queue_size=16, memory_size=4 << 20) as rig:
+            head, (resp, data) = rig.add_request(RQ, [cmd_req(read10(2, 4))], [RESP_HEADER, 2048])
+            used = rig.kick(RQ)
+            if not img.nowait_read:
+                pytest.skip("this file system refuses RWF_NOWAIT reads")
+            assert used == [(head, RESP_HEADER + 2048)]
+            assert rig.read(data, 2048) == IMAGE[1024:3072]
+            good(Resp.parse(rig.read(resp, RESP_HEADER)))
+            head, _ = rig.add_request(RQ, [cmd_req(write10(0, 1, flags=0x08)), b"\x42" * 512], [RESP_HEADER])
+            assert rig.kick(RQ) == []  # FUA: fdatasync on a worker
+            rig.complete_workers()
+            assert rig.used(RQ) == [(head, RESP_HEADER)]
+        assert path.read_bytes()[:512] == b"\x42" * 512
+    finally:
+        img.close()

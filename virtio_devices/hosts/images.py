@@ -67,6 +67,10 @@ class DiskImage:
         self.fd = fd
         self.name = name
         self.read_only = read_only
+        #: Whether ``preadv2``/``pwritev2`` with RWF_NOWAIT are worth trying on this
+        #: image (a device clears them when the file system refuses the flag).
+        self.nowait_read = True
+        self.nowait_write = not read_only
         st = os.fstat(fd)
         if stat.S_ISBLK(st.st_mode):
             self.size = os.lseek(fd, 0, os.SEEK_END)
