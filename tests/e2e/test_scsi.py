@@ -1,6 +1,7 @@
 """vhost-device-scsi under QEMU's vhost-user-scsi-pci, proven by a Linux guest.
 
-One boot checks several things: two daemons, one serving two writable images (two
+A first guest writes until QEMU is killed under it; the daemons then serve a
+second guest, whose one boot checks several things: two daemons, one serving two writable images (two
 request queues) and one ``-r`` image; the guest's virtio_scsi/sd_mod see three
 disks.  The guest checksums a whole disk, writes with ``dd conv=fsync`` (checked in
 the image file on the host), discards a range (a hole on the host, found with
@@ -73,6 +74,18 @@ echo "--- end"
 """
 
 
+# The first guest writes without end until QEMU is killed under it.
+ENDLESS_WRITE = r"""
+waitfor /dev/sda 30 || exit 10
+i=0
+while true; do
+    dd if=/dev/urandom of=/dev/sda bs=65536 count=16 seek=$(( (i % 8) * 16 )) conv=fsync 2>/dev/null
+    echo "WROTE $i"
+    i=$((i + 1))
+done
+"""
+
+
 def _section(out: str, name: str) -> str:
     start = out.index(f"--- {name}\n") + len(name) + 5
     return out[start : out.index("\n---", start)]
@@ -97,6 +110,12 @@ def test_scsi_guest_disks(daemon: Daemons, sockdir: Path, tmp_path: Path) -> Non
         (rw_sock, "vhost-user-scsi-pci,num_queues=2"),
         (ro_sock, "vhost-user-scsi-pci,num_queues=1"),
     ]
+    # QEMU killed mid-write: the daemons serve the next QEMU (the checks below).
+    with harness.start_guest(ENDLESS_WRITE, devices, extra_args=["-smp", "2"]) as g:
+        seen = g.wait_for("WROTE 2\n", timeout=GUEST_TIMEOUT)
+        g.kill()
+        assert seen, f"the first guest never wrote\n{g.result().console}\n{g.qemu_log()}"
+    assert d.alive() and dro.alive(), f"a daemon died with its front-end\n{d.log()}\n{dro.log()}"
     res = harness.run_guest(script, devices, timeout=GUEST_TIMEOUT, extra_args=["-smp", "2"])
     logs = f"\n--- daemon rw ---\n{d.log()}\n--- daemon ro ---\n{dro.log()}"
     assert res.exit_status == 0, f"{res}{logs}"
