@@ -33,6 +33,7 @@ import errno
 import logging
 import os
 import struct
+import time
 from collections.abc import Sequence
 
 from virtio_queue import DescriptorChain, Reader, Writer
@@ -429,13 +430,17 @@ class ScsiDevice(VirtioDevice):
         raise MalformedRequest(f"scsi control: request type {kind}")
 
     def _wait_requests(self) -> None:
+        """Wait (at most :data:`TMF_WAIT_S` in all) for every request queue's jobs,
+        then apply their completions, so they reach the used rings before the TMF's."""
         jobs = self._jobs
         if jobs is None:
             return
+        deadline = time.monotonic() + TMF_WAIT_S
         for index in range(2, self.num_queues):
             for job in jobs.jobs(index):
-                if not job.wait(TMF_WAIT_S):
-                    log.warning("scsi: task management went on with a request still running")
+                if not job.wait(max(0.0, deadline - time.monotonic())):
+                    log.warning("scsi: task management answered with requests still running")
+                    break
         jobs.flush()
 
 
