@@ -533,3 +533,25 @@ def test_cached_reads_are_served_without_a_worker(tmp_path: Path) -> None:
         assert path.read_bytes()[:512] == b"\x42" * 512
     finally:
         img.close()
+
+
+def test_unreadable_image_gives_medium_error(scsi: Scsi, tmp_path: Path) -> None:
+    """An image that becomes unreadable (here: its fd now names a directory, EISDIR)
+    answers MEDIUM ERROR / UNRECOVERED READ ERROR, and WRITE ERROR for writes."""
+    bad = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    os.dup2(bad, scsi.images[0].fd)
+    os.close(bad)
+    _, resp, _ = scsi.run(read10(0, 1), data_in=512)
+    check(resp, MEDIUM, 0x11)
+    _, resp, _ = scsi.run(write10(0, 1), data_out=bytes(512))
+    check(resp, MEDIUM, 0x0C)
+
+
+def test_full_host_file_system_is_space_allocation_failed(scsi: Scsi) -> None:
+    """ENOSPC on a write (here /dev/full) is DATA PROTECT / SPACE ALLOCATION FAILED
+    WRITE PROTECT (SBC-4 §4.7.3.6), which thin-provisioning aware guests understand."""
+    full = os.open("/dev/full", os.O_RDWR)
+    os.dup2(full, scsi.images[0].fd)
+    os.close(full)
+    _, resp, _ = scsi.run(write10(0, 1), data_out=bytes(512))
+    check(resp, DATA_PROTECT, 0x27, 0x07)
