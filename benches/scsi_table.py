@@ -11,8 +11,8 @@ timed one); the table gives median throughput ratios: ours/qsd, and the I/O
 engine's A/B: ours (page-cache hits with RWF_NOWAIT on the loop thread, the rest
 on the worker pool) against the same daemon with every I/O on the worker pool, and
 with every I/O inline on its loop thread.  The MiB/s of every run go to stderr.
-The Rust ``vhost-device-scsi`` is n/a here (``VHOST_DEVICE_RUST_BIN`` unset or no
-binary), it serves a single front-end and exits.
+The Rust ``vhost-device-scsi`` runs too when ``$VHOST_DEVICE_RUST_BIN/vhost-device-scsi``
+exists (n/a otherwise; it serves one front-end, which is all the bench needs).
 
     .venv/bin/python benches/scsi_table.py [--reps 5]
 """
@@ -183,6 +183,13 @@ def main() -> int:
     pool_proc = subprocess.Popen(
         [sys.executable, "-c", POOL, "-s", pool_sock, str(img)], stderr=subprocess.DEVNULL
     )
+    rust_bin = Path(os.environ.get("VHOST_DEVICE_RUST_BIN", "/nonexistent")) / "vhost-device-scsi"
+    rust_sock = str(tmp / "rust.sock")
+    rust_proc = (
+        subprocess.Popen([str(rust_bin), "-s", rust_sock, str(img)], stderr=subprocess.DEVNULL)
+        if rust_bin.is_file()
+        else None
+    )
     subprocess.run(
         [
             qsd_bin,
@@ -202,7 +209,8 @@ def main() -> int:
     qsd_pid = int(pidfile.read_text())
     try:
         deadline = time.monotonic() + 30
-        while not all(os.path.exists(p) for p in (ours_sock, inline_sock, pool_sock)):
+        socks = [ours_sock, inline_sock, pool_sock] + ([rust_sock] if rust_proc else [])
+        while not all(os.path.exists(p) for p in socks):
             if time.monotonic() > deadline:
                 raise SystemExit("vhost-device-scsi did not listen")
             time.sleep(0.05)
@@ -210,39 +218,47 @@ def main() -> int:
         inline = Ours(inline_sock, 3)
         pool = Ours(pool_sock, 3)
         qsd = Qsd(qsd_sock, 1)
+        rust = Ours(rust_sock, 3) if rust_proc else None
         results: dict[str, dict[str, list[float]]] = {}
         for name, (ops, write, depth) in workloads().items():
             nbytes = sum(b for _, b in ops) * 512
-            res = results.setdefault(name, {"ours": [], "qsd": [], "inline": [], "pool": []})
+            res = results.setdefault(name, {"ours": [], "qsd": [], "inline": [], "pool": [], "rust": []})
             runner: dict[str, Callable[[], float]] = {
                 "ours": lambda ops=ops, w=write, d=depth: ours.run(ops, w, d),
                 "qsd": lambda ops=ops, w=write, d=depth: qsd.run(ops, w, d),
                 "inline": lambda ops=ops, w=write, d=depth: inline.run(ops, w, d),
                 "pool": lambda ops=ops, w=write, d=depth: pool.run(ops, w, d),
             }
-            order = ["ours", "qsd", "inline", "pool"]
+            if rust is not None:
+                runner["rust"] = lambda ops=ops, w=write, d=depth: rust.run(ops, w, d)
+            order = list(runner)
             for rep in range(args.reps):
                 # Rotated, so that no daemon always follows the same one, and the
                 # dirty pages of the last run written back before each timed run.
-                for who in order[rep % 4 :] + order[: rep % 4]:
+                k = rep % len(order)
+                for who in order[k:] + order[:k]:
                     os.sync()
                     res[who].append(nbytes / runner[who]() / (1 << 20))
         ours.close()
         qsd.close()
         inline.close()
         pool.close()
+        if rust is not None:
+            rust.close()
         day = time.strftime("%Y-%m-%d")
         print(f"| vhost-device-scsi ({day}) | ours/qsd | ours/Rust | ours/all on workers | ours/all inline |")
         print("| --- | --- | --- | --- | --- |")
         for name, res in results.items():
             o, q, i, p = (statistics.median(res[k]) for k in ("ours", "qsd", "inline", "pool"))
-            print(f"| {name} | {o / q:.2f}x | n/a | {o / p:.2f}x | {o / i:.2f}x |")
+            r = f"{o / statistics.median(res['rust']):.2f}x" if res["rust"] else "n/a"
+            print(f"| {name} | {o / q:.2f}x | {r} | {o / p:.2f}x | {o / i:.2f}x |")
         for name, res in results.items():
             print(name, {k: [round(v, 1) for v in vals] for k, vals in res.items()}, file=sys.stderr)
     finally:
-        for proc in (ours_proc, inline_proc, pool_proc):
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(10)
+        for proc in (ours_proc, inline_proc, pool_proc, rust_proc):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(10)
         os.kill(qsd_pid, signal.SIGTERM)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
