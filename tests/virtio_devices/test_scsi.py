@@ -451,11 +451,27 @@ def test_task_management(scsi: Scsi) -> None:
 
 
 def test_lun_reset_completes_requests_in_flight_first(scsi: Scsi) -> None:
+    """The TMF is answered after the request in flight, without holding the loop."""
     head, _ = scsi.rig.add_request(RQ, [cmd_req(read10(0, 8))], [RESP_HEADER, 4096])
     assert scsi.rig.kick(RQ) == []
-    tmf, _ = scsi.rig.add_request(0, [tmf_req(5)], [1])
-    assert scsi.rig.kick(0) == [(tmf, 1)]
+    tmf, (out,) = scsi.rig.add_request(0, [tmf_req(5)], [1])
+    assert scsi.rig.kick(0) == []  # held: a request is in flight
+    scsi.rig.complete_workers()
     assert scsi.rig.used(RQ) == [(head, RESP_HEADER + 4096)]
+    scsi.rig.clock.advance(0.01)
+    scsi.rig.loop.run_due()
+    assert scsi.rig.used(0) == [(tmf, 1)] and scsi.rig.read(out, 1) == b"\0"
+
+
+def test_quiesce_answers_a_held_tmf(scsi: Scsi) -> None:
+    scsi.rig.add_request(RQ, [cmd_req(read10(0, 8))], [RESP_HEADER, 4096])
+    scsi.rig.kick(RQ)
+    tmf, _ = scsi.rig.add_request(0, [tmf_req(1)], [1])
+    assert scsi.rig.kick(0) == []
+    scsi.device.quiesce(0)
+    assert scsi.rig.used(0) == [(tmf, 1)]
+    scsi.device.quiesce(RQ)  # the request: completed or given back, never lost
+    assert scsi.rig.used(RQ) or scsi.rig.queues[RQ].pending() == 1
 
 
 def test_asynchronous_notification_query(scsi: Scsi) -> None:

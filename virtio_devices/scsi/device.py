@@ -38,7 +38,13 @@ from collections.abc import Sequence
 
 from virtio_queue import DescriptorChain, Reader, Writer
 
-from ..base import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice
+from ..base import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    TimerHandle,
+    VirtioDevice,
+)
 from ..errors import MalformedRequest
 from ..hosts.images import DiskImage
 from .emulation import (
@@ -106,8 +112,10 @@ S_FUNCTION_COMPLETE = 0
 S_FUNCTION_REJECTED = 11
 _TMF_REQ = struct.Struct("<II8sQ")  # type, subtype, lun, id
 _AN_REQ = struct.Struct("<I8sI")  # type, lun, event_requested
-#: How long a task management function waits for the requests in flight.
+#: How long a task management function waits for the requests in flight, and how
+#: often it looks.
 TMF_WAIT_S = 30.0
+TMF_POLL_S = 0.002
 
 
 def parse_lun(lun: bytes) -> tuple[int, int] | None:
@@ -184,6 +192,9 @@ class ScsiDevice(VirtioDevice):
             for k, img in enumerate(self.images)
         ]
         self.target = Target(units)
+        # Task management functions waiting for the requests in flight.
+        self._tmf_held: list[tuple[DescriptorChain, Writer, float]] = []
+        self._tmf_timer: TimerHandle | None = None
 
     # -- config space (§5.6.4) -------------------------------------------------------
     def config_space(self) -> bytes:
@@ -395,7 +406,7 @@ class ScsiDevice(VirtioDevice):
             return 0
 
     # -- control queue -------------------------------------------------------------------
-    def _control(self, chain: DescriptorChain) -> int:
+    def _control(self, chain: DescriptorChain) -> int | None:
         reader, writer = chain.reader(), chain.writer()
         if reader.available_bytes() < 4:
             raise MalformedRequest(f"scsi control: request of {reader.available_bytes()} bytes, type needs 4")
@@ -415,8 +426,12 @@ class ScsiDevice(VirtioDevice):
                 return writer.write(bytes([S_FUNCTION_REJECTED]))
             # Every command runs to its end once started; a TMF reports after all
             # in flight have completed, so the driver never sees one after the TMF.
-            self._wait_requests()
-            return writer.write(bytes([S_FUNCTION_COMPLETE]))
+            # The loop is not held meanwhile: the TMF waits, polled by a timer.
+            if not self._requests_in_flight():
+                return writer.write(bytes([S_FUNCTION_COMPLETE]))
+            self._tmf_held.append((chain, writer, time.monotonic() + TMF_WAIT_S))
+            self._arm_tmf()
+            return None
         if kind in (T_AN_QUERY, T_AN_SUBSCRIBE):
             if len(req) < _AN_REQ.size or writer.available_bytes() < 5:
                 raise MalformedRequest(
@@ -429,19 +444,46 @@ class ScsiDevice(VirtioDevice):
             return writer.write(struct.pack("<IB", 0, response))
         raise MalformedRequest(f"scsi control: request type {kind}")
 
-    def _wait_requests(self) -> None:
-        """Wait (at most :data:`TMF_WAIT_S` in all) for every request queue's jobs,
-        then apply their completions, so they reach the used rings before the TMF's."""
+    def _requests_in_flight(self) -> bool:
         jobs = self._jobs
-        if jobs is None:
+        return jobs is not None and any(jobs.in_flight(i) for i in range(2, self.num_queues))
+
+    def _arm_tmf(self) -> None:
+        if self._tmf_timer is None and self.loop is not None:
+            self._tmf_timer = self.loop.call_later(TMF_POLL_S, self._on_tmf_timer)
+
+    def _on_tmf_timer(self) -> None:
+        """Answer the held TMFs once no request is in flight (or their time is up)."""
+        self._tmf_timer = None
+        if not self._tmf_held:
             return
-        deadline = time.monotonic() + TMF_WAIT_S
-        for index in range(2, self.num_queues):
-            for job in jobs.jobs(index):
-                if not job.wait(max(0.0, deadline - time.monotonic())):
-                    log.warning("scsi: task management answered with requests still running")
-                    break
-        jobs.flush()
+        if self._requests_in_flight():
+            if time.monotonic() < min(deadline for _, _, deadline in self._tmf_held):
+                self._arm_tmf()
+                return
+            log.warning("scsi: task management answered with requests still running")
+        self._answer_tmfs()
+
+    def _answer_tmfs(self) -> None:
+        held, self._tmf_held = self._tmf_held, []
+        for chain, writer, _ in held:
+            writer.write(bytes([S_FUNCTION_COMPLETE]))
+            self.complete(0, chain.head_index, 1)
+
+    def quiesce(self, index: int) -> None:
+        """Give queue ``index`` back; on the control queue, held TMFs are answered
+        first (a chain the device keeps must not be lost to the driver)."""
+        if index == 0 and self._tmf_held and self.active:
+            self._answer_tmfs()
+        super().quiesce(index)
+
+    def reset(self) -> None:
+        """Cancel the TMF timer, then the framework's reset (which quiesces every queue)."""
+        if self._tmf_timer is not None:
+            self._tmf_timer.cancel()
+            self._tmf_timer = None
+        super().reset()
+        self._tmf_held = []
 
 
 def _respond(writer: Writer, response: int, resid: int) -> int:
