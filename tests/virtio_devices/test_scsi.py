@@ -64,9 +64,12 @@ class Scsi:
         queue: int = RQ,
         lun_field: bytes | None = None,
         wait: bool = False,
+        header: bytes | None = None,
     ) -> tuple[int, Resp, bytes]:
-        """One command: (used length, response, data-in bytes)."""
-        readable = [cmd_req(cdb, lun, lun_field=lun_field)] + ([data_out] if data_out else [])
+        """One command: (used length, response, data-in bytes); ``header``: the raw
+        request header instead of one built from ``cdb`` and ``lun``."""
+        req = header if header is not None else cmd_req(cdb, lun, lun_field=lun_field)
+        readable = [req] + ([data_out] if data_out else [])
         writable = [RESP_HEADER] + ([data_in] if data_in else [])
         head, outs = self.rig.add_request(queue, readable, writable)
         used = self.rig.kick(queue)
@@ -510,12 +513,17 @@ def test_quiesce_completes_io_in_flight(scsi: Scsi) -> None:
     op=st.sampled_from([*(op for op, _, _ in SUPPORTED), 0x15, 0xFF]),
     data_out=st.binary(max_size=1024),
     data_in=st.sampled_from([0, 1, 96, 512, 4096]),
+    attrs=st.none() | st.binary(min_size=11, max_size=11),
 )
-def test_any_request_gets_a_response(lun: bytes, cdb: bytes, op: int, data_out: bytes, data_in: int) -> None:
+def test_any_request_gets_a_response(
+    *, lun: bytes, cdb: bytes, op: int, data_out: bytes, data_in: int, attrs: bytes | None
+) -> None:
+    """Any LUN field, id/task_attr/prio/crn bytes, CDB, data-out and data-in size."""
     scsi = Scsi()
     try:
         cdb = bytes([op]) + cdb[1:]
-        n, resp, _ = scsi.run(cdb, lun_field=lun, data_out=data_out, data_in=data_in)
+        header = None if attrs is None else lun + attrs + cdb.ljust(32, b"\0")
+        n, resp, _ = scsi.run(cdb, lun_field=lun, data_out=data_out, data_in=data_in, header=header)
         assert n >= RESP_HEADER
         assert resp.response in (0, 1, 3)
         if resp.response == 0:
