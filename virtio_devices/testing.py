@@ -611,12 +611,24 @@ class MmioDeviceDriver:
         return self.driver.add_request(index, readable, writable)
 
     def kick(self, index: int = 0, count: int = 1) -> list[tuple[int, int]]:
-        """QueueNotify, then the interrupt handler; return the new used entries
-        (served synchronously: ``count`` is what the vhost-user twin waits for)."""
+        """QueueNotify, then the interrupt handler; return the new used entries.
+
+        Served synchronously, except requests the device gave to worker threads
+        (:meth:`VirtioDevice.run_in_worker`): while fewer than ``count`` entries are
+        used and the queue has jobs in flight, their completions are waited for
+        and applied on this thread (the loop's), as the vhost-user twin waits."""
         self.driver.notify(index)
-        if self.irq.level:
-            self.driver.interrupt()
-        return self.driver.used(index)
+        used: list[tuple[int, int]] = []
+        while True:
+            if self.irq.level:
+                self.driver.interrupt()
+            used += self.driver.used(index)
+            jobs = self.device._jobs
+            if len(used) >= count or jobs is None or not jobs.in_flight(index):
+                return used
+            if not self.loop.wait_soon(1, 10.0):
+                raise TimeoutError(f"mmio: q{index}'s worker jobs posted nothing within 10 s")
+            self.loop.run_soon()
 
     def read(self, gpa: int, length: int) -> bytes:
         return self.memory.read(gpa, length)

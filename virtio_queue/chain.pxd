@@ -170,7 +170,7 @@ cdef class _Stream:
     cdef object _split(self, _Stream other, Py_ssize_t offset)
     cdef size_t _copy_py(self, object buffer, bint into_guest, bint exact) except? 0
     cdef size_t _fd_io(self, int fd, Py_ssize_t n, long long offset, bint reading,
-                       ByteSource source=*) except? 0
+                       ByteSource source=*, int flags=*) except? 0
 
 
 cdef inline int stream_append(_Stream s, unsigned char *p, size_t n) except -1:

@@ -27,6 +27,7 @@ from virtio_queue.includes.vq_copy cimport vq_copy
 from virtio_queue.memory cimport (GM_OK, MemEntry, MemorySnapshot, gm_text, make_view,
                                   snap_check, snap_copy, snap_entry, snap_ptr, snap_ptr_w,
                                   struct_for)
+from virtio_queue.includes.vq_io cimport preadv2, pwritev2
 from virtio_queue.source cimport fd_iov
 
 from virtio_queue.errors import (DescriptorChainOverflow, GuestMemoryError, InvalidChain,
@@ -560,14 +561,16 @@ cdef class _Stream:
         return total
 
     cdef size_t _fd_io(self, int fd, Py_ssize_t n, long long offset, bint reading,
-                       ByteSource source=None) except? 0:
+                       ByteSource source=None, int flags=0) except? 0:
         """Move up to ``n`` bytes (all if -1) between the buffers and ``fd``:
         ``readv``/``preadv`` into them when ``reading``, else ``writev``/``pwritev``
         out of them, at ``offset`` if >= 0; GIL released.  With ``source``, its
         ``readv`` fills them instead (``reading``; ``fd`` and ``offset`` unused).
         Short counts (end of file, a full or empty pipe or socket, EAGAIN) end the
         call; EINTR is retried; an error after some bytes moved reports the bytes
-        (the cursor has moved past them, the error shows again on the next call)."""
+        (the cursor has moved past them, the error shows again on the next call).
+        ``flags`` != 0: ``preadv2``/``pwritev2`` with them (``RWF_NOWAIT``: EAGAIN
+        instead of blocking, which ends the call like a short count)."""
         cdef iovec iov[IOV_BATCH]
         cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
         cdef size_t total = 0, got
@@ -580,6 +583,10 @@ cdef class _Stream:
                 k = self._iov(iov, IOV_BATCH, want - total, &got)
                 if source is not None:
                     r = source.readv(iov, k)
+                elif flags:
+                    r = (preadv2(fd, iov, k, offset + <long long>total if offset >= 0 else -1, flags)
+                         if reading else
+                         pwritev2(fd, iov, k, offset + <long long>total if offset >= 0 else -1, flags))
                 else:
                     r = fd_iov(fd, iov, k, offset + <long long>total if offset >= 0 else -1,
                                reading)
@@ -738,15 +745,17 @@ cdef class Reader(_Stream):
         """Keep the first ``offset`` bytes; return a Reader over the rest."""
         return self._split(Reader.__new__(Reader), offset)
 
-    def write_to_fd(self, int fd, Py_ssize_t n=-1, long long offset=-1):
+    def write_to_fd(self, int fd, Py_ssize_t n=-1, long long offset=-1, int flags=0):
         """Drain up to ``n`` bytes (all if -1) into ``fd`` with ``writev`` (``pwritev``
         at ``offset`` if >= 0), GIL released.  Returns the bytes written, which may
         be short (a full pipe or socket, EAGAIN: then possibly 0).  EINTR is retried.
+        ``flags`` (``os.RWF_*``) != 0 uses ``pwritev2`` with them: with
+        ``os.RWF_NOWAIT`` a write that would block stops short (possibly at 0).
 
         Raises:
             OSError: any other error of the system call, if nothing was written.
         """
-        return self._fd_io(fd, n, offset, False)
+        return self._fd_io(fd, n, offset, False, None, flags)
 
     def __repr__(self):
         return f"<Reader available={self.avail} read={self.done}>"
@@ -781,16 +790,19 @@ cdef class Writer(_Stream):
         """Keep the first ``offset`` bytes; return a Writer over the rest."""
         return self._split(Writer.__new__(Writer), offset)
 
-    def read_from_fd(self, int fd, Py_ssize_t n=-1, long long offset=-1):
+    def read_from_fd(self, int fd, Py_ssize_t n=-1, long long offset=-1, int flags=0):
         """Fill up to ``n`` bytes (all if -1) straight from ``fd`` with ``readv``
         (``preadv`` at ``offset`` if >= 0), GIL released: the payload never passes
         through a Python object.  Returns the bytes read; short at end of file, or
         when a pipe/socket has no more now (EAGAIN: possibly 0).  EINTR is retried.
+        ``flags`` (``os.RWF_*``) != 0 uses ``preadv2`` with them: with
+        ``os.RWF_NOWAIT`` only what the page cache holds is read, the rest stops
+        short (possibly at 0) instead of waiting for the disk.
 
         Raises:
             OSError: any other error of the system call, if nothing was read.
         """
-        return self._fd_io(fd, n, offset, True)
+        return self._fd_io(fd, n, offset, True, None, flags)
 
     def read_from(self, ByteSource source not None, Py_ssize_t n=-1):
         """Fill up to ``n`` bytes (all if -1) straight from ``source``

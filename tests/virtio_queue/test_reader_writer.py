@@ -643,3 +643,50 @@ def test_buffers_work_with_sendmsg_recvmsg_into(
     w.consume(got)
     assert n == got == 12
     assert env.written(segs) == expected
+
+
+# -- fd I/O with flags (preadv2/pwritev2) -------------------------------------------------------
+
+
+def test_read_from_fd_with_flags_uses_preadv2(env: Env) -> None:
+    """RWF_NOWAIT on data in the page cache reads all of it, at the offset."""
+    w, segs = env.writer([5, 11])
+    with tempfile.TemporaryFile() as f:
+        f.write(bytes(range(64)))
+        f.flush()
+        assert w.read_from_fd(f.fileno(), 16, offset=8, flags=os.RWF_NOWAIT) == 16
+    assert env.written(segs) == bytes(range(8, 24))
+
+
+def test_read_from_fd_nowait_stops_short_where_the_cache_has_nothing(env: Env) -> None:
+    """Pages the kernel dropped from the cache: EAGAIN ends the call at 0 bytes
+    instead of waiting for the disk; a plain read then gets them."""
+    w, segs = env.writer([4096])
+    with tempfile.TemporaryFile(dir=os.getcwd()) as f:
+        f.write(b"\x5a" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        got = w.read_from_fd(f.fileno(), 4096, offset=0, flags=os.RWF_NOWAIT)
+        if got == 4096:
+            pytest.skip("this file system kept (or has no) page cache: nothing to wait for")
+        assert got == 0 and w.bytes_written() == 0
+        assert w.read_from_fd(f.fileno(), 4096, offset=0) == 4096
+    assert env.written(segs) == b"\x5a" * 4096
+
+
+def test_write_to_fd_with_flags_uses_pwritev2(env: Env) -> None:
+    r, expected = env.reader([7, 9])
+    with tempfile.TemporaryFile() as f:
+        f.write(b"." * 32)
+        f.flush()
+        assert r.write_to_fd(f.fileno(), offset=4, flags=os.RWF_DSYNC) == 16
+        f.seek(0)
+        assert f.read() == b"...." + expected + b"." * 12
+
+
+def test_fd_io_with_bad_flags_raises(env: Env) -> None:
+    w, _ = env.writer([8])
+    with tempfile.TemporaryFile() as f, pytest.raises(OSError) as e:
+        w.read_from_fd(f.fileno(), offset=0, flags=1 << 30)
+    assert e.value.errno == errno.EOPNOTSUPP

@@ -1,0 +1,268 @@
+"""vhost-device-scsi against qemu-storage-daemon's vhost-user-blk, same image, same run.
+
+Both daemons are driven by our front-end (``vhost_backends.frontend.Frontend``), no
+guest: virtio-scsi READ(10)/WRITE(10) on request queue 0 (ring 2) for ours,
+virtio-blk IN/OUT on ring 0 for qemu-storage-daemon (raw file, its defaults:
+``aio=threads``, page cache).  The image (64 MiB) is in the page cache.  Workloads: 4 KiB
+random reads and writes at queue depth 1 and 32, 1 MiB sequential reads and writes
+at depth 4.  Each daemon runs each workload ``--reps`` times, interleaved in a
+rotating order, each run after ``sync`` (no write-back of an earlier run during a
+timed one); the table gives median throughput ratios: ours/qsd, and the I/O
+engine's A/B: ours (page-cache hits with RWF_NOWAIT on the loop thread, the rest
+on the worker pool) against the same daemon with every I/O on the worker pool, and
+with every I/O inline on its loop thread.  The MiB/s of every run go to stderr.
+The Rust ``vhost-device-scsi`` runs too when ``$VHOST_DEVICE_RUST_BIN/vhost-device-scsi``
+exists (n/a otherwise; it serves one front-end, which is all the bench needs).
+
+    .venv/bin/python benches/scsi_table.py [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from vhost_backends.frontend import Frontend
+from virtio_devices.scsi import testing as st
+from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
+
+# The engine A/B: the same daemon with every I/O inline on its loop thread, and
+# with every I/O on the worker pool (no RWF_NOWAIT attempt).
+INLINE = """
+import sys
+from virtio_devices.scsi.device import ScsiDevice
+from vhost_backends.cli.scsi import main
+
+def run_inline(self, index, chain, job):
+    self.complete(index, chain.head_index, job())
+
+ScsiDevice.run_in_worker = run_inline
+sys.exit(main(sys.argv[1:]))
+"""
+POOL = """
+import sys
+from virtio_devices.scsi.device import ScsiDevice
+from vhost_backends.cli.scsi import main
+
+ScsiDevice._nowait = lambda self, *args: 0
+sys.exit(main(sys.argv[1:]))
+"""
+IMAGE_SIZE = 64 << 20
+QSIZE = 128
+MEM = 96 << 20
+BUF_BASE = 4 << 20
+
+
+class Target:
+    """One daemon behind a front-end, able to run block requests at a queue depth."""
+
+    ring = 0
+
+    def __init__(self, sock: str, rings: int) -> None:
+        self.fe = Frontend.connect(sock, timeout=30)
+        self.fe.negotiate()
+        self.fe.add_memory(MEM)
+        self.fe.set_mem_table()
+        for i in range(rings):
+            self.fe.setup_ring(i, QSIZE)
+        self.mock = self.fe.rings[self.ring].mock
+
+    def chain(self, slot: int, write: bool, lba: int, blocks: int) -> list[RawDesc]:
+        raise NotImplementedError
+
+    def run(self, ops: list[tuple[int, int]], write: bool, depth: int) -> float:
+        """Run ``ops`` ((lba, blocks) each) ``depth`` at a time; returns seconds."""
+        fe, mock, ring = self.fe, self.mock, self.ring
+        pending = list(reversed(ops))
+        free = list(range(depth))
+        slot_of: dict[int, int] = {}
+        t0 = time.perf_counter()
+        inflight = 0
+        while pending or inflight:
+            while free and pending:
+                slot = free.pop()
+                lba, blocks = pending.pop()
+                head = mock.build_desc_chain(self.chain(slot, write, lba, blocks), start=slot * 3)
+                slot_of[head] = slot
+                mock.add_avail(head)
+                inflight += 1
+            fe.kick(ring)
+            for head, _ in fe.wait_used(ring, 1, 30):
+                free.append(slot_of.pop(head))
+                inflight -= 1
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.fe.close()
+
+
+def _slot_bufs(slot: int) -> tuple[int, int, int]:
+    base = BUF_BASE + slot * ((1 << 20) + 4096)
+    return base, base + 256, base + 4096  # header, status/response, data
+
+
+class Ours(Target):
+    ring = 2
+
+    def chain(self, slot: int, write: bool, lba: int, blocks: int) -> list[RawDesc]:
+        hdr, resp, data = _slot_bufs(slot)
+        cdb = st.write10(lba, blocks) if write else st.read10(lba, blocks)
+        self.fe.memory.write(hdr, st.cmd_req(cdb))
+        n = blocks * 512
+        if write:
+            return [RawDesc(hdr, 51, 0, 0), RawDesc(data, n, 0, 0), RawDesc(resp, 108, VIRTQ_DESC_F_WRITE, 0)]
+        return [
+            RawDesc(hdr, 51, 0, 0),
+            RawDesc(resp, 108, VIRTQ_DESC_F_WRITE, 0),
+            RawDesc(data, n, VIRTQ_DESC_F_WRITE, 0),
+        ]
+
+
+class Qsd(Target):
+    ring = 0
+
+    def chain(self, slot: int, write: bool, lba: int, blocks: int) -> list[RawDesc]:
+        hdr, status, data = _slot_bufs(slot)
+        self.fe.memory.write(hdr, struct.pack("<IIQ", 1 if write else 0, 0, lba))
+        n = blocks * 512
+        return [
+            RawDesc(hdr, 16, 0, 0),
+            RawDesc(data, n, 0 if write else VIRTQ_DESC_F_WRITE, 0),
+            RawDesc(status, 1, VIRTQ_DESC_F_WRITE, 0),
+        ]
+
+
+def workloads(seed: int = 1) -> dict[str, tuple[list[tuple[int, int]], bool, int]]:
+    rnd = random.Random(seed)
+    nblocks = IMAGE_SIZE // 512
+    rand4k = [(rnd.randrange(nblocks // 8) * 8, 8) for _ in range(4000)]
+    seq1m = [(i * 2048 % nblocks, 2048) for i in range(192)]
+    return {
+        "4 KiB random read, QD1": (rand4k[:1500], False, 1),
+        "4 KiB random read, QD32": (rand4k, False, 32),
+        "4 KiB random write, QD1": (rand4k[:1500], True, 1),
+        "4 KiB random write, QD32": (rand4k, True, 32),
+        "1 MiB sequential read, QD4": (seq1m, False, 4),
+        "1 MiB sequential write, QD4": (seq1m, True, 4),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    qsd_bin = shutil.which("qemu-storage-daemon")
+    if qsd_bin is None:
+        print("qemu-storage-daemon not installed: no reference", file=sys.stderr)
+        return 1
+    tmp = Path(tempfile.mkdtemp(prefix="scsi-bench-"))
+    img = tmp / "disk.img"
+    with open(img, "wb") as f:
+        f.write(os.urandom(IMAGE_SIZE))
+    img.read_bytes()  # page cache warm
+    ours_sock, qsd_sock, pidfile = str(tmp / "scsi.sock"), str(tmp / "blk.sock"), tmp / "qsd.pid"
+    ours_proc = subprocess.Popen(
+        [sys.executable, "-m", "vhost_backends.cli.scsi", "-s", ours_sock, str(img)],
+        stderr=subprocess.DEVNULL,
+    )
+    inline_sock, pool_sock = str(tmp / "inline.sock"), str(tmp / "pool.sock")
+    inline_proc = subprocess.Popen(
+        [sys.executable, "-c", INLINE, "-s", inline_sock, str(img)], stderr=subprocess.DEVNULL
+    )
+    pool_proc = subprocess.Popen(
+        [sys.executable, "-c", POOL, "-s", pool_sock, str(img)], stderr=subprocess.DEVNULL
+    )
+    rust_bin = Path(os.environ.get("VHOST_DEVICE_RUST_BIN", "/nonexistent")) / "vhost-device-scsi"
+    rust_sock = str(tmp / "rust.sock")
+    rust_proc = (
+        subprocess.Popen([str(rust_bin), "-s", rust_sock, str(img)], stderr=subprocess.DEVNULL)
+        if rust_bin.is_file()
+        else None
+    )
+    subprocess.run(
+        [
+            qsd_bin,
+            "--daemonize",
+            "--pidfile",
+            str(pidfile),
+            "--blockdev",
+            f"driver=file,node-name=file0,filename={img}",
+            "--blockdev",
+            "driver=raw,node-name=disk0,file=file0",
+            "--export",
+            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={qsd_sock},writable=on",
+        ],
+        check=True,
+        timeout=30,
+    )
+    qsd_pid = int(pidfile.read_text())
+    try:
+        deadline = time.monotonic() + 30
+        socks = [ours_sock, inline_sock, pool_sock] + ([rust_sock] if rust_proc else [])
+        while not all(os.path.exists(p) for p in socks):
+            if time.monotonic() > deadline:
+                raise SystemExit("vhost-device-scsi did not listen")
+            time.sleep(0.05)
+        ours = Ours(ours_sock, 3)
+        inline = Ours(inline_sock, 3)
+        pool = Ours(pool_sock, 3)
+        qsd = Qsd(qsd_sock, 1)
+        rust = Ours(rust_sock, 3) if rust_proc else None
+        results: dict[str, dict[str, list[float]]] = {}
+        for name, (ops, write, depth) in workloads().items():
+            nbytes = sum(b for _, b in ops) * 512
+            res = results.setdefault(name, {"ours": [], "qsd": [], "inline": [], "pool": [], "rust": []})
+            runner: dict[str, Callable[[], float]] = {
+                "ours": lambda ops=ops, w=write, d=depth: ours.run(ops, w, d),
+                "qsd": lambda ops=ops, w=write, d=depth: qsd.run(ops, w, d),
+                "inline": lambda ops=ops, w=write, d=depth: inline.run(ops, w, d),
+                "pool": lambda ops=ops, w=write, d=depth: pool.run(ops, w, d),
+            }
+            if rust is not None:
+                runner["rust"] = lambda ops=ops, w=write, d=depth: rust.run(ops, w, d)
+            order = list(runner)
+            for rep in range(args.reps):
+                # Rotated, so that no daemon always follows the same one, and the
+                # dirty pages of the last run written back before each timed run.
+                k = rep % len(order)
+                for who in order[k:] + order[:k]:
+                    os.sync()
+                    res[who].append(nbytes / runner[who]() / (1 << 20))
+        ours.close()
+        qsd.close()
+        inline.close()
+        pool.close()
+        if rust is not None:
+            rust.close()
+        day = time.strftime("%Y-%m-%d")
+        print(f"| vhost-device-scsi ({day}) | ours/qsd | ours/Rust | ours/all on workers | ours/all inline |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, res in results.items():
+            o, q, i, p = (statistics.median(res[k]) for k in ("ours", "qsd", "inline", "pool"))
+            r = f"{o / statistics.median(res['rust']):.2f}x" if res["rust"] else "n/a"
+            print(f"| {name} | {o / q:.2f}x | {r} | {o / p:.2f}x | {o / i:.2f}x |")
+        for name, res in results.items():
+            print(name, {k: [round(v, 1) for v in vals] for k, vals in res.items()}, file=sys.stderr)
+    finally:
+        for proc in (ours_proc, inline_proc, pool_proc, rust_proc):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(10)
+        os.kill(qsd_pid, signal.SIGTERM)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""vhost-device-scsi's command line (upstream's ``ScsiArgs``), validation and run()."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vhost_backends.cli import scsi as cli
+from vhost_backends.cli._common import ConfigError
+from virtio_devices.scsi.device import ScsiDevice
+
+
+def parse(*argv: str) -> cli.Config:
+    return cli.Config.from_args(cli.build_parser().parse_args(list(argv)))
+
+
+def test_defaults_and_flags() -> None:
+    assert parse("-s", "scsi.sock") == cli.Config("scsi.sock", (), read_only=False, solid_state=False)
+    cfg = parse("--socket-path=/tmp/x.sock", "-r", "--solid-state", "a.img", "b.img")
+    assert cfg == cli.Config("/tmp/x.sock", ("a.img", "b.img"), read_only=True, solid_state=True)
+
+
+def test_missing_socket_path_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["a.img"])
+    assert exc.value.code == 2
+    assert "--socket-path" in capsys.readouterr().err
+
+
+def test_more_than_256_images_is_config_error() -> None:
+    """Upstream: "More than 256 LUNs aren't currently supported"."""
+    with pytest.raises(ConfigError, match="256"):
+        parse("-s", "x.sock", *[f"{i}.img" for i in range(257)])
+    assert len(parse("-s", "x.sock", *[f"{i}.img" for i in range(256)]).images) == 256
+
+
+def test_missing_image_is_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.img"
+    assert cli.main(["-s", str(tmp_path / "s.sock"), str(missing)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot open image") and "nope.img" in err[0]
+
+
+def test_read_only_image_needs_r(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = tmp_path / "ro.img"
+    img.write_bytes(bytes(4096))
+    img.chmod(0o444)
+    if img.stat().st_mode & 0o200 or os.geteuid() == 0:
+        pytest.skip("running as root: a 0444 file is still writable")
+    assert cli.main(["-s", str(tmp_path / "s.sock"), str(img)]) == 1
+    assert "read-write" in capsys.readouterr().err
+
+
+def test_run_serves_one_socket_with_every_image(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[tuple[str, list[str], Any]] = []
+
+    def serve(name: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
+        calls.append((name, list(paths), factory(0)))
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    imgs = []
+    for i in range(2):
+        p = tmp_path / f"{i}.img"
+        p.write_bytes(bytes(512 * (i + 1)))
+        imgs.append(str(p))
+    sock = str(tmp_path / "scsi.sock")
+    assert cli.main(["-s", sock, "-r", *imgs]) == 0
+    ((name, paths, dev),) = calls
+    assert (name, paths) == ("vhost-device-scsi", [sock])
+    assert isinstance(dev, ScsiDevice)
+    assert [u.blocks for u in dev.target.units] == [1, 2]
+    assert all(u.read_only for u in dev.target.units)
