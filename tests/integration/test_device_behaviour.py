@@ -222,9 +222,9 @@ _CONTROLS: dict[int, ControlServer] = {}
 
 
 def _sim_input(kind: str, tmp: Path) -> InputDevice:
-    """The in-process twin of ``-e sim:<kind>=<tmp>/<kind>.ctl``."""
+    """The in-process twin of ``-e sim:<kind> --sim-control <tmp>/<kind>.ctl``."""
     host = SimInputHost(kind)
-    _CONTROLS[id(host)] = ControlServer(host, str(tmp / f"{kind}.ctl"))
+    _CONTROLS[id(host)] = ControlServer(host, str(tmp / f"{kind}.ctl0"))
     return InputDevice(host)
 
 
@@ -239,7 +239,9 @@ def _input_case(kind: str) -> DeviceCase:
         command=lambda tmp: [
             *console_script("vhost-device-input", "vhost_backends.cli.input"),
             "-e",
-            f"sim:{kind}={tmp / f'{kind}.ctl'}",
+            f"sim:{kind}",
+            "--sim-control",
+            str(tmp / f"{kind}.ctl"),
         ],
         build=lambda tmp: _sim_input(kind, tmp),
         release=_release_input,
@@ -256,7 +258,7 @@ def _control(tmp: Path, kind: str, *lines: str) -> list[str]:
     """Send control lines to the simulated device; its replies."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
-        s.connect(str(tmp / f"{kind}.ctl"))
+        s.connect(str(tmp / f"{kind}.ctl0"))
         s.sendall("".join(f"{line}\n" for line in lines).encode())
         data = b""
         while data.count(b"\n") < len(lines):

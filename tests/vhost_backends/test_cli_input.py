@@ -48,19 +48,30 @@ def test_input_one_device_still_suffixed() -> None:
     assert config("-s", "/tmp/in.sock", "-e", "/dev/input/event0").socket_paths == ["/tmp/in.sock0"]
 
 
-def test_input_sim_entries_and_control_paths() -> None:
-    c = config("-s", "/tmp/in.sock", "-e", "sim:keyboard,sim:tablet=/run/tab.ctl")
+def test_input_sim_entries_and_default_control_paths() -> None:
+    c = config("-s", "/tmp/in.sock", "-e", "/dev/input/event0,sim:keyboard,sim:tablet")
     assert c.sources == [
-        cli.EventSource("sim:keyboard", "keyboard", "/tmp/in.sock0.ctl"),
-        cli.EventSource("sim:tablet=/run/tab.ctl", "tablet", "/run/tab.ctl"),
+        cli.EventSource("/dev/input/event0"),
+        cli.EventSource("sim:keyboard", "keyboard", "/tmp/in.sock1.ctl"),
+        cli.EventSource("sim:tablet", "tablet", "/tmp/in.sock2.ctl"),
     ]
+
+
+def test_input_sim_control_flag_appends_the_index() -> None:
+    c = config("-s", "/tmp/in.sock", "-e", "sim:keyboard,sim:tablet", "--sim-control", "/run/in.ctl")
+    assert [s.control for s in c.sources] == ["/run/in.ctl0", "/run/in.ctl1"]
+
+
+def test_input_sim_control_without_file_name() -> None:
+    with pytest.raises(ConfigError, match="has no file name"):
+        config("-s", "/tmp/in.sock", "-e", "sim:keyboard", "--sim-control", "/run/..")
 
 
 @pytest.mark.parametrize(
     ("entry", "match"),
     [
         ("sim:mouse", "unknown simulated device 'mouse'"),
-        ("sim:keyboard=", "empty control socket path"),
+        ("sim:keyboard=/tmp/x", "unknown simulated device 'keyboard=/tmp/x'"),
         ("/dev/input/event0,,x", "--event-list entry 1 is empty"),
     ],
 )

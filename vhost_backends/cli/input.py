@@ -11,9 +11,10 @@ Ours only, chosen so that every upstream command line means the same here:
 
 * an ``--event-list`` entry ``sim:keyboard`` or ``sim:tablet`` (never an evdev
   path) is a simulated device, whose events are injected through a control socket
-  (protocol in :mod:`virtio_devices.hosts.input`) at ``<socket>.ctl`` (the device's
-  own socket path plus ``.ctl``: ``/tmp/in.sock0.ctl``), or at the path given as
-  ``sim:keyboard=/path/to/control``;
+  (protocol in :mod:`virtio_devices.hosts.input`): ``--sim-control PATH`` puts the
+  control socket of entry ``i`` at ``PATH<i>`` (the index appended, as for the
+  vhost-user sockets); without it, at the device's own socket path plus ``.ctl``
+  (``/tmp/in.sock0.ctl``);
 * ``VHD_INPUT_GRAB=1`` in the environment grabs each host device (``EVIOCGRAB``)
   while a guest uses it, so that the host's own desktop no longer sees its events;
   off by default, as upstream.
@@ -21,6 +22,7 @@ Ours only, chosen so that every upstream command line means the same here:
 Example::
 
     vhost-device-input --socket-path=/tmp/input.sock -e /dev/input/event3,sim:tablet
+    vhost-device-input -s /tmp/in.sock -e sim:keyboard --sim-control /tmp/kbd.ctl   # /tmp/kbd.ctl0
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ from ._common import ConfigError, env_switch, make_parser, run_main, serve, sock
 if TYPE_CHECKING:
     from virtio_devices.hosts.input import InputHost
 
-__all__ = ["SIM_PREFIX", "Config", "EventSource", "build_parser", "main", "run"]
+__all__ = ["OUR_FLAGS", "SIM_PREFIX", "Config", "EventSource", "build_parser", "main", "run"]
 
 log = logging.getLogger(__name__)
 
 PROG = "vhost-device-input"
+#: Flags upstream does not have (left out of the comparison with upstream's flags).
+OUR_FLAGS = frozenset({"--sim-control"})
 SIM_PREFIX = "sim:"
 
 
@@ -75,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Comma-separated list of input event devices (/dev/input/eventX); "
         "sim:keyboard and sim:tablet are simulated devices (ours)",
     )
+    p.add_argument(
+        "--sim-control",
+        metavar="PATH",
+        help="(ours) control sockets of the sim: devices at PATH0, PATH1.. (by --event-list index) "
+        "[default: <socket path><index>.ctl]",
+    )
     return p
 
 
@@ -99,26 +109,28 @@ class Config(NamedTuple):
 
         Raises:
             ConfigError: an empty ``--event-list`` entry, an unknown ``sim:`` kind, the
-                socket path names no file, or ``VHD_INPUT_GRAB`` is not 0 or 1.
+                socket path or ``--sim-control`` names no file, or
+                ``VHD_INPUT_GRAB`` is not 0 or 1.
         """
         entries: list[str] = list(ns.event_list)
         paths = socket_paths(os.fspath(ns.socket_path), max(len(entries), 1))
+        controls = [f"{p}.ctl" for p in paths]
+        if ns.sim_control is not None:
+            controls = socket_paths(os.fspath(ns.sim_control), len(paths))
         sources = []
-        for i, (entry, sock) in enumerate(zip(entries, paths, strict=True)):
+        for i, (entry, control) in enumerate(zip(entries, controls, strict=True)):
             if not entry:
                 raise ConfigError(f"--event-list entry {i} is empty")
             if not entry.startswith(SIM_PREFIX):
                 sources.append(EventSource(entry))
                 continue
-            kind, sep, control = entry[len(SIM_PREFIX) :].partition("=")
+            kind = entry[len(SIM_PREFIX) :]
             if kind not in SIM_KINDS:
                 raise ConfigError(
                     f"--event-list entry {entry!r}: unknown simulated device {kind!r} "
                     f"(sim:{', sim:'.join(SIM_KINDS)})"
                 )
-            if sep and not control:
-                raise ConfigError(f"--event-list entry {entry!r}: empty control socket path after '='")
-            sources.append(EventSource(entry, kind, control or f"{sock}.ctl"))
+            sources.append(EventSource(entry, kind, control))
         return cls(paths, sources, env_switch("VHD_INPUT_GRAB", False))
 
 
