@@ -21,7 +21,8 @@ Where we differ from upstream, on purpose (README, "Differences"):
 * events are delivered a whole group at a time, a group being the events up to and
   including ``EV_SYN``/``SYN_REPORT`` (§5.8.6.2: the device SHOULD NOT drop
   individual events of one update; it buffers or drops the whole sequence).  A
-  group waits until the driver has posted a buffer for each of its events.
+  group waits until the driver has posted a buffer for each of its events (a group
+  longer than the whole ring could never fit: it goes in parts, in order).
   Meanwhile groups are held in a bounded queue (``max_pending`` events); when a
   group does not fit, the held groups are dropped and replaced by one
   ``EV_SYN``/``SYN_DROPPED`` event, as the kernel's evdev does when a reader's
