@@ -43,6 +43,8 @@ GUEST_TIMEOUT = 240.0
 # busybox sh.  Finds both devices by name, starts evtest on each (its header is the
 # capability dump), then waits for the host's events and writes the LED.
 GUEST_SCRIPT = r"""
+# Nothing loads modules on demand in this initramfs: evdev makes the event nodes.
+modprobe evdev
 find_dev() {
     for d in /sys/class/input/event*; do
         if grep -q "$1" "$d/device/name" 2>/dev/null; then echo "/dev/input/${d##*/}"; return 0; fi
@@ -147,6 +149,7 @@ def test_input_guest_sees_sim_keyboard_and_tablet(
 
 
 HOSTPLAY_SCRIPT = """\
+modprobe evdev
 modprobe uinput && waitfor /dev/uinput || { echo "no /dev/uinput"; exit 10; }
 inhost python /tmp/hostplay_input.py
 """
