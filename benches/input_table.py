@@ -70,7 +70,7 @@ class Bench:
         script = shutil.which("vhost-device-input")
         cmd = [script] if script else [sys.executable, "-m", "vhost_backends.cli.input"]
         self.daemon = DaemonProcess(
-            f"{sock}0", [*cmd, "-s", sock, "-e", "sim:keyboard"], env={"RUST_LOG": "error"}
+            f"{sock}0", [*cmd, "-s", sock, "-e", "sim:keyboard"], env={"RUST_LOG": os.environ.get("RUST_LOG", "error")}
         )
         deadline = time.monotonic() + TIMEOUT
         while not os.path.exists(f"{sock}0.ctl") or not os.path.exists(f"{sock}0"):

@@ -284,3 +284,20 @@ def test_evdev_backend_on_a_real_node() -> None:
         assert isinstance(host.read_events(), list)
     finally:
         host.close()
+
+
+def test_control_server_pipelined_lines_all_arrive_before_replies_are_read(
+    kbd: SimInputHost, server: ControlServer
+) -> None:
+    """A client that writes many lines before reading any reply: every event arrives
+    (replies go one send per read, not one small message per line)."""
+    c = Client(server.path)
+    try:
+        c.sock.sendall(b"".join(b"KEY 30 %d\n" % (i & 1) for i in range(1000)))
+        got: list[tuple[int, int, int]] = []
+        while len(got) < 2000 and select.select([kbd.fileno()], [], [], 10)[0]:
+            got += kbd.read_events()
+        assert len(got) == 2000
+        assert [c.readline() for _ in range(1000)] == [b"ok\n"] * 1000
+    finally:
+        c.close()

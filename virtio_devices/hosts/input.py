@@ -482,9 +482,12 @@ class ControlServer:
                     if not chunk:
                         return
                     buf += chunk
-                    while b"\n" in buf:
-                        raw, buf = buf.split(b"\n", 1)
-                        conn.sendall((self.handle_line(raw) + "\n").encode())
+                    *lines, buf = buf.split(b"\n")
+                    if lines:
+                        # One send for the lines of one read: a client that writes many
+                        # lines before it reads the replies does not fill its socket's
+                        # receive queue with one small message per line.
+                        conn.sendall("".join(self.handle_line(raw) + "\n" for raw in lines).encode())
                     if len(buf) > _MAX_LINE:
                         conn.sendall(f"error: line longer than {_MAX_LINE} bytes\n".encode())
                         return
