@@ -8,8 +8,8 @@ front-end drives it with VIRTIO 1.2 §5.17 requests, and gpio-sim's sysfs is
 the other side:
 
 - config ngpio and GET_LINE_NAMES give gpio-sim's lines and names;
-- SET_DIRECTION out with value 1 on line 3, then SET_VALUE 0: gpio-sim's
-  ``sim_gpio3/value`` reads 1, then 0;
+- SET_VALUE 1 then SET_DIRECTION out on line 3 (the Linux driver's order),
+  then SET_VALUE 0: gpio-sim's ``sim_gpio3/value`` reads 1, then 0;
 - line 4 as input with IRQ type EDGE_RISING and an eventq waiter: the waiter
   stays pending while nothing happens, then ``pull-up`` on ``sim_gpio4/pull``
   completes it with VIRTIO_GPIO_IRQ_STATUS_VALID, and GET_VALUE reads 1.
@@ -20,6 +20,7 @@ offending value at the first failed check.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import sys
 from pathlib import Path
@@ -78,10 +79,12 @@ def main(chip: str, base: Path) -> int:
             resp,
         )
 
-        resp = request(drv, SET_DIRECTION, 3, DIR_OUT)
-        check("set-direction-out", resp[0] == STATUS_OK, resp)
+        # The Linux driver's order: the output value first, then the direction
+        # (the daemon, as upstream, refuses output before any value).
         resp = request(drv, SET_VALUE, 3, 1)
         check("set-value-1", resp[0] == STATUS_OK, resp)
+        resp = request(drv, SET_DIRECTION, 3, DIR_OUT)
+        check("set-direction-out", resp[0] == STATUS_OK, resp)
         check("sysfs-value-1", sysfs(base, 3, "value") == "1", sysfs(base, 3, "value"))
         resp = request(drv, SET_VALUE, 3, 0)
         check(
@@ -115,6 +118,11 @@ def main(chip: str, base: Path) -> int:
         check("irq-type-none", resp[0] == STATUS_OK, resp)
     except Failed as e:
         print(e, flush=True)
+        # What the daemon said about it (its stderr is read on demand).
+        with contextlib.suppress(TimeoutError, AssertionError):
+            drv.daemon.wait_for("\0never\0", 1.0)
+        for line in drv.daemon.log[-30:]:
+            print(f"daemon: {line}", flush=True)
         return 1
     finally:
         drv.close()

@@ -186,23 +186,24 @@ def test_guest_drives_simulated_chip(qemu: str | None, sim_gpio: tuple[Path, Sim
         res = g.wait(GUEST_TIMEOUT)
     out = res.output
     print(f"gpio e2e QEMU {version}: script at uptime {res.uptime_at_start}s, wall {res.wall_time:.1f}s")
-    assert res.exit_status == 0, res
-    assert re.search(r"detect: gpiochip0 \[[^\]]*\] \(8 lines\)", out), res
+    assert res.exit_status == 0, str(res)
+    assert re.search(r"detect: gpiochip0 \[[^\]]*\] \(8 lines\)", out), str(res)
     for i, name in enumerate(SIM_NAMES):
-        assert re.search(rf'info:\s+line\s+{i}:\s+"{name}"', out), (name, res)
-    assert "initial5: 0" in out, res
+        assert re.search(rf'info:\s+line\s+{i}:\s+"{name}"', out), f"{name}: {res}"
+    assert "initial5: 0" in out, str(res)
     # gpio-virtio asks for F_IRQ (bit 0); QEMU 11 passes it on, 7.2 does not.
     features = re.search(r"features: ([01]+)", out)
-    assert features, res
+    assert features, str(res)
+    print(f"gpio e2e QEMU {version}: the guest's virtio features bit 0 (F_IRQ) = {features.group(1)[0]}")
     if irq_expected:
-        assert features.group(1)[0] == "1", res
+        assert features.group(1)[0] == "1", str(res)
         got = re.findall(r"STEP got-edge (\d+) EVENT 6 (rising|falling)", out)
-        assert got == [(str(k), edge) for k, (_level, edge) in enumerate(EDGES, 1)], res
-        assert "mon-exit=0" in out, res
-        assert f"events-total: {len(EDGES)}" in out, res
+        assert got == [(str(k), edge) for k, (_level, edge) in enumerate(EDGES, 1)], str(res)
+        assert "mon-exit=0" in out, str(res)
+        assert f"events-total: {len(EDGES)}" in out, str(res)
         assert ctl.get(6)[1] == injected[-1]
     else:
-        assert "STEP want-edge" not in out, res
+        assert "STEP want-edge" not in out, str(res)
 
 
 HOSTPLAY_SCRIPT = """\
@@ -221,7 +222,7 @@ def test_real_gpio_sim_chip(guest: harness.Guest) -> None:
     print(f"gpio real backend: script at uptime {res.uptime_at_start}s, wall {res.wall_time:.1f}s")
     if "No module named 'gpiod'" in res.output:
         pytest.skip("python gpiod is not installed in the venv (the 'hosts' extra)")
-    assert res.exit_status == 0, res
+    assert res.exit_status == 0, str(res)
     for name in (
         "ngpio",
         "line-names",
@@ -232,5 +233,5 @@ def test_real_gpio_sim_chip(guest: harness.Guest) -> None:
         "edge-completes-waiter",
         "get-value-after-pull-up",
     ):
-        assert f"check {name} ok" in res.output, (name, res)
-    assert "gpio-real-ok" in res.output, res
+        assert f"check {name} ok" in res.output, f"{name}: {res}"
+    assert "gpio-real-ok" in res.output, str(res)

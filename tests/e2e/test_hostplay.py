@@ -42,14 +42,14 @@ def test_guest_plays_the_host_with_the_rng_daemon(guest: harness.Guest) -> None:
     res = harness.run_as_host(SCRIPT, files=files, timeout=240)
     out = res.output
     print(f"hostplay: script started at guest uptime {res.uptime_at_start}s, wall {res.wall_time:.1f}s")
-    assert res.exit_status == 0, res
+    assert res.exit_status == 0, str(res)
     m = re.search(r"gpio-sim chip=(gpiochip\d+) dev=(gpio-sim\.\d+) lines=4", out)
-    assert m, res
-    assert f"gpio-cdev=/dev/{m.group(1)}" in out, res
+    assert m, str(res)
+    assert f"gpio-cdev=/dev/{m.group(1)}" in out, str(res)
     assert "sim_gpio2=1" in out, res  # a pull-up reads back high
-    assert "i2c=/dev/i2c-0" in out, res
-    assert "uinput=/dev/uinput" in out, res
-    assert "snd-aloop=ok" in out, res
-    assert f"inhost pwd={harness.REPO} python=" in out, res
-    assert "host root is writable" not in out, res
-    assert "rng-ok python=" in out, res
+    assert "i2c=/dev/i2c-0" in out, str(res)
+    assert "uinput=/dev/uinput" in out, str(res)
+    assert "snd-aloop=ok" in out, str(res)
+    assert f"inhost pwd={harness.REPO} python=" in out, str(res)
+    assert "host root is writable" not in out, str(res)
+    assert "rng-ok python=" in out, str(res)
