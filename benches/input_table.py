@@ -69,9 +69,8 @@ class Bench:
         sock = f"{tmp}/in.sock"
         script = shutil.which("vhost-device-input")
         cmd = [script] if script else [sys.executable, "-m", "vhost_backends.cli.input"]
-        self.daemon = DaemonProcess(
-            f"{sock}0", [*cmd, "-s", sock, "-e", "sim:keyboard"], env={"RUST_LOG": os.environ.get("RUST_LOG", "error")}
-        )
+        argv = [*cmd, "-s", sock, "-e", "sim:keyboard"]
+        self.daemon = DaemonProcess(f"{sock}0", argv, env={"RUST_LOG": os.environ.get("RUST_LOG", "error")})
         deadline = time.monotonic() + TIMEOUT
         while not os.path.exists(f"{sock}0.ctl") or not os.path.exists(f"{sock}0"):
             if time.monotonic() > deadline or not self.daemon.alive():
