@@ -534,6 +534,11 @@ class MmioDriver:
             if self.read32(_CONFIG_GEN) == before:
                 return data
 
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Write ``data`` into the config space byte by byte (Linux's ``vm_set``)."""
+        for i, byte in enumerate(data):
+            self.bus.write(_CONFIG + offset + i, 1, byte)
+
 
 class DeviceDriver(Protocol):
     """What a device behaviour test drives, whatever the transport: one interface,
@@ -559,6 +564,9 @@ class DeviceDriver(Protocol):
     def read_config(self, offset: int, size: int) -> bytes:
         """Bytes of the device's config space."""
 
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Driver write to the device's config space (fields the driver may write)."""
+
     def close(self) -> None:
         """Take the device down and release what the driver made."""
 
@@ -567,7 +575,7 @@ class MmioDeviceDriver:
     """A device driven through virtio-mmio in-process: the transport, the driver,
     a :class:`FakeLoop` and guest memory, behind the same small interface as the
     vhost-user driver of the shared device tests (``add_request``, ``kick``,
-    ``read``, ``read_config``, ``close``).
+    ``read``, ``read_config``, ``write_config``, ``close``).
 
     Args:
         device: the device (not active).
@@ -635,6 +643,9 @@ class MmioDeviceDriver:
 
     def read_config(self, offset: int, size: int) -> bytes:
         return self.driver.read_config(offset, size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.driver.write_config(offset, data)
 
     def close(self) -> None:
         self.transport.close()

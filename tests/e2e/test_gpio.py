@@ -194,6 +194,7 @@ def test_guest_drives_simulated_chip(qemu: str | None, sim_gpio: tuple[Path, Sim
     # gpio-virtio asks for F_IRQ (bit 0); QEMU 11 passes it on, 7.2 does not.
     features = re.search(r"features: ([01]+)", out)
     assert features, str(res)
+    print(f"gpio e2e QEMU {version}: the guest's virtio features bit 0 (F_IRQ) = {features.group(1)[0]}")
     if irq_expected:
         assert features.group(1)[0] == "1", str(res)
         got = re.findall(r"STEP got-edge (\d+) EVENT 6 (rising|falling)", out)

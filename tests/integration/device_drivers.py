@@ -96,6 +96,9 @@ class VhostUserDeviceDriver:
     def read_config(self, offset: int, size: int) -> bytes:
         return self.fe.get_config(offset, size)
 
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.fe.set_config(offset, data)
+
     def _stop(self) -> None:
         if self.daemon.alive():
             assert self.daemon.terminate() == 0, self.daemon.log[-5:]

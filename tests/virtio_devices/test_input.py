@@ -1,0 +1,515 @@
+"""virtio-input (VIRTIO 1.2 §5.8) over the simulated host devices, driven by MockSplitQueue.
+
+Config selects, event grouping up to SYN_REPORT, the bounded hold queue and its
+SYN_DROPPED, the statusq back to the host, bad buffers, an unplugged host, and
+hypothesis over statusq buffers.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from virtio_devices.base import VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_RING_F_EVENT_IDX
+from virtio_devices.hosts.input import (
+    ABS_X,
+    ABS_Y,
+    BTN_TOUCH,
+    EV_ABS,
+    EV_KEY,
+    EV_LED,
+    EV_MSC,
+    EV_REL,
+    EV_REP,
+    EV_SND,
+    EV_SYN,
+    INPUT_PROP_DIRECT,
+    KEY_A,
+    LED_CAPSL,
+    REP_DELAY,
+    SYN_DROPPED,
+    SYN_REPORT,
+    SimInputHost,
+    bitmap,
+)
+from virtio_devices.input import (
+    CONFIG_SIZE,
+    VIRTIO_ID_INPUT,
+    VIRTIO_INPUT_CFG_ABS_INFO,
+    VIRTIO_INPUT_CFG_EV_BITS,
+    VIRTIO_INPUT_CFG_ID_DEVIDS,
+    VIRTIO_INPUT_CFG_ID_NAME,
+    VIRTIO_INPUT_CFG_ID_SERIAL,
+    VIRTIO_INPUT_CFG_PROP_BITS,
+    VIRTIO_INPUT_CFG_UNSET,
+    InputDevice,
+    pack_event,
+)
+from virtio_devices.testing import DeviceRig
+
+EVENTQ, STATUSQ = 0, 1
+SYN = (EV_SYN, SYN_REPORT, 0)
+
+
+def key(code: int, value: int) -> list[tuple[int, int, int]]:
+    return [(EV_KEY, code, value), SYN]
+
+
+def select(dev: InputDevice, sel: int, subsel: int = 0) -> tuple[int, bytes]:
+    """Write select/subsel as Linux does (two one-byte writes); return (size, union)."""
+    dev.write_config(0, bytes([sel]))
+    dev.write_config(1, bytes([subsel]))
+    cfg = dev.read_config(0, CONFIG_SIZE)
+    assert len(cfg) == CONFIG_SIZE
+    assert cfg[0] == sel and cfg[1] == subsel and cfg[3:8] == bytes(5)
+    return cfg[2], cfg[8:]
+
+
+@pytest.fixture
+def kbd() -> Iterator[SimInputHost]:
+    host = SimInputHost("keyboard")
+    yield host
+    host.close()
+
+
+@pytest.fixture
+def tablet() -> Iterator[SimInputHost]:
+    host = SimInputHost("tablet")
+    yield host
+    host.close()
+
+
+class Rig(DeviceRig):
+    """The kit's rig on an InputDevice: eventq buffers, host events, used events."""
+
+    device: InputDevice
+
+    def __init__(
+        self, host: SimInputHost, *, event_idx: bool = True, max_pending: int = 1024, **kw: object
+    ) -> None:
+        super().__init__(InputDevice(host, max_pending=max_pending), event_idx=event_idx, **kw)  # type: ignore[arg-type]
+        self.host = host
+        self.bufs: dict[int, int] = {}
+
+    def post(self, n: int, size: int = 8) -> list[int]:
+        """Post ``n`` eventq buffers and kick; return their heads."""
+        heads = []
+        for _ in range(n):
+            head, (gpa,) = self.add_request(EVENTQ, writable=[size])
+            self.bufs[head] = gpa
+            heads.append(head)
+        return heads
+
+    def fire(self) -> None:
+        self.loop.fire_reader(self.host.fileno())
+
+    def events(self, used: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        out = []
+        for head, length in used:
+            assert length == 8, (head, length)
+            out.append(struct.unpack("<HHi", self.read(self.bufs[head], 8)))
+        return out
+
+
+# -- identity -----------------------------------------------------------------------------------
+
+
+def test_input_identity(kbd: SimInputHost) -> None:
+    dev = InputDevice(kbd)
+    assert dev.device_id == VIRTIO_ID_INPUT == 18
+    assert dev.queue_sizes == (1024, 1024)
+    assert dev.has_config
+    # Upstream offers VERSION_1, INDIRECT_DESC and EVENT_IDX, not NOTIFY_ON_EMPTY.
+    assert not dev.device_features() & VIRTIO_F_NOTIFY_ON_EMPTY
+    assert dev.device_features() & VIRTIO_RING_F_EVENT_IDX
+
+
+def test_input_max_pending_below_two_refused(kbd: SimInputHost) -> None:
+    with pytest.raises(ValueError, match="max_pending 1 is below 2"):
+        InputDevice(kbd, max_pending=1)
+
+
+# -- config space (§5.8.4) ----------------------------------------------------------------------
+
+
+def test_config_id_name_is_the_name_without_padding(kbd: SimInputHost) -> None:
+    size, union = select(InputDevice(kbd), VIRTIO_INPUT_CFG_ID_NAME)
+    assert union[:size] == b"vhost-device-input simulated keyboard"
+    assert union[size:] == bytes(128 - size)
+
+
+def test_config_id_serial(kbd: SimInputHost) -> None:
+    size, union = select(InputDevice(kbd), VIRTIO_INPUT_CFG_ID_SERIAL)
+    assert union[:size] == b"sim-keyboard-0"
+
+
+def test_config_id_devids_size_is_eight(kbd: SimInputHost) -> None:
+    """struct virtio_input_devids is 8 bytes; upstream reports 128."""
+    size, union = select(InputDevice(kbd), VIRTIO_INPUT_CFG_ID_DEVIDS)
+    assert size == 8
+    assert struct.unpack("<HHHH", union[:8]) == (0x06, 0x0001, 0x0001, 0x0001)
+    assert union[8:] == bytes(120)
+
+
+def test_config_prop_bits_tablet_is_direct(tablet: SimInputHost) -> None:
+    size, union = select(InputDevice(tablet), VIRTIO_INPUT_CFG_PROP_BITS)
+    assert union[:size] == bitmap([INPUT_PROP_DIRECT])
+
+
+def test_config_prop_bits_keyboard_has_none(kbd: SimInputHost) -> None:
+    """§5.8.5.2: size 0 where the device has nothing for the select."""
+    assert select(InputDevice(kbd), VIRTIO_INPUT_CFG_PROP_BITS) == (0, bytes(128))
+
+
+@pytest.mark.parametrize(
+    ("ev_type", "codes"),
+    [(EV_KEY, range(1, 249)), (EV_MSC, [4]), (EV_LED, [0, 1, 2]), (EV_REP, [0, 1])],
+)
+def test_config_ev_bits_keyboard(kbd: SimInputHost, ev_type: int, codes: range | list[int]) -> None:
+    """EV_LED and EV_REP too (upstream answers KEY, REL, ABS, MSC, SW only)."""
+    size, union = select(InputDevice(kbd), VIRTIO_INPUT_CFG_EV_BITS, ev_type)
+    want = bitmap(codes)
+    assert size == len(want)
+    assert union[:size] == want and union[size:] == bytes(128 - size)
+
+
+@pytest.mark.parametrize("ev_type", [EV_REL, EV_ABS, EV_SND, 0x1F])
+def test_config_ev_bits_type_the_keyboard_lacks_is_size_zero(kbd: SimInputHost, ev_type: int) -> None:
+    assert select(InputDevice(kbd), VIRTIO_INPUT_CFG_EV_BITS, ev_type) == (0, bytes(128))
+
+
+def test_config_ev_bits_tablet(tablet: SimInputHost) -> None:
+    dev = InputDevice(tablet)
+    size, union = select(dev, VIRTIO_INPUT_CFG_EV_BITS, EV_ABS)
+    assert union[:size] == bitmap([ABS_X, ABS_Y])
+    size, union = select(dev, VIRTIO_INPUT_CFG_EV_BITS, EV_KEY)
+    assert union[:size] == bitmap([0x140, BTN_TOUCH])
+
+
+@pytest.mark.parametrize("axis", [ABS_X, ABS_Y])
+def test_config_abs_info_per_axis(tablet: SimInputHost, axis: int) -> None:
+    size, union = select(InputDevice(tablet), VIRTIO_INPUT_CFG_ABS_INFO, axis)
+    assert size == 20
+    assert struct.unpack("<iiiii", union[:20]) == (0, 32767, 0, 0, 100)
+
+
+def test_config_abs_info_unknown_axis_is_size_zero(tablet: SimInputHost) -> None:
+    assert select(InputDevice(tablet), VIRTIO_INPUT_CFG_ABS_INFO, 0x35) == (0, bytes(128))
+
+
+@pytest.mark.parametrize(
+    ("sel", "subsel"),
+    [(VIRTIO_INPUT_CFG_UNSET, 0), (0x04, 0), (0x13, 0), (0xFF, 0xFF), (VIRTIO_INPUT_CFG_ID_NAME, 1)],
+)
+def test_config_unknown_select_reads_zero(kbd: SimInputHost, sel: int, subsel: int) -> None:
+    """§5.8.5.2: the device MUST set size to zero for an unsupported select/subsel."""
+    assert select(InputDevice(kbd), sel, subsel) == (0, bytes(128))
+
+
+def test_config_write_of_both_fields_at_once_and_beyond_is_ignored_there(kbd: SimInputHost) -> None:
+    dev = InputDevice(kbd)
+    dev.write_config(0, bytes([VIRTIO_INPUT_CFG_EV_BITS, EV_LED, 99, 1, 2, 3]))
+    cfg = dev.read_config(0, CONFIG_SIZE)
+    assert cfg[:3] == bytes([VIRTIO_INPUT_CFG_EV_BITS, EV_LED, 1]) and cfg[8] == 0b111
+    dev.write_config(50, b"\xff" * 10)
+    assert dev.read_config(0, CONFIG_SIZE) == cfg
+
+
+def test_config_partial_reads(kbd: SimInputHost) -> None:
+    dev = InputDevice(kbd)
+    dev.write_config(0, bytes([VIRTIO_INPUT_CFG_ID_NAME, 0]))
+    assert dev.read_config(2, 1) == bytes([37])
+    assert dev.read_config(8, 5) == b"vhost"
+    assert dev.read_config(CONFIG_SIZE, 4) == b""
+
+
+# -- events: host -> eventq -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_events_group_delivered_on_host_readable(kbd: SimInputHost, event_idx: bool) -> None:
+    """Works without EVENT_IDX too (upstream discards every event then)."""
+    with Rig(kbd, event_idx=event_idx) as rig:
+        rig.post(4)
+        assert rig.kick(EVENTQ) == []
+        kbd.inject(key(KEY_A, 1))
+        rig.fire()
+        used = rig.used(EVENTQ)
+        assert rig.events(used) == key(KEY_A, 1)
+        assert rig.interrupt.used == [EVENTQ]
+
+
+def test_events_partial_group_waits_for_syn_report(kbd: SimInputHost) -> None:
+    with Rig(kbd) as rig:
+        rig.post(4)
+        rig.kick(EVENTQ)
+        kbd.inject([(EV_MSC, 4, 30), (EV_KEY, KEY_A, 1)])
+        rig.fire()
+        assert rig.used(EVENTQ) == []
+        kbd.inject([SYN])
+        rig.fire()
+        assert rig.events(rig.used(EVENTQ)) == [(EV_MSC, 4, 30), (EV_KEY, KEY_A, 1), SYN]
+
+
+def test_events_group_waits_for_a_buffer_per_event(kbd: SimInputHost) -> None:
+    """§5.8.6.2: never a half-delivered group: two buffers for a three-event group wait."""
+    with Rig(kbd) as rig:
+        rig.post(2)
+        rig.kick(EVENTQ)
+        kbd.inject([(EV_MSC, 4, 30), (EV_KEY, KEY_A, 1), SYN])
+        rig.fire()
+        assert rig.used(EVENTQ) == []
+        rig.post(1)
+        assert rig.events(rig.kick(EVENTQ)) == [(EV_MSC, 4, 30), (EV_KEY, KEY_A, 1), SYN]
+
+
+def test_events_held_without_buffers_then_kick_delivers_in_order(kbd: SimInputHost) -> None:
+    with Rig(kbd) as rig:
+        for code in (KEY_A, KEY_A + 1, KEY_A + 2):
+            kbd.inject(key(code, 1))
+            rig.fire()
+        assert rig.device._held == 6
+        rig.post(6)
+        got = rig.events(rig.kick(EVENTQ))
+        assert got == key(KEY_A, 1) + key(KEY_A + 1, 1) + key(KEY_A + 2, 1)
+
+
+def test_events_kick_reads_host_without_fd_callback(kbd: SimInputHost) -> None:
+    """A kick pulls what the host has (the mmio transport polls no fd)."""
+    with Rig(kbd) as rig:
+        kbd.inject(key(KEY_A, 0))
+        rig.post(2)
+        assert rig.events(rig.kick(EVENTQ)) == key(KEY_A, 0)
+
+
+def test_events_negative_value_round_trips(tablet: SimInputHost) -> None:
+    with Rig(tablet) as rig:
+        rig.post(2)
+        rig.kick(EVENTQ)
+        tablet.inject([(EV_REL, 0, -5), SYN])
+        rig.fire()
+        assert rig.events(rig.used(EVENTQ)) == [(EV_REL, 0, -5), SYN]
+
+
+def test_events_overflow_replaced_by_syn_dropped(kbd: SimInputHost) -> None:
+    """A guest that never posts buffers: memory stays bounded, the lost groups are
+    reported by one SYN_DROPPED and what came after it is delivered."""
+    with Rig(kbd, max_pending=8) as rig:
+        for i in range(100):
+            kbd.inject(key(KEY_A, i & 1))
+            rig.fire()
+            assert rig.device._held <= 8
+        rig.post(16)
+        got = rig.events(rig.kick(EVENTQ))
+        assert got[0] == (EV_SYN, SYN_DROPPED, 0)
+        assert len(got) <= 8
+        assert rig.device.dropped_groups > 0
+        # Groups after the marker are whole.
+        rest = got[1:]
+        assert len(rest) % 2 == 0 and all(rest[i + 1] == SYN for i in range(0, len(rest), 2))
+
+
+def test_events_overflow_exact_contents(kbd: SimInputHost) -> None:
+    with Rig(kbd, max_pending=5) as rig:
+        for code in (1, 2, 3):  # 6 events: the third group does not fit
+            kbd.inject(key(code, 1))
+            rig.fire()
+        rig.post(8)
+        assert rig.events(rig.kick(EVENTQ)) == [(EV_SYN, SYN_DROPPED, 0), *key(3, 1)]
+        assert rig.device.dropped_groups == 2
+
+
+def test_events_group_longer_than_max_pending_dropped(kbd: SimInputHost) -> None:
+    with Rig(kbd, max_pending=4) as rig:
+        kbd.inject([(EV_KEY, c, 1) for c in range(1, 10)] + [SYN])
+        rig.fire()
+        kbd.inject(key(KEY_A, 1))
+        rig.fire()
+        rig.post(8)
+        assert rig.events(rig.kick(EVENTQ)) == [(EV_SYN, SYN_DROPPED, 0), *key(KEY_A, 1)]
+
+
+def test_events_host_syn_dropped_skips_to_next_report(kbd: SimInputHost) -> None:
+    """evdev's rule: after SYN_DROPPED, events up to the next SYN_REPORT are stale."""
+    with Rig(kbd) as rig:
+        rig.post(8)
+        rig.kick(EVENTQ)
+        kbd.inject([(EV_KEY, 5, 1), (EV_SYN, SYN_DROPPED, 0), (EV_KEY, 6, 1), SYN, *key(7, 1)])
+        rig.fire()
+        assert rig.events(rig.used(EVENTQ)) == [(EV_SYN, SYN_DROPPED, 0), *key(7, 1)]
+
+
+def test_events_group_longer_than_ring_goes_in_parts(kbd: SimInputHost) -> None:
+    with Rig(kbd, queue_size=4) as rig:
+        group = [(EV_KEY, c, 1) for c in range(1, 6)] + [SYN]
+        kbd.inject(group)
+        rig.post(4)
+        first = rig.events(rig.kick(EVENTQ))
+        assert first == group[:4]
+        rig.post(2)
+        assert rig.events(rig.kick(EVENTQ)) == group[4:]
+
+
+def test_events_stale_host_events_dropped_at_activate(kbd: SimInputHost) -> None:
+    kbd.inject(key(KEY_A, 1))
+    with Rig(kbd) as rig:
+        rig.post(2)
+        assert rig.kick(EVENTQ) == []
+
+
+# -- bad eventq buffers (§5.8.6.1) -------------------------------------------------------------------
+
+
+def test_eventq_short_buffer_returned_empty(kbd: SimInputHost) -> None:
+    """§5.8.6.1: eventq buffers MUST be at least sizeof(virtio_input_event)."""
+    with Rig(kbd) as rig:
+        (bad,) = rig.post(1, size=4)
+        assert rig.kick(EVENTQ) == [(bad, 0)]
+
+
+def test_eventq_readable_buffer_returned_empty(kbd: SimInputHost) -> None:
+    """§5.8.6.1: eventq buffers MUST be device-writable."""
+    with Rig(kbd) as rig:
+        bad, _ = rig.add_request(EVENTQ, readable=[b"x" * 8])
+        assert rig.kick(EVENTQ) == [(bad, 0)]
+
+
+def test_eventq_bad_buffer_behind_good_ones_completes_in_order(kbd: SimInputHost) -> None:
+    with Rig(kbd) as rig:
+        (good,) = rig.post(1)
+        (bad,) = rig.post(1, size=2)
+        (good2,) = rig.post(1)
+        assert rig.kick(EVENTQ) == []
+        kbd.inject(key(KEY_A, 1))
+        rig.fire()
+        assert rig.used(EVENTQ) == [(good, 8), (bad, 0), (good2, 8)]
+
+
+# -- quiesce and reset ------------------------------------------------------------------------------
+
+
+def test_quiesce_gives_kept_buffers_back(kbd: SimInputHost) -> None:
+    with Rig(kbd) as rig:
+        rig.post(3)
+        rig.kick(EVENTQ)
+        q = rig.queues[EVENTQ]
+        assert q.next_avail() == 3
+        rig.device.quiesce(EVENTQ)
+        assert q.next_avail() == 0
+        kbd.inject(key(KEY_A, 1))
+        rig.fire()
+        assert rig.used(EVENTQ) == []
+        # The next kick pops them again and delivers.
+        assert len(rig.events(rig.kick(EVENTQ))) == 2
+
+
+def test_reset_stops_watching_and_ungrabs(kbd: SimInputHost) -> None:
+    rig = DeviceRig(InputDevice(kbd, grab=True))
+    assert kbd.grabbed
+    assert kbd.fileno() in rig.loop.readers
+    rig.close()
+    assert not kbd.grabbed
+    assert kbd.fileno() not in rig.loop.readers
+
+
+# -- statusq: guest -> host ------------------------------------------------------------------------
+
+
+def test_statusq_led_reaches_host(kbd: SimInputHost) -> None:
+    with Rig(kbd) as rig:
+        head, _ = rig.add_request(STATUSQ, readable=[pack_event(EV_LED, LED_CAPSL, 1)])
+        assert rig.kick(STATUSQ) == [(head, 0)]
+        assert kbd.status(EV_LED, LED_CAPSL) == 1
+        assert kbd.status_log == [(EV_LED, LED_CAPSL, 1)]
+
+
+def test_statusq_repeat_and_several_events_in_one_buffer(kbd: SimInputHost) -> None:
+    with Rig(kbd) as rig:
+        data = pack_event(EV_REP, REP_DELAY, 250) + pack_event(EV_LED, 0, 1)
+        head, _ = rig.add_request(STATUSQ, readable=[data])
+        assert rig.kick(STATUSQ) == [(head, 0)]
+        assert kbd.status_log == [(EV_REP, REP_DELAY, 250), (EV_LED, 0, 1)]
+
+
+@pytest.mark.parametrize("event", [(EV_LED, 7, 1), (EV_KEY, KEY_A, 1), (EV_SND, 1, 1)])
+def test_statusq_code_host_lacks_ignored(kbd: SimInputHost, event: tuple[int, int, int]) -> None:
+    with Rig(kbd) as rig:
+        head, _ = rig.add_request(STATUSQ, readable=[pack_event(*event)])
+        assert rig.kick(STATUSQ) == [(head, 0)]
+        assert kbd.status_log == []
+
+
+@pytest.mark.parametrize("size", [0, 4, 7, 9, 15])
+def test_statusq_wrong_size_returned_empty(kbd: SimInputHost, size: int) -> None:
+    """§5.8.6.1: statusq buffers MUST be at least sizeof(virtio_input_event)."""
+    with Rig(kbd) as rig:
+        bad, _ = rig.add_request(
+            STATUSQ, readable=[b"\x11" * size] if size else [], writable=[] if size else [8]
+        )
+        good, _ = rig.add_request(STATUSQ, readable=[pack_event(EV_LED, 0, 1)])
+        assert rig.kick(STATUSQ) == [(bad, 0), (good, 0)]
+        assert kbd.status_log == [(EV_LED, 0, 1)]
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chunks=st.lists(st.binary(max_size=40), min_size=1, max_size=4),
+    writable=st.lists(st.integers(1, 16), max_size=2),
+)
+def test_statusq_any_bytes_never_break_the_device(chunks: list[bytes], writable: list[int]) -> None:
+    """Whatever a statusq chain holds: it is completed with length 0, the device stays
+    usable, and only whole events of status types the host has reach it."""
+    host = SimInputHost("keyboard")
+    try:
+        with Rig(host) as rig:
+            head, outs = rig.add_request(STATUSQ, readable=chunks, writable=writable)
+            assert rig.kick(STATUSQ) == [(head, 0)]
+            for gpa, n in zip(outs, writable, strict=True):
+                assert rig.read(gpa, n) == b"\xee" * n
+            data = b"".join(chunks)
+            if len(data) % 8 or not data:
+                assert host.status_log == []
+            else:
+                for ev in host.status_log:
+                    assert ev[0] in (EV_LED, EV_REP)
+                    assert pack_event(*ev) in [data[i : i + 8] for i in range(0, len(data), 8)]
+            assert rig.device.broken is None
+            # Still serves an LED afterwards.
+            ok, _ = rig.add_request(STATUSQ, readable=[pack_event(EV_LED, 2, 1)])
+            assert rig.kick(STATUSQ) == [(ok, 0)]
+            assert host.status(EV_LED, 2) == 1
+    finally:
+        host.close()
+
+
+# -- an unplugged host ------------------------------------------------------------------------------
+
+
+def test_unplugged_host_device_stays_up(kbd: SimInputHost, caplog: pytest.LogCaptureFixture) -> None:
+    with Rig(kbd) as rig:
+        rig.post(2)
+        rig.kick(EVENTQ)
+        kbd.unplugged = True
+        rig.fire()
+        assert rig.device.host_gone
+        assert kbd.fileno() not in rig.loop.readers
+        assert "is gone" in caplog.text
+        # Config still answers; statusq still completes (nothing reaches the host).
+        assert select(rig.device, VIRTIO_INPUT_CFG_ID_NAME)[0] > 0
+        head, _ = rig.add_request(STATUSQ, readable=[pack_event(EV_LED, 0, 1)])
+        assert rig.kick(STATUSQ) == [(head, 0)]
+        assert rig.device.broken is None
+
+
+def test_statusq_host_write_failure_is_host_fault(
+    kbd: SimInputHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Rig(kbd) as rig:
+        kbd.unplugged = True  # reads not yet tried: the write finds it gone
+        head, _ = rig.add_request(STATUSQ, readable=[pack_event(EV_LED, 0, 1)])
+        assert rig.kick(STATUSQ) == [(head, 0)]
+        assert "host fault" in caplog.text
