@@ -10,9 +10,11 @@ where it follows the spec:
   followed by the device-writable response ``{u8 status; u8 value}``, or
   ``{u8 status; u8 names[gpio_names_size]}`` for GET_LINE_NAMES (§5.17.6);
 * GET_LINE_NAMES answers every line's name, NUL-terminated, in line order (an
-  unnamed line is a lone NUL); GET_DIRECTION the direction the driver configured
-  (none, out, in); SET_DIRECTION requests the line from the host chip as an input
-  or an output, or releases it; GET_VALUE reads a requested line; SET_VALUE caches
+  unnamed line is a lone NUL); GET_DIRECTION the direction the driver configured,
+  or for a line it did not configure what the chip reports (input or output, as
+  upstream asks libgpiod's line info; a simulated line is an input);
+  SET_DIRECTION requests the line from the host chip as an input or an output, or
+  releases it; GET_VALUE reads a requested line; SET_VALUE caches
   the output value and drives it at once if the line is an output (§5.17.6.5: "may
   get configured to output later, at which point this output value must be used");
   SET_DIRECTION to output without a SET_VALUE before is refused, as upstream does;
@@ -46,17 +48,22 @@ buffer; setting the IRQ type a line already has is a no-op (upstream: an error);
 IRQ types other than the six of the spec are refused (upstream accepts any
 combination of the four bits); both queues accept up to 1024 entries (upstream:
 256, which QEMU 10's 1024-entry rings exceed).
+
+Lifecycle: a :meth:`GpioDevice.reset` (which the vhost-user transport also does
+when the rings stop) returns the waiting eventq buffers INVALID and keeps the
+lines; :meth:`GpioDevice.close` (the session is over) releases them.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Sequence
 
-from virtio_queue import DescriptorChain
+from virtio_queue import DescriptorChain, GuestMemory, Queue
 from virtio_queue.errors import GuestMemoryError, QueueError
 
-from .base import COMMON_FEATURES, VirtioDevice
+from .base import COMMON_FEATURES, EventLoop, Interrupt, VirtioDevice
 from .errors import HostFault, MalformedRequest
 from .hosts.gpio import (
     DIRECTION_IN,
@@ -162,7 +169,9 @@ class GpioDevice(VirtioDevice):
     """The virtio GPIO device over a :class:`~virtio_devices.hosts.gpio.GpioChip`.
 
     One device per front-end connection; the chip outlives it (it is opened once
-    per ``-l`` entry).  :meth:`reset` releases every line the device requested.
+    per ``-l`` entry).  A :meth:`reset` keeps the lines' configuration (a vhost-user
+    ring stop is a reset here); :meth:`close` releases every line the device
+    requested.
 
     Args:
         chip: the host chip (or simulated one) whose lines the guest gets.
@@ -209,7 +218,8 @@ class GpioDevice(VirtioDevice):
 
     # -- state seen by tests and tools -------------------------------------------------
     def direction(self, line: int) -> int:
-        """The direction the driver configured for ``line`` (0 none, 1 out, 2 in)."""
+        """The direction the driver configured for ``line`` (0 none, 1 out, 2 in);
+        GET_DIRECTION of an unconfigured line asks the chip instead."""
         return self._direction[line]
 
     def irq_type(self, line: int) -> int:
@@ -233,9 +243,32 @@ class GpioDevice(VirtioDevice):
                 self._waiters.clear()  # the ring is gone already: nothing to write to
         super().quiesce(index)
 
+    def activate(
+        self, memory: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, loop: EventLoop
+    ) -> None:
+        """Start the device (see :meth:`VirtioDevice.activate`); lines whose interrupt
+        was enabled before a reset are watched again (the edges the chip queued
+        meanwhile are latched when the loop reads them).
+
+        Raises:
+            ValueError: ``queues`` does not match the device's queues.
+        """
+        super().activate(memory, queues, interrupt, loop)
+        for line in range(self.ngpio):
+            if self._irq_type[line] != IRQ_TYPE_NONE:
+                self._watch(line)
+
     def reset(self) -> None:
-        """Back to the initial state (VIRTIO 1.2 §2.4): waiting eventq buffers are
-        returned INVALID, every line the device requested is released.
+        """Stop: waiting eventq buffers are returned INVALID (through
+        :meth:`quiesce`), edge watches end; the lines keep their configuration.
+
+        A vhost-user transport resets the device whenever its rings stop, which
+        QEMU does on ``stop`` and before a migration, not only when the driver resets
+        it: lines released there would leave a paused guest's outputs floating and,
+        once it runs again, its enabled interrupts refused (Linux's driver requeues
+        an INVALID buffer of an enabled line at once: an endless ping-pong).  A
+        driver that resets the device releases its lines itself first (Linux frees
+        every requested line on remove).  :meth:`close` releases them.
 
         Raises:
             Exception: what the base class's reset raises.
@@ -246,6 +279,18 @@ class GpioDevice(VirtioDevice):
             super().reset()
         finally:
             self._waiters.clear()
+
+    def close(self) -> None:
+        """The device is done with (its front-end left): reset it if active and
+        release every line it requested from the chip; the chip stays open.
+
+        Called once by the vhost-user daemon at the end of each session (a fresh
+        device serves the next); closing twice is harmless.
+        """
+        try:
+            if self.active:
+                self.reset()
+        finally:
             for line in range(self.ngpio):
                 if self._direction[line] != DIRECTION_NONE or self._irq_type[line] != IRQ_TYPE_NONE:
                     try:
@@ -317,7 +362,11 @@ class GpioDevice(VirtioDevice):
             raise GpioRequestError(f"{name}: line {gpio} out of range (ngpio {self.ngpio})")
         answer = 0
         if rtype == MSG_GET_DIRECTION:
-            answer = self._direction[gpio]
+            # A line the driver configured: what it set.  Otherwise what the chip
+            # says (input or output), as upstream answers for host chips: Linux's
+            # gpio-virtio takes "none" for an error, and some gpiolib versions
+            # refuse to register a chip whose get_direction fails.
+            answer = self._direction[gpio] or self.chip.line_direction(gpio)
         elif rtype == MSG_SET_DIRECTION:
             self._set_direction(gpio, value)
         elif rtype == MSG_GET_VALUE:

@@ -173,7 +173,7 @@ def test_gpio_config_and_line_names(gpio: DeviceDriver) -> None:
 
 
 def test_gpio_direction_and_value_round_trip(gpio: DeviceDriver) -> None:
-    assert _gpio(gpio, 2, 4) == b"\x00\x00"  # GET_DIRECTION: none
+    assert _gpio(gpio, 2, 4) == b"\x00\x02"  # GET_DIRECTION, unconfigured: the chip's input
     assert _gpio(gpio, 5, 4, 1) == b"\x00\x00"  # SET_VALUE 1
     assert _gpio(gpio, 3, 4, 1) == b"\x00\x00"  # SET_DIRECTION out
     assert _gpio(gpio, 2, 4) == b"\x00\x01"
@@ -187,7 +187,7 @@ def test_gpio_direction_and_value_round_trip(gpio: DeviceDriver) -> None:
 @pytest.mark.parametrize(("rtype", "line", "value"), [(9, 0, 0), (2, 8, 0), (5, 0, 2), (3, 0, 7), (6, 0, 5)])
 def test_gpio_refused_request_answers_err(gpio: DeviceDriver, rtype: int, line: int, value: int) -> None:
     assert _gpio(gpio, rtype, line, value) == b"\x01\x00"
-    assert _gpio(gpio, 2, 0) == b"\x00\x00"  # the device goes on
+    assert _gpio(gpio, 2, 0) == b"\x00\x02"  # the device goes on
 
 
 def test_gpio_request_without_status_byte_returned_empty(gpio: DeviceDriver) -> None:

@@ -229,7 +229,7 @@ def test_gpio_daemon_accepts_qemu10_ring_size(daemon: GpioDaemon) -> None:
     QEMU aborts)."""
     g = daemon.guest(ring_size=1024)
     try:
-        assert g.request(MSG_GET_DIRECTION, 0) == b"\x00\x00"
+        assert g.request(MSG_GET_DIRECTION, 0) == b"\x00\x02"  # unconfigured: the chip's input
     finally:
         g.close()
 
@@ -243,7 +243,7 @@ def test_gpio_daemon_bad_requests_answered_and_daemon_goes_on(guest: Guest) -> N
     guest.fe.kick(0)
     assert guest.fe.wait_used(0, 1, TIMEOUT) == [(head, 2)]
     assert guest.fe.memory.read(out, 3) == b"\x01\x00\xee"
-    assert guest.request(MSG_GET_DIRECTION, 0) == b"\x00\x00"
+    assert guest.request(MSG_GET_DIRECTION, 0) == b"\x00\x02"
 
 
 def test_gpio_daemon_reconnect_releases_lines(daemon: GpioDaemon, host: Control) -> None:
@@ -255,7 +255,7 @@ def test_gpio_daemon_reconnect_releases_lines(daemon: GpioDaemon, host: Control)
     # The next front-end finds the line released (the device was reset).
     g2 = daemon.guest()
     try:
-        assert g2.request(MSG_GET_DIRECTION, 1) == b"\x00\x00"
+        assert g2.request(MSG_GET_DIRECTION, 1) == b"\x00\x02"  # back to the chip's input
         assert host.ask("get 0 1") == "ok none 0"
     finally:
         g2.close()

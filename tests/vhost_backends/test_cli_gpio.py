@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vhost_backends.cli import gpio as cli
 from vhost_backends.cli._common import ConfigError
@@ -283,3 +285,24 @@ def test_sim_control_replaces_stale_socket_refuses_live_one(tmp_path: Path) -> N
     finally:
         server.close()
     assert not os.path.exists(path)
+
+
+_WORDS = st.sampled_from(["set", "get", "0", "1", "2", "3", "4", "99", "-1", "x", "+1", "", "\t"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(st.text(max_size=40), st.lists(_WORDS, max_size=5).map(" ".join)))
+def test_sim_control_any_command_gets_one_reply_line(
+    control: tuple[SimControlServer, list[SimGpioChip]], text: str
+) -> None:
+    """Whatever a client sends as a command: one reply line, ``ok...`` or ``err ...``,
+    and a ``set`` that was answered ok really set a simulated input."""
+    server, (chip0, chip2) = control
+    reply = server.handle(text)
+    assert "\n" not in reply
+    assert reply == "ok" or reply.startswith(("ok ", "err "))
+    words = text.split()
+    if reply == "ok":
+        assert words[0] == "set"
+        chip = chip0 if int(words[1]) == 0 else chip2
+        assert chip.state(int(words[2]))[1] == int(words[3])

@@ -141,7 +141,10 @@ def test_gpio_get_line_names(rig: Rig) -> None:
 
 def test_gpio_line_starts_unconfigured(rig: Rig) -> None:
     for line in range(8):
-        assert rig.request(MSG_GET_DIRECTION, line) == bytes((0, NONE))
+        # Not configured by the driver: what the chip says (a simulated line is an
+        # input), as upstream answers for host chips; Linux takes "none" for an error.
+        assert rig.request(MSG_GET_DIRECTION, line) == bytes((0, IN))
+        assert rig.dev.direction(line) == NONE
         # No direction: nothing requested from the chip, nothing to read.
         assert rig.request(MSG_GET_VALUE, line) == ERR
 
@@ -182,7 +185,8 @@ def test_gpio_direction_none_releases_and_discards_state(rig: Rig, chip: SimGpio
     assert rig.request(MSG_SET_DIRECTION, 1, OUT) == OK
     assert rig.request(MSG_SET_DIRECTION, 1, NONE) == OK
     assert chip.state(1) == (NONE, 0)
-    assert rig.request(MSG_GET_DIRECTION, 1) == bytes((0, NONE))
+    assert rig.dev.direction(1) == NONE
+    assert rig.request(MSG_GET_DIRECTION, 1) == bytes((0, IN))
     # The cached value went too: output needs a new SET_VALUE.
     assert rig.request(MSG_SET_DIRECTION, 1, OUT) == ERR
 
@@ -212,7 +216,7 @@ def test_gpio_bad_request_answers_err(rig: Rig, request_bytes: bytes, why: str) 
     assert rig.kick(0) == [(head, 2)], why
     assert rig.read(out, 2) == ERR, why
     # The device keeps working.
-    assert rig.request(MSG_GET_DIRECTION, 0) == bytes((0, NONE))
+    assert rig.request(MSG_GET_DIRECTION, 0) == bytes((0, IN))
 
 
 @pytest.mark.parametrize("size", [1, 3, 16])
@@ -257,7 +261,7 @@ def test_gpio_request_split_across_descriptors(rig: Rig) -> None:
     raw = msg(MSG_GET_DIRECTION, 2)
     head, outs = rig.add_request(0, readable=[raw[:3], raw[3:]], writable=[1, 1])
     assert rig.kick(0) == [(head, 2)]
-    assert rig.read(outs[0], 1) + rig.read(outs[1], 1) == bytes((0, NONE))
+    assert rig.read(outs[0], 1) + rig.read(outs[1], 1) == bytes((0, IN))
 
 
 def test_gpio_host_chip_failure_answers_err(
@@ -268,7 +272,7 @@ def test_gpio_host_chip_failure_answers_err(
 
     monkeypatch.setattr(chip, "configure", vanished)
     assert rig.request(MSG_SET_DIRECTION, 0, IN) == ERR
-    assert rig.request(MSG_GET_DIRECTION, 0) == bytes((0, NONE))
+    assert rig.dev.direction(0) == NONE
 
 
 def test_gpio_bad_requests_log_rate_limited(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
@@ -277,6 +281,33 @@ def test_gpio_bad_requests_log_rate_limited(rig: Rig, caplog: pytest.LogCaptureF
             assert rig.request(9) == ERR
     lines = [r for r in caplog.records if "unknown request type 9" in r.getMessage()]
     assert 1 <= len(lines) < 50
+
+
+# What Linux's gpio-virtio sends, byte for byte (drivers/gpio/gpio-virtio.c): a
+# request (le16 type, le16 gpio, le32 value) and the response the device must write into the 2-byte buffer.
+LINUX_SEQUENCE = [
+    # gpiod_direction_output(line 2, 1): SET_VALUE then SET_DIRECTION out.
+    (bytes.fromhex("0500 0200 01000000"), bytes.fromhex("00 00")),  # type 5, gpio 2, value 1 -> OK, 0
+    (bytes.fromhex("0300 0200 01000000"), bytes.fromhex("00 00")),  # type 3, gpio 2, out -> OK, 0
+    (bytes.fromhex("0200 0200 00000000"), bytes.fromhex("00 01")),  # GET_DIRECTION -> OK, out
+    (bytes.fromhex("0400 0200 00000000"), bytes.fromhex("00 01")),  # GET_VALUE -> OK, high
+    # gpiod_direction_input(line 6), then its IRQ enabled for both edges.
+    (bytes.fromhex("0300 0600 02000000"), bytes.fromhex("00 00")),  # SET_DIRECTION in -> OK
+    (bytes.fromhex("0600 0600 03000000"), bytes.fromhex("00 00")),  # IRQ_TYPE edge both -> OK
+    (bytes.fromhex("0600 0600 04000000"), bytes.fromhex("01 00")),  # level high before NONE -> ERR, 0
+    (bytes.fromhex("0600 0600 00000000"), bytes.fromhex("00 00")),  # IRQ_TYPE none -> OK
+    # gpio_free(line 2): SET_DIRECTION none.
+    (bytes.fromhex("0300 0200 00000000"), bytes.fromhex("00 00")),  # -> OK, line released
+]
+
+
+def test_gpio_linux_request_vectors(rig: Rig, chip: SimGpioChip) -> None:
+    for request, response in LINUX_SEQUENCE:
+        head, (out,) = rig.add_request(0, readable=[request], writable=[2])
+        assert rig.kick(0) == [(head, 2)], request.hex()
+        assert rig.read(out, 2) == response, request.hex()
+    assert chip.state(2) == (NONE, 0)
+    assert chip.state(6) == (IN, 0)
 
 
 # -- IRQ_TYPE (§5.17.6.6) --------------------------------------------------------------------
@@ -518,21 +549,53 @@ def test_gpio_quiesce_returns_waiters_invalid(rig: Rig) -> None:
     assert rig.dev.waiting() == []
 
 
-def test_gpio_reset_releases_every_line(chip: SimGpioChip) -> None:
+def test_gpio_reset_keeps_lines_close_releases_them(chip: SimGpioChip) -> None:
+    """A reset (a vhost-user ring stop: QEMU's ``stop``) returns the waiting eventq
+    buffers INVALID but keeps the lines; close() (the session is over) releases them."""
     rig = Rig(chip)
     rig.make_input(0, IRQ_TYPE_EDGE_RISING)
     assert rig.request(MSG_SET_VALUE, 1, 1) == OK
     assert rig.request(MSG_SET_DIRECTION, 1, OUT) == OK
-    head, _ = rig.wait_irq(0)
+    head, out = rig.wait_irq(0)
     rig.kick(1)
     rig.close()
     assert rig.used(1) == [(head, 1)]
+    assert rig.read(out, 1) == bytes((IRQ_STATUS_INVALID,))
+    assert rig.loop.readers == {}
+    assert chip.state(1) == (OUT, 1)
+    assert rig.dev.irq_type(0) == IRQ_TYPE_EDGE_RISING
+    rig.dev.close()
     assert chip.state(0) == (NONE, 0)
     assert chip.state(1) == (NONE, 0)
-    assert rig.loop.readers == {}
+    rig.dev.close()  # twice: harmless
     # A fresh device over the same chip starts from scratch.
     with Rig(chip) as again:
-        assert again.request(MSG_GET_DIRECTION, 1) == bytes((0, NONE))
+        assert again.dev.direction(1) == NONE
+        assert again.request(MSG_GET_DIRECTION, 1) == bytes((0, IN))
+
+
+def test_gpio_interrupt_survives_stop_and_start(chip: SimGpioChip) -> None:
+    """Rings stopped and started again (QEMU ``stop``/``cont``): the enabled
+    interrupt goes on, an edge while stopped is latched, the requeued buffer fires."""
+    dev = GpioDevice(chip)
+    with DeviceRig(dev, queue_size=64, event_idx=True) as first:
+        head, (out,) = first.add_request(0, readable=[msg(MSG_SET_DIRECTION, 3, IN)], writable=[2])
+        first.kick(0)
+        head, (out,) = first.add_request(
+            0, readable=[msg(MSG_IRQ_TYPE, 3, IRQ_TYPE_EDGE_RISING)], writable=[2]
+        )
+        assert first.kick(0) == [(head, 2)]
+        assert first.read(out, 2) == OK
+    chip.set_input(3, 1)  # while stopped
+    with DeviceRig(dev, queue_size=64, event_idx=True) as second:
+        fd = chip.event_fd(3)
+        assert fd in second.loop.readers
+        head, (status,) = second.add_request(1, readable=[struct.pack("<H", 3)], writable=[1])
+        second.loop.fire_reader(fd)
+        assert second.kick(1) == [(head, 1)]
+        assert second.read(status, 1) == bytes((IRQ_STATUS_VALID,))
+    dev.close()
+    assert chip.state(3) == (NONE, 1)  # released; the host still holds the input high
 
 
 # -- hypothesis over request bytes -------------------------------------------------------------

@@ -111,7 +111,8 @@ class FakeChip:
         return type("Info", (), {"num_lines": len(self.names)})()
 
     def get_line_info(self, line: int) -> Any:
-        return type("LineInfo", (), {"name": self.names[line]})()
+        direction = Direction.OUTPUT if line == 3 else Direction.INPUT
+        return type("LineInfo", (), {"name": self.names[line], "direction": direction})()
 
     def request_lines(self, config: dict[int, Any], consumer: str | None = None, **kw: Any) -> FakeRequest:
         self.calls.append(("request", dict(config), consumer))
@@ -139,6 +140,18 @@ def test_gpiod_chip_is_a_gpio_chip(fake: FakeChip) -> None:
         assert chip.num_lines() == 4
         assert [chip.line_name(i) for i in range(4)] == ["LED", "", "BUTTON", "reset"]
     assert fake.closed
+
+
+def test_gpiod_chip_reports_the_kernels_direction_of_unconfigured_lines(fake: FakeChip) -> None:
+    """GET_DIRECTION of a line the guest did not configure asks the line info, as
+    upstream does (Linux's driver takes "none" for an error)."""
+    chip = gpiod_chip.GpiodChip(fake.path)
+    assert [chip.line_direction(i) for i in range(4)] == [DIRECTION_IN] * 3 + [DIRECTION_OUT]
+    with DeviceRig(GpioDevice(chip), queue_size=16) as rig:
+        head, (out,) = rig.add_request(0, readable=[_pack(2, 3, 0)], writable=[2])
+        assert rig.kick(0) == [(head, 2)]
+        assert rig.read(out, 2) == bytes((0, DIRECTION_OUT))
+    chip.close()
 
 
 def test_gpiod_chip_missing_or_not_a_chip(tmp_path: Any) -> None:
@@ -199,7 +212,8 @@ def test_gpiod_chip_behind_the_device(fake: FakeChip) -> None:
     """The device over the gpiod backend: output, edge IRQ through the request fd,
     and an emulated level interrupt (libgpiod itself has no level events)."""
     chip = gpiod_chip.GpiodChip(fake.path)
-    with DeviceRig(GpioDevice(chip), queue_size=16) as rig:
+    dev = GpioDevice(chip)
+    with DeviceRig(dev, queue_size=16) as rig:
 
         def request(rtype: int, gpio: int, value: int = 0) -> bytes:
             head, (out,) = rig.add_request(0, readable=[bytes(_pack(rtype, gpio, value))], writable=[2])
@@ -228,7 +242,9 @@ def test_gpiod_chip_behind_the_device(fake: FakeChip) -> None:
         req2.push_edge(2, False)
         rig.loop.fire_reader(req2.fd)
         assert rig.used(1) == [(head, 1)]
-    # The device's reset released what it requested.
+    # A reset keeps the lines requested; the device's close releases them.
+    assert not any(r.released for r in fake.requests)
+    dev.close()
     assert all(r.released for r in fake.requests)
     chip.close()
 

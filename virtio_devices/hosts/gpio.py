@@ -104,6 +104,11 @@ class GpioChip(Protocol):
     def line_name(self, line: int) -> str:
         """The line's name, ``""`` when it has none."""
 
+    def line_direction(self, line: int) -> int:
+        """The direction the chip reports for ``line`` now, requested or not
+        (libgpiod's line info: :data:`DIRECTION_IN` or :data:`DIRECTION_OUT`;
+        :data:`DIRECTION_NONE` when it cannot tell)."""
+
     def configure(self, line: int, direction: int, value: int = 0, edges: int = EDGE_NONE) -> None:
         """Request ``line`` (or reconfigure it in place) as :data:`DIRECTION_IN`
         with edge detection ``edges``, or :data:`DIRECTION_OUT` driven to
@@ -181,6 +186,11 @@ class SimGpioChip:
         """``dummy<line>``: upstream's mock chip names (``vhost-device-gpio/src/mock_gpio.rs``)."""
         self._line(line)
         return f"dummy{line}"
+
+    def line_direction(self, line: int) -> int:
+        """What the line is now: an input unless requested as an output."""
+        with self._lock:
+            return DIRECTION_OUT if self._line(line).direction == DIRECTION_OUT else DIRECTION_IN
 
     def configure(self, line: int, direction: int, value: int = 0, edges: int = EDGE_NONE) -> None:
         """Request or reconfigure ``line``; see :meth:`GpioChip.configure`.

@@ -22,7 +22,16 @@ from typing import Any, Self
 import gpiod
 from gpiod.line import Direction, Edge, Value
 
-from .gpio import DIRECTION_IN, DIRECTION_OUT, EDGE_BOTH, EDGE_FALLING, EDGE_NONE, EDGE_RISING, GpioChipError
+from .gpio import (
+    DIRECTION_IN,
+    DIRECTION_NONE,
+    DIRECTION_OUT,
+    EDGE_BOTH,
+    EDGE_FALLING,
+    EDGE_NONE,
+    EDGE_RISING,
+    GpioChipError,
+)
 
 __all__ = ["CONSUMER", "GpiodChip", "chip_path"]
 
@@ -72,6 +81,15 @@ class GpiodChip:
         """The kernel's name of the line, ``""`` when it has none."""
         return str(self._chip.get_line_info(line).name or "")
 
+    def line_direction(self, line: int) -> int:
+        """The kernel's view of the line (its line info), requested or not."""
+        direction = self._chip.get_line_info(line).direction
+        if direction == Direction.OUTPUT:
+            return DIRECTION_OUT
+        if direction == Direction.INPUT:
+            return DIRECTION_IN
+        return DIRECTION_NONE
+
     def configure(self, line: int, direction: int, value: int = 0, edges: int = EDGE_NONE) -> None:
         """Request ``line`` with these settings, or reconfigure its request.
 
@@ -116,7 +134,10 @@ class GpiodChip:
         request = self._request(line)
         edges: list[int] = []
         while request.wait_edge_events(0):
-            for event in request.read_edge_events():
+            events = request.read_edge_events()
+            if not events:
+                break  # readable without events (a hang-up): nothing more to read now
+            for event in events:
                 rising = event.event_type == gpiod.EdgeEvent.Type.RISING_EDGE
                 edges.append(EDGE_RISING if rising else EDGE_FALLING)
         return edges
