@@ -12,7 +12,7 @@ import pytest
 
 from vhost_backends.cli import sound as cli
 from vhost_backends.cli._common import ConfigError
-from virtio_devices.hosts.audio import NullAudio
+from virtio_devices.hosts.audio import AudioError, NullAudio
 from virtio_devices.sound import SoundDevice
 
 
@@ -109,7 +109,7 @@ def test_missing_pulse_library_is_config_error(monkeypatch: pytest.MonkeyPatch) 
     from virtio_devices.hosts import pulse  # noqa: PLC0415 - needs libpulse only here
 
     def broken() -> None:
-        raise pulse.AudioError("libpulse-simple is not installed")
+        raise AudioError("libpulse-simple is not installed")
 
     monkeypatch.setattr(pulse, "_load", broken)
     with pytest.raises(ConfigError, match="--backend pipewire: libpulse-simple"):
