@@ -1,4 +1,4 @@
-"""rng and template behaviour, written once, run through vhost-user and virtio-mmio.
+"""rng, template and sound behaviour, written once, run through vhost-user and virtio-mmio.
 
 Every test takes ``driver`` (a :class:`virtio_devices.testing.DeviceDriver`) and runs
 twice: against the daemon process through our vhost-user front-end, and in-process
@@ -9,13 +9,16 @@ fails on the other is a transport bug.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
 from device_drivers import DeviceCase, console_script, driver_fixture
 
+from virtio_devices.hosts.audio import NullAudio
 from virtio_devices.hosts.files import FileEntropySource
 from virtio_devices.rng import RngDevice
+from virtio_devices.sound import SoundDevice
 from virtio_devices.template import TemplateDevice
 from virtio_devices.testing import DeviceDriver
 
@@ -47,8 +50,21 @@ TEMPLATE = DeviceCase(
     build=lambda tmp: TemplateDevice(),
 )
 
+SOUND = DeviceCase(
+    command=lambda tmp: [
+        *console_script("vhost-device-sound", "vhost_backends.cli.sound"),
+        "--backend",
+        "null",
+    ],
+    build=lambda tmp: SoundDevice(NullAudio()),
+    release=lambda device: device.backend.close() if isinstance(device, SoundDevice) else None,
+    num_queues=4,
+    socket_flag="--socket",
+)
+
 rng = driver_fixture(RNG)
 template = driver_fixture(TEMPLATE)
+sound = driver_fixture(SOUND)
 
 
 # -- rng (VIRTIO 1.2 §5.4) ------------------------------------------------------------------
@@ -137,3 +153,37 @@ def test_template_many_requests_one_kick(template: DeviceDriver) -> None:
     reqs = [template.add_request(0, readable=[bytes([i]) * 3], writable=[3]) for i in range(20)]
     assert template.kick(0, count=20) == [(head, 3) for head, _ in reqs]
     assert [template.read(outs[0], 3) for _, outs in reqs] == [bytes([i]) * 3 for i in range(20)]
+
+
+# -- sound (VIRTIO 1.2 §5.14): the requests answered on the loop ------------------------------
+
+
+def _control(drv: DeviceDriver, request: bytes, reply: int = 4) -> tuple[int, bytes]:
+    head, (out,) = drv.add_request(0, readable=[request], writable=[reply])
+    ((got, used),) = drv.kick(0)
+    assert got == head
+    data = drv.read(out, used)
+    return struct.unpack_from("<I", data)[0], data[4:]
+
+
+def test_sound_config_and_info(sound: DeviceDriver) -> None:
+    assert sound.read_config(0, 16) == struct.pack("<IIII", 0, 2, 6, 0)
+    status, payload = _control(sound, struct.pack("<IIII", 0x0100, 0, 2, 32), 68)
+    assert status == 0x8000 and len(payload) == 64
+    assert (payload[24], payload[56]) == (0, 1)  # directions: output, input
+    status, payload = _control(sound, struct.pack("<IIII", 0x0200, 0, 6, 24), 4 + 144)
+    assert status == 0x8000 and payload[24 + 6 : 24 + 8] == bytes([3, 4])  # stereo out: FL, FR
+
+
+def test_sound_refusals(sound: DeviceDriver) -> None:
+    assert _control(sound, struct.pack("<IIII", 0x0100, 1, 2, 32), 68)[0] == 0x8001  # BAD_MSG
+    assert _control(sound, struct.pack("<I", 0x4242))[0] == 0x8002  # NOT_SUPP
+    assert _control(sound, struct.pack("<II", 0x0104, 0))[0] == 0x8001  # START before PREPARE
+    # SET_PARAMS: S8 is not offered (NOT_SUPP), S16 stereo 48 kHz is.
+    assert _control(sound, struct.pack("<IIIIIBBBx", 0x0101, 0, 3840, 960, 0, 2, 3, 7))[0] == 0x8002
+    assert _control(sound, struct.pack("<IIIIIBBBx", 0x0101, 0, 3840, 960, 0, 2, 5, 7))[0] == 0x8000
+    # I/O on a stream id out of range, and on a stream not prepared: BAD_MSG at once.
+    for sid in (9, 0):
+        head, (out,) = sound.add_request(2, readable=[struct.pack("<I", sid) + bytes(64)], writable=[8])
+        assert sound.kick(2) == [(head, 8)]
+        assert struct.unpack("<II", sound.read(out, 8)) == (0x8001, 0)
