@@ -414,3 +414,40 @@ def test_pulseaudio_capture_records_the_server(pulse: PulseServer, tmp_path: Pat
         pacat.wait(TIMEOUT)
     assert len(recorded) == 50 * PERIOD
     assert peak_frequency(recorded) == 1000
+
+
+# -- ALSA ---------------------------------------------------------------------------------------------
+
+
+def test_alsa_playback_reaches_the_pcm_device(tmp_path: Path) -> None:
+    # ALSA's "file" plugin (over its null PCM) stands for a card: what the guest
+    # plays lands in a file, byte for byte.  The device is our addition,
+    # VHD_SOUND_ALSA_DEVICE (upstream always opens "default").
+    pytest.importorskip("alsaaudio", reason="pyalsaaudio (the hosts extra) is not installed")
+    out = tmp_path / "alsa.raw"
+    env = {"VHD_SOUND_ALSA_DEVICE": f"file:FILE={out},FORMAT=raw"}
+    s = SoundSession(tmp_path, "alsa", env=env)
+    n = 10
+    tone = sine(n * PERIOD // FRAME)
+    try:
+        s.start_stream(0)
+        assert s.control(struct.pack("<II", 0x0104, 0)) == S_OK
+        stream_periods(s, TX, 0, n, tone)
+        assert s.control(struct.pack("<II", 0x0105, 0)) == S_OK
+        assert s.control(struct.pack("<II", 0x0103, 0)) == S_OK  # RELEASE closes the PCM
+    finally:
+        s.close()
+    assert out.read_bytes() == tone
+
+
+def test_alsa_device_that_cannot_open_is_io_err_and_daemon_goes_on(tmp_path: Path) -> None:
+    pytest.importorskip("alsaaudio", reason="pyalsaaudio (the hosts extra) is not installed")
+    s = SoundSession(tmp_path, "alsa", env={"VHD_SOUND_ALSA_DEVICE": "hw:99,0"})
+    try:
+        params = struct.pack("<IIIIIBBBx", 0x0101, 0, 4 * PERIOD, PERIOD, 0, CHANNELS, FMT_S16, RATE_48000)
+        assert s.control(params) == S_OK
+        assert s.control(struct.pack("<II", 0x0102, 0)) == 0x8003  # PREPARE: IO_ERR (upstream panics)
+        assert s.control(struct.pack("<II", 0x0104, 0)) == S_BAD_MSG  # still not prepared
+        assert s.control(struct.pack("<IIII", 0x0100, 0, 2, 32), 68) == S_OK
+    finally:
+        s.close()
