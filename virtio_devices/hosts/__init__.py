@@ -5,6 +5,9 @@ itself (DESIGN.md, "virtio_devices").  Each backend has a simulated twin usable 
 tests and, where upstream offers one, from the CLI.
 
 * :mod:`virtio_devices.hosts.files`: entropy sources for virtio-rng.
+* :mod:`virtio_devices.hosts.audio`: the audio backend Protocol of virtio-sound and
+  its ``null`` backend; :mod:`~virtio_devices.hosts.alsa` (pyalsaaudio) and
+  :mod:`~virtio_devices.hosts.pulse` (libpulse-simple) the real ones.
 
 This package imports nothing on its own: a backend's optional dependency (gpiod,
 pyalsaaudio, smbus2) is needed only by whoever imports that backend's module, never
