@@ -451,3 +451,32 @@ def test_alsa_device_that_cannot_open_is_io_err_and_daemon_goes_on(tmp_path: Pat
         assert s.control(struct.pack("<IIII", 0x0100, 0, 2, 32), 68) == S_OK
     finally:
         s.close()
+
+
+def test_disconnect_mid_stream_then_a_new_front_end_is_served(tmp_path: Path) -> None:
+    s = SoundSession(tmp_path, "null")
+    try:
+        fe = s.fe
+        assert fe is not None
+        s.start_stream(0)
+        assert s.control(struct.pack("<II", 0x0104, 0)) == S_OK
+        for _ in range(8):  # 80 ms of sound in flight when the front-end leaves
+            s.chain(TX, [struct.pack("<I", 0) + bytes(PERIOD)], [8])
+        fe.kick(TX)
+        fe.close()
+        s.fe = None
+        s.daemon.wait_for("front-end session ended", TIMEOUT)
+        # A fresh device for the next front-end: its streams start over.
+        s.fe = Frontend.connect(s.sock, timeout=TIMEOUT)
+        s.fe.negotiate()
+        s.fe.add_memory(8 << 20)
+        s.fe.set_mem_table()
+        s.rings = [s.fe.setup_ring(i, 64, gpa=i << 20) for i in range(4)]
+        assert s.control(struct.pack("<II", 0x0104, 0)) == S_BAD_MSG  # START: not prepared
+        s.start_stream(0)
+        assert s.control(struct.pack("<II", 0x0104, 0)) == S_OK
+        head, _ = s.chain(TX, [struct.pack("<I", 0) + bytes(PERIOD)], [8])
+        s.fe.kick(TX)
+        assert s.fe.wait_used(TX, 1, TIMEOUT) == [(head, 8)]
+    finally:
+        s.close()

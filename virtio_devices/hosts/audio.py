@@ -162,7 +162,8 @@ class NullPort:
     Args:
         params: the stream's parameters.
         clock: monotonic clock in seconds (tests pass a fake one).
-        zero_fd: ``/dev/zero``, where silence is read from (-1: a Python buffer).
+        zero: ``/dev/zero`` as a byte source, where silence is read from (None: a
+            Python buffer of zeros per call).
     """
 
     def __init__(
@@ -170,14 +171,14 @@ class NullPort:
         params: PcmParams,
         *,
         clock: Callable[[], float] = time.monotonic,
-        zero_fd: int = -1,
+        zero: ByteSource | None = None,
     ) -> None:
         self.params = params
         self._clock = clock
         self._byte_rate = params.byte_rate
         self._end = 0.0
         self._aborted = threading.Event()
-        self._zero_fd = zero_fd
+        self._zero = zero
         self.played = 0
         self.captured = 0
 
@@ -206,7 +207,7 @@ class NullPort:
         guest buffer, at the stream's rate."""
         self._pace(n)
         # The kernel clears the guest buffer: no Python buffer per period.
-        got = writer.read_from(ByteSource(self._zero_fd), n) if self._zero_fd >= 0 else writer.write(bytes(n))
+        got = writer.read_from(self._zero, n) if self._zero is not None else writer.write(bytes(n))
         self.captured += got
         return got
 
@@ -232,10 +233,11 @@ class NullAudio:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._zero_fd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+        self._zero = ByteSource(self._zero_fd)
         self.opened: list[NullPort] = []
 
     def open(self, stream_id: int, direction: int, params: PcmParams) -> NullPort:
-        port = NullPort(params, clock=self._clock, zero_fd=self._zero_fd)
+        port = NullPort(params, clock=self._clock, zero=self._zero)
         self.opened.append(port)
         del self.opened[:-4]  # tests look at the last ports; keep no more
         return port
