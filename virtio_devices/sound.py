@@ -276,7 +276,9 @@ class _StreamWorker:
         work in hand to end (``hold`` stays set: :meth:`release_hold` undoes it)."""
         with self.cond:
             self.hold = True
-            port = self.port
+            # Once held, an idle worker starts nothing: only a call in progress
+            # needs cutting short (an abort of an idle port would cut the next one).
+            port = self.port if self.busy else None
         if port is not None:
             port.abort()
         with self.cond:
