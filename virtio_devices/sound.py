@@ -61,13 +61,14 @@ import functools
 import logging
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 from virtio_queue import DescriptorChain, Reader, Writer
 
-from .base import COMMON_FEATURES, VirtioDevice
+from .base import COMMON_FEATURES, TimerHandle, VirtioDevice
 from .errors import MalformedRequest
 from .hosts.audio import FORMAT_SAMPLE_BYTES, AudioBackend, AudioError, AudioPort, PcmParams
 
@@ -242,6 +243,9 @@ class _StreamWorker:
         self._period_pos = 0
         self._dry_armed = False
         self.thread = threading.Thread(target=self._run, name=f"snd-stream{stream.id}", daemon=True)
+        self._start_thread()
+
+    def _start_thread(self) -> None:
         self.thread.start()
 
     # -- called on the loop thread -------------------------------------------------------------
@@ -401,6 +405,125 @@ class _StreamWorker:
         self.post(functools.partial(self.device._io_done, io, used, periods, self.stream_id))
 
 
+class _TimerStream(_StreamWorker):
+    """A stream of a backend whose ports never block (``loop_paced``: null): no
+    thread; the loop's timers pace the I/O and everything runs on the loop.
+
+    Each message lasts ``nbytes / byte_rate`` seconds after the previous one ends
+    (or from now, when the stream ran dry); a timer completes it then, which costs
+    one timer per period instead of two thread hand-offs.  Control operations run
+    at once, after the message in progress is completed (as the worker would have
+    finished it first).
+    """
+
+    def __init__(self, device: SoundDevice, stream: _Stream) -> None:
+        super().__init__(device, stream)
+        self._clock = device.clock
+        self._current: _Io | None = None
+        self._timer: TimerHandle | None = None
+        self._dry_timer: TimerHandle | None = None
+        self._end = 0.0
+
+    def _start_thread(self) -> None:
+        pass  # no thread: see the class docstring
+
+    def post(self, callback: Callable[[], None]) -> None:
+        callback()  # already on the loop
+
+    def submit_op(self, op: Callable[[], None]) -> None:
+        self._finish_now()
+        was_running = self.running
+        op()
+        if self.running and not was_running:
+            self._end = 0.0  # START: the stream's clock starts now
+        self._pump()
+
+    def submit_io(self, io: _Io) -> None:
+        self.ios.append(io)
+        self.queued_bytes += io.nbytes
+        self._dry_armed = False
+        self._cancel_dry()
+        self._pump()
+
+    def take_ios(self) -> list[_Io]:
+        taken = list(self.ios)
+        self.ios.clear()
+        self.queued_bytes = 0
+        return taken
+
+    def settle(self, timeout: float = WORKER_JOIN_TIMEOUT) -> bool:
+        """Stop: the message in progress goes back to the head of the queue."""
+        self.hold = True
+        self._cancel_dry()
+        if self._current is not None:
+            assert self._timer is not None
+            self._timer.cancel()
+            self._timer = None
+            self.ios.appendleft(self._current)
+            self.queued_bytes += self._current.nbytes
+            self._current = None
+            self._end = 0.0
+        return True
+
+    def release_hold(self) -> None:
+        self.hold = False
+        self._pump()
+
+    def collect(self) -> list[Callable[[], None]]:
+        return []
+
+    def shutdown(self) -> None:
+        self.settle()
+        self.stopping = True
+        if self.port is not None:
+            try:
+                self.port.close()
+            except Exception as e:  # the daemon goes on
+                log.error("sound stream %d: closing the backend stream failed: %s", self.stream_id, e)
+            self.port = None
+
+    def _pump(self) -> None:
+        if self._current is not None or self.hold or self.stopping or not self.running:
+            return
+        if not self.ios:
+            if self._dry_armed and self._dry_timer is None:
+                period = max(self.params.period_bytes / self.params.byte_rate, 0.001)
+                self._dry_timer = self._loop.call_later(period, self._on_dry)
+            return
+        io = self.ios.popleft()
+        self.queued_bytes -= io.nbytes
+        self._current = io
+        now = self._clock()
+        self._end = max(self._end, now) + io.nbytes / self.params.byte_rate
+        self._timer = self._loop.call_later(self._end - now, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        io, self._current = self._current, None
+        if io is not None:
+            self._transfer(io)
+        self._pump()
+
+    def _finish_now(self) -> None:
+        """Complete the message in progress now (before a control operation)."""
+        if self._current is not None:
+            assert self._timer is not None
+            self._timer.cancel()
+            self._on_timer()
+
+    def _on_dry(self) -> None:
+        self._dry_timer = None
+        if self._dry_armed and self.running and not self.ios and not self.hold and self._current is None:
+            self._dry_armed = False
+            if self.params.features & (1 << PCM_F_EVT_XRUNS):
+                self.device._send_event(EVT_PCM_XRUN, self.stream_id)
+
+    def _cancel_dry(self) -> None:
+        if self._dry_timer is not None:
+            self._dry_timer.cancel()
+            self._dry_timer = None
+
+
 def _write_io_status(chain: DescriptorChain, status: int, latency: int, written: int) -> int:
     """Write ``virtio_snd_pcm_status`` into the last 8 device-writable bytes of an
     I/O chain (after ``written`` frame bytes); return the used length."""
@@ -427,9 +550,12 @@ class SoundDevice(VirtioDevice):
     features = COMMON_FEATURES
     has_config = True
 
-    def __init__(self, backend: AudioBackend) -> None:
+    def __init__(self, backend: AudioBackend, *, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.backend = backend
+        #: The clock that paces a ``loop_paced`` backend (the loop's timers use it too).
+        self.clock = clock
+        self._loop_paced = bool(getattr(backend, "loop_paced", False))
         self.formats: int = getattr(backend, "formats", DEFAULT_FORMATS)
         self.rates: int = getattr(backend, "rates", DEFAULT_RATES)
         self.streams = [_Stream(0, D_OUTPUT), _Stream(1, D_INPUT)]
@@ -649,7 +775,7 @@ class SoundDevice(VirtioDevice):
             self._log_control(code, f"stream {sid} is in state {stream.state}")
             return self._answer(writer, S_BAD_MSG)
         if stream.worker is None:
-            stream.worker = _StreamWorker(self, stream)
+            stream.worker = (_TimerStream if self._loop_paced else _StreamWorker)(self, stream)
         if code == R_PCM_PREPARE:
             stream.worker.params = stream.params
         op = _ControlOp(self, stream, code, chain, stream.state, new_state, self._gen[CONTROL_Q])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -43,7 +42,7 @@ from virtio_devices.sound import (
     PcmState,
     SoundDevice,
 )
-from virtio_devices.testing import DeviceRig
+from virtio_devices.testing import DeviceRig, FakeLoop
 from virtio_queue import Reader, Writer
 
 CTL, EVT, TX, RX = 0, 1, 2, 3
@@ -514,24 +513,68 @@ def test_reset_with_a_blocked_port_aborts_it(audio: RecordingAudio) -> None:
 
 
 def test_null_backend_paces_playback_and_records_silence() -> None:
-    audio = NullAudio()
-    with DeviceRig(SoundDevice(audio), queue_size=QUEUE_SIZE, memory_size=4 << 20) as rig:
-        # 8 kHz mono S16: 16000 bytes/s; 4 buffers of 160 bytes = 40 ms.
+    # The null backend's ports never block: the device paces them with the loop's
+    # timers (no thread), so the fake clock shows the pacing exactly.
+    loop = FakeLoop()
+    audio = NullAudio(clock=loop.clock)
+    dev = SoundDevice(audio, clock=loop.clock)
+    with DeviceRig(dev, queue_size=QUEUE_SIZE, memory_size=4 << 20, loop=loop) as rig:
+        # 8 kHz mono S16: 16000 bytes/s; buffers of 160 bytes last 10 ms.
         prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
         prepare_and_start(rig, 1, buffer=640, period=160, channels=1, rate=1)
-        t0 = time.monotonic()
-        for _ in range(4):
-            tx(rig, 0, b"\x55" * 160)
-        rig.kick(TX)
+        outs = [tx(rig, 0, b"\x55" * 160) for _ in range(3)]
+        assert rig.kick(TX) == []
         heads = [rig.add_request(RX, [struct.pack("<I", 1)], [160, 8]) for _ in range(2)]
-        rig.kick(RX)
-        wait_used(rig, TX, 4)
-        # Real time passed: four buffers cannot be consumed faster than they last.
-        assert time.monotonic() - t0 >= 4 * 160 / 16000
-        assert wait_used(rig, RX, 2) == [(h, 168) for h, _ in heads]
-        for _, (data, _status) in heads:
+        assert rig.kick(RX) == []
+        done_tx: list[tuple[int, int]] = []
+        done_rx: list[tuple[int, int]] = []
+        for step in range(3):
+            rig.clock.advance(0.0099)
+            rig.loop.run_due()
+            # Not a buffer completes before its 10 ms are over...
+            assert rig.used(TX) == [] and rig.used(RX) == []
+            rig.clock.advance(0.0001)
+            rig.loop.run_due()
+            # ...and each completes when they are, one per stream per 10 ms.
+            done_tx += rig.used(TX)
+            done_rx += rig.used(RX)
+            assert len(done_tx) == step + 1
+            assert len(done_rx) == min(step + 1, 2)
+        assert done_tx == [(h, 8) for h, _ in outs]
+        assert done_rx == [(h, 168) for h, _ in heads]
+        for _, (data, status) in heads:
             assert rig.read(data, 160) == bytes(160)
+            assert struct.unpack("<I", rig.read(status, 4))[0] == S_OK
+        # latency_bytes: the bytes queued behind each buffer when it completed.
+        assert [struct.unpack("<II", rig.read(out, 8))[1] for _, out in outs] == [320, 160, 0]
+        # Stopped and released: no timer is left behind.
+        assert control(rig, pcm(R_PCM_STOP, 0))[0] == S_OK
+        assert control(rig, pcm(R_PCM_RELEASE, 0))[0] == S_OK
+    assert not [t for t in loop.pending_timers() if t.callback.__name__ == "_on_timer"]
     audio.close()
+
+
+def test_null_backend_xrun_after_a_dry_period() -> None:
+    loop = FakeLoop()
+    dev = SoundDevice(NullAudio(clock=loop.clock), clock=loop.clock)
+    with DeviceRig(dev, queue_size=QUEUE_SIZE, memory_size=4 << 20, loop=loop) as rig:
+        head, (ev,) = rig.add_request(EVT, [], [8])
+        rig.kick(EVT)
+        prepare_and_start(rig, 0, buffer=640, period=320, channels=1, rate=1, features=1 << PCM_F_EVT_XRUNS)
+        tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        rig.clock.advance(0.010)
+        rig.loop.run_due()
+        assert len(rig.used(TX)) == 1
+        # Dry for less than a period (20 ms): nothing; for a period: XRUN.
+        rig.clock.advance(0.019)
+        rig.loop.run_due()
+        assert rig.used(EVT) == []
+        rig.clock.advance(0.001)
+        rig.loop.run_due()
+        ((got, used),) = rig.used(EVT)
+        assert (got, used) == (head, 8)
+        assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_XRUN, 0)
 
 
 # -- property tests --------------------------------------------------------------------------------

@@ -164,6 +164,9 @@ class NullPort:
         clock: monotonic clock in seconds (tests pass a fake one).
         zero: ``/dev/zero`` as a byte source, where silence is read from (None: a
             Python buffer of zeros per call).
+        pace: False when the caller paces the stream itself (the sound device on
+            its event loop: :attr:`NullAudio.loop_paced`); the calls then return
+            at once.
     """
 
     def __init__(
@@ -172,6 +175,7 @@ class NullPort:
         *,
         clock: Callable[[], float] = time.monotonic,
         zero: ByteSource | None = None,
+        pace: bool = True,
     ) -> None:
         self.params = params
         self._clock = clock
@@ -179,10 +183,13 @@ class NullPort:
         self._end = 0.0
         self._aborted = threading.Event()
         self._zero = zero
+        self._paced = pace
         self.played = 0
         self.captured = 0
 
     def _pace(self, n: int) -> None:
+        if not self._paced:
+            return
         now = self._clock()
         # A stream that ran dry starts its next buffer now, not in the past.
         self._end = max(self._end, now) + n / self._byte_rate
@@ -230,14 +237,17 @@ class NullAudio:
 
     name = "null"
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, loop_paced: bool = True) -> None:
         self._clock = clock
+        #: The ports never block, so the sound device paces them with its event
+        #: loop's timers (no worker thread); False: each call sleeps its duration.
+        self.loop_paced = loop_paced
         self._zero_fd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
         self._zero = ByteSource(self._zero_fd)
         self.opened: list[NullPort] = []
 
     def open(self, stream_id: int, direction: int, params: PcmParams) -> NullPort:
-        port = NullPort(params, clock=self._clock, zero=self._zero)
+        port = NullPort(params, clock=self._clock, zero=self._zero, pace=not self.loop_paced)
         self.opened.append(port)
         del self.opened[:-4]  # tests look at the last ports; keep no more
         return port
