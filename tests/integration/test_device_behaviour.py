@@ -187,3 +187,22 @@ def test_sound_refusals(sound: DeviceDriver) -> None:
         head, (out,) = sound.add_request(2, readable=[struct.pack("<I", sid) + bytes(64)], writable=[8])
         assert sound.kick(2) == [(head, 8)]
         assert struct.unpack("<II", sound.read(out, 8)) == (0x8001, 0)
+
+
+def test_sound_state_machine(sound: DeviceDriver) -> None:
+    # VIRTIO 1.2 §5.14.6.6.1 (the null backend answers on the loop, so both
+    # transports see every answer at once).
+    params = struct.pack("<IIIIIBBBx", 0x0101, 1, 3840, 960, 0, 2, 5, 7)
+    steps = [
+        (params, 0x8000),
+        (struct.pack("<II", 0x0105, 1), 0x8001),  # STOP from SET_PARAMETERS
+        (struct.pack("<II", 0x0102, 1), 0x8000),  # PREPARE
+        (struct.pack("<II", 0x0104, 1), 0x8000),  # START
+        (params, 0x8001),  # SET_PARAMS while started
+        (struct.pack("<II", 0x0103, 1), 0x8001),  # RELEASE while started
+        (struct.pack("<II", 0x0105, 1), 0x8000),  # STOP
+        (struct.pack("<II", 0x0103, 1), 0x8000),  # RELEASE
+        (struct.pack("<II", 0x0104, 1), 0x8001),  # START after RELEASE
+    ]
+    for request, status in steps:
+        assert _control(sound, request)[0] == status, request.hex()
