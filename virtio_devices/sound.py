@@ -38,7 +38,9 @@ then the frames and the status (device-writable).  A message for a stream id out
 range, for a stream of the other direction, or for a stream that is not prepared,
 started or stopped is answered ``BAD_MSG`` at once.  Others wait in the stream's
 queue; while the stream is started, its worker thread hands them to the backend
-one by one, which takes (plays) or fills (records) them at the stream's rate, and
+one by one, which takes (plays) or fills (records) them at the stream's rate (a
+backend whose calls never block, ``loop_paced`` like null, has no thread: the
+loop's timers pace it and complete each message when its duration is over), and
 completes each with ``OK`` (``IO_ERR`` if the backend failed) and ``latency_bytes``:
 the bytes queued before the device's output, or held by the host on input.  Used
 length: 8 for tx, frames written + 8 for rx.
@@ -538,10 +540,13 @@ class SoundDevice(VirtioDevice):
     """The virtio sound device over an :class:`~virtio_devices.hosts.audio.AudioBackend`.
 
     Control and event queues are served on the loop; each PCM stream has a worker
-    thread for its backend (see the module docstring).
+    thread for its backend, or the loop's timers for a ``loop_paced`` one (see the
+    module docstring).
 
     Args:
         backend: the audio host (``NullAudio``, ``AlsaAudio``, ``PulseAudio``).
+        clock: the monotonic clock that paces a ``loop_paced`` backend (the
+            loop's timers run on the same one; tests pass a fake).
     """
 
     device_id = VIRTIO_ID_SOUND
