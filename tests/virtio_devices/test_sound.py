@@ -634,3 +634,34 @@ def test_random_control_and_io_headers_never_break_the_device(
         assert dev.broken is None
         # And the device still answers.
         assert control(rig, struct.pack("<IIII", R_PCM_INFO, 0, 1, 32), 36)[0] == S_OK
+
+
+def test_null_backend_quiesce_answers_or_resumes_the_buffer_in_progress() -> None:
+    loop = FakeLoop()
+    dev = SoundDevice(NullAudio(clock=loop.clock), clock=loop.clock)
+    with DeviceRig(dev, queue_size=QUEUE_SIZE, memory_size=4 << 20, loop=loop) as rig:
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        first, _ = tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        rig.clock.advance(0.005)
+        # The control queue taken back: the buffer in progress waits and then
+        # plays in full (10 ms from when it resumes).
+        dev.quiesce(CTL)
+        rig.loop.run_due()
+        assert rig.used(TX) == []
+        rig.clock.advance(0.0099)
+        rig.loop.run_due()
+        assert rig.used(TX) == []
+        rig.clock.advance(0.0001)
+        rig.loop.run_due()
+        assert rig.used(TX) == [(first, 8)]
+        # The tx queue taken back: its buffer in progress is answered IO_ERR now.
+        second, out2 = tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        dev.quiesce(TX)
+        assert rig.used(TX) == [(second, 8)]
+        assert struct.unpack("<I", rig.read(out2, 4))[0] == S_IO_ERR
+        # Nothing of it is left to complete later.
+        rig.clock.advance(1)
+        rig.loop.run_due()
+        assert rig.used(TX) == []
