@@ -486,3 +486,26 @@ def test_disconnect_mid_stream_then_a_new_front_end_is_served(tmp_path: Path) ->
         assert s.fe.wait_used(TX, 1, TIMEOUT) == [(head, 8)]
     finally:
         s.close()
+
+
+def test_pulseaudio_server_away_is_io_err_and_daemon_goes_on(tmp_path: Path) -> None:
+    import ctypes.util  # noqa: PLC0415 - only this test asks
+
+    if ctypes.util.find_library("pulse-simple") is None:
+        pytest.skip("libpulse-simple is not installed (Debian: libpulse0)")
+    # No server at that address: PREPARE (which opens the host stream) gets IO_ERR
+    # (upstream panics on a backend error there) and the device goes on.
+    env = {
+        "PULSE_SERVER": f"unix:{tmp_path / 'nobody-here'}",
+        "HOME": str(tmp_path),
+        "XDG_RUNTIME_DIR": str(tmp_path),
+    }
+    s = SoundSession(tmp_path, "pulseaudio", env=env)
+    try:
+        params = struct.pack("<IIIIIBBBx", 0x0101, 0, 4 * PERIOD, PERIOD, 0, CHANNELS, FMT_S16, RATE_48000)
+        assert s.control(params) == S_OK
+        assert s.control(struct.pack("<II", 0x0102, 0)) == 0x8003
+        assert s.control(struct.pack("<II", 0x0104, 0)) == S_BAD_MSG  # still not prepared
+        assert s.control(struct.pack("<IIII", 0x0100, 0, 2, 32), 68) == S_OK
+    finally:
+        s.close()
