@@ -1,6 +1,6 @@
 """The table scripts run end to end (a smoke test: one tiny repetition each).
 
-``queue_table.py`` and ``daemon_table.py`` print the README's speed tables by hand;
+``queue_table.py``, ``daemon_table.py`` and ``gpio_table.py`` print the README's speed tables by hand;
 this only proves they still run through every figure and print them (the Rust
 anchor and daemons are left out: CI never builds or runs them).
 """
@@ -8,6 +8,7 @@ anchor and daemons are left out: CI never builds or runs them).
 from __future__ import annotations
 
 import daemon_table
+import gpio_table
 import pytest
 import queue_table
 
@@ -34,3 +35,19 @@ def test_daemon_table_prints_every_section(
         assert section in out, section
     for row in ("     1 ", "    64 ", "   s16 ", "   s64 "):
         assert row in out, row
+
+
+def test_gpio_table_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpio_table.main(["--reps", "1", "--secs", "0.02", "--edges", "5"]) == 0
+    out = capsys.readouterr().out
+    for row in (
+        "rng 1-byte round trip",
+        "GET_VALUE round trip",
+        "SET_VALUE round trip",
+        "edge -> eventq",
+        "Rust",
+    ):
+        assert row in out, row
+    # The in-process runs that --callgrind counts (valgrind itself is left out).
+    for kind in ("rng", "get", "set"):
+        gpio_table.inprocess_run(kind, 5)

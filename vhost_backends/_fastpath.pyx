@@ -47,7 +47,7 @@ cimport cython
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
 
@@ -463,6 +463,7 @@ cdef class Epoll:
         cdef long long window, now, stop, check
         cdef uint64_t value
         cdef unsigned long long calls
+        cdef uint16_t taken
         cdef KickRing r
         rings = self._arm(rings)
         check = _now_ns() + POLL_CHECK_NS
@@ -518,12 +519,16 @@ cdef class Epoll:
                     r.poll_hits += 1
                     self._calm_ns = SHARED_BACKOFF_NS
                     calls = r.python_calls
+                    taken = r.queue._next_avail
                     if r.service(False, False):
                         self._py_ran = True
                     r.last_end_ns = _now_ns()
-                    if r.attached and r.queue.work_pending_c():
-                        # The device stopped draining (admit, park): the ring is
-                        # the device's until it resumes, not the spin's.
+                    if (r.attached and r.queue._next_avail == taken
+                            and r.queue.work_pending_c()):
+                        # The device took nothing (admit, park): the ring is the
+                        # device's until it resumes, not the spin's.  Work that
+                        # came after the service took some is the spin's: the
+                        # ring's kicks are suppressed, so no one else sees it.
                         rings.remove(r)
                     if r.python_calls != calls or not r.attached:
                         # Python ran: it may have stopped rings or turned

@@ -5,8 +5,8 @@ process is listening, replaces a stale socket file (nobody listening), binds and
 listens (under a temporary name, renamed into place once listening), then for
 each front-end that connects builds a **fresh device** (rust-vmm's daemons also
 build a new back-end per connection), runs a :class:`VhostUserHandler` on a new
-:class:`EventLoop` until the front-end leaves or breaks the protocol, cleans up and
-accepts the next one.
+:class:`EventLoop` until the front-end leaves or breaks the protocol, cleans up
+(the device's ``close()`` too, if it has one) and accepts the next one.
 
 The listening socket stays bound for the daemon's lifetime instead of being
 re-created after each disconnect as upstream's ``Listener`` is: a front-end that
@@ -274,6 +274,7 @@ class VhostUserDaemon:
         loop = EventLoop(self.poll_max_us)
         conn = Connection(sock)
         handler: VhostUserHandler | None = None
+        device: VirtioDevice | None = None
         try:
             device = self.device_factory()
             handler = VhostUserHandler(device, conn, loop, name=tag)
@@ -293,6 +294,15 @@ class VhostUserDaemon:
                     conn.close()
             except Exception:
                 log.exception("%s: cleanup failed", tag)
+            # The device is done with (the next session gets a fresh one): one that
+            # holds host resources beyond a reset (gpio's requested lines) lets
+            # them go in its close(), if it has one.
+            close = getattr(device, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("%s: device close failed", tag)
             loop.close()
         log.info("%s: front-end session ended: %s", tag, reason or "shutdown")
         return reason

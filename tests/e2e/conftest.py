@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,29 @@ def guest() -> harness.Guest:
     built = harness.prepare()
     harness.accel_args()  # probe KVM once, before the first timed test
     return built
+
+
+def require_qemu(min_version: tuple[int, ...]) -> str:
+    """The oldest QEMU the harness has that is at least ``min_version``; skips without one.
+
+    ``require_qemu((11,))`` for VIRTIO_GPIO_F_IRQ in the guest, ``(10,)`` for
+    vhost-user-snd-pci. ``harness.py prepare`` (run by ./run-tests) installs
+    QEMU 10 and 11 beside the system's 7.2.
+    """
+    path = harness.qemu_binary(min_version=min_version)
+    if path is None:
+        have = ", ".join(".".join(map(str, v)) for v, _ in harness.qemu_binaries()) or "none"
+        pytest.skip(
+            f"needs QEMU >= {'.'.join(map(str, min_version))} (have: {have}; "
+            "`python tests/e2e/harness.py prepare` installs 10 and 11 beside the system one)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def qemu_at_least(guest: harness.Guest) -> Callable[[tuple[int, ...]], str]:
+    """``qemu_at_least((11,))``: a QEMU binary of at least that version, or skip."""
+    return require_qemu
 
 
 @pytest.fixture

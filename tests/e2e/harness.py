@@ -42,18 +42,44 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 # Bump when the way the guest is built changes in a way the recipe hash below
 # cannot see (for example the cpio writer).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
-# Debian suite and kernel series the guest runs. trixie carries 6.12, which
-# builds virtio_snd and all the other drivers we need as modules.
-KERNEL_SUITE = "trixie"
-KERNEL_SERIES = "6.12"
+# Debian suite and kernel the guest runs: trixie-backports' 7.x, whatever
+# version its linux-image-amd64 names. 6.12 (trixie) has no gpio-sim, which the
+# "guest plays the host" tests need; 7.x builds it, virtio_snd and every other
+# driver we need as modules, except those in OOT_MODULES. Its GPIO_CDEV_V1 is
+# off, so the guest's gpio tools are trixie's libgpiod v2 ones (TRIXIE_TOOLS).
+KERNEL_BASE_SUITE = "trixie"
+KERNEL_SUITE = "trixie-backports"
+KERNEL_MIN_MAJOR = 7
 KERNEL_META = "linux-image-amd64"
+
+# Guest drivers Debian's configs do not enable, built out of tree from Debian's
+# linux-source with the headers' own compiler in a throw-away trixie root:
+# module name -> source file in the kernel tree.
+OOT_MODULES = {
+    "gpio-virtio": "drivers/gpio/gpio-virtio.c",
+    "i2c-virtio": "drivers/i2c/busses/i2c-virtio.c",
+}
+# Programs taken from that trixie root (with trixie's C library, run in the
+# guest through trixie's loader): libgpiod v2's tools, which speak the
+# character-device ABI v2 that 7.x kernels keep.
+TRIXIE_PACKAGES = ("gpiod",)
+TRIXIE_TOOLS = ("gpiodetect", "gpioinfo", "gpioget", "gpioset", "gpiomon", "gpionotify")
+# Where they live in the guest; /usr/bin/<tool> is a wrapper running them.
+TRIXIE_GUEST_DIR = "/opt/trixie"
+
+# QEMU builds installed beside the system one (debootstrap roots in the cache,
+# run through the root's own loader): tag -> (suite, apt target release).
+QEMU_BUILDS = {
+    "10": ("trixie", "trixie"),
+    "11": ("trixie", "trixie-backports"),
+}
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 ARCHIVE_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
@@ -82,6 +108,8 @@ MODULES = (
     "snd-dummy",
     "vcan",
     "can-raw",
+    "gpio-virtio",
+    "i2c-virtio",
 )
 
 # Host programs copied into the guest with their shared libraries, and the
@@ -92,12 +120,6 @@ TOOLS = {
     "aplay": "alsa-utils",
     "arecord": "alsa-utils",
     "amixer": "alsa-utils",
-    "gpiodetect": "gpiod",
-    "gpioinfo": "gpiod",
-    "gpioget": "gpiod",
-    "gpioset": "gpiod",
-    "gpiomon": "gpiod",
-    "gpiofind": "gpiod",
     "sg_inq": "sg3-utils",
     "sg_readcap": "sg3-utils",
     "sg_turs": "sg3-utils",
@@ -249,7 +271,8 @@ def recipe_hash() -> str:
     recipe = {
         "version": RECIPE_VERSION,
         "suite": KERNEL_SUITE,
-        "series": KERNEL_SERIES,
+        "min_major": KERNEL_MIN_MAJOR,
+        "extras": _extras_recipe(),
         "modules": MODULES,
         "tools": sorted(TOOLS),
         "data": TOOL_DATA,
@@ -297,7 +320,10 @@ def _private_apt(root: Path) -> dict[str, str]:
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "state/status").touch()
     (root / "etc/sources.list").write_text(
-        f"deb [signed-by={ARCHIVE_KEYRING}] {DEBIAN_MIRROR} {KERNEL_SUITE} main\n"
+        "".join(
+            f"deb [signed-by={ARCHIVE_KEYRING}] {DEBIAN_MIRROR} {suite} main\n"
+            for suite in dict.fromkeys((KERNEL_BASE_SUITE, KERNEL_SUITE))
+        )
     )
     conf = f"""\
 Dir::Etc::main "/dev/null";
@@ -311,6 +337,7 @@ Dir::State::status "{root}/state/status";
 Dir::Cache "{root}/cache";
 Dir::Cache::pkgcache "";
 Dir::Cache::srcpkgcache "";
+APT::Default-Release "{KERNEL_SUITE}";
 APT::Architecture "amd64";
 APT::Architectures {{ "amd64"; }};
 Acquire::Languages "none";
@@ -323,33 +350,233 @@ APT::Sandbox::User "root";
     return env
 
 
-def _kernel_deb(cache: Path) -> Path:
-    """Return the cached kernel package, downloading it the first time."""
+def _kernel_debs(cache: Path) -> list[Path]:
+    """Return the cached kernel packages, downloading them the first time.
+
+    ``KERNEL_META`` names ``linux-image-<kver>``; on 7.x that is itself a
+    small package whose ``linux-binary-<kver>`` and ``linux-modules-<kver>``
+    dependencies hold the kernel and its modules: every package of these
+    three names is fetched. ``debs/<suite>.json`` remembers the set.
+    """
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    pattern = f"linux-image-{KERNEL_SERIES}.*-amd64_*_amd64.deb"
-    have = sorted(debs.glob(pattern))
-    if have:
-        return have[-1]
+    index = debs / f"{KERNEL_SUITE}.json"
+    if index.exists():
+        have = [debs / name for name in json.loads(index.read_text())]
+        if have and all(p.exists() for p in have):
+            return have
     apt_root = cache / "apt"
     env = _private_apt(apt_root)
     _log(f"fetching the {KERNEL_SUITE} package index (private apt config)")
     _run(["apt-get", "-q", "update"], env=env)
     deps = _run(["apt-cache", "depends", KERNEL_META], env=env).stdout
-    m = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)\b", deps)
+    m = re.search(r"Depends:\s*linux-image-(([0-9]+)\.[0-9][^\s]*-amd64)\b", deps)
     if not m:
         raise HarnessError(f"cannot resolve {KERNEL_META} in {KERNEL_SUITE}:\n{deps}")
-    pkg = m.group(1)
-    if not pkg.startswith(f"linux-image-{KERNEL_SERIES}."):
-        raise HarnessError(f"{KERNEL_SUITE} kernel is {pkg}, expected {KERNEL_SERIES}")
-    _log(f"downloading {pkg}")
-    _run(["apt-get", "-q", "download", pkg], env=env, cwd=debs)
-    # The index is only needed to resolve the name: drop it (about 40 MB).
+    kver, major = m.group(1), int(m.group(2))
+    if major < KERNEL_MIN_MAJOR:
+        raise HarnessError(f"{KERNEL_SUITE} kernel is {kver}, expected {KERNEL_MIN_MAJOR}.x or later")
+    image = f"linux-image-{kver}"
+    deps = _run(["apt-cache", "depends", image], env=env).stdout
+    pkgs = [
+        image,
+        *sorted(set(re.findall(rf"Depends:\s*(linux-(?:binary|modules)-{re.escape(kver)})\b", deps))),
+    ]
+    _log(f"downloading {' '.join(pkgs)}")
+    before = set(debs.iterdir())
+    _run(["apt-get", "-q", "download", *pkgs], env=env, cwd=debs)
+    # The index is only needed to resolve the names: drop it (about 40 MB).
     shutil.rmtree(apt_root / "state/lists", ignore_errors=True)
-    have = sorted(debs.glob(pattern))
-    if not have:
-        raise HarnessError(f"apt-get download {pkg} left no {pattern} in {debs}")
-    return have[-1]
+    got = sorted(p for p in set(debs.iterdir()) - before if p.suffix == ".deb")
+    names = [p.name for p in got]
+    for pkg in pkgs:
+        if not any(n.startswith(pkg + "_") for n in names):
+            raise HarnessError(f"apt-get download {pkg} left no package in {debs}")
+    index.write_text(json.dumps(names) + "\n")
+    return got
+
+
+# --------------------------------------------------------------------------
+# A throw-away trixie root: out-of-tree guest modules and trixie's tools
+
+
+def _extras_recipe() -> dict[str, object]:
+    return {
+        "version": 1,
+        "oot": OOT_MODULES,
+        "packages": TRIXIE_PACKAGES,
+        "tools": TRIXIE_TOOLS,
+        "guest_dir": TRIXIE_GUEST_DIR,
+    }
+
+
+def _debootstrap(cache: Path, target: Path, suite: str = "trixie") -> None:
+    """A minimal Debian root at ``target``; packages cached in the cache.
+
+    Raises:
+        HarnessError: debootstrap is missing (package debootstrap) or failed.
+    """
+    if os.geteuid() != 0:
+        raise HarnessError(f"debootstrap of {target} needs root (it and chroot do; run as root once)")
+    tool = _which("debootstrap")
+    if not tool:
+        raise HarnessError("debootstrap is not installed (scripts/install-system-deps installs it)")
+    debcache = cache / "debootstrap-debs"
+    debcache.mkdir(parents=True, exist_ok=True)
+    _log(f"debootstrap {suite} into {target}")
+    try:
+        _run(
+            [
+                tool,
+                "--variant=minbase",
+                f"--cache-dir={debcache}",
+                f"--keyring={ARCHIVE_KEYRING}",
+                suite,
+                str(target),
+                DEBIAN_MIRROR,
+            ],
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
+    except subprocess.CalledProcessError as e:
+        raise HarnessError(f"debootstrap {suite} {target} failed:\n{_tail(e.stdout + e.stderr)}") from None
+
+
+@contextlib.contextmanager
+def _proc_mounted(root: Path) -> Iterator[None]:
+    """``/proc`` inside ``root`` for the block (apt and objtool need it)."""
+    (root / "proc").mkdir(exist_ok=True)
+    _run(["mount", "-t", "proc", "proc", str(root / "proc")])
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(root / "proc")], check=False)
+
+
+def _chroot(root: Path, *cmd: str) -> str:
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "DEBIAN_FRONTEND": "noninteractive",
+        "LC_ALL": "C",
+        "HOME": "/root",
+    }
+    try:
+        return _run(["chroot", str(root), *cmd], env=env).stdout
+    except subprocess.CalledProcessError as e:
+        raise HarnessError(f"in {root}: {' '.join(cmd)} failed:\n{_tail(e.stdout + e.stderr)}") from None
+
+
+def _apt_install(root: Path, packages: Sequence[str], release: str | None = None) -> None:
+    """``apt-get install`` in a debootstrapped root, with backports enabled."""
+    (root / "etc/apt/sources.list.d/backports.list").write_text(
+        f"deb {DEBIAN_MIRROR} {KERNEL_BASE_SUITE}-backports main\n"
+    )
+    _chroot(root, "apt-get", "-q", "update")
+    target = ["-t", release] if release else []
+    _chroot(root, "apt-get", "install", "-y", "-q", "--no-install-recommends", *target, *packages)
+
+
+def _root_libs(root: Path, binary: str) -> list[str]:
+    """Shared objects (paths inside ``root``) a binary of the root loads."""
+    out = _chroot(root, "ldd", binary)
+    libs = []
+    for line in out.splitlines():
+        m = re.search(r"=>\s*(/\S+)", line) or re.match(r"\s*(/\S+)", line)
+        if m:
+            libs.append(m.group(1))
+    return libs
+
+
+def _build_extras(cache: Path, kver: str, out: Path) -> None:
+    """Build OOT_MODULES for ``kver`` and collect TRIXIE_TOOLS into ``out``.
+
+    ``out/modules/<name>.ko`` and ``out/trixie/{bin,lib}``. The root is
+    deleted afterwards; only its packages stay cached (debootstrap's).
+    """
+    root = Path(tempfile.mkdtemp(prefix="trixie-build-", dir=cache))
+    try:
+        _debootstrap(cache, root)
+        series = ".".join(kver.split(".")[:2])
+        with _proc_mounted(root):
+            _apt_install(
+                root,
+                [f"linux-headers-{kver}", "make", "binutils", *TRIXIE_PACKAGES],
+                release=KERNEL_SUITE,
+            )
+            build = root / "build"
+            build.mkdir()
+            _chroot(
+                root, "sh", "-c", f"cd /build && apt-get -q download -t {KERNEL_SUITE} linux-source-{series}"
+            )
+            (src_deb,) = build.glob(f"linux-source-{series}_*.deb")
+            members = [f"linux-source-{series}/{f}" for f in OOT_MODULES.values()]
+            # Only the driver sources: the 160 MB tarball is streamed, not unpacked.
+            _run(
+                [
+                    "bash",
+                    "-c",
+                    'dpkg-deb --fsys-tarfile "$1" | tar -xO "./usr/src/linux-source-$2.tar.xz" '
+                    '| tar -xJ -C "$3" "${@:4}"',
+                    "sh",
+                    str(src_deb),
+                    series,
+                    str(build),
+                    *members,
+                ]
+            )
+            src_deb.unlink()
+            mdir = build / "m"
+            mdir.mkdir()
+            for member in members:
+                shutil.copy(build / member, mdir)
+            (mdir / "Kbuild").write_text("obj-m += " + " ".join(f"{name}.o" for name in OOT_MODULES) + "\n")
+            _log(f"building {', '.join(OOT_MODULES)} for {kver}")
+            _chroot(root, "make", "-C", f"/usr/src/linux-headers-{kver}", "M=/build/m", "modules")
+            (out / "modules").mkdir(parents=True)
+            for name in OOT_MODULES:
+                shutil.copy(mdir / f"{name}.ko", out / "modules" / f"{name}.ko")
+            libs: set[str] = set()
+            (out / "trixie/bin").mkdir(parents=True)
+            (out / "trixie/lib").mkdir(parents=True)
+            for tool in TRIXIE_TOOLS:
+                shutil.copy(root / "usr/bin" / tool, out / "trixie/bin" / tool)
+                libs.update(_root_libs(root, f"/usr/bin/{tool}"))
+            for lib in libs:
+                # Resolve symlinks inside the root, not on the host.
+                real = _chroot(root, "readlink", "-f", lib).strip()
+                shutil.copyfile(root / real.lstrip("/"), out / "trixie/lib" / os.path.basename(lib))
+    finally:
+        subprocess.run(["umount", "-l", str(root / "proc")], check=False, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def guest_extras(kver: str, cache: Path | None = None) -> Path:
+    """The cached out-of-tree modules and trixie tools for kernel ``kver``.
+
+    Built once (a trixie debootstrap, Debian's headers and linux-source for
+    ``kver``, gcc-14 as those headers want), then reused.
+
+    Raises:
+        HarnessError: a step of the build failed.
+    """
+    cache = cache or cache_dir()
+    h = hashlib.sha256(json.dumps(_extras_recipe(), sort_keys=True).encode()).hexdigest()[:12]
+    out = cache / f"extras-{kver}-{h}"
+    if (out / "done").exists():
+        return out
+    t0 = time.monotonic()
+    shutil.rmtree(out, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix="extras-", dir=cache))
+    try:
+        _build_extras(cache, kver, tmp)
+        (tmp / "done").write_text(kver + "\n")
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log(f"guest extras for {kver} built in {time.monotonic() - t0:.1f}s: {out}")
+    for old in cache.glob("extras-*"):
+        if old != out and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -514,17 +741,25 @@ def _module_closure(moddir: Path, wanted: Sequence[str]) -> tuple[list[str], lis
 
 def _build(cache: Path, out: Path) -> dict[str, object]:
     """Build vmlinuz and initramfs.img into ``out``; return the manifest."""
-    deb = _kernel_deb(cache)
+    debs = _kernel_debs(cache)
     work = Path(tempfile.mkdtemp(prefix="vdev-guest-", dir=cache))
     try:
-        _log(f"extracting {deb.name}")
-        _run(["dpkg-deb", "-x", str(deb), str(work / "pkg")])
+        for deb in debs:
+            _log(f"extracting {deb.name}")
+            _run(["dpkg-deb", "-x", str(deb), str(work / "pkg")])
         usr = work / "pkg" / "usr"
         (kver,) = [p.name for p in (usr / "lib/modules").iterdir()]
-        kernel_src = work / "pkg" / "boot" / f"vmlinuz-{kver}"
+        moddir = usr / "lib/modules" / kver
+        # 7.x ships the kernel beside its modules; older ones in /boot.
+        kernel_src = moddir / "vmlinuz"
+        if not kernel_src.exists():
+            kernel_src = work / "pkg" / "boot" / f"vmlinuz-{kver}"
+        extras = guest_extras(kver, cache)
+        for ko in sorted((extras / "modules").iterdir()):
+            (moddir / "updates").mkdir(exist_ok=True)
+            shutil.copy(ko, moddir / "updates" / ko.name)
         # The package ships no modules.dep (depmod runs at install time).
         _run(["depmod", "-b", str(usr), kver])
-        moddir = usr / "lib/modules" / kver
         modules, missing_modules = _module_closure(moddir, MODULES)
 
         cpio = Cpio()
@@ -595,6 +830,20 @@ def _build(cache: Path, out: Path) -> dict[str, object]:
             if os.path.isdir(d):
                 _add_tree(cpio, d)
 
+        # trixie's tools with trixie's C library, run through its loader.
+        tdir = TRIXIE_GUEST_DIR.strip("/")
+        for lib_file in sorted((extras / "trixie/lib").iterdir()):
+            cpio.file(f"{tdir}/lib/{lib_file.name}", lib_file.read_bytes(), 0o755)
+        loader = f"{TRIXIE_GUEST_DIR}/lib/ld-linux-x86-64.so.2"
+        for tool in TRIXIE_TOOLS:
+            cpio.file(f"{tdir}/bin/{tool}", (extras / "trixie/bin" / tool).read_bytes(), 0o755)
+            wrapper = (
+                f"#!/bin/sh\nexec {loader} --library-path {TRIXIE_GUEST_DIR}/lib "
+                f'--argv0 {tool} {TRIXIE_GUEST_DIR}/bin/{tool} "$@"\n'
+            )
+            cpio.file(f"usr/bin/{tool}", wrapper.encode(), 0o755)
+            tools_in.append(tool)
+
         busybox = _which("busybox")
         if not busybox:
             raise HarnessError("busybox (package busybox-static) is required")
@@ -622,7 +871,7 @@ def _build(cache: Path, out: Path) -> dict[str, object]:
         tmp.rename(out / "initramfs.img")
         manifest: dict[str, object] = {
             "recipe": recipe_hash(),
-            "kernel_package": deb.name,
+            "kernel_packages": [deb.name for deb in debs],
             "kernel_version": kver,
             "modules": [os.path.basename(m).split(".ko")[0] for m in modules],
             "modules_missing": missing_modules,
@@ -674,8 +923,118 @@ def prepare(*, force: bool = False) -> Guest:
 # QEMU
 
 
-def qemu_binary() -> str | None:
-    return os.environ.get("VDEV_QEMU") or shutil.which("qemu-system-x86_64")
+QEMU_WRAPPER = """#!/bin/sh
+# Generated by tests/e2e/harness.py: QEMU from a Debian root, run through the
+# root's own loader and libraries (no chroot), with its data and modules.
+R=@ROOT@
+export QEMU_MODULE_DIR="$R/usr/lib/x86_64-linux-gnu/qemu"
+exec "$R/usr/lib64/ld-linux-x86-64.so.2" --library-path "@LIBPATH@" --argv0 qemu-system-x86_64 \\
+    "$R/usr/bin/qemu-system-x86_64" -L "$R/usr/share/seabios" -L "$R/usr/share/qemu" "$@"
+"""
+
+
+def _qemu_build_dir(tag: str, cache: Path) -> Path:
+    suite, release = QEMU_BUILDS[tag]
+    recipe = {"version": 1, "suite": suite, "release": release, "wrapper": QEMU_WRAPPER}
+    h = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return cache / f"qemu-{tag}-{h}"
+
+
+def prepare_qemu(tag: str, cache: Path | None = None) -> str:
+    """Install (once) QEMU build ``tag`` of QEMU_BUILDS beside the system one.
+
+    A trixie debootstrap root with ``qemu-system-x86`` from the build's apt
+    release, in the cache; returns the path of a wrapper script that runs it
+    through the root's loader. Nothing outside the cache is touched.
+
+    Raises:
+        HarnessError: debootstrap or apt failed.
+    """
+    cache = cache or cache_dir()
+    out = _qemu_build_dir(tag, cache)
+    wrapper = out / "bin/qemu-system-x86_64"
+    with _locked(cache / f"lock-qemu-{tag}"):
+        if wrapper.exists():
+            return str(wrapper)
+        t0 = time.monotonic()
+        suite, release = QEMU_BUILDS[tag]
+        tmp = Path(tempfile.mkdtemp(prefix=f"qemu-{tag}-build-", dir=cache))
+        try:
+            root = tmp / "root"
+            _debootstrap(cache, root, suite)
+            with _proc_mounted(root):
+                _apt_install(root, ["qemu-system-x86"], release=release)
+                libs = _root_libs(root, "/usr/bin/qemu-system-x86_64")
+            for d in ("usr/share/doc", "usr/share/man", "usr/share/locale", "var/lib/apt/lists"):
+                shutil.rmtree(root / d, ignore_errors=True)
+            for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+                deb.unlink()
+            final_root = out / "root"
+            libdirs = dict.fromkeys(str(final_root) + os.path.dirname(lib) for lib in libs)
+            (tmp / "bin").mkdir()
+            (tmp / "bin/qemu-system-x86_64").write_text(
+                QEMU_WRAPPER.replace("@ROOT@", str(final_root)).replace("@LIBPATH@", ":".join(libdirs))
+            )
+            (tmp / "bin/qemu-system-x86_64").chmod(0o755)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        finally:
+            subprocess.run(["umount", "-l", str(tmp / "root/proc")], check=False, capture_output=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        version = qemu_version(str(wrapper))
+        _log(f"QEMU {tag} ({version}) installed in {time.monotonic() - t0:.1f}s: {out}")
+        for old in cache.glob(f"qemu-{tag}-*"):
+            if old != out and old.is_dir() and not old.name.startswith(f"qemu-{tag}-build-"):
+                shutil.rmtree(old, ignore_errors=True)
+    return str(wrapper)
+
+
+_qemu_versions: dict[str, tuple[int, ...] | None] = {}
+
+
+def qemu_version(binary: str) -> tuple[int, ...] | None:
+    """``(major, minor, micro)`` of a QEMU binary, None if it does not run."""
+    if binary not in _qemu_versions:
+        r = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+        m = re.search(r"version (\d+)\.(\d+)\.(\d+)", r.stdout)
+        _qemu_versions[binary] = tuple(int(x) for x in m.groups()) if r.returncode == 0 and m else None
+    return _qemu_versions[binary]
+
+
+def qemu_binaries() -> list[tuple[tuple[int, ...], str]]:
+    """Every QEMU the harness has, as (version, path), oldest first.
+
+    The system's (or ``VDEV_QEMU``) and the QEMU_BUILDS already installed in
+    the cache (``prepare_qemu``; this does not install them).
+    """
+    found: dict[tuple[int, ...], str] = {}
+    system = os.environ.get("VDEV_QEMU") or shutil.which("qemu-system-x86_64")
+    candidates = [system] if system else []
+    cache = cache_dir()
+    for tag in QEMU_BUILDS:
+        wrapper = _qemu_build_dir(tag, cache) / "bin/qemu-system-x86_64"
+        if wrapper.exists():
+            candidates.append(str(wrapper))
+    for path in candidates:
+        version = qemu_version(path)
+        if version is not None and version not in found:
+            found[version] = path
+    return sorted(found.items())
+
+
+def qemu_binary(min_version: tuple[int, ...] | None = None) -> str | None:
+    """The QEMU to run, or None when no QEMU of at least ``min_version`` is here.
+
+    Without ``min_version``: ``VDEV_QEMU`` or the system's qemu-system-x86_64.
+    With it: the oldest QEMU of ``qemu_binaries()`` that is at least that
+    version (``(11,)`` for VIRTIO_GPIO_F_IRQ, ``(10,)`` for vhost-user-snd-pci).
+    """
+    if min_version is None:
+        return os.environ.get("VDEV_QEMU") or shutil.which("qemu-system-x86_64")
+    for version, path in qemu_binaries():
+        if version >= tuple(min_version):
+            return path
+    return None
 
 
 _accel_args: list[str] | None = None
@@ -729,11 +1088,13 @@ def accel_args() -> list[str]:
     return _accel_args
 
 
-def _script_archive(script: str) -> bytes:
+def _script_archive(script: str, files: Mapping[str, bytes | str] | None = None) -> bytes:
     cpio = Cpio()
     if not script.startswith("#!"):
         script = "#!/bin/sh\n" + script
     cpio.file("test.sh", script.encode(), 0o755)
+    for name, data in (files or {}).items():
+        cpio.file(name, data.encode() if isinstance(data, str) else data, 0o755)
     buf = io.BytesIO()
     cpio.write(buf)
     return buf.getvalue()
@@ -861,8 +1222,10 @@ def _start(
     extra_args: Sequence[str] = (),
     guest: Guest | None = None,
     append: str = "",
+    qemu: str | None = None,
+    files: Mapping[str, bytes | str] | None = None,
 ) -> RunningGuest:
-    qemu = qemu_binary()
+    qemu = qemu or qemu_binary()
     if not qemu:
         raise HarnessError("qemu-system-x86_64 not found (install qemu-system-x86)")
     guest = guest or prepare()
@@ -870,7 +1233,7 @@ def _start(
     initrd = workdir / "initrd.img"
     shutil.copyfile(guest.initramfs, initrd)
     with open(initrd, "ab") as f:
-        f.write(_script_archive(script))
+        f.write(_script_archive(script, files))
     console = workdir / "console.log"
     argv = [
         qemu,
@@ -910,13 +1273,17 @@ def start_guest(
     memory: str = "256M",
     extra_args: Sequence[str] = (),
     append: str = "",
+    qemu: str | None = None,
 ) -> RunningGuest:
     """Start QEMU without waiting; see ``RunningGuest``.
 
     ``devices`` is a list of (vhost-user socket path, QEMU -device spec
-    without the chardev). The script runs under busybox ``sh``.
+    without the chardev). The script runs under busybox ``sh``. ``qemu``:
+    the binary (default ``qemu_binary()``; see ``qemu_binary(min_version)``).
     """
-    return _start(script, devices, accel=accel_args(), memory=memory, extra_args=extra_args, append=append)
+    return _start(
+        script, devices, accel=accel_args(), memory=memory, extra_args=extra_args, append=append, qemu=qemu
+    )
 
 
 def _run_guest_with(
@@ -934,8 +1301,11 @@ def run_guest(
     timeout: float = DEFAULT_TIMEOUT,
     extra_args: Sequence[str] = (),
     append: str = "",
+    qemu: str | None = None,
 ) -> GuestResult:
     """Boot a guest, run ``script`` in it and return what it printed.
+
+    ``qemu`` as for ``start_guest()``.
 
     Raises:
         GuestTimeout: the guest was still running after ``timeout`` seconds
@@ -950,7 +1320,127 @@ def run_guest(
         memory=memory,
         extra_args=extra_args,
         append=append,
+        qemu=qemu,
     )
+
+
+# --------------------------------------------------------------------------
+# The guest plays the host
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Run in the guest before the test's script by ``start_as_host()``: the host's
+# root read-only over 9p at /host, the guest's /dev, /proc, /sys (with configfs),
+# /tmp and /run inside it, the run's files (``files=``) copied to /tmp.
+HOSTPLAY_PRELUDE = r"""# Generated by tests/e2e/harness.py: the guest plays the host.
+set -e
+for m in 9pnet_virtio 9p configfs; do modprobe -q $m; done
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host
+grep -q " /sys/kernel/config " /proc/mounts || mount -t configfs none /sys/kernel/config
+for d in dev proc sys; do mount -o rbind /$d /host/$d; done
+for d in tmp run; do mount -o bind /$d /host/$d; done
+[ -d /payload ] && cp -a /payload/. /tmp/
+set +e
+"""
+
+# /bin/inhost CMD...: run CMD in the host's root (chroot /host) in the
+# project's checkout, with the project's virtual environment first on PATH
+# and the integration tests' helpers (device_drivers, daemon_process) on
+# PYTHONPATH. A clean environment: pass variables with ``inhost env X=1 CMD``.
+INHOST_SCRIPT = r"""#!/bin/sh
+exec chroot /host /usr/bin/env -i \
+    PATH=@VENV@/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/tmp TMPDIR=/tmp LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    PYTHONPATH=@REPO@:@REPO@/tests/integration VDEV_GUEST_PLAYS_HOST=1 \
+    /bin/sh -c 'cd "$0" && exec "$@"' @REPO@ "$@"
+"""
+
+# /bin/mkgpiosim NAME NLINES: a live gpio-sim chip with NLINES lines named
+# NAME-0.. through configfs; prints "<chip name> <platform device name>",
+# e.g. "gpiochip0 gpio-sim.0". Its lines are pulled through
+# /sys/devices/platform/<device>/<chip>/sim_gpioN/pull (pull-up|pull-down)
+# and read back through .../value.
+MKGPIOSIM_SCRIPT = r"""#!/bin/sh
+set -e
+name=$1 n=$2
+modprobe -q gpio-sim
+d=/sys/kernel/config/gpio-sim/$name
+mkdir $d $d/bank0
+echo "$n" > $d/bank0/num_lines
+i=0
+while [ $i -lt "$n" ]; do
+    mkdir $d/bank0/line$i
+    echo "$name-$i" > $d/bank0/line$i/name
+    i=$((i + 1))
+done
+echo 1 > $d/live
+echo "$(cat $d/bank0/chip_name) $(cat $d/dev_name)"
+"""
+
+HOSTPLAY_MEMORY = "1G"
+
+
+def host_play_files(venv: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """The helper programs ``start_as_host()`` puts into the guest."""
+    if venv is None:
+        venv = sys.prefix if sys.prefix != sys.base_prefix else REPO / ".venv"
+    return {
+        "bin/inhost": INHOST_SCRIPT.replace("@VENV@", str(venv)).replace("@REPO@", str(REPO)),
+        "bin/mkgpiosim": MKGPIOSIM_SCRIPT,
+    }
+
+
+def start_as_host(
+    script: str,
+    devices: Sequence[tuple[str, str]] = (),
+    *,
+    files: Mapping[str, bytes | str] | None = None,
+    memory: str = HOSTPLAY_MEMORY,
+    extra_args: Sequence[str] = (),
+    qemu: str | None = None,
+    venv: str | os.PathLike[str] | None = None,
+) -> RunningGuest:
+    """Boot a guest that plays the host, and run ``script`` (busybox sh) in it.
+
+    The guest sees the host's root read-only at /host (9p) and runs host
+    programs there with ``inhost CMD...`` (the project's checkout as working
+    directory, its virtual environment ``venv`` on PATH: default the running
+    one, else the checkout's .venv). Its kernel has what these machines'
+    kernels lack: ``mkgpiosim NAME N`` makes a gpio-sim chip, ``modprobe
+    i2c-stub chip_addr=0x50`` an i2c adapter, ``modprobe uinput`` and
+    ``modprobe snd-aloop`` the rest. ``files`` (name -> content) land in the
+    guest's /tmp, which is also the host root's /tmp inside ``inhost``.
+    """
+    payload = {f"payload/{name}": data for name, data in (files or {}).items()}
+    payload.update(host_play_files(venv))
+    virtfs = "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
+    return _start(
+        HOSTPLAY_PRELUDE + script,
+        devices,
+        accel=accel_args(),
+        memory=memory,
+        extra_args=["-virtfs", virtfs, *extra_args],
+        qemu=qemu,
+        files=payload,
+    )
+
+
+def run_as_host(
+    script: str,
+    devices: Sequence[tuple[str, str]] = (),
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    **kw: object,
+) -> GuestResult:
+    """``start_as_host()`` and wait for the result (see ``run_guest()``).
+
+    Raises:
+        GuestTimeout: the guest was still running after ``timeout`` seconds.
+        HarnessError: QEMU failed to start or exited without the end marker.
+    """
+    with start_as_host(script, devices, **kw) as g:  # type: ignore[arg-type]
+        return g.wait(timeout)
 
 
 # --------------------------------------------------------------------------
@@ -1042,6 +1532,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="build the cached kernel and initramfs")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument(
+        "--qemu",
+        default=",".join(QEMU_BUILDS),
+        metavar="TAGS",
+        help=f"QEMU builds to install beside the system one, comma-separated (default and all: "
+        f"{','.join(QEMU_BUILDS)}; '' for none)",
+    )
     r = sub.add_parser("run", help="boot a guest and run a script in it")
     r.add_argument(
         "--device",
@@ -1061,12 +1558,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.cmd == "prepare":
+        t0 = time.monotonic()
         guest = prepare(force=args.force)
+        for tag in filter(None, args.qemu.split(",")):
+            if tag not in QEMU_BUILDS:
+                parser.error(f"--qemu: unknown build {tag!r} (known: {', '.join(QEMU_BUILDS)})")
+            prepare_qemu(tag)
         print(
             json.dumps(
-                dict(guest.manifest, kernel=str(guest.kernel), initramfs=str(guest.initramfs)), indent=2
+                dict(
+                    guest.manifest,
+                    kernel=str(guest.kernel),
+                    initramfs=str(guest.initramfs),
+                    qemu={".".join(map(str, v)): path for v, path in qemu_binaries()},
+                ),
+                indent=2,
             )
         )
+        _log(f"prepare: {time.monotonic() - t0:.1f}s")
         return 0
 
     if args.command is not None:

@@ -92,3 +92,35 @@ def test_bind_missing_directory_is_named(tmp_path: Path, make_daemon: Make) -> N
     want = re.escape(f"cannot listen on {path}: directory {path.parent} does not exist")
     with pytest.raises(ListenError, match=want):
         make_daemon(str(path)).bind()
+
+
+class ClosingDevice(TemplateDevice):
+    """A device that records its close() and the reset before it."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def reset(self) -> None:
+        self.events.append("reset")
+        super().reset()
+
+    def close(self) -> None:
+        self.events.append("close")
+
+
+def test_session_end_closes_the_device_once(tmp_path: Path) -> None:
+    """A device with host resources beyond a reset (gpio's lines) gets close() once
+    its session is over, whatever ended it; a device without close() is fine too."""
+    events: list[str] = []
+    d = VhostUserDaemon("test", str(tmp_path / "d.sock"), lambda: ClosingDevice(events))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.close()  # the front-end leaves at once
+    d.serve_connection(ours)
+    assert events == ["close"]  # never activated: no reset needed, close all the same
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.close()
+    plain = VhostUserDaemon("test", str(tmp_path / "e.sock"), TemplateDevice)
+    plain.serve_connection(ours)
+    plain.close()
+    d.close()

@@ -469,6 +469,49 @@ def test_polling_serves_a_request_without_a_kick(tmp_path: Path, event_idx: bool
         rig.close()
 
 
+def test_polling_keeps_a_ring_whose_device_took_requests_while_more_came(rig: Rig) -> None:
+    """VIRTIO 1.2 §2.7.10: while the spin polls a fill ring the driver's kicks are
+    suppressed, so a request made while the device serves the one before (a guest
+    reading /dev/hwrng posts the next buffer as soon as it gets the previous one)
+    is the spin's to find.  A ring is only left to its device when the device took
+    nothing; here it took a request and a new one is pending: the spin serves it.
+    (The request the fill path cannot take goes to ``serve``, which plays the
+    device and, meanwhile, the driver.)"""
+    rig.queue = rig.mock.create_queue(event_idx=True)
+    ep = Epoll(1_000_000, give_way=False)
+    kicks_wanted: list[bool] = []
+
+    def request(desc: RawDesc) -> None:
+        idx = rig.mock.avail_idx()
+        kicks_wanted.append(vring_need_event(rig.mock.avail_event(), idx + 1, idx))
+        rig.mock.add_chain([desc])
+
+    def serve(index: int) -> None:
+        chain = rig.queue.pop_chain()
+        assert chain is not None
+        rig.queue.add_used(chain.head_index, 0)
+        request(RawDesc(0xA000, 16, VIRTQ_DESC_F_WRITE, 0))  # the driver, meanwhile
+
+    ring = _attach(
+        ep,
+        KickRing(
+            rig.queue, 0, serve, fill_source=rig.fill_source, kick_fd=rig.kick, call_fd=os.dup(rig.call)
+        ),
+    )
+    ring.poll_ns = 300_000_000  # a 300 ms window: the spin outlives the test's steps
+    try:
+        rig.mock.add_chain([RawDesc(0x8000, 16, VIRTQ_DESC_F_WRITE, 0)])
+        os.eventfd_write(rig.kick, 1)
+        t = _later(0.02, lambda: request(RawDesc(0x9000, 8, 0, 0)))  # not for the fill path
+        assert ep.poll(0.5) == []
+        t.join()
+        assert kicks_wanted == [False, False]  # both made while the device polled
+        assert rig.mock.used_idx() == 3, f"used {rig.mock.used_elems()}: the last request was never served"
+        assert rig.mem.read(0xA000, 16) == SOURCE[16:32]
+    finally:
+        ep.close()
+
+
 def test_polling_leaves_a_ring_the_device_stopped_draining(rig: Rig) -> None:
     """A device that leaves chains in the ring (admit() said no, or it parked one)
     keeps the ring: the spin does not call it again and again, and leaves its

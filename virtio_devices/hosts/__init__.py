@@ -5,6 +5,9 @@ itself (DESIGN.md, "virtio_devices").  Each backend has a simulated twin usable 
 tests and, where upstream offers one, from the CLI.
 
 * :mod:`virtio_devices.hosts.files`: entropy sources for virtio-rng.
+* :mod:`virtio_devices.hosts.gpio`: the GPIO chip Protocol, the simulated chip and
+  its ``--sim-control`` server; :mod:`virtio_devices.hosts.gpiod_chip`: host chips
+  through python ``gpiod`` (libgpiod v2, the ``hosts`` extra).
 * :mod:`virtio_devices.hosts.audio`: the audio backend Protocol of virtio-sound and
   its ``null`` backend; :mod:`~virtio_devices.hosts.alsa` (pyalsaaudio) and
   :mod:`~virtio_devices.hosts.pulse` (libpulse-simple) the real ones.
