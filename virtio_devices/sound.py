@@ -1,7 +1,8 @@
 """virtio-sound (VIRTIO 1.2 §5.14), as vhost-device-sound serves it.
 
 Identity as rust-vmm/vhost-device ``vhost-device-sound``: device id 25, four queues
-(control 0, event 1, tx 2, rx 3; VIRTIO 1.2 §5.14.2) of at most 64 entries, no
+(control 0, event 1, tx 2, rx 3; VIRTIO 1.2 §5.14.2) of at most 1024 entries
+(upstream: 64, which QEMU 10's vhost-user-snd-pci exceeds), no
 device feature bits, the common transport features.  Two PCM streams: 0 is output
 (playback), 1 is input (capture), both on function group node 0, so a Linux guest
 (virtio_snd) sees one PCM device ``hw:0,0`` with a playback and a capture substream.
@@ -86,8 +87,11 @@ log = logging.getLogger(__name__)
 
 #: VIRTIO 1.2 §5: sound device.
 VIRTIO_ID_SOUND: Final = 25
-#: Upstream's queue size (the Linux driver drops messages it cannot queue).
-QUEUE_SIZE: Final = 64
+#: The largest ring accepted.  Upstream accepts 64 at most (its comment: the Linux
+#: driver drops messages it cannot queue, and 64 was enough), but QEMU 10's
+#: vhost-user-snd-pci sets its rings to 1024 entries, which upstream's limit
+#: refuses; the ring size is the front-end's choice, not the device's.
+QUEUE_SIZE: Final = 1024
 CONTROL_Q, EVENT_Q, TX_Q, RX_Q = 0, 1, 2, 3
 
 # §5.14.6: request codes.
