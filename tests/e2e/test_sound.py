@@ -87,6 +87,7 @@ def test_guest_plays_and_records_through_null_backend(
     assert rc == 0, str(res)
     assert played >= 0.95, f"1 s of sound played in {played:.2f} s: {res}"
     rc, recorded = _span(out, "arecord")
+    print(f"sound e2e: aplay of 1 s took {played:.2f} s, arecord of 2 s took {recorded:.2f} s")
     assert rc == 0, str(res)
     assert f"rec-bytes: {2 * RATE * 2}" in out, str(res)
     assert "rec-nonzero: 0" in out, str(res)
