@@ -126,6 +126,8 @@ class VhostUserDaemon:
         self._own_stop = stop_fd is None
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if stop_fd is None else stop_fd
         self.listener: socket.socket | None = None
+        # False for an adopted socket (adopt): its path is a label, not a file of ours.
+        self._owns_path = True
         self.connections = 0
         self.ready = threading.Event()
 
@@ -204,6 +206,35 @@ class VhostUserDaemon:
         # Tests and supervisors wait for this line rather than polling the path.
         log.info("%s: listening", path)
 
+    def adopt(self, fd: int) -> None:
+        """Serve the listening socket ``fd`` that the daemon inherited (systemd
+        socket activation, libvirt: upstream sound's ``--socket-fd``) instead of
+        binding :attr:`socket_path`, which then only names it in logs and is never
+        unlinked.
+
+        Raises:
+            ListenError: ``fd`` is not an open, listening Unix stream socket.
+        """
+        label = self.socket_path
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            raise ListenError(label, f"fd {fd} is not a socket: {e.strerror or e}", e.errno) from e
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            ok = sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM and listening
+        except OSError as e:
+            sock.detach()
+            raise ListenError(label, f"fd {fd}: {e.strerror or e}", e.errno) from e
+        if not ok:
+            sock.detach()  # not ours to close
+            raise ListenError(label, f"fd {fd} is not a listening Unix stream socket", errno.ENOTSOCK)
+        os.set_inheritable(fd, False)
+        self.listener = sock
+        self._owns_path = False
+        self.ready.set()
+        log.info("%s: listening", label)
+
     def _accept(self) -> socket.socket | None:
         assert self.listener is not None
         p = select.poll()
@@ -280,8 +311,9 @@ class VhostUserDaemon:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+            if self._owns_path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.socket_path)
         if self._own_stop:
             self._own_stop = False
             os.close(self.stop_fd)
@@ -293,9 +325,12 @@ def run_daemons(
     device_factory: Callable[[int], VirtioDevice],
     *,
     poll_max_us: int | None = None,
+    listen_fds: Sequence[int | None] = (),
 ) -> int:
     """Serve ``device_factory(i)`` devices on ``socket_paths[i]``, one thread each
     (``poll_max_us``: see :class:`VhostUserDaemon`; None: ``DEFAULT_POLL_MAX_US``).
+    Where ``listen_fds[i]`` is an fd, daemon ``i`` serves that inherited listening
+    socket (:meth:`VhostUserDaemon.adopt`) and ``socket_paths[i]`` only names it.
 
     SIGINT and SIGTERM (when called from the main thread) shut every daemon down
     cleanly.  Every socket is bound before any is served.  Returns 0 after a clean
@@ -324,8 +359,12 @@ def run_daemons(
             previous[sig] = signal.signal(sig, on_signal)
     try:
         try:
-            for d in daemons:
-                d.bind()
+            for i, d in enumerate(daemons):
+                fd = listen_fds[i] if i < len(listen_fds) else None
+                if fd is None:
+                    d.bind()
+                else:
+                    d.adopt(fd)
         except ListenError:
             for d in daemons:
                 d.close()

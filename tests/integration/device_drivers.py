@@ -118,7 +118,8 @@ def console_script(name: str, module: str) -> list[str]:
 class DeviceCase:
     """One device for the shared suite: its daemon and its in-process twin.
 
-    ``command(tmp)`` is the daemon's command line (without ``-s``), ``build(tmp)``
+    ``command(tmp)`` is the daemon's command line (without its socket flag,
+    ``socket_flag``), ``build(tmp)``
     the same device for the in-process transport and ``release(device)`` what
     closes its host backend afterwards; ``suffix`` is what the daemon appends to
     its socket path.
@@ -129,6 +130,8 @@ class DeviceCase:
     release: Callable[[VirtioDevice], None] = lambda device: None
     suffix: str = ""
     num_queues: int = 1
+    #: The daemon's flag naming its socket (sound: ``--socket``).
+    socket_flag: str = "-s"
 
 
 def open_driver(case: DeviceCase, transport: str, tmp: Path) -> DeviceDriver:
@@ -137,7 +140,11 @@ def open_driver(case: DeviceCase, transport: str, tmp: Path) -> DeviceDriver:
         device = case.build(tmp)
         return MmioDeviceDriver(device, queue_size=QUEUE_SIZE, on_close=lambda: case.release(device))
     return VhostUserDeviceDriver(
-        case.command(tmp), str(tmp / "dev.sock"), suffix=case.suffix, num_queues=case.num_queues
+        case.command(tmp),
+        str(tmp / "dev.sock"),
+        socket_flag=case.socket_flag,
+        suffix=case.suffix,
+        num_queues=case.num_queues,
     )
 
 

@@ -274,8 +274,13 @@ def add_socket_or_fd_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def serve(prog: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
+def serve(
+    prog: str, paths: Sequence[str], factory: Callable[[int], Any], *, listen_fd: int | None = None
+) -> int:
     """Serve ``factory(i)`` devices on ``paths[i]`` until SIGINT/SIGTERM; the exit status.
+
+    With ``listen_fd`` (``--socket-fd``), the one daemon serves that inherited
+    listening socket and ``paths[0]`` only names it in logs.
 
     The end of every daemon's ``run``: a fresh device per front-end connection,
     the polling window from ``VHD_POLL_US``.  The daemon layer is imported here,
@@ -287,7 +292,9 @@ def serve(prog: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int
     poll_max_us = env_poll_max_us()
     from vhost_backends.daemon import run_daemons  # noqa: PLC0415 - late, see above
 
-    return run_daemons(prog, paths, factory, poll_max_us=poll_max_us)
+    if listen_fd is None:
+        return run_daemons(prog, paths, factory, poll_max_us=poll_max_us)
+    return run_daemons(prog, paths, factory, poll_max_us=poll_max_us, listen_fds=[listen_fd])
 
 
 def _env_text(name: str, env: Mapping[str, str] | None) -> str:

@@ -1,0 +1,23 @@
+"""vhost-device-sound through our front-end (issue 21's speed figures).
+
+``pytest benches --benchmark-disable`` runs one short session once (CI's smoke
+run) and checks its result untimed: every buffer completed, the daemon's CPU time
+counted.  The figures themselves (CPU per stream second, arrival -> completion
+against the period, xruns; upstream's beside ours when ``$VHOST_DEVICE_RUST_BIN``
+has it) come from ``python benches/sound_table.py``, run by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sound_table as T
+
+pytestmark = pytest.mark.slow
+
+
+def test_sound_null_playback_and_capture(benchmark: Any) -> None:
+    result = benchmark.pedantic(T.run_once, args=("ours", 0.1, 5.0), rounds=1, iterations=1)
+    assert set(result) == {"cpu_tx", "cpu_rx", "latency", "xruns"}
+    assert result["latency"] > 0 and result["cpu_tx"] >= 0 and result["cpu_rx"] >= 0

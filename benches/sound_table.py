@@ -1,0 +1,274 @@
+"""vhost-device-sound figures: CPU per second of 48 kHz stereo S16 audio, and the
+time from a tx buffer's arrival to its completion against the period length.
+
+Run by hand (not by CI; ``bench_sound.py`` is its smoke test)::
+
+    python benches/sound_table.py [--secs 3] [--reps 3] [--period-ms 5]
+
+Every row drives the daemon (``--backend null``) through our Python front-end
+(:class:`vhost_backends.frontend.Frontend`) with the stream set up as the Linux
+driver does it (SET_PARAMS with ``EVT_XRUNS``, PREPARE, START), keeping 4 periods
+in flight and refilling each one as it comes back:
+
+* **CPU per stream second**: the daemon's CPU time (every thread's ``schedstat``)
+  over the run, divided by the audio seconds served, for playback (tx) and capture
+  (rx) apart; beside it the same for upstream's daemon from
+  ``$VHOST_DEVICE_RUST_BIN`` with ``--backend null`` when it is there (built
+  without its default features, its null backend only: the default build needs
+  PipeWire's library at run time), and their ratio.  Upstream's null backend
+  completes playback at once (so its front-end runs flat out rather than at the
+  stream's rate) and never completes capture (n/a);
+* **arrival -> completion / period**: with one buffer in flight, the time from the
+  kick that brings a buffer to its completion, as a multiple of the buffer's
+  duration (1.0 is the floor: the null backend plays it in real time);
+* **xruns**: ``PCM_XRUN`` events seen while 4 periods were kept in flight (the goal:
+  none at 5 ms periods).
+
+Figures are medians (min..max) over ``--reps`` runs, ours and upstream's runs
+interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from vhost_backends.frontend import Frontend  # noqa: E402
+from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc  # noqa: E402
+
+RUST_ENV = "VHOST_DEVICE_RUST_BIN"
+NAME = "vhost-device-sound"
+RATE, FRAME = 48000, 4
+CTL, EVT, TX, RX = 0, 1, 2, 3
+S_OK, EVT_XRUN = 0x8000, 0x1101
+DEADLINE = 10.0
+
+
+def rust_daemon() -> str | None:
+    d = os.environ.get(RUST_ENV)
+    if not d:
+        return None
+    p = Path(d) / NAME
+    return str(p) if p.is_file() and os.access(p, os.X_OK) else None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid`` so far, in ns resolution (schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
+class Session:
+    """A daemon (ours, or upstream's) with the four rings set up."""
+
+    def __init__(self, kind: str, tmp: str) -> None:
+        self.sock = os.path.join(tmp, f"{kind}.sock")
+        if kind == "ours":
+            cmd = [sys.executable, "-m", "vhost_backends.cli.sound"]
+        else:
+            path = rust_daemon()
+            assert path is not None
+            cmd = [path]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [*cmd, "--socket", self.sock, "--backend", "null"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            try:
+                self.fe = Frontend.connect(self.sock, timeout=DEADLINE)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.01)  # the daemon starting up: not a test, a bench
+        self.fe.negotiate()
+        self.fe.add_memory(8 << 20)
+        self.fe.set_mem_table()
+        self.rings = [self.fe.setup_ring(i, 64, gpa=i << 20) for i in range(4)]
+        self.xruns = self.stream_xruns = 0
+        self.event_bufs: dict[int, int] = {}
+
+    def control(self, request: bytes) -> int:
+        mock = self.rings[CTL].mock
+        req, out = mock.alloc(len(request)), mock.alloc(4)
+        self.fe.memory.write(req, request)
+        mock.add_chain([RawDesc(req, len(request), 0, 0), RawDesc(out, 4, VIRTQ_DESC_F_WRITE, 0)])
+        self.fe.kick(CTL)
+        self.fe.wait_used(CTL, 1, DEADLINE)
+        return int(struct.unpack("<I", self.fe.memory.read(out, 4))[0])
+
+    def start(self, sid: int, period: int, features: int = 1 << 4) -> None:
+        # S16 (5), 48 kHz (7), stereo, EVT_XRUNS (bit 4) selected, 4 periods of buffer.
+        params = struct.pack("<IIIIIBBBx", 0x0101, sid, 4 * period, period, features, 2, 5, 7)
+        for request in (params, struct.pack("<II", 0x0102, sid), struct.pack("<II", 0x0104, sid)):
+            status = self.control(request)
+            assert status == S_OK, f"control request answered {status:#x}"
+
+    def events(self, n: int) -> None:
+        """Give the device ``n`` event buffers (recycled by :meth:`reap_events`)."""
+        mock = self.rings[EVT].mock
+        for _ in range(n):
+            out = mock.alloc(8)
+            self.event_bufs[mock.add_chain([RawDesc(out, 8, VIRTQ_DESC_F_WRITE, 0)])] = out
+        self.fe.kick(EVT)
+
+    def reap_events(self) -> None:
+        """Count the XRUNs among the events sent so far and give the buffers back."""
+        mock = self.rings[EVT].mock
+        used = mock.used_elems()
+        for head, _ in used:
+            out = self.event_bufs.pop(head)
+            if struct.unpack("<I", self.fe.memory.read(out, 4))[0] == EVT_XRUN:
+                self.xruns += 1
+            self.event_bufs[mock.add_chain([RawDesc(out, 8, VIRTQ_DESC_F_WRITE, 0)])] = out
+        if used:
+            self.fe.kick(EVT)
+
+    def stream(self, index: int, sid: int, period: int, periods: int, depth: int) -> list[float]:
+        """Serve ``periods`` buffers keeping ``depth`` in flight; return each one's
+        arrival -> completion time."""
+        mock = self.rings[index].mock
+        slots = [(mock.alloc(4), mock.alloc(period), mock.alloc(8)) for _ in range(depth)]
+        flag = 0 if index == TX else VIRTQ_DESC_F_WRITE
+        for hdr, _, _ in slots:
+            self.fe.memory.write(hdr, struct.pack("<I", sid))
+        free = list(range(depth))
+        sent_at: dict[int, tuple[int, float]] = {}
+        times: list[float] = []
+        sent = 0
+        while len(times) < periods:
+            while free and sent < periods:
+                slot = free.pop()
+                hdr, buf, status = slots[slot]
+                head = mock.add_chain(
+                    [
+                        RawDesc(hdr, 4, 0, 0),
+                        RawDesc(buf, period, flag, 0),
+                        RawDesc(status, 8, VIRTQ_DESC_F_WRITE, 0),
+                    ]
+                )
+                sent_at[head] = (slot, time.monotonic())
+                sent += 1
+            self.fe.kick(index)
+            for head, _ in self.fe.wait_used(index, 1, DEADLINE):
+                slot, t = sent_at.pop(head)
+                times.append(time.monotonic() - t)
+                free.append(slot)
+            if len(times) < periods:
+                self.reap_events()
+        # XRUNs before the last completion: the stream running dry after it is ours.
+        self.stream_xruns = self.xruns
+        return times
+
+    def stop(self, sid: int) -> None:
+        """STOP the stream and forget the events so far (its tail ran dry)."""
+        assert self.control(struct.pack("<II", 0x0105, sid)) == S_OK
+        self.reap_events()
+        self.xruns = 0
+
+    def close(self) -> None:
+        self.fe.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_once(kind: str, secs: float, period_ms: float) -> dict[str, float]:
+    """One session of ``kind``: its figures (upstream's: playback CPU only, see below)."""
+    period = int(RATE * period_ms / 1000) * FRAME
+    periods = max(int(secs * 1000 / period_ms), 4)
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        s = Session(kind, tmp)
+        try:
+            if kind == "rust":
+                # Upstream's null backend completes playback at once and never
+                # completes capture; and event buffers make its vring worker spin
+                # (it never pops them, so with EVENT_IDX enable_notification keeps
+                # reporting them), so it gets none.  Its one comparable figure: CPU
+                # per second of playback served.
+                s.start(0, period, features=0)
+                cpu0 = _cpu_seconds(s.proc.pid)
+                s.stream(TX, 0, period, periods, 4)
+                out["cpu_tx"] = (_cpu_seconds(s.proc.pid) - cpu0) / (periods * period_ms / 1000)
+                return out
+            s.events(32)
+            xruns = 0
+            for name, index, sid in (("tx", TX, 0), ("rx", RX, 1)):
+                s.start(sid, period)
+                cpu0 = _cpu_seconds(s.proc.pid)
+                s.stream(index, sid, period, periods, 4)
+                out[f"cpu_{name}"] = (_cpu_seconds(s.proc.pid) - cpu0) / (periods * period_ms / 1000)
+                xruns += s.stream_xruns
+                s.stop(sid)
+            out["xruns"] = xruns
+            # One buffer in flight: arrival -> completion against the period.
+            assert s.control(struct.pack("<II", 0x0104, 0)) == S_OK
+            lat = s.stream(TX, 0, period, max(periods // 10, 10), 1)
+            out["latency"] = statistics.median(lat) / (period_ms / 1000)
+        finally:
+            s.close()
+    return out
+
+
+def _fmt(values: list[float], scale: float = 1.0, unit: str = "") -> str:
+    v = [x * scale for x in values]
+    return f"{statistics.median(v):.3g}{unit} ({min(v):.3g}..{max(v):.3g})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--secs", type=float, default=3.0, help="audio seconds per stream per run")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--period-ms", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    kinds = ["ours"] + (["rust"] if rust_daemon() else [])
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+    for _ in range(args.reps):
+        for k in kinds:
+            runs[k].append(run_once(k, args.secs, args.period_ms))
+    title = f"vhost-device-sound, null backend, 48 kHz stereo S16, {args.period_ms:g} ms periods"
+    print(f"| {title} | ours | Rust | ours/Rust |")
+    print("| --- | --- | --- | --- |")
+    for key, label in (("cpu_tx", "CPU per second of playback"), ("cpu_rx", "CPU per second of capture")):
+        ours = [r[key] for r in runs["ours"]]
+        if "rust" in runs and key in runs["rust"][0]:
+            rust = [r[key] for r in runs["rust"]]
+            ratio = f"{statistics.median(ours) / max(statistics.median(rust), 1e-9):.2f}x"
+            rust_s = _fmt(rust, 100, " %")
+        else:
+            rust_s, ratio = "n/a", "n/a"
+        print(f"| {label} | {_fmt(ours, 100, ' %')} | {rust_s} | {ratio} |")
+    lat = [r["latency"] for r in runs["ours"]]
+    print(f"| tx arrival -> completion, 1 in flight | {_fmt(lat, 1, 'x')} the period | | |")
+    xr = [r["xruns"] for r in runs["ours"]]
+    print(f"| PCM_XRUN events, 4 periods in flight | {int(max(xr))} (max over runs) | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

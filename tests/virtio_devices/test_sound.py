@@ -1,0 +1,667 @@
+"""virtio-sound (VIRTIO 1.2 §5.14) on the kit's rig: control requests byte by byte,
+the PCM state machine, tx/rx framing and status, events, faults, quiesce and reset.
+
+The backend is :class:`RecordingAudio`, a twin that plays and records at once (no
+pacing) and can be told to fail; the null backend's pacing is tested apart with
+short buffers, and through the daemon in tests/integration/test_sound_daemon.py.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from virtio_devices.hosts.audio import AudioError, NullAudio, PcmParams
+from virtio_devices.sound import (
+    CHMAPS,
+    DEFAULT_FORMATS,
+    DEFAULT_RATES,
+    EVT_PCM_PERIOD_ELAPSED,
+    EVT_PCM_XRUN,
+    PCM_F_EVT_XRUNS,
+    R_CHMAP_INFO,
+    R_JACK_INFO,
+    R_JACK_REMAP,
+    R_PCM_INFO,
+    R_PCM_PREPARE,
+    R_PCM_RELEASE,
+    R_PCM_SET_PARAMS,
+    R_PCM_START,
+    R_PCM_STOP,
+    S_BAD_MSG,
+    S_IO_ERR,
+    S_NOT_SUPP,
+    S_OK,
+    VIRTIO_ID_SOUND,
+    PcmState,
+    SoundDevice,
+)
+from virtio_devices.testing import DeviceRig, FakeLoop
+from virtio_queue import Reader, Writer
+
+CTL, EVT, TX, RX = 0, 1, 2, 3
+FMT_S16, RATE_48000 = 5, 7
+
+
+class RecordingPort:
+    """A port that takes and gives bytes at once; ``fail`` makes I/O raise."""
+
+    def __init__(self, backend: RecordingAudio, direction: int, params: PcmParams) -> None:
+        self.backend = backend
+        self.direction = direction
+        self.params = params
+        self.played = bytearray()
+        self.started = 0
+        self.closed = False
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def start(self) -> None:
+        self.started += 1
+
+    def stop(self) -> None:
+        pass
+
+    def play(self, reader: Reader, n: int) -> None:
+        self.gate.wait(10)
+        if self.backend.fail_io:
+            raise AudioError("device unplugged")
+        self.played += reader.read(n)
+
+    def capture(self, writer: Writer, n: int) -> int:
+        self.gate.wait(10)
+        if self.backend.fail_io:
+            raise AudioError("device unplugged")
+        return writer.write(bytes(i & 0xFF for i in range(n)))
+
+    def latency_bytes(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        self.gate.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RecordingAudio:
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.ports: dict[int, RecordingPort] = {}
+        self.fail_open = False
+        self.fail_io = False
+
+    def open(self, stream_id: int, direction: int, params: PcmParams) -> RecordingPort:
+        if self.fail_open:
+            raise AudioError("no such device")
+        port = self.ports[stream_id] = RecordingPort(self, direction, params)
+        return port
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def audio() -> RecordingAudio:
+    return RecordingAudio()
+
+
+@pytest.fixture
+def rig(audio: RecordingAudio) -> Iterator[DeviceRig]:
+    with DeviceRig(SoundDevice(audio), queue_size=64, memory_size=4 << 20) as r:
+        yield r
+
+
+def control(rig: DeviceRig, request: bytes, reply: int = 4) -> tuple[int, int, bytes]:
+    """Send one control request, wait for its answer; (status, used length, payload)."""
+    head, (out,) = rig.add_request(CTL, [request], [reply])
+    used = rig.kick(CTL)
+    while not used:
+        rig.complete_workers()
+        used = rig.used(CTL)
+    assert used[0][0] == head
+    data = rig.read(out, reply)
+    return struct.unpack_from("<I", data)[0], used[0][1], data[4 : used[0][1]]
+
+
+def set_params(sid: int, *, buffer: int = 3840, period: int = 960, features: int = 0, channels: int = 2,
+               fmt: int = FMT_S16, rate: int = RATE_48000) -> bytes:  # fmt: skip
+    return struct.pack("<IIIIIBBBx", R_PCM_SET_PARAMS, sid, buffer, period, features, channels, fmt, rate)
+
+
+def pcm(code: int, sid: int) -> bytes:
+    return struct.pack("<II", code, sid)
+
+
+def prepare_and_start(rig: DeviceRig, sid: int, **params: int) -> None:
+    assert control(rig, set_params(sid, **params))[0] == S_OK
+    assert control(rig, pcm(R_PCM_PREPARE, sid))[0] == S_OK
+    assert control(rig, pcm(R_PCM_START, sid))[0] == S_OK
+
+
+def wait_used(rig: DeviceRig, index: int, count: int) -> list[tuple[int, int]]:
+    got: list[tuple[int, int]] = []
+    got += rig.used(index)
+    while len(got) < count:
+        rig.complete_workers()
+        got += rig.used(index)
+    return got
+
+
+# -- identity and config ---------------------------------------------------------------------------
+
+
+def test_identity_four_queues_of_up_to_1024() -> None:
+    dev = SoundDevice(RecordingAudio())
+    assert dev.device_id == VIRTIO_ID_SOUND == 25
+    # QEMU 10's vhost-user-snd-pci asks for 1024 entries (upstream accepts 64).
+    assert dev.queue_sizes == (1024, 1024, 1024, 1024)
+    assert dev.has_config
+
+
+def test_config_advertises_every_chmap() -> None:
+    # virtio_snd_config: jacks, streams, chmaps, controls (le32 each).
+    assert SoundDevice(RecordingAudio()).config_space() == struct.pack("<IIII", 0, 2, len(CHMAPS), 0)
+    assert len(CHMAPS) == 6
+
+
+# -- info requests ---------------------------------------------------------------------------------
+
+
+def test_pcm_info_payload_bytes(rig: DeviceRig) -> None:
+    status, used, payload = control(rig, struct.pack("<IIII", R_PCM_INFO, 0, 2, 32), 4 + 64)
+    assert (status, used) == (S_OK, 68)
+    want = b"".join(
+        struct.pack(
+            "<IIQQBBB5x",
+            0,  # hda_fn_nid
+            1 << PCM_F_EVT_XRUNS,  # features
+            DEFAULT_FORMATS,
+            DEFAULT_RATES,
+            direction,
+            1,  # channels_min
+            6,  # channels_max
+        )
+        for direction in (0, 1)
+    )
+    assert payload == want
+
+
+def test_pcm_info_honours_the_drivers_item_size(rig: DeviceRig) -> None:
+    # size 40: each item padded with zeros to the driver's stride; size 8: cut.
+    status, used, payload = control(rig, struct.pack("<IIII", R_PCM_INFO, 1, 1, 40), 4 + 40)
+    assert (status, used) == (S_OK, 44)
+    assert payload[32:] == bytes(8) and payload[24] == 1  # direction: input
+    status, used, payload = control(rig, struct.pack("<IIII", R_PCM_INFO, 0, 2, 8), 4 + 16)
+    assert (status, used, len(payload)) == (S_OK, 20, 16)
+
+
+def test_chmap_info_every_map_reachable(rig: DeviceRig) -> None:
+    status, _used, payload = control(rig, struct.pack("<IIII", R_CHMAP_INFO, 0, len(CHMAPS), 24), 4 + 24 * 6)
+    assert status == S_OK
+    for i, (direction, positions) in enumerate(CHMAPS):
+        item = payload[24 * i : 24 * (i + 1)]
+        assert struct.unpack_from("<IBB", item) == (0, direction, len(positions))
+        assert item[6 : 6 + len(positions)] == bytes(positions)
+        assert item[6 + len(positions) :] == bytes(18 - len(positions))
+    # The stereo output map is FL, FR (§5.14.6.7: 3, 4).
+    assert payload[24 + 6 : 24 + 8] == bytes([3, 4])
+
+
+@pytest.mark.parametrize(
+    ("start", "count"),
+    [(2, 1), (0, 3), (1, 2), (0xFFFFFFFF, 2), (1, 0xFFFFFFFF)],
+)
+def test_pcm_info_out_of_range_is_bad_msg(rig: DeviceRig, start: int, count: int) -> None:
+    # §5.14.6.4.1: a range outside the streams cannot be answered: BAD_MSG.
+    assert control(rig, struct.pack("<IIII", R_PCM_INFO, start, count, 32), 4 + 96)[:2] == (S_BAD_MSG, 4)
+
+
+def test_info_reply_buffer_too_small_is_bad_msg(rig: DeviceRig) -> None:
+    assert control(rig, struct.pack("<IIII", R_PCM_INFO, 0, 2, 32), 4 + 63)[:2] == (S_BAD_MSG, 4)
+
+
+def test_jack_info_without_jacks_is_bad_msg_and_remap_not_supp(rig: DeviceRig) -> None:
+    assert control(rig, struct.pack("<IIII", R_JACK_INFO, 0, 1, 24), 28)[0] == S_BAD_MSG
+    assert control(rig, struct.pack("<IIII", R_JACK_REMAP, 0, 0, 0))[0] == S_NOT_SUPP
+
+
+@pytest.mark.parametrize("code", [0, 3, 0x0106, 0x0201, 0x0300, 0x1100, 0xFFFFFFFF])
+def test_unknown_code_is_not_supp(rig: DeviceRig, code: int) -> None:
+    assert control(rig, struct.pack("<IIII", code, 0, 0, 0)) == (S_NOT_SUPP, 4, b"")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"", b"\x00\x01", struct.pack("<II", R_PCM_INFO, 0), set_params(0)[:23], struct.pack("<I", R_PCM_START)],
+)
+def test_short_request_is_bad_msg(rig: DeviceRig, request_bytes: bytes) -> None:
+    assert control(rig, request_bytes)[0] == S_BAD_MSG
+
+
+def test_control_without_room_for_status_is_returned_unwritten(rig: DeviceRig) -> None:
+    # §5.14.6: every request has a device-writable status; with none, used length 0.
+    head, (out,) = rig.add_request(CTL, [struct.pack("<IIII", R_PCM_INFO, 0, 1, 32)], [3])
+    assert rig.kick(CTL) == [(head, 0)]
+    assert rig.read(out, 3) == b"\xee" * 3
+    # The queue goes on.
+    assert control(rig, pcm(R_PCM_PREPARE, 0))[0] == S_OK
+
+
+# -- SET_PARAMS ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "status"),
+    [
+        ({}, S_OK),
+        ({"fmt": 3}, S_NOT_SUPP),  # S8: not in PCM_INFO's formats
+        ({"fmt": 64}, S_NOT_SUPP),
+        ({"rate": 0}, S_NOT_SUPP),  # 5512 Hz not offered
+        ({"rate": 200}, S_NOT_SUPP),
+        ({"channels": 0}, S_NOT_SUPP),
+        ({"channels": 7}, S_NOT_SUPP),
+        ({"features": 1 << 0}, S_NOT_SUPP),  # SHMEM_HOST not offered
+        ({"features": 1 << PCM_F_EVT_XRUNS}, S_OK),
+        ({"period": 0}, S_BAD_MSG),
+        ({"buffer": 100, "period": 960}, S_BAD_MSG),
+        ({"period": 962}, S_BAD_MSG),  # not a whole number of 4-byte frames
+    ],
+)
+def test_set_params_checks_against_pcm_info(rig: DeviceRig, kw: dict[str, int], status: int) -> None:
+    assert control(rig, set_params(0, **kw))[0] == status
+    dev = rig.device
+    assert isinstance(dev, SoundDevice)
+    assert dev.streams[0].state == PcmState.SET_PARAMETERS
+
+
+def test_set_params_bad_stream_id_is_bad_msg(rig: DeviceRig) -> None:
+    assert control(rig, set_params(2))[0] == S_BAD_MSG
+    assert control(rig, set_params(0xFFFFFFFF))[0] == S_BAD_MSG
+
+
+# -- the state machine -----------------------------------------------------------------------------
+
+
+def state(rig: DeviceRig, sid: int) -> str:
+    dev = rig.device
+    assert isinstance(dev, SoundDevice)
+    return dev.streams[sid].state
+
+
+def test_full_cycle_and_every_refused_transition(rig: DeviceRig) -> None:
+    # §5.14.6.6.1: from the initial state only SET_PARAMS and PREPARE are allowed.
+    assert control(rig, pcm(R_PCM_START, 0))[0] == S_BAD_MSG
+    assert control(rig, pcm(R_PCM_STOP, 0))[0] == S_BAD_MSG
+    assert control(rig, pcm(R_PCM_RELEASE, 0))[0] == S_BAD_MSG
+    assert state(rig, 0) == PcmState.SET_PARAMETERS
+    assert control(rig, set_params(0))[0] == S_OK
+    assert control(rig, pcm(R_PCM_PREPARE, 0))[0] == S_OK
+    assert control(rig, pcm(R_PCM_STOP, 0))[0] == S_BAD_MSG
+    assert control(rig, pcm(R_PCM_START, 0))[0] == S_OK
+    assert state(rig, 0) == PcmState.START
+    for code in (R_PCM_START, R_PCM_PREPARE, R_PCM_RELEASE):
+        assert control(rig, pcm(code, 0))[0] == S_BAD_MSG
+    assert control(rig, set_params(0))[0] == S_BAD_MSG
+    assert control(rig, pcm(R_PCM_STOP, 0))[0] == S_OK
+    assert control(rig, pcm(R_PCM_START, 0))[0] == S_OK  # STOP -> START (pause release)
+    assert control(rig, pcm(R_PCM_STOP, 0))[0] == S_OK
+    assert control(rig, pcm(R_PCM_RELEASE, 0))[0] == S_OK
+    assert state(rig, 0) == PcmState.RELEASE
+    assert control(rig, pcm(R_PCM_PREPARE, 0))[0] == S_OK
+    # The other stream was never touched.
+    assert state(rig, 1) == PcmState.SET_PARAMETERS
+
+
+@pytest.mark.parametrize("code", [R_PCM_PREPARE, R_PCM_RELEASE, R_PCM_START, R_PCM_STOP])
+def test_pcm_command_bad_stream_id_is_bad_msg(rig: DeviceRig, code: int) -> None:
+    assert control(rig, pcm(code, 2))[0] == S_BAD_MSG
+    assert control(rig, pcm(code, 0x80000000))[0] == S_BAD_MSG
+
+
+def test_backend_error_at_prepare_is_io_err_and_state_unchanged(
+    rig: DeviceRig, audio: RecordingAudio
+) -> None:
+    # Upstream unwrap()s PREPARE's backend error (a panic); we answer IO_ERR.
+    audio.fail_open = True
+    assert control(rig, pcm(R_PCM_PREPARE, 0))[0] == S_IO_ERR
+    assert state(rig, 0) == PcmState.SET_PARAMETERS
+    assert control(rig, pcm(R_PCM_START, 0))[0] == S_BAD_MSG
+    audio.fail_open = False
+    assert control(rig, pcm(R_PCM_PREPARE, 0))[0] == S_OK
+
+
+# -- I/O -------------------------------------------------------------------------------------------
+
+
+def tx(rig: DeviceRig, sid: int, frames: bytes, status_room: int = 8) -> tuple[int, int]:
+    head, (out,) = rig.add_request(TX, [struct.pack("<I", sid) + frames], [status_room])
+    return head, out
+
+
+def test_io_bad_stream_wrong_direction_or_not_prepared_is_bad_msg(rig: DeviceRig) -> None:
+    heads = [tx(rig, 0, bytes(16)), tx(rig, 1, bytes(16)), tx(rig, 7, bytes(16))]
+    used = rig.kick(TX)
+    assert used == [(h, 8) for h, _ in heads]
+    for _, out in heads:
+        assert struct.unpack("<II", rig.read(out, 8)) == (S_BAD_MSG, 0)
+    # rx of the output stream: BAD_MSG too, status after the (unwritten) frames.
+    head, (_data, status) = rig.add_request(RX, [struct.pack("<I", 0)], [16, 8])
+    assert rig.kick(RX) == [(head, 8)]
+    assert struct.unpack("<II", rig.read(status, 8)) == (S_BAD_MSG, 0)
+
+
+def test_io_without_room_for_status_is_dropped_and_queue_goes_on(rig: DeviceRig) -> None:
+    head, _ = tx(rig, 0, bytes(16), status_room=7)
+    assert rig.kick(TX) == [(head, 0)]
+    head2, _out = tx(rig, 0, bytes(16))
+    assert rig.kick(TX) == [(head2, 8)]
+
+
+def test_io_header_short_is_bad_msg(rig: DeviceRig) -> None:
+    head, (out,) = rig.add_request(TX, [b"\x00\x00"], [8])
+    assert rig.kick(TX) == [(head, 8)]
+    assert struct.unpack("<I", rig.read(out, 4))[0] == S_BAD_MSG
+
+
+def test_playback_reaches_the_backend_in_order(rig: DeviceRig, audio: RecordingAudio) -> None:
+    assert control(rig, set_params(0))[0] == S_OK
+    assert control(rig, pcm(R_PCM_PREPARE, 0))[0] == S_OK
+    # Buffers queued while PREPAREd (the Linux driver sends them before START)
+    # wait for START.
+    chunks = [bytes([i]) * 960 for i in range(4)]
+    outs = [tx(rig, 0, c) for c in chunks]
+    assert rig.kick(TX) == []
+    assert control(rig, pcm(R_PCM_START, 0))[0] == S_OK
+    used = wait_used(rig, TX, 4)
+    assert used == [(h, 8) for h, _ in outs]
+    assert bytes(audio.ports[0].played) == b"".join(chunks)
+    for _, out in outs:
+        assert struct.unpack("<I", rig.read(out, 4))[0] == S_OK
+
+
+def test_capture_fills_frames_then_status(rig: DeviceRig) -> None:
+    prepare_and_start(rig, 1)
+    head, (data, status) = rig.add_request(RX, [struct.pack("<I", 1)], [960, 8])
+    rig.kick(RX)
+    assert wait_used(rig, RX, 1) == [(head, 968)]
+    assert rig.read(data, 960) == bytes(i & 0xFF for i in range(960))
+    assert struct.unpack("<I", rig.read(status, 4))[0] == S_OK
+
+
+def test_period_elapsed_events(rig: DeviceRig) -> None:
+    events = [rig.add_request(EVT, [], [8]) for _ in range(4)]
+    assert rig.kick(EVT) == []  # held until there is something to say
+    prepare_and_start(rig, 0, period=960)
+    for _ in range(3):
+        tx(rig, 0, bytes(960))
+    rig.kick(TX)
+    wait_used(rig, TX, 3)
+    used = rig.used(EVT)
+    assert [u[1] for u in used] == [8, 8, 8]
+    for (head, (out,)), (uhead, _) in zip(events, used, strict=False):
+        assert head == uhead
+        assert struct.unpack("<II", rig.read(out, 8)) == (EVT_PCM_PERIOD_ELAPSED, 0)
+
+
+def test_xrun_event_when_a_started_stream_runs_dry(rig: DeviceRig) -> None:
+    rig.add_request(EVT, [], [8])
+    rig.kick(EVT)
+    # A 1-frame period (48 kHz): the stream is dry after a few microseconds.
+    prepare_and_start(rig, 0, period=4, buffer=8, features=1 << PCM_F_EVT_XRUNS)
+    tx(rig, 0, bytes(4))
+    rig.kick(TX)
+    wait_used(rig, TX, 1)
+    # The period event came with the completion; wait for the xrun.
+    dev = rig.device
+    assert isinstance(dev, SoundDevice)
+    while dev.events_sent[EVT_PCM_XRUN] == 0:
+        rig.add_request(EVT, [], [8])
+        rig.kick(EVT)
+        rig.complete_workers()
+    assert dev.events_sent[EVT_PCM_XRUN] == 1
+
+
+def test_release_completes_pending_io_before_its_answer(rig: DeviceRig, audio: RecordingAudio) -> None:
+    assert control(rig, set_params(0))[0] == S_OK
+    assert control(rig, pcm(R_PCM_PREPARE, 0))[0] == S_OK
+    outs = [tx(rig, 0, bytes(960)) for _ in range(3)]
+    rig.kick(TX)
+    head, (out,) = rig.add_request(CTL, [pcm(R_PCM_RELEASE, 0)], [4])
+    rig.kick(CTL)
+    rig.complete_workers()
+    # §5.14.6.6.5.1: every pending I/O message completed; then RELEASE answered.
+    assert rig.used(TX) == [(h, 8) for h, _ in outs]
+    assert rig.used(CTL) == [(head, 4)]
+    assert struct.unpack("<I", rig.read(out, 4))[0] == S_OK
+    assert audio.ports[0].closed
+
+
+def test_backend_io_error_is_io_err_and_other_stream_goes_on(rig: DeviceRig, audio: RecordingAudio) -> None:
+    prepare_and_start(rig, 0)
+    prepare_and_start(rig, 1)
+    audio.fail_io = True
+    head, out = tx(rig, 0, bytes(960))
+    rig.kick(TX)
+    assert wait_used(rig, TX, 1) == [(head, 8)]
+    assert struct.unpack("<I", rig.read(out, 4))[0] == S_IO_ERR
+    audio.fail_io = False
+    head, (_data, _status) = rig.add_request(RX, [struct.pack("<I", 1)], [64, 8])
+    rig.kick(RX)
+    assert wait_used(rig, RX, 1) == [(head, 72)]
+    head, out = tx(rig, 0, bytes(960))
+    rig.kick(TX)
+    assert wait_used(rig, TX, 1) == [(head, 8)]
+    assert struct.unpack("<I", rig.read(out, 4))[0] == S_OK
+
+
+# -- quiesce and reset -----------------------------------------------------------------------------
+
+
+def test_quiesce_answers_waiting_io_and_returns_event_buffers(rig: DeviceRig) -> None:
+    dev = rig.device
+    assert isinstance(dev, SoundDevice)
+    for _ in range(3):
+        rig.add_request(EVT, [], [8])
+    rig.kick(EVT)
+    assert rig.queues[EVT].next_avail() == 3
+    dev.quiesce(EVT)
+    # The held event buffers go back to the avail ring, not consumed.
+    assert rig.queues[EVT].next_avail() == 0
+    assert rig.used(EVT) == []
+    assert control(rig, set_params(0))[0] == S_OK
+    assert control(rig, pcm(R_PCM_PREPARE, 0))[0] == S_OK
+    outs = [tx(rig, 0, bytes(960)) for _ in range(2)]
+    rig.kick(TX)
+    dev.quiesce(TX)
+    assert rig.used(TX) == [(h, 8) for h, _ in outs]
+    for _, out in outs:
+        assert struct.unpack("<I", rig.read(out, 4))[0] == S_IO_ERR
+
+
+def test_reset_stops_workers_and_closes_ports(audio: RecordingAudio) -> None:
+    rig = DeviceRig(SoundDevice(audio), queue_size=64, memory_size=4 << 20)
+    prepare_and_start(rig, 0)
+    prepare_and_start(rig, 1)
+    dev = rig.device
+    assert isinstance(dev, SoundDevice)
+    threads = [s.worker.thread for s in dev.streams if s.worker is not None]
+    assert len(threads) == 2
+    rig.close()
+    assert not any(t.is_alive() for t in threads)
+    assert audio.ports[0].closed and audio.ports[1].closed
+    assert [s.state for s in dev.streams] == [PcmState.SET_PARAMETERS] * 2
+
+
+def test_reset_with_a_blocked_port_aborts_it(audio: RecordingAudio) -> None:
+    rig = DeviceRig(SoundDevice(audio), queue_size=64, memory_size=4 << 20)
+    prepare_and_start(rig, 0)
+    audio.ports[0].gate.clear()  # the next play blocks until aborted
+    tx(rig, 0, bytes(960))
+    rig.kick(TX)
+    rig.close()  # must not hang: settle aborts the port
+    assert audio.ports[0].closed
+
+
+# -- the null backend ------------------------------------------------------------------------------
+
+
+def test_null_backend_paces_playback_and_records_silence() -> None:
+    # The null backend's ports never block: the device paces them with the loop's
+    # timers (no thread), so the fake clock shows the pacing exactly.
+    loop = FakeLoop()
+    audio = NullAudio(clock=loop.clock)
+    dev = SoundDevice(audio, clock=loop.clock)
+    with DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop) as rig:
+        # 8 kHz mono S16: 16000 bytes/s; buffers of 160 bytes last 10 ms.
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        prepare_and_start(rig, 1, buffer=640, period=160, channels=1, rate=1)
+        outs = [tx(rig, 0, b"\x55" * 160) for _ in range(3)]
+        assert rig.kick(TX) == []
+        heads = [rig.add_request(RX, [struct.pack("<I", 1)], [160, 8]) for _ in range(2)]
+        assert rig.kick(RX) == []
+        done_tx: list[tuple[int, int]] = []
+        done_rx: list[tuple[int, int]] = []
+        for step in range(3):
+            rig.clock.advance(0.0099)
+            rig.loop.run_due()
+            # Not a buffer completes before its 10 ms are over...
+            assert rig.used(TX) == [] and rig.used(RX) == []
+            rig.clock.advance(0.0001)
+            rig.loop.run_due()
+            # ...and each completes when they are, one per stream per 10 ms.
+            done_tx += rig.used(TX)
+            done_rx += rig.used(RX)
+            assert len(done_tx) == step + 1
+            assert len(done_rx) == min(step + 1, 2)
+        assert done_tx == [(h, 8) for h, _ in outs]
+        assert done_rx == [(h, 168) for h, _ in heads]
+        for _, (data, status) in heads:
+            assert rig.read(data, 160) == bytes(160)
+            assert struct.unpack("<I", rig.read(status, 4))[0] == S_OK
+        # latency_bytes: the bytes queued behind each buffer when it completed.
+        assert [struct.unpack("<II", rig.read(out, 8))[1] for _, out in outs] == [320, 160, 0]
+        # Stopped and released: no timer is left behind.
+        assert control(rig, pcm(R_PCM_STOP, 0))[0] == S_OK
+        assert control(rig, pcm(R_PCM_RELEASE, 0))[0] == S_OK
+    assert not [t for t in loop.pending_timers() if t.callback.__name__ == "_on_timer"]
+    audio.close()
+
+
+def test_null_backend_xrun_after_a_dry_period() -> None:
+    loop = FakeLoop()
+    dev = SoundDevice(NullAudio(clock=loop.clock), clock=loop.clock)
+    with DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop) as rig:
+        head, (ev,) = rig.add_request(EVT, [], [8])
+        rig.kick(EVT)
+        prepare_and_start(rig, 0, buffer=640, period=320, channels=1, rate=1, features=1 << PCM_F_EVT_XRUNS)
+        tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        rig.clock.advance(0.010)
+        rig.loop.run_due()
+        assert len(rig.used(TX)) == 1
+        # Dry for less than a period (20 ms): nothing; for a period: XRUN.
+        rig.clock.advance(0.019)
+        rig.loop.run_due()
+        assert rig.used(EVT) == []
+        rig.clock.advance(0.001)
+        rig.loop.run_due()
+        ((got, used),) = rig.used(EVT)
+        assert (got, used) == (head, 8)
+        assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_XRUN, 0)
+
+
+# -- property tests --------------------------------------------------------------------------------
+
+_CODES = [R_PCM_SET_PARAMS, R_PCM_PREPARE, R_PCM_START, R_PCM_STOP, R_PCM_RELEASE]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(_CODES), st.integers(0, 2)), max_size=25))
+def test_random_control_sequences_follow_the_state_machine(ops: list[tuple[int, int]]) -> None:
+    # Every request is answered; OK exactly when the model allows the transition,
+    # BAD_MSG otherwise; the device's state always equals the model's.
+    with DeviceRig(SoundDevice(RecordingAudio()), queue_size=64, memory_size=4 << 20) as rig:
+        model = [PcmState.SET_PARAMETERS, PcmState.SET_PARAMETERS]
+        for code, sid in ops:
+            request = set_params(sid) if code == R_PCM_SET_PARAMS else pcm(code, sid)
+            status = control(rig, request)[0]
+            if sid >= 2:
+                assert status == S_BAD_MSG
+                continue
+            allowed, new = PcmState.TRANSITIONS[code]
+            if model[sid] in allowed:
+                assert status == S_OK
+                model[sid] = new
+            else:
+                assert status == S_BAD_MSG
+            assert [state(rig, 0), state(rig, 1)] == model
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.binary(max_size=40),
+    st.integers(1, 300),
+    st.binary(max_size=24),
+    st.integers(1, 32),
+    st.sampled_from([TX, RX]),
+)
+def test_random_control_and_io_headers_never_break_the_device(
+    ctl_bytes: bytes, reply: int, io_bytes: bytes, room: int, io_queue: int
+) -> None:
+    with DeviceRig(SoundDevice(RecordingAudio()), queue_size=64, memory_size=4 << 20) as rig:
+        head, _ = rig.add_request(CTL, [ctl_bytes] if ctl_bytes else [], [reply])
+        used = rig.kick(CTL)
+        while not used:
+            rig.complete_workers()
+            used = rig.used(CTL)
+        assert used[0][0] == head
+        assert used[0][1] <= reply
+        assert used[0][1] == 0 or used[0][1] >= 4
+        head, _ = rig.add_request(io_queue, [io_bytes] if io_bytes else [], [room])
+        used = rig.kick(io_queue)
+        dev = rig.device
+        assert isinstance(dev, SoundDevice)
+        if all(s.state not in PcmState.IO_STATES for s in dev.streams):
+            # Nothing prepared: answered at once (BAD_MSG, or 0 without room).
+            assert used == [(head, 8 if room >= 8 else 0)]
+        assert dev.broken is None
+        # And the device still answers.
+        assert control(rig, struct.pack("<IIII", R_PCM_INFO, 0, 1, 32), 36)[0] == S_OK
+
+
+def test_null_backend_quiesce_answers_or_resumes_the_buffer_in_progress() -> None:
+    loop = FakeLoop()
+    dev = SoundDevice(NullAudio(clock=loop.clock), clock=loop.clock)
+    with DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop) as rig:
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        first, _ = tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        rig.clock.advance(0.005)
+        # The control queue taken back: the buffer in progress waits and then
+        # plays in full (10 ms from when it resumes).
+        dev.quiesce(CTL)
+        rig.loop.run_due()
+        assert rig.used(TX) == []
+        rig.clock.advance(0.0099)
+        rig.loop.run_due()
+        assert rig.used(TX) == []
+        rig.clock.advance(0.0001)
+        rig.loop.run_due()
+        assert rig.used(TX) == [(first, 8)]
+        # The tx queue taken back: its buffer in progress is answered IO_ERR now.
+        second, out2 = tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        dev.quiesce(TX)
+        assert rig.used(TX) == [(second, 8)]
+        assert struct.unpack("<I", rig.read(out2, 4))[0] == S_IO_ERR
+        # Nothing of it is left to complete later.
+        rig.clock.advance(1)
+        rig.loop.run_due()
+        assert rig.used(TX) == []
