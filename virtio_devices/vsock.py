@@ -856,8 +856,10 @@ class VsockDevice(VirtioDevice):
             return None
         self._header(writer, conn, OP_RW, flags, got)
         conn.tx_cnt = (conn.tx_cnt + got) & U32
-        if conn.peer_free() == 0:
-            self._watch_input(conn)
+        if conn.peer_free() == 0 and not conn.credit_asked:
+            # §5.10.6.3: ask once for the guest's credit while it has none for us.
+            conn.credit_asked = True
+            conn.ops |= _P_CREDIT_REQUEST
         return HDR_SIZE + got
 
     def _seq_chunk(self, conn: _Conn, body: Writer, room: int) -> tuple[int, int]:
@@ -908,6 +910,13 @@ class VsockDevice(VirtioDevice):
         conn.host_eof = True
         conn.readable = False
         flags = SHUTDOWN_SEND
+        if conn.host_shut & 0x100:
+            # We shut our writing side ourselves (the guest's SHUTDOWN SEND): a hang-up
+            # now says nothing about the host's reading side, and the guest sends no more.
+            conn.host_shut |= flags
+            self._watch_input(conn)
+            self._want(conn, _P_SHUTDOWN)
+            return
         poller = select.poll()
         poller.register(conn.fd, select.POLLIN)
         for _fd, ev in poller.poll(0):
