@@ -46,6 +46,7 @@ rings).  Other destinations are dropped, as upstream does.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import select
@@ -118,7 +119,18 @@ _P_RST, _P_REQUEST, _P_RESPONSE, _P_SHUTDOWN, _P_CREDIT_UPDATE, _P_CREDIT_REQUES
 class Hdr:
     """A parsed packet header (§5.10.6); only :func:`Hdr.parse` makes one."""
 
-    __slots__ = ("buf_alloc", "dst_cid", "dst_port", "flags", "fwd_cnt", "len", "op", "src_cid", "src_port", "type")
+    __slots__ = (
+        "buf_alloc",
+        "dst_cid",
+        "dst_port",
+        "flags",
+        "fwd_cnt",
+        "len",
+        "op",
+        "src_cid",
+        "src_port",
+        "type",
+    )
 
     src_cid: int
     dst_cid: int
@@ -142,9 +154,18 @@ class Hdr:
         if len(data) < HDR_SIZE:
             raise MalformedRequest(f"vsock header needs {HDR_SIZE} bytes, packet has {len(data)}")
         h = cls()
-        (h.src_cid, h.dst_cid, h.src_port, h.dst_port, h.len, h.type, h.op, h.flags, h.buf_alloc, h.fwd_cnt) = (
-            HDR.unpack_from(data)
-        )
+        (
+            h.src_cid,
+            h.dst_cid,
+            h.src_port,
+            h.dst_port,
+            h.len,
+            h.type,
+            h.op,
+            h.flags,
+            h.buf_alloc,
+            h.fwd_cnt,
+        ) = HDR.unpack_from(data)
         return h
 
     def pack(self) -> bytes:
@@ -214,10 +235,33 @@ class _Conn:
     """One connection (§5.10.6.5): its host socket, credit counters and pending rx work."""
 
     __slots__ = (
-        "armed", "dead", "est", "fd", "fwd_cnt", "guest_shut", "host_eof", "host_shut",
-        "in_ready", "key", "last_fwd_sent", "local_alloc", "ok_reply", "ops", "peer_buf_alloc",
-        "peer_fwd_cnt", "readable", "rx_cnt", "seq", "seq_in", "seq_msg", "seq_out", "sock",
-        "tx_cnt", "txbuf", "want_write", "credit_asked",
+        "armed",
+        "credit_asked",
+        "dead",
+        "est",
+        "fd",
+        "fwd_cnt",
+        "guest_shut",
+        "host_eof",
+        "host_shut",
+        "in_ready",
+        "key",
+        "last_fwd_sent",
+        "local_alloc",
+        "ok_reply",
+        "ops",
+        "peer_buf_alloc",
+        "peer_fwd_cnt",
+        "readable",
+        "rx_cnt",
+        "seq",
+        "seq_in",
+        "seq_msg",
+        "seq_out",
+        "sock",
+        "tx_cnt",
+        "txbuf",
+        "want_write",
     )  # fmt: skip
 
     def __init__(self, key: tuple[int, int], sock: socket.socket, seq: bool) -> None:
@@ -278,7 +322,9 @@ class VsockDevice(VirtioDevice):
     name = "vsock"
     has_config = True
     # Upstream's bits: no INDIRECT_DESC; SEQPACKET is ours.
-    features = VIRTIO_F_VERSION_1 | VIRTIO_F_NOTIFY_ON_EMPTY | VIRTIO_RING_F_EVENT_IDX | VIRTIO_VSOCK_F_SEQPACKET
+    features = (
+        VIRTIO_F_VERSION_1 | VIRTIO_F_NOTIFY_ON_EMPTY | VIRTIO_RING_F_EVENT_IDX | VIRTIO_VSOCK_F_SEQPACKET
+    )
 
     def __init__(
         self,
@@ -395,7 +441,9 @@ class VsockDevice(VirtioDevice):
             )
         if hdr.src_cid != self.guest_cid:
             # §5.10.6.2: the guest speaks only for its own CID.
-            self._warn("src", "packet from cid %d dropped: the guest's cid is %d", hdr.src_cid, self.guest_cid)
+            self._warn(
+                "src", "packet from cid %d dropped: the guest's cid is %d", hdr.src_cid, self.guest_cid
+            )
             return 0
         if hdr.dst_cid != HOST_CID:
             self._to_sibling(hdr, reader)
@@ -556,10 +604,8 @@ class VsockDevice(VirtioDevice):
     def _after_flush(self, conn: _Conn) -> None:
         if conn.guest_shut & SHUTDOWN_SEND and not conn.host_shut & 0x100:
             conn.host_shut |= 0x100  # our SHUT_WR done
-            try:
+            with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
         if conn.guest_shut == SHUTDOWN_BOTH:
             # §5.10.6.5: a clean disconnect is SHUTDOWN(s) answered by RST.
             self._reset(conn)
@@ -570,10 +616,8 @@ class VsockDevice(VirtioDevice):
             conn.host_shut |= 0x200
             conn.readable = False
             self._watch_input(conn)
-            try:
+            with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
         if not (conn.txbuf or conn.seq_out):
             self._after_flush(conn)
 
@@ -601,7 +645,11 @@ class VsockDevice(VirtioDevice):
     def _start_handshake(self, sock: socket.socket) -> None:
         assert self.loop is not None
         fd = sock.fileno()
-        timer = self.loop.call_later(CONNECT_TIMEOUT, lambda: self._end_handshake(fd, "no CONNECT line in time"))
+
+        def too_late() -> None:
+            self._end_handshake(fd, "no CONNECT line in time")
+
+        timer = self.loop.call_later(CONNECT_TIMEOUT, too_late)
         self._handshakes[fd] = (sock, timer)
         self.loop.add_reader(fd, lambda: self._on_handshake(fd))
 
@@ -999,4 +1047,6 @@ class VsockDevice(VirtioDevice):
             self._ready.append(conn)
 
     def _warn(self, kind: str, msg: str, *args: object) -> None:
-        self._ratelimit.log(log, logging.WARNING, ("vsock", kind), "vsock cid %d: " + msg, self.guest_cid, *args)
+        self._ratelimit.log(
+            log, logging.WARNING, ("vsock", kind), "vsock cid %d: " + msg, self.guest_cid, *args
+        )

@@ -40,7 +40,9 @@ def command() -> list[str]:
 class Vms:
     """A vhost-device-vsock process serving ``cids`` (one ``--vm`` each)."""
 
-    def __init__(self, tmp: Path, cids: list[int], groups: list[str] | None = None, extra: list[str] | None = None):
+    def __init__(
+        self, tmp: Path, cids: list[int], groups: list[str] | None = None, extra: list[str] | None = None
+    ):
         self.tmp = tmp
         args = []
         for i, cid in enumerate(cids):

@@ -81,7 +81,9 @@ class VsockDriver:
 
     def _post_rx(self, index: int) -> None:
         mock = self.rx.mock
-        mock.write_desc(index, RawDesc(self.rx_area + index * self.rx_buf, self.rx_buf, VIRTQ_DESC_F_WRITE, 0))
+        mock.write_desc(
+            index, RawDesc(self.rx_area + index * self.rx_buf, self.rx_buf, VIRTQ_DESC_F_WRITE, 0)
+        )
         mock.add_avail(index)
 
     # -- tx -------------------------------------------------------------------------------

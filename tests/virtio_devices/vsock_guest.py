@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from virtio_devices.testing import DeviceRig
 from virtio_devices.vsock import HDR, HDR_SIZE, HOST_CID, TYPE_STREAM, Hdr, VsockDevice
+from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 RX, TX = 0, 1
 
@@ -102,7 +103,5 @@ class VsockGuest:
         self.rig.close()
 
 
-def _desc(gpa: int, size: int, *, write: bool):  # type: ignore[no-untyped-def]
-    from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
-
+def _desc(gpa: int, size: int, *, write: bool) -> RawDesc:
     return RawDesc(gpa, size, VIRTQ_DESC_F_WRITE if write else 0, 0)

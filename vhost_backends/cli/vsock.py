@@ -53,7 +53,16 @@ DEFAULT_GROUP = "default"
 MAX_QUEUE_SIZE = 32768
 
 #: The plain flags: each conflicts with --vm and --config (upstream's clap attributes).
-_PLAIN = ("guest_cid", "socket", "uds_path", "forward_cid", "forward_listen", "tx_buffer_size", "queue_size", "groups")
+_PLAIN = (
+    "guest_cid",
+    "socket",
+    "uds_path",
+    "forward_cid",
+    "forward_listen",
+    "tx_buffer_size",
+    "queue_size",
+    "groups",
+)
 _KEYS = frozenset(_PLAIN)
 
 _VM_HELP = """Device parameters corresponding to a VM in the form of comma separated
@@ -105,7 +114,9 @@ class VmConfig:
             uds_path=None if uds is None else str(uds),
             forward_cid=None if fwd is None else _number(fwd, 32, f"{where}: forward_cid"),
             forward_listen=_ports(norm.get("forward_listen"), f"{where}: forward_listen"),
-            tx_buffer_size=_number(norm.get("tx_buffer_size", DEFAULT_TX_BUFFER_SIZE), 32, f"{where}: tx_buffer_size"),
+            tx_buffer_size=_number(
+                norm.get("tx_buffer_size", DEFAULT_TX_BUFFER_SIZE), 32, f"{where}: tx_buffer_size"
+            ),
             queue_size=_number(norm.get("queue_size", DEFAULT_QUEUE_SIZE), 64, f"{where}: queue_size"),
             groups=_groups(norm.get("groups", DEFAULT_GROUP), f"{where}: groups"),
         )
@@ -152,10 +163,7 @@ def _ports(value: Any, what: str) -> tuple[int, ...]:
 
 
 def _groups(value: Any, what: str) -> tuple[str, ...]:
-    if isinstance(value, list):
-        names = [str(v) for v in value]
-    else:
-        names = str(value).strip().split("+")
+    names = [str(v) for v in value] if isinstance(value, list) else str(value).strip().split("+")
     if any(not n for n in names):
         raise ConfigError(f"{what}: empty group name in {value!r}")
     return tuple(names)
@@ -185,7 +193,9 @@ parse_vm.__name__ = "vm"
 class _Seen(argparse.Action):
     """Store the value and remember the flag was given (clap's conflicts ignore defaults)."""
 
-    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, opt: Any = None) -> None:
+    def __call__(
+        self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, opt: Any = None
+    ) -> None:
         setattr(ns, self.dest, values)
         ns._given = (*getattr(ns, "_given", ()), self.dest)
 
@@ -194,7 +204,7 @@ class _VsockParser(argparse.ArgumentParser):
     """argparse with upstream's conflicts and its ``--socket`` required in plain mode
     (usage errors: exit 2, as clap's)."""
 
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         ns, rest = super().parse_known_args(args, namespace)
         given: tuple[str, ...] = getattr(ns, "_given", ())
         if ns.vm:
@@ -234,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=_Seen,
         help="Unix socket to which a hypervisor connects to and sets up the control path with the device",
     )
-    p.add_argument("--uds-path", action=_Seen, help="Unix socket to which a host-side application connects to")
+    p.add_argument(
+        "--uds-path", action=_Seen, help="Unix socket to which a host-side application connects to"
+    )
     p.add_argument(
         "--forward-cid", type=uint(32), action=_Seen, help="The vsock CID to forward connections from guest"
     )
@@ -315,7 +327,9 @@ class Config:
             where = f"VM #{i + 1}"
             vm.check(where)
             if vm.guest_cid in seen_cid:
-                raise ConfigError(f"{where}: guest_cid {vm.guest_cid} already used by VM #{seen_cid[vm.guest_cid] + 1}")
+                raise ConfigError(
+                    f"{where}: guest_cid {vm.guest_cid} already used by VM #{seen_cid[vm.guest_cid] + 1}"
+                )
             seen_cid[vm.guest_cid] = i
             for path in (vm.socket, vm.uds_path):
                 if path is None:
