@@ -118,7 +118,7 @@ class DeviceCase:
     ``command(tmp)`` is the daemon's command line (without ``-s``), ``build(tmp)``
     the same device for the in-process transport and ``release(device)`` what
     closes its host backend afterwards; ``suffix`` is what the daemon appends to
-    its socket path.
+    its socket path, ``socket_flag`` the flag that names it (vsock: ``--socket``).
     """
 
     command: Callable[[Path], list[str]]
@@ -126,6 +126,7 @@ class DeviceCase:
     release: Callable[[VirtioDevice], None] = lambda device: None
     suffix: str = ""
     num_queues: int = 1
+    socket_flag: str = "-s"
 
 
 def open_driver(case: DeviceCase, transport: str, tmp: Path) -> DeviceDriver:
@@ -134,7 +135,11 @@ def open_driver(case: DeviceCase, transport: str, tmp: Path) -> DeviceDriver:
         device = case.build(tmp)
         return MmioDeviceDriver(device, queue_size=QUEUE_SIZE, on_close=lambda: case.release(device))
     return VhostUserDeviceDriver(
-        case.command(tmp), str(tmp / "dev.sock"), suffix=case.suffix, num_queues=case.num_queues
+        case.command(tmp),
+        str(tmp / "dev.sock"),
+        suffix=case.suffix,
+        num_queues=case.num_queues,
+        socket_flag=case.socket_flag,
     )
 
 
