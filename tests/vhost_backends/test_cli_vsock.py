@@ -10,6 +10,7 @@ import pytest
 
 from vhost_backends.cli import vsock as cli
 from vhost_backends.cli._common import ConfigError
+from vhost_backends.cli._manpage import render
 from virtio_devices.vsock import VsockDevice
 
 
@@ -166,3 +167,20 @@ def test_run_uds_path_in_use_is_error(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "plain").write_text("")
     assert cli.main(["--socket", str(tmp_path / "s"), "--uds-path", str(tmp_path / "plain")]) == 1
     assert "not a socket" in capsys.readouterr().err
+
+
+def test_man_page_is_generated_from_the_parser() -> None:
+    page = render("vhost_backends.cli.vsock")
+    for flag in (
+        "guest\\-cid",
+        "uds\\-path",
+        "forward\\-listen",
+        "tx\\-buffer\\-size",
+        "\\-\\-vm",
+        "\\-\\-config",
+    ):
+        assert flag in page
+    committed = Path(__file__).parents[2] / "docs" / "man" / "vhost-device-vsock.1"
+    assert committed.read_text() == page, (
+        "regenerate: python -m vhost_backends.cli._manpage vhost_backends.cli.vsock"
+    )
