@@ -49,6 +49,7 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import select
 import socket
 import struct
@@ -235,7 +236,7 @@ class _Conn:
     """One connection (§5.10.6.5): its host socket, credit counters and pending rx work."""
 
     __slots__ = (
-        "armed",
+        "armed", "connecting",
         "credit_asked",
         "dead",
         "est",
@@ -277,6 +278,7 @@ class _Conn:
         self.readable = False  # host socket has input waiting for rx buffers
         self.host_eof = False
         self.want_write = False
+        self.connecting = False  # the host's connect is in progress
         self.local_alloc = False  # the local port came from the allocator
         self.ok_reply = False  # hybrid: write "OK <port>" on RESPONSE
         self.credit_asked = False
@@ -509,7 +511,7 @@ class VsockDevice(VirtioDevice):
     def _guest_connect(self, hdr: Hdr, key: tuple[int, int]) -> None:
         seq = hdr.type == TYPE_SEQPACKET
         try:
-            sock = self.host.connect(hdr.dst_port, seq)
+            sock, pending = self.host.connect(hdr.dst_port, seq)
         except OSError as e:
             # Nothing listens there: RST at once (upstream sends nothing).
             log.info("%s: guest connect to port %d refused: %s", self.host.name, hdr.dst_port, e)
@@ -517,6 +519,22 @@ class VsockDevice(VirtioDevice):
             return
         conn = self._add(key, sock, seq)
         conn.peer_buf_alloc, conn.peer_fwd_cnt = hdr.buf_alloc, hdr.fwd_cnt
+        if pending:
+            # AF_VSOCK: answer once the host's connect is done (the socket turns writable).
+            conn.connecting = True
+            self._watch_output(conn, True)
+            return
+        self._want(conn, _P_RESPONSE)
+        self._established(conn)
+
+    def _connect_done(self, conn: _Conn) -> None:
+        conn.connecting = False
+        self._watch_output(conn, False)
+        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            log.info("%s: guest connect to port %d failed: %s", self.host.name, conn.key[0], os.strerror(err))
+            self._reset(conn)
+            return
         self._want(conn, _P_RESPONSE)
         self._established(conn)
 
@@ -758,7 +776,11 @@ class VsockDevice(VirtioDevice):
         assert self._wep is not None
         for fd, _ev in self._wep.poll(0):
             conn = self._by_fd.get(fd)
-            if conn is not None:
+            if conn is None:
+                continue
+            if conn.connecting:
+                self._connect_done(conn)
+            else:
                 self._flush(conn)
         self._fill_rx()
 

@@ -20,7 +20,7 @@ from vsock_guest import RX, TX, VsockGuest
 
 from virtio_devices.base import VIRTIO_RING_F_INDIRECT_DESC
 from virtio_devices.errors import MalformedRequest
-from virtio_devices.hosts.vsock import UnixHost, VsockError
+from virtio_devices.hosts.vsock import UnixHost, VsockError, VsockForwardHost
 from virtio_devices.vsock import (
     HDR,
     HDR_SIZE,
@@ -536,3 +536,83 @@ def test_random_interleavings_keep_credit_and_bytes(
         g.close()
         host.close()
     assert g.device.conns == {}  # reset leaks no connection
+
+
+# -- AF_VSOCK backend ----------------------------------------------------------------------
+
+
+def _vsock_host(cid: int, ports: list[int]) -> VsockForwardHost:
+    try:
+        return VsockForwardHost(cid, ports)
+    except VsockError as e:
+        pytest.skip(f"no AF_VSOCK transport on this machine: {e}")
+
+
+def _loopback_works() -> bool:
+    """Whether this host's vsock reaches itself (the vsock_loopback transport)."""
+    lst = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        lst.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+        lst.listen(1)
+        c = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        c.settimeout(1.0)
+        try:
+            c.connect((1, lst.getsockname()[1]))
+            return True
+        except OSError:
+            return False
+        finally:
+            c.close()
+    except OSError:
+        return False
+    finally:
+        lst.close()
+
+
+@pytest.mark.slow
+def test_forward_connect_that_fails_gets_rst_without_blocking_the_loop() -> None:
+    """A guest connect the host's vsock cannot complete is answered RST once the
+    kernel gives up; the device's loop never waits for it."""
+    host = _vsock_host(1, [])
+    g = VsockGuest(VsockDevice(3, host))
+    g.post_rx(8)
+    try:
+        if _loopback_works():
+            pytest.skip("this host's vsock reaches itself: the connect would succeed")
+        g.send(5000, 45678, OP_REQUEST)
+        assert g.received() == []  # in progress: nothing yet, and send returned at once
+        ops: list[int] = []
+        while not ops:
+            g.pump(wait=10.0)  # the socket turns writable when connect ends
+            ops = [p.op for p in g.received()]
+        assert ops == [OP_RST]
+    finally:
+        g.close()
+        host.close()
+
+
+def test_forward_backend_both_ways() -> None:
+    if not _loopback_works():
+        pytest.skip("no vsock loopback transport (vsock_loopback) on this machine")
+    lst = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    lst.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+    lst.listen(1)
+    port = lst.getsockname()[1]
+    host = _vsock_host(1, [port + 1])
+    g = VsockGuest(VsockDevice(3, host))
+    g.post_rx(8)
+    try:
+        g.send(5000, port, OP_REQUEST)
+        ops: list[int] = []
+        while not ops:
+            g.pump(wait=5.0)
+            ops = [p.op for p in g.received()]
+        assert ops == [OP_RESPONSE]
+        peer, _ = lst.accept()
+        g.send(5000, port, OP_RW, b"via vsock")
+        assert peer.recv(20) == b"via vsock"
+        peer.close()
+    finally:
+        g.close()
+        host.close()
+        lst.close()

@@ -77,17 +77,18 @@ class VsockGuest:
         self.rig.add_request(TX, readable=bufs)
         return self.rig.kick(TX)
 
-    def pump(self, rounds: int = 50) -> None:
-        """Fire every reader of the fake loop whose fd is ready, until none is."""
+    def pump(self, rounds: int = 50, wait: float = 0.0) -> None:
+        """Fire every reader of the fake loop whose fd is ready, until none is; the
+        first look waits up to ``wait`` seconds for one."""
         loop = self.rig.loop
-        for _ in range(rounds):
+        for r in range(rounds):
             fds = list(loop.readers)
             if not fds:
                 return
             p = select.poll()
             for fd in fds:
                 p.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-            ready = [fd for fd, _ev in p.poll(0)]
+            ready = [fd for fd, _ev in p.poll(int(wait * 1000) if r == 0 else 0)]
             if not ready:
                 return
             for fd in ready:

@@ -23,6 +23,7 @@ device never opens host sockets itself: it asks its host for them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -67,8 +68,10 @@ class VsockHost(Protocol):
     def listeners(self) -> list[Listener]:
         """The listening sockets whose clients connect to the guest (nonblocking)."""
 
-    def connect(self, port: int, seqpacket: bool) -> socket.socket:
-        """A nonblocking socket connected to the host end of guest connections to ``port``.
+    def connect(self, port: int, seqpacket: bool) -> tuple[socket.socket, bool]:
+        """A nonblocking socket connecting to the host end of guest connections to
+        ``port``, and whether the connection is still in progress (the socket becomes
+        writable when it is made or failed: ``SO_ERROR`` tells which).
 
         Raises:
             OSError: nothing listens there (ENOENT, ECONNREFUSED...), or a seqpacket
@@ -129,7 +132,7 @@ class UnixHost:
         """``<uds_path>_<port>``: where the host end of guest connections to ``port`` listens."""
         return f"{self.path}_{port}"
 
-    def connect(self, port: int, seqpacket: bool) -> socket.socket:
+    def connect(self, port: int, seqpacket: bool) -> tuple[socket.socket, bool]:
         kind = socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM
         sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
@@ -139,7 +142,7 @@ class UnixHost:
         except BaseException:
             sock.close()
             raise
-        return sock
+        return sock, False
 
     def close(self) -> None:
         if self._listener is not None:
@@ -179,19 +182,20 @@ class VsockForwardHost:
     def listeners(self) -> list[Listener]:
         return list(self._listeners)
 
-    def connect(self, port: int, seqpacket: bool) -> socket.socket:
+    def connect(self, port: int, seqpacket: bool) -> tuple[socket.socket, bool]:
         kind = socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM
-        sock = socket.socket(socket.AF_VSOCK, kind | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_VSOCK, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            # An AF_VSOCK connect may take a round trip to the peer; bounded, so the
-            # loop waits at most this long for a host that does not answer.
-            sock.settimeout(2.0)
-            sock.connect((self.forward_cid, port))
-            sock.setblocking(False)
+            # An AF_VSOCK connect takes a round trip to the peer (up to the kernel's
+            # connect timeout when nobody answers): never wait for it on the loop.
+            err = sock.connect_ex((self.forward_cid, port))
         except BaseException:
             sock.close()
             raise
-        return sock
+        if err in (0, errno.EINPROGRESS, errno.EAGAIN):
+            return sock, err != 0
+        sock.close()
+        raise OSError(err, os.strerror(err))
 
     def close(self) -> None:
         for listener in self._listeners:
