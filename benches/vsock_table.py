@@ -84,7 +84,8 @@ def driver(d: Daemon, **kw: int) -> VsockDriver:
     deadline = time.monotonic() + 10
     while True:
         try:
-            return VsockDriver(d.sock, 3, **kw)  # type: ignore[arg-type]
+            kw.setdefault("cid", 3)
+            return VsockDriver(d.sock, **kw)  # type: ignore[arg-type]
         except (ConnectionRefusedError, FileNotFoundError):
             if time.monotonic() > deadline:
                 raise
@@ -145,8 +146,8 @@ def guest_to_host(d: Daemon, size: int, nbytes: int, stall: float) -> float:
         t.join(5)
 
 
-def host_to_guest(d: Daemon, nbytes: int) -> float:
-    g = driver(d, buf_alloc=256 * 1024)
+def host_to_guest(d: Daemon, nbytes: int, cid: int = 3) -> float:
+    g = driver(d, cid=cid, buf_alloc=256 * 1024)
     c = socket.socket(socket.AF_UNIX)
     try:
         c.connect(d.uds)
@@ -213,12 +214,47 @@ def connection_rate(d: Daemon, count: int) -> float:
         lst.close()
 
 
+def _vm_h2g(args: tuple[str, str, int, int]) -> float:
+    sock, uds, cid, nbytes = args
+    d = Daemon.__new__(Daemon)
+    d.sock, d.uds = sock, uds
+    return host_to_guest(d, nbytes, cid)
+
+
+def aggregate(cmd: list[str], vms: int, nbytes: int) -> float:
+    """host -> guest MiB/s summed over ``vms`` VMs of one daemon process, each driven
+    by its own process (our driver is Python: one process would measure its GIL)."""
+    import multiprocessing  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = []
+        for i in range(vms):
+            cid = 3 + i
+            args += ["--vm", f"guest-cid={cid},socket={tmp}/v{cid}.sock,uds-path={tmp}/u{cid}.vsock"]
+        proc = subprocess.Popen([*cmd, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while not all(os.path.exists(f"{tmp}/u{3 + i}.vsock") for i in range(vms)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("daemon did not start")
+                time.sleep(0.01)
+            jobs = [(f"{tmp}/v{3 + i}.sock", f"{tmp}/u{3 + i}.vsock", 3 + i, nbytes) for i in range(vms)]
+            start = time.perf_counter()
+            with multiprocessing.get_context("fork").Pool(vms) as pool:
+                pool.map(_vm_h2g, jobs)
+            return vms * nbytes / (time.perf_counter() - start) / 2**20
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--conns", type=int, default=300)
     ap.add_argument("--stall", type=float, default=1.0)
+    ap.add_argument("--vms", type=int, default=4, help="VMs of the aggregate figure (1: skip it)")
     a = ap.parse_args()
     rows = {
         "guest->host 64 KiB (MiB/s)": lambda d: guest_to_host(d, 65536, a.mib << 20, a.stall),
@@ -254,6 +290,16 @@ def main() -> None:
         rust_text = f"{rust:10.1f}" if rust is not None else f"{'n/a':>10}"
         cpu = f"{cpu_s[(row, 'ours')]:.2f}/" + (f"{cpu_s[(row, 'rust')]:.2f}" if rust else "n/a")
         print(f"{row:32} {ours:10.1f} {rust_text} {ratio:>10} {cpu:>24}")
+    if a.vms > 1:
+        for name, cmd in found.items():
+            if cmd is None:
+                print(f"{name}: {a.vms} VMs n/a")
+                continue
+            one = statistics.median(aggregate(cmd, 1, a.mib << 20) for _ in range(a.reps))
+            many = statistics.median(aggregate(cmd, a.vms, a.mib << 20) for _ in range(a.reps))
+            print(
+                f"{name}: host->guest 1 VM {one:.1f} MiB/s, {a.vms} VMs {many:.1f} MiB/s ({many / one:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

@@ -584,12 +584,16 @@ class VsockDevice(VirtioDevice):
             self._watch_output(conn, True)
         self._forwarded(conn, wrote)
 
-    def _forwarded(self, conn: _Conn, n: int) -> None:
-        """``n`` more guest bytes reached the host: tell the guest when its view of our
-        free space falls below half (§5.10.6.3 CREDIT_UPDATE)."""
+    def _forwarded(self, conn: _Conn, n: int, drained: bool = False) -> None:
+        """``n`` more guest bytes reached the host: tell the guest (§5.10.6.3
+        CREDIT_UPDATE) when its view of our free space falls below half, or when a
+        full host socket has just taken the last buffered byte (the guest may be
+        waiting for room for one whole packet)."""
         conn.fwd_cnt = (conn.fwd_cnt + n) & U32
         unseen = (conn.fwd_cnt - conn.last_fwd_sent) & U32
-        if unseen and self.buf_alloc - ((conn.rx_cnt - conn.last_fwd_sent) & U32) < self.buf_alloc // 2 + 1:
+        if not unseen:
+            return
+        if drained or self.buf_alloc - ((conn.rx_cnt - conn.last_fwd_sent) & U32) < self.buf_alloc // 2 + 1:
             self._want(conn, _P_CREDIT_UPDATE)
 
     def _flush(self, conn: _Conn) -> None:
@@ -612,9 +616,9 @@ class VsockDevice(VirtioDevice):
         except OSError as e:
             self._host_broke(conn, e)
             return
-        if sent_total:
-            self._forwarded(conn, sent_total)
         busy = bool(conn.txbuf or conn.seq_out)
+        if sent_total:
+            self._forwarded(conn, sent_total, drained=not busy)
         self._watch_output(conn, busy)
         if not busy:
             self._after_flush(conn)

@@ -616,3 +616,23 @@ def test_forward_backend_both_ways() -> None:
         g.close()
         host.close()
         lst.close()
+
+
+def test_credit_update_when_a_full_host_socket_drains(guest: VsockGuest, host: UnixHost) -> None:
+    """A guest waiting for room for one whole 64 KiB packet hears of it as soon as the
+    host took the buffered bytes, even when more than half was forwarded at once."""
+    lst, peer = connected(guest, host)
+    conn = guest.device.conns[(1234, 5000)]
+    peer.setblocking(False)
+    while not conn.txbuf:  # until the host socket is full
+        guest.send(5000, 1234, OP_RW, b"f" * 65536, fwd_cnt=0)
+        guest.exchange()
+    while conn.txbuf:
+        with contextlib.suppress(BlockingIOError):
+            while peer.recv(1 << 20):
+                pass
+        guest.pump(wait=5.0)
+    updates = [p for p in guest.received() if p.op == OP_CREDIT_UPDATE]
+    assert updates and updates[-1].hdr.fwd_cnt == conn.fwd_cnt == conn.rx_cnt
+    lst.close()
+    peer.close()
