@@ -47,8 +47,12 @@ socat VSOCK-LISTEN:1234,fork EXEC:cat &
 (socat -u VSOCK-LISTEN:1235 - | sha256sum | cut -d' ' -f1 > /tmp/h2g.sha) &
 h2g=$!
 echo READY-LISTEN
-# guest -> host echo
+# guest -> host echo, timed: the reference for the closed port below
+t0=$(cut -d' ' -f1 /proc/uptime)
 echo "echo=$(echo hello-host | socat -t 5 - VSOCK-CONNECT:2:5000)"
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "open_t0=$t0"
+echo "open_t1=$t1"
 # closed port: ECONNRESET at once
 t0=$(cut -d' ' -f1 /proc/uptime)
 if socat -u - VSOCK-CONNECT:2:5999 </dev/null 2>/tmp/err; then echo closed=connected; else echo closed=refused; fi
@@ -199,16 +203,21 @@ def test_vsock_guest_and_host_talk_both_ways(guest: harness.Guest, daemon: Daemo
                 big.sendall(BLOCK)
             big.close()
             res = g.wait(GUEST_TIMEOUT)
-        assert res.exit_status == 0, res
-        v = _values(res.output)
-        assert v["echo"] == "hello-host", res
-        assert v["closed"] == "refused", res
-        assert "reset" in v["closed_err"].lower(), res  # ECONNRESET from the device's RST
-        assert float(v["closed_t1"]) - float(v["closed_t0"]) < 1.0, res
-        assert v["half"] == "answer-to-question", res
-        assert v["concurrent_ok"] == "32", res
-        assert g2h_bytes[0] == BIG and received.hexdigest() == v["g2h_sha"], res
-        assert v["h2g_sha"] == h2g.hexdigest(), res
+        out = res.output
+        assert res.exit_status == 0, out
+        v = _values(out)
+        assert v["echo"] == "hello-host", out
+        assert v["closed"] == "refused", out
+        assert "reset" in v["closed_err"].lower(), out  # ECONNRESET from the device's RST
+        # Refused as fast as an open port answers (socat's own start-up under TCG
+        # takes most of both); upstream leaves the guest to its 2 s connect timeout.
+        open_s = float(v["open_t1"]) - float(v["open_t0"])
+        closed_s = float(v["closed_t1"]) - float(v["closed_t0"])
+        assert closed_s < open_s + 1.0, out
+        assert v["half"] == "answer-to-question", out
+        assert v["concurrent_ok"] == "32", out
+        assert g2h_bytes[0] == BIG and received.hexdigest() == v["g2h_sha"], out
+        assert v["h2g_sha"] == h2g.hexdigest(), out
     finally:
         for lst in listeners:
             lst.close()
@@ -220,7 +229,7 @@ GROUP_A = (
     "set -e\n"
     + CHECK_DRIVER
     + """\
-echo "from-b=$(socat -t 30 VSOCK-LISTEN:7000 -)"
+echo "from_b=$(socat -t 30 VSOCK-LISTEN:7000 -)"
 """
 )
 GROUP_B = (
@@ -253,4 +262,4 @@ def test_vsock_two_guests_in_one_group(guest: harness.Guest, daemon: Daemons, so
         ra = ga.wait(GUEST_TIMEOUT)
     assert rb.exit_status == 0, rb
     assert ra.exit_status == 0, ra
-    assert _values(ra.output)["from-b"] == "hello-sibling", ra
+    assert _values(ra.output).get("from_b") == "hello-sibling", (ra.output, rb.output)
