@@ -34,8 +34,9 @@ and ``fwd_cnt`` (bytes of the guest's payload handed to the host socket).  A gue
 and no byte of it reaches the host out of order.  Host data is read only while the
 guest's own credit (its ``buf_alloc`` minus what we sent and it did not forward)
 allows; at zero we send one ``CREDIT_REQUEST``.  A ``CREDIT_UPDATE`` goes out as soon
-as the guest's view of our free space falls below half, so a guest writing 64 KiB
-packets into a 64 KiB buffer never stalls.
+as the guest's view of our free space falls below half, and whenever a full host
+socket has taken the last buffered byte, so a guest writing 64 KiB packets into a
+64 KiB buffer never stalls.
 
 Sibling VMs: a packet whose destination CID is another VM served by the same
 process (:class:`VsockRegistry`) and sharing a group with this one is copied to that
