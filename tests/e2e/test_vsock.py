@@ -5,15 +5,18 @@ One boot runs every single-guest check (the CI budget): the guest's
 (hybrid vsock): echo both ways, 64 MiB each way checked with sha256, 32 concurrent
 connections, a connect to a closed port (prompt ECONNRESET), and a guest half-close
 seen by the host.  A second boot puts two guests of one group in one daemon
-process talking to each other by CID.  Times are measured in the guest
-(``/proc/uptime``).
+process talking to each other by CID; a third kills one VM's QEMU mid-transfer and
+boots it again while another VM of the process (our front-end) keeps transferring.
+Times are measured in the guest (``/proc/uptime``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,7 +58,11 @@ echo "open_t0=$t0"
 echo "open_t1=$t1"
 # closed port: ECONNRESET at once
 t0=$(cut -d' ' -f1 /proc/uptime)
-if socat -u - VSOCK-CONNECT:2:5999 </dev/null 2>/tmp/err; then echo closed=connected; else echo closed=refused; fi
+if socat -u - VSOCK-CONNECT:2:5999 </dev/null 2>/tmp/err; then
+    echo closed=connected
+else
+    echo closed=refused
+fi
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo "closed_err=$(head -c 200 /tmp/err | tr '\\n' ' ')"
 echo "closed_t0=$t0"
@@ -127,8 +134,6 @@ def _listen(path: str) -> socket.socket:
 def _host_connect(uds: str, port: int, timeout: float = 60.0) -> socket.socket:
     """CONNECT to a guest port, retrying while the guest's listener is not up yet
     (the device answers RST then and the client is closed)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         c = socket.socket(socket.AF_UNIX)
@@ -186,9 +191,7 @@ def test_vsock_guest_and_host_talk_both_ways(guest: harness.Guest, daemon: Daemo
     for _ in range(BIG // len(BLOCK)):
         h2g.update(BLOCK)
     try:
-        with harness.start_guest(
-            GUEST_SCRIPT, [(sock, "vhost-user-vsock-pci")], memory="512M"
-        ) as g:
+        with harness.start_guest(GUEST_SCRIPT, [(sock, "vhost-user-vsock-pci")], memory="512M") as g:
             assert g.wait_for("READY-LISTEN", GUEST_TIMEOUT), g.console()[-3000:]
             # host -> guest echo, then 64 MiB to the guest
             c = _host_connect(uds, 1234)
@@ -263,3 +266,78 @@ def test_vsock_two_guests_in_one_group(guest: harness.Guest, daemon: Daemons, so
     assert rb.exit_status == 0, rb
     assert ra.exit_status == 0, ra
     assert _values(ra.output).get("from_b") == "hello-sibling", (ra.output, rb.output)
+
+
+KILLED_A = (
+    "set -e\n"
+    + CHECK_DRIVER
+    + """\
+echo READY-SINK
+socat -u VSOCK-LISTEN:1234 - > /dev/null
+echo sink-ended
+"""
+)
+AGAIN_A = (
+    "set -e\n"
+    + CHECK_DRIVER
+    + """\
+echo "again=$(echo back-again | socat -t 10 - VSOCK-CONNECT:2:5000)"
+"""
+)
+
+
+def test_vsock_qemu_killed_mid_transfer_and_restarted(
+    guest: harness.Guest, daemon: Daemons, sockdir: Path
+) -> None:
+    """QEMU of one VM dies mid-transfer and comes back; the daemon serves the new QEMU,
+    and another VM of the same process (our front-end as its driver) keeps
+    transferring throughout without losing a byte."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+    from vsock_driver import OP_REQUEST, OP_RESPONSE, VsockDriver  # noqa: PLC0415
+
+    a, b = str(sockdir / "a.sock"), str(sockdir / "b.sock")
+    ua, ub = f"{sockdir}/a.vsock", f"{sockdir}/b.vsock"
+    daemon(
+        "vsock",
+        "--vm", f"guest-cid=3,socket={a},uds-path={ua}",
+        "--vm", f"guest-cid=5,socket={b},uds-path={ub}",
+        socket=b,
+    )  # fmt: skip
+    other = VsockDriver(b, 5)
+    cb = socket.socket(socket.AF_UNIX)
+    cb.settimeout(60)
+    cb.connect(ub)
+    cb.sendall(b"CONNECT 80\n")
+    req = other.expect(OP_REQUEST)
+    other.send(80, req.src_port, OP_RESPONSE)
+    while not cb.recv(64).endswith(b"\n"):
+        pass
+    lst = _listen(f"{ua}_5000")
+    server = _serve(lst, 1, _echo)
+    try:
+        chunk = bytes(range(256)) * 256
+        with harness.start_guest(KILLED_A, [(a, "vhost-user-vsock-pci")]) as ga:
+            assert ga.wait_for("READY-SINK", GUEST_TIMEOUT), ga.console()[-2000:]
+            ca = _host_connect(ua, 1234)
+            sent = 0
+            while sent < 8 << 20:  # mid-transfer
+                ca.sendall(chunk)
+                sent += len(chunk)
+                # The other VM transfers meanwhile.
+                cb.sendall(chunk[:4096])
+                assert other.read_stream(80, req.src_port, 4096) == chunk[:4096]
+            ga.kill()
+        ca.close()
+        # The other VM never noticed.
+        for _ in range(16):
+            cb.sendall(chunk)
+            assert other.read_stream(80, req.src_port, len(chunk)) == chunk
+        # A new QEMU for the first VM is served.
+        res = harness.run_guest(AGAIN_A, [(a, "vhost-user-vsock-pci")], timeout=GUEST_TIMEOUT)
+        assert res.exit_status == 0, res.output
+        assert _values(res.output).get("again") == "back-again", res.output
+    finally:
+        cb.close()
+        other.close()
+        lst.close()
+        server.join(5)
