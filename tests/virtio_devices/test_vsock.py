@@ -636,3 +636,28 @@ def test_credit_update_when_a_full_host_socket_drains(guest: VsockGuest, host: U
     assert updates and updates[-1].hdr.fwd_cnt == conn.fwd_cnt == conn.rx_cnt
     lst.close()
     peer.close()
+
+
+@pytest.mark.parametrize("type_", [0, 3, 0xFFFF])
+def test_unknown_socket_type_gets_rst(guest: VsockGuest, host: UnixHost, type_: int) -> None:
+    """§5.10.6: a packet of a type the device does not support is answered with RST."""
+    lst = listen(host, 1234)
+    guest.send(5000, 1234, OP_REQUEST, type_=type_)
+    [rst] = guest.exchange()
+    assert (rst.op, rst.hdr.type) == (OP_RST, type_)
+    assert guest.device.conns == {}
+    lst.close()
+
+
+def test_seqpacket_refused_unless_negotiated(host: UnixHost) -> None:
+    dev = VsockDevice(3, host)
+    g = VsockGuest(dev)
+    dev.ack_features(dev.acked_features & ~VIRTIO_VSOCK_F_SEQPACKET)
+    g.post_rx(4)
+    lst = listen(host, 77, socket.SOCK_SEQPACKET)
+    try:
+        g.send(5000, 77, OP_REQUEST, type_=TYPE_SEQPACKET)
+        assert [p.op for p in g.exchange()] == [OP_RST]
+    finally:
+        lst.close()
+        g.close()
