@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,7 @@ def daemons() -> dict[str, list[str] | None]:
 
 class Daemon:
     def __init__(self, cmd: list[str], tmp: Path) -> None:
+        tmp.mkdir(exist_ok=True)
         self.sock = str(tmp / "vhost.sock")
         self.uds = str(tmp / "vm.vsock")
         self.proc = subprocess.Popen(
@@ -60,7 +62,7 @@ class Daemon:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + (300 if cmd[0] == "valgrind" else 10)
         # Wait for the socket file without connecting: a probe connection would be a
         # front-end session, and the Rust daemon re-creates its socket after each.
         while not (os.path.exists(self.sock) and os.path.exists(self.uds)):
@@ -74,9 +76,9 @@ class Daemon:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10) -> None:
         self.proc.terminate()
-        self.proc.wait(10)
+        self.proc.wait(timeout)
 
 
 def driver(d: Daemon, **kw: int) -> VsockDriver:
@@ -85,6 +87,7 @@ def driver(d: Daemon, **kw: int) -> VsockDriver:
     while True:
         try:
             kw.setdefault("cid", 3)
+            kw.setdefault("timeout", 60)
             return VsockDriver(d.sock, **kw)  # type: ignore[arg-type]
         except (ConnectionRefusedError, FileNotFoundError):
             if time.monotonic() > deadline:
@@ -248,12 +251,46 @@ def aggregate(cmd: list[str], vms: int, nbytes: int) -> float:
             proc.wait(10)
 
 
+def _instructions(out: Path) -> int:
+    """Total instructions (Ir) of a callgrind output file."""
+    for line in out.read_text().splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {out}")
+
+
+def callgrind(
+    cmd: list[str], rows: dict[str, Callable[[Daemon], float]], units: dict[str, float]
+) -> dict[str, float]:
+    """Instructions the daemon runs per unit of each row (per MiB, per connection):
+    each row under ``valgrind --tool=callgrind``, less a run that only connects a
+    guest (start-up, imports, vhost-user set-up)."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def run(fn: Callable[[Daemon], object], name: str) -> int:
+            f = Path(tmp) / f"cg.{name}"
+            vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={f}", *cmd]
+            d = Daemon(vg, Path(tmp) / name)
+            try:
+                fn(d)
+            finally:
+                d.stop(600)
+            return _instructions(f)
+
+        base = run(lambda d: driver(d).close(), "base")
+        for row, fn in rows.items():
+            out[row] = (run(fn, f"row{len(out)}") - base) / units[row]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--conns", type=int, default=300)
     ap.add_argument("--stall", type=float, default=1.0)
+    ap.add_argument("--callgrind", action="store_true", help="instructions per MiB / connection instead")
     ap.add_argument("--vms", type=int, default=4, help="VMs of the aggregate figure (1: skip it)")
     a = ap.parse_args()
     rows = {
@@ -263,6 +300,15 @@ def main() -> None:
         "connections/s": lambda d: connection_rate(d, a.conns),
     }
     found = daemons()
+    if a.callgrind:
+        units = {r: (a.conns if r.startswith("connections") else a.mib) for r in rows}
+        counts = {n: callgrind(c, rows, units) for n, c in found.items() if c is not None}
+        print(f"{'instructions per MiB / connection':36} {'ours':>14} {'rust':>14} {'rust/ours':>10}")
+        for row in rows:
+            o, r = counts["ours"][row], counts.get("rust", {}).get(row)
+            print(f"{row.split(' (')[0]:36} {o:14.0f} {r if r is None else round(r):>14} "
+                  f"{'n/a' if r is None else f'{r / o:.2f}x':>10}")  # fmt: skip
+        return
     results: dict[tuple[str, str], list[float]] = {}
     cpu_s: dict[tuple[str, str], float] = {}
     for _ in range(a.reps):

@@ -597,8 +597,9 @@ class VsockDevice(VirtioDevice):
         if drained or self.buf_alloc - ((conn.rx_cnt - conn.last_fwd_sent) & U32) < self.buf_alloc // 2 + 1:
             self._want(conn, _P_CREDIT_UPDATE)
 
-    def _flush(self, conn: _Conn) -> None:
-        """Write buffered guest bytes to the host socket as far as it takes them."""
+    def _flush(self, conn: _Conn, woke: bool = False) -> None:
+        """Write buffered guest bytes to the host socket as far as it takes them
+        (``woke``: the socket has just turned writable after it was full)."""
         sent_total = 0
         try:
             if conn.seq:
@@ -619,7 +620,7 @@ class VsockDevice(VirtioDevice):
             return
         busy = bool(conn.txbuf or conn.seq_out)
         if sent_total:
-            self._forwarded(conn, sent_total, drained=not busy)
+            self._forwarded(conn, sent_total, drained=woke and not busy)
         self._watch_output(conn, busy)
         if not busy:
             self._after_flush(conn)
@@ -786,7 +787,7 @@ class VsockDevice(VirtioDevice):
             if conn.connecting:
                 self._connect_done(conn)
             else:
-                self._flush(conn)
+                self._flush(conn, woke=True)
         self._fill_rx()
 
     # -- rx ----------------------------------------------------------------------------------

@@ -58,8 +58,25 @@ def guest(host: UnixHost) -> Iterator[VsockGuest]:
     g.close()
 
 
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets() -> Iterator[None]:
+    """Host-side sockets of a test are closed even when it fails (no ResourceWarning
+    blamed on the next test)."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def track(s: socket.socket) -> socket.socket:
+    _OPEN.append(s)
+    return s
+
+
 def listen(host: UnixHost, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, kind)
+    s = track(socket.socket(socket.AF_UNIX, kind))
     s.bind(host.port_path(port))
     s.listen(16)
     s.settimeout(5)
@@ -73,7 +90,7 @@ def connected(
     guest.send(src, port, OP_REQUEST)
     [rsp] = guest.exchange()
     assert rsp.op == OP_RESPONSE
-    peer, _ = lst.accept()
+    peer = track(lst.accept()[0])
     peer.settimeout(5)
     return lst, peer
 
@@ -313,7 +330,7 @@ def test_parse_connect_line_returns_u32_or_value_error(line: bytes) -> None:
 
 
 def host_client(host: UnixHost, line: bytes) -> socket.socket:
-    c = socket.socket(socket.AF_UNIX)
+    c = track(socket.socket(socket.AF_UNIX))
     c.settimeout(5)
     c.connect(host.path)
     c.sendall(line)
@@ -382,7 +399,7 @@ def test_seqpacket_keeps_message_boundaries(guest: VsockGuest, host: UnixHost) -
     guest.send(5000, 77, OP_REQUEST, type_=TYPE_SEQPACKET)
     [rsp] = guest.exchange()
     assert (rsp.op, rsp.hdr.type) == (OP_RESPONSE, TYPE_SEQPACKET)
-    peer, _ = lst.accept()
+    peer = track(lst.accept()[0])
     guest.send(5000, 77, OP_RW, b"one-", type_=TYPE_SEQPACKET)
     guest.send(5000, 77, OP_RW, b"message", type_=TYPE_SEQPACKET, flags=SEQ_EOM)
     guest.send(5000, 77, OP_RW, b"two", type_=TYPE_SEQPACKET, flags=SEQ_EOM)
@@ -594,7 +611,7 @@ def test_forward_connect_that_fails_gets_rst_without_blocking_the_loop() -> None
 def test_forward_backend_both_ways() -> None:
     if not _loopback_works():
         pytest.skip("no vsock loopback transport (vsock_loopback) on this machine")
-    lst = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    lst = track(socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))
     lst.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
     lst.listen(1)
     port = lst.getsockname()[1]
@@ -608,7 +625,7 @@ def test_forward_backend_both_ways() -> None:
             g.pump(wait=5.0)
             ops = [p.op for p in g.received()]
         assert ops == [OP_RESPONSE]
-        peer, _ = lst.accept()
+        peer = track(lst.accept()[0])
         g.send(5000, port, OP_RW, b"via vsock")
         assert peer.recv(20) == b"via vsock"
         peer.close()
