@@ -316,8 +316,9 @@ def main() -> None:
         print(f"{'instructions per MiB / connection':36} {'ours':>14} {'rust':>14} {'rust/ours':>10}")
         for row in rows:
             o, r = counts["ours"][row], counts.get("rust", {}).get(row)
-            print(f"{row.split(' (')[0]:36} {o:14.0f} {r if r is None else round(r):>14} "
-                  f"{'n/a' if r is None else f'{r / o:.2f}x':>10}")  # fmt: skip
+            rust_text = "n/a" if r is None else f"{r:.0f}"
+            share = "n/a" if r is None else f"{r / o:.2f}x"
+            print(f"{row.split(' (')[0]:36} {o:14.0f} {rust_text:>14} {share:>10}")
         return
     results: dict[tuple[str, str], list[float]] = {}
     cpu_s: dict[tuple[str, str], float] = {}

@@ -56,7 +56,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Final, cast
 
 from virtio_queue import DescriptorChain, Reader, Writer
 
@@ -168,6 +168,24 @@ class Hdr:
             h.buf_alloc,
             h.fwd_cnt,
         ) = HDR.unpack_from(data)
+        return h
+
+    @classmethod
+    def from_fields(cls, fields: tuple[object, ...]) -> Hdr:
+        """A header from the ten values of :data:`HDR`, in order."""
+        h = cls()
+        (
+            h.src_cid,
+            h.dst_cid,
+            h.src_port,
+            h.dst_port,
+            h.len,
+            h.type,
+            h.op,
+            h.flags,
+            h.buf_alloc,
+            h.fwd_cnt,
+        ) = fields  # type: ignore[assignment]
         return h
 
     def pack(self) -> bytes:
@@ -435,7 +453,29 @@ class VsockDevice(VirtioDevice):
                 chain's readable bytes (the connection is reset too).
         """
         reader = chain.reader()
-        hdr = Hdr.parse(reader.read(HDR_SIZE))
+        avail = reader.available_bytes()
+        if avail < HDR_SIZE:
+            raise MalformedRequest(f"vsock header needs {HDR_SIZE} bytes, packet has {avail}")
+        fields = cast("tuple[int, int, int, int, int, int, int, int, int, int]", reader.read_obj(HDR_FMT))
+        src_cid, dst_cid, src_port, dst_port, length, type_, op, _flags, buf_alloc, fwd_cnt = fields
+        if op == OP_RW and type_ == TYPE_STREAM and src_cid == self.guest_cid and dst_cid == HOST_CID:
+            # The data path, one dict look-up and one writev: an open stream whose host
+            # socket took everything so far, a packet within its buffers and credit.
+            conn = self.conns.get((dst_port, src_port))
+            if (
+                conn is not None
+                and conn.est
+                and not conn.txbuf
+                and not conn.guest_shut
+                and not conn.seq
+                and length <= avail - HDR_SIZE
+                and length <= self.buf_alloc - ((conn.rx_cnt - conn.fwd_cnt) & U32)
+            ):
+                conn.peer_buf_alloc = buf_alloc
+                conn.peer_fwd_cnt = fwd_cnt
+                self._guest_stream_data(conn, reader, length)
+                return 0
+        hdr = Hdr.from_fields(fields)
         if hdr.len > reader.available_bytes():
             if hdr.src_cid == self.guest_cid and hdr.dst_cid == HOST_CID:
                 self._reset_key((hdr.dst_port, hdr.src_port), hdr)
@@ -564,14 +604,19 @@ class VsockDevice(VirtioDevice):
                        self.buf_alloc - conn.pending_tx())  # fmt: skip
             self._reset(conn)
             return
-        conn.rx_cnt = (conn.rx_cnt + n) & U32
         if conn.seq:
+            conn.rx_cnt = (conn.rx_cnt + n) & U32
             conn.seq_msg += reader.read(n)
             if hdr.flags & SEQ_EOM:
                 conn.seq_out.append(bytes(conn.seq_msg))
                 conn.seq_msg.clear()
             self._flush(conn)
             return
+        self._guest_stream_data(conn, reader, n)
+
+    def _guest_stream_data(self, conn: _Conn, reader: Reader, n: int) -> None:
+        """``n`` payload bytes of an open stream, within credit: to the host socket."""
+        conn.rx_cnt = (conn.rx_cnt + n) & U32
         if conn.txbuf:
             conn.txbuf += reader.read(n)
             return
@@ -584,6 +629,17 @@ class VsockDevice(VirtioDevice):
             conn.txbuf += reader.read(n - wrote)
             self._watch_output(conn, True)
         self._forwarded(conn, wrote)
+        if (
+            conn.credit_asked
+            or (conn.readable and not conn.in_ready)
+            or (not conn.armed and not conn.readable)
+        ):
+            # The guest's credit in this packet may let host data flow again.
+            if conn.peer_free() > 0:
+                conn.credit_asked = False
+            self._watch_input(conn)
+            if conn.readable and conn.peer_free() > 0:
+                self._schedule(conn)
 
     def _forwarded(self, conn: _Conn, n: int, drained: bool = False) -> None:
         """``n`` more guest bytes reached the host: tell the guest (§5.10.6.3
