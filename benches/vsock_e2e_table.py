@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "e2e")]
 
 import harness  # noqa: E402
+from test_vsock import _host_connect  # noqa: E402
 
 MIB = 32
 SCRIPT = f"""\
@@ -74,11 +75,7 @@ def run(cmd: list[str]) -> dict[str, float]:
                     raise RuntimeError(g.console()[-2000:])
                 # The host -> guest stream, timed on the host (the guest's clock
                 # cannot see when the host started).
-                c = socket.socket(socket.AF_UNIX)
-                c.connect(uds)
-                c.sendall(b"CONNECT 1235\n")
-                while not c.recv(64).endswith(b"\n"):
-                    pass
+                c = _host_connect(uds, 1235)  # retried until the guest listens
                 block = b"\0" * (1 << 20)
                 t0 = time.monotonic()
                 for _ in range(MIB):
