@@ -100,6 +100,7 @@ def main() -> None:
     rust_dir = os.environ.get("VHOST_DEVICE_RUST_BIN")
     rust = Path(rust_dir) / "vhost-device-vsock" if rust_dir else None
     a = run([ours])
+    print("ours:", {k: round(v, 1) for k, v in a.items()}, flush=True)
     b = run([str(rust)]) if rust is not None and rust.exists() else None
     print(f"{'e2e guest, MiB/s':24} {'ours':>8} {'rust':>8} {'ours/rust':>10}")
     for k, v in a.items():
