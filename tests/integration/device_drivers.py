@@ -122,7 +122,7 @@ class DeviceCase:
     ``socket_flag``), ``build(tmp)``
     the same device for the in-process transport and ``release(device)`` what
     closes its host backend afterwards; ``suffix`` is what the daemon appends to
-    its socket path.
+    its socket path, ``socket_flag`` the flag that names it (vsock: ``--socket``).
     """
 
     command: Callable[[Path], list[str]]

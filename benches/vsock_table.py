@@ -1,0 +1,363 @@
+"""vhost-device-vsock throughput and connection rate: ours against the Rust daemon, one run.
+
+Our front-end plays the guest's driver (tests/integration/vsock_driver.py); the host
+side is Unix sockets served by a thread of this process.  For each daemon present
+(ours always; the Rust one from ``VHOST_DEVICE_RUST_BIN``, else "n/a"), in
+interleaved repetitions:
+
+* guest -> host MiB/s with 64 KiB and 4 KiB RW packets (the guest obeys the credit
+  the device gives; a daemon that gives none for ``--stall`` seconds is cut off and
+  its rate so far reported);
+* host -> guest MiB/s (4 KiB rx buffers, as Linux posts);
+* connections per second (guest REQUEST -> RESPONSE -> host accept -> guest RST).
+
+Prints the medians and ours/Rust ratios.  Run by hand::
+
+    VHOST_DEVICE_RUST_BIN=~/.cache/vsock-sid/root/usr/bin .venv/bin/python benches/vsock_table.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests" / "integration")]
+
+from vsock_driver import (  # noqa: E402
+    OP_CREDIT_REQUEST,
+    OP_CREDIT_UPDATE,
+    OP_REQUEST,
+    OP_RESPONSE,
+    OP_RST,
+    OP_RW,
+    VsockDriver,
+)
+
+
+def daemons() -> dict[str, list[str] | None]:
+    ours = shutil.which("vhost-device-vsock") or str(Path(sys.executable).parent / "vhost-device-vsock")
+    rust_dir = os.environ.get("VHOST_DEVICE_RUST_BIN")
+    rust = Path(rust_dir) / "vhost-device-vsock" if rust_dir else None
+    return {"ours": [ours], "rust": [str(rust)] if rust is not None and rust.exists() else None}
+
+
+class Daemon:
+    def __init__(self, cmd: list[str], tmp: Path) -> None:
+        tmp.mkdir(exist_ok=True)
+        self.sock = str(tmp / "vhost.sock")
+        self.uds = str(tmp / "vm.vsock")
+        self.proc = subprocess.Popen(
+            [*cmd, "--guest-cid", "3", "--socket", self.sock, "--uds-path", self.uds],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + (300 if cmd[0] == "valgrind" else 10)
+        # Wait for the socket file without connecting: a probe connection would be a
+        # front-end session, and the Rust daemon re-creates its socket after each.
+        while not (os.path.exists(self.sock) and os.path.exists(self.uds)):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} did not start")
+            time.sleep(0.01)
+
+    def cpu(self) -> float:
+        """CPU seconds the daemon used so far (all its threads: utime + stime)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM, repeated every 10 s until ``timeout``: under valgrind a signal can
+        land while the main thread's futex wait is restarted, and CPython's handler
+        then only runs at the next one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.proc.terminate()
+            try:
+                self.proc.wait(min(10.0, max(0.1, deadline - time.monotonic())))
+                return
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    raise
+
+
+def driver(d: Daemon, **kw: int) -> VsockDriver:
+    """Connect as the guest, retrying while the daemon is between bind and listen."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            kw.setdefault("cid", 3)
+            kw.setdefault("timeout", 60)
+            return VsockDriver(d.sock, **kw)  # type: ignore[arg-type]
+        except (ConnectionRefusedError, FileNotFoundError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _sink(lst: socket.socket, total: list[int]) -> None:
+    c, _ = lst.accept()
+    while True:
+        b = c.recv(1 << 20)
+        if not b:
+            break
+        total[0] += len(b)
+    c.close()
+
+
+def guest_to_host(d: Daemon, size: int, nbytes: int, stall: float) -> float:
+    port = 5000 + size % 1000
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(f"{d.uds}_{port}")
+    lst.listen(1)
+    got = [0]
+    t = threading.Thread(target=_sink, args=(lst, got), daemon=True)
+    t.start()
+    g = driver(d)
+    try:
+        g.send(7000, port, OP_REQUEST)
+        rsp = g.expect(OP_RESPONSE)
+        buf_alloc, fwd = rsp.buf_alloc, rsp.fwd_cnt
+        payload = b"\xab" * size
+        sent = 0
+        start = time.perf_counter()
+        while sent < nbytes:
+            if buf_alloc - (sent - fwd) >= size:
+                g.send(7000, port, OP_RW, payload)
+                sent += size
+                for p in g.recv(0):
+                    buf_alloc, fwd = p.buf_alloc, max(fwd, p.fwd_cnt)
+                continue
+            try:
+                pkts = g.recv(1, timeout=stall)
+            except TimeoutError:
+                g.send(7000, port, OP_CREDIT_REQUEST)
+                try:
+                    pkts = g.recv(1, timeout=stall)
+                except TimeoutError:
+                    break  # no credit comes back: report what went through
+            for p in pkts:
+                buf_alloc, fwd = p.buf_alloc, max(fwd, p.fwd_cnt)
+        while got[0] < min(sent, fwd) and time.perf_counter() - start < 60:
+            time.sleep(0.001)
+        elapsed = time.perf_counter() - start
+        g.send(7000, port, OP_RST)
+        return got[0] / elapsed / 2**20
+    finally:
+        g.close()
+        lst.close()
+        t.join(5)
+
+
+def host_to_guest(d: Daemon, nbytes: int, cid: int = 3) -> float:
+    g = driver(d, cid=cid, buf_alloc=256 * 1024)
+    c = socket.socket(socket.AF_UNIX)
+    try:
+        c.connect(d.uds)
+        c.sendall(b"CONNECT 80\n")
+        req = g.expect(OP_REQUEST)
+        g.send(80, req.src_port, OP_RESPONSE)
+        line = b""
+        while not line.endswith(b"\n"):
+            line += c.recv(1)
+        data = b"\xcd" * (1 << 20)
+
+        def pump() -> None:
+            for _ in range(nbytes >> 20):
+                c.sendall(data)
+
+        t = threading.Thread(target=pump, daemon=True)
+        start = time.perf_counter()
+        t.start()
+        got = 0
+        acked = 0
+        while got < nbytes:
+            for p in g.recv(1):
+                if p.op == OP_RW:
+                    got += len(p.data)
+            if got - acked >= 64 * 1024:
+                g.send(80, req.src_port, OP_CREDIT_UPDATE)
+                acked = got
+        elapsed = time.perf_counter() - start
+        t.join(10)
+        g.send(80, req.src_port, OP_RST)
+        return got / elapsed / 2**20
+    finally:
+        c.close()
+        g.close()
+
+
+def connection_rate(d: Daemon, count: int) -> float:
+    port = 6000
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(f"{d.uds}_{port}")
+    lst.listen(128)
+
+    def acceptor() -> None:
+        for _ in range(count):
+            lst.accept()[0].close()
+
+    t = threading.Thread(target=acceptor, daemon=True)
+    t.start()
+    g = driver(d)
+    try:
+        start = time.perf_counter()
+        for i in range(count):
+            g.send(20000 + i, port, OP_REQUEST)
+            while True:
+                pkts = g.recv(1)
+                if any(p.op == OP_RESPONSE for p in pkts):
+                    break
+            g.send(20000 + i, port, OP_RST)
+        elapsed = time.perf_counter() - start
+        return count / elapsed
+    finally:
+        g.close()
+        t.join(5)
+        lst.close()
+
+
+def _vm_h2g(args: tuple[str, str, int, int]) -> float:
+    sock, uds, cid, nbytes = args
+    d = Daemon.__new__(Daemon)
+    d.sock, d.uds = sock, uds
+    return host_to_guest(d, nbytes, cid)
+
+
+def aggregate(cmd: list[str], vms: int, nbytes: int) -> float:
+    """host -> guest MiB/s summed over ``vms`` VMs of one daemon process, each driven
+    by its own process (our driver is Python: one process would measure its GIL)."""
+    import multiprocessing  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = []
+        for i in range(vms):
+            cid = 3 + i
+            args += ["--vm", f"guest-cid={cid},socket={tmp}/v{cid}.sock,uds-path={tmp}/u{cid}.vsock"]
+        proc = subprocess.Popen([*cmd, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while not all(os.path.exists(f"{tmp}/u{3 + i}.vsock") for i in range(vms)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("daemon did not start")
+                time.sleep(0.01)
+            jobs = [(f"{tmp}/v{3 + i}.sock", f"{tmp}/u{3 + i}.vsock", 3 + i, nbytes) for i in range(vms)]
+            start = time.perf_counter()
+            with multiprocessing.get_context("fork").Pool(vms) as pool:
+                pool.map(_vm_h2g, jobs)
+            return vms * nbytes / (time.perf_counter() - start) / 2**20
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _instructions(out: Path) -> int:
+    """Total instructions (Ir) of a callgrind output file."""
+    for line in out.read_text().splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {out}")
+
+
+def callgrind(
+    cmd: list[str], rows: dict[str, Callable[[Daemon], float]], units: dict[str, float]
+) -> dict[str, float]:
+    """Instructions the daemon runs per unit of each row (per MiB, per connection):
+    each row under ``valgrind --tool=callgrind``, less a run that only connects a
+    guest (start-up, imports, vhost-user set-up)."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def run(fn: Callable[[Daemon], object], name: str) -> int:
+            f = Path(tmp) / f"cg.{name}"
+            vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={f}", *cmd]
+            d = Daemon(vg, Path(tmp) / name)
+            try:
+                fn(d)
+            finally:
+                d.stop(600)
+            return _instructions(f)
+
+        base = run(lambda d: driver(d).close(), "base")
+        for row, fn in rows.items():
+            out[row] = (run(fn, f"row{len(out)}") - base) / units[row]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--mib", type=int, default=32)
+    ap.add_argument("--conns", type=int, default=300)
+    ap.add_argument("--stall", type=float, default=1.0)
+    ap.add_argument("--callgrind", action="store_true", help="instructions per MiB / connection instead")
+    ap.add_argument("--vms", type=int, default=4, help="VMs of the aggregate figure (1: skip it)")
+    a = ap.parse_args()
+    rows = {
+        "guest->host 64 KiB (MiB/s)": lambda d: guest_to_host(d, 65536, a.mib << 20, a.stall),
+        "guest->host 4 KiB (MiB/s)": lambda d: guest_to_host(d, 4096, a.mib << 20, a.stall),
+        "host->guest (MiB/s)": lambda d: host_to_guest(d, a.mib << 20),
+        "connections/s": lambda d: connection_rate(d, a.conns),
+    }
+    found = daemons()
+    if a.callgrind:
+        units = {r: (a.conns if r.startswith("connections") else a.mib) for r in rows}
+        counts = {n: callgrind(c, rows, units) for n, c in found.items() if c is not None}
+        print(f"{'instructions per MiB / connection':36} {'ours':>14} {'rust':>14} {'rust/ours':>10}")
+        for row in rows:
+            o, r = counts["ours"][row], counts.get("rust", {}).get(row)
+            rust_text = "n/a" if r is None else f"{r:.0f}"
+            share = "n/a" if r is None else f"{r / o:.2f}x"
+            print(f"{row.split(' (')[0]:36} {o:14.0f} {rust_text:>14} {share:>10}")
+        return
+    results: dict[tuple[str, str], list[float]] = {}
+    cpu_s: dict[tuple[str, str], float] = {}
+    for _ in range(a.reps):
+        for name, cmd in found.items():  # interleaved: ours, rust, ours, rust...
+            if cmd is None:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                for row, fn in rows.items():
+                    d = Daemon(cmd, Path(tmp))
+                    try:
+                        cpu0 = d.cpu()
+                        value = fn(d)
+                        results.setdefault((row, name), []).append(value)
+                        cpu_s[(row, name)] = cpu_s.get((row, name), 0.0) + d.cpu() - cpu0
+                    finally:
+                        d.stop()
+    print(
+        f"{'figure (median)':32} {'ours':>10} {'rust':>10} {'ours/rust':>10} {'daemon CPU s ours/rust':>24}"
+    )
+    for row in rows:
+        ours = statistics.median(results[(row, "ours")])
+        rust_runs = results.get((row, "rust"))
+        rust = statistics.median(rust_runs) if rust_runs else None
+        ratio = f"{ours / rust:.2f}x" if rust else "n/a"
+        rust_text = f"{rust:10.1f}" if rust is not None else f"{'n/a':>10}"
+        cpu = f"{cpu_s[(row, 'ours')]:.2f}/" + (f"{cpu_s[(row, 'rust')]:.2f}" if rust else "n/a")
+        print(f"{row:32} {ours:10.1f} {rust_text} {ratio:>10} {cpu:>24}")
+    if a.vms > 1:
+        for name, cmd in found.items():
+            if cmd is None:
+                print(f"{name}: {a.vms} VMs n/a")
+                continue
+            one = statistics.median(aggregate(cmd, 1, a.mib << 20) for _ in range(a.reps))
+            many = statistics.median(aggregate(cmd, a.vms, a.mib << 20) for _ in range(a.reps))
+            print(
+                f"{name}: host->guest 1 VM {one:.1f} MiB/s, {a.vms} VMs {many:.1f} MiB/s ({many / one:.2f}x)"
+            )
+
+
+if __name__ == "__main__":
+    main()

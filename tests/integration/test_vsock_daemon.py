@@ -1,0 +1,349 @@
+"""vhost-device-vsock as a process, driven by our front-end playing the guest's driver.
+
+Host programs are real Unix sockets: a listener at ``<uds>_<port>`` for guest
+connections, clients of ``<uds>`` (``CONNECT <port>``) for host connections.  Every
+wait is on an fd with a timeout.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_process import DaemonProcess
+from vsock_driver import (
+    HOST_CID,
+    OP_CREDIT_REQUEST,
+    OP_CREDIT_UPDATE,
+    OP_REQUEST,
+    OP_RESPONSE,
+    OP_RST,
+    OP_RW,
+    OP_SHUTDOWN,
+    VsockDriver,
+)
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 10.0
+
+
+def command() -> list[str]:
+    script = shutil.which("vhost-device-vsock")
+    return [script] if script else [sys.executable, "-m", "vhost_backends.cli.vsock"]
+
+
+class Vms:
+    """A vhost-device-vsock process serving ``cids`` (one ``--vm`` each)."""
+
+    def __init__(
+        self, tmp: Path, cids: list[int], groups: list[str] | None = None, extra: list[str] | None = None
+    ):
+        self.tmp = tmp
+        args = []
+        for i, cid in enumerate(cids):
+            g = f",groups={groups[i]}" if groups else ""
+            args += ["--vm", f"guest-cid={cid},socket={self.sock(cid)},uds-path={self.uds(cid)}{g}"]
+        self.daemon = DaemonProcess(self.sock(cids[-1]), [*command(), *(extra or args)])
+        for _ in cids:
+            self.daemon.wait_for("listening", TIMEOUT)
+
+    def sock(self, cid: int) -> str:
+        return str(self.tmp / f"vhost{cid}.sock")
+
+    def uds(self, cid: int) -> str:
+        return str(self.tmp / f"vm{cid}.vsock")
+
+    def guest(self, cid: int, **kw: object) -> VsockDriver:
+        return VsockDriver(self.sock(cid), cid, **kw)  # type: ignore[arg-type]
+
+    def stop(self) -> int:
+        return self.daemon.terminate()
+
+
+@pytest.fixture
+def vms(tmp_path: Path) -> Iterator[Vms]:
+    v = Vms(tmp_path, [3])
+    yield v
+    assert v.stop() == 0
+
+
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def track(s: socket.socket) -> socket.socket:
+    _OPEN.append(s)
+    return s
+
+
+def accept(lst: socket.socket) -> socket.socket:
+    s = track(lst.accept()[0])
+    s.settimeout(TIMEOUT)
+    return s
+
+
+def listen(path: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    s = track(socket.socket(socket.AF_UNIX, kind))
+    s.bind(path)
+    s.listen(256)
+    s.settimeout(TIMEOUT)
+    return s
+
+
+def host_connect(uds: str, port: int) -> socket.socket:
+    c = track(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    c.settimeout(TIMEOUT)
+    c.connect(uds)
+    c.sendall(b"CONNECT %d\n" % port)
+    return c
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        assert chunk, f"EOF after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    """Whether the peer closed ``s`` (end of file, or a reset when our bytes were unread)."""
+    try:
+        return s.recv(10) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_config_space_holds_guest_cid(vms: Vms) -> None:
+    g = vms.guest(3)
+    try:
+        assert g.config_cid() == 3  # VIRTIO 1.2 §5.10.4
+    finally:
+        g.close()
+
+
+def test_guest_connects_echoes_and_half_closes_both_ways(vms: Vms) -> None:
+    lst = listen(vms.uds(3) + "_1234")
+    g = vms.guest(3)
+    try:
+        g.send(5000, 1234, OP_REQUEST)
+        rsp = g.expect(OP_RESPONSE)
+        assert (rsp.src_cid, rsp.dst_cid, rsp.src_port, rsp.dst_port) == (HOST_CID, 3, 1234, 5000)
+        host = accept(lst)
+        g.send(5000, 1234, OP_RW, b"ping")
+        assert recv_exact(host, 4) == b"ping"
+        host.sendall(b"pong")
+        assert g.read_stream(5000, 1234, 4) == b"pong"
+        # Guest half-close: the host reads EOF and can still write.
+        g.send(5000, 1234, OP_SHUTDOWN, flags=2)
+        assert host.recv(10) == b""
+        host.sendall(b"after")
+        assert g.read_stream(5000, 1234, 5) == b"after"
+        # Host half-close: the guest gets SHUTDOWN(SEND) only.
+        host.shutdown(socket.SHUT_WR)
+        sd = g.expect(OP_SHUTDOWN)
+        assert sd.flags == 2
+        # The guest closes its side too: the device answers RST (§5.10.6.5).
+        g.send(5000, 1234, OP_SHUTDOWN, flags=3)
+        g.expect(OP_RST)
+        host.close()
+    finally:
+        g.close()
+        lst.close()
+
+
+def test_guest_connect_to_closed_port_gets_rst_at_once(vms: Vms) -> None:
+    g = vms.guest(3)
+    try:
+        g.send(5001, 4321, OP_REQUEST)
+        rst = g.expect(OP_RST, timeout=2.0)
+        assert (rst.src_port, rst.dst_port) == (4321, 5001)
+    finally:
+        g.close()
+
+
+def test_host_connects_through_uds_with_connect_ok(vms: Vms) -> None:
+    g = vms.guest(3)
+    try:
+        c = host_connect(vms.uds(3), 80)
+        req = g.expect(OP_REQUEST)
+        assert req.dst_port == 80
+        g.send(80, req.src_port, OP_RESPONSE)
+        assert recv_exact(c, len(b"OK %d\n" % req.src_port)) == b"OK %d\n" % req.src_port
+        c.sendall(b"x" * 10000)
+        assert g.read_stream(80, req.src_port, 10000) == b"x" * 10000
+        g.send(80, req.src_port, OP_RW, b"reply")
+        assert recv_exact(c, 5) == b"reply"
+        g.send(80, req.src_port, OP_RST)
+        assert c.recv(10) == b""
+        # Garbage instead of CONNECT is refused; the guest hears nothing of it.
+        bad = track(socket.socket(socket.AF_UNIX))
+        bad.settimeout(TIMEOUT)
+        bad.connect(vms.uds(3))
+        bad.sendall(b"HELLO\n")
+        assert closed_by_peer(bad)
+        assert g.recv(0) == []
+    finally:
+        g.close()
+
+
+def test_credit_exhaustion_and_recovery(vms: Vms) -> None:
+    g = vms.guest(3, buf_alloc=8192)
+    try:
+        c = host_connect(vms.uds(3), 81)
+        req = g.expect(OP_REQUEST)
+        port = req.src_port
+        g.send(81, port, OP_RESPONSE, fwd_cnt=0)
+        recv_exact(c, len(b"OK %d\n" % port))
+        c.sendall(bytes(range(256)) * 64)  # 16 KiB, twice the guest's buffer
+        got = bytearray()
+        asked = False
+        while len(got) < 8192 or not asked:
+            for p in g.recv(1):
+                assert p.op in (OP_RW, OP_CREDIT_REQUEST), p
+                asked = asked or p.op == OP_CREDIT_REQUEST
+                got += p.data
+        assert len(got) == 8192  # §5.10.6.3: never beyond the guest's credit
+        g.send(81, port, OP_CREDIT_UPDATE, fwd_cnt=8192)
+        while len(got) < 16384:
+            for p in g.recv(1):
+                assert p.op in (OP_RW, OP_CREDIT_REQUEST), p
+                got += p.data
+        assert bytes(got) == bytes(range(256)) * 64
+    finally:
+        g.close()
+
+
+def test_guest_credit_violation_resets_the_connection(vms: Vms) -> None:
+    lst = listen(vms.uds(3) + "_7")
+    g = vms.guest(3)
+    try:
+        g.send(6000, 7, OP_REQUEST)
+        g.expect(OP_RESPONSE)
+        host = accept(lst)
+        # The host reads nothing: once its socket is full, the device buffers up to
+        # buf_alloc (65536) and a guest ignoring its credit goes past it.
+        for _ in range(40):
+            g.send(6000, 7, OP_RW, b"z" * 32768)
+        ops = set()
+        while OP_RST not in ops:
+            ops |= {p.op for p in g.recv(1)}
+        assert ops <= {OP_CREDIT_UPDATE, OP_RST}
+        assert closed_by_peer_after_data(host)
+    finally:
+        g.close()
+
+
+def closed_by_peer_after_data(s: socket.socket) -> bool:
+    """Read what the device forwarded before the reset; True once the socket ends."""
+    while True:
+        try:
+            if not s.recv(1 << 20):
+                return True
+        except ConnectionResetError:
+            return True
+
+
+def test_200_parallel_connections(vms: Vms) -> None:
+    lst = listen(vms.uds(3) + "_2000")
+    g = vms.guest(3)
+    try:
+        for i in range(200):
+            g.send(10000 + i, 2000, OP_REQUEST)
+        got = [p for p in g.recv(200) if p.op == OP_RESPONSE]
+        assert sorted(p.dst_port for p in got) == list(range(10000, 10200))
+        peers = [accept(lst) for _ in range(200)]
+        for i in range(200):
+            g.send(10000 + i, 2000, OP_RW, b"%05d" % i)
+        assert sorted(recv_exact(p, 5) for p in peers) == [b"%05d" % i for i in range(200)]
+        for p in peers:
+            p.close()
+    finally:
+        g.close()
+        lst.close()
+
+
+def test_two_vms_in_one_process_and_reconnect(tmp_path: Path) -> None:
+    v = Vms(tmp_path, [4, 5])
+    lst5 = listen(v.uds(5) + "_99")
+    try:
+        a = v.guest(4)
+        b = v.guest(5)
+        assert (a.config_cid(), b.config_cid()) == (4, 5)
+        b.send(700, 99, OP_REQUEST)
+        b.expect(OP_RESPONSE)
+        host5 = accept(lst5)
+        # VM 4 goes away and comes back while VM 5 keeps transferring.
+        a.close()
+        b.send(700, 99, OP_RW, b"a" * 1000)
+        assert recv_exact(host5, 1000) == b"a" * 1000
+        v.daemon.wait_for("front-end session ended", TIMEOUT)
+        a = v.guest(4)
+        assert a.config_cid() == 4
+        c = host_connect(v.uds(4), 1)
+        req = a.expect(OP_REQUEST)
+        a.send(1, req.src_port, OP_RESPONSE)
+        assert recv_exact(c, 3) == b"OK "
+        host5.sendall(b"still here")
+        assert b.read_stream(700, 99, 10) == b"still here"
+        a.close()
+        b.close()
+    finally:
+        lst5.close()
+        assert v.stop() == 0
+
+
+def test_siblings_in_one_group_talk_others_do_not(tmp_path: Path) -> None:
+    v = Vms(tmp_path, [6, 7, 8], groups=["g1", "g1+g2", "g3"])
+    try:
+        a, b, c = v.guest(6), v.guest(7), v.guest(8)
+        a.send(1000, 2000, OP_REQUEST, dst_cid=7)
+        req = b.expect(OP_REQUEST)
+        assert (req.src_cid, req.dst_cid, req.src_port, req.dst_port) == (6, 7, 1000, 2000)
+        b.send(2000, 1000, OP_RESPONSE, dst_cid=6)
+        a.expect(OP_RESPONSE)
+        a.send(1000, 2000, OP_RW, b"q" * 9000, dst_cid=7)  # split over 4 KiB rx buffers
+        got = b"".join(p.data for p in b.recv(3))
+        assert got == b"q" * 9000
+        # cid 8 shares no group with 6: dropped.
+        a.send(1001, 3000, OP_REQUEST, dst_cid=8)
+        b.send(2001, 3001, OP_REQUEST, dst_cid=6)
+        assert a.expect(OP_REQUEST).src_port == 2001  # proves the earlier packet had its turn
+        assert c.recv(0) == []
+        for g in (a, b, c):
+            g.close()
+    finally:
+        assert v.stop() == 0
+
+
+def test_config_yaml_with_three_vms(tmp_path: Path) -> None:
+    cfg = tmp_path / "vms.yaml"
+    lines = ["vms:"]
+    for cid in (10, 11, 12):
+        lines += [
+            f"  - guest-cid: {cid}",  # upstream README's spelling, which its parser refuses
+            f"    socket: {tmp_path}/vhost{cid}.sock",
+            f"    uds_path: {tmp_path}/vm{cid}.vsock",
+            "    groups: default",
+        ]
+    cfg.write_text("\n".join(lines) + "\n")
+    v = Vms(tmp_path, [10, 11, 12], extra=["--config", str(cfg)])
+    try:
+        for cid in (10, 11, 12):
+            g = v.guest(cid)
+            assert g.config_cid() == cid
+            g.close()
+    finally:
+        assert v.stop() == 0

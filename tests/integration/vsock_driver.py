@@ -1,0 +1,173 @@
+"""A guest's virtio-vsock driver played by our vhost-user front-end (tests and benches).
+
+:class:`VsockDriver` connects to a ``vhost-device-vsock`` socket (ours or the Rust
+one), sets up rx/tx/event rings in memfd memory, keeps every rx descriptor posted
+with one buffer each (as Linux does), and sends one-descriptor tx packets from a
+fixed pool of buffers.  No sleeps: every wait is on a call eventfd with a timeout.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from vhost_backends.frontend import Frontend
+from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
+
+HDR = struct.Struct("<QQIIIHHIII")
+HDR_SIZE = HDR.size
+HOST_CID = 2
+TYPE_STREAM, TYPE_SEQPACKET = 1, 2
+OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST = 1, 2, 3, 4, 5, 6, 7
+RX, TX, EVENT = 0, 1, 2
+VIRTIO_VSOCK_F_SEQPACKET = 1 << 1
+
+
+@dataclass
+class Packet:
+    src_cid: int
+    dst_cid: int
+    src_port: int
+    dst_port: int
+    type: int
+    op: int
+    flags: int
+    buf_alloc: int
+    fwd_cnt: int
+    data: bytes
+
+
+class VsockDriver:
+    """The guest side of one VM (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str,
+        cid: int,
+        *,
+        rx_size: int = 256,
+        tx_size: int = 128,
+        rx_buf: int = 4096 + HDR_SIZE,
+        tx_buf: int = 65536 + HDR_SIZE,
+        buf_alloc: int = 256 * 1024,
+        timeout: float = 10.0,
+        features: int | None = None,
+    ) -> None:
+        self.cid = cid
+        self.buf_alloc = buf_alloc
+        self.timeout = timeout
+        self.fe = Frontend.connect(path, timeout=timeout)
+        try:
+            self.fe.negotiate(features)
+            self.fe.add_memory(rx_size * rx_buf + tx_size * tx_buf + (4 << 20))
+            self.fe.set_mem_table()
+            self.rx = self.fe.setup_ring(RX, rx_size)
+            self.rx_area = self.rx.mock.alloc(rx_size * rx_buf, 4096)
+            self.tx = self.fe.setup_ring(TX, tx_size, gpa=_next_ring(self.rx_area + rx_size * rx_buf))
+            self.tx_area = self.tx.mock.alloc(tx_size * tx_buf, 4096)
+            self.fe.setup_ring(EVENT, 16, gpa=_next_ring(self.tx_area + tx_size * tx_buf))
+        except BaseException:
+            self.fe.close()
+            raise
+        self.rx_size, self.tx_size, self.rx_buf, self.tx_buf = rx_size, tx_size, rx_buf, tx_buf
+        self.tx_outstanding = 0
+        # Guest-side credit: bytes of each connection's payload taken from rx.
+        self.fwd_cnt: dict[tuple[int, int], int] = {}
+        self.pending: list[Packet] = []
+        for i in range(rx_size):
+            self._post_rx(i)
+        self.rx.mock.set_used_event(self.rx.mock.used_idx())
+        self.fe.kick(RX)
+
+    def _post_rx(self, index: int) -> None:
+        mock = self.rx.mock
+        mock.write_desc(
+            index, RawDesc(self.rx_area + index * self.rx_buf, self.rx_buf, VIRTQ_DESC_F_WRITE, 0)
+        )
+        mock.add_avail(index)
+
+    # -- tx -------------------------------------------------------------------------------
+    def send(
+        self, src_port: int, dst_port: int, op: int, data: bytes = b"", *, flags: int = 0,
+        type_: int = TYPE_STREAM, dst_cid: int = HOST_CID, buf_alloc: int | None = None,
+        fwd_cnt: int | None = None, length: int | None = None, kick: bool = True,
+    ) -> None:  # fmt: skip
+        """Put one packet on tx (reclaiming used tx buffers first) and kick."""
+        mock = self.tx.mock
+        self._reclaim_tx(block=self.tx_outstanding >= self.tx_size)
+        index = mock._next_free  # one-descriptor chains: the slot is the head
+        gpa = self.tx_area + index * self.tx_buf
+        hdr = HDR.pack(
+            self.cid, dst_cid, src_port, dst_port, len(data) if length is None else length, type_, op, flags,
+            self.buf_alloc if buf_alloc is None else buf_alloc,
+            self.fwd_cnt.get((src_port, dst_port), 0) if fwd_cnt is None else fwd_cnt,
+        )  # fmt: skip
+        self.fe.memory.write(gpa, hdr + data)
+        mock.add_chain([RawDesc(gpa, HDR_SIZE + len(data), 0, 0)])
+        self.tx_outstanding += 1
+        if kick:
+            self.fe.kick(TX)
+
+    def _reclaim_tx(self, block: bool) -> None:
+        mock = self.tx.mock
+        if block:
+            self.tx_outstanding -= len(self.fe.wait_used(TX, 1, self.timeout))
+        else:
+            self.tx_outstanding -= len(mock.used_elems())
+
+    # -- rx -------------------------------------------------------------------------------
+    def recv(self, count: int = 1, timeout: float | None = None) -> list[Packet]:
+        """Wait for at least ``count`` packets (or what is there when ``count`` is 0)."""
+        out, self.pending = self.pending, []
+        while len(out) < count:
+            used = self.fe.wait_used(RX, 1, self.timeout if timeout is None else timeout)
+            out += self._take(used)
+        if count == 0:
+            out += self._take(self.rx.mock.used_elems())
+        return out
+
+    def _take(self, used: list[tuple[int, int]]) -> list[Packet]:
+        out = []
+        for head, length in used:
+            raw = self.fe.memory.read(self.rx_area + head * self.rx_buf, length)
+            f = HDR.unpack_from(raw)
+            pkt = Packet(*f[:4], f[5], f[6], f[7], f[8], f[9], raw[HDR_SIZE : HDR_SIZE + f[4]])
+            if pkt.op == OP_RW:
+                key = (pkt.dst_port, pkt.src_port)
+                self.fwd_cnt[key] = (self.fwd_cnt.get(key, 0) + len(pkt.data)) & 0xFFFFFFFF
+            out.append(pkt)
+            self._post_rx(head)
+        if used:
+            self.fe.kick(RX)
+        return out
+
+    def expect(self, op: int, timeout: float | None = None) -> Packet:
+        """The next packet, which must have ``op`` (others before it fail the test)."""
+        pkt = self.recv(1, timeout)
+        first, rest = pkt[0], pkt[1:]
+        self.pending = rest + self.pending
+        assert first.op == op, f"expected op {op}, got {first}"
+        return first
+
+    def read_stream(self, port: int, peer: int, nbytes: int) -> bytes:
+        """RW payload of one connection until ``nbytes``, answering credit as Linux does."""
+        got = bytearray()
+        while len(got) < nbytes:
+            for pkt in self.recv(1):
+                if pkt.op == OP_RW and (pkt.dst_port, pkt.src_port) == (port, peer):
+                    got += pkt.data
+                elif pkt.op == OP_CREDIT_REQUEST:
+                    self.send(port, peer, OP_CREDIT_UPDATE)
+            if len(got) and self.fwd_cnt.get((port, peer), 0) % (self.buf_alloc // 2) < 4096:
+                self.send(port, peer, OP_CREDIT_UPDATE)
+        return bytes(got)
+
+    def config_cid(self) -> int:
+        return int(struct.unpack("<Q", self.fe.get_config(0, 8))[0])
+
+    def close(self) -> None:
+        self.fe.close()
+
+
+def _next_ring(addr: int) -> int:
+    return (addr + 0xFFFF) & ~0xFFFF

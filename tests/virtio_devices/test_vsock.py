@@ -1,0 +1,680 @@
+"""The virtio-vsock device (VIRTIO 1.2 §5.10) in-process, with real Unix sockets on the host side.
+
+:class:`vsock_guest.VsockGuest` plays the guest's driver over a DeviceRig; the host
+ends are real sockets in a temporary directory.  Property tests throw random headers
+and random interleavings of both sides' operations at the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from vsock_guest import RX, TX, VsockGuest
+
+from virtio_devices.base import VIRTIO_RING_F_INDIRECT_DESC
+from virtio_devices.errors import MalformedRequest
+from virtio_devices.hosts.vsock import UnixHost, VsockError, VsockForwardHost
+from virtio_devices.vsock import (
+    HDR,
+    HDR_SIZE,
+    LOCAL_PORT_FIRST,
+    OP_CREDIT_REQUEST,
+    OP_CREDIT_UPDATE,
+    OP_REQUEST,
+    OP_RESPONSE,
+    OP_RST,
+    OP_RW,
+    OP_SHUTDOWN,
+    SEQ_EOM,
+    TYPE_SEQPACKET,
+    VIRTIO_ID_VSOCK,
+    VIRTIO_VSOCK_F_SEQPACKET,
+    Hdr,
+    VsockDevice,
+    VsockRegistry,
+    parse_connect_line,
+)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[UnixHost]:
+    h = UnixHost(str(tmp_path / "v.sock"))
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def guest(host: UnixHost) -> Iterator[VsockGuest]:
+    g = VsockGuest(VsockDevice(3, host, tx_buffer_size=65536))
+    g.post_rx(64)
+    yield g
+    g.close()
+
+
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets() -> Iterator[None]:
+    """Host-side sockets of a test are closed even when it fails (no ResourceWarning
+    blamed on the next test)."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def track(s: socket.socket) -> socket.socket:
+    _OPEN.append(s)
+    return s
+
+
+def listen(host: UnixHost, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    s = track(socket.socket(socket.AF_UNIX, kind))
+    s.bind(host.port_path(port))
+    s.listen(16)
+    s.settimeout(5)
+    return s
+
+
+def connected(
+    guest: VsockGuest, host: UnixHost, port: int = 1234, src: int = 5000
+) -> tuple[socket.socket, socket.socket]:
+    lst = listen(host, port)
+    guest.send(src, port, OP_REQUEST)
+    [rsp] = guest.exchange()
+    assert rsp.op == OP_RESPONSE
+    peer = track(lst.accept()[0])
+    peer.settimeout(5)
+    return lst, peer
+
+
+# -- identity -----------------------------------------------------------------------------
+
+
+def test_identity_features_and_config(host: UnixHost) -> None:
+    dev = VsockDevice(7, host, queue_size=256)
+    assert dev.device_id == VIRTIO_ID_VSOCK == 19
+    assert dev.queue_sizes == (256, 256, 256)
+    assert not dev.device_features() & VIRTIO_RING_F_INDIRECT_DESC  # as upstream
+    assert dev.device_features() & VIRTIO_VSOCK_F_SEQPACKET
+    assert dev.read_config(0, 8) == struct.pack("<Q", 7)  # §5.10.4 guest_cid le64
+
+
+# -- header parser ------------------------------------------------------------------------------
+
+
+def test_header_shorter_than_44_bytes_is_malformed() -> None:
+    with pytest.raises(MalformedRequest, match="44 bytes"):
+        Hdr.parse(b"\0" * 43)
+
+
+@given(st.binary(min_size=HDR_SIZE, max_size=HDR_SIZE + 8))
+def test_header_parse_roundtrips_any_bytes(raw: bytes) -> None:
+    assert Hdr.parse(raw).pack() == raw[:HDR_SIZE]
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(
+    fields=st.tuples(
+        st.sampled_from([3, 4, 2**64 - 1]),  # src_cid
+        st.sampled_from([2, 3, 9]),  # dst_cid
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),  # len
+        st.integers(0, 4),  # type
+        st.integers(0, 9),  # op
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+    ),
+    payload=st.binary(max_size=64),
+)
+def test_random_guest_headers_never_break_the_device(
+    guest: VsockGuest, fields: tuple[int, ...], payload: bytes
+) -> None:
+    """Any header from the guest is served or refused (RST, drop): the tx chain comes
+    back, the device stays usable, and no host connection is made to nowhere."""
+    raw = HDR.pack(*fields) + payload
+    guest.rig.add_request(TX, readable=[raw])
+    assert len(guest.rig.kick(TX)) == 1
+    guest.exchange()
+    assert guest.device.broken is None
+    for conn in list(guest.device.conns.values()):
+        guest.device._drop(conn)
+
+
+def test_len_beyond_buffers_resets_connection(guest: VsockGuest, host: UnixHost) -> None:
+    lst, peer = connected(guest, host)
+    guest.send(5000, 1234, OP_RW, b"abc", length=100)
+    [rst] = guest.exchange()
+    assert rst.op == OP_RST
+    assert peer.recv(10) == b""
+    lst.close()
+    peer.close()
+
+
+# -- stream operations -----------------------------------------------------------------
+
+
+def test_connect_data_both_ways_and_clean_close(guest: VsockGuest, host: UnixHost) -> None:
+    lst, peer = connected(guest, host)
+    guest.send(5000, 1234, OP_RW, b"hello")
+    assert peer.recv(10) == b"hello"
+    peer.sendall(b"world")
+    [rw] = guest.exchange()
+    assert (rw.op, rw.data, rw.hdr.src_port, rw.hdr.dst_port) == (OP_RW, b"world", 1234, 5000)
+    assert rw.hdr.fwd_cnt == 5 and rw.hdr.buf_alloc == 65536  # §5.10.6.3 credit on every packet
+    guest.send(5000, 1234, OP_SHUTDOWN, flags=3)
+    [rst] = guest.exchange()
+    assert rst.op == OP_RST  # §5.10.6.5: SHUTDOWN answered by RST
+    assert peer.recv(10) == b""
+    assert guest.device.conns == {}
+    lst.close()
+    peer.close()
+
+
+def test_connect_to_closed_port_gets_rst_at_once(guest: VsockGuest) -> None:
+    guest.send(5000, 4444, OP_REQUEST)
+    [rst] = guest.exchange()
+    assert (rst.op, rst.hdr.src_port, rst.hdr.dst_port) == (OP_RST, 4444, 5000)
+
+
+def test_packet_for_unknown_connection_gets_rst_but_rst_gets_nothing(guest: VsockGuest) -> None:
+    guest.send(1, 2, OP_RW, b"x")
+    assert [p.op for p in guest.exchange()] == [OP_RST]
+    guest.send(1, 2, OP_RST)
+    assert guest.exchange() == []
+
+
+def test_wrong_source_cid_is_dropped(guest: VsockGuest, host: UnixHost) -> None:
+    lst = listen(host, 1234)
+    guest.send(5000, 1234, OP_REQUEST, src_cid=9)
+    assert guest.exchange() == []
+    assert guest.device.conns == {}
+    lst.close()
+
+
+def test_unknown_op_resets_connection(guest: VsockGuest, host: UnixHost) -> None:
+    lst, peer = connected(guest, host)
+    guest.send(5000, 1234, 42)
+    assert [p.op for p in guest.exchange()] == [OP_RST]
+    lst.close()
+    peer.close()
+
+
+def test_credit_request_answered_with_update(guest: VsockGuest, host: UnixHost) -> None:
+    lst, peer = connected(guest, host)
+    guest.send(5000, 1234, OP_CREDIT_REQUEST)
+    [upd] = guest.exchange()
+    assert (upd.op, upd.hdr.buf_alloc) == (OP_CREDIT_UPDATE, 65536)
+    lst.close()
+    peer.close()
+
+
+def test_64k_writes_get_credit_back_at_once(guest: VsockGuest, host: UnixHost) -> None:
+    """A guest writing buf_alloc at a time is told of the freed space right away."""
+    lst, peer = connected(guest, host)
+    for i in range(4):
+        guest.send(5000, 1234, OP_RW, bytes([i]) * 65536)
+        [upd] = guest.exchange()
+        assert upd.op == OP_CREDIT_UPDATE and upd.hdr.fwd_cnt == 65536 * (i + 1)
+        got = b""
+        while len(got) < 65536:
+            got += peer.recv(65536)
+        assert got == bytes([i]) * 65536
+    lst.close()
+    peer.close()
+
+
+def test_full_host_socket_buffers_then_flushes(guest: VsockGuest, host: UnixHost) -> None:
+    lst, peer = connected(guest, host)
+    sent = bytearray()
+    conn = guest.device.conns[(1234, 5000)]
+    i = 0
+    while not conn.txbuf:  # until the host socket is full
+        chunk = bytes([i & 0xFF]) * 32768
+        guest.send(5000, 1234, OP_RW, chunk, fwd_cnt=0)
+        sent += chunk
+        guest.exchange()
+        i += 1
+    got = bytearray()
+    while len(got) < len(sent):
+        got += peer.recv(1 << 20)
+        guest.pump()
+    assert got == sent  # nothing lost or reordered
+    assert not conn.txbuf
+    lst.close()
+    peer.close()
+
+
+def test_credit_violation_resets(guest: VsockGuest, host: UnixHost) -> None:
+    lst, peer = connected(guest, host)
+    conn = guest.device.conns[(1234, 5000)]
+    while not conn.txbuf:
+        guest.send(5000, 1234, OP_RW, b"v" * 32768)
+    ops = set()
+    for _ in range(4):
+        guest.send(5000, 1234, OP_RW, b"v" * 32768)
+        ops |= {p.op for p in guest.exchange()}
+    assert OP_RST in ops  # §5.10.6.3: beyond the advertised buf_alloc
+    assert (1234, 5000) not in guest.device.conns
+    lst.close()
+    peer.close()
+
+
+def test_host_half_close_reaches_guest_as_shutdown_send(guest: VsockGuest, host: UnixHost) -> None:
+    lst, peer = connected(guest, host)
+    peer.shutdown(socket.SHUT_WR)
+    [sd] = guest.exchange()
+    assert (sd.op, sd.hdr.flags) == (OP_SHUTDOWN, 2)
+    guest.send(5000, 1234, OP_RW, b"still")  # the other direction stays open
+    assert peer.recv(10) == b"still"
+    peer.close()
+    lst.close()
+
+
+def test_host_close_reaches_guest_as_shutdown_both(guest: VsockGuest, host: UnixHost) -> None:
+    lst, peer = connected(guest, host)
+    peer.close()
+    [sd] = guest.exchange()
+    assert (sd.op, sd.hdr.flags) == (OP_SHUTDOWN, 3)
+    lst.close()
+
+
+def test_guest_half_close_reaches_host_as_shut_wr(guest: VsockGuest, host: UnixHost) -> None:
+    lst, peer = connected(guest, host)
+    guest.send(5000, 1234, OP_SHUTDOWN, flags=2)
+    assert peer.recv(10) == b""
+    peer.sendall(b"back")
+    assert [p.data for p in guest.exchange()] == [b"back"]
+    peer.close()
+    lst.close()
+
+
+def test_host_reset_mid_stream_resets_guest(guest: VsockGuest, host: UnixHost) -> None:
+    lst, peer = connected(guest, host)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    guest.exchange()
+    guest.send(5000, 1234, OP_RW, b"x")
+    ops = [p.op for p in guest.exchange()]
+    assert OP_RST in ops or (1234, 5000) not in guest.device.conns
+    lst.close()
+
+
+# -- host-initiated (hybrid) ------------------------------------------------------------
+
+
+def test_parse_connect_line() -> None:
+    assert parse_connect_line(b"CONNECT 1234") == 1234
+    assert parse_connect_line(b"connect  52 \r") == 52
+    for bad in (b"CONNECT", b"CONNECT x", b"CONNECT 1 2", b"OPEN 1", b"CONNECT 4294967296", b"\xff"):
+        with pytest.raises(ValueError):
+            parse_connect_line(bad)
+
+
+@given(st.binary(max_size=80))
+def test_parse_connect_line_returns_u32_or_value_error(line: bytes) -> None:
+    try:
+        port = parse_connect_line(line)
+    except ValueError:
+        return
+    assert 0 <= port <= 0xFFFFFFFF
+
+
+def host_client(host: UnixHost, line: bytes) -> socket.socket:
+    c = track(socket.socket(socket.AF_UNIX))
+    c.settimeout(5)
+    c.connect(host.path)
+    c.sendall(line)
+    return c
+
+
+def test_host_connect_ok_reply_is_the_host_port(guest: VsockGuest, host: UnixHost) -> None:
+    c = host_client(host, b"CONNECT 80\nearly")
+    [req] = guest.exchange()
+    assert (req.op, req.hdr.dst_port, req.hdr.src_port) == (OP_REQUEST, 80, LOCAL_PORT_FIRST)
+    guest.send(80, LOCAL_PORT_FIRST, OP_RESPONSE)
+    assert c.recv(100) == b"OK %d\n" % LOCAL_PORT_FIRST  # Firecracker's reply
+    assert [p.data for p in guest.exchange()] == [b"early"]  # bytes after the line kept
+    c.close()
+
+
+def test_host_ports_never_reused_while_in_use(guest: VsockGuest, host: UnixHost) -> None:
+    clients = [host_client(host, b"CONNECT 80\n") for _ in range(3)]
+    ports = [p.hdr.src_port for p in guest.exchange()]
+    assert len(set(ports)) == 3
+    guest.device._next_port = ports[0]  # wrap around onto a port in use
+    clients.append(host_client(host, b"CONNECT 80\n"))
+    [p] = guest.exchange()
+    assert p.hdr.src_port not in ports
+    for c in clients:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"HELLO\n", b"CONNECT abc\n", b"X" * 100, b"CONNECT 99999999999\n"],
+    ids=["word", "nan", "endless", "big"],
+)
+def test_bad_connect_lines_are_refused(guest: VsockGuest, host: UnixHost, line: bytes) -> None:
+    c = host_client(host, line)
+    assert guest.exchange() == []
+    with contextlib.suppress(ConnectionResetError):
+        assert c.recv(10) == b""
+    c.close()
+
+
+def test_connect_line_timeout(guest: VsockGuest, host: UnixHost) -> None:
+    c = host_client(host, b"CONN")
+    guest.pump()
+    guest.rig.clock.advance(11)
+    guest.rig.loop.run_due()
+    with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread
+        assert c.recv(10) == b""
+    c.close()
+
+
+def test_guest_rst_to_request_closes_host_client(guest: VsockGuest, host: UnixHost) -> None:
+    c = host_client(host, b"CONNECT 80\n")
+    [req] = guest.exchange()
+    guest.send(80, req.hdr.src_port, OP_RST)
+    assert c.recv(10) == b""
+    assert guest.device.conns == {}
+    c.close()
+
+
+# -- seqpacket ----------------------------------------------------------------------------
+
+
+def test_seqpacket_keeps_message_boundaries(guest: VsockGuest, host: UnixHost) -> None:
+    lst = listen(host, 77, socket.SOCK_SEQPACKET)
+    guest.send(5000, 77, OP_REQUEST, type_=TYPE_SEQPACKET)
+    [rsp] = guest.exchange()
+    assert (rsp.op, rsp.hdr.type) == (OP_RESPONSE, TYPE_SEQPACKET)
+    peer = track(lst.accept()[0])
+    guest.send(5000, 77, OP_RW, b"one-", type_=TYPE_SEQPACKET)
+    guest.send(5000, 77, OP_RW, b"message", type_=TYPE_SEQPACKET, flags=SEQ_EOM)
+    guest.send(5000, 77, OP_RW, b"two", type_=TYPE_SEQPACKET, flags=SEQ_EOM)
+    assert peer.recv(100) == b"one-message"
+    assert peer.recv(100) == b"two"
+    peer.send(b"r" * 5000)  # split over two 4 KiB rx buffers, EOM on the last
+    peer.send(b"s")
+    pkts = guest.exchange()
+    assert [(len(p.data), p.hdr.flags & SEQ_EOM) for p in pkts] == [(4096, 0), (904, SEQ_EOM), (1, SEQ_EOM)]
+    peer.close()
+    lst.close()
+
+
+# -- siblings ----------------------------------------------------------------------------------
+
+
+def test_sibling_packets_cross_loops_only_within_a_group(tmp_path: Path) -> None:
+    reg = VsockRegistry()
+    hosts = [UnixHost(str(tmp_path / f"{i}.sock")) for i in range(3)]
+    a = VsockGuest(VsockDevice(3, hosts[0], groups=["g"], registry=reg))
+    b = VsockGuest(VsockDevice(4, hosts[1], groups=["g", "h"], registry=reg))
+    c = VsockGuest(VsockDevice(5, hosts[2], groups=["x"], registry=reg))
+    for g in (a, b, c):
+        g.post_rx(8)
+    a.send(10, 20, OP_REQUEST, dst_cid=4)
+    a.send(10, 20, OP_REQUEST, dst_cid=5)
+    assert b.rig.loop.run_soon() == 1 and c.rig.loop.run_soon() == 0
+    [req] = b.received()
+    assert (req.hdr.src_cid, req.hdr.dst_cid, req.op) == (3, 4, OP_REQUEST)
+    for g in (a, b, c):
+        g.close()
+    for h in hosts:
+        h.close()
+
+
+# -- lifecycle --------------------------------------------------------------------------------
+
+
+def test_reset_closes_connections_and_keeps_listener(host: UnixHost) -> None:
+    g = VsockGuest(VsockDevice(3, host))
+    g.post_rx(8)
+    lst, peer = connected(g, host)
+    g.close()
+    assert peer.recv(10) == b""
+    assert host.listeners()  # the next front-end's device uses it
+    lst.close()
+    peer.close()
+
+
+def test_rx_not_touched_after_quiesce(guest: VsockGuest, host: UnixHost) -> None:
+    lst = listen(host, 1234)
+    guest.device.quiesce(RX)
+    guest.send(5000, 1234, OP_REQUEST)
+    assert guest.rig.used(RX) == []
+    guest.device.process_queue(RX)  # the driver's next kick gives rx back
+    assert [p.op for p in guest.received()] == [OP_RESPONSE]
+    lst.close()
+
+
+def test_uds_path_in_use_is_refused(tmp_path: Path) -> None:
+    h = UnixHost(str(tmp_path / "x.sock"))
+    with pytest.raises(VsockError, match="another program listens"):
+        UnixHost(str(tmp_path / "x.sock"))
+    h.close()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(VsockError, match="not a socket"):
+        UnixHost(str(tmp_path / "file"))
+
+
+# -- credit property ------------------------------------------------------------------------
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("guest_write"), st.integers(1, 20000)),
+            st.tuples(st.just("host_write"), st.integers(1, 20000)),
+            st.tuples(st.just("host_read"), st.integers(1, 70000)),
+            st.tuples(st.just("guest_ack"), st.integers(0, 1)),
+        ),
+        max_size=30,
+    )
+)
+def test_random_interleavings_keep_credit_and_bytes(
+    tmp_path_factory: pytest.TempPathFactory, steps: list
+) -> None:  # type: ignore[type-arg]
+    """Both sides write and read in any order; the device never sends the guest more than
+    its credit, never takes more from the guest than it advertised, and every byte
+    arrives once, in order."""
+    tmp = tmp_path_factory.mktemp("credit")
+    host = UnixHost(str(tmp / "v.sock"))
+    g = VsockGuest(VsockDevice(3, host, tx_buffer_size=32768))
+    g.post_rx(128)
+    guest_buf = g.buf_alloc = 16384
+    try:
+        lst, peer = connected(g, host)
+        peer.setblocking(False)
+        g_sent = bytearray()
+        h_got = bytearray()
+        h_sent = bytearray()
+        g_got = bytearray()
+        g_fwd = 0  # what the guest acknowledged to the device
+        dev_fwd = 0  # last fwd_cnt the device told us
+        counter = 0
+        for kind, n in steps:
+            if kind == "guest_write":
+                # The guest obeys the credit it was told of.
+                free = 32768 - (len(g_sent) - dev_fwd)
+                m = min(n, free)
+                if m > 0:
+                    data = bytes((counter + i) & 0xFF for i in range(m))
+                    counter += m
+                    g.send(5000, 1234, OP_RW, data, buf_alloc=guest_buf, fwd_cnt=g_fwd)
+                    g_sent += data
+            elif kind == "host_write":
+                try:
+                    data = bytes((len(h_sent) + i) * 7 & 0xFF for i in range(n))
+                    h_sent += data[: peer.send(data)]
+                except BlockingIOError:
+                    pass
+            elif kind == "host_read":
+                with contextlib.suppress(BlockingIOError):
+                    h_got += peer.recv(n)
+            else:
+                g_fwd = len(g_got)
+                g.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=guest_buf, fwd_cnt=g_fwd)
+            for p in g.exchange():
+                assert p.op in (OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST), p
+                dev_fwd = p.hdr.fwd_cnt
+                g_got += p.data
+                # §5.10.6.3: never beyond the guest's buffer.
+                assert len(g_got) - g_fwd <= guest_buf
+        # Drain: the host reads everything, the guest acknowledges everything.
+        for _ in range(200):
+            with contextlib.suppress(BlockingIOError):
+                h_got += peer.recv(1 << 20)
+            g_fwd = len(g_got)
+            g.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=guest_buf, fwd_cnt=g_fwd)
+            for p in g.exchange():
+                g_got += p.data
+                dev_fwd = p.hdr.fwd_cnt
+            if len(h_got) == len(g_sent) and len(g_got) == len(h_sent):
+                break
+        assert h_got == g_sent
+        assert g_got == h_sent
+        assert len(g.device.conns) == 1
+        lst.close()
+        peer.close()
+    finally:
+        g.close()
+        host.close()
+    assert g.device.conns == {}  # reset leaks no connection
+
+
+# -- AF_VSOCK backend ----------------------------------------------------------------------
+
+
+def _vsock_host(cid: int, ports: list[int]) -> VsockForwardHost:
+    try:
+        return VsockForwardHost(cid, ports)
+    except VsockError as e:
+        pytest.skip(f"no AF_VSOCK transport on this machine: {e}")
+
+
+def _loopback_works() -> bool:
+    """Whether this host's vsock reaches itself (the vsock_loopback transport)."""
+    lst = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        lst.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+        lst.listen(1)
+        c = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        c.settimeout(1.0)
+        try:
+            c.connect((1, lst.getsockname()[1]))
+            return True
+        except OSError:
+            return False
+        finally:
+            c.close()
+    except OSError:
+        return False
+    finally:
+        lst.close()
+
+
+@pytest.mark.slow
+def test_forward_connect_that_fails_gets_rst_without_blocking_the_loop() -> None:
+    """A guest connect the host's vsock cannot complete is answered RST once the
+    kernel gives up; the device's loop never waits for it."""
+    host = _vsock_host(1, [])
+    g = VsockGuest(VsockDevice(3, host))
+    g.post_rx(8)
+    try:
+        if _loopback_works():
+            pytest.skip("this host's vsock reaches itself: the connect would succeed")
+        g.send(5000, 45678, OP_REQUEST)
+        assert g.received() == []  # in progress: nothing yet, and send returned at once
+        ops: list[int] = []
+        while not ops:
+            g.pump(wait=10.0)  # the socket turns writable when connect ends
+            ops = [p.op for p in g.received()]
+        assert ops == [OP_RST]
+    finally:
+        g.close()
+        host.close()
+
+
+def test_forward_backend_both_ways() -> None:
+    if not _loopback_works():
+        pytest.skip("no vsock loopback transport (vsock_loopback) on this machine")
+    lst = track(socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))
+    lst.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+    lst.listen(1)
+    port = lst.getsockname()[1]
+    host = _vsock_host(1, [port + 1])
+    g = VsockGuest(VsockDevice(3, host))
+    g.post_rx(8)
+    try:
+        g.send(5000, port, OP_REQUEST)
+        ops: list[int] = []
+        while not ops:
+            g.pump(wait=5.0)
+            ops = [p.op for p in g.received()]
+        assert ops == [OP_RESPONSE]
+        peer = track(lst.accept()[0])
+        g.send(5000, port, OP_RW, b"via vsock")
+        assert peer.recv(20) == b"via vsock"
+        peer.close()
+    finally:
+        g.close()
+        host.close()
+        lst.close()
+
+
+def test_credit_update_when_a_full_host_socket_drains(guest: VsockGuest, host: UnixHost) -> None:
+    """A guest waiting for room for one whole 64 KiB packet hears of it as soon as the
+    host took the buffered bytes, even when more than half was forwarded at once."""
+    lst, peer = connected(guest, host)
+    conn = guest.device.conns[(1234, 5000)]
+    peer.setblocking(False)
+    while not conn.txbuf:  # until the host socket is full
+        guest.send(5000, 1234, OP_RW, b"f" * 65536, fwd_cnt=0)
+        guest.exchange()
+    while conn.txbuf:
+        with contextlib.suppress(BlockingIOError):
+            while peer.recv(1 << 20):
+                pass
+        guest.pump(wait=5.0)
+    updates = [p for p in guest.received() if p.op == OP_CREDIT_UPDATE]
+    assert updates and updates[-1].hdr.fwd_cnt == conn.fwd_cnt == conn.rx_cnt
+    lst.close()
+    peer.close()
+
+
+@pytest.mark.parametrize("type_", [0, 3, 0xFFFF])
+def test_unknown_socket_type_gets_rst(guest: VsockGuest, host: UnixHost, type_: int) -> None:
+    """§5.10.6: a packet of a type the device does not support is answered with RST."""
+    lst = listen(host, 1234)
+    guest.send(5000, 1234, OP_REQUEST, type_=type_)
+    [rst] = guest.exchange()
+    assert (rst.op, rst.hdr.type) == (OP_RST, type_)
+    assert guest.device.conns == {}
+    lst.close()
+
+
+def test_seqpacket_refused_unless_negotiated(host: UnixHost) -> None:
+    dev = VsockDevice(3, host)
+    g = VsockGuest(dev)
+    dev.ack_features(dev.acked_features & ~VIRTIO_VSOCK_F_SEQPACKET)
+    g.post_rx(4)
+    lst = listen(host, 77, socket.SOCK_SEQPACKET)
+    try:
+        g.send(5000, 77, OP_REQUEST, type_=TYPE_SEQPACKET)
+        assert [p.op for p in g.exchange()] == [OP_RST]
+    finally:
+        lst.close()
+        g.close()
