@@ -35,6 +35,7 @@ import json
 import lzma
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -1339,8 +1340,10 @@ mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host
 grep -q " /sys/kernel/config " /proc/mounts || mount -t configfs none /sys/kernel/config
 for d in dev proc sys; do mount -o rbind /$d /host/$d; done
+mkdir -p /hosttmp
+mount -o bind /host/tmp /hosttmp
 for d in tmp run; do mount -o bind /$d /host/$d; done
-[ -d /payload ] && cp -a /payload/. /tmp/
+@KEEP@[ -d /payload ] && cp -a /payload/. /tmp/
 set +e
 """
 
@@ -1384,11 +1387,35 @@ HOSTPLAY_MEMORY = "1G"
 def host_play_files(venv: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """The helper programs ``start_as_host()`` puts into the guest."""
     if venv is None:
-        venv = sys.prefix if sys.prefix != sys.base_prefix else REPO / ".venv"
+        venv = host_play_files_venv()
     return {
         "bin/inhost": INHOST_SCRIPT.replace("@VENV@", str(venv)).replace("@REPO@", str(REPO)),
         "bin/mkgpiosim": MKGPIOSIM_SCRIPT,
     }
+
+
+def _keep_under_tmp(venv: str | os.PathLike[str] | None) -> str:
+    """Shell lines that put the host's own checkout and virtual environment back in
+    view when they live under /tmp, which the guest's /tmp covers inside ``inhost``
+    (a CI runner may check the project out there)."""
+    venv_path = Path(venv) if venv is not None else Path(host_play_files_venv())
+    lines: list[str] = []
+    kept: list[Path] = []
+    for path in sorted({REPO.resolve(), venv_path.resolve()}):
+        if any(path.is_relative_to(k) for k in kept):
+            continue  # inside a directory already put back
+        kept.append(path)
+        rel = path.relative_to("/tmp") if path.is_relative_to("/tmp") else None
+        if rel is not None and str(rel) != ".":
+            q = shlex.quote(str(rel))
+            lines.append(f"mkdir -p /host/tmp/{q} && mount -o bind /hosttmp/{q} /host/tmp/{q}\n")
+    return "".join(lines)
+
+
+def host_play_files_venv() -> str:
+    """The virtual environment ``inhost`` uses by default: the running one, else the
+    checkout's .venv."""
+    return sys.prefix if sys.prefix != sys.base_prefix else str(REPO / ".venv")
 
 
 def start_as_host(
@@ -1414,9 +1441,10 @@ def start_as_host(
     """
     payload = {f"payload/{name}": data for name, data in (files or {}).items()}
     payload.update(host_play_files(venv))
+    prelude = HOSTPLAY_PRELUDE.replace("@KEEP@", _keep_under_tmp(venv))
     virtfs = "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
     return _start(
-        HOSTPLAY_PRELUDE + script,
+        prelude + script,
         devices,
         accel=accel_args(),
         memory=memory,
