@@ -357,8 +357,14 @@ class Frontend:
             # a batch), then look again (it may have published before it could see
             # our request).
             mock.set_used_event(seen)
-            if (mock.used_idx() - mock.last_used) & 0xFFFF >= count:
+            now = mock.used_idx()
+            if (now - mock.last_used) & 0xFFFF >= count:
                 return mock.used_elems()
+            if now != seen:
+                # The device went past ``seen`` while we asked: it may have checked
+                # used_event before our store and will not notify for entries it has
+                # already published, so ask again from where the ring is now.
+                continue
             if not self.wait_call(index, timeout):
                 raise TimeoutError(f"ring {index}: no used buffers within the timeout")
 
