@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from virtio_queue import GuestMemory, GuestRegion
-from virtio_queue.mock import MockSplitQueue
+from virtio_queue.mock import VIRTQ_DESC_F_WRITE, MockSplitQueue, RawDesc
 
 from .connection import Connection, Message
 from .protocol import messages as m
@@ -322,6 +322,32 @@ class Frontend:
         if enable and self.features & VHOST_USER_F_PROTOCOL_FEATURES:
             self.set_vring_enable(index, True)
         return ring
+
+    def add_request(
+        self,
+        index: int,
+        readable: Sequence[bytes] = (),
+        writable: Sequence[int] = (),
+        fill: int | None = None,
+    ) -> tuple[int, list[int]]:
+        """Make one chain available on ring ``index``: a device-readable buffer holding
+        each of ``readable``, then a device-writable buffer of each size in
+        ``writable`` (each byte ``fill`` when given). Returns the head and the
+        writable buffers' guest addresses. Does not kick."""
+        mock = self.rings[index].mock
+        descs = []
+        for data in readable:
+            gpa = mock.alloc(max(len(data), 1))
+            self.memory.write(gpa, data)
+            descs.append(RawDesc(gpa, len(data), 0, 0))
+        outs = []
+        for size in writable:
+            gpa = mock.alloc(max(size, 1))
+            if fill is not None:
+                self.memory.write(gpa, bytes([fill]) * size)
+            outs.append(gpa)
+            descs.append(RawDesc(gpa, size, VIRTQ_DESC_F_WRITE, 0))
+        return mock.add_chain(descs), outs
 
     def kick(self, index: int) -> None:
         """Notify the back-end that ring ``index`` has new buffers."""

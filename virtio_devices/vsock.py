@@ -155,20 +155,7 @@ class Hdr:
         """
         if len(data) < HDR_SIZE:
             raise MalformedRequest(f"vsock header needs {HDR_SIZE} bytes, packet has {len(data)}")
-        h = cls()
-        (
-            h.src_cid,
-            h.dst_cid,
-            h.src_port,
-            h.dst_port,
-            h.len,
-            h.type,
-            h.op,
-            h.flags,
-            h.buf_alloc,
-            h.fwd_cnt,
-        ) = HDR.unpack_from(data)
-        return h
+        return cls.from_fields(HDR.unpack_from(data))
 
     @classmethod
     def from_fields(cls, fields: tuple[object, ...]) -> Hdr:

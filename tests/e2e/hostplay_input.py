@@ -20,52 +20,10 @@ from daemon_process import DaemonProcess  # tests/integration, on PYTHONPATH in 
 from device_drivers import console_script
 from evdev import AbsInfo, UInput
 from evdev import ecodes as e
-
-from vhost_backends.frontend import Frontend
-from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
+from input_frontend import InputGuest
 
 # Python starts slowly over 9p under TCG on a shared machine.
 TIMEOUT = 120.0
-EV = struct.Struct("<HHi")
-
-
-class Guest:
-    """Our front-end on one socket, both rings of 64 entries."""
-
-    def __init__(self, path: str) -> None:
-        self.fe = Frontend.connect(path, timeout=TIMEOUT)
-        self.fe.negotiate()
-        self.fe.add_memory(4 << 20)
-        self.fe.set_mem_table()
-        self.rings = [self.fe.setup_ring(i, 64) for i in range(2)]
-        self.bufs: dict[int, int] = {}
-
-    def select(self, sel: int, subsel: int = 0) -> bytes:
-        self.fe.set_config(0, bytes([sel, subsel]))
-        cfg = self.fe.get_config(0, 136)
-        return cfg[8 : 8 + cfg[2]]
-
-    def post(self, n: int) -> None:
-        mock = self.rings[0].mock
-        for _ in range(n):
-            gpa = mock.alloc(8)
-            self.bufs[mock.add_chain([RawDesc(gpa, 8, VIRTQ_DESC_F_WRITE, 0)])] = gpa
-        self.fe.kick(0)
-
-    def events(self, count: int) -> list[tuple[int, int, int]]:
-        used = self.fe.wait_used(0, count, TIMEOUT)
-        return [EV.unpack(self.fe.memory.read(self.bufs.pop(head), 8)) for head, _ in used]
-
-    def status(self, ev: tuple[int, int, int]) -> None:
-        mock = self.rings[1].mock
-        gpa = mock.alloc(8)
-        self.fe.memory.write(gpa, EV.pack(*ev))
-        mock.add_chain([RawDesc(gpa, 8, 0, 0)])
-        self.fe.kick(1)
-        self.fe.wait_used(1, 1, TIMEOUT)
-
-    def close(self) -> None:
-        self.fe.close()
 
 
 def check(what: str, got: object, want: object) -> None:
@@ -100,7 +58,7 @@ def main() -> int:
     daemon = DaemonProcess("/tmp/in.sock0", [*cmd, "-e", nodes])
     try:
         daemon.wait_for("/tmp/in.sock1: listening", TIMEOUT)
-        g = Guest("/tmp/in.sock0")
+        g = InputGuest("/tmp/in.sock0", timeout=TIMEOUT)
         check("ID_NAME", g.select(0x01), b"vdev-uinput-kbd")
         check("EV_BITS EV_LED", g.select(0x11, e.EV_LED), b"\x03")
         g.post(8)
@@ -112,7 +70,7 @@ def main() -> int:
         check("LED", wait_uinput_event(kbd, led, time.monotonic() + TIMEOUT), led)
         g.close()
 
-        t = Guest("/tmp/in.sock1")
+        t = InputGuest("/tmp/in.sock1", timeout=TIMEOUT)
         check("ABS_INFO ABS_X", struct.unpack("<iiiii", t.select(0x12, e.ABS_X)), (0, 32767, 0, 0, 100))
         check("PROP_BITS", t.select(0x10), b"\x02")
         t.post(8)

@@ -25,7 +25,6 @@ from daemon_process import DaemonProcess
 from vhost_backends.frontend import Frontend
 from virtio_devices.base import VirtioDevice
 from virtio_devices.testing import DeviceDriver, MmioDeviceDriver
-from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 TIMEOUT = 10.0
 TRANSPORTS = ("vhost-user", "mmio")
@@ -72,19 +71,7 @@ class VhostUserDeviceDriver:
     def add_request(
         self, index: int, readable: Sequence[bytes] = (), writable: Sequence[int] = ()
     ) -> tuple[int, list[int]]:
-        mock = self.rings[index].mock
-        descs = []
-        for data in readable:
-            gpa = mock.alloc(max(len(data), 1))
-            self.fe.memory.write(gpa, data)
-            descs.append(RawDesc(gpa, len(data), 0, 0))
-        outs = []
-        for size in writable:
-            gpa = mock.alloc(max(size, 1))
-            self.fe.memory.write(gpa, b"\xee" * size)
-            outs.append(gpa)
-            descs.append(RawDesc(gpa, size, VIRTQ_DESC_F_WRITE, 0))
-        return mock.add_chain(descs), outs
+        return self.fe.add_request(index, readable, writable, fill=0xEE)
 
     def kick(self, index: int = 0, count: int = 1) -> list[tuple[int, int]]:
         self.fe.kick(index)

@@ -15,7 +15,6 @@ from device_drivers import console_script
 
 from vhost_backends.frontend import Frontend, FrontendRing
 from virtio_devices.i2c import VIRTIO_I2C_FLAGS_FAIL_NEXT, VIRTIO_I2C_FLAGS_M_RD, out_hdr
-from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 pytestmark = pytest.mark.slow
 
@@ -35,18 +34,7 @@ class Guest:
         self.ring: FrontendRing = self.fe.setup_ring(0, queue_size)
 
     def request(self, readable: list[bytes], writable: list[int]) -> tuple[int, list[int]]:
-        mock = self.ring.mock
-        descs = []
-        for data in readable:
-            gpa = mock.alloc(max(len(data), 1))
-            self.fe.memory.write(gpa, data)
-            descs.append(RawDesc(gpa, len(data), 0, 0))
-        outs = []
-        for n in writable:
-            gpa = mock.alloc(n)
-            outs.append(gpa)
-            descs.append(RawDesc(gpa, n, VIRTQ_DESC_F_WRITE, 0))
-        return mock.add_chain(descs), outs
+        return self.fe.add_request(self.ring.index, readable, writable)
 
     def write(self, addr: int, data: bytes, flags: int = 0) -> tuple[int, int]:
         head, (status,) = self.request([out_hdr(addr, flags), *([data] if data else [])], [1])

@@ -17,15 +17,11 @@ from pathlib import Path
 import pytest
 from daemon_process import DaemonProcess
 from device_drivers import console_script
-
-from vhost_backends.frontend import Frontend
-from virtio_devices.base import VIRTIO_RING_F_EVENT_IDX
-from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
+from input_frontend import InputGuest
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 10.0
-EV = struct.Struct("<HHi")
 SYN = (0, 0, 0)
 
 
@@ -51,42 +47,6 @@ class Control:
         self.sock.close()
 
 
-class Guest:
-    """Our front-end set up as QEMU's vhost-user-input does: both rings of 64."""
-
-    def __init__(self, path: str, *, event_idx: bool = True) -> None:
-        self.fe = Frontend.connect(path, timeout=TIMEOUT)
-        offered = self.fe.get_features()
-        self.fe.negotiate(offered if event_idx else offered & ~VIRTIO_RING_F_EVENT_IDX)
-        self.fe.add_memory(4 << 20)
-        self.fe.set_mem_table()
-        self.rings = [self.fe.setup_ring(i, 64) for i in range(2)]
-        self.bufs: dict[int, int] = {}
-
-    def post(self, n: int) -> None:
-        mock = self.rings[0].mock
-        for _ in range(n):
-            gpa = mock.alloc(8)
-            self.bufs[mock.add_chain([RawDesc(gpa, 8, VIRTQ_DESC_F_WRITE, 0)])] = gpa
-        self.fe.kick(0)
-
-    def events(self, count: int) -> list[tuple[int, int, int]]:
-        used = self.fe.wait_used(0, count, TIMEOUT)
-        return [EV.unpack(self.fe.memory.read(self.bufs.pop(head), 8)) for head, _ in used]
-
-    def status(self, *events: tuple[int, int, int]) -> None:
-        mock = self.rings[1].mock
-        for ev in events:
-            gpa = mock.alloc(8)
-            self.fe.memory.write(gpa, EV.pack(*ev))
-            mock.add_chain([RawDesc(gpa, 8, 0, 0)])
-        self.fe.kick(1)
-        assert [n for _, n in self.fe.wait_used(1, len(events), TIMEOUT)] == [0] * len(events)
-
-    def close(self) -> None:
-        self.fe.close()
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     sock = str(tmp_path / "in.sock")
@@ -103,7 +63,7 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
 @pytest.mark.parametrize("event_idx", [True, False])
 def test_injected_keys_arrive_without_a_kick(daemon: DaemonProcess, tmp_path: Path, event_idx: bool) -> None:
     """Upstream discards every event unless EVENT_IDX was negotiated; we deliver both ways."""
-    guest = Guest(str(tmp_path / "in.sock0"), event_idx=event_idx)
+    guest = InputGuest(str(tmp_path / "in.sock0"), timeout=TIMEOUT, event_idx=event_idx)
     ctl = Control(tmp_path / "in.sock0.ctl")
     try:
         guest.post(16)
@@ -115,7 +75,7 @@ def test_injected_keys_arrive_without_a_kick(daemon: DaemonProcess, tmp_path: Pa
 
 
 def test_tablet_events_and_config_on_second_socket(daemon: DaemonProcess, tmp_path: Path) -> None:
-    guest = Guest(str(tmp_path / "in.sock1"))
+    guest = InputGuest(str(tmp_path / "in.sock1"), timeout=TIMEOUT)
     ctl = Control(tmp_path / "in.sock1.ctl")
     try:
         guest.fe.set_config(0, bytes([0x12, 0x01]))  # ABS_INFO, ABS_Y
@@ -132,7 +92,7 @@ def test_tablet_events_and_config_on_second_socket(daemon: DaemonProcess, tmp_pa
 def test_guest_without_buffers_gets_syn_dropped(daemon: DaemonProcess, tmp_path: Path) -> None:
     """A guest that never posts buffers: the daemon holds at most a ring's worth of
     events, then reports the lost groups with SYN_DROPPED; later groups are whole."""
-    guest = Guest(str(tmp_path / "in.sock0"))
+    guest = InputGuest(str(tmp_path / "in.sock0"), timeout=TIMEOUT)
     ctl = Control(tmp_path / "in.sock0.ctl")
     try:
         assert set(ctl.send(*[f"KEY {30 + i % 20} {i & 1}" for i in range(1500)])) == {"ok"}
@@ -150,7 +110,7 @@ def test_guest_without_buffers_gets_syn_dropped(daemon: DaemonProcess, tmp_path:
 
 
 def test_leds_reach_the_simulated_keyboard(daemon: DaemonProcess, tmp_path: Path) -> None:
-    guest = Guest(str(tmp_path / "in.sock0"))
+    guest = InputGuest(str(tmp_path / "in.sock0"), timeout=TIMEOUT)
     ctl = Control(tmp_path / "in.sock0.ctl")
     try:
         guest.status((0x11, 1, 1), (0x11, 0, 1), (0x11, 0, 0))  # CAPSL on, NUML on, NUML off
@@ -162,7 +122,7 @@ def test_leds_reach_the_simulated_keyboard(daemon: DaemonProcess, tmp_path: Path
 
 def test_reconnected_front_end_gets_a_fresh_device(daemon: DaemonProcess, tmp_path: Path) -> None:
     path = str(tmp_path / "in.sock0")
-    first = Guest(path)
+    first = InputGuest(path, timeout=TIMEOUT)
     ctl = Control(tmp_path / "in.sock0.ctl")
     try:
         first.post(4)
@@ -170,7 +130,7 @@ def test_reconnected_front_end_gets_a_fresh_device(daemon: DaemonProcess, tmp_pa
         daemon.wait_for("front-end session ended", TIMEOUT)
         # Events typed while no guest is connected are stale by the time one is.
         ctl.send("KEY KEY_Q 1")
-        second = Guest(path)
+        second = InputGuest(path, timeout=TIMEOUT)
         try:
             second.post(4)
             ctl.send("KEY KEY_W 1")

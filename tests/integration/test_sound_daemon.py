@@ -104,18 +104,7 @@ class SoundSession:
 
     def chain(self, index: int, readable: list[bytes], writable: list[int]) -> tuple[int, list[int]]:
         assert self.fe is not None
-        mock = self.rings[index].mock
-        descs = []
-        for data in readable:
-            gpa = mock.alloc(len(data))
-            self.fe.memory.write(gpa, data)
-            descs.append(RawDesc(gpa, len(data), 0, 0))
-        outs = []
-        for size in writable:
-            gpa = mock.alloc(size)
-            outs.append(gpa)
-            descs.append(RawDesc(gpa, size, VIRTQ_DESC_F_WRITE, 0))
-        return mock.add_chain(descs), outs
+        return self.fe.add_request(index, readable, writable)
 
     def control(self, request: bytes, reply: int = 4) -> int:
         assert self.fe is not None
