@@ -80,6 +80,7 @@ DEPENDS = [
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "xen").rglob("*.h"))),
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "virtio_devices").rglob("*.h"))),
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "xen").glob("*.pxd"))),
+    *(str(p.relative_to(HERE)) for p in sorted((HERE / "virtio_devices").rglob("*.pxd"))),
 ]
 
 
@@ -94,19 +95,18 @@ def _ext(name: str) -> Extension:
     )
 
 
-MODULES = [
-    "virtio_queue._build",
-    "virtio_queue.layouts",
-    "virtio_queue.memory",
-    "virtio_queue.source",
-    "virtio_queue.chain",
-    "virtio_queue.queue",
-    "vhost_backends._fastpath",
-    "virtio_devices.hosts._getrandom",
-]
-if XEN:
-    MODULES += ["xen._foreign", "xen._grant"]
+def _discover(package: str) -> list[str]:
+    """Every ``.pyx`` under ``package``, as a dotted module name: a device that brings a
+    compiled request path adds its own ``.pyx`` beside its Python and nothing here."""
+    return sorted(
+        str(p.relative_to(HERE).with_suffix("")).replace(os.sep, ".")
+        for p in (HERE / package).rglob("*.pyx")
+    )
 
+
+MODULES = [m for package in ("virtio_queue", "vhost_backends", "virtio_devices") for m in _discover(package)]
+if XEN:
+    MODULES += _discover("xen")
 
 
 def stub_modules() -> list[str]:
