@@ -396,8 +396,16 @@ class Frontend:
 
     # -- config, status, inflight, back-end channel ----------------------------------------
     def get_config(self, offset: int, size: int) -> bytes:
-        cfg = m.unpack_config(self.call(FrontendReq.GET_CONFIG, m.pack_config(offset, bytes(size))))
-        return cfg.payload
+        """GET_CONFIG of ``size`` bytes at ``offset``.
+
+        Raises:
+            BackendError: the back-end answered with a zero-length config payload,
+                its way of reporting that the read failed ("GET_CONFIG").
+        """
+        reply = self.call(FrontendReq.GET_CONFIG, m.pack_config(offset, bytes(size)))
+        if len(reply) >= m.CONFIG_HEADER.size and m.CONFIG_HEADER.unpack_from(reply)[1] == 0:
+            raise BackendError(f"GET_CONFIG offset {offset} size {size} failed: zero-length reply")
+        return m.unpack_config(reply).payload
 
     def set_config(self, offset: int, data: bytes) -> None:
         self.request(FrontendReq.SET_CONFIG, m.pack_config(offset, data))

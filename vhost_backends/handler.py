@@ -181,6 +181,8 @@ class VhostUserHandler:
         #: The device failures seen (DeviceNeedsReset or another exception): each
         #: stopped the device's rings and reset it; the connection stayed up.
         self.device_failures = 0
+        # Front-end requests the device failed to answer (see _device_call_failed).
+        self.request_failures = 0
         self._failing = False
         self._offered_features = device.device_features() | VHOST_USER_F_PROTOCOL_FEATURES
         self._offered_protocol = offered_protocol_features(device, xen=xen)
@@ -305,7 +307,13 @@ class VhostUserHandler:
         event_idx = bool(features & VIRTIO_RING_F_EVENT_IDX)
         for ring in self.rings:
             ring.queue.event_idx = event_idx
-        self.device.ack_features(features & ~VHOST_USER_F_PROTOCOL_FEATURES)
+        try:
+            self.device.ack_features(features & ~VHOST_USER_F_PROTOCOL_FEATURES)
+        except Exception as e:
+            # The features stay acked on the transport side; the device gets them
+            # again when its first ring starts, where a second failure is a device
+            # failure (the ring does not start).
+            self._device_call_failed(msg, "ack_features", e)
         # "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES every ring is enabled
         # at once; with it the rings keep their state until SET_VRING_ENABLE.
         if not features & VHOST_USER_F_PROTOCOL_FEATURES:
@@ -595,9 +603,9 @@ class VhostUserHandler:
         resubmit = ring.inflight is not None and self._resubmit_inflight(ring)
         ring.polled = True
         if not self.device_active:
-            self.device.ack_features(self.acked_features & ~VHOST_USER_F_PROTOCOL_FEATURES)
             self.device_loop.open()
             try:
+                self.device.ack_features(self.acked_features & ~VHOST_USER_F_PROTOCOL_FEATURES)
                 self.device.activate(
                     self.memory, [r.queue for r in self.rings], self.interrupt, self.device_loop
                 )
@@ -678,6 +686,32 @@ class VhostUserHandler:
             self.device_failures += 1
             log.error("%s: device reset failed: %s: %s", self.name, type(e).__name__, e, exc_info=e)
         self.device_loop.clear()
+
+    def _device_call_failed(self, msg: Message, where: str, err: Exception) -> None:
+        """The device raised from a call that answers one front-end request
+        (``ack_features``, ``read_config``, ``write_config``): that request fails,
+        the session, the rings and the device stay as they were.
+
+        Logged (the traceback the first time, then rate-limited lines) and counted in
+        ``request_failures``; with REPLY_ACK asked for, the ack is 1 (failure).
+        """
+        self.request_failures += 1
+        if self.request_failures == 1:
+            req = _req_name(msg.request)
+            log.error("%s: %s: device %s failed: %s", self.name, req, where, err, exc_info=err)
+        else:
+            self._ratelimit.log(
+                log,
+                logging.ERROR,
+                "request",
+                "%s: %s: device %s failed again: %s",
+                self.name,
+                _req_name(msg.request),
+                where,
+                err,
+            )
+        if msg.header.need_reply and not self._replied and self._has(PF.REPLY_ACK):
+            self._reply(msg, m.pack_u64(1))
 
     def _device_failed(self, err: Exception, where: str) -> None:
         """The device raised ``DeviceNeedsReset`` or an exception outside the guest/host
@@ -773,7 +807,14 @@ class VhostUserHandler:
     def _get_config(self, msg: Message) -> None:
         self._require(PF.CONFIG, msg.request)
         cfg = m.unpack_config(msg.payload)
-        data = self.device.read_config(cfg.offset, cfg.size)
+        try:
+            data = self.device.read_config(cfg.offset, cfg.size)
+        except Exception as e:
+            # "GET_CONFIG": a back-end reports an error with a zero-length config
+            # payload; the front-end fails that one read and the session goes on.
+            self._device_call_failed(msg, "read_config", e)
+            self._reply(msg, m.pack_config(cfg.offset, b"", cfg.flags))
+            return
         # The reply has exactly the requested size; bytes beyond the device's
         # config space read as zero.
         data = bytes(data[: cfg.size]).ljust(cfg.size, b"\0")
@@ -782,7 +823,10 @@ class VhostUserHandler:
     def _set_config(self, msg: Message) -> None:
         self._require(PF.CONFIG, msg.request)
         cfg = m.unpack_config(msg.payload)
-        self.device.write_config(cfg.offset, cfg.payload)
+        try:
+            self.device.write_config(cfg.offset, cfg.payload)
+        except Exception as e:
+            self._device_call_failed(msg, "write_config", e)
 
     def _set_backend_req_fd(self, msg: Message) -> None:
         self._require(PF.BACKEND_REQ, msg.request)

@@ -21,7 +21,7 @@ import pytest
 
 from vhost_backends.connection import Connection
 from vhost_backends.event_loop import EventLoop
-from vhost_backends.frontend import Frontend
+from vhost_backends.frontend import BackendError, Frontend
 from vhost_backends.handler import VhostUserHandler
 from virtio_devices.errors import DeviceNeedsReset, HostFault
 from virtio_queue import DescriptorChain, GuestMemory, Queue
@@ -502,3 +502,99 @@ def test_quiesce_failure_still_answers_get_vring_base(
     assert s.handler.device_failures == int(device_failed)
     assert dev.resets == 1 and not dev.active
     assert s.err_signalled(1, timeout=0 if not device_failed else TIMEOUT) is device_failed
+
+
+# -- a device that fails a request's call ---------------------------------------------------
+class RequestFailingDevice(EchoDevice):
+    """Echo device whose ``read_config``, ``write_config`` or ``ack_features`` (``where``)
+    raises ``fault`` while it is set."""
+
+    def __init__(self, where: str, fault: Exception | None) -> None:
+        super().__init__()
+        self.where = where
+        self.fault = fault
+        self.acks: list[int] = []
+
+    def _maybe_fail(self, where: str) -> None:
+        if self.where == where and self.fault is not None:
+            raise self.fault
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        self._maybe_fail("read_config")
+        return super().read_config(offset, size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self._maybe_fail("write_config")
+        super().write_config(offset, data)
+
+    def ack_features(self, features: int) -> None:
+        self._maybe_fail("ack_features")
+        self.acks.append(features)
+        super().ack_features(features)
+
+
+@pytest.mark.parametrize("make_fault", FAULTS, ids=FAULT_IDS)
+def test_read_config_failure_is_a_zero_length_reply_and_the_session_lives(
+    session_of: Callable[[EchoDevice], Session], make_fault: Callable[[], Exception]
+) -> None:
+    """vhost-user "GET_CONFIG": a back-end reports a failed read with a zero-length
+    payload; the rings and the session go on."""
+    dev = RequestFailingDevice("read_config", make_fault())
+    s = session_of(dev)
+    s.ready()
+    with pytest.raises(BackendError, match="GET_CONFIG offset 0 size 8 failed: zero-length reply"):
+        s.fe.get_config(0, 8)
+    assert s.handler.request_failures == 1 and s.handler.device_failures == 0
+    head, _dst = s.add_echo()
+    s.fe.kick(0)
+    assert s.fe.wait_used(0) == [(head, 4)]
+    dev.fault = None
+    assert s.fe.get_config(0, 4) == b"ECHO"
+    assert s.handler.close_reason is None
+
+
+@pytest.mark.parametrize("make_fault", FAULTS, ids=FAULT_IDS)
+def test_write_config_failure_is_acked_as_failed_and_the_session_lives(
+    session_of: Callable[[EchoDevice], Session], make_fault: Callable[[], Exception]
+) -> None:
+    dev = RequestFailingDevice("write_config", make_fault())
+    s = session_of(dev)
+    s.ready()
+    with pytest.raises(BackendError, match="SET_CONFIG failed: back-end replied 1"):
+        s.fe.set_config(4, b"\1\0\0\0")
+    assert s.handler.request_failures == 1 and dev.generation == 0
+    dev.fault = None
+    s.fe.set_config(4, b"\2\0\0\0")
+    assert s.fe.get_config(4, 4) == b"\2\0\0\0"
+    assert s.handler.close_reason is None
+
+
+def test_ack_features_failure_fails_set_features_then_activation_retries_it(
+    session_of: Callable[[EchoDevice], Session],
+) -> None:
+    """SET_FEATURES is refused (REPLY_ACK 1) but the session lives; the device gets the
+    features again when its first ring starts, and a device that still fails then is
+    a device failure: the ring does not start and the err fd is signalled."""
+    dev = RequestFailingDevice("ack_features", RuntimeError("a bug in ack_features"))
+    s = session_of(dev)
+    with pytest.raises(BackendError, match="SET_FEATURES failed: back-end replied 1"):
+        s.fe.negotiate()
+    assert s.handler.request_failures == 1 and s.handler.close_reason is None
+    # The front-end goes on as QEMU would with the features it asked for.
+    s.fe.features = s.handler.acked_features
+    s.fe.add_memory(1 << 20)
+    s.fe.set_mem_table()
+    fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    s.err_fds.append(fd)
+    s.fe.set_vring_err(0, fd)
+    s.fe.setup_ring(0, 64)
+    assert s.err_signalled(0)
+    s.sync()
+    assert s.handler.device_failures == 1 and not dev.active and dev.activations == 0
+    # Fixed, the ring starts again: the device is activated with the acked features.
+    dev.fault = None
+    s.restart_ring0()
+    head, _dst = s.add_echo()
+    s.fe.kick(0)
+    assert s.fe.wait_used(0) == [(head, 4)]
+    assert dev.activations == 1 and dev.acks == [s.fe.features & ~(1 << 30)]
