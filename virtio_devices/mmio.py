@@ -337,8 +337,17 @@ class MmioTransport:
         self._write_reg(offset, value)
 
     def close(self) -> None:
-        """Reset the device and drop what it registered on the loop (the VMM removes it)."""
+        """The VMM removes the device: reset it, drop what it registered on the loop,
+        then let it release what it keeps across a reset (gpio's lines, vsock's host
+        connections) through its ``close()``, if it has one, as the vhost-user daemon
+        does when a session ends. A ``close()`` that raises is logged."""
         self._reset()
+        close = getattr(self.device, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("%s: device close failed", self.name)
 
     # -- registers ------------------------------------------------------------------------
     def _selected(self) -> tuple[Queue, _QueueRegs] | None:

@@ -736,3 +736,40 @@ def test_kit_driver_probe_ignores_wrong_devices(regs: dict[int, int], match: str
             MmioDriver(_FakeBus(regs), memory).probe()
     finally:
         os.close(fd)
+
+
+# -- removal ------------------------------------------------------------------------------
+class ClosingDevice(TemplateDevice):
+    """Counts its close() calls; raises from it when ``fail`` is set."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.closed = 0
+        self.active_at_close: list[bool] = []
+
+    def close(self) -> None:
+        self.closed += 1
+        self.active_at_close.append(self.active)
+        if self.fail:
+            raise RuntimeError("a bug in close")
+
+
+def test_removing_the_transport_resets_then_closes_the_device() -> None:
+    """What the device keeps across a reset (gpio's lines, vsock's host connections)
+    is released when the VMM removes it, as when a vhost-user session ends."""
+    dev = ClosingDevice()
+    r = Rig(dev)
+    r.drv.init()
+    assert dev.active
+    r.close()
+    assert dev.closed == 1 and dev.active_at_close == [False]
+
+
+def test_a_device_close_that_raises_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    dev = ClosingDevice(fail=True)
+    r = Rig(dev)
+    r.drv.init()
+    r.close()
+    assert dev.closed == 1 and not dev.active
+    assert "device close failed" in caplog.text
