@@ -356,7 +356,8 @@ class VsockDevice(VirtioDevice):
         self._ready: collections.deque[_Conn] = collections.deque()
         # Packets for rx that belong to no connection: (header, payload).
         self._loose: collections.deque[tuple[bytes, bytes]] = collections.deque()
-        self._handshakes: dict[int, tuple[socket.socket, object]] = {}
+        # Host clients before their CONNECT line: socket and timeout (None while paused).
+        self._handshakes: dict[int, tuple[socket.socket, object | None]] = {}
         self._local_ports: set[int] = set()
         self._next_port = LOCAL_PORT_FIRST
         self._rx_live = False
@@ -373,6 +374,11 @@ class VsockDevice(VirtioDevice):
         return self.has_feature(VIRTIO_VSOCK_F_SEQPACKET)
 
     def activate(self, memory, queues, interrupt, loop) -> None:  # type: ignore[no-untyped-def]
+        """Start (or resume) the device: watch the listeners, and the host sockets of
+        the connections kept across :meth:`reset` again.  Every established kept
+        connection gets one ``CREDIT_REQUEST`` (§5.10.6.3): a guest that still has the
+        socket answers with its credit, one whose driver was reset answers ``RST``
+        (§5.10.6.5: a packet for no connection), which closes the host socket."""
         super().activate(memory, queues, interrupt, loop)
         self._rx_live = True
         # Writability of host sockets: our own epoll set, watched as one fd by the
@@ -382,23 +388,53 @@ class VsockDevice(VirtioDevice):
         self._listeners = self.host.listeners()
         for listener in self._listeners:
             loop.add_reader(listener.sock.fileno(), self._acceptor(listener))
+        for fd in list(self._handshakes):
+            self._watch_handshake(fd)
+        for conn in list(self.conns.values()):
+            if conn.connecting or conn.txbuf or conn.seq_out:
+                self._watch_output(conn, True)
+            if conn.est:
+                conn.ops |= _P_CREDIT_REQUEST
+                self._schedule(conn)
+            self._watch_input(conn)
         if self.registry is not None:
             self.registry.register(self)
+        if self._ready or self._loose:
+            # Packets that waited through the pause: the driver posted its rx buffers
+            # before it, and kicks no more for them.
+            loop.call_later(0, self._fill_rx)
 
     def reset(self) -> None:
-        """Close every connection's host socket and stop watching the listeners
-        (they stay open for the next front-end), then reset the queues."""
+        """Stop: host sockets and listeners are no longer watched, the queues are
+        given back; connections, their credit and the packets they still owe the
+        guest are kept for the next :meth:`activate`.
+
+        A vhost-user transport resets the device whenever its rings stop, which QEMU
+        does on ``stop`` and before a migration (GET_VRING_BASE on every ring), not
+        only when the driver resets it, and it cannot tell the two apart (QEMU sends
+        SET_STATUS 0 on every stop too).  The guest's sockets outlive a pause, so
+        their host ends must too.  A driver that really resets forgets its
+        connections (Linux resets every connected socket when its device goes); the
+        ``CREDIT_REQUEST`` that :meth:`activate` sends on each kept connection then
+        meets ``RST`` and the host end is closed.  :meth:`close` closes them all.
+
+        Raises:
+            Exception: what the base class's reset raises.
+        """
         if self.registry is not None:
             self.registry.unregister(self)
         loop = self.loop
-        for conn in list(self.conns.values()):
-            self._drop(conn)
-        for fd, (sock, timer) in list(self._handshakes.items()):
+        for conn in self.conns.values():
+            if conn.armed and loop is not None:
+                loop.remove_reader(conn.fd)
+            conn.armed = False
+            conn.want_write = False  # the epoll set goes; activate makes a new one
+        for fd, (_sock, timer) in self._handshakes.items():
             if loop is not None:
                 loop.remove_reader(fd)
-            timer.cancel()  # type: ignore[attr-defined]
-            sock.close()
-        self._handshakes.clear()
+            if timer is not None:
+                timer.cancel()  # type: ignore[attr-defined]
+            self._handshakes[fd] = (_sock, None)
         if loop is not None:
             for listener in self._listeners:
                 loop.remove_reader(listener.sock.fileno())
@@ -408,10 +444,28 @@ class VsockDevice(VirtioDevice):
             self._wep.close()
             self._wep = None
         self._listeners = []
-        self._ready.clear()
-        self._loose.clear()
         self._rx_live = False
         super().reset()
+
+    def close(self) -> None:
+        """The device is done with (its front-end left): reset it if active, close
+        every connection's host socket and every host client still in its
+        ``CONNECT`` handshake; the listeners stay open for the next front-end.
+
+        Called once by the vhost-user daemon at the end of each session (a fresh
+        device serves the next); closing twice is harmless.
+        """
+        try:
+            if self.active:
+                self.reset()
+        finally:
+            for conn in list(self.conns.values()):
+                self._drop(conn)
+            for sock, _timer in self._handshakes.values():
+                sock.close()
+            self._handshakes.clear()
+            self._ready.clear()
+            self._loose.clear()
 
     def quiesce(self, index: int) -> None:
         super().quiesce(index)
@@ -710,14 +764,19 @@ class VsockDevice(VirtioDevice):
         return accept
 
     def _start_handshake(self, sock: socket.socket) -> None:
+        self._handshakes[sock.fileno()] = (sock, None)
+        self._watch_handshake(sock.fileno())
+
+    def _watch_handshake(self, fd: int) -> None:
+        """Wait for the host client's ``CONNECT`` line, for :data:`CONNECT_TIMEOUT`
+        seconds (from the start, or again after the device was paused)."""
         assert self.loop is not None
-        fd = sock.fileno()
+        sock = self._handshakes[fd][0]
 
         def too_late() -> None:
             self._end_handshake(fd, "no CONNECT line in time")
 
-        timer = self.loop.call_later(CONNECT_TIMEOUT, too_late)
-        self._handshakes[fd] = (sock, timer)
+        self._handshakes[fd] = (sock, self.loop.call_later(CONNECT_TIMEOUT, too_late))
         self.loop.add_reader(fd, lambda: self._on_handshake(fd))
 
     def _end_handshake(self, fd: int, why: str | None) -> socket.socket | None:
@@ -727,7 +786,8 @@ class VsockDevice(VirtioDevice):
         sock, timer = entry
         assert self.loop is not None
         self.loop.remove_reader(fd)
-        timer.cancel()  # type: ignore[attr-defined]
+        if timer is not None:
+            timer.cancel()  # type: ignore[attr-defined]
         if why is not None:
             self._warn("connect", "%s: host client refused: %s", self.host.name, why)
             sock.close()

@@ -269,6 +269,32 @@ def test_credit_violation_resets(guest: VsockGuest, host: UnixHost) -> None:
     peer.close()
 
 
+def test_reset_keeps_connections_and_close_releases_them(guest: VsockGuest, host: UnixHost) -> None:
+    """A transport reset (vhost-user: every ring stopped, a VM pause) keeps the host
+    end and the stream; activation asks the guest for its credit (a driver that was
+    reset answers RST, §5.10.6.5); close() closes the host end."""
+    lst, peer = connected(guest, host)
+    dev, rig = guest.device, guest.rig
+    memory = dev.memory
+    dev.reset()
+    assert not rig.loop.readers  # nothing of the device is watched while it is paused
+    peer.sendall(b"while paused")
+    assert memory is not None
+    features = dev.device_features()
+    dev.ack_features(features)
+    dev.activate(memory, rig.queues, rig.interrupt, rig.loop)
+    assert rig.loop.run_due() == 1  # what waited through the pause goes out at once
+    got = guest.exchange()
+    assert [p.op for p in got] == [OP_CREDIT_REQUEST, OP_RW]
+    assert got[1].data == b"while paused"
+    guest.send(5000, 1234, OP_RW, b"after")
+    assert peer.recv(10) == b"after"
+    dev.close()
+    assert peer.recv(10) == b""
+    assert not dev.conns
+    lst.close()
+
+
 def test_host_half_close_reaches_guest_as_shutdown_send(guest: VsockGuest, host: UnixHost) -> None:
     lst, peer = connected(guest, host)
     peer.shutdown(socket.SHUT_WR)
