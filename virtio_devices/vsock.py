@@ -38,6 +38,11 @@ as the guest's view of our free space falls below half, and whenever a full host
 socket has taken the last buffered byte, so a guest writing 64 KiB packets into a
 64 KiB buffer never stalls.
 
+The common packets take a compiled path (:mod:`virtio_devices._vsock_fast`): a
+stream's ``RW`` and ``CREDIT_UPDATE`` on tx, its data and credit packets on rx.
+Every other packet goes through :meth:`VsockDevice.handle_chain` and the Python
+producers; both paths make the same packets (the tests run both).
+
 Sibling VMs: a packet whose destination CID is another VM served by the same
 process (:class:`VsockRegistry`) and sharing a group with this one is copied to that
 VM's rx queue, through its event loop's ``call_soon_threadsafe`` (each loop owns its
@@ -59,9 +64,12 @@ from collections.abc import Callable, Iterable
 from typing import Final, cast
 
 from virtio_queue import DescriptorChain, Reader, Writer
+from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, QueueError
 
+from . import _vsock_fast
+from ._vsock_fast import Conn as _Conn
 from .base import VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, Park, VirtioDevice
-from .errors import MalformedRequest
+from .errors import DeviceNeedsReset, MalformedRequest
 from .hosts.vsock import Listener, VsockHost
 
 __all__ = [
@@ -238,81 +246,6 @@ class VsockRegistry:
             return True
 
 
-class _Conn:
-    """One connection (§5.10.6.5): its host socket, credit counters and pending rx work."""
-
-    __slots__ = (
-        "armed", "connecting",
-        "credit_asked",
-        "dead",
-        "est",
-        "fd",
-        "fwd_cnt",
-        "guest_shut",
-        "host_eof",
-        "host_shut",
-        "in_ready",
-        "key",
-        "last_fwd_sent",
-        "local_alloc",
-        "ok_reply",
-        "ops",
-        "peer_buf_alloc",
-        "peer_fwd_cnt",
-        "readable",
-        "rx_cnt",
-        "seq",
-        "seq_in",
-        "seq_msg",
-        "seq_out",
-        "sock",
-        "tx_cnt",
-        "txbuf",
-        "want_write",
-    )  # fmt: skip
-
-    def __init__(self, key: tuple[int, int], sock: socket.socket, seq: bool) -> None:
-        self.key = key
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.seq = seq
-        self.est = False  # RESPONSE exchanged
-        self.dead = False
-        self.ops = 0
-        self.in_ready = False
-        self.armed = False  # host socket watched for input
-        self.readable = False  # host socket has input waiting for rx buffers
-        self.host_eof = False
-        self.want_write = False
-        self.connecting = False  # the host's connect is in progress
-        self.local_alloc = False  # the local port came from the allocator
-        self.ok_reply = False  # hybrid: write "OK <port>" on RESPONSE
-        self.credit_asked = False
-        # Credit (§5.10.6.3), all modulo 2^32.  Guest -> host: rx_cnt counts payload
-        # received, fwd_cnt payload written to the host socket, last_fwd_sent the
-        # fwd_cnt the guest last heard.  Host -> guest: tx_cnt counts payload sent.
-        self.rx_cnt = 0
-        self.fwd_cnt = 0
-        self.last_fwd_sent = 0
-        self.tx_cnt = 0
-        self.peer_buf_alloc = 0
-        self.peer_fwd_cnt = 0
-        self.guest_shut = 0
-        self.host_shut = 0
-        self.txbuf = bytearray()
-        self.seq_msg = bytearray()  # guest message being assembled (seqpacket)
-        self.seq_out: collections.deque[bytes] = collections.deque()
-        self.seq_in: memoryview | None = None  # host record being sent to the guest
-
-    def peer_free(self) -> int:
-        """Bytes the guest can take now: its buf_alloc minus what it has not forwarded."""
-        return max(0, self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & U32))
-
-    def pending_tx(self) -> int:
-        """Guest payload received and not yet written to the host socket."""
-        return (self.rx_cnt - self.fwd_cnt) & U32
-
-
 class VsockDevice(VirtioDevice):
     """The socket device of one guest (see the module docstring).
 
@@ -363,6 +296,9 @@ class VsockDevice(VirtioDevice):
         self._rx_live = False
         self._wep: select.epoll | None = None
         self._listeners: list[Listener] = []
+        # The compiled paths (virtio_devices._vsock_fast) serve the common packets;
+        # False: everything through the Python path (tests compare the two).
+        self._compiled = True
 
     # -- config and lifecycle ------------------------------------------------------------
     def config_space(self) -> bytes:
@@ -476,14 +412,41 @@ class VsockDevice(VirtioDevice):
     # -- queues ----------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
         """rx: fill the posted buffers with pending packets; tx: serve the guest's
-        packets (the drain loop), then send what they produced; event: never used
-        (upstream neither)."""
+        packets, then send what they produced; event: never used (upstream neither).
+
+        Both run in compiled code for the common packet shapes
+        (:mod:`virtio_devices._vsock_fast`), the rest through :meth:`handle_chain`
+        and the Python producers."""
         if index == TX:
-            self.process_chains(TX)
+            self._serve_tx()
             self._fill_rx()
         elif index == RX:
             self._rx_live = True
             self._fill_rx()
+
+    def _serve_tx(self) -> None:
+        """The tx queue's drain (``process_chains`` with the compiled RW path), under
+        the same error policy."""
+        if not self._compiled:
+            self.process_chains(TX)
+            return
+        if self.broken is not None:
+            raise DeviceNeedsReset(f"{self.name}: device is broken ({self.broken!r}) until it is reset")
+        self._quiesced[TX] = False  # a kick: the queue is the device's again
+        queue = self.queues[TX]
+        try:
+            _vsock_fast.drain_tx(self, queue, self.conns, self.guest_cid, self.buf_alloc, self._ready)
+        except InvalidAvailRingIndex:
+            queue.ready = False
+            raise
+        except (QueueError, GuestMemoryError):
+            raise  # the ring itself is unusable: the transport stops it
+        except DeviceNeedsReset as e:
+            if self.broken is None:
+                self.broken = e
+            raise
+        except Exception as e:
+            raise self._break(TX, e) from e
 
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | Park | None:
         """One packet from the guest's tx queue (§5.10.6.4); used length 0 (tx buffers
@@ -498,24 +461,6 @@ class VsockDevice(VirtioDevice):
         if avail < HDR_SIZE:
             raise MalformedRequest(f"vsock header needs {HDR_SIZE} bytes, packet has {avail}")
         fields = cast("tuple[int, int, int, int, int, int, int, int, int, int]", reader.read_obj(HDR_FMT))
-        src_cid, dst_cid, src_port, dst_port, length, type_, op, _flags, buf_alloc, fwd_cnt = fields
-        if op == OP_RW and type_ == TYPE_STREAM and src_cid == self.guest_cid and dst_cid == HOST_CID:
-            # The data path, one dict look-up and one writev: an open stream whose host
-            # socket took everything so far, a packet within its buffers and credit.
-            conn = self.conns.get((dst_port, src_port))
-            if (
-                conn is not None
-                and conn.est
-                and not conn.txbuf
-                and not conn.guest_shut
-                and not conn.seq
-                and length <= avail - HDR_SIZE
-                and length <= self.buf_alloc - ((conn.rx_cnt - conn.fwd_cnt) & U32)
-            ):
-                conn.peer_buf_alloc = buf_alloc
-                conn.peer_fwd_cnt = fwd_cnt
-                self._guest_stream_data(conn, reader, length)
-                return 0
         hdr = Hdr.from_fields(fields)
         if hdr.len > reader.available_bytes():
             if hdr.src_cid == self.guest_cid and hdr.dst_cid == HOST_CID:
@@ -667,20 +612,28 @@ class VsockDevice(VirtioDevice):
             self._host_broke(conn, e)
             return
         if wrote < n:
-            conn.txbuf += reader.read(n - wrote)
-            self._watch_output(conn, True)
+            self._tx_buffer(conn, reader, n - wrote)
         self._forwarded(conn, wrote)
         if (
             conn.credit_asked
             or (conn.readable and not conn.in_ready)
             or (not conn.armed and not conn.readable)
         ):
-            # The guest's credit in this packet may let host data flow again.
-            if conn.peer_free() > 0:
-                conn.credit_asked = False
-            self._watch_input(conn)
-            if conn.readable and conn.peer_free() > 0:
-                self._schedule(conn)
+            self._credit_changed(conn)
+
+    def _tx_buffer(self, conn: _Conn, reader: Reader, n: int) -> None:
+        """The host socket is full: keep the packet's last ``n`` bytes until it is
+        writable again (only this connection waits)."""
+        conn.txbuf += reader.read(n)
+        self._watch_output(conn, True)
+
+    def _credit_changed(self, conn: _Conn) -> None:
+        """The guest's credit in its last packet may let host data flow again."""
+        if conn.peer_free() > 0:
+            conn.credit_asked = False
+        self._watch_input(conn)
+        if conn.readable and conn.peer_free() > 0:
+            self._schedule(conn)
 
     def _forwarded(self, conn: _Conn, n: int, drained: bool = False) -> None:
         """``n`` more guest bytes reached the host: tell the guest (§5.10.6.3
@@ -901,6 +854,9 @@ class VsockDevice(VirtioDevice):
         queue = self.queues[RX]
         if not queue.ready:
             return
+        if self._compiled:
+            _vsock_fast.fill_rx(self, queue, self._ready, self._loose, self.guest_cid, self.buf_alloc)
+            return
         added = 0
         chain: DescriptorChain | None = None
         ready, loose = self._ready, self._loose
@@ -989,7 +945,11 @@ class VsockDevice(VirtioDevice):
             used = self._produce_data(conn, writer)
             if used is not None:
                 return used
-            ops = conn.ops  # end of file may have asked for SHUTDOWN
+        return self._produce_ops(conn, writer)
+
+    def _produce_ops(self, conn: _Conn, writer: Writer) -> int | None:
+        """The control packet ``conn`` owes after its data (SHUTDOWN, then credit)."""
+        ops = conn.ops  # end of file may have asked for SHUTDOWN
         if ops & _P_SHUTDOWN:
             conn.ops &= ~_P_SHUTDOWN
             self._header(writer, conn, OP_SHUTDOWN, conn.host_shut & SHUTDOWN_BOTH)

@@ -50,9 +50,13 @@ def host(tmp_path: Path) -> Iterator[UnixHost]:
     h.close()
 
 
-@pytest.fixture
-def guest(host: UnixHost) -> Iterator[VsockGuest]:
-    g = VsockGuest(VsockDevice(3, host, tx_buffer_size=65536))
+@pytest.fixture(params=[True, False], ids=["compiled", "python"])
+def guest(host: UnixHost, request: pytest.FixtureRequest) -> Iterator[VsockGuest]:
+    """A guest of a device that serves the common packets in compiled code, or one
+    that serves every packet in Python: each behaviour test runs with both."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    dev._compiled = request.param
+    g = VsockGuest(dev)
     g.post_rx(64)
     yield g
     g.close()
@@ -464,7 +468,7 @@ def test_sibling_packets_cross_loops_only_within_a_group(tmp_path: Path) -> None
 # -- lifecycle --------------------------------------------------------------------------------
 
 
-def test_reset_closes_connections_and_keeps_listener(host: UnixHost) -> None:
+def test_session_end_closes_connections_and_keeps_listener(host: UnixHost) -> None:
     g = VsockGuest(VsockDevice(3, host))
     g.post_rx(8)
     lst, peer = connected(g, host)
@@ -515,10 +519,23 @@ def test_random_interleavings_keep_credit_and_bytes(
 ) -> None:  # type: ignore[type-arg]
     """Both sides write and read in any order; the device never sends the guest more than
     its credit, never takes more from the guest than it advertised, and every byte
-    arrives once, in order."""
+    arrives once, in order.  The compiled and the Python paths send the guest the
+    same packets."""
+    traces = [_interleave(tmp_path_factory, steps, compiled) for compiled in (True, False)]
+    assert traces[0] == traces[1]
+
+
+def _interleave(
+    tmp_path_factory: pytest.TempPathFactory, steps: list, compiled: bool
+) -> list[tuple[int, int, int, int, bytes]]:  # type: ignore[type-arg]
+    """One run of the interleaving test; the packets the guest got (op, flags,
+    buf_alloc, fwd_cnt, payload)."""
+    trace: list[tuple[int, int, int, int, bytes]] = []
     tmp = tmp_path_factory.mktemp("credit")
     host = UnixHost(str(tmp / "v.sock"))
-    g = VsockGuest(VsockDevice(3, host, tx_buffer_size=32768))
+    dev = VsockDevice(3, host, tx_buffer_size=32768)
+    dev._compiled = compiled
+    g = VsockGuest(dev)
     g.post_rx(128)
     guest_buf = g.buf_alloc = 16384
     try:
@@ -555,6 +572,7 @@ def test_random_interleavings_keep_credit_and_bytes(
                 g.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=guest_buf, fwd_cnt=g_fwd)
             for p in g.exchange():
                 assert p.op in (OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST), p
+                trace.append((p.op, p.hdr.flags, p.hdr.buf_alloc, p.hdr.fwd_cnt, p.data))
                 dev_fwd = p.hdr.fwd_cnt
                 g_got += p.data
                 # §5.10.6.3: never beyond the guest's buffer.
@@ -578,7 +596,8 @@ def test_random_interleavings_keep_credit_and_bytes(
     finally:
         g.close()
         host.close()
-    assert g.device.conns == {}  # reset leaks no connection
+    assert g.device.conns == {}  # the session's end leaks no connection
+    return trace
 
 
 # -- AF_VSOCK backend ----------------------------------------------------------------------
