@@ -5,20 +5,22 @@
 both paths read and write.  Two loops serve the common packet shapes without a
 Python call per packet and hand every other one to the device's Python:
 
-* :func:`drain_tx` drains the tx queue (VIRTIO 1.2 §5.10.6.4).  An ``RW`` packet of an
-  established stream to the host, within its buffers and the credit we gave
-  (§5.10.6.3), whose host socket took everything so far, is served here: header
-  parsed from the guest buffers, payload written to the host socket with one
-  ``writev`` straight from them (GIL released), credit counters updated, a
-  ``CREDIT_UPDATE`` scheduled when the guest's view of our free space falls below
-  half.  Every other packet goes through ``device.handle_chain`` under the device
+* :func:`drain_tx` drains the tx queue (VIRTIO 1.2 §5.10.6.4).  A stream's
+  ``CREDIT_UPDATE`` is taken here, and so is an ``RW`` packet of an established
+  stream to the host, within its buffers and the credit we gave (§5.10.6.3),
+  whose host socket took everything so far: header parsed from the guest
+  buffers, payload written to the host socket with one ``writev`` straight from
+  them (GIL released), credit counters updated, a ``CREDIT_UPDATE`` scheduled
+  when the guest's view of our free space falls below half.  Every other packet goes through ``device.handle_chain`` under the device
   framework's error policy (``device._call``), exactly as the drain loop of
   ``VirtioDevice.process_chains`` would send it.
 * :func:`fill_rx` fills the rx queue with what the device owes the guest.  A
   connection whose next packet is stream data (no RST, REQUEST or RESPONSE
   pending, the guest has credit for it) gets its header and payload here: one
   ``readv`` from the host socket straight into the rx buffer after the header
-  (GIL released).  Everything else is ``device._produce(writer)``.
+  (GIL released); so do a REQUEST or RESPONSE, and a CREDIT_UPDATE or
+  CREDIT_REQUEST when nothing else is pending.  Everything else (RST, SHUTDOWN,
+  seqpacket records, a sibling's packets) is ``device._produce(writer)``.
 
 Both keep the Python path's order and state changes; the unit tests run the same
 packets through both and compare.
@@ -43,6 +45,8 @@ cdef enum:
     HOST_CID = 2
     TYPE_STREAM = 1
     TYPE_SEQPACKET = 2
+    OP_REQUEST = 1
+    OP_RESPONSE = 2
     OP_RW = 5
     OP_CREDIT_UPDATE = 6
     OP_CREDIT_REQUEST = 7
@@ -406,6 +410,19 @@ def fill_rx(object device, Queue queue, object ready, object loose, uint64_t gue
                     if used is None and not conn.dead:
                         used = device._produce_ops(conn, w)
                     if not conn.dead and (conn.ops or (conn.readable and conn.peer_free() > 0)):
+                        _schedule(conn, ready)
+                elif not conn.dead and conn.ops & (P_REQUEST | P_RESPONSE) and not conn.ops & P_RST:
+                    # A connection's first packet: REQUEST (host-initiated) or RESPONSE.
+                    ready.popleft()
+                    conn.in_ready = False
+                    if conn.ops & P_REQUEST:
+                        conn.ops &= ~P_REQUEST
+                        _put_hdr(w, conn, OP_REQUEST, 0, guest_cid, buf_alloc)
+                    else:
+                        conn.ops &= ~P_RESPONSE
+                        _put_hdr(w, conn, OP_RESPONSE, 0, guest_cid, buf_alloc)
+                    used = HDR_SIZE
+                    if conn.ops or (conn.readable and conn.peer_free() > 0):
                         _schedule(conn, ready)
                 elif (not conn.dead and not conn.readable and conn.ops
                         and not conn.ops & ~P_CREDIT):
