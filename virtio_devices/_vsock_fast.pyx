@@ -11,9 +11,10 @@ Python call per packet and hand every other one to the device's Python:
   whose host socket took everything so far: header parsed from the guest
   buffers, payload written to the host socket with one ``writev`` straight from
   them (GIL released), credit counters updated, a ``CREDIT_UPDATE`` scheduled
-  when the guest's view of our free space falls below half.  Every other packet goes through ``device.handle_chain`` under the device
-  framework's error policy (``device._call``), exactly as the drain loop of
-  ``VirtioDevice.process_chains`` would send it.
+  when the guest's view of our free space falls below half.  Every other packet
+  goes through ``device.handle_chain`` under the device framework's error policy
+  (``device._call``), exactly as the drain loop of ``VirtioDevice.process_chains``
+  would send it.
 * :func:`fill_rx` fills the rx queue with what the device owes the guest.  A
   connection whose next packet is stream data (no RST, REQUEST or RESPONSE
   pending, the guest has credit for it) gets its header and payload here: one
