@@ -6,7 +6,7 @@ both paths read and write.  Two loops serve the common packet shapes without a
 Python call per packet and hand every other one to the device's Python:
 
 * :func:`drain_tx` drains the tx queue (VIRTIO 1.2 §5.10.6.4).  A stream's
-  ``CREDIT_UPDATE`` is taken here, and so is an ``RW`` packet of an established
+  ``CREDIT_UPDATE`` and ``RST`` are taken here, and so is an ``RW`` packet of an established
   stream to the host, within its buffers and the credit we gave (§5.10.6.3),
   whose host socket took everything so far: header parsed from the guest
   buffers, payload written to the host socket with one ``writev`` straight from
@@ -31,6 +31,7 @@ cimport cython
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.errno cimport EAGAIN, errno
 from libc.string cimport memcpy
 
 from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_chain, make_reader, make_writer
@@ -48,6 +49,7 @@ cdef enum:
     TYPE_SEQPACKET = 2
     OP_REQUEST = 1
     OP_RESPONSE = 2
+    OP_RST = 3
     OP_RW = 5
     OP_CREDIT_UPDATE = 6
     OP_CREDIT_REQUEST = 7
@@ -296,6 +298,17 @@ cdef int _drain_tx_loop(object device, Queue queue, dict conns, uint64_t guest_c
                         queue.add_used_c(head, 0)
                         served[0] += 1
                         continue
+                elif (op == OP_RST and type_ == TYPE_STREAM and _u64(hdr) == guest_cid
+                        and _u64(hdr + 8) == HOST_CID and length <= r.avail):
+                    p = PyDict_GetItem(conns, (_u32(hdr + 20), _u32(hdr + 16)))
+                    if p != NULL and not (<Conn>p).seq:
+                        # §5.10.6.5: the guest aborted the connection; nothing is answered.
+                        (<Conn>p).peer_buf_alloc = _u32(hdr + 36)
+                        (<Conn>p).peer_fwd_cnt = _u32(hdr + 40)
+                        device._drop(<Conn>p)
+                        queue.add_used_c(head, 0)
+                        served[0] += 1
+                        continue
                 elif (op == OP_RW and type_ == TYPE_STREAM and _u64(hdr) == guest_cid
                         and _u64(hdr + 8) == HOST_CID):
                     src_port = _u32(hdr + 16)
@@ -322,6 +335,33 @@ cdef int _drain_tx_loop(object device, Queue queue, dict conns, uint64_t guest_c
             return 0
 
 
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    enum:
+        MSG_PEEK
+        MSG_DONTWAIT
+
+
+cdef int _no_input(object device, Conn conn) except -1:
+    """A read gave 0 bytes: no data now (EAGAIN), or the host's end of file (the
+    device's ``_no_input``, which also handles a socket error)."""
+    cdef char c
+    cdef ssize_t r
+    with nogil:
+        r = recv(conn.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT)
+    if r > 0:
+        return 0  # data arrived meanwhile: the next buffer takes it
+    if r == 0:
+        device._host_eof(conn)
+    elif errno == EAGAIN:  # EWOULDBLOCK on Linux
+        conn.readable = False
+        if _wants_input(conn) != conn.armed:
+            device._watch_input(conn)
+    else:
+        device._no_input(conn)  # EINTR asks again; an error resets the connection
+    return 0
+
+
 cdef object _rx_data(object device, Conn conn, Writer w, uint64_t guest_cid, uint32_t buf_alloc):
     """Stream data of ``conn`` into ``w`` (header, then payload read from the host
     socket): the used length, or None when there was none (the device's
@@ -345,7 +385,7 @@ cdef object _rx_data(object device, Conn conn, Writer w, uint64_t guest_cid, uin
         device._host_broke(conn, e)
         return None
     if got == 0:
-        device._no_input(conn)
+        _no_input(device, conn)
         return None
     if got < room:
         # Probably drained: let the loop say when there is more.
