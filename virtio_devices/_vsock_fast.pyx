@@ -10,7 +10,7 @@ Python call per packet and hand every other one to the device's Python:
   stream to the host, within its buffers and the credit we gave (§5.10.6.3),
   whose host socket took everything so far: header parsed from the guest
   buffers, payload written to the host socket with one ``writev`` straight from
-  them (GIL released), credit counters updated, a ``CREDIT_UPDATE`` scheduled
+  them, credit counters updated, a ``CREDIT_UPDATE`` scheduled
   when the guest's view of our free space falls below half.  Every other packet
   goes through ``device.handle_chain`` under the device framework's error policy
   (``device._call``), exactly as the drain loop of ``VirtioDevice.process_chains``
@@ -18,25 +18,30 @@ Python call per packet and hand every other one to the device's Python:
 * :func:`fill_rx` fills the rx queue with what the device owes the guest.  A
   connection whose next packet is stream data (no RST, REQUEST or RESPONSE
   pending, the guest has credit for it) gets its header and payload here: one
-  ``readv`` from the host socket straight into the rx buffer after the header
-  (GIL released); so do a REQUEST or RESPONSE, and a CREDIT_UPDATE or
-  CREDIT_REQUEST when nothing else is pending.  Everything else (RST, SHUTDOWN,
+  ``readv`` from the host socket straight into the rx buffer after the header;
+  so do a REQUEST or RESPONSE, and a CREDIT_UPDATE or CREDIT_REQUEST when nothing
+  else is pending.  Everything else (RST, SHUTDOWN,
   seqpacket records, a sibling's packets) is ``device._produce(writer)``.
 
-Both keep the Python path's order and state changes; the unit tests run the same
-packets through both and compare.
+The socket calls keep the GIL (see :func:`_sock_io`).  Both paths keep the
+Python path's order and state changes; the unit tests run the same packets
+through both and compare.
 """
 
 cimport cython
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
-from libc.errno cimport EAGAIN, errno
+from libc.errno cimport EAGAIN, EINTR, errno
 from libc.string cimport memcpy
+from posix.uio cimport iovec, readv, writev
 
-from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_chain, make_reader, make_writer
+from virtio_queue.chain cimport (DescriptorChain, Reader, Writer, _Stream, make_chain, make_reader,
+                                 make_writer)
 from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh, le32toh, le64toh
 from virtio_queue.queue cimport Queue
+
+import os
 
 from virtio_queue.errors import GuestMemoryError, InvalidDescriptorIndex, QueueError
 
@@ -63,6 +68,9 @@ cdef enum:
     P_CREDIT = P_CREDIT_UPDATE | P_CREDIT_REQUEST
     RX = 0
     TX = 1
+    IOV_MAX_BATCH = 64
+    # Socket I/O of at least this many bytes releases the GIL (see _sock_io).
+    NOGIL_IO_MIN = 262144
 
 
 @cython.final
@@ -122,6 +130,49 @@ cdef class Conn:
     cpdef long pending_tx(self):
         """Guest payload received and not yet written to the host socket."""
         return <uint32_t>(self.rx_cnt - self.fwd_cnt)
+
+
+cdef size_t _sock_io(_Stream s, int fd, size_t n, bint reading) except? 0:
+    """Move up to ``n`` bytes between the buffers of ``s`` and the non-blocking
+    socket ``fd`` (``readv`` into them when ``reading``, else ``writev`` out of them),
+    as ``Writer.read_from_fd``/``Reader.write_to_fd`` do: short counts (EAGAIN, end
+    of file) end it, EINTR is retried, an error after some bytes reports the bytes.
+
+    The GIL stays held below ``NOGIL_IO_MIN`` bytes: a non-blocking socket never
+    waits, so the call lasts as long as its copy, and a thread that gives the GIL
+    up for a short copy may wait far longer to get it back while another VM's
+    thread runs Python (one switch interval), which is what one process serving
+    many VMs must avoid.
+
+    Raises:
+        OSError: the system call failed before moving anything.
+    """
+    cdef iovec iov[IOV_MAX_BATCH]
+    cdef size_t want = n if n < s.avail else s.avail
+    cdef size_t total = 0, got
+    cdef ssize_t r
+    cdef int k, err = 0
+    cdef bint release = want >= NOGIL_IO_MIN
+    while total < want:
+        k = s._iov(iov, IOV_MAX_BATCH, want - total, &got)
+        if release:
+            with nogil:
+                r = readv(fd, iov, k) if reading else writev(fd, iov, k)
+        else:
+            r = readv(fd, iov, k) if reading else writev(fd, iov, k)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            if errno != EAGAIN:
+                err = errno
+            break
+        s._advance(<size_t>r)
+        total += <size_t>r
+        if <size_t>r < got:
+            break
+    if err and total == 0:
+        raise OSError(err, os.strerror(err))
+    return total
 
 
 cdef inline uint32_t _u32(const unsigned char *p) noexcept nogil:
@@ -209,7 +260,7 @@ cdef int _tx_rw(object device, Conn conn, Reader r, uint32_t n, uint32_t buf_all
     conn.rx_cnt += n
     if n:
         try:
-            wrote = r._fd_io(conn.fd, n, -1, False)
+            wrote = _sock_io(r, conn.fd, n, False)
         except OSError as e:
             device._host_broke(conn, e)
             return 0
@@ -380,7 +431,7 @@ cdef object _rx_data(object device, Conn conn, Writer w, uint64_t guest_cid, uin
     if room == 0:
         return None
     try:
-        got = body._fd_io(conn.fd, room, -1, True)
+        got = _sock_io(body, conn.fd, room, True)
     except OSError as e:
         device._host_broke(conn, e)
         return None
