@@ -193,6 +193,15 @@ cdef inline uint64_t _u64(const unsigned char *p) noexcept nogil:
     return le64toh(v)
 
 
+cdef int _notify(object device, Queue queue, int index) except -1:
+    """Signal the driver for queue ``index`` if it asked for it, EVENT_IDX aware
+    (``VirtioDevice.notify``)."""
+    interrupt = device.interrupt
+    if interrupt is not None and queue.needs_notification_c():
+        interrupt.signal_used(index)
+    return 0
+
+
 cdef inline void _schedule(Conn conn, object ready):
     if not conn.in_ready and not conn.dead:
         conn.in_ready = True
@@ -301,7 +310,7 @@ def drain_tx(object device, Queue queue, dict conns, uint64_t guest_cid, uint32_
     finally:
         if served:
             device.chains_served = device.chains_served + served
-            device.notify(TX)
+            _notify(device, queue, TX)
     return served
 
 
@@ -544,5 +553,5 @@ def fill_rx(object device, Queue queue, object ready, object loose, uint64_t gue
             queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
         if added:
             device.chains_served = device.chains_served + added
-            device.notify(RX)
+            _notify(device, queue, RX)
     return added

@@ -422,7 +422,8 @@ class VsockDevice(VirtioDevice):
         and the Python producers."""
         if index == TX:
             self._serve_tx()
-            self._fill_rx()
+            if self._ready or self._loose:
+                self._fill_rx()
         elif index == RX:
             self._rx_live = True
             self._fill_rx()
