@@ -48,3 +48,4 @@ def fill_rx(
     device: Any, queue: Queue, ready: collections.deque[Conn], loose: collections.deque[tuple[bytes, bytes]],
     guest_cid: int, buf_alloc: int,
 ) -> int: ...  # fmt: skip
+def process_queue(device: Any, index: int) -> None: ...

@@ -43,7 +43,9 @@ from virtio_queue.queue cimport Queue
 
 import os
 
-from virtio_queue.errors import GuestMemoryError, InvalidDescriptorIndex, QueueError
+from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
+
+from .errors import DeviceNeedsReset
 
 # §5.10.6: the header, its types and ops; the pending rx operations of a
 # connection (the Python module's constants and _P_* bits); the queues.
@@ -286,6 +288,67 @@ cdef int _tx_rw(object device, Conn conn, Reader r, uint32_t n, uint32_t buf_all
     if conn.credit_asked or (conn.readable and not conn.in_ready) or (not conn.armed and not conn.readable):
         # The guest's credit in this packet may let host data flow again.
         _credit_changed(device, conn, ready)
+    return 0
+
+
+def process_queue(object device, int index):
+    """``VsockDevice.process_queue``: rx: fill the posted buffers with pending
+    packets; tx: serve the guest's packets, then send what they produced; event:
+    nothing (upstream neither).  The tx drain follows ``VirtioDevice.process_chains``
+    (a broken device refuses, a kick gives the queue back to the device) and its
+    error policy (a broken avail ring stops the queue, a device bug breaks the
+    device); ``device._compiled`` False sends everything through the Python path.
+
+    Raises:
+        DeviceNeedsReset: the device is broken, or a packet's handling hit a bug.
+        InvalidAvailRingIndex, QueueError, GuestMemoryError: the ring is unusable.
+    """
+    if index == TX:
+        if device._compiled:
+            _serve_tx(device)
+        else:
+            device.process_chains(TX)
+        if device._ready or device._loose:
+            _fill(device)
+    elif index == RX:
+        device._rx_live = True
+        _fill(device)
+
+
+cdef int _serve_tx(object device) except -1:
+    cdef Queue queue
+    if device.broken is not None:
+        raise DeviceNeedsReset(f"{device.name}: device is broken ({device.broken!r}) until it is reset")
+    device._quiesced[TX] = False  # a kick: the queue is the device's again
+    queue = device.queues[TX]
+    try:
+        drain_tx(device, queue, device.conns, device.guest_cid, device.buf_alloc, device._ready)
+    except InvalidAvailRingIndex:
+        queue.ready = False
+        raise
+    except (QueueError, GuestMemoryError):
+        raise  # the ring itself is unusable: the transport stops it
+    except DeviceNeedsReset as e:
+        if device.broken is None:
+            device.broken = e
+        raise
+    except Exception as e:
+        raise device._break(TX, e) from e
+    return 0
+
+
+cdef int _fill(object device) except -1:
+    """The device's ``_fill_rx``."""
+    cdef Queue queue
+    if not device._rx_live or not device.active:
+        return 0
+    queue = device.queues[RX]
+    if not queue._ready:
+        return 0
+    if device._compiled:
+        fill_rx(device, queue, device._ready, device._loose, device.guest_cid, device.buf_alloc)
+    else:
+        device._fill_rx()
     return 0
 
 

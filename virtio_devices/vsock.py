@@ -64,12 +64,11 @@ from collections.abc import Callable, Iterable
 from typing import Final, cast
 
 from virtio_queue import DescriptorChain, Reader, Writer
-from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, QueueError
 
 from . import _vsock_fast
 from ._vsock_fast import Conn as _Conn
 from .base import VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, Park, VirtioDevice
-from .errors import DeviceNeedsReset, MalformedRequest
+from .errors import MalformedRequest
 from .hosts.vsock import Listener, VsockHost
 
 __all__ = [
@@ -413,44 +412,13 @@ class VsockDevice(VirtioDevice):
             self._rx_live = False
 
     # -- queues ----------------------------------------------------------------------------
-    def process_queue(self, index: int) -> None:
-        """rx: fill the posted buffers with pending packets; tx: serve the guest's
-        packets, then send what they produced; event: never used (upstream neither).
-
-        Both run in compiled code for the common packet shapes
-        (:mod:`virtio_devices._vsock_fast`), the rest through :meth:`handle_chain`
-        and the Python producers."""
-        if index == TX:
-            self._serve_tx()
-            if self._ready or self._loose:
-                self._fill_rx()
-        elif index == RX:
-            self._rx_live = True
-            self._fill_rx()
-
-    def _serve_tx(self) -> None:
-        """The tx queue's drain (``process_chains`` with the compiled RW path), under
-        the same error policy."""
-        if not self._compiled:
-            self.process_chains(TX)
-            return
-        if self.broken is not None:
-            raise DeviceNeedsReset(f"{self.name}: device is broken ({self.broken!r}) until it is reset")
-        self._quiesced[TX] = False  # a kick: the queue is the device's again
-        queue = self.queues[TX]
-        try:
-            _vsock_fast.drain_tx(self, queue, self.conns, self.guest_cid, self.buf_alloc, self._ready)
-        except InvalidAvailRingIndex:
-            queue.ready = False
-            raise
-        except (QueueError, GuestMemoryError):
-            raise  # the ring itself is unusable: the transport stops it
-        except DeviceNeedsReset as e:
-            if self.broken is None:
-                self.broken = e
-            raise
-        except Exception as e:
-            raise self._break(TX, e) from e
+    #: rx: fill the posted buffers with pending packets; tx: serve the guest's packets
+    #: (the drain loop, under the framework's error policy), then send what they
+    #: produced; event: never used (upstream neither).  Compiled
+    #: (:func:`virtio_devices._vsock_fast.process_queue`): a kick costs no Python
+    #: frame; the common packets are served there, the rest through
+    #: :meth:`handle_chain` and the Python producers.
+    process_queue = _vsock_fast.process_queue
 
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | Park | None:
         """One packet from the guest's tx queue (§5.10.6.4); used length 0 (tx buffers
