@@ -40,12 +40,17 @@ class Conn:
     def peer_free(self) -> int: ...
     def pending_tx(self) -> int: ...
 
-def drain_tx(
-    device: Any, queue: Queue, conns: dict[tuple[int, int], Conn], guest_cid: int, buf_alloc: int,
-    ready: collections.deque[Conn],
-) -> int: ...  # fmt: skip
-def fill_rx(
-    device: Any, queue: Queue, ready: collections.deque[Conn], loose: collections.deque[tuple[bytes, bytes]],
-    guest_cid: int, buf_alloc: int,
-) -> int: ...  # fmt: skip
+@final
+class State:
+    """What the compiled paths read of one device, as C fields."""
+
+    compiled: bool
+    rx_live: bool
+    def __init__(
+        self, conns: dict[tuple[int, int], Conn], ready: collections.deque[Conn],
+        loose: collections.deque[tuple[bytes, bytes]], guest_cid: int, buf_alloc: int,
+    ) -> None: ...  # fmt: skip
+
 def process_queue(device: Any, index: int) -> None: ...
+def drain_tx(device: Any, st: State, queue: Queue) -> int: ...
+def fill_rx(device: Any, st: State) -> int: ...

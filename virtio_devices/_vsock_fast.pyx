@@ -134,6 +134,30 @@ cdef class Conn:
         return <uint32_t>(self.rx_cnt - self.fwd_cnt)
 
 
+@cython.final
+cdef class State:
+    """What the compiled paths read of one device, as C fields: its connection
+    table and rx work queues (the device's own objects, shared) and its constants;
+    ``compiled`` and ``rx_live`` are the device's ``_compiled`` and ``_rx_live``."""
+
+    cdef public bint compiled
+    cdef public bint rx_live
+    cdef dict conns
+    cdef object ready
+    cdef object loose
+    cdef uint64_t guest_cid
+    cdef uint32_t buf_alloc
+
+    def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc):
+        self.compiled = True
+        self.rx_live = False
+        self.conns = conns
+        self.ready = ready
+        self.loose = loose
+        self.guest_cid = guest_cid
+        self.buf_alloc = buf_alloc
+
+
 cdef size_t _sock_io(_Stream s, int fd, size_t n, bint reading) except? 0:
     """Move up to ``n`` bytes between the buffers of ``s`` and the non-blocking
     socket ``fd`` (``readv`` into them when ``reading``, else ``writev`` out of them),
@@ -303,26 +327,27 @@ def process_queue(object device, int index):
         DeviceNeedsReset: the device is broken, or a packet's handling hit a bug.
         InvalidAvailRingIndex, QueueError, GuestMemoryError: the ring is unusable.
     """
+    cdef State st = <State?>device._fast
     if index == TX:
-        if device._compiled:
-            _serve_tx(device)
+        if st.compiled:
+            _serve_tx(device, st)
         else:
             device.process_chains(TX)
-        if device._ready or device._loose:
-            _fill(device)
+        if st.ready or st.loose:
+            fill_rx(device, st)
     elif index == RX:
-        device._rx_live = True
-        _fill(device)
+        st.rx_live = True
+        fill_rx(device, st)
 
 
-cdef int _serve_tx(object device) except -1:
+cdef int _serve_tx(object device, State st) except -1:
     cdef Queue queue
     if device.broken is not None:
         raise DeviceNeedsReset(f"{device.name}: device is broken ({device.broken!r}) until it is reset")
     device._quiesced[TX] = False  # a kick: the queue is the device's again
     queue = device.queues[TX]
     try:
-        drain_tx(device, queue, device.conns, device.guest_cid, device.buf_alloc, device._ready)
+        drain_tx(device, st, queue)
     except InvalidAvailRingIndex:
         queue.ready = False
         raise
@@ -337,23 +362,7 @@ cdef int _serve_tx(object device) except -1:
     return 0
 
 
-cdef int _fill(object device) except -1:
-    """The device's ``_fill_rx``."""
-    cdef Queue queue
-    if not device._rx_live or not device.active:
-        return 0
-    queue = device.queues[RX]
-    if not queue._ready:
-        return 0
-    if device._compiled:
-        fill_rx(device, queue, device._ready, device._loose, device.guest_cid, device.buf_alloc)
-    else:
-        device._fill_rx()
-    return 0
-
-
-def drain_tx(object device, Queue queue, dict conns, uint64_t guest_cid, uint32_t buf_alloc,
-             object ready):
+def drain_tx(object device, State st, Queue queue):
     """Serve every available chain of the tx queue (see the module docstring), with
     the notification protocol of VIRTIO 1.2 §2.7.10 (notifications off while
     draining, on again, drain again if chains came meanwhile).  Returns the number
@@ -366,10 +375,8 @@ def drain_tx(object device, Queue queue, dict conns, uint64_t guest_cid, uint32_
         Exception: what ``device._call`` lets through (DeviceNeedsReset, a bug).
     """
     cdef Py_ssize_t served = 0
-    handle = device.handle_chain
-    call = device._call
     try:
-        _drain_tx_loop(device, queue, conns, guest_cid, buf_alloc, ready, handle, call, &served)
+        _drain_tx_loop(device, st, queue, &served)
     finally:
         if served:
             device.chains_served = device.chains_served + served
@@ -377,9 +384,7 @@ def drain_tx(object device, Queue queue, dict conns, uint64_t guest_cid, uint32_
     return served
 
 
-cdef int _drain_tx_loop(object device, Queue queue, dict conns, uint64_t guest_cid,
-                        uint32_t buf_alloc, object ready, object handle, object call,
-                        Py_ssize_t *served) except -1:
+cdef int _drain_tx_loop(object device, State st, Queue queue, Py_ssize_t *served) except -1:
     cdef uint16_t head
     cdef DescriptorChain chain
     cdef Reader r
@@ -389,6 +394,10 @@ cdef int _drain_tx_loop(object device, Queue queue, dict conns, uint64_t guest_c
     cdef uint32_t length, src_port, dst_port
     cdef uint16_t type_, op
     cdef int64_t room
+    cdef dict conns = st.conns
+    cdef uint64_t guest_cid = st.guest_cid
+    cdef uint32_t buf_alloc = st.buf_alloc
+    ready = st.ready
     while True:
         queue.disable_notification_c()
         while True:
@@ -449,7 +458,7 @@ cdef int _drain_tx_loop(object device, Queue queue, dict conns, uint64_t guest_c
                             queue.add_used_c(head, 0)
                             served[0] += 1
                             continue
-            used = call(handle, TX, chain)
+            used = device._call(device.handle_chain, TX, chain)
             if used is None:
                 continue
             queue.add_used_c(head, used)
@@ -523,25 +532,42 @@ cdef object _rx_data(object device, Conn conn, Writer w, uint64_t guest_cid, uin
     return HDR_SIZE + got
 
 
-def fill_rx(object device, Queue queue, object ready, object loose, uint64_t guest_cid,
-            uint32_t buf_alloc):
+def fill_rx(object device, State st):
     """Write pending packets into the guest's rx buffers (§5.10.6.4), one per chain
     (see the module docstring), until nothing is pending or no buffer is left, with
-    the notification protocol of §2.7.10.  Returns the number of chains completed
-    (counted in ``device.chains_served``; the driver notified once, if it wants
-    it).  A chain popped and left unused goes back to the avail ring.
+    the notification protocol of §2.7.10; nothing while the rx queue is not the
+    device's (``rx_live``, an inactive device, a queue not ready).  Returns the
+    number of chains completed (counted in ``device.chains_served``; the driver
+    notified once, if it wants it).  A chain popped and left unused goes back to
+    the avail ring.
 
     Raises:
         InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError, GuestMemoryError:
             from the ring, as ``Queue.pop_chain``/``add_used`` raise them.
     """
+    cdef Queue queue
+    if not st.rx_live or not device.active:
+        return 0
+    queue = device.queues[RX]
+    if not queue._ready:
+        return 0
+    if not st.compiled:
+        device._fill_rx_py()
+        return 0
+    return _fill_rx(device, st, queue)
+
+
+cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
     cdef uint16_t head = 0
     cdef bint have = False
     cdef DescriptorChain chain = None
     cdef Writer w
     cdef Conn conn
     cdef Py_ssize_t added = 0
-    produce = device._produce
+    cdef uint64_t guest_cid = st.guest_cid
+    cdef uint32_t buf_alloc = st.buf_alloc
+    ready = st.ready
+    loose = st.loose
     try:
         while loose or ready:
             if not have:
@@ -602,9 +628,9 @@ def fill_rx(object device, Queue queue, object ready, object loose, uint64_t gue
                     if conn.ops:
                         _schedule(conn, ready)
                 else:
-                    used = produce(w)
+                    used = device._produce(w)
             else:
-                used = produce(w)
+                used = device._produce(w)
             if used is None:
                 continue
             queue.add_used_c(head, used)

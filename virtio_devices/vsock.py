@@ -295,17 +295,36 @@ class VsockDevice(VirtioDevice):
         self._handshakes: dict[int, tuple[socket.socket, object | None]] = {}
         self._local_ports: set[int] = set()
         self._next_port = LOCAL_PORT_FIRST
-        self._rx_live = False
         self._wep: select.epoll | None = None
         self._listeners: list[Listener] = []
-        # The compiled paths (virtio_devices._vsock_fast) serve the common packets;
-        # False: everything through the Python path (tests compare the two).
-        self._compiled = True
+        # What the compiled paths read (virtio_devices._vsock_fast): the tables above
+        # and the flags below, as C fields.
+        self._fast = _vsock_fast.State(self.conns, self._ready, self._loose, guest_cid, tx_buffer_size)
 
     # -- config and lifecycle ------------------------------------------------------------
     def config_space(self) -> bytes:
         """``struct virtio_vsock_config`` (§5.10.4): ``le64 guest_cid``."""
         return struct.pack("<Q", self.guest_cid)
+
+    @property
+    def _compiled(self) -> bool:
+        """Whether the compiled paths serve the common packets (False: everything
+        through the Python path; the tests compare the two)."""
+        return self._fast.compiled
+
+    @_compiled.setter
+    def _compiled(self, value: bool) -> None:
+        self._fast.compiled = value
+
+    @property
+    def _rx_live(self) -> bool:
+        """Whether rx is the device's: not taken back by the front-end since its
+        driver last kicked it."""
+        return self._fast.rx_live
+
+    @_rx_live.setter
+    def _rx_live(self, value: bool) -> None:
+        self._fast.rx_live = value
 
     @property
     def seqpacket(self) -> bool:
@@ -821,14 +840,11 @@ class VsockDevice(VirtioDevice):
     # -- rx ----------------------------------------------------------------------------------
     def _fill_rx(self) -> None:
         """Write pending packets into the guest's rx buffers (§5.10.6.4), one per chain."""
-        if not self._rx_live or not self.active:
-            return
+        _vsock_fast.fill_rx(self, self._fast)
+
+    def _fill_rx_py(self) -> None:
+        """:meth:`_fill_rx` in Python (``_compiled`` False), once rx is the device's."""
         queue = self.queues[RX]
-        if not queue.ready:
-            return
-        if self._compiled:
-            _vsock_fast.fill_rx(self, queue, self._ready, self._loose, self.guest_cid, self.buf_alloc)
-            return
         added = 0
         chain: DescriptorChain | None = None
         ready, loose = self._ready, self._loose
