@@ -235,17 +235,37 @@ class VsockRegistry:
                 del self._devices[device.guest_cid]
 
     def deliver(self, sender: VsockDevice, dst_cid: int, header: bytes, payload: bytes) -> bool:
-        """Queue a packet of ``sender`` on the rx of the VM at ``dst_cid``, if the two share
-        a group; whether it was queued (else the caller drops it)."""
+        """Queue a packet of ``sender`` for the VM at ``dst_cid``, if the two share a
+        group; whether it was queued (else the caller drops it).
+
+        The packet waits in the target's inbox, which its own loop empties into its
+        rx queue; while the target is paused (its rings stopped) it waits there
+        until it resumes, so a pause loses no sibling packet.  At most
+        :data:`MAX_LOOSE` wait."""
         with self._lock:
             target = self._devices.get(dst_cid)
             if target is None or target is sender or not (target.groups & sender.groups):
                 return False
-            loop = target.loop
-            if loop is None:
+            inbox = target._inbox
+            if len(inbox) >= MAX_LOOSE:
                 return False
-            loop.call_soon_threadsafe(lambda: target.inject(header, payload))
+            inbox.append((header, payload))
+            loop = target.loop
+            if loop is not None and not target._paused and not target._inbox_posted:
+                target._inbox_posted = True
+                loop.call_soon_threadsafe(target._take_inbox)
             return True
+
+    def take(self, device: VsockDevice, paused: bool | None = None) -> list[tuple[bytes, bytes]]:
+        """Empty ``device``'s inbox (its loop thread, under the lock), and mark it
+        paused or running if ``paused`` is given."""
+        with self._lock:
+            if paused is not None:
+                device._paused = paused
+            device._inbox_posted = False
+            out = list(device._inbox)
+            device._inbox.clear()
+            return out
 
 
 class VsockDevice(VirtioDevice):
@@ -297,6 +317,12 @@ class VsockDevice(VirtioDevice):
         self._next_port = LOCAL_PORT_FIRST
         self._wep: select.epoll | None = None
         self._listeners: list[Listener] = []
+        # Sibling packets for this VM (VsockRegistry.deliver), under the registry's
+        # lock; whether a loop callback to take them is posted; whether the rings
+        # are stopped (the inbox waits for activate then).
+        self._inbox: list[tuple[bytes, bytes]] = []
+        self._inbox_posted = False
+        self._paused = True
         # What the compiled paths read (virtio_devices._vsock_fast): the tables above
         # and the flags below, as C fields.
         self._fast = _vsock_fast.State(self.conns, self._ready, self._loose, guest_cid, tx_buffer_size)
@@ -356,6 +382,7 @@ class VsockDevice(VirtioDevice):
             self._watch_input(conn)
         if self.registry is not None:
             self.registry.register(self)
+            self._loose.extend(self.registry.take(self, paused=False))
         if self._ready or self._loose:
             # Packets that waited through the pause: the driver posted its rx buffers
             # before it, and kicks no more for them.
@@ -379,7 +406,8 @@ class VsockDevice(VirtioDevice):
             Exception: what the base class's reset raises.
         """
         if self.registry is not None:
-            self.registry.unregister(self)
+            # Still the VM at its CID: siblings' packets wait in the inbox.
+            self._loose.extend(self.registry.take(self, paused=True))
         loop = self.loop
         for conn in self.conns.values():
             if conn.armed and loop is not None:
@@ -416,6 +444,8 @@ class VsockDevice(VirtioDevice):
             if self.active:
                 self.reset()
         finally:
+            if self.registry is not None:
+                self.registry.unregister(self)
             for conn in list(self.conns.values()):
                 self._drop(conn)
             for sock, _timer in self._handshakes.values():
@@ -1061,14 +1091,16 @@ class VsockDevice(VirtioDevice):
         if not self.registry.deliver(self, hdr.dst_cid, hdr.pack(), payload):
             self._warn("sibling", "packet to cid %d dropped: no VM of a shared group there", hdr.dst_cid)
 
-    def inject(self, header: bytes, payload: bytes) -> None:
-        """A sibling VM's packet for this guest (called on this device's loop)."""
-        if not self.active:
+    def _take_inbox(self) -> None:
+        """Siblings' packets for this guest (on this device's loop) onto rx."""
+        if self.registry is None or not self.active:
             return
-        if len(self._loose) >= MAX_LOOSE:
-            self._warn("loose", "rx backlog full: sibling packet dropped")
-            return
-        self._loose.append((header, payload))
+        packets = self.registry.take(self)
+        room = MAX_LOOSE - len(self._loose)
+        if len(packets) > room:
+            self._warn("loose", "rx backlog full: %d sibling packets dropped", len(packets) - room)
+            packets = packets[:room]
+        self._loose.extend(packets)
         self._fill_rx()
 
     # -- connection table ----------------------------------------------------------------

@@ -465,6 +465,32 @@ def test_sibling_packets_cross_loops_only_within_a_group(tmp_path: Path) -> None
         h.close()
 
 
+def test_sibling_packets_wait_through_a_pause(tmp_path: Path) -> None:
+    """A sibling's packets for a VM whose rings are stopped wait for the resume."""
+    reg = VsockRegistry()
+    hosts = [UnixHost(str(tmp_path / f"{i}.sock")) for i in range(2)]
+    a = VsockGuest(VsockDevice(3, hosts[0], registry=reg))
+    b = VsockGuest(VsockDevice(4, hosts[1], registry=reg))
+    for g in (a, b):
+        g.post_rx(8)
+    dev, rig = b.device, b.rig
+    memory = dev.memory
+    assert memory is not None
+    dev.reset()
+    a.send(10, 20, OP_REQUEST, dst_cid=4)
+    a.send(10, 20, OP_RW, b"kept", dst_cid=4)
+    assert rig.loop.run_soon() == 0  # nothing runs on a paused VM's loop
+    dev.ack_features(dev.device_features())
+    dev.activate(memory, rig.queues, rig.interrupt, rig.loop)
+    assert rig.loop.run_due() == 1
+    got = b.received()
+    assert [(p.op, p.data) for p in got] == [(OP_REQUEST, b""), (OP_RW, b"kept")]
+    for g in (a, b):
+        g.close()
+    for h in hosts:
+        h.close()
+
+
 # -- lifecycle --------------------------------------------------------------------------------
 
 
