@@ -398,9 +398,12 @@ class VsockDevice(VirtioDevice):
         only when the driver resets it, and it cannot tell the two apart (QEMU sends
         SET_STATUS 0 on every stop too).  The guest's sockets outlive a pause, so
         their host ends must too.  A driver that really resets forgets its
-        connections (Linux resets every connected socket when its device goes); the
-        ``CREDIT_REQUEST`` that :meth:`activate` sends on each kept connection then
-        meets ``RST`` and the host end is closed.  :meth:`close` closes them all.
+        connections: Linux resets every connected socket when its device goes, as
+        it does on the device's ``VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`` (§5.10.6.6),
+        and sends nothing for them.  The ``CREDIT_REQUEST`` that :meth:`activate`
+        sends on each kept connection then meets ``RST`` (§5.10.6.5: the answer to
+        a packet for no socket) and the host end is closed.  :meth:`close` closes
+        them all.
 
         Raises:
             Exception: what the base class's reset raises.
