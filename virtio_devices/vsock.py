@@ -39,14 +39,20 @@ socket has taken the last buffered byte, so a guest writing 64 KiB packets into 
 64 KiB buffer never stalls.
 
 The common packets take a compiled path (:mod:`virtio_devices._vsock_fast`): a
-stream's ``RW`` and ``CREDIT_UPDATE`` on tx, its data and credit packets on rx.
-Every other packet goes through :meth:`VsockDevice.handle_chain` and the Python
-producers; both paths make the same packets (the tests run both).
+stream's ``RW``, ``CREDIT_UPDATE`` and ``RST`` on tx; its data, ``REQUEST``,
+``RESPONSE`` and credit packets on rx.  Every other packet goes through
+:meth:`VsockDevice.handle_chain` and the Python producers; both paths make the same
+packets (the tests run both).
+
+A VM pause (the transport's :meth:`VsockDevice.reset` when every ring stops) keeps
+the connections; :meth:`VsockDevice.close` ends them (see ``reset`` for a driver
+reset).
 
 Sibling VMs: a packet whose destination CID is another VM served by the same
 process (:class:`VsockRegistry`) and sharing a group with this one is copied to that
-VM's rx queue, through its event loop's ``call_soon_threadsafe`` (each loop owns its
-rings).  Other destinations are dropped, as upstream does.
+VM's inbox, which that VM's own event loop empties into its rx queue (each loop owns
+its rings); a paused VM's inbox waits for its resume.  Other destinations are
+dropped, as upstream does.
 """
 
 from __future__ import annotations
