@@ -228,10 +228,11 @@ cdef int _notify(object device, Queue queue, int index) except -1:
     return 0
 
 
-cdef inline void _schedule(Conn conn, object ready):
+cdef inline int _schedule(Conn conn, object ready) except -1:
     if not conn.in_ready and not conn.dead:
         conn.in_ready = True
         ready.append(conn)
+    return 0
 
 
 cdef inline bint _wants_input(Conn c):
@@ -253,8 +254,8 @@ cdef int _credit_changed(object device, Conn conn, object ready) except -1:
     return 0
 
 
-cdef void _put_hdr(Writer w, Conn conn, uint16_t op, uint32_t length, uint64_t guest_cid,
-                   uint32_t buf_alloc):
+cdef int _put_hdr(Writer w, Conn conn, uint16_t op, uint32_t length, uint64_t guest_cid,
+                  uint32_t buf_alloc) except -1:
     """Our header for ``conn`` (§5.10.6) into the first 44 bytes of ``w``; it carries
     our credit, so no CREDIT_UPDATE is owed after it (the device's ``_header``)."""
     cdef unsigned char hdr[HDR_SIZE]
@@ -284,6 +285,7 @@ cdef void _put_hdr(Writer w, Conn conn, uint16_t op, uint32_t length, uint64_t g
     w.copy_in(hdr, HDR_SIZE)
     conn.last_fwd_sent = conn.fwd_cnt
     conn.ops &= ~P_CREDIT_UPDATE
+    return 0
 
 
 cdef int _tx_rw(object device, Conn conn, Reader r, uint32_t n, uint32_t buf_alloc,
