@@ -71,10 +71,8 @@ class Daemon:
             time.sleep(0.01)
 
     def cpu(self) -> float:
-        """CPU seconds the daemon used so far (all its threads: utime + stime)."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds the daemon used so far (all its threads)."""
+        return _proc_cpu(self.proc.pid)
 
     def stop(self, timeout: float = 10) -> None:
         """SIGTERM, repeated every 10 s until ``timeout``: under valgrind a signal can
@@ -159,7 +157,8 @@ def guest_to_host(d: Daemon, size: int, nbytes: int, stall: float) -> float:
         t.join(5)
 
 
-def host_to_guest(d: Daemon, nbytes: int, cid: int = 3) -> float:
+def host_to_guest(d: Daemon, nbytes: int, cid: int = 3, write: int = 1 << 20) -> float:
+    """host -> guest MiB/s, the host program writing ``write`` bytes at a time."""
     g = driver(d, cid=cid, buf_alloc=256 * 1024)
     c = socket.socket(socket.AF_UNIX)
     try:
@@ -170,10 +169,10 @@ def host_to_guest(d: Daemon, nbytes: int, cid: int = 3) -> float:
         line = b""
         while not line.endswith(b"\n"):
             line += c.recv(1)
-        data = b"\xcd" * (1 << 20)
+        data = b"\xcd" * write
 
         def pump() -> None:
-            for _ in range(nbytes >> 20):
+            for _ in range(nbytes // write):
                 c.sendall(data)
 
         t = threading.Thread(target=pump, daemon=True)
@@ -212,15 +211,22 @@ def connection_rate(d: Daemon, count: int) -> float:
     g = driver(d)
     try:
         start = time.perf_counter()
+        refused = 0
         for i in range(count):
             g.send(20000 + i, port, OP_REQUEST)
-            while True:
-                pkts = g.recv(1)
-                if any(p.op == OP_RESPONSE for p in pkts):
-                    break
-            g.send(20000 + i, port, OP_RST)
+            answer = None
+            while answer is None:
+                for p in g.recv(1):
+                    if p.dst_port == 20000 + i and p.op in (OP_RESPONSE, OP_RST):
+                        answer = p.op
+            if answer == OP_RST:
+                refused += 1  # the host's backlog was full: counted, not waited for
+            else:
+                g.send(20000 + i, port, OP_RST)
         elapsed = time.perf_counter() - start
-        return count / elapsed
+        if refused:
+            print(f"connections: {refused} of {count} refused", file=sys.stderr)
+        return (count - refused) / elapsed
     finally:
         g.close()
         t.join(5)
@@ -234,10 +240,33 @@ def _vm_h2g(args: tuple[str, str, int, int]) -> float:
     return host_to_guest(d, nbytes, cid)
 
 
-def aggregate(cmd: list[str], vms: int, nbytes: int) -> float:
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds process ``pid`` used so far, all its threads: the scheduler's run
+    time of its live threads (``/proc/<pid>/task/*/schedstat``, to the nanosecond),
+    or utime + stime (clock ticks, but threads that ended count too) when that is
+    larger by more than two ticks."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    ticks = (int(fields[11]) + int(fields[12])) * tick
+    return ticks if ticks > total / 1e9 + 2 * tick else total / 1e9
+
+
+def aggregate(cmd: list[str], vms: int, nbytes: int, cpu: dict[str, float] | None = None) -> float:
     """host -> guest MiB/s summed over ``vms`` VMs of one daemon process, each driven
-    by its own process (our driver is Python: one process would measure its GIL)."""
+    by its own process (our driver is Python: one process would measure its GIL).
+    ``cpu``, when given, receives the CPU seconds of the daemon (``daemon``) and of
+    the guest drivers with their host programs (``drivers``), and the wall time
+    (``wall``)."""
     import multiprocessing  # noqa: PLC0415
+    import resource  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
         args = []
@@ -252,10 +281,25 @@ def aggregate(cmd: list[str], vms: int, nbytes: int) -> float:
                     raise RuntimeError("daemon did not start")
                 time.sleep(0.01)
             jobs = [(f"{tmp}/v{3 + i}.sock", f"{tmp}/u{3 + i}.vsock", 3 + i, nbytes) for i in range(vms)]
+            ctx = multiprocessing.get_context("fork")
+            pool = ctx.Pool(vms)
+            pool.map(abs, range(vms))  # the workers are up before the clock starts
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            daemon0 = _proc_cpu(proc.pid)
             start = time.perf_counter()
-            with multiprocessing.get_context("fork").Pool(vms) as pool:
-                pool.map(_vm_h2g, jobs)
-            return vms * nbytes / (time.perf_counter() - start) / 2**20
+            pool.map(_vm_h2g, jobs)
+            wall = time.perf_counter() - start
+            daemon = _proc_cpu(proc.pid) - daemon0
+            pool.close()
+            pool.join()  # the workers' CPU time is the children's once they are reaped
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if cpu is not None:
+                cpu["daemon"] = cpu.get("daemon", 0.0) + daemon
+                cpu["drivers"] = cpu.get("drivers", 0.0) + (
+                    after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                )
+                cpu["wall"] = cpu.get("wall", 0.0) + wall
+            return vms * nbytes / wall / 2**20
         finally:
             proc.terminate()
             proc.wait(10)
@@ -306,7 +350,8 @@ def main() -> None:
     rows = {
         "guest->host 64 KiB (MiB/s)": lambda d: guest_to_host(d, 65536, a.mib << 20, a.stall),
         "guest->host 4 KiB (MiB/s)": lambda d: guest_to_host(d, 4096, a.mib << 20, a.stall),
-        "host->guest (MiB/s)": lambda d: host_to_guest(d, a.mib << 20),
+        "host->guest 64 KiB (MiB/s)": lambda d: host_to_guest(d, a.mib << 20, write=65536),
+        "host->guest 4 KiB (MiB/s)": lambda d: host_to_guest(d, a.mib << 20, write=4096),
         "connections/s": lambda d: connection_rate(d, a.conns),
     }
     found = daemons()
@@ -352,11 +397,20 @@ def main() -> None:
             if cmd is None:
                 print(f"{name}: {a.vms} VMs n/a")
                 continue
-            one = statistics.median(aggregate(cmd, 1, a.mib << 20) for _ in range(a.reps))
-            many = statistics.median(aggregate(cmd, a.vms, a.mib << 20) for _ in range(a.reps))
-            print(
-                f"{name}: host->guest 1 VM {one:.1f} MiB/s, {a.vms} VMs {many:.1f} MiB/s ({many / one:.2f}x)"
-            )
+            use: dict[int, dict[str, float]] = {1: {}, a.vms: {}}
+            one: list[float] = []
+            many: list[float] = []
+            for _ in range(a.reps):  # interleaved: 1 VM, N VMs, 1 VM...
+                one.append(aggregate(cmd, 1, a.mib << 20, use[1]))
+                many.append(aggregate(cmd, a.vms, a.mib << 20, use[a.vms]))
+            o, m = statistics.median(one), statistics.median(many)
+            print(f"{name}: host->guest 1 VM {o:.1f} MiB/s, {a.vms} VMs {m:.1f} MiB/s ({m / o:.2f}x)")
+            for n, u in use.items():
+                gib = n * a.reps * a.mib / 1024
+                print(
+                    f"  {n} VM(s): CPU s per GiB daemon {u['daemon'] / gib:.2f}, drivers and host programs "
+                    f"{u['drivers'] / gib:.2f}; cores busy {(u['daemon'] + u['drivers']) / u['wall']:.2f}"
+                )
 
 
 if __name__ == "__main__":

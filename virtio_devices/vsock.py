@@ -38,10 +38,21 @@ as the guest's view of our free space falls below half, and whenever a full host
 socket has taken the last buffered byte, so a guest writing 64 KiB packets into a
 64 KiB buffer never stalls.
 
+The common packets take a compiled path (:mod:`virtio_devices._vsock_fast`): a
+stream's ``RW``, ``CREDIT_UPDATE`` and ``RST`` on tx; its data, ``REQUEST``,
+``RESPONSE`` and credit packets on rx.  Every other packet goes through
+:meth:`VsockDevice.handle_chain` and the Python producers; both paths make the same
+packets (the tests run both).
+
+A VM pause (the transport's :meth:`VsockDevice.reset` when every ring stops) keeps
+the connections; :meth:`VsockDevice.close` ends them (see ``reset`` for a driver
+reset).
+
 Sibling VMs: a packet whose destination CID is another VM served by the same
 process (:class:`VsockRegistry`) and sharing a group with this one is copied to that
-VM's rx queue, through its event loop's ``call_soon_threadsafe`` (each loop owns its
-rings).  Other destinations are dropped, as upstream does.
+VM's inbox, which that VM's own event loop empties into its rx queue (each loop owns
+its rings); a paused VM's inbox waits for its resume.  Other destinations are
+dropped, as upstream does.
 """
 
 from __future__ import annotations
@@ -60,6 +71,8 @@ from typing import Final, cast
 
 from virtio_queue import DescriptorChain, Reader, Writer
 
+from . import _vsock_fast
+from ._vsock_fast import Conn as _Conn
 from .base import VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, Park, VirtioDevice
 from .errors import MalformedRequest
 from .hosts.vsock import Listener, VsockHost
@@ -113,6 +126,9 @@ LOCAL_PORT_LAST = (1 << 31) - 1
 MAX_RECORD = 1 << 18
 #: Packets queued for rx that belong to no connection (RSTs, a sibling's packets).
 MAX_LOOSE = 4096
+# recv flags of the end-of-file check, as a plain int (or-ing the enums costs more
+# than the call).
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 # Pending rx operations of a connection, highest priority first.
 _P_RST, _P_REQUEST, _P_RESPONSE, _P_SHUTDOWN, _P_CREDIT_UPDATE, _P_CREDIT_REQUEST = 1, 2, 4, 8, 16, 32
@@ -225,92 +241,37 @@ class VsockRegistry:
                 del self._devices[device.guest_cid]
 
     def deliver(self, sender: VsockDevice, dst_cid: int, header: bytes, payload: bytes) -> bool:
-        """Queue a packet of ``sender`` on the rx of the VM at ``dst_cid``, if the two share
-        a group; whether it was queued (else the caller drops it)."""
+        """Queue a packet of ``sender`` for the VM at ``dst_cid``, if the two share a
+        group; whether it was queued (else the caller drops it).
+
+        The packet waits in the target's inbox, which its own loop empties into its
+        rx queue; while the target is paused (its rings stopped) it waits there
+        until it resumes, so a pause loses no sibling packet.  At most
+        :data:`MAX_LOOSE` wait."""
         with self._lock:
             target = self._devices.get(dst_cid)
             if target is None or target is sender or not (target.groups & sender.groups):
                 return False
-            loop = target.loop
-            if loop is None:
+            inbox = target._inbox
+            if len(inbox) >= MAX_LOOSE:
                 return False
-            loop.call_soon_threadsafe(lambda: target.inject(header, payload))
+            inbox.append((header, payload))
+            loop = target.loop
+            if loop is not None and not target._paused and not target._inbox_posted:
+                target._inbox_posted = True
+                loop.call_soon_threadsafe(target._take_inbox)
             return True
 
-
-class _Conn:
-    """One connection (§5.10.6.5): its host socket, credit counters and pending rx work."""
-
-    __slots__ = (
-        "armed", "connecting",
-        "credit_asked",
-        "dead",
-        "est",
-        "fd",
-        "fwd_cnt",
-        "guest_shut",
-        "host_eof",
-        "host_shut",
-        "in_ready",
-        "key",
-        "last_fwd_sent",
-        "local_alloc",
-        "ok_reply",
-        "ops",
-        "peer_buf_alloc",
-        "peer_fwd_cnt",
-        "readable",
-        "rx_cnt",
-        "seq",
-        "seq_in",
-        "seq_msg",
-        "seq_out",
-        "sock",
-        "tx_cnt",
-        "txbuf",
-        "want_write",
-    )  # fmt: skip
-
-    def __init__(self, key: tuple[int, int], sock: socket.socket, seq: bool) -> None:
-        self.key = key
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.seq = seq
-        self.est = False  # RESPONSE exchanged
-        self.dead = False
-        self.ops = 0
-        self.in_ready = False
-        self.armed = False  # host socket watched for input
-        self.readable = False  # host socket has input waiting for rx buffers
-        self.host_eof = False
-        self.want_write = False
-        self.connecting = False  # the host's connect is in progress
-        self.local_alloc = False  # the local port came from the allocator
-        self.ok_reply = False  # hybrid: write "OK <port>" on RESPONSE
-        self.credit_asked = False
-        # Credit (§5.10.6.3), all modulo 2^32.  Guest -> host: rx_cnt counts payload
-        # received, fwd_cnt payload written to the host socket, last_fwd_sent the
-        # fwd_cnt the guest last heard.  Host -> guest: tx_cnt counts payload sent.
-        self.rx_cnt = 0
-        self.fwd_cnt = 0
-        self.last_fwd_sent = 0
-        self.tx_cnt = 0
-        self.peer_buf_alloc = 0
-        self.peer_fwd_cnt = 0
-        self.guest_shut = 0
-        self.host_shut = 0
-        self.txbuf = bytearray()
-        self.seq_msg = bytearray()  # guest message being assembled (seqpacket)
-        self.seq_out: collections.deque[bytes] = collections.deque()
-        self.seq_in: memoryview | None = None  # host record being sent to the guest
-
-    def peer_free(self) -> int:
-        """Bytes the guest can take now: its buf_alloc minus what it has not forwarded."""
-        return max(0, self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & U32))
-
-    def pending_tx(self) -> int:
-        """Guest payload received and not yet written to the host socket."""
-        return (self.rx_cnt - self.fwd_cnt) & U32
+    def take(self, device: VsockDevice, paused: bool | None = None) -> list[tuple[bytes, bytes]]:
+        """Empty ``device``'s inbox (its loop thread, under the lock), and mark it
+        paused or running if ``paused`` is given."""
+        with self._lock:
+            if paused is not None:
+                device._paused = paused
+            device._inbox_posted = False
+            out = list(device._inbox)
+            device._inbox.clear()
+            return out
 
 
 class VsockDevice(VirtioDevice):
@@ -356,12 +317,21 @@ class VsockDevice(VirtioDevice):
         self._ready: collections.deque[_Conn] = collections.deque()
         # Packets for rx that belong to no connection: (header, payload).
         self._loose: collections.deque[tuple[bytes, bytes]] = collections.deque()
-        self._handshakes: dict[int, tuple[socket.socket, object]] = {}
+        # Host clients before their CONNECT line: socket and timeout (None while paused).
+        self._handshakes: dict[int, tuple[socket.socket, object | None]] = {}
         self._local_ports: set[int] = set()
         self._next_port = LOCAL_PORT_FIRST
-        self._rx_live = False
         self._wep: select.epoll | None = None
         self._listeners: list[Listener] = []
+        # Sibling packets for this VM (VsockRegistry.deliver), under the registry's
+        # lock; whether a loop callback to take them is posted; whether the rings
+        # are stopped (the inbox waits for activate then).
+        self._inbox: list[tuple[bytes, bytes]] = []
+        self._inbox_posted = False
+        self._paused = True
+        # What the compiled paths read (virtio_devices._vsock_fast): the tables above
+        # and the flags below, as C fields.
+        self._fast = _vsock_fast.State(self.conns, self._ready, self._loose, guest_cid, tx_buffer_size)
 
     # -- config and lifecycle ------------------------------------------------------------
     def config_space(self) -> bytes:
@@ -369,10 +339,35 @@ class VsockDevice(VirtioDevice):
         return struct.pack("<Q", self.guest_cid)
 
     @property
+    def _compiled(self) -> bool:
+        """Whether the compiled paths serve the common packets (False: everything
+        through the Python path; the tests compare the two)."""
+        return self._fast.compiled
+
+    @_compiled.setter
+    def _compiled(self, value: bool) -> None:
+        self._fast.compiled = value
+
+    @property
+    def _rx_live(self) -> bool:
+        """Whether rx is the device's: not taken back by the front-end since its
+        driver last kicked it."""
+        return self._fast.rx_live
+
+    @_rx_live.setter
+    def _rx_live(self, value: bool) -> None:
+        self._fast.rx_live = value
+
+    @property
     def seqpacket(self) -> bool:
         return self.has_feature(VIRTIO_VSOCK_F_SEQPACKET)
 
     def activate(self, memory, queues, interrupt, loop) -> None:  # type: ignore[no-untyped-def]
+        """Start (or resume) the device: watch the listeners, and the host sockets of
+        the connections kept across :meth:`reset` again.  Every established kept
+        connection gets one ``CREDIT_REQUEST`` (§5.10.6.3): a guest that still has the
+        socket answers with its credit, one whose driver was reset answers ``RST``
+        (§5.10.6.5: a packet for no connection), which closes the host socket."""
         super().activate(memory, queues, interrupt, loop)
         self._rx_live = True
         # Writability of host sockets: our own epoll set, watched as one fd by the
@@ -382,23 +377,58 @@ class VsockDevice(VirtioDevice):
         self._listeners = self.host.listeners()
         for listener in self._listeners:
             loop.add_reader(listener.sock.fileno(), self._acceptor(listener))
+        for fd in list(self._handshakes):
+            self._watch_handshake(fd)
+        for conn in list(self.conns.values()):
+            if conn.connecting or conn.txbuf or conn.seq_out:
+                self._watch_output(conn, True)
+            if conn.est:
+                conn.ops |= _P_CREDIT_REQUEST
+                self._schedule(conn)
+            self._watch_input(conn)
         if self.registry is not None:
             self.registry.register(self)
+            self._loose.extend(self.registry.take(self, paused=False))
+        if self._ready or self._loose:
+            # Packets that waited through the pause: the driver posted its rx buffers
+            # before it, and kicks no more for them.
+            loop.call_later(0, self._fill_rx)
 
     def reset(self) -> None:
-        """Close every connection's host socket and stop watching the listeners
-        (they stay open for the next front-end), then reset the queues."""
+        """Stop: host sockets and listeners are no longer watched, the queues are
+        given back; connections, their credit and the packets they still owe the
+        guest are kept for the next :meth:`activate`.
+
+        A vhost-user transport resets the device whenever its rings stop, which QEMU
+        does on ``stop`` and before a migration (GET_VRING_BASE on every ring), not
+        only when the driver resets it, and it cannot tell the two apart (QEMU sends
+        SET_STATUS 0 on every stop too).  The guest's sockets outlive a pause, so
+        their host ends must too.  A driver that really resets forgets its
+        connections: Linux resets every connected socket when its device goes, as
+        it does on the device's ``VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`` (§5.10.6.6),
+        and sends nothing for them.  The ``CREDIT_REQUEST`` that :meth:`activate`
+        sends on each kept connection then meets ``RST`` (§5.10.6.5: the answer to
+        a packet for no socket) and the host end is closed.  :meth:`close` closes
+        them all.
+
+        Raises:
+            Exception: what the base class's reset raises.
+        """
         if self.registry is not None:
-            self.registry.unregister(self)
+            # Still the VM at its CID: siblings' packets wait in the inbox.
+            self._loose.extend(self.registry.take(self, paused=True))
         loop = self.loop
-        for conn in list(self.conns.values()):
-            self._drop(conn)
-        for fd, (sock, timer) in list(self._handshakes.items()):
+        for conn in self.conns.values():
+            if conn.armed and loop is not None:
+                loop.remove_reader(conn.fd)
+            conn.armed = False
+            conn.want_write = False  # the epoll set goes; activate makes a new one
+        for fd, (_sock, timer) in self._handshakes.items():
             if loop is not None:
                 loop.remove_reader(fd)
-            timer.cancel()  # type: ignore[attr-defined]
-            sock.close()
-        self._handshakes.clear()
+            if timer is not None:
+                timer.cancel()  # type: ignore[attr-defined]
+            self._handshakes[fd] = (_sock, None)
         if loop is not None:
             for listener in self._listeners:
                 loop.remove_reader(listener.sock.fileno())
@@ -408,10 +438,30 @@ class VsockDevice(VirtioDevice):
             self._wep.close()
             self._wep = None
         self._listeners = []
-        self._ready.clear()
-        self._loose.clear()
         self._rx_live = False
         super().reset()
+
+    def close(self) -> None:
+        """The device is done with (its front-end left): reset it if active, close
+        every connection's host socket and every host client still in its
+        ``CONNECT`` handshake; the listeners stay open for the next front-end.
+
+        Called once by the vhost-user daemon at the end of each session (a fresh
+        device serves the next); closing twice is harmless.
+        """
+        try:
+            if self.active:
+                self.reset()
+        finally:
+            if self.registry is not None:
+                self.registry.unregister(self)
+            for conn in list(self.conns.values()):
+                self._drop(conn)
+            for sock, _timer in self._handshakes.values():
+                sock.close()
+            self._handshakes.clear()
+            self._ready.clear()
+            self._loose.clear()
 
     def quiesce(self, index: int) -> None:
         super().quiesce(index)
@@ -420,16 +470,13 @@ class VsockDevice(VirtioDevice):
             self._rx_live = False
 
     # -- queues ----------------------------------------------------------------------------
-    def process_queue(self, index: int) -> None:
-        """rx: fill the posted buffers with pending packets; tx: serve the guest's
-        packets (the drain loop), then send what they produced; event: never used
-        (upstream neither)."""
-        if index == TX:
-            self.process_chains(TX)
-            self._fill_rx()
-        elif index == RX:
-            self._rx_live = True
-            self._fill_rx()
+    #: rx: fill the posted buffers with pending packets; tx: serve the guest's packets
+    #: (the drain loop, under the framework's error policy), then send what they
+    #: produced; event: never used (upstream neither).  Compiled
+    #: (:func:`virtio_devices._vsock_fast.process_queue`): a kick costs no Python
+    #: frame; the common packets are served there, the rest through
+    #: :meth:`handle_chain` and the Python producers.
+    process_queue = _vsock_fast.process_queue
 
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | Park | None:
         """One packet from the guest's tx queue (§5.10.6.4); used length 0 (tx buffers
@@ -444,24 +491,6 @@ class VsockDevice(VirtioDevice):
         if avail < HDR_SIZE:
             raise MalformedRequest(f"vsock header needs {HDR_SIZE} bytes, packet has {avail}")
         fields = cast("tuple[int, int, int, int, int, int, int, int, int, int]", reader.read_obj(HDR_FMT))
-        src_cid, dst_cid, src_port, dst_port, length, type_, op, _flags, buf_alloc, fwd_cnt = fields
-        if op == OP_RW and type_ == TYPE_STREAM and src_cid == self.guest_cid and dst_cid == HOST_CID:
-            # The data path, one dict look-up and one writev: an open stream whose host
-            # socket took everything so far, a packet within its buffers and credit.
-            conn = self.conns.get((dst_port, src_port))
-            if (
-                conn is not None
-                and conn.est
-                and not conn.txbuf
-                and not conn.guest_shut
-                and not conn.seq
-                and length <= avail - HDR_SIZE
-                and length <= self.buf_alloc - ((conn.rx_cnt - conn.fwd_cnt) & U32)
-            ):
-                conn.peer_buf_alloc = buf_alloc
-                conn.peer_fwd_cnt = fwd_cnt
-                self._guest_stream_data(conn, reader, length)
-                return 0
         hdr = Hdr.from_fields(fields)
         if hdr.len > reader.available_bytes():
             if hdr.src_cid == self.guest_cid and hdr.dst_cid == HOST_CID:
@@ -613,20 +642,28 @@ class VsockDevice(VirtioDevice):
             self._host_broke(conn, e)
             return
         if wrote < n:
-            conn.txbuf += reader.read(n - wrote)
-            self._watch_output(conn, True)
+            self._tx_buffer(conn, reader, n - wrote)
         self._forwarded(conn, wrote)
         if (
             conn.credit_asked
             or (conn.readable and not conn.in_ready)
             or (not conn.armed and not conn.readable)
         ):
-            # The guest's credit in this packet may let host data flow again.
-            if conn.peer_free() > 0:
-                conn.credit_asked = False
-            self._watch_input(conn)
-            if conn.readable and conn.peer_free() > 0:
-                self._schedule(conn)
+            self._credit_changed(conn)
+
+    def _tx_buffer(self, conn: _Conn, reader: Reader, n: int) -> None:
+        """The host socket is full: keep the packet's last ``n`` bytes until it is
+        writable again (only this connection waits)."""
+        conn.txbuf += reader.read(n)
+        self._watch_output(conn, True)
+
+    def _credit_changed(self, conn: _Conn) -> None:
+        """The guest's credit in its last packet may let host data flow again."""
+        if conn.peer_free() > 0:
+            conn.credit_asked = False
+        self._watch_input(conn)
+        if conn.readable and conn.peer_free() > 0:
+            self._schedule(conn)
 
     def _forwarded(self, conn: _Conn, n: int, drained: bool = False) -> None:
         """``n`` more guest bytes reached the host: tell the guest (§5.10.6.3
@@ -710,14 +747,19 @@ class VsockDevice(VirtioDevice):
         return accept
 
     def _start_handshake(self, sock: socket.socket) -> None:
+        self._handshakes[sock.fileno()] = (sock, None)
+        self._watch_handshake(sock.fileno())
+
+    def _watch_handshake(self, fd: int) -> None:
+        """Wait for the host client's ``CONNECT`` line, for :data:`CONNECT_TIMEOUT`
+        seconds (from the start, or again after the device was paused)."""
         assert self.loop is not None
-        fd = sock.fileno()
+        sock = self._handshakes[fd][0]
 
         def too_late() -> None:
             self._end_handshake(fd, "no CONNECT line in time")
 
-        timer = self.loop.call_later(CONNECT_TIMEOUT, too_late)
-        self._handshakes[fd] = (sock, timer)
+        self._handshakes[fd] = (sock, self.loop.call_later(CONNECT_TIMEOUT, too_late))
         self.loop.add_reader(fd, lambda: self._on_handshake(fd))
 
     def _end_handshake(self, fd: int, why: str | None) -> socket.socket | None:
@@ -727,7 +769,8 @@ class VsockDevice(VirtioDevice):
         sock, timer = entry
         assert self.loop is not None
         self.loop.remove_reader(fd)
-        timer.cancel()  # type: ignore[attr-defined]
+        if timer is not None:
+            timer.cancel()  # type: ignore[attr-defined]
         if why is not None:
             self._warn("connect", "%s: host client refused: %s", self.host.name, why)
             sock.close()
@@ -836,11 +879,11 @@ class VsockDevice(VirtioDevice):
     # -- rx ----------------------------------------------------------------------------------
     def _fill_rx(self) -> None:
         """Write pending packets into the guest's rx buffers (§5.10.6.4), one per chain."""
-        if not self._rx_live or not self.active:
-            return
+        _vsock_fast.fill_rx(self, self._fast)
+
+    def _fill_rx_py(self) -> None:
+        """:meth:`_fill_rx` in Python (``_compiled`` False), once rx is the device's."""
         queue = self.queues[RX]
-        if not queue.ready:
-            return
         added = 0
         chain: DescriptorChain | None = None
         ready, loose = self._ready, self._loose
@@ -929,7 +972,11 @@ class VsockDevice(VirtioDevice):
             used = self._produce_data(conn, writer)
             if used is not None:
                 return used
-            ops = conn.ops  # end of file may have asked for SHUTDOWN
+        return self._produce_ops(conn, writer)
+
+    def _produce_ops(self, conn: _Conn, writer: Writer) -> int | None:
+        """The control packet ``conn`` owes after its data (SHUTDOWN, then credit)."""
+        ops = conn.ops  # end of file may have asked for SHUTDOWN
         if ops & _P_SHUTDOWN:
             conn.ops &= ~_P_SHUTDOWN
             self._header(writer, conn, OP_SHUTDOWN, conn.host_shut & SHUTDOWN_BOTH)
@@ -1011,7 +1058,7 @@ class VsockDevice(VirtioDevice):
     def _no_input(self, conn: _Conn) -> None:
         """A read gave 0 bytes: no data now (EAGAIN), or the host's end of file."""
         try:
-            peek = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            peek = conn.sock.recv(1, _PEEK_NOW)
         except BlockingIOError:
             conn.readable = False
             self._watch_input(conn)
@@ -1053,14 +1100,16 @@ class VsockDevice(VirtioDevice):
         if not self.registry.deliver(self, hdr.dst_cid, hdr.pack(), payload):
             self._warn("sibling", "packet to cid %d dropped: no VM of a shared group there", hdr.dst_cid)
 
-    def inject(self, header: bytes, payload: bytes) -> None:
-        """A sibling VM's packet for this guest (called on this device's loop)."""
-        if not self.active:
+    def _take_inbox(self) -> None:
+        """Siblings' packets for this guest (on this device's loop) onto rx."""
+        if self.registry is None or not self.active:
             return
-        if len(self._loose) >= MAX_LOOSE:
-            self._warn("loose", "rx backlog full: sibling packet dropped")
-            return
-        self._loose.append((header, payload))
+        packets = self.registry.take(self)
+        room = MAX_LOOSE - len(self._loose)
+        if len(packets) > room:
+            self._warn("loose", "rx backlog full: %d sibling packets dropped", len(packets) - room)
+            packets = packets[:room]
+        self._loose.extend(packets)
         self._fill_rx()
 
     # -- connection table ----------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -347,3 +348,78 @@ def test_config_yaml_with_three_vms(tmp_path: Path) -> None:
             g.close()
     finally:
         assert v.stop() == 0
+
+
+def _pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed + (i >> 8)) & 0xFF for i in range(n))
+
+
+def test_vm_pause_keeps_host_connections_and_every_byte_in_order(vms: Vms) -> None:
+    """QEMU's ``stop`` (GET_VRING_BASE on every ring) mid-stream, then ``cont``: the
+    device is reset by the transport, the host connections stay open, and both
+    streams go on where they stopped (as the Rust daemon does)."""
+    lst = listen(vms.uds(3) + "_1234")
+    g = vms.guest(3)
+    try:
+        g.send(5000, 1234, OP_REQUEST)
+        g.expect(OP_RESPONSE)
+        host = accept(lst)
+        down = _pattern(512 * 1024, 1)  # host -> guest
+        up = _pattern(32 * 4096, 2)  # guest -> host
+        sender = threading.Thread(target=host.sendall, args=(down,))
+        sender.start()
+        got = bytearray(g.read_stream(5000, 1234, 64 * 1024))
+        for i in range(8):
+            g.send(5000, 1234, OP_RW, up[i * 4096 : (i + 1) * 4096])
+        assert recv_exact(host, 4096) == up[:4096]
+
+        bases = g.pause()
+        # Queued while the rings are stopped: served after the resume, in order.
+        for i in range(8, 12):
+            g.send(5000, 1234, OP_RW, up[i * 4096 : (i + 1) * 4096], kick=False)
+        g.resume(bases)
+
+        for i in range(12, 32):
+            g.send(5000, 1234, OP_RW, up[i * 4096 : (i + 1) * 4096])
+        assert recv_exact(host, len(up) - 4096) == up[4096:]
+        got += g.read_stream(5000, 1234, len(down) - len(got))
+        sender.join(TIMEOUT)
+        assert not sender.is_alive()
+        assert bytes(got) == down
+    finally:
+        g.close()
+        lst.close()
+
+
+def test_driver_reset_during_a_pause_closes_the_host_end(vms: Vms) -> None:
+    """vhost-user cannot tell a pause from a driver reset: after a resume the device
+    asks each kept connection for credit; a guest that no longer knows it answers
+    RST (VIRTIO 1.2 §5.10.6.5: a packet for no socket), and the host end closes."""
+    lst = listen(vms.uds(3) + "_1234")
+    g = vms.guest(3)
+    try:
+        g.send(5000, 1234, OP_REQUEST)
+        g.expect(OP_RESPONSE)
+        host = accept(lst)
+        g.resume(g.pause())
+        probe = g.expect(OP_CREDIT_REQUEST)
+        assert (probe.src_port, probe.dst_port) == (1234, 5000)
+        g.send(5000, 1234, OP_RST)  # what Linux answers once its driver was reset
+        assert closed_by_peer(host)
+    finally:
+        g.close()
+        lst.close()
+
+
+def test_front_end_leaving_closes_the_host_connections(vms: Vms) -> None:
+    """The session's end (QEMU gone) releases the VM's host connections."""
+    lst = listen(vms.uds(3) + "_1234")
+    g = vms.guest(3)
+    try:
+        g.send(5000, 1234, OP_REQUEST)
+        g.expect(OP_RESPONSE)
+        host = accept(lst)
+    finally:
+        g.close()
+    assert closed_by_peer(host)
+    lst.close()

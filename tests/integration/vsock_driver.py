@@ -8,10 +8,12 @@ fixed pool of buffers.  No sleeps: every wait is on a call eventfd with a timeou
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
 from vhost_backends.frontend import Frontend
+from vhost_backends.protocol.codes import VHOST_USER_F_PROTOCOL_FEATURES
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 HDR = struct.Struct("<QQIIIHHIII")
@@ -161,6 +163,39 @@ class VsockDriver:
             if len(got) and self.fwd_cnt.get((port, peer), 0) % (self.buf_alloc // 2) < 4096:
                 self.send(port, peer, OP_CREDIT_UPDATE)
         return bytes(got)
+
+    # -- a VM pause ----------------------------------------------------------------------
+    def pause(self) -> dict[int, int]:
+        """Stop every ring as QEMU's ``stop`` does (GET_VRING_BASE on each); the next
+        avail index of each ring."""
+        return {index: self.fe.get_vring_base(index) for index in sorted(self.fe.rings)}
+
+    def resume(self, bases: dict[int, int]) -> None:
+        """Start the rings again where :meth:`pause` left them, with fresh eventfds
+        (QEMU's vhost_virtqueue_start), and kick each, as QEMU does when it hands the
+        queues back to the back-end (the guest may have queued buffers meanwhile)."""
+        fe = self.fe
+        for index, base in bases.items():
+            ring = fe.rings[index]
+            mock = ring.mock
+            for fd in (ring.kick_fd, ring.call_fd):
+                os.close(fd)
+            ring.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            ring.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fe.set_vring_num(index, mock.size)
+            fe.set_vring_base(index, base)
+            fe.set_vring_addr(
+                index,
+                fe.user_addr(mock.desc_table),
+                fe.user_addr(mock.avail_ring),
+                fe.user_addr(mock.used_ring),
+            )
+            fe.set_vring_call(index, ring.call_fd)
+            fe.set_vring_kick(index, ring.kick_fd)
+            if fe.features & VHOST_USER_F_PROTOCOL_FEATURES:
+                fe.set_vring_enable(index, True)
+        for index in bases:
+            fe.kick(index)
 
     def config_cid(self) -> int:
         return int(struct.unpack("<Q", self.fe.get_config(0, 8))[0])

@@ -102,6 +102,7 @@ class VsockGuest:
 
     def close(self) -> None:
         self.rig.close()
+        self.device.close()
 
 
 def _desc(gpa: int, size: int, *, write: bool) -> RawDesc:

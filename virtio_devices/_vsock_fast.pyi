@@ -1,0 +1,56 @@
+import collections
+import socket
+from typing import Any, final
+
+from virtio_queue import Queue
+
+@final
+class Conn:
+    """One connection (§5.10.6.5): its host socket, credit counters and pending rx work."""
+
+    key: tuple[int, int]
+    sock: socket.socket
+    fd: int
+    seq: bool
+    est: bool
+    dead: bool
+    ops: int
+    in_ready: bool
+    armed: bool
+    readable: bool
+    host_eof: bool
+    want_write: bool
+    connecting: bool
+    local_alloc: bool
+    ok_reply: bool
+    credit_asked: bool
+    rx_cnt: int
+    fwd_cnt: int
+    last_fwd_sent: int
+    tx_cnt: int
+    peer_buf_alloc: int
+    peer_fwd_cnt: int
+    guest_shut: int
+    host_shut: int
+    txbuf: bytearray
+    seq_msg: bytearray
+    seq_out: collections.deque[bytes]
+    seq_in: memoryview | None
+    def __init__(self, key: tuple[int, int], sock: socket.socket, seq: bool) -> None: ...
+    def peer_free(self) -> int: ...
+    def pending_tx(self) -> int: ...
+
+@final
+class State:
+    """What the compiled paths read of one device, as C fields."""
+
+    compiled: bool
+    rx_live: bool
+    def __init__(
+        self, conns: dict[tuple[int, int], Conn], ready: collections.deque[Conn],
+        loose: collections.deque[tuple[bytes, bytes]], guest_cid: int, buf_alloc: int,
+    ) -> None: ...  # fmt: skip
+
+def process_queue(device: Any, index: int) -> None: ...
+def drain_tx(device: Any, st: State, queue: Queue) -> int: ...
+def fill_rx(device: Any, st: State) -> int: ...

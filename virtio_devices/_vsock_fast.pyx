@@ -1,0 +1,783 @@
+# cython: language_level=3
+"""The compiled request path of virtio-vsock (``virtio_devices.vsock``).
+
+:class:`Conn` is a connection's state (the device's ``_Conn``) with C fields, which
+both paths read and write.  Two loops serve the common packet shapes without a
+Python call per packet and hand every other one to the device's Python:
+
+* :func:`drain_tx` drains the tx queue (VIRTIO 1.2 §5.10.6.4).  A stream's
+  ``CREDIT_UPDATE`` and ``RST`` are taken here, and so is an ``RW`` packet of an established
+  stream to the host, within its buffers and the credit we gave (§5.10.6.3),
+  whose host socket took everything so far: header parsed from the guest
+  buffers, payload written to the host socket with one ``writev`` straight from
+  them (consecutive packets of one connection in one ``writev``), credit counters
+  updated, a ``CREDIT_UPDATE`` scheduled
+  when the guest's view of our free space falls below half.  Every other packet
+  goes through ``device.handle_chain`` under the device framework's error policy
+  (``device._call``), exactly as the drain loop of ``VirtioDevice.process_chains``
+  would send it.
+* :func:`fill_rx` fills the rx queue with what the device owes the guest.  A
+  connection whose next packet is stream data (no RST, REQUEST or RESPONSE
+  pending, the guest has credit for it) gets its header and payload here: one
+  ``readv`` from the host socket straight into the rx buffer after the header;
+  so do a REQUEST or RESPONSE, and a CREDIT_UPDATE or CREDIT_REQUEST when nothing
+  else is pending.  Everything else (RST, SHUTDOWN,
+  seqpacket records, a sibling's packets) is ``device._produce(writer)``.
+
+The socket calls keep the GIL (see :func:`_sock_io`).  Both paths keep the
+Python path's order and state changes; the unit tests run the same packets
+through both and compare.
+"""
+
+cimport cython
+from cpython.dict cimport PyDict_GetItem
+from cpython.ref cimport PyObject
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.string cimport memcpy
+from posix.uio cimport iovec, readv, writev
+
+from virtio_queue.chain cimport (DescriptorChain, Reader, Writer, _Stream, make_chain, make_reader,
+                                 make_writer)
+from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh, le32toh, le64toh
+from virtio_queue.queue cimport Queue
+
+import os
+
+from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
+
+from .errors import DeviceNeedsReset
+
+# §5.10.6: the header, its types and ops; the pending rx operations of a
+# connection (the Python module's constants and _P_* bits); the queues.
+cdef enum:
+    HDR_SIZE = 44
+    HOST_CID = 2
+    TYPE_STREAM = 1
+    TYPE_SEQPACKET = 2
+    OP_REQUEST = 1
+    OP_RESPONSE = 2
+    OP_RST = 3
+    OP_RW = 5
+    OP_CREDIT_UPDATE = 6
+    OP_CREDIT_REQUEST = 7
+    SHUTDOWN_RCV = 1
+    P_RST = 1
+    P_REQUEST = 2
+    P_RESPONSE = 4
+    P_CREDIT_UPDATE = 16
+    P_CREDIT_REQUEST = 32
+    P_BEFORE_DATA = P_RST | P_REQUEST | P_RESPONSE
+    P_CREDIT = P_CREDIT_UPDATE | P_CREDIT_REQUEST
+    RX = 0
+    TX = 1
+    IOV_MAX_BATCH = 64
+    # RW packets of one connection gathered into one writev (see _Batch).
+    BATCH_MAX = 32
+    BATCH_IOV = 128
+    # Socket I/O of at least this many bytes releases the GIL (see _sock_io).
+    NOGIL_IO_MIN = 262144
+
+
+@cython.final
+cdef class Conn:
+    """One connection (§5.10.6.5): its host socket, credit counters and pending rx
+    work.  Counters are u32, as on the wire (§5.10.6.3: all modulo 2^32)."""
+
+    cdef public tuple key
+    cdef public object sock
+    cdef public int fd
+    cdef public bint seq
+    cdef public bint est          # RESPONSE exchanged
+    cdef public bint dead
+    cdef public int ops           # pending rx operations (_P_* bits)
+    cdef public bint in_ready     # in the device's ready queue
+    cdef public bint armed        # host socket watched for input
+    cdef public bint readable     # host socket has input waiting for rx buffers
+    cdef public bint host_eof
+    cdef public bint want_write
+    cdef public bint connecting   # the host's connect is in progress
+    cdef public bint local_alloc  # the local port came from the allocator
+    cdef public bint ok_reply     # hybrid: write "OK <port>" on RESPONSE
+    cdef public bint credit_asked
+    # Guest -> host: rx_cnt counts payload received, fwd_cnt payload written to the
+    # host socket, last_fwd_sent the fwd_cnt the guest last heard.  Host -> guest:
+    # tx_cnt counts payload sent; the guest's buf_alloc and fwd_cnt as it last said.
+    cdef public uint32_t rx_cnt
+    cdef public uint32_t fwd_cnt
+    cdef public uint32_t last_fwd_sent
+    cdef public uint32_t tx_cnt
+    cdef public uint32_t peer_buf_alloc
+    cdef public uint32_t peer_fwd_cnt
+    cdef public int guest_shut
+    cdef public int host_shut
+    cdef public bytearray txbuf
+    cdef public bytearray seq_msg   # guest message being assembled (seqpacket)
+    cdef public object seq_out      # deque of host-bound messages (seqpacket)
+    cdef public object seq_in       # host record being sent to the guest, or None
+
+    def __init__(self, tuple key not None, sock, bint seq):
+        import collections  # noqa: PLC0415 - once per connection, not per packet
+
+        self.key = key
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.seq = seq
+        self.txbuf = bytearray()
+        self.seq_msg = bytearray()
+        self.seq_out = collections.deque()
+        self.seq_in = None
+
+    cpdef long peer_free(self):
+        """Bytes the guest can take now: its buf_alloc minus what it has not forwarded."""
+        cdef int64_t free = <int64_t>self.peer_buf_alloc - <uint32_t>(self.tx_cnt - self.peer_fwd_cnt)
+        return free if free > 0 else 0
+
+    cpdef long pending_tx(self):
+        """Guest payload received and not yet written to the host socket."""
+        return <uint32_t>(self.rx_cnt - self.fwd_cnt)
+
+
+@cython.final
+cdef class _Batch:
+    """Consecutive RW packets of one connection in one tx drain, written to its host
+    socket with one ``writev`` (one system call and one wake-up of the host program
+    instead of one per packet).  Their chains are completed once the bytes are out
+    (or buffered); the packets' credit was counted as each was taken."""
+
+    cdef Conn conn
+    cdef list readers
+    cdef uint16_t heads[BATCH_MAX]
+    cdef uint32_t lens[BATCH_MAX]
+    cdef int n
+    cdef iovec iov[BATCH_IOV]
+    cdef int niov
+    cdef size_t total
+
+    def __cinit__(self):
+        self.readers = []
+
+
+cdef bint _batch_add(_Batch b, Conn conn, Reader r, uint16_t head, uint32_t length):
+    """Take the packet (its ``length`` payload bytes after the header) into the
+    batch of ``conn``; False if its buffers do not fit the batch's iovecs."""
+    cdef size_t got = 0
+    cdef int k = 0
+    if length:
+        k = r._iov(&b.iov[b.niov], BATCH_IOV - b.niov, length, &got)
+        if got < length:
+            return False
+    b.niov += k
+    b.conn = conn
+    b.readers.append(r)
+    b.heads[b.n] = head
+    b.lens[b.n] = length
+    b.n += 1
+    b.total += length
+    return True
+
+
+cdef int _batch_flush(object device, _Batch b, Queue queue, uint32_t buf_alloc, object ready,
+                      Py_ssize_t *served) except -1:
+    """Write the batch to its connection's host socket, buffer what the socket did not
+    take (in order), count what went out (the device's ``_forwarded``), and complete
+    the batch's chains."""
+    cdef Conn conn = b.conn
+    cdef ssize_t r
+    cdef size_t wrote = 0, rem
+    cdef uint32_t unseen
+    cdef int i, err = 0
+    cdef Reader rd
+    if b.n == 0:
+        return 0
+    try:
+        if b.total:
+            while True:
+                if b.total >= NOGIL_IO_MIN:
+                    with nogil:
+                        r = writev(conn.fd, b.iov, b.niov)
+                else:
+                    r = writev(conn.fd, b.iov, b.niov)
+                if r < 0 and errno == EINTR:
+                    continue
+                break
+            if r < 0:
+                if errno != EAGAIN:
+                    err = errno
+            else:
+                wrote = <size_t>r
+        if err:
+            device._host_broke(conn, OSError(err, os.strerror(err)))
+        else:
+            if wrote < b.total:
+                # A full host socket: the rest waits in the connection's buffer.
+                rem = wrote
+                for i in range(b.n):
+                    if rem >= b.lens[i]:
+                        rem -= b.lens[i]
+                        continue
+                    rd = <Reader>b.readers[i]
+                    rd._advance(rem)
+                    device._tx_buffer(conn, rd, b.lens[i] - rem)
+                    rem = 0
+            conn.fwd_cnt += <uint32_t>wrote
+            unseen = conn.fwd_cnt - conn.last_fwd_sent
+            if unseen and (<int64_t>buf_alloc - <uint32_t>(conn.rx_cnt - conn.last_fwd_sent)
+                           < <int64_t>(buf_alloc // 2) + 1):
+                conn.ops |= P_CREDIT_UPDATE
+                _schedule(conn, ready)
+            if (conn.credit_asked or (conn.readable and not conn.in_ready)
+                    or (not conn.armed and not conn.readable)):
+                # The guest's credit in these packets may let host data flow again.
+                _credit_changed(device, conn, ready)
+        for i in range(b.n):
+            queue.add_used_c(b.heads[i], 0)
+        served[0] += b.n
+    finally:
+        b.n = 0
+        b.niov = 0
+        b.total = 0
+        b.conn = None
+        b.readers.clear()
+    return 0
+
+
+@cython.final
+cdef class State:
+    """What the compiled paths read of one device, as C fields: its connection
+    table and rx work queues (the device's own objects, shared) and its constants;
+    ``compiled`` and ``rx_live`` are the device's ``_compiled`` and ``_rx_live``."""
+
+    cdef public bint compiled
+    cdef public bint rx_live
+    cdef dict conns
+    cdef object ready
+    cdef object loose
+    cdef uint64_t guest_cid
+    cdef uint32_t buf_alloc
+    cdef _Batch batch
+
+    def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc):
+        self.batch = _Batch()
+        self.compiled = True
+        self.rx_live = False
+        self.conns = conns
+        self.ready = ready
+        self.loose = loose
+        self.guest_cid = guest_cid
+        self.buf_alloc = buf_alloc
+
+
+cdef size_t _sock_io(_Stream s, int fd, size_t n, bint reading) except? 0:
+    """Move up to ``n`` bytes between the buffers of ``s`` and the non-blocking
+    socket ``fd`` (``readv`` into them when ``reading``, else ``writev`` out of them),
+    as ``Writer.read_from_fd``/``Reader.write_to_fd`` do: short counts (EAGAIN, end
+    of file) end it, EINTR is retried, an error after some bytes reports the bytes.
+
+    The GIL stays held below ``NOGIL_IO_MIN`` bytes: a non-blocking socket never
+    waits, so the call lasts as long as its copy, and a thread that gives the GIL
+    up for a short copy may wait far longer to get it back while another VM's
+    thread runs Python (one switch interval), which is what one process serving
+    many VMs must avoid.
+
+    Raises:
+        OSError: the system call failed before moving anything.
+    """
+    cdef iovec iov[IOV_MAX_BATCH]
+    cdef size_t want = n if n < s.avail else s.avail
+    cdef size_t total = 0, got
+    cdef ssize_t r
+    cdef int k, err = 0
+    cdef bint release = want >= NOGIL_IO_MIN
+    while total < want:
+        k = s._iov(iov, IOV_MAX_BATCH, want - total, &got)
+        if release:
+            with nogil:
+                r = readv(fd, iov, k) if reading else writev(fd, iov, k)
+        else:
+            r = readv(fd, iov, k) if reading else writev(fd, iov, k)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            if errno != EAGAIN:
+                err = errno
+            break
+        s._advance(<size_t>r)
+        total += <size_t>r
+        if <size_t>r < got:
+            break
+    if err and total == 0:
+        raise OSError(err, os.strerror(err))
+    return total
+
+
+cdef inline uint32_t _u32(const unsigned char *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return le32toh(v)
+
+
+cdef inline uint16_t _u16(const unsigned char *p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return le16toh(v)
+
+
+cdef inline uint64_t _u64(const unsigned char *p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return le64toh(v)
+
+
+cdef int _notify(object device, Queue queue, int index) except -1:
+    """Signal the driver for queue ``index`` if it asked for it, EVENT_IDX aware
+    (``VirtioDevice.notify``)."""
+    interrupt = device.interrupt
+    if interrupt is not None and queue.needs_notification_c():
+        interrupt.signal_used(index)
+    return 0
+
+
+cdef inline int _schedule(Conn conn, object ready) except -1:
+    if not conn.in_ready and not conn.dead:
+        conn.in_ready = True
+        ready.append(conn)
+    return 0
+
+
+cdef inline bint _wants_input(Conn c):
+    """Whether the host socket is to be watched for input: the guest can take some
+    (the device's ``_watch_input`` decides the same)."""
+    return (c.est and not c.dead and not c.readable and not c.host_eof
+            and not c.guest_shut & SHUTDOWN_RCV and c.peer_free() > 0)
+
+
+cdef int _credit_changed(object device, Conn conn, object ready) except -1:
+    """The guest's credit in its last packet may let host data flow again (the
+    device's ``_credit_changed``; the loop is asked only when the watch changes)."""
+    if conn.peer_free() > 0:
+        conn.credit_asked = False
+    if _wants_input(conn) != conn.armed:
+        device._watch_input(conn)
+    if conn.readable and conn.peer_free() > 0:
+        _schedule(conn, ready)
+    return 0
+
+
+cdef int _put_hdr(Writer w, Conn conn, uint16_t op, uint32_t length, uint64_t guest_cid,
+                  uint32_t buf_alloc) except -1:
+    """Our header for ``conn`` (§5.10.6) into the first 44 bytes of ``w``; it carries
+    our credit, so no CREDIT_UPDATE is owed after it (the device's ``_header``)."""
+    cdef unsigned char hdr[HDR_SIZE]
+    cdef uint64_t v64
+    cdef uint32_t v32
+    cdef uint16_t v16
+    v64 = htole64(HOST_CID)
+    memcpy(hdr, &v64, 8)
+    v64 = htole64(guest_cid)
+    memcpy(hdr + 8, &v64, 8)
+    v32 = htole32(<uint32_t>conn.key[0])
+    memcpy(hdr + 16, &v32, 4)
+    v32 = htole32(<uint32_t>conn.key[1])
+    memcpy(hdr + 20, &v32, 4)
+    v32 = htole32(length)
+    memcpy(hdr + 24, &v32, 4)
+    v16 = htole16(TYPE_SEQPACKET if conn.seq else TYPE_STREAM)
+    memcpy(hdr + 28, &v16, 2)
+    v16 = htole16(op)
+    memcpy(hdr + 30, &v16, 2)
+    v32 = 0
+    memcpy(hdr + 32, &v32, 4)
+    v32 = htole32(buf_alloc)
+    memcpy(hdr + 36, &v32, 4)
+    v32 = htole32(conn.fwd_cnt)
+    memcpy(hdr + 40, &v32, 4)
+    w.copy_in(hdr, HDR_SIZE)
+    conn.last_fwd_sent = conn.fwd_cnt
+    conn.ops &= ~P_CREDIT_UPDATE
+    return 0
+
+
+cdef int _tx_rw(object device, Conn conn, Reader r, uint32_t n, uint32_t buf_alloc,
+                object ready) except -1:
+    """``n`` payload bytes of an open stream, within credit: to the host socket
+    (the device's ``_guest_stream_data`` for a connection with nothing buffered)."""
+    cdef size_t wrote = 0
+    cdef uint32_t unseen
+    conn.rx_cnt += n
+    if n:
+        try:
+            wrote = _sock_io(r, conn.fd, n, False)
+        except OSError as e:
+            device._host_broke(conn, e)
+            return 0
+    if wrote < n:
+        # A full host socket: the rest waits in the connection's buffer.
+        device._tx_buffer(conn, r, n - wrote)
+    # _forwarded(conn, wrote)
+    conn.fwd_cnt += <uint32_t>wrote
+    unseen = conn.fwd_cnt - conn.last_fwd_sent
+    if unseen and (<int64_t>buf_alloc - <uint32_t>(conn.rx_cnt - conn.last_fwd_sent)
+                   < <int64_t>(buf_alloc // 2) + 1):
+        conn.ops |= P_CREDIT_UPDATE
+        _schedule(conn, ready)
+    if conn.credit_asked or (conn.readable and not conn.in_ready) or (not conn.armed and not conn.readable):
+        # The guest's credit in this packet may let host data flow again.
+        _credit_changed(device, conn, ready)
+    return 0
+
+
+def process_queue(object device, int index):
+    """``VsockDevice.process_queue``: rx: fill the posted buffers with pending
+    packets; tx: serve the guest's packets, then send what they produced; event:
+    nothing (upstream neither).  The tx drain follows ``VirtioDevice.process_chains``
+    (a broken device refuses, a kick gives the queue back to the device) and its
+    error policy (a broken avail ring stops the queue, a device bug breaks the
+    device); ``device._compiled`` False sends everything through the Python path.
+
+    Raises:
+        DeviceNeedsReset: the device is broken, or a packet's handling hit a bug.
+        InvalidAvailRingIndex, QueueError, GuestMemoryError: the ring is unusable.
+    """
+    cdef State st = <State?>device._fast
+    if index == TX:
+        if st.compiled:
+            _serve_tx(device, st)
+        else:
+            device.process_chains(TX)
+        if st.ready or st.loose:
+            fill_rx(device, st)
+    elif index == RX:
+        st.rx_live = True
+        fill_rx(device, st)
+
+
+cdef int _serve_tx(object device, State st) except -1:
+    cdef Queue queue
+    if device.broken is not None:
+        raise DeviceNeedsReset(f"{device.name}: device is broken ({device.broken!r}) until it is reset")
+    device._quiesced[TX] = False  # a kick: the queue is the device's again
+    queue = device.queues[TX]
+    try:
+        drain_tx(device, st, queue)
+    except InvalidAvailRingIndex:
+        queue.ready = False
+        raise
+    except (QueueError, GuestMemoryError):
+        raise  # the ring itself is unusable: the transport stops it
+    except DeviceNeedsReset as e:
+        if device.broken is None:
+            device.broken = e
+        raise
+    except Exception as e:
+        raise device._break(TX, e) from e
+    return 0
+
+
+def drain_tx(object device, State st, Queue queue):
+    """Serve every available chain of the tx queue (see the module docstring), with
+    the notification protocol of VIRTIO 1.2 §2.7.10 (notifications off while
+    draining, on again, drain again if chains came meanwhile).  Returns the number
+    of chains completed (counted in ``device.chains_served``; the driver notified
+    once, if it wants it).
+
+    Raises:
+        InvalidAvailRingIndex, QueueError, GuestMemoryError: from the ring, as
+            ``Queue.pop_chain``/``add_used`` raise them.
+        Exception: what ``device._call`` lets through (DeviceNeedsReset, a bug).
+    """
+    cdef Py_ssize_t served = 0
+    try:
+        _drain_tx_loop(device, st, queue, &served)
+    finally:
+        if served:
+            device.chains_served = device.chains_served + served
+            _notify(device, queue, TX)
+    return served
+
+
+cdef int _drain_tx_loop(object device, State st, Queue queue, Py_ssize_t *served) except -1:
+    cdef _Batch batch = st.batch
+    try:
+        _drain_tx_chains(device, st, queue, batch, served)
+    finally:
+        # Chains taken into the batch are completed whatever stopped the drain.
+        _batch_flush(device, batch, queue, st.buf_alloc, st.ready, served)
+    return 0
+
+
+cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
+                          Py_ssize_t *served) except -1:
+    cdef uint16_t head
+    cdef DescriptorChain chain
+    cdef Reader r
+    cdef unsigned char hdr[HDR_SIZE]
+    cdef PyObject *p
+    cdef Conn conn
+    cdef uint32_t length, src_port, dst_port
+    cdef uint16_t type_, op
+    cdef int64_t room
+    cdef dict conns = st.conns
+    cdef uint64_t guest_cid = st.guest_cid
+    cdef uint32_t buf_alloc = st.buf_alloc
+    ready = st.ready
+    while True:
+        queue.disable_notification_c()
+        while True:
+            if not queue.pop_head(&head):
+                break
+            if head >= queue._size:
+                _batch_flush(device, batch, queue, buf_alloc, ready, served)
+                device._log_guest_fault(TX, InvalidDescriptorIndex(
+                    f"head descriptor index {head} out of range (queue size {queue._size})"))
+                continue
+            chain = make_chain(queue._snap, queue._memory, queue._desc, queue._desc_gpa, queue._size, head)
+            r = None
+            try:
+                r = make_reader(chain)
+            except (QueueError, GuestMemoryError):
+                pass  # a broken chain: handle_chain meets the same error under the policy
+            if r is not None and r.avail >= HDR_SIZE:
+                r.copy_out(hdr, HDR_SIZE)
+                length = _u32(hdr + 24)
+                type_ = _u16(hdr + 28)
+                op = _u16(hdr + 30)
+                if (op == OP_RW and type_ == TYPE_STREAM and _u64(hdr) == guest_cid
+                        and _u64(hdr + 8) == HOST_CID):
+                    src_port = _u32(hdr + 16)
+                    dst_port = _u32(hdr + 20)
+                    p = PyDict_GetItem(conns, (dst_port, src_port))
+                    if p != NULL:
+                        conn = <Conn>p
+                        if batch.n and (batch.conn is not conn or batch.n == BATCH_MAX):
+                            _batch_flush(device, batch, queue, buf_alloc, ready, served)
+                        room = <int64_t>buf_alloc - <uint32_t>(conn.rx_cnt - conn.fwd_cnt)
+                        if (conn.est and not conn.txbuf and not conn.guest_shut and not conn.seq
+                                and length <= r.avail and length <= room):
+                            # Every packet carries the sender's credit (§5.10.6.3).
+                            conn.peer_buf_alloc = _u32(hdr + 36)
+                            conn.peer_fwd_cnt = _u32(hdr + 40)
+                            if not _batch_add(batch, conn, r, head, length):
+                                _batch_flush(device, batch, queue, buf_alloc, ready, served)
+                                if not _batch_add(batch, conn, r, head, length):
+                                    # More buffers than a batch holds: on its own.
+                                    _tx_rw(device, conn, r, length, buf_alloc, ready)
+                                    queue.add_used_c(head, 0)
+                                    served[0] += 1
+                                    continue
+                            conn.rx_cnt += length
+                            continue
+                # Anything else comes after the batch's bytes.
+                _batch_flush(device, batch, queue, buf_alloc, ready, served)
+                if (op == OP_CREDIT_UPDATE and type_ == TYPE_STREAM and _u64(hdr) == guest_cid
+                        and _u64(hdr + 8) == HOST_CID and length <= r.avail):
+                    p = PyDict_GetItem(conns, (_u32(hdr + 20), _u32(hdr + 16)))
+                    if p != NULL and not (<Conn>p).seq:
+                        # The credit fields are all it has (§5.10.6.3).
+                        conn = <Conn>p
+                        conn.peer_buf_alloc = _u32(hdr + 36)
+                        conn.peer_fwd_cnt = _u32(hdr + 40)
+                        _credit_changed(device, conn, ready)
+                        queue.add_used_c(head, 0)
+                        served[0] += 1
+                        continue
+                elif (op == OP_RST and type_ == TYPE_STREAM and _u64(hdr) == guest_cid
+                        and _u64(hdr + 8) == HOST_CID and length <= r.avail):
+                    p = PyDict_GetItem(conns, (_u32(hdr + 20), _u32(hdr + 16)))
+                    if p != NULL and not (<Conn>p).seq:
+                        # §5.10.6.5: the guest aborted the connection; nothing is answered.
+                        (<Conn>p).peer_buf_alloc = _u32(hdr + 36)
+                        (<Conn>p).peer_fwd_cnt = _u32(hdr + 40)
+                        device._drop(<Conn>p)
+                        queue.add_used_c(head, 0)
+                        served[0] += 1
+                        continue
+            _batch_flush(device, batch, queue, buf_alloc, ready, served)
+            used = device._call(device.handle_chain, TX, chain)
+            if used is None:
+                continue
+            queue.add_used_c(head, used)
+            served[0] += 1
+        # The batch's chains are used before the driver is asked to kick again.
+        _batch_flush(device, batch, queue, buf_alloc, ready, served)
+        if not queue.enable_notification_c():
+            return 0
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    enum:
+        MSG_PEEK
+        MSG_DONTWAIT
+
+
+cdef int _no_input(object device, Conn conn) except -1:
+    """A read gave 0 bytes: no data now (EAGAIN), or the host's end of file (the
+    device's ``_no_input``, which also handles a socket error)."""
+    cdef char c
+    cdef ssize_t r
+    with nogil:
+        r = recv(conn.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT)
+    if r > 0:
+        return 0  # data arrived meanwhile: the next buffer takes it
+    if r == 0:
+        device._host_eof(conn)
+    elif errno == EAGAIN:  # EWOULDBLOCK on Linux
+        conn.readable = False
+        if _wants_input(conn) != conn.armed:
+            device._watch_input(conn)
+    else:
+        device._no_input(conn)  # EINTR asks again; an error resets the connection
+    return 0
+
+
+cdef object _rx_data(object device, Conn conn, Writer w, uint64_t guest_cid, uint32_t buf_alloc):
+    """Stream data of ``conn`` into ``w`` (header, then payload read from the host
+    socket): the used length, or None when there was none (the device's
+    ``_produce_data`` for a stream)."""
+    cdef long credit = conn.peer_free()
+    cdef Writer body
+    cdef size_t room, got
+    if credit == 0:
+        # §5.10.6.3: ask once for the guest's credit while it has none for us.
+        if not conn.credit_asked:
+            conn.credit_asked = True
+            conn.ops |= P_CREDIT_REQUEST
+        return None
+    body = w.split_at(HDR_SIZE)
+    room = body.avail if body.avail < <size_t>credit else <size_t>credit
+    if room == 0:
+        return None
+    try:
+        got = _sock_io(body, conn.fd, room, True)
+    except OSError as e:
+        device._host_broke(conn, e)
+        return None
+    if got == 0:
+        _no_input(device, conn)
+        return None
+    if got < room:
+        # Probably drained: let the loop say when there is more.
+        conn.readable = False
+        device._watch_input(conn)
+    _put_hdr(w, conn, OP_RW, <uint32_t>got, guest_cid, buf_alloc)
+    conn.tx_cnt += <uint32_t>got
+    if conn.peer_free() == 0 and not conn.credit_asked:
+        # §5.10.6.3: ask once for the guest's credit while it has none for us.
+        conn.credit_asked = True
+        conn.ops |= P_CREDIT_REQUEST
+    return HDR_SIZE + got
+
+
+def fill_rx(object device, State st):
+    """Write pending packets into the guest's rx buffers (§5.10.6.4), one per chain
+    (see the module docstring), until nothing is pending or no buffer is left, with
+    the notification protocol of §2.7.10; nothing while the rx queue is not the
+    device's (``rx_live``, an inactive device, a queue not ready).  Returns the
+    number of chains completed (counted in ``device.chains_served``; the driver
+    notified once, if it wants it).  A chain popped and left unused goes back to
+    the avail ring.
+
+    Raises:
+        InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError, GuestMemoryError:
+            from the ring, as ``Queue.pop_chain``/``add_used`` raise them.
+    """
+    cdef Queue queue
+    if not st.rx_live or not device.active:
+        return 0
+    queue = device.queues[RX]
+    if not queue._ready:
+        return 0
+    if not st.compiled:
+        device._fill_rx_py()
+        return 0
+    return _fill_rx(device, st, queue)
+
+
+cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
+    cdef uint16_t head = 0
+    cdef bint have = False
+    cdef DescriptorChain chain = None
+    cdef Writer w
+    cdef Conn conn
+    cdef Py_ssize_t added = 0
+    cdef uint64_t guest_cid = st.guest_cid
+    cdef uint32_t buf_alloc = st.buf_alloc
+    ready = st.ready
+    loose = st.loose
+    try:
+        while loose or ready:
+            if not have:
+                if not queue.pop_head(&head):
+                    # Wait for the driver's kick (§2.7.10), unless buffers came meanwhile.
+                    if queue.enable_notification_c():
+                        continue
+                    break
+                if head >= queue._size:
+                    raise InvalidDescriptorIndex(
+                        f"head descriptor index {head} out of range (queue size {queue._size})")
+                chain = make_chain(queue._snap, queue._memory, queue._desc, queue._desc_gpa,
+                                   queue._size, head)
+                have = True
+            w = make_writer(chain)
+            if w.avail < HDR_SIZE:
+                device._warn("rx", "rx buffer of %d bytes cannot hold a header", w.avail)
+                queue.add_used_c(head, 0)
+                added += 1
+                have = False
+                continue
+            used = None
+            if not loose:
+                conn = <Conn>ready[0]
+                if (not conn.dead and not conn.seq and conn.readable
+                        and not conn.ops & P_BEFORE_DATA and conn.peer_free() > 0):
+                    ready.popleft()
+                    conn.in_ready = False
+                    used = _rx_data(device, conn, w, guest_cid, buf_alloc)
+                    if used is None and not conn.dead:
+                        used = device._produce_ops(conn, w)
+                    if not conn.dead and (conn.ops or (conn.readable and conn.peer_free() > 0)):
+                        _schedule(conn, ready)
+                elif not conn.dead and conn.ops & (P_REQUEST | P_RESPONSE) and not conn.ops & P_RST:
+                    # A connection's first packet: REQUEST (host-initiated) or RESPONSE.
+                    ready.popleft()
+                    conn.in_ready = False
+                    if conn.ops & P_REQUEST:
+                        conn.ops &= ~P_REQUEST
+                        _put_hdr(w, conn, OP_REQUEST, 0, guest_cid, buf_alloc)
+                    else:
+                        conn.ops &= ~P_RESPONSE
+                        _put_hdr(w, conn, OP_RESPONSE, 0, guest_cid, buf_alloc)
+                    used = HDR_SIZE
+                    if conn.ops or (conn.readable and conn.peer_free() > 0):
+                        _schedule(conn, ready)
+                elif (not conn.dead and not conn.readable and conn.ops
+                        and not conn.ops & ~P_CREDIT):
+                    # Only credit to say: CREDIT_UPDATE, else CREDIT_REQUEST (§5.10.6.3).
+                    ready.popleft()
+                    conn.in_ready = False
+                    if conn.ops & P_CREDIT_UPDATE:
+                        _put_hdr(w, conn, OP_CREDIT_UPDATE, 0, guest_cid, buf_alloc)
+                    else:
+                        conn.ops &= ~P_CREDIT_REQUEST
+                        _put_hdr(w, conn, OP_CREDIT_REQUEST, 0, guest_cid, buf_alloc)
+                    used = HDR_SIZE
+                    if conn.ops:
+                        _schedule(conn, ready)
+                else:
+                    used = device._produce(w)
+            else:
+                used = device._produce(w)
+            if used is None:
+                continue
+            queue.add_used_c(head, used)
+            added += 1
+            have = False
+    finally:
+        if have:
+            # Popped and unused: back to the avail ring for the next packet.
+            queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+        if added:
+            device.chains_served = device.chains_served + added
+            _notify(device, queue, RX)
+    return added
