@@ -15,7 +15,9 @@ slow disk never holds up the vhost-user connection or the other queues.
 Response codes (§5.6.6.1.1): OK with the SCSI status and sense; OVERRUN when the
 CDB asks for more data than the data-in/data-out buffers hold; BAD_TARGET for a
 target other than 0 or a LUN in another format than single-level; FAILURE for a
-request whose header is short (when a response header fits at all).
+request whose header is short, or whose device-readable descriptors do not all
+come before the device-writable ones (§2.7.4.2; nothing of it is acted on), when
+a response header fits at all.
 
 Control queue (§5.6.6.2): task management functions are answered after every request
 in flight has completed (ABORT TASK, ABORT TASK SET, LOGICAL UNIT RESET, I_T NEXUS
@@ -227,7 +229,14 @@ class ScsiDevice(VirtioDevice):
             MalformedRequest: the request or response header does not fit its buffers
                 (§5.6.6.1: the driver MUST put the header first); answered with
                 FAILURE when the response header fits (:meth:`guest_fault`).
+            InvalidChain: a device-readable descriptor follows a device-writable one
+                (VIRTIO 1.2 §2.7.4.2: the driver MUST put the readable part first);
+                answered the same way, before any of the request is acted on.
         """
+        # Reader and Writer would serve such a chain as if it were in order (each
+        # sees one direction); the spec makes it the driver's error, so it is
+        # refused before a byte of it reaches the image (upstream executes it).
+        chain.check_order()
         if index == 0:
             return self._control(chain)
         reader, writer = chain.reader(), chain.writer()
