@@ -853,6 +853,19 @@ class VhostUserHandler:
         """Resume what a previous back-end left in flight on this ring (see
         :func:`inflight.resubmit`); returns whether anything is to be served again."""
         assert ring.inflight is not None
+        if ring.queue.size > ring.inflight.queue_size:
+            # QEMU 10.0's vhost-user-scsi-pci sizes the area from virtqueue_size but
+            # gives the guest 1024-entry rings: say so, heads above the area are lost
+            # to a restart (the compiled queue does not track them).
+            log.warning(
+                "%s q%d: ring of %d entries, inflight area of %d: heads from %d on are "
+                "not tracked across a back-end restart",
+                self.name,
+                ring.index,
+                ring.queue.size,
+                ring.inflight.queue_size,
+                ring.inflight.queue_size,
+            )
         n = inflight.resubmit(ring.queue, ring.inflight)
         if n:
             log.info("%s q%d: resubmitting %d in-flight requests", self.name, ring.index, n)
