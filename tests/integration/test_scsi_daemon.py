@@ -305,3 +305,26 @@ def test_readable_after_writable_refused_by_the_daemon(daemon: Daemon, image: Pa
     finally:
         fe.close()
     assert "device-readable after a device-writable" in daemon.proc.wait_for("device-readable", TIMEOUT)
+
+
+def test_ring_larger_than_the_inflight_area_is_served_and_reported(daemon: Daemon) -> None:
+    """QEMU 10.0's vhost-user-scsi-pci: GET_INFLIGHT_FD for 128-entry queues (its
+    virtqueue_size), then 1024-entry rings (what it gives the guest).  The daemon
+    takes the rings (vhost-user leaves a ring's size to the front-end), serves them,
+    and logs that heads from 128 on are not tracked across a restart."""
+    fe = daemon.connect()
+    try:
+        inf, ifd = fe.get_inflight_fd(NQ, QSIZE)
+        fe.set_inflight_fd(inf, ifd)
+        for i in range(3):
+            fe.setup_ring(i, 1024)
+        head, _, din = request(fe, 2, st.inquiry(), data_in=96)
+        fe.kick(2)
+        ((got, length),) = fe.wait_used(2, 1, TIMEOUT)
+        assert got == head and length > st.RESP_HEADER
+        assert fe.memory.read(din + 8, 8) == b"rust-vmm"
+        line = daemon.proc.wait_for("not tracked across a back-end restart", TIMEOUT)
+        assert "ring of 1024 entries, inflight area of 128" in line
+        os.close(ifd)
+    finally:
+        fe.close()

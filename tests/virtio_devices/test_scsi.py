@@ -124,6 +124,8 @@ def test_identity_features_and_config() -> None:
     dev = ScsiDevice([])
     assert dev.device_id == 8
     assert dev.num_queues == 2 + REQUEST_QUEUES
+    # Rings up to QEMU's VIRTQUEUE_MAX_SIZE (QEMU 10.0 sets 1024 whatever virtqueue_size says).
+    assert dev.queue_sizes == (1024,) * (2 + REQUEST_QUEUES)
     assert dev.device_features() == (1 << 32) | (1 << 28) | (1 << 29) | 1 | 4  # no NOTIFY_ON_EMPTY
     cfg = struct.unpack("<IIIIIIIHHI", dev.config_space())
     assert cfg == (REQUEST_QUEUES, 126, 0xFFFF, 128, 16, 96, 32, 0, 255, 16383)

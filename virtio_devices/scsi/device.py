@@ -67,6 +67,7 @@ from .emulation import (
 )
 
 __all__ = [
+    "MAX_QUEUE_SIZE",
     "QUEUE_SIZE",
     "REQUEST_QUEUES",
     "VIRTIO_ID_SCSI",
@@ -77,8 +78,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 VIRTIO_ID_SCSI = 8
-#: Upstream's queue size.
+#: Upstream's queue size: what the config space's seg_max and cmd_per_lun are
+#: derived from.
 QUEUE_SIZE = 128
+#: The largest ring accepted (QEMU's VIRTQUEUE_MAX_SIZE).  vhost-user gives the
+#: back-end no say in a ring's size: the front-end sets it.  QEMU 10.0 offers the
+#: guest 1024-entry rings on vhost-user-scsi-pci whatever ``virtqueue_size`` says
+#: (SeaBIOS then uses 256, Linux 1024), so refusing rings above 128, as upstream
+#: does, fails the connection before the guest boots.
+MAX_QUEUE_SIZE = 1024
 #: Request queues offered (upstream: 1).
 REQUEST_QUEUES = 4
 VIRTIO_SCSI_F_HOTPLUG = 1 << 0
@@ -159,7 +167,7 @@ class ScsiDevice(VirtioDevice):
 
     device_id = VIRTIO_ID_SCSI
     name = "scsi"
-    queue_sizes = (QUEUE_SIZE,) * (2 + REQUEST_QUEUES)
+    queue_sizes = (MAX_QUEUE_SIZE,) * (2 + REQUEST_QUEUES)
     # Upstream's bits (no NOTIFY_ON_EMPTY), and CHANGE: QEMU's vhost-user-scsi-pci
     # acks it unless ``param_change=off`` whether offered or not, and a back-end must
     # refuse bits it never offered.  We never send a parameter change event, which
