@@ -546,6 +546,14 @@ class VhostUserHandler:
     def _set_vring_call(self, msg: Message) -> None:
         ring, fd = self._vring_fd(msg, "SET_VRING_CALL")
         ring.set_call_fd(fd)
+        if ring.polled and ring.call_fd >= 0:
+            # QEMU starts rings with their interrupts masked (the call fd then is a
+            # notifier it does not read after a start) and unmasks them with a second
+            # SET_VRING_CALL: a completion signalled in between is lost, such as what
+            # a back-end restarted under a running guest serves at once.  One spurious
+            # interrupt is harmless (the driver reads the used ring); a lost one
+            # leaves the guest waiting for its I/O.
+            ring.kick.signal_used()
 
     def _set_vring_err(self, msg: Message) -> None:
         ring, fd = self._vring_fd(msg, "SET_VRING_ERR")
