@@ -43,7 +43,7 @@ SIZES = {"a": 16 * MIB, "b": 8 * MIB, "fs": 32 * MIB, "ro": 4 * MIB}
 #: The pattern the first guest writes while its back-end is restarted, and how
 #: many times over.
 PATTERN_MIB = 8
-PASSES = 16
+PASSES = 6
 #: Files the second guest writes on its ext4 file system.
 FS_FILES = 4
 
@@ -120,12 +120,20 @@ A=$(find_disk @A@); B=$(find_disk @B@)
 head -c $(( @PAT@ * 1048576 )) /dev/urandom > /tmp/pat
 echo "PAT $(sha256sum < /tmp/pat | cut -d' ' -f1)"
 t0=$(cut -d' ' -f1 /proc/uptime)
-# The same pattern, pass after pass, so that writes are in flight whenever the
-# back-end is killed; the host kills it after the first pass.
+# The same pattern, pass after pass, by four writers at once (64 KiB O_DIRECT
+# writes, then a SYNCHRONIZE CACHE each), so that requests are in flight when the
+# host kills the back-end: it does so on "BUSY 1", printed while they write.
 p=0; err=0
 while [ $p -lt @PASSES@ ]; do
-    dd if=/tmp/pat of=/dev/$A bs=1048576 oflag=direct 2>/tmp/dd.err || { err=1; cat /tmp/dd.err; }
-    echo "PASS $p"
+    pids=""
+    for q in 0 1 2 3; do
+        dd if=/tmp/pat of=/dev/$A bs=65536 skip=$((q * @QB@)) seek=$((q * @QB@)) count=@QB@ \
+            oflag=direct conv=fsync 2>/tmp/dd$q.err &
+        pids="$pids $!"
+    done
+    usleep 50000  # the writers are under way when the host reads the marker
+    echo "BUSY $p"
+    for pid in $pids; do wait $pid || { err=1; cat /tmp/dd*.err; }; done
     p=$((p + 1))
 done
 sync
@@ -174,6 +182,7 @@ def _restart_phase(
         .replace("@B@", str(SIZES["b"]))
         .replace("@PAT@", str(PATTERN_MIB))
         .replace("@PASSES@", str(PASSES))
+        .replace("@QB@", str(PATTERN_MIB * 16 // 4))
     )
     # The read-write device by hand: its chardev reconnects (QEMU >= 9: reconnect-ms).
     extra = [
@@ -183,10 +192,10 @@ def _restart_phase(
     ]  # fmt: skip
     ro_dev = [(str(dro.socket), "vhost-user-scsi-pci,num_queues=1")]
     with harness.start_guest(script, ro_dev, extra_args=extra, qemu=qemu) as g:
-        seen = g.wait_for("PASS 0\n", timeout=GUEST_TIMEOUT)
+        seen = g.wait_for("BUSY 1\n", timeout=GUEST_TIMEOUT)
         assert seen, f"the first guest never wrote\n{g.result().console}\n{g.qemu_log()}"
-        # SIGKILL mid-write (the guest writes without pause), then the same command
-        # on the same socket; QEMU reconnects to it by itself.
+        # SIGKILL mid-write (four writers are at work), then the same command on
+        # the same socket; QEMU reconnects to it by itself.
         os.kill(d.pid, signal.SIGKILL)
         d.proc.wait()
         os.unlink(rw_sock)  # left by the killed daemon: wait for the new one's
@@ -234,7 +243,10 @@ def _host_fs_check(image: Path, out: str) -> None:
         assert f"file{i}={hashlib.sha256(data).hexdigest()}" in out, f"file{i} differs on the host"
 
 
-def test_scsi_guest_disks(daemon: Daemons, sockdir: Path, tmp_path: Path) -> None:
+def test_scsi_guest_disks(
+    daemon: Daemons, sockdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUST_LOG", "info")  # the restarted daemon logs what it resubmits
     imgs = {}
     for seed, (name, size) in enumerate(SIZES.items()):
         p = tmp_path / f"{name}.img"
