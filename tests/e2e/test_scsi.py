@@ -43,7 +43,7 @@ SIZES = {"a": 16 * MIB, "b": 8 * MIB, "fs": 32 * MIB, "ro": 4 * MIB}
 #: The pattern the first guest writes while its back-end is restarted, and how
 #: many times over.
 PATTERN_MIB = 8
-PASSES = 6
+PASSES = 3
 #: Files the second guest writes on its ext4 file system.
 FS_FILES = 4
 
