@@ -554,6 +554,14 @@ class VhostUserHandler:
     def _set_vring_call(self, msg: Message) -> None:
         ring, fd = self._vring_fd(msg, "SET_VRING_CALL")
         ring.set_call_fd(fd)
+        if ring.polled and ring.call_fd >= 0:
+            # QEMU starts rings with their interrupts masked (the call fd then is a
+            # notifier it does not read after a start) and unmasks them with a second
+            # SET_VRING_CALL: a completion signalled in between is lost, such as what
+            # a back-end restarted under a running guest serves at once.  One spurious
+            # interrupt is harmless (the driver reads the used ring); a lost one
+            # leaves the guest waiting for its I/O.
+            ring.kick.signal_used()
 
     def _set_vring_err(self, msg: Message) -> None:
         ring, fd = self._vring_fd(msg, "SET_VRING_ERR")
@@ -897,6 +905,19 @@ class VhostUserHandler:
         """Resume what a previous back-end left in flight on this ring (see
         :func:`inflight.resubmit`); returns whether anything is to be served again."""
         assert ring.inflight is not None
+        if ring.queue.size > ring.inflight.queue_size:
+            # QEMU 10.0's vhost-user-scsi-pci sizes the area from virtqueue_size but
+            # gives the guest 1024-entry rings: say so, heads above the area are lost
+            # to a restart (the compiled queue does not track them).
+            log.warning(
+                "%s q%d: ring of %d entries, inflight area of %d: heads from %d on are "
+                "not tracked across a back-end restart",
+                self.name,
+                ring.index,
+                ring.queue.size,
+                ring.inflight.queue_size,
+                ring.inflight.queue_size,
+            )
         n = inflight.resubmit(ring.queue, ring.inflight)
         if n:
             log.info("%s q%d: resubmitting %d in-flight requests", self.name, ring.index, n)

@@ -146,6 +146,9 @@ cdef class DescriptorChain:
     cdef ChainCursor cur
 
 
+cdef int chain_check_order(DescriptorChain ch) except -1
+
+
 cdef DescriptorChain make_chain(MemorySnapshot snap, object memory, const unsigned char *table,
                                 uint64_t table_gpa, uint16_t queue_size, uint16_t head)
 

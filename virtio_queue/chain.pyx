@@ -267,6 +267,22 @@ cdef class DescriptorChain:
             x.addr, x.len, x.flags, x.next = d.addr, d.len, d.flags, d.next
             out.append(x)
 
+    def check_order(self):
+        """Check that no device-readable descriptor follows a device-writable one.
+
+        VIRTIO 1.2 §2.7.4.2: the driver MUST place any device-writable descriptor
+        elements after any device-readable descriptor elements.  Reader and Writer
+        do not enforce it (each sees its own direction only, as rust-vmm's do); a
+        device whose request format depends on it (virtio-scsi, §5.6.6.1) asks
+        here.  A fresh walk from the head, with no object made per descriptor.
+
+        Raises:
+            InvalidChain: a device-readable descriptor follows a device-writable
+                one (the message names its position in the chain); also any error
+                of the walk itself (see the class).
+        """
+        chain_check_order(self)
+
     def reader(self):
         """A :class:`Reader` over the chain's device-readable buffers."""
         return make_reader(self)
@@ -277,6 +293,29 @@ cdef class DescriptorChain:
 
     def __repr__(self):
         return f"<DescriptorChain head={self.head_index} queue_size={self.queue_size}>"
+
+
+cdef int chain_check_order(DescriptorChain ch) except -1:
+    """:meth:`DescriptorChain.check_order` for compiled callers (chain.pxd)."""
+    cdef ChainCursor c
+    cdef vring_desc d
+    cdef int rc
+    cdef uint32_t pos = 0
+    cdef bint seen_write = False
+    chain_start(&c, ch.table, ch.table_gpa, ch.queue_size, ch.head_index)
+    while True:
+        rc = chain_next(ch.snap, &c, &d)
+        if rc == 0:
+            return 0
+        if rc < 0:
+            raise_for_status(rc, &c, ch.head_index)
+        if d.flags & VRING_DESC_F_WRITE:
+            seen_write = True
+        elif seen_write:
+            raise InvalidChain(
+                f"chain {ch.head_index}: descriptor {pos} is device-readable after a "
+                "device-writable one (VIRTIO 1.2 §2.7.4.2)")
+        pos += 1
 
 
 cdef DescriptorChain make_chain(MemorySnapshot snap, object memory, const unsigned char *table,

@@ -233,6 +233,16 @@ class RefChain:
         """The whole walk as a list (raises like iteration)."""
         return list(self)
 
+    def check_order(self) -> None:
+        """Raise :class:`InvalidChain` if a device-readable descriptor follows a
+        device-writable one (VIRTIO 1.2 §2.7.4.2), else any error of the walk."""
+        seen_write = False
+        for pos, d in enumerate(self):
+            if d.flags & VIRTQ_DESC_F_WRITE:
+                seen_write = True
+            elif seen_write:
+                raise InvalidChain(f"descriptor {pos} is device-readable after a device-writable one")
+
     def _buffers(self, want_write: bool) -> list[tuple[int, int]]:
         # Buffers are checked as the walk meets them (as the compiled Reader/Writer
         # do), so a bad buffer before a malformed link reports GuestMemoryError.

@@ -268,3 +268,63 @@ def test_read_only_daemon_refuses_writes(tmp_path: Path, image: Path) -> None:
     finally:
         assert proc.terminate() == 0
     assert image.read_bytes() == before
+
+
+def test_readable_after_writable_refused_by_the_daemon(daemon: Daemon, image: Path) -> None:
+    """VIRTIO 1.2 §2.7.4.2: the driver MUST place device-writable descriptors after
+    device-readable ones.  A WRITE whose data-out follows its response buffer is
+    answered FAILURE over vhost-user, the image keeps its bytes, and the daemon goes
+    on serving the same ring."""
+    before = image.read_bytes()
+    fe = daemon.connect()
+    try:
+        for i in range(3):
+            fe.setup_ring(i, QSIZE)
+        mock = fe.rings[2].mock
+        hdr, resp, data = BUFS.alloc(st.REQ_HEADER), BUFS.alloc(st.RESP_HEADER), BUFS.alloc(4096)
+        fe.memory.write(hdr, st.cmd_req(st.write10(0, 8)))
+        fe.memory.write(data, b"\xa5" * 4096)
+        fe.memory.write(resp, b"\xee" * st.RESP_HEADER)
+        head = mock.add_chain(
+            [
+                RawDesc(hdr, st.REQ_HEADER, 0, 0),
+                RawDesc(resp, st.RESP_HEADER, VIRTQ_DESC_F_WRITE, 0),
+                RawDesc(data, 4096, 0, 0),
+            ]
+        )
+        fe.kick(2)
+        assert fe.wait_used(2, 1, TIMEOUT) == [(head, st.RESP_HEADER)]
+        r = st.Resp.parse(fe.memory.read(resp, st.RESP_HEADER))
+        assert (r.response, r.status) == (9, 0), r  # VIRTIO_SCSI_S_FAILURE
+        assert image.read_bytes() == before
+        # The same ring goes on: a read in the spec's order is served.
+        head, resp, din = request(fe, 2, st.read10(0, 8), data_in=4096)
+        fe.kick(2)
+        assert fe.wait_used(2, 1, TIMEOUT) == [(head, st.RESP_HEADER + 4096)]
+        assert fe.memory.read(din, 4096) == before[:4096]
+    finally:
+        fe.close()
+    assert "device-readable after a device-writable" in daemon.proc.wait_for("device-readable", TIMEOUT)
+
+
+def test_ring_larger_than_the_inflight_area_is_served_and_reported(daemon: Daemon) -> None:
+    """QEMU 10.0's vhost-user-scsi-pci: GET_INFLIGHT_FD for 128-entry queues (its
+    virtqueue_size), then 1024-entry rings (what it gives the guest).  The daemon
+    takes the rings (vhost-user leaves a ring's size to the front-end), serves them,
+    and logs that heads from 128 on are not tracked across a restart."""
+    fe = daemon.connect()
+    try:
+        inf, ifd = fe.get_inflight_fd(NQ, QSIZE)
+        fe.set_inflight_fd(inf, ifd)
+        for i in range(3):
+            fe.setup_ring(i, 1024)
+        head, _, din = request(fe, 2, st.inquiry(), data_in=96)
+        fe.kick(2)
+        ((got, length),) = fe.wait_used(2, 1, TIMEOUT)
+        assert got == head and length > st.RESP_HEADER
+        assert fe.memory.read(din + 8, 8) == b"rust-vmm"
+        line = daemon.proc.wait_for("not tracked across a back-end restart", TIMEOUT)
+        assert "ring of 1024 entries, inflight area of 128" in line
+        os.close(ifd)
+    finally:
+        fe.close()

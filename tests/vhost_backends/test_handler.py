@@ -197,6 +197,8 @@ def test_handler_ring_kick_path_owns_the_call_fd(s: Session) -> None:
     try:
         s.fe.set_vring_call(0, new_call)   # acked: the handler has applied it
         assert kick.call_fd not in (-1, old)
+        # Replaced on a running ring: signalled once (see the next test), then quiet.
+        assert os.eventfd_read(new_call) == 1
         with pytest.raises(BlockingIOError):
             os.eventfd_read(new_call)
         s.handler.interrupt.signal_used(0)   # the device's interrupt goes through the ring
@@ -209,6 +211,34 @@ def test_handler_ring_kick_path_owns_the_call_fd(s: Session) -> None:
         assert kick.call_fd == -1   # closed by its owner with the ring's fds
     finally:
         os.close(new_call)
+
+
+def test_handler_call_fd_replaced_on_a_running_ring_is_signalled(s: Session) -> None:
+    """QEMU starts a ring with its interrupt masked (the call fd is a notifier it does
+    not read after the start) and unmasks it with a second SET_VRING_CALL; a
+    completion signalled in between would be lost and the guest would wait for it
+    (seen with a back-end restarted under a running guest).  So a call fd replaced
+    while the ring runs is signalled once; one given before the start is not."""
+    s.fe.negotiate()
+    s.fe.add_memory(1 << 20)
+    s.fe.set_mem_table()
+    early = os.eventfd(0, os.EFD_NONBLOCK)
+    unmasked = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        s.fe.set_vring_call(0, early)   # not started: nothing to catch up on
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(early)
+        ring = s.fe.setup_ring(0, 256)
+        mock = ring.mock
+        buf = mock.alloc(4)
+        mock.add_chain([RawDesc(buf, 4, 0, 0), RawDesc(buf, 4, WRITE, 0)])
+        s.fe.kick(0)
+        assert s.fe.wait_used(0) == [(0, 4)]   # signalled on the "masked" fd
+        s.fe.set_vring_call(0, unmasked)
+        assert os.eventfd_read(unmasked) == 1
+    finally:
+        os.close(early)
+        os.close(unmasked)
 
 
 def test_handler_config_and_backend_channel(s: Session) -> None:

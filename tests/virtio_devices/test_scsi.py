@@ -38,6 +38,7 @@ from virtio_devices.scsi.testing import (
     write_same16,
 )
 from virtio_devices.testing import DeviceRig
+from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 BLOCKS = 64
 IMAGE = bytes((i * 7 + i // 512) & 0xFF for i in range(BLOCKS * 512))
@@ -123,6 +124,8 @@ def test_identity_features_and_config() -> None:
     dev = ScsiDevice([])
     assert dev.device_id == 8
     assert dev.num_queues == 2 + REQUEST_QUEUES
+    # Rings up to QEMU's VIRTQUEUE_MAX_SIZE (QEMU 10.0 sets 1024 whatever virtqueue_size says).
+    assert dev.queue_sizes == (1024,) * (2 + REQUEST_QUEUES)
     assert dev.device_features() == (1 << 32) | (1 << 28) | (1 << 29) | 1 | 4  # no NOTIFY_ON_EMPTY
     cfg = struct.unpack("<IIIIIIIHHI", dev.config_space())
     assert cfg == (REQUEST_QUEUES, 126, 0xFFFF, 128, 16, 96, 32, 0, 255, 16383)
@@ -154,6 +157,102 @@ def test_short_request_header_gets_failure(scsi: Scsi) -> None:
     head, (out,) = scsi.rig.add_request(RQ, [b"\x01" * 20], [RESP_HEADER])
     assert scsi.rig.kick(RQ) == [(head, RESP_HEADER)]
     assert Resp.parse(scsi.rig.read(out, RESP_HEADER)).response == 9
+
+
+def _chain(scsi: Scsi, queue: int, parts: list[bytes | int]) -> tuple[int, list[int]]:
+    """A chain in exactly this order: bytes are device-readable buffers, ints the sizes
+    of device-writable ones (filled with 0xee); returns the head and every address."""
+    gpas = [scsi.rig.alloc(queue, p) for p in parts]
+    descs = [
+        RawDesc(gpa, p, VIRTQ_DESC_F_WRITE, 0) if isinstance(p, int) else RawDesc(gpa, len(p), 0, 0)
+        for gpa, p in zip(gpas, parts, strict=True)
+    ]
+    return scsi.rig.add_chain(queue, descs), gpas
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        "header, response, data-out",  # a WRITE's data after the response header
+        "response, header, data-out",
+        "header, response, data-out, data-in",
+    ],
+)
+def test_readable_after_writable_gets_failure_and_is_not_executed(scsi: Scsi, order: str) -> None:
+    """VIRTIO 1.2 §2.7.4.2: the driver MUST place any device-writable descriptor
+    elements after any device-readable ones (§5.6.6.1 spells the request that way).
+    A WRITE laid out otherwise is answered FAILURE and never reaches the image."""
+    payload = b"\x5a" * 1024
+    parts: dict[str, bytes | int] = {
+        "header": cmd_req(write10(3, 2)),
+        "response": RESP_HEADER,
+        "data-out": payload,
+        "data-in": 512,
+    }
+    layout = [parts[name] for name in order.split(", ")]
+    head, gpas = _chain(scsi, RQ, layout)
+    assert scsi.rig.kick(RQ) == [(head, RESP_HEADER)]
+    first_writable = gpas[[isinstance(p, int) for p in layout].index(True)]
+    resp = Resp.parse(scsi.rig.read(first_writable, RESP_HEADER))
+    assert (resp.response, resp.status, resp.sense_len) == (9, 0, 0), resp
+    assert scsi.image() == IMAGE
+    # The queue goes on: the next request, in order, is served.
+    _, resp, data = scsi.run(read10(3, 2), data_in=1024)
+    good(resp)
+    assert data == IMAGE[3 * 512 : 5 * 512]
+
+
+def test_readable_after_writable_on_control_queue_is_returned_empty(scsi: Scsi) -> None:
+    """§2.7.4.2 on the control queue: the TMF is not answered, the chain comes back
+    with used length 0."""
+    head, _ = _chain(scsi, 0, [1, tmf_req(5)])
+    assert scsi.rig.kick(0) == [(head, 0)]
+
+
+_PART = st.sampled_from(["header", "response", "data-out", "data-in", "empty-readable", "empty-writable"])
+
+
+@given(names=st.lists(_PART, min_size=1, max_size=6), write=st.booleans())
+def test_any_descriptor_layout_gets_a_defined_answer(names: list[str], write: bool) -> None:
+    """Header, response, data buffers and empty ones in any order and direction:
+    never a crash; a layout with a device-readable descriptor after a
+    device-writable one (VIRTIO 1.2 §2.7.4.2) is answered FAILURE when a response
+    header fits (else used length 0) and leaves the image as it was; any layout
+    writes the image only inside the command's blocks."""
+    scsi = Scsi()
+    try:
+        parts: dict[str, bytes | int] = {
+            "header": cmd_req(write10(3, 2) if write else read10(3, 2)),
+            "response": RESP_HEADER,
+            "data-out": b"\x5a" * 1024,
+            "data-in": 1024,
+            "empty-readable": b"",
+            "empty-writable": 0,
+        }
+        layout = [parts[n] for n in names]
+        head, gpas = _chain(scsi, RQ, layout)
+        used = scsi.rig.kick(RQ)
+        if not used:
+            scsi.rig.complete_workers()
+            used = scsi.rig.used(RQ)
+        ((got, length),) = used
+        assert got == head
+        writable = [i for i, p in enumerate(layout) if isinstance(p, int)]
+        room = sum(p for p in layout if isinstance(p, int))
+        misordered = any(isinstance(p, bytes) for p in layout[writable[0] :]) if writable else False
+        if misordered:
+            assert scsi.image() == IMAGE
+            if room < RESP_HEADER:
+                assert length == 0
+            else:
+                assert length == RESP_HEADER
+                first = layout[writable[0]]
+                if isinstance(first, int) and first >= RESP_HEADER:  # the header lands there whole
+                    assert Resp.parse(scsi.rig.read(gpas[writable[0]], RESP_HEADER)).response == 9
+        image = scsi.image()
+        assert image[: 3 * 512] == IMAGE[: 3 * 512] and image[5 * 512 :] == IMAGE[5 * 512 :]
+    finally:
+        scsi.close()
 
 
 def test_no_room_for_response_header_is_returned_empty(scsi: Scsi) -> None:

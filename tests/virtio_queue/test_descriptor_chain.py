@@ -478,6 +478,54 @@ def test_writer_write_all_too_long_writes_nothing(s: Setup) -> None:
     s.unchanged()
 
 
+# -- descriptor order (VIRTIO 1.2 §2.7.4.2) ----------------------------------------------
+
+
+def test_chain_check_order_accepts_readable_then_writable(s: Setup) -> None:
+    s.mock.add_chain([(DATA, 8), (DATA + 8, 0), (DATA + 16, 8, WRITE), (DATA + 24, 8, WRITE)])
+    s.pop().check_order()
+    s.mock.add_chain([(DATA, 8, WRITE)])  # one direction only
+    s.pop().check_order()
+    s.mock.add_chain([(DATA, 8)])
+    s.pop().check_order()
+
+
+@pytest.mark.parametrize(
+    ("layout", "pos"),
+    [
+        ([(DATA, 8, WRITE), (DATA + 8, 8)], 1),
+        ([(DATA, 8), (DATA + 8, 8, WRITE), (DATA + 16, 8), (DATA + 24, 8, WRITE)], 2),
+        ([(DATA, 8), (DATA + 8, 8, WRITE), (DATA + 16, 0)], 2),  # even an empty one
+    ],
+)
+def test_chain_readable_after_writable_raises(s: Setup, layout: list[tuple[int, ...]], pos: int) -> None:
+    """VIRTIO 1.2 §2.7.4.2: the driver MUST place any device-writable descriptor
+    elements after any device-readable descriptor elements."""
+    s.mock.add_chain(layout)
+    chain = s.pop()
+    with pytest.raises(InvalidChain, match=f"descriptor {pos} is device-readable after a device-writable"):
+        chain.check_order()
+    s.unchanged()
+
+
+def test_chain_readable_after_writable_inside_indirect_table_raises(s: Setup) -> None:
+    """§2.7.4.2 over the walk: a direct writable descriptor, then a readable one in
+    the indirect table it links to."""
+    table, length = s.mock.build_indirect_table([(DATA + 0x100, 4), (DATA + 0x200, 4, WRITE)])
+    s.mock.write_desc(0, (DATA, 4, NEXT | WRITE, 1))
+    s.mock.write_desc(1, (table, length, INDIRECT, 0))
+    s.mock.add_avail(0)
+    with pytest.raises(InvalidChain, match="descriptor 1 is device-readable"):
+        s.pop().check_order()
+
+
+def test_chain_check_order_reports_walk_errors(s: Setup) -> None:
+    s.mock.write_desc(0, (DATA, 8, NEXT, 0))  # a self-loop of readable descriptors
+    s.mock.add_avail(0)
+    with pytest.raises(InvalidChain, match="cycle"):
+        s.pop().check_order()
+
+
 def test_chain_walk_error_is_a_virtio_error_subclass() -> None:
     for exc in (
         InvalidChain,

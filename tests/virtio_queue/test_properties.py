@@ -247,6 +247,8 @@ def test_queue_matches_reference_model_on_random_rings(ring: Ring) -> None:
         d_ref = _outcome(lambda c=ref_chain: [tuple(d) for d in c.descriptors()])
         event(f"walk: {d_core[1].__name__ if d_core[0] == 'err' else 'ok'}")
         assert d_core == d_ref
+        # The same verdict on descriptor order (§2.7.4.2).
+        assert _outcome(chain.check_order) == _outcome(ref_chain.check_order)
 
         # The Reader sees the model's byte stream; the Writer fills the model's buffers.
         r_core = _outcome(lambda c=chain: c.reader().read())

@@ -15,7 +15,9 @@ slow disk never holds up the vhost-user connection or the other queues.
 Response codes (§5.6.6.1.1): OK with the SCSI status and sense; OVERRUN when the
 CDB asks for more data than the data-in/data-out buffers hold; BAD_TARGET for a
 target other than 0 or a LUN in another format than single-level; FAILURE for a
-request whose header is short (when a response header fits at all).
+request whose header is short, or whose device-readable descriptors do not all
+come before the device-writable ones (§2.7.4.2; nothing of it is acted on), when
+a response header fits at all.
 
 Control queue (§5.6.6.2): task management functions are answered after every request
 in flight has completed (ABORT TASK, ABORT TASK SET, LOGICAL UNIT RESET, I_T NEXUS
@@ -65,6 +67,7 @@ from .emulation import (
 )
 
 __all__ = [
+    "MAX_QUEUE_SIZE",
     "QUEUE_SIZE",
     "REQUEST_QUEUES",
     "VIRTIO_ID_SCSI",
@@ -75,8 +78,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 VIRTIO_ID_SCSI = 8
-#: Upstream's queue size.
+#: Upstream's queue size: what the config space's seg_max and cmd_per_lun are
+#: derived from.
 QUEUE_SIZE = 128
+#: The largest ring accepted (QEMU's VIRTQUEUE_MAX_SIZE).  vhost-user gives the
+#: back-end no say in a ring's size: the front-end sets it.  QEMU 10.0 offers the
+#: guest 1024-entry rings on vhost-user-scsi-pci whatever ``virtqueue_size`` says
+#: (SeaBIOS then uses 256, Linux 1024), so refusing rings above 128, as upstream
+#: does, fails the connection before the guest boots.
+MAX_QUEUE_SIZE = 1024
 #: Request queues offered (upstream: 1).
 REQUEST_QUEUES = 4
 VIRTIO_SCSI_F_HOTPLUG = 1 << 0
@@ -157,7 +167,7 @@ class ScsiDevice(VirtioDevice):
 
     device_id = VIRTIO_ID_SCSI
     name = "scsi"
-    queue_sizes = (QUEUE_SIZE,) * (2 + REQUEST_QUEUES)
+    queue_sizes = (MAX_QUEUE_SIZE,) * (2 + REQUEST_QUEUES)
     # Upstream's bits (no NOTIFY_ON_EMPTY), and CHANGE: QEMU's vhost-user-scsi-pci
     # acks it unless ``param_change=off`` whether offered or not, and a back-end must
     # refuse bits it never offered.  We never send a parameter change event, which
@@ -227,7 +237,14 @@ class ScsiDevice(VirtioDevice):
             MalformedRequest: the request or response header does not fit its buffers
                 (§5.6.6.1: the driver MUST put the header first); answered with
                 FAILURE when the response header fits (:meth:`guest_fault`).
+            InvalidChain: a device-readable descriptor follows a device-writable one
+                (VIRTIO 1.2 §2.7.4.2: the driver MUST put the readable part first);
+                answered the same way, before any of the request is acted on.
         """
+        # Reader and Writer would serve such a chain as if it were in order (each
+        # sees one direction); the spec makes it the driver's error, so it is
+        # refused before a byte of it reaches the image (upstream executes it).
+        chain.check_order()
         if index == 0:
             return self._control(chain)
         reader, writer = chain.reader(), chain.writer()
