@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import importlib
+import select
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,6 +206,16 @@ class FakeKernel:
         with self.lock:
             return self._ioctl(request, arg)
 
+    def c_ioctl(self, request: int, arg: int) -> int:
+        """The compiled port's hook: ``arg`` is the structure's address (the value
+        for I2C_SLAVE); the kernel's structures are smbus2's ctypes ones."""
+        with self.lock:
+            if request == impl.I2C_SMBUS:
+                return self._ioctl(request, impl.i2c_smbus_ioctl_data.from_address(arg))
+            if request == impl.I2C_RDWR:
+                return self._ioctl(request, impl.i2c_rdwr_ioctl_data.from_address(arg))
+            return self._ioctl(request, arg)
+
     def _ioctl(self, request: int, arg: Any) -> int:
         if self.gone:
             raise OSError(errno.ENODEV, "No such device")
@@ -242,7 +253,7 @@ class FakeKernel:
 
     def _smbus(self, arg: Any) -> int:
         port, a, cmd, size = self.port, self.addr, arg.command, arg.size
-        data = arg.data.contents
+        data = arg.data.contents if arg.data else None  # quick and write byte pass none
         reading = arg.read_write == impl.I2C_SMBUS_READ
         if size == impl.I2C_SMBUS_QUICK:
             port.quick(a, reading)
@@ -283,6 +294,34 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernel]:
     yield k
 
 
+@pytest.fixture(params=[True, False], ids=["compiled", "smbus2"])
+def compiled(request: pytest.FixtureRequest) -> bool:
+    """Both ways to a host adapter: the compiled ioctls (and the device's compiled
+    request path) and smbus2 (with the device's Python path)."""
+    return bool(request.param)
+
+
+def _host(kernel: FakeKernel, node: str, compiled: bool) -> HostAdapter:
+    host = HostAdapter(7, path=node, compiled=compiled)
+    assert (host.dev_port is not None) == compiled
+    if host.dev_port is not None:
+        host.dev_port.set_hook(kernel.c_ioctl)
+    return host
+
+
+def _complete(rig: DeviceRig, count: int = 1) -> None:
+    """Apply ``count`` completions: worker jobs (Python path) or batches of the
+    compiled path (its eventfd, as the loop sees it)."""
+    engine = rig.device.engine  # type: ignore[attr-defined]
+    if engine is None:
+        rig.complete_workers(count)
+        return
+    for _ in range(count):
+        ready, _, _ = select.select([engine.fd], [], [], 10)
+        assert ready, "no batch completed within 10 s"
+        rig.loop.fire_reader(engine.fd)
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> str:
     path = tmp_path / "i2c-7"
@@ -299,6 +338,7 @@ def pool() -> Iterator[WorkerPool]:
 
 def _device(adapter: HostAdapter, pool: WorkerPool) -> I2cDevice:
     dev = I2cDevice(I2cBus([(adapter, [80])]))
+    assert (dev.engine is not None) == (adapter.dev_port is not None)
     dev.worker_pool = pool
     return dev
 
@@ -312,16 +352,16 @@ FN, RD = VIRTIO_I2C_FLAGS_FAIL_NEXT, VIRTIO_I2C_FLAGS_M_RD
 
 
 def test_host_adapter_raw_mode_uses_one_i2c_rdwr_per_group(
-    kernel: FakeKernel, node: str, pool: WorkerPool
+    kernel: FakeKernel, node: str, pool: WorkerPool, compiled: bool
 ) -> None:
-    host = HostAdapter(7, path=node)
+    host = _host(kernel, node, compiled)
     assert not host.smbus
     with DeviceRig(_device(host, pool), queue_size=64) as rig:
         a = _request(rig, FN, b"\x40\x01\x02\x03")
         b = _request(rig, FN, b"\x40")
         c = _request(rig, RD, rlen=3)
         assert rig.kick() == []
-        rig.complete_workers(1)
+        _complete(rig)
         assert rig.used() == [(a[0], 1), (b[0], 1), (c[0], 4)]
         assert rig.read(c[1][0], 4) == b"\x01\x02\x03\x00"
     assert kernel.calls.count("RDWR") == 1
@@ -330,13 +370,13 @@ def test_host_adapter_raw_mode_uses_one_i2c_rdwr_per_group(
 
 @needs_smbus2
 def test_host_adapter_smbus_mode_byte_and_word_data(
-    monkeypatch: pytest.MonkeyPatch, node: str, pool: WorkerPool
+    monkeypatch: pytest.MonkeyPatch, node: str, pool: WorkerPool, compiled: bool
 ) -> None:
     """An adapter without I2C_FUNC_I2C: byte-data and word-data round trips as
-    I2C_SMBUS ioctls built by smbus2 (what i2c-stub offers)."""
+    I2C_SMBUS ioctls, compiled or built by smbus2 (what i2c-stub offers)."""
     kernel = FakeKernel(SMBUS_FUNCS | I2C_FUNC_SMBUS_QUICK)
     monkeypatch.setattr(impl, "ioctl", kernel.ioctl)
-    host = HostAdapter(7, path=node)
+    host = _host(kernel, node, compiled)
     assert host.smbus
     with DeviceRig(_device(host, pool), queue_size=64) as rig:
         _request(rig, 0, b"\x10\xab")  # write byte data
@@ -350,7 +390,7 @@ def test_host_adapter_smbus_mode_byte_and_word_data(
         rig.kick()
         got: list[tuple[int, int]] = []
         while len(got) < 8:
-            rig.complete_workers(1)
+            _complete(rig)
             got += rig.used()
         assert rig.read(rb[1][0], 2) == b"\xab\x00"
         assert rig.read(rw[1][0], 3) == b"\x34\x12\x00"
@@ -362,19 +402,19 @@ def test_host_adapter_smbus_mode_byte_and_word_data(
 
 
 def test_host_adapter_that_disappears_fails_requests_not_the_device(
-    kernel: FakeKernel, node: str, pool: WorkerPool
+    kernel: FakeKernel, node: str, pool: WorkerPool, compiled: bool
 ) -> None:
-    host = HostAdapter(7, path=node)
+    host = _host(kernel, node, compiled)
     with DeviceRig(_device(host, pool), queue_size=64) as rig:
         kernel.gone = True
         h, (s,) = _request(rig, 0, b"\x00\x01")
         rig.kick()
-        rig.complete_workers(1)
+        _complete(rig)
         assert rig.used() == [(h, 1)] and rig.read(s, 1) == b"\x01"
         kernel.gone = False
         h, (s,) = _request(rig, 0, b"\x00\x01")
         rig.kick()
-        rig.complete_workers(1)
+        _complete(rig)
         assert rig.used() == [(h, 1)] and rig.read(s, 1) == b"\x00"
     host.close()
 
@@ -387,9 +427,9 @@ def test_host_adapter_without_i2c_or_smbus_is_refused(monkeypatch: pytest.Monkey
         HostAdapter(7, path=node)
 
 
-def test_host_adapter_address_owned_by_a_driver_is_refused(kernel: FakeKernel, node: str) -> None:
+def test_host_adapter_address_owned_by_a_driver_is_refused(kernel: FakeKernel, node: str, compiled: bool) -> None:
     kernel.busy.add(80)
-    host = HostAdapter(7, path=node)
+    host = _host(kernel, node, compiled)
     with pytest.raises(I2cError, match="address 80: I2C_SLAVE failed"):
         host.check_address(80)
     host.check_address(81)
@@ -439,10 +479,10 @@ def test_find_adapter_not_found_and_ambiguous(tmp_path: Path) -> None:
         find_adapter("dup", root)
 
 
-def test_host_adapter_raw_mode_passes_zero_length_messages(kernel: FakeKernel, node: str) -> None:
+def test_host_adapter_raw_mode_passes_zero_length_messages(kernel: FakeKernel, node: str, compiled: bool) -> None:
     """Raw mode sends SMBus quick as a zero-length I2C_RDWR message (upstream
     refuses zero-length messages there); a NAK fails the whole transfer."""
-    host = HostAdapter(7, path=node)
+    host = _host(kernel, node, compiled)
     assert host.transfer([I2cMsg(80, False)]) == 1
     assert host.transfer([I2cMsg(80, True)]) == 1
     assert host.transfer([I2cMsg(80, False, bytearray(b"\x00\x01")), I2cMsg(81, False)]) == 0

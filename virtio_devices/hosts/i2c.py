@@ -38,11 +38,14 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from virtio_queue.ratelimit import RateLimiter
 
 from ..errors import HostFault
+
+if TYPE_CHECKING:
+    from ._i2c_dev import I2cDevPort
 
 __all__ = [
     "I2C_FUNC_I2C",
@@ -555,7 +558,13 @@ class HostAdapter:
     need ``I2C_SLAVE`` then ``I2C_SMBUS`` on the shared fd, uninterrupted.
 
     ``bus`` is an open ``smbus2.SMBus``-like object (tests give a fake); by default
-    the node is opened.
+    the node is opened.  ``compiled`` (the default): the transfers are the compiled
+    ioctls of :class:`~virtio_devices.hosts._i2c_dev.I2cDevPort` on the bus's fd
+    (:attr:`dev_port`, which also runs the adapter's thread for the device's
+    compiled request path), which cover every SMBus command :func:`smbus_plan`
+    makes, so ``smbus2`` only opens the node and reads ``I2C_FUNCS``; False: each
+    transfer goes through ``smbus2`` (the reference the compiled path is tested
+    against).
 
     Raises:
         I2cError: the node cannot be opened (or ``smbus2`` is missing), or the
@@ -564,7 +573,7 @@ class HostAdapter:
 
     blocking = True
 
-    def __init__(self, number: int, *, bus: Any = None, path: str | None = None) -> None:
+    def __init__(self, number: int, *, bus: Any = None, path: str | None = None, compiled: bool = True) -> None:
         self.number = number
         self.name = path or f"/dev/i2c-{number}"
         if bus is None:
@@ -587,6 +596,13 @@ class HostAdapter:
             )
         self.port = Smbus2Port(bus)
         self._lock = threading.Lock()
+        #: The compiled ioctls and the adapter's thread; None: through smbus2.
+        self.dev_port: I2cDevPort | None = None
+        fd = getattr(bus, "fd", None)
+        if compiled and isinstance(fd, int) and fd >= 0:
+            from ._i2c_dev import I2cDevPort  # noqa: PLC0415 - compiled, loaded with the first adapter
+
+            self.dev_port = I2cDevPort(fd, self.funcs)
 
     def __repr__(self) -> str:
         return self.name
@@ -598,13 +614,25 @@ class HostAdapter:
             I2cError: the kernel refuses it (a driver is bound to it: EBUSY).
         """
         try:
-            with self._lock:
-                self.bus._set_address(addr)
+            if self.dev_port is not None:
+                self.dev_port.set_address(addr)
+            else:
+                with self._lock:
+                    self.bus._set_address(addr)
         except OSError as e:
             raise I2cError(f"adapter {self.name}: address {addr}: I2C_SLAVE failed: {e}") from e
 
     def transfer(self, msgs: Sequence[I2cMsg]) -> int:
         """One group: ``I2C_RDWR`` (raw mode) or its SMBus commands (SMBus mode)."""
+        if self.dev_port is not None:
+            done, err = self.dev_port.transfer(msgs)
+            if done < len(msgs):
+                if err:
+                    where = msgs[0].addr if done == 0 or not msgs else msgs[min(done, len(msgs) - 1)].addr
+                    _note_bus_error(self, where, OSError(err, os.strerror(err)))
+                elif self.smbus:
+                    log.debug("%s: no SMBus command for group %s", self.name, _shape(msgs))
+            return done
         if self.smbus:
             ops = smbus_plan(msgs, self.funcs)
             if ops is None:
@@ -630,7 +658,10 @@ class HostAdapter:
         return len(msgs)
 
     def close(self) -> None:
-        """Close the adapter's fd; idempotent."""
+        """Stop the adapter's thread and close its fd; idempotent."""
+        port, self.dev_port = getattr(self, "dev_port", None), None
+        if port is not None:
+            port.close()
         bus, self.bus = getattr(self, "bus", None), None
         if bus is not None:
             bus.close()
