@@ -25,8 +25,7 @@ Only the loop thread touches the queue and guest memory; the adapter's thread
 touches only the batch's own buffers (copies of the requests' data).
 """
 
-from cpython.pythread cimport WAIT_LOCK
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -442,7 +441,7 @@ cdef class I2cEngine:
         """Answer or start the groups waiting, in order, up to a batch in a thread;
         1 if a chain was answered here."""
         cdef int answered = 0, port
-        cdef uint32_t k, j, slot, m = 0
+        cdef uint32_t k, _j, slot, m = 0
         cdef Req *r
         cdef I2cJob *job = &self.job
         while self.g_count and not self.inflight:
@@ -456,7 +455,7 @@ cdef class I2cEngine:
             slot = self.r_first
             while k < self.g_count and self.g_port[(self.g_first + k) % self.cap] == port:
                 job.group_len[k] = self.g_len[(self.g_first + k) % self.cap]
-                for j in range(<uint32_t>job.group_len[k]):
+                for _j in range(<uint32_t>job.group_len[k]):
                     r = &self.reqs[slot]
                     job.msgs[m].addr = r.addr
                     job.msgs[m].read = r.read

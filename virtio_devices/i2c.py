@@ -61,7 +61,6 @@ from __future__ import annotations
 import collections
 import logging
 import struct
-
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 

@@ -428,7 +428,9 @@ def test_host_adapter_without_i2c_or_smbus_is_refused(monkeypatch: pytest.Monkey
         HostAdapter(7, path=node)
 
 
-def test_host_adapter_address_owned_by_a_driver_is_refused(kernel: FakeKernel, node: str, compiled: bool) -> None:
+def test_host_adapter_address_owned_by_a_driver_is_refused(
+    kernel: FakeKernel, node: str, compiled: bool
+) -> None:
     kernel.busy.add(80)
     host = _host(kernel, node, compiled)
     with pytest.raises(I2cError, match="address 80: I2C_SLAVE failed"):
@@ -480,7 +482,9 @@ def test_find_adapter_not_found_and_ambiguous(tmp_path: Path) -> None:
         find_adapter("dup", root)
 
 
-def test_host_adapter_raw_mode_passes_zero_length_messages(kernel: FakeKernel, node: str, compiled: bool) -> None:
+def test_host_adapter_raw_mode_passes_zero_length_messages(
+    kernel: FakeKernel, node: str, compiled: bool
+) -> None:
     """Raw mode sends SMBus quick as a zero-length I2C_RDWR message (upstream
     refuses zero-length messages there); a NAK fails the whole transfer."""
     host = _host(kernel, node, compiled)
@@ -525,7 +529,9 @@ def _send(rig: DeviceRig, reqs: list[tuple[int, bool, int, bool, str]]) -> list[
     return outs
 
 
-def _run(rig: DeviceRig, reqs: list[tuple[int, bool, int, bool, str]]) -> tuple[list[tuple[int, int]], list[bytes]]:
+def _run(
+    rig: DeviceRig, reqs: list[tuple[int, bool, int, bool, str]]
+) -> tuple[list[tuple[int, int]], list[bytes]]:
     outs = _send(rig, reqs)
     used = rig.kick()
     dev = rig.device
@@ -540,7 +546,12 @@ def _run(rig: DeviceRig, reqs: list[tuple[int, bool, int, bool, str]]) -> tuple[
 @given(
     reqs=st.lists(_REQ, min_size=1, max_size=12),
     funcs=st.sampled_from(
-        [I2C_FUNC_I2C | ALL_SMBUS, ALL_SMBUS, SMBUS_FUNCS, I2C_FUNC_SMBUS_READ_BYTE_DATA | I2C_FUNC_SMBUS_QUICK]
+        [
+            I2C_FUNC_I2C | ALL_SMBUS,
+            ALL_SMBUS,
+            SMBUS_FUNCS,
+            I2C_FUNC_SMBUS_READ_BYTE_DATA | I2C_FUNC_SMBUS_QUICK,
+        ]
     ),
     seed=st.binary(min_size=256, max_size=256),
 )

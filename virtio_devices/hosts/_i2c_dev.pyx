@@ -28,7 +28,7 @@ would fail.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
-from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
+from cpython.pythread cimport (WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock)
 from libc.errno cimport EINTR, errno
@@ -194,10 +194,8 @@ cdef class I2cDevPort:
         OSError: the eventfd of its thread cannot be made.
     """
 
-    def __cinit__(self, int fd, unsigned long funcs):
-        self.fd = fd
-        self.funcs = funcs
-        self.smbus = not (funcs & F_I2C)
+    def __cinit__(self, *args, **kwargs):
+        self.fd = -1
         self.cur_addr = -1
         self.wake_fd = -1
         self.bus_lock = PyThread_allocate_lock()
@@ -207,6 +205,13 @@ cdef class I2cDevPort:
         self.wake_fd = eventfd(0, EFD_CLOEXEC)
         if self.wake_fd < 0:
             raise OSError(errno, "eventfd for the i2c adapter thread")
+
+    def __init__(self, int fd, unsigned long funcs):
+        if self.started:
+            raise RuntimeError("I2cDevPort initialised twice")
+        self.fd = fd
+        self.funcs = funcs
+        self.smbus = not (funcs & F_I2C)
 
     def __dealloc__(self):
         if self.wake_fd >= 0:

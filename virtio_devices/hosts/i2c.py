@@ -573,7 +573,9 @@ class HostAdapter:
 
     blocking = True
 
-    def __init__(self, number: int, *, bus: Any = None, path: str | None = None, compiled: bool = True) -> None:
+    def __init__(
+        self, number: int, *, bus: Any = None, path: str | None = None, compiled: bool = True
+    ) -> None:
         self.number = number
         self.name = path or f"/dev/i2c-{number}"
         if bus is None:
