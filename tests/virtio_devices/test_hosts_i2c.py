@@ -590,3 +590,61 @@ def test_compiled_path_answers_as_the_python_path(
     assert results[0] == results[1]
     assert kernels[0].sim.devices[80].memory == kernels[1].sim.devices[80].memory
     assert kernels[0].sim.devices[80].pointer == kernels[1].sim.devices[80].pointer
+
+
+class GatedKernel(FakeKernel):
+    """A fake kernel whose transfers wait until the test opens the gate; it notes
+    the threads they ran on."""
+
+    def __init__(self, funcs: int) -> None:
+        super().__init__(funcs)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.threads: set[str] = set()
+
+    def c_ioctl(self, request: int, arg: int) -> int:
+        if request in (impl.I2C_SMBUS, impl.I2C_RDWR):
+            self.threads.add(threading.current_thread().name)
+            self.entered.set()
+            assert self.gate.wait(10)
+        return super().c_ioctl(request, arg)
+
+
+@needs_smbus2
+def test_compiled_path_runs_off_the_loop_in_order_and_quiesce_finishes_the_batch(
+    monkeypatch: pytest.MonkeyPatch, node: str
+) -> None:
+    """The batch runs on the adapter's thread, never the loop's (the transfer may
+    take milliseconds); quiesce waits for it and answers it, and gives the groups
+    not started back to the avail ring, whole: the next kick serves them."""
+    kernel = GatedKernel(I2C_FUNC_I2C | ALL_SMBUS)
+    monkeypatch.setattr(impl, "ioctl", kernel.ioctl)
+    host = _host(kernel, node, True)
+    dev = I2cDevice(I2cBus([(host, [80])]))
+    assert dev.engine is not None
+    with DeviceRig(dev, queue_size=64) as rig:
+        a = _request(rig, FN, b"\x00")
+        b = _request(rig, RD, rlen=2)  # a write-then-read group: in the thread
+        _request(rig, 0, b"\x00\x05")  # same adapter: the same batch
+        rig.add_request(0, [out_hdr(0x60)], [1])  # no device: fails before the bus, waits its turn
+        _request(rig, FN, b"\x00\x07")  # an open group
+        assert rig.kick() == []
+        assert kernel.entered.wait(10)
+        assert dev.held() == 5
+        opener = threading.Thread(target=kernel.gate.set)  # while quiesce waits, GIL released
+        opener.start()
+        dev.quiesce(0)
+        opener.join()
+        used = rig.used()
+        assert [h for h, _ in used] == [a[0], b[0], used[2][0]] and [n for _, n in used] == [1, 3, 1]
+        assert rig.read(b[1][0], 3) == b"\xff\xff\x00"
+        # The failed request and the open group are back in the avail ring.
+        assert rig.queues[0].next_avail() == 3
+        assert dev.held() == 0
+        # The 0x60 request fails at once now; the open group waits for its end.
+        assert [n for _, n in rig.kick()] == [1]
+        assert dev.held() == 1
+    assert threading.current_thread().name not in kernel.threads
+    assert kernel.sim.devices[80].memory[0] == 5
+    host.close()
+    assert host.dev_port is None
