@@ -364,7 +364,7 @@ cdef class I2cEngine:
         if r.fail_next:
             self.open_entries += r.entries
             need = 1 if r.entries == 1 else 2
-            if self.open_entries + need <= self.queue.size:
+            if self.open_entries + need <= self.queue._size:
                 return 0
             log.debug("i2c q%d: group of %d fills the ring: run as it is", self.index, self.open_len)
         start = (self.r_first + self.r_count - self.open_len) % self.cap
