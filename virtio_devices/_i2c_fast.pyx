@@ -162,6 +162,15 @@ cdef class I2cEngine:
         self.job.notify_fd = self.fd
 
     def __dealloc__(self):
+        cdef pollfd p
+        # A batch still in an adapter's thread writes into our buffers and eventfd:
+        # wait for it (a device is normally quiesced before it goes).
+        if self.inflight and self.fd >= 0:
+            p.fd = self.fd
+            p.events = POLLIN
+            while not self.job.finished:
+                with nogil:
+                    poll(&p, 1, 10)
         self._free()
         if self.fd >= 0:
             close(self.fd)

@@ -648,3 +648,33 @@ def test_compiled_path_runs_off_the_loop_in_order_and_quiesce_finishes_the_batch
     assert kernel.sim.devices[80].memory[0] == 5
     host.close()
     assert host.dev_port is None
+
+
+@needs_smbus2
+def test_compiled_path_two_devices_share_the_adapter_and_its_thread(
+    monkeypatch: pytest.MonkeyPatch, node: str
+) -> None:
+    """Every socket of a daemon has its own device over the same adapters (as
+    upstream's one I2cMap): both queues' batches run on the adapter's one thread,
+    each answered on its own queue."""
+    kernel = GatedKernel(SMBUS_FUNCS | I2C_FUNC_SMBUS_QUICK)
+    monkeypatch.setattr(impl, "ioctl", kernel.ioctl)
+    host = _host(kernel, node, True)
+    bus = I2cBus([(host, [80])])
+    devs = [I2cDevice(bus), I2cDevice(bus)]
+    with DeviceRig(devs[0], queue_size=64) as rig0, DeviceRig(devs[1], queue_size=64) as rig1:
+        w0 = _request(rig0, 0, b"\x20\x11")  # write byte data 0x20 = 0x11
+        assert rig0.kick() == []
+        assert kernel.entered.wait(10)
+        _request(rig1, FN, b"\x20")
+        r1 = _request(rig1, RD, rlen=1)  # read byte data 0x20: after the write, same thread
+        assert rig1.kick() == []
+        kernel.gate.set()
+        _complete(rig0)
+        _complete(rig1)
+        assert rig0.used() == [(w0[0], 1)]
+        assert [n for _, n in rig1.used()] == [1, 2]
+        assert rig1.read(r1[1][0], 2) == b"\x11\x00"
+    assert len(kernel.threads) == 1 and host.dev_port is not None
+    assert host.dev_port.batches == 2
+    host.close()

@@ -11,13 +11,15 @@ as ``VIRTIO_I2C_MSG_ERR`` for that message and the rest of its group.
 
 Adapters:
 
-* :class:`HostAdapter`: ``/dev/i2c-N`` through ``smbus2`` (the ``hosts`` extra).
+* :class:`HostAdapter`: ``/dev/i2c-N``, opened with ``smbus2`` (the ``hosts`` extra).
   ``I2C_FUNCS`` chooses per adapter, as upstream does: raw I2C (one ``I2C_RDWR``
   ioctl per group) where the adapter has ``I2C_FUNC_I2C``, else SMBus (one
-  ``I2C_SMBUS`` ioctl per SMBus command, see :func:`smbus_plan`).  Its transfers
-  may take milliseconds: the device runs them on worker threads
-  (:attr:`I2cAdapter.blocking`).  ``I2C_RDWR`` cannot tell which message failed, so
-  a failed group fails whole there.
+  ``I2C_SMBUS`` ioctl per SMBus command, see :func:`smbus_plan`).  The ioctls are
+  compiled (:mod:`virtio_devices.hosts._i2c_dev`, which also runs the adapter's
+  own thread for the device's compiled request path), or go through smbus2
+  (``compiled=False``).  Its transfers may take milliseconds: the device never
+  runs them on the event loop (:attr:`I2cAdapter.blocking`).  ``I2C_RDWR`` cannot
+  tell which message failed, so a failed group fails whole there.
 * :class:`SimAdapter`: a simulated bus whose devices are :class:`Eeprom24c02`
   (256 bytes, one-byte address pointer, 8-byte pages, sequential reads), for users
   without I2C hardware and for tests.  The CLI selects it with the reserved adapter
@@ -630,8 +632,8 @@ class HostAdapter:
             done, err = self.dev_port.transfer(msgs)
             if done < len(msgs):
                 if err:
-                    where = msgs[0].addr if done == 0 or not msgs else msgs[min(done, len(msgs) - 1)].addr
-                    _note_bus_error(self, where, OSError(err, os.strerror(err)))
+                    addr = msgs[min(done, len(msgs) - 1)].addr if msgs else 0
+                    _note_bus_error(self, addr, OSError(err, os.strerror(err)))
                 elif self.smbus:
                     log.debug("%s: no SMBus command for group %s", self.name, _shape(msgs))
             return done
