@@ -505,6 +505,8 @@ cdef class I2cEngine:
         cdef DescriptorChain ch
         cdef int answered
         cdef uint64_t value
+        if q is None:
+            raise RuntimeError("i2c engine kicked before it was bound to a queue")
         try:
             while True:
                 q.disable_notification_c()
@@ -544,7 +546,7 @@ cdef class I2cEngine:
         """The loop saw the eventfd: answer the finished batch, start the next."""
         cdef uint64_t value
         read(self.fd, &value, 8)
-        if not self.inflight or not self.job.finished:
+        if self.queue is None or not self.inflight or not self.job.finished:
             return
         self._complete()
         self._pump()
