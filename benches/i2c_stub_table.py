@@ -15,6 +15,11 @@ daemons, round by round; the table gives the median time per request and the rat
 The guest runs under TCG here: the absolute times are the emulator's, the ratio is
 what compares.  Without ``VHOST_DEVICE_RUST_BIN`` (a directory holding
 ``vhost-device-i2c``) the Rust column says n/a.
+
+``--host-fake`` runs the same comparison on this host instead, both daemons on a
+fake ``/dev/i2c-99`` (``benches/i2c_fake_adapter.c``, built with ``cc`` and
+preloaded: the i2c-dev ioctls answer at once), and also gives each daemon's CPU
+time per request (user and system, all its threads, from ``/proc``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -111,7 +117,16 @@ class Side:
         self.proc.wait(30)
 
 
-def inner(number: int, reps: int, count: int, rust_dir: str | None) -> int:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def inner(
+    number: int, reps: int, count: int, rust_dir: str | None, where: str = "i2c-stub (TCG guest)"
+) -> int:
     sides = {"ours": Side(["vhost-device-i2c", "-l", f"{number}:80"], "/tmp/ours.sock")}
     rust = os.path.join(rust_dir, "vhost-device-i2c") if rust_dir else None
     if rust and os.access(rust, os.X_OK):
@@ -121,25 +136,31 @@ def inner(number: int, reps: int, count: int, rust_dir: str | None) -> int:
             s.check()
             s.run(max(1, count // 10))
         times: dict[str, list[float]] = {k: [] for k in sides}
+        cpu: dict[str, list[float]] = {k: [] for k in sides}
         for rep in range(reps):
             order = list(sides) if rep % 2 == 0 else list(reversed(sides))
             for k in order:
+                c0 = _cpu_s(sides[k].proc.pid)
                 t0 = time.perf_counter()
                 sides[k].run(count)
                 times[k].append((time.perf_counter() - t0) / count * 1e6)
+                cpu[k].append((_cpu_s(sides[k].proc.pid) - c0) / count * 1e6)
     finally:
         for s in sides.values():
             s.stop()
-    print(
-        f"| byte-data read on i2c-stub (TCG guest), {reps} alternating rounds of {count} | µs per request |"
-    )
+    print(f"| byte-data read on {where}, {reps} alternating rounds of {count} | µs per request |")
     for k, v in times.items():
-        print(f"RESULT {k} median_us={statistics.median(v):.1f} all={','.join(f'{x:.1f}' for x in v)}")
+        print(
+            f"RESULT {k} median_us={statistics.median(v):.1f} all={','.join(f'{x:.1f}' for x in v)} "
+            f"cpu_us={statistics.median(cpu[k]):.1f}"
+        )
     if "rust" in times:
         ratios = [r / o for o, r in zip(times["ours"], times["rust"], strict=True)]
+        cpu_ratios = [r / o for o, r in zip(cpu["ours"], cpu["rust"], strict=True) if o > 0]
         print(
             f"RESULT ours/rust speed median={statistics.median(ratios):.2f}x "
             f"range={min(ratios):.2f}-{max(ratios):.2f}"
+            + (f" cpu={statistics.median(cpu_ratios):.2f}x" if cpu_ratios else "")
         )
     else:
         print("RESULT ours/rust n/a (no VHOST_DEVICE_RUST_BIN/vhost-device-i2c)")
@@ -159,15 +180,34 @@ def outer(reps: int, count: int) -> int:
     return 0 if res.exit_status == 0 else 1
 
 
+def host_fake(reps: int, count: int) -> int:
+    """Both daemons on this host, on the preloaded fake adapter (see the docstring)."""
+    rust_dir = os.environ.get("VHOST_DEVICE_RUST_BIN") or None
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = os.path.join(tmp, "i2c_fake_adapter.so")
+        cc = os.environ.get("CC", "cc")
+        subprocess.run(
+            [cc, "-O2", "-shared", "-fPIC", "-o", lib, str(ROOT / "benches" / "i2c_fake_adapter.c"), "-ldl"],
+            check=True,
+        )
+        os.environ["LD_PRELOAD"] = lib
+        os.environ.setdefault("RUST_LOG", "error")
+        os.environ["PATH"] = f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"
+        return inner(99, reps, count, rust_dir, "a fake adapter on this host")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--count", type=int, default=300)
+    p.add_argument("--host-fake", action="store_true", help="on this host, with a preloaded fake /dev/i2c-99")
     p.add_argument("--inner", type=int, help=argparse.SUPPRESS)
     p.add_argument("--rust-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.inner is not None:
         return inner(a.inner, a.reps, a.count, a.rust_dir)
+    if a.host_fake:
+        return host_fake(a.reps, a.count)
     return outer(a.reps, a.count)
 
 

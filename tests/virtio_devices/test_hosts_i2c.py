@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import importlib
+import select
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,6 +206,16 @@ class FakeKernel:
         with self.lock:
             return self._ioctl(request, arg)
 
+    def c_ioctl(self, request: int, arg: int) -> int:
+        """The compiled port's hook: ``arg`` is the structure's address (the value
+        for I2C_SLAVE); the kernel's structures are smbus2's ctypes ones."""
+        with self.lock:
+            if request == impl.I2C_SMBUS:
+                return self._ioctl(request, impl.i2c_smbus_ioctl_data.from_address(arg))
+            if request == impl.I2C_RDWR:
+                return self._ioctl(request, impl.i2c_rdwr_ioctl_data.from_address(arg))
+            return self._ioctl(request, arg)
+
     def _ioctl(self, request: int, arg: Any) -> int:
         if self.gone:
             raise OSError(errno.ENODEV, "No such device")
@@ -242,7 +253,7 @@ class FakeKernel:
 
     def _smbus(self, arg: Any) -> int:
         port, a, cmd, size = self.port, self.addr, arg.command, arg.size
-        data = arg.data.contents
+        data = arg.data.contents if arg.data else None  # quick and write byte pass none
         reading = arg.read_write == impl.I2C_SMBUS_READ
         if size == impl.I2C_SMBUS_QUICK:
             port.quick(a, reading)
@@ -283,6 +294,36 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernel]:
     yield k
 
 
+@pytest.fixture(params=[True, False], ids=["compiled", "smbus2"])
+def compiled(request: pytest.FixtureRequest) -> bool:
+    """Both ways to a host adapter: the compiled ioctls (and the device's compiled
+    request path) and smbus2 (with the device's Python path)."""
+    return bool(request.param)
+
+
+def _host(kernel: FakeKernel, node: str, compiled: bool) -> HostAdapter:
+    host = HostAdapter(7, path=node, compiled=compiled)
+    assert (host.dev_port is not None) == compiled
+    if host.dev_port is not None:
+        host.dev_port.set_hook(kernel.c_ioctl)
+    return host
+
+
+def _complete(rig: DeviceRig, count: int = 1) -> None:
+    """Apply ``count`` completions: worker jobs (Python path) or batches of the
+    compiled path (its eventfd, as the loop sees it)."""
+    engine = rig.device.engine  # type: ignore[attr-defined]
+    if engine is None:
+        rig.complete_workers(count)
+        return
+    for _ in range(count):
+        if not engine.held():
+            return  # answered at the kick already (the adapter's thread ran in its yield)
+        ready, _, _ = select.select([engine.fd], [], [], 10)
+        assert ready, "no batch completed within 10 s"
+        rig.loop.fire_reader(engine.fd)
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> str:
     path = tmp_path / "i2c-7"
@@ -299,6 +340,7 @@ def pool() -> Iterator[WorkerPool]:
 
 def _device(adapter: HostAdapter, pool: WorkerPool) -> I2cDevice:
     dev = I2cDevice(I2cBus([(adapter, [80])]))
+    assert (dev.engine is not None) == (adapter.dev_port is not None)
     dev.worker_pool = pool
     return dev
 
@@ -312,17 +354,17 @@ FN, RD = VIRTIO_I2C_FLAGS_FAIL_NEXT, VIRTIO_I2C_FLAGS_M_RD
 
 
 def test_host_adapter_raw_mode_uses_one_i2c_rdwr_per_group(
-    kernel: FakeKernel, node: str, pool: WorkerPool
+    kernel: FakeKernel, node: str, pool: WorkerPool, compiled: bool
 ) -> None:
-    host = HostAdapter(7, path=node)
+    host = _host(kernel, node, compiled)
     assert not host.smbus
     with DeviceRig(_device(host, pool), queue_size=64) as rig:
         a = _request(rig, FN, b"\x40\x01\x02\x03")
         b = _request(rig, FN, b"\x40")
         c = _request(rig, RD, rlen=3)
-        assert rig.kick() == []
-        rig.complete_workers(1)
-        assert rig.used() == [(a[0], 1), (b[0], 1), (c[0], 4)]
+        used = rig.kick()
+        _complete(rig)
+        assert used + rig.used() == [(a[0], 1), (b[0], 1), (c[0], 4)]
         assert rig.read(c[1][0], 4) == b"\x01\x02\x03\x00"
     assert kernel.calls.count("RDWR") == 1
     host.close()
@@ -330,13 +372,13 @@ def test_host_adapter_raw_mode_uses_one_i2c_rdwr_per_group(
 
 @needs_smbus2
 def test_host_adapter_smbus_mode_byte_and_word_data(
-    monkeypatch: pytest.MonkeyPatch, node: str, pool: WorkerPool
+    monkeypatch: pytest.MonkeyPatch, node: str, pool: WorkerPool, compiled: bool
 ) -> None:
     """An adapter without I2C_FUNC_I2C: byte-data and word-data round trips as
-    I2C_SMBUS ioctls built by smbus2 (what i2c-stub offers)."""
+    I2C_SMBUS ioctls, compiled or built by smbus2 (what i2c-stub offers)."""
     kernel = FakeKernel(SMBUS_FUNCS | I2C_FUNC_SMBUS_QUICK)
     monkeypatch.setattr(impl, "ioctl", kernel.ioctl)
-    host = HostAdapter(7, path=node)
+    host = _host(kernel, node, compiled)
     assert host.smbus
     with DeviceRig(_device(host, pool), queue_size=64) as rig:
         _request(rig, 0, b"\x10\xab")  # write byte data
@@ -347,10 +389,9 @@ def test_host_adapter_smbus_mode_byte_and_word_data(
         rw = _request(rig, RD, rlen=2)  # read word data
         qk = _request(rig, 0)  # quick write
         bad = _request(rig, RD, rlen=5)  # a plain 5-byte read: no SMBus command
-        rig.kick()
-        got: list[tuple[int, int]] = []
+        got = rig.kick()
         while len(got) < 8:
-            rig.complete_workers(1)
+            _complete(rig)
             got += rig.used()
         assert rig.read(rb[1][0], 2) == b"\xab\x00"
         assert rig.read(rw[1][0], 3) == b"\x34\x12\x00"
@@ -362,20 +403,20 @@ def test_host_adapter_smbus_mode_byte_and_word_data(
 
 
 def test_host_adapter_that_disappears_fails_requests_not_the_device(
-    kernel: FakeKernel, node: str, pool: WorkerPool
+    kernel: FakeKernel, node: str, pool: WorkerPool, compiled: bool
 ) -> None:
-    host = HostAdapter(7, path=node)
+    host = _host(kernel, node, compiled)
     with DeviceRig(_device(host, pool), queue_size=64) as rig:
         kernel.gone = True
         h, (s,) = _request(rig, 0, b"\x00\x01")
-        rig.kick()
-        rig.complete_workers(1)
-        assert rig.used() == [(h, 1)] and rig.read(s, 1) == b"\x01"
+        used = rig.kick()
+        _complete(rig)
+        assert used + rig.used() == [(h, 1)] and rig.read(s, 1) == b"\x01"
         kernel.gone = False
         h, (s,) = _request(rig, 0, b"\x00\x01")
-        rig.kick()
-        rig.complete_workers(1)
-        assert rig.used() == [(h, 1)] and rig.read(s, 1) == b"\x00"
+        used = rig.kick()
+        _complete(rig)
+        assert used + rig.used() == [(h, 1)] and rig.read(s, 1) == b"\x00"
     host.close()
 
 
@@ -387,9 +428,11 @@ def test_host_adapter_without_i2c_or_smbus_is_refused(monkeypatch: pytest.Monkey
         HostAdapter(7, path=node)
 
 
-def test_host_adapter_address_owned_by_a_driver_is_refused(kernel: FakeKernel, node: str) -> None:
+def test_host_adapter_address_owned_by_a_driver_is_refused(
+    kernel: FakeKernel, node: str, compiled: bool
+) -> None:
     kernel.busy.add(80)
-    host = HostAdapter(7, path=node)
+    host = _host(kernel, node, compiled)
     with pytest.raises(I2cError, match="address 80: I2C_SLAVE failed"):
         host.check_address(80)
     host.check_address(81)
@@ -439,12 +482,199 @@ def test_find_adapter_not_found_and_ambiguous(tmp_path: Path) -> None:
         find_adapter("dup", root)
 
 
-def test_host_adapter_raw_mode_passes_zero_length_messages(kernel: FakeKernel, node: str) -> None:
+def test_host_adapter_raw_mode_passes_zero_length_messages(
+    kernel: FakeKernel, node: str, compiled: bool
+) -> None:
     """Raw mode sends SMBus quick as a zero-length I2C_RDWR message (upstream
     refuses zero-length messages there); a NAK fails the whole transfer."""
-    host = HostAdapter(7, path=node)
+    host = _host(kernel, node, compiled)
     assert host.transfer([I2cMsg(80, False)]) == 1
     assert host.transfer([I2cMsg(80, True)]) == 1
     assert host.transfer([I2cMsg(80, False, bytearray(b"\x00\x01")), I2cMsg(81, False)]) == 0
     assert kernel.calls.count("RDWR") == 3
+    host.close()
+
+
+# -- the compiled request path answers as the Python path --------------------------------------
+
+_REQ = st.tuples(
+    st.sampled_from([80, 80, 80, 81, 0x60]),  # 81: on the bus, nobody answers; 0x60: not on the bus
+    st.booleans(),  # read
+    st.integers(0, 36),  # length
+    st.booleans(),  # FAIL_NEXT
+    st.sampled_from(["ok"] * 6 + ["wrong-direction", "reserved-flag", "no-status"]),
+)
+
+
+def _send(rig: DeviceRig, reqs: list[tuple[int, bool, int, bool, str]]) -> list[tuple[int, int]]:
+    """Add the requests as a driver would; the writable buffers to compare (gpa, len)."""
+    outs: list[tuple[int, int]] = []
+    for addr, rd, n, fn, shape in reqs:
+        flags = (FN if fn else 0) | (RD if rd else 0) | (0x80 if shape == "reserved-flag" else 0)
+        readable = [out_hdr(addr, flags)]
+        writable = [1]
+        if rd:
+            writable = [n, 1] if n else [1]
+            if shape == "wrong-direction":
+                readable.append(b"\x00")
+        else:
+            if n:
+                readable.append(bytes((addr + i * 7) & 0xFF for i in range(n)))
+            if shape == "wrong-direction":
+                writable = [2, 1]
+        if shape == "no-status":
+            writable = []
+        _, gpas = rig.add_request(0, readable, writable)
+        outs += list(zip(gpas, writable, strict=True))
+    return outs
+
+
+def _run(
+    rig: DeviceRig, reqs: list[tuple[int, bool, int, bool, str]]
+) -> tuple[list[tuple[int, int]], list[bytes]]:
+    outs = _send(rig, reqs)
+    used = rig.kick()
+    dev = rig.device
+    while dev.held():  # type: ignore[attr-defined]
+        _complete(rig)
+        used += rig.used()
+    return used, [rig.read(gpa, n) for gpa, n in outs]
+
+
+@needs_smbus2
+@settings(max_examples=150, deadline=None)
+@given(
+    reqs=st.lists(_REQ, min_size=1, max_size=12),
+    funcs=st.sampled_from(
+        [
+            I2C_FUNC_I2C | ALL_SMBUS,
+            ALL_SMBUS,
+            SMBUS_FUNCS,
+            I2C_FUNC_SMBUS_READ_BYTE_DATA | I2C_FUNC_SMBUS_QUICK,
+        ]
+    ),
+    seed=st.binary(min_size=256, max_size=256),
+)
+def test_compiled_path_answers_as_the_python_path(
+    tmp_path_factory: pytest.TempPathFactory,
+    reqs: list[tuple[int, bool, int, bool, str]],
+    funcs: int,
+    seed: bytes,
+) -> None:
+    """Property: the same requests (any shapes, groups, malformed ones, addresses
+    with no device) through the compiled request path and compiled ioctls, and
+    through the Python path and smbus2, give the same used entries, the same bytes
+    in every writable buffer, and the same EEPROM afterwards."""
+    reqs[-1] = (*reqs[-1][:3], False, reqs[-1][4])  # the last group is complete
+    node = str(tmp_path_factory.mktemp("i2c") / "i2c-7")
+    Path(node).write_bytes(b"")
+    results = []
+    kernels = []
+    pool = WorkerPool(1, name="i2c-prop")
+    try:
+        for compiled in (True, False):
+            kernel = FakeKernel(funcs, addrs=(80,))
+            kernel.sim.devices[80].memory[:] = seed
+            kernels.append(kernel)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(impl, "ioctl", kernel.ioctl)
+                host = _host(kernel, node, compiled)
+                dev = I2cDevice(I2cBus([(host, [80, 81])]))
+                assert (dev.engine is not None) == compiled
+                dev.worker_pool = pool
+                with DeviceRig(dev, queue_size=64) as rig:
+                    results.append(_run(rig, reqs))
+                host.close()
+    finally:
+        pool.close()
+    assert results[0] == results[1]
+    assert kernels[0].sim.devices[80].memory == kernels[1].sim.devices[80].memory
+    assert kernels[0].sim.devices[80].pointer == kernels[1].sim.devices[80].pointer
+
+
+class GatedKernel(FakeKernel):
+    """A fake kernel whose transfers wait until the test opens the gate; it notes
+    the threads they ran on."""
+
+    def __init__(self, funcs: int) -> None:
+        super().__init__(funcs)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.threads: set[str] = set()
+
+    def c_ioctl(self, request: int, arg: int) -> int:
+        if request in (impl.I2C_SMBUS, impl.I2C_RDWR):
+            self.threads.add(threading.current_thread().name)
+            self.entered.set()
+            assert self.gate.wait(10)
+        return super().c_ioctl(request, arg)
+
+
+@needs_smbus2
+def test_compiled_path_runs_off_the_loop_in_order_and_quiesce_finishes_the_batch(
+    monkeypatch: pytest.MonkeyPatch, node: str
+) -> None:
+    """The batch runs on the adapter's thread, never the loop's (the transfer may
+    take milliseconds); quiesce waits for it and answers it, and gives the groups
+    not started back to the avail ring, whole: the next kick serves them."""
+    kernel = GatedKernel(I2C_FUNC_I2C | ALL_SMBUS)
+    monkeypatch.setattr(impl, "ioctl", kernel.ioctl)
+    host = _host(kernel, node, True)
+    dev = I2cDevice(I2cBus([(host, [80])]))
+    assert dev.engine is not None
+    with DeviceRig(dev, queue_size=64) as rig:
+        a = _request(rig, FN, b"\x00")
+        b = _request(rig, RD, rlen=2)  # a write-then-read group: in the thread
+        _request(rig, 0, b"\x00\x05")  # same adapter: the same batch
+        rig.add_request(0, [out_hdr(0x60)], [1])  # no device: fails before the bus, waits its turn
+        _request(rig, FN, b"\x00\x07")  # an open group
+        assert rig.kick() == []
+        assert kernel.entered.wait(10)
+        assert dev.held() == 5
+        opener = threading.Thread(target=kernel.gate.set)  # while quiesce waits, GIL released
+        opener.start()
+        dev.quiesce(0)
+        opener.join()
+        used = rig.used()
+        assert [h for h, _ in used] == [a[0], b[0], used[2][0]] and [n for _, n in used] == [1, 3, 1]
+        assert rig.read(b[1][0], 3) == b"\xff\xff\x00"
+        # The failed request and the open group are back in the avail ring.
+        assert rig.queues[0].next_avail() == 3
+        assert dev.held() == 0
+        # The 0x60 request fails at once now; the open group waits for its end.
+        assert [n for _, n in rig.kick()] == [1]
+        assert dev.held() == 1
+    assert threading.current_thread().name not in kernel.threads
+    assert kernel.sim.devices[80].memory[0] == 5
+    host.close()
+    assert host.dev_port is None
+
+
+@needs_smbus2
+def test_compiled_path_two_devices_share_the_adapter_and_its_thread(
+    monkeypatch: pytest.MonkeyPatch, node: str
+) -> None:
+    """Every socket of a daemon has its own device over the same adapters (as
+    upstream's one I2cMap): both queues' batches run on the adapter's one thread,
+    each answered on its own queue."""
+    kernel = GatedKernel(SMBUS_FUNCS | I2C_FUNC_SMBUS_QUICK)
+    monkeypatch.setattr(impl, "ioctl", kernel.ioctl)
+    host = _host(kernel, node, True)
+    bus = I2cBus([(host, [80])])
+    devs = [I2cDevice(bus), I2cDevice(bus)]
+    with DeviceRig(devs[0], queue_size=64) as rig0, DeviceRig(devs[1], queue_size=64) as rig1:
+        w0 = _request(rig0, 0, b"\x20\x11")  # write byte data 0x20 = 0x11
+        assert rig0.kick() == []
+        assert kernel.entered.wait(10)
+        _request(rig1, FN, b"\x20")
+        r1 = _request(rig1, RD, rlen=1)  # read byte data 0x20: after the write, same thread
+        assert rig1.kick() == []
+        kernel.gate.set()
+        _complete(rig0)
+        _complete(rig1)
+        assert rig0.used() == [(w0[0], 1)]
+        assert [n for _, n in rig1.used()] == [1, 2]
+        assert rig1.read(r1[1][0], 2) == b"\x11\x00"
+    assert len(kernel.threads) == 1 and host.dev_port is not None
+    assert host.dev_port.batches == 2
     host.close()

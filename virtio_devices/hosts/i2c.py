@@ -11,13 +11,15 @@ as ``VIRTIO_I2C_MSG_ERR`` for that message and the rest of its group.
 
 Adapters:
 
-* :class:`HostAdapter`: ``/dev/i2c-N`` through ``smbus2`` (the ``hosts`` extra).
+* :class:`HostAdapter`: ``/dev/i2c-N``, opened with ``smbus2`` (the ``hosts`` extra).
   ``I2C_FUNCS`` chooses per adapter, as upstream does: raw I2C (one ``I2C_RDWR``
   ioctl per group) where the adapter has ``I2C_FUNC_I2C``, else SMBus (one
-  ``I2C_SMBUS`` ioctl per SMBus command, see :func:`smbus_plan`).  Its transfers
-  may take milliseconds: the device runs them on worker threads
-  (:attr:`I2cAdapter.blocking`).  ``I2C_RDWR`` cannot tell which message failed, so
-  a failed group fails whole there.
+  ``I2C_SMBUS`` ioctl per SMBus command, see :func:`smbus_plan`).  The ioctls are
+  compiled (:mod:`virtio_devices.hosts._i2c_dev`, which also runs the adapter's
+  own thread for the device's compiled request path), or go through smbus2
+  (``compiled=False``).  Its transfers may take milliseconds: the device never
+  runs them on the event loop (:attr:`I2cAdapter.blocking`).  ``I2C_RDWR`` cannot
+  tell which message failed, so a failed group fails whole there.
 * :class:`SimAdapter`: a simulated bus whose devices are :class:`Eeprom24c02`
   (256 bytes, one-byte address pointer, 8-byte pages, sequential reads), for users
   without I2C hardware and for tests.  The CLI selects it with the reserved adapter
@@ -38,11 +40,14 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from virtio_queue.ratelimit import RateLimiter
 
 from ..errors import HostFault
+
+if TYPE_CHECKING:
+    from ._i2c_dev import I2cDevPort
 
 __all__ = [
     "I2C_FUNC_I2C",
@@ -555,7 +560,13 @@ class HostAdapter:
     need ``I2C_SLAVE`` then ``I2C_SMBUS`` on the shared fd, uninterrupted.
 
     ``bus`` is an open ``smbus2.SMBus``-like object (tests give a fake); by default
-    the node is opened.
+    the node is opened.  ``compiled`` (the default): the transfers are the compiled
+    ioctls of :class:`~virtio_devices.hosts._i2c_dev.I2cDevPort` on the bus's fd
+    (:attr:`dev_port`, which also runs the adapter's thread for the device's
+    compiled request path), which cover every SMBus command :func:`smbus_plan`
+    makes, so ``smbus2`` only opens the node and reads ``I2C_FUNCS``; False: each
+    transfer goes through ``smbus2`` (the reference the compiled path is tested
+    against).
 
     Raises:
         I2cError: the node cannot be opened (or ``smbus2`` is missing), or the
@@ -564,7 +575,9 @@ class HostAdapter:
 
     blocking = True
 
-    def __init__(self, number: int, *, bus: Any = None, path: str | None = None) -> None:
+    def __init__(
+        self, number: int, *, bus: Any = None, path: str | None = None, compiled: bool = True
+    ) -> None:
         self.number = number
         self.name = path or f"/dev/i2c-{number}"
         if bus is None:
@@ -587,6 +600,13 @@ class HostAdapter:
             )
         self.port = Smbus2Port(bus)
         self._lock = threading.Lock()
+        #: The compiled ioctls and the adapter's thread; None: through smbus2.
+        self.dev_port: I2cDevPort | None = None
+        fd = getattr(bus, "fd", None)
+        if compiled and isinstance(fd, int) and fd >= 0:
+            from ._i2c_dev import I2cDevPort  # noqa: PLC0415 - compiled, loaded with the first adapter
+
+            self.dev_port = I2cDevPort(fd, self.funcs)
 
     def __repr__(self) -> str:
         return self.name
@@ -598,13 +618,25 @@ class HostAdapter:
             I2cError: the kernel refuses it (a driver is bound to it: EBUSY).
         """
         try:
-            with self._lock:
-                self.bus._set_address(addr)
+            if self.dev_port is not None:
+                self.dev_port.set_address(addr)
+            else:
+                with self._lock:
+                    self.bus._set_address(addr)
         except OSError as e:
             raise I2cError(f"adapter {self.name}: address {addr}: I2C_SLAVE failed: {e}") from e
 
     def transfer(self, msgs: Sequence[I2cMsg]) -> int:
         """One group: ``I2C_RDWR`` (raw mode) or its SMBus commands (SMBus mode)."""
+        if self.dev_port is not None:
+            done, err = self.dev_port.transfer(msgs)
+            if done < len(msgs):
+                if err:
+                    addr = msgs[min(done, len(msgs) - 1)].addr if msgs else 0
+                    _note_bus_error(self, addr, OSError(err, os.strerror(err)))
+                elif self.smbus:
+                    log.debug("%s: no SMBus command for group %s", self.name, _shape(msgs))
+            return done
         if self.smbus:
             ops = smbus_plan(msgs, self.funcs)
             if ops is None:
@@ -630,7 +662,10 @@ class HostAdapter:
         return len(msgs)
 
     def close(self) -> None:
-        """Close the adapter's fd; idempotent."""
+        """Stop the adapter's thread and close its fd; idempotent."""
+        port, self.dev_port = getattr(self, "dev_port", None), None
+        if port is not None:
+            port.close()
         bus, self.bus = getattr(self, "bus", None), None
         if bus is not None:
             bus.close()
