@@ -52,6 +52,7 @@ NAME = "vhost-device-sound"
 RATE, FRAME = 48000, 4
 CTL, EVT, TX, RX = 0, 1, 2, 3
 S_OK, EVT_XRUN = 0x8000, 0x1101
+VIRTIO_RING_F_EVENT_IDX, VRING_USED_F_NO_NOTIFY = 29, 1
 DEADLINE = 10.0
 
 
@@ -102,12 +103,25 @@ class Session:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise
                 time.sleep(0.01)  # the daemon starting up: not a test, a bench
-        self.fe.negotiate()
+        feats, _ = self.fe.negotiate()
+        self.event_idx = bool(feats >> VIRTIO_RING_F_EVENT_IDX & 1)
         self.fe.add_memory(8 << 20)
         self.fe.set_mem_table()
         self.rings = [self.fe.setup_ring(i, 64, gpa=i << 20) for i in range(4)]
         self.xruns = self.stream_xruns = 0
         self.event_bufs: dict[int, int] = {}
+
+    def kick(self, index: int, old: int) -> None:
+        """Kick ring ``index`` as a Linux driver does (``virtqueue_kick_prepare``):
+        only when the device asks for it (VIRTIO 1.2 §2.7.10), ``old`` being
+        ``avail->idx`` before the buffers just added."""
+        mock = self.rings[index].mock
+        new = mock.avail_idx()
+        if self.event_idx:
+            if (new - mock.avail_event() - 1) & 0xFFFF < (new - old) & 0xFFFF:
+                self.fe.kick(index)
+        elif not mock.used_flags() & VRING_USED_F_NO_NOTIFY:
+            self.fe.kick(index)
 
     def control(self, request: bytes) -> int:
         mock = self.rings[CTL].mock
@@ -137,13 +151,14 @@ class Session:
         """Count the XRUNs among the events sent so far and give the buffers back."""
         mock = self.rings[EVT].mock
         used = mock.used_elems()
+        old = mock.avail_idx()
         for head, _ in used:
             out = self.event_bufs.pop(head)
             if struct.unpack("<I", self.fe.memory.read(out, 4))[0] == EVT_XRUN:
                 self.xruns += 1
             self.event_bufs[mock.add_chain([RawDesc(out, 8, VIRTQ_DESC_F_WRITE, 0)])] = out
         if used:
-            self.fe.kick(EVT)
+            self.kick(EVT, old)
 
     def stream(self, index: int, sid: int, period: int, periods: int, depth: int) -> list[float]:
         """Serve ``periods`` buffers keeping ``depth`` in flight; return each one's
@@ -158,6 +173,7 @@ class Session:
         times: list[float] = []
         sent = 0
         while len(times) < periods:
+            old = mock.avail_idx()
             while free and sent < periods:
                 slot = free.pop()
                 hdr, buf, status = slots[slot]
@@ -170,7 +186,7 @@ class Session:
                 )
                 sent_at[head] = (slot, time.monotonic())
                 sent += 1
-            self.fe.kick(index)
+            self.kick(index, old)
             for head, _ in self.fe.wait_used(index, 1, DEADLINE):
                 slot, t = sent_at.pop(head)
                 times.append(time.monotonic() - t)

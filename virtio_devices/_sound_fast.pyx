@@ -145,14 +145,16 @@ cdef class IoPacer:
     def __len__(self):
         return self._count
 
-    cdef inline void _start(self, double now) noexcept:
-        """Start the first message held, if none is in progress and time runs."""
+    cdef inline void _start(self, double now, bint follows=False) noexcept:
+        """Start the first message held, if none is in progress and time runs:
+        at ``now``, or (``follows``: it was held when the one before it ended) at the
+        end of the one before, so that a late timer does not slow the stream."""
         cdef uint32_t n
         if self.deadline >= 0 or not self._running or self._count == 0:
             return
         n = self._sizes[self._first]
         self.queued_bytes -= n
-        if self._end < now:
+        if self._end < now and not (follows and self._end > 0):
             self._end = now
         self._end += n / self.byte_rate
         self.deadline = self._end
@@ -176,7 +178,9 @@ cdef class IoPacer:
         """Pop and hold every available message of this stream, in ring order; the
         messages start as time allows.  Returns ``(taken, chain)``: ``chain`` is a
         popped message this path does not serve (for the device's Python path), or
-        None when the ring is empty.
+        None when the ring is empty.  The driver's kicks are then suppressed while
+        a message plays (the timer at its end calls this again), and asked for
+        otherwise (VIRTIO 1.2 §2.7.10).
 
         Raises:
             InvalidDescriptorIndex: an available head index out of range (consumed,
@@ -195,6 +199,13 @@ cdef class IoPacer:
         while True:
             if not q.pop_head(&head):
                 self._start(now)
+                if self.deadline >= 0:
+                    # A message plays: its end looks at the ring anyway, so the
+                    # driver need not kick meanwhile (VIRTIO 1.2 §2.7.10).
+                    q.suppress_notification_c()
+                    return taken, None
+                if q.enable_notification_c():
+                    continue    # one came before the driver could see the request
                 return taken, None
             if head >= q._size:
                 self._start(now)
@@ -235,8 +246,9 @@ cdef class IoPacer:
 
     def due(self, double now):
         """Complete, in order, every message whose time is over at ``now`` (status
-        OK, ``latency_bytes``: for tx the bytes held behind it); the next ones
-        start.  Returns the periods (``period_bytes``) that went through."""
+        OK, ``latency_bytes``: for tx the bytes held behind it); each next one held
+        starts where the one before ended (several complete at once when the timer
+        came that late).  Returns the periods (``period_bytes``) that went through."""
         cdef Py_ssize_t periods = 0
         cdef uint32_t n, used
         cdef unsigned long long latency
@@ -258,7 +270,7 @@ cdef class IoPacer:
                 self.period_pos += n
                 periods += <Py_ssize_t>(self.period_pos // self.period_bytes)
                 self.period_pos %= self.period_bytes
-            self._start(now)
+            self._start(now, True)
         return periods
 
     def finish_current(self, double now):
