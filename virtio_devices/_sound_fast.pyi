@@ -1,5 +1,8 @@
+from typing import final
+
 from virtio_queue import DescriptorChain, Queue
 
+@final
 class IoPacer:
     accepting: bool
     @property
