@@ -303,3 +303,11 @@ cdef class IoPacer:
         self.queued_bytes = 0
         self._end = 0.0
         return done
+
+
+def suppress_kicks(Queue queue not None):
+    """Ask the driver not to kick ``queue`` even for its next buffer (VIRTIO 1.2
+    §2.7.10: with EVENT_IDX, ``avail_event`` one behind the buffers taken; else
+    ``VRING_USED_F_NO_NOTIFY``), for a device that will look at the ring itself;
+    ``Queue.enable_notification`` asks for kicks again."""
+    queue.suppress_notification_c()

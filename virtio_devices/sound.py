@@ -72,7 +72,7 @@ from typing import Final
 from virtio_queue import DescriptorChain, Reader, Writer
 from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
 
-from ._sound_fast import IoPacer
+from ._sound_fast import IoPacer, suppress_kicks
 from .base import COMMON_FEATURES, TimerHandle, VirtioDevice
 from .errors import DeviceNeedsReset, MalformedRequest
 from .hosts.audio import FORMAT_SAMPLE_BYTES, AudioBackend, AudioError, AudioPort, PcmParams
@@ -754,6 +754,10 @@ class SoundDevice(VirtioDevice):
     def process_queue(self, index: int) -> None:
         """A kick: a loop-paced stream's queue is taken by its compiled path
         (:class:`_TimerStream`); every other queue is drained chain by chain."""
+        if index == EVENT_Q:
+            super().process_queue(index)
+            self._quiet_events()
+            return
         if index in (TX_Q, RX_Q):
             for s in self.streams:
                 if s.io_queue == index and isinstance(s.worker, _TimerStream):
@@ -939,11 +943,25 @@ class SoundDevice(VirtioDevice):
             self._flush_events()
 
     def _send_event(self, code: int, stream_id: int) -> None:
-        """Queue event ``code`` for ``stream_id`` and deliver what buffers allow (loop)."""
+        """Queue event ``code`` for ``stream_id`` and deliver what buffers allow (loop).
+
+        With no buffer held, the ones the driver added since are taken from the ring
+        first: their kicks were not asked for (see :meth:`_quiet_events`)."""
         if not self.active or not self.queues[EVENT_Q].ready:
             return
         self._pending_events.append((code, stream_id))
+        if not self._events and not self._quiesced[EVENT_Q]:
+            self.process_chains(EVENT_Q)
+            self._quiet_events()
         self._flush_events()
+
+    def _quiet_events(self) -> None:
+        """While the device holds event buffers, the driver need not kick for the
+        ones it adds (VIRTIO 1.2 §2.7.10): :meth:`_send_event` takes them from the
+        ring when it finds none held, and kicks are asked for again (the drain's
+        end) when it finds none there either."""
+        if self._events and self.queues[EVENT_Q].ready:
+            suppress_kicks(self.queues[EVENT_Q])
 
     def _flush_events(self) -> None:
         sent = False

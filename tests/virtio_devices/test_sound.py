@@ -778,3 +778,39 @@ def test_compiled_and_python_paths_answer_the_same(messages: list[tuple[int, int
             results.append(out)
         audio.close()
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_event_buffers_added_without_a_kick_are_taken_when_needed(event_idx: bool) -> None:
+    # While the device holds event buffers the driver need not kick for more
+    # (VIRTIO 1.2 §2.7.10); the device takes them from the ring when an event
+    # finds none held, and asks for kicks only when an event finds none at all.
+    loop = FakeLoop()
+    dev = SoundDevice(NullAudio(clock=loop.clock), clock=loop.clock)
+    with DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop, event_idx=event_idx) as rig:
+        first, _ = rig.add_request(EVT, [], [8])
+        rig.kick(EVT)
+        assert not _driver_would_kick(rig, EVT, event_idx)
+        later = [rig.add_request(EVT, [], [8])[0] for _ in range(2)]  # no kick
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        for _ in range(5):
+            tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        for _ in range(3):
+            rig.clock.advance(0.010)
+            rig.loop.run_due()
+        assert [h for h, _ in rig.used(EVT)] == [first, *later]
+        assert dev.events_sent[EVT_PCM_PERIOD_ELAPSED] == 3
+        assert not _driver_would_kick(rig, EVT, event_idx)
+        fourth, _ = rig.add_request(EVT, [], [8])  # no kick
+        rig.clock.advance(0.010)
+        rig.loop.run_due()
+        assert [h for h, _ in rig.used(EVT)] == [fourth]
+        # An event that finds no buffer waits, and the driver is asked to kick.
+        rig.clock.advance(0.010)
+        rig.loop.run_due()
+        assert rig.used(EVT) == []
+        assert _driver_would_kick(rig, EVT, event_idx)
+        fifth, (ev,) = rig.add_request(EVT, [], [8])
+        assert rig.kick(EVT) == [(fifth, 8)]
+        assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_PERIOD_ELAPSED, 0)
