@@ -51,7 +51,9 @@ started, ``PCM_PERIOD_ELAPSED`` is sent each time a period's worth of bytes
 (``period_bytes``) went through, and ``PCM_XRUN`` when a started stream that
 selected ``VIRTIO_SND_PCM_F_EVT_XRUNS`` ran dry for a whole period (an underrun or
 an overrun).  Upstream never writes the event queue.  Events that find no buffer
-wait (a few) for the next one.
+wait (a few) for the next one.  The device takes event buffers from the ring when
+an event needs one, so while it holds some the driver's kicks of the event queue
+are suppressed (§2.7.10).
 
 Nothing the guest sends can stop the device: a layout it cannot even answer (no
 room for the status) is returned with used length 0 and logged, rate-limited.
