@@ -7,20 +7,31 @@ Run by hand (not by CI; ``bench_sound.py`` is its smoke test)::
 
 Every row drives the daemon (``--backend null``) through our Python front-end
 (:class:`vhost_backends.frontend.Frontend`) with the stream set up as the Linux
-driver does it (SET_PARAMS with ``EVT_XRUNS``, PREPARE, START), keeping 4 periods
-in flight and refilling each one as it comes back:
+driver does it (SET_PARAMS, PREPARE, START; S16 stereo 48 kHz, a buffer of 4
+periods), keeping 4 periods in flight and refilling each one as it comes back; the
+front-end kicks as Linux's ``virtqueue_kick_prepare`` does, only when the device
+asks for it (VIRTIO 1.2 §2.7.10):
 
 * **CPU per stream second**: the daemon's CPU time (every thread's ``schedstat``)
-  over the run, divided by the audio seconds served, for playback (tx) and capture
-  (rx) apart; beside it the same for upstream's daemon from
+  over the run, divided by the audio seconds served (periods x period length, the
+  same count of buffers of the same size for both daemons), for playback (tx) and
+  capture (rx) apart; beside it the same for upstream's daemon from
   ``$VHOST_DEVICE_RUST_BIN`` with ``--backend null`` when it is there (built
   without its default features, its null backend only: the default build needs
   PipeWire's library at run time), and their ratio.  Upstream's null backend
-  completes playback at once (so its front-end runs flat out rather than at the
-  stream's rate) and never completes capture (n/a);
+  completes a playback buffer as soon as it is kicked (so its front-end runs flat
+  out rather than at the stream's rate: the same buffers, in less wall time), never
+  completes capture (n/a), never writes the event queue, and is given no event
+  buffers (see :func:`run_once`).  So the like-for-like row is ours with no event
+  buffers and no XRUN feature; the rows after it add what the Linux driver asks
+  for (event buffers, ``PCM_PERIOD_ELAPSED`` each period, ``EVT_XRUNS``);
 * **arrival -> completion / period**: with one buffer in flight, the time from the
   kick that brings a buffer to its completion, as a multiple of the buffer's
-  duration (1.0 is the floor: the null backend plays it in real time);
+  duration (1.0 is the floor: the null backend plays it in real time); and with 4
+  in flight, the same for every buffer after the first 4: a buffer that found the
+  stream playing waits for the ones before it (about 4 periods), one that found it
+  dry (an underrun) completes 1 period after it arrived, so the smallest value
+  shows whether any did;
 * **xruns**: ``PCM_XRUN`` events seen while 4 periods were kept in flight (the goal:
   none at 5 ms periods).
 
@@ -52,6 +63,7 @@ NAME = "vhost-device-sound"
 RATE, FRAME = 48000, 4
 CTL, EVT, TX, RX = 0, 1, 2, 3
 S_OK, EVT_XRUN = 0x8000, 0x1101
+VIRTIO_RING_F_EVENT_IDX, VRING_USED_F_NO_NOTIFY = 29, 1
 DEADLINE = 10.0
 
 
@@ -102,12 +114,25 @@ class Session:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise
                 time.sleep(0.01)  # the daemon starting up: not a test, a bench
-        self.fe.negotiate()
+        feats, _ = self.fe.negotiate()
+        self.event_idx = bool(feats >> VIRTIO_RING_F_EVENT_IDX & 1)
         self.fe.add_memory(8 << 20)
         self.fe.set_mem_table()
         self.rings = [self.fe.setup_ring(i, 64, gpa=i << 20) for i in range(4)]
         self.xruns = self.stream_xruns = 0
         self.event_bufs: dict[int, int] = {}
+
+    def kick(self, index: int, old: int) -> None:
+        """Kick ring ``index`` as a Linux driver does (``virtqueue_kick_prepare``):
+        only when the device asks for it (VIRTIO 1.2 §2.7.10), ``old`` being
+        ``avail->idx`` before the buffers just added."""
+        mock = self.rings[index].mock
+        new = mock.avail_idx()
+        if self.event_idx:
+            if (new - mock.avail_event() - 1) & 0xFFFF < (new - old) & 0xFFFF:
+                self.fe.kick(index)
+        elif not mock.used_flags() & VRING_USED_F_NO_NOTIFY:
+            self.fe.kick(index)
 
     def control(self, request: bytes) -> int:
         mock = self.rings[CTL].mock
@@ -137,13 +162,14 @@ class Session:
         """Count the XRUNs among the events sent so far and give the buffers back."""
         mock = self.rings[EVT].mock
         used = mock.used_elems()
+        old = mock.avail_idx()
         for head, _ in used:
             out = self.event_bufs.pop(head)
             if struct.unpack("<I", self.fe.memory.read(out, 4))[0] == EVT_XRUN:
                 self.xruns += 1
             self.event_bufs[mock.add_chain([RawDesc(out, 8, VIRTQ_DESC_F_WRITE, 0)])] = out
         if used:
-            self.fe.kick(EVT)
+            self.kick(EVT, old)
 
     def stream(self, index: int, sid: int, period: int, periods: int, depth: int) -> list[float]:
         """Serve ``periods`` buffers keeping ``depth`` in flight; return each one's
@@ -158,6 +184,7 @@ class Session:
         times: list[float] = []
         sent = 0
         while len(times) < periods:
+            old = mock.avail_idx()
             while free and sent < periods:
                 slot = free.pop()
                 hdr, buf, status = slots[slot]
@@ -170,7 +197,7 @@ class Session:
                 )
                 sent_at[head] = (slot, time.monotonic())
                 sent += 1
-            self.fe.kick(index)
+            self.kick(index, old)
             for head, _ in self.fe.wait_used(index, 1, DEADLINE):
                 slot, t = sent_at.pop(head)
                 times.append(time.monotonic() - t)
@@ -216,20 +243,41 @@ def run_once(kind: str, secs: float, period_ms: float) -> dict[str, float]:
                 s.stream(TX, 0, period, periods, 4)
                 out["cpu_tx"] = (_cpu_seconds(s.proc.pid) - cpu0) / (periods * period_ms / 1000)
                 return out
+            # Like upstream's run: no event buffers, no XRUN notifications.
+            s.start(0, period, features=0)
+            cpu0 = _cpu_seconds(s.proc.pid)
+            s.stream(TX, 0, period, periods, 4)
+            out["cpu_tx_bare"] = (_cpu_seconds(s.proc.pid) - cpu0) / (periods * period_ms / 1000)
+            s.stop(0)
+            assert s.control(struct.pack("<II", 0x0103, 0)) == S_OK  # RELEASE
+            # As the Linux driver runs it: event buffers, PERIOD_ELAPSED and XRUNs.
             s.events(32)
             xruns = 0
+            secs_ = period_ms / 1000
             for name, index, sid in (("tx", TX, 0), ("rx", RX, 1)):
                 s.start(sid, period)
                 cpu0 = _cpu_seconds(s.proc.pid)
-                s.stream(index, sid, period, periods, 4)
+                times = s.stream(index, sid, period, periods, 4)
                 out[f"cpu_{name}"] = (_cpu_seconds(s.proc.pid) - cpu0) / (periods * period_ms / 1000)
+                if name == "tx":
+                    # With 4 in flight a buffer waits behind the ones before it: it
+                    # completes one period after the one before it (about 4 periods
+                    # after its arrival).  A buffer that found the stream dry (an
+                    # underrun) would complete 1 period after it arrived.  The first
+                    # 4 start the stream and are left out.
+                    q = sorted(t / secs_ for t in times[4:])
+                    out["tx4_min"] = q[0]
+                    out["tx4_p01"] = q[len(q) // 100]
+                    out["tx4_p50"] = q[len(q) // 2]
                 xruns += s.stream_xruns
                 s.stop(sid)
             out["xruns"] = xruns
             # One buffer in flight: arrival -> completion against the period.
             assert s.control(struct.pack("<II", 0x0104, 0)) == S_OK
-            lat = s.stream(TX, 0, period, max(periods // 10, 10), 1)
-            out["latency"] = statistics.median(lat) / (period_ms / 1000)
+            lat = sorted(t / secs_ for t in s.stream(TX, 0, period, max(periods // 5, 20), 1))
+            out["latency"] = lat[len(lat) // 2]
+            out["latency_p99"] = lat[len(lat) * 99 // 100]
+            out["latency_max"] = lat[-1]
         finally:
             s.close()
     return out
@@ -254,17 +302,30 @@ def main(argv: list[str] | None = None) -> int:
     title = f"vhost-device-sound, null backend, 48 kHz stereo S16, {args.period_ms:g} ms periods"
     print(f"| {title} | ours | Rust | ours/Rust |")
     print("| --- | --- | --- | --- |")
-    for key, label in (("cpu_tx", "CPU per second of playback"), ("cpu_rx", "CPU per second of capture")):
+    for key, label in (
+        ("cpu_tx_bare", "CPU per second of playback, no event buffers (as upstream's run)"),
+        ("cpu_tx", "CPU per second of playback, event buffers, PERIOD_ELAPSED + XRUN"),
+        ("cpu_rx", "CPU per second of capture, the same"),
+    ):
         ours = [r[key] for r in runs["ours"]]
-        if "rust" in runs and key in runs["rust"][0]:
-            rust = [r[key] for r in runs["rust"]]
+        rust_key = "cpu_tx" if key.startswith("cpu_tx") else key
+        if "rust" in runs and rust_key in runs["rust"][0]:
+            rust = [r[rust_key] for r in runs["rust"]]
             ratio = f"{statistics.median(ours) / max(statistics.median(rust), 1e-9):.2f}x"
             rust_s = _fmt(rust, 100, " %")
         else:
             rust_s, ratio = "n/a", "n/a"
         print(f"| {label} | {_fmt(ours, 100, ' %')} | {rust_s} | {ratio} |")
-    lat = [r["latency"] for r in runs["ours"]]
-    print(f"| tx arrival -> completion, 1 in flight | {_fmt(lat, 1, 'x')} the period | | |")
+    for key, label in (
+        ("latency", "tx arrival -> completion, 1 in flight, median"),
+        ("latency_p99", "the same, 99th percentile"),
+        ("latency_max", "the same, largest"),
+        ("tx4_p50", "tx arrival -> completion, 4 in flight, median"),
+        ("tx4_p01", "the same, 1st percentile"),
+        ("tx4_min", "the same, smallest (1.0 would be an underrun)"),
+    ):
+        v = [r[key] for r in runs["ours"]]
+        print(f"| {label} | {_fmt(v, 1, 'x')} the period | | |")
     xr = [r["xruns"] for r in runs["ours"]]
     print(f"| PCM_XRUN events, 4 periods in flight | {int(max(xr))} (max over runs) | | |")
     return 0

@@ -51,7 +51,9 @@ started, ``PCM_PERIOD_ELAPSED`` is sent each time a period's worth of bytes
 (``period_bytes``) went through, and ``PCM_XRUN`` when a started stream that
 selected ``VIRTIO_SND_PCM_F_EVT_XRUNS`` ran dry for a whole period (an underrun or
 an overrun).  Upstream never writes the event queue.  Events that find no buffer
-wait (a few) for the next one.
+wait (a few) for the next one.  The device takes event buffers from the ring when
+an event needs one, so while it holds some the driver's kicks of the event queue
+are suppressed (§2.7.10).
 
 Nothing the guest sends can stop the device: a layout it cannot even answer (no
 room for the status) is returned with used length 0 and logged, rate-limited.
@@ -70,9 +72,11 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from virtio_queue import DescriptorChain, Reader, Writer
+from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
 
+from ._sound_fast import IoPacer, suppress_kicks
 from .base import COMMON_FEATURES, TimerHandle, VirtioDevice
-from .errors import MalformedRequest
+from .errors import DeviceNeedsReset, MalformedRequest
 from .hosts.audio import FORMAT_SAMPLE_BYTES, AudioBackend, AudioError, AudioPort, PcmParams
 
 __all__ = [
@@ -275,6 +279,13 @@ class _StreamWorker:
             self.queued_bytes = 0
             return taken
 
+    def complete_held(self, status: int) -> None:
+        """Complete every message not yet started with ``status`` and no frames
+        (RELEASE, on the worker thread: the loop applies them)."""
+        for io in self.take_ios():
+            used = _write_io_status(io.chain, status, 0, 0)
+            self.post(functools.partial(self.device._io_done, io, used, 0, self.stream_id))
+
     def take_ops(self) -> list[Callable[[], None]]:
         with self.cond:
             taken = list(self.ops)
@@ -413,22 +424,36 @@ class _StreamWorker:
 
 class _TimerStream(_StreamWorker):
     """A stream of a backend whose ports never block (``loop_paced``: null): no
-    thread; the loop's timers pace the I/O and everything runs on the loop.
+    thread; its I/O messages are held and completed in compiled code
+    (:class:`virtio_devices._sound_fast.IoPacer`), paced by one timer of the loop
+    at a time, re-armed for the end of the message in progress.
 
     Each message lasts ``nbytes / byte_rate`` seconds after the previous one ends
-    (or from now, when the stream ran dry); a timer completes it then, which costs
-    one timer per period instead of two thread hand-offs.  Control operations run
-    at once, after the message in progress is completed (as the worker would have
-    finished it first).
+    (or from when it is taken, when the stream ran dry); when it is over, the timer
+    completes every message then due (one notification for them) and takes what the
+    driver added meanwhile.  While a message is in progress the driver's kicks of the
+    stream's queue are suppressed (VIRTIO 1.2 §2.7.10): the timer looks at the ring
+    anyway, so a period costs one wake-up, not two.  A message the compiled path
+    does not serve goes through :meth:`SoundDevice.handle_chain` as before.  Control
+    operations run at once, after the message in progress is completed (as the
+    worker would have finished it first).
     """
 
     def __init__(self, device: SoundDevice, stream: _Stream) -> None:
         super().__init__(device, stream)
         self._clock = device.clock
-        self._current: _Io | None = None
         self._timer: TimerHandle | None = None
+        self._timer_at = -1.0
         self._dry_timer: TimerHandle | None = None
-        self._end = 0.0
+        self._stream = stream
+        self.io_queue = stream.io_queue
+        self.pacer = IoPacer(
+            device.queues[stream.io_queue],
+            stream.id,
+            stream.direction == D_OUTPUT,
+            self.params.byte_rate,
+            self.params.period_bytes,
+        )
 
     def _start_thread(self) -> None:
         pass  # no thread: see the class docstring
@@ -437,43 +462,47 @@ class _TimerStream(_StreamWorker):
         callback()  # already on the loop
 
     def submit_op(self, op: Callable[[], None]) -> None:
-        self._finish_now()
-        was_running = self.running
+        now = self._clock()
+        self._finish_now(now)
+        was_running, old_params = self.running, self.params
         op()
-        if self.running and not was_running:
-            self._end = 0.0  # START: the stream's clock starts now
-        self._pump()
+        pacer = self.pacer
+        if self.params is not old_params:
+            pacer.set_params(self.params.byte_rate, self.params.period_bytes)
+        if self.running != was_running:
+            pacer.set_running(self.running, now)
+            self._cancel_timer()
+        self._pump(now)
 
     def submit_io(self, io: _Io) -> None:
-        self.ios.append(io)
-        self.queued_bytes += io.nbytes
+        """A message the Python path accepted (``handle_chain``): held with the others."""
+        now = self._clock()
+        self.pacer.push(io.chain, io.nbytes, now)
         self._dry_armed = False
         self._cancel_dry()
-        self._pump()
+        if not self.hold:
+            self._arm(now)
 
-    def take_ios(self) -> list[_Io]:
-        taken = list(self.ios)
-        self.ios.clear()
-        self.queued_bytes = 0
-        return taken
+    def complete_held(self, status: int) -> None:
+        """Complete every message held with ``status`` (RELEASE: OK; the queue
+        taken back: IO_ERR) and notify the driver."""
+        self._cancel_timer()
+        pacer = self.pacer
+        c0, b0 = pacer.completed, pacer.used_bytes
+        pacer.flush(status)
+        self._account(c0, b0, 0)
 
     def settle(self, timeout: float = WORKER_JOIN_TIMEOUT) -> bool:
-        """Stop: the message in progress goes back to the head of the queue."""
+        """Stop: the message in progress starts over when the stream goes on."""
         self.hold = True
         self._cancel_dry()
-        if self._current is not None:
-            assert self._timer is not None
-            self._timer.cancel()
-            self._timer = None
-            self.ios.appendleft(self._current)
-            self.queued_bytes += self._current.nbytes
-            self._current = None
-            self._end = 0.0
+        self._cancel_timer()
+        self.pacer.hold()
         return True
 
     def release_hold(self) -> None:
         self.hold = False
-        self._pump()
+        self._pump(self._clock())
 
     def collect(self) -> list[Callable[[], None]]:
         return []
@@ -488,38 +517,115 @@ class _TimerStream(_StreamWorker):
                 log.error("sound stream %d: closing the backend stream failed: %s", self.stream_id, e)
             self.port = None
 
-    def _pump(self) -> None:
-        if self._current is not None or self.hold or self.stopping or not self.running:
+    # -- the ring and the timer ------------------------------------------------------------------
+    def serve(self) -> None:
+        """The driver kicked the stream's queue: take what it holds."""
+        if not self.hold and not self.stopping:
+            self._pump(self._clock())
+
+    def _take(self, now: float) -> None:
+        """Take every available message: the compiled path holds the ones it knows,
+        the device's ``handle_chain`` answers (or holds) the others."""
+        dev = self.device
+        index = self.io_queue
+        pacer = self.pacer
+        pacer.accepting = self._stream.state in PcmState.IO_STATES
+        answered = 0
+        while True:
+            try:
+                taken, chain = pacer.take(now)
+            except InvalidDescriptorIndex as e:
+                dev._log_guest_fault(index, e)
+                continue
+            except InvalidAvailRingIndex:
+                dev.queues[index].ready = False
+                raise
+            if taken and self._dry_armed:
+                self._dry_armed = False
+                self._cancel_dry()
+            if chain is None:
+                break
+            used = dev._call(dev.handle_chain, index, chain)
+            if isinstance(used, int):
+                dev.complete(index, chain.head_index, used, notify=False)
+                answered += 1
+        if answered:
+            dev.notify(index)
+
+    def _pump(self, now: float) -> None:
+        if self.hold or self.stopping:
             return
-        if not self.ios:
-            if self._dry_armed and self._dry_timer is None:
-                period = max(self.params.period_bytes / self.params.byte_rate, 0.001)
-                self._dry_timer = self._loop.call_later(period, self._on_dry)
-            return
-        io = self.ios.popleft()
-        self.queued_bytes -= io.nbytes
-        self._current = io
-        now = self._clock()
-        self._end = max(self._end, now) + io.nbytes / self.params.byte_rate
-        self._timer = self._loop.call_later(self._end - now, self._on_timer)
+        dev = self.device
+        index = self.io_queue
+        if dev.active and not dev._quiesced[index] and dev.queues[index].ready:
+            self._take(now)
+        self._arm(now)
+
+    def _arm(self, now: float) -> None:
+        """The timer for the end of the message in progress, or for an xrun."""
+        deadline = self.pacer.deadline
+        if deadline >= 0:
+            if self._timer is not None:
+                if self._timer_at == deadline:
+                    return
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_later(deadline - now, self._on_timer)
+        elif self.running and self._dry_armed and self._dry_timer is None:
+            period = max(self.params.period_bytes / self.params.byte_rate, 0.001)
+            self._dry_timer = self._loop.call_later(period, self._on_dry)
 
     def _on_timer(self) -> None:
         self._timer = None
-        io, self._current = self._current, None
-        if io is not None:
-            self._transfer(io)
-        self._pump()
+        now = self._clock()
+        pacer = self.pacer
+        # What the driver added meanwhile (its kicks were suppressed) is held
+        # before the message in progress ends, so the next one follows it at once.
+        dev = self.device
+        if dev.active and not dev._quiesced[self.io_queue] and dev.queues[self.io_queue].ready:
+            self._take(now)
+        c0, b0 = pacer.completed, pacer.used_bytes
+        periods = pacer.due(now)
+        self._account(c0, b0, periods)
+        self._pump(now)
 
-    def _finish_now(self) -> None:
+    def _account(self, c0: int, b0: int, periods: int) -> None:
+        """After the pacer completed messages: counters, notification, events."""
+        pacer = self.pacer
+        done = pacer.completed - c0
+        if not done:
+            return
+        dev = self.device
+        dev.chains_served += done
+        dev.bytes_served += pacer.used_bytes - b0
+        self._dry_armed = True
+        dev.notify(self.io_queue)
+        if periods and self._stream.state == PcmState.START:
+            for _ in range(min(periods, EVENT_BACKLOG)):
+                dev._send_event(EVT_PCM_PERIOD_ELAPSED, self.stream_id)
+
+    def _finish_now(self, now: float) -> None:
         """Complete the message in progress now (before a control operation)."""
-        if self._current is not None:
-            assert self._timer is not None
+        pacer = self.pacer
+        if pacer.deadline >= 0:
+            self._cancel_timer()
+            c0, b0 = pacer.completed, pacer.used_bytes
+            self._account(c0, b0, pacer.finish_current(now))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
             self._timer.cancel()
-            self._on_timer()
+            self._timer = None
 
     def _on_dry(self) -> None:
         self._dry_timer = None
-        if self._dry_armed and self.running and not self.ios and not self.hold and self._current is None:
+        if (
+            self._dry_armed
+            and self.running
+            and not self.hold
+            and self.pacer.deadline < 0
+            and not len(self.pacer)
+        ):
             self._dry_armed = False
             if self.params.features & (1 << PCM_F_EVT_XRUNS):
                 self.device._send_event(EVT_PCM_XRUN, self.stream_id)
@@ -622,10 +728,17 @@ class SoundDevice(VirtioDevice):
                         if isinstance(op, _ControlOp):
                             op.abandon()
                 if index == s.io_queue:
+                    if isinstance(worker, _TimerStream):
+                        worker.complete_held(S_IO_ERR)
                     for io in worker.take_ios():
                         self.complete(index, io.chain.head_index, _write_io_status(io.chain, S_IO_ERR, 0, 0))
-                worker.release_hold()
             self._gen[index] += 1
+            super().quiesce(index)
+            # Only now: a loop-paced stream that goes on must not take from a
+            # queue given back.
+            for w in workers:
+                w.release_hold()
+            return
         super().quiesce(index)
 
     def _return_events(self) -> None:
@@ -640,6 +753,30 @@ class SoundDevice(VirtioDevice):
         self._events_are_tail = True
 
     # -- dispatch --------------------------------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        """A kick: a loop-paced stream's queue is taken by its compiled path
+        (:class:`_TimerStream`); every other queue is drained chain by chain."""
+        if index == EVENT_Q:
+            super().process_queue(index)
+            self._quiet_events()
+            return
+        if index in (TX_Q, RX_Q):
+            for s in self.streams:
+                if s.io_queue == index and isinstance(s.worker, _TimerStream):
+                    if self.broken is not None:
+                        raise DeviceNeedsReset(
+                            f"{self.name}: device is broken ({self.broken!r}) until it is reset"
+                        )
+                    self._quiesced[index] = False  # a kick: the queue is the device's again
+                    try:
+                        s.worker.serve()
+                    except (InvalidAvailRingIndex, QueueError, GuestMemoryError, DeviceNeedsReset):
+                        raise
+                    except Exception as e:
+                        raise self._break(index, e) from e
+                    return
+        super().process_queue(index)
+
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | None:
         """Serve one chain of queue ``index`` (control, event, tx or rx).
 
@@ -808,11 +945,25 @@ class SoundDevice(VirtioDevice):
             self._flush_events()
 
     def _send_event(self, code: int, stream_id: int) -> None:
-        """Queue event ``code`` for ``stream_id`` and deliver what buffers allow (loop)."""
+        """Queue event ``code`` for ``stream_id`` and deliver what buffers allow (loop).
+
+        With no buffer held, the ones the driver added since are taken from the ring
+        first: their kicks were not asked for (see :meth:`_quiet_events`)."""
         if not self.active or not self.queues[EVENT_Q].ready:
             return
         self._pending_events.append((code, stream_id))
+        if not self._events and not self._quiesced[EVENT_Q]:
+            self.process_chains(EVENT_Q)
+            self._quiet_events()
         self._flush_events()
+
+    def _quiet_events(self) -> None:
+        """While the device holds event buffers, the driver need not kick for the
+        ones it adds (VIRTIO 1.2 §2.7.10): :meth:`_send_event` takes them from the
+        ring when it finds none held, and kicks are asked for again (the drain's
+        end) when it finds none there either."""
+        if self._events and self.queues[EVENT_Q].ready:
+            suppress_kicks(self.queues[EVENT_Q])
 
     def _flush_events(self) -> None:
         sent = False
@@ -899,7 +1050,6 @@ class _ControlOp:
         worker = self.stream.worker
         assert worker is not None
         status = S_OK
-        flushed: list[_Io] = []
         try:
             if self.code == R_PCM_PREPARE:
                 if worker.port is not None:
@@ -924,10 +1074,7 @@ class _ControlOp:
                 with worker.cond:
                     worker.running = False
                     worker._dry_armed = False
-                flushed = worker.take_ios()
-                for io in flushed:
-                    used = _write_io_status(io.chain, S_OK, 0, 0)
-                    worker.post(functools.partial(self.device._io_done, io, used, 0, self.stream.id))
+                worker.complete_held(S_OK)
                 if worker.port is not None:
                     port, worker.port = worker.port, None
                     port.close()

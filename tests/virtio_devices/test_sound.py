@@ -665,3 +665,152 @@ def test_null_backend_quiesce_answers_or_resumes_the_buffer_in_progress() -> Non
         rig.clock.advance(1)
         rig.loop.run_due()
         assert rig.used(TX) == []
+
+
+# -- the compiled path of a loop-paced stream ---------------------------------------------------------
+
+
+def _driver_would_kick(rig: DeviceRig, index: int, event_idx: bool) -> bool:
+    """Whether a driver adding one buffer now kicks (VIRTIO 1.2 §2.7.10)."""
+    mock = rig.mocks[index]
+    old = mock.avail_idx()
+    if event_idx:
+        # vring_need_event(avail_event, new, old) with new = old + 1
+        return (old + 1 - mock.avail_event() - 1) & 0xFFFF < 1
+    return not mock.used_flags() & 1
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_null_stream_suppresses_kicks_only_while_a_buffer_plays(event_idx: bool) -> None:
+    # While a buffer plays, the timer at its end looks at the ring: a kick would
+    # be a wasted wake-up.  Once the stream ran dry, the driver must kick again
+    # (VIRTIO 1.2 §2.7.10), or a buffer it adds then would never be played.
+    loop = FakeLoop()
+    dev = SoundDevice(NullAudio(clock=loop.clock), clock=loop.clock)
+    with DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop, event_idx=event_idx) as rig:
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        assert _driver_would_kick(rig, TX, event_idx)
+        first, _ = tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        assert not _driver_would_kick(rig, TX, event_idx)
+        # Added without a kick while the first plays: taken at its end, played next.
+        second, _ = tx(rig, 0, bytes(160))
+        rig.clock.advance(0.010)
+        rig.loop.run_due()
+        assert rig.used(TX) == [(first, 8)]
+        assert not _driver_would_kick(rig, TX, event_idx)
+        rig.clock.advance(0.010)
+        rig.loop.run_due()
+        assert rig.used(TX) == [(second, 8)]
+        # Dry: the driver is asked to kick for the next one.
+        assert _driver_would_kick(rig, TX, event_idx)
+
+
+def test_null_stream_keeps_the_rate_when_its_timer_is_late() -> None:
+    # Each buffer held when the one before ended starts at that end, not when the
+    # (late) timer ran: 10 buffers of 10 ms end at 100 ms whatever the lateness.
+    loop = FakeLoop()
+    dev = SoundDevice(NullAudio(clock=loop.clock), clock=loop.clock)
+    with DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop) as rig:
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        t0 = rig.clock()
+        for _ in range(4):
+            tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        done = 0
+        while done < 10:
+            rig.clock.advance(0.0103)  # each wake-up 0.3 ms after its deadline, or more
+            rig.loop.run_due()
+            got = rig.used(TX)
+            for _ in got:
+                if done + 4 < 10:
+                    tx(rig, 0, bytes(160))
+            done += len(got)
+        worker = dev.streams[0].worker
+        assert worker is not None
+        # Completed no later than the wake-up after the 100 ms of audio.
+        assert rig.clock() - t0 < 0.100 + 0.0103
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0, 1, 7]), st.integers(0, 64), st.integers(0, 24), st.booleans()),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_compiled_and_python_paths_answer_the_same(messages: list[tuple[int, int, int, bool]]) -> None:
+    # The same I/O messages (stream id, frame bytes, writable room, header cut
+    # short) through the null backend paced by the loop (the compiled path) and
+    # through a worker thread (the Python path): the same used lengths and status
+    # words, in the same order; and silence in every recorded frame.
+    results = []
+    for loop_paced in (True, False):
+        loop = FakeLoop()
+        audio = NullAudio(clock=loop.clock, loop_paced=loop_paced)
+        dev = SoundDevice(audio, clock=loop.clock)
+        with DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop) as rig:
+            # 8 kHz mono S16: 4 frame bytes last 0.25 ms.
+            prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+            prepare_and_start(rig, 1, buffer=640, period=160, channels=1, rate=1)
+            out = []
+            for sid, frames, room, short in messages:
+                for q in (TX, RX):
+                    hdr = struct.pack("<I", sid)[: 2 if short else 4]
+                    if q == TX:
+                        head, outs = rig.add_request(TX, [hdr + bytes(frames)], [room] if room else [])
+                    else:
+                        head, outs = rig.add_request(RX, [hdr], [frames, room] if room else [frames])
+                    got = rig.kick(q)
+                    if loop_paced:
+                        while not got:
+                            rig.clock.advance(0.001)
+                            rig.loop.run_due()
+                            got = rig.used(q)
+                    elif not got:
+                        got = wait_used(rig, q, 1)
+                    ((h, used),) = got
+                    status = rig.read(outs[-1] + room - 8, 8) if room >= 8 else b""
+                    if q == RX and room >= 8 and used > 8:
+                        assert rig.read(outs[0], frames) == bytes(frames)
+                    out.append((h == head, used, status[:4]))
+            results.append(out)
+        audio.close()
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_event_buffers_added_without_a_kick_are_taken_when_needed(event_idx: bool) -> None:
+    # While the device holds event buffers the driver need not kick for more
+    # (VIRTIO 1.2 §2.7.10); the device takes them from the ring when an event
+    # finds none held, and asks for kicks only when an event finds none at all.
+    loop = FakeLoop()
+    dev = SoundDevice(NullAudio(clock=loop.clock), clock=loop.clock)
+    with DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop, event_idx=event_idx) as rig:
+        first, _ = rig.add_request(EVT, [], [8])
+        rig.kick(EVT)
+        assert not _driver_would_kick(rig, EVT, event_idx)
+        later = [rig.add_request(EVT, [], [8])[0] for _ in range(2)]  # no kick
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        for _ in range(5):
+            tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        for _ in range(3):
+            rig.clock.advance(0.010)
+            rig.loop.run_due()
+        assert [h for h, _ in rig.used(EVT)] == [first, *later]
+        assert dev.events_sent[EVT_PCM_PERIOD_ELAPSED] == 3
+        assert not _driver_would_kick(rig, EVT, event_idx)
+        fourth, _ = rig.add_request(EVT, [], [8])  # no kick
+        rig.clock.advance(0.010)
+        rig.loop.run_due()
+        assert [h for h, _ in rig.used(EVT)] == [fourth]
+        # An event that finds no buffer waits, and the driver is asked to kick.
+        rig.clock.advance(0.010)
+        rig.loop.run_due()
+        assert rig.used(EVT) == []
+        assert _driver_would_kick(rig, EVT, event_idx)
+        fifth, (ev,) = rig.add_request(EVT, [], [8])
+        assert rig.kick(EVT) == [(fifth, 8)]
+        assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_PERIOD_ELAPSED, 0)
