@@ -13,6 +13,7 @@ memoryview per guest memory region, no copy in Python).
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from virtio_queue import Reader, Writer
@@ -25,6 +26,10 @@ except ImportError as e:  # pragma: no cover - depends on the host
     raise AudioError(f"the alsa backend needs pyalsaaudio (pip install 'vhost-device-py[hosts]'): {e}") from e
 
 __all__ = ["AlsaAudio", "AlsaPort"]
+
+#: Overruns in a row that one capture message may recover from before it fails: a
+#: capture that overruns at once again is not being read in time at all.
+MAX_OVERRUNS = 4
 
 # VIRTIO_SND_PCM_FMT_* -> ALSA format, for the formats the device offers.
 _FORMATS = {
@@ -51,6 +56,9 @@ class AlsaPort:
         periods = max(params.buffer_bytes // max(params.period_bytes, 1), 2)
         self._buffer_frames = self._period_frames * periods
         self._leftover = b""
+        #: Capture overruns recovered from (ALSA's xruns: the host side was not read
+        #: in time); the stream reports each with PCM_XRUN when the driver asked.
+        self.xruns = 0
         try:
             self.pcm: Any = alsaaudio.PCM(
                 alsaaudio.PCM_PLAYBACK if direction == 0 else alsaaudio.PCM_CAPTURE,
@@ -79,14 +87,29 @@ class AlsaPort:
             raise AudioError(f"ALSA write failed: {e}") from e
 
     def capture(self, writer: Writer, n: int) -> int:
+        """Fill ``n`` bytes of ``writer`` with recorded frames, one ALSA period at a time.
+
+        An overrun (``-EPIPE``: the frames came faster than they were read, a loaded
+        host) loses frames, not the message: pyalsaaudio has prepared the PCM again,
+        so the read is repeated and ``xruns`` counted, up to ``MAX_OVERRUNS`` in a row.
+
+        Raises:
+            AudioError: ALSA failed, or overran ``MAX_OVERRUNS`` times in a row.
+        """
         got = 0
+        overruns = 0
         try:
             while got < n:
                 data = self._leftover
                 if not data:
                     length, data = self.pcm.read()
+                    if length == -errno.EPIPE and overruns < MAX_OVERRUNS:
+                        overruns += 1
+                        self.xruns += 1
+                        continue
                     if length < 0:
                         raise AudioError(f"ALSA read failed: error {length}")
+                    overruns = 0
                 take = min(len(data), n - got)
                 writer.write(data[:take])
                 self._leftover = data[take:]
