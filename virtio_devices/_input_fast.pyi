@@ -1,0 +1,9 @@
+from collections import deque
+
+from virtio_queue import DescriptorChain, Queue
+
+INPUT_EVENT_SIZE: int
+
+def pump(
+    fd: int, queue: Queue, buffers: deque[tuple[DescriptorChain, bool]], max_pending: int
+) -> tuple[int, list[tuple[int, int, int]]]: ...

@@ -1,0 +1,165 @@
+# cython: language_level=3, embedsignature=True
+"""The compiled event path of virtio-input (VIRTIO 1.2 §5.8.6.2), for its common case.
+
+:func:`pump` serves one readable host fd that yields Linux's ``struct
+input_event`` records (an evdev node, or a twin of one): it reads every record
+there is, and delivers each whole group of events (up to and including
+``EV_SYN``/``SYN_REPORT``) into the eventq buffers the device keeps, one buffer
+per event, as ``struct virtio_input_event`` (``type le16, code le16, value
+le32``), with one ``add_used`` per buffer; all in C, in one call per batch.
+
+It knows the case where nothing is held: the device has no group waiting, no
+partial group and no malformed kept buffer (the caller checks that).  It stops
+at the first group it cannot deliver whole at once and gives that group and
+everything after it back, unconverted, as ``(type, code, value)`` tuples, for
+the Python path (:meth:`virtio_devices.input.InputDevice._group`) to hold or drop
+with ``SYN_DROPPED`` exactly as it does for any host: a group that needs more
+buffers than are kept or more than ``max_pending`` events, a group with the
+host's own ``SYN_DROPPED``, the trailing events of a group not yet ended, and a
+group whose buffer cannot be written (a chain the memory table no longer maps).
+So the bytes the guest sees are the ones the Python path gives.
+"""
+
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport int32_t, uint16_t, uint32_t
+from libc.stdlib cimport free, malloc, realloc
+from posix.unistd cimport read
+
+from virtio_queue.chain cimport DescriptorChain, Writer, make_writer
+from virtio_queue.queue cimport Queue
+
+
+cdef extern from "<linux/input.h>":
+    struct input_event:
+        uint16_t type
+        uint16_t code
+        int32_t value
+
+
+cdef extern from *:
+    """
+    #include <endian.h>
+    #include <string.h>
+    /* struct virtio_input_event (VIRTIO 1.2 5.8.6): type le16, code le16, value le32. */
+    static inline void vdev_input_pack(unsigned char *out, const struct input_event *ev) {
+        uint16_t t = htole16(ev->type), c = htole16(ev->code);
+        uint32_t v = htole32((uint32_t)ev->value);
+        memcpy(out, &t, 2);
+        memcpy(out + 2, &c, 2);
+        memcpy(out + 4, &v, 4);
+    }
+    """
+    void vdev_input_pack(unsigned char *out, const input_event *ev) nogil
+
+
+cdef enum:
+    EV_SYN = 0
+    SYN_REPORT = 0
+    SYN_DROPPED = 3
+    # Records read per read(2); the buffer grows while the fd has more.
+    CHUNK = 256
+    # At most this many records per call (the rest waits for the next readable).
+    MAX_RECORDS = 65536
+    ENODEV = 19
+
+#: Size of the host's records (``sizeof(struct input_event)``).
+INPUT_EVENT_SIZE = sizeof(input_event)
+
+
+cdef Py_ssize_t _read_all(int fd, input_event **buf, Py_ssize_t *cap) except -1:
+    """Read every whole record the fd has now (nonblocking fd) into *buf."""
+    cdef Py_ssize_t n = 0
+    cdef ssize_t got
+    cdef input_event *grown
+    while n < MAX_RECORDS:
+        if cap[0] - n < CHUNK:
+            grown = <input_event *>realloc(buf[0], (cap[0] * 2) * sizeof(input_event))
+            if grown == NULL:
+                raise MemoryError()
+            buf[0] = grown
+            cap[0] *= 2
+        with nogil:
+            got = read(fd, <void *>(buf[0] + n), CHUNK * sizeof(input_event))
+        if got < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                break
+            if n:
+                break  # deliver what was read; the next read reports the error
+            raise OSError(errno, "reading input events failed")
+        if got == 0:
+            if n:
+                break
+            # End of file: an evdev node never gives it; a twin whose device went away does.
+            raise OSError(ENODEV, "the input device is gone (end of file)")
+        # evdev returns whole records only (EINVAL for a shorter buffer).
+        n += got // <ssize_t>sizeof(input_event)
+        if got < <ssize_t>(CHUNK * sizeof(input_event)):
+            break
+    return n
+
+
+def pump(int fd, Queue queue not None, object buffers not None, Py_ssize_t max_pending):
+    """Read the host's records from ``fd`` and deliver the whole groups that fit.
+
+    ``buffers`` is the device's deque of kept eventq chains ``(chain, ok)``, all
+    good, oldest first: delivered ones are taken from its left.  Returns
+    ``(delivered, rest)``: how many buffers were used (one ``add_used`` each,
+    length 8, VIRTIO 1.2 §5.8.6.2), and the events from the first group not
+    delivered on, as ``(type, code, value)`` tuples, for the Python path.
+
+    Raises:
+        OSError: reading the fd failed before any record was read (the device is
+            gone: ``ENODEV``, or end of file for a twin).
+    """
+    cdef Py_ssize_t cap = 4 * CHUNK
+    cdef input_event *evs = <input_event *>malloc(cap * sizeof(input_event))
+    cdef Py_ssize_t n, i, j, k, glen, start = 0, delivered = 0
+    cdef Py_ssize_t kept = len(buffers)
+    cdef unsigned char packed[8]
+    cdef Writer w
+    cdef DescriptorChain ch
+    cdef list writers
+    cdef size_t wrote
+    cdef bint whole
+    if evs == NULL:
+        raise MemoryError()
+    try:
+        n = _read_all(fd, &evs, &cap)
+        while start < n:
+            # The next group: up to its SYN_REPORT; stop at anything the Python path owns.
+            whole = False
+            j = start
+            while j < n:
+                if evs[j].type == EV_SYN and evs[j].code == SYN_DROPPED:
+                    break
+                if evs[j].type == EV_SYN and evs[j].code == SYN_REPORT:
+                    whole = True
+                    break
+                j += 1
+            if not whole:
+                break
+            glen = j - start + 1
+            if glen > kept or glen > max_pending:
+                break
+            writers = []
+            try:
+                for k in range(glen):
+                    ch = <DescriptorChain>buffers[k][0]
+                    writers.append(make_writer(ch))
+            except Exception:
+                break  # the Python path logs the guest's fault and completes it with 0
+            for k in range(glen):
+                ch = <DescriptorChain>buffers.popleft()[0]
+                w = <Writer>writers[k]
+                vdev_input_pack(packed, &evs[start + k])
+                wrote = w.copy_in(packed, 8)
+                queue.add_used_c(ch.head_index, <uint32_t>wrote)
+            kept -= glen
+            delivered += glen
+            start = j + 1
+        rest = [(evs[i].type, evs[i].code, evs[i].value) for i in range(start, n)]
+    finally:
+        free(evs)
+    return delivered, rest
