@@ -25,7 +25,7 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc, realloc
 from posix.unistd cimport read
 
-from virtio_queue.chain cimport DescriptorChain, Writer, make_writer
+from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_reader, make_writer
 from virtio_queue.queue cimport Queue
 
 
@@ -163,3 +163,18 @@ def pump(int fd, Queue queue not None, object buffers not None, Py_ssize_t max_p
     finally:
         free(evs)
     return delivered, rest
+
+
+def event_buffer_ok(DescriptorChain chain not None):
+    """Whether an eventq chain is what §5.8.6.1 asks: device-writable only, with room
+    for one ``struct virtio_input_event`` (8 bytes).  Same answer as
+    ``chain.reader().available_bytes() == 0 and chain.writer().available_bytes() >= 8``.
+
+    Raises:
+        QueueError: the chain is malformed (as :meth:`DescriptorChain.reader` raises).
+    """
+    cdef Reader r = make_reader(chain)
+    if r.avail != 0:
+        return False
+    cdef Writer w = make_writer(chain)
+    return w.avail >= 8

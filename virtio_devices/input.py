@@ -507,7 +507,8 @@ class InputDevice(VirtioDevice):
             InputHostError: the host refused a status event (a host fault: used 0).
         """
         if index == EVENTQ:
-            ok = chain.reader().available_bytes() == 0 and chain.writer().available_bytes() >= EVENT_SIZE
+            # One device-writable area of at least one event (compiled: it is per event).
+            ok = _input_fast.event_buffer_ok(chain)
             if not ok and not self._buffers:
                 raise MalformedRequest(
                     f"eventq buffer must be one device-writable area of at least {EVENT_SIZE} bytes, "
