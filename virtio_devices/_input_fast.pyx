@@ -25,7 +25,7 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc, realloc
 from posix.unistd cimport read
 
-from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_reader, make_writer
+from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_chain, make_reader, make_writer
 from virtio_queue.queue cimport Queue
 
 
@@ -165,6 +165,14 @@ def pump(int fd, Queue queue not None, object buffers not None, Py_ssize_t max_p
     return delivered, rest
 
 
+cdef bint _buffer_ok(DescriptorChain chain) except -1:
+    cdef Reader r = make_reader(chain)
+    if r.avail != 0:
+        return False
+    cdef Writer w = make_writer(chain)
+    return w.avail >= 8
+
+
 def event_buffer_ok(DescriptorChain chain not None):
     """Whether an eventq chain is what §5.8.6.1 asks: device-writable only, with room
     for one ``struct virtio_input_event`` (8 bytes).  Same answer as
@@ -173,8 +181,48 @@ def event_buffer_ok(DescriptorChain chain not None):
     Raises:
         QueueError: the chain is malformed (as :meth:`DescriptorChain.reader` raises).
     """
-    cdef Reader r = make_reader(chain)
-    if r.avail != 0:
-        return False
-    cdef Writer w = make_writer(chain)
-    return w.avail >= 8
+    return _buffer_ok(chain)
+
+
+def keep(Queue queue not None, object buffers not None):
+    """Pop the eventq's available chains and keep the good ones (``(chain, True)``
+    appended to ``buffers``), as ``handle_chain`` keeps them, without a Python call
+    per chain.  Returns ``(kept, done)``: ``done`` when the ring was left empty
+    with notifications enabled again (VIRTIO 1.2 §2.7.10: with EVENT_IDX,
+    ``avail_event`` moved to the next index, and looked again after that), so the
+    Python drain loop has nothing to add.
+
+    Stops (``done`` false) before the first chain the Python drain loop must see:
+    one that is not a good event buffer (:func:`event_buffer_ok`), is malformed or
+    has a head index out of range (it is put back: it was the last one popped), an
+    avail index the queue refuses, and any inflight resubmission (chains the
+    front-end gave back after a reconnection, served by the Python path alone).
+    """
+    cdef uint16_t head
+    cdef Py_ssize_t n = 0
+    cdef DescriptorChain ch
+    cdef bint ok
+    while True:
+        if queue._n_resubmit:
+            return n, False
+        try:
+            if not queue.pop_head(&head):
+                # Empty: notifications on again, then look once more (a chain made
+                # available before the driver saw avail_event would get no kick).
+                if queue.enable_notification_c():
+                    continue
+                return n, True
+        except Exception:
+            return n, False  # raised again for the Python path (nothing was taken)
+        ok = head < queue._size
+        if ok:
+            ch = make_chain(queue._snap, queue._memory, queue._desc, queue._desc_gpa, queue._size, head)
+            try:
+                ok = _buffer_ok(ch)
+            except Exception:
+                ok = False
+        if not ok:
+            queue.set_next_avail(<uint16_t>(queue._next_avail - 1))
+            return n, False
+        buffers.append((ch, True))
+        n += 1

@@ -71,8 +71,9 @@ def select(dev: InputDevice, sel: int, subsel: int = 0) -> tuple[int, bytes]:
 
 
 #: Every test runs on the three ways events reach the device: the simulated device
-#: (Python path), and the pipe twin of an evdev node read by the compiled path
-#: (``raw_input_events``) and by the Python path (the flag cleared on the instance).
+#: (events as Python tuples), and the pipe twin of an evdev node served by the
+#: compiled paths (``raw_input_events``) and by the Python path alone (the flag
+#: cleared on the instance: the Rig then turns the compiled paths off).
 HOSTS = ["sim", "pipe-compiled", "pipe-python"]
 
 
@@ -107,7 +108,10 @@ class Rig(DeviceRig):
     def __init__(
         self, host: SimInputHost, *, event_idx: bool = True, max_pending: int = 1024, **kw: object
     ) -> None:
-        super().__init__(InputDevice(host, max_pending=max_pending), event_idx=event_idx, **kw)  # type: ignore[arg-type]
+        # The pipe twin with raw_input_events cleared: the whole Python path.
+        compiled = getattr(host, "raw_input_events", True)
+        device = InputDevice(host, max_pending=max_pending, compiled=compiled)
+        super().__init__(device, event_idx=event_idx, **kw)  # type: ignore[arg-type]
         self.host = host
         self.bufs: dict[int, int] = {}
 
@@ -614,3 +618,26 @@ def test_compiled_and_python_paths_give_the_same_bytes(
         finally:
             host.close()
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_compiled_keep_takes_the_buffers_and_reenables_notifications(event_idx: bool) -> None:
+    """The compiled keep takes every good buffer of a kick and, the ring empty,
+    turns notifications on again (VIRTIO 1.2 §2.7.10: with EVENT_IDX, avail_event
+    is the next index the device will look at), so the driver's next kick comes."""
+    host = SimInputHost("keyboard")
+    try:
+        with Rig(host, event_idx=event_idx) as rig:
+            rig.post(5)
+            assert rig.kick(EVENTQ) == []
+            assert rig.device._good == 5
+            mock = rig.mocks[EVENTQ]
+            if event_idx:
+                assert mock.avail_event() == 5
+            else:
+                assert mock.used_flags() == 0  # VRING_USED_F_NO_NOTIFY clear
+            host.inject(key(KEY_A, 1))
+            rig.fire()
+            assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
+    finally:
+        host.close()
