@@ -124,11 +124,11 @@ class Ring:
 class Side:
     """One daemon on both uinput nodes, for one repetition."""
 
-    def __init__(self, argv: list[str], sock: str, nodes: str) -> None:
+    def __init__(self, argv: list[str], sock: str, nodes: str, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
             [*argv, "-s", sock, "-e", nodes],
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "RUST_LOG": "error"},
+            env={**os.environ, "RUST_LOG": "error", **env},
         )
         self.sock = sock
         self.cpu0 = 0.0
@@ -227,7 +227,7 @@ def measure(side: Side, sources: list[Source], pings: int) -> dict[str, float]:
     return out
 
 
-def inner(reps: int, pings: int, rust_dir: str | None) -> int:
+def inner(reps: int, pings: int, rust_dir: str | None, poll_us: str | None) -> int:
     from device_drivers import console_script  # noqa: PLC0415 - inside the guest only
     from evdev import AbsInfo, UInput  # noqa: PLC0415
     from evdev import ecodes as e  # noqa: PLC0415
@@ -251,7 +251,8 @@ def inner(reps: int, pings: int, rust_dir: str | None) -> int:
         for rep in range(reps):
             order = list(argvs) if rep % 2 == 0 else list(reversed(argvs))
             for k in order:
-                side = Side(argvs[k], f"/tmp/{k}.sock", nodes)
+                env = {"VHD_POLL_US": poll_us} if k == "ours" and poll_us is not None else {}
+                side = Side(argvs[k], f"/tmp/{k}.sock", nodes, env)
                 try:
                     results[k].append(measure(side, sources, pings))
                 except (AssertionError, TimeoutError) as err:
@@ -262,6 +263,8 @@ def inner(reps: int, pings: int, rust_dir: str | None) -> int:
         kbd.close()
         tab.close()
     head = f"uinput devices in a TCG guest, 1 vCPU, {reps} alternating rounds, medians (min..max)"
+    if poll_us is not None:
+        head += f", ours with VHD_POLL_US={poll_us}"
     print(f"| {head} | ours | Rust | ratio |")
     print("|---|---|---|---|")
     for key in results["ours"][0]:
@@ -285,12 +288,14 @@ def inner(reps: int, pings: int, rust_dir: str | None) -> int:
     return 0
 
 
-def outer(reps: int, pings: int) -> int:
+def outer(reps: int, pings: int, poll_us: str | None) -> int:
     sys.path.insert(0, str(ROOT / "tests" / "e2e"))
     import harness  # noqa: PLC0415
 
     rust_dir = os.environ.get("VHOST_DEVICE_RUST_BIN", "")
     args = f"--reps {reps} --pings {pings}" + (f" --rust-dir {rust_dir}" if rust_dir else "")
+    if poll_us is not None:
+        args += f" --poll-us {int(poll_us)}"
     res = harness.run_as_host(GUEST_SCRIPT.replace("@ARGS@", args), timeout=3600)
     for line in res.output.splitlines():
         if line.startswith(("RESULT", "|")):
@@ -304,12 +309,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--pings", type=int, default=100)
+    p.add_argument("--poll-us", help="VHD_POLL_US for our daemon (default: its own)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rust-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.inner:
-        return inner(a.reps, a.pings, a.rust_dir)
-    return outer(a.reps, a.pings)
+        return inner(a.reps, a.pings, a.rust_dir, a.poll_us)
+    return outer(a.reps, a.pings, a.poll_us)
 
 
 if __name__ == "__main__":
