@@ -40,6 +40,13 @@ Where we differ from upstream, on purpose (README, "Differences"):
 Buffers of the eventq are popped as soon as the driver posts them and kept, in the
 order popped, until an event fills them; :meth:`quiesce` gives the kept ones back
 to the avail ring (they are always the last ones popped).
+
+The common case runs in compiled code (:mod:`virtio_devices._input_fast`): a kick's
+good buffers are kept without a Python call each, and when the host's fd yields
+``struct input_event`` records (an evdev node: ``raw_input_events``) and nothing is
+held, one call reads them and writes each whole group into the kept buffers.  What
+it gives back (held groups, ``SYN_DROPPED``, bad buffers) takes the Python path
+below, which answers the same (the unit tests compare the two).
 """
 
 from __future__ import annotations
@@ -148,8 +155,8 @@ class InputDevice(VirtioDevice):
         compiled: keep posted eventq buffers, and deliver events when the host's
             fd yields ``struct input_event`` records (its ``raw_input_events`` is
             true: an evdev node) and nothing is held, in compiled code
-            (:mod:`._input_fast`); False keeps everything on the Python path (the
-            tests compare both).
+            (:mod:`._input_fast`); False leaves both to the Python drain loop and
+            delivery (the tests compare the two).
 
     Raises:
         ValueError: ``max_pending`` below 2.
