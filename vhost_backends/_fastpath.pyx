@@ -53,6 +53,7 @@ from posix.unistd cimport close, read, write
 
 from virtio_queue.queue cimport Queue
 from virtio_queue.source cimport ByteSource
+from virtio_devices._pump cimport FdPump
 
 
 cdef extern from "<sched.h>" nogil:
@@ -86,6 +87,8 @@ cdef enum:
 
 # epoll_data.u64 of a registered fd: the fd in the low 32 bits, this bit for a ring.
 cdef uint64_t RING_BIT = (<uint64_t>1) << 32
+# A host fd whose readiness an FdPump serves (virtio_devices._pump).
+cdef uint64_t PUMP_BIT = (<uint64_t>1) << 33
 
 cdef enum:
     # Adaptive polling: the first window, and how often the spin looks at the
@@ -265,6 +268,7 @@ cdef class Epoll:
 
     cdef int epfd
     cdef dict _rings        # fd -> KickRing
+    cdef dict _pumps        # fd -> FdPump
     cdef readonly long long poll_max_ns
     # No polling before this (CLOCK_MONOTONIC ns): another task wanted our CPU.
     cdef long long _calm_until_ns
@@ -279,6 +283,7 @@ cdef class Epoll:
         if self.epfd < 0:
             PyErr_SetFromErrno(OSError)
         self._rings = {}
+        self._pumps = {}
 
     def __init__(self, long long poll_max_us=0, *, bint give_way=True):
         """``poll_max_us``: the longest adaptive polling window of a ring (0: never
@@ -309,6 +314,7 @@ cdef class Epoll:
         for ring in self._rings.values():
             (<KickRing>ring).attached = False
         self._rings.clear()
+        self._pumps.clear()
 
     cdef int _ctl(self, int op, int fd, uint32_t events, uint64_t data) except -1:
         cdef epoll_event ev
@@ -331,6 +337,7 @@ cdef class Epoll:
         ring = self._rings.pop(fd, None)
         if ring is not None:
             (<KickRing>ring).attached = False
+        self._pumps.pop(fd, None)
         self._ctl(EPOLL_CTL_DEL, fd, 0, 0)
 
     def set_ring(self, int fd, unsigned int events, KickRing ring):
@@ -345,6 +352,18 @@ cdef class Epoll:
         if ring is not None:
             self._rings[fd] = ring
             ring.attached = True
+
+    def set_pump(self, int fd, unsigned int events, FdPump pump):
+        """Serve the readiness of registered ``fd`` with ``pump.pump_c()`` inside
+        :meth:`poll`; ``fd`` is returned only when it answers 1 or raises (the
+        exception is kept in ``pump.error``).  None: return ``fd`` again."""
+        if fd in self._rings:
+            raise ValueError(f"fd {fd} is a ring's kick fd")
+        self._ctl(EPOLL_CTL_MOD, fd, events, <uint32_t>fd | (PUMP_BIT if pump is not None else 0))
+        if pump is not None:
+            self._pumps[fd] = pump
+        else:
+            self._pumps.pop(fd, None)
 
     @property
     def polling_paused(self):
@@ -422,6 +441,18 @@ cdef class Epoll:
                                 polled = []
                             polled.append(r)
                     continue
+                if data & PUMP_BIT:
+                    pump = self._pumps.get(fd)
+                    if pump is None:
+                        continue    # removed by a callback earlier in this batch
+                    # pump_c runs here, within the poll (it adds no timers, stops
+                    # no loop: those are the callback's); anything else is Python's.
+                    try:
+                        if (<FdPump>pump).pump_c() == 0:
+                            (<FdPump>pump).pumped += 1
+                            continue
+                    except Exception as e:
+                        (<FdPump>pump).error = e
                 out.append(fd)
             if polled is not None and not out and ms != 0:
                 self._poll_rings(polled, deadline)

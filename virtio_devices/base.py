@@ -96,6 +96,7 @@ from virtio_queue.ratelimit import RateLimiter
 from .errors import DeviceNeedsReset, HostFault, MalformedRequest
 
 if TYPE_CHECKING:
+    from ._pump import FdPump
     from .workers import DeviceJobs, WorkerPool
 
 __all__ = [
@@ -168,8 +169,14 @@ class TimerHandle(Protocol):
 class EventLoop(Protocol):
     """The transport's event loop, as a device sees it (single-threaded callbacks)."""
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` whenever ``fd`` is readable, until :meth:`remove_reader`."""
+    def add_reader(self, fd: int, callback: Callable[[], None], pump: FdPump | None = None) -> None:
+        """Call ``callback()`` whenever ``fd`` is readable, until :meth:`remove_reader`.
+
+        ``pump``: a compiled server of the fd (:class:`virtio_devices._pump.FdPump`);
+        a loop that knows pumps runs it without a Python frame and calls
+        ``callback`` only when it asks, any other loop calls ``callback`` alone
+        (which runs the pump first).
+        """
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd``; unknown fds are ignored."""
