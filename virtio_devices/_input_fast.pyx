@@ -25,6 +25,7 @@ from libc.stdint cimport int32_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc, realloc
 from posix.unistd cimport read
 
+from virtio_devices._pump cimport FdPump
 from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_chain, make_reader, make_writer
 from virtio_queue.queue cimport Queue
 
@@ -100,19 +101,9 @@ cdef Py_ssize_t _read_all(int fd, input_event **buf, Py_ssize_t *cap) except -1:
     return n
 
 
-def pump(int fd, Queue queue not None, object buffers not None, Py_ssize_t max_pending):
-    """Read the host's records from ``fd`` and deliver the whole groups that fit.
-
-    ``buffers`` is the device's deque of kept eventq chains ``(chain, ok)``, all
-    good, oldest first: delivered ones are taken from its left.  Returns
-    ``(delivered, rest)``: how many buffers were used (one ``add_used`` each,
-    length 8, VIRTIO 1.2 §5.8.6.2), and the events from the first group not
-    delivered on, as ``(type, code, value)`` tuples, for the Python path.
-
-    Raises:
-        OSError: reading the fd failed before any record was read (the device is
-            gone: ``ENODEV``, or end of file for a twin).
-    """
+cdef list _pump(int fd, Queue queue, object buffers, Py_ssize_t max_pending,
+                Py_ssize_t *out_delivered):
+    """:func:`pump`'s work: returns ``rest``, sets ``*out_delivered``."""
     cdef Py_ssize_t cap = 4 * CHUNK
     cdef input_event *evs = <input_event *>malloc(cap * sizeof(input_event))
     cdef Py_ssize_t n, i, j, k, glen, start = 0, delivered = 0
@@ -162,7 +153,92 @@ def pump(int fd, Queue queue not None, object buffers not None, Py_ssize_t max_p
         rest = [(evs[i].type, evs[i].code, evs[i].value) for i in range(start, n)]
     finally:
         free(evs)
+    out_delivered[0] = delivered
+    return rest
+
+
+def pump(int fd, Queue queue not None, object buffers not None, Py_ssize_t max_pending):
+    """Read the host's records from ``fd`` and deliver the whole groups that fit.
+
+    ``buffers`` is the device's deque of kept eventq chains ``(chain, ok)``, all
+    good, oldest first: delivered ones are taken from its left.  Returns
+    ``(delivered, rest)``: how many buffers were used (one ``add_used`` each,
+    length 8, VIRTIO 1.2 §5.8.6.2), and the events from the first group not
+    delivered on, as ``(type, code, value)`` tuples, for the Python path.
+
+    Raises:
+        OSError: reading the fd failed before any record was read (the device is
+            gone: ``ENODEV``, or end of file for a twin).
+    """
+    cdef Py_ssize_t delivered = 0
+    rest = _pump(fd, queue, buffers, max_pending, &delivered)
     return delivered, rest
+
+
+cdef class InputPump(FdPump):
+    """The device's host fd served in compiled code (:class:`virtio_devices._pump.FdPump`):
+    when the device's state is the one :func:`pump` knows (nothing held, no partial
+    group, every kept buffer good, the eventq running, the host not gone), reads
+    and delivers as :func:`pump` does, counts, and notifies the driver once for the
+    batch if it asked (EVENT_IDX aware, as ``VirtioDevice.notify``): 0, done.
+    Anything else is the Python path's (1): another state (nothing is read), a read
+    error (nothing was read: the Python path reads again and meets it), or events
+    :func:`pump` gives back, kept in :attr:`rest` (the Python path takes them
+    before reading again: the order stays the host's).
+
+    The device's attributes are read from C (no Python frame): ``_compiled``,
+    ``_groups``, ``_partial``, ``_skip_to_report``, ``host_gone``, ``_good``,
+    ``_buffers``, ``active``, ``broken``, ``queues``, ``_quiesced``,
+    ``max_pending``, ``interrupt`` and its counters.
+    """
+
+    cdef public object device
+    cdef public int fd
+    cdef public list rest
+
+    def __init__(self, device, int fd):
+        self.device = device
+        self.fd = fd
+        self.rest = []
+
+    cdef int pump_c(self) except -1:
+        cdef Py_ssize_t delivered = 0
+        cdef Queue queue
+        dev = self.device
+        if self.rest or not dev._compiled or dev._groups or dev._partial or dev._skip_to_report:
+            return 1
+        if dev.host_gone or not dev.active or dev.broken is not None:
+            return 1
+        buffers = dev._buffers
+        if dev._good != len(buffers):
+            return 1
+        queues = dev.queues
+        if not queues or dev._quiesced[0]:
+            return 1
+        queue = <Queue?>queues[0]
+        if not queue._ready:
+            return 1
+        try:
+            rest = _pump(self.fd, queue, buffers, dev.max_pending, &delivered)
+        except OSError:
+            return 1
+        if delivered:
+            dev._good -= delivered
+            dev.events_delivered += delivered
+            dev.events_compiled += delivered
+            dev.chains_served += delivered
+            dev.bytes_served += delivered * 8
+        if rest:
+            self.rest = rest
+            if delivered:
+                dev._unnotified = True
+            return 1
+        if delivered or dev._unnotified:
+            dev._unnotified = False
+            interrupt = dev.interrupt
+            if interrupt is not None and queue.needs_notification_c():
+                interrupt.signal_used(0)
+        return 0
 
 
 cdef bint _buffer_ok(DescriptorChain chain) except -1:

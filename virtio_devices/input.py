@@ -205,6 +205,9 @@ class InputDevice(VirtioDevice):
         # Buffers were used since the last notification (one per batch).
         self._unnotified = False
         self._watching = -1
+        # The host fd's compiled server while watched (the vhost-user loop runs it
+        # without a Python frame; elsewhere _on_host_readable does).
+        self._pump: _input_fast.InputPump | None = None
         self._grabbed = False
         #: Groups dropped for want of buffers (each reported by a SYN_DROPPED).
         self.dropped_groups = 0
@@ -272,7 +275,8 @@ class InputDevice(VirtioDevice):
         self._discard_stale()
         if not self.host_gone:
             self._watching = self.host.fileno()
-            loop.add_reader(self._watching, self._on_host_readable)
+            self._pump = _input_fast.InputPump(self, self._watching)
+            loop.add_reader(self._watching, self._on_host_readable, pump=self._pump)
         if self.grab and not self.host_gone:
             try:
                 self.host.grab(True)
@@ -316,6 +320,10 @@ class InputDevice(VirtioDevice):
         if self._watching >= 0 and self.loop is not None:
             self.loop.remove_reader(self._watching)
         self._watching = -1
+        if self._pump is not None:
+            # Events it read and left for the Python path go with the reset.
+            self._pump.rest.clear()
+            self._pump = None
 
     def _lost(self, err: InputHostError) -> None:
         """The host device is gone: say so once, stop watching it, stay up."""
@@ -326,12 +334,22 @@ class InputDevice(VirtioDevice):
 
     # -- events: host -> eventq ------------------------------------------------------------
     def _on_host_readable(self) -> None:
-        """Loop callback: the host has events; group them and deliver what fits."""
+        """Loop callback: the host has events; the compiled pump serves them when it
+        knows the state (the vhost-user loop ran it already), else group them and
+        deliver what fits."""
+        pump = self._pump
+        if pump is not None and not pump.pump():
+            return
         self._pull_and_deliver()
 
     def _pull_and_deliver(self) -> None:
         """The compiled path when it knows the state (nothing held, every kept
-        buffer good, the eventq running), else the Python path."""
+        buffer good, the eventq running), else the Python path; first the events
+        the pump read and left to Python (they come before any read now)."""
+        pump = self._pump
+        if pump is not None and pump.rest:
+            rest, pump.rest = pump.rest, []
+            self._group(rest)
         if (
             self._compiled
             and not self._groups

@@ -5,6 +5,7 @@ DeviceLoop over a loop without pumps) call the callback, which runs the pump."""
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -12,6 +13,9 @@ import pytest
 from vhost_backends.event_loop import EventLoop, KickRing
 from virtio_devices._pump import EventfdPump, FdPump
 from virtio_devices.device_loop import DeviceLoop
+from virtio_devices.hosts.input import EV_KEY, EV_SYN, KEY_A, SYN_REPORT, PipeInputHost
+from virtio_devices.input import EVENTQ, InputDevice
+from virtio_devices.testing import DeviceRig, FakeInterrupt
 from virtio_queue import GuestMemory
 from virtio_queue.testing import MockSplitQueue
 
@@ -136,3 +140,43 @@ def test_reader_on_a_ring_kick_fd_is_refused(efd: int) -> None:
         loop.add_ring(KickRing(queue, 0, lambda i: None, kick_fd=efd))
         with pytest.raises(ValueError, match=f"fd {efd} is a ring's kick fd"):
             loop.add_reader(efd, lambda: None, pump=EventfdPump(efd))
+
+
+def test_input_device_host_fd_served_in_the_poll() -> None:
+    """virtio-input on an evdev-like host under the vhost-user loop: a whole group
+    reaches the eventq and the driver is notified with no Python callback."""
+    host = PipeInputHost("keyboard")
+    calls: list[str] = []
+    with EventLoop() as loop:
+
+        class StopOnSignal(FakeInterrupt):
+            def signal_used(self, queue_index: int) -> None:
+                super().signal_used(queue_index)
+                loop.stop()
+
+        dl = DeviceLoop(loop, lambda e: (calls.append(f"error {e}"), loop.stop()))
+        dl.open()
+        dl.clock = None  # type: ignore[attr-defined]  # the rig reads a FakeLoop's clock
+        device = InputDevice(host)
+        with DeviceRig(device, event_idx=True, loop=dl, interrupt=StopOnSignal()) as rig:  # type: ignore[arg-type]
+            gpas = {}
+            for _ in range(4):
+                head, (gpa,) = rig.add_request(EVENTQ, writable=[8])
+                gpas[head] = gpa
+            rig.kick(EVENTQ)
+            # The callback is wrapped: count its runs.
+            pump = device._pump
+            assert pump is not None
+            dl.add_reader(
+                host.fileno(), lambda: (calls.append("callback"), device._on_host_readable()), pump=pump
+            )
+            host.inject([(EV_KEY, KEY_A, 1), (EV_SYN, SYN_REPORT, 0)])
+            loop.run(timeout=30)
+            used = rig.used(EVENTQ)
+            got = [struct.unpack("<HHi", rig.read(gpas[h], 8)) for h, _ in used]
+            assert got == [(EV_KEY, KEY_A, 1), (EV_SYN, SYN_REPORT, 0)]
+            assert rig.interrupt.used == [EVENTQ]
+            assert calls == []
+            assert pump.pumped == 1 and device.events_compiled == 2
+            dl.clear()
+    host.close()

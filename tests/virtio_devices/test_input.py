@@ -641,3 +641,51 @@ def test_compiled_keep_takes_the_buffers_and_reenables_notifications(event_idx: 
             assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
     finally:
         host.close()
+
+
+# -- the host fd served by the compiled pump (virtio_devices._pump) -------------------------------
+
+
+def test_pump_serves_a_whole_group_without_the_callback(kbd: SimInputHost) -> None:
+    """A loop that serves pumps (vhost-user) delivers the common case without calling
+    the Python callback; the sim host and the Python path hand over to it."""
+    with Rig(kbd) as rig:
+        rig.post(4)
+        rig.kick(EVENTQ)
+        kbd.inject(key(KEY_A, 1))
+        ran = rig.loop.fire_pump(kbd.fileno())
+        assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
+        assert rig.interrupt.used == [EVENTQ]
+        assert ran == (rig.device.events_compiled == 0)
+        if isinstance(kbd, PipeInputHost) and kbd.raw_input_events:
+            assert rig.device.events_compiled == 2
+
+
+def test_pump_leaves_what_does_not_fit_to_python_in_order(kbd: SimInputHost) -> None:
+    """Two buffers, two groups of two: the first goes at once, the second is held
+    (§5.8.6.2: a group whole or not yet) and follows the next buffers in order."""
+    with Rig(kbd) as rig:
+        rig.post(2)
+        rig.kick(EVENTQ)
+        kbd.inject(key(KEY_A, 1) + key(KEY_A, 0))
+        rig.loop.fire_pump(kbd.fileno())
+        assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
+        kbd.inject(key(KEY_A + 1, 1))
+        rig.loop.fire_pump(kbd.fileno())
+        assert rig.used(EVENTQ) == []
+        rig.post(4)
+        assert rig.events(rig.kick(EVENTQ)) == key(KEY_A, 0) + key(KEY_A + 1, 1)
+
+
+def test_pump_read_error_reaches_the_python_path(kbd: SimInputHost, caplog: pytest.LogCaptureFixture) -> None:
+    """The host going away while the pump serves: the Python path meets the error
+    and says the device is gone, as with the callback alone."""
+    with Rig(kbd) as rig:
+        rig.post(2)
+        rig.kick(EVENTQ)
+        fd = kbd.fileno()
+        kbd.unplugged = True
+        rig.loop.fire_pump(fd)
+        assert rig.device.host_gone
+        assert fd not in rig.loop.readers and fd not in rig.loop.pumps
+        assert "is gone" in caplog.text
