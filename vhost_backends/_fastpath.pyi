@@ -11,6 +11,7 @@ class KickRing:
     serve: Callable[[int], object]
     fail: Callable[[Exception], object] | None
     fill_source: Callable[[int], ByteSource | None] | None
+    pump: FdPump | None
     poll_ns: int
     kick_fd: int
     @property

@@ -119,7 +119,10 @@ cdef class KickRing:
     when given, gets what ``serve`` raised (None: it propagates out of the poll).
     ``fill_source(index)``, when given, is the device's ``VirtioDevice.fill_source``,
     asked on every service: the ``ByteSource`` to fill single-buffer requests from,
-    or None when ``serve`` must see the ring.  ``kick_fd`` is watched, not owned
+    or None when ``serve`` must see the ring.  ``pump``, when given, is the device's
+    compiled server of the ring's kicks (``VirtioDevice.kick_pump``, an
+    :class:`~virtio_devices._pump.FdPump`): run on every service, ``serve`` only
+    when it answers 1 (what it raises goes to ``fail`` as ``serve``'s).  ``kick_fd`` is watched, not owned
     (it cannot change while an :class:`Epoll` serves the ring); ``call_fd`` is owned
     (:meth:`set_call_fd`, :meth:`close`).  ``kicks``, ``chains``/``bytes`` (filled
     here), ``python_calls`` and ``poll_hits`` count what this ring served."""
@@ -129,6 +132,7 @@ cdef class KickRing:
     cdef public object serve
     cdef public object fail
     cdef public object fill_source
+    cdef public FdPump pump
     cdef int _kick_fd
     cdef int _call_fd
     cdef readonly bint attached
@@ -214,6 +218,11 @@ cdef class KickRing:
         try:
             if self.fill_source is not None and self._fill(suppress) == 0:
                 return 0
+            if self.pump is not None:
+                if self.pump.pump_c() == 0:
+                    self.pump.pumped += 1
+                    return 0
+                self.pump.handed_over += 1
             self.python_calls += 1
             self.serve(self.index)
         except Exception as e:

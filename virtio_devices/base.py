@@ -358,6 +358,19 @@ class VirtioDevice:
         """
         self.process_chains(index)
 
+    def kick_pump(self, index: int) -> FdPump | None:
+        """A compiled server of queue ``index``'s kicks, asked when the vhost-user
+        transport starts the ring (the device is active then).
+
+        When it returns a :class:`~virtio_devices._pump.FdPump`, the transport runs
+        its ``pump_c`` on every kick (and poll hit) of the ring, without a Python
+        frame, and calls :meth:`process_queue` only when it answers 1; what it
+        raises is handled as what :meth:`process_queue` raises.  It must leave the
+        ring as :meth:`process_queue` would, or answer 1 with what it did not do
+        left for it.  Other transports call :meth:`process_queue` alone.  None
+        (the default): every kick goes to :meth:`process_queue`."""
+        return None
+
     def fill_source(self, index: int) -> ByteSource | None:
         """A host source whose bytes are all that a request of queue ``index`` needs, now.
 
