@@ -15,6 +15,13 @@ def event_buffer_ok(chain: DescriptorChain) -> bool: ...
 def keep(queue: Queue, buffers: deque[tuple[DescriptorChain, bool]]) -> tuple[int, bool]: ...
 
 @disjoint_base
+class InputKickPump(FdPump):
+    """The input device's eventq kicks served in compiled code."""
+
+    device: Any
+    def __init__(self, device: Any) -> None: ...
+
+@disjoint_base
 class InputPump(FdPump):
     """The input device's host fd served in compiled code."""
 

@@ -260,6 +260,43 @@ def event_buffer_ok(DescriptorChain chain not None):
     return _buffer_ok(chain)
 
 
+cdef bint _keep(Queue queue, object buffers, Py_ssize_t *out_n) except -1:
+    """:func:`keep`'s work: returns ``done``, sets ``*out_n`` to ``kept``."""
+    cdef uint16_t head
+    cdef Py_ssize_t n = 0
+    out_n[0] = 0
+    cdef DescriptorChain ch
+    cdef bint ok
+    while True:
+        if queue._n_resubmit:
+            out_n[0] = n
+            return False
+        try:
+            if not queue.pop_head(&head):
+                # Empty: notifications on again, then look once more (a chain made
+                # available before the driver saw avail_event would get no kick).
+                if queue.enable_notification_c():
+                    continue
+                out_n[0] = n
+                return True
+        except Exception:
+            out_n[0] = n
+            return False  # raised again for the Python path (nothing was taken)
+        ok = head < queue._size
+        if ok:
+            ch = make_chain(queue._snap, queue._memory, queue._desc, queue._desc_gpa, queue._size, head)
+            try:
+                ok = _buffer_ok(ch)
+            except Exception:
+                ok = False
+        if not ok:
+            queue.set_next_avail(<uint16_t>(queue._next_avail - 1))
+            out_n[0] = n
+            return False
+        buffers.append((ch, True))
+        n += 1
+
+
 def keep(Queue queue not None, object buffers not None):
     """Pop the eventq's available chains and keep the good ones (``(chain, True)``
     appended to ``buffers``), as ``handle_chain`` keeps them, without a Python call
@@ -274,31 +311,48 @@ def keep(Queue queue not None, object buffers not None):
     avail index the queue refuses, and any inflight resubmission (chains the
     front-end gave back after a reconnection, served by the Python path alone).
     """
-    cdef uint16_t head
     cdef Py_ssize_t n = 0
-    cdef DescriptorChain ch
-    cdef bint ok
-    while True:
-        if queue._n_resubmit:
-            return n, False
+    done = _keep(queue, buffers, &n)
+    return n, done
+
+
+cdef class InputKickPump(FdPump):
+    """The eventq's kicks served in compiled code (``VirtioDevice.kick_pump``): when
+    ``process_queue`` would take the compiled branch (the device active, not broken,
+    nothing parked, the queue ready), keeps the new buffers as :func:`keep` does;
+    when that left the ring empty with notifications on (§2.7.10), goes on as
+    ``process_queue`` does with the host fd's :class:`InputPump` (events read now
+    reach the new buffers).  Anything else answers 1: ``process_queue`` runs and
+    finds the ring as this left it (the buffers kept so far are the device's)."""
+
+    cdef public object device
+
+    def __init__(self, device):
+        self.device = device
+
+    cdef int pump_c(self) except -1:
+        cdef Py_ssize_t kept = 0
+        cdef Queue queue
+        dev = self.device
+        if not dev._compiled_keep or dev.broken is not None or not dev.active:
+            return 1
+        if dev._parked[0] is not None:
+            return 1
+        queues = dev.queues
+        if not queues:
+            return 1
+        queue = <Queue?>queues[0]
+        if not queue._ready:
+            return 1
+        dev._quiesced[0] = False
         try:
-            if not queue.pop_head(&head):
-                # Empty: notifications on again, then look once more (a chain made
-                # available before the driver saw avail_event would get no kick).
-                if queue.enable_notification_c():
-                    continue
-                return n, True
-        except Exception:
-            return n, False  # raised again for the Python path (nothing was taken)
-        ok = head < queue._size
-        if ok:
-            ch = make_chain(queue._snap, queue._memory, queue._desc, queue._desc_gpa, queue._size, head)
-            try:
-                ok = _buffer_ok(ch)
-            except Exception:
-                ok = False
-        if not ok:
-            queue.set_next_avail(<uint16_t>(queue._next_avail - 1))
-            return n, False
-        buffers.append((ch, True))
-        n += 1
+            done = _keep(queue, dev._buffers, &kept)
+        finally:
+            if kept:
+                dev._good += kept
+        if not done:
+            return 1
+        host = dev._pump
+        if host is None:
+            return 1
+        return (<InputPump?>host).pump_c()

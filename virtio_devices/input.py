@@ -540,6 +540,13 @@ class InputDevice(VirtioDevice):
         if index == EVENTQ:
             self._pull_and_deliver()
 
+    def kick_pump(self, index: int) -> _input_fast.InputKickPump | None:
+        """The eventq's kicks in compiled code (:class:`._input_fast.InputKickPump`:
+        the compiled branch of :meth:`process_queue`), unless ``compiled`` is off."""
+        if index == EVENTQ and self._compiled_keep:
+            return _input_fast.InputKickPump(self)
+        return None
+
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | Park | None:
         """An eventq buffer is kept for an event; a statusq buffer is sent to the host.
 

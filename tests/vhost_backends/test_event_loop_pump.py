@@ -180,3 +180,47 @@ def test_input_device_host_fd_served_in_the_poll() -> None:
             assert pump.pumped == 1 and device.events_compiled == 2
             dl.clear()
     host.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_input_eventq_kick_served_by_the_device_kick_pump(efd: int, compiled: bool) -> None:
+    """A ring with the device's kick pump (VirtioDevice.kick_pump): the eventq kick
+    keeps the new buffers and delivers the host's pending group with no call of
+    process_queue; with compiled=False there is no pump and process_queue serves."""
+    host = PipeInputHost("keyboard")
+    device = InputDevice(host, compiled=compiled)
+    served: list[int] = []
+    with DeviceRig(device, event_idx=True) as rig:
+        ring = KickRing(
+            rig.queues[EVENTQ], EVENTQ, lambda i: (served.append(i), device.process_queue(i)), kick_fd=efd
+        )
+        ring.pump = device.kick_pump(EVENTQ)
+        assert (ring.pump is not None) == compiled
+        host.inject([(EV_KEY, KEY_A, 1), (EV_SYN, SYN_REPORT, 0)])
+        # The group is held: no buffers yet (the fd callback ran, as the loop would).
+        rig.loop.fire_pump(host.fileno())
+        gpas = {}
+        for _ in range(4):
+            head, (gpa,) = rig.add_request(EVENTQ, writable=[8])
+            gpas[head] = gpa
+        os.eventfd_write(efd, 1)
+        ring.serve_kick()
+        used = rig.used(EVENTQ)
+        got = [struct.unpack("<HHi", rig.read(gpas[h], 8)) for h, _ in used]
+        assert got == [(EV_KEY, KEY_A, 1), (EV_SYN, SYN_REPORT, 0)]
+        assert rig.interrupt.used == [EVENTQ]
+        if compiled:
+            # Held groups are the Python path's: the pump kept the buffers, then asked.
+            assert served == [EVENTQ]
+            assert device._good == 2
+            # Now nothing is held: a new group and a kick go without process_queue.
+            host.inject([(EV_KEY, KEY_A, 0), (EV_SYN, SYN_REPORT, 0)])
+            os.eventfd_write(efd, 1)
+            ring.serve_kick()
+            assert served == [EVENTQ]
+            assert ring.pump is not None and ring.pump.pumped == 1
+            assert device._good == 0
+        else:
+            assert served == [EVENTQ]
+        ring.close()
+    host.close()
