@@ -23,6 +23,7 @@ So the bytes the guest sees are the ones the Python path gives.
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int32_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
 from posix.unistd cimport read
 
 from virtio_devices._pump cimport FdPump
@@ -67,20 +68,27 @@ cdef enum:
 INPUT_EVENT_SIZE = sizeof(input_event)
 
 
-cdef Py_ssize_t _read_all(int fd, input_event **buf, Py_ssize_t *cap) except -1:
-    """Read every whole record the fd has now (nonblocking fd) into *buf."""
+cdef Py_ssize_t _read_all(int fd, input_event **buf, Py_ssize_t *cap, bint *heap) except -1:
+    """Read every whole record the fd has now (nonblocking fd) into *buf, which starts
+    as the caller's (``*heap`` false) and moves to the heap when it must grow."""
     cdef Py_ssize_t n = 0
     cdef ssize_t got
     cdef input_event *grown
     while n < MAX_RECORDS:
         if cap[0] - n < CHUNK:
-            grown = <input_event *>realloc(buf[0], (cap[0] * 2) * sizeof(input_event))
+            if heap[0]:
+                grown = <input_event *>realloc(buf[0], (cap[0] * 2) * sizeof(input_event))
+            else:
+                grown = <input_event *>malloc((cap[0] * 2) * sizeof(input_event))
+                if grown != NULL:
+                    memcpy(grown, buf[0], n * sizeof(input_event))
             if grown == NULL:
                 raise MemoryError()
             buf[0] = grown
+            heap[0] = True
             cap[0] *= 2
-        with nogil:
-            got = read(fd, <void *>(buf[0] + n), CHUNK * sizeof(input_event))
+        # The fd is nonblocking: the read never waits, so the GIL is kept.
+        got = read(fd, <void *>(buf[0] + n), CHUNK * sizeof(input_event))
         if got < 0:
             if errno == EINTR:
                 continue
@@ -104,8 +112,11 @@ cdef Py_ssize_t _read_all(int fd, input_event **buf, Py_ssize_t *cap) except -1:
 cdef list _pump(int fd, Queue queue, object buffers, Py_ssize_t max_pending,
                 Py_ssize_t *out_delivered):
     """:func:`pump`'s work: returns ``rest``, sets ``*out_delivered``."""
-    cdef Py_ssize_t cap = 4 * CHUNK
-    cdef input_event *evs = <input_event *>malloc(cap * sizeof(input_event))
+    # The first CHUNK records on the stack: most wake-ups bring a few.
+    cdef input_event first[CHUNK]
+    cdef Py_ssize_t cap = CHUNK
+    cdef input_event *evs = first
+    cdef bint heap = False
     cdef Py_ssize_t n, i, j, k, glen, start = 0, delivered = 0
     cdef Py_ssize_t kept = len(buffers)
     cdef unsigned char packed[8]
@@ -114,10 +125,8 @@ cdef list _pump(int fd, Queue queue, object buffers, Py_ssize_t max_pending,
     cdef list writers
     cdef size_t wrote
     cdef bint whole
-    if evs == NULL:
-        raise MemoryError()
     try:
-        n = _read_all(fd, &evs, &cap)
+        n = _read_all(fd, &evs, &cap, &heap)
         while start < n:
             # The next group: up to its SYN_REPORT; stop at anything the Python path owns.
             whole = False
@@ -152,7 +161,8 @@ cdef list _pump(int fd, Queue queue, object buffers, Py_ssize_t max_pending,
             start = j + 1
         rest = [(evs[i].type, evs[i].code, evs[i].value) for i in range(start, n)]
     finally:
-        free(evs)
+        if heap:
+            free(evs)
     out_delivered[0] = delivered
     return rest
 

@@ -689,3 +689,15 @@ def test_pump_read_error_reaches_the_python_path(kbd: SimInputHost, caplog: pyte
         assert rig.device.host_gone
         assert fd not in rig.loop.readers and fd not in rig.loop.pumps
         assert "is gone" in caplog.text
+
+
+def test_events_more_than_one_read_chunk_in_order(kbd: SimInputHost) -> None:
+    """A burst longer than one read of the compiled path (256 records): every group
+    arrives, in the host's order."""
+    groups = [key(KEY_A, i & 1) for i in range(200)]
+    with Rig(kbd, queue_size=512) as rig:
+        rig.post(400)
+        rig.kick(EVENTQ)
+        kbd.inject([ev for g in groups for ev in g])
+        rig.fire()
+        assert rig.events(rig.used(EVENTQ)) == [ev for g in groups for ev in g]
