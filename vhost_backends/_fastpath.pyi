@@ -1,6 +1,7 @@
 from collections.abc import Callable
 from typing import final
 
+from virtio_devices._pump import FdPump
 from virtio_queue import ByteSource, Queue
 
 @final
@@ -10,6 +11,7 @@ class KickRing:
     serve: Callable[[int], object]
     fail: Callable[[Exception], object] | None
     fill_source: Callable[[int], ByteSource | None] | None
+    pump: FdPump | None
     poll_ns: int
     kick_fd: int
     @property
@@ -64,4 +66,5 @@ class Epoll:
     def register(self, fd: int, events: int) -> None: ...
     def unregister(self, fd: int) -> None: ...
     def set_ring(self, fd: int, events: int, ring: KickRing | None) -> None: ...
+    def set_pump(self, fd: int, events: int, pump: FdPump | None) -> None: ...
     def poll(self, timeout: float = -1.0) -> list[int]: ...

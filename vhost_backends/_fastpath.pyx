@@ -53,6 +53,7 @@ from posix.unistd cimport close, read, write
 
 from virtio_queue.queue cimport Queue
 from virtio_queue.source cimport ByteSource
+from virtio_devices._pump cimport FdPump
 
 
 cdef extern from "<sched.h>" nogil:
@@ -86,6 +87,8 @@ cdef enum:
 
 # epoll_data.u64 of a registered fd: the fd in the low 32 bits, this bit for a ring.
 cdef uint64_t RING_BIT = (<uint64_t>1) << 32
+# A host fd whose readiness an FdPump serves (virtio_devices._pump).
+cdef uint64_t PUMP_BIT = (<uint64_t>1) << 33
 
 cdef enum:
     # Adaptive polling: the first window, and how often the spin looks at the
@@ -116,7 +119,10 @@ cdef class KickRing:
     when given, gets what ``serve`` raised (None: it propagates out of the poll).
     ``fill_source(index)``, when given, is the device's ``VirtioDevice.fill_source``,
     asked on every service: the ``ByteSource`` to fill single-buffer requests from,
-    or None when ``serve`` must see the ring.  ``kick_fd`` is watched, not owned
+    or None when ``serve`` must see the ring.  ``pump``, when given, is the device's
+    compiled server of the ring's kicks (``VirtioDevice.kick_pump``, an
+    :class:`~virtio_devices._pump.FdPump`): run on every service, ``serve`` only
+    when it answers 1 (what it raises goes to ``fail`` as ``serve``'s).  ``kick_fd`` is watched, not owned
     (it cannot change while an :class:`Epoll` serves the ring); ``call_fd`` is owned
     (:meth:`set_call_fd`, :meth:`close`).  ``kicks``, ``chains``/``bytes`` (filled
     here), ``python_calls`` and ``poll_hits`` count what this ring served."""
@@ -126,6 +132,7 @@ cdef class KickRing:
     cdef public object serve
     cdef public object fail
     cdef public object fill_source
+    cdef public FdPump pump
     cdef int _kick_fd
     cdef int _call_fd
     cdef readonly bint attached
@@ -211,6 +218,11 @@ cdef class KickRing:
         try:
             if self.fill_source is not None and self._fill(suppress) == 0:
                 return 0
+            if self.pump is not None:
+                if self.pump.pump_c() == 0:
+                    self.pump.pumped += 1
+                    return 0
+                self.pump.handed_over += 1
             self.python_calls += 1
             self.serve(self.index)
         except Exception as e:
@@ -265,6 +277,7 @@ cdef class Epoll:
 
     cdef int epfd
     cdef dict _rings        # fd -> KickRing
+    cdef dict _pumps        # fd -> FdPump
     cdef readonly long long poll_max_ns
     # No polling before this (CLOCK_MONOTONIC ns): another task wanted our CPU.
     cdef long long _calm_until_ns
@@ -279,6 +292,7 @@ cdef class Epoll:
         if self.epfd < 0:
             PyErr_SetFromErrno(OSError)
         self._rings = {}
+        self._pumps = {}
 
     def __init__(self, long long poll_max_us=0, *, bint give_way=True):
         """``poll_max_us``: the longest adaptive polling window of a ring (0: never
@@ -309,6 +323,7 @@ cdef class Epoll:
         for ring in self._rings.values():
             (<KickRing>ring).attached = False
         self._rings.clear()
+        self._pumps.clear()
 
     cdef int _ctl(self, int op, int fd, uint32_t events, uint64_t data) except -1:
         cdef epoll_event ev
@@ -331,6 +346,7 @@ cdef class Epoll:
         ring = self._rings.pop(fd, None)
         if ring is not None:
             (<KickRing>ring).attached = False
+        self._pumps.pop(fd, None)
         self._ctl(EPOLL_CTL_DEL, fd, 0, 0)
 
     def set_ring(self, int fd, unsigned int events, KickRing ring):
@@ -345,6 +361,18 @@ cdef class Epoll:
         if ring is not None:
             self._rings[fd] = ring
             ring.attached = True
+
+    def set_pump(self, int fd, unsigned int events, FdPump pump):
+        """Serve the readiness of registered ``fd`` with ``pump.pump_c()`` inside
+        :meth:`poll`; ``fd`` is returned only when it answers 1 or raises (the
+        exception is kept in ``pump.error``).  None: return ``fd`` again."""
+        if fd in self._rings:
+            raise ValueError(f"fd {fd} is a ring's kick fd")
+        self._ctl(EPOLL_CTL_MOD, fd, events, <uint32_t>fd | (PUMP_BIT if pump is not None else 0))
+        if pump is not None:
+            self._pumps[fd] = pump
+        else:
+            self._pumps.pop(fd, None)
 
     @property
     def polling_paused(self):
@@ -422,6 +450,18 @@ cdef class Epoll:
                                 polled = []
                             polled.append(r)
                     continue
+                if data & PUMP_BIT:
+                    pump = self._pumps.get(fd)
+                    if pump is None:
+                        continue    # removed by a callback earlier in this batch
+                    # pump_c runs here, within the poll (it adds no timers, stops
+                    # no loop: those are the callback's); anything else is Python's.
+                    try:
+                        if (<FdPump>pump).pump_c() == 0:
+                            (<FdPump>pump).pumped += 1
+                            continue
+                    except Exception as e:
+                        (<FdPump>pump).error = e
                 out.append(fd)
             if polled is not None and not out and ms != 0:
                 self._poll_rings(polled, deadline)

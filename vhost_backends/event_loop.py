@@ -33,6 +33,10 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from virtio_devices._pump import FdPump
 
 try:
     from vhost_backends._fastpath import Epoll, KickRing
@@ -92,14 +96,23 @@ class EventLoop:
         self.add_reader(self._soon_fd, self._run_soon)
 
     # -- EventLoop protocol (virtio_devices.base) -------------------------------------
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+    #: add_reader takes a pump (:class:`virtio_devices._pump.FdPump`) and runs it in C.
+    serves_pumps = True
+
+    def add_reader(self, fd: int, callback: Callable[[], None], pump: FdPump | None = None) -> None:
         """Call ``callback()`` whenever ``fd`` is readable (level-triggered); a second
-        call for the same fd replaces the callback."""
-        if fd in self._readers:
-            self._readers[fd] = callback
-            return
-        self._epoll.register(fd, _READ_EVENTS)
+        call for the same fd replaces the callback (and the pump).
+
+        ``pump``: served inside the poll in compiled code when ``fd`` is readable;
+        ``callback`` runs only when ``pump_c`` answers 1 or raises (kept in
+        ``pump.error`` for the callback's ``pump()`` to raise).
+        """
+        if fd in self._rings:
+            raise ValueError(f"fd {fd} is a ring's kick fd")
+        if fd not in self._readers:
+            self._epoll.register(fd, _READ_EVENTS)
         self._readers[fd] = callback
+        self._epoll.set_pump(fd, _READ_EVENTS, pump)
 
     def add_ring(self, ring: KickRing) -> None:
         """Serve the kicks of ``ring.kick_fd`` with ``ring`` in compiled code (see the

@@ -630,6 +630,8 @@ class VhostUserHandler:
         # call for it per kick.
         fills = self.device.fill_source(ring.index) is not None
         kick.fill_source = self.device.fill_source if fills else None
+        # A device that serves this ring's kicks in compiled code (asked once here).
+        kick.pump = self.device.kick_pump(ring.index)
         self.loop.add_ring(kick)
         if resubmit:
             # The driver kicked these long ago: serve them without waiting for a kick.

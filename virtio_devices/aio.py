@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from ._pump import FdPump
 from .base import TimerHandle
 
 __all__ = ["AsyncioLoop"]
@@ -41,7 +42,8 @@ class AsyncioLoop:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop if loop is not None else asyncio.get_running_loop()
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+    def add_reader(self, fd: int, callback: Callable[[], None], pump: FdPump | None = None) -> None:
+        # asyncio knows no pumps: the callback runs the pump itself.
         """Call ``callback()`` whenever ``fd`` is readable (replaces an earlier watch)."""
         self.loop.add_reader(fd, callback)
 

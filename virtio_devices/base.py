@@ -96,6 +96,7 @@ from virtio_queue.ratelimit import RateLimiter
 from .errors import DeviceNeedsReset, HostFault, MalformedRequest
 
 if TYPE_CHECKING:
+    from ._pump import FdPump
     from .workers import DeviceJobs, WorkerPool
 
 __all__ = [
@@ -168,8 +169,14 @@ class TimerHandle(Protocol):
 class EventLoop(Protocol):
     """The transport's event loop, as a device sees it (single-threaded callbacks)."""
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` whenever ``fd`` is readable, until :meth:`remove_reader`."""
+    def add_reader(self, fd: int, callback: Callable[[], None], pump: FdPump | None = None) -> None:
+        """Call ``callback()`` whenever ``fd`` is readable, until :meth:`remove_reader`.
+
+        ``pump``: a compiled server of the fd (:class:`virtio_devices._pump.FdPump`);
+        a loop that knows pumps runs it without a Python frame and calls
+        ``callback`` only when it asks, any other loop calls ``callback`` alone
+        (which runs the pump first).
+        """
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd``; unknown fds are ignored."""
@@ -350,6 +357,19 @@ class VirtioDevice:
             DeviceNeedsReset: the device is broken (see the module docstring).
         """
         self.process_chains(index)
+
+    def kick_pump(self, index: int) -> FdPump | None:
+        """A compiled server of queue ``index``'s kicks, asked when the vhost-user
+        transport starts the ring (the device is active then).
+
+        When it returns a :class:`~virtio_devices._pump.FdPump`, the transport runs
+        its ``pump_c`` on every kick (and poll hit) of the ring, without a Python
+        frame, and calls :meth:`process_queue` only when it answers 1; what it
+        raises is handled as what :meth:`process_queue` raises.  It must leave the
+        ring as :meth:`process_queue` would, or answer 1 with what it did not do
+        left for it.  Other transports call :meth:`process_queue` alone.  None
+        (the default): every kick goes to :meth:`process_queue`."""
+        return None
 
     def fill_source(self, index: int) -> ByteSource | None:
         """A host source whose bytes are all that a request of queue ``index`` needs, now.

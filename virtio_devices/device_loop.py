@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ._pump import FdPump
 
 __all__ = ["DeviceLoop"]
 
@@ -86,8 +89,16 @@ class DeviceLoop:
 
         return guarded
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self._loop.add_reader(fd, self._guard(callback))
+    def add_reader(self, fd: int, callback: Callable[[], None], pump: FdPump | None = None) -> None:
+        """Watch ``fd`` (see :meth:`virtio_devices.base.EventLoop.add_reader`): the
+        pump goes to a loop that serves pumps (``serves_pumps``: the vhost-user
+        loop), whose errors reach ``callback`` and so the guard; any other loop
+        gets the callback alone, which runs the pump."""
+        guarded = self._guard(callback)
+        if pump is not None and getattr(self._loop, "serves_pumps", False):
+            self._loop.add_reader(fd, guarded, pump=pump)  # type: ignore[call-arg]
+        else:
+            self._loop.add_reader(fd, guarded)
         self._readers.add(fd)
 
     def remove_reader(self, fd: int) -> None:

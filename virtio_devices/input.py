@@ -40,6 +40,13 @@ Where we differ from upstream, on purpose (README, "Differences"):
 Buffers of the eventq are popped as soon as the driver posts them and kept, in the
 order popped, until an event fills them; :meth:`quiesce` gives the kept ones back
 to the avail ring (they are always the last ones popped).
+
+The common case runs in compiled code (:mod:`virtio_devices._input_fast`): a kick's
+good buffers are kept without a Python call each, and when the host's fd yields
+``struct input_event`` records (an evdev node: ``raw_input_events``) and nothing is
+held, one call reads them and writes each whole group into the kept buffers.  What
+it gives back (held groups, ``SYN_DROPPED``, bad buffers) takes the Python path
+below, which answers the same (the unit tests compare the two).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from typing import Final
 from virtio_queue import DescriptorChain, GuestMemory, Queue
 from virtio_queue.errors import GuestMemoryError, QueueError
 
+from . import _input_fast
 from .base import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -144,6 +152,11 @@ class InputDevice(VirtioDevice):
         max_pending: events held at most while the driver posts no buffers
             (at least 2: a group and the ``SYN_DROPPED`` marker).
         grab: take exclusive access (``EVIOCGRAB``) while a driver uses the device.
+        compiled: keep posted eventq buffers, and deliver events when the host's
+            fd yields ``struct input_event`` records (its ``raw_input_events`` is
+            true: an evdev node) and nothing is held, in compiled code
+            (:mod:`._input_fast`); False leaves both to the Python drain loop and
+            delivery (the tests compare the two).
 
     Raises:
         ValueError: ``max_pending`` below 2.
@@ -157,7 +170,12 @@ class InputDevice(VirtioDevice):
     has_config = True
 
     def __init__(
-        self, host: InputHost, *, max_pending: int = DEFAULT_MAX_PENDING, grab: bool = False
+        self,
+        host: InputHost,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        grab: bool = False,
+        compiled: bool = True,
     ) -> None:
         super().__init__()
         if max_pending < 2:
@@ -165,6 +183,8 @@ class InputDevice(VirtioDevice):
         self.host = host
         self.max_pending = max_pending
         self.grab = grab
+        self._compiled = compiled and bool(getattr(host, "raw_input_events", False))
+        self._compiled_keep = compiled
         self._select = 0
         self._subsel = 0
         self._config_cache: dict[tuple[int, int], bytes] = {}
@@ -182,12 +202,19 @@ class InputDevice(VirtioDevice):
         # the last ones popped.
         self._buffers: deque[tuple[DescriptorChain, bool]] = deque()
         self._good = 0
+        # Buffers were used since the last notification (one per batch).
+        self._unnotified = False
         self._watching = -1
+        # The host fd's compiled server while watched (the vhost-user loop runs it
+        # without a Python frame; elsewhere _on_host_readable does).
+        self._pump: _input_fast.InputPump | None = None
         self._grabbed = False
         #: Groups dropped for want of buffers (each reported by a SYN_DROPPED).
         self.dropped_groups = 0
         #: Events delivered into eventq buffers.
         self.events_delivered = 0
+        #: Events the compiled path delivered (a part of ``events_delivered``).
+        self.events_compiled = 0
         #: Whether the host device went away (unplugged).
         self.host_gone = False
 
@@ -248,7 +275,8 @@ class InputDevice(VirtioDevice):
         self._discard_stale()
         if not self.host_gone:
             self._watching = self.host.fileno()
-            loop.add_reader(self._watching, self._on_host_readable)
+            self._pump = _input_fast.InputPump(self, self._watching)
+            loop.add_reader(self._watching, self._on_host_readable, pump=self._pump)
         if self.grab and not self.host_gone:
             try:
                 self.host.grab(True)
@@ -268,6 +296,7 @@ class InputDevice(VirtioDevice):
         super().reset()
         self._groups.clear()
         self._held = self._pos = 0
+        self._unnotified = False
         self._partial.clear()
         self._skip_to_report = False
 
@@ -291,6 +320,10 @@ class InputDevice(VirtioDevice):
         if self._watching >= 0 and self.loop is not None:
             self.loop.remove_reader(self._watching)
         self._watching = -1
+        if self._pump is not None:
+            # Events it read and left for the Python path go with the reset.
+            self._pump.rest.clear()
+            self._pump = None
 
     def _lost(self, err: InputHostError) -> None:
         """The host device is gone: say so once, stop watching it, stay up."""
@@ -301,7 +334,49 @@ class InputDevice(VirtioDevice):
 
     # -- events: host -> eventq ------------------------------------------------------------
     def _on_host_readable(self) -> None:
-        """Loop callback: the host has events; group them and deliver what fits."""
+        """Loop callback: the host has events; the compiled pump serves them when it
+        knows the state (the vhost-user loop ran it already), else group them and
+        deliver what fits."""
+        pump = self._pump
+        if pump is not None and not pump.pump():
+            return
+        self._pull_and_deliver()
+
+    def _pull_and_deliver(self) -> None:
+        """The compiled path when it knows the state (nothing held, every kept
+        buffer good, the eventq running), else the Python path; first the events
+        the pump read and left to Python (they come before any read now)."""
+        pump = self._pump
+        if pump is not None and pump.rest:
+            rest, pump.rest = pump.rest, []
+            self._group(rest)
+        if (
+            self._compiled
+            and not self._groups
+            and not self._partial
+            and not self._skip_to_report
+            and not self.host_gone
+            and self._good == len(self._buffers)
+            and self._can_deliver()
+        ):
+            try:
+                delivered, rest = _input_fast.pump(
+                    self.host.fileno(), self.queues[EVENTQ], self._buffers, self.max_pending
+                )
+            except OSError as e:
+                self._lost(InputHostError(f"{self.host.name}: reading events failed: {e.strerror}"))
+                return
+            if delivered:
+                self._good -= delivered
+                self.events_delivered += delivered
+                self.events_compiled += delivered
+                self.chains_served += delivered
+                self.bytes_served += delivered * EVENT_SIZE
+                self._unnotified = True
+            if rest:
+                self._group(rest)
+            self._deliver()
+            return
         self._pull()
         self._deliver()
 
@@ -314,6 +389,10 @@ class InputDevice(VirtioDevice):
         except InputHostError as e:
             self._lost(e)
             return
+        self._group(events)
+
+    def _group(self, events: Sequence[tuple[int, int, int]]) -> None:
+        """Add host events to the group being built; hold each complete group."""
         partial = self._partial
         for ev_type, code, value in events:
             if ev_type == EV_SYN and code == SYN_DROPPED:
@@ -330,6 +409,9 @@ class InputDevice(VirtioDevice):
             if ev_type == EV_SYN and code == SYN_REPORT:
                 self._enqueue(partial)
                 partial = self._partial = []
+                # Deliver each group as soon as it is whole, before the next one is
+                # held: only groups the buffers cannot take count against max_pending.
+                self._deliver(notify=False)
             elif len(partial) >= self.max_pending:
                 # A host that never ends its group: the group cannot be delivered whole.
                 partial.clear()
@@ -372,17 +454,18 @@ class InputDevice(VirtioDevice):
             lost,
         )
 
-    def _deliver(self) -> None:
+    def _deliver(self, *, notify: bool = True) -> None:
         """Write held groups into kept eventq buffers: a group only when a buffer
         waits for each of its events (a group longer than the ring goes in parts),
-        then one notification."""
-        if not self.active or self.broken is not None or not self._groups or not self._buffers:
-            return
-        if self._quiesced[EVENTQ]:
-            return
+        then (``notify``) one notification for all delivered since the last one."""
+        if self._groups and self._buffers and self._can_deliver():
+            self._deliver_held()
+        if notify and self._unnotified:
+            self._unnotified = False
+            self.notify(EVENTQ)
+
+    def _deliver_held(self) -> None:
         queue = self.queues[EVENTQ]
-        if not queue.ready:
-            return
         events = completed = 0
         try:
             while self._groups and self._good:
@@ -419,17 +502,50 @@ class InputDevice(VirtioDevice):
                 self.events_delivered += events
                 self.chains_served += completed
                 self.bytes_served += events * EVENT_SIZE
-                self.notify(EVENTQ)
+                self._unnotified = True
+
+    def _can_deliver(self) -> bool:
+        """Whether the eventq may be used now (running, not quiesced, ready)."""
+        return (
+            self.active
+            and self.broken is None
+            and bool(self.queues)
+            and not self._quiesced[EVENTQ]
+            and self.queues[EVENTQ].ready
+        )
 
     # -- queues ---------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
         """Kick of a queue: the statusq is drained; the eventq's new buffers are
         kept, then the host's events (read now, so that a kick alone delivers what
         is pending) go into them."""
-        self.process_chains(index)
+        if (
+            index == EVENTQ
+            and self._compiled_keep
+            and self.broken is None
+            and self._parked[EVENTQ] is None
+            and self.active
+            and self.queues[EVENTQ].ready
+        ):
+            # The good buffers in compiled code; unless it left the ring empty with
+            # notifications on again (§2.7.10), the drain loop goes on from the first
+            # chain it did not take.
+            self._quiesced[EVENTQ] = False
+            kept, done = _input_fast.keep(self.queues[EVENTQ], self._buffers)
+            self._good += kept
+            if not done:
+                self.process_chains(index)
+        else:
+            self.process_chains(index)
         if index == EVENTQ:
-            self._pull()
-            self._deliver()
+            self._pull_and_deliver()
+
+    def kick_pump(self, index: int) -> _input_fast.InputKickPump | None:
+        """The eventq's kicks in compiled code (:class:`._input_fast.InputKickPump`:
+        the compiled branch of :meth:`process_queue`), unless ``compiled`` is off."""
+        if index == EVENTQ and self._compiled_keep:
+            return _input_fast.InputKickPump(self)
+        return None
 
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | Park | None:
         """An eventq buffer is kept for an event; a statusq buffer is sent to the host.
@@ -442,7 +558,8 @@ class InputDevice(VirtioDevice):
             InputHostError: the host refused a status event (a host fault: used 0).
         """
         if index == EVENTQ:
-            ok = chain.reader().available_bytes() == 0 and chain.writer().available_bytes() >= EVENT_SIZE
+            # One device-writable area of at least one event (compiled: it is per event).
+            ok = _input_fast.event_buffer_ok(chain)
             if not ok and not self._buffers:
                 raise MalformedRequest(
                     f"eventq buffer must be one device-writable area of at least {EVENT_SIZE} bytes, "

@@ -38,6 +38,7 @@ from typing import Any, Protocol, Self
 from virtio_queue import GuestMemory, Queue
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, MockSplitQueue, RawDesc
 
+from ._pump import FdPump
 from .base import VIRTIO_RING_F_EVENT_IDX, VirtioDevice
 
 __all__ = [
@@ -90,14 +91,41 @@ class FakeLoop:
     clock: FakeClock = field(default_factory=FakeClock)
     timers: list[FakeTimer] = field(default_factory=list)
     readers: dict[int, Callable[[], None]] = field(default_factory=dict)
+    pumps: dict[int, FdPump] = field(default_factory=dict)
     soon: list[Callable[[], None]] = field(default_factory=list)
     _soon_cv: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+    def add_reader(self, fd: int, callback: Callable[[], None], pump: FdPump | None = None) -> None:
+        # fire_reader calls the callback (which runs the pump), as a loop without
+        # pumps; fire_pump runs the pump first, as the vhost-user loop.
         self.readers[fd] = callback
+        if pump is not None:
+            self.pumps[fd] = pump
+        else:
+            self.pumps.pop(fd, None)
 
     def remove_reader(self, fd: int) -> None:
         self.readers.pop(fd, None)
+        self.pumps.pop(fd, None)
+
+    def fire_pump(self, fd: int) -> bool:
+        """Serve ``fd``'s readiness as a loop that serves pumps: its pump (when it
+        has one), then the callback only if the pump asks; return whether the
+        callback ran.
+
+        Raises:
+            KeyError: nothing watches ``fd``.
+        """
+        callback = self.readers[fd]
+        pump = self.pumps.get(fd)
+        if pump is not None:
+            try:
+                if not pump.pump():
+                    return False
+            except Exception as e:
+                pump.error = e
+        callback()
+        return True
 
     def fire_reader(self, fd: int) -> None:
         """Call the reader of ``fd`` as the loop would when it is readable.

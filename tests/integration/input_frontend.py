@@ -14,16 +14,16 @@ EV = struct.Struct("<HHi")
 
 
 class InputGuest:
-    """Both rings of 64 on the socket ``path``; ``timeout`` for every wait."""
+    """Both rings of ``ring`` entries on the socket ``path``; ``timeout`` for every wait."""
 
-    def __init__(self, path: str, *, timeout: float, event_idx: bool = True) -> None:
+    def __init__(self, path: str, *, timeout: float, event_idx: bool = True, ring: int = 64) -> None:
         self.timeout = timeout
         self.fe = Frontend.connect(path, timeout=timeout)
         offered = self.fe.get_features()
         self.fe.negotiate(offered if event_idx else offered & ~VIRTIO_RING_F_EVENT_IDX)
         self.fe.add_memory(4 << 20)
         self.fe.set_mem_table()
-        self.rings = [self.fe.setup_ring(i, 64) for i in range(2)]
+        self.rings = [self.fe.setup_ring(i, ring) for i in range(2)]
         self.bufs: dict[int, int] = {}
 
     def select(self, sel: int, subsel: int = 0) -> bytes:

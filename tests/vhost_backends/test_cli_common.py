@@ -277,6 +277,16 @@ def test_serve_polling_window_comes_from_vhd_poll_us(
     assert run_daemons[0][3] == want
 
 
+@pytest.mark.parametrize(("value", "want"), [("", 0), ("250", 250), ("0", 0)])
+def test_serve_default_poll_us_applies_only_when_vhd_poll_us_is_unset(
+    run_daemons: list[Any], monkeypatch: pytest.MonkeyPatch, value: str, want: int
+) -> None:
+    """A daemon's own default (input: no polling); VHD_POLL_US still decides."""
+    monkeypatch.setenv("VHD_POLL_US", value)
+    serve("vhost-device-x", ["/tmp/a0"], lambda i: None, default_poll_us=0)
+    assert run_daemons[0][3] == want
+
+
 @pytest.mark.parametrize("value", ["-1", "abc", "1e3", "1000001", "\u0663"])
 def test_serve_bad_vhd_poll_us_is_config_error_before_serving(
     run_daemons: list[Any], monkeypatch: pytest.MonkeyPatch, value: str

@@ -128,8 +128,11 @@ def test_input_control_socket_path_taken_exits_1(tmp_path: Path, capsys: pytest.
 def test_input_run_serves_one_device_per_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_serve(prog: str, paths: Sequence[str], factory: Callable[[int], InputDevice]) -> int:
+    def fake_serve(
+        prog: str, paths: Sequence[str], factory: Callable[[int], InputDevice], *, default_poll_us: int
+    ) -> int:
         seen["prog"], seen["paths"] = prog, list(paths)
+        seen["poll"] = default_poll_us
         devs = [factory(0), factory(1), factory(1)]
         seen["hosts"] = [d.host for d in devs]
         seen["grab"] = devs[0].grab
@@ -149,6 +152,7 @@ def test_input_run_serves_one_device_per_entry(tmp_path: Path, monkeypatch: pyte
     assert isinstance(kbd, SimInputHost) and kbd.kind == "keyboard" and tab.kind == "tablet"
     assert tab is tab2  # one host per entry, shared by the connections of its socket
     assert seen["grab"] is True
+    assert seen["poll"] == 0  # no ring polling unless VHD_POLL_US asks for it
     assert seen["info"] == b"ok vhost-device-input simulated keyboard\n"
     # Closed afterwards: control sockets removed, eventfds closed.
     assert not (tmp_path / "s0.ctl").exists()

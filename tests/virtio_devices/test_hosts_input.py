@@ -21,6 +21,7 @@ from virtio_devices.hosts.input import (
     EV_KEY,
     EV_LED,
     EV_SYN,
+    INPUT_EVENT,
     KEY_A,
     NAMES,
     SYN_REPORT,
@@ -28,6 +29,7 @@ from virtio_devices.hosts.input import (
     ControlError,
     ControlServer,
     InputHostError,
+    PipeInputHost,
     SimInputHost,
     bitmap,
     parse_control_line,
@@ -301,3 +303,36 @@ def test_control_server_pipelined_lines_all_arrive_before_replies_are_read(
         assert [c.readline() for _ in range(1000)] == [b"ok\n"] * 1000
     finally:
         c.close()
+
+
+# -- the pipe twin of an evdev node ---------------------------------------------------------------
+
+
+def test_pipe_twin_records_are_struct_input_event() -> None:
+    """The twin's records have the size the compiled path reads (``sizeof(struct
+    input_event)`` from linux/input.h), and come back as written, in order."""
+    from virtio_devices import _input_fast  # noqa: PLC0415
+
+    assert INPUT_EVENT.size == _input_fast.INPUT_EVENT_SIZE
+    host = PipeInputHost("keyboard")
+    try:
+        assert host.raw_input_events
+        events = [(EV_KEY, KEY_A, i & 1) for i in range(500)] + [(EV_SYN, SYN_REPORT, 0), (3, 0, -7)]
+        host.inject(events)
+        raw = os.read(host.fileno(), 24 * 3)
+        assert [(t, c, v) for _s, _u, t, c, v in INPUT_EVENT.iter_unpack(raw)] == events[:3]
+        assert host.read_events() == events[3:]
+        assert host.read_events() == []
+    finally:
+        host.close()
+
+
+def test_pipe_twin_unplugged_reads_fail_and_the_fd_ends() -> None:
+    host = PipeInputHost("tablet")
+    try:
+        host.unplugged = True
+        with pytest.raises(InputHostError, match="reading events failed"):
+            host.read_events()
+        assert os.read(host.fileno(), 24) == b""  # end of file: the compiled path's "gone"
+    finally:
+        host.close()

@@ -33,6 +33,7 @@ from virtio_devices.hosts.input import (
     REP_DELAY,
     SYN_DROPPED,
     SYN_REPORT,
+    PipeInputHost,
     SimInputHost,
     bitmap,
 )
@@ -69,16 +70,32 @@ def select(dev: InputDevice, sel: int, subsel: int = 0) -> tuple[int, bytes]:
     return cfg[2], cfg[8:]
 
 
-@pytest.fixture
-def kbd() -> Iterator[SimInputHost]:
-    host = SimInputHost("keyboard")
+#: Every test runs on the three ways events reach the device: the simulated device
+#: (events as Python tuples), and the pipe twin of an evdev node served by the
+#: compiled paths (``raw_input_events``) and by the Python path alone (the flag
+#: cleared on the instance: the Rig then turns the compiled paths off).
+HOSTS = ["sim", "pipe-compiled", "pipe-python"]
+
+
+def make_host(kind: str, how: str) -> SimInputHost:
+    if how == "sim":
+        return SimInputHost(kind)
+    host = PipeInputHost(kind)
+    if how == "pipe-python":
+        host.raw_input_events = False
+    return host
+
+
+@pytest.fixture(params=HOSTS)
+def kbd(request: pytest.FixtureRequest) -> Iterator[SimInputHost]:
+    host = make_host("keyboard", request.param)
     yield host
     host.close()
 
 
-@pytest.fixture
-def tablet() -> Iterator[SimInputHost]:
-    host = SimInputHost("tablet")
+@pytest.fixture(params=HOSTS)
+def tablet(request: pytest.FixtureRequest) -> Iterator[SimInputHost]:
+    host = make_host("tablet", request.param)
     yield host
     host.close()
 
@@ -91,7 +108,10 @@ class Rig(DeviceRig):
     def __init__(
         self, host: SimInputHost, *, event_idx: bool = True, max_pending: int = 1024, **kw: object
     ) -> None:
-        super().__init__(InputDevice(host, max_pending=max_pending), event_idx=event_idx, **kw)  # type: ignore[arg-type]
+        # The pipe twin with raw_input_events cleared: the whole Python path.
+        compiled = getattr(host, "raw_input_events", True)
+        device = InputDevice(host, max_pending=max_pending, compiled=compiled)
+        super().__init__(device, event_idx=event_idx, **kw)  # type: ignore[arg-type]
         self.host = host
         self.bufs: dict[int, int] = {}
 
@@ -513,3 +533,171 @@ def test_statusq_host_write_failure_is_host_fault(
         head, _ = rig.add_request(STATUSQ, readable=[pack_event(EV_LED, 0, 1)])
         assert rig.kick(STATUSQ) == [(head, 0)]
         assert "host fault" in caplog.text
+
+
+# -- the compiled event path against the Python path ---------------------------------------------
+
+
+def test_compiled_path_delivers_the_common_case() -> None:
+    """An evdev-like host (records on its fd) with buffers posted: every event goes
+    through the compiled path, grouped as the Python path groups them."""
+    host = PipeInputHost("keyboard")
+    try:
+        with Rig(host) as rig:
+            rig.post(8)
+            rig.kick(EVENTQ)
+            host.inject([*key(KEY_A, 1), (EV_MSC, 4, 30), (EV_KEY, KEY_A, 0), SYN])
+            rig.fire()
+            assert rig.events(rig.used(EVENTQ)) == [*key(KEY_A, 1), (EV_MSC, 4, 30), (EV_KEY, KEY_A, 0), SYN]
+            assert rig.device.events_compiled == 5
+            assert rig.interrupt.used == [EVENTQ]
+    finally:
+        host.close()
+
+
+def test_compiled_path_unplugged_pipe_twin_is_end_of_file() -> None:
+    host = PipeInputHost("keyboard")
+    try:
+        with Rig(host) as rig:
+            rig.post(2)
+            rig.kick(EVENTQ)
+            host.unplugged = True
+            rig.fire()
+            assert rig.device.host_gone
+            assert rig.device.broken is None
+    finally:
+        host.close()
+
+
+_EVENT_ST = st.one_of(
+    st.just(SYN),
+    st.just((EV_SYN, SYN_DROPPED, 0)),
+    st.tuples(
+        st.sampled_from([EV_KEY, EV_MSC, EV_REL]), st.integers(0, 0x2FF), st.integers(-(2**31), 2**31 - 1)
+    ),
+)
+# Rounds of: host events, then eventq buffers posted (and kicked) or not.
+_ROUNDS_ST = st.lists(
+    st.tuples(st.lists(_EVENT_ST, max_size=40), st.integers(0, 24), st.booleans()), min_size=1, max_size=8
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rounds=_ROUNDS_ST, max_pending=st.integers(2, 16), short=st.booleans())
+def test_compiled_and_python_paths_give_the_same_bytes(
+    rounds: list[tuple[list[tuple[int, int, int]], int, bool]], max_pending: int, short: bool
+) -> None:
+    """Any host events, any buffer schedule, small hold queues (SYN_DROPPED), a
+    short buffer now and then: the used ring and every buffer's bytes are the same
+    whether the compiled path or the Python path delivered them, and so are the
+    interrupts (one per batch)."""
+    results = []
+    for compiled in (True, False):
+        host = PipeInputHost("keyboard")
+        host.raw_input_events = compiled
+        try:
+            # At most 8 * 24 buffers are ever posted: the ring never overflows.
+            with Rig(host, max_pending=max_pending, queue_size=256) as rig:
+                seen: list[tuple[int, int, bytes]] = []
+                for n, (events, buffers, kick_first) in enumerate(rounds):
+                    if kick_first and buffers:
+                        rig.post(buffers, size=4 if short and n == 1 else 8)
+                        rig.kick(EVENTQ)
+                    host.inject(events)
+                    rig.fire()
+                    if not kick_first and buffers:
+                        rig.post(buffers)
+                        rig.kick(EVENTQ)
+                    for head, length in rig.used(EVENTQ):
+                        seen.append((head, length, rig.read(rig.bufs[head], 8)))
+                    seen.append((-1, rig.device.dropped_groups, b""))
+                device = rig.device
+                results.append((seen, device.events_delivered, device.chains_served, rig.interrupt.used))
+                if compiled and any(buffers for _, buffers, _ in rounds):
+                    assert rig.device.events_compiled <= rig.device.events_delivered
+        finally:
+            host.close()
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_compiled_keep_takes_the_buffers_and_reenables_notifications(event_idx: bool) -> None:
+    """The compiled keep takes every good buffer of a kick and, the ring empty,
+    turns notifications on again (VIRTIO 1.2 §2.7.10: with EVENT_IDX, avail_event
+    is the next index the device will look at), so the driver's next kick comes."""
+    host = SimInputHost("keyboard")
+    try:
+        with Rig(host, event_idx=event_idx) as rig:
+            rig.post(5)
+            assert rig.kick(EVENTQ) == []
+            assert rig.device._good == 5
+            mock = rig.mocks[EVENTQ]
+            if event_idx:
+                assert mock.avail_event() == 5
+            else:
+                assert mock.used_flags() == 0  # VRING_USED_F_NO_NOTIFY clear
+            host.inject(key(KEY_A, 1))
+            rig.fire()
+            assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
+    finally:
+        host.close()
+
+
+# -- the host fd served by the compiled pump (virtio_devices._pump) -------------------------------
+
+
+def test_pump_serves_a_whole_group_without_the_callback(kbd: SimInputHost) -> None:
+    """A loop that serves pumps (vhost-user) delivers the common case without calling
+    the Python callback; the sim host and the Python path hand over to it."""
+    with Rig(kbd) as rig:
+        rig.post(4)
+        rig.kick(EVENTQ)
+        kbd.inject(key(KEY_A, 1))
+        ran = rig.loop.fire_pump(kbd.fileno())
+        assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
+        assert rig.interrupt.used == [EVENTQ]
+        assert ran == (rig.device.events_compiled == 0)
+        if isinstance(kbd, PipeInputHost) and kbd.raw_input_events:
+            assert rig.device.events_compiled == 2
+
+
+def test_pump_leaves_what_does_not_fit_to_python_in_order(kbd: SimInputHost) -> None:
+    """Two buffers, two groups of two: the first goes at once, the second is held
+    (§5.8.6.2: a group whole or not yet) and follows the next buffers in order."""
+    with Rig(kbd) as rig:
+        rig.post(2)
+        rig.kick(EVENTQ)
+        kbd.inject(key(KEY_A, 1) + key(KEY_A, 0))
+        rig.loop.fire_pump(kbd.fileno())
+        assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
+        kbd.inject(key(KEY_A + 1, 1))
+        rig.loop.fire_pump(kbd.fileno())
+        assert rig.used(EVENTQ) == []
+        rig.post(4)
+        assert rig.events(rig.kick(EVENTQ)) == key(KEY_A, 0) + key(KEY_A + 1, 1)
+
+
+def test_pump_read_error_reaches_the_python_path(kbd: SimInputHost, caplog: pytest.LogCaptureFixture) -> None:
+    """The host going away while the pump serves: the Python path meets the error
+    and says the device is gone, as with the callback alone."""
+    with Rig(kbd) as rig:
+        rig.post(2)
+        rig.kick(EVENTQ)
+        fd = kbd.fileno()
+        kbd.unplugged = True
+        rig.loop.fire_pump(fd)
+        assert rig.device.host_gone
+        assert fd not in rig.loop.readers and fd not in rig.loop.pumps
+        assert "is gone" in caplog.text
+
+
+def test_events_more_than_one_read_chunk_in_order(kbd: SimInputHost) -> None:
+    """A burst longer than one read of the compiled path (256 records): every group
+    arrives, in the host's order."""
+    groups = [key(KEY_A, i & 1) for i in range(200)]
+    with Rig(kbd, queue_size=512) as rig:
+        rig.post(400)
+        rig.kick(EVENTQ)
+        kbd.inject([ev for g in groups for ev in g])
+        rig.fire()
+        assert rig.events(rig.used(EVENTQ)) == [ev for g in groups for ev in g]

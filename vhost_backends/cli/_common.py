@@ -275,12 +275,18 @@ def add_socket_or_fd_args(parser: argparse.ArgumentParser) -> None:
 
 
 def serve(
-    prog: str, paths: Sequence[str], factory: Callable[[int], Any], *, listen_fd: int | None = None
+    prog: str,
+    paths: Sequence[str],
+    factory: Callable[[int], Any],
+    *,
+    listen_fd: int | None = None,
+    default_poll_us: int | None = None,
 ) -> int:
     """Serve ``factory(i)`` devices on ``paths[i]`` until SIGINT/SIGTERM; the exit status.
 
     With ``listen_fd`` (``--socket-fd``), the one daemon serves that inherited
-    listening socket and ``paths[0]`` only names it in logs.
+    listening socket and ``paths[0]`` only names it in logs.  ``default_poll_us``
+    is the polling window when ``VHD_POLL_US`` is unset (None: the daemon's own).
 
     The end of every daemon's ``run``: a fresh device per front-end connection,
     the polling window from ``VHD_POLL_US``.  The daemon layer is imported here,
@@ -290,6 +296,8 @@ def serve(
         ConfigError: ``VHD_POLL_US`` is not a number of microseconds.
     """
     poll_max_us = env_poll_max_us()
+    if poll_max_us is None:
+        poll_max_us = default_poll_us
     from vhost_backends.daemon import run_daemons  # noqa: PLC0415 - late, see above
 
     if listen_fd is None:

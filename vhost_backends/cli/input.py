@@ -168,7 +168,9 @@ def run(config: Config) -> int:
     """Open every event device once, serve one socket per device until SIGINT/SIGTERM.
 
     Each front-end connection gets a fresh :class:`~virtio_devices.input.InputDevice`
-    over the host device of its socket.
+    over the host device of its socket.  Rings are not polled unless ``VHD_POLL_US``
+    says so: events come from the host device's fd, and an eventq kick only gives
+    buffers back, which wait for the next event anyway.
 
     Raises:
         ConfigError: an event device cannot be opened (see :func:`_open`).
@@ -186,7 +188,7 @@ def run(config: Config) -> int:
         def device_factory(index: int) -> InputDevice:
             return InputDevice(hosts[index], grab=config.grab)
 
-        return serve(PROG, config.socket_paths, device_factory)
+        return serve(PROG, config.socket_paths, device_factory, default_poll_us=0)
     finally:
         for server in servers:
             server.close()

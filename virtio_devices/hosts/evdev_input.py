@@ -33,6 +33,10 @@ class EvdevInputHost:
             (its ``EVIOCGID``/``EVIOCGBIT`` ioctls fail).
     """
 
+    #: ``fileno()`` yields ``struct input_event`` records: the device may read them
+    #: itself (its compiled event path) instead of calling :meth:`read_events`.
+    raw_input_events = True
+
     def __init__(self, path: str) -> None:
         self.path = path
         try:

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import select
 import socket
 import stat
+import struct
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -58,6 +60,7 @@ __all__ = [
     "EV_SND",
     "EV_SW",
     "EV_SYN",
+    "INPUT_EVENT",
     "NAMES",
     "SIM_KINDS",
     "SYN_DROPPED",
@@ -68,6 +71,7 @@ __all__ = [
     "ControlServer",
     "InputHost",
     "InputHostError",
+    "PipeInputHost",
     "SimInputHost",
     "bitmap",
     "parse_control_line",
@@ -100,6 +104,10 @@ NAMES: Mapping[str, int] = {
     **{f"KEY_{c}": code for c, code in zip("ASDFGHJKL", range(30, 39), strict=True)},
     **{f"KEY_{c}": code for c, code in zip("ZXCVBNM", range(44, 51), strict=True)},
 }  # fmt: skip
+
+#: Linux's ``struct input_event`` (``struct timeval``, type u16, code u16, value s32),
+#: native layout, as an evdev node yields it.
+INPUT_EVENT = struct.Struct("@llHHi")
 
 #: The ``sim:<kind>`` entries of ``--event-list``.
 SIM_KINDS = ("keyboard", "tablet")
@@ -136,6 +144,11 @@ class InputHost(Protocol):
     ``fileno()`` is readable when :meth:`read_events` has something; it stays valid
     until :meth:`close`.  Bitmaps are little-endian bit arrays as ``EVIOCGBIT``
     returns them (bit ``n`` of byte ``n // 8``), without trailing zero bytes.
+
+    Optional: a host whose nonblocking ``fileno()`` yields Linux's ``struct
+    input_event`` records, as an evdev node does (whole records per read, ``ENODEV``
+    or end of file once the device is gone), says so with a class attribute
+    ``raw_input_events = True``; the device then reads them in compiled code.
     """
 
     @property
@@ -342,6 +355,76 @@ class SimInputHost:
         if self._efd >= 0:
             os.close(self._efd)
             self._efd = -1
+
+
+class PipeInputHost(SimInputHost):
+    """A simulated device whose events travel as an evdev node's do.
+
+    :meth:`inject` writes ``struct input_event`` records (:data:`INPUT_EVENT`) into a
+    pipe whose nonblocking read end is :meth:`fileno`, so the device reads them as
+    it reads an evdev node (``raw_input_events``: its compiled event path), and
+    :meth:`read_events` parses them for the Python path.  Unplugging closes the
+    write end: the reader then sees end of file.  For tests and benchmarks of the
+    event path without input hardware; not a ``--event-list`` entry.
+
+    Raises:
+        ValueError: an unknown kind.
+        OSError: no pipe could be made.
+    """
+
+    raw_input_events = True
+    #: Records per write: each write of at most PIPE_BUF bytes is atomic, so a
+    #: reader only ever sees whole records.
+    _PER_WRITE = select.PIPE_BUF // INPUT_EVENT.size
+
+    def __init__(self, kind: str) -> None:
+        self._unplugged = False
+        self._rfd, self._wfd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._rfd, False)
+        with contextlib.suppress(OSError):  # a bigger pipe holds more (evdev's buffer is bounded too)
+            fcntl.fcntl(self._wfd, fcntl.F_SETPIPE_SZ, 1 << 20)
+        super().__init__(kind)
+
+    @property
+    def unplugged(self) -> bool:
+        return self._unplugged
+
+    @unplugged.setter
+    def unplugged(self, value: bool) -> None:
+        self._unplugged = value
+        if value and self._wfd >= 0:
+            os.close(self._wfd)
+            self._wfd = -1
+
+    def fileno(self) -> int:
+        return self._rfd
+
+    def inject(self, events: Iterable[tuple[int, int, int]]) -> None:
+        """Write events as ``struct input_event`` records (blocks while the pipe is full)."""
+        records = [INPUT_EVENT.pack(0, 0, t, c, v) for t, c, v in events]
+        with self._cv:
+            for i in range(0, len(records), self._PER_WRITE):
+                os.write(self._wfd, b"".join(records[i : i + self._PER_WRITE]))
+
+    def read_events(self) -> list[tuple[int, int, int]]:
+        if self._unplugged:
+            raise InputHostError(f"{self.name}: reading events failed: {os.strerror(errno.ENODEV)}")
+        out: list[tuple[int, int, int]] = []
+        while True:
+            try:
+                data = os.read(self._rfd, 256 * INPUT_EVENT.size)
+            except BlockingIOError:
+                return out
+            out.extend((t, c, v) for _s, _u, t, c, v in INPUT_EVENT.iter_unpack(data))
+            if len(data) < 256 * INPUT_EVENT.size:
+                return out
+
+    def close(self) -> None:
+        super().close()
+        for fd in (self._rfd, self._wfd):
+            if fd >= 0:
+                os.close(fd)
+        self._rfd = self._wfd = -1
 
 
 # -- the control socket ------------------------------------------------------------------------

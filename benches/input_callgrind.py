@@ -1,0 +1,205 @@
+"""Instructions per event group of virtio-input's event path, compiled against Python.
+
+    .venv/bin/python benches/input_callgrind.py [--groups 200,600]
+
+Counts with ``valgrind --tool=callgrind`` (deterministic, unlike a clock on a busy
+2-core machine) the instructions the device spends on key groups (EV_KEY +
+SYN_REPORT) in-process (:class:`virtio_devices.testing.DeviceRig`, no transport):
+its eventq buffers posted and kicked (``process_queue``: one kept buffer per
+event), the events injected on the host and delivered (the host fd's callback).
+Three cases: ``sim:keyboard`` (events handed over as Python tuples), and the
+evdev-like pipe twin (:class:`PipeInputHost`: ``struct input_event`` records on a
+fd, as an evdev node gives them) served by the Python path alone
+(``compiled=False``) and by the compiled paths (``virtio_devices/_input_fast.pyx``:
+keeping the buffers, delivering the events).  The driver's own work (laying out the
+buffers) and the host's (making the events) are measured alone and taken off;
+keeping the buffers (the kick, the same for every host) has its own row.  Each
+figure is the difference between two runs of different sizes, divided by the
+difference in groups, so that start-up costs cancel.
+
+The per-wake-up case (``--wakeups`` alone, and first in the full table): one group
+and one kick per wake-up, through the vhost-user loop's compiled epoll and a
+``KickRing``, each wake-up entering Python (``callbacks``) or served by the device's
+pumps (``pumps``: :mod:`virtio_devices._pump`); see :func:`wakeups`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: sim:keyboard (compiled keep, events handed over as tuples), the pipe twin with
+#: both compiled paths off ("python") and on ("compiled").
+HOWS = ("sim", "python", "compiled")
+#: The per-wake-up case (see wakeups()): each kick and readable fd entering Python,
+#: or served by the device's pumps.
+WAKEUP_MODES = ("callbacks", "pumps")
+
+
+def workload(how: str, groups: int, stage: str) -> None:
+    """One run: ``stage`` "post" lays out the buffers only, "kick" also has the device
+    keep them, "inject" also has the host make the events, "all" also delivers them."""
+    from virtio_devices.hosts.input import (  # noqa: PLC0415 - the measured run only
+        EV_KEY,
+        EV_SYN,
+        KEY_A,
+        SYN_REPORT,
+        PipeInputHost,
+        SimInputHost,
+    )
+    from virtio_devices.input import InputDevice  # noqa: PLC0415
+    from virtio_devices.testing import DeviceRig  # noqa: PLC0415
+
+    host = SimInputHost("keyboard") if how == "sim" else PipeInputHost("keyboard")
+    events = [ev for i in range(groups) for ev in ((EV_KEY, KEY_A, (i + 1) & 1), (EV_SYN, SYN_REPORT, 0))]
+    try:
+        device = InputDevice(host, compiled=how != "python")
+        with DeviceRig(device, queue_size=1024, event_idx=True, memory_size=8 << 20) as rig:
+            for _ in range(2 * groups):
+                rig.add_request(0, writable=[8])
+            if stage in ("kick", "inject", "all"):
+                rig.kick(0)
+            if stage in ("inject", "all"):
+                host.inject(events)
+            if stage == "all":
+                rig.loop.fire_reader(host.fileno())
+                n = rig.device.events_delivered  # not the used ring: the driver's reading would count
+                if n != 2 * groups:
+                    raise AssertionError(f"{how}: {n} events used, want {2 * groups}")
+    finally:
+        host.close()
+
+
+def wakeups(mode: str, groups: int, stage: str) -> None:
+    """One run of the per-wake-up case: for each group the driver posts 2 buffers
+    and kicks, and the host makes the group; the vhost-user loop's compiled epoll
+    (:class:`vhost_backends._fastpath.Epoll`, a :class:`KickRing` on the eventq)
+    serves the kick and the readable fd, as in the daemon.  ``mode`` "callbacks":
+    each wake-up enters Python (``process_queue``, the fd's callback), as before
+    the pumps; "pumps": the device's pumps (``kick_pump``, the fd's
+    :class:`~virtio_devices._pump.FdPump`).  ``stage`` "driver": the driver's and
+    the host's work alone (nothing polled); "all": also served."""
+    import select  # noqa: PLC0415
+
+    from vhost_backends._fastpath import Epoll, KickRing  # noqa: PLC0415
+    from virtio_devices.hosts.input import EV_KEY, EV_SYN, KEY_A, SYN_REPORT, PipeInputHost  # noqa: PLC0415
+    from virtio_devices.input import InputDevice  # noqa: PLC0415
+    from virtio_devices.testing import DeviceRig  # noqa: PLC0415
+
+    host = PipeInputHost("keyboard")
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    ep = Epoll(0)
+    try:
+        device = InputDevice(host)
+        with DeviceRig(device, queue_size=1024, event_idx=True, memory_size=8 << 20) as rig:
+            ring = KickRing(rig.queues[0], 0, device.process_queue, kick_fd=efd)
+            ep.register(efd, select.EPOLLIN)
+            ep.set_ring(efd, select.EPOLLIN, ring)
+            hfd = host.fileno()
+            ep.register(hfd, select.EPOLLIN)
+            if mode == "pumps":
+                ring.pump = device.kick_pump(0)
+                ep.set_pump(hfd, select.EPOLLIN, device._pump)
+            callback = device._on_host_readable
+            served = stage == "all"
+            for i in range(groups):
+                rig.add_request(0, writable=[8])
+                rig.add_request(0, writable=[8])
+                os.eventfd_write(efd, 1)
+                if served:
+                    for _fd in ep.poll(0):
+                        callback()
+                host.inject([(EV_KEY, KEY_A, (i + 1) & 1), (EV_SYN, SYN_REPORT, 0)])
+                if served:
+                    for _fd in ep.poll(0):
+                        callback()
+            if served and device.events_delivered != 2 * groups:
+                raise AssertionError(f"{mode}: {device.events_delivered} events used, want {2 * groups}")
+            ring.close()
+    finally:
+        ep.close()
+        os.close(efd)
+        host.close()
+
+
+def instructions(how: str, groups: int, stage: str) -> int:
+    """Total instructions (Ir) of one run under callgrind."""
+    python = os.path.realpath(sys.executable)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path[1:]])}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={tmp}/cg.out",
+                python,
+                __file__,
+                "--inner",
+                how,
+                str(groups),
+                stage,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    m = re.search(r"Collected : (\d+)", out.stderr)
+    if m is None:
+        raise RuntimeError(f"no instruction count in valgrind's output:\n{out.stderr[-2000:]}")
+    return int(m.group(1))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--groups", default="100,500", help="two run sizes, in key groups")
+    p.add_argument("--inner", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--wakeups", action="store_true", help="the per-wake-up case only")
+    a = p.parse_args()
+    if a.inner:
+        how, groups, stage = a.inner
+        if how in WAKEUP_MODES:
+            wakeups(how, int(groups), stage)
+        else:
+            workload(how, int(groups), stage)
+        return 0
+    small, large = (int(x) for x in a.groups.split(","))
+    if 2 * large > 1024:
+        p.error("at most 512 groups (one 1024-entry ring)")
+    head = f"device instructions per key group (2 events), callgrind, runs of {small} and {large} groups"
+    print(f"| {head} | Ir |")
+    print("|---|---|")
+
+    def per_group(how: str, stage: str) -> float:
+        return (instructions(how, large, stage) - instructions(how, small, stage)) / (large - small)
+
+    wake: dict[str, float] = {}
+    for mode in WAKEUP_MODES:
+        wake[mode] = per_group(mode, "all") - per_group(mode, "driver")
+        print(f"| a kick + a readable fd per group, vhost-user epoll, {mode} | {wake[mode]:,.0f} |")
+    print(f"| per wake-up, callbacks / pumps | {wake['callbacks'] / wake['pumps']:.2f}x |")
+    if a.wakeups:
+        return 0
+    post = per_group("sim", "post")
+    kick: dict[str, float] = {}
+    per: dict[str, float] = {}
+    for how in HOWS:
+        kick[how] = per_group(how, "kick") - post
+        per[how] = per_group(how, "all") - per_group(how, "inject")
+        print(f"| {how}: keeping the 2 buffers (kick) | {kick[how]:,.0f} |")
+        print(f"| {how}: delivering the group | {per[how]:,.0f} |")
+    print(f"| kick, Python / compiled | {kick['python'] / kick['compiled']:.2f}x |")
+    print(f"| delivery, Python / compiled (pipe twin) | {per['python'] / per['compiled']:.2f}x |")
+    both = (kick["python"] + per["python"]) / (kick["compiled"] + per["compiled"])
+    print(f"| kick + delivery, Python / compiled | {both:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

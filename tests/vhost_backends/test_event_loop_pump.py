@@ -1,0 +1,226 @@
+"""Host fds served in compiled code: the vhost-user loop runs an FdPump in the poll
+and calls the Python callback only when the pump asks or raises; other loops (the
+DeviceLoop over a loop without pumps) call the callback, which runs the pump."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from vhost_backends.event_loop import EventLoop, KickRing
+from virtio_devices._pump import EventfdPump, FdPump
+from virtio_devices.device_loop import DeviceLoop
+from virtio_devices.hosts.input import EV_KEY, EV_SYN, KEY_A, SYN_REPORT, PipeInputHost
+from virtio_devices.input import EVENTQ, InputDevice
+from virtio_devices.testing import DeviceRig, FakeInterrupt
+from virtio_queue import GuestMemory
+from virtio_queue.testing import MockSplitQueue
+
+
+@pytest.fixture
+def efd() -> Iterator[int]:
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+def _callback(pump: FdPump, calls: list[str], loop: EventLoop) -> Callable[[], None]:
+    def on_readable() -> None:
+        calls.append("callback")
+        if pump.pump():
+            calls.append("python path")
+            if isinstance(pump, EventfdPump):
+                pump.pending = 0
+        loop.stop()
+
+    return on_readable
+
+
+def test_pump_served_in_poll_without_callback(efd: int) -> None:
+    pump = EventfdPump(efd)
+    calls: list[str] = []
+    with EventLoop() as loop:
+        loop.add_reader(efd, _callback(pump, calls, loop), pump=pump)
+        os.eventfd_write(efd, 3)
+        loop.call_later(0.05, loop.stop)  # the callback, which would stop it, never runs
+        loop.run(timeout=5)
+    assert pump.total == 3
+    assert pump.pumped == 1
+    assert calls == []
+
+
+def test_pump_asks_for_python_then_callback_runs_the_python_path(efd: int) -> None:
+    pump = EventfdPump(efd, hand_over_at=10)
+    calls: list[str] = []
+    with EventLoop() as loop:
+        loop.add_reader(efd, _callback(pump, calls, loop), pump=pump)
+        os.eventfd_write(efd, 10)
+        loop.run(timeout=5)
+    assert pump.total == 10
+    assert calls == ["callback", "python path"]
+    assert pump.handed_over == 1
+
+
+def test_pump_exception_reaches_the_callback_and_the_device_guard(efd: int) -> None:
+    pump = EventfdPump(efd, raise_at=5)
+    errors: list[Exception] = []
+    with EventLoop() as loop:
+        dl = DeviceLoop(loop, lambda e: (errors.append(e), loop.stop()))
+        dl.open()
+        dl.add_reader(efd, lambda: (pump.pump(), None)[1], pump=pump)
+        os.eventfd_write(efd, 7)
+        loop.run(timeout=5)
+        dl.clear()
+        assert not loop.has_reader(efd)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert "raise_at" in str(errors[0])
+    assert pump.error is None  # raised once, by pump()
+
+
+def test_pump_replaced_and_removed_with_the_reader(efd: int) -> None:
+    pump = EventfdPump(efd)
+    calls: list[str] = []
+    with EventLoop() as loop:
+        loop.add_reader(efd, _callback(pump, calls, loop), pump=pump)
+        # Registered again without a pump: plain reader, the callback runs.
+        loop.add_reader(efd, _callback(pump, calls, loop))
+        os.eventfd_write(efd, 2)
+        loop.run(timeout=5)
+        assert calls == ["callback"]
+        assert pump.total == 2 and pump.pumped == 1  # the callback's own pump()
+        loop.remove_reader(efd)
+        assert not loop.has_reader(efd)
+
+
+class _PlainLoop:
+    """A loop that knows no pumps (as asyncio's or an embedding VMM's)."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, Callable[[], None]] = {}
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        self.readers.pop(fd, None)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> object:
+        raise AssertionError("not used")
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        raise AssertionError("not used")
+
+
+def test_device_loop_without_pump_support_gives_the_callback_alone(efd: int) -> None:
+    plain = _PlainLoop()
+    dl = DeviceLoop(plain, lambda e: None)  # type: ignore[arg-type]
+    dl.open()
+    pump = EventfdPump(efd)
+    served: list[bool] = []
+    dl.add_reader(efd, lambda: served.append(pump.pump()), pump=pump)
+    os.eventfd_write(efd, 4)
+    plain.readers[efd]()
+    assert served == [False]
+    assert pump.total == 4
+
+
+def test_base_pump_always_hands_over() -> None:
+    pump = FdPump()
+    assert pump.pump() is True
+    assert pump.handed_over == 1 and pump.pumped == 0
+
+
+def test_reader_on_a_ring_kick_fd_is_refused(efd: int) -> None:
+    mem = GuestMemory.from_buffer(bytearray(1 << 16))
+    queue = MockSplitQueue(mem, 8).create_queue()
+    with EventLoop() as loop:
+        loop.add_ring(KickRing(queue, 0, lambda i: None, kick_fd=efd))
+        with pytest.raises(ValueError, match=f"fd {efd} is a ring's kick fd"):
+            loop.add_reader(efd, lambda: None, pump=EventfdPump(efd))
+
+
+def test_input_device_host_fd_served_in_the_poll() -> None:
+    """virtio-input on an evdev-like host under the vhost-user loop: a whole group
+    reaches the eventq and the driver is notified with no Python callback."""
+    host = PipeInputHost("keyboard")
+    calls: list[str] = []
+    with EventLoop() as loop:
+
+        class StopOnSignal(FakeInterrupt):
+            def signal_used(self, queue_index: int) -> None:
+                super().signal_used(queue_index)
+                loop.stop()
+
+        dl = DeviceLoop(loop, lambda e: (calls.append(f"error {e}"), loop.stop()))
+        dl.open()
+        dl.clock = None  # type: ignore[attr-defined]  # the rig reads a FakeLoop's clock
+        device = InputDevice(host)
+        with DeviceRig(device, event_idx=True, loop=dl, interrupt=StopOnSignal()) as rig:  # type: ignore[arg-type]
+            gpas = {}
+            for _ in range(4):
+                head, (gpa,) = rig.add_request(EVENTQ, writable=[8])
+                gpas[head] = gpa
+            rig.kick(EVENTQ)
+            # The callback is wrapped: count its runs.
+            pump = device._pump
+            assert pump is not None
+            dl.add_reader(
+                host.fileno(), lambda: (calls.append("callback"), device._on_host_readable()), pump=pump
+            )
+            host.inject([(EV_KEY, KEY_A, 1), (EV_SYN, SYN_REPORT, 0)])
+            loop.run(timeout=30)
+            used = rig.used(EVENTQ)
+            got = [struct.unpack("<HHi", rig.read(gpas[h], 8)) for h, _ in used]
+            assert got == [(EV_KEY, KEY_A, 1), (EV_SYN, SYN_REPORT, 0)]
+            assert rig.interrupt.used == [EVENTQ]
+            assert calls == []
+            assert pump.pumped == 1 and device.events_compiled == 2
+            dl.clear()
+    host.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_input_eventq_kick_served_by_the_device_kick_pump(efd: int, compiled: bool) -> None:
+    """A ring with the device's kick pump (VirtioDevice.kick_pump): the eventq kick
+    keeps the new buffers and delivers the host's pending group with no call of
+    process_queue; with compiled=False there is no pump and process_queue serves."""
+    host = PipeInputHost("keyboard")
+    device = InputDevice(host, compiled=compiled)
+    served: list[int] = []
+    with DeviceRig(device, event_idx=True) as rig:
+        ring = KickRing(
+            rig.queues[EVENTQ], EVENTQ, lambda i: (served.append(i), device.process_queue(i)), kick_fd=efd
+        )
+        ring.pump = device.kick_pump(EVENTQ)
+        assert (ring.pump is not None) == compiled
+        host.inject([(EV_KEY, KEY_A, 1), (EV_SYN, SYN_REPORT, 0)])
+        # The group is held: no buffers yet (the fd callback ran, as the loop would).
+        rig.loop.fire_pump(host.fileno())
+        gpas = {}
+        for _ in range(4):
+            head, (gpa,) = rig.add_request(EVENTQ, writable=[8])
+            gpas[head] = gpa
+        os.eventfd_write(efd, 1)
+        ring.serve_kick()
+        used = rig.used(EVENTQ)
+        got = [struct.unpack("<HHi", rig.read(gpas[h], 8)) for h, _ in used]
+        assert got == [(EV_KEY, KEY_A, 1), (EV_SYN, SYN_REPORT, 0)]
+        assert rig.interrupt.used == [EVENTQ]
+        if compiled:
+            # Held groups are the Python path's: the pump kept the buffers, then asked.
+            assert served == [EVENTQ]
+            assert device._good == 2
+            # Now nothing is held: a new group and a kick go without process_queue.
+            host.inject([(EV_KEY, KEY_A, 0), (EV_SYN, SYN_REPORT, 0)])
+            os.eventfd_write(efd, 1)
+            ring.serve_kick()
+            assert served == [EVENTQ]
+            assert ring.pump is not None and ring.pump.pumped == 1
+            assert device._good == 0
+        else:
+            assert served == [EVENTQ]
+        ring.close()
+    host.close()
