@@ -37,25 +37,20 @@ from vhost_backends.frontend import Frontend
 from virtio_devices.scsi import testing as st
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
-# The engine A/B: the same daemon with every I/O inline on its loop thread, and
-# with every I/O on the worker pool (no RWF_NOWAIT attempt).
-INLINE = """
+# The engine A/B: the same daemon without the io_uring engine (every request on
+# the Python path: cached reads with RWF_NOWAIT on the loop, the rest on workers).
+PYTHON_PATH = """
 import sys
-from virtio_devices.scsi.device import ScsiDevice
+from virtio_devices.scsi import device
 from vhost_backends.cli.scsi import main
 
-def run_inline(self, index, chain, job):
-    self.complete(index, chain.head_index, job())
+_init = device.ScsiDevice.__init__
 
-ScsiDevice.run_in_worker = run_inline
-sys.exit(main(sys.argv[1:]))
-"""
-POOL = """
-import sys
-from virtio_devices.scsi.device import ScsiDevice
-from vhost_backends.cli.scsi import main
+def init(self, *args, **kwargs):
+    kwargs["use_engine"] = False
+    _init(self, *args, **kwargs)
 
-ScsiDevice._nowait = lambda self, *args: 0
+device.ScsiDevice.__init__ = init
 sys.exit(main(sys.argv[1:]))
 """
 IMAGE_SIZE = 64 << 20
@@ -176,12 +171,9 @@ def main() -> int:
         [sys.executable, "-m", "vhost_backends.cli.scsi", "-s", ours_sock, str(img)],
         stderr=subprocess.DEVNULL,
     )
-    inline_sock, pool_sock = str(tmp / "inline.sock"), str(tmp / "pool.sock")
-    inline_proc = subprocess.Popen(
-        [sys.executable, "-c", INLINE, "-s", inline_sock, str(img)], stderr=subprocess.DEVNULL
-    )
-    pool_proc = subprocess.Popen(
-        [sys.executable, "-c", POOL, "-s", pool_sock, str(img)], stderr=subprocess.DEVNULL
+    py_sock = str(tmp / "python.sock")
+    py_proc = subprocess.Popen(
+        [sys.executable, "-c", PYTHON_PATH, "-s", py_sock, str(img)], stderr=subprocess.DEVNULL
     )
     rust_bin = Path(os.environ.get("VHOST_DEVICE_RUST_BIN", "/nonexistent")) / "vhost-device-scsi"
     rust_sock = str(tmp / "rust.sock")
@@ -209,25 +201,23 @@ def main() -> int:
     qsd_pid = int(pidfile.read_text())
     try:
         deadline = time.monotonic() + 30
-        socks = [ours_sock, inline_sock, pool_sock] + ([rust_sock] if rust_proc else [])
+        socks = [ours_sock, py_sock] + ([rust_sock] if rust_proc else [])
         while not all(os.path.exists(p) for p in socks):
             if time.monotonic() > deadline:
                 raise SystemExit("vhost-device-scsi did not listen")
             time.sleep(0.05)
         ours = Ours(ours_sock, 3)
-        inline = Ours(inline_sock, 3)
-        pool = Ours(pool_sock, 3)
+        py = Ours(py_sock, 3)
         qsd = Qsd(qsd_sock, 1)
         rust = Ours(rust_sock, 3) if rust_proc else None
         results: dict[str, dict[str, list[float]]] = {}
         for name, (ops, write, depth) in workloads().items():
             nbytes = sum(b for _, b in ops) * 512
-            res = results.setdefault(name, {"ours": [], "qsd": [], "inline": [], "pool": [], "rust": []})
+            res = results.setdefault(name, {"ours": [], "qsd": [], "python": [], "rust": []})
             runner: dict[str, Callable[[], float]] = {
                 "ours": lambda ops=ops, w=write, d=depth: ours.run(ops, w, d),
                 "qsd": lambda ops=ops, w=write, d=depth: qsd.run(ops, w, d),
-                "inline": lambda ops=ops, w=write, d=depth: inline.run(ops, w, d),
-                "pool": lambda ops=ops, w=write, d=depth: pool.run(ops, w, d),
+                "python": lambda ops=ops, w=write, d=depth: py.run(ops, w, d),
             }
             if rust is not None:
                 runner["rust"] = lambda ops=ops, w=write, d=depth: rust.run(ops, w, d)
@@ -241,21 +231,20 @@ def main() -> int:
                     res[who].append(nbytes / runner[who]() / (1 << 20))
         ours.close()
         qsd.close()
-        inline.close()
-        pool.close()
+        py.close()
         if rust is not None:
             rust.close()
         day = time.strftime("%Y-%m-%d")
-        print(f"| vhost-device-scsi ({day}) | ours/qsd | ours/Rust | ours/all on workers | ours/all inline |")
-        print("| --- | --- | --- | --- | --- |")
+        print(f"| vhost-device-scsi ({day}) | ours/qsd | ours/Rust | ours/Python path |")
+        print("| --- | --- | --- | --- |")
         for name, res in results.items():
-            o, q, i, p = (statistics.median(res[k]) for k in ("ours", "qsd", "inline", "pool"))
+            o, q, p = (statistics.median(res[k]) for k in ("ours", "qsd", "python"))
             r = f"{o / statistics.median(res['rust']):.2f}x" if res["rust"] else "n/a"
-            print(f"| {name} | {o / q:.2f}x | {r} | {o / p:.2f}x | {o / i:.2f}x |")
+            print(f"| {name} | {o / q:.2f}x | {r} | {o / p:.2f}x |")
         for name, res in results.items():
             print(name, {k: [round(v, 1) for v in vals] for k, vals in res.items()}, file=sys.stderr)
     finally:
-        for proc in (ours_proc, inline_proc, pool_proc, rust_proc):
+        for proc in (ours_proc, py_proc, rust_proc):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(10)

@@ -26,7 +26,7 @@ runs on io_uring's own kernel workers.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.errno cimport errno
+from libc.errno cimport EAGAIN, EOPNOTSUPP, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from posix.uio cimport iovec
@@ -47,6 +47,18 @@ cdef extern from "<sys/eventfd.h>" nogil:
 cdef extern from "<linux/fs.h>" nogil:
     enum:
         RWF_DSYNC
+        RWF_NOWAIT
+
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t pwritev2(int fd, const iovec *iov, int iovcnt, long long offset, int flags)
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum:
+        CLOCK_MONOTONIC
 
 cdef extern from "<liburing.h>" nogil:
     struct io_uring:
@@ -88,6 +100,14 @@ DEF MAX_BLOCKS = 0xFFFF
 DEF MAX_SEGS = 64
 DEF RESP_SEGS = 4
 DEF MAX_QUEUES = 64
+# Inline buffered writes (see Engine): one slower than this sends the LUN's writes
+# to the ring; this many ring writes in a row faster than it bring them back.
+DEF SLOW_NS = 1000000
+DEF FAST_STREAK = 64
+# LUN write modes.
+DEF W_NOWAIT = 0    # try pwritev2(RWF_NOWAIT) inline; EAGAIN: the ring
+DEF W_INLINE = 1    # the file system refuses RWF_NOWAIT: timed pwritev2 inline
+DEF W_RING = 2      # an inline write was slow: the ring, until writes are fast again
 
 cdef struct Slot:
     uint16_t head
@@ -99,6 +119,7 @@ cdef struct Slot:
     uint32_t resid
     int lun
     uint64_t lba
+    int64_t t_submit
     int niov
     iovec resp[RESP_SEGS]
     iovec iov[MAX_SEGS]
@@ -114,6 +135,28 @@ cdef inline uint32_t _be32(const unsigned char *p) noexcept nogil:
 
 cdef inline uint64_t _be64(const unsigned char *p) noexcept nogil:
     return (<uint64_t>_be32(p) << 32) | _be32(p + 4)
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef void _respond_good(Slot *s) noexcept nogil:
+    """Write the response header of a whole transfer: GOOD, VIRTIO_SCSI_S_OK, no
+    sense, the residual (§5.6.6.1)."""
+    cdef unsigned char resp[RESP_HEADER]
+    cdef size_t off = 0
+    cdef int i
+    memset(resp, 0, RESP_HEADER)
+    resp[4] = s.resid & 0xFF
+    resp[5] = (s.resid >> 8) & 0xFF
+    resp[6] = (s.resid >> 16) & 0xFF
+    resp[7] = s.resid >> 24
+    for i in range(s.nresp):
+        memcpy(s.resp[i].iov_base, resp + off, s.resp[i].iov_len)
+        off += s.resp[i].iov_len
 
 
 cdef int _take(const iovec *src, int nsrc, size_t skip, size_t n, iovec *dst, int maxdst) noexcept nogil:
@@ -163,12 +206,17 @@ cdef class Engine:
     cdef int *fds
     cdef uint64_t *blocks
     cdef uint8_t *read_only
+    cdef uint8_t *wmode
+    cdef int *streak
+    cdef bint allow_inline
+    cdef readonly long long inline_writes
+    cdef readonly long long slow_writes
     cdef int nluns
     cdef list _chains
     cdef list _queues
     cdef int in_flight_q[MAX_QUEUES]
 
-    def __cinit__(self, fds, blocks, read_only, int entries=256):
+    def __cinit__(self, fds, blocks, read_only, int entries=256, bint inline_writes=True):
         cdef int rc, i
         self.fd = -1
         self._open = False
@@ -180,15 +228,21 @@ cdef class Engine:
         self.fds = <int *>PyMem_Malloc(sizeof(int) * (self.nluns + 1))
         self.blocks = <uint64_t *>PyMem_Malloc(sizeof(uint64_t) * (self.nluns + 1))
         self.read_only = <uint8_t *>PyMem_Malloc(self.nluns + 1)
+        self.wmode = <uint8_t *>PyMem_Malloc(self.nluns + 1)
+        self.streak = <int *>PyMem_Malloc(sizeof(int) * (self.nluns + 1))
         self.slots = <Slot *>PyMem_Malloc(sizeof(Slot) * entries)
         self.free = <int *>PyMem_Malloc(sizeof(int) * entries)
-        if not (self.fds and self.blocks and self.read_only and self.slots and self.free):
+        if not (self.fds and self.blocks and self.read_only and self.wmode and self.streak
+                and self.slots and self.free):
             raise MemoryError()
         for i in range(self.nluns):
             self.fds[i] = fds[i]
             self.blocks[i] = blocks[i]
             self.read_only[i] = bool(read_only[i])
+            self.wmode[i] = W_RING if inline_writes == 0 else W_NOWAIT
+            self.streak[i] = 0
         self.nslots = entries
+        self.allow_inline = inline_writes
         for i in range(entries):
             self.free[i] = entries - 1 - i
         self.nfree = entries
@@ -214,6 +268,8 @@ cdef class Engine:
         PyMem_Free(self.fds)
         PyMem_Free(self.blocks)
         PyMem_Free(self.read_only)
+        PyMem_Free(self.wmode)
+        PyMem_Free(self.streak)
         PyMem_Free(self.slots)
         PyMem_Free(self.free)
 
@@ -232,9 +288,12 @@ cdef class Engine:
         return self.in_flight_q[index]
 
     def submit(self, int index, DescriptorChain chain not None):
-        """Queue ``chain`` of request queue ``index`` for the ring if it has the
-        shape this path serves (module docstring); False leaves it untouched for
-        the Python path.  Nothing reaches the kernel before :meth:`flush`."""
+        """Serve ``chain`` of request queue ``index`` if it has the shape this path
+        serves (module docstring): 0 when it is queued for the ring (nothing
+        reaches the kernel before :meth:`flush`), the used length when it was
+        completed at once (an inline write: the caller puts it in the used ring),
+        -1 when the Python path must serve it (the chain is untouched then, or
+        holds a write that may be written again)."""
         cdef ChainCursor c
         cdef vring_desc d
         cdef iovec rd[MAX_SEGS]
@@ -253,20 +312,20 @@ cdef class Engine:
         cdef Slot *s
         cdef io_uring_sqe *sqe
         if self.nfree == 0 or index >= MAX_QUEUES or index >= len(self._queues):
-            return False
+            return -1
         chain_start(&c, chain.table, chain.table_gpa, chain.queue_size, chain.head_index)
         while True:
             rc = chain_next(chain.snap, &c, &d)
             if rc == 0:
                 break
             if rc < 0:
-                return False  # malformed: Python reports it
+                return -1  # malformed: Python reports it
             if d.len == 0:
                 continue
             if d.flags & VRING_DESC_F_WRITE:
                 p = snap_ptr_w(chain.snap, d.addr, d.len)
                 if p == NULL or nw == MAX_SEGS:
-                    return False
+                    return -1
                 if nw and <unsigned char *>wr[nw - 1].iov_base + wr[nw - 1].iov_len == p:
                     wr[nw - 1].iov_len += d.len
                 else:
@@ -276,10 +335,10 @@ cdef class Engine:
                 wtotal += d.len
             else:
                 if nw:
-                    return False  # readable after writable: Python's rule applies
+                    return -1  # readable after writable: Python's rule applies
                 p = snap_ptr(chain.snap, d.addr, d.len)
                 if p == NULL or nr == MAX_SEGS:
-                    return False
+                    return -1
                 if nr and <unsigned char *>rd[nr - 1].iov_base + rd[nr - 1].iov_len == p:
                     rd[nr - 1].iov_len += d.len
                 else:
@@ -288,7 +347,7 @@ cdef class Engine:
                     nr += 1
                 rtotal += d.len
         if rtotal < REQ_HEADER or wtotal < RESP_HEADER:
-            return False
+            return -1
         # The header, gathered from the readable buffers.
         n = 0
         k = 0
@@ -301,70 +360,80 @@ cdef class Engine:
             k += 1
         # LUN (§5.6.6.1): 01 00 <single-level LUN, flat or peripheral> 00 00 00 00.
         if hdr[0] != 1 or hdr[1] != 0 or hdr[4] or hdr[5] or hdr[6] or hdr[7]:
-            return False
+            return -1
         if hdr[2] >> 6 == 1:
             lun = ((hdr[2] & 0x3F) << 8) | hdr[3]
         elif hdr[2] == 0:
             lun = hdr[3]
         else:
-            return False
+            return -1
         if lun >= self.nluns:
-            return False
+            return -1
         cdb = hdr + CDB_OFFSET
         op = cdb[0]
         if op == 0x28 or op == 0x2A:  # READ(10), WRITE(10)
             if cdb[9] & 0x04:
-                return False
+                return -1
             lba = _be32(cdb + 2)
             nblocks = _be16(cdb + 7)
         elif op == 0x88 or op == 0x8A:  # READ(16), WRITE(16)
             if cdb[15] & 0x04:
-                return False
+                return -1
             lba = _be64(cdb + 2)
             nblocks = _be32(cdb + 10)
         else:
-            return False
+            return -1
         write = op == 0x2A or op == 0x8A
         if cdb[1] & 0xE0 or nblocks == 0 or nblocks > MAX_BLOCKS:
-            return False
+            return -1
         if write and self.read_only[lun]:
-            return False
+            return -1
         if lba > self.blocks[lun] or nblocks > self.blocks[lun] - lba:
-            return False
+            return -1
         nbytes = <size_t>nblocks << BLOCK_SHIFT
         have_out = rtotal - REQ_HEADER
         room_in = wtotal - RESP_HEADER
         if (write and nbytes > have_out) or (not write and nbytes > room_in):
-            return False
+            return -1
         slot = self.free[self.nfree - 1]
         s = &self.slots[slot]
         rc = _take(wr, nw, 0, RESP_HEADER, s.resp, RESP_SEGS)
         if rc < 0:
-            return False
+            return -1
         s.nresp = rc
         if write:
             rc = _take(rd, nr, REQ_HEADER, nbytes, s.iov, MAX_SEGS)
         else:
             rc = _take(wr, nw, RESP_HEADER, nbytes, s.iov, MAX_SEGS)
         if rc < 0:
-            return False
+            return -1
         s.niov = rc
+        s.write = write
+        s.fua = (cdb[1] & 0x08) != 0
+        s.nbytes = nbytes
+        s.resid = have_out + room_in - nbytes
+        if write and not s.fua and self.wmode[lun] != W_RING:
+            rc = self._write_inline(s, lun, lba << BLOCK_SHIFT)
+            if rc > 0:
+                _respond_good(s)
+                self.inline_writes += 1
+                return RESP_HEADER
+            if rc < 0:
+                return -1
+            # EAGAIN: the write would block; the ring's workers do it.
         sqe = io_uring_get_sqe(&self.ring)
         if sqe == NULL:
             # The submission ring is full of unsubmitted entries: hand them over.
             self._submit()
             sqe = io_uring_get_sqe(&self.ring)
             if sqe == NULL:
-                return False
+                return -1
         self.nfree -= 1
         s.head = chain.head_index
         s.queue = index
-        s.write = write
-        s.fua = (cdb[1] & 0x08) != 0
-        s.nbytes = nbytes
-        s.resid = have_out + room_in - nbytes
         s.lun = lun
         s.lba = lba
+        s.t_submit = _now_ns()
         if write:
             io_uring_prep_writev(sqe, self.fds[lun], s.iov, s.niov, lba << BLOCK_SHIFT)
             if s.fua:
@@ -375,7 +444,34 @@ cdef class Engine:
         self._chains[slot] = chain
         self.in_flight_q[index] += 1
         self.unsubmitted += 1
-        return True
+        return 0
+
+    cdef int _write_inline(self, Slot *s, int lun, uint64_t offset) noexcept:
+        """A buffered write on the loop thread: 1 done, 0 it would block (the ring
+        then), -1 an error or a short write (the Python path does it again and
+        answers; a write may be repeated).  Under W_INLINE a write slower than
+        SLOW_NS (dirty-page throttling, block allocation, a journal wait) sends the
+        LUN's writes to the ring, which :meth:`reap` watches to bring them back."""
+        cdef ssize_t r
+        cdef int64_t t0
+        if self.wmode[lun] == W_NOWAIT:
+            r = pwritev2(self.fds[lun], s.iov, s.niov, offset, RWF_NOWAIT)
+            if r == <ssize_t>s.nbytes:
+                return 1
+            if r >= 0:
+                return -1
+            if errno == EAGAIN:
+                return 0
+            if errno != EOPNOTSUPP:
+                return -1
+            self.wmode[lun] = W_INLINE  # ext4, tmpfs: no nowait buffered writes
+        t0 = _now_ns()
+        r = pwritev2(self.fds[lun], s.iov, s.niov, offset, 0)
+        if _now_ns() - t0 > SLOW_NS:
+            self.wmode[lun] = W_RING
+            self.streak[lun] = 0
+            self.slow_writes += 1
+        return 1 if r == <ssize_t>s.nbytes else -1
 
     cdef int _submit(self) except -1:
         cdef int rc
@@ -421,8 +517,7 @@ cdef class Engine:
         cdef uint64_t tick
         cdef int slot, res, i
         cdef Slot *s
-        cdef unsigned char resp[RESP_HEADER]
-        cdef size_t off, n
+        cdef int64_t now = 0
         cdef uint32_t used
         cdef long served = 0
         cdef unsigned long long nbytes = 0
@@ -430,7 +525,6 @@ cdef class Engine:
         cdef list rest = None
         cdef Queue q
         read(self.fd, &tick, 8)  # clear the count first: a later completion sets it again
-        memset(resp, 0, RESP_HEADER)  # sense_len 0, status_qualifier 0, GOOD, VIRTIO_SCSI_S_OK
         while io_uring_peek_cqe(&self.ring, &cqe) == 0:
             slot = <int>cqe.user_data
             res = cqe.res
@@ -447,15 +541,16 @@ cdef class Engine:
                 rest.append((s.queue, chain, bool(s.write), bool(s.fua), s.lun, s.lba,
                              s.nbytes >> BLOCK_SHIFT, res if res > 0 else 0, -res if res < 0 else 0))
                 continue
-            resp[4] = s.resid & 0xFF
-            resp[5] = (s.resid >> 8) & 0xFF
-            resp[6] = (s.resid >> 16) & 0xFF
-            resp[7] = s.resid >> 24
-            off = 0
-            for i in range(s.nresp):
-                n = s.resp[i].iov_len
-                memcpy(s.resp[i].iov_base, resp + off, n)
-                off += n
+            _respond_good(s)
+            if s.write and not s.fua and self.allow_inline and self.wmode[s.lun] == W_RING:
+                if now == 0:
+                    now = _now_ns()
+                if now - s.t_submit < SLOW_NS:
+                    self.streak[s.lun] += 1
+                    if self.streak[s.lun] >= FAST_STREAK:
+                        self.wmode[s.lun] = W_NOWAIT
+                else:
+                    self.streak[s.lun] = 0
             used = RESP_HEADER if s.write else RESP_HEADER + s.nbytes
             q = <Queue>self._queues[s.queue]
             q.add_used_c(s.head, used)

@@ -161,7 +161,8 @@ class ScsiDevice(VirtioDevice):
     protection on every LUN (upstream only reports it); ``solid_state`` reports a
     non-rotating medium (VPD page B1h).  The images are shared with every other
     device made from them (one per front-end connection) and are not closed here.
-    ``use_engine=False`` serves every request in Python (the engine's A/B twin).
+    ``use_engine=False`` serves every request in Python, ``inline_writes=False``
+    sends every write through the ring (the engine's A/B twins).
     """
 
     device_id = VIRTIO_ID_SCSI
@@ -188,6 +189,7 @@ class ScsiDevice(VirtioDevice):
         solid_state: bool = False,
         serials: Sequence[str] | None = None,
         use_engine: bool = True,
+        inline_writes: bool = True,
     ) -> None:
         super().__init__()
         self.images = list(images)
@@ -209,6 +211,7 @@ class ScsiDevice(VirtioDevice):
         #: None where io_uring is unavailable (everything takes the Python path).
         self._engine: Engine | None = None
         self._engine_tried = not use_engine
+        self._inline_writes = inline_writes
         self._engine_loop: EventLoop | None = None
 
     # -- config space (§5.6.4) -------------------------------------------------------
@@ -240,6 +243,7 @@ class ScsiDevice(VirtioDevice):
                     [u.blocks for u in self.target.units],
                     [u.read_only for u in self.target.units],
                     ENGINE_ENTRIES,
+                    self._inline_writes,
                 )
             except OSError as e:
                 log.warning("scsi: io_uring unavailable (%s): every request on the Python path", e)
@@ -324,8 +328,10 @@ class ScsiDevice(VirtioDevice):
         if index == 0:
             return self._control(chain)
         engine = self._engine
-        if engine is not None and engine.submit(index, chain):
-            return None
+        if engine is not None:
+            used = engine.submit(index, chain)
+            if used >= 0:
+                return used or None  # queued (0), or an inline write done
         reader, writer = chain.reader(), chain.writer()
         if writer.available_bytes() < RESP_HEADER:
             raise MalformedRequest(
