@@ -32,7 +32,7 @@ from libc.string cimport memcpy, memset
 from posix.uio cimport iovec
 from posix.unistd cimport close, read
 
-from virtio_queue.chain cimport ChainCursor, DescriptorChain, chain_next, chain_start
+from virtio_queue.chain cimport ChainCursor, DescriptorChain, chain_next, chain_start, make_chain
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
 from virtio_queue.memory cimport snap_ptr, snap_ptr_w
 from virtio_queue.queue cimport Queue
@@ -294,6 +294,63 @@ cdef class Engine:
         completed at once (an inline write: the caller puts it in the used ring),
         -1 when the Python path must serve it (the chain is untouched then, or
         holds a write that may be written again)."""
+        if index >= MAX_QUEUES or index >= len(self._queues):
+            return -1
+        return self._serve_chain(index, chain)
+
+    def serve(self, int index):
+        """Drain request queue ``index`` (notification suppression as VIRTIO 1.2
+        §2.7.10 asks), submit what it queued and finish what completed at once.
+
+        Returns ``(served, bytes, queues, rest, refused, bad_heads)``: :meth:`reap`'s
+        four, then the chains this path does not serve (for the Python path, in
+        order) and how many head indexes were out of range (consumed, dropped).
+
+        Raises:
+            InvalidAvailRingIndex: the avail ring is broken.
+            QueueNotReady, GuestMemoryError: the ring is unusable.
+        """
+        cdef Queue q
+        cdef uint16_t head
+        cdef DescriptorChain ch
+        cdef int used
+        cdef long served = 0
+        cdef long bad = 0
+        cdef unsigned long long nbytes = 0
+        cdef list refused = None
+        if index >= MAX_QUEUES or index >= len(self._queues):
+            raise ValueError(f"engine: no queue {index}")
+        q = <Queue>self._queues[index]
+        while True:
+            q.disable_notification_c()
+            while q.pop_head(&head):
+                if head >= q._size:
+                    bad += 1
+                    continue
+                ch = make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head)
+                used = self._serve_chain(index, ch)
+                if used > 0:
+                    q.add_used_c(head, used)
+                    served += 1
+                    nbytes += used
+                elif used < 0:
+                    if refused is None:
+                        refused = []
+                    refused.append(ch)
+            if not q.enable_notification_c():
+                break
+        if self.unsubmitted:
+            self._submit()
+        if self.nfree < self.nslots:
+            r_served, r_bytes, mask, rest = self.reap()
+        else:
+            r_served, r_bytes, mask, rest = 0, 0, 0, []
+        if served:
+            mask |= (<uint64_t>1) << index
+        return (served + r_served, nbytes + r_bytes, mask, rest,
+                refused if refused is not None else [], bad)
+
+    cdef int _serve_chain(self, int index, DescriptorChain chain) except -2:
         cdef ChainCursor c
         cdef vring_desc d
         cdef iovec rd[MAX_SEGS]
@@ -311,7 +368,7 @@ cdef class Engine:
         cdef size_t nbytes
         cdef Slot *s
         cdef io_uring_sqe *sqe
-        if self.nfree == 0 or index >= MAX_QUEUES or index >= len(self._queues):
+        if self.nfree == 0:
             return -1
         chain_start(&c, chain.table, chain.table_gpa, chain.queue_size, chain.head_index)
         while True:

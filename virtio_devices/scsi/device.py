@@ -39,7 +39,7 @@ import struct
 import time
 from collections.abc import Sequence
 
-from virtio_queue import DescriptorChain, GuestMemory, Queue, Reader, Writer
+from virtio_queue import DescriptorChain, GuestMemory, InvalidAvailRingIndex, Queue, Reader, Writer
 
 from ..base import (
     VIRTIO_F_VERSION_1,
@@ -47,6 +47,7 @@ from ..base import (
     Interrupt,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
+    Park,
     TimerHandle,
     VirtioDevice,
 )
@@ -79,6 +80,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: What the engine hands back for a request it did not finish (:meth:`Engine.reap`).
+EngineRest = tuple[int, DescriptorChain, bool, bool, int, int, int, int, int]
 
 VIRTIO_ID_SCSI = 8
 #: Upstream's queue size.
@@ -256,35 +260,57 @@ class ScsiDevice(VirtioDevice):
     def process_queue(self, index: int) -> None:
         """Drain control and request queues; leave event buffers in the avail ring.
 
-        The engine's requests of the drain reach the kernel in one submission;
-        those that completed at once (page-cache hits) are finished right away,
-        without waiting for the loop to see the eventfd.
+        A request queue goes to the engine in one call (:meth:`Engine.serve`): it
+        pops every chain, serves READ/WRITE(10/16), submits, and finishes what
+        completed at once (page-cache hits, inline writes); the chains it does not
+        serve come back and go through :meth:`handle_chain` under the framework's
+        error policy, in order.
         """
         if index == 1:
             return
-        self.process_chains(index)
         engine = self._engine
-        if engine is not None and engine.in_flight():
-            engine.flush()
-            self._on_engine()
+        if index == 0 or engine is None or self.broken is not None or not self.active:
+            self.process_chains(index)
+            return
+        queue = self.queues[index]
+        try:
+            served, nbytes, mask, rest, refused, bad = engine.serve(index)
+        except InvalidAvailRingIndex:
+            queue.ready = False
+            raise
+        if bad:
+            self._log_guest_fault(index, MalformedRequest(f"scsi q{index}: {bad} head index(es) out of range"))
+        for chain in refused:
+            used = self._call(self.handle_chain, index, chain)
+            if used is not None:
+                assert not isinstance(used, Park)  # scsi never parks
+                queue.add_used(chain.head_index, used)
+                served += 1
+                nbytes += used
+                mask |= 1 << index
+        self._finish(served, nbytes, mask, rest)
+
+    def _finish(self, served: int, nbytes: int, mask: int, rest: list[EngineRest]) -> None:
+        """Account for what the engine completed, notify each queue touched once,
+        and answer or go on with the requests it did not finish."""
+        if served:
+            self.chains_served += served
+            self.bytes_served += nbytes
+        index = 0
+        while mask:
+            if mask & 1:
+                self.notify(index)
+            mask >>= 1
+            index += 1
+        for index, chain, write, fua, lun, lba, blocks, moved, err in rest:
+            self._engine_rest(index, chain, BlockIO("write" if write else "read", lba, blocks, fua), lun, moved, err)
 
     def _on_engine(self) -> None:
         """The engine's eventfd: finish what completed, one notification per queue."""
         engine = self._engine
         if engine is None or not self.active:
             return
-        served, nbytes, mask, rest = engine.reap()
-        if served:
-            self.chains_served += served
-            self.bytes_served += nbytes
-            index = 0
-            while mask:
-                if mask & 1:
-                    self.notify(index)
-                mask >>= 1
-                index += 1
-        for index, chain, write, fua, lun, lba, blocks, moved, err in rest:
-            self._engine_rest(index, chain, BlockIO("write" if write else "read", lba, blocks, fua), lun, moved, err)
+        self._finish(*engine.reap())
 
     def _engine_rest(self, index: int, chain: DescriptorChain, io: BlockIO, lun: int, moved: int, err: int) -> None:
         """An engine request that did not move its whole transfer: an error is
