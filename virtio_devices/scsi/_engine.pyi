@@ -4,6 +4,7 @@ from virtio_queue import DescriptorChain, Queue
 
 class Engine:
     fd: int
+    inline_reads: int
     inline_writes: int
     slow_writes: int
     def __init__(
