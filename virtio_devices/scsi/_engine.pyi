@@ -5,8 +5,10 @@ from virtio_queue import DescriptorChain, Queue
 class Engine:
     fd: int
     inline_reads: int
+    ring_requests: int
     inline_writes: int
     slow_writes: int
+    slow_ns: int
     def __init__(
         self,
         fds: Sequence[int],

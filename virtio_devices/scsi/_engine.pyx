@@ -14,15 +14,26 @@ before GOOD).  :meth:`Engine.submit` refuses every other chain, which the device
 Python path then serves: that path answers every refusal the way the command set
 demands, and every check here is a subset of its checks.
 
-Submission happens on the loop thread (:meth:`Engine.flush` once per drain);
-completions are counted on an eventfd that the device's event loop watches, and
-:meth:`Engine.reap` writes the response headers (GOOD, the residual of §5.6.6.1)
-and puts every finished chain in its used ring in one call.  A completion that is
-not the whole transfer (an error, a short read of an image that shrank, a short
-write) goes back to Python with what was moved, which finishes or answers it.
-The kernel never blocks the submitter: what cannot complete at once (a page-cache
-miss, a buffered write on a file system without asynchronous buffered writes)
-runs on io_uring's own kernel workers.
+:meth:`Engine.serve` drains a request queue in one call: it pops every chain,
+serves those of that shape and hands the others back, in order, for the Python
+path.  A read is first tried with ``preadv2(RWF_NOWAIT)``: a page-cache hit is
+one system call and completes in the same call.  A buffered write (no FUA) is
+done inline too: with ``pwritev2(RWF_NOWAIT)`` where the file system supports
+it (XFS, btrfs), else (ext4 and tmpfs refuse it) with a plain ``pwritev2``
+that is timed: one slower than :attr:`Engine.slow_ns` (dirty-page throttling, a
+journal wait, block allocation) sends the LUN's writes to the ring, and 64 ring
+writes in a row that complete faster than that bring them back.  A page-cache
+write is what the Rust daemon does in its one thread for every write; the ring
+bounds how long such a write can hold the loop to one slow write per episode.
+
+Everything else (a read that would wait, a FUA write, a write that would block)
+goes to io_uring: submitted on the loop thread once per drain, the kernel's own
+workers run what cannot complete at once, completions are counted on an eventfd
+that the device's event loop watches, and :meth:`Engine.reap` writes the
+response headers (GOOD, the residual of §5.6.6.1) and puts every finished chain
+in its used ring in one call.  A completion that is not the whole transfer (an
+error, a short read of an image that shrank, a short write) goes back to Python
+with what was moved, which finishes or answers it.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -101,8 +112,9 @@ DEF MAX_BLOCKS = 0xFFFF
 DEF MAX_SEGS = 64
 DEF RESP_SEGS = 4
 DEF MAX_QUEUES = 64
-# Inline buffered writes (see Engine): one slower than this sends the LUN's writes
-# to the ring; this many ring writes in a row faster than it bring them back.
+# Inline buffered writes (see Engine): one slower than Engine.slow_ns (default
+# SLOW_NS) sends the LUN's writes to the ring; this many ring writes in a row
+# faster than it bring them back.
 DEF SLOW_NS = 1000000
 DEF FAST_STREAK = 64
 # LUN write modes.
@@ -189,7 +201,10 @@ cdef class Engine:
 
     ``fds[k]``, ``blocks[k]`` and ``read_only[k]`` describe LUN k.  ``entries`` is
     the ring's size and the most requests in flight at once (a chain beyond it is
-    refused to Python).
+    refused to Python).  ``inline_writes=False``: every write through the ring.
+    ``inline_reads``, ``inline_writes``, ``ring_requests`` and ``slow_writes``
+    count what was done inline, what went to the ring, and how often an inline
+    write was slow.
 
     Raises:
         OSError: io_uring is not available (``io_uring_disabled``, a seccomp
@@ -211,7 +226,9 @@ cdef class Engine:
     cdef uint8_t *nowait_read
     cdef int *streak
     cdef bint allow_inline
+    cdef public long long slow_ns
     cdef readonly long long inline_reads
+    cdef readonly long long ring_requests
     cdef readonly long long inline_writes
     cdef readonly long long slow_writes
     cdef int nluns
@@ -236,8 +253,8 @@ cdef class Engine:
         self.streak = <int *>PyMem_Malloc(sizeof(int) * (self.nluns + 1))
         self.slots = <Slot *>PyMem_Malloc(sizeof(Slot) * entries)
         self.free = <int *>PyMem_Malloc(sizeof(int) * entries)
-        if not (self.fds and self.blocks and self.read_only and self.wmode and self.nowait_read and self.streak
-                and self.slots and self.free):
+        if not (self.fds and self.blocks and self.read_only and self.wmode and self.nowait_read
+                and self.streak and self.slots and self.free):
             raise MemoryError()
         for i in range(self.nluns):
             self.fds[i] = fds[i]
@@ -248,6 +265,7 @@ cdef class Engine:
             self.nowait_read[i] = True
         self.nslots = entries
         self.allow_inline = inline_writes
+        self.slow_ns = SLOW_NS
         for i in range(entries):
             self.free[i] = entries - 1 - i
         self.nfree = entries
@@ -515,6 +533,7 @@ cdef class Engine:
             io_uring_prep_readv(sqe, self.fds[lun], s.iov, s.niov, lba << BLOCK_SHIFT)
         sqe.user_data = slot
         self._chains[slot] = chain
+        self.ring_requests += 1
         self.in_flight_q[index] += 1
         self.unsubmitted += 1
         return 0
@@ -523,7 +542,7 @@ cdef class Engine:
         """A buffered write on the loop thread: 1 done, 0 it would block (the ring
         then), -1 an error or a short write (the Python path does it again and
         answers; a write may be repeated).  Under W_INLINE a write slower than
-        SLOW_NS (dirty-page throttling, block allocation, a journal wait) sends the
+        ``slow_ns`` (dirty-page throttling, block allocation, a journal wait) sends the
         LUN's writes to the ring, which :meth:`reap` watches to bring them back."""
         cdef ssize_t r
         cdef int64_t t0
@@ -540,7 +559,7 @@ cdef class Engine:
             self.wmode[lun] = W_INLINE  # ext4, tmpfs: no nowait buffered writes
         t0 = _now_ns()
         r = pwritev2(self.fds[lun], s.iov, s.niov, offset, 0)
-        if _now_ns() - t0 > SLOW_NS:
+        if _now_ns() - t0 > self.slow_ns:
             self.wmode[lun] = W_RING
             self.streak[lun] = 0
             self.slow_writes += 1
@@ -588,7 +607,7 @@ cdef class Engine:
         """
         cdef io_uring_cqe *cqe
         cdef uint64_t tick
-        cdef int slot, res, i
+        cdef int slot, res
         cdef Slot *s
         cdef int64_t now = 0
         cdef uint32_t used
@@ -618,7 +637,7 @@ cdef class Engine:
             if s.write and not s.fua and self.allow_inline and self.wmode[s.lun] == W_RING:
                 if now == 0:
                     now = _now_ns()
-                if now - s.t_submit < SLOW_NS:
+                if now - s.t_submit < self.slow_ns:
                     self.streak[s.lun] += 1
                     if self.streak[s.lun] >= FAST_STREAK:
                         self.wmode[s.lun] = W_NOWAIT

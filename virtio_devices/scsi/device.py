@@ -43,10 +43,10 @@ from virtio_queue import DescriptorChain, GuestMemory, InvalidAvailRingIndex, Qu
 
 from ..base import (
     VIRTIO_F_VERSION_1,
-    EventLoop,
-    Interrupt,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
+    EventLoop,
+    Interrupt,
     Park,
     TimerHandle,
     VirtioDevice,
@@ -236,7 +236,9 @@ class ScsiDevice(VirtioDevice):
         )
 
     # -- lifecycle -------------------------------------------------------------------
-    def activate(self, memory: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, loop: EventLoop) -> None:
+    def activate(
+        self, memory: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, loop: EventLoop
+    ) -> None:
         """Start the device; the engine (made once) watches its eventfd on ``loop``."""
         super().activate(memory, queues, interrupt, loop)
         if not self._engine_tried:
@@ -279,7 +281,8 @@ class ScsiDevice(VirtioDevice):
             queue.ready = False
             raise
         if bad:
-            self._log_guest_fault(index, MalformedRequest(f"scsi q{index}: {bad} head index(es) out of range"))
+            err = MalformedRequest(f"scsi q{index}: {bad} head index(es) out of range")
+            self._log_guest_fault(index, err)
         for chain in refused:
             used = self._call(self.handle_chain, index, chain)
             if used is not None:
@@ -302,8 +305,8 @@ class ScsiDevice(VirtioDevice):
                 self.notify(index)
             mask >>= 1
             index += 1
-        for index, chain, write, fua, lun, lba, blocks, moved, err in rest:
-            self._engine_rest(index, chain, BlockIO("write" if write else "read", lba, blocks, fua), lun, moved, err)
+        for item in rest:
+            self._engine_rest(item)
 
     def _on_engine(self) -> None:
         """The engine's eventfd: finish what completed, one notification per queue."""
@@ -312,10 +315,12 @@ class ScsiDevice(VirtioDevice):
             return
         self._finish(*engine.reap())
 
-    def _engine_rest(self, index: int, chain: DescriptorChain, io: BlockIO, lun: int, moved: int, err: int) -> None:
+    def _engine_rest(self, item: EngineRest) -> None:
         """An engine request that did not move its whole transfer: an error is
         answered now (CHECK CONDITION with the sense of the error); a short
         transfer goes on from where it stopped on a worker, as the Python path's."""
+        index, chain, write, fua, lun, lba, blocks, moved, err = item
+        io = BlockIO("write" if write else "read", lba, blocks, fua)
         unit = self.target.unit(lun)
         assert unit is not None
         reader, writer = chain.reader(), chain.writer()
