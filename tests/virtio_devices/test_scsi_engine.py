@@ -13,12 +13,13 @@ import os
 import select
 import struct
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virtio_devices.hosts.images import DiskImage
+from virtio_devices.hosts.images import DiskImage, ImageError, open_image
 from virtio_devices.scsi import device as scsi_device
 from virtio_devices.scsi.device import ScsiDevice
 from virtio_devices.scsi.testing import RESP_HEADER, Resp, cmd_req, lun_bytes, read10, read16, write10, write16
@@ -231,5 +232,55 @@ def test_without_io_uring_every_request_takes_the_python_path(monkeypatch: pytes
                 used = rig.used(RQ)
             assert used == [(head, RESP_HEADER + 512)]
             assert rig.read(data, 512) == IMAGE[1024:1536]
+    finally:
+        img.close()
+
+
+def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
+    """With an O_DIRECT fd, aligned transfers go to the ring through it (no inline
+    attempt) and land in the file; unaligned ones use the page cache; both read back."""
+    path = tmp_path / "direct.img"
+    path.write_bytes(IMAGE)
+    try:
+        img = open_image(str(path), read_only=False, direct=True)
+    except ImageError:
+        pytest.skip("this file system refuses O_DIRECT")
+    dev = ScsiDevice([img])
+    try:
+        with DeviceRig(dev, queue_size=16, memory_size=4 << 20) as rig:
+            if dev._engine is None:
+                pytest.skip("io_uring is not available here")
+            eng = dev._engine
+
+            def run(cdb: bytes, data: bytes = b"", data_in: int = 0, align: int = 4096) -> tuple[int, bytes]:
+                hdr = rig.alloc(RQ, cmd_req(cdb))
+                resp = rig.alloc(RQ, RESP_HEADER)
+                buf = (rig.alloc(RQ, 3 * 4096) + 4095) // 4096 * 4096 + (4096 - align) % 4096
+                descs = [RawDesc(hdr, 51, 0, 0)]
+                if data:
+                    rig.memory.write(buf, data)
+                    descs.append(RawDesc(buf, len(data), 0, 0))
+                descs.append(RawDesc(resp, RESP_HEADER, VIRTQ_DESC_F_WRITE, 0))
+                if data_in:
+                    descs.append(RawDesc(buf, data_in, VIRTQ_DESC_F_WRITE, 0))
+                head = rig.add_chain(RQ, descs)
+                used = rig.kick(RQ)
+                if not used:
+                    rig.complete_workers()
+                    used = rig.used(RQ)
+                assert [h for h, _ in used] == [head]
+                assert Resp.parse(rig.read(resp, RESP_HEADER)).status == 0
+                return used[0][1], rig.read(buf, data_in)
+
+            ring, inline = eng.ring_requests, eng.inline_reads + eng.inline_writes
+            run(write10(8, 8), b"\x3c" * 4096)
+            assert run(read10(8, 8), data_in=4096)[1] == b"\x3c" * 4096
+            assert (eng.ring_requests, eng.inline_reads + eng.inline_writes) == (ring + 2, inline)
+            # An odd buffer address: the page cache (the buffered fd), inline.
+            run(write10(16, 1), b"\x4d" * 512, align=8)
+            assert run(read10(16, 1), data_in=512, align=8)[1] == b"\x4d" * 512
+            assert eng.ring_requests == ring + 2
+        data = path.read_bytes()
+        assert data[8 * 512 : 16 * 512] == b"\x3c" * 4096 and data[16 * 512 : 17 * 512] == b"\x4d" * 512
     finally:
         img.close()

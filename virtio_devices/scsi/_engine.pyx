@@ -112,6 +112,9 @@ DEF MAX_BLOCKS = 0xFFFF
 DEF MAX_SEGS = 64
 DEF RESP_SEGS = 4
 DEF MAX_QUEUES = 64
+# What O_DIRECT asks of buffer addresses and lengths (the usual logical block size;
+# a device with larger sectors answers EINVAL, and Python then uses the page cache).
+DEF DIRECT_ALIGN = 512
 # Inline buffered writes (see Engine): one slower than Engine.slow_ns (default
 # SLOW_NS) sends the LUN's writes to the ring; this many ring writes in a row
 # faster than it bring them back.
@@ -202,6 +205,8 @@ cdef class Engine:
     ``fds[k]``, ``blocks[k]`` and ``read_only[k]`` describe LUN k.  ``entries`` is
     the ring's size and the most requests in flight at once (a chain beyond it is
     refused to Python).  ``inline_writes=False``: every write through the ring.
+    ``direct_fds[k]``: an O_DIRECT fd of LUN k (or -1), for transfers whose buffers
+    are 512-byte aligned; they go to the ring (no inline attempt).
     ``inline_reads``, ``inline_writes``, ``ring_requests`` and ``slow_writes``
     count what was done inline, what went to the ring, and how often an inline
     write was slow.
@@ -220,6 +225,7 @@ cdef class Engine:
     cdef int nfree
     cdef int unsubmitted
     cdef int *fds
+    cdef int *dfds
     cdef uint64_t *blocks
     cdef uint8_t *read_only
     cdef uint8_t *wmode
@@ -236,16 +242,20 @@ cdef class Engine:
     cdef list _queues
     cdef int in_flight_q[MAX_QUEUES]
 
-    def __cinit__(self, fds, blocks, read_only, int entries=256, bint inline_writes=True):
+    def __cinit__(self, fds, blocks, read_only, int entries=256, bint inline_writes=True,
+                  direct_fds=None):
         cdef int rc, i
         self.fd = -1
         self._open = False
         self.nluns = len(fds)
         if len(blocks) != self.nluns or len(read_only) != self.nluns:
             raise ValueError(f"engine: {self.nluns} fds, {len(blocks)} sizes, {len(read_only)} modes")
+        if direct_fds is not None and len(direct_fds) != self.nluns:
+            raise ValueError(f"engine: {self.nluns} fds, {len(direct_fds)} O_DIRECT fds")
         if entries < 1 or entries > 4096:
             raise ValueError(f"engine: ring of {entries} entries, 1..4096 allowed")
         self.fds = <int *>PyMem_Malloc(sizeof(int) * (self.nluns + 1))
+        self.dfds = <int *>PyMem_Malloc(sizeof(int) * (self.nluns + 1))
         self.blocks = <uint64_t *>PyMem_Malloc(sizeof(uint64_t) * (self.nluns + 1))
         self.read_only = <uint8_t *>PyMem_Malloc(self.nluns + 1)
         self.wmode = <uint8_t *>PyMem_Malloc(self.nluns + 1)
@@ -253,11 +263,12 @@ cdef class Engine:
         self.streak = <int *>PyMem_Malloc(sizeof(int) * (self.nluns + 1))
         self.slots = <Slot *>PyMem_Malloc(sizeof(Slot) * entries)
         self.free = <int *>PyMem_Malloc(sizeof(int) * entries)
-        if not (self.fds and self.blocks and self.read_only and self.wmode and self.nowait_read
+        if not (self.fds and self.dfds and self.blocks and self.read_only and self.wmode and self.nowait_read
                 and self.streak and self.slots and self.free):
             raise MemoryError()
         for i in range(self.nluns):
             self.fds[i] = fds[i]
+            self.dfds[i] = direct_fds[i] if direct_fds is not None else -1
             self.blocks[i] = blocks[i]
             self.read_only[i] = bool(read_only[i])
             self.wmode[i] = W_RING if inline_writes == 0 else W_NOWAIT
@@ -289,6 +300,7 @@ cdef class Engine:
         if self.fd >= 0:
             close(self.fd)
         PyMem_Free(self.fds)
+        PyMem_Free(self.dfds)
         PyMem_Free(self.blocks)
         PyMem_Free(self.read_only)
         PyMem_Free(self.wmode)
@@ -392,6 +404,8 @@ cdef class Engine:
         cdef size_t nbytes
         cdef Slot *s
         cdef ssize_t r
+        cdef int fd
+        cdef bint direct
         cdef io_uring_sqe *sqe
         if self.nfree == 0:
             return -1
@@ -494,7 +508,20 @@ cdef class Engine:
         s.fua = (cdb[1] & 0x08) != 0
         s.nbytes = nbytes
         s.resid = have_out + room_in - nbytes
-        if not write and self.nowait_read[lun]:
+        fd = self.fds[lun]
+        direct = False
+        if self.dfds[lun] >= 0:
+            # O_DIRECT wants sector-aligned buffers; others use the page cache.
+            direct = True
+            for k in range(s.niov):
+                if (<size_t>s.iov[k].iov_base | s.iov[k].iov_len) & (DIRECT_ALIGN - 1):
+                    direct = False
+                    break
+            if direct:
+                fd = self.dfds[lun]
+        if direct:
+            pass  # straight to the ring: the disk itself is the wait
+        elif not write and self.nowait_read[lun]:
             # A page-cache hit is one system call here; anything else the ring.
             r = preadv2(self.fds[lun], s.iov, s.niov, lba << BLOCK_SHIFT, RWF_NOWAIT)
             if r == <ssize_t>nbytes:
@@ -503,7 +530,7 @@ cdef class Engine:
                 return RESP_HEADER + nbytes
             if r < 0 and errno == EOPNOTSUPP:
                 self.nowait_read[lun] = False
-        if write and not s.fua and self.wmode[lun] != W_RING:
+        if write and not direct and not s.fua and self.wmode[lun] != W_RING:
             rc = self._write_inline(s, lun, lba << BLOCK_SHIFT)
             if rc > 0:
                 _respond_good(s)
@@ -526,11 +553,11 @@ cdef class Engine:
         s.lba = lba
         s.t_submit = _now_ns()
         if write:
-            io_uring_prep_writev(sqe, self.fds[lun], s.iov, s.niov, lba << BLOCK_SHIFT)
+            io_uring_prep_writev(sqe, fd, s.iov, s.niov, lba << BLOCK_SHIFT)
             if s.fua:
                 sqe.rw_flags = RWF_DSYNC
         else:
-            io_uring_prep_readv(sqe, self.fds[lun], s.iov, s.niov, lba << BLOCK_SHIFT)
+            io_uring_prep_readv(sqe, fd, s.iov, s.niov, lba << BLOCK_SHIFT)
         sqe.user_data = slot
         self._chains[slot] = chain
         self.ring_requests += 1

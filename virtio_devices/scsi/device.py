@@ -250,6 +250,7 @@ class ScsiDevice(VirtioDevice):
                     [u.read_only for u in self.target.units],
                     ENGINE_ENTRIES,
                     self._inline_writes,
+                    [img.direct_fd for img in self.images],
                 )
             except OSError as e:
                 log.warning("scsi: io_uring unavailable (%s): every request on the Python path", e)
@@ -321,6 +322,10 @@ class ScsiDevice(VirtioDevice):
         transfer goes on from where it stopped on a worker, as the Python path's."""
         index, chain, write, fua, lun, lba, blocks, moved, err = item
         io = BlockIO("write" if write else "read", lba, blocks, fua)
+        if err == errno.EINVAL and self.images[lun].direct_fd >= 0:
+            # O_DIRECT refused this transfer (a device with larger sectors):
+            # the Python path does it again through the page cache.
+            err = moved = 0
         unit = self.target.unit(lun)
         assert unit is not None
         reader, writer = chain.reader(), chain.writer()
