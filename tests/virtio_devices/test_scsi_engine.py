@@ -22,7 +22,16 @@ from hypothesis import strategies as st
 from virtio_devices.hosts.images import DiskImage, ImageError, open_image
 from virtio_devices.scsi import device as scsi_device
 from virtio_devices.scsi.device import ScsiDevice
-from virtio_devices.scsi.testing import RESP_HEADER, Resp, cmd_req, lun_bytes, read10, read16, write10, write16
+from virtio_devices.scsi.testing import (
+    RESP_HEADER,
+    Resp,
+    cmd_req,
+    lun_bytes,
+    read10,
+    read16,
+    write10,
+    write16,
+)
 from virtio_devices.testing import DeviceRig
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
@@ -64,7 +73,8 @@ class Pair:
                 rig.complete_workers()
                 used = rig.used(RQ)
             assert [h for h, _ in used] == [head]
-            out.append((used[0][1], b"".join(rig.read(gpa, n) for gpa, n in zip(outs, writable, strict=True))))
+            written = b"".join(rig.read(gpa, n) for gpa, n in zip(outs, writable, strict=True))
+            out.append((used[0][1], written))
         return out
 
     def image(self, which: int, k: int = 0) -> bytes:
@@ -102,14 +112,16 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     blocks=st.integers(0, 9),
     flags=st.sampled_from([0, 0x08, 0x10, 0x20]),
     control=st.sampled_from([0, 0x04]),
-    lun=st.sampled_from([lun_bytes(0), lun_bytes(1), lun_bytes(5), lun_bytes(0, target=1), b"\x01\x00\x80\x00" + bytes(4)]),
+    lun=st.sampled_from(
+        [lun_bytes(0), lun_bytes(1), lun_bytes(5), lun_bytes(0, target=1), b"\x01\x00\x80\x00" + bytes(4)]
+    ),
     data_in=st.integers(0, 12).map(lambda n: n * 256),
     data_out=st.integers(0, 12).map(lambda n: n * 256),
     cuts=st.lists(st.integers(0, 3200), max_size=3),
     fill=st.integers(0, 255),
     read_only=st.booleans(),
 )
-def test_engine_answers_as_the_python_path(
+def test_engine_answers_as_the_python_path(  # noqa: PLR0917 - hypothesis passes them by name
     op: int,
     lba: int,
     blocks: int,
@@ -225,7 +237,7 @@ def test_without_io_uring_every_request_takes_the_python_path(monkeypatch: pytes
     try:
         with DeviceRig(dev, queue_size=16, memory_size=4 << 20) as rig:
             assert dev._engine is None
-            head, (resp, data) = rig.add_request(RQ, [cmd_req(read16(2, 1))], [RESP_HEADER, 512])
+            head, (_, data) = rig.add_request(RQ, [cmd_req(read16(2, 1))], [RESP_HEADER, 512])
             used = rig.kick(RQ)
             if not used:
                 rig.complete_workers()
