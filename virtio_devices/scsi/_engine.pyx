@@ -108,8 +108,9 @@ DEF RESP_HEADER = 108
 DEF CDB_OFFSET = 19
 DEF BLOCK_SHIFT = 9
 DEF MAX_BLOCKS = 0xFFFF
-# Buffers per direction that a request may have for this path (more: Python).
-DEF MAX_SEGS = 64
+# Buffers per direction that a request may have for this path (more: Python); the
+# config space's seg_max is 126.
+DEF MAX_SEGS = 128
 DEF RESP_SEGS = 4
 DEF MAX_QUEUES = 64
 # What O_DIRECT asks of buffer addresses and lengths (the usual logical block size;
