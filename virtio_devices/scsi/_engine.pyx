@@ -379,13 +379,27 @@ cdef class Engine:
         if self.unsubmitted:
             self._submit()
         if self.nfree < self.nslots:
-            r_served, r_bytes, mask, rest = self.reap()
+            r_served, r_bytes, mask, rest = self._reap(served != 0, index)
         else:
-            r_served, r_bytes, mask, rest = 0, 0, 0, []
-        if served:
-            mask |= (<uint64_t>1) << index
+            r_served, r_bytes, rest = 0, 0, []
+            mask = self._to_signal(((<uint64_t>1) << index) if served else 0)
         return (served + r_served, nbytes + r_bytes, mask, rest,
                 refused if refused is not None else [], bad)
+
+    cdef uint64_t _to_signal(self, uint64_t touched) except? 0xFFFFFFFFFFFFFFFF:
+        """Of the queues in ``touched``, those whose driver wants a notification now
+        (VIRTIO 1.2 §2.7.10, EVENT_IDX honoured): the caller signals them."""
+        cdef uint64_t out = 0
+        cdef int i = 0
+        cdef Queue q
+        while touched:
+            if touched & 1:
+                q = <Queue>self._queues[i]
+                if q.needs_notification_c():
+                    out |= (<uint64_t>1) << i
+            touched >>= 1
+            i += 1
+        return out
 
     cdef int _serve_chain(self, int index, DescriptorChain chain) except -2:
         cdef ChainCursor c
@@ -625,14 +639,20 @@ cdef class Engine:
         return rc == 0
 
     def reap(self):
-        """Finish every request the kernel completed: ``(served, bytes, queues, rest)``.
+        """Finish every request the kernel completed: ``(served, bytes, signal, rest)``.
 
         A whole transfer gets GOOD with its residual and goes into its used ring
-        (``served`` chains, ``bytes`` used bytes, ``queues`` a bit per queue
-        touched, which the caller notifies).  ``rest`` lists the others as
-        ``(index, chain, write, fua, lun, lba, blocks, moved, error)``: ``moved``
-        bytes went through, ``error`` is the errno (0: a short transfer).
+        (``served`` chains, ``bytes`` used bytes; ``signal`` has a bit per queue
+        whose driver wants a notification now, which the caller sends).  ``rest``
+        lists the others as ``(index, chain, write, fua, lun, lba, blocks, moved,
+        error)``: ``moved`` bytes went through, ``error`` is the errno (0: a short
+        transfer).
         """
+        return self._reap(False, 0)
+
+    cdef tuple _reap(self, bint also, int index):
+        """reap(); ``also``: queue ``index`` had chains completed before, count it
+        as touched."""
         cdef io_uring_cqe *cqe
         cdef uint64_t tick
         cdef int slot, res
@@ -677,4 +697,6 @@ cdef class Engine:
             mask |= (<uint64_t>1) << s.queue
             served += 1
             nbytes += used
-        return served, nbytes, mask, rest if rest is not None else []
+        if also:
+            mask |= (<uint64_t>1) << index
+        return served, nbytes, self._to_signal(mask), rest if rest is not None else []

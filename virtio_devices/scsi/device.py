@@ -275,37 +275,52 @@ class ScsiDevice(VirtioDevice):
         if index == 0 or engine is None or self.broken is not None or not self.active:
             self.process_chains(index)
             return
-        queue = self.queues[index]
         try:
-            served, nbytes, mask, rest, refused, bad = engine.serve(index)
+            served, nbytes, signal, rest, refused, bad = engine.serve(index)
         except InvalidAvailRingIndex:
-            queue.ready = False
+            self.queues[index].ready = False
             raise
+        if served:
+            self.chains_served += served
+            self.bytes_served += nbytes
+        if signal:
+            self._signal(signal)
+        if refused or bad or rest:
+            self._engine_slow(index, refused, bad, rest)
+
+    def _signal(self, signal: int) -> None:
+        """Notify the queues whose bit is set (the engine asked needs_notification)."""
+        interrupt = self.interrupt
+        if interrupt is None:
+            return
+        index = 0
+        while signal:
+            if signal & 1:
+                interrupt.signal_used(index)
+            signal >>= 1
+            index += 1
+
+    def _engine_slow(
+        self, index: int, refused: list[DescriptorChain], bad: int, rest: list[EngineRest]
+    ) -> None:
+        """What :meth:`Engine.serve` left: out-of-range heads (dropped, logged), the
+        chains it does not serve (the Python path, in order, under the framework's
+        error policy) and the requests it did not finish."""
         if bad:
             err = MalformedRequest(f"scsi q{index}: {bad} head index(es) out of range")
             self._log_guest_fault(index, err)
+        queue = self.queues[index]
+        served = 0
         for chain in refused:
             used = self._call(self.handle_chain, index, chain)
             if used is not None:
                 assert not isinstance(used, Park)  # scsi never parks
                 queue.add_used(chain.head_index, used)
+                self.chains_served += 1
+                self.bytes_served += used
                 served += 1
-                nbytes += used
-                mask |= 1 << index
-        self._finish(served, nbytes, mask, rest)
-
-    def _finish(self, served: int, nbytes: int, mask: int, rest: list[EngineRest]) -> None:
-        """Account for what the engine completed, notify each queue touched once,
-        and answer or go on with the requests it did not finish."""
         if served:
-            self.chains_served += served
-            self.bytes_served += nbytes
-        index = 0
-        while mask:
-            if mask & 1:
-                self.notify(index)
-            mask >>= 1
-            index += 1
+            self.notify(index)
         for item in rest:
             self._engine_rest(item)
 
@@ -314,7 +329,14 @@ class ScsiDevice(VirtioDevice):
         engine = self._engine
         if engine is None or not self.active:
             return
-        self._finish(*engine.reap())
+        served, nbytes, signal, rest = engine.reap()
+        if served:
+            self.chains_served += served
+            self.bytes_served += nbytes
+        if signal:
+            self._signal(signal)
+        for item in rest:
+            self._engine_rest(item)
 
     def _engine_rest(self, item: EngineRest) -> None:
         """An engine request that did not move its whole transfer: an error is
