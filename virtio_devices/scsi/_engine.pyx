@@ -339,9 +339,10 @@ cdef class Engine:
         """Drain request queue ``index`` (notification suppression as VIRTIO 1.2
         §2.7.10 asks), submit what it queued and finish what completed at once.
 
-        Returns ``(served, bytes, queues, rest, refused, bad_heads)``: :meth:`reap`'s
-        four, then the chains this path does not serve (for the Python path, in
-        order) and how many head indexes were out of range (consumed, dropped).
+        Returns ``(served, bytes, signal, rest, refused, bad_heads)``: :meth:`reap`'s
+        four (this queue's chains completed here included), then the chains this
+        path does not serve (for the Python path, in order) and how many head
+        indexes were out of range (consumed, dropped).
 
         Raises:
             InvalidAvailRingIndex: the avail ring is broken.
