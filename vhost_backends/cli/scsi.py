@@ -26,9 +26,11 @@ from virtio_devices.scsi.emulation import MAX_LUNS
 
 from ._common import ConfigError, add_socket_path_arg, make_parser, run_main, serve, verbatim_socket_path
 
-__all__ = ["Config", "build_parser", "main", "run"]
+__all__ = ["OUR_FLAGS", "Config", "build_parser", "main", "run"]
 
 PROG = "vhost-device-scsi"
+#: Flags of ours beside upstream's (tests/vhost_backends/test_cli_flags.py).
+OUR_FLAGS = frozenset({"--direct"})
 log = logging.getLogger(__name__)
 
 

@@ -1,7 +1,9 @@
 from collections.abc import Sequence
+from typing import final
 
 from virtio_queue import DescriptorChain, Queue
 
+@final
 class Engine:
     fd: int
     inline_reads: int

@@ -243,11 +243,17 @@ cdef class Engine:
     cdef list _queues
     cdef int in_flight_q[MAX_QUEUES]
 
-    def __cinit__(self, fds, blocks, read_only, int entries=256, bint inline_writes=True,
-                  direct_fds=None):
-        cdef int rc, i
+    def __cinit__(self, *args, **kwargs):
+        # Every C pointer starts NULL (the object's memory is zeroed); nothing to
+        # close until __init__ opened it.
         self.fd = -1
         self._open = False
+
+    def __init__(self, fds, blocks, read_only, int entries=256, bint inline_writes=True,
+                 direct_fds=None):
+        cdef int rc, i
+        if self._open or self.slots != NULL:
+            raise RuntimeError("engine: initialised twice")
         self.nluns = len(fds)
         if len(blocks) != self.nluns or len(read_only) != self.nluns:
             raise ValueError(f"engine: {self.nluns} fds, {len(blocks)} sizes, {len(read_only)} modes")
