@@ -8,8 +8,6 @@ class Engine:
     fd: int
     inline_reads: int
     ring_requests: int
-    pool_requests: int
-    direct_threads: int
     inline_writes: int
     slow_writes: int
     slow_ns: int
