@@ -1,20 +1,27 @@
-"""vhost-device-scsi against qemu-storage-daemon's vhost-user-blk, same image, same run.
+"""vhost-device-scsi against qemu-storage-daemon's vhost-user-blk and the Rust daemon,
+same image, same run.
 
-Both daemons are driven by our front-end (``vhost_backends.frontend.Frontend``), no
-guest: virtio-scsi READ(10)/WRITE(10) on request queue 0 (ring 2) for ours,
-virtio-blk IN/OUT on ring 0 for qemu-storage-daemon (raw file, its defaults:
-``aio=threads``, page cache).  The image (64 MiB) is in the page cache.  Workloads: 4 KiB
-random reads and writes at queue depth 1 and 32, 1 MiB sequential reads and writes
-at depth 4.  Each daemon runs each workload ``--reps`` times, interleaved in a
-rotating order, each run after ``sync`` (no write-back of an earlier run during a
-timed one); the table gives median throughput ratios: ours/qsd, and the I/O
-engine's A/B: ours (page-cache hits with RWF_NOWAIT on the loop thread, the rest
-on the worker pool) against the same daemon with every I/O on the worker pool, and
-with every I/O inline on its loop thread.  The MiB/s of every run go to stderr.
-The Rust ``vhost-device-scsi`` runs too when ``$VHOST_DEVICE_RUST_BIN/vhost-device-scsi``
-exists (n/a otherwise; it serves one front-end, which is all the bench needs).
+Every daemon is driven by our front-end (``vhost_backends.frontend.Frontend``), no
+guest: virtio-scsi READ(10)/WRITE(10) on request queue 0 (ring 2) for ours and the
+Rust ``vhost-device-scsi``, virtio-blk IN/OUT on ring 0 for qemu-storage-daemon
+(raw file, page cache, twice: its default ``aio=threads`` and ``aio=io_uring``).
+The image (64 MiB) is in the page cache; with ``--direct`` every daemon but the
+Rust one (which has no such mode) reads and writes it with O_DIRECT instead.
+Workloads: 4 KiB random reads and writes at queue depth 1 and 32, 1 MiB
+sequential reads and writes at depth 4.
+Each daemon runs each workload ``--reps`` times, interleaved in a rotating order,
+each run after ``sync`` (no write-back of an earlier run during a timed one); the
+table gives median throughput ratios: ours against each reference, and the I/O
+engine's A/B: ours against the same daemon without the compiled engine (every
+request on the Python path: cached reads with RWF_NOWAIT on the loop thread, the
+rest on the worker pool).  A second table gives each daemon's CPU time per
+request (every thread of the process, from ``/proc/<pid>/task/*/schedstat``),
+which the other work on a loaded machine disturbs far less than throughput.
+The MiB/s and CPU µs of every run go to stderr.  The Rust daemon
+runs when ``$VHOST_DEVICE_RUST_BIN/vhost-device-scsi`` exists (n/a otherwise; it
+serves one front-end, which is all the bench needs).
 
-    .venv/bin/python benches/scsi_table.py [--reps 5]
+    .venv/bin/python benches/scsi_table.py [--reps 5] [--direct]
 """
 
 from __future__ import annotations
@@ -37,25 +44,20 @@ from vhost_backends.frontend import Frontend
 from virtio_devices.scsi import testing as st
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
-# The engine A/B: the same daemon with every I/O inline on its loop thread, and
-# with every I/O on the worker pool (no RWF_NOWAIT attempt).
-INLINE = """
+# The engine A/B: the same daemon without the io_uring engine (every request on
+# the Python path: cached reads with RWF_NOWAIT on the loop, the rest on workers).
+PYTHON_PATH = """
 import sys
-from virtio_devices.scsi.device import ScsiDevice
+from virtio_devices.scsi import device
 from vhost_backends.cli.scsi import main
 
-def run_inline(self, index, chain, job):
-    self.complete(index, chain.head_index, job())
+_init = device.ScsiDevice.__init__
 
-ScsiDevice.run_in_worker = run_inline
-sys.exit(main(sys.argv[1:]))
-"""
-POOL = """
-import sys
-from virtio_devices.scsi.device import ScsiDevice
-from vhost_backends.cli.scsi import main
+def init(self, *args, **kwargs):
+    kwargs["use_engine"] = False
+    _init(self, *args, **kwargs)
 
-ScsiDevice._nowait = lambda self, *args: 0
+device.ScsiDevice.__init__ = init
 sys.exit(main(sys.argv[1:]))
 """
 IMAGE_SIZE = 64 << 20
@@ -143,6 +145,19 @@ class Qsd(Target):
         ]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid`` so far (``schedstat``: nanoseconds, not
+    ticks), io_uring's and QEMU's worker threads included."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just exited
+    return total / 1e9
+
+
 def workloads(seed: int = 1) -> dict[str, tuple[list[tuple[int, int]], bool, int]]:
     rnd = random.Random(seed)
     nblocks = IMAGE_SIZE // 512
@@ -161,7 +176,15 @@ def workloads(seed: int = 1) -> dict[str, tuple[list[tuple[int, int]], bool, int
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--direct",
+        action="store_true",
+        help="O_DIRECT: ours and the Python path with --direct, qemu-storage-daemon with "
+        "cache.direct=on; the Rust daemon has no such mode (n/a)",
+    )
     args = ap.parse_args()
+    direct = ["--direct"] if args.direct else []
+    qsd_cache = ",cache.direct=on" if args.direct else ""
     qsd_bin = shutil.which("qemu-storage-daemon")
     if qsd_bin is None:
         print("qemu-storage-daemon not installed: no reference", file=sys.stderr)
@@ -173,21 +196,18 @@ def main() -> int:
     img.read_bytes()  # page cache warm
     ours_sock, qsd_sock, pidfile = str(tmp / "scsi.sock"), str(tmp / "blk.sock"), tmp / "qsd.pid"
     ours_proc = subprocess.Popen(
-        [sys.executable, "-m", "vhost_backends.cli.scsi", "-s", ours_sock, str(img)],
+        [sys.executable, "-m", "vhost_backends.cli.scsi", "-s", ours_sock, *direct, str(img)],
         stderr=subprocess.DEVNULL,
     )
-    inline_sock, pool_sock = str(tmp / "inline.sock"), str(tmp / "pool.sock")
-    inline_proc = subprocess.Popen(
-        [sys.executable, "-c", INLINE, "-s", inline_sock, str(img)], stderr=subprocess.DEVNULL
-    )
-    pool_proc = subprocess.Popen(
-        [sys.executable, "-c", POOL, "-s", pool_sock, str(img)], stderr=subprocess.DEVNULL
+    py_sock = str(tmp / "python.sock")
+    py_proc = subprocess.Popen(
+        [sys.executable, "-c", PYTHON_PATH, "-s", py_sock, *direct, str(img)], stderr=subprocess.DEVNULL
     )
     rust_bin = Path(os.environ.get("VHOST_DEVICE_RUST_BIN", "/nonexistent")) / "vhost-device-scsi"
     rust_sock = str(tmp / "rust.sock")
     rust_proc = (
         subprocess.Popen([str(rust_bin), "-s", rust_sock, str(img)], stderr=subprocess.DEVNULL)
-        if rust_bin.is_file()
+        if rust_bin.is_file() and not args.direct
         else None
     )
     subprocess.run(
@@ -197,7 +217,7 @@ def main() -> int:
             "--pidfile",
             str(pidfile),
             "--blockdev",
-            f"driver=file,node-name=file0,filename={img}",
+            f"driver=file,node-name=file0,filename={img}{qsd_cache}",
             "--blockdev",
             "driver=raw,node-name=disk0,file=file0",
             "--export",
@@ -207,28 +227,55 @@ def main() -> int:
         timeout=30,
     )
     qsd_pid = int(pidfile.read_text())
+    uring_pid: int | None = None
     try:
+        uring_sock, uring_pidfile = str(tmp / "blk-uring.sock"), tmp / "qsd-uring.pid"
+        subprocess.run(
+            [
+                qsd_bin,
+                "--daemonize",
+                "--pidfile",
+                str(uring_pidfile),
+                "--blockdev",
+                f"driver=file,node-name=file0,filename={img},aio=io_uring{qsd_cache}",
+                "--blockdev",
+                "driver=raw,node-name=disk0,file=file0",
+                "--export",
+                f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={uring_sock},writable=on",
+            ],
+            check=True,
+            timeout=30,
+        )
+        uring_pid = int(uring_pidfile.read_text())
         deadline = time.monotonic() + 30
-        socks = [ours_sock, inline_sock, pool_sock] + ([rust_sock] if rust_proc else [])
+        socks = [ours_sock, py_sock] + ([rust_sock] if rust_proc else [])
         while not all(os.path.exists(p) for p in socks):
             if time.monotonic() > deadline:
                 raise SystemExit("vhost-device-scsi did not listen")
             time.sleep(0.05)
         ours = Ours(ours_sock, 3)
-        inline = Ours(inline_sock, 3)
-        pool = Ours(pool_sock, 3)
+        py = Ours(py_sock, 3)
         qsd = Qsd(qsd_sock, 1)
+        qsd_uring = Qsd(uring_sock, 1)
         rust = Ours(rust_sock, 3) if rust_proc else None
         results: dict[str, dict[str, list[float]]] = {}
+        cpu_us: dict[str, dict[str, list[float]]] = {}
+        pids = {"ours": ours_proc.pid, "qsd": qsd_pid, "qsd-uring": uring_pid, "python": py_proc.pid}
+        if rust_proc is not None:
+            pids["rust"] = rust_proc.pid
         for name, (ops, write, depth) in workloads().items():
             nbytes = sum(b for _, b in ops) * 512
-            res = results.setdefault(name, {"ours": [], "qsd": [], "inline": [], "pool": [], "rust": []})
+            res = results.setdefault(name, {"ours": [], "qsd": [], "qsd-uring": [], "python": [], "rust": []})
+            cpu = cpu_us.setdefault(name, {k: [] for k in res})
             runner: dict[str, Callable[[], float]] = {
                 "ours": lambda ops=ops, w=write, d=depth: ours.run(ops, w, d),
                 "qsd": lambda ops=ops, w=write, d=depth: qsd.run(ops, w, d),
-                "inline": lambda ops=ops, w=write, d=depth: inline.run(ops, w, d),
-                "pool": lambda ops=ops, w=write, d=depth: pool.run(ops, w, d),
+                "qsd-uring": lambda ops=ops, w=write, d=depth: qsd_uring.run(ops, w, d),
             }
+            if not args.direct:
+                # The Python path has no O_DIRECT: its page-cache writes would also
+                # make the others' O_DIRECT writes wait for the cache.
+                runner["python"] = lambda ops=ops, w=write, d=depth: py.run(ops, w, d)
             if rust is not None:
                 runner["rust"] = lambda ops=ops, w=write, d=depth: rust.run(ops, w, d)
             order = list(runner)
@@ -238,28 +285,50 @@ def main() -> int:
                 k = rep % len(order)
                 for who in order[k:] + order[:k]:
                     os.sync()
+                    c0 = cpu_seconds(pids[who])
                     res[who].append(nbytes / runner[who]() / (1 << 20))
+                    cpu[who].append((cpu_seconds(pids[who]) - c0) / len(ops) * 1e6)
         ours.close()
         qsd.close()
-        inline.close()
-        pool.close()
+        qsd_uring.close()
+        py.close()
         if rust is not None:
             rust.close()
         day = time.strftime("%Y-%m-%d")
-        print(f"| vhost-device-scsi ({day}) | ours/qsd | ours/Rust | ours/all on workers | ours/all inline |")
+        mode = "O_DIRECT" if args.direct else "page cache"
+        print(
+            f"| vhost-device-scsi, {mode} ({day}) | ours / Rust | ours / qsd aio=threads "
+            "| ours / qsd aio=io_uring | ours / Python path |"
+        )
         print("| --- | --- | --- | --- | --- |")
         for name, res in results.items():
-            o, q, i, p = (statistics.median(res[k]) for k in ("ours", "qsd", "inline", "pool"))
+            o, q, u = (statistics.median(res[k]) for k in ("ours", "qsd", "qsd-uring"))
             r = f"{o / statistics.median(res['rust']):.2f}x" if res["rust"] else "n/a"
-            print(f"| {name} | {o / q:.2f}x | {r} | {o / p:.2f}x | {o / i:.2f}x |")
+            p = f"{o / statistics.median(res['python']):.2f}x" if res["python"] else "n/a"
+            print(f"| {name} | {r} | {o / q:.2f}x | {o / u:.2f}x | {p} |")
+        print()
+        print(
+            f"| daemon CPU per request, {mode} ({day}) | ours (µs) | Rust / ours | qsd aio=threads / ours "
+            "| qsd aio=io_uring / ours | Python path / ours |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name, cpu in cpu_us.items():
+            o, q, u = (statistics.median(cpu[k]) for k in ("ours", "qsd", "qsd-uring"))
+            r = f"{statistics.median(cpu['rust']) / o:.2f}x" if cpu["rust"] else "n/a"
+            p = f"{statistics.median(cpu['python']) / o:.2f}x" if cpu["python"] else "n/a"
+            print(f"| {name} | {o:.1f} | {r} | {q / o:.2f}x | {u / o:.2f}x | {p} |")
         for name, res in results.items():
             print(name, {k: [round(v, 1) for v in vals] for k, vals in res.items()}, file=sys.stderr)
+            per_run = {k: [round(v, 1) for v in vals] for k, vals in cpu_us[name].items()}
+            print(name, "CPU µs/request", per_run, file=sys.stderr)
     finally:
-        for proc in (ours_proc, inline_proc, pool_proc, rust_proc):
+        for proc in (ours_proc, py_proc, rust_proc):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(10)
         os.kill(qsd_pid, signal.SIGTERM)
+        if uring_pid is not None:
+            os.kill(uring_pid, signal.SIGTERM)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -680,6 +680,17 @@ class VirtioDevice:
             self._jobs = DeviceJobs(self, self.worker_pool or default_pool())
         self._jobs.submit(index, chain, job)
 
+    def wait_completions(self, index: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the device's own asynchronous work of queue
+        ``index`` (not :meth:`run_in_worker` jobs) and complete what finished.
+
+        For a device that completes chains from an event source of its own (an
+        io_uring's eventfd): an in-process transport without a running loop (the
+        test kit's :class:`~virtio_devices.testing.MmioDeviceDriver`) calls it
+        where the loop would call the device's reader.  Returns False when nothing
+        of the queue is in flight (the default: such work does not exist)."""
+        return False
+
     def complete(self, index: int, head_index: int, used_len: int, notify: bool = True) -> None:
         """Return a chain that :meth:`handle_chain` kept (returned None for)."""
         self.queues[index].add_used(head_index, used_len)

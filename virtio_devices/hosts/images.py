@@ -63,10 +63,14 @@ class DiskImage:
     MEDIUM ERROR instead of reading outside the file.
     """
 
-    def __init__(self, fd: int, *, name: str, read_only: bool) -> None:
+    def __init__(self, fd: int, *, name: str, read_only: bool, direct_fd: int = -1) -> None:
         self.fd = fd
         self.name = name
         self.read_only = read_only
+        #: A second fd of the same file opened with O_DIRECT (``--direct``), or -1:
+        #: the device's engine reads and writes aligned transfers through it,
+        #: bypassing the host page cache; everything else goes through :attr:`fd`.
+        self.direct_fd = direct_fd
         #: Whether ``preadv2``/``pwritev2`` with RWF_NOWAIT are worth trying on this
         #: image (a device clears them when the file system refuses the flag).
         self.nowait_read = True
@@ -130,21 +134,26 @@ class DiskImage:
             offset += n
 
     def close(self) -> None:
-        """Close the fd (idempotent)."""
+        """Close the fds (idempotent)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd = -1
 
     def __repr__(self) -> str:
         return f"<DiskImage {self.name!r} size={self.size} {'ro' if self.read_only else 'rw'}>"
 
 
-def open_image(path: str, *, read_only: bool) -> DiskImage:
-    """Open the raw image at ``path`` (read-only when ``read_only``).
+def open_image(path: str, *, read_only: bool, direct: bool = False) -> DiskImage:
+    """Open the raw image at ``path`` (read-only when ``read_only``); ``direct``: also
+    with O_DIRECT (:attr:`DiskImage.direct_fd`).
 
     Raises:
-        ImageError: the file is missing, unreadable, not writable without ``-r``, or
-            neither a regular file nor a block device.
+        ImageError: the file is missing, unreadable, not writable without ``-r``,
+            neither a regular file nor a block device, or (``direct``) on a file
+            system that refuses O_DIRECT.
     """
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     try:
@@ -156,7 +165,13 @@ def open_image(path: str, *, read_only: bool) -> DiskImage:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise ImageError(f"image {path!r} is neither a regular file nor a block device")
-        return DiskImage(fd, name=path, read_only=read_only)
+        direct_fd = -1
+        if direct:
+            try:
+                direct_fd = os.open(path, flags | os.O_DIRECT)
+            except OSError as e:
+                raise ImageError(f"cannot open image {path!r} with O_DIRECT: {e.strerror}") from e
+        return DiskImage(fd, name=path, read_only=read_only, direct_fd=direct_fd)
     except BaseException:
         os.close(fd)
         raise

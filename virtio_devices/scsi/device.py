@@ -7,10 +7,13 @@ Request queue (§5.6.6.1): the device-readable part starts with ``virtio_scsi_cm
 (lun[8], id, task_attr, prio, crn, cdb[32]), then the data-out; the device-writable
 part starts with ``virtio_scsi_cmd_resp`` (sense_len, resid, status_qualifier,
 status, response, sense[96]), then the data-in.  The used length is the response
-header plus the data-in written (§2.7.8).  Commands that touch the image run on a
-worker thread (:meth:`VirtioDevice.run_in_worker`): the payload goes between the
-image fd and guest memory with ``preadv``/``pwritev`` and the GIL released, and a
-slow disk never holds up the vhost-user connection or the other queues.
+header plus the data-in written (§2.7.8).  READ and WRITE(10/16) of the common
+shape go through the compiled engine (:mod:`._engine`): one io_uring SQE per
+request, submitted on the loop thread once per drain, completed from the ring's
+eventfd in one call per batch.  Every other command that touches the image runs on
+a worker thread (:meth:`VirtioDevice.run_in_worker`): the payload goes between the
+image fd and guest memory with ``preadv``/``pwritev`` and the GIL released.  Either
+way a slow disk never holds up the vhost-user connection or the other queues.
 
 Response codes (§5.6.6.1.1): OK with the SCSI status and sense; OVERRUN when the
 CDB asks for more data than the data-in/data-out buffers hold; BAD_TARGET for a
@@ -38,17 +41,21 @@ import struct
 import time
 from collections.abc import Sequence
 
-from virtio_queue import DescriptorChain, Reader, Writer
+from virtio_queue import DescriptorChain, GuestMemory, InvalidAvailRingIndex, Queue, Reader, Writer
 
 from ..base import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
+    EventLoop,
+    Interrupt,
+    Park,
     TimerHandle,
     VirtioDevice,
 )
 from ..errors import MalformedRequest
 from ..hosts.images import DiskImage
+from ._engine import Engine
 from .emulation import (
     BLOCK_SHIFT,
     BLOCK_SIZE,
@@ -76,6 +83,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: What the engine hands back for a request it did not finish (:meth:`Engine.reap`).
+EngineRest = tuple[int, DescriptorChain, bool, bool, int, int, int, int, int]
 
 VIRTIO_ID_SCSI = 8
 #: Upstream's queue size: what the config space's seg_max and cmd_per_lun are
@@ -126,6 +136,8 @@ _AN_REQ = struct.Struct("<I8sI")  # type, lun, event_requested
 #: often it looks.
 TMF_WAIT_S = 30.0
 TMF_POLL_S = 0.002
+#: The engine's ring: room for every request queue's entries in flight at once.
+ENGINE_ENTRIES = 512
 
 
 def parse_lun(lun: bytes) -> tuple[int, int] | None:
@@ -163,6 +175,8 @@ class ScsiDevice(VirtioDevice):
     protection on every LUN (upstream only reports it); ``solid_state`` reports a
     non-rotating medium (VPD page B1h).  The images are shared with every other
     device made from them (one per front-end connection) and are not closed here.
+    ``use_engine=False`` serves every request in Python, ``inline_writes=False``
+    sends every write through the ring (the engine's A/B twins).
     """
 
     device_id = VIRTIO_ID_SCSI
@@ -188,6 +202,8 @@ class ScsiDevice(VirtioDevice):
         read_only: bool = False,
         solid_state: bool = False,
         serials: Sequence[str] | None = None,
+        use_engine: bool = True,
+        inline_writes: bool = True,
     ) -> None:
         super().__init__()
         self.images = list(images)
@@ -205,6 +221,12 @@ class ScsiDevice(VirtioDevice):
         # Task management functions waiting for the requests in flight.
         self._tmf_held: list[tuple[DescriptorChain, Writer, float]] = []
         self._tmf_timer: TimerHandle | None = None
+        #: The io_uring engine of READ/WRITE(10/16), made at the first activation;
+        #: None where io_uring is unavailable (everything takes the Python path).
+        self._engine: Engine | None = None
+        self._engine_tried = not use_engine
+        self._inline_writes = inline_writes
+        self._engine_loop: EventLoop | None = None
 
     # -- config space (§5.6.4) -------------------------------------------------------
     def config_space(self) -> bytes:
@@ -223,12 +245,145 @@ class ScsiDevice(VirtioDevice):
             16383,  # max_lun
         )
 
+    # -- lifecycle -------------------------------------------------------------------
+    def activate(
+        self, memory: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, loop: EventLoop
+    ) -> None:
+        """Start the device; the engine (made once) watches its eventfd on ``loop``."""
+        super().activate(memory, queues, interrupt, loop)
+        if not self._engine_tried:
+            self._engine_tried = True
+            try:
+                self._engine = Engine(
+                    [img.fd for img in self.images],
+                    [u.blocks for u in self.target.units],
+                    [u.read_only for u in self.target.units],
+                    ENGINE_ENTRIES,
+                    self._inline_writes,
+                    [img.direct_fd for img in self.images],
+                )
+            except OSError as e:
+                log.warning("scsi: io_uring unavailable (%s): every request on the Python path", e)
+        if self._engine is not None:
+            self._engine.attach(queues)
+            loop.add_reader(self._engine.fd, self._on_engine)
+            self._engine_loop = loop
+
     # -- queues ----------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
-        """Drain control and request queues; leave event buffers in the avail ring."""
+        """Drain control and request queues; leave event buffers in the avail ring.
+
+        A request queue goes to the engine in one call (:meth:`Engine.serve`): it
+        pops every chain, serves READ/WRITE(10/16), submits, and finishes what
+        completed at once (page-cache hits, inline writes); the chains it does not
+        serve come back and go through :meth:`handle_chain` under the framework's
+        error policy, in order.
+        """
         if index == 1:
             return
-        self.process_chains(index)
+        engine = self._engine
+        if index == 0 or engine is None or self.broken is not None or not self.active:
+            self.process_chains(index)
+            return
+        try:
+            served, nbytes, signal, rest, refused, bad = engine.serve(index)
+        except InvalidAvailRingIndex:
+            self.queues[index].ready = False
+            raise
+        if served:
+            self.chains_served += served
+            self.bytes_served += nbytes
+        if signal:
+            self._signal(signal)
+        if refused or bad or rest:
+            self._engine_slow(index, refused, bad, rest)
+
+    def _signal(self, signal: int) -> None:
+        """Notify the queues whose bit is set (the engine asked needs_notification)."""
+        interrupt = self.interrupt
+        if interrupt is None:
+            return
+        index = 0
+        while signal:
+            if signal & 1:
+                interrupt.signal_used(index)
+            signal >>= 1
+            index += 1
+
+    def _engine_slow(
+        self, index: int, refused: list[DescriptorChain], bad: int, rest: list[EngineRest]
+    ) -> None:
+        """What :meth:`Engine.serve` left: out-of-range heads (dropped, logged), the
+        chains it does not serve (the Python path, in order, under the framework's
+        error policy) and the requests it did not finish."""
+        if bad:
+            err = MalformedRequest(f"scsi q{index}: {bad} head index(es) out of range")
+            self._log_guest_fault(index, err)
+        queue = self.queues[index]
+        served = 0
+        for chain in refused:
+            used = self._call(self.handle_chain, index, chain)
+            if used is not None:
+                assert not isinstance(used, Park)  # scsi never parks
+                queue.add_used(chain.head_index, used)
+                self.chains_served += 1
+                self.bytes_served += used
+                served += 1
+        if served:
+            self.notify(index)
+        for item in rest:
+            self._engine_rest(item)
+
+    def _on_engine(self) -> None:
+        """The engine's eventfd: finish what completed, one notification per queue."""
+        engine = self._engine
+        if engine is None or not self.active:
+            return
+        served, nbytes, signal, rest = engine.reap()
+        if served:
+            self.chains_served += served
+            self.bytes_served += nbytes
+        if signal:
+            self._signal(signal)
+        for item in rest:
+            self._engine_rest(item)
+
+    def _engine_rest(self, item: EngineRest) -> None:
+        """An engine request that did not move its whole transfer: an error is
+        answered now (CHECK CONDITION with the sense of the error); a short
+        transfer goes on from where it stopped on a worker, as the Python path's."""
+        index, chain, write, fua, lun, lba, blocks, moved, err = item
+        io = BlockIO("write" if write else "read", lba, blocks, fua)
+        if err == errno.EINVAL and self.images[lun].direct_fd >= 0:
+            # O_DIRECT refused this transfer (a device with larger sectors):
+            # the Python path does it again through the page cache.
+            err = moved = 0
+        unit = self.target.unit(lun)
+        assert unit is not None
+        reader, writer = chain.reader(), chain.writer()
+        reader.consume(REQ_HEADER)
+        data_in = writer.split_at(RESP_HEADER)
+        if err:
+            e = OSError(err, os.strerror(err))
+            log.error("scsi LUN %d: %s at lba %d failed: %s", lun, io.op, io.lba, e)
+            room = data_in.available_bytes() + reader.available_bytes()
+            self.complete(index, chain.head_index, _check(writer, _io_sense(e, io.op == "write"), room))
+            return
+        used = self._block_io(
+            index, chain, unit=unit, io=io, reader=reader, writer=writer, data_in=data_in, start=moved
+        )
+        if used is not None:
+            self.complete(index, chain.head_index, used)
+
+    def wait_completions(self, index: int, timeout: float) -> bool:
+        """Wait for the engine's requests of queue ``index`` and finish them (the
+        in-process test kit's stand-in for the loop); False if none is in flight."""
+        engine = self._engine
+        if engine is None or not engine.in_flight(index):
+            return False
+        if engine.wait(timeout):
+            self._on_engine()
+        return True
 
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | None:
         """Serve a control request (``index`` 0) or a SCSI command (``index`` >= 2).
@@ -247,6 +402,11 @@ class ScsiDevice(VirtioDevice):
         chain.check_order()
         if index == 0:
             return self._control(chain)
+        engine = self._engine
+        if engine is not None:
+            used = engine.submit(index, chain)
+            if used >= 0:
+                return used or None  # queued (0), or an inline write done
         reader, writer = chain.reader(), chain.writer()
         if writer.available_bytes() < RESP_HEADER:
             raise MalformedRequest(
@@ -318,6 +478,7 @@ class ScsiDevice(VirtioDevice):
         reader: Reader,
         writer: Writer,
         data_in: Writer,
+        start: int = -1,
     ) -> int | None:
         image = self.images[unit.lun]
         room_in = data_in.available_bytes()
@@ -351,13 +512,15 @@ class ScsiDevice(VirtioDevice):
         # the disk (EAGAIN ends them short) and a worker does the rest.  A worker
         # hop costs a thread wake-up and a loop wake-up per request, more than the
         # copy itself when the data is cached (benches/scsi_table.py, engine A/B).
-        start = 0
-        if op == "read" or (op == "write" and not io.fua):
-            start = self._nowait(image, data_in if op == "read" else reader, nbytes, offset, op == "read")
-            if start == nbytes:
-                if op == "read":
-                    return _respond(writer, S_OK, room - nbytes) + nbytes
-                return _respond(writer, S_OK, room - moved)
+        # ``start`` >= 0: the engine moved that much already; the rest on a worker.
+        if start < 0:
+            start = 0
+            if op == "read" or (op == "write" and not io.fua):
+                start = self._nowait(image, data_in if op == "read" else reader, nbytes, offset, op == "read")
+        if start == nbytes and op in ("read", "write"):
+            if op == "read":
+                return _respond(writer, S_OK, room - nbytes) + nbytes
+            return _respond(writer, S_OK, room - moved)
 
         def job() -> int:
             try:
@@ -462,7 +625,9 @@ class ScsiDevice(VirtioDevice):
         raise MalformedRequest(f"scsi control: request type {kind}")
 
     def _requests_in_flight(self) -> bool:
-        jobs = self._jobs
+        jobs, engine = self._jobs, self._engine
+        if engine is not None and engine.in_flight():
+            return True
         return jobs is not None and any(jobs.in_flight(i) for i in range(2, self.num_queues))
 
     def _arm_tmf(self) -> None:
@@ -490,6 +655,13 @@ class ScsiDevice(VirtioDevice):
     def quiesce(self, index: int) -> None:
         """Give queue ``index`` back; on the control queue, held TMFs are answered
         first (a chain the device keeps must not be lost to the driver)."""
+        engine = self._engine
+        if engine is not None and self.active:
+            # Requests in the kernel complete first: a chain must not be lost to
+            # the driver, and guest memory must stay untouched after this.
+            deadline = time.monotonic() + TMF_WAIT_S
+            while engine.in_flight(index) and time.monotonic() < deadline:
+                self.wait_completions(index, TMF_WAIT_S)
         if index == 0 and self._tmf_held and self.active:
             self._answer_tmfs()
         super().quiesce(index)
@@ -499,8 +671,13 @@ class ScsiDevice(VirtioDevice):
         if self._tmf_timer is not None:
             self._tmf_timer.cancel()
             self._tmf_timer = None
-        super().reset()
-        self._tmf_held = []
+        try:
+            super().reset()
+        finally:
+            self._tmf_held = []
+            if self._engine_loop is not None and self._engine is not None:
+                self._engine_loop.remove_reader(self._engine.fd)
+            self._engine_loop = None
 
 
 def _respond(writer: Writer, response: int, resid: int) -> int:

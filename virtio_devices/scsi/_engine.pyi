@@ -1,0 +1,40 @@
+from collections.abc import Sequence
+from typing import final
+
+from virtio_queue import DescriptorChain, Queue
+
+@final
+class Engine:
+    fd: int
+    inline_reads: int
+    ring_requests: int
+    inline_writes: int
+    slow_writes: int
+    slow_ns: int
+    def __init__(
+        self,
+        fds: Sequence[int],
+        blocks: Sequence[int],
+        read_only: Sequence[bool],
+        entries: int = 256,
+        inline_writes: bool = True,
+        direct_fds: Sequence[int] | None = None,
+    ) -> None: ...
+    def attach(self, queues: Sequence[Queue]) -> None: ...
+    def in_flight(self, index: int = -1) -> int: ...
+    def submit(self, index: int, chain: DescriptorChain) -> int: ...
+    def serve(
+        self, index: int
+    ) -> tuple[
+        int,
+        int,
+        int,
+        list[tuple[int, DescriptorChain, bool, bool, int, int, int, int, int]],
+        list[DescriptorChain],
+        int,
+    ]: ...
+    def flush(self) -> None: ...
+    def wait(self, timeout: float) -> bool: ...
+    def reap(
+        self,
+    ) -> tuple[int, int, int, list[tuple[int, DescriptorChain, bool, bool, int, int, int, int, int]]]: ...

@@ -1,0 +1,709 @@
+# cython: language_level=3
+# distutils: libraries = uring
+"""The compiled request path of virtio-scsi: READ/WRITE(10/16) through io_uring.
+
+:class:`Engine` serves the common shape of a request-queue chain without Python:
+a well-ordered chain (device-readable buffers, then device-writable ones; VIRTIO
+1.2 §2.7.4.2) whose header names LUN k of target 0 in single-level form and whose
+CDB is READ(10), WRITE(10), READ(16) or WRITE(16) with no protection field, no
+NACA, a non-zero transfer length of at most 0xFFFF blocks inside the LUN, a
+writable LUN for a write, and data buffers at least as long as the transfer.  Such
+a request becomes one io_uring ``readv``/``writev`` SQE straight between the image
+fd and guest memory (a FUA write with ``RWF_DSYNC``: SBC-4 §5.40, on stable storage
+before GOOD).  :meth:`Engine.submit` refuses every other chain, which the device's
+Python path then serves: that path answers every refusal the way the command set
+demands, and every check here is a subset of its checks.
+
+:meth:`Engine.serve` drains a request queue in one call: it pops every chain,
+serves those of that shape and hands the others back, in order, for the Python
+path.  A read is first tried with ``preadv2(RWF_NOWAIT)``: a page-cache hit is
+one system call and completes in the same call.  A buffered write (no FUA) is
+done inline too: with ``pwritev2(RWF_NOWAIT)`` where the file system supports
+it (XFS, btrfs), else (ext4 and tmpfs refuse it) with a plain ``pwritev2``
+that is timed: one slower than :attr:`Engine.slow_ns` (dirty-page throttling, a
+journal wait, block allocation) sends the LUN's writes to the ring, and 64 ring
+writes in a row that complete faster than that bring them back.  A page-cache
+write is what the Rust daemon does in its one thread for every write; the ring
+bounds how long such a write can hold the loop to one slow write per episode.
+
+Everything else (a read that would wait, a FUA write, a write that would block)
+goes to io_uring: submitted on the loop thread once per drain, the kernel's own
+workers run what cannot complete at once, completions are counted on an eventfd
+that the device's event loop watches, and :meth:`Engine.reap` writes the
+response headers (GOOD, the residual of §5.6.6.1) and puts every finished chain
+in its used ring in one call.  A completion that is not the whole transfer (an
+error, a short read of an image that shrank, a short write) goes back to Python
+with what was moved, which finishes or answers it.
+"""
+
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.errno cimport EAGAIN, EOPNOTSUPP, errno
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+from posix.uio cimport iovec
+from posix.unistd cimport close, read
+
+from virtio_queue.chain cimport ChainCursor, DescriptorChain, chain_next, chain_start, make_chain
+from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
+from virtio_queue.memory cimport snap_ptr, snap_ptr_w
+from virtio_queue.queue cimport Queue
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_CLOEXEC
+        EFD_NONBLOCK
+
+cdef extern from "<linux/fs.h>" nogil:
+    enum:
+        RWF_DSYNC
+        RWF_NOWAIT
+
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, long long offset, int flags)
+    ssize_t pwritev2(int fd, const iovec *iov, int iovcnt, long long offset, int flags)
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum:
+        CLOCK_MONOTONIC
+
+cdef extern from "<liburing.h>" nogil:
+    struct io_uring:
+        pass
+
+    struct io_uring_sqe:
+        int rw_flags
+        uint64_t user_data
+
+    struct io_uring_cqe:
+        uint64_t user_data
+        int res
+
+    struct __kernel_timespec:
+        int64_t tv_sec
+        long long tv_nsec
+
+    int io_uring_queue_init(unsigned entries, io_uring *ring, unsigned flags)
+    void io_uring_queue_exit(io_uring *ring)
+    io_uring_sqe *io_uring_get_sqe(io_uring *ring)
+    void io_uring_prep_readv(io_uring_sqe *sqe, int fd, const iovec *iovecs, unsigned nr_vecs,
+                             uint64_t offset)
+    void io_uring_prep_writev(io_uring_sqe *sqe, int fd, const iovec *iovecs, unsigned nr_vecs,
+                              uint64_t offset)
+    int io_uring_submit(io_uring *ring)
+    int io_uring_peek_cqe(io_uring *ring, io_uring_cqe **cqe_ptr)
+    void io_uring_cqe_seen(io_uring *ring, io_uring_cqe *cqe)
+    int io_uring_wait_cqe_timeout(io_uring *ring, io_uring_cqe **cqe_ptr, __kernel_timespec *ts)
+    int io_uring_register_eventfd(io_uring *ring, int fd)
+
+
+# virtio_scsi_cmd_req and virtio_scsi_cmd_resp (§5.6.6.1), as in device.py.
+DEF REQ_HEADER = 51
+DEF RESP_HEADER = 108
+DEF CDB_OFFSET = 19
+DEF BLOCK_SHIFT = 9
+DEF MAX_BLOCKS = 0xFFFF
+# Buffers per direction that a request may have for this path (more: Python); the
+# config space's seg_max is 126.
+DEF MAX_SEGS = 128
+DEF RESP_SEGS = 4
+DEF MAX_QUEUES = 64
+# What O_DIRECT asks of buffer addresses and lengths (the usual logical block size;
+# a device with larger sectors answers EINVAL, and Python then uses the page cache).
+DEF DIRECT_ALIGN = 512
+# Inline buffered writes (see Engine): one slower than Engine.slow_ns (default
+# SLOW_NS) sends the LUN's writes to the ring; this many ring writes in a row
+# faster than it bring them back.
+DEF SLOW_NS = 1000000
+DEF FAST_STREAK = 64
+# LUN write modes.
+DEF W_NOWAIT = 0    # try pwritev2(RWF_NOWAIT) inline; EAGAIN: the ring
+DEF W_INLINE = 1    # the file system refuses RWF_NOWAIT: timed pwritev2 inline
+DEF W_RING = 2      # an inline write was slow: the ring, until writes are fast again
+
+cdef struct Slot:
+    uint16_t head
+    uint8_t queue
+    uint8_t write
+    uint8_t fua
+    uint8_t nresp
+    uint32_t nbytes
+    uint32_t resid
+    int lun
+    uint64_t lba
+    int64_t t_submit
+    int niov
+    iovec resp[RESP_SEGS]
+    iovec iov[MAX_SEGS]
+
+
+cdef inline uint32_t _be16(const unsigned char *p) noexcept nogil:
+    return (<uint32_t>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t _be32(const unsigned char *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint64_t _be64(const unsigned char *p) noexcept nogil:
+    return (<uint64_t>_be32(p) << 32) | _be32(p + 4)
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef void _respond_good(Slot *s) noexcept nogil:
+    """Write the response header of a whole transfer: GOOD, VIRTIO_SCSI_S_OK, no
+    sense, the residual (§5.6.6.1)."""
+    cdef unsigned char resp[RESP_HEADER]
+    cdef size_t off = 0
+    cdef int i
+    memset(resp, 0, RESP_HEADER)
+    resp[4] = s.resid & 0xFF
+    resp[5] = (s.resid >> 8) & 0xFF
+    resp[6] = (s.resid >> 16) & 0xFF
+    resp[7] = s.resid >> 24
+    for i in range(s.nresp):
+        memcpy(s.resp[i].iov_base, resp + off, s.resp[i].iov_len)
+        off += s.resp[i].iov_len
+
+
+cdef int _take(const iovec *src, int nsrc, size_t skip, size_t n, iovec *dst, int maxdst) noexcept nogil:
+    """Fill ``dst`` with the ``n`` bytes of ``src`` after its first ``skip``; the
+    number of segments, or -1 if more than ``maxdst`` are needed."""
+    cdef int i, k = 0
+    cdef size_t take
+    for i in range(nsrc):
+        if n == 0:
+            break
+        if skip >= src[i].iov_len:
+            skip -= src[i].iov_len
+            continue
+        if k == maxdst:
+            return -1
+        take = src[i].iov_len - skip
+        if take > n:
+            take = n
+        dst[k].iov_base = <unsigned char *>src[i].iov_base + skip
+        dst[k].iov_len = take
+        k += 1
+        n -= take
+        skip = 0
+    return k
+
+
+cdef class Engine:
+    """One io_uring for a device's request queues, and the LUNs it may serve.
+
+    ``fds[k]``, ``blocks[k]`` and ``read_only[k]`` describe LUN k.  ``entries`` is
+    the ring's size and the most requests in flight at once (a chain beyond it is
+    refused to Python).  ``inline_writes=False``: every write through the ring.
+    ``direct_fds[k]``: an O_DIRECT fd of LUN k (or -1), for transfers whose buffers
+    are 512-byte aligned; they go to the ring (no inline attempt).
+    ``inline_reads``, ``inline_writes``, ``ring_requests`` and ``slow_writes``
+    count what was done inline, what went to the ring, and how often an inline
+    write was slow.
+
+    Raises:
+        OSError: io_uring is not available (``io_uring_disabled``, a seccomp
+            filter, an old kernel) or the eventfd cannot be made.
+    """
+
+    cdef io_uring ring
+    cdef bint _open
+    cdef readonly int fd
+    cdef Slot *slots
+    cdef int nslots
+    cdef int *free
+    cdef int nfree
+    cdef int unsubmitted
+    cdef int *fds
+    cdef int *dfds
+    cdef uint64_t *blocks
+    cdef uint8_t *read_only
+    cdef uint8_t *wmode
+    cdef uint8_t *nowait_read
+    cdef int *streak
+    cdef bint allow_inline
+    cdef public long long slow_ns
+    cdef readonly long long inline_reads
+    cdef readonly long long ring_requests
+    cdef readonly long long inline_writes
+    cdef readonly long long slow_writes
+    cdef int nluns
+    cdef list _chains
+    cdef list _queues
+    cdef int in_flight_q[MAX_QUEUES]
+
+    def __cinit__(self, *args, **kwargs):
+        # Every C pointer starts NULL (the object's memory is zeroed); nothing to
+        # close until __init__ opened it.
+        self.fd = -1
+        self._open = False
+
+    def __init__(self, fds, blocks, read_only, int entries=256, bint inline_writes=True,
+                 direct_fds=None):
+        cdef int rc, i
+        if self._open or self.slots != NULL:
+            raise RuntimeError("engine: initialised twice")
+        self.nluns = len(fds)
+        if len(blocks) != self.nluns or len(read_only) != self.nluns:
+            raise ValueError(f"engine: {self.nluns} fds, {len(blocks)} sizes, {len(read_only)} modes")
+        if direct_fds is not None and len(direct_fds) != self.nluns:
+            raise ValueError(f"engine: {self.nluns} fds, {len(direct_fds)} O_DIRECT fds")
+        if entries < 1 or entries > 4096:
+            raise ValueError(f"engine: ring of {entries} entries, 1..4096 allowed")
+        self.fds = <int *>PyMem_Malloc(sizeof(int) * (self.nluns + 1))
+        self.dfds = <int *>PyMem_Malloc(sizeof(int) * (self.nluns + 1))
+        self.blocks = <uint64_t *>PyMem_Malloc(sizeof(uint64_t) * (self.nluns + 1))
+        self.read_only = <uint8_t *>PyMem_Malloc(self.nluns + 1)
+        self.wmode = <uint8_t *>PyMem_Malloc(self.nluns + 1)
+        self.nowait_read = <uint8_t *>PyMem_Malloc(self.nluns + 1)
+        self.streak = <int *>PyMem_Malloc(sizeof(int) * (self.nluns + 1))
+        self.slots = <Slot *>PyMem_Malloc(sizeof(Slot) * entries)
+        self.free = <int *>PyMem_Malloc(sizeof(int) * entries)
+        if not (self.fds and self.dfds and self.blocks and self.read_only and self.wmode and self.nowait_read
+                and self.streak and self.slots and self.free):
+            raise MemoryError()
+        for i in range(self.nluns):
+            self.fds[i] = fds[i]
+            self.dfds[i] = direct_fds[i] if direct_fds is not None else -1
+            self.blocks[i] = blocks[i]
+            self.read_only[i] = bool(read_only[i])
+            self.wmode[i] = W_RING if inline_writes == 0 else W_NOWAIT
+            self.streak[i] = 0
+            self.nowait_read[i] = True
+        self.nslots = entries
+        self.allow_inline = inline_writes
+        self.slow_ns = SLOW_NS
+        for i in range(entries):
+            self.free[i] = entries - 1 - i
+        self.nfree = entries
+        self._chains = [None] * entries
+        self._queues = []
+        memset(self.in_flight_q, 0, sizeof(self.in_flight_q))
+        rc = io_uring_queue_init(entries, &self.ring, 0)
+        if rc < 0:
+            raise OSError(-rc, f"io_uring_queue_init({entries}) failed")
+        self._open = True
+        self.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.fd < 0:
+            raise OSError(errno, "eventfd failed")
+        rc = io_uring_register_eventfd(&self.ring, self.fd)
+        if rc < 0:
+            raise OSError(-rc, "io_uring_register_eventfd failed")
+
+    def __dealloc__(self):
+        if self._open:
+            io_uring_queue_exit(&self.ring)
+        if self.fd >= 0:
+            close(self.fd)
+        PyMem_Free(self.fds)
+        PyMem_Free(self.dfds)
+        PyMem_Free(self.blocks)
+        PyMem_Free(self.read_only)
+        PyMem_Free(self.wmode)
+        PyMem_Free(self.nowait_read)
+        PyMem_Free(self.streak)
+        PyMem_Free(self.slots)
+        PyMem_Free(self.free)
+
+    def attach(self, queues):
+        """Serve these queues (the device's, by index) from now on."""
+        if len(queues) > MAX_QUEUES:
+            raise ValueError(f"engine: {len(queues)} queues, at most {MAX_QUEUES}")
+        self._queues = list(queues)
+
+    def in_flight(self, int index=-1):
+        """Requests of queue ``index`` (every queue: -1) submitted and not reaped."""
+        if index < 0:
+            return self.nslots - self.nfree
+        if index >= MAX_QUEUES:
+            return 0
+        return self.in_flight_q[index]
+
+    def submit(self, int index, DescriptorChain chain not None):
+        """Serve ``chain`` of request queue ``index`` if it has the shape this path
+        serves (module docstring): 0 when it is queued for the ring (nothing
+        reaches the kernel before :meth:`flush`), the used length when it was
+        completed at once (an inline write: the caller puts it in the used ring),
+        -1 when the Python path must serve it (the chain is untouched then, or
+        holds a write that may be written again)."""
+        if index >= MAX_QUEUES or index >= len(self._queues):
+            return -1
+        return self._serve_chain(index, chain)
+
+    def serve(self, int index):
+        """Drain request queue ``index`` (notification suppression as VIRTIO 1.2
+        §2.7.10 asks), submit what it queued and finish what completed at once.
+
+        Returns ``(served, bytes, signal, rest, refused, bad_heads)``: :meth:`reap`'s
+        four (this queue's chains completed here included), then the chains this
+        path does not serve (for the Python path, in order) and how many head
+        indexes were out of range (consumed, dropped).
+
+        Raises:
+            InvalidAvailRingIndex: the avail ring is broken.
+            QueueNotReady, GuestMemoryError: the ring is unusable.
+        """
+        cdef Queue q
+        cdef uint16_t head
+        cdef DescriptorChain ch
+        cdef int used
+        cdef long served = 0
+        cdef long bad = 0
+        cdef unsigned long long nbytes = 0
+        cdef list refused = None
+        if index >= MAX_QUEUES or index >= len(self._queues):
+            raise ValueError(f"engine: no queue {index}")
+        q = <Queue>self._queues[index]
+        while True:
+            q.disable_notification_c()
+            while q.pop_head(&head):
+                if head >= q._size:
+                    bad += 1
+                    continue
+                ch = make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head)
+                used = self._serve_chain(index, ch)
+                if used > 0:
+                    q.add_used_c(head, used)
+                    served += 1
+                    nbytes += used
+                elif used < 0:
+                    if refused is None:
+                        refused = []
+                    refused.append(ch)
+            if not q.enable_notification_c():
+                break
+        if self.unsubmitted:
+            self._submit()
+        if self.nfree < self.nslots:
+            r_served, r_bytes, mask, rest = self._reap(served != 0, index)
+        else:
+            r_served, r_bytes, rest = 0, 0, []
+            mask = self._to_signal(((<uint64_t>1) << index) if served else 0)
+        return (served + r_served, nbytes + r_bytes, mask, rest,
+                refused if refused is not None else [], bad)
+
+    cdef uint64_t _to_signal(self, uint64_t touched) except? 0xFFFFFFFFFFFFFFFF:
+        """Of the queues in ``touched``, those whose driver wants a notification now
+        (VIRTIO 1.2 §2.7.10, EVENT_IDX honoured): the caller signals them."""
+        cdef uint64_t out = 0
+        cdef int i = 0
+        cdef Queue q
+        while touched:
+            if touched & 1:
+                q = <Queue>self._queues[i]
+                if q.needs_notification_c():
+                    out |= (<uint64_t>1) << i
+            touched >>= 1
+            i += 1
+        return out
+
+    cdef int _serve_chain(self, int index, DescriptorChain chain) except -2:
+        cdef ChainCursor c
+        cdef vring_desc d
+        cdef iovec rd[MAX_SEGS]
+        cdef iovec wr[MAX_SEGS]
+        cdef int nr = 0, nw = 0, rc, n, slot
+        cdef size_t rtotal = 0, wtotal = 0, have_out, room_in
+        cdef unsigned char *p
+        cdef unsigned char hdr[REQ_HEADER]
+        cdef const unsigned char *cdb
+        cdef int lun, k
+        cdef uint8_t op
+        cdef bint write
+        cdef uint64_t lba
+        cdef uint32_t nblocks
+        cdef size_t nbytes
+        cdef Slot *s
+        cdef ssize_t r
+        cdef int fd
+        cdef bint direct
+        cdef io_uring_sqe *sqe
+        if self.nfree == 0:
+            return -1
+        chain_start(&c, chain.table, chain.table_gpa, chain.queue_size, chain.head_index)
+        while True:
+            rc = chain_next(chain.snap, &c, &d)
+            if rc == 0:
+                break
+            if rc < 0:
+                return -1  # malformed: Python reports it
+            if d.len == 0:
+                continue
+            if d.flags & VRING_DESC_F_WRITE:
+                p = snap_ptr_w(chain.snap, d.addr, d.len)
+                if p == NULL or nw == MAX_SEGS:
+                    return -1
+                if nw and <unsigned char *>wr[nw - 1].iov_base + wr[nw - 1].iov_len == p:
+                    wr[nw - 1].iov_len += d.len
+                else:
+                    wr[nw].iov_base = p
+                    wr[nw].iov_len = d.len
+                    nw += 1
+                wtotal += d.len
+            else:
+                if nw:
+                    return -1  # readable after writable: Python's rule applies
+                p = snap_ptr(chain.snap, d.addr, d.len)
+                if p == NULL or nr == MAX_SEGS:
+                    return -1
+                if nr and <unsigned char *>rd[nr - 1].iov_base + rd[nr - 1].iov_len == p:
+                    rd[nr - 1].iov_len += d.len
+                else:
+                    rd[nr].iov_base = p
+                    rd[nr].iov_len = d.len
+                    nr += 1
+                rtotal += d.len
+        if rtotal < REQ_HEADER or wtotal < RESP_HEADER:
+            return -1
+        # The header, gathered from the readable buffers.
+        n = 0
+        k = 0
+        while n < REQ_HEADER:
+            rc = <int>rd[k].iov_len
+            if rc > REQ_HEADER - n:
+                rc = REQ_HEADER - n
+            memcpy(hdr + n, rd[k].iov_base, rc)
+            n += rc
+            k += 1
+        # LUN (§5.6.6.1): 01 00 <single-level LUN, flat or peripheral> 00 00 00 00.
+        if hdr[0] != 1 or hdr[1] != 0 or hdr[4] or hdr[5] or hdr[6] or hdr[7]:
+            return -1
+        if hdr[2] >> 6 == 1:
+            lun = ((hdr[2] & 0x3F) << 8) | hdr[3]
+        elif hdr[2] == 0:
+            lun = hdr[3]
+        else:
+            return -1
+        if lun >= self.nluns:
+            return -1
+        cdb = hdr + CDB_OFFSET
+        op = cdb[0]
+        if op == 0x28 or op == 0x2A:  # READ(10), WRITE(10)
+            if cdb[9] & 0x04:
+                return -1
+            lba = _be32(cdb + 2)
+            nblocks = _be16(cdb + 7)
+        elif op == 0x88 or op == 0x8A:  # READ(16), WRITE(16)
+            if cdb[15] & 0x04:
+                return -1
+            lba = _be64(cdb + 2)
+            nblocks = _be32(cdb + 10)
+        else:
+            return -1
+        write = op == 0x2A or op == 0x8A
+        if cdb[1] & 0xE0 or nblocks == 0 or nblocks > MAX_BLOCKS:
+            return -1
+        if write and self.read_only[lun]:
+            return -1
+        if lba > self.blocks[lun] or nblocks > self.blocks[lun] - lba:
+            return -1
+        nbytes = <size_t>nblocks << BLOCK_SHIFT
+        have_out = rtotal - REQ_HEADER
+        room_in = wtotal - RESP_HEADER
+        if (write and nbytes > have_out) or (not write and nbytes > room_in):
+            return -1
+        slot = self.free[self.nfree - 1]
+        s = &self.slots[slot]
+        rc = _take(wr, nw, 0, RESP_HEADER, s.resp, RESP_SEGS)
+        if rc < 0:
+            return -1
+        s.nresp = rc
+        if write:
+            rc = _take(rd, nr, REQ_HEADER, nbytes, s.iov, MAX_SEGS)
+        else:
+            rc = _take(wr, nw, RESP_HEADER, nbytes, s.iov, MAX_SEGS)
+        if rc < 0:
+            return -1
+        s.niov = rc
+        s.write = write
+        s.fua = (cdb[1] & 0x08) != 0
+        s.nbytes = nbytes
+        s.resid = have_out + room_in - nbytes
+        fd = self.fds[lun]
+        direct = False
+        if self.dfds[lun] >= 0:
+            # O_DIRECT wants sector-aligned buffers; others use the page cache.
+            direct = True
+            for k in range(s.niov):
+                if (<size_t>s.iov[k].iov_base | s.iov[k].iov_len) & (DIRECT_ALIGN - 1):
+                    direct = False
+                    break
+            if direct:
+                fd = self.dfds[lun]
+        if direct:
+            pass  # straight to the ring: the disk itself is the wait
+        elif not write and self.nowait_read[lun]:
+            # A page-cache hit is one system call here; anything else the ring.
+            r = preadv2(self.fds[lun], s.iov, s.niov, lba << BLOCK_SHIFT, RWF_NOWAIT)
+            if r == <ssize_t>nbytes:
+                _respond_good(s)
+                self.inline_reads += 1
+                return RESP_HEADER + nbytes
+            if r < 0 and errno == EOPNOTSUPP:
+                self.nowait_read[lun] = False
+        if write and not direct and not s.fua and self.wmode[lun] != W_RING:
+            rc = self._write_inline(s, lun, lba << BLOCK_SHIFT)
+            if rc > 0:
+                _respond_good(s)
+                self.inline_writes += 1
+                return RESP_HEADER
+            if rc < 0:
+                return -1
+            # EAGAIN: the write would block; the ring's workers do it.
+        sqe = io_uring_get_sqe(&self.ring)
+        if sqe == NULL:
+            # The submission ring is full of unsubmitted entries: hand them over.
+            self._submit()
+            sqe = io_uring_get_sqe(&self.ring)
+            if sqe == NULL:
+                return -1
+        self.nfree -= 1
+        s.head = chain.head_index
+        s.queue = index
+        s.lun = lun
+        s.lba = lba
+        s.t_submit = _now_ns()
+        if write:
+            io_uring_prep_writev(sqe, fd, s.iov, s.niov, lba << BLOCK_SHIFT)
+            if s.fua:
+                sqe.rw_flags = RWF_DSYNC
+        else:
+            io_uring_prep_readv(sqe, fd, s.iov, s.niov, lba << BLOCK_SHIFT)
+        sqe.user_data = slot
+        self._chains[slot] = chain
+        self.ring_requests += 1
+        self.in_flight_q[index] += 1
+        self.unsubmitted += 1
+        return 0
+
+    cdef int _write_inline(self, Slot *s, int lun, uint64_t offset) noexcept:
+        """A buffered write on the loop thread: 1 done, 0 it would block (the ring
+        then), -1 an error or a short write (the Python path does it again and
+        answers; a write may be repeated).  Under W_INLINE a write slower than
+        ``slow_ns`` (dirty-page throttling, block allocation, a journal wait) sends the
+        LUN's writes to the ring, which :meth:`reap` watches to bring them back."""
+        cdef ssize_t r
+        cdef int64_t t0
+        if self.wmode[lun] == W_NOWAIT:
+            r = pwritev2(self.fds[lun], s.iov, s.niov, offset, RWF_NOWAIT)
+            if r == <ssize_t>s.nbytes:
+                return 1
+            if r >= 0:
+                return -1
+            if errno == EAGAIN:
+                return 0
+            if errno != EOPNOTSUPP:
+                return -1
+            self.wmode[lun] = W_INLINE  # ext4, tmpfs: no nowait buffered writes
+        t0 = _now_ns()
+        r = pwritev2(self.fds[lun], s.iov, s.niov, offset, 0)
+        if _now_ns() - t0 > self.slow_ns:
+            self.wmode[lun] = W_RING
+            self.streak[lun] = 0
+            self.slow_writes += 1
+        return 1 if r == <ssize_t>s.nbytes else -1
+
+    cdef int _submit(self) except -1:
+        cdef int rc
+        while self.unsubmitted:
+            rc = io_uring_submit(&self.ring)
+            if rc < 0:
+                if rc == -4:  # EINTR
+                    continue
+                raise OSError(-rc, "io_uring_submit failed")
+            self.unsubmitted -= rc
+            if rc == 0:
+                break
+        return 0
+
+    def flush(self):
+        """Hand the queued requests to the kernel (one system call)."""
+        if self.unsubmitted:
+            self._submit()
+
+    def wait(self, double timeout):
+        """Block until a completion is there or ``timeout`` seconds pass (quiesce);
+        True if one is there (:meth:`reap` takes it)."""
+        cdef __kernel_timespec ts
+        cdef io_uring_cqe *cqe
+        cdef int rc
+        self.flush()
+        ts.tv_sec = <int64_t>timeout
+        ts.tv_nsec = <long long>((timeout - ts.tv_sec) * 1e9)
+        with nogil:
+            rc = io_uring_wait_cqe_timeout(&self.ring, &cqe, &ts)
+        return rc == 0
+
+    def reap(self):
+        """Finish every request the kernel completed: ``(served, bytes, signal, rest)``.
+
+        A whole transfer gets GOOD with its residual and goes into its used ring
+        (``served`` chains, ``bytes`` used bytes; ``signal`` has a bit per queue
+        whose driver wants a notification now, which the caller sends).  ``rest``
+        lists the others as ``(index, chain, write, fua, lun, lba, blocks, moved,
+        error)``: ``moved`` bytes went through, ``error`` is the errno (0: a short
+        transfer).
+        """
+        return self._reap(False, 0)
+
+    cdef tuple _reap(self, bint also, int index):
+        """reap(); ``also``: queue ``index`` had chains completed before, count it
+        as touched."""
+        cdef io_uring_cqe *cqe
+        cdef uint64_t tick
+        cdef int slot, res
+        cdef Slot *s
+        cdef int64_t now = 0
+        cdef uint32_t used
+        cdef long served = 0
+        cdef unsigned long long nbytes = 0
+        cdef uint64_t mask = 0
+        cdef list rest = None
+        cdef Queue q
+        read(self.fd, &tick, 8)  # clear the count first: a later completion sets it again
+        while io_uring_peek_cqe(&self.ring, &cqe) == 0:
+            slot = <int>cqe.user_data
+            res = cqe.res
+            io_uring_cqe_seen(&self.ring, cqe)
+            s = &self.slots[slot]
+            chain = self._chains[slot]
+            self._chains[slot] = None
+            self.free[self.nfree] = slot
+            self.nfree += 1
+            self.in_flight_q[s.queue] -= 1
+            if res != <int>s.nbytes:
+                if rest is None:
+                    rest = []
+                rest.append((s.queue, chain, bool(s.write), bool(s.fua), s.lun, s.lba,
+                             s.nbytes >> BLOCK_SHIFT, res if res > 0 else 0, -res if res < 0 else 0))
+                continue
+            _respond_good(s)
+            if s.write and not s.fua and self.allow_inline and self.wmode[s.lun] == W_RING:
+                if now == 0:
+                    now = _now_ns()
+                if now - s.t_submit < self.slow_ns:
+                    self.streak[s.lun] += 1
+                    if self.streak[s.lun] >= FAST_STREAK:
+                        self.wmode[s.lun] = W_NOWAIT
+                else:
+                    self.streak[s.lun] = 0
+            used = RESP_HEADER if s.write else RESP_HEADER + s.nbytes
+            q = <Queue>self._queues[s.queue]
+            q.add_used_c(s.head, used)
+            mask |= (<uint64_t>1) << s.queue
+            served += 1
+            nbytes += used
+        if also:
+            mask |= (<uint64_t>1) << index
+        return served, nbytes, self._to_signal(mask), rest if rest is not None else []
