@@ -73,6 +73,7 @@ def process_queue(object device, int index):
     except Exception as exc:
         raise device._break(index, exc) from exc
 
+
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     enum:
