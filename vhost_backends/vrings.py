@@ -101,5 +101,11 @@ class VhostUserInterrupt:
         """Write the ring's call eventfd, through its owner (the ring's KickRing)."""
         self._rings[queue_index].signal_used()
 
+    def signaller(self, queue_index: int) -> Callable[[], None]:
+        """Queue ``queue_index``'s :meth:`signal_used` as a callable of no argument:
+        the ring's own compiled one, which a compiled device path calls without a
+        Python frame.  Valid while this interrupt is (the rings it holds)."""
+        return self._rings[queue_index].signal_used
+
     def signal_config_change(self) -> None:
         self._handler.send_config_change()

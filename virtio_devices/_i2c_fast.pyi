@@ -6,6 +6,8 @@ from virtio_queue import Queue
 
 from .hosts._i2c_dev import I2cDevPort
 
+def process_queue(device: Any, index: int) -> None: ...
+
 @disjoint_base
 class I2cEngine:
     """The compiled request path of one virtio-i2c queue over compiled adapter ports."""

@@ -40,9 +40,39 @@ from virtio_devices.hosts._i2c_dev cimport I2cCMsg, I2cDevPort, I2cJob
 import errno as _errno
 import logging
 
+from virtio_devices.errors import DeviceNeedsReset
 from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
 
 log = logging.getLogger("virtio_devices.i2c")
+
+
+def process_queue(object device, int index):
+    """``I2cDevice.process_queue``: the driver kicked the requestq.  With an engine
+    (every address on a compiled adapter port) :meth:`I2cEngine.kick` serves it,
+    under the framework's error policy (a broken device refuses, a kick gives the
+    queue back to the device, a broken ring stops the queue, a device bug breaks the
+    device); without one, ``VirtioDevice.process_chains`` (the Python path).
+
+    Raises:
+        DeviceNeedsReset: the device is broken, or serving hit a bug.
+        InvalidAvailRingIndex, QueueError, GuestMemoryError: the ring is unusable.
+    """
+    cdef I2cEngine engine
+    e = device.engine
+    if e is None:
+        device.process_chains(index)
+        return
+    engine = <I2cEngine?>e
+    if device.broken is not None:
+        raise DeviceNeedsReset(f"{device.name}: device is broken ({device.broken!r}) until it is reset")
+    device._quiesced[index] = False  # a kick: the queue is the device's again
+    try:
+        engine.kick()
+    except (InvalidAvailRingIndex, QueueError, GuestMemoryError):
+        raise
+    except Exception as exc:
+        raise device._break(index, exc) from exc
+
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
@@ -119,6 +149,7 @@ cdef class I2cEngine:
     cdef Queue queue
     cdef int index
     cdef object interrupt
+    cdef object signal              # the ring's own signaller, when the transport has one
     cdef uint32_t cap
     cdef Req *reqs
     cdef list writers
@@ -205,6 +236,10 @@ cdef class I2cEngine:
         self.queue = queue
         self.index = index
         self.interrupt = interrupt
+        # A transport that hands out a queue's signaller (vhost-user: the ring's
+        # compiled KickRing.signal_used) is called directly, without a Python frame.
+        signaller = getattr(interrupt, "signaller", None)
+        self.signal = signaller(index) if signaller is not None else None
         self.cap = cap
         self.reqs = <Req *>malloc(sizeof(Req) * cap)
         self.g_len = <uint32_t *>malloc(sizeof(uint32_t) * cap)
@@ -489,7 +524,10 @@ cdef class I2cEngine:
 
     cdef int _notify(self) except -1:
         if self.interrupt is not None and self.queue.needs_notification_c():
-            self.interrupt.signal_used(self.index)
+            if self.signal is not None:
+                self.signal()
+            else:
+                self.interrupt.signal_used(self.index)
         return 0
 
     # -- the loop's calls ----------------------------------------------------------------

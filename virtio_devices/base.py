@@ -150,7 +150,13 @@ _HOST_FAULTS = (HostFault, OSError)
 
 
 class Interrupt(Protocol):
-    """The transport's way to notify the driver (vhost-user: the call eventfds)."""
+    """The transport's way to notify the driver (vhost-user: the call eventfds).
+
+    A transport may also offer ``signaller(queue_index) -> Callable[[], None]``, that
+    queue's ``signal_used`` as a callable of no argument (vhost-user: the ring's
+    compiled one), for a compiled device path to call without a Python frame;
+    devices look it up with ``getattr`` and fall back to :meth:`signal_used`.
+    """
 
     def signal_used(self, queue_index: int) -> None:
         """Used buffers were added to queue ``queue_index`` and the driver wants to know."""

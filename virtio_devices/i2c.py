@@ -65,10 +65,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from virtio_queue import DescriptorChain, GuestMemory, Queue, Writer
-from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, QueueError
+from virtio_queue.errors import GuestMemoryError, QueueError
 
+from . import _i2c_fast
 from .base import COMMON_FEATURES, EventLoop, Interrupt, VirtioDevice
-from .errors import DeviceNeedsReset
 from .hosts.i2c import I2cAdapter, I2cBus, I2cMsg
 from .workers import Job, default_pool
 
@@ -176,9 +176,7 @@ class I2cDevice(VirtioDevice):
                 ports[addr] = port
             else:
                 if ports:
-                    from ._i2c_fast import I2cEngine  # noqa: PLC0415 - compiled, only for host adapters
-
-                    self.engine = I2cEngine(self, ports)
+                    self.engine = _i2c_fast.I2cEngine(self, ports)
         self._open: list[_Request] = []  # the group being collected
         self._open_entries = 0
         self._waiting: collections.deque[_Group] = collections.deque()
@@ -210,26 +208,10 @@ class I2cDevice(VirtioDevice):
             engine.bind(queues[0], 0, interrupt)
             loop.add_reader(engine.fd, engine.on_done)
 
-    def process_queue(self, index: int) -> None:
-        """The driver kicked the requestq: the compiled path serves it when there is one.
-
-        Raises:
-            InvalidAvailRingIndex: the avail ring is broken; the queue is stopped.
-            DeviceNeedsReset: the device is broken.
-        """
-        engine = self.engine
-        if engine is None:
-            self.process_chains(index)
-            return
-        if self.broken is not None:
-            raise DeviceNeedsReset(f"{self.name}: device is broken ({self.broken!r}) until it is reset")
-        try:
-            self._quiesced[index] = False
-            engine.kick()
-        except (InvalidAvailRingIndex, QueueError, GuestMemoryError):
-            raise
-        except Exception as e:
-            raise self._break(index, e) from e
+    #: The driver kicked the requestq: the compiled path (the engine) serves it when
+    #: there is one, the Python path otherwise.  Compiled
+    #: (:func:`virtio_devices._i2c_fast.process_queue`): a kick costs no Python frame.
+    process_queue = _i2c_fast.process_queue
 
     def reset(self) -> None:
         """Stop watching the compiled path's eventfd, then the base reset."""

@@ -708,3 +708,22 @@ def test_polling_gives_the_cpu_to_a_task_that_wants_it(rig: Rig) -> None:
         busy.kill()
         busy.wait()
         ep.close()
+
+
+def test_vhost_user_interrupt_signaller_follows_the_rings_call_fd(rig: Rig) -> None:
+    """The interrupt's per-queue signaller (what a compiled device path calls) is the
+    ring's own signal_used: it writes the call fd current when it is called, so a
+    SET_VRING_CALL after it was handed out still reaches the driver."""
+    from vhost_backends.vrings import VhostUserInterrupt, Vring  # noqa: PLC0415
+
+    vring = Vring(0, rig.queue, rig.serve)
+    interrupt = VhostUserInterrupt(None, [vring])  # type: ignore[arg-type]
+    signal = interrupt.signaller(0)
+    vring.set_call_fd(os.dup(rig.call))
+    signal()
+    assert rig.calls() == 1
+    interrupt.signal_used(0)
+    assert rig.calls() == 1
+    vring.set_call_fd(-1)
+    signal()  # no fd: nothing to do
+    assert rig.calls() == 0

@@ -46,7 +46,7 @@ from virtio_devices.hosts.i2c import (
     smbus_plan,
 )
 from virtio_devices.i2c import VIRTIO_I2C_FLAGS_FAIL_NEXT, VIRTIO_I2C_FLAGS_M_RD, I2cDevice, out_hdr
-from virtio_devices.testing import DeviceRig
+from virtio_devices.testing import DeviceRig, FakeInterrupt
 from virtio_devices.workers import WorkerPool
 
 ALL_SMBUS = (
@@ -678,3 +678,45 @@ def test_compiled_path_two_devices_share_the_adapter_and_its_thread(
     assert len(kernel.threads) == 1 and host.dev_port is not None
     assert host.dev_port.batches == 2
     host.close()
+
+
+class _SignallerInterrupt(FakeInterrupt):
+    """A transport that hands out a queue's signaller (as vhost-user does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signalled: list[int] = []
+
+    def signaller(self, queue_index: int) -> Any:
+        return lambda: self.signalled.append(queue_index)
+
+
+@needs_smbus2
+def test_compiled_path_notifies_through_the_transports_signaller(
+    monkeypatch: pytest.MonkeyPatch, node: str
+) -> None:
+    """With a transport that hands out the queue's signaller, the compiled path
+    notifies the driver through it (VIRTIO 1.2 §2.7.10: once per batch answered),
+    not through ``signal_used``; the Python path keeps ``signal_used``."""
+    kernel = FakeKernel(I2C_FUNC_I2C | ALL_SMBUS)
+    monkeypatch.setattr(impl, "ioctl", kernel.ioctl)
+    for compiled in (True, False):
+        host = _host(kernel, node, compiled)
+        dev = I2cDevice(I2cBus([(host, [80])]))
+        pool = WorkerPool(1, name="i2c-signal-test")
+        dev.worker_pool = pool
+        interrupt = _SignallerInterrupt()
+        with DeviceRig(dev, queue_size=16, interrupt=interrupt) as rig:
+            w = _request(rig, FN, b"\x00")
+            r = _request(rig, RD, rlen=1)
+            got = rig.kick()
+            while not got:
+                _complete(rig)
+                got += rig.used()
+            assert [h for h, _ in got] == [w[0], r[0]]
+            if compiled:
+                assert interrupt.signalled and set(interrupt.signalled) == {0} and interrupt.used == []
+            else:
+                assert interrupt.used and interrupt.signalled == []
+        pool.close()
+        host.close()
