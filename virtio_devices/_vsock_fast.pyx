@@ -35,7 +35,7 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.string cimport memcpy
-from posix.uio cimport iovec, readv, writev
+from posix.uio cimport iovec, writev
 
 from virtio_queue.chain cimport (DescriptorChain, Reader, Writer, _Stream, make_chain, make_reader,
                                  make_writer)
@@ -71,7 +71,6 @@ cdef enum:
     P_CREDIT = P_CREDIT_UPDATE | P_CREDIT_REQUEST
     RX = 0
     TX = 1
-    IOV_MAX_BATCH = 64
     # RW packets of one connection gathered into one writev (see _Batch).
     BATCH_MAX = 32
     BATCH_IOV = 128
@@ -268,47 +267,18 @@ cdef class State:
         self.buf_alloc = buf_alloc
 
 
-cdef size_t _sock_io(_Stream s, int fd, size_t n, bint reading) except? 0:
+cdef inline size_t _sock_io(_Stream s, int fd, size_t n, bint reading) except? 0:
     """Move up to ``n`` bytes between the buffers of ``s`` and the non-blocking
-    socket ``fd`` (``readv`` into them when ``reading``, else ``writev`` out of them),
-    as ``Writer.read_from_fd``/``Reader.write_to_fd`` do: short counts (EAGAIN, end
-    of file) end it, EINTR is retried, an error after some bytes reports the bytes.
-
-    The GIL stays held below ``NOGIL_IO_MIN`` bytes: a non-blocking socket never
-    waits, so the call lasts as long as its copy, and a thread that gives the GIL
-    up for a short copy may wait far longer to get it back while another VM's
-    thread runs Python (one switch interval), which is what one process serving
-    many VMs must avoid.
+    socket ``fd``, as ``Writer.read_from_fd``/``Reader.write_to_fd`` do, with the
+    GIL held below ``NOGIL_IO_MIN`` bytes: a non-blocking socket never waits, so the
+    call lasts as long as its copy, and a thread that gives the GIL up for a short
+    copy may wait far longer to get it back while another VM's thread runs Python
+    (one switch interval), which is what one process serving many VMs must avoid.
 
     Raises:
         OSError: the system call failed before moving anything.
     """
-    cdef iovec iov[IOV_MAX_BATCH]
-    cdef size_t want = n if n < s.avail else s.avail
-    cdef size_t total = 0, got
-    cdef ssize_t r
-    cdef int k, err = 0
-    cdef bint release = want >= NOGIL_IO_MIN
-    while total < want:
-        k = s._iov(iov, IOV_MAX_BATCH, want - total, &got)
-        if release:
-            with nogil:
-                r = readv(fd, iov, k) if reading else writev(fd, iov, k)
-        else:
-            r = readv(fd, iov, k) if reading else writev(fd, iov, k)
-        if r < 0:
-            if errno == EINTR:
-                continue
-            if errno != EAGAIN:
-                err = errno
-            break
-        s._advance(<size_t>r)
-        total += <size_t>r
-        if <size_t>r < got:
-            break
-    if err and total == 0:
-        raise OSError(err, os.strerror(err))
-    return total
+    return s._fd_io(fd, <Py_ssize_t>n, -1, reading, None, 0, NOGIL_IO_MIN)
 
 
 cdef inline uint32_t _u32(const unsigned char *p) noexcept nogil:

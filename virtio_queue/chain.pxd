@@ -173,7 +173,9 @@ cdef class _Stream:
     cdef object _split(self, _Stream other, Py_ssize_t offset)
     cdef size_t _copy_py(self, object buffer, bint into_guest, bint exact) except? 0
     cdef size_t _fd_io(self, int fd, Py_ssize_t n, long long offset, bint reading,
-                       ByteSource source=*, int flags=*) except? 0
+                       ByteSource source=*, int flags=*, size_t nogil_min=*) except? 0
+    cdef size_t _fd_loop(self, int fd, size_t want, long long offset, bint reading,
+                         ByteSource source, int flags, int *err) noexcept nogil
 
 
 cdef inline int stream_append(_Stream s, unsigned char *p, size_t n) except -1:

@@ -600,7 +600,7 @@ cdef class _Stream:
         return total
 
     cdef size_t _fd_io(self, int fd, Py_ssize_t n, long long offset, bint reading,
-                       ByteSource source=None, int flags=0) except? 0:
+                       ByteSource source=None, int flags=0, size_t nogil_min=0) except? 0:
         """Move up to ``n`` bytes (all if -1) between the buffers and ``fd``:
         ``readv``/``preadv`` into them when ``reading``, else ``writev``/``pwritev``
         out of them, at ``offset`` if >= 0; GIL released.  With ``source``, its
@@ -609,38 +609,52 @@ cdef class _Stream:
         call; EINTR is retried; an error after some bytes moved reports the bytes
         (the cursor has moved past them, the error shows again on the next call).
         ``flags`` != 0: ``preadv2``/``pwritev2`` with them (``RWF_NOWAIT``: EAGAIN
-        instead of blocking, which ends the call like a short count)."""
-        cdef iovec iov[IOV_BATCH]
+        instead of blocking, which ends the call like a short count).  The GIL is
+        released when at least ``nogil_min`` bytes are to move (always by default):
+        a caller on a non-blocking socket keeps it for short copies, which end sooner
+        than another thread would give it back."""
         cdef size_t want = self.avail if n < 0 or <size_t>n > self.avail else <size_t>n
-        cdef size_t total = 0, got
-        cdef ssize_t r
-        cdef int k, err = 0
-        with nogil:
-            while total < want:
-                # Back-to-back buffers are one segment already (stream_append):
-                # few iovecs, which the kernel handles without allocating (up to 8).
-                k = self._iov(iov, IOV_BATCH, want - total, &got)
-                if source is not None:
-                    r = source.readv(iov, k)
-                elif flags:
-                    r = (preadv2(fd, iov, k, offset + <long long>total if offset >= 0 else -1, flags)
-                         if reading else
-                         pwritev2(fd, iov, k, offset + <long long>total if offset >= 0 else -1, flags))
-                else:
-                    r = fd_iov(fd, iov, k, offset + <long long>total if offset >= 0 else -1,
-                               reading)
-                if r < 0:
-                    if errno == EINTR:
-                        continue
-                    if errno != EAGAIN:
-                        err = errno
-                    break
-                self._advance(<size_t>r)
-                total += <size_t>r
-                if <size_t>r < got:
-                    break
+        cdef size_t total
+        cdef int err = 0
+        if want >= nogil_min:
+            with nogil:
+                total = self._fd_loop(fd, want, offset, reading, source, flags, &err)
+        else:
+            total = self._fd_loop(fd, want, offset, reading, source, flags, &err)
         if err and total == 0:
             raise OSError(err, os.strerror(err))
+        return total
+
+    cdef size_t _fd_loop(self, int fd, size_t want, long long offset, bint reading,
+                         ByteSource source, int flags, int *err) noexcept nogil:
+        """:meth:`_fd_io`'s system calls, with or without the GIL: the bytes moved;
+        ``err`` gets the errno that ended it (0: a short count or all moved)."""
+        cdef iovec iov[IOV_BATCH]
+        cdef size_t total = 0, got
+        cdef ssize_t r
+        cdef int k
+        while total < want:
+            # Back-to-back buffers are one segment already (stream_append):
+            # few iovecs, which the kernel handles without allocating (up to 8).
+            k = self._iov(iov, IOV_BATCH, want - total, &got)
+            if source is not None:
+                r = source.readv(iov, k)
+            elif flags:
+                r = (preadv2(fd, iov, k, offset + <long long>total if offset >= 0 else -1, flags)
+                     if reading else
+                     pwritev2(fd, iov, k, offset + <long long>total if offset >= 0 else -1, flags))
+            else:
+                r = fd_iov(fd, iov, k, offset + <long long>total if offset >= 0 else -1, reading)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                if errno != EAGAIN:
+                    err[0] = errno
+                break
+            self._advance(<size_t>r)
+            total += <size_t>r
+            if <size_t>r < got:
+                break
         return total
 
     cdef size_t _copy_py(self, object buffer, bint into_guest, bint exact) except? 0:
