@@ -200,6 +200,20 @@ cdef int _take(const iovec *src, int nsrc, size_t skip, size_t n, iovec *dst, in
     return k
 
 
+cdef inline bint _seg_add(iovec *v, int *n, unsigned char *p, size_t length) noexcept nogil:
+    """Append ``[p, p+length)`` to the ``n`` segments of ``v``, merged into the last
+    when it continues it; False when ``p`` is NULL (not in guest memory) or the
+    ``MAX_SEGS`` segments are used up (the Python path serves such a chain)."""
+    if p == NULL or n[0] == MAX_SEGS:
+        return False
+    if n[0] and <unsigned char *>v[n[0] - 1].iov_base + v[n[0] - 1].iov_len == p:
+        v[n[0] - 1].iov_len += length
+        return True
+    v[n[0]].iov_base = p
+    v[n[0]].iov_len = length
+    n[0] += 1
+    return True
+
 cdef class Engine:
     """One io_uring for a device's request queues, and the LUNs it may serve.
 
@@ -415,7 +429,6 @@ cdef class Engine:
         cdef iovec wr[MAX_SEGS]
         cdef int nr = 0, nw = 0, rc, n, slot
         cdef size_t rtotal = 0, wtotal = 0, have_out, room_in
-        cdef unsigned char *p
         cdef unsigned char hdr[REQ_HEADER]
         cdef const unsigned char *cdb
         cdef int lun, k
@@ -441,28 +454,14 @@ cdef class Engine:
             if d.len == 0:
                 continue
             if d.flags & VRING_DESC_F_WRITE:
-                p = snap_ptr_w(chain.snap, d.addr, d.len)
-                if p == NULL or nw == MAX_SEGS:
+                if not _seg_add(wr, &nw, snap_ptr_w(chain.snap, d.addr, d.len), d.len):
                     return -1
-                if nw and <unsigned char *>wr[nw - 1].iov_base + wr[nw - 1].iov_len == p:
-                    wr[nw - 1].iov_len += d.len
-                else:
-                    wr[nw].iov_base = p
-                    wr[nw].iov_len = d.len
-                    nw += 1
                 wtotal += d.len
             else:
                 if nw:
                     return -1  # readable after writable: Python's rule applies
-                p = snap_ptr(chain.snap, d.addr, d.len)
-                if p == NULL or nr == MAX_SEGS:
+                if not _seg_add(rd, &nr, snap_ptr(chain.snap, d.addr, d.len), d.len):
                     return -1
-                if nr and <unsigned char *>rd[nr - 1].iov_base + rd[nr - 1].iov_len == p:
-                    rd[nr - 1].iov_len += d.len
-                else:
-                    rd[nr].iov_base = p
-                    rd[nr].iov_len = d.len
-                    nr += 1
                 rtotal += d.len
         if rtotal < REQ_HEADER or wtotal < RESP_HEADER:
             return -1
