@@ -402,9 +402,9 @@ class _StreamWorker:
                 port.play(reader, io.nbytes)
             else:
                 writer = chain.writer()
-                xruns = getattr(port, "xruns", 0)
+                xruns = port.xruns
                 written = port.capture(writer, io.nbytes)
-                if getattr(port, "xruns", 0) != xruns and self.params.features & (1 << PCM_F_EVT_XRUNS):
+                if port.xruns != xruns and self.params.features & (1 << PCM_F_EVT_XRUNS):
                     # The host lost frames (an ALSA overrun) and recovered: the
                     # message is filled, the driver hears of the gap (§5.14.6.9).
                     self.post(functools.partial(self.device._send_event, EVT_PCM_XRUN, self.stream_id))

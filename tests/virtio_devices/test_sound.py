@@ -51,6 +51,8 @@ FMT_S16, RATE_48000 = 5, 7
 class RecordingPort:
     """A port that takes and gives bytes at once; ``fail`` makes I/O raise."""
 
+    xruns = 0
+
     def __init__(self, backend: RecordingAudio, direction: int, params: PcmParams) -> None:
         self.backend = backend
         self.direction = direction

@@ -103,6 +103,10 @@ class AudioPort(Protocol):
     """One open PCM stream of a backend, used from its stream's worker thread only
     (:meth:`abort` excepted)."""
 
+    #: Host xruns the port recovered from without failing a message (frames lost,
+    #: e.g. an ALSA capture overrun); the stream reports each with PCM_XRUN.
+    xruns: int
+
     def start(self) -> None:
         """The stream starts (``PCM_START``): capture begins afresh, playback may run."""
 
@@ -168,6 +172,8 @@ class NullPort:
             its event loop: :attr:`NullAudio.loop_paced`); the calls then return
             at once.
     """
+
+    xruns = 0  # its clock never loses frames
 
     def __init__(
         self,

@@ -97,6 +97,8 @@ class PulsePort:
         AudioError: the server refused the connection or the stream.
     """
 
+    xruns = 0  # pa_simple recovers from under- and overruns itself, unseen
+
     def __init__(self, backend: PulseAudio, stream_id: int, direction: int, params: PcmParams) -> None:
         self._lib = backend.simple
         self._strerror = backend.pulse.pa_strerror
