@@ -39,7 +39,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from virtio_queue import DescriptorChain, GuestMemory, InvalidAvailRingIndex, Queue, Reader, Writer
 
@@ -166,6 +166,21 @@ def _io_sense(err: OSError, write: bool) -> Sense:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return SPACE_ALLOCATION_FAILED
     return WRITE_ERROR if write else UNRECOVERED_READ_ERROR
+
+
+def _answer_fault(index: int, chain: DescriptorChain, respond: Callable[[Writer], int]) -> int:
+    """A request queue's chain that failed: ``respond`` fills its response header
+    when the chain has room for one; used length 0 otherwise, on the control and
+    event queues, or when guest memory is unusable too (nothing to say)."""
+    if index < 2:
+        return 0
+    try:
+        writer = chain.writer()
+        if writer.available_bytes() < RESP_HEADER:
+            return 0
+        return respond(writer)
+    except Exception:
+        return 0
 
 
 class ScsiDevice(VirtioDevice):
@@ -444,28 +459,12 @@ class ScsiDevice(VirtioDevice):
     def guest_fault(self, index: int, chain: DescriptorChain, err: Exception) -> int:
         """A malformed request: FAILURE in the response header when it fits, else 0."""
         super().guest_fault(index, chain, err)
-        if index < 2:
-            return 0
-        try:
-            writer = chain.writer()
-            if writer.available_bytes() < RESP_HEADER:
-                return 0
-            return _respond(writer, S_FAILURE, 0)
-        except Exception:  # guest memory unusable too: nothing to say
-            return 0
+        return _answer_fault(index, chain, lambda writer: _respond(writer, S_FAILURE, 0))
 
     def host_fault(self, index: int, chain: DescriptorChain, err: Exception) -> int:
         """A host error outside the I/O itself: CHECK CONDITION, HARDWARE ERROR."""
         super().host_fault(index, chain, err)
-        if index < 2:
-            return 0
-        try:
-            writer = chain.writer()
-            if writer.available_bytes() < RESP_HEADER:
-                return 0
-            return _check(writer, Sense(0x4, 0x44, 0x00), 0)
-        except Exception:
-            return 0
+        return _answer_fault(index, chain, lambda writer: _check(writer, Sense(0x4, 0x44, 0x00), 0))
 
     # -- block I/O on a worker ---------------------------------------------------------
     def _block_io(
