@@ -163,7 +163,9 @@ def test_engine_answers_as_the_python_path(  # noqa: PLR0917 - hypothesis passes
         p.close()
 
 
-def _run_batch(rig: DeviceRig, requests: Sequence[Sequence[tuple[bytes | int, bool]]]) -> list[tuple[int, bytes]]:
+def _run_batch(
+    rig: DeviceRig, requests: Sequence[Sequence[tuple[bytes | int, bool]]]
+) -> list[tuple[int, bytes]]:
     """Make every request available (buffers: bytes to read, or a size to write,
     each 512-byte aligned after the first), kick once, wait for all; per request in
     order, (used length, every writable byte)."""
