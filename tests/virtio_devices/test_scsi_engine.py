@@ -43,12 +43,14 @@ RQ = 2
 class Pair:
     """Two devices over equal memfd images: ``fast`` with the engine, ``slow`` without."""
 
-    def __init__(self, *, read_only: bool = False, pool: bool = False) -> None:
+    def __init__(self, *, read_only: bool = False, pool: str = "") -> None:
+        """``pool``: "direct", O_DIRECT transfers on the engine's threads; "cached",
+        page-cache ones; "": the engine's defaults."""
         self.rigs: list[DeviceRig] = []
         self.images: list[list[DiskImage]] = []
         for engine in (True, False):
             imgs = [DiskImage.from_bytes(IMAGE, name="lun0"), DiskImage.from_bytes(512 * 8, name="lun1")]
-            if engine and pool:
+            if engine and pool == "direct":
                 # The engine routes a transfer by its LUN's O_DIRECT fd and the
                 # buffers' alignment; a memfd refuses O_DIRECT, so a second fd of
                 # it stands in: what is under test is the threads, not the flag.
@@ -62,8 +64,10 @@ class Pair:
         if engine_dev._engine is None:
             self.close()
             pytest.skip("io_uring is not available here")
-        if pool:
+        if pool == "direct":
             engine_dev._engine.pool_min_read = engine_dev._engine.pool_min_write = 512
+        elif pool == "cached":
+            engine_dev._engine.pool_min_cached = 512
 
     @property
     def engine(self) -> scsi_device.Engine:
@@ -206,15 +210,17 @@ def _run_batch(
         ),
         min_size=1,
         max_size=8,
-    )
+    ),
+    pool=st.sampled_from(["direct", "cached"]),
 )
 def test_engine_threads_answer_as_the_python_path(
-    requests: list[tuple[int, int, int, bool, int, int, list[int], int]],
+    requests: list[tuple[int, int, int, bool, int, int, list[int], int]], pool: str
 ) -> None:
-    """O_DIRECT transfers on the engine's threads, several in flight at once, give
-    the same answers (used length, response, data-in) and the same image as the
-    Python path; every request the engine serves goes to the threads."""
-    p = Pair(pool=True)
+    """Transfers on the engine's threads (through the O_DIRECT fd or the page
+    cache), several in flight at once, give the same answers (used length,
+    response, data-in) and the same image as the Python path; every request the
+    engine serves goes to the threads."""
+    p = Pair(pool=pool)
     try:
         # A read and a write of the same block in flight at once may run in either
         # order (SAM-5 SIMPLE tasks): such a pair goes to the next batch.

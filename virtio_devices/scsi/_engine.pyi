@@ -12,6 +12,7 @@ class Engine:
     direct_threads: int
     pool_min_read: int
     pool_min_write: int
+    pool_min_cached: int
     inline_writes: int
     slow_writes: int
     slow_ns: int

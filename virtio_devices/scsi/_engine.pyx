@@ -145,6 +145,7 @@ DEF MAX_QUEUES = 64
 # submission does; small ones cost less through the ring (docs/performance.md).
 DEF DIRECT_THREADS = 32
 DEF POOL_MIN = 65536
+DEF POOL_MIN_CACHED = 1 << 62
 # What O_DIRECT asks of buffer addresses and lengths (the usual logical block size;
 # a device with larger sectors answers EINVAL, and Python then uses the page cache).
 DEF DIRECT_ALIGN = 512
@@ -351,6 +352,7 @@ cdef class Engine:
     cdef public int direct_threads
     cdef public long long pool_min_read
     cdef public long long pool_min_write
+    cdef public long long pool_min_cached
     cdef list _chains
     cdef list _queues
     cdef int in_flight_q[MAX_QUEUES]
@@ -398,6 +400,7 @@ cdef class Engine:
         self.direct_threads = DIRECT_THREADS
         self.pool_min_read = POOL_MIN
         self.pool_min_write = POOL_MIN
+        self.pool_min_cached = POOL_MIN_CACHED
         self.slow_ns = SLOW_NS
         for i in range(entries):
             self.free[i] = entries - 1 - i
@@ -557,7 +560,7 @@ cdef class Engine:
         cdef Slot *s
         cdef ssize_t r
         cdef int fd
-        cdef bint direct
+        cdef bint direct, threads
         cdef io_uring_sqe *sqe
         if self.nfree == 0:
             return -1
@@ -657,8 +660,10 @@ cdef class Engine:
                     break
             if direct:
                 fd = self.dfds[lun]
-        if direct:
-            pass  # straight to the ring: the disk itself is the wait
+        threads = self.direct_threads > 0 and <long long>nbytes >= (
+            (self.pool_min_write if write else self.pool_min_read) if direct else self.pool_min_cached)
+        if direct or threads:
+            pass  # not inline: the disk itself is the wait, or a thread copies
         elif not write and self.nowait_read[lun]:
             # A page-cache hit is one system call here; anything else the ring.
             r = preadv2(self.fds[lun], s.iov, s.niov, lba << BLOCK_SHIFT, RWF_NOWAIT)
@@ -668,7 +673,7 @@ cdef class Engine:
                 return RESP_HEADER + nbytes
             if r < 0 and errno == EOPNOTSUPP:
                 self.nowait_read[lun] = False
-        if write and not direct and not s.fua and self.wmode[lun] != W_RING:
+        if write and not direct and not threads and not s.fua and self.wmode[lun] != W_RING:
             rc = self._write_inline(s, lun, lba << BLOCK_SHIFT)
             if rc > 0:
                 _respond_good(s)
@@ -677,8 +682,7 @@ cdef class Engine:
             if rc < 0:
                 return -1
             # EAGAIN: the write would block; the ring's workers do it.
-        if direct and self.direct_threads > 0 and <long long>nbytes >= (
-                self.pool_min_write if write else self.pool_min_read):
+        if threads:
             if self.pool == NULL:
                 self._start_pool()
             self.nfree -= 1
