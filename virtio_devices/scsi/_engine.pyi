@@ -13,6 +13,7 @@ class Engine:
     pool_min_read: int
     pool_min_write: int
     pool_min_cached: int
+    submit_batch: int
     inline_writes: int
     slow_writes: int
     slow_ns: int

@@ -154,6 +154,10 @@ DEF DIRECT_ALIGN = 512
 # faster than it bring them back.
 DEF SLOW_NS = 1000000
 DEF FAST_STREAK = 64
+# Queued SQEs are handed to the kernel every this many (and at the end of a drain):
+# a drain's requests reach the disk in a few groups rather than all at its end,
+# which keeps a deep queue of O_DIRECT transfers moving (docs/performance.md).
+DEF SUBMIT_BATCH = 4
 # LUN write modes.
 DEF W_NOWAIT = 0    # try pwritev2(RWF_NOWAIT) inline; EAGAIN: the ring
 DEF W_INLINE = 1    # the file system refuses RWF_NOWAIT: timed pwritev2 inline
@@ -315,10 +319,13 @@ cdef class Engine:
     are 512-byte aligned: never inline; reads of at least ``pool_min_read`` bytes
     and writes of at least ``pool_min_write`` (64 KiB each) run on the engine's
     own threads (``direct_threads``, 32, made at the first; 0: none), smaller ones
-    on the ring.
-    ``inline_reads``, ``inline_writes``, ``ring_requests`` and ``slow_writes``
-    count what was done inline, what went to the ring, and how often an inline
-    write was slow.
+    on the ring; page-cache transfers of at least ``pool_min_cached`` bytes too
+    (never by default: inline is faster for them).
+    ``submit_batch``: queued ring requests are submitted every this many (4), and
+    at the end of each drain.
+    ``inline_reads``, ``inline_writes``, ``ring_requests``, ``pool_requests`` and
+    ``slow_writes`` count what was done inline, what went to the ring and to the
+    threads, and how often an inline write was slow.
 
     Raises:
         OSError: io_uring is not available (``io_uring_disabled``, a seccomp
@@ -353,6 +360,7 @@ cdef class Engine:
     cdef public long long pool_min_read
     cdef public long long pool_min_write
     cdef public long long pool_min_cached
+    cdef public int submit_batch
     cdef list _chains
     cdef list _queues
     cdef int in_flight_q[MAX_QUEUES]
@@ -401,6 +409,7 @@ cdef class Engine:
         self.pool_min_read = POOL_MIN
         self.pool_min_write = POOL_MIN
         self.pool_min_cached = POOL_MIN_CACHED
+        self.submit_batch = SUBMIT_BATCH
         self.slow_ns = SLOW_NS
         for i in range(entries):
             self.free[i] = entries - 1 - i
@@ -466,8 +475,8 @@ cdef class Engine:
 
     def submit(self, int index, DescriptorChain chain not None):
         """Serve ``chain`` of request queue ``index`` if it has the shape this path
-        serves (module docstring): 0 when it is queued for the ring (nothing
-        reaches the kernel before :meth:`flush`), the used length when it was
+        serves (module docstring): 0 when it is queued for the ring or the threads
+        (the ring's last ``submit_batch`` may wait for :meth:`flush`), the used length when it was
         completed at once (an inline write: the caller puts it in the used ring),
         -1 when the Python path must serve it (the chain is untouched then, or
         holds a write that may be written again)."""
@@ -725,6 +734,8 @@ cdef class Engine:
         self.ring_requests += 1
         self.in_flight_q[index] += 1
         self.unsubmitted += 1
+        if self.unsubmitted >= self.submit_batch:
+            self._submit()
         return 0
 
     cdef int _write_inline(self, Slot *s, int lun, uint64_t offset) noexcept:
