@@ -21,12 +21,18 @@ The MiB/s and CPU µs of every run go to stderr.  The Rust daemon
 runs when ``$VHOST_DEVICE_RUST_BIN/vhost-device-scsi`` exists (n/a otherwise; it
 serves one front-end, which is all the bench needs).
 
-    .venv/bin/python benches/scsi_table.py [--reps 5] [--direct]
+    .venv/bin/python benches/scsi_table.py [--reps 5] [--direct] [--placements]
+
+``--placements`` adds the depth-1 workloads with the front-end and the daemon
+pinned to one CPU and to two (their throughput depends on it far more than on the
+daemon); ``--alt``/``--alt-env`` add ours with other engine settings as an A/B;
+``--only`` and ``--skip`` narrow the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -175,6 +181,13 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (the threads it makes later inherit it) on ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that just exited
+            os.sched_setaffinity(int(tid), cpus)
+
+
 def workloads(seed: int = 1) -> dict[str, tuple[list[tuple[int, int]], bool, int]]:
     rnd = random.Random(seed)
     nblocks = IMAGE_SIZE // 512
@@ -208,6 +221,12 @@ def main() -> int:
         "--alt-env",
         default="",
         help="also run ours with these environment variables (NAME=value,...), as 'alt' (with --alt: both)",
+    )
+    ap.add_argument(
+        "--placements",
+        action="store_true",
+        help="also run the depth-1 workloads with the front-end and the daemon pinned to one CPU, "
+        "and to two different CPUs (rows 'one CPU', 'two CPUs')",
     )
     ap.add_argument("--only", default="", help="run the workloads whose name contains this")
     ap.add_argument(
@@ -313,7 +332,17 @@ def main() -> int:
             pids["rust"] = rust_proc.pid
         if alt_proc is not None:
             pids["alt"] = alt_proc.pid
+        jobs: list[tuple[str, list[tuple[int, int]], bool, int, tuple[int, int] | None]] = []
         for name, (ops, write, depth) in workloads().items():
+            jobs.append((name, ops, write, depth, None))
+            if args.placements and depth == 1 and (os.cpu_count() or 1) >= 2:
+                # Where the scheduler puts the front-end and the daemon decides a
+                # depth-1 run: on one CPU every request is two context switches,
+                # on two a wake-up of the other CPU each way (docs/performance.md).
+                jobs.append((f"{name}, one CPU", ops, write, depth, (0, 0)))
+                jobs.append((f"{name}, two CPUs", ops, write, depth, (0, 1)))
+        everywhere = os.sched_getaffinity(0)
+        for name, ops, write, depth, cpus in jobs:
             if args.only not in name:
                 continue
             nbytes = sum(b for _, b in ops) * 512
@@ -343,9 +372,15 @@ def main() -> int:
                 k = rep % len(order)
                 for who in order[k:] + order[:k]:
                     os.sync()
+                    if cpus is not None:
+                        os.sched_setaffinity(0, {cpus[0]})
+                        pin(pids[who], {cpus[1]})
                     c0 = cpu_seconds(pids[who])
                     res[who].append(nbytes / runner[who]() / (1 << 20))
                     cpu[who].append((cpu_seconds(pids[who]) - c0) / len(ops) * 1e6)
+                    if cpus is not None:
+                        os.sched_setaffinity(0, everywhere)
+                        pin(pids[who], everywhere)
         ours.close()
         qsd.close()
         qsd_uring.close()
