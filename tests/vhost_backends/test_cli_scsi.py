@@ -57,10 +57,10 @@ def test_read_only_image_needs_r(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_run_serves_one_socket_with_every_image(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    calls: list[tuple[str, list[str], Any, int | None]] = []
+    calls: list[tuple[str, list[str], Any]] = []
 
-    def serve(name: str, paths: Sequence[str], factory: Callable[[int], Any], *, default_poll_us: int) -> int:
-        calls.append((name, list(paths), factory(0), default_poll_us))
+    def serve(name: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
+        calls.append((name, list(paths), factory(0)))
         return 0
 
     monkeypatch.setattr(cli, "serve", serve)
@@ -71,10 +71,8 @@ def test_run_serves_one_socket_with_every_image(monkeypatch: pytest.MonkeyPatch,
         imgs.append(str(p))
     sock = str(tmp_path / "scsi.sock")
     assert cli.main(["-s", sock, "-r", *imgs]) == 0
-    ((name, paths, dev, poll),) = calls
+    ((name, paths, dev),) = calls
     assert (name, paths) == ("vhost-device-scsi", [sock])
-    # The daemon's own polling window (VHD_POLL_US, when set, wins in serve()).
-    assert poll == cli.POLL_US == 256
     assert isinstance(dev, ScsiDevice)
     assert [u.blocks for u in dev.target.units] == [1, 2]
     assert all(u.read_only for u in dev.target.units)
@@ -86,7 +84,7 @@ def test_direct_opens_a_second_fd_with_o_direct(monkeypatch: pytest.MonkeyPatch,
     assert not parse("-s", "s.sock", "a.img").direct
     devices: list[ScsiDevice] = []
 
-    def serve(name: str, paths: Sequence[str], factory: Callable[[int], Any], **kwargs: int) -> int:
+    def serve(name: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
         dev = factory(0)
         devices.append(dev)
         for img in dev.images:

@@ -31,15 +31,6 @@ __all__ = ["OUR_FLAGS", "Config", "build_parser", "main", "run"]
 PROG = "vhost-device-scsi"
 #: Flags of ours beside upstream's (tests/vhost_backends/test_cli_flags.py).
 OUR_FLAGS = frozenset({"--direct"})
-#: The longest adaptive polling window of a request queue when ``VHD_POLL_US`` is
-#: unset.  A driver on another CPU of a virtual machine sends its next request a
-#: whole cross-CPU wake-up later (a halted vCPU woken by an IPI), longer than the
-#: daemons' usual window, so that window never catches it; this one does, and the
-#: driver's next request then needs no kick and no wake-up of the daemon.  The
-#: window is learnt (an idle or slow driver is not polled) and gives way to any
-#: task that wants the CPU (vhost_backends/_fastpath.pyx); docs/performance.md
-#: has the measurements.
-POLL_US = 256
 log = logging.getLogger(__name__)
 
 
@@ -120,7 +111,7 @@ def run(config: Config) -> int:
         def device_factory(index: int) -> ScsiDevice:
             return ScsiDevice(images, read_only=config.read_only, solid_state=config.solid_state)
 
-        return serve(PROG, [config.socket_path], device_factory, default_poll_us=POLL_US)
+        return serve(PROG, [config.socket_path], device_factory)
     finally:
         for image in images:
             image.close()
