@@ -9,7 +9,7 @@ The image (64 MiB) is in the page cache; with ``--direct`` every daemon but the
 Rust one (which has no such mode) reads and writes it with O_DIRECT instead.
 Workloads: 4 KiB random reads and writes at queue depth 1 and 32, 1 MiB
 sequential reads and writes at depth 4.
-Each daemon runs each workload ``--reps`` times, interleaved in a rotating order,
+Each daemon runs each workload ``--reps`` times, interleaved in a shuffled order,
 each run after ``sync`` (no write-back of an earlier run during a timed one); the
 table gives median throughput ratios: ours against each reference, and the I/O
 engine's A/B: ours against the same daemon without the compiled engine (every
@@ -367,10 +367,11 @@ def main() -> int:
                 del runner[who]
             order = list(runner)
             for rep in range(args.reps):
-                # Rotated, so that no daemon always follows the same one, and the
-                # dirty pages of the last run written back before each timed run.
-                k = rep % len(order)
-                for who in order[k:] + order[:k]:
+                # Shuffled (seeded), so that no daemon always follows the same one:
+                # where the one before left the front-end and its own threads
+                # decides a depth-1 run (docs/performance.md); and the dirty pages
+                # of the last run written back before each timed run.
+                for who in random.Random(rep).sample(order, len(order)):
                     os.sync()
                     if cpus is not None:
                         os.sched_setaffinity(0, {cpus[0]})
