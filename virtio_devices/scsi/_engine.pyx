@@ -34,6 +34,12 @@ response headers (GOOD, the residual of §5.6.6.1) and puts every finished chain
 in its used ring in one call.  A completion that is not the whole transfer (an
 error, a short read of an image that shrank, a short write) goes back to Python
 with what was moved, which finishes or answers it.
+
+Large O_DIRECT transfers (``pool_min_read``/``pool_min_write``) go to the engine's
+own threads instead of the ring: plain C threads that run a blocking
+``preadv2``/``pwritev2`` without the GIL and touch only their slot; a completion
+into an empty done list writes the same eventfd, and :meth:`Engine.reap` finishes
+ring and thread completions alike.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
