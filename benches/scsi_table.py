@@ -9,7 +9,7 @@ The image (64 MiB) is in the page cache; with ``--direct`` every daemon but the
 Rust one (which has no such mode) reads and writes it with O_DIRECT instead.
 Workloads: 4 KiB random reads and writes at queue depth 1 and 32, 1 MiB
 sequential reads and writes at depth 4.
-Each daemon runs each workload ``--reps`` times, interleaved in a rotating order,
+Each daemon runs each workload ``--reps`` times, interleaved in a shuffled order,
 each run after ``sync`` (no write-back of an earlier run during a timed one); the
 table gives median throughput ratios: ours against each reference, and the I/O
 engine's A/B: ours against the same daemon without the compiled engine (every
@@ -21,12 +21,18 @@ The MiB/s and CPU µs of every run go to stderr.  The Rust daemon
 runs when ``$VHOST_DEVICE_RUST_BIN/vhost-device-scsi`` exists (n/a otherwise; it
 serves one front-end, which is all the bench needs).
 
-    .venv/bin/python benches/scsi_table.py [--reps 5] [--direct]
+    .venv/bin/python benches/scsi_table.py [--reps 5] [--direct] [--placements]
+
+``--placements`` adds the depth-1 workloads with the front-end and the daemon
+pinned to one CPU and to two (their throughput depends on it far more than on the
+daemon); ``--alt``/``--alt-env`` add ours with other engine settings as an A/B;
+``--only`` and ``--skip`` narrow the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -58,6 +64,23 @@ def init(self, *args, **kwargs):
     _init(self, *args, **kwargs)
 
 device.ScsiDevice.__init__ = init
+sys.exit(main(sys.argv[1:]))
+"""
+# ``--alt``: ours with engine attributes set (an A/B of the engine's choices in one run).
+ALT_PATH = """
+import sys
+from virtio_devices.scsi import device
+from vhost_backends.cli.scsi import main
+
+ATTRS = {attrs!r}
+_activate = device.ScsiDevice.activate
+
+def activate(self, *args, **kwargs):
+    _activate(self, *args, **kwargs)
+    for name, value in ATTRS.items():
+        setattr(self._engine, name, value)
+
+device.ScsiDevice.activate = activate
 sys.exit(main(sys.argv[1:]))
 """
 IMAGE_SIZE = 64 << 20
@@ -158,6 +181,13 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (the threads it makes later inherit it) on ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that just exited
+            os.sched_setaffinity(int(tid), cpus)
+
+
 def workloads(seed: int = 1) -> dict[str, tuple[list[tuple[int, int]], bool, int]]:
     rnd = random.Random(seed)
     nblocks = IMAGE_SIZE // 512
@@ -182,7 +212,33 @@ def main() -> int:
         help="O_DIRECT: ours and the Python path with --direct, qemu-storage-daemon with "
         "cache.direct=on; the Rust daemon has no such mode (n/a)",
     )
+    ap.add_argument(
+        "--alt",
+        default="",
+        help="also run ours with these engine attributes (name=int,...), as 'alt' in the tables",
+    )
+    ap.add_argument(
+        "--alt-env",
+        default="",
+        help="also run ours with these environment variables (NAME=value,...), as 'alt' (with --alt: both)",
+    )
+    ap.add_argument(
+        "--placements",
+        action="store_true",
+        help="also run the depth-1 workloads with the front-end and the daemon pinned to one CPU, "
+        "and to two different CPUs (rows 'one CPU', 'two CPUs')",
+    )
+    ap.add_argument("--only", default="", help="run the workloads whose name contains this")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="daemons left out (comma-separated: ours, qsd, qsd-uring, python, rust, alt)",
+    )
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    alt_attrs = {k: int(v) for k, v in (kv.split("=") for kv in args.alt.split(",") if kv)}
+    alt_env = dict(kv.split("=", 1) for kv in args.alt_env.split(",") if kv)
+    alt_label = ", ".join(filter(None, [args.alt, args.alt_env]))
     direct = ["--direct"] if args.direct else []
     qsd_cache = ",cache.direct=on" if args.direct else ""
     qsd_bin = shutil.which("qemu-storage-daemon")
@@ -202,6 +258,16 @@ def main() -> int:
     py_sock = str(tmp / "python.sock")
     py_proc = subprocess.Popen(
         [sys.executable, "-c", PYTHON_PATH, "-s", py_sock, *direct, str(img)], stderr=subprocess.DEVNULL
+    )
+    alt_sock = str(tmp / "alt.sock")
+    alt_proc = (
+        subprocess.Popen(
+            [sys.executable, "-c", ALT_PATH.format(attrs=alt_attrs), "-s", alt_sock, *direct, str(img)],
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **alt_env},
+        )
+        if alt_attrs or alt_env
+        else None
     )
     rust_bin = Path(os.environ.get("VHOST_DEVICE_RUST_BIN", "/nonexistent")) / "vhost-device-scsi"
     rust_sock = str(tmp / "rust.sock")
@@ -248,7 +314,7 @@ def main() -> int:
         )
         uring_pid = int(uring_pidfile.read_text())
         deadline = time.monotonic() + 30
-        socks = [ours_sock, py_sock] + ([rust_sock] if rust_proc else [])
+        socks = [ours_sock, py_sock] + ([rust_sock] if rust_proc else []) + ([alt_sock] if alt_proc else [])
         while not all(os.path.exists(p) for p in socks):
             if time.monotonic() > deadline:
                 raise SystemExit("vhost-device-scsi did not listen")
@@ -258,14 +324,31 @@ def main() -> int:
         qsd = Qsd(qsd_sock, 1)
         qsd_uring = Qsd(uring_sock, 1)
         rust = Ours(rust_sock, 3) if rust_proc else None
+        alt = Ours(alt_sock, 3) if alt_proc else None
         results: dict[str, dict[str, list[float]]] = {}
         cpu_us: dict[str, dict[str, list[float]]] = {}
         pids = {"ours": ours_proc.pid, "qsd": qsd_pid, "qsd-uring": uring_pid, "python": py_proc.pid}
         if rust_proc is not None:
             pids["rust"] = rust_proc.pid
+        if alt_proc is not None:
+            pids["alt"] = alt_proc.pid
+        jobs: list[tuple[str, list[tuple[int, int]], bool, int, tuple[int, int] | None]] = []
         for name, (ops, write, depth) in workloads().items():
+            jobs.append((name, ops, write, depth, None))
+            if args.placements and depth == 1 and (os.cpu_count() or 1) >= 2:
+                # Where the scheduler puts the front-end and the daemon decides a
+                # depth-1 run: on one CPU every request is two context switches,
+                # on two a wake-up of the other CPU each way (docs/performance.md).
+                jobs.append((f"{name}, one CPU", ops, write, depth, (0, 0)))
+                jobs.append((f"{name}, two CPUs", ops, write, depth, (0, 1)))
+        everywhere = os.sched_getaffinity(0)
+        for name, ops, write, depth, cpus in jobs:
+            if args.only not in name:
+                continue
             nbytes = sum(b for _, b in ops) * 512
-            res = results.setdefault(name, {"ours": [], "qsd": [], "qsd-uring": [], "python": [], "rust": []})
+            res = results.setdefault(
+                name, {"ours": [], "qsd": [], "qsd-uring": [], "python": [], "rust": [], "alt": []}
+            )
             cpu = cpu_us.setdefault(name, {k: [] for k in res})
             runner: dict[str, Callable[[], float]] = {
                 "ours": lambda ops=ops, w=write, d=depth: ours.run(ops, w, d),
@@ -278,51 +361,70 @@ def main() -> int:
                 runner["python"] = lambda ops=ops, w=write, d=depth: py.run(ops, w, d)
             if rust is not None:
                 runner["rust"] = lambda ops=ops, w=write, d=depth: rust.run(ops, w, d)
+            if alt is not None:
+                runner["alt"] = lambda ops=ops, w=write, d=depth: alt.run(ops, w, d)
+            for who in skip & set(runner) - {"ours"}:
+                del runner[who]
             order = list(runner)
             for rep in range(args.reps):
-                # Rotated, so that no daemon always follows the same one, and the
-                # dirty pages of the last run written back before each timed run.
-                k = rep % len(order)
-                for who in order[k:] + order[:k]:
+                # Shuffled (seeded), so that no daemon always follows the same one:
+                # where the one before left the front-end and its own threads
+                # decides a depth-1 run (docs/performance.md); and the dirty pages
+                # of the last run written back before each timed run.
+                for who in random.Random(rep).sample(order, len(order)):
                     os.sync()
+                    if cpus is not None:
+                        os.sched_setaffinity(0, {cpus[0]})
+                        pin(pids[who], {cpus[1]})
                     c0 = cpu_seconds(pids[who])
                     res[who].append(nbytes / runner[who]() / (1 << 20))
                     cpu[who].append((cpu_seconds(pids[who]) - c0) / len(ops) * 1e6)
+                    if cpus is not None:
+                        os.sched_setaffinity(0, everywhere)
+                        pin(pids[who], everywhere)
         ours.close()
         qsd.close()
         qsd_uring.close()
         py.close()
-        if rust is not None:
-            rust.close()
+        for other in (rust, alt):
+            if other is not None:
+                other.close()
         day = time.strftime("%Y-%m-%d")
         mode = "O_DIRECT" if args.direct else "page cache"
+        alt_head = f" | ours / alt ({alt_label})" if alt is not None else ""
+        alt_rule = " --- |" if alt is not None else ""
         print(
             f"| vhost-device-scsi, {mode} ({day}) | ours / Rust | ours / qsd aio=threads "
-            "| ours / qsd aio=io_uring | ours / Python path |"
+            f"| ours / qsd aio=io_uring | ours / Python path{alt_head} |"
         )
-        print("| --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- |" + alt_rule)
+
+        def ratio(vals: dict[str, list[float]], who: str, inverse: bool = False) -> str:
+            if not vals[who]:
+                return "n/a"
+            o, other = statistics.median(vals["ours"]), statistics.median(vals[who])
+            return f"{other / o if inverse else o / other:.2f}x"
+
         for name, res in results.items():
-            o, q, u = (statistics.median(res[k]) for k in ("ours", "qsd", "qsd-uring"))
-            r = f"{o / statistics.median(res['rust']):.2f}x" if res["rust"] else "n/a"
-            p = f"{o / statistics.median(res['python']):.2f}x" if res["python"] else "n/a"
-            print(f"| {name} | {r} | {o / q:.2f}x | {o / u:.2f}x | {p} |")
+            cols = " | ".join(ratio(res, k) for k in ("rust", "qsd", "qsd-uring", "python"))
+            a = f" | {ratio(res, 'alt')}" if alt is not None else ""
+            print(f"| {name} | {cols}{a} |")
         print()
         print(
             f"| daemon CPU per request, {mode} ({day}) | ours (µs) | Rust / ours | qsd aio=threads / ours "
-            "| qsd aio=io_uring / ours | Python path / ours |"
+            f"| qsd aio=io_uring / ours | Python path / ours{' | alt / ours' if alt is not None else ''} |"
         )
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- |" + alt_rule)
         for name, cpu in cpu_us.items():
-            o, q, u = (statistics.median(cpu[k]) for k in ("ours", "qsd", "qsd-uring"))
-            r = f"{statistics.median(cpu['rust']) / o:.2f}x" if cpu["rust"] else "n/a"
-            p = f"{statistics.median(cpu['python']) / o:.2f}x" if cpu["python"] else "n/a"
-            print(f"| {name} | {o:.1f} | {r} | {q / o:.2f}x | {u / o:.2f}x | {p} |")
+            cols = " | ".join(ratio(cpu, k, inverse=True) for k in ("rust", "qsd", "qsd-uring", "python"))
+            a = f" | {ratio(cpu, 'alt', inverse=True)}" if alt is not None else ""
+            print(f"| {name} | {statistics.median(cpu['ours']):.1f} | {cols}{a} |")
         for name, res in results.items():
             print(name, {k: [round(v, 1) for v in vals] for k, vals in res.items()}, file=sys.stderr)
             per_run = {k: [round(v, 1) for v in vals] for k, vals in cpu_us[name].items()}
             print(name, "CPU µs/request", per_run, file=sys.stderr)
     finally:
-        for proc in (ours_proc, py_proc, rust_proc):
+        for proc in (ours_proc, py_proc, rust_proc, alt_proc):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(10)

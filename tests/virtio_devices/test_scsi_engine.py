@@ -43,11 +43,19 @@ RQ = 2
 class Pair:
     """Two devices over equal memfd images: ``fast`` with the engine, ``slow`` without."""
 
-    def __init__(self, *, read_only: bool = False) -> None:
+    def __init__(self, *, read_only: bool = False, pool: str = "") -> None:
+        """``pool``: "direct", O_DIRECT transfers on the engine's threads; "cached",
+        page-cache ones; "": the engine's defaults."""
         self.rigs: list[DeviceRig] = []
         self.images: list[list[DiskImage]] = []
         for engine in (True, False):
             imgs = [DiskImage.from_bytes(IMAGE, name="lun0"), DiskImage.from_bytes(512 * 8, name="lun1")]
+            if engine and pool == "direct":
+                # The engine routes a transfer by its LUN's O_DIRECT fd and the
+                # buffers' alignment; a memfd refuses O_DIRECT, so a second fd of
+                # it stands in: what is under test is the threads, not the flag.
+                for img in imgs:
+                    img.direct_fd = os.dup(img.fd)
             dev = ScsiDevice(imgs, read_only=read_only, use_engine=engine)
             self.rigs.append(DeviceRig(dev, queue_size=64, memory_size=8 << 20, event_idx=True))
             self.images.append(imgs)
@@ -56,6 +64,10 @@ class Pair:
         if engine_dev._engine is None:
             self.close()
             pytest.skip("io_uring is not available here")
+        if pool == "direct":
+            engine_dev._engine.pool_min_read = engine_dev._engine.pool_min_write = 512
+        elif pool == "cached":
+            engine_dev._engine.pool_min_cached = 512
 
     @property
     def engine(self) -> scsi_device.Engine:
@@ -155,6 +167,99 @@ def test_engine_answers_as_the_python_path(  # noqa: PLR0917 - hypothesis passes
         p.close()
 
 
+def _run_batch(
+    rig: DeviceRig, requests: Sequence[Sequence[tuple[bytes | int, bool]]]
+) -> list[tuple[int, bytes]]:
+    """Make every request available (buffers: bytes to read, or a size to write,
+    each 512-byte aligned after the first), kick once, wait for all; per request in
+    order, (used length, every writable byte)."""
+    mock = rig.mocks[RQ]
+    heads, outs = [], []
+    for bufs in requests:
+        descs, mine = [], []
+        for k, (buf, writable) in enumerate(bufs):
+            n = buf if isinstance(buf, int) else len(buf)
+            gpa = mock.alloc(max(n, 1), align=16 if k == 0 else 512)
+            rig.memory.write(gpa, b"\xee" * n if isinstance(buf, int) else buf)
+            descs.append(RawDesc(gpa, n, VIRTQ_DESC_F_WRITE if writable else 0, 0))
+            if writable:
+                mine.append((gpa, n))
+        heads.append(rig.add_chain(RQ, descs))
+        outs.append(mine)
+    done = dict(rig.kick(RQ))
+    while len(done) < len(heads):
+        rig.complete_workers()
+        done.update(rig.used(RQ))
+    return [
+        (done[h], b"".join(rig.read(gpa, n) for gpa, n in mine)) for h, mine in zip(heads, outs, strict=True)
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from([0x28, 0x2A, 0x88, 0x8A]),
+            st.integers(0, BLOCKS + 2),
+            st.integers(1, 9),
+            st.booleans(),
+            st.sampled_from([0, 1]),
+            st.integers(-1, 1),
+            st.lists(st.integers(1, 8), max_size=3),
+            st.integers(0, 255),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    pool=st.sampled_from(["direct", "cached"]),
+)
+def test_engine_threads_answer_as_the_python_path(
+    requests: list[tuple[int, int, int, bool, int, int, list[int], int]], pool: str
+) -> None:
+    """Transfers on the engine's threads (through the O_DIRECT fd or the page
+    cache), several in flight at once, give the same answers (used length,
+    response, data-in) and the same image as the Python path; every request the
+    engine serves goes to the threads."""
+    p = Pair(pool=pool)
+    try:
+        # A read and a write of the same block in flight at once may run in either
+        # order (SAM-5 SIMPLE tasks): such a pair goes to the next batch.
+        batches: list[list[list[tuple[bytes | int, bool]]]] = [[]]
+        spans: list[tuple[int, int, int, bool]] = []
+        expect = 0
+        for op, lba, blocks, fua, lun, slack, cuts, fill in requests:
+            write = op in (0x2A, 0x8A)
+            if op in (0x28, 0x2A):
+                cdb = struct.pack(">BBIBHB", op, 0x08 if fua else 0, lba, 0, blocks, 0)
+            else:
+                cdb = struct.pack(">BBQIBB", op, 0x08 if fua else 0, lba, blocks, 0, 0)
+            nbytes = (blocks + slack) * 512
+            edges = sorted({c * 512 for c in cuts if c * 512 < nbytes})
+            sizes = [b - a for a, b in zip([0, *edges], [*edges, nbytes], strict=True) if b > a]
+            bufs: list[tuple[bytes | int, bool]] = [(lun_bytes(lun) + cmd_req(cdb)[8:], False)]
+            if write:
+                bufs += [(bytes([fill ^ i]) * n, False) for i, n in enumerate(sizes)]
+                bufs.append((RESP_HEADER, True))
+            else:
+                bufs.append((RESP_HEADER, True))
+                bufs += [(n, True) for n in sizes]
+            span = (lun, lba, lba + blocks, write)
+            if any(o[0] == lun and o[1] < span[2] and span[1] < o[2] and (write or o[3]) for o in spans):
+                batches.append([])
+                spans = []
+            batches[-1].append(bufs)
+            spans.append(span)
+            expect += slack >= 0 and lba + blocks <= (BLOCKS if lun == 0 else 8)
+        before = p.engine.pool_requests
+        for batch in batches:
+            fast, slow = (_run_batch(rig, batch) for rig in p.rigs)
+            assert fast == slow
+        assert p.image(0) == p.image(1) and p.image(0, 1) == p.image(1, 1)
+        assert p.engine.pool_requests - before == expect
+    finally:
+        p.close()
+
+
 def test_engine_serves_reads_and_writes_over_split_buffers(pair: Pair) -> None:
     """A header and data cut over several buffers are served by the engine."""
     eng = pair.engine
@@ -249,17 +354,18 @@ def test_without_io_uring_every_request_takes_the_python_path(monkeypatch: pytes
 
 
 def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
-    """With an O_DIRECT fd, aligned transfers go to the ring through it (no inline
-    attempt) and land in the file; unaligned ones use the page cache; both read back."""
+    """With an O_DIRECT fd, aligned transfers go through it, never inline: from
+    64 KiB on the engine's threads (the ring when there are none), smaller ones on
+    the ring; unaligned ones use the page cache; all land in the file."""
     path = tmp_path / "direct.img"
-    path.write_bytes(IMAGE)
+    path.write_bytes(IMAGE * 4)
     try:
         img = open_image(str(path), read_only=False, direct=True)
     except ImageError:
         pytest.skip("this file system refuses O_DIRECT")
     dev = ScsiDevice([img])
     try:
-        with DeviceRig(dev, queue_size=16, memory_size=4 << 20) as rig:
+        with DeviceRig(dev, queue_size=16, memory_size=16 << 20) as rig:
             if dev._engine is None:
                 pytest.skip("io_uring is not available here")
             eng = dev._engine
@@ -267,7 +373,7 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
             def run(cdb: bytes, data: bytes = b"", data_in: int = 0, align: int = 4096) -> tuple[int, bytes]:
                 hdr = rig.alloc(RQ, cmd_req(cdb))
                 resp = rig.alloc(RQ, RESP_HEADER)
-                buf = (rig.alloc(RQ, 3 * 4096) + 4095) // 4096 * 4096 + (4096 - align) % 4096
+                buf = (rig.alloc(RQ, 18 * 4096) + 4095) // 4096 * 4096 + (4096 - align) % 4096
                 descs = [RawDesc(hdr, 51, 0, 0)]
                 if data:
                     rig.memory.write(buf, data)
@@ -284,15 +390,26 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
                 assert Resp.parse(rig.read(resp, RESP_HEADER)).status == 0
                 return used[0][1], rig.read(buf, data_in)
 
-            ring, inline = eng.ring_requests, eng.inline_reads + eng.inline_writes
-            run(write10(8, 8), b"\x3c" * 4096)
+            pool, ring = eng.pool_requests, eng.ring_requests
+            inline = eng.inline_reads + eng.inline_writes
+            big = bytes(range(256)) * 256  # 64 KiB: the engine's threads
+            run(write10(32, 128), big)
+            assert run(read10(32, 128), data_in=len(big))[1] == big
+            run(write10(24, 128, flags=0x08), big)  # FUA: RWF_DSYNC on a thread
+            run(write10(8, 8), b"\x3c" * 4096)  # small: the ring
             assert run(read10(8, 8), data_in=4096)[1] == b"\x3c" * 4096
-            assert (eng.ring_requests, eng.inline_reads + eng.inline_writes) == (ring + 2, inline)
+            assert (eng.pool_requests, eng.ring_requests) == (pool + 3, ring + 2)
+            assert eng.inline_reads + eng.inline_writes == inline
             # An odd buffer address: the page cache (the buffered fd), inline.
             run(write10(16, 1), b"\x4d" * 512, align=8)
             assert run(read10(16, 1), data_in=512, align=8)[1] == b"\x4d" * 512
-            assert eng.ring_requests == ring + 2
+            assert eng.pool_requests == pool + 3
+            # Without threads, large O_DIRECT transfers take the ring too.
+            eng.direct_threads = 0
+            assert run(read10(32, 128), data_in=len(big))[1] == big
+            assert (eng.ring_requests, eng.pool_requests) == (ring + 3, pool + 3)
         data = path.read_bytes()
         assert data[8 * 512 : 16 * 512] == b"\x3c" * 4096 and data[16 * 512 : 17 * 512] == b"\x4d" * 512
+        assert data[24 * 512 : 32 * 512] == big[: 8 * 512] and data[32 * 512 : 160 * 512] == big
     finally:
         img.close()

@@ -8,6 +8,12 @@ class Engine:
     fd: int
     inline_reads: int
     ring_requests: int
+    pool_requests: int
+    direct_threads: int
+    pool_min_read: int
+    pool_min_write: int
+    pool_min_cached: int
+    submit_batch: int
     inline_writes: int
     slow_writes: int
     slow_ns: int

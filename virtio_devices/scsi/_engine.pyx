@@ -34,14 +34,21 @@ response headers (GOOD, the residual of §5.6.6.1) and puts every finished chain
 in its used ring in one call.  A completion that is not the whole transfer (an
 error, a short read of an image that shrank, a short write) goes back to Python
 with what was moved, which finishes or answers it.
+
+Large O_DIRECT transfers (``pool_min_read``/``pool_min_write``) go to the engine's
+own threads instead of the ring: plain C threads that run a blocking
+``preadv2``/``pwritev2`` without the GIL and touch only their slot; a completion
+into an empty done list writes the same eventfd, and :meth:`Engine.reap` finishes
+ring and thread completions alike.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.errno cimport EAGAIN, EOPNOTSUPP, errno
+from libc.errno cimport EAGAIN, EINTR, EOPNOTSUPP, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from posix.uio cimport iovec
 from posix.unistd cimport close, read
+from posix.unistd cimport write as fd_write
 
 from virtio_queue.chain cimport ChainCursor, DescriptorChain, chain_next, chain_start, make_chain
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
@@ -63,6 +70,32 @@ cdef extern from "<linux/fs.h>" nogil:
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, long long offset, int flags)
     ssize_t pwritev2(int fd, const iovec *iov, int iovcnt, long long offset, int flags)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_create(pthread_t *thread, const void *attr, void *(*start)(void *) noexcept nogil,
+                       void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+    int pthread_cond_init(pthread_cond_t *cond, const void *attr)
+    int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
+    int pthread_cond_signal(pthread_cond_t *cond)
+    int pthread_cond_broadcast(pthread_cond_t *cond)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
 
 cdef extern from "<time.h>" nogil:
     struct timespec:
@@ -113,6 +146,12 @@ DEF MAX_BLOCKS = 0xFFFF
 DEF MAX_SEGS = 128
 DEF RESP_SEGS = 4
 DEF MAX_QUEUES = 64
+# Threads for large O_DIRECT transfers (made at the first one): on a virtio disk,
+# blocking threads keep more of them at the device than io_uring's inline
+# submission does; small ones cost less through the ring (docs/performance.md).
+DEF DIRECT_THREADS = 32
+DEF POOL_MIN = 65536
+DEF POOL_MIN_CACHED = 1 << 62
 # What O_DIRECT asks of buffer addresses and lengths (the usual logical block size;
 # a device with larger sectors answers EINVAL, and Python then uses the page cache).
 DEF DIRECT_ALIGN = 512
@@ -121,6 +160,10 @@ DEF DIRECT_ALIGN = 512
 # faster than it bring them back.
 DEF SLOW_NS = 1000000
 DEF FAST_STREAK = 64
+# Queued SQEs are handed to the kernel every this many (and at the end of a drain):
+# a drain's requests reach the disk in a few groups rather than all at its end,
+# which keeps a deep queue of O_DIRECT transfers moving (docs/performance.md).
+DEF SUBMIT_BATCH = 4
 # LUN write modes.
 DEF W_NOWAIT = 0    # try pwritev2(RWF_NOWAIT) inline; EAGAIN: the ring
 DEF W_INLINE = 1    # the file system refuses RWF_NOWAIT: timed pwritev2 inline
@@ -137,9 +180,67 @@ cdef struct Slot:
     int lun
     uint64_t lba
     int64_t t_submit
+    int fd          # the fd a pool thread uses
+    int res         # a pool thread's result (bytes, or -errno)
     int niov
     iovec resp[RESP_SEGS]
     iovec iov[MAX_SEGS]
+
+
+cdef struct Pool:
+    pthread_mutex_t mu
+    pthread_cond_t cv
+    bint stop
+    int cap            # ring capacity: the engine's slots
+    int *jobs          # slots to run
+    int jhead
+    int jcount
+    int *done          # slots run, for reap
+    int dhead
+    int dcount
+    Slot *slots
+    int efd            # the engine's eventfd: one write per completion
+    int nthreads
+    pthread_t threads[DIRECT_THREADS]
+
+
+cdef void *_pool_worker(void *arg) noexcept nogil:
+    """A pool thread: run O_DIRECT transfers until the pool stops.  It touches the
+    slot it took and the pool's rings (under the mutex), never a Python object."""
+    cdef Pool *p = <Pool *>arg
+    cdef int slot
+    cdef Slot *s
+    cdef ssize_t r
+    cdef uint64_t one = 1
+    cdef bint first
+    while True:
+        pthread_mutex_lock(&p.mu)
+        while p.jcount == 0 and not p.stop:
+            pthread_cond_wait(&p.cv, &p.mu)
+        if p.jcount == 0:
+            pthread_mutex_unlock(&p.mu)
+            return NULL
+        slot = p.jobs[p.jhead]
+        p.jhead = (p.jhead + 1) % p.cap
+        p.jcount -= 1
+        pthread_mutex_unlock(&p.mu)
+        s = &p.slots[slot]
+        if s.write:
+            r = pwritev2(s.fd, s.iov, s.niov, <long long>(s.lba << BLOCK_SHIFT), RWF_DSYNC if s.fua else 0)
+        else:
+            r = preadv2(s.fd, s.iov, s.niov, <long long>(s.lba << BLOCK_SHIFT), 0)
+        s.res = <int>r if r >= 0 else -errno
+        pthread_mutex_lock(&p.mu)
+        p.done[(p.dhead + p.dcount) % p.cap] = slot
+        p.dcount += 1
+        first = p.dcount == 1
+        pthread_mutex_unlock(&p.mu)
+        # Only a completion into an empty done ring wakes the loop: reap drains
+        # the ring to empty under the mutex after it cleared the eventfd, so every
+        # completion it has not taken either finds the ring non-empty (reap takes
+        # it) or signals.
+        if first:
+            fd_write(p.efd, &one, 8)
 
 
 cdef inline uint32_t _be16(const unsigned char *p) noexcept nogil:
@@ -221,10 +322,16 @@ cdef class Engine:
     the ring's size and the most requests in flight at once (a chain beyond it is
     refused to Python).  ``inline_writes=False``: every write through the ring.
     ``direct_fds[k]``: an O_DIRECT fd of LUN k (or -1), for transfers whose buffers
-    are 512-byte aligned; they go to the ring (no inline attempt).
-    ``inline_reads``, ``inline_writes``, ``ring_requests`` and ``slow_writes``
-    count what was done inline, what went to the ring, and how often an inline
-    write was slow.
+    are 512-byte aligned: never inline; reads of at least ``pool_min_read`` bytes
+    and writes of at least ``pool_min_write`` (64 KiB each) run on the engine's
+    own threads (``direct_threads``, 32, made at the first; 0: none), smaller ones
+    on the ring; page-cache transfers of at least ``pool_min_cached`` bytes too
+    (never by default: inline is faster for them).
+    ``submit_batch``: queued ring requests are submitted every this many (4), and
+    at the end of each drain.
+    ``inline_reads``, ``inline_writes``, ``ring_requests``, ``pool_requests`` and
+    ``slow_writes`` count what was done inline, what went to the ring and to the
+    threads, and how often an inline write was slow.
 
     Raises:
         OSError: io_uring is not available (``io_uring_disabled``, a seccomp
@@ -250,9 +357,16 @@ cdef class Engine:
     cdef public long long slow_ns
     cdef readonly long long inline_reads
     cdef readonly long long ring_requests
+    cdef readonly long long pool_requests
     cdef readonly long long inline_writes
     cdef readonly long long slow_writes
     cdef int nluns
+    cdef Pool *pool
+    cdef public int direct_threads
+    cdef public long long pool_min_read
+    cdef public long long pool_min_write
+    cdef public long long pool_min_cached
+    cdef public int submit_batch
     cdef list _chains
     cdef list _queues
     cdef int in_flight_q[MAX_QUEUES]
@@ -297,6 +411,11 @@ cdef class Engine:
             self.nowait_read[i] = True
         self.nslots = entries
         self.allow_inline = inline_writes
+        self.direct_threads = DIRECT_THREADS
+        self.pool_min_read = POOL_MIN
+        self.pool_min_write = POOL_MIN
+        self.pool_min_cached = POOL_MIN_CACHED
+        self.submit_batch = SUBMIT_BATCH
         self.slow_ns = SLOW_NS
         for i in range(entries):
             self.free[i] = entries - 1 - i
@@ -316,6 +435,22 @@ cdef class Engine:
             raise OSError(-rc, "io_uring_register_eventfd failed")
 
     def __dealloc__(self):
+        cdef int i
+        cdef Pool *p = self.pool
+        if p != NULL:
+            # Jobs still queued run first (the chains they write to are alive
+            # until this returns).
+            with nogil:
+                pthread_mutex_lock(&p.mu)
+                p.stop = True
+                pthread_cond_broadcast(&p.cv)
+                pthread_mutex_unlock(&p.mu)
+                for i in range(p.nthreads):
+                    pthread_join(p.threads[i], NULL)
+            PyMem_Free(p.jobs)
+            PyMem_Free(p.done)
+            PyMem_Free(p)
+            self.pool = NULL
         if self._open:
             io_uring_queue_exit(&self.ring)
         if self.fd >= 0:
@@ -346,8 +481,8 @@ cdef class Engine:
 
     def submit(self, int index, DescriptorChain chain not None):
         """Serve ``chain`` of request queue ``index`` if it has the shape this path
-        serves (module docstring): 0 when it is queued for the ring (nothing
-        reaches the kernel before :meth:`flush`), the used length when it was
+        serves (module docstring): 0 when it is queued for the ring or the threads
+        (the ring's last ``submit_batch`` may wait for :meth:`flush`), the used length when it was
         completed at once (an inline write: the caller puts it in the used ring),
         -1 when the Python path must serve it (the chain is untouched then, or
         holds a write that may be written again)."""
@@ -440,7 +575,7 @@ cdef class Engine:
         cdef Slot *s
         cdef ssize_t r
         cdef int fd
-        cdef bint direct
+        cdef bint direct, threads
         cdef io_uring_sqe *sqe
         if self.nfree == 0:
             return -1
@@ -540,8 +675,10 @@ cdef class Engine:
                     break
             if direct:
                 fd = self.dfds[lun]
-        if direct:
-            pass  # straight to the ring: the disk itself is the wait
+        threads = self.direct_threads > 0 and <long long>nbytes >= (
+            (self.pool_min_write if write else self.pool_min_read) if direct else self.pool_min_cached)
+        if direct or threads:
+            pass  # not inline: the disk itself is the wait, or a thread copies
         elif not write and self.nowait_read[lun]:
             # A page-cache hit is one system call here; anything else the ring.
             r = preadv2(self.fds[lun], s.iov, s.niov, lba << BLOCK_SHIFT, RWF_NOWAIT)
@@ -551,7 +688,7 @@ cdef class Engine:
                 return RESP_HEADER + nbytes
             if r < 0 and errno == EOPNOTSUPP:
                 self.nowait_read[lun] = False
-        if write and not direct and not s.fua and self.wmode[lun] != W_RING:
+        if write and not direct and not threads and not s.fua and self.wmode[lun] != W_RING:
             rc = self._write_inline(s, lun, lba << BLOCK_SHIFT)
             if rc > 0:
                 _respond_good(s)
@@ -560,6 +697,25 @@ cdef class Engine:
             if rc < 0:
                 return -1
             # EAGAIN: the write would block; the ring's workers do it.
+        if threads:
+            if self.pool == NULL:
+                self._start_pool()
+            self.nfree -= 1
+            s.head = chain.head_index
+            s.queue = index
+            s.lun = lun
+            s.lba = lba
+            s.t_submit = _now_ns()
+            s.fd = fd
+            self._chains[slot] = chain
+            self.pool_requests += 1
+            self.in_flight_q[index] += 1
+            pthread_mutex_lock(&self.pool.mu)
+            self.pool.jobs[(self.pool.jhead + self.pool.jcount) % self.pool.cap] = slot
+            self.pool.jcount += 1
+            pthread_cond_signal(&self.pool.cv)
+            pthread_mutex_unlock(&self.pool.mu)
+            return 0
         sqe = io_uring_get_sqe(&self.ring)
         if sqe == NULL:
             # The submission ring is full of unsubmitted entries: hand them over.
@@ -584,6 +740,8 @@ cdef class Engine:
         self.ring_requests += 1
         self.in_flight_q[index] += 1
         self.unsubmitted += 1
+        if self.unsubmitted >= self.submit_batch:
+            self._submit()
         return 0
 
     cdef int _write_inline(self, Slot *s, int lun, uint64_t offset) noexcept:
@@ -613,6 +771,43 @@ cdef class Engine:
             self.slow_writes += 1
         return 1 if r == <ssize_t>s.nbytes else -1
 
+    cdef int _start_pool(self) except -1:
+        """Make the O_DIRECT threads (``direct_threads`` of them, at most 32).
+
+        Raises:
+            OSError: not one thread could be made.
+        """
+        cdef Pool *p = <Pool *>PyMem_Malloc(sizeof(Pool))
+        cdef int i, n = self.direct_threads
+        if p == NULL:
+            raise MemoryError()
+        memset(p, 0, sizeof(Pool))
+        p.cap = self.nslots
+        p.jobs = <int *>PyMem_Malloc(sizeof(int) * self.nslots)
+        p.done = <int *>PyMem_Malloc(sizeof(int) * self.nslots)
+        if p.jobs == NULL or p.done == NULL:
+            PyMem_Free(p.jobs)
+            PyMem_Free(p.done)
+            PyMem_Free(p)
+            raise MemoryError()
+        p.slots = self.slots
+        p.efd = self.fd
+        pthread_mutex_init(&p.mu, NULL)
+        pthread_cond_init(&p.cv, NULL)
+        if n > DIRECT_THREADS:
+            n = DIRECT_THREADS
+        for i in range(n):
+            if pthread_create(&p.threads[i], NULL, _pool_worker, p) != 0:
+                break
+            p.nthreads += 1
+        if p.nthreads == 0:
+            PyMem_Free(p.jobs)
+            PyMem_Free(p.done)
+            PyMem_Free(p)
+            raise OSError(11, "engine: no O_DIRECT thread could be made")
+        self.pool = p
+        return 0
+
     cdef int _submit(self) except -1:
         cdef int rc
         while self.unsubmitted:
@@ -633,16 +828,24 @@ cdef class Engine:
 
     def wait(self, double timeout):
         """Block until a completion is there or ``timeout`` seconds pass (quiesce);
-        True if one is there (:meth:`reap` takes it)."""
-        cdef __kernel_timespec ts
-        cdef io_uring_cqe *cqe
+        True if one is there (:meth:`reap` takes it).  Ring and threads both count
+        their completions on the eventfd."""
+        cdef pollfd pfd
         cdef int rc
+        cdef int64_t deadline = _now_ns() + <int64_t>(timeout * 1e9 if timeout > 0 else 0)
+        cdef int64_t left
         self.flush()
-        ts.tv_sec = <int64_t>timeout
-        ts.tv_nsec = <long long>((timeout - ts.tv_sec) * 1e9)
-        with nogil:
-            rc = io_uring_wait_cqe_timeout(&self.ring, &cqe, &ts)
-        return rc == 0
+        pfd.fd = self.fd
+        pfd.events = POLLIN
+        while True:
+            pfd.revents = 0
+            left = deadline - _now_ns()
+            with nogil:
+                rc = poll(&pfd, 1, <int>((left + 999999) // 1000000) if left > 0 else 0)
+            # EINTR: io_uring runs a completion's task work on this thread by
+            # interrupting its wait; the completion is then on the eventfd.
+            if rc >= 0 or errno != EINTR:
+                return rc > 0
 
     def reap(self):
         """Finish every request the kernel completed: ``(served, bytes, signal, rest)``.
@@ -656,53 +859,75 @@ cdef class Engine:
         """
         return self._reap(False, 0)
 
+    cdef uint32_t _finish_slot(self, int slot, int res, int64_t *now, list rest) except? 0xFFFFFFFF:
+        """One transfer done with ``res`` (bytes or -errno): free its slot; a whole
+        one gets GOOD and its used entry (returns the used length), any other goes
+        to ``rest`` for Python (returns 0)."""
+        cdef Slot *s = &self.slots[slot]
+        cdef uint32_t used
+        cdef Queue q
+        chain = self._chains[slot]
+        self._chains[slot] = None
+        self.free[self.nfree] = slot
+        self.nfree += 1
+        self.in_flight_q[s.queue] -= 1
+        if res != <int>s.nbytes:
+            rest.append((s.queue, chain, bool(s.write), bool(s.fua), s.lun, s.lba,
+                         s.nbytes >> BLOCK_SHIFT, res if res > 0 else 0, -res if res < 0 else 0))
+            return 0
+        _respond_good(s)
+        if s.write and not s.fua and self.allow_inline and self.wmode[s.lun] == W_RING:
+            if now[0] == 0:
+                now[0] = _now_ns()
+            if now[0] - s.t_submit < self.slow_ns:
+                self.streak[s.lun] += 1
+                if self.streak[s.lun] >= FAST_STREAK:
+                    self.wmode[s.lun] = W_NOWAIT
+            else:
+                self.streak[s.lun] = 0
+        used = RESP_HEADER if s.write else RESP_HEADER + s.nbytes
+        q = <Queue>self._queues[s.queue]
+        q.add_used_c(s.head, used)
+        return used
+
     cdef tuple _reap(self, bint also, int index):
         """reap(); ``also``: queue ``index`` had chains completed before, count it
         as touched."""
         cdef io_uring_cqe *cqe
         cdef uint64_t tick
         cdef int slot, res
-        cdef Slot *s
         cdef int64_t now = 0
         cdef uint32_t used
         cdef long served = 0
         cdef unsigned long long nbytes = 0
         cdef uint64_t mask = 0
-        cdef list rest = None
-        cdef Queue q
+        cdef list rest = []
+        cdef Pool *p
         read(self.fd, &tick, 8)  # clear the count first: a later completion sets it again
         while io_uring_peek_cqe(&self.ring, &cqe) == 0:
             slot = <int>cqe.user_data
             res = cqe.res
             io_uring_cqe_seen(&self.ring, cqe)
-            s = &self.slots[slot]
-            chain = self._chains[slot]
-            self._chains[slot] = None
-            self.free[self.nfree] = slot
-            self.nfree += 1
-            self.in_flight_q[s.queue] -= 1
-            if res != <int>s.nbytes:
-                if rest is None:
-                    rest = []
-                rest.append((s.queue, chain, bool(s.write), bool(s.fua), s.lun, s.lba,
-                             s.nbytes >> BLOCK_SHIFT, res if res > 0 else 0, -res if res < 0 else 0))
-                continue
-            _respond_good(s)
-            if s.write and not s.fua and self.allow_inline and self.wmode[s.lun] == W_RING:
-                if now == 0:
-                    now = _now_ns()
-                if now - s.t_submit < self.slow_ns:
-                    self.streak[s.lun] += 1
-                    if self.streak[s.lun] >= FAST_STREAK:
-                        self.wmode[s.lun] = W_NOWAIT
-                else:
-                    self.streak[s.lun] = 0
-            used = RESP_HEADER if s.write else RESP_HEADER + s.nbytes
-            q = <Queue>self._queues[s.queue]
-            q.add_used_c(s.head, used)
-            mask |= (<uint64_t>1) << s.queue
-            served += 1
-            nbytes += used
+            used = self._finish_slot(slot, res, &now, rest)
+            if used:
+                mask |= (<uint64_t>1) << self.slots[slot].queue
+                served += 1
+                nbytes += used
+        p = self.pool
+        while p != NULL:
+            pthread_mutex_lock(&p.mu)
+            if p.dcount == 0:
+                pthread_mutex_unlock(&p.mu)
+                break
+            slot = p.done[p.dhead]
+            p.dhead = (p.dhead + 1) % p.cap
+            p.dcount -= 1
+            pthread_mutex_unlock(&p.mu)
+            used = self._finish_slot(slot, self.slots[slot].res, &now, rest)
+            if used:
+                mask |= (<uint64_t>1) << self.slots[slot].queue
+                served += 1
+                nbytes += used
         if also:
             mask |= (<uint64_t>1) << index
-        return served, nbytes, self._to_signal(mask), rest if rest is not None else []
+        return served, nbytes, self._to_signal(mask), rest

@@ -676,6 +676,14 @@ class ScsiDevice(VirtioDevice):
             self._tmf_held = []
             if self._engine_loop is not None and self._engine is not None:
                 self._engine_loop.remove_reader(self._engine.fd)
+                e = self._engine
+                log.info(
+                    "scsi engine so far: %d reads, %d writes inline, %d requests on io_uring, %d on threads",
+                    e.inline_reads,
+                    e.inline_writes,
+                    e.ring_requests,
+                    e.pool_requests,
+                )
             self._engine_loop = None
 
 
