@@ -19,8 +19,14 @@ the message is taken (the driver does not look at them before their completion).
 """
 
 cimport cython
+from libc.errno cimport errno
+from libc.math cimport floor
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, itimerspec, timespec
+from posix.unistd cimport close, read
+
+from virtio_devices._pump cimport FdPump
 
 from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_chain, make_reader, make_writer
 from virtio_queue.queue cimport Queue
@@ -29,7 +35,20 @@ import collections
 
 from virtio_queue import InvalidDescriptorIndex
 
+cdef extern from "<sys/timerfd.h>" nogil:
+    int timerfd_create(int clockid, int flags)
+    int timerfd_settime(int fd, int flags, const itimerspec *new_value, itimerspec *old_value)
+    enum:
+        TFD_NONBLOCK
+        TFD_CLOEXEC
+        TFD_TIMER_ABSTIME
+
 cdef enum:
+    # §5.14.6.9: the events this path sends, and how many wait for a buffer.
+    EVT_PCM_PERIOD_ELAPSED = 0x1100
+    EVT_PCM_XRUN = 0x1101
+    EVENT_BACKLOG = 64
+    EVENT_SIZE = 8
     # §5.14.6.1 / §5.14.6.8
     S_OK = 0x8000
     XFER_SIZE = 4
@@ -95,6 +114,8 @@ cdef class IoPacer:
     #: Messages completed and their used bytes, so far.
     cdef readonly unsigned long long completed
     cdef readonly unsigned long long used_bytes
+    #: Messages held by the last :meth:`take`.
+    cdef readonly Py_ssize_t last_taken
 
     def __init__(self, Queue queue not None, uint32_t stream_id, bint output, double byte_rate,
                  uint32_t period_bytes):
@@ -187,6 +208,11 @@ cdef class IoPacer:
                 as :meth:`Queue.pop_chain` does; the next call goes on).
             QueueNotReady, InvalidAvailRingIndex: as :meth:`Queue.pop_chain`.
         """
+        chain = self.take_c(now)
+        return self.last_taken, chain
+
+    cdef object take_c(self, double now):
+        """:meth:`take`: the chain (or None); how many were held in ``last_taken``."""
         cdef Queue q = self.queue
         cdef uint16_t head
         cdef DescriptorChain ch
@@ -196,17 +222,19 @@ cdef class IoPacer:
         cdef uint32_t sid
         cdef size_t room, nbytes, got
         cdef Py_ssize_t taken = 0
+        self.last_taken = 0
         while True:
+            self.last_taken = taken
             if not q.pop_head(&head):
                 self._start(now)
                 if self.deadline >= 0:
                     # A message plays: its end looks at the ring anyway, so the
                     # driver need not kick meanwhile (VIRTIO 1.2 §2.7.10).
                     q.suppress_notification_c()
-                    return taken, None
+                    return None
                 if q.enable_notification_c():
                     continue    # one came before the driver could see the request
-                return taken, None
+                return None
             if head >= q._size:
                 self._start(now)
                 raise InvalidDescriptorIndex(
@@ -214,23 +242,23 @@ cdef class IoPacer:
             ch = make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head)
             if not self.accepting:
                 self._start(now)
-                return taken, ch
+                return ch
             try:
                 w = make_writer(ch)
                 r = make_reader(ch)
             except Exception:
                 # The Python path walks it again and answers the fault.
                 self._start(now)
-                return taken, ch
+                return ch
             room = w.avail
             if room < STATUS_SIZE or r.avail < XFER_SIZE:
                 self._start(now)
-                return taken, ch
+                return ch
             r.copy_out(hdr, XFER_SIZE)
             sid = hdr[0] | (<uint32_t>hdr[1] << 8) | (<uint32_t>hdr[2] << 16) | (<uint32_t>hdr[3] << 24)
             if sid != self.stream_id:
                 self._start(now)
-                return taken, ch
+                return ch
             if self.output:
                 nbytes = r.avail
             else:
@@ -240,7 +268,7 @@ cdef class IoPacer:
                     got += w.copy_in(_zeros, nbytes - got if nbytes - got < ZERO_CHUNK else ZERO_CHUNK)
             if nbytes > 0xFFFFFFFF:
                 self._start(now)
-                return taken, ch
+                return ch
             self._hold(ch, <uint32_t>nbytes)
             taken += 1
 
@@ -249,6 +277,9 @@ cdef class IoPacer:
         OK, ``latency_bytes``: for tx the bytes held behind it); each next one held
         starts where the one before ended (several complete at once when the timer
         came that late).  Returns the periods (``period_bytes``) that went through."""
+        return self.due_c(now)
+
+    cdef Py_ssize_t due_c(self, double now) except -1:
         cdef Py_ssize_t periods = 0
         cdef uint32_t n, used
         cdef unsigned long long latency
@@ -280,7 +311,7 @@ cdef class IoPacer:
         if self.deadline < 0:
             return 0
         self.deadline = 0.0
-        return self.due(0.0)
+        return self.due_c(0.0)
 
     def flush(self, uint32_t status):
         """Complete every message held, in order, with ``status`` and
@@ -305,9 +336,438 @@ cdef class IoPacer:
         return done
 
 
-def suppress_kicks(Queue queue not None):
-    """Ask the driver not to kick ``queue`` even for its next buffer (VIRTIO 1.2
-    §2.7.10: with EVENT_IDX, ``avail_event`` one behind the buffers taken; else
-    ``VRING_USED_F_NO_NOTIFY``), for a device that will look at the ring itself;
-    ``Queue.enable_notification`` asks for kicks again."""
-    queue.suppress_notification_c()
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline int _notify(Queue q, object signal, object interrupt, int index) except -1:
+    """Signal the driver for ``q`` if it asked for it (VIRTIO 1.2 §2.7.10): through
+    the transport's signaller (vhost-user: the ring's compiled ``signal_used``,
+    no Python frame) or else ``interrupt.signal_used(index)``."""
+    if q.needs_notification_c():
+        if signal is not None:
+            signal()
+        elif interrupt is not None:
+            interrupt.signal_used(index)
+    return 0
+
+
+@cython.final
+cdef class EventQueue:
+    """The event queue of a sound device (VIRTIO 1.2 §5.14.6.9) in compiled code:
+    the driver's event buffers it holds, and the events waiting for one.
+
+    An event is written into the oldest buffer held (``virtio_snd_event``: code
+    and data, little-endian) and completed; with no buffer held, the buffers the
+    driver added meanwhile are taken from the ring first (their kicks were not
+    asked for: while buffers are held the driver's kicks are suppressed, §2.7.10,
+    and asked for again when none is left).  Events that find no buffer wait, at
+    most ``EVENT_BACKLOG`` of them, the oldest dropped first.  A buffer that is not
+    8 device-writable bytes alone is left in :attr:`unserved` for the device's
+    Python path (which answers it as a guest fault); taking stops there.
+    """
+
+    cdef readonly Queue queue
+    cdef object signal
+    cdef object interrupt
+    cdef int index
+    cdef object _held           # deque of DescriptorChain, in ring order
+    cdef uint32_t _pending[2 * EVENT_BACKLOG]
+    cdef Py_ssize_t _p_first
+    cdef Py_ssize_t _p_count
+    #: Whether the buffers held are the last ones popped (a quiesce returns them
+    #: to the avail ring as not consumed).
+    cdef public bint are_tail
+    #: Whether buffers may be taken from the ring (the queue is not given back).
+    cdef public bint serving
+    #: A popped buffer this path does not serve, for the device's Python path.
+    cdef public object unserved
+    #: Events sent: PCM_PERIOD_ELAPSED, PCM_XRUN.
+    cdef readonly unsigned long long period_elapsed_sent
+    cdef readonly unsigned long long xrun_sent
+
+    def __init__(self, Queue queue not None, int index, interrupt):
+        self.queue = queue
+        self.index = index
+        self.interrupt = interrupt
+        # A transport that hands out a queue's signaller (vhost-user: the ring's
+        # compiled KickRing.signal_used) is called without a Python frame.
+        signaller = getattr(interrupt, "signaller", None)
+        self.signal = signaller(index) if signaller is not None else None
+        self._held = collections.deque()
+        self.are_tail = True
+        self.serving = True
+
+    def __len__(self):
+        """Buffers held."""
+        return len(self._held)
+
+    @property
+    def pending(self):
+        """Events waiting for a buffer."""
+        return self._p_count
+
+    def hold(self, DescriptorChain chain not None):
+        """Hold an event buffer the device's Python path checked (a kick's drain)."""
+        self._held.append(chain)
+
+    def held(self):
+        """Remove and return the buffers held, in order (quiesce)."""
+        chains = list(self._held)
+        self._held.clear()
+        return chains
+
+    def clear(self):
+        """Forget the buffers held and the events waiting (reset)."""
+        self._held.clear()
+        self._p_count = 0
+        self.unserved = None
+        self.are_tail = True
+
+    def quiet(self):
+        """While buffers are held the driver need not kick for the ones it adds
+        (VIRTIO 1.2 §2.7.10): :meth:`send` takes them when it finds none held."""
+        if len(self._held) and self.queue._ready:
+            self.queue.suppress_notification_c()
+
+    def send(self, uint32_t code, uint32_t data):
+        """Queue event ``code`` with ``data`` (a stream id) and deliver what the
+        buffers allow; returns whether :attr:`unserved` holds a buffer for the
+        Python path (then call :meth:`flush` after it)."""
+        return self.send_c(code, data) != 0
+
+    def flush(self):
+        """Deliver the waiting events the buffers allow (taking buffers from the
+        ring when none is held); returns as :meth:`send` does."""
+        return self.flush_c() != 0
+
+    cdef int send_c(self, uint32_t code, uint32_t data) except -1:
+        cdef Py_ssize_t slot
+        if not self.queue._ready:
+            return 0
+        if self._p_count == EVENT_BACKLOG:
+            # The oldest is dropped (a driver that gives no buffers).
+            self._p_first = (self._p_first + 1) % EVENT_BACKLOG
+            self._p_count -= 1
+        slot = (self._p_first + self._p_count) % EVENT_BACKLOG
+        self._pending[2 * slot] = code
+        self._pending[2 * slot + 1] = data
+        self._p_count += 1
+        return self.flush_c()
+
+    cdef int flush_c(self) except -1:
+        cdef int rc = 0
+        cdef bint sent = False
+        cdef DescriptorChain ch
+        cdef Writer w
+        cdef unsigned char buf[EVENT_SIZE]
+        cdef uint32_t code, data
+        if not self._p_count:
+            return 0
+        if not len(self._held) and self.serving and self.unserved is None:
+            rc = self._take()
+        while self._p_count and len(self._held):
+            code = self._pending[2 * self._p_first]
+            data = self._pending[2 * self._p_first + 1]
+            self._p_first = (self._p_first + 1) % EVENT_BACKLOG
+            self._p_count -= 1
+            ch = <DescriptorChain>self._held.popleft()
+            buf[0] = code & 0xFF
+            buf[1] = (code >> 8) & 0xFF
+            buf[2] = (code >> 16) & 0xFF
+            buf[3] = (code >> 24) & 0xFF
+            buf[4] = data & 0xFF
+            buf[5] = (data >> 8) & 0xFF
+            buf[6] = (data >> 16) & 0xFF
+            buf[7] = (data >> 24) & 0xFF
+            w = make_writer(ch)
+            w.copy_in(buf, EVENT_SIZE)
+            self.queue.add_used_c(ch.head_index, EVENT_SIZE)
+            if code == EVT_PCM_PERIOD_ELAPSED:
+                self.period_elapsed_sent += 1
+            elif code == EVT_PCM_XRUN:
+                self.xrun_sent += 1
+            sent = True
+        if not len(self._held):
+            self.are_tail = True
+        if sent:
+            _notify(self.queue, self.signal, self.interrupt, self.index)
+        return rc
+
+    cdef int _take(self) except -1:
+        """Take the event buffers the ring holds (the drain of a kick: with none
+        left, the driver is asked to kick again); 1 when one is left in
+        :attr:`unserved`."""
+        cdef Queue q = self.queue
+        cdef uint16_t head
+        cdef DescriptorChain ch
+        cdef Writer w
+        while True:
+            if not q.pop_head(&head):
+                if len(self._held):
+                    q.suppress_notification_c()
+                    return 0
+                if q.enable_notification_c():
+                    continue
+                return 0
+            if head >= q._size:
+                raise InvalidDescriptorIndex(
+                    f"head descriptor index {head} out of range (queue size {q._size})")
+            ch = make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head)
+            try:
+                w = make_writer(ch)
+                if make_reader(ch).avail or w.avail < EVENT_SIZE:
+                    self.unserved = ch
+                    return 1
+            except Exception:
+                # The Python path walks it again and answers the fault.
+                self.unserved = ch
+                return 1
+            self._held.append(ch)
+
+
+@cython.final
+cdef class StreamTimer(FdPump):
+    """The timer of a loop-paced PCM stream, served in compiled code: a timerfd
+    (``CLOCK_MONOTONIC``, absolute deadlines) armed for the end of the message in
+    progress of its :class:`IoPacer`, or, once the stream ran dry, for a period
+    later (an xrun).
+
+    :meth:`pump_c`, run by the loop when the timer fires (and by a kick of the
+    stream's queue through :class:`KickPump`): take what the driver added
+    (its kicks were suppressed meanwhile), complete every message due and signal
+    the driver once, send ``PCM_PERIOD_ELAPSED`` for each period that went
+    through while the stream is started and ``PCM_XRUN`` for a dry period
+    (:class:`EventQueue`), take again, re-arm.  No Python code runs unless a
+    message or an event buffer this path does not serve was popped: it is left in
+    :attr:`unserved` (or the event queue's) and the pump answers 1.
+
+    ``clock``: None (the kernel's ``CLOCK_MONOTONIC``, as ``time.monotonic``) or
+    a callable (tests' fake clocks; the timerfd is still armed, at the fake
+    deadline).
+    """
+
+    cdef readonly IoPacer pacer
+    cdef readonly EventQueue events
+    cdef object signal
+    cdef object interrupt
+    cdef int index
+    cdef int _fd
+    cdef object clock
+    #: Whether the stream may touch its queue (device active, queue not given
+    #: back, the stream not held or stopping).
+    cdef public bint serving
+    #: Whether the stream is started (PCM_PERIOD_ELAPSED is sent).
+    cdef public bint started
+    #: Whether the driver selected PCM_XRUN notifications.
+    cdef public bint xrun_events
+    #: The length of a period in seconds (a dry stream's xrun comes after one).
+    cdef public double period_secs
+    #: A message popped that this path does not serve, for the Python path.
+    cdef public object unserved
+    #: Whether a completion came with nothing played since (an xrun may follow).
+    cdef public bint dry_armed
+    cdef double _dry_deadline
+    #: When the timerfd fires (the clock's seconds; < 0: disarmed).
+    cdef readonly double wakeup
+    #: Timer expiries read.
+    cdef readonly unsigned long long expiries
+
+    def __cinit__(self, *args, **kwargs):
+        self._fd = -1
+
+    def __init__(self, IoPacer pacer not None, EventQueue events, interrupt, double period_secs,
+                 clock=None):
+        self.pacer = pacer
+        self.events = events
+        self.index = 2 if pacer.output else 3
+        self.interrupt = interrupt
+        signaller = getattr(interrupt, "signaller", None)
+        self.signal = signaller(self.index) if signaller is not None else None
+        self.period_secs = period_secs
+        self.clock = clock
+        self.wakeup = -1.0
+        self._dry_deadline = -1.0
+        self._fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(errno, "timerfd_create failed")
+
+    def __dealloc__(self):
+        if self._fd >= 0:
+            close(self._fd)
+
+    def fileno(self):
+        """The timerfd (-1 once closed)."""
+        return self._fd
+
+    def close(self):
+        """Close the timerfd (idempotent); the loop must not watch it any more."""
+        if self._fd >= 0:
+            close(self._fd)
+            self._fd = -1
+        self.wakeup = -1.0
+
+    cdef inline double _now(self) except? -1.0:
+        if self.clock is None:
+            return _monotonic()
+        return self.clock()
+
+    cdef int pump_c(self) except -1:
+        cdef uint64_t count
+        if self._fd >= 0 and read(self._fd, &count, 8) == 8:
+            self.expiries += count
+            self.wakeup = -1.0      # one-shot: it fired
+        if self.unserved is not None or (self.events is not None and self.events.unserved is not None):
+            return 1
+        if not self.serving:
+            return 0
+        return self.tick_c(self._now())
+
+    def tick(self, double now):
+        """Serve the stream at ``now`` as :meth:`pump_c` does; returns whether the
+        Python path must go on (see :attr:`unserved`)."""
+        return self.tick_c(now) != 0
+
+    def rearm(self, double now):
+        """Arm the timer for the stream as it is now (a message held by the Python
+        path, a state changed); returns as :meth:`tick` does."""
+        cdef int rc = self._dry_check(now)
+        self._arm()
+        return rc != 0
+
+    def finish_current(self, double now):
+        """Complete the message in progress now (before a control operation), with
+        its notification and events."""
+        cdef unsigned long long c0 = self.pacer.completed
+        cdef Py_ssize_t periods = self.pacer.finish_current(now)
+        return self._account(c0, periods) != 0
+
+    def flush(self, uint32_t status):
+        """Complete every message held with ``status`` (RELEASE: OK; the queue
+        taken back: IO_ERR), notify the driver and disarm the timer."""
+        cdef Py_ssize_t done = self.pacer.flush(status)
+        if done:
+            _notify(self.pacer.queue, self.signal, self.interrupt, self.index)
+        self.dry_armed = False
+        self._dry_deadline = -1.0
+        self._arm()
+        return done
+
+    def disarm(self):
+        """Stop the timer and forget a pending xrun (the stream is held or stops)."""
+        self.dry_armed = False
+        self._dry_deadline = -1.0
+        self._set_timer(-1.0)
+
+    cdef int tick_c(self, double now) except -1:
+        cdef IoPacer pacer = self.pacer
+        cdef unsigned long long c0
+        cdef Py_ssize_t periods
+        if self.unserved is not None or (self.events is not None and self.events.unserved is not None):
+            return 1
+        if not self.serving:
+            return 0
+        if self._take(now):
+            return 1
+        c0 = pacer.completed
+        periods = pacer.due_c(now)
+        if self._account(c0, periods):
+            return 1
+        if self._take(now):
+            return 1
+        if self._dry_check(now):
+            return 1
+        self._arm()
+        return 0
+
+    cdef int _take(self, double now) except -1:
+        if not self.pacer.queue._ready:
+            return 0
+        self.unserved = self.pacer.take_c(now)
+        if self.pacer.last_taken:
+            self.dry_armed = False
+            self._dry_deadline = -1.0
+        return self.unserved is not None
+
+    cdef int _account(self, unsigned long long c0, Py_ssize_t periods) except -1:
+        """After the pacer completed messages: notification, period events."""
+        cdef int rc = 0
+        if self.pacer.completed == c0:
+            return 0
+        self.dry_armed = True
+        self._dry_deadline = -1.0
+        _notify(self.pacer.queue, self.signal, self.interrupt, self.index)
+        if periods and self.started and self.events is not None:
+            for _ in range(min(periods, EVENT_BACKLOG)):
+                rc |= self.events.send_c(EVT_PCM_PERIOD_ELAPSED, self.pacer.stream_id)
+        return rc
+
+    cdef int _dry_check(self, double now) except -1:
+        """A started stream that stays dry for a whole period after a completion:
+        PCM_XRUN (when the driver selected it), once."""
+        cdef IoPacer pacer = self.pacer
+        if not (self.dry_armed and pacer._running and pacer.deadline < 0 and pacer._count == 0):
+            self._dry_deadline = -1.0
+            return 0
+        if self._dry_deadline < 0:
+            self._dry_deadline = now + self.period_secs
+            return 0
+        if now < self._dry_deadline:
+            return 0
+        self.dry_armed = False
+        self._dry_deadline = -1.0
+        if self.xrun_events and self.events is not None:
+            return self.events.send_c(EVT_PCM_XRUN, pacer.stream_id)
+        return 0
+
+    cdef int _arm(self) except -1:
+        cdef double at = self.pacer.deadline
+        if at < 0:
+            at = self._dry_deadline
+        if at != self.wakeup:
+            self._set_timer(at)
+        return 0
+
+    cdef int _set_timer(self, double at) except -1:
+        cdef itimerspec spec
+        cdef double sec
+        spec.it_interval.tv_sec = 0
+        spec.it_interval.tv_nsec = 0
+        if at < 0:
+            spec.it_value.tv_sec = 0
+            spec.it_value.tv_nsec = 0
+        else:
+            # An absolute deadline: a late wake-up does not move the next one.
+            sec = floor(at)
+            spec.it_value.tv_sec = <long>sec
+            spec.it_value.tv_nsec = <long>((at - sec) * 1e9)
+            if spec.it_value.tv_sec == 0 and spec.it_value.tv_nsec == 0:
+                spec.it_value.tv_nsec = 1   # zero would disarm it
+        self.wakeup = at
+        if self._fd >= 0 and timerfd_settime(self._fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0:
+            raise OSError(errno, f"timerfd_settime({at}) failed")
+        return 0
+
+
+@cython.final
+cdef class KickPump(FdPump):
+    """A tx or rx queue's kicks served in compiled code (``VirtioDevice.kick_pump``):
+    while :attr:`target` (the stream's :class:`StreamTimer`) serves the queue, a
+    kick takes what the driver added and re-arms the timer; otherwise, or when
+    that leaves something for Python, the device's ``process_queue`` runs (1).
+    What the target raises is kept in its ``error`` for ``process_queue``."""
+
+    #: The stream timer serving the queue, or None.
+    cdef public StreamTimer target
+
+    cdef int pump_c(self) except -1:
+        cdef StreamTimer t = self.target
+        if t is None or not t.serving or t.error is not None:
+            return 1
+        try:
+            return t.tick_c(t._now())
+        except Exception as e:
+            t.error = e
+            return 1

@@ -40,6 +40,7 @@ from virtio_devices.sound import (
     VIRTIO_ID_SOUND,
     PcmState,
     SoundDevice,
+    _TimerStream,
 )
 from virtio_devices.testing import DeviceRig, FakeLoop
 from virtio_queue import Reader, Writer
@@ -145,6 +146,27 @@ def prepare_and_start(rig: DeviceRig, sid: int, **params: int) -> None:
     assert control(rig, set_params(sid, **params))[0] == S_OK
     assert control(rig, pcm(R_PCM_PREPARE, sid))[0] == S_OK
     assert control(rig, pcm(R_PCM_START, sid))[0] == S_OK
+
+
+def run_due(rig: DeviceRig) -> None:
+    """Run what is due at the fake clock's time: the loop's timers, and each
+    loop-paced stream's timerfd (armed at the fake clock's deadline, so the test
+    fires it as the kernel would: when the clock reaches its wake-up).  The pump
+    runs as the vhost-user loop runs it (``fire_pump``: the callback only when it
+    asks)."""
+    rig.loop.run_due()
+    dev = rig.device
+    assert isinstance(dev, SoundDevice)
+    while True:
+        due = [
+            s.worker.timer
+            for s in dev.streams
+            if isinstance(s.worker, _TimerStream) and 0 <= s.worker.timer.wakeup <= rig.clock()
+        ]
+        if not due:
+            return
+        for timer in due:
+            rig.loop.fire_pump(timer.fileno())
 
 
 def wait_used(rig: DeviceRig, index: int, count: int) -> list[tuple[int, int]]:
@@ -532,11 +554,11 @@ def test_null_backend_paces_playback_and_records_silence() -> None:
         done_rx: list[tuple[int, int]] = []
         for step in range(3):
             rig.clock.advance(0.0099)
-            rig.loop.run_due()
+            run_due(rig)
             # Not a buffer completes before its 10 ms are over...
             assert rig.used(TX) == [] and rig.used(RX) == []
             rig.clock.advance(0.0001)
-            rig.loop.run_due()
+            run_due(rig)
             # ...and each completes when they are, one per stream per 10 ms.
             done_tx += rig.used(TX)
             done_rx += rig.used(RX)
@@ -566,14 +588,14 @@ def test_null_backend_xrun_after_a_dry_period() -> None:
         tx(rig, 0, bytes(160))
         rig.kick(TX)
         rig.clock.advance(0.010)
-        rig.loop.run_due()
+        run_due(rig)
         assert len(rig.used(TX)) == 1
         # Dry for less than a period (20 ms): nothing; for a period: XRUN.
         rig.clock.advance(0.019)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(EVT) == []
         rig.clock.advance(0.001)
-        rig.loop.run_due()
+        run_due(rig)
         ((got, used),) = rig.used(EVT)
         assert (got, used) == (head, 8)
         assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_XRUN, 0)
@@ -649,13 +671,13 @@ def test_null_backend_quiesce_answers_or_resumes_the_buffer_in_progress() -> Non
         # The control queue taken back: the buffer in progress waits and then
         # plays in full (10 ms from when it resumes).
         dev.quiesce(CTL)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == []
         rig.clock.advance(0.0099)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == []
         rig.clock.advance(0.0001)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == [(first, 8)]
         # The tx queue taken back: its buffer in progress is answered IO_ERR now.
         second, out2 = tx(rig, 0, bytes(160))
@@ -665,7 +687,7 @@ def test_null_backend_quiesce_answers_or_resumes_the_buffer_in_progress() -> Non
         assert struct.unpack("<I", rig.read(out2, 4))[0] == S_IO_ERR
         # Nothing of it is left to complete later.
         rig.clock.advance(1)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == []
 
 
@@ -698,11 +720,11 @@ def test_null_stream_suppresses_kicks_only_while_a_buffer_plays(event_idx: bool)
         # Added without a kick while the first plays: taken at its end, played next.
         second, _ = tx(rig, 0, bytes(160))
         rig.clock.advance(0.010)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == [(first, 8)]
         assert not _driver_would_kick(rig, TX, event_idx)
         rig.clock.advance(0.010)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == [(second, 8)]
         # Dry: the driver is asked to kick for the next one.
         assert _driver_would_kick(rig, TX, event_idx)
@@ -722,7 +744,7 @@ def test_null_stream_keeps_the_rate_when_its_timer_is_late() -> None:
         done = 0
         while done < 10:
             rig.clock.advance(0.0103)  # each wake-up 0.3 ms after its deadline, or more
-            rig.loop.run_due()
+            run_due(rig)
             got = rig.used(TX)
             for _ in got:
                 if done + 4 < 10:
@@ -768,7 +790,7 @@ def test_compiled_and_python_paths_answer_the_same(messages: list[tuple[int, int
                     if loop_paced:
                         while not got:
                             rig.clock.advance(0.001)
-                            rig.loop.run_due()
+                            run_due(rig)
                             got = rig.used(q)
                     elif not got:
                         got = wait_used(rig, q, 1)
@@ -800,17 +822,17 @@ def test_event_buffers_added_without_a_kick_are_taken_when_needed(event_idx: boo
         rig.kick(TX)
         for _ in range(3):
             rig.clock.advance(0.010)
-            rig.loop.run_due()
+            run_due(rig)
         assert [h for h, _ in rig.used(EVT)] == [first, *later]
         assert dev.events_sent[EVT_PCM_PERIOD_ELAPSED] == 3
         assert not _driver_would_kick(rig, EVT, event_idx)
         fourth, _ = rig.add_request(EVT, [], [8])  # no kick
         rig.clock.advance(0.010)
-        rig.loop.run_due()
+        run_due(rig)
         assert [h for h, _ in rig.used(EVT)] == [fourth]
         # An event that finds no buffer waits, and the driver is asked to kick.
         rig.clock.advance(0.010)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(EVT) == []
         assert _driver_would_kick(rig, EVT, event_idx)
         fifth, (ev,) = rig.add_request(EVT, [], [8])
