@@ -184,6 +184,8 @@ class Session:
             self.event_bufs[mock.add_chain([RawDesc(out, 8, VIRTQ_DESC_F_WRITE, 0)])] = out
         if used:
             self.kick(EVT, old)
+        # Interrupts on for the next event, as Linux's virtio_snd keeps them.
+        mock.set_used_event(mock.used_idx())
 
     def stream(self, index: int, sid: int, period: int, periods: int, depth: int) -> list[float]:
         """Serve ``periods`` buffers keeping ``depth`` in flight; return each one's

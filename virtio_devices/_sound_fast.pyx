@@ -20,7 +20,6 @@ the message is taken (the driver does not look at them before their completion).
 
 cimport cython
 from libc.errno cimport errno
-from libc.math cimport floor
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, itimerspec, timespec
@@ -570,8 +569,11 @@ cdef class StreamTimer(FdPump):
     #: Whether a completion came with nothing played since (an xrun may follow).
     cdef public bint dry_armed
     cdef double _dry_deadline
-    #: When the timerfd fires (the clock's seconds; < 0: disarmed).
+    #: When the timerfd fires next (the clock's seconds; < 0: disarmed).
     cdef readonly double wakeup
+    # The timerfd's interval (ns; 0: one-shot) and its next expiry (ns; < 0: none).
+    cdef long long _interval_ns
+    cdef long long _next_ns
     #: Timer expiries read.
     cdef readonly unsigned long long expiries
 
@@ -589,6 +591,7 @@ cdef class StreamTimer(FdPump):
         self.period_secs = period_secs
         self.clock = clock
         self.wakeup = -1.0
+        self._next_ns = -1
         self._dry_deadline = -1.0
         self._fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
         if self._fd < 0:
@@ -608,6 +611,7 @@ cdef class StreamTimer(FdPump):
             close(self._fd)
             self._fd = -1
         self.wakeup = -1.0
+        self._next_ns = -1
 
     cdef inline double _now(self) except? -1.0:
         if self.clock is None:
@@ -616,9 +620,21 @@ cdef class StreamTimer(FdPump):
 
     cdef int pump_c(self) except -1:
         cdef uint64_t count
-        if self._fd >= 0 and read(self._fd, &count, 8) == 8:
+        if self.clock is not None:
+            # A fake clock: the timerfd's deadlines are not the kernel's time,
+            # each call is the expiry (the caller fires it at the fake wake-up).
+            read(self._fd, &count, 8)
+            self._next_ns = -1
+            self.wakeup = -1.0
+        elif self._fd >= 0 and read(self._fd, &count, 8) == 8:
             self.expiries += count
-            self.wakeup = -1.0      # one-shot: it fired
+            if self._interval_ns:
+                # Periodic: the kernel's next expiry follows from the ones read.
+                self._next_ns += <long long>count * self._interval_ns
+                self.wakeup = self._next_ns * 1e-9
+            else:
+                self._next_ns = -1
+                self.wakeup = -1.0
         if self.unserved is not None or (self.events is not None and self.events.unserved is not None):
             return 1
         if not self.serving:
@@ -659,7 +675,7 @@ cdef class StreamTimer(FdPump):
         """Stop the timer and forget a pending xrun (the stream is held or stops)."""
         self.dry_armed = False
         self._dry_deadline = -1.0
-        self._set_timer(-1.0)
+        self._set_timer(-1.0, 0)
 
     cdef int tick_c(self, double now) except -1:
         cdef IoPacer pacer = self.pacer
@@ -723,31 +739,56 @@ cdef class StreamTimer(FdPump):
         return 0
 
     cdef int _arm(self) except -1:
-        cdef double at = self.pacer.deadline
-        if at < 0:
+        """Arm the timerfd for the end of the message in progress, else for the
+        dry stream's xrun, else disarm it.  The timer is periodic with the
+        message's duration: while the driver keeps the stream fed with messages
+        of one size, each next end is the kernel's next expiry already, and the
+        timer is not set again (a system call less per period)."""
+        cdef IoPacer pacer = self.pacer
+        cdef double at = pacer.deadline
+        cdef long long at_ns, interval_ns = 0
+        if at >= 0:
+            interval_ns = <long long>(pacer._sizes[pacer._first] / pacer.byte_rate * 1e9 + 0.5)
+        else:
             at = self._dry_deadline
-        if at != self.wakeup:
-            self._set_timer(at)
+        if at < 0:
+            if self._next_ns >= 0:
+                self._set_timer(-1.0, 0)
+            return 0
+        at_ns = <long long>(at * 1e9 + 0.5)
+        # Within a microsecond of the kernel's next expiry: it is that one (the
+        # stream's deadlines are sums of doubles, the kernel's of nanoseconds).
+        if self._next_ns >= 0 and -1000 <= at_ns - self._next_ns <= 1000:
+            return 0
+        if self.clock is not None:
+            interval_ns = 0     # a fake clock: one-shot (see pump_c)
+        self._set_timer(at, interval_ns)
         return 0
 
-    cdef int _set_timer(self, double at) except -1:
+    cdef int _set_timer(self, double at, long long interval_ns) except -1:
+        """Arm the timerfd at ``at`` (absolute ``CLOCK_MONOTONIC`` seconds: a late
+        wake-up does not move the next one), then every ``interval_ns`` (0: once);
+        ``at`` < 0 disarms it."""
         cdef itimerspec spec
-        cdef double sec
-        spec.it_interval.tv_sec = 0
-        spec.it_interval.tv_nsec = 0
-        if at < 0:
+        cdef long long at_ns = <long long>(at * 1e9 + 0.5) if at >= 0 else -1
+        spec.it_interval.tv_sec = <long>(interval_ns // 1000000000)
+        spec.it_interval.tv_nsec = <long>(interval_ns % 1000000000)
+        if at_ns < 0:
+            interval_ns = 0
+            spec.it_interval.tv_sec = 0
+            spec.it_interval.tv_nsec = 0
             spec.it_value.tv_sec = 0
             spec.it_value.tv_nsec = 0
         else:
-            # An absolute deadline: a late wake-up does not move the next one.
-            sec = floor(at)
-            spec.it_value.tv_sec = <long>sec
-            spec.it_value.tv_nsec = <long>((at - sec) * 1e9)
-            if spec.it_value.tv_sec == 0 and spec.it_value.tv_nsec == 0:
-                spec.it_value.tv_nsec = 1   # zero would disarm it
-        self.wakeup = at
+            if at_ns == 0:
+                at_ns = 1   # zero would disarm it
+            spec.it_value.tv_sec = <long>(at_ns // 1000000000)
+            spec.it_value.tv_nsec = <long>(at_ns % 1000000000)
         if self._fd >= 0 and timerfd_settime(self._fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0:
-            raise OSError(errno, f"timerfd_settime({at}) failed")
+            raise OSError(errno, f"timerfd_settime({at_ns} ns) failed")
+        self._next_ns = at_ns if at_ns >= 0 else -1
+        self._interval_ns = interval_ns
+        self.wakeup = at if at_ns >= 0 else -1.0
         return 0
 
 
