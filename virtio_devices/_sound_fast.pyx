@@ -30,8 +30,6 @@ from virtio_devices._pump cimport FdPump
 from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_chain, make_reader, make_writer
 from virtio_queue.queue cimport Queue
 
-import collections
-
 from virtio_queue import InvalidDescriptorIndex
 
 cdef extern from "<sys/timerfd.h>" nogil:
@@ -60,10 +58,9 @@ cdef unsigned char _zeros[ZERO_CHUNK]
 memset(_zeros, 0, ZERO_CHUNK)
 
 
-cdef int _write_status(DescriptorChain ch, uint32_t status, uint32_t latency, size_t written) except -1:
-    """Write ``{status, latency}`` little-endian into the last 8 device-writable
-    bytes of ``ch`` (after ``written`` frame bytes, which stay as they are)."""
-    cdef Writer w = make_writer(ch)
+cdef int _write_status(Writer w, uint32_t status, uint32_t latency) except -1:
+    """Write ``{status, latency}`` little-endian into the last 8 bytes left in
+    ``w`` (a message's device-writable part; what is before them stays)."""
     cdef unsigned char buf[STATUS_SIZE]
     cdef size_t room = w.avail
     w._advance(room - STATUS_SIZE)
@@ -99,7 +96,11 @@ cdef class IoPacer:
     cdef double byte_rate
     cdef uint32_t period_bytes
     cdef uint64_t period_pos
-    cdef object _chains         # deque of DescriptorChain, in order
+    # The messages held, in order, as a ring of MAX_HELD: each one's writer (its
+    # device-writable part, the status last: it keeps the guest memory mapped)
+    # and its head index.  A list, not a deque: no method call per message.
+    cdef list _writers
+    cdef uint16_t _heads[MAX_HELD]
     cdef uint32_t _sizes[MAX_HELD]
     cdef Py_ssize_t _first
     cdef Py_ssize_t _count
@@ -125,7 +126,7 @@ cdef class IoPacer:
         self.output = output
         self.byte_rate = byte_rate
         self.period_bytes = period_bytes
-        self._chains = collections.deque()
+        self._writers = [None] * MAX_HELD
         self.deadline = -1.0
         self._end = 0.0
 
@@ -179,19 +180,31 @@ cdef class IoPacer:
         self._end += n / self.byte_rate
         self.deadline = self._end
 
-    cdef int _hold(self, DescriptorChain ch, uint32_t nbytes) except -1:
+    cdef int _hold(self, Writer w, uint16_t head, uint32_t nbytes) except -1:
+        cdef Py_ssize_t slot
         if self._count >= MAX_HELD:
             raise OverflowError(f"sound stream {self.stream_id}: more than {MAX_HELD} messages held")
-        self._sizes[(self._first + self._count) % MAX_HELD] = nbytes
+        slot = (self._first + self._count) % MAX_HELD
+        self._sizes[slot] = nbytes
+        self._heads[slot] = head
+        self._writers[slot] = w
         self._count += 1
-        self._chains.append(ch)
         self.queued_bytes += nbytes
         return 0
+
+    cdef Writer _pop(self, uint16_t *head):
+        """Remove the first message held: its writer (and head index)."""
+        cdef Writer w = <Writer>self._writers[self._first]
+        self._writers[self._first] = None
+        head[0] = self._heads[self._first]
+        self._first = (self._first + 1) % MAX_HELD
+        self._count -= 1
+        return w
 
     def push(self, DescriptorChain chain not None, uint32_t nbytes, double now):
         """Hold ``chain`` (checked by the caller: ``nbytes`` of frames); for the
         device's Python path."""
-        self._hold(chain, nbytes)
+        self._hold(make_writer(chain), chain.head_index, nbytes)
         self._start(now)
 
     def take(self, double now):
@@ -268,7 +281,7 @@ cdef class IoPacer:
             if nbytes > 0xFFFFFFFF:
                 self._start(now)
                 return ch
-            self._hold(ch, <uint32_t>nbytes)
+            self._hold(w, head, <uint32_t>nbytes)
             taken += 1
 
     def due(self, double now):
@@ -281,18 +294,17 @@ cdef class IoPacer:
     cdef Py_ssize_t due_c(self, double now) except -1:
         cdef Py_ssize_t periods = 0
         cdef uint32_t n, used
+        cdef uint16_t head
         cdef unsigned long long latency
-        cdef DescriptorChain ch
+        cdef Writer w
         while self.deadline >= 0 and self.deadline <= now:
             n = self._sizes[self._first]
-            ch = <DescriptorChain>self._chains.popleft()
-            self._first = (self._first + 1) % MAX_HELD
-            self._count -= 1
+            w = self._pop(&head)
             self.deadline = -1.0
             latency = self.queued_bytes if self.output else 0
-            _write_status(ch, S_OK, <uint32_t>(latency if latency < 0xFFFFFFFF else 0xFFFFFFFF), 0)
+            _write_status(w, S_OK, <uint32_t>(latency if latency < 0xFFFFFFFF else 0xFFFFFFFF))
             used = STATUS_SIZE if self.output else n + STATUS_SIZE
-            self.queue.add_used_c(ch.head_index, used)
+            self.queue.add_used_c(head, used)
             self.completed += 1
             self.used_bytes += used
             self.frames_bytes += n
@@ -318,14 +330,13 @@ cdef class IoPacer:
         IO_ERR), as the Python path answers them.  Returns how many were completed."""
         cdef Py_ssize_t done = 0
         cdef uint32_t used
-        cdef DescriptorChain ch
+        cdef uint16_t head
+        cdef Writer w
         while self._count:
-            ch = <DescriptorChain>self._chains.popleft()
-            self._first = (self._first + 1) % MAX_HELD
-            self._count -= 1
-            _write_status(ch, status, 0, 0)
+            w = self._pop(&head)
+            _write_status(w, status, 0)
             used = STATUS_SIZE
-            self.queue.add_used_c(ch.head_index, used)
+            self.queue.add_used_c(head, used)
             self.completed += 1
             self.used_bytes += used
             done += 1
@@ -372,7 +383,11 @@ cdef class EventQueue:
     cdef object signal
     cdef object interrupt
     cdef int index
-    cdef object _held           # deque of DescriptorChain, in ring order
+    # The buffers held, in ring order, as a ring of MAX_HELD: writers, head indexes.
+    cdef list _writers
+    cdef uint16_t _heads[MAX_HELD]
+    cdef Py_ssize_t _h_first
+    cdef Py_ssize_t _h_count
     cdef uint32_t _pending[2 * EVENT_BACKLOG]
     cdef Py_ssize_t _p_first
     cdef Py_ssize_t _p_count
@@ -395,13 +410,13 @@ cdef class EventQueue:
         # compiled KickRing.signal_used) is called without a Python frame.
         signaller = getattr(interrupt, "signaller", None)
         self.signal = signaller(index) if signaller is not None else None
-        self._held = collections.deque()
+        self._writers = [None] * MAX_HELD
         self.are_tail = True
         self.serving = True
 
     def __len__(self):
         """Buffers held."""
-        return len(self._held)
+        return self._h_count
 
     @property
     def pending(self):
@@ -410,17 +425,38 @@ cdef class EventQueue:
 
     def hold(self, DescriptorChain chain not None):
         """Hold an event buffer the device's Python path checked (a kick's drain)."""
-        self._held.append(chain)
+        self._hold(make_writer(chain), chain.head_index)
+
+    cdef int _hold(self, Writer w, uint16_t head) except -1:
+        cdef Py_ssize_t slot
+        if self._h_count >= MAX_HELD:
+            raise OverflowError(f"more than {MAX_HELD} event buffers held")
+        slot = (self._h_first + self._h_count) % MAX_HELD
+        self._writers[slot] = w
+        self._heads[slot] = head
+        self._h_count += 1
+        return 0
+
+    cdef Writer _pop(self, uint16_t *head):
+        cdef Writer w = <Writer>self._writers[self._h_first]
+        self._writers[self._h_first] = None
+        head[0] = self._heads[self._h_first]
+        self._h_first = (self._h_first + 1) % MAX_HELD
+        self._h_count -= 1
+        return w
 
     def held(self):
-        """Remove and return the buffers held, in order (quiesce)."""
-        chains = list(self._held)
-        self._held.clear()
-        return chains
+        """Remove the buffers held and return their head indexes, in order (quiesce)."""
+        cdef uint16_t head
+        heads = []
+        while self._h_count:
+            self._pop(&head)
+            heads.append(head)
+        return heads
 
     def clear(self):
         """Forget the buffers held and the events waiting (reset)."""
-        self._held.clear()
+        self.held()
         self._p_count = 0
         self.unserved = None
         self.are_tail = True
@@ -428,7 +464,7 @@ cdef class EventQueue:
     def quiet(self):
         """While buffers are held the driver need not kick for the ones it adds
         (VIRTIO 1.2 §2.7.10): :meth:`send` takes them when it finds none held."""
-        if len(self._held) and self.queue._ready:
+        if self._h_count and self.queue._ready:
             self.queue.suppress_notification_c()
 
     def send(self, uint32_t code, uint32_t data):
@@ -459,20 +495,20 @@ cdef class EventQueue:
     cdef int flush_c(self) except -1:
         cdef int rc = 0
         cdef bint sent = False
-        cdef DescriptorChain ch
+        cdef uint16_t head
         cdef Writer w
         cdef unsigned char buf[EVENT_SIZE]
         cdef uint32_t code, data
         if not self._p_count:
             return 0
-        if not len(self._held) and self.serving and self.unserved is None:
+        if not self._h_count and self.serving and self.unserved is None:
             rc = self._take()
-        while self._p_count and len(self._held):
+        while self._p_count and self._h_count:
             code = self._pending[2 * self._p_first]
             data = self._pending[2 * self._p_first + 1]
             self._p_first = (self._p_first + 1) % EVENT_BACKLOG
             self._p_count -= 1
-            ch = <DescriptorChain>self._held.popleft()
+            w = self._pop(&head)
             buf[0] = code & 0xFF
             buf[1] = (code >> 8) & 0xFF
             buf[2] = (code >> 16) & 0xFF
@@ -481,15 +517,14 @@ cdef class EventQueue:
             buf[5] = (data >> 8) & 0xFF
             buf[6] = (data >> 16) & 0xFF
             buf[7] = (data >> 24) & 0xFF
-            w = make_writer(ch)
             w.copy_in(buf, EVENT_SIZE)
-            self.queue.add_used_c(ch.head_index, EVENT_SIZE)
+            self.queue.add_used_c(head, EVENT_SIZE)
             if code == EVT_PCM_PERIOD_ELAPSED:
                 self.period_elapsed_sent += 1
             elif code == EVT_PCM_XRUN:
                 self.xrun_sent += 1
             sent = True
-        if not len(self._held):
+        if not self._h_count:
             self.are_tail = True
         if sent:
             _notify(self.queue, self.signal, self.interrupt, self.index)
@@ -505,7 +540,7 @@ cdef class EventQueue:
         cdef Writer w
         while True:
             if not q.pop_head(&head):
-                if len(self._held):
+                if self._h_count:
                     q.suppress_notification_c()
                     return 0
                 if q.enable_notification_c():
@@ -524,7 +559,7 @@ cdef class EventQueue:
                 # The Python path walks it again and answers the fault.
                 self.unserved = ch
                 return 1
-            self._held.append(ch)
+            self._hold(w, head)
 
 
 @cython.final

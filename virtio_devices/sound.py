@@ -777,8 +777,8 @@ class SoundDevice(VirtioDevice):
             # They are the last chains popped: give them back as not consumed.
             queue.set_next_avail((queue.next_avail() - len(held)) & 0xFFFF)
         else:
-            for chain in held:
-                self.complete(EVENT_Q, chain.head_index, 0)
+            for head in held:
+                self.complete(EVENT_Q, head, 0)
         events.are_tail = True
 
     # -- dispatch --------------------------------------------------------------------------------------
