@@ -20,7 +20,7 @@ the message is taken (the driver does not look at them before their completion).
 
 cimport cython
 from libc.errno cimport errno
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdint cimport UINT32_MAX, uint16_t, uint32_t, uint64_t
 from libc.string cimport memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, itimerspec, timespec
 from posix.unistd cimport close, read
@@ -278,7 +278,7 @@ cdef class IoPacer:
                 got = 0
                 while got < nbytes:
                     got += w.copy_in(_zeros, nbytes - got if nbytes - got < ZERO_CHUNK else ZERO_CHUNK)
-            if nbytes > 0xFFFFFFFF:
+            if nbytes > UINT32_MAX:
                 self._start(now)
                 return ch
             self._hold(w, head, <uint32_t>nbytes)
@@ -302,7 +302,7 @@ cdef class IoPacer:
             w = self._pop(&head)
             self.deadline = -1.0
             latency = self.queued_bytes if self.output else 0
-            _write_status(w, S_OK, <uint32_t>(latency if latency < 0xFFFFFFFF else 0xFFFFFFFF))
+            _write_status(w, S_OK, <uint32_t>(latency if latency < UINT32_MAX else UINT32_MAX))
             used = STATUS_SIZE if self.output else n + STATUS_SIZE
             self.queue.add_used_c(head, used)
             self.completed += 1
