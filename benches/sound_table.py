@@ -103,7 +103,9 @@ def _cpu_seconds(pid: int) -> float:
 class Session:
     """A daemon (ours, or upstream's) with the four rings set up."""
 
-    def __init__(self, kind: str, tmp: str) -> None:
+    def __init__(self, kind: str, tmp: str, log: str | None = None) -> None:
+        """``log``: a file for the daemon's stderr, with our sound device's debug
+        log on (its timer's lateness at each STOP)."""
         self.sock = os.path.join(tmp, f"{kind}.sock")
         if kind == "ours":
             cmd = [sys.executable, "-m", "vhost_backends.cli.sound"]
@@ -112,13 +114,16 @@ class Session:
             assert path is not None
             cmd = [path]
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(
-            [*cmd, "--socket", self.sock, "--backend", "null"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
+        if log is not None:
+            env["RUST_LOG"] = "virtio_devices.sound=debug"
+        with open(log or os.devnull, "wb") as err:
+            self.proc = subprocess.Popen(
+                [*cmd, "--socket", self.sock, "--backend", "null"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
+            )
         deadline = time.monotonic() + DEADLINE
         while True:
             try:
@@ -134,6 +139,7 @@ class Session:
         self.fe.set_mem_table()
         self.rings = [self.fe.setup_ring(i, 64, gpa=i << 20) for i in range(4)]
         self.xruns = self.stream_xruns = 0
+        self.xrun_times: list[float] = []
         self.event_bufs: dict[int, int] = {}
 
     def kick(self, index: int, old: int) -> None:
@@ -181,6 +187,7 @@ class Session:
             out = self.event_bufs.pop(head)
             if struct.unpack("<I", self.fe.memory.read(out, 4))[0] == EVT_XRUN:
                 self.xruns += 1
+                self.xrun_times.append(time.monotonic())
             self.event_bufs[mock.add_chain([RawDesc(out, 8, VIRTQ_DESC_F_WRITE, 0)])] = out
         if used:
             self.kick(EVT, old)
@@ -225,7 +232,7 @@ class Session:
         return times
 
     def stream_realtime(
-        self, index: int, sid: int, period: int, periods: int, depth: int
+        self, index: int, sid: int, period: int, periods: int, depth: int, *, ticks: list[float] | None = None
     ) -> tuple[list[float], list[float], int]:
         """Serve ``periods`` buffers as a guest whose source is real time: ``depth``
         buffers at the start, then one each period on the front-end's own clock
@@ -235,7 +242,8 @@ class Session:
         (interrupts stay enabled, ``used_event`` following the ring, as Linux's
         virtio_snd keeps them).  Returns each buffer's arrival -> completion time,
         each tick's lateness (when the buffer went in, after its deadline), and
-        the ticks that found no free slot (the device behind the clock)."""
+        the ticks that found no free slot (the device behind the clock).
+        ``ticks``, when given, gets each tick's time, when its buffer went in."""
         mock = self.rings[index].mock
         slots = [(mock.alloc(4), mock.alloc(period), mock.alloc(8)) for _ in range(depth)]
         flag = 0 if index == TX else VIRTQ_DESC_F_WRITE
@@ -292,6 +300,8 @@ class Session:
             if 0 <= tick <= now and sent < periods:
                 if free:
                     late.append(now - tick)
+                    if ticks is not None:
+                        ticks.append(now)
                     submit(1)
                     tick += secs
                     continue
@@ -396,6 +406,62 @@ def run_once(kind: str, secs: float, period_ms: float) -> dict[str, float]:
     return out
 
 
+def long_run(secs: float, period_ms: float) -> None:
+    """One long real-time playback run of ours (event buffers, XRUN notifications):
+    the distribution of tx arrival -> completion against the period, the XRUN
+    events, and whose lateness caused them: the front-end's ticks (when a buffer
+    went in, after its deadline) and the device's timer wake-ups (after their
+    expiries, from the daemon's debug log at STOP)."""
+    period = int(RATE * period_ms / 1000) * FRAME
+    periods = int(secs * 1000 / period_ms)
+    p_s = period_ms / 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        log = os.path.join(tmp, "daemon.log")
+        s = Session("ours", tmp, log=log)
+        try:
+            s.events(32)
+            s.start(0, period)
+            ticks: list[float] = []
+            cpu0 = _cpu_seconds(s.proc.pid)
+            times, late, blocked = s.stream_realtime(TX, 0, period, periods, 4, ticks=ticks)
+            cpu = (_cpu_seconds(s.proc.pid) - cpu0) / (periods * p_s)
+            s.stop(0)
+        finally:
+            s.close()
+        with open(log) as f:
+            timer = [line.strip() for line in f if "timer wake-ups late" in line]
+    q = sorted(t / p_s for t in times[4:])
+    pct = [0, 1, 5, 50, 95, 99, 100]
+    title = f"long run: {periods} periods of {period_ms:g} ms ({secs:g} s), 4 in flight, real-time source"
+    print(f"| {title} | |")
+    print("| --- | --- |")
+    print(f"| daemon CPU per second of playback | {100 * cpu:.3g} % |")
+    cells = ", ".join(f"p{p}: {q[min(len(q) - 1, len(q) * p // 100)]:.2f}" for p in pct)
+    print(f"| tx arrival -> completion (periods) | {cells} |")
+    hist = [0] * 6
+    for t in q:
+        hist[min(int(t), 5)] += 1
+    print(
+        "| the same, buffers by whole periods 0-1/1-2/2-3/3-4/4-5/5+ | "
+        + "/".join(str(h) for h in hist)
+        + " |"
+    )
+    print(f"| PCM_XRUN events | {s.xruns} |")
+    fl = sorted(x / p_s for x in late)
+    print(
+        "| front-end ticks late by >1 / >2 / >3 periods; largest | "
+        f"{sum(x > 1 for x in fl)} / {sum(x > 2 for x in fl)} / {sum(x > 3 for x in fl)}; {fl[-1]:.2f} |"
+    )
+    print(f"| front-end ticks that found no free slot | {blocked} |")
+    print(f"| device timer (daemon log) | {'; '.join(timer) or 'n/a'} |")
+    # Each XRUN against the front-end's lateness just before it: the stream runs
+    # dry when a buffer comes later than the 3 periods queued before it last.
+    for x in s.xrun_times:
+        before = [(t, lt) for t, lt in zip(ticks, late, strict=True) if x - 0.1 < t <= x]
+        worst = max((lt for _, lt in before), default=0.0) / p_s
+        print(f"| an XRUN: the front-end's latest tick within 100 ms before it | {worst:.2f} periods late |")
+
+
 def _fmt(values: list[float], scale: float = 1.0, unit: str = "") -> str:
     v = [x * scale for x in values]
     return f"{statistics.median(v):.3g}{unit} ({min(v):.3g}..{max(v):.3g})"
@@ -406,7 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--secs", type=float, default=3.0, help="audio seconds per stream per run")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--period-ms", type=float, default=5.0)
+    ap.add_argument("--long", type=float, default=0.0, help="instead: one long real-time run of this many s")
     args = ap.parse_args(argv)
+    if args.long:
+        long_run(args.long, args.period_ms)
+        return 0
     kinds = ["ours"] + (["rust"] if rust_daemon() else [])
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     for _ in range(args.reps):

@@ -611,6 +611,10 @@ cdef class StreamTimer(FdPump):
     cdef long long _next_ns
     #: Timer expiries read.
     cdef readonly unsigned long long expiries
+    # How late the timer's wake-ups were (the real clock only), against the
+    # period: < 0.1, < 0.5, < 1, < 2, >= 2 periods; and the largest (ns).
+    cdef unsigned long long _late[5]
+    cdef long long _late_max_ns
 
     def __cinit__(self, *args, **kwargs):
         self._fd = -1
@@ -663,6 +667,8 @@ cdef class StreamTimer(FdPump):
             self.wakeup = -1.0
         elif self._fd >= 0 and read(self._fd, &count, 8) == 8:
             self.expiries += count
+            if self._next_ns >= 0:
+                self._count_lateness()
             if self._interval_ns:
                 # Periodic: the kernel's next expiry follows from the ones read.
                 self._next_ns += <long long>count * self._interval_ns
@@ -675,6 +681,34 @@ cdef class StreamTimer(FdPump):
         if not self.serving:
             return 0
         return self.tick_c(self._now())
+
+    cdef void _count_lateness(self) noexcept:
+        """Count how late this wake-up is after the expiry it serves."""
+        cdef long long late = <long long>(_monotonic() * 1e9) - self._next_ns
+        cdef double periods = late / (self.period_secs * 1e9)
+        if late > self._late_max_ns:
+            self._late_max_ns = late
+        if periods < 0.1:
+            self._late[0] += 1
+        elif periods < 0.5:
+            self._late[1] += 1
+        elif periods < 1:
+            self._late[2] += 1
+        elif periods < 2:
+            self._late[3] += 1
+        else:
+            self._late[4] += 1
+
+    def lateness(self, bint reset=False):
+        """How late the timer's wake-ups came after their expiries (the real clock
+        only): counts of wake-ups less than 0.1, 0.5, 1, 2 periods late and at
+        least 2 periods late, and the largest lateness in seconds; ``reset``
+        starts the counts afresh."""
+        out = ([self._late[i] for i in range(5)], self._late_max_ns * 1e-9)
+        if reset:
+            memset(self._late, 0, sizeof(self._late))
+            self._late_max_ns = 0
+        return out
 
     def tick(self, double now):
         """Serve the stream at ``now`` as :meth:`pump_c` does; returns whether the

@@ -512,6 +512,15 @@ class _TimerStream(_StreamWorker):
         if self.running != was_running:
             pacer.set_running(self.running, now)
             self.timer.disarm()
+            if not self.running:
+                counts, largest = self.timer.lateness(reset=True)
+                log.debug(
+                    "sound stream %d: timer wake-ups late by <0.1/<0.5/<1/<2/>=2 periods: %s, "
+                    "largest %.6f s",
+                    self.stream_id,
+                    "/".join(map(str, counts)),
+                    largest,
+                )
         self._sync()
         self.serve()
 
