@@ -148,12 +148,13 @@ def prepare_and_start(rig: DeviceRig, sid: int, **params: int) -> None:
     assert control(rig, pcm(R_PCM_START, sid))[0] == S_OK
 
 
-def run_due(rig: DeviceRig) -> None:
+def run_due(rig: DeviceRig, *, pumps: bool = True) -> None:
     """Run what is due at the fake clock's time: the loop's timers, and each
     loop-paced stream's timerfd (armed at the fake clock's deadline, so the test
-    fires it as the kernel would: when the clock reaches its wake-up).  The pump
-    runs as the vhost-user loop runs it (``fire_pump``: the callback only when it
-    asks)."""
+    fires it as the kernel would: when the clock reaches its wake-up).  ``pumps``:
+    the pump runs as the vhost-user loop runs it (``fire_pump``: the callback only
+    when it asks); else as any other loop (``fire_reader``: the callback, which
+    runs the pump)."""
     rig.loop.run_due()
     dev = rig.device
     assert isinstance(dev, SoundDevice)
@@ -166,7 +167,10 @@ def run_due(rig: DeviceRig) -> None:
         if not due:
             return
         for timer in due:
-            rig.loop.fire_pump(timer.fileno())
+            if pumps:
+                rig.loop.fire_pump(timer.fileno())
+            else:
+                rig.loop.fire_reader(timer.fileno())
 
 
 def wait_used(rig: DeviceRig, index: int, count: int) -> list[tuple[int, int]]:
@@ -536,9 +540,12 @@ def test_reset_with_a_blocked_port_aborts_it(audio: RecordingAudio) -> None:
 # -- the null backend ------------------------------------------------------------------------------
 
 
-def test_null_backend_paces_playback_and_records_silence() -> None:
-    # The null backend's ports never block: the device paces them with the loop's
-    # timers (no thread), so the fake clock shows the pacing exactly.
+@pytest.mark.parametrize("pumps", [True, False], ids=["compiled-poll", "callback"])
+def test_null_backend_paces_playback_and_records_silence(pumps: bool) -> None:
+    # The null backend's ports never block: the device paces them with a timerfd
+    # per stream (no thread), served in compiled code by a loop that runs pumps
+    # and through the reader callback by any other; the fake clock shows the
+    # pacing exactly.
     loop = FakeLoop()
     audio = NullAudio(clock=loop.clock)
     dev = SoundDevice(audio, clock=loop.clock)
@@ -554,11 +561,11 @@ def test_null_backend_paces_playback_and_records_silence() -> None:
         done_rx: list[tuple[int, int]] = []
         for step in range(3):
             rig.clock.advance(0.0099)
-            run_due(rig)
+            run_due(rig, pumps=pumps)
             # Not a buffer completes before its 10 ms are over...
             assert rig.used(TX) == [] and rig.used(RX) == []
             rig.clock.advance(0.0001)
-            run_due(rig)
+            run_due(rig, pumps=pumps)
             # ...and each completes when they are, one per stream per 10 ms.
             done_tx += rig.used(TX)
             done_rx += rig.used(RX)
@@ -571,10 +578,15 @@ def test_null_backend_paces_playback_and_records_silence() -> None:
             assert struct.unpack("<I", rig.read(status, 4))[0] == S_OK
         # latency_bytes: the bytes queued behind each buffer when it completed.
         assert [struct.unpack("<II", rig.read(out, 8))[1] for _, out in outs] == [320, 160, 0]
-        # Stopped and released: no timer is left behind.
+        # Every completion counted, as the Python path counts its own.
+        assert dev.chains_served >= 5
+        # Stopped and released: the timer is disarmed.
         assert control(rig, pcm(R_PCM_STOP, 0))[0] == S_OK
         assert control(rig, pcm(R_PCM_RELEASE, 0))[0] == S_OK
-    assert not [t for t in loop.pending_timers() if t.callback.__name__ == "_on_timer"]
+        worker = dev.streams[0].worker
+        assert isinstance(worker, _TimerStream)
+        assert worker.timer.wakeup < 0
+        assert worker.timer.pumped + worker.timer.handed_over > 0
     audio.close()
 
 
@@ -838,3 +850,85 @@ def test_event_buffers_added_without_a_kick_are_taken_when_needed(event_idx: boo
         fifth, (ev,) = rig.add_request(EVT, [], [8])
         assert rig.kick(EVT) == [(fifth, 8)]
         assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_PERIOD_ELAPSED, 0)
+
+
+# -- the compiled kick, event queue and timer ---------------------------------------------------------
+
+
+def _null_rig(event_idx: bool = False) -> tuple[DeviceRig, SoundDevice]:
+    loop = FakeLoop()
+    dev = SoundDevice(NullAudio(clock=loop.clock), clock=loop.clock)
+    return DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop, event_idx=event_idx), dev
+
+
+def test_kicks_of_a_paced_stream_are_served_without_process_queue() -> None:
+    rig, dev = _null_rig()
+    with rig:
+        kick = dev.kick_pump(TX)
+        assert kick is not None and dev.kick_pump(CTL) is None
+        # No stream yet: the kick goes to process_queue (answer 1).
+        assert kick.pump() is True
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        head, _ = tx(rig, 0, bytes(160))
+        # The stream serves its queue: the kick is taken in compiled code (0)
+        # and the message plays; its end completes it.
+        assert kick.pump() is False
+        assert rig.used(TX) == []
+        rig.clock.advance(0.010)
+        run_due(rig)
+        assert rig.used(TX) == [(head, 8)]
+        # A message it does not serve (a stream id out of range) is left for the
+        # Python path: the kick answers 1 and process_queue answers BAD_MSG.
+        bad, out = tx(rig, 9, bytes(16))
+        assert kick.pump() is True
+        dev.process_queue(TX)
+        assert rig.used(TX) == [(bad, 8)]
+        assert struct.unpack("<II", rig.read(out, 8)) == (S_BAD_MSG, 0)
+
+
+def test_a_bad_event_buffer_is_a_guest_fault_and_events_go_on() -> None:
+    # VIRTIO 1.2 §5.14.6.9: an event buffer is 8 device-writable bytes; one with
+    # a device-readable part is returned unused (used length 0) by the Python
+    # path, and the next buffer gets the event.
+    rig, dev = _null_rig()
+    with rig:
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        bad, _ = rig.add_request(EVT, [b"x"], [8])
+        good, (ev,) = rig.add_request(EVT, [], [8])
+        # Added without a kick: the first event takes them from the ring.
+        tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        rig.clock.advance(0.010)
+        run_due(rig)
+        assert rig.used(EVT) == [(bad, 0), (good, 8)]
+        assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_PERIOD_ELAPSED, 0)
+        assert dev.events_sent[EVT_PCM_PERIOD_ELAPSED] == 1
+        assert dev.broken is None
+
+
+def test_events_without_buffers_wait_and_the_oldest_are_dropped() -> None:
+    rig, dev = _null_rig()
+    with rig:
+        events = dev.events
+        assert events is not None
+        for i in range(70):
+            assert events.send(EVT_PCM_PERIOD_ELAPSED, i) is False
+        assert events.pending == 64
+        head, (ev,) = rig.add_request(EVT, [], [8])
+        # The oldest 6 were dropped: the first buffer gets the 7th.
+        assert rig.kick(EVT) == [(head, 8)]
+        assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_PERIOD_ELAPSED, 6)
+        assert events.pending == 63
+
+
+def test_stream_timer_lateness_counts_start_empty() -> None:
+    rig, dev = _null_rig()
+    with rig:
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        worker = dev.streams[0].worker
+        assert isinstance(worker, _TimerStream)
+        # A fake clock: nothing is counted (the wake-ups are the test's).
+        assert worker.timer.lateness() == ([0, 0, 0, 0, 0], 0.0)
+        assert worker.timer.fileno() >= 0
+    # Reset closed the timerfd.
+    assert worker.timer.fileno() == -1
