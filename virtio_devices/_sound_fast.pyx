@@ -116,6 +116,9 @@ cdef class IoPacer:
     cdef readonly unsigned long long used_bytes
     #: Messages held by the last :meth:`take`.
     cdef readonly Py_ssize_t last_taken
+    # The reader of the message being taken: one object for all of them (its
+    # header and length are all take needs), walked afresh for each.
+    cdef Reader _reader
 
     def __init__(self, Queue queue not None, uint32_t stream_id, bint output, double byte_rate,
                  uint32_t period_bytes):
@@ -127,6 +130,7 @@ cdef class IoPacer:
         self.byte_rate = byte_rate
         self.period_bytes = period_bytes
         self._writers = [None] * MAX_HELD
+        self._reader = Reader.__new__(Reader)
         self.deadline = -1.0
         self._end = 0.0
 
@@ -228,7 +232,7 @@ cdef class IoPacer:
         cdef Queue q = self.queue
         cdef uint16_t head
         cdef DescriptorChain ch
-        cdef Reader r
+        cdef Reader r = self._reader
         cdef Writer w
         cdef unsigned char hdr[XFER_SIZE]
         cdef uint32_t sid
@@ -257,7 +261,13 @@ cdef class IoPacer:
                 return ch
             try:
                 w = make_writer(ch)
-                r = make_reader(ch)
+                # make_reader's walk, into the one reader (emptied first).
+                r.nsegs = 0
+                r.idx = 0
+                r.off = 0
+                r.avail = 0
+                r.done = 0
+                r._collect(ch, False)
             except Exception:
                 # The Python path walks it again and answers the fault.
                 self._start(now)
@@ -343,6 +353,7 @@ cdef class IoPacer:
         self.deadline = -1.0
         self.queued_bytes = 0
         self._end = 0.0
+        self._reader.snap = None    # the guest memory it last walked may go
         return done
 
 

@@ -40,8 +40,9 @@ range, for a stream of the other direction, or for a stream that is not prepared
 started or stopped is answered ``BAD_MSG`` at once.  Others wait in the stream's
 queue; while the stream is started, its worker thread hands them to the backend
 one by one, which takes (plays) or fills (records) them at the stream's rate (a
-backend whose calls never block, ``loop_paced`` like null, has no thread: the
-loop's timers pace it and complete each message when its duration is over), and
+backend whose calls never block, ``loop_paced`` like null, has no thread: a
+timerfd per stream, served in compiled code inside the loop's poll, paces it and
+completes each message when its duration is over), and
 completes each with ``OK`` (``IO_ERR`` if the backend failed) and ``latency_bytes``:
 the bytes queued before the device's output, or held by the host on input.  Used
 length: 8 for tx, frames written + 8 for rx.
@@ -637,13 +638,14 @@ class SoundDevice(VirtioDevice):
     """The virtio sound device over an :class:`~virtio_devices.hosts.audio.AudioBackend`.
 
     Control and event queues are served on the loop; each PCM stream has a worker
-    thread for its backend, or the loop's timers for a ``loop_paced`` one (see the
+    thread for its backend, or a compiled timer for a ``loop_paced`` one (see the
     module docstring).
 
     Args:
         backend: the audio host (``NullAudio``, ``AlsaAudio``, ``PulseAudio``).
-        clock: the monotonic clock that paces a ``loop_paced`` backend (the
-            loop's timers run on the same one; tests pass a fake).
+        clock: the monotonic clock that paces a ``loop_paced`` backend
+            (``time.monotonic``: the kernel's ``CLOCK_MONOTONIC``, which the
+            streams' timerfds use; tests pass a fake, and fire the timers).
     """
 
     device_id = VIRTIO_ID_SOUND
@@ -658,7 +660,7 @@ class SoundDevice(VirtioDevice):
         self._chains_done = self._bytes_done = 0
         super().__init__()
         self.backend = backend
-        #: The clock that paces a ``loop_paced`` backend (the loop's timers use it too).
+        #: The clock that paces a ``loop_paced`` backend.
         self.clock = clock
         self._loop_paced = bool(getattr(backend, "loop_paced", False))
         self.formats: int = getattr(backend, "formats", DEFAULT_FORMATS)
