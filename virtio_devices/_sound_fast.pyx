@@ -106,6 +106,8 @@ cdef class IoPacer:
     cdef Py_ssize_t _count
     #: When the message in progress ends (the clock's seconds; < 0: none).
     cdef readonly double deadline
+    #: When the last message completed was due to end.
+    cdef readonly double last_end
     cdef double _end
     #: Bytes of the messages held that have not started.
     cdef readonly unsigned long long queued_bytes
@@ -310,6 +312,7 @@ cdef class IoPacer:
         while self.deadline >= 0 and self.deadline <= now:
             n = self._sizes[self._first]
             w = self._pop(&head)
+            self.last_end = self.deadline
             self.deadline = -1.0
             latency = self.queued_bytes if self.output else 0
             _write_status(w, S_OK, <uint32_t>(latency if latency < UINT32_MAX else UINT32_MAX))
@@ -626,6 +629,12 @@ cdef class StreamTimer(FdPump):
     # period: < 0.1, < 0.5, < 1, < 2, >= 2 periods; and the largest (ns).
     cdef unsigned long long _late[5]
     cdef long long _late_max_ns
+    # How late the last completion came after its message's end (seconds), and
+    # the xruns after a completion that late (>= a period: the device's own
+    # lateness held the driver's refill back) or not (the driver's refill late).
+    cdef double _done_late
+    cdef unsigned long long _xruns_device
+    cdef unsigned long long _xruns_driver
 
     def __cinit__(self, *args, **kwargs):
         self._fd = -1
@@ -713,12 +722,16 @@ cdef class StreamTimer(FdPump):
     def lateness(self, bint reset=False):
         """How late the timer's wake-ups came after their expiries (the real clock
         only): counts of wake-ups less than 0.1, 0.5, 1, 2 periods late and at
-        least 2 periods late, and the largest lateness in seconds; ``reset``
-        starts the counts afresh."""
-        out = ([self._late[i] for i in range(5)], self._late_max_ns * 1e-9)
+        least 2 periods late, the largest lateness in seconds, and the xruns
+        (the stream dry for a period) after a completion that came at least a
+        period late (the device's lateness) and after one on time (the driver's
+        refill late); ``reset`` starts the counts afresh."""
+        out = ([self._late[i] for i in range(5)], self._late_max_ns * 1e-9,
+               self._xruns_device, self._xruns_driver)
         if reset:
             memset(self._late, 0, sizeof(self._late))
             self._late_max_ns = 0
+            self._xruns_device = self._xruns_driver = 0
         return out
 
     def tick(self, double now):
@@ -794,6 +807,8 @@ cdef class StreamTimer(FdPump):
             return 0
         self.dry_armed = True
         self._dry_deadline = -1.0
+        if self.pacer.last_end > 0:
+            self._done_late = self._now() - self.pacer.last_end
         _notify(self.pacer.queue, self.signal, self.interrupt, self.index)
         if periods and self.started and self.events is not None:
             for _ in range(min(periods, EVENT_BACKLOG)):
@@ -814,6 +829,10 @@ cdef class StreamTimer(FdPump):
             return 0
         self.dry_armed = False
         self._dry_deadline = -1.0
+        if self._done_late >= self.period_secs:
+            self._xruns_device += 1
+        else:
+            self._xruns_driver += 1
         if self.xrun_events and self.events is not None:
             return self.events.send_c(EVT_PCM_XRUN, pacer.stream_id)
         return 0

@@ -514,13 +514,16 @@ class _TimerStream(_StreamWorker):
             pacer.set_running(self.running, now)
             self.timer.disarm()
             if not self.running:
-                counts, largest = self.timer.lateness(reset=True)
+                counts, largest, xr_device, xr_driver = self.timer.lateness(reset=True)
                 log.debug(
                     "sound stream %d: timer wake-ups late by <0.1/<0.5/<1/<2/>=2 periods: %s, "
-                    "largest %.6f s",
+                    "largest %.6f s; xruns after a completion a period late or more: %d, "
+                    "after one on time: %d",
                     self.stream_id,
                     "/".join(map(str, counts)),
                     largest,
+                    xr_device,
+                    xr_driver,
                 )
         self._sync()
         self.serve()

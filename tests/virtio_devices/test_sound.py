@@ -611,6 +611,20 @@ def test_null_backend_xrun_after_a_dry_period() -> None:
         ((got, used),) = rig.used(EVT)
         assert (got, used) == (head, 8)
         assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_XRUN, 0)
+        # The completion before it was on time: the driver's refill was late.
+        worker = dev.streams[0].worker
+        assert isinstance(worker, _TimerStream)
+        assert worker.timer.lateness()[2:] == (0, 1)
+        # A completion that comes a period late (the device's wake-up late) and
+        # then a dry period: the device's lateness held the refill back.
+        tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        rig.clock.advance(0.010 + 0.030)
+        run_due(rig)
+        rig.add_request(EVT, [], [8])
+        rig.clock.advance(0.020)
+        run_due(rig)
+        assert worker.timer.lateness()[2:] == (1, 1)
 
 
 # -- property tests --------------------------------------------------------------------------------
@@ -928,7 +942,7 @@ def test_stream_timer_lateness_counts_start_empty() -> None:
         worker = dev.streams[0].worker
         assert isinstance(worker, _TimerStream)
         # A fake clock: nothing is counted (the wake-ups are the test's).
-        assert worker.timer.lateness() == ([0, 0, 0, 0, 0], 0.0)
+        assert worker.timer.lateness() == ([0, 0, 0, 0, 0], 0.0, 0, 0)
         assert worker.timer.fileno() >= 0
     # Reset closed the timerfd.
     assert worker.timer.fileno() == -1
