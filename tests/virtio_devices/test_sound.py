@@ -586,7 +586,8 @@ def test_null_backend_paces_playback_and_records_silence(pumps: bool) -> None:
         worker = dev.streams[0].worker
         assert isinstance(worker, _TimerStream)
         assert worker.timer.wakeup < 0
-        assert worker.timer.pumped + worker.timer.handed_over > 0
+        # Every period was served by the compiled path: Python never had to go on.
+        assert worker.timer.pumped >= 3 and worker.timer.handed_over == 0
     audio.close()
 
 
