@@ -426,7 +426,7 @@ cdef class Epoll:
                 calm = now_ns < self._calm_until_ns
             for i in range(n):
                 data = evs[i].data.u64
-                fd = <int>(data & 0xFFFFFFFF)
+                fd = <int><uint32_t>data   # (a literal 0xFFFFFFFF would be a Python int)
                 if data & RING_BIT:
                     ring = self._rings.get(fd)
                     if ring is None:

@@ -19,17 +19,33 @@ the message is taken (the driver does not look at them before their completion).
 """
 
 cimport cython
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.errno cimport errno
+from libc.stdint cimport UINT32_MAX, uint16_t, uint32_t, uint64_t
 from libc.string cimport memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, itimerspec, timespec
+from posix.unistd cimport close, read
+
+from virtio_devices._pump cimport FdPump
 
 from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_chain, make_reader, make_writer
 from virtio_queue.queue cimport Queue
 
-import collections
-
 from virtio_queue import InvalidDescriptorIndex
 
+cdef extern from "<sys/timerfd.h>" nogil:
+    int timerfd_create(int clockid, int flags)
+    int timerfd_settime(int fd, int flags, const itimerspec *new_value, itimerspec *old_value)
+    enum:
+        TFD_NONBLOCK
+        TFD_CLOEXEC
+        TFD_TIMER_ABSTIME
+
 cdef enum:
+    # §5.14.6.9: the events this path sends, and how many wait for a buffer.
+    EVT_PCM_PERIOD_ELAPSED = 0x1100
+    EVT_PCM_XRUN = 0x1101
+    EVENT_BACKLOG = 64
+    EVENT_SIZE = 8
     # §5.14.6.1 / §5.14.6.8
     S_OK = 0x8000
     XFER_SIZE = 4
@@ -42,10 +58,9 @@ cdef unsigned char _zeros[ZERO_CHUNK]
 memset(_zeros, 0, ZERO_CHUNK)
 
 
-cdef int _write_status(DescriptorChain ch, uint32_t status, uint32_t latency, size_t written) except -1:
-    """Write ``{status, latency}`` little-endian into the last 8 device-writable
-    bytes of ``ch`` (after ``written`` frame bytes, which stay as they are)."""
-    cdef Writer w = make_writer(ch)
+cdef int _write_status(Writer w, uint32_t status, uint32_t latency) except -1:
+    """Write ``{status, latency}`` little-endian into the last 8 bytes left in
+    ``w`` (a message's device-writable part; what is before them stays)."""
     cdef unsigned char buf[STATUS_SIZE]
     cdef size_t room = w.avail
     w._advance(room - STATUS_SIZE)
@@ -81,12 +96,18 @@ cdef class IoPacer:
     cdef double byte_rate
     cdef uint32_t period_bytes
     cdef uint64_t period_pos
-    cdef object _chains         # deque of DescriptorChain, in order
+    # The messages held, in order, as a ring of MAX_HELD: each one's writer (its
+    # device-writable part, the status last: it keeps the guest memory mapped)
+    # and its head index.  A list, not a deque: no method call per message.
+    cdef list _writers
+    cdef uint16_t _heads[MAX_HELD]
     cdef uint32_t _sizes[MAX_HELD]
     cdef Py_ssize_t _first
     cdef Py_ssize_t _count
     #: When the message in progress ends (the clock's seconds; < 0: none).
     cdef readonly double deadline
+    #: When the last message completed was due to end.
+    cdef readonly double last_end
     cdef double _end
     #: Bytes of the messages held that have not started.
     cdef readonly unsigned long long queued_bytes
@@ -95,6 +116,11 @@ cdef class IoPacer:
     #: Messages completed and their used bytes, so far.
     cdef readonly unsigned long long completed
     cdef readonly unsigned long long used_bytes
+    #: Messages held by the last :meth:`take`.
+    cdef readonly Py_ssize_t last_taken
+    # The reader of the message being taken: one object for all of them (its
+    # header and length are all take needs), walked afresh for each.
+    cdef Reader _reader
 
     def __init__(self, Queue queue not None, uint32_t stream_id, bint output, double byte_rate,
                  uint32_t period_bytes):
@@ -105,7 +131,8 @@ cdef class IoPacer:
         self.output = output
         self.byte_rate = byte_rate
         self.period_bytes = period_bytes
-        self._chains = collections.deque()
+        self._writers = [None] * MAX_HELD
+        self._reader = Reader.__new__(Reader)
         self.deadline = -1.0
         self._end = 0.0
 
@@ -159,19 +186,31 @@ cdef class IoPacer:
         self._end += n / self.byte_rate
         self.deadline = self._end
 
-    cdef int _hold(self, DescriptorChain ch, uint32_t nbytes) except -1:
+    cdef int _hold(self, Writer w, uint16_t head, uint32_t nbytes) except -1:
+        cdef Py_ssize_t slot
         if self._count >= MAX_HELD:
             raise OverflowError(f"sound stream {self.stream_id}: more than {MAX_HELD} messages held")
-        self._sizes[(self._first + self._count) % MAX_HELD] = nbytes
+        slot = (self._first + self._count) % MAX_HELD
+        self._sizes[slot] = nbytes
+        self._heads[slot] = head
+        self._writers[slot] = w
         self._count += 1
-        self._chains.append(ch)
         self.queued_bytes += nbytes
         return 0
+
+    cdef Writer _pop(self, uint16_t *head):
+        """Remove the first message held: its writer (and head index)."""
+        cdef Writer w = <Writer>self._writers[self._first]
+        self._writers[self._first] = None
+        head[0] = self._heads[self._first]
+        self._first = (self._first + 1) % MAX_HELD
+        self._count -= 1
+        return w
 
     def push(self, DescriptorChain chain not None, uint32_t nbytes, double now):
         """Hold ``chain`` (checked by the caller: ``nbytes`` of frames); for the
         device's Python path."""
-        self._hold(chain, nbytes)
+        self._hold(make_writer(chain), chain.head_index, nbytes)
         self._start(now)
 
     def take(self, double now):
@@ -187,26 +226,33 @@ cdef class IoPacer:
                 as :meth:`Queue.pop_chain` does; the next call goes on).
             QueueNotReady, InvalidAvailRingIndex: as :meth:`Queue.pop_chain`.
         """
+        chain = self.take_c(now)
+        return self.last_taken, chain
+
+    cdef object take_c(self, double now):
+        """:meth:`take`: the chain (or None); how many were held in ``last_taken``."""
         cdef Queue q = self.queue
         cdef uint16_t head
         cdef DescriptorChain ch
-        cdef Reader r
+        cdef Reader r = self._reader
         cdef Writer w
         cdef unsigned char hdr[XFER_SIZE]
         cdef uint32_t sid
         cdef size_t room, nbytes, got
         cdef Py_ssize_t taken = 0
+        self.last_taken = 0
         while True:
+            self.last_taken = taken
             if not q.pop_head(&head):
                 self._start(now)
                 if self.deadline >= 0:
                     # A message plays: its end looks at the ring anyway, so the
                     # driver need not kick meanwhile (VIRTIO 1.2 §2.7.10).
                     q.suppress_notification_c()
-                    return taken, None
+                    return None
                 if q.enable_notification_c():
                     continue    # one came before the driver could see the request
-                return taken, None
+                return None
             if head >= q._size:
                 self._start(now)
                 raise InvalidDescriptorIndex(
@@ -214,23 +260,29 @@ cdef class IoPacer:
             ch = make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head)
             if not self.accepting:
                 self._start(now)
-                return taken, ch
+                return ch
             try:
                 w = make_writer(ch)
-                r = make_reader(ch)
+                # make_reader's walk, into the one reader (emptied first).
+                r.nsegs = 0
+                r.idx = 0
+                r.off = 0
+                r.avail = 0
+                r.done = 0
+                r._collect(ch, False)
             except Exception:
                 # The Python path walks it again and answers the fault.
                 self._start(now)
-                return taken, ch
+                return ch
             room = w.avail
             if room < STATUS_SIZE or r.avail < XFER_SIZE:
                 self._start(now)
-                return taken, ch
+                return ch
             r.copy_out(hdr, XFER_SIZE)
             sid = hdr[0] | (<uint32_t>hdr[1] << 8) | (<uint32_t>hdr[2] << 16) | (<uint32_t>hdr[3] << 24)
             if sid != self.stream_id:
                 self._start(now)
-                return taken, ch
+                return ch
             if self.output:
                 nbytes = r.avail
             else:
@@ -238,10 +290,10 @@ cdef class IoPacer:
                 got = 0
                 while got < nbytes:
                     got += w.copy_in(_zeros, nbytes - got if nbytes - got < ZERO_CHUNK else ZERO_CHUNK)
-            if nbytes > 0xFFFFFFFF:
+            if nbytes > UINT32_MAX:
                 self._start(now)
-                return taken, ch
-            self._hold(ch, <uint32_t>nbytes)
+                return ch
+            self._hold(w, head, <uint32_t>nbytes)
             taken += 1
 
     def due(self, double now):
@@ -249,20 +301,23 @@ cdef class IoPacer:
         OK, ``latency_bytes``: for tx the bytes held behind it); each next one held
         starts where the one before ended (several complete at once when the timer
         came that late).  Returns the periods (``period_bytes``) that went through."""
+        return self.due_c(now)
+
+    cdef Py_ssize_t due_c(self, double now) except -1:
         cdef Py_ssize_t periods = 0
         cdef uint32_t n, used
+        cdef uint16_t head
         cdef unsigned long long latency
-        cdef DescriptorChain ch
+        cdef Writer w
         while self.deadline >= 0 and self.deadline <= now:
             n = self._sizes[self._first]
-            ch = <DescriptorChain>self._chains.popleft()
-            self._first = (self._first + 1) % MAX_HELD
-            self._count -= 1
+            w = self._pop(&head)
+            self.last_end = self.deadline
             self.deadline = -1.0
             latency = self.queued_bytes if self.output else 0
-            _write_status(ch, S_OK, <uint32_t>(latency if latency < 0xFFFFFFFF else 0xFFFFFFFF), 0)
+            _write_status(w, S_OK, <uint32_t>(latency if latency < UINT32_MAX else UINT32_MAX))
             used = STATUS_SIZE if self.output else n + STATUS_SIZE
-            self.queue.add_used_c(ch.head_index, used)
+            self.queue.add_used_c(head, used)
             self.completed += 1
             self.used_bytes += used
             self.frames_bytes += n
@@ -280,7 +335,7 @@ cdef class IoPacer:
         if self.deadline < 0:
             return 0
         self.deadline = 0.0
-        return self.due(0.0)
+        return self.due_c(0.0)
 
     def flush(self, uint32_t status):
         """Complete every message held, in order, with ``status`` and
@@ -288,26 +343,571 @@ cdef class IoPacer:
         IO_ERR), as the Python path answers them.  Returns how many were completed."""
         cdef Py_ssize_t done = 0
         cdef uint32_t used
-        cdef DescriptorChain ch
+        cdef uint16_t head
+        cdef Writer w
         while self._count:
-            ch = <DescriptorChain>self._chains.popleft()
-            self._first = (self._first + 1) % MAX_HELD
-            self._count -= 1
-            _write_status(ch, status, 0, 0)
+            w = self._pop(&head)
+            _write_status(w, status, 0)
             used = STATUS_SIZE
-            self.queue.add_used_c(ch.head_index, used)
+            self.queue.add_used_c(head, used)
             self.completed += 1
             self.used_bytes += used
             done += 1
         self.deadline = -1.0
         self.queued_bytes = 0
         self._end = 0.0
+        self._reader.snap = None    # the guest memory it last walked may go
         return done
 
 
-def suppress_kicks(Queue queue not None):
-    """Ask the driver not to kick ``queue`` even for its next buffer (VIRTIO 1.2
-    §2.7.10: with EVENT_IDX, ``avail_event`` one behind the buffers taken; else
-    ``VRING_USED_F_NO_NOTIFY``), for a device that will look at the ring itself;
-    ``Queue.enable_notification`` asks for kicks again."""
-    queue.suppress_notification_c()
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline int _notify(Queue q, object signal, object interrupt, int index) except -1:
+    """Signal the driver for ``q`` if it asked for it (VIRTIO 1.2 §2.7.10): through
+    the transport's signaller (vhost-user: the ring's compiled ``signal_used``,
+    no Python frame) or else ``interrupt.signal_used(index)``."""
+    if q.needs_notification_c():
+        if signal is not None:
+            signal()
+        elif interrupt is not None:
+            interrupt.signal_used(index)
+    return 0
+
+
+@cython.final
+cdef class EventQueue:
+    """The event queue of a sound device (VIRTIO 1.2 §5.14.6.9) in compiled code:
+    the driver's event buffers it holds, and the events waiting for one.
+
+    An event is written into the oldest buffer held (``virtio_snd_event``: code
+    and data, little-endian) and completed; with no buffer held, the buffers the
+    driver added meanwhile are taken from the ring first (their kicks were not
+    asked for: while buffers are held the driver's kicks are suppressed, §2.7.10,
+    and asked for again when none is left).  Events that find no buffer wait, at
+    most ``EVENT_BACKLOG`` of them, the oldest dropped first.  A buffer that is not
+    8 device-writable bytes alone is left in :attr:`unserved` for the device's
+    Python path (which answers it as a guest fault); taking stops there.
+    """
+
+    cdef readonly Queue queue
+    cdef object signal
+    cdef object interrupt
+    cdef int index
+    # The buffers held, in ring order, as a ring of MAX_HELD: writers, head indexes.
+    cdef list _writers
+    cdef uint16_t _heads[MAX_HELD]
+    cdef Py_ssize_t _h_first
+    cdef Py_ssize_t _h_count
+    cdef uint32_t _pending[2 * EVENT_BACKLOG]
+    cdef Py_ssize_t _p_first
+    cdef Py_ssize_t _p_count
+    #: Whether the buffers held are the last ones popped (a quiesce returns them
+    #: to the avail ring as not consumed).
+    cdef public bint are_tail
+    #: Whether buffers may be taken from the ring (the queue is not given back).
+    cdef public bint serving
+    #: A popped buffer this path does not serve, for the device's Python path.
+    cdef public object unserved
+    #: Events sent: PCM_PERIOD_ELAPSED, PCM_XRUN.
+    cdef readonly unsigned long long period_elapsed_sent
+    cdef readonly unsigned long long xrun_sent
+
+    def __init__(self, Queue queue not None, int index, interrupt):
+        self.queue = queue
+        self.index = index
+        self.interrupt = interrupt
+        # A transport that hands out a queue's signaller (vhost-user: the ring's
+        # compiled KickRing.signal_used) is called without a Python frame.
+        signaller = getattr(interrupt, "signaller", None)
+        self.signal = signaller(index) if signaller is not None else None
+        self._writers = [None] * MAX_HELD
+        self.are_tail = True
+        self.serving = True
+
+    def __len__(self):
+        """Buffers held."""
+        return self._h_count
+
+    @property
+    def pending(self):
+        """Events waiting for a buffer."""
+        return self._p_count
+
+    def hold(self, DescriptorChain chain not None):
+        """Hold an event buffer the device's Python path checked (a kick's drain)."""
+        self._hold(make_writer(chain), chain.head_index)
+
+    cdef int _hold(self, Writer w, uint16_t head) except -1:
+        cdef Py_ssize_t slot
+        if self._h_count >= MAX_HELD:
+            raise OverflowError(f"more than {MAX_HELD} event buffers held")
+        slot = (self._h_first + self._h_count) % MAX_HELD
+        self._writers[slot] = w
+        self._heads[slot] = head
+        self._h_count += 1
+        return 0
+
+    cdef Writer _pop(self, uint16_t *head):
+        cdef Writer w = <Writer>self._writers[self._h_first]
+        self._writers[self._h_first] = None
+        head[0] = self._heads[self._h_first]
+        self._h_first = (self._h_first + 1) % MAX_HELD
+        self._h_count -= 1
+        return w
+
+    def held(self):
+        """Remove the buffers held and return their head indexes, in order (quiesce)."""
+        cdef uint16_t head
+        heads = []
+        while self._h_count:
+            self._pop(&head)
+            heads.append(head)
+        return heads
+
+    def clear(self):
+        """Forget the buffers held and the events waiting (reset)."""
+        self.held()
+        self._p_count = 0
+        self.unserved = None
+        self.are_tail = True
+
+    def quiet(self):
+        """While buffers are held the driver need not kick for the ones it adds
+        (VIRTIO 1.2 §2.7.10): :meth:`send` takes them when it finds none held."""
+        if self._h_count and self.queue._ready:
+            self.queue.suppress_notification_c()
+
+    def send(self, uint32_t code, uint32_t data):
+        """Queue event ``code`` with ``data`` (a stream id) and deliver what the
+        buffers allow; returns whether :attr:`unserved` holds a buffer for the
+        Python path (then call :meth:`flush` after it)."""
+        return self.send_c(code, data) != 0
+
+    def flush(self):
+        """Deliver the waiting events the buffers allow (taking buffers from the
+        ring when none is held); returns as :meth:`send` does."""
+        return self.flush_c() != 0
+
+    cdef int send_c(self, uint32_t code, uint32_t data) except -1:
+        cdef Py_ssize_t slot
+        if not self.queue._ready:
+            return 0
+        if self._p_count == EVENT_BACKLOG:
+            # The oldest is dropped (a driver that gives no buffers).
+            self._p_first = (self._p_first + 1) % EVENT_BACKLOG
+            self._p_count -= 1
+        slot = (self._p_first + self._p_count) % EVENT_BACKLOG
+        self._pending[2 * slot] = code
+        self._pending[2 * slot + 1] = data
+        self._p_count += 1
+        return self.flush_c()
+
+    cdef int flush_c(self) except -1:
+        cdef int rc = 0
+        cdef bint sent = False
+        cdef uint16_t head
+        cdef Writer w
+        cdef unsigned char buf[EVENT_SIZE]
+        cdef uint32_t code, data
+        if not self._p_count:
+            return 0
+        if not self._h_count and self.serving and self.unserved is None:
+            rc = self._take()
+        while self._p_count and self._h_count:
+            code = self._pending[2 * self._p_first]
+            data = self._pending[2 * self._p_first + 1]
+            self._p_first = (self._p_first + 1) % EVENT_BACKLOG
+            self._p_count -= 1
+            w = self._pop(&head)
+            buf[0] = code & 0xFF
+            buf[1] = (code >> 8) & 0xFF
+            buf[2] = (code >> 16) & 0xFF
+            buf[3] = (code >> 24) & 0xFF
+            buf[4] = data & 0xFF
+            buf[5] = (data >> 8) & 0xFF
+            buf[6] = (data >> 16) & 0xFF
+            buf[7] = (data >> 24) & 0xFF
+            w.copy_in(buf, EVENT_SIZE)
+            self.queue.add_used_c(head, EVENT_SIZE)
+            if code == EVT_PCM_PERIOD_ELAPSED:
+                self.period_elapsed_sent += 1
+            elif code == EVT_PCM_XRUN:
+                self.xrun_sent += 1
+            sent = True
+        if not self._h_count:
+            self.are_tail = True
+        if sent:
+            _notify(self.queue, self.signal, self.interrupt, self.index)
+        return rc
+
+    cdef int _take(self) except -1:
+        """Take the event buffers the ring holds (the drain of a kick: with none
+        left, the driver is asked to kick again); 1 when one is left in
+        :attr:`unserved`."""
+        cdef Queue q = self.queue
+        cdef uint16_t head
+        cdef DescriptorChain ch
+        cdef Writer w
+        while True:
+            if not q.pop_head(&head):
+                if self._h_count:
+                    q.suppress_notification_c()
+                    return 0
+                if q.enable_notification_c():
+                    continue
+                return 0
+            if head >= q._size:
+                raise InvalidDescriptorIndex(
+                    f"head descriptor index {head} out of range (queue size {q._size})")
+            ch = make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head)
+            try:
+                w = make_writer(ch)
+                if make_reader(ch).avail or w.avail < EVENT_SIZE:
+                    self.unserved = ch
+                    return 1
+            except Exception:
+                # The Python path walks it again and answers the fault.
+                self.unserved = ch
+                return 1
+            self._hold(w, head)
+
+
+@cython.final
+cdef class StreamTimer(FdPump):
+    """The timer of a loop-paced PCM stream, served in compiled code: a timerfd
+    (``CLOCK_MONOTONIC``, absolute deadlines) armed for the end of the message in
+    progress of its :class:`IoPacer`, or, once the stream ran dry, for a period
+    later (an xrun).
+
+    :meth:`pump_c`, run by the loop when the timer fires (and by a kick of the
+    stream's queue through :class:`KickPump`): take what the driver added
+    (its kicks were suppressed meanwhile), complete every message due and signal
+    the driver once, send ``PCM_PERIOD_ELAPSED`` for each period that went
+    through while the stream is started and ``PCM_XRUN`` for a dry period
+    (:class:`EventQueue`), take again, re-arm.  No Python code runs unless a
+    message or an event buffer this path does not serve was popped: it is left in
+    :attr:`unserved` (or the event queue's) and the pump answers 1.
+
+    ``clock``: None (the kernel's ``CLOCK_MONOTONIC``, as ``time.monotonic``) or
+    a callable (tests' fake clocks; the timerfd is still armed, at the fake
+    deadline).
+    """
+
+    cdef readonly IoPacer pacer
+    cdef readonly EventQueue events
+    cdef object signal
+    cdef object interrupt
+    cdef int index
+    cdef int _fd
+    cdef object clock
+    #: Whether the stream may touch its queue (device active, queue not given
+    #: back, the stream not held or stopping).
+    cdef public bint serving
+    #: Whether the stream is started (PCM_PERIOD_ELAPSED is sent).
+    cdef public bint started
+    #: Whether the driver selected PCM_XRUN notifications.
+    cdef public bint xrun_events
+    #: The length of a period in seconds (a dry stream's xrun comes after one).
+    cdef public double period_secs
+    #: A message popped that this path does not serve, for the Python path.
+    cdef public object unserved
+    #: Whether a completion came with nothing played since (an xrun may follow).
+    cdef public bint dry_armed
+    cdef double _dry_deadline
+    #: When the timerfd fires next (the clock's seconds; < 0: disarmed).
+    cdef readonly double wakeup
+    # The timerfd's interval (ns; 0: one-shot) and its next expiry (ns; < 0: none).
+    cdef long long _interval_ns
+    cdef long long _next_ns
+    #: Timer expiries read.
+    cdef readonly unsigned long long expiries
+    # How late the timer's wake-ups were (the real clock only), against the
+    # period: < 0.1, < 0.5, < 1, < 2, >= 2 periods; and the largest (ns).
+    cdef unsigned long long _late[5]
+    cdef long long _late_max_ns
+    # How late the last completion came after its message's end (seconds), and
+    # the xruns after a completion that late (>= a period: the device's own
+    # lateness held the driver's refill back) or not (the driver's refill late).
+    cdef double _done_late
+    cdef unsigned long long _xruns_device
+    cdef unsigned long long _xruns_driver
+
+    def __cinit__(self, *args, **kwargs):
+        self._fd = -1
+
+    def __init__(self, IoPacer pacer not None, EventQueue events, interrupt, double period_secs,
+                 clock=None):
+        self.pacer = pacer
+        self.events = events
+        self.index = 2 if pacer.output else 3
+        self.interrupt = interrupt
+        signaller = getattr(interrupt, "signaller", None)
+        self.signal = signaller(self.index) if signaller is not None else None
+        self.period_secs = period_secs
+        self.clock = clock
+        self.wakeup = -1.0
+        self._next_ns = -1
+        self._dry_deadline = -1.0
+        self._fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(errno, "timerfd_create failed")
+
+    def __dealloc__(self):
+        if self._fd >= 0:
+            close(self._fd)
+
+    def fileno(self):
+        """The timerfd (-1 once closed)."""
+        return self._fd
+
+    def close(self):
+        """Close the timerfd (idempotent); the loop must not watch it any more."""
+        if self._fd >= 0:
+            close(self._fd)
+            self._fd = -1
+        self.wakeup = -1.0
+        self._next_ns = -1
+
+    cdef inline double _now(self) except? -1.0:
+        if self.clock is None:
+            return _monotonic()
+        return self.clock()
+
+    cdef int pump_c(self) except -1:
+        cdef uint64_t count
+        if self.clock is not None:
+            # A fake clock: the timerfd's deadlines are not the kernel's time,
+            # each call is the expiry (the caller fires it at the fake wake-up).
+            read(self._fd, &count, 8)
+            self._next_ns = -1
+            self.wakeup = -1.0
+        elif self._fd >= 0 and read(self._fd, &count, 8) == 8:
+            self.expiries += count
+            if self._next_ns >= 0:
+                self._count_lateness()
+            if self._interval_ns:
+                # Periodic: the kernel's next expiry follows from the ones read.
+                self._next_ns += <long long>count * self._interval_ns
+                self.wakeup = self._next_ns * 1e-9
+            else:
+                self._next_ns = -1
+                self.wakeup = -1.0
+        if self.unserved is not None or (self.events is not None and self.events.unserved is not None):
+            return 1
+        if not self.serving:
+            return 0
+        return self.tick_c(self._now())
+
+    cdef void _count_lateness(self) noexcept:
+        """Count how late this wake-up is after the expiry it serves."""
+        cdef long long late = <long long>(_monotonic() * 1e9) - self._next_ns
+        cdef double periods = late / (self.period_secs * 1e9)
+        if late > self._late_max_ns:
+            self._late_max_ns = late
+        if periods < 0.1:
+            self._late[0] += 1
+        elif periods < 0.5:
+            self._late[1] += 1
+        elif periods < 1:
+            self._late[2] += 1
+        elif periods < 2:
+            self._late[3] += 1
+        else:
+            self._late[4] += 1
+
+    def lateness(self, bint reset=False):
+        """How late the timer's wake-ups came after their expiries (the real clock
+        only): counts of wake-ups less than 0.1, 0.5, 1, 2 periods late and at
+        least 2 periods late, the largest lateness in seconds, and the xruns
+        (the stream dry for a period) after a completion that came at least a
+        period late (the device's lateness) and after one on time (the driver's
+        refill late); ``reset`` starts the counts afresh."""
+        out = ([self._late[i] for i in range(5)], self._late_max_ns * 1e-9,
+               self._xruns_device, self._xruns_driver)
+        if reset:
+            memset(self._late, 0, sizeof(self._late))
+            self._late_max_ns = 0
+            self._xruns_device = self._xruns_driver = 0
+        return out
+
+    def tick(self, double now):
+        """Serve the stream at ``now`` as :meth:`pump_c` does; returns whether the
+        Python path must go on (see :attr:`unserved`)."""
+        return self.tick_c(now) != 0
+
+    def rearm(self, double now):
+        """Arm the timer for the stream as it is now (a message held by the Python
+        path, a state changed); returns as :meth:`tick` does."""
+        cdef int rc = self._dry_check(now)
+        self._arm()
+        return rc != 0
+
+    def finish_current(self, double now):
+        """Complete the message in progress now (before a control operation), with
+        its notification and events."""
+        cdef unsigned long long c0 = self.pacer.completed
+        cdef Py_ssize_t periods = self.pacer.finish_current(now)
+        return self._account(c0, periods) != 0
+
+    def flush(self, uint32_t status):
+        """Complete every message held with ``status`` (RELEASE: OK; the queue
+        taken back: IO_ERR), notify the driver and disarm the timer."""
+        cdef Py_ssize_t done = self.pacer.flush(status)
+        if done:
+            _notify(self.pacer.queue, self.signal, self.interrupt, self.index)
+        self.dry_armed = False
+        self._dry_deadline = -1.0
+        self._arm()
+        return done
+
+    def disarm(self):
+        """Stop the timer and forget a pending xrun (the stream is held or stops)."""
+        self.dry_armed = False
+        self._dry_deadline = -1.0
+        self._set_timer(-1.0, 0)
+
+    cdef int tick_c(self, double now) except -1:
+        cdef IoPacer pacer = self.pacer
+        cdef unsigned long long c0
+        cdef Py_ssize_t periods
+        if self.unserved is not None or (self.events is not None and self.events.unserved is not None):
+            return 1
+        if not self.serving:
+            return 0
+        if self._take(now):
+            return 1
+        c0 = pacer.completed
+        periods = pacer.due_c(now)
+        if self._account(c0, periods):
+            return 1
+        if self._take(now):
+            return 1
+        if self._dry_check(now):
+            return 1
+        self._arm()
+        return 0
+
+    cdef int _take(self, double now) except -1:
+        if not self.pacer.queue._ready:
+            return 0
+        self.unserved = self.pacer.take_c(now)
+        if self.pacer.last_taken:
+            self.dry_armed = False
+            self._dry_deadline = -1.0
+        return self.unserved is not None
+
+    cdef int _account(self, unsigned long long c0, Py_ssize_t periods) except -1:
+        """After the pacer completed messages: notification, period events."""
+        cdef int rc = 0
+        if self.pacer.completed == c0:
+            return 0
+        self.dry_armed = True
+        self._dry_deadline = -1.0
+        if self.pacer.last_end > 0:
+            self._done_late = self._now() - self.pacer.last_end
+        _notify(self.pacer.queue, self.signal, self.interrupt, self.index)
+        if periods and self.started and self.events is not None:
+            for _ in range(min(periods, EVENT_BACKLOG)):
+                rc |= self.events.send_c(EVT_PCM_PERIOD_ELAPSED, self.pacer.stream_id)
+        return rc
+
+    cdef int _dry_check(self, double now) except -1:
+        """A started stream that stays dry for a whole period after a completion:
+        PCM_XRUN (when the driver selected it), once."""
+        cdef IoPacer pacer = self.pacer
+        if not (self.dry_armed and pacer._running and pacer.deadline < 0 and pacer._count == 0):
+            self._dry_deadline = -1.0
+            return 0
+        if self._dry_deadline < 0:
+            self._dry_deadline = now + self.period_secs
+            return 0
+        if now < self._dry_deadline:
+            return 0
+        self.dry_armed = False
+        self._dry_deadline = -1.0
+        if self._done_late >= self.period_secs:
+            self._xruns_device += 1
+        else:
+            self._xruns_driver += 1
+        if self.xrun_events and self.events is not None:
+            return self.events.send_c(EVT_PCM_XRUN, pacer.stream_id)
+        return 0
+
+    cdef int _arm(self) except -1:
+        """Arm the timerfd for the end of the message in progress, else for the
+        dry stream's xrun, else disarm it.  The timer is periodic with the
+        message's duration: while the driver keeps the stream fed with messages
+        of one size, each next end is the kernel's next expiry already, and the
+        timer is not set again (a system call less per period)."""
+        cdef IoPacer pacer = self.pacer
+        cdef double at = pacer.deadline
+        cdef long long at_ns, interval_ns = 0
+        if at >= 0:
+            interval_ns = <long long>(pacer._sizes[pacer._first] / pacer.byte_rate * 1e9 + 0.5)
+        else:
+            at = self._dry_deadline
+        if at < 0:
+            if self._next_ns >= 0:
+                self._set_timer(-1.0, 0)
+            return 0
+        at_ns = <long long>(at * 1e9 + 0.5)
+        # Within a microsecond of the kernel's next expiry: it is that one (the
+        # stream's deadlines are sums of doubles, the kernel's of nanoseconds).
+        if self._next_ns >= 0 and -1000 <= at_ns - self._next_ns <= 1000:
+            return 0
+        if self.clock is not None:
+            interval_ns = 0     # a fake clock: one-shot (see pump_c)
+        self._set_timer(at, interval_ns)
+        return 0
+
+    cdef int _set_timer(self, double at, long long interval_ns) except -1:
+        """Arm the timerfd at ``at`` (absolute ``CLOCK_MONOTONIC`` seconds: a late
+        wake-up does not move the next one), then every ``interval_ns`` (0: once);
+        ``at`` < 0 disarms it."""
+        cdef itimerspec spec
+        cdef long long at_ns = <long long>(at * 1e9 + 0.5) if at >= 0 else -1
+        spec.it_interval.tv_sec = <long>(interval_ns // 1000000000)
+        spec.it_interval.tv_nsec = <long>(interval_ns % 1000000000)
+        if at_ns < 0:
+            interval_ns = 0
+            spec.it_interval.tv_sec = 0
+            spec.it_interval.tv_nsec = 0
+            spec.it_value.tv_sec = 0
+            spec.it_value.tv_nsec = 0
+        else:
+            if at_ns == 0:
+                at_ns = 1   # zero would disarm it
+            spec.it_value.tv_sec = <long>(at_ns // 1000000000)
+            spec.it_value.tv_nsec = <long>(at_ns % 1000000000)
+        if self._fd >= 0 and timerfd_settime(self._fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0:
+            raise OSError(errno, f"timerfd_settime({at_ns} ns) failed")
+        self._next_ns = at_ns if at_ns >= 0 else -1
+        self._interval_ns = interval_ns
+        self.wakeup = at if at_ns >= 0 else -1.0
+        return 0
+
+
+@cython.final
+cdef class KickPump(FdPump):
+    """A tx or rx queue's kicks served in compiled code (``VirtioDevice.kick_pump``):
+    while :attr:`target` (the stream's :class:`StreamTimer`) serves the queue, a
+    kick takes what the driver added and re-arms the timer; otherwise, or when
+    that leaves something for Python, the device's ``process_queue`` runs (1).
+    What the target raises is kept in its ``error`` for ``process_queue``."""
+
+    #: The stream timer serving the queue, or None.
+    cdef public StreamTimer target
+
+    cdef int pump_c(self) except -1:
+        cdef StreamTimer t = self.target
+        if t is None or not t.serving or t.error is not None:
+            return 1
+        try:
+            return t.tick_c(t._now())
+        except Exception as e:
+            t.error = e
+            return 1

@@ -40,8 +40,9 @@ range, for a stream of the other direction, or for a stream that is not prepared
 started or stopped is answered ``BAD_MSG`` at once.  Others wait in the stream's
 queue; while the stream is started, its worker thread hands them to the backend
 one by one, which takes (plays) or fills (records) them at the stream's rate (a
-backend whose calls never block, ``loop_paced`` like null, has no thread: the
-loop's timers pace it and complete each message when its duration is over), and
+backend whose calls never block, ``loop_paced`` like null, has no thread: a
+timerfd per stream, served in compiled code inside the loop's poll, paces it and
+completes each message when its duration is over), and
 completes each with ``OK`` (``IO_ERR`` if the backend failed) and ``latency_bytes``:
 the bytes queued before the device's output, or held by the host on input.  Used
 length: 8 for tx, frames written + 8 for rx.
@@ -67,17 +68,20 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from virtio_queue import DescriptorChain, Reader, Writer
+from virtio_queue import DescriptorChain, GuestMemory, Queue, Reader, Writer
 from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
 
-from ._sound_fast import IoPacer, suppress_kicks
-from .base import COMMON_FEATURES, TimerHandle, VirtioDevice
+from ._sound_fast import EventQueue, IoPacer, KickPump, StreamTimer
+from .base import COMMON_FEATURES, EventLoop, Interrupt, VirtioDevice
 from .errors import DeviceNeedsReset, MalformedRequest
 from .hosts.audio import FORMAT_SAMPLE_BYTES, AudioBackend, AudioError, AudioPort, PcmParams
+
+if TYPE_CHECKING:
+    from ._pump import FdPump
 
 __all__ = [
     "CHMAPS",
@@ -430,26 +434,28 @@ class _StreamWorker:
 class _TimerStream(_StreamWorker):
     """A stream of a backend whose ports never block (``loop_paced``: null): no
     thread; its I/O messages are held and completed in compiled code
-    (:class:`virtio_devices._sound_fast.IoPacer`), paced by one timer of the loop
-    at a time, re-armed for the end of the message in progress.
+    (:class:`virtio_devices._sound_fast.IoPacer`), paced by a timerfd served in
+    compiled code too (:class:`~virtio_devices._sound_fast.StreamTimer`: the
+    vhost-user loop runs it inside its poll, with no Python frame per period),
+    armed for the end of the message in progress.
 
     Each message lasts ``nbytes / byte_rate`` seconds after the previous one ends
     (or from when it is taken, when the stream ran dry); when it is over, the timer
-    completes every message then due (one notification for them) and takes what the
-    driver added meanwhile.  While a message is in progress the driver's kicks of the
-    stream's queue are suppressed (VIRTIO 1.2 §2.7.10): the timer looks at the ring
-    anyway, so a period costs one wake-up, not two.  A message the compiled path
-    does not serve goes through :meth:`SoundDevice.handle_chain` as before.  Control
-    operations run at once, after the message in progress is completed (as the
-    worker would have finished it first).
+    completes every message then due (one notification for them, through the
+    transport's compiled signaller), sends the period events and takes what the
+    driver added meanwhile.  While a message is in progress the driver's kicks of
+    the stream's queue are suppressed (VIRTIO 1.2 §2.7.10): the timer looks at the
+    ring anyway, so a period costs one wake-up, not two; a kick (when the stream
+    ran dry) is served in compiled code too (:class:`~virtio_devices._sound_fast.
+    KickPump`).  A message the compiled path does not serve goes through
+    :meth:`SoundDevice.handle_chain` as before.  Control operations run at once,
+    after the message in progress is completed (as the worker would have finished
+    it first).
     """
 
     def __init__(self, device: SoundDevice, stream: _Stream) -> None:
         super().__init__(device, stream)
         self._clock = device.clock
-        self._timer: TimerHandle | None = None
-        self._timer_at = -1.0
-        self._dry_timer: TimerHandle | None = None
         self._stream = stream
         self.io_queue = stream.io_queue
         self.pacer = IoPacer(
@@ -459,16 +465,46 @@ class _TimerStream(_StreamWorker):
             self.params.byte_rate,
             self.params.period_bytes,
         )
+        self.timer = StreamTimer(
+            self.pacer,
+            device.events,
+            device.interrupt,
+            self._period_secs(),
+            None if device.clock is time.monotonic else device.clock,
+        )
+        self._fd = self.timer.fileno()
+        self._loop.add_reader(self._fd, self._on_timer, pump=self.timer)
+        kick = device.kick_pumps.get(self.io_queue)
+        if kick is not None:
+            kick.target = self.timer
+        self._sync()
+
+    def _period_secs(self) -> float:
+        return max(self.params.period_bytes / self.params.byte_rate, 0.001)
 
     def _start_thread(self) -> None:
         pass  # no thread: see the class docstring
+
+    def _sync(self) -> None:
+        """Tell the compiled path what the stream and the device are now."""
+        dev = self.device
+        state = self._stream.state
+        timer = self.timer
+        timer.serving = (
+            not self.hold and not self.stopping and dev.active and not dev._quiesced[self.io_queue]
+        )
+        timer.started = state == PcmState.START
+        timer.xrun_events = bool(self.params.features & (1 << PCM_F_EVT_XRUNS))
+        timer.period_secs = self._period_secs()
+        self.pacer.accepting = state in PcmState.IO_STATES
 
     def post(self, callback: Callable[[], None]) -> None:
         callback()  # already on the loop
 
     def submit_op(self, op: Callable[[], None]) -> None:
         now = self._clock()
-        self._finish_now(now)
+        if self.timer.finish_current(now):
+            self._go_on()
         was_running, old_params = self.running, self.params
         op()
         pacer = self.pacer
@@ -476,38 +512,50 @@ class _TimerStream(_StreamWorker):
             pacer.set_params(self.params.byte_rate, self.params.period_bytes)
         if self.running != was_running:
             pacer.set_running(self.running, now)
-            self._cancel_timer()
-        self._pump(now)
+            self.timer.disarm()
+            if not self.running:
+                counts, largest, xr_device, xr_driver = self.timer.lateness(reset=True)
+                log.debug(
+                    "sound stream %d: timer wake-ups late by <0.1/<0.5/<1/<2/>=2 periods: %s, "
+                    "largest %.6f s; xruns after a completion a period late or more: %d, "
+                    "after one on time: %d",
+                    self.stream_id,
+                    "/".join(map(str, counts)),
+                    largest,
+                    xr_device,
+                    xr_driver,
+                )
+        self._sync()
+        self.serve()
+
+    def state_changed(self) -> None:
+        """The stream's state changed without an operation (SET_PARAMS)."""
+        self._sync()
 
     def submit_io(self, io: _Io) -> None:
         """A message the Python path accepted (``handle_chain``): held with the others."""
         now = self._clock()
         self.pacer.push(io.chain, io.nbytes, now)
-        self._dry_armed = False
-        self._cancel_dry()
-        if not self.hold:
-            self._arm(now)
+        self.timer.dry_armed = False
+        if not self.hold and self.timer.rearm(now):
+            self._go_on()
 
     def complete_held(self, status: int) -> None:
         """Complete every message held with ``status`` (RELEASE: OK; the queue
         taken back: IO_ERR) and notify the driver."""
-        self._cancel_timer()
-        pacer = self.pacer
-        c0, b0 = pacer.completed, pacer.used_bytes
-        pacer.flush(status)
-        self._account(c0, b0, 0)
+        self.timer.flush(status)
 
     def settle(self, timeout: float = WORKER_JOIN_TIMEOUT) -> bool:
         """Stop: the message in progress starts over when the stream goes on."""
         self.hold = True
-        self._cancel_dry()
-        self._cancel_timer()
+        self._sync()
+        self.timer.disarm()
         self.pacer.hold()
         return True
 
     def release_hold(self) -> None:
         self.hold = False
-        self._pump(self._clock())
+        self.serve()
 
     def collect(self) -> list[Callable[[], None]]:
         return []
@@ -515,6 +563,15 @@ class _TimerStream(_StreamWorker):
     def shutdown(self) -> None:
         self.settle()
         self.stopping = True
+        self._sync()
+        kick = self.device.kick_pumps.get(self.io_queue)
+        if kick is not None and kick.target is self.timer:
+            kick.target = None
+        self._loop.remove_reader(self._fd)
+        self.timer.close()
+        dev = self.device
+        dev._chains_done += self.pacer.completed
+        dev._bytes_done += self.pacer.used_bytes
         if self.port is not None:
             try:
                 self.port.close()
@@ -524,121 +581,50 @@ class _TimerStream(_StreamWorker):
 
     # -- the ring and the timer ------------------------------------------------------------------
     def serve(self) -> None:
-        """The driver kicked the stream's queue: take what it holds."""
-        if not self.hold and not self.stopping:
-            self._pump(self._clock())
+        """The driver kicked the stream's queue (or the stream changed): take what it
+        holds, complete what is due, re-arm the timer."""
+        self._sync()
+        if self.timer.serving:
+            self._go_on(now=self._clock())
 
-    def _take(self, now: float) -> None:
-        """Take every available message: the compiled path holds the ones it knows,
-        the device's ``handle_chain`` answers (or holds) the others."""
+    def _on_timer(self) -> None:
+        """The timerfd is readable and the compiled path asked for Python (or the
+        loop does not serve pumps: run it first)."""
+        self._go_on(pump=True)
+
+    def _go_on(self, now: float | None = None, pump: bool = False) -> None:
+        """Run the compiled path (``pump``: as the loop does; ``now``: a tick at
+        ``now``) and serve in Python what it leaves: a message or an event buffer
+        it does not know; until it has nothing left for Python."""
         dev = self.device
         index = self.io_queue
-        pacer = self.pacer
-        pacer.accepting = self._stream.state in PcmState.IO_STATES
-        answered = 0
+        timer = self.timer
         while True:
             try:
-                taken, chain = pacer.take(now)
+                if pump:
+                    go_on = timer.pump()
+                elif now is not None:
+                    go_on = timer.tick(now)
+                else:
+                    go_on = True
             except InvalidDescriptorIndex as e:
                 dev._log_guest_fault(index, e)
+                pump, now = False, self._clock()
                 continue
             except InvalidAvailRingIndex:
                 dev.queues[index].ready = False
                 raise
-            if taken and self._dry_armed:
-                self._dry_armed = False
-                self._cancel_dry()
-            if chain is None:
-                break
-            used = dev._call(dev.handle_chain, index, chain)
-            if isinstance(used, int):
-                dev.complete(index, chain.head_index, used, notify=False)
-                answered += 1
-        if answered:
-            dev.notify(index)
-
-    def _pump(self, now: float) -> None:
-        if self.hold or self.stopping:
-            return
-        dev = self.device
-        index = self.io_queue
-        if dev.active and not dev._quiesced[index] and dev.queues[index].ready:
-            self._take(now)
-        self._arm(now)
-
-    def _arm(self, now: float) -> None:
-        """The timer for the end of the message in progress, or for an xrun."""
-        deadline = self.pacer.deadline
-        if deadline >= 0:
-            if self._timer is not None:
-                if self._timer_at == deadline:
-                    return
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_later(deadline - now, self._on_timer)
-        elif self.running and self._dry_armed and self._dry_timer is None:
-            period = max(self.params.period_bytes / self.params.byte_rate, 0.001)
-            self._dry_timer = self._loop.call_later(period, self._on_dry)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        now = self._clock()
-        pacer = self.pacer
-        # What the driver added meanwhile (its kicks were suppressed) is held
-        # before the message in progress ends, so the next one follows it at once.
-        dev = self.device
-        if dev.active and not dev._quiesced[self.io_queue] and dev.queues[self.io_queue].ready:
-            self._take(now)
-        c0, b0 = pacer.completed, pacer.used_bytes
-        periods = pacer.due(now)
-        self._account(c0, b0, periods)
-        self._pump(now)
-
-    def _account(self, c0: int, b0: int, periods: int) -> None:
-        """After the pacer completed messages: counters, notification, events."""
-        pacer = self.pacer
-        done = pacer.completed - c0
-        if not done:
-            return
-        dev = self.device
-        dev.chains_served += done
-        dev.bytes_served += pacer.used_bytes - b0
-        self._dry_armed = True
-        dev.notify(self.io_queue)
-        if periods and self._stream.state == PcmState.START:
-            for _ in range(min(periods, EVENT_BACKLOG)):
-                dev._send_event(EVT_PCM_PERIOD_ELAPSED, self.stream_id)
-
-    def _finish_now(self, now: float) -> None:
-        """Complete the message in progress now (before a control operation)."""
-        pacer = self.pacer
-        if pacer.deadline >= 0:
-            self._cancel_timer()
-            c0, b0 = pacer.completed, pacer.used_bytes
-            self._account(c0, b0, pacer.finish_current(now))
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_dry(self) -> None:
-        self._dry_timer = None
-        if (
-            self._dry_armed
-            and self.running
-            and not self.hold
-            and self.pacer.deadline < 0
-            and not len(self.pacer)
-        ):
-            self._dry_armed = False
-            if self.params.features & (1 << PCM_F_EVT_XRUNS):
-                self.device._send_event(EVT_PCM_XRUN, self.stream_id)
-
-    def _cancel_dry(self) -> None:
-        if self._dry_timer is not None:
-            self._dry_timer.cancel()
-            self._dry_timer = None
+            if not go_on:
+                return
+            chain = timer.unserved
+            if chain is not None:
+                timer.unserved = None
+                used = dev._call(dev.handle_chain, index, chain)
+                if isinstance(used, int):
+                    dev.complete(index, chain.head_index, used)
+            elif not dev._serve_event_leftover():
+                return
+            pump, now = False, self._clock()
 
 
 def _write_io_status(chain: DescriptorChain, status: int, latency: int, written: int) -> int:
@@ -655,13 +641,14 @@ class SoundDevice(VirtioDevice):
     """The virtio sound device over an :class:`~virtio_devices.hosts.audio.AudioBackend`.
 
     Control and event queues are served on the loop; each PCM stream has a worker
-    thread for its backend, or the loop's timers for a ``loop_paced`` one (see the
+    thread for its backend, or a compiled timer for a ``loop_paced`` one (see the
     module docstring).
 
     Args:
         backend: the audio host (``NullAudio``, ``AlsaAudio``, ``PulseAudio``).
-        clock: the monotonic clock that paces a ``loop_paced`` backend (the
-            loop's timers run on the same one; tests pass a fake).
+        clock: the monotonic clock that paces a ``loop_paced`` backend
+            (``time.monotonic``: the kernel's ``CLOCK_MONOTONIC``, which the
+            streams' timerfds use; tests pass a fake, and fire the timers).
     """
 
     device_id = VIRTIO_ID_SOUND
@@ -671,22 +658,53 @@ class SoundDevice(VirtioDevice):
     has_config = True
 
     def __init__(self, backend: AudioBackend, *, clock: Callable[[], float] = time.monotonic) -> None:
+        # Read by the served-counts' setters, which VirtioDevice's __init__ calls.
+        self.streams: list[_Stream] = []
+        self._chains_done = self._bytes_done = 0
         super().__init__()
         self.backend = backend
-        #: The clock that paces a ``loop_paced`` backend (the loop's timers use it too).
+        #: The clock that paces a ``loop_paced`` backend.
         self.clock = clock
         self._loop_paced = bool(getattr(backend, "loop_paced", False))
         self.formats: int = getattr(backend, "formats", DEFAULT_FORMATS)
         self.rates: int = getattr(backend, "rates", DEFAULT_RATES)
         self.streams = [_Stream(0, D_OUTPUT), _Stream(1, D_INPUT)]
-        self._events: collections.deque[DescriptorChain] = collections.deque()
-        self._pending_events: collections.deque[tuple[int, int]] = collections.deque(maxlen=EVENT_BACKLOG)
-        # Whether the held event buffers are the last ones popped (quiesce then
-        # returns them to the avail ring).
-        self._events_are_tail = True
+        #: The event queue's buffers and waiting events, in compiled code (while active).
+        self.events: EventQueue | None = None
+        #: The tx and rx queues' compiled kick servers (while active).
+        self.kick_pumps: dict[int, KickPump] = {}
         self._gen = [0] * len(self.queue_sizes)
-        #: Events sent, by code, and dropped for want of a buffer (tests, logs).
-        self.events_sent: collections.Counter[int] = collections.Counter()
+
+    @property
+    def events_sent(self) -> collections.Counter[int]:
+        """Events sent since the device was activated, by code (tests, logs)."""
+        ev = self.events
+        sent: collections.Counter[int] = collections.Counter()
+        if ev is not None:
+            sent[EVT_PCM_PERIOD_ELAPSED] = ev.period_elapsed_sent
+            sent[EVT_PCM_XRUN] = ev.xrun_sent
+        return sent
+
+    def _live_pacers(self) -> list[IoPacer]:
+        return [s.worker.pacer for s in self.streams if isinstance(s.worker, _TimerStream)]
+
+    # The compiled path completes messages without a Python frame: the counts of
+    # VirtioDevice add what its pacers completed.
+    @property
+    def chains_served(self) -> int:
+        return self._chains_base + self._chains_done + sum(p.completed for p in self._live_pacers())
+
+    @chains_served.setter
+    def chains_served(self, value: int) -> None:
+        self._chains_base = value - self._chains_done - sum(p.completed for p in self._live_pacers())
+
+    @property
+    def bytes_served(self) -> int:
+        return self._bytes_base + self._bytes_done + sum(p.used_bytes for p in self._live_pacers())
+
+    @bytes_served.setter
+    def bytes_served(self, value: int) -> None:
+        self._bytes_base = value - self._bytes_done - sum(p.used_bytes for p in self._live_pacers())
 
     # -- config space ------------------------------------------------------------------------------
     def config_space(self) -> bytes:
@@ -694,6 +712,20 @@ class SoundDevice(VirtioDevice):
         return struct.pack("<IIII", 0, len(self.streams), len(CHMAPS), 0)
 
     # -- lifecycle -----------------------------------------------------------------------------------
+    def activate(
+        self, memory: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, loop: EventLoop
+    ) -> None:
+        """Start the device; the event queue and the tx/rx kicks get their compiled
+        servers (:class:`~virtio_devices._sound_fast.EventQueue`, ``KickPump``)."""
+        super().activate(memory, queues, interrupt, loop)
+        self.events = EventQueue(queues[EVENT_Q], EVENT_Q, interrupt)
+        self.kick_pumps = {TX_Q: KickPump(), RX_Q: KickPump()}
+
+    def kick_pump(self, index: int) -> FdPump | None:
+        """The tx and rx queues' kicks are served in compiled code while a
+        loop-paced stream serves the queue (see :class:`_TimerStream`)."""
+        return self.kick_pumps.get(index)
+
     def reset(self) -> None:
         """Complete or return what the device holds, stop the stream workers and
         close their host streams; the streams return to their initial state."""
@@ -705,9 +737,10 @@ class SoundDevice(VirtioDevice):
                     s.worker.shutdown()
                     s.worker = None
                 s.state, s.params = PcmState.SET_PARAMETERS, DEFAULT_PARAMS
-            self._events.clear()
-            self._pending_events.clear()
-            self._events_are_tail = True
+            if self.events is not None:
+                self.events.clear()
+            self.events = None
+            self.kick_pumps = {}
 
     def quiesce(self, index: int) -> None:
         """Give queue ``index`` back: settle the workers and apply what they
@@ -747,23 +780,31 @@ class SoundDevice(VirtioDevice):
         super().quiesce(index)
 
     def _return_events(self) -> None:
+        events = self.events
+        if events is None:
+            return
+        events.serving = False
         queue = self.queues[EVENT_Q]
-        if self._events and self._events_are_tail:
+        are_tail = events.are_tail
+        held = events.held()
+        if held and are_tail:
             # They are the last chains popped: give them back as not consumed.
-            queue.set_next_avail((queue.next_avail() - len(self._events)) & 0xFFFF)
+            queue.set_next_avail((queue.next_avail() - len(held)) & 0xFFFF)
         else:
-            for chain in self._events:
-                self.complete(EVENT_Q, chain.head_index, 0)
-        self._events.clear()
-        self._events_are_tail = True
+            for head in held:
+                self.complete(EVENT_Q, head, 0)
+        events.are_tail = True
 
     # -- dispatch --------------------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
         """A kick: a loop-paced stream's queue is taken by its compiled path
         (:class:`_TimerStream`); every other queue is drained chain by chain."""
         if index == EVENT_Q:
+            if self.events is not None:
+                self.events.serving = True  # a kick: the queue is the device's again
             super().process_queue(index)
-            self._quiet_events()
+            if self.events is not None:
+                self.events.quiet()
             return
         if index in (TX_Q, RX_Q):
             for s in self.streams:
@@ -798,8 +839,8 @@ class SoundDevice(VirtioDevice):
         return self._io(index, chain)
 
     def guest_fault(self, index: int, chain: DescriptorChain, err: Exception) -> int:
-        if index == EVENT_Q and self._events:
-            self._events_are_tail = False
+        if index == EVENT_Q and self.events is not None and len(self.events):
+            self.events.are_tail = False
         return super().guest_fault(index, chain, err)
 
     # -- control queue --------------------------------------------------------------------------------
@@ -910,6 +951,8 @@ class SoundDevice(VirtioDevice):
             return self._answer(writer, S_BAD_MSG)
         stream.params = PcmParams(buffer_bytes, period_bytes, features, channels, fmt, rate)
         stream.state = new_state
+        if isinstance(stream.worker, _TimerStream):
+            stream.worker.state_changed()
         return self._answer(writer, S_OK)
 
     def _pcm_command(self, code: int, chain: DescriptorChain, reader: Reader, writer: Writer) -> int | None:
@@ -945,44 +988,37 @@ class SoundDevice(VirtioDevice):
                 f"{writer.available_bytes()} device-writable bytes, needs 0 and {_EVENT.size} "
                 "(VIRTIO 1.2 §5.14.6.9)"
             )
-        self._events.append(chain)
-        if self._pending_events:
-            self._flush_events()
+        assert self.events is not None  # handle_chain runs only while active
+        self.events.hold(chain)
+        if self.events.pending and self.events.flush():
+            self._serve_event_leftovers()
 
     def _send_event(self, code: int, stream_id: int) -> None:
-        """Queue event ``code`` for ``stream_id`` and deliver what buffers allow (loop).
-
-        With no buffer held, the ones the driver added since are taken from the ring
-        first: their kicks were not asked for (see :meth:`_quiet_events`)."""
-        if not self.active or not self.queues[EVENT_Q].ready:
+        """Send event ``code`` for ``stream_id`` (loop): delivered as buffers allow
+        (:class:`~virtio_devices._sound_fast.EventQueue`, which takes the buffers
+        the driver added without a kick when it holds none)."""
+        if not self.active or self.events is None:
             return
-        self._pending_events.append((code, stream_id))
-        if not self._events and not self._quiesced[EVENT_Q]:
-            self.process_chains(EVENT_Q)
-            self._quiet_events()
-        self._flush_events()
+        if self.events.send(code, stream_id):
+            self._serve_event_leftovers()
 
-    def _quiet_events(self) -> None:
-        """While the device holds event buffers, the driver need not kick for the
-        ones it adds (VIRTIO 1.2 §2.7.10): :meth:`_send_event` takes them from the
-        ring when it finds none held, and kicks are asked for again (the drain's
-        end) when it finds none there either."""
-        if self._events and self.queues[EVENT_Q].ready:
-            suppress_kicks(self.queues[EVENT_Q])
+    def _serve_event_leftover(self) -> bool:
+        """Answer the event buffer the compiled path left for Python (a guest fault:
+        not 8 device-writable bytes alone), then deliver what waits; returns
+        whether there was one."""
+        events = self.events
+        if events is None or events.unserved is None:
+            return False
+        chain, events.unserved = events.unserved, None
+        used = self._call(self.handle_chain, EVENT_Q, chain)
+        if isinstance(used, int):
+            self.complete(EVENT_Q, chain.head_index, used)
+        events.flush()
+        return True
 
-    def _flush_events(self) -> None:
-        sent = False
-        while self._events and self._pending_events:
-            code, sid = self._pending_events.popleft()
-            chain = self._events.popleft()
-            chain.writer().write_obj("II", code, sid)
-            self.complete(EVENT_Q, chain.head_index, _EVENT.size, notify=False)
-            self.events_sent[code] += 1
-            sent = True
-        if not self._events:
-            self._events_are_tail = True
-        if sent:
-            self.notify(EVENT_Q)
+    def _serve_event_leftovers(self) -> None:
+        while self._serve_event_leftover():
+            pass
 
     # -- tx / rx ---------------------------------------------------------------------------------------
     def _io(self, index: int, chain: DescriptorChain) -> int | None:

@@ -40,6 +40,7 @@ from virtio_devices.sound import (
     VIRTIO_ID_SOUND,
     PcmState,
     SoundDevice,
+    _TimerStream,
 )
 from virtio_devices.testing import DeviceRig, FakeLoop
 from virtio_queue import Reader, Writer
@@ -145,6 +146,31 @@ def prepare_and_start(rig: DeviceRig, sid: int, **params: int) -> None:
     assert control(rig, set_params(sid, **params))[0] == S_OK
     assert control(rig, pcm(R_PCM_PREPARE, sid))[0] == S_OK
     assert control(rig, pcm(R_PCM_START, sid))[0] == S_OK
+
+
+def run_due(rig: DeviceRig, *, pumps: bool = True) -> None:
+    """Run what is due at the fake clock's time: the loop's timers, and each
+    loop-paced stream's timerfd (armed at the fake clock's deadline, so the test
+    fires it as the kernel would: when the clock reaches its wake-up).  ``pumps``:
+    the pump runs as the vhost-user loop runs it (``fire_pump``: the callback only
+    when it asks); else as any other loop (``fire_reader``: the callback, which
+    runs the pump)."""
+    rig.loop.run_due()
+    dev = rig.device
+    assert isinstance(dev, SoundDevice)
+    while True:
+        due = [
+            s.worker.timer
+            for s in dev.streams
+            if isinstance(s.worker, _TimerStream) and 0 <= s.worker.timer.wakeup <= rig.clock()
+        ]
+        if not due:
+            return
+        for timer in due:
+            if pumps:
+                rig.loop.fire_pump(timer.fileno())
+            else:
+                rig.loop.fire_reader(timer.fileno())
 
 
 def wait_used(rig: DeviceRig, index: int, count: int) -> list[tuple[int, int]]:
@@ -514,9 +540,12 @@ def test_reset_with_a_blocked_port_aborts_it(audio: RecordingAudio) -> None:
 # -- the null backend ------------------------------------------------------------------------------
 
 
-def test_null_backend_paces_playback_and_records_silence() -> None:
-    # The null backend's ports never block: the device paces them with the loop's
-    # timers (no thread), so the fake clock shows the pacing exactly.
+@pytest.mark.parametrize("pumps", [True, False], ids=["compiled-poll", "callback"])
+def test_null_backend_paces_playback_and_records_silence(pumps: bool) -> None:
+    # The null backend's ports never block: the device paces them with a timerfd
+    # per stream (no thread), served in compiled code by a loop that runs pumps
+    # and through the reader callback by any other; the fake clock shows the
+    # pacing exactly.
     loop = FakeLoop()
     audio = NullAudio(clock=loop.clock)
     dev = SoundDevice(audio, clock=loop.clock)
@@ -532,11 +561,11 @@ def test_null_backend_paces_playback_and_records_silence() -> None:
         done_rx: list[tuple[int, int]] = []
         for step in range(3):
             rig.clock.advance(0.0099)
-            rig.loop.run_due()
+            run_due(rig, pumps=pumps)
             # Not a buffer completes before its 10 ms are over...
             assert rig.used(TX) == [] and rig.used(RX) == []
             rig.clock.advance(0.0001)
-            rig.loop.run_due()
+            run_due(rig, pumps=pumps)
             # ...and each completes when they are, one per stream per 10 ms.
             done_tx += rig.used(TX)
             done_rx += rig.used(RX)
@@ -549,10 +578,16 @@ def test_null_backend_paces_playback_and_records_silence() -> None:
             assert struct.unpack("<I", rig.read(status, 4))[0] == S_OK
         # latency_bytes: the bytes queued behind each buffer when it completed.
         assert [struct.unpack("<II", rig.read(out, 8))[1] for _, out in outs] == [320, 160, 0]
-        # Stopped and released: no timer is left behind.
+        # Every completion counted, as the Python path counts its own.
+        assert dev.chains_served >= 5
+        # Stopped and released: the timer is disarmed.
         assert control(rig, pcm(R_PCM_STOP, 0))[0] == S_OK
         assert control(rig, pcm(R_PCM_RELEASE, 0))[0] == S_OK
-    assert not [t for t in loop.pending_timers() if t.callback.__name__ == "_on_timer"]
+        worker = dev.streams[0].worker
+        assert isinstance(worker, _TimerStream)
+        assert worker.timer.wakeup < 0
+        # Every period was served by the compiled path: Python never had to go on.
+        assert worker.timer.pumped >= 3 and worker.timer.handed_over == 0
     audio.close()
 
 
@@ -566,17 +601,31 @@ def test_null_backend_xrun_after_a_dry_period() -> None:
         tx(rig, 0, bytes(160))
         rig.kick(TX)
         rig.clock.advance(0.010)
-        rig.loop.run_due()
+        run_due(rig)
         assert len(rig.used(TX)) == 1
         # Dry for less than a period (20 ms): nothing; for a period: XRUN.
         rig.clock.advance(0.019)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(EVT) == []
         rig.clock.advance(0.001)
-        rig.loop.run_due()
+        run_due(rig)
         ((got, used),) = rig.used(EVT)
         assert (got, used) == (head, 8)
         assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_XRUN, 0)
+        # The completion before it was on time: the driver's refill was late.
+        worker = dev.streams[0].worker
+        assert isinstance(worker, _TimerStream)
+        assert worker.timer.lateness()[2:] == (0, 1)
+        # A completion that comes a period late (the device's wake-up late) and
+        # then a dry period: the device's lateness held the refill back.
+        tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        rig.clock.advance(0.010 + 0.030)
+        run_due(rig)
+        rig.add_request(EVT, [], [8])
+        rig.clock.advance(0.020)
+        run_due(rig)
+        assert worker.timer.lateness()[2:] == (1, 1)
 
 
 # -- property tests --------------------------------------------------------------------------------
@@ -649,13 +698,13 @@ def test_null_backend_quiesce_answers_or_resumes_the_buffer_in_progress() -> Non
         # The control queue taken back: the buffer in progress waits and then
         # plays in full (10 ms from when it resumes).
         dev.quiesce(CTL)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == []
         rig.clock.advance(0.0099)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == []
         rig.clock.advance(0.0001)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == [(first, 8)]
         # The tx queue taken back: its buffer in progress is answered IO_ERR now.
         second, out2 = tx(rig, 0, bytes(160))
@@ -665,7 +714,7 @@ def test_null_backend_quiesce_answers_or_resumes_the_buffer_in_progress() -> Non
         assert struct.unpack("<I", rig.read(out2, 4))[0] == S_IO_ERR
         # Nothing of it is left to complete later.
         rig.clock.advance(1)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == []
 
 
@@ -698,11 +747,11 @@ def test_null_stream_suppresses_kicks_only_while_a_buffer_plays(event_idx: bool)
         # Added without a kick while the first plays: taken at its end, played next.
         second, _ = tx(rig, 0, bytes(160))
         rig.clock.advance(0.010)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == [(first, 8)]
         assert not _driver_would_kick(rig, TX, event_idx)
         rig.clock.advance(0.010)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(TX) == [(second, 8)]
         # Dry: the driver is asked to kick for the next one.
         assert _driver_would_kick(rig, TX, event_idx)
@@ -722,7 +771,7 @@ def test_null_stream_keeps_the_rate_when_its_timer_is_late() -> None:
         done = 0
         while done < 10:
             rig.clock.advance(0.0103)  # each wake-up 0.3 ms after its deadline, or more
-            rig.loop.run_due()
+            run_due(rig)
             got = rig.used(TX)
             for _ in got:
                 if done + 4 < 10:
@@ -768,7 +817,7 @@ def test_compiled_and_python_paths_answer_the_same(messages: list[tuple[int, int
                     if loop_paced:
                         while not got:
                             rig.clock.advance(0.001)
-                            rig.loop.run_due()
+                            run_due(rig)
                             got = rig.used(q)
                     elif not got:
                         got = wait_used(rig, q, 1)
@@ -800,19 +849,101 @@ def test_event_buffers_added_without_a_kick_are_taken_when_needed(event_idx: boo
         rig.kick(TX)
         for _ in range(3):
             rig.clock.advance(0.010)
-            rig.loop.run_due()
+            run_due(rig)
         assert [h for h, _ in rig.used(EVT)] == [first, *later]
         assert dev.events_sent[EVT_PCM_PERIOD_ELAPSED] == 3
         assert not _driver_would_kick(rig, EVT, event_idx)
         fourth, _ = rig.add_request(EVT, [], [8])  # no kick
         rig.clock.advance(0.010)
-        rig.loop.run_due()
+        run_due(rig)
         assert [h for h, _ in rig.used(EVT)] == [fourth]
         # An event that finds no buffer waits, and the driver is asked to kick.
         rig.clock.advance(0.010)
-        rig.loop.run_due()
+        run_due(rig)
         assert rig.used(EVT) == []
         assert _driver_would_kick(rig, EVT, event_idx)
         fifth, (ev,) = rig.add_request(EVT, [], [8])
         assert rig.kick(EVT) == [(fifth, 8)]
         assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_PERIOD_ELAPSED, 0)
+
+
+# -- the compiled kick, event queue and timer ---------------------------------------------------------
+
+
+def _null_rig(event_idx: bool = False) -> tuple[DeviceRig, SoundDevice]:
+    loop = FakeLoop()
+    dev = SoundDevice(NullAudio(clock=loop.clock), clock=loop.clock)
+    return DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop, event_idx=event_idx), dev
+
+
+def test_kicks_of_a_paced_stream_are_served_without_process_queue() -> None:
+    rig, dev = _null_rig()
+    with rig:
+        kick = dev.kick_pump(TX)
+        assert kick is not None and dev.kick_pump(CTL) is None
+        # No stream yet: the kick goes to process_queue (answer 1).
+        assert kick.pump() is True
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        head, _ = tx(rig, 0, bytes(160))
+        # The stream serves its queue: the kick is taken in compiled code (0)
+        # and the message plays; its end completes it.
+        assert kick.pump() is False
+        assert rig.used(TX) == []
+        rig.clock.advance(0.010)
+        run_due(rig)
+        assert rig.used(TX) == [(head, 8)]
+        # A message it does not serve (a stream id out of range) is left for the
+        # Python path: the kick answers 1 and process_queue answers BAD_MSG.
+        bad, out = tx(rig, 9, bytes(16))
+        assert kick.pump() is True
+        dev.process_queue(TX)
+        assert rig.used(TX) == [(bad, 8)]
+        assert struct.unpack("<II", rig.read(out, 8)) == (S_BAD_MSG, 0)
+
+
+def test_a_bad_event_buffer_is_a_guest_fault_and_events_go_on() -> None:
+    # VIRTIO 1.2 §5.14.6.9: an event buffer is 8 device-writable bytes; one with
+    # a device-readable part is returned unused (used length 0) by the Python
+    # path, and the next buffer gets the event.
+    rig, dev = _null_rig()
+    with rig:
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        bad, _ = rig.add_request(EVT, [b"x"], [8])
+        good, (ev,) = rig.add_request(EVT, [], [8])
+        # Added without a kick: the first event takes them from the ring.
+        tx(rig, 0, bytes(160))
+        rig.kick(TX)
+        rig.clock.advance(0.010)
+        run_due(rig)
+        assert rig.used(EVT) == [(bad, 0), (good, 8)]
+        assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_PERIOD_ELAPSED, 0)
+        assert dev.events_sent[EVT_PCM_PERIOD_ELAPSED] == 1
+        assert dev.broken is None
+
+
+def test_events_without_buffers_wait_and_the_oldest_are_dropped() -> None:
+    rig, dev = _null_rig()
+    with rig:
+        events = dev.events
+        assert events is not None
+        for i in range(70):
+            assert events.send(EVT_PCM_PERIOD_ELAPSED, i) is False
+        assert events.pending == 64
+        head, (ev,) = rig.add_request(EVT, [], [8])
+        # The oldest 6 were dropped: the first buffer gets the 7th.
+        assert rig.kick(EVT) == [(head, 8)]
+        assert struct.unpack("<II", rig.read(ev, 8)) == (EVT_PCM_PERIOD_ELAPSED, 6)
+        assert events.pending == 63
+
+
+def test_stream_timer_lateness_counts_start_empty() -> None:
+    rig, dev = _null_rig()
+    with rig:
+        prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+        worker = dev.streams[0].worker
+        assert isinstance(worker, _TimerStream)
+        # A fake clock: nothing is counted (the wake-ups are the test's).
+        assert worker.timer.lateness() == ([0, 0, 0, 0, 0], 0.0, 0, 0)
+        assert worker.timer.fileno() >= 0
+    # Reset closed the timerfd.
+    assert worker.timer.fileno() == -1

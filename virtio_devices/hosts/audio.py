@@ -245,8 +245,9 @@ class NullAudio:
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, loop_paced: bool = True) -> None:
         self._clock = clock
-        #: The ports never block, so the sound device paces them with its event
-        #: loop's timers (no worker thread); False: each call sleeps its duration.
+        #: The ports never block, so the sound device paces them on its event
+        #: loop, with a timer per stream (no worker thread); False: each call
+        #: sleeps its duration.
         self.loop_paced = loop_paced
         self._zero_fd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
         self._zero = ByteSource(self._zero_fd)
