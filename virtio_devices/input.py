@@ -355,10 +355,19 @@ class InputDevice(VirtioDevice):
 
     def quiesce(self, index: int) -> None:
         """Give the kept eventq buffers back to the avail ring (they are the last
-        ones popped, in order), then the framework's quiesce."""
-        if index == EVENTQ and self._st.kept and index < len(self.queues):
+        ones popped, in order) and ask for the driver's next kick (which gives the
+        queue back), then the framework's quiesce."""
+        if index == EVENTQ and index < len(self.queues):
             queue = self.queues[index]
-            queue.set_next_avail((queue.next_avail() - self._st.forget()) & 0xFFFF)
+            if self._st.kept:
+                queue.set_next_avail((queue.next_avail() - self._st.forget()) & 0xFFFF)
+            # The queue is the device's again at its next kick: ask for one (kicks
+            # may have been suppressed while nothing was held).
+            try:
+                if queue.ready:
+                    queue.enable_notification()
+            except (QueueError, GuestMemoryError) as e:
+                self._log_guest_fault(EVENTQ, e)
         super().quiesce(index)
         if index == EVENTQ:
             self._st.quiesced = True
