@@ -378,8 +378,8 @@ cdef class InputState:
 
     cdef list _deliver_records(self, Py_ssize_t *out_delivered):
         """Read the host's records and deliver the whole groups that fit; returns the
-        events from the first group not delivered on (``rest``).  Call only when
-        :meth:`_fast`."""
+        events from the first group not delivered on (``rest``; None: there are
+        none).  Call only when :meth:`_fast`."""
         # The first CHUNK records on the stack: most wake-ups bring a few.
         cdef input_event first[CHUNK]
         cdef Py_ssize_t cap = CHUNK
@@ -426,7 +426,8 @@ cdef class InputState:
                     self._drop_first()
                 delivered += glen
                 start = j + 1
-            rest = [(evs[i].type, evs[i].code, evs[i].value) for i in range(start, n)]
+            # None, not an empty list, when all went: no allocation per wake-up.
+            rest = [(evs[i].type, evs[i].code, evs[i].value) for i in range(start, n)] if start < n else None
         finally:
             if heap:
                 free(evs)
@@ -447,7 +448,7 @@ cdef class InputState:
         cdef Py_ssize_t delivered = 0
         rest = self._deliver_records(&delivered)
         self._count_delivered(delivered)
-        return delivered, rest
+        return delivered, rest if rest is not None else []
 
     cdef inline void _count_delivered(self, Py_ssize_t delivered) noexcept:
         if delivered:
