@@ -10,6 +10,7 @@ from virtio_queue import DescriptorChain, Queue
 INPUT_EVENT_SIZE: int
 
 def event_buffer_ok(chain: DescriptorChain) -> bool: ...
+
 @disjoint_base
 class InputState:
     """The input device's hot state, in C."""
