@@ -359,7 +359,9 @@ cdef class InputState:
         cdef uint16_t head
         cdef Py_ssize_t i
         while self.good < need:
-            if q._n_resubmit or self._count >= self._cap:
+            # More kept than the ring has entries: a head made available twice,
+            # which the Python path reports.
+            if q._n_resubmit or self._count >= self._cap or self._count >= q._size:
                 return 0
             try:
                 if not q.pop_head(&head):
@@ -476,7 +478,9 @@ cdef class InputState:
         if q is None:
             return 0
         while True:
-            if q._n_resubmit or self._count >= self._cap:
+            # More kept than the ring has entries: a head made available twice,
+            # which the Python path reports.
+            if q._n_resubmit or self._count >= self._cap or self._count >= q._size:
                 return 0
             try:
                 if not q.pop_head(&head):

@@ -603,14 +603,22 @@ class InputDevice(VirtioDevice):
         Raises:
             MalformedRequest: an eventq buffer that is not device-writable or shorter
                 than ``struct virtio_input_event`` (§5.8.6.1: the driver MUST post
-                device-writable buffers of at least that size); a statusq buffer
+                device-writable buffers of at least that size), or one more than
+                the ring has entries (§2.7.13: a head made available twice); a statusq buffer
                 whose readable bytes are not a whole number of events, or none.
             InputHostError: the host refused a status event (a host fault: used 0).
         """
         if index == EVENTQ:
+            st = self._st
+            if st.kept >= self.queues[EVENTQ].size:
+                # Only a driver that made a head available twice gets here.
+                raise MalformedRequest(
+                    f"eventq buffer {chain.head_index} is one more than the {st.kept} "
+                    "ring entries the device keeps already (a head made available twice)"
+                )
             # One device-writable area of at least one event (compiled: it is per event).
             ok = _input_fast.event_buffer_ok(chain)
-            if not ok and not self._st.kept:
+            if not ok and not st.kept:
                 raise MalformedRequest(
                     f"eventq buffer must be one device-writable area of at least {EVENT_SIZE} bytes, "
                     f"got {chain.reader().available_bytes()} readable and "
@@ -618,7 +626,7 @@ class InputDevice(VirtioDevice):
                 )
             if not ok:
                 self._log_guest_fault(EVENTQ, MalformedRequest("eventq buffer too short or device-readable"))
-            self._st.keep_head(chain.head_index, ok)
+            st.keep_head(chain.head_index, ok)
             return None
         return self._status(chain)
 

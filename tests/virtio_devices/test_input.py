@@ -781,3 +781,17 @@ def test_pump_notifies_through_the_transports_signaller() -> None:
                     assert interrupt.used == [EVENTQ] and interrupt.signalled == []
         finally:
             host.close()
+
+
+def test_eventq_head_made_available_twice_is_a_guest_fault(kbd: SimInputHost) -> None:
+    """§2.7.13: the driver makes a buffer available once until it is used; a head
+    offered again while kept comes back empty, and the device goes on."""
+    with Rig(kbd, queue_size=4) as rig:
+        heads = rig.post(4)
+        rig.kick(EVENTQ)
+        rig.mocks[EVENTQ].publish(heads[:1])
+        assert rig.kick(EVENTQ) == [(heads[0], 0)]
+        assert rig.device.broken is None
+        kbd.inject(key(KEY_A, 1))
+        rig.fire()
+        assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
