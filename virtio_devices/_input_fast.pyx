@@ -1,34 +1,53 @@
 # cython: language_level=3, embedsignature=True
 """The compiled event path of virtio-input (VIRTIO 1.2 §5.8.6.2), for its common case.
 
-:func:`pump` serves one readable host fd that yields Linux's ``struct
-input_event`` records (an evdev node, or a twin of one): it reads every record
-there is, and delivers each whole group of events (up to and including
-``EV_SYN``/``SYN_REPORT``) into the eventq buffers the device keeps, one buffer
-per event, as ``struct virtio_input_event`` (``type le16, code le16, value
-le32``), with one ``add_used`` per buffer; all in C, in one call per batch.
+:class:`InputState` holds the device's hot state in C, shared by the device's
+Python code and its two compiled servers (:mod:`virtio_devices._pump`), so that
+neither reads a Python attribute per wake-up:
 
-It knows the case where nothing is held: the device has no group waiting, no
-partial group and no malformed kept buffer (the caller checks that).  It stops
-at the first group it cannot deliver whole at once and gives that group and
-everything after it back, unconverted, as ``(type, code, value)`` tuples, for
-the Python path (:meth:`virtio_devices.input.InputDevice._group`) to hold or drop
-with ``SYN_DROPPED`` exactly as it does for any host: a group that needs more
-buffers than are kept or more than ``max_pending`` events, a group with the
-host's own ``SYN_DROPPED``, the trailing events of a group not yet ended, and a
-group whose buffer cannot be written (a chain the memory table no longer maps).
-So the bytes the guest sees are the ones the Python path gives.
+* :class:`InputPump`, the host fd's: reads every Linux ``struct input_event``
+  record the fd has (an evdev node, or a twin of one) and writes each whole group
+  of events (up to and including ``EV_SYN``/``SYN_REPORT``) into eventq buffers,
+  one buffer per event, as ``struct virtio_input_event`` (``type le16, code
+  le16, value le32``), one ``add_used`` each, then notifies the driver once for
+  the batch through the transport's compiled signaller when it has one;
+* :class:`InputKickPump`, the eventq kick's: keeps the buffers the driver posted.
+
+Buffers are kept as head indexes (no chain, reader or writer object): a buffer
+is checked by walking its descriptors in place (:func:`_head_ok`), and an event
+is written straight into its first descriptor when that one is writable and
+holds it; anything else goes to the general writer or to the Python path.  When
+the kept buffers are too few for a group, the pump pops more from the avail
+ring itself: eventq kicks are asked for (VIRTIO 1.2 §2.7.10) only while groups
+are held for want of buffers, and a kick that finds nothing held does not read
+the host fd (its own readiness delivers).
+
+It serves the state where nothing is held: no group waiting, no partial group,
+no malformed kept buffer, the device running.  It stops at the first group it
+cannot deliver whole at once and gives that group and everything after it back,
+unconverted, as ``(type, code, value)`` tuples, for the Python path
+(:meth:`virtio_devices.input.InputDevice._group`) to hold or drop with
+``SYN_DROPPED`` exactly as it does for any host: a group that needs more buffers
+than there are or more than ``max_pending`` events, a group with the host's own
+``SYN_DROPPED``, the trailing events of a group not yet ended, and a group whose
+buffer is not one writable descriptor in one memory region.  So the bytes the
+guest sees are the ones the Python path gives.
 """
 
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport int32_t, uint16_t, uint32_t
+from libc.stdint cimport int32_t, uint16_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from posix.unistd cimport read
 
 from virtio_devices._pump cimport FdPump
-from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_chain, make_reader, make_writer
+from virtio_queue.chain cimport (ChainCursor, DescriptorChain, Reader, Writer, chain_next,
+                                 chain_start, desc_load, make_chain, make_reader, make_writer)
+from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE, vring_desc
+from virtio_queue.memory cimport snap_ptr_w
 from virtio_queue.queue cimport Queue
+
+from collections import deque
 
 
 cdef extern from "<linux/input.h>":
@@ -109,146 +128,398 @@ cdef Py_ssize_t _read_all(int fd, input_event **buf, Py_ssize_t *cap, bint *heap
     return n
 
 
-cdef list _pump(int fd, Queue queue, object buffers, Py_ssize_t max_pending,
-                Py_ssize_t *out_delivered):
-    """:func:`pump`'s work: returns ``rest``, sets ``*out_delivered``."""
-    # The first CHUNK records on the stack: most wake-ups bring a few.
-    cdef input_event first[CHUNK]
-    cdef Py_ssize_t cap = CHUNK
-    cdef input_event *evs = first
-    cdef bint heap = False
-    cdef Py_ssize_t n, i, j, k, glen, start = 0, delivered = 0
-    cdef Py_ssize_t kept = len(buffers)
-    cdef unsigned char packed[8]
-    cdef Writer w
-    cdef DescriptorChain ch
-    cdef list writers
-    cdef size_t wrote
-    cdef bint whole
-    try:
-        n = _read_all(fd, &evs, &cap, &heap)
-        while start < n:
-            # The next group: up to its SYN_REPORT; stop at anything the Python path owns.
-            whole = False
-            j = start
-            while j < n:
-                if evs[j].type == EV_SYN and evs[j].code == SYN_DROPPED:
-                    break
-                if evs[j].type == EV_SYN and evs[j].code == SYN_REPORT:
-                    whole = True
-                    break
-                j += 1
-            if not whole:
-                break
-            glen = j - start + 1
-            if glen > kept or glen > max_pending:
-                break
-            writers = []
-            try:
-                for k in range(glen):
-                    ch = <DescriptorChain>buffers[k][0]
-                    writers.append(make_writer(ch))
-            except Exception:
-                break  # the Python path logs the guest's fault and completes it with 0
-            for k in range(glen):
-                ch = <DescriptorChain>buffers.popleft()[0]
-                w = <Writer>writers[k]
-                vdev_input_pack(packed, &evs[start + k])
-                wrote = w.copy_in(packed, 8)
-                queue.add_used_c(ch.head_index, <uint32_t>wrote)
-            kept -= glen
-            delivered += glen
-            start = j + 1
-        rest = [(evs[i].type, evs[i].code, evs[i].value) for i in range(start, n)]
-    finally:
-        if heap:
-            free(evs)
-    out_delivered[0] = delivered
-    return rest
+cdef bint _head_ok(Queue q, uint16_t head) noexcept:
+    """Whether the chain at ``head`` is a good event buffer for certain, from its
+    descriptors in place: device-writable only (zero-length ones aside), each
+    buffer in one writable region, room for one event (VIRTIO 1.2 §5.8.6.1).
+    False: the Python path decides (:func:`event_buffer_ok` on a chain object,
+    which also takes buffers over adjacent regions, and reports what is wrong)."""
+    cdef ChainCursor c
+    cdef vring_desc d
+    cdef int rc
+    cdef uint64_t room = 0
+    if head >= q._size:
+        return False
+    chain_start(&c, q._desc, q._desc_gpa, q._size, head)
+    while True:
+        rc = chain_next(q._snap, &c, &d)
+        if rc == 0:
+            return room >= 8
+        if rc < 0:
+            return False
+        if d.len == 0:
+            continue
+        if not (d.flags & VRING_DESC_F_WRITE) or snap_ptr_w(q._snap, d.addr, d.len) == NULL:
+            return False
+        room += d.len
 
 
-def pump(int fd, Queue queue not None, object buffers not None, Py_ssize_t max_pending):
-    """Read the host's records from ``fd`` and deliver the whole groups that fit.
+cdef unsigned char *_event_ptr(Queue q, uint16_t head) noexcept:
+    """Where an event goes in the chain at ``head`` when its first descriptor is a
+    direct, device-writable buffer of at least one event in one region (what a
+    driver posts); NULL: the general writer's case."""
+    cdef vring_desc d
+    if q._desc == NULL or head >= q._size:
+        return NULL
+    desc_load(q._desc + 16 * <size_t>head, &d)
+    if (d.flags & VRING_DESC_F_INDIRECT) or not (d.flags & VRING_DESC_F_WRITE) or d.len < 8:
+        return NULL
+    return snap_ptr_w(q._snap, d.addr, 8)
 
-    ``buffers`` is the device's deque of kept eventq chains ``(chain, ok)``, all
-    good, oldest first: delivered ones are taken from its left.  Returns
-    ``(delivered, rest)``: how many buffers were used (one ``add_used`` each,
-    length 8, VIRTIO 1.2 §5.8.6.2), and the events from the first group not
-    delivered on, as ``(type, code, value)`` tuples, for the Python path.
+
+cdef class InputState:
+    """The input device's hot state, in C (see the module docstring).
+
+    The device (:class:`virtio_devices.input.InputDevice`) keeps its lifecycle
+    here (``active``, ``broken``, ``quiesced``), what it holds for the Python path
+    (``groups``, ``partial``, ``skip_to_report``, ``host_gone``, ``rest``) and the
+    eventq buffers it popped and keeps, in pop order (:meth:`keep_head`,
+    :meth:`take_head`: head indexes, each good or not); the counters of events
+    and chains are kept here for both paths.  ``records``: the host fd yields
+    ``struct input_event`` records (the compiled delivery may read it);
+    ``compiled_keep``: kicks keep buffers in compiled code.
 
     Raises:
-        OSError: reading the fd failed before any record was read (the device is
-            gone: ``ENODEV``, or end of file for a twin).
-    """
-    cdef Py_ssize_t delivered = 0
-    rest = _pump(fd, queue, buffers, max_pending, &delivered)
-    return delivered, rest
-
-
-cdef class InputPump(FdPump):
-    """The device's host fd served in compiled code (:class:`virtio_devices._pump.FdPump`):
-    when the device's state is the one :func:`pump` knows (nothing held, no partial
-    group, every kept buffer good, the eventq running, the host not gone), reads
-    and delivers as :func:`pump` does, counts, and notifies the driver once for the
-    batch if it asked (EVENT_IDX aware, as ``VirtioDevice.notify``): 0, done.
-    Anything else is the Python path's (1): another state (nothing is read), a read
-    error (nothing was read: the Python path reads again and meets it), or events
-    :func:`pump` gives back, kept in :attr:`rest` (the Python path takes them
-    before reading again: the order stays the host's).
-
-    The device's attributes are read from C (no Python frame): ``_compiled``,
-    ``_groups``, ``_partial``, ``_skip_to_report``, ``host_gone``, ``_good``,
-    ``_buffers``, ``active``, ``broken``, ``queues``, ``_quiesced``,
-    ``max_pending``, ``interrupt`` and its counters.
+        ValueError: ``max_pending`` below 2.
     """
 
-    cdef public object device
-    cdef public int fd
+    cdef Queue _queue
+    cdef uint16_t *_heads
+    cdef unsigned char *_oks
+    cdef unsigned char **_ptrs
+    cdef Py_ssize_t _cap
+    cdef Py_ssize_t _first
+    cdef Py_ssize_t _count
+    cdef object _signal
+    cdef object _interrupt
+    cdef readonly Py_ssize_t good
+    cdef public bint active
+    cdef public bint broken
+    cdef public bint quiesced
+    cdef public bint records
+    cdef public bint compiled_keep
+    cdef public bint host_gone
+    cdef public bint skip_to_report
+    cdef public bint unnotified
+    cdef public object groups
+    cdef public list partial
     cdef public list rest
+    cdef public Py_ssize_t max_pending
+    cdef public int fd
+    cdef public unsigned long long delivered
+    cdef public unsigned long long compiled
+    cdef public unsigned long long chains
+    cdef public unsigned long long nbytes
 
-    def __init__(self, device, int fd):
-        self.device = device
-        self.fd = fd
+    def __cinit__(self, *args, **kwargs):
+        self._heads = NULL
+        self._oks = NULL
+        self._ptrs = NULL
+        self.fd = -1
+
+    def __init__(self, Py_ssize_t max_pending, *, bint records, bint compiled_keep):
+        if max_pending < 2:
+            raise ValueError(f"input: max_pending {max_pending} is below 2")
+        self.max_pending = max_pending
+        self.records = records
+        self.compiled_keep = compiled_keep
+        self.groups = deque()
+        self.partial = []
         self.rest = []
 
-    cdef int pump_c(self) except -1:
-        cdef Py_ssize_t delivered = 0
-        cdef Queue queue
-        dev = self.device
-        if self.rest or not dev._compiled or dev._groups or dev._partial or dev._skip_to_report:
-            return 1
-        if dev.host_gone or not dev.active or dev.broken is not None:
-            return 1
-        buffers = dev._buffers
-        if dev._good != len(buffers):
-            return 1
-        queues = dev.queues
-        if not queues or dev._quiesced[0]:
-            return 1
-        queue = <Queue?>queues[0]
-        if not queue._ready:
-            return 1
-        try:
-            rest = _pump(self.fd, queue, buffers, dev.max_pending, &delivered)
-        except OSError:
-            return 1
-        if delivered:
-            dev._good -= delivered
-            dev.events_delivered += delivered
-            dev.events_compiled += delivered
-            dev.chains_served += delivered
-            dev.bytes_served += delivered * 8
-        if rest:
-            self.rest = rest
-            if delivered:
-                dev._unnotified = True
-            return 1
-        if delivered or dev._unnotified:
-            dev._unnotified = False
-            interrupt = dev.interrupt
-            if interrupt is not None and queue.needs_notification_c():
-                interrupt.signal_used(0)
+    def __dealloc__(self):
+        self._free()
+
+    cdef void _free(self) noexcept:
+        free(self._heads)
+        free(self._oks)
+        free(self._ptrs)
+        self._heads = NULL
+        self._oks = NULL
+        self._ptrs = NULL
+        self._cap = self._first = self._count = self.good = 0
+
+    def bind(self, Queue queue not None, interrupt):
+        """Serve ``queue`` (the eventq, the device activated), notifying through
+        ``interrupt``: its compiled ``signaller(0)`` when the transport has one
+        (``virtio_devices.base.Interrupt``), else its ``signal_used(0)``.  No
+        buffer is kept afterwards.
+
+        Raises:
+            MemoryError: the table of kept buffers cannot be made.
+        """
+        cdef Py_ssize_t cap = max(<Py_ssize_t>queue._max_size, <Py_ssize_t>queue._size, 1)
+        self._free()
+        self._heads = <uint16_t *>malloc(cap * sizeof(uint16_t))
+        self._oks = <unsigned char *>malloc(cap)
+        self._ptrs = <unsigned char **>malloc(cap * sizeof(unsigned char *))
+        if self._heads == NULL or self._oks == NULL or self._ptrs == NULL:
+            self._free()
+            raise MemoryError()
+        self._cap = cap
+        self._queue = queue
+        self._interrupt = interrupt
+        signaller = getattr(interrupt, "signaller", None)
+        self._signal = signaller(0) if signaller is not None else None
+
+    def unbind(self):
+        """Forget the queue, the interrupt and the kept buffers (the device reset)."""
+        self._free()
+        self._queue = None
+        self._signal = self._interrupt = None
+
+    @property
+    def kept(self):
+        """Eventq buffers kept, good or not."""
+        return self._count
+
+    def keep_head(self, uint16_t head, bint ok):
+        """Keep the buffer at ``head`` (popped last), good (``ok``) or not.
+
+        Raises:
+            RuntimeError: more buffers kept than the queue has entries (a bug).
+        """
+        if self._count >= self._cap:
+            raise RuntimeError(f"input: eventq buffer {head} kept beyond the {self._cap} the queue has")
+        cdef Py_ssize_t i = (self._first + self._count) % self._cap
+        self._heads[i] = head
+        self._oks[i] = ok
+        self._count += 1
+        self.good += ok
+
+    def take_head(self):
+        """The oldest kept buffer, taken: ``(head, ok)``.
+
+        Raises:
+            IndexError: no buffer is kept.
+        """
+        if not self._count:
+            raise IndexError("input: no eventq buffer is kept")
+        head = self._heads[self._first]
+        ok = self._oks[self._first] != 0
+        self._drop_first()
+        return head, ok
+
+    cdef inline void _drop_first(self) noexcept:
+        self.good -= self._oks[self._first]
+        self._first += 1
+        if self._first == self._cap:
+            self._first = 0
+        self._count -= 1
+
+    def first_ok(self):
+        """Whether the oldest kept buffer is good (False: none is kept)."""
+        return self._count > 0 and self._oks[self._first] != 0
+
+    def forget(self):
+        """Drop every kept buffer (the caller gives them back to the avail ring);
+        returns how many there were."""
+        n = self._count
+        self._first = self._count = self.good = 0
+        return n
+
+    def write_event(self, uint16_t head, bytes event not None):
+        """Write ``event`` into the buffer at ``head``; returns the bytes written.
+
+        Raises:
+            QueueError, GuestMemoryError: the chain is malformed or its buffers are
+                not writable guest memory (the guest's fault).
+        """
+        cdef Queue q = self._queue
+        cdef Py_ssize_t n = len(event)
+        cdef unsigned char *p
+        cdef Writer w
+        q.ensure_ready()
+        p = _event_ptr(q, head)
+        if p != NULL and n == 8:
+            memcpy(p, <const char *>event, 8)
+            return 8
+        w = make_writer(make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head))
+        return w.copy_in(<const unsigned char *><const char *>event, n)
+
+    cdef int _fast(self) except -1:
+        """Whether the compiled delivery knows the state (see the module docstring)."""
+        cdef Queue q = self._queue
+        if q is None or not q._ready or not self.active or self.broken or self.quiesced:
+            return 0
+        if self.host_gone or self.skip_to_report or self.rest or self.partial or len(self.groups):
+            return 0
+        return self.good == self._count
+
+    def fast(self):
+        """Whether the compiled delivery (:meth:`deliver_records`) knows the state:
+        records on the host fd, nothing held, every kept buffer good, the device
+        running."""
+        return self.records and self._fast() != 0
+
+    cdef int _take_avail(self, Py_ssize_t need) except -1:
+        """Pop available buffers while fewer than ``need`` good ones are kept; stop
+        before one the Python path must see (put back: it was the last popped)."""
+        cdef Queue q = self._queue
+        cdef uint16_t head
+        cdef Py_ssize_t i
+        while self.good < need:
+            # More kept than the ring has entries: a head made available twice,
+            # which the Python path reports.
+            if q._n_resubmit or self._count >= self._cap or self._count >= q._size:
+                return 0
+            try:
+                if not q.pop_head(&head):
+                    return 0
+            except Exception:
+                return 0    # raised again for the Python path (nothing was taken)
+            if not _head_ok(q, head):
+                q.set_next_avail(<uint16_t>(q._next_avail - 1))
+                return 0
+            i = (self._first + self._count) % self._cap
+            self._heads[i] = head
+            self._oks[i] = 1
+            self._count += 1
+            self.good += 1
         return 0
+
+    cdef list _deliver_records(self, Py_ssize_t *out_delivered):
+        """Read the host's records and deliver the whole groups that fit; returns the
+        events from the first group not delivered on (``rest``; None: there are
+        none).  Call only when :meth:`_fast`."""
+        # The first CHUNK records on the stack: most wake-ups bring a few.
+        cdef input_event first[CHUNK]
+        cdef Py_ssize_t cap = CHUNK
+        cdef input_event *evs = first
+        cdef bint heap = False
+        cdef Py_ssize_t n, i, j, k, glen, slot, start = 0, delivered = 0
+        cdef Queue q = self._queue
+        cdef bint whole, ok
+        q.ensure_ready()
+        try:
+            n = _read_all(self.fd, &evs, &cap, &heap)
+            while start < n:
+                # The next group: up to its SYN_REPORT; stop at anything the Python path owns.
+                whole = False
+                j = start
+                while j < n:
+                    if evs[j].type == EV_SYN and evs[j].code == SYN_DROPPED:
+                        break
+                    if evs[j].type == EV_SYN and evs[j].code == SYN_REPORT:
+                        whole = True
+                        break
+                    j += 1
+                if not whole:
+                    break
+                glen = j - start + 1
+                if glen > self.max_pending:
+                    break
+                if self.good < glen:
+                    self._take_avail(glen)
+                    if self.good < glen:
+                        break
+                ok = True
+                for k in range(glen):
+                    slot = (self._first + k) % self._cap
+                    self._ptrs[k] = _event_ptr(q, self._heads[slot])
+                    if self._ptrs[k] == NULL:
+                        ok = False
+                        break
+                if not ok:
+                    break   # the Python path writes it with the general writer
+                for k in range(glen):
+                    vdev_input_pack(self._ptrs[k], &evs[start + k])
+                    q.add_used_c(self._heads[self._first], 8)
+                    self._drop_first()
+                delivered += glen
+                start = j + 1
+            # None, not an empty list, when all went: no allocation per wake-up.
+            rest = [(evs[i].type, evs[i].code, evs[i].value) for i in range(start, n)] if start < n else None
+        finally:
+            if heap:
+                free(evs)
+        out_delivered[0] = delivered
+        return rest
+
+    def deliver_records(self):
+        """Read the host fd's records and deliver the whole groups that fit (call
+        only when :meth:`fast`).  Returns ``(delivered, rest)``: events delivered
+        (one ``add_used`` each, length 8, VIRTIO 1.2 §5.8.6.2; counted; the driver
+        not yet notified: ``unnotified``), and the events from the first group not
+        delivered on, as ``(type, code, value)`` tuples, for the Python path.
+
+        Raises:
+            OSError: reading the fd failed before any record was read (the device is
+                gone: ``ENODEV``, or end of file for a twin).
+        """
+        cdef Py_ssize_t delivered = 0
+        rest = self._deliver_records(&delivered)
+        self._count_delivered(delivered)
+        return delivered, rest if rest is not None else []
+
+    cdef inline void _count_delivered(self, Py_ssize_t delivered) noexcept:
+        if delivered:
+            self.delivered += delivered
+            self.compiled += delivered
+            self.chains += delivered
+            self.nbytes += 8 * delivered
+            self.unnotified = True
+
+    cdef int _notify(self) except -1:
+        """Notify the driver of the used buffers if it asked (EVENT_IDX aware)."""
+        self.unnotified = False
+        if self._signal is not None:
+            if self._queue.needs_notification_c():
+                self._signal()
+        elif self._interrupt is not None and self._queue.needs_notification_c():
+            self._interrupt.signal_used(0)
+        return 0
+
+    cdef int _keep(self) except -1:
+        """:meth:`keep`'s work: 1 done, 0 the Python drain loop goes on."""
+        cdef Queue q = self._queue
+        cdef uint16_t head
+        cdef Py_ssize_t i
+        if q is None:
+            return 0
+        while True:
+            # More kept than the ring has entries: a head made available twice,
+            # which the Python path reports.
+            if q._n_resubmit or self._count >= self._cap or self._count >= q._size:
+                return 0
+            try:
+                if not q.pop_head(&head):
+                    if not len(self.groups):
+                        # Nothing waits for buffers: no kick wanted (the host fd's
+                        # pump pops what the driver posts when events come).
+                        q.suppress_notification_c()
+                        return 1
+                    # Held groups wait: a kick is wanted for the next buffer, and
+                    # one posted before the driver could see that is looked for.
+                    if q.enable_notification_c():
+                        continue
+                    return 1
+            except Exception:
+                return 0    # raised again for the Python path (nothing was taken)
+            if not _head_ok(q, head):
+                q.set_next_avail(<uint16_t>(q._next_avail - 1))
+                return 0
+            i = (self._first + self._count) % self._cap
+            self._heads[i] = head
+            self._oks[i] = 1
+            self._count += 1
+            self.good += 1
+
+    def keep(self):
+        """Pop the eventq's available chains and keep the good ones, as
+        ``handle_chain`` keeps them, without a Python call per chain.  Returns
+        ``done``: the ring was left empty, with kicks asked for (VIRTIO 1.2
+        §2.7.10: notifications on and the ring looked at again) while groups are
+        held, and suppressed otherwise (with EVENT_IDX ``avail_event`` left behind
+        ``next_avail``), so the Python drain loop has nothing to add.
+
+        Stops (``done`` false) before the first chain the Python drain loop must
+        see: one that is not surely a good event buffer (:func:`_head_ok`),
+        malformed, or with a head index out of range (it is put back: it was the
+        last one popped), an avail index the queue refuses, and any inflight
+        resubmission (served by the Python path alone).
+        """
+        return self._keep() != 0
 
 
 cdef bint _buffer_ok(DescriptorChain chain) except -1:
@@ -270,99 +541,60 @@ def event_buffer_ok(DescriptorChain chain not None):
     return _buffer_ok(chain)
 
 
-cdef bint _keep(Queue queue, object buffers, Py_ssize_t *out_n) except -1:
-    """:func:`keep`'s work: returns ``done``, sets ``*out_n`` to ``kept``."""
-    cdef uint16_t head
-    cdef Py_ssize_t n = 0
-    out_n[0] = 0
-    cdef DescriptorChain ch
-    cdef bint ok
-    while True:
-        if queue._n_resubmit:
-            out_n[0] = n
-            return False
+cdef class InputPump(FdPump):
+    """The device's host fd served in compiled code (:class:`virtio_devices._pump.FdPump`):
+    when the state is the one :meth:`InputState.deliver_records` knows, reads and
+    delivers as it does, and notifies the driver once for the batch if it asked: 0,
+    done.  Anything else is the Python path's (1): another state (nothing is read),
+    a read error (nothing was read: the Python path reads again and meets it), or
+    events given back, kept in the state's ``rest`` (the Python path takes them
+    before reading again: the order stays the host's)."""
+
+    cdef readonly InputState state
+
+    def __init__(self, InputState state not None):
+        self.state = state
+
+    cdef int pump_c(self) except -1:
+        cdef Py_ssize_t delivered = 0
+        cdef InputState st = self.state
+        if not st.records or not st._fast():
+            return 1
         try:
-            if not queue.pop_head(&head):
-                # Empty: notifications on again, then look once more (a chain made
-                # available before the driver saw avail_event would get no kick).
-                if queue.enable_notification_c():
-                    continue
-                out_n[0] = n
-                return True
-        except Exception:
-            out_n[0] = n
-            return False  # raised again for the Python path (nothing was taken)
-        ok = head < queue._size
-        if ok:
-            ch = make_chain(queue._snap, queue._memory, queue._desc, queue._desc_gpa, queue._size, head)
-            try:
-                ok = _buffer_ok(ch)
-            except Exception:
-                ok = False
-        if not ok:
-            queue.set_next_avail(<uint16_t>(queue._next_avail - 1))
-            out_n[0] = n
-            return False
-        buffers.append((ch, True))
-        n += 1
-
-
-def keep(Queue queue not None, object buffers not None):
-    """Pop the eventq's available chains and keep the good ones (``(chain, True)``
-    appended to ``buffers``), as ``handle_chain`` keeps them, without a Python call
-    per chain.  Returns ``(kept, done)``: ``done`` when the ring was left empty
-    with notifications enabled again (VIRTIO 1.2 §2.7.10: with EVENT_IDX,
-    ``avail_event`` moved to the next index, and looked again after that), so the
-    Python drain loop has nothing to add.
-
-    Stops (``done`` false) before the first chain the Python drain loop must see:
-    one that is not a good event buffer (:func:`event_buffer_ok`), is malformed or
-    has a head index out of range (it is put back: it was the last one popped), an
-    avail index the queue refuses, and any inflight resubmission (chains the
-    front-end gave back after a reconnection, served by the Python path alone).
-    """
-    cdef Py_ssize_t n = 0
-    done = _keep(queue, buffers, &n)
-    return n, done
+            rest = st._deliver_records(&delivered)
+        except OSError:
+            return 1
+        st._count_delivered(delivered)
+        if rest:
+            st.rest = rest
+            return 1
+        if st.unnotified:
+            st._notify()
+        return 0
 
 
 cdef class InputKickPump(FdPump):
     """The eventq's kicks served in compiled code (``VirtioDevice.kick_pump``): when
-    ``process_queue`` would take the compiled branch (the device active, not broken,
-    nothing parked, the queue ready), keeps the new buffers as :func:`keep` does;
-    when that left the ring empty with notifications on (§2.7.10), goes on as
-    ``process_queue`` does with the host fd's :class:`InputPump` (events read now
-    reach the new buffers).  Anything else answers 1: ``process_queue`` runs and
-    finds the ring as this left it (the buffers kept so far are the device's)."""
+    the device is running, keeps the new buffers as :meth:`InputState.keep` does.
+    Done (0) when that left the ring empty and nothing is held for the Python path
+    to deliver into them (events still on the host fd come with its own
+    readiness).  Anything else answers 1: ``process_queue`` runs and finds the ring
+    as this left it (the buffers kept so far are the device's).  The device never
+    parks an eventq chain, so there is no parked chain to look for."""
 
-    cdef public object device
+    cdef readonly InputState state
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, InputState state not None):
+        self.state = state
 
     cdef int pump_c(self) except -1:
-        cdef Py_ssize_t kept = 0
-        cdef Queue queue
-        dev = self.device
-        if not dev._compiled_keep or dev.broken is not None or not dev.active:
+        cdef InputState st = self.state
+        cdef Queue q = st._queue
+        if q is None or not q._ready or not st.active or st.broken or not st.compiled_keep:
             return 1
-        if dev._parked[0] is not None:
+        st.quiesced = False
+        if not st._keep():
             return 1
-        queues = dev.queues
-        if not queues:
+        if st.rest or len(st.groups):
             return 1
-        queue = <Queue?>queues[0]
-        if not queue._ready:
-            return 1
-        dev._quiesced[0] = False
-        try:
-            done = _keep(queue, dev._buffers, &kept)
-        finally:
-            if kept:
-                dev._good += kept
-        if not done:
-            return 1
-        host = dev._pump
-        if host is None:
-            return 1
-        return (<InputPump?>host).pump_c()
+        return 0

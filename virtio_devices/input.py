@@ -37,16 +37,20 @@ Where we differ from upstream, on purpose (README, "Differences"):
   answers its config space and completes statusq buffers, and delivers no more
   events.
 
-Buffers of the eventq are popped as soon as the driver posts them and kept, in the
-order popped, until an event fills them; :meth:`quiesce` gives the kept ones back
-to the avail ring (they are always the last ones popped).
+Buffers of the eventq are popped when the driver kicks, or when events need them
+(the kick may not come: see below), and kept, in the order popped, until an event
+fills them; :meth:`quiesce` gives the kept ones back to the avail ring (they are
+always the last ones popped).  Kicks are asked for (VIRTIO 1.2 §2.7.10) only while
+groups are held for want of buffers: otherwise the next events pop what the driver
+posted, as upstream does, and a wake-up per kick is saved.
 
-The common case runs in compiled code (:mod:`virtio_devices._input_fast`): a kick's
-good buffers are kept without a Python call each, and when the host's fd yields
-``struct input_event`` records (an evdev node: ``raw_input_events``) and nothing is
-held, one call reads them and writes each whole group into the kept buffers.  What
-it gives back (held groups, ``SYN_DROPPED``, bad buffers) takes the Python path
-below, which answers the same (the unit tests compare the two).
+The common case runs in compiled code (:mod:`virtio_devices._input_fast`), on the
+device's hot state kept in C (:class:`~virtio_devices._input_fast.InputState`):
+a kick's good buffers are kept without a Python call each, and when the host's fd
+yields ``struct input_event`` records (an evdev node: ``raw_input_events``) and
+nothing is held, one call reads them and writes each whole group into the buffers.
+What it gives back (held groups, ``SYN_DROPPED``, bad buffers) takes the Python
+path below, which answers the same (the unit tests compare the two).
 """
 
 from __future__ import annotations
@@ -177,33 +181,34 @@ class InputDevice(VirtioDevice):
         grab: bool = False,
         compiled: bool = True,
     ) -> None:
+        # The hot state, in C, shared with the compiled servers (made first: the
+        # base class sets the attributes that are its properties).  It holds:
+        # ``partial``, the events read since the last SYN_REPORT (a group being
+        # built); ``skip_to_report``, after a host SYN_DROPPED, evdev's rule (ignore
+        # events up to the next SYN_REPORT); ``groups``, the complete groups waiting
+        # for buffers, oldest first; the eventq chains popped and kept until an
+        # event fills them, in pop order (a malformed one is kept behind good ones,
+        # so that the kept chains stay the last ones popped); ``unnotified``,
+        # buffers used since the last notification (one per batch); the counters.
+        self._st = _input_fast.InputState(
+            max_pending,
+            records=compiled and bool(getattr(host, "raw_input_events", False)),
+            compiled_keep=compiled,
+        )
+        self._chains_py = self._bytes_py = 0
+        self._broken: BaseException | None = None
         super().__init__()
-        if max_pending < 2:
-            raise ValueError(f"input: max_pending {max_pending} is below 2")
         self.host = host
         self.max_pending = max_pending
         self.grab = grab
-        self._compiled = compiled and bool(getattr(host, "raw_input_events", False))
-        self._compiled_keep = compiled
         self._select = 0
         self._subsel = 0
         self._config_cache: dict[tuple[int, int], bytes] = {}
-        # Events read from the host since the last SYN_REPORT (a group being built).
-        self._partial: list[bytes] = []
-        # After a host SYN_DROPPED, evdev's rule: ignore events up to the next SYN_REPORT.
-        self._skip_to_report = False
-        # Complete groups waiting for buffers, oldest first, and how many events they hold.
-        self._groups: deque[Sequence[bytes]] = deque()
+        self._groups: deque[Sequence[bytes]] = self._st.groups
+        # Events the held groups hold.
         self._held = 0
         # Events of the head group already delivered (a group longer than the ring).
         self._pos = 0
-        # Eventq chains popped and kept until an event fills them, in pop order; a
-        # malformed one is kept (None) behind good ones so that the kept chains stay
-        # the last ones popped.
-        self._buffers: deque[tuple[DescriptorChain, bool]] = deque()
-        self._good = 0
-        # Buffers were used since the last notification (one per batch).
-        self._unnotified = False
         self._watching = -1
         # The host fd's compiled server while watched (the vhost-user loop runs it
         # without a Python frame; elsewhere _on_host_readable does).
@@ -211,12 +216,55 @@ class InputDevice(VirtioDevice):
         self._grabbed = False
         #: Groups dropped for want of buffers (each reported by a SYN_DROPPED).
         self.dropped_groups = 0
-        #: Events delivered into eventq buffers.
-        self.events_delivered = 0
-        #: Events the compiled path delivered (a part of ``events_delivered``).
-        self.events_compiled = 0
-        #: Whether the host device went away (unplugged).
-        self.host_gone = False
+
+    # -- state kept in C (the base class's attributes too) ----------------------------------
+    @property
+    def events_delivered(self) -> int:
+        """Events delivered into eventq buffers."""
+        return self._st.delivered
+
+    @property
+    def events_compiled(self) -> int:
+        """Events the compiled path delivered (a part of :attr:`events_delivered`)."""
+        return self._st.compiled
+
+    @property
+    def host_gone(self) -> bool:
+        """Whether the host device went away (unplugged)."""
+        return self._st.host_gone
+
+    @property
+    def active(self) -> bool:
+        return self._st.active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._st.active = value
+
+    @property
+    def broken(self) -> BaseException | None:
+        return self._broken
+
+    @broken.setter
+    def broken(self, value: BaseException | None) -> None:
+        self._broken = value
+        self._st.broken = value is not None
+
+    @property
+    def chains_served(self) -> int:
+        return self._chains_py + self._st.chains
+
+    @chains_served.setter
+    def chains_served(self, value: int) -> None:
+        self._chains_py = value - self._st.chains
+
+    @property
+    def bytes_served(self) -> int:
+        return self._bytes_py + self._st.nbytes
+
+    @bytes_served.setter
+    def bytes_served(self, value: int) -> None:
+        self._bytes_py = value - self._st.nbytes
 
     # -- config space (VIRTIO 1.2 §5.8.4) ------------------------------------------------
     def config_space(self) -> bytes:
@@ -272,10 +320,13 @@ class InputDevice(VirtioDevice):
         """Start: drop what the host queued while no driver was there, watch the
         host's fd, and grab the device if asked."""
         super().activate(memory, queues, interrupt, loop)
+        st = self._st
+        st.bind(queues[EVENTQ], interrupt)
+        st.quiesced = False
         self._discard_stale()
         if not self.host_gone:
-            self._watching = self.host.fileno()
-            self._pump = _input_fast.InputPump(self, self._watching)
+            self._watching = st.fd = self.host.fileno()
+            self._pump = _input_fast.InputPump(st)
             loop.add_reader(self._watching, self._on_host_readable, pump=self._pump)
         if self.grab and not self.host_gone:
             try:
@@ -294,21 +345,32 @@ class InputDevice(VirtioDevice):
             except InputHostError as e:
                 log.warning("%s: %s", self.name, e)
         super().reset()
+        st = self._st
+        st.unbind()
         self._groups.clear()
         self._held = self._pos = 0
-        self._unnotified = False
-        self._partial.clear()
-        self._skip_to_report = False
+        st.unnotified = False
+        st.partial.clear()
+        st.skip_to_report = False
 
     def quiesce(self, index: int) -> None:
         """Give the kept eventq buffers back to the avail ring (they are the last
-        ones popped, in order), then the framework's quiesce."""
-        if index == EVENTQ and self._buffers and index < len(self.queues):
+        ones popped, in order) and ask for the driver's next kick (which gives the
+        queue back), then the framework's quiesce."""
+        if index == EVENTQ and index < len(self.queues):
             queue = self.queues[index]
-            queue.set_next_avail((queue.next_avail() - len(self._buffers)) & 0xFFFF)
-            self._buffers.clear()
-            self._good = 0
+            if self._st.kept:
+                queue.set_next_avail((queue.next_avail() - self._st.forget()) & 0xFFFF)
+            # The queue is the device's again at its next kick: ask for one (kicks
+            # may have been suppressed while nothing was held).
+            try:
+                if queue.ready:
+                    queue.enable_notification()
+            except (QueueError, GuestMemoryError) as e:
+                self._log_guest_fault(EVENTQ, e)
         super().quiesce(index)
+        if index == EVENTQ:
+            self._st.quiesced = True
 
     def _discard_stale(self) -> None:
         try:
@@ -319,17 +381,16 @@ class InputDevice(VirtioDevice):
     def _unwatch(self) -> None:
         if self._watching >= 0 and self.loop is not None:
             self.loop.remove_reader(self._watching)
-        self._watching = -1
-        if self._pump is not None:
-            # Events it read and left for the Python path go with the reset.
-            self._pump.rest.clear()
-            self._pump = None
+        self._watching = self._st.fd = -1
+        # Events the pump read and left for the Python path go with the reset.
+        self._st.rest.clear()
+        self._pump = None
 
     def _lost(self, err: InputHostError) -> None:
         """The host device is gone: say so once, stop watching it, stay up."""
         if not self.host_gone:
             log.error("%s: host device %s is gone, no more events: %s", self.name, self.host.name, err)
-        self.host_gone = True
+        self._st.host_gone = True
         self._unwatch()
 
     # -- events: host -> eventq ------------------------------------------------------------
@@ -346,33 +407,16 @@ class InputDevice(VirtioDevice):
         """The compiled path when it knows the state (nothing held, every kept
         buffer good, the eventq running), else the Python path; first the events
         the pump read and left to Python (they come before any read now)."""
-        pump = self._pump
-        if pump is not None and pump.rest:
-            rest, pump.rest = pump.rest, []
+        st = self._st
+        if st.rest:
+            rest, st.rest = st.rest, []
             self._group(rest)
-        if (
-            self._compiled
-            and not self._groups
-            and not self._partial
-            and not self._skip_to_report
-            and not self.host_gone
-            and self._good == len(self._buffers)
-            and self._can_deliver()
-        ):
+        if st.fast():
             try:
-                delivered, rest = _input_fast.pump(
-                    self.host.fileno(), self.queues[EVENTQ], self._buffers, self.max_pending
-                )
+                _delivered, rest = st.deliver_records()
             except OSError as e:
                 self._lost(InputHostError(f"{self.host.name}: reading events failed: {e.strerror}"))
                 return
-            if delivered:
-                self._good -= delivered
-                self.events_delivered += delivered
-                self.events_compiled += delivered
-                self.chains_served += delivered
-                self.bytes_served += delivered * EVENT_SIZE
-                self._unnotified = True
             if rest:
                 self._group(rest)
             self._deliver()
@@ -393,29 +437,30 @@ class InputDevice(VirtioDevice):
 
     def _group(self, events: Sequence[tuple[int, int, int]]) -> None:
         """Add host events to the group being built; hold each complete group."""
-        partial = self._partial
+        st = self._st
+        partial = st.partial
         for ev_type, code, value in events:
             if ev_type == EV_SYN and code == SYN_DROPPED:
                 # The host's own buffer overflowed: its partial group is incomplete.
                 partial.clear()
-                self._skip_to_report = True
+                st.skip_to_report = True
                 self._drop_held()
                 continue
-            if self._skip_to_report:
+            if st.skip_to_report:
                 if ev_type == EV_SYN and code == SYN_REPORT:
-                    self._skip_to_report = False
+                    st.skip_to_report = False
                 continue
             partial.append(pack_event(ev_type, code, value))
             if ev_type == EV_SYN and code == SYN_REPORT:
                 self._enqueue(partial)
-                partial = self._partial = []
+                partial = st.partial = []
                 # Deliver each group as soon as it is whole, before the next one is
                 # held: only groups the buffers cannot take count against max_pending.
                 self._deliver(notify=False)
             elif len(partial) >= self.max_pending:
                 # A host that never ends its group: the group cannot be delivered whole.
                 partial.clear()
-                self._skip_to_report = True
+                st.skip_to_report = True
                 self._drop_held()
 
     def _enqueue(self, group: list[bytes]) -> None:
@@ -455,37 +500,51 @@ class InputDevice(VirtioDevice):
         )
 
     def _deliver(self, *, notify: bool = True) -> None:
-        """Write held groups into kept eventq buffers: a group only when a buffer
-        waits for each of its events (a group longer than the ring goes in parts),
-        then (``notify``) one notification for all delivered since the last one."""
-        if self._groups and self._buffers and self._can_deliver():
+        """Write held groups into eventq buffers: a group only when a buffer waits
+        for each of its events (a group longer than the ring goes in parts), then
+        (``notify``) one notification for all delivered since the last one."""
+        if self._groups and self._can_deliver():
             self._deliver_held()
-        if notify and self._unnotified:
-            self._unnotified = False
+        st = self._st
+        if notify and st.unnotified:
+            st.unnotified = False
             self.notify(EVENTQ)
+
+    def _take_posted(self) -> None:
+        """Pop the buffers the driver posted since the last kick (kicks are asked
+        for only while groups are held), as a kick does."""
+        try:
+            if self._st.compiled_keep and self._st.keep():
+                return
+            self.process_chains(EVENTQ)
+        except (QueueError, GuestMemoryError) as e:
+            # The avail ring is broken: the next kick meets it and stops the ring.
+            self._log_guest_fault(EVENTQ, e)
 
     def _deliver_held(self) -> None:
         queue = self.queues[EVENTQ]
+        st = self._st
         events = completed = 0
         try:
-            while self._groups and self._good:
+            while self._groups:
                 group = self._groups[0]
                 left = len(group) - self._pos
-                if left > self._good and len(group) <= queue.size:
+                if left > st.good:
+                    self._take_posted()
+                if left > st.good and (len(group) <= queue.size or not st.good):
                     break  # wait for buffers: never half a group (§5.8.6.2)
-                while left and self._good:
-                    chain, ok = self._buffers.popleft()
+                while left and st.good:
+                    head, ok = st.take_head()
                     completed += 1
                     if not ok:
-                        queue.add_used(chain.head_index, 0)
+                        queue.add_used(head, 0)
                         continue
-                    self._good -= 1
                     try:
-                        used = chain.writer().write(group[self._pos])
+                        used = st.write_event(head, group[self._pos])
                     except (QueueError, GuestMemoryError) as e:
                         self._log_guest_fault(EVENTQ, e)
                         used = 0
-                    queue.add_used(chain.head_index, used)
+                    queue.add_used(head, used)
                     events += 1
                     self._pos += 1
                     left -= 1
@@ -494,46 +553,37 @@ class InputDevice(VirtioDevice):
                     self._held -= len(group)
                     self._pos = 0
             # Malformed buffers now at the head: no good buffer waits before them.
-            while self._buffers and not self._buffers[0][1]:
-                queue.add_used(self._buffers.popleft()[0].head_index, 0)
+            while st.kept and not st.first_ok():
+                queue.add_used(st.take_head()[0], 0)
                 completed += 1
         finally:
             if completed:
-                self.events_delivered += events
+                st.delivered += events
                 self.chains_served += completed
                 self.bytes_served += events * EVENT_SIZE
-                self._unnotified = True
+                st.unnotified = True
 
     def _can_deliver(self) -> bool:
         """Whether the eventq may be used now (running, not quiesced, ready)."""
-        return (
-            self.active
-            and self.broken is None
-            and bool(self.queues)
-            and not self._quiesced[EVENTQ]
-            and self.queues[EVENTQ].ready
-        )
+        st = self._st
+        running = st.active and not st.broken and not st.quiesced
+        return running and bool(self.queues) and self.queues[EVENTQ].ready
 
     # -- queues ---------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
         """Kick of a queue: the statusq is drained; the eventq's new buffers are
         kept, then the host's events (read now, so that a kick alone delivers what
         is pending) go into them."""
-        if (
-            index == EVENTQ
-            and self._compiled_keep
-            and self.broken is None
-            and self._parked[EVENTQ] is None
-            and self.active
-            and self.queues[EVENTQ].ready
-        ):
-            # The good buffers in compiled code; unless it left the ring empty with
-            # notifications on again (§2.7.10), the drain loop goes on from the first
-            # chain it did not take.
+        st = self._st
+        if index == EVENTQ:
+            st.quiesced = False
+        # The device never parks an eventq chain: no parked chain to wait for.
+        if index == EVENTQ and st.compiled_keep and st.active and not st.broken and self.queues[EVENTQ].ready:
+            # The good buffers in compiled code; unless it left the ring empty (kicks
+            # asked for again while groups are held, §2.7.10), the drain loop goes on
+            # from the first chain it did not take.
             self._quiesced[EVENTQ] = False
-            kept, done = _input_fast.keep(self.queues[EVENTQ], self._buffers)
-            self._good += kept
-            if not done:
+            if not st.keep():
                 self.process_chains(index)
         else:
             self.process_chains(index)
@@ -543,8 +593,8 @@ class InputDevice(VirtioDevice):
     def kick_pump(self, index: int) -> _input_fast.InputKickPump | None:
         """The eventq's kicks in compiled code (:class:`._input_fast.InputKickPump`:
         the compiled branch of :meth:`process_queue`), unless ``compiled`` is off."""
-        if index == EVENTQ and self._compiled_keep:
-            return _input_fast.InputKickPump(self)
+        if index == EVENTQ and self._st.compiled_keep:
+            return _input_fast.InputKickPump(self._st)
         return None
 
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | Park | None:
@@ -553,14 +603,22 @@ class InputDevice(VirtioDevice):
         Raises:
             MalformedRequest: an eventq buffer that is not device-writable or shorter
                 than ``struct virtio_input_event`` (§5.8.6.1: the driver MUST post
-                device-writable buffers of at least that size); a statusq buffer
+                device-writable buffers of at least that size), or one more than
+                the ring has entries (§2.7.13: a head made available twice); a statusq buffer
                 whose readable bytes are not a whole number of events, or none.
             InputHostError: the host refused a status event (a host fault: used 0).
         """
         if index == EVENTQ:
+            st = self._st
+            if st.kept >= self.queues[EVENTQ].size:
+                # Only a driver that made a head available twice gets here.
+                raise MalformedRequest(
+                    f"eventq buffer {chain.head_index} is one more than the {st.kept} "
+                    "ring entries the device keeps already (a head made available twice)"
+                )
             # One device-writable area of at least one event (compiled: it is per event).
             ok = _input_fast.event_buffer_ok(chain)
-            if not ok and not self._buffers:
+            if not ok and not st.kept:
                 raise MalformedRequest(
                     f"eventq buffer must be one device-writable area of at least {EVENT_SIZE} bytes, "
                     f"got {chain.reader().available_bytes()} readable and "
@@ -568,8 +626,7 @@ class InputDevice(VirtioDevice):
                 )
             if not ok:
                 self._log_guest_fault(EVENTQ, MalformedRequest("eventq buffer too short or device-readable"))
-            self._buffers.append((chain, ok))
-            self._good += ok
+            st.keep_head(chain.head_index, ok)
             return None
         return self._status(chain)
 

@@ -8,7 +8,7 @@ hypothesis over statusq buffers.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -50,7 +50,7 @@ from virtio_devices.input import (
     InputDevice,
     pack_event,
 )
-from virtio_devices.testing import DeviceRig
+from virtio_devices.testing import DeviceRig, FakeInterrupt
 
 EVENTQ, STATUSQ = 0, 1
 SYN = (EV_SYN, SYN_REPORT, 0)
@@ -423,6 +423,8 @@ def test_quiesce_gives_kept_buffers_back(kbd: SimInputHost) -> None:
         kbd.inject(key(KEY_A, 1))
         rig.fire()
         assert rig.used(EVENTQ) == []
+        # Kicks are asked for again (VIRTIO 1.2 §2.7.10), even though nothing is held.
+        assert rig.mocks[EVENTQ].avail_event() == 0
         # The next kick pops them again and delivers.
         assert len(rig.events(rig.kick(EVENTQ))) == 2
 
@@ -576,21 +578,23 @@ _EVENT_ST = st.one_of(
         st.sampled_from([EV_KEY, EV_MSC, EV_REL]), st.integers(0, 0x2FF), st.integers(-(2**31), 2**31 - 1)
     ),
 )
-# Rounds of: host events, then eventq buffers posted (and kicked) or not.
+# Rounds of: host events, eventq buffers posted before or after them, kicked or not.
 _ROUNDS_ST = st.lists(
-    st.tuples(st.lists(_EVENT_ST, max_size=40), st.integers(0, 24), st.booleans()), min_size=1, max_size=8
+    st.tuples(st.lists(_EVENT_ST, max_size=40), st.integers(0, 24), st.booleans(), st.booleans()),
+    min_size=1,
+    max_size=8,
 )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rounds=_ROUNDS_ST, max_pending=st.integers(2, 16), short=st.booleans())
 def test_compiled_and_python_paths_give_the_same_bytes(
-    rounds: list[tuple[list[tuple[int, int, int]], int, bool]], max_pending: int, short: bool
+    rounds: list[tuple[list[tuple[int, int, int]], int, bool, bool]], max_pending: int, short: bool
 ) -> None:
-    """Any host events, any buffer schedule, small hold queues (SYN_DROPPED), a
-    short buffer now and then: the used ring and every buffer's bytes are the same
-    whether the compiled path or the Python path delivered them, and so are the
-    interrupts (one per batch)."""
+    """Any host events, any buffer schedule (kicked or not: the events take what was
+    posted), small hold queues (SYN_DROPPED), a short buffer now and then: the used
+    ring and every buffer's bytes are the same whether the compiled path or the
+    Python path delivered them, and so are the interrupts (one per batch)."""
     results = []
     for compiled in (True, False):
         host = PipeInputHost("keyboard")
@@ -599,21 +603,23 @@ def test_compiled_and_python_paths_give_the_same_bytes(
             # At most 8 * 24 buffers are ever posted: the ring never overflows.
             with Rig(host, max_pending=max_pending, queue_size=256) as rig:
                 seen: list[tuple[int, int, bytes]] = []
-                for n, (events, buffers, kick_first) in enumerate(rounds):
+                for n, (events, buffers, kick_first, kicked) in enumerate(rounds):
                     if kick_first and buffers:
                         rig.post(buffers, size=4 if short and n == 1 else 8)
-                        rig.kick(EVENTQ)
+                        if kicked:
+                            rig.kick(EVENTQ)
                     host.inject(events)
                     rig.fire()
                     if not kick_first and buffers:
                         rig.post(buffers)
-                        rig.kick(EVENTQ)
+                        if kicked:
+                            rig.kick(EVENTQ)
                     for head, length in rig.used(EVENTQ):
                         seen.append((head, length, rig.read(rig.bufs[head], 8)))
                     seen.append((-1, rig.device.dropped_groups, b""))
                 device = rig.device
                 results.append((seen, device.events_delivered, device.chains_served, rig.interrupt.used))
-                if compiled and any(buffers for _, buffers, _ in rounds):
+                if compiled and any(buffers for _, buffers, _, _ in rounds):
                     assert rig.device.events_compiled <= rig.device.events_delivered
         finally:
             host.close()
@@ -621,26 +627,66 @@ def test_compiled_and_python_paths_give_the_same_bytes(
 
 
 @pytest.mark.parametrize("event_idx", [True, False])
-def test_compiled_keep_takes_the_buffers_and_reenables_notifications(event_idx: bool) -> None:
-    """The compiled keep takes every good buffer of a kick and, the ring empty,
-    turns notifications on again (VIRTIO 1.2 §2.7.10: with EVENT_IDX, avail_event
-    is the next index the device will look at), so the driver's next kick comes."""
+def test_compiled_keep_asks_for_kicks_only_while_groups_are_held(event_idx: bool) -> None:
+    """The compiled keep takes every good buffer of a kick.  With nothing held it
+    leaves kicks suppressed (VIRTIO 1.2 §2.7.10: with EVENT_IDX avail_event behind
+    next_avail, else VRING_USED_F_NO_NOTIFY): the next events pop what the driver
+    posts.  With groups held for want of buffers it turns them on, so the driver's
+    next buffer kicks and the groups go."""
     host = SimInputHost("keyboard")
     try:
         with Rig(host, event_idx=event_idx) as rig:
-            rig.post(5)
-            assert rig.kick(EVENTQ) == []
-            assert rig.device._good == 5
             mock = rig.mocks[EVENTQ]
+            rig.post(2)
+            assert rig.kick(EVENTQ) == []
+            assert rig.device._st.good == 2
             if event_idx:
-                assert mock.avail_event() == 5
+                assert mock.avail_event() == 1  # next_avail 2: the driver never crosses it
             else:
-                assert mock.used_flags() == 0  # VRING_USED_F_NO_NOTIFY clear
-            host.inject(key(KEY_A, 1))
+                assert mock.used_flags() & 1  # VRING_USED_F_NO_NOTIFY
+            host.inject(key(KEY_A, 1) + key(KEY_A, 0))
             rig.fire()
             assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
+            assert rig.device._held == 2
+            # Held: the ring looked at and found empty, kicks are on again.
+            rig.kick(EVENTQ)
+            if event_idx:
+                assert mock.avail_event() == 2
+            else:
+                assert mock.used_flags() & 1 == 0
+            rig.post(2)
+            assert rig.events(rig.kick(EVENTQ)) == key(KEY_A, 0)
     finally:
         host.close()
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_buffers_posted_without_a_kick_are_taken_when_events_come(kbd: SimInputHost, event_idx: bool) -> None:
+    """Kicks are suppressed while nothing is held: the events pop what the driver
+    posted since (as upstream pops buffers only when events come)."""
+    with Rig(kbd, event_idx=event_idx) as rig:
+        rig.post(1)
+        rig.kick(EVENTQ)
+        rig.post(3)  # no kick
+        kbd.inject(key(KEY_A, 1) + key(KEY_A, 0))
+        rig.fire()
+        assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1) + key(KEY_A, 0)
+        assert rig.interrupt.used == [EVENTQ]
+        if isinstance(kbd, PipeInputHost) and kbd.raw_input_events:
+            assert rig.device.events_compiled == 4
+
+
+def test_bad_buffer_posted_without_a_kick_completes_in_order(kbd: SimInputHost) -> None:
+    """§5.8.6.1 (eventq buffers MUST be device-writable, at least one event): a
+    short buffer the events meet among the posted ones goes back empty, in order."""
+    with Rig(kbd) as rig:
+        (good,) = rig.post(1)
+        rig.kick(EVENTQ)
+        (bad,) = rig.post(1, size=4)
+        (good2,) = rig.post(1)
+        kbd.inject(key(KEY_A, 1))
+        rig.fire()
+        assert rig.used(EVENTQ) == [(good, 8), (bad, 0), (good2, 8)]
 
 
 # -- the host fd served by the compiled pump (virtio_devices._pump) -------------------------------
@@ -701,3 +747,51 @@ def test_events_more_than_one_read_chunk_in_order(kbd: SimInputHost) -> None:
         kbd.inject([ev for g in groups for ev in g])
         rig.fire()
         assert rig.events(rig.used(EVENTQ)) == [ev for g in groups for ev in g]
+
+
+class _SignallerInterrupt(FakeInterrupt):
+    """A transport that hands out a queue's signaller (as vhost-user does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signalled: list[int] = []
+
+    def signaller(self, queue_index: int) -> Callable[[], None]:
+        return lambda: self.signalled.append(queue_index)
+
+
+def test_pump_notifies_through_the_transports_signaller() -> None:
+    """With a transport that hands out the eventq's signaller, the compiled pump
+    notifies the driver through it (VIRTIO 1.2 §2.7.10: once per batch), not
+    through ``signal_used``; the Python path keeps ``signal_used``."""
+    for compiled in (True, False):
+        host = PipeInputHost("keyboard")
+        host.raw_input_events = compiled
+        interrupt = _SignallerInterrupt()
+        try:
+            with Rig(host, interrupt=interrupt) as rig:
+                rig.post(2)
+                rig.kick(EVENTQ)
+                host.inject(key(KEY_A, 1))
+                rig.loop.fire_pump(host.fileno())
+                assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
+                if compiled:
+                    assert interrupt.signalled == [EVENTQ] and interrupt.used == []
+                else:
+                    assert interrupt.used == [EVENTQ] and interrupt.signalled == []
+        finally:
+            host.close()
+
+
+def test_eventq_head_made_available_twice_is_a_guest_fault(kbd: SimInputHost) -> None:
+    """§2.7.13: the driver makes a buffer available once until it is used; a head
+    offered again while kept comes back empty, and the device goes on."""
+    with Rig(kbd, queue_size=4) as rig:
+        heads = rig.post(4)
+        rig.kick(EVENTQ)
+        rig.mocks[EVENTQ].publish(heads[:1])
+        assert rig.kick(EVENTQ) == [(heads[0], 0)]
+        assert rig.device.broken is None
+        kbd.inject(key(KEY_A, 1))
+        rig.fire()
+        assert rig.events(rig.used(EVENTQ)) == key(KEY_A, 1)
