@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vsock_guest import RX, TX, VsockGuest
+from vsock_guest import RX, TX, VsockGuest, _desc
 
 from virtio_devices.base import VIRTIO_RING_F_INDIRECT_DESC
 from virtio_devices.errors import MalformedRequest
@@ -760,6 +760,56 @@ def test_credit_update_when_a_full_host_socket_drains(guest: VsockGuest, host: U
     assert updates and updates[-1].hdr.fwd_cnt == conn.fwd_cnt == conn.rx_cnt
     lst.close()
     peer.close()
+
+
+def test_host_data_spread_over_rx_buffers_within_credit(guest: VsockGuest, host: UnixHost) -> None:
+    """Host data fills consecutive rx buffers (one packet each, header first) up to
+    the guest's credit and no further (§5.10.6.3: the device MUST NOT send more than
+    buf_alloc - (tx_cnt - fwd_cnt)), then asks for credit; more credit lets the rest
+    through, every byte in order."""
+    lst, peer = connected(guest, host)
+    guest.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=10240, fwd_cnt=0)
+    data = bytes(range(256)) * 56  # 14336 bytes: three and a half rx buffers
+    peer.sendall(data)
+    pkts = guest.exchange()
+    assert [(p.op, len(p.data)) for p in pkts] == [
+        (OP_RW, 4096), (OP_RW, 4096), (OP_RW, 2048), (OP_CREDIT_REQUEST, 0),
+    ]  # fmt: skip
+    assert all((p.hdr.src_port, p.hdr.dst_port, p.hdr.buf_alloc) == (1234, 5000, 65536) for p in pkts)
+    guest.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=10240, fwd_cnt=10240)
+    rest = guest.exchange()
+    assert [(p.op, len(p.data)) for p in rest] == [(OP_RW, 4096)]
+    assert b"".join(p.data for p in pkts + rest) == data
+    lst.close()
+    peer.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_host_data_over_rx_buffers_of_mixed_shapes_keeps_order(host: UnixHost, compiled: bool) -> None:
+    """A two-descriptor rx buffer among one-descriptor ones (both are valid, §2.7.4)
+    gets its packet in ring order: the bytes reach the guest in the host's order."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    dev._compiled = compiled
+    g = VsockGuest(dev)
+    try:
+        g.post_rx(1)
+        lst, peer = connected(g, host)
+        g.post_rx(2)
+        gpa = g.rig.mocks[RX].alloc(g.rx_buf)
+        head = g.rig.add_chain(
+            RX, [_desc(gpa, HDR_SIZE, write=True), _desc(gpa + HDR_SIZE, g.rx_buf - HDR_SIZE, write=True)]
+        )
+        g._rx[head] = gpa
+        g.post_rx(2)
+        data = bytes(range(251)) * 80  # 20080 bytes: four buffers and most of a fifth
+        peer.sendall(data)
+        pkts = g.exchange()
+        assert [p.op for p in pkts] == [OP_RW] * 5
+        assert b"".join(p.data for p in pkts) == data
+        lst.close()
+        peer.close()
+    finally:
+        g.close()
 
 
 @pytest.mark.parametrize("type_", [0, 3, 0xFFFF])
