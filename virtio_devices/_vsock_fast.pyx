@@ -196,7 +196,7 @@ cdef int _batch_flush(object device, _Batch b, Queue queue, uint32_t buf_alloc, 
     try:
         if b.total:
             while True:
-                if b.total >= NOGIL_IO_MIN:
+                if b.total >= NOGIL_BATCH_MIN:
                     with nogil:
                         r = writev(conn.fd, b.iov, b.niov)
                 else:
