@@ -259,6 +259,10 @@ cdef class State:
     cdef uint64_t guest_cid
     cdef uint32_t buf_alloc
     cdef _Batch batch
+    # The transport's compiled signallers of rx and tx, and the interrupt they are of.
+    cdef object sig_owner
+    cdef object sig_rx
+    cdef object sig_tx
 
     def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc):
         self.batch = _Batch()
@@ -303,11 +307,22 @@ cdef inline uint64_t _u64(const unsigned char *p) noexcept nogil:
     return le64toh(v)
 
 
-cdef int _notify(object device, Queue queue, int index) except -1:
+cdef int _notify(object device, State st, Queue queue, int index) except -1:
     """Signal the driver for queue ``index`` if it asked for it, EVENT_IDX aware
-    (``VirtioDevice.notify``)."""
+    (``VirtioDevice.notify``), through the transport's compiled signaller of the
+    queue when it has one (``Interrupt.signaller``: no Python frame)."""
     interrupt = device.interrupt
-    if interrupt is not None and queue.needs_notification_c():
+    if interrupt is None or not queue.needs_notification_c():
+        return 0
+    if interrupt is not st.sig_owner:
+        signaller = getattr(interrupt, "signaller", None)
+        st.sig_rx = signaller(RX) if signaller is not None else None
+        st.sig_tx = signaller(TX) if signaller is not None else None
+        st.sig_owner = interrupt
+    sig = st.sig_rx if index == RX else st.sig_tx
+    if sig is not None:
+        sig()
+    else:
         interrupt.signal_used(index)
     return 0
 
@@ -472,7 +487,7 @@ def drain_tx(object device, State st, Queue queue):
     finally:
         if served:
             device.chains_served = device.chains_served + served
-            _notify(device, queue, TX)
+            _notify(device, st, queue, TX)
     return served
 
 
@@ -660,9 +675,10 @@ cdef int _rx_batch(object device, Queue queue, Conn conn, object ready, uint64_t
 
     Only chains that are one device-writable buffer larger than a header are taken
     (``Queue._peek_fill``: the shape Linux posts); returns 0, having taken nothing,
-    when the next chain is another shape, none is available, or the read gives
-    nothing (the caller's one-chain path then meets the same condition and handles
-    it: end of file, an error, another shape); 1 when it served some.
+    when the next chain is another shape, none is available, or the read fails
+    (the caller's one-chain path then meets the same condition and handles it:
+    EAGAIN, an error, another shape); 1 when it served some, or met the host's end
+    of file (the device's ``_host_eof``, the connection left first in line).
     """
     cdef iovec iov[RX_BATCH]
     cdef uint16_t heads[RX_BATCH]
@@ -700,7 +716,13 @@ cdef int _rx_batch(object device, Queue queue, Conn conn, object ready, uint64_t
             r = readv(conn.fd, iov, n)
             if r >= 0 or errno != EINTR:
                 break
-    if r <= 0:
+    if r == 0:
+        # The host's end of file (a stream's read gives 0 for nothing else): the
+        # connection stays first in the ready queue, so that the next buffer gets
+        # the SHUTDOWN it now owes, as the one-chain path would (_no_input).
+        device._host_eof(conn)
+        return 1
+    if r < 0:
         return 0
     ready.popleft()
     conn.in_ready = False
@@ -850,5 +872,5 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
             queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
         if added:
             device.chains_served = device.chains_served + added
-            _notify(device, queue, RX)
+            _notify(device, st, queue, RX)
     return added
