@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from vsock_guest import RX, TX, VsockGuest, _desc
 from virtio_devices.base import VIRTIO_RING_F_INDIRECT_DESC
 from virtio_devices.errors import MalformedRequest
 from virtio_devices.hosts.vsock import UnixHost, VsockError, VsockForwardHost
+from virtio_devices.testing import FakeInterrupt
 from virtio_devices.vsock import (
     HDR,
     HDR_SIZE,
@@ -782,6 +783,30 @@ def test_host_data_spread_over_rx_buffers_within_credit(guest: VsockGuest, host:
     assert b"".join(p.data for p in pkts + rest) == data
     lst.close()
     peer.close()
+
+
+def test_compiled_path_signals_through_the_transports_signaller(host: UnixHost) -> None:
+    """An interrupt that hands out a queue's signaller (vhost-user's compiled
+    ``KickRing.signal_used``) is signalled through it, not through ``signal_used``;
+    a new interrupt (the next activation) gets its own signallers."""
+
+    class Signalling(FakeInterrupt):
+        def signaller(self, index: int) -> Callable[[], None]:
+            return lambda: self.used.append(100 + index)
+
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    g = VsockGuest(dev)
+    try:
+        g.post_rx(8)
+        lst = listen(host, 1234)
+        for src, irq in ((5000, Signalling()), (5001, Signalling())):
+            dev.interrupt = irq  # what a re-activation hands the device
+            g.send(src, 1234, OP_REQUEST)
+            assert [p.op for p in g.exchange()] == [OP_RESPONSE]
+            assert irq.used and set(irq.used) <= {100 + RX, 100 + TX}, irq.used
+            track(lst.accept()[0])
+    finally:
+        g.close()
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
