@@ -801,6 +801,8 @@ def test_compiled_path_signals_through_the_transports_signaller(host: UnixHost) 
         lst = listen(host, 1234)
         for src, irq in ((5000, Signalling()), (5001, Signalling())):
             dev.interrupt = irq  # what a re-activation hands the device
+            rx = g.rig.mocks[RX]
+            rx.set_used_event(rx.used_idx())  # the driver wants the next used buffer signalled
             g.send(src, 1234, OP_REQUEST)
             assert [p.op for p in g.exchange()] == [OP_RESPONSE]
             assert irq.used and set(irq.used) <= {100 + RX, 100 + TX}, irq.used
