@@ -177,9 +177,7 @@ def host_to_guest(d: Daemon, nbytes: int, cid: int = 3, write: int = 1 << 20) ->
         got = 0
         acked = 0
         while got < nbytes:
-            for p in g.recv(1):
-                if p.op == OP_RW:
-                    got += len(p.data)
+            got += g.recv_data()[0]
             if got - acked >= 64 * 1024:
                 g.send(80, req.src_port, OP_CREDIT_UPDATE)
                 acked = got

@@ -143,6 +143,33 @@ class VsockDriver:
             self.fe.kick(RX)
         return out
 
+    def recv_data(self, timeout: float | None = None) -> tuple[int, list[Packet]]:
+        """Wait for at least one packet; return the RW payload bytes that came (read
+        from guest memory as a guest's reader would, credit counted) and the other
+        packets.  The benches' receive loop: no object per RW packet, and the rx
+        buffers are reposted in one batch (their descriptors never change)."""
+        if self.pending:
+            out, self.pending = self.pending, []
+            return 0, out
+        used = self.fe.wait_used(RX, 1, self.timeout if timeout is None else timeout)
+        used += self.rx.mock.used_elems()
+        memory, area, size = self.fe.memory, self.rx_area, self.rx_buf
+        total = 0
+        others = []
+        fwd = self.fwd_cnt
+        for head, length in used:
+            raw = memory.read(area + head * size, length)
+            f = HDR.unpack_from(raw)
+            if f[6] == OP_RW:
+                key = (f[3], f[2])
+                fwd[key] = (fwd.get(key, 0) + f[4]) & 0xFFFFFFFF
+                total += f[4]
+            else:
+                others.append(Packet(*f[:4], f[5], f[6], f[7], f[8], f[9], raw[HDR_SIZE : HDR_SIZE + f[4]]))
+        self.rx.mock.publish([head for head, _length in used])
+        self.fe.kick(RX)
+        return total, others
+
     def expect(self, op: int, timeout: float | None = None) -> Packet:
         """The next packet, which must have ``op`` (others before it fail the test)."""
         pkt = self.recv(1, timeout)
