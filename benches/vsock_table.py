@@ -92,6 +92,8 @@ def driver(d: Daemon, **kw: int) -> VsockDriver:
         try:
             kw.setdefault("cid", 3)
             kw.setdefault("timeout", 60)
+            # A Linux driver kicks tx only when the device asks (§2.7.10).
+            kw.setdefault("kick_prepare", True)
             return VsockDriver(d.sock, **kw)  # type: ignore[arg-type]
         except (ConnectionRefusedError, FileNotFoundError):
             if time.monotonic() > deadline:
