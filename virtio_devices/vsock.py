@@ -478,6 +478,11 @@ class VsockDevice(VirtioDevice):
     #: :meth:`handle_chain` and the Python producers.
     process_queue = _vsock_fast.process_queue
 
+    def kick_pump(self, index: int) -> _vsock_fast.KickPump | None:
+        """rx and tx kicks served by the vhost-user loop in compiled code
+        (:class:`._vsock_fast.KickPump`: :meth:`process_queue` without a Python call)."""
+        return _vsock_fast.KickPump(self, index) if index in (RX, TX) else None
+
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | Park | None:
         """One packet from the guest's tx queue (§5.10.6.4); used length 0 (tx buffers
         are device-readable only).

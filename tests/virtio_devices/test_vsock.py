@@ -785,6 +785,34 @@ def test_host_data_spread_over_rx_buffers_within_credit(guest: VsockGuest, host:
     peer.close()
 
 
+def test_kick_pump_serves_rx_and_tx_kicks_as_process_queue(host: UnixHost) -> None:
+    """The vhost-user loop runs ``kick_pump(i).pump_c`` on a kick of rx or tx instead
+    of calling ``process_queue``: it serves the ring the same way (the guest's
+    REQUEST answered with RESPONSE) and hands over (1) when the compiled path is
+    off; the event queue has none (nothing to serve)."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    g = VsockGuest(dev)
+    try:
+        assert dev.kick_pump(2) is None
+        tx, rx = dev.kick_pump(TX), dev.kick_pump(RX)
+        assert tx is not None and rx is not None
+        lst = listen(host, 1234)
+        hdr = HDR.pack(3, 2, 5000, 1234, 0, 1, OP_REQUEST, 0, 65536, 0)
+        g.rig.add_request(TX, readable=[hdr])
+        assert tx.pump() is False  # served, no Python path needed
+        assert g.received() == []  # no rx buffer yet: the RESPONSE waits
+        for _ in range(4):
+            gpa = g.rig.mocks[RX].alloc(g.rx_buf)
+            g._rx[g.rig.add_chain(RX, [_desc(gpa, g.rx_buf, write=True)])] = gpa
+        assert rx.pump() is False
+        assert [p.op for p in g.received()] == [OP_RESPONSE]
+        track(lst.accept()[0])
+        dev._compiled = False
+        assert tx.pump() is True and rx.pump() is True
+    finally:
+        g.close()
+
+
 def test_compiled_path_signals_through_the_transports_signaller(host: UnixHost) -> None:
     """An interrupt that hands out a queue's signaller (vhost-user's compiled
     ``KickRing.signal_used``) is signalled through it, not through ``signal_used``;
