@@ -62,3 +62,9 @@ class KickPump(FdPump):
     """The kicks of rx or tx served in compiled code (``VirtioDevice.kick_pump``)."""
 
     def __init__(self, device: Any, index: int) -> None: ...
+
+@final
+class InputPump(FdPump):
+    """A connection's host socket turned readable, served in compiled code."""
+
+    def __init__(self, device: Any, conn: Conn) -> None: ...

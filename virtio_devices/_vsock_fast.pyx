@@ -784,6 +784,40 @@ cdef int _rx_batch(object device, Queue queue, Conn conn, object ready, uint64_t
     return 1
 
 
+@cython.final
+cdef class InputPump(FdPump):
+    """A connection's host socket turned readable, served in compiled code (the
+    device's ``_on_input`` without leaving the loop's poll): the connection is
+    scheduled and the rx queue filled at once (:func:`fill_rx`), the socket left
+    watched when that drained it, which is the common case, so the watch costs
+    nothing per wake-up; else the device's ``_watch_input`` stops watching it (no
+    rx buffer or no credit for the rest).  Answers 1 (the Python path) when the
+    connection is not one the compiled path serves now (a seqpacket one, the
+    compiled path off, rx not the device's, the connection's data already
+    waiting)."""
+
+    cdef object device
+    cdef State st
+    cdef Conn conn
+
+    def __init__(self, device, Conn conn not None):
+        self.device = device
+        self.st = <State?>device._fast
+        self.conn = conn
+
+    cdef int pump_c(self) except -1:
+        cdef Conn conn = self.conn
+        cdef State st = self.st
+        if conn.dead or conn.seq or not conn.armed or conn.readable or not st.compiled or not st.rx_live:
+            return 1
+        conn.readable = True
+        _schedule(conn, st.ready)
+        fill_rx(self.device, st)
+        if _wants_input(conn) != conn.armed:
+            self.device._watch_input(conn)
+        return 0
+
+
 def fill_rx(object device, State st):
     """Write pending packets into the guest's rx buffers (§5.10.6.4), one per chain
     (see the module docstring), until nothing is pending or no buffer is left, with

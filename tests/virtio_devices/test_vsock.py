@@ -813,6 +813,36 @@ def test_kick_pump_serves_rx_and_tx_kicks_as_process_queue(host: UnixHost) -> No
         g.close()
 
 
+def test_host_input_pump_serves_data_and_keeps_the_socket_watched(guest: VsockGuest, host: UnixHost) -> None:
+    """A readable host socket run as a pump-serving loop (the vhost-user one) runs
+    it: the compiled path serves the data in its pump and the socket stays watched
+    by the same pump; with no credit for the rest (§5.10.6.3) it is no longer
+    watched, and the guest's next credit brings the rest, every byte in order."""
+    lst, peer = connected(guest, host)
+    conn = guest.device.conns[(1234, 5000)]
+    loop = guest.rig.loop
+    compiled = guest.device._compiled
+    pump = loop.pumps[conn.fd]
+    peer.sendall(b"a" * 5000)
+    assert loop.fire_pump(conn.fd) is not compiled  # the Python path needs the callback
+    assert b"".join(p.data for p in guest.received()) == b"a" * 5000
+    if compiled:
+        assert conn.armed and loop.pumps[conn.fd] is pump
+    guest.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=4096, fwd_cnt=5000)  # room for 4096 more
+    guest.exchange()
+    data = bytes(range(250)) * 40
+    peer.sendall(data)
+    loop.fire_pump(conn.fd)
+    first = [p for p in guest.received() if p.op == OP_RW]
+    assert b"".join(p.data for p in first) == data[:4096]
+    assert conn.fd not in loop.readers and not conn.armed
+    guest.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=1 << 20, fwd_cnt=5000 + 4096)  # took it all
+    rest = [p for p in guest.exchange() if p.op == OP_RW]
+    assert b"".join(p.data for p in rest) == data[4096:]
+    lst.close()
+    peer.close()
+
+
 def test_compiled_path_signals_through_the_transports_signaller(host: UnixHost) -> None:
     """An interrupt that hands out a queue's signaller (vhost-user's compiled
     ``KickRing.signal_used``) is signalled through it, not through ``signal_used``;
