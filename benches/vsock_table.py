@@ -330,7 +330,10 @@ def aggregate(
             meter = CpuMeter([d.pid for d in daemons])
             machine0 = _machine_cpu()
             outer = time.perf_counter()
-            spans = pool.map(_vm_h2g, jobs)
+            try:
+                spans = pool.map(_vm_h2g, jobs)
+            except Exception as e:
+                raise RuntimeError(f"{cmd[0]}, {vms} VMs in {procs} process(es): {e!r}") from e
             outer = time.perf_counter() - outer
             # From the first transfer's start to the last one's end: the VMs' set-up
             # (vhost-user session, connection) is not part of the throughput.
