@@ -18,13 +18,17 @@ Python call per packet and hand every other one to the device's Python:
   would send it.
 * :func:`fill_rx` fills the rx queue with what the device owes the guest.  A
   connection whose next packet is stream data (no RST, REQUEST or RESPONSE
-  pending, the guest has credit for it) gets its header and payload here: one
-  ``readv`` from the host socket straight into the rx buffer after the header;
-  so do a REQUEST or RESPONSE, and a CREDIT_UPDATE or CREDIT_REQUEST when nothing
-  else is pending.  Everything else (RST, SHUTDOWN,
+  pending, the guest has credit for it) gets its headers and payload here: one
+  ``readv`` from the host socket straight into a run of rx buffers, after the
+  room for each one's header (:func:`_rx_batch`), or into the one buffer of
+  another shape; so do a REQUEST or RESPONSE, and a CREDIT_UPDATE or
+  CREDIT_REQUEST when nothing else is pending.  Everything else (RST, SHUTDOWN,
   seqpacket records, a sibling's packets) is ``device._produce(writer)``.
 
-The socket calls keep the GIL (see :func:`_sock_io`).  Both paths keep the
+The vhost-user loop runs both inside its compiled poll: a kick of rx or tx through
+:class:`KickPump`, a readable host socket through the connection's
+:class:`InputPump`.  A batch's ``readv``/``writev`` of 32 KiB or more releases the
+GIL; smaller socket calls keep it (see :func:`_sock_io`).  Both paths keep the
 Python path's order and state changes; the unit tests run the same packets
 through both and compare.
 """
