@@ -63,13 +63,19 @@ cdef enum:
     OP_REQUEST = 1
     OP_RESPONSE = 2
     OP_RST = 3
+    OP_SHUTDOWN = 4
     OP_RW = 5
     OP_CREDIT_UPDATE = 6
     OP_CREDIT_REQUEST = 7
     SHUTDOWN_RCV = 1
+    SHUTDOWN_SEND = 2
+    SHUTDOWN_BOTH = 3
+    # The guest's SHUTDOWN SEND shut our writing side (the device's host_shut bit).
+    HOST_SHUT_BY_US = 0x100
     P_RST = 1
     P_REQUEST = 2
     P_RESPONSE = 4
+    P_SHUTDOWN = 8
     P_CREDIT_UPDATE = 16
     P_CREDIT_REQUEST = 32
     P_BEFORE_DATA = P_RST | P_REQUEST | P_RESPONSE
@@ -359,7 +365,8 @@ cdef int _credit_changed(object device, Conn conn, object ready) except -1:
 
 
 cdef inline void _hdr_at(unsigned char *hdr, Conn conn, uint16_t op, uint32_t length,
-                         uint64_t guest_cid, uint32_t buf_alloc, uint32_t fwd_cnt) noexcept:
+                         uint64_t guest_cid, uint32_t buf_alloc, uint32_t fwd_cnt,
+                         uint32_t flags=0) noexcept:
     """Our header for ``conn`` (§5.10.6) into the 44 bytes at ``hdr``."""
     cdef uint64_t v64
     cdef uint32_t v32
@@ -378,7 +385,7 @@ cdef inline void _hdr_at(unsigned char *hdr, Conn conn, uint16_t op, uint32_t le
     memcpy(hdr + 28, &v16, 2)
     v16 = htole16(op)
     memcpy(hdr + 30, &v16, 2)
-    v32 = 0
+    v32 = htole32(flags)
     memcpy(hdr + 32, &v32, 4)
     v32 = htole32(buf_alloc)
     memcpy(hdr + 36, &v32, 4)
@@ -387,11 +394,11 @@ cdef inline void _hdr_at(unsigned char *hdr, Conn conn, uint16_t op, uint32_t le
 
 
 cdef int _put_hdr(Writer w, Conn conn, uint16_t op, uint32_t length, uint64_t guest_cid,
-                  uint32_t buf_alloc) except -1:
+                  uint32_t buf_alloc, uint32_t flags=0) except -1:
     """Our header for ``conn`` (§5.10.6) into the first 44 bytes of ``w``; it carries
     our credit, so no CREDIT_UPDATE is owed after it (the device's ``_header``)."""
     cdef unsigned char hdr[HDR_SIZE]
-    _hdr_at(hdr, conn, op, length, guest_cid, buf_alloc, conn.fwd_cnt)
+    _hdr_at(hdr, conn, op, length, guest_cid, buf_alloc, conn.fwd_cnt, flags)
     w.copy_in(hdr, HDR_SIZE)
     conn.last_fwd_sent = conn.fwd_cnt
     conn.ops &= ~P_CREDIT_UPDATE
@@ -696,6 +703,41 @@ cdef object _rx_data(object device, Conn conn, Writer w, uint64_t guest_cid, uin
     return HDR_SIZE + got
 
 
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+        POLLHUP
+
+
+cdef int _host_eof(object device, Conn conn, object ready) except -1:
+    """The host will send no more (§5.10.6.5 SHUTDOWN SEND); RCV too when it closed
+    both directions (a Unix socket reports POLLHUP then): the device's
+    ``_host_eof``, the SHUTDOWN owed as a pending operation."""
+    cdef pollfd p
+    cdef uint32_t flags = SHUTDOWN_SEND
+    conn.host_eof = True
+    conn.readable = False
+    if not conn.host_shut & HOST_SHUT_BY_US:
+        # A hang-up after we shut our own writing side says nothing of the host's
+        # reading side; else it means the host closed both.
+        p.fd = conn.fd
+        p.events = POLLIN
+        p.revents = 0
+        if poll(&p, 1, 0) == 1 and p.revents & POLLHUP:
+            flags |= SHUTDOWN_RCV
+    conn.host_shut |= flags
+    if _wants_input(conn) != conn.armed:
+        device._watch_input(conn)
+    conn.ops |= P_SHUTDOWN
+    _schedule(conn, ready)
+    return 0
+
+
 cdef int _rx_batch(object device, Queue queue, Conn conn, object ready, uint64_t guest_cid,
                    uint32_t buf_alloc, Py_ssize_t *added) except -1:
     """Stream data of ``conn``, the head of the ready queue, into as many of the next
@@ -752,7 +794,7 @@ cdef int _rx_batch(object device, Queue queue, Conn conn, object ready, uint64_t
         # The host's end of file (a stream's read gives 0 for nothing else): the
         # connection stays first in the ready queue, so that the next buffer gets
         # the SHUTDOWN it now owes, as the one-chain path would (_no_input).
-        device._host_eof(conn)
+        _host_eof(device, conn, ready)
         return 1
     if r < 0:
         return 0
@@ -909,6 +951,16 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
                         _put_hdr(w, conn, OP_RESPONSE, 0, guest_cid, buf_alloc)
                     used = HDR_SIZE
                     if conn.ops or (conn.readable and conn.peer_free() > 0):
+                        _schedule(conn, ready)
+                elif (not conn.dead and not conn.readable and conn.ops & P_SHUTDOWN
+                        and not conn.ops & P_BEFORE_DATA and not conn.seq):
+                    # The host's end of file, after its data (§5.10.6.5).
+                    ready.popleft()
+                    conn.in_ready = False
+                    conn.ops &= ~P_SHUTDOWN
+                    _put_hdr(w, conn, OP_SHUTDOWN, 0, guest_cid, buf_alloc, conn.host_shut & SHUTDOWN_BOTH)
+                    used = HDR_SIZE
+                    if conn.ops:
                         _schedule(conn, ready)
                 elif (not conn.dead and not conn.readable and conn.ops
                         and not conn.ops & ~P_CREDIT):
