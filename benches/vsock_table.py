@@ -70,10 +70,6 @@ class Daemon:
                 raise RuntimeError(f"{cmd[0]} did not start")
             time.sleep(0.01)
 
-    def cpu(self) -> float:
-        """CPU seconds the daemon used so far (all its threads)."""
-        return _proc_cpu(self.proc.pid)
-
     def stop(self, timeout: float = 10) -> None:
         """SIGTERM, repeated every 10 s until ``timeout``: under valgrind a signal can
         land while the main thread's futex wait is restarted, and CPython's handler
@@ -96,6 +92,8 @@ def driver(d: Daemon, **kw: int) -> VsockDriver:
         try:
             kw.setdefault("cid", 3)
             kw.setdefault("timeout", 60)
+            # A Linux driver kicks tx only when the device asks (§2.7.10).
+            kw.setdefault("kick_prepare", True)
             return VsockDriver(d.sock, **kw)  # type: ignore[arg-type]
         except (ConnectionRefusedError, FileNotFoundError):
             if time.monotonic() > deadline:
@@ -157,8 +155,12 @@ def guest_to_host(d: Daemon, size: int, nbytes: int, stall: float) -> float:
         t.join(5)
 
 
-def host_to_guest(d: Daemon, nbytes: int, cid: int = 3, write: int = 1 << 20) -> float:
-    """host -> guest MiB/s, the host program writing ``write`` bytes at a time."""
+def host_to_guest(
+    d: Daemon, nbytes: int, cid: int = 3, write: int = 1 << 20, span: list[float] | None = None
+) -> float:
+    """host -> guest MiB/s, the host program writing ``write`` bytes at a time; ``span``,
+    when given, receives when the transfer started and ended (``time.perf_counter``,
+    the same clock in every process)."""
     g = driver(d, cid=cid, buf_alloc=256 * 1024)
     c = socket.socket(socket.AF_UNIX)
     try:
@@ -181,16 +183,16 @@ def host_to_guest(d: Daemon, nbytes: int, cid: int = 3, write: int = 1 << 20) ->
         got = 0
         acked = 0
         while got < nbytes:
-            for p in g.recv(1):
-                if p.op == OP_RW:
-                    got += len(p.data)
+            got += g.recv_data()[0]
             if got - acked >= 64 * 1024:
                 g.send(80, req.src_port, OP_CREDIT_UPDATE)
                 acked = got
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
+        if span is not None:
+            span += [start, end]
         t.join(10)
         g.send(80, req.src_port, OP_RST)
-        return got / elapsed / 2**20
+        return got / (end - start) / 2**20
     finally:
         c.close()
         g.close()
@@ -233,47 +235,87 @@ def connection_rate(d: Daemon, count: int) -> float:
         lst.close()
 
 
-def _vm_h2g(args: tuple[str, str, int, int]) -> float:
+def _vm_h2g(args: tuple[str, str, int, int]) -> list[float]:
+    """One VM's host -> guest transfer: when it started and ended."""
     sock, uds, cid, nbytes = args
     d = Daemon.__new__(Daemon)
     d.sock, d.uds = sock, uds
-    return host_to_guest(d, nbytes, cid)
+    span: list[float] = []
+    host_to_guest(d, nbytes, cid, span=span)
+    return span
 
 
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds process ``pid`` used so far, all its threads: the scheduler's run
-    time of its live threads (``/proc/<pid>/task/*/schedstat``, to the nanosecond),
-    or utime + stime (clock ticks, but threads that ended count too) when that is
-    larger by more than two ticks."""
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    tick = 1 / os.sysconf("SC_CLK_TCK")
-    ticks = (int(fields[11]) + int(fields[12])) * tick
-    return ticks if ticks > total / 1e9 + 2 * tick else total / 1e9
+class CpuMeter:
+    """CPU seconds a process's threads use while the meter runs, those that end
+    meanwhile included.
+
+    The Rust daemon serves each front-end session on threads that end with the
+    session, and an ended thread's run time leaves ``/proc/<pid>/task``; its share
+    in ``/proc/<pid>/stat`` is counted in clock ticks.  So a thread of this
+    process reads every thread's scheduler run time
+    (``/proc/<pid>/task/*/schedstat``, in ns) every ``interval`` seconds and keeps
+    the last value seen of each; at most one interval of a thread's run before it
+    ended is missed."""
+
+    def __init__(self, pids: list[int], interval: float = 0.005) -> None:
+        self.pids = pids
+        self.interval = interval
+        self._seen: dict[tuple[int, str], int] = {}
+        self._base = 0
+        self._stop = threading.Event()
+        self._sample()
+        self._base = sum(self._seen.values())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        for pid in self.pids:
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except FileNotFoundError:
+                continue
+            for task in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                        self._seen[(pid, task)] = int(f.read().split()[0])
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> float:
+        """Stop; the CPU seconds used since the meter started."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return (sum(self._seen.values()) - self._base) / 1e9
 
 
-def aggregate(cmd: list[str], vms: int, nbytes: int, cpu: dict[str, float] | None = None) -> float:
+def aggregate(
+    cmd: list[str], vms: int, nbytes: int, cpu: dict[str, float] | None = None, procs: int = 1
+) -> float:
     """host -> guest MiB/s summed over ``vms`` VMs of one daemon process, each driven
     by its own process (our driver is Python: one process would measure its GIL).
-    ``cpu``, when given, receives the CPU seconds of the daemon (``daemon``) and of
-    the guest drivers with their host programs (``drivers``), and the wall time
-    (``wall``)."""
+    ``procs``: the VMs spread over that many daemon processes instead (the control:
+    no state, no GIL shared between VMs of different processes).  ``cpu``, when
+    given, receives the CPU seconds of the daemons (``daemon``) and of the guest
+    drivers with their host programs (``drivers``) and of the whole machine, every
+    process's (``machine``), and the wall time they were measured over (``wall``:
+    the VMs' set-up included, unlike the throughput)."""
     import multiprocessing  # noqa: PLC0415
     import resource  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = []
-        for i in range(vms):
-            cid = 3 + i
-            args += ["--vm", f"guest-cid={cid},socket={tmp}/v{cid}.sock,uds-path={tmp}/u{cid}.vsock"]
-        proc = subprocess.Popen([*cmd, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        daemons = []
+        for p in range(procs):
+            args = []
+            for i in range(p, vms, procs):
+                cid = 3 + i
+                args += ["--vm", f"guest-cid={cid},socket={tmp}/v{cid}.sock,uds-path={tmp}/u{cid}.vsock"]
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+            daemons.append(subprocess.Popen([*cmd, *args], **quiet))  # type: ignore[call-overload]
         try:
             deadline = time.monotonic() + 10
             while not all(os.path.exists(f"{tmp}/u{3 + i}.vsock") for i in range(vms)):
@@ -285,11 +327,19 @@ def aggregate(cmd: list[str], vms: int, nbytes: int, cpu: dict[str, float] | Non
             pool = ctx.Pool(vms)
             pool.map(abs, range(vms))  # the workers are up before the clock starts
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            daemon0 = _proc_cpu(proc.pid)
-            start = time.perf_counter()
-            pool.map(_vm_h2g, jobs)
-            wall = time.perf_counter() - start
-            daemon = _proc_cpu(proc.pid) - daemon0
+            meter = CpuMeter([d.pid for d in daemons])
+            machine0 = _machine_cpu()
+            outer = time.perf_counter()
+            try:
+                spans = pool.map(_vm_h2g, jobs)
+            except Exception as e:
+                raise RuntimeError(f"{cmd[0]}, {vms} VMs in {procs} process(es): {e!r}") from e
+            outer = time.perf_counter() - outer
+            # From the first transfer's start to the last one's end: the VMs' set-up
+            # (vhost-user session, connection) is not part of the throughput.
+            wall = max(end for _start, end in spans) - min(start for start, _end in spans)
+            machine = _machine_cpu() - machine0
+            daemon = meter.stop()
             pool.close()
             pool.join()  # the workers' CPU time is the children's once they are reaped
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -298,11 +348,23 @@ def aggregate(cmd: list[str], vms: int, nbytes: int, cpu: dict[str, float] | Non
                 cpu["drivers"] = cpu.get("drivers", 0.0) + (
                     after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
                 )
-                cpu["wall"] = cpu.get("wall", 0.0) + wall
+                cpu["wall"] = cpu.get("wall", 0.0) + outer
+                cpu["machine"] = cpu.get("machine", 0.0) + machine
             return vms * nbytes / wall / 2**20
         finally:
-            proc.terminate()
-            proc.wait(10)
+            for d in daemons:
+                d.terminate()
+            for d in daemons:
+                d.wait(10)
+
+
+def _machine_cpu() -> float:
+    """CPU seconds the whole machine has run (every CPU, every process: the other
+    work sharing the machine included), from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _instructions(out: Path) -> int:
@@ -375,10 +437,10 @@ def main() -> None:
                 for row, fn in rows.items():
                     d = Daemon(cmd, Path(tmp))
                     try:
-                        cpu0 = d.cpu()
+                        meter = CpuMeter([d.proc.pid])
                         value = fn(d)
                         results.setdefault((row, name), []).append(value)
-                        cpu_s[(row, name)] = cpu_s.get((row, name), 0.0) + d.cpu() - cpu0
+                        cpu_s[(row, name)] = cpu_s.get((row, name), 0.0) + meter.stop()
                     finally:
                         d.stop()
     print(
@@ -397,19 +459,29 @@ def main() -> None:
             if cmd is None:
                 print(f"{name}: {a.vms} VMs n/a")
                 continue
-            use: dict[int, dict[str, float]] = {1: {}, a.vms: {}}
-            one: list[float] = []
-            many: list[float] = []
-            for _ in range(a.reps):  # interleaved: 1 VM, N VMs, 1 VM...
-                one.append(aggregate(cmd, 1, a.mib << 20, use[1]))
-                many.append(aggregate(cmd, a.vms, a.mib << 20, use[a.vms]))
-            o, m = statistics.median(one), statistics.median(many)
-            print(f"{name}: host->guest 1 VM {o:.1f} MiB/s, {a.vms} VMs {m:.1f} MiB/s ({m / o:.2f}x)")
-            for n, u in use.items():
-                gib = n * a.reps * a.mib / 1024
+            # (VMs, daemon processes): 1 VM; N VMs in one process; the control, N VMs
+            # in N processes.
+            setups = [(1, 1), (a.vms, 1), (a.vms, a.vms)]
+            use: dict[tuple[int, int], dict[str, float]] = {k: {} for k in setups}
+            rates: dict[tuple[int, int], list[float]] = {k: [] for k in setups}
+            for _ in range(a.reps):  # interleaved
+                for vms, procs in setups:
+                    rates[(vms, procs)].append(aggregate(cmd, vms, a.mib << 20, use[(vms, procs)], procs))
+            o = statistics.median(rates[(1, 1)])
+            m = statistics.median(rates[(a.vms, 1)])
+            c = statistics.median(rates[(a.vms, a.vms)])
+            print(
+                f"{name}: host->guest 1 VM {o:.1f} MiB/s, {a.vms} VMs {m:.1f} MiB/s ({m / o:.2f}x); "
+                f"control, {a.vms} VMs in {a.vms} processes {c:.1f} MiB/s ({c / o:.2f}x)"
+            )
+            ncpu = os.cpu_count() or 1
+            for (vms, procs), u in use.items():
+                gib = vms * a.reps * a.mib / 1024
                 print(
-                    f"  {n} VM(s): CPU s per GiB daemon {u['daemon'] / gib:.2f}, drivers and host programs "
-                    f"{u['drivers'] / gib:.2f}; cores busy {(u['daemon'] + u['drivers']) / u['wall']:.2f}"
+                    f"  {vms} VM(s) in {procs} process(es): CPU s per GiB daemon {u['daemon'] / gib:.2f}, "
+                    f"drivers and host programs {u['drivers'] / gib:.2f}; cores busy "
+                    f"{(u['daemon'] + u['drivers']) / u['wall']:.2f}, "
+                    f"the machine's {u['machine'] / u['wall']:.2f} of {ncpu}"
                 )
 
 

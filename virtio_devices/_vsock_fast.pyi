@@ -4,6 +4,8 @@ from typing import Any, final
 
 from virtio_queue import Queue
 
+from ._pump import FdPump
+
 @final
 class Conn:
     """One connection (§5.10.6.5): its host socket, credit counters and pending rx work."""
@@ -54,3 +56,15 @@ class State:
 def process_queue(device: Any, index: int) -> None: ...
 def drain_tx(device: Any, st: State, queue: Queue) -> int: ...
 def fill_rx(device: Any, st: State) -> int: ...
+
+@final
+class KickPump(FdPump):
+    """The kicks of rx or tx served in compiled code (``VirtioDevice.kick_pump``)."""
+
+    def __init__(self, device: Any, index: int) -> None: ...
+
+@final
+class InputPump(FdPump):
+    """A connection's host socket turned readable, served in compiled code."""
+
+    def __init__(self, device: Any, conn: Conn) -> None: ...

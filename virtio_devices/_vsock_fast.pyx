@@ -18,13 +18,17 @@ Python call per packet and hand every other one to the device's Python:
   would send it.
 * :func:`fill_rx` fills the rx queue with what the device owes the guest.  A
   connection whose next packet is stream data (no RST, REQUEST or RESPONSE
-  pending, the guest has credit for it) gets its header and payload here: one
-  ``readv`` from the host socket straight into the rx buffer after the header;
-  so do a REQUEST or RESPONSE, and a CREDIT_UPDATE or CREDIT_REQUEST when nothing
-  else is pending.  Everything else (RST, SHUTDOWN,
+  pending, the guest has credit for it) gets its headers and payload here: one
+  ``readv`` from the host socket straight into a run of rx buffers, after the
+  room for each one's header (:func:`_rx_batch`), or into the one buffer of
+  another shape; so do a REQUEST or RESPONSE, and a CREDIT_UPDATE or
+  CREDIT_REQUEST when nothing else is pending.  Everything else (RST, SHUTDOWN,
   seqpacket records, a sibling's packets) is ``device._produce(writer)``.
 
-The socket calls keep the GIL (see :func:`_sock_io`).  Both paths keep the
+The vhost-user loop runs both inside its compiled poll: a kick of rx or tx through
+:class:`KickPump`, a readable host socket through the connection's
+:class:`InputPump`.  A batch's ``readv``/``writev`` of 32 KiB or more releases the
+GIL; smaller socket calls keep it (see :func:`_sock_io`).  Both paths keep the
 Python path's order and state changes; the unit tests run the same packets
 through both and compare.
 """
@@ -35,12 +39,13 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.string cimport memcpy
-from posix.uio cimport iovec, writev
+from posix.uio cimport iovec, readv, writev
 
 from virtio_queue.chain cimport (DescriptorChain, Reader, Writer, _Stream, make_chain, make_reader,
                                  make_writer)
 from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh, le32toh, le64toh
 from virtio_queue.queue cimport Queue
+from virtio_devices._pump cimport FdPump
 
 import os
 
@@ -58,13 +63,19 @@ cdef enum:
     OP_REQUEST = 1
     OP_RESPONSE = 2
     OP_RST = 3
+    OP_SHUTDOWN = 4
     OP_RW = 5
     OP_CREDIT_UPDATE = 6
     OP_CREDIT_REQUEST = 7
     SHUTDOWN_RCV = 1
+    SHUTDOWN_SEND = 2
+    SHUTDOWN_BOTH = 3
+    # The guest's SHUTDOWN SEND shut our writing side (the device's host_shut bit).
+    HOST_SHUT_BY_US = 0x100
     P_RST = 1
     P_REQUEST = 2
     P_RESPONSE = 4
+    P_SHUTDOWN = 8
     P_CREDIT_UPDATE = 16
     P_CREDIT_REQUEST = 32
     P_BEFORE_DATA = P_RST | P_REQUEST | P_RESPONSE
@@ -76,6 +87,10 @@ cdef enum:
     BATCH_IOV = 128
     # Socket I/O of at least this many bytes releases the GIL (see _sock_io).
     NOGIL_IO_MIN = 262144
+    # Stream data for up to this many rx buffers in one readv (see _rx_batch), and
+    # from how many bytes that readv (and a tx batch's writev) releases the GIL.
+    RX_BATCH = 64
+    NOGIL_BATCH_MIN = 32768
 
 
 @cython.final
@@ -192,7 +207,7 @@ cdef int _batch_flush(object device, _Batch b, Queue queue, uint32_t buf_alloc, 
     try:
         if b.total:
             while True:
-                if b.total >= NOGIL_IO_MIN:
+                if b.total >= NOGIL_BATCH_MIN:
                     with nogil:
                         r = writev(conn.fd, b.iov, b.niov)
                 else:
@@ -255,6 +270,10 @@ cdef class State:
     cdef uint64_t guest_cid
     cdef uint32_t buf_alloc
     cdef _Batch batch
+    # The transport's compiled signallers of rx and tx, and the interrupt they are of.
+    cdef object sig_owner
+    cdef object sig_rx
+    cdef object sig_tx
 
     def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc):
         self.batch = _Batch()
@@ -299,11 +318,22 @@ cdef inline uint64_t _u64(const unsigned char *p) noexcept nogil:
     return le64toh(v)
 
 
-cdef int _notify(object device, Queue queue, int index) except -1:
+cdef int _notify(object device, State st, Queue queue, int index) except -1:
     """Signal the driver for queue ``index`` if it asked for it, EVENT_IDX aware
-    (``VirtioDevice.notify``)."""
+    (``VirtioDevice.notify``), through the transport's compiled signaller of the
+    queue when it has one (``Interrupt.signaller``: no Python frame)."""
     interrupt = device.interrupt
-    if interrupt is not None and queue.needs_notification_c():
+    if interrupt is None or not queue.needs_notification_c():
+        return 0
+    if interrupt is not st.sig_owner:
+        signaller = getattr(interrupt, "signaller", None)
+        st.sig_rx = signaller(RX) if signaller is not None else None
+        st.sig_tx = signaller(TX) if signaller is not None else None
+        st.sig_owner = interrupt
+    sig = st.sig_rx if index == RX else st.sig_tx
+    if sig is not None:
+        sig()
+    else:
         interrupt.signal_used(index)
     return 0
 
@@ -334,11 +364,10 @@ cdef int _credit_changed(object device, Conn conn, object ready) except -1:
     return 0
 
 
-cdef int _put_hdr(Writer w, Conn conn, uint16_t op, uint32_t length, uint64_t guest_cid,
-                  uint32_t buf_alloc) except -1:
-    """Our header for ``conn`` (§5.10.6) into the first 44 bytes of ``w``; it carries
-    our credit, so no CREDIT_UPDATE is owed after it (the device's ``_header``)."""
-    cdef unsigned char hdr[HDR_SIZE]
+cdef inline void _hdr_at(unsigned char *hdr, Conn conn, uint16_t op, uint32_t length,
+                         uint64_t guest_cid, uint32_t buf_alloc, uint32_t fwd_cnt,
+                         uint32_t flags=0) noexcept:
+    """Our header for ``conn`` (§5.10.6) into the 44 bytes at ``hdr``."""
     cdef uint64_t v64
     cdef uint32_t v32
     cdef uint16_t v16
@@ -356,12 +385,20 @@ cdef int _put_hdr(Writer w, Conn conn, uint16_t op, uint32_t length, uint64_t gu
     memcpy(hdr + 28, &v16, 2)
     v16 = htole16(op)
     memcpy(hdr + 30, &v16, 2)
-    v32 = 0
+    v32 = htole32(flags)
     memcpy(hdr + 32, &v32, 4)
     v32 = htole32(buf_alloc)
     memcpy(hdr + 36, &v32, 4)
-    v32 = htole32(conn.fwd_cnt)
+    v32 = htole32(fwd_cnt)
     memcpy(hdr + 40, &v32, 4)
+
+
+cdef int _put_hdr(Writer w, Conn conn, uint16_t op, uint32_t length, uint64_t guest_cid,
+                  uint32_t buf_alloc, uint32_t flags=0) except -1:
+    """Our header for ``conn`` (§5.10.6) into the first 44 bytes of ``w``; it carries
+    our credit, so no CREDIT_UPDATE is owed after it (the device's ``_header``)."""
+    cdef unsigned char hdr[HDR_SIZE]
+    _hdr_at(hdr, conn, op, length, guest_cid, buf_alloc, conn.fwd_cnt, flags)
     w.copy_in(hdr, HDR_SIZE)
     conn.last_fwd_sent = conn.fwd_cnt
     conn.ops &= ~P_CREDIT_UPDATE
@@ -409,7 +446,10 @@ def process_queue(object device, int index):
         DeviceNeedsReset: the device is broken, or a packet's handling hit a bug.
         InvalidAvailRingIndex, QueueError, GuestMemoryError: the ring is unusable.
     """
-    cdef State st = <State?>device._fast
+    _process(device, <State?>device._fast, index)
+
+
+cdef int _process(object device, State st, int index) except -1:
     if index == TX:
         if st.compiled:
             _serve_tx(device, st)
@@ -420,6 +460,30 @@ def process_queue(object device, int index):
     elif index == RX:
         st.rx_live = True
         fill_rx(device, st)
+    return 0
+
+
+@cython.final
+cdef class KickPump(FdPump):
+    """The kicks of rx or tx served in compiled code (``VirtioDevice.kick_pump``):
+    exactly :func:`process_queue`, run by the vhost-user loop inside its poll, so a
+    kick costs neither a Python call nor a return to the loop's Python; with
+    ``device._compiled`` off it answers 1 (``process_queue`` runs)."""
+
+    cdef object device
+    cdef State st
+    cdef int index
+
+    def __init__(self, device, int index):
+        self.device = device
+        self.st = <State?>device._fast
+        self.index = index
+
+    cdef int pump_c(self) except -1:
+        if not self.st.compiled:
+            return 1
+        _process(self.device, self.st, self.index)
+        return 0
 
 
 cdef int _serve_tx(object device, State st) except -1:
@@ -462,7 +526,7 @@ def drain_tx(object device, State st, Queue queue):
     finally:
         if served:
             device.chains_served = device.chains_served + served
-            _notify(device, queue, TX)
+            _notify(device, st, queue, TX)
     return served
 
 
@@ -639,6 +703,167 @@ cdef object _rx_data(object device, Conn conn, Writer w, uint64_t guest_cid, uin
     return HDR_SIZE + got
 
 
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+        POLLHUP
+
+
+cdef int _host_eof(object device, Conn conn, object ready) except -1:
+    """The host will send no more (§5.10.6.5 SHUTDOWN SEND); RCV too when it closed
+    both directions (a Unix socket reports POLLHUP then): the device's
+    ``_host_eof``, the SHUTDOWN owed as a pending operation."""
+    cdef pollfd p
+    cdef uint32_t flags = SHUTDOWN_SEND
+    conn.host_eof = True
+    conn.readable = False
+    if not conn.host_shut & HOST_SHUT_BY_US:
+        # A hang-up after we shut our own writing side says nothing of the host's
+        # reading side; else it means the host closed both.
+        p.fd = conn.fd
+        p.events = POLLIN
+        p.revents = 0
+        if poll(&p, 1, 0) == 1 and p.revents & POLLHUP:
+            flags |= SHUTDOWN_RCV
+    conn.host_shut |= flags
+    if _wants_input(conn) != conn.armed:
+        device._watch_input(conn)
+    conn.ops |= P_SHUTDOWN
+    _schedule(conn, ready)
+    return 0
+
+
+cdef int _rx_batch(object device, Queue queue, Conn conn, object ready, uint64_t guest_cid,
+                   uint32_t buf_alloc, Py_ssize_t *added) except -1:
+    """Stream data of ``conn``, the head of the ready queue, into as many of the next
+    available rx buffers as its credit and the host socket allow, with one ``readv``
+    from the socket straight into them (each buffer after the room for its header;
+    the GIL released for a large one), then a header per buffer the bytes reached,
+    each a used element.  This is :func:`_rx_data` for a run of buffers: the same
+    packets, the same state changes, one system call instead of one per packet.
+
+    Only chains that are one device-writable buffer larger than a header are taken
+    (``Queue._peek_fill``: the shape Linux posts); returns 0, having taken nothing,
+    when the next chain is another shape, none is available, or the read fails
+    (the caller's one-chain path then meets the same condition and handles it:
+    EAGAIN, an error, another shape); 1 when it served some, or met the host's end
+    of file (the device's ``_host_eof``, the connection left first in line).
+    """
+    cdef iovec iov[RX_BATCH]
+    cdef uint16_t heads[RX_BATCH]
+    cdef unsigned char *hdrs[RX_BATCH]
+    cdef int k, j, n = 0
+    cdef size_t want = 0, left, take
+    cdef ssize_t r
+    cdef long credit
+    if queue._n_resubmit:
+        return 0
+    k = queue._peek_fill(iov, heads, RX_BATCH)
+    if k <= 0:
+        return 0
+    credit = conn.peer_free()
+    for j in range(k):
+        if iov[j].iov_len <= HDR_SIZE or want >= <size_t>credit:
+            break
+        hdrs[j] = <unsigned char *>iov[j].iov_base
+        iov[j].iov_base = hdrs[j] + HDR_SIZE
+        iov[j].iov_len -= HDR_SIZE
+        if want + iov[j].iov_len > <size_t>credit:
+            iov[j].iov_len = <size_t>credit - want
+        want += iov[j].iov_len
+        n = j + 1
+    if n == 0:
+        return 0
+    if want >= NOGIL_BATCH_MIN:
+        with nogil:
+            while True:
+                r = readv(conn.fd, iov, n)
+                if r >= 0 or errno != EINTR:
+                    break
+    else:
+        while True:
+            r = readv(conn.fd, iov, n)
+            if r >= 0 or errno != EINTR:
+                break
+    if r == 0:
+        # The host's end of file (a stream's read gives 0 for nothing else): the
+        # connection stays first in the ready queue, so that the next buffer gets
+        # the SHUTDOWN it now owes, as the one-chain path would (_no_input).
+        _host_eof(device, conn, ready)
+        return 1
+    if r < 0:
+        return 0
+    ready.popleft()
+    conn.in_ready = False
+    left = <size_t>r
+    for j in range(n):
+        if left == 0:
+            break
+        take = iov[j].iov_len if iov[j].iov_len < left else left
+        left -= take
+        _hdr_at(hdrs[j], conn, OP_RW, <uint32_t>take, guest_cid, buf_alloc, conn.fwd_cnt)
+        conn.tx_cnt += <uint32_t>take
+        # The chain was only peeked at: take it as Queue.pop_head would.
+        queue._next_avail += 1
+        if queue._inflight != NULL:
+            queue._inflight_popped(heads[j])
+        queue.add_used_c(heads[j], <uint32_t>(HDR_SIZE + take))
+        added[0] += 1
+    # Every header carried our credit (the device's _header).
+    conn.last_fwd_sent = conn.fwd_cnt
+    conn.ops &= ~P_CREDIT_UPDATE
+    if <size_t>r < want:
+        # Probably drained: let the loop say when there is more.
+        conn.readable = False
+        device._watch_input(conn)
+    if conn.peer_free() == 0 and not conn.credit_asked:
+        # §5.10.6.3: ask once for the guest's credit while it has none for us.
+        conn.credit_asked = True
+        conn.ops |= P_CREDIT_REQUEST
+    if not conn.dead and (conn.ops or (conn.readable and conn.peer_free() > 0)):
+        _schedule(conn, ready)
+    return 1
+
+
+@cython.final
+cdef class InputPump(FdPump):
+    """A connection's host socket turned readable, served in compiled code (the
+    device's ``_on_input`` without leaving the loop's poll): the connection is
+    scheduled and the rx queue filled at once (:func:`fill_rx`), the socket left
+    watched when that drained it, which is the common case, so the watch costs
+    nothing per wake-up; else the device's ``_watch_input`` stops watching it (no
+    rx buffer or no credit for the rest).  Answers 1 (the Python path) when the
+    connection is not one the compiled path serves now (a seqpacket one, the
+    compiled path off, rx not the device's, the connection's data already
+    waiting)."""
+
+    cdef object device
+    cdef State st
+    cdef Conn conn
+
+    def __init__(self, device, Conn conn not None):
+        self.device = device
+        self.st = <State?>device._fast
+        self.conn = conn
+
+    cdef int pump_c(self) except -1:
+        cdef Conn conn = self.conn
+        cdef State st = self.st
+        if conn.dead or conn.seq or not conn.armed or conn.readable or not st.compiled or not st.rx_live:
+            return 1
+        conn.readable = True
+        _schedule(conn, st.ready)
+        fill_rx(self.device, st)
+        if _wants_input(conn) != conn.armed:
+            self.device._watch_input(conn)
+        return 0
+
+
 def fill_rx(object device, State st):
     """Write pending packets into the guest's rx buffers (§5.10.6.4), one per chain
     (see the module docstring), until nothing is pending or no buffer is left, with
@@ -678,6 +903,12 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
     try:
         while loose or ready:
             if not have:
+                if not loose:
+                    conn = <Conn>ready[0]
+                    if (not conn.dead and not conn.seq and conn.readable
+                            and not conn.ops & P_BEFORE_DATA and conn.peer_free() > 0
+                            and _rx_batch(device, queue, conn, ready, guest_cid, buf_alloc, &added)):
+                        continue
                 if not queue.pop_head(&head):
                     # Wait for the driver's kick (§2.7.10), unless buffers came meanwhile.
                     if queue.enable_notification_c():
@@ -721,6 +952,16 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
                     used = HDR_SIZE
                     if conn.ops or (conn.readable and conn.peer_free() > 0):
                         _schedule(conn, ready)
+                elif (not conn.dead and not conn.readable and conn.ops & P_SHUTDOWN
+                        and not conn.ops & P_BEFORE_DATA and not conn.seq):
+                    # The host's end of file, after its data (§5.10.6.5).
+                    ready.popleft()
+                    conn.in_ready = False
+                    conn.ops &= ~P_SHUTDOWN
+                    _put_hdr(w, conn, OP_SHUTDOWN, 0, guest_cid, buf_alloc, conn.host_shut & SHUTDOWN_BOTH)
+                    used = HDR_SIZE
+                    if conn.ops:
+                        _schedule(conn, ready)
                 elif (not conn.dead and not conn.readable and conn.ops
                         and not conn.ops & ~P_CREDIT):
                     # Only credit to say: CREDIT_UPDATE, else CREDIT_REQUEST (§5.10.6.3).
@@ -749,5 +990,5 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
             queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
         if added:
             device.chains_served = device.chains_served + added
-            _notify(device, queue, RX)
+            _notify(device, st, queue, RX)
     return added

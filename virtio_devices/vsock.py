@@ -478,6 +478,11 @@ class VsockDevice(VirtioDevice):
     #: :meth:`handle_chain` and the Python producers.
     process_queue = _vsock_fast.process_queue
 
+    def kick_pump(self, index: int) -> _vsock_fast.KickPump | None:
+        """rx and tx kicks served by the vhost-user loop in compiled code
+        (:class:`._vsock_fast.KickPump`: :meth:`process_queue` without a Python call)."""
+        return _vsock_fast.KickPump(self, index) if index in (RX, TX) else None
+
     def handle_chain(self, index: int, chain: DescriptorChain) -> int | Park | None:
         """One packet from the guest's tx queue (§5.10.6.4); used length 0 (tx buffers
         are device-readable only).
@@ -828,9 +833,12 @@ class VsockDevice(VirtioDevice):
             port = LOCAL_PORT_FIRST + (port + 1 - LOCAL_PORT_FIRST) % span
         return None
 
-    def _on_input(self, conn: _Conn) -> None:
-        """The host socket has input: wait for rx buffers and credit to take it."""
+    def _on_input(self, conn: _Conn, pump: _vsock_fast.InputPump | None = None) -> None:
+        """The host socket has input: wait for rx buffers and credit to take it
+        (``pump``: served in compiled code first, when it can)."""
         assert self.loop is not None
+        if pump is not None and not pump.pump():
+            return
         self.loop.remove_reader(conn.fd)
         conn.armed = False
         conn.readable = True
@@ -851,7 +859,8 @@ class VsockDevice(VirtioDevice):
             return
         conn.armed = want
         if want:
-            self.loop.add_reader(conn.fd, lambda: self._on_input(conn))
+            pump = _vsock_fast.InputPump(self, conn)
+            self.loop.add_reader(conn.fd, lambda: self._on_input(conn, pump), pump=pump)
         else:
             self.loop.remove_reader(conn.fd)
 

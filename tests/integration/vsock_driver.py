@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from vhost_backends.frontend import Frontend
 from vhost_backends.protocol.codes import VHOST_USER_F_PROTOCOL_FEATURES
+from virtio_queue.mock import VRING_USED_F_NO_NOTIFY
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 HDR = struct.Struct("<QQIIIHHIII")
@@ -23,6 +24,7 @@ TYPE_STREAM, TYPE_SEQPACKET = 1, 2
 OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST = 1, 2, 3, 4, 5, 6, 7
 RX, TX, EVENT = 0, 1, 2
 VIRTIO_VSOCK_F_SEQPACKET = 1 << 1
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
 
 
 @dataclass
@@ -54,13 +56,18 @@ class VsockDriver:
         buf_alloc: int = 256 * 1024,
         timeout: float = 10.0,
         features: int | None = None,
+        kick_prepare: bool = False,
     ) -> None:
         self.cid = cid
+        # Kick tx only when the device asks (Linux's virtqueue_kick_prepare), else
+        # always; rx is always kicked after buffers are reposted.
+        self.kick_prepare = kick_prepare
         self.buf_alloc = buf_alloc
         self.timeout = timeout
         self.fe = Frontend.connect(path, timeout=timeout)
         try:
-            self.fe.negotiate(features)
+            feats, _ = self.fe.negotiate(features)
+            self.event_idx = bool(feats & VIRTIO_RING_F_EVENT_IDX)
             self.fe.add_memory(rx_size * rx_buf + tx_size * tx_buf + (4 << 20))
             self.fe.set_mem_table()
             self.rx = self.fe.setup_ring(RX, rx_size)
@@ -105,10 +112,25 @@ class VsockDriver:
             self.fwd_cnt.get((src_port, dst_port), 0) if fwd_cnt is None else fwd_cnt,
         )  # fmt: skip
         self.fe.memory.write(gpa, hdr + data)
+        old = mock.avail_idx()
         mock.add_chain([RawDesc(gpa, HDR_SIZE + len(data), 0, 0)])
         self.tx_outstanding += 1
         if kick:
-            self.fe.kick(TX)
+            self._kick(TX, old)
+
+    def _kick(self, index: int, old: int) -> None:
+        """Kick ring ``index``, whose ``avail->idx`` was ``old`` before the buffers just
+        added; with ``kick_prepare`` only when the device asks for it (VIRTIO 1.2
+        §2.7.10: ``avail_event`` with EVENT_IDX, else the used ring's NO_NOTIFY flag)."""
+        if self.kick_prepare:
+            mock = self.fe.rings[index].mock
+            if self.event_idx:
+                new = mock.avail_idx()
+                if (new - mock.avail_event() - 1) & 0xFFFF >= (new - old) & 0xFFFF:
+                    return
+            elif mock.used_flags() & VRING_USED_F_NO_NOTIFY:
+                return
+        self.fe.kick(index)
 
     def _reclaim_tx(self, block: bool) -> None:
         mock = self.tx.mock
@@ -142,6 +164,33 @@ class VsockDriver:
         if used:
             self.fe.kick(RX)
         return out
+
+    def recv_data(self, timeout: float | None = None) -> tuple[int, list[Packet]]:
+        """Wait for at least one packet; return the RW payload bytes that came (read
+        from guest memory as a guest's reader would, credit counted) and the other
+        packets.  The benches' receive loop: no object per RW packet, and the rx
+        buffers are reposted in one batch (their descriptors never change)."""
+        if self.pending:
+            out, self.pending = self.pending, []
+            return 0, out
+        used = self.fe.wait_used(RX, 1, self.timeout if timeout is None else timeout)
+        used += self.rx.mock.used_elems()
+        memory, area, size = self.fe.memory, self.rx_area, self.rx_buf
+        total = 0
+        others = []
+        fwd = self.fwd_cnt
+        for head, length in used:
+            raw = memory.read(area + head * size, length)
+            f = HDR.unpack_from(raw)
+            if f[6] == OP_RW:
+                key = (f[3], f[2])
+                fwd[key] = (fwd.get(key, 0) + f[4]) & 0xFFFFFFFF
+                total += f[4]
+            else:
+                others.append(Packet(*f[:4], f[5], f[6], f[7], f[8], f[9], raw[HDR_SIZE : HDR_SIZE + f[4]]))
+        self.rx.mock.publish([head for head, _length in used])
+        self.fe.kick(RX)
+        return total, others
 
     def expect(self, op: int, timeout: float | None = None) -> Packet:
         """The next packet, which must have ``op`` (others before it fail the test)."""

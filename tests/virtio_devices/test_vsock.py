@@ -10,17 +10,18 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vsock_guest import RX, TX, VsockGuest
+from vsock_guest import RX, TX, VsockGuest, _desc
 
 from virtio_devices.base import VIRTIO_RING_F_INDIRECT_DESC
 from virtio_devices.errors import MalformedRequest
 from virtio_devices.hosts.vsock import UnixHost, VsockError, VsockForwardHost
+from virtio_devices.testing import FakeInterrupt
 from virtio_devices.vsock import (
     HDR,
     HDR_SIZE,
@@ -760,6 +761,140 @@ def test_credit_update_when_a_full_host_socket_drains(guest: VsockGuest, host: U
     assert updates and updates[-1].hdr.fwd_cnt == conn.fwd_cnt == conn.rx_cnt
     lst.close()
     peer.close()
+
+
+def test_host_data_spread_over_rx_buffers_within_credit(guest: VsockGuest, host: UnixHost) -> None:
+    """Host data fills consecutive rx buffers (one packet each, header first) up to
+    the guest's credit and no further (§5.10.6.3: the device MUST NOT send more than
+    buf_alloc - (tx_cnt - fwd_cnt)), then asks for credit; more credit lets the rest
+    through, every byte in order."""
+    lst, peer = connected(guest, host)
+    guest.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=10240, fwd_cnt=0)
+    data = bytes(range(256)) * 56  # 14336 bytes: three and a half rx buffers
+    peer.sendall(data)
+    pkts = guest.exchange()
+    assert [(p.op, len(p.data)) for p in pkts] == [
+        (OP_RW, 4096), (OP_RW, 4096), (OP_RW, 2048), (OP_CREDIT_REQUEST, 0),
+    ]  # fmt: skip
+    assert all((p.hdr.src_port, p.hdr.dst_port, p.hdr.buf_alloc) == (1234, 5000, 65536) for p in pkts)
+    guest.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=10240, fwd_cnt=10240)
+    rest = guest.exchange()
+    assert [(p.op, len(p.data)) for p in rest] == [(OP_RW, 4096)]
+    assert b"".join(p.data for p in pkts + rest) == data
+    lst.close()
+    peer.close()
+
+
+def test_kick_pump_serves_rx_and_tx_kicks_as_process_queue(host: UnixHost) -> None:
+    """The vhost-user loop runs ``kick_pump(i).pump_c`` on a kick of rx or tx instead
+    of calling ``process_queue``: it serves the ring the same way (the guest's
+    REQUEST answered with RESPONSE) and hands over (1) when the compiled path is
+    off; the event queue has none (nothing to serve)."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    g = VsockGuest(dev)
+    try:
+        assert dev.kick_pump(2) is None
+        tx, rx = dev.kick_pump(TX), dev.kick_pump(RX)
+        assert tx is not None and rx is not None
+        lst = listen(host, 1234)
+        hdr = HDR.pack(3, 2, 5000, 1234, 0, 1, OP_REQUEST, 0, 65536, 0)
+        g.rig.add_request(TX, readable=[hdr])
+        assert tx.pump() is False  # served, no Python path needed
+        assert g.received() == []  # no rx buffer yet: the RESPONSE waits
+        for _ in range(4):
+            gpa = g.rig.mocks[RX].alloc(g.rx_buf)
+            g._rx[g.rig.add_chain(RX, [_desc(gpa, g.rx_buf, write=True)])] = gpa
+        assert rx.pump() is False
+        assert [p.op for p in g.received()] == [OP_RESPONSE]
+        track(lst.accept()[0])
+        dev._compiled = False
+        assert tx.pump() is True and rx.pump() is True
+    finally:
+        g.close()
+
+
+def test_host_input_pump_serves_data_and_keeps_the_socket_watched(guest: VsockGuest, host: UnixHost) -> None:
+    """A readable host socket run as a pump-serving loop (the vhost-user one) runs
+    it: the compiled path serves the data in its pump and the socket stays watched
+    by the same pump; with no credit for the rest (§5.10.6.3) it is no longer
+    watched, and the guest's next credit brings the rest, every byte in order."""
+    lst, peer = connected(guest, host)
+    conn = guest.device.conns[(1234, 5000)]
+    loop = guest.rig.loop
+    compiled = guest.device._compiled
+    pump = loop.pumps[conn.fd]
+    peer.sendall(b"a" * 5000)
+    assert loop.fire_pump(conn.fd) is not compiled  # the Python path needs the callback
+    assert b"".join(p.data for p in guest.received()) == b"a" * 5000
+    if compiled:
+        assert conn.armed and loop.pumps[conn.fd] is pump
+    guest.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=4096, fwd_cnt=5000)  # room for 4096 more
+    guest.exchange()
+    data = bytes(range(250)) * 40
+    peer.sendall(data)
+    loop.fire_pump(conn.fd)
+    first = [p for p in guest.received() if p.op == OP_RW]
+    assert b"".join(p.data for p in first) == data[:4096]
+    assert conn.fd not in loop.readers and not conn.armed
+    guest.send(5000, 1234, OP_CREDIT_UPDATE, buf_alloc=1 << 20, fwd_cnt=5000 + 4096)  # took it all
+    rest = [p for p in guest.exchange() if p.op == OP_RW]
+    assert b"".join(p.data for p in rest) == data[4096:]
+    lst.close()
+    peer.close()
+
+
+def test_compiled_path_signals_through_the_transports_signaller(host: UnixHost) -> None:
+    """An interrupt that hands out a queue's signaller (vhost-user's compiled
+    ``KickRing.signal_used``) is signalled through it, not through ``signal_used``;
+    a new interrupt (the next activation) gets its own signallers."""
+
+    class Signalling(FakeInterrupt):
+        def signaller(self, index: int) -> Callable[[], None]:
+            return lambda: self.used.append(100 + index)
+
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    g = VsockGuest(dev)
+    try:
+        g.post_rx(8)
+        lst = listen(host, 1234)
+        for src, irq in ((5000, Signalling()), (5001, Signalling())):
+            dev.interrupt = irq  # what a re-activation hands the device
+            rx = g.rig.mocks[RX]
+            rx.set_used_event(rx.used_idx())  # the driver wants the next used buffer signalled
+            g.send(src, 1234, OP_REQUEST)
+            assert [p.op for p in g.exchange()] == [OP_RESPONSE]
+            assert irq.used and set(irq.used) <= {100 + RX, 100 + TX}, irq.used
+            track(lst.accept()[0])
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_host_data_over_rx_buffers_of_mixed_shapes_keeps_order(host: UnixHost, compiled: bool) -> None:
+    """A two-descriptor rx buffer among one-descriptor ones (both are valid, §2.7.4)
+    gets its packet in ring order: the bytes reach the guest in the host's order."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    dev._compiled = compiled
+    g = VsockGuest(dev)
+    try:
+        g.post_rx(1)
+        lst, peer = connected(g, host)
+        g.post_rx(2)
+        gpa = g.rig.mocks[RX].alloc(g.rx_buf)
+        head = g.rig.add_chain(
+            RX, [_desc(gpa, HDR_SIZE, write=True), _desc(gpa + HDR_SIZE, g.rx_buf - HDR_SIZE, write=True)]
+        )
+        g._rx[head] = gpa
+        g.post_rx(2)
+        data = bytes(range(251)) * 80  # 20080 bytes: four buffers and most of a fifth
+        peer.sendall(data)
+        pkts = g.exchange()
+        assert [p.op for p in pkts] == [OP_RW] * 5
+        assert b"".join(p.data for p in pkts) == data
+        lst.close()
+        peer.close()
+    finally:
+        g.close()
 
 
 @pytest.mark.parametrize("type_", [0, 3, 0xFFFF])
