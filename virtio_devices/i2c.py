@@ -74,6 +74,7 @@ from .workers import Job, default_pool
 
 if TYPE_CHECKING:
     from ._i2c_fast import I2cEngine
+    from ._pump import RingWorker
     from .hosts._i2c_dev import I2cDevPort
 
 __all__ = [
@@ -177,6 +178,7 @@ class I2cDevice(VirtioDevice):
             else:
                 if ports:
                     self.engine = _i2c_fast.I2cEngine(self, ports)
+        self._ring_worker: RingWorker | None = None
         self._open: list[_Request] = []  # the group being collected
         self._open_entries = 0
         self._waiting: collections.deque[_Group] = collections.deque()
@@ -207,6 +209,18 @@ class I2cDevice(VirtioDevice):
         if engine is not None:
             engine.bind(queues[0], 0, interrupt)
             loop.add_reader(engine.fd, engine.on_done)
+
+    def ring_worker(self, index: int) -> RingWorker | None:
+        """With the compiled path, its :class:`~virtio_devices._i2c_fast.I2cRingWorker`:
+        a transport that runs ring workers (vhost-user) serves each kick on the
+        worker's thread, the transfers inline with the GIL released, as upstream's
+        vring worker does (no adapter thread, no wake-up of the loop).  None on the
+        Python path."""
+        if self.engine is None:
+            return None
+        if self._ring_worker is None:
+            self._ring_worker = _i2c_fast.I2cRingWorker(self, self.engine, index)
+        return self._ring_worker
 
     #: The driver kicked the requestq: the compiled path (the engine) serves it when
     #: there is one, the Python path otherwise.  Compiled
