@@ -19,10 +19,14 @@ Python path does (the behaviour is the module docstring of
   engine's eventfd once; the device's loop then calls :meth:`I2cEngine.on_done`,
   which writes every status (and the data read), adds the chains to the used ring
   and notifies the driver once, then starts the next batch;
-* a group that fails before the bus is answered in its turn without the thread.
+* a group that fails before the bus is answered in its turn without the thread;
+* on a ring worker (:class:`I2cRingWorker`, the vhost-user transport) the batches
+  run on the worker's own thread instead, GIL released, and are answered and
+  notified there: no adapter thread, no eventfd, no wake-up of the loop.
 
-Only the loop thread touches the queue and guest memory; the adapter's thread
-touches only the batch's own buffers (copies of the requests' data).
+Only the thread serving the queue (the loop's, or the ring worker's) touches the
+queue and guest memory; the adapter's thread touches only the batch's own buffers
+(copies of the requests' data).
 """
 
 from libc.errno cimport errno
@@ -587,6 +591,8 @@ cdef class I2cEngine:
         cdef uint64_t value
         if q is None:
             raise RuntimeError("i2c engine kicked before it was bound to a queue")
+        if self.inflight and inline:
+            self._wait_batch()
         try:
             while True:
                 q.disable_notification_c()
@@ -599,14 +605,19 @@ cdef class I2cEngine:
                         continue
                     ch = make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head)
                     self._add(ch)
+                if inline and self.g_count:
+                    # Answer and notify before notifications are enabled again (as
+                    # upstream's vring worker does): a driver that sends its next
+                    # request as soon as it sees this answer adds it while they are
+                    # still off, without a kick, and the check below serves it.
+                    if self._pump(True):
+                        self._notify()
                 if not q.enable_notification_c():
                     break
         except InvalidAvailRingIndex:
             q.ready = False
             raise
         finally:
-            if self.inflight and inline:
-                self._wait_batch()
             answered = self._pump(inline)
             if self.inflight:
                 # Let the adapter's thread run now if it shares our CPU: an adapter

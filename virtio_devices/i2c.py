@@ -44,10 +44,15 @@ answers in place.
 The compiled request path: when every adapter of the bus is a ``/dev/i2c-N`` with
 compiled ioctls (:attr:`HostAdapter.dev_port <virtio_devices.hosts.i2c.HostAdapter.dev_port>`),
 the queue is served by :class:`virtio_devices._i2c_fast.I2cEngine` instead of the
-Python below: the same parsing, groups and answers, in C, the transfers running
-on each adapter's own thread in batches (one wake-up of the loop per batch).  The
-Python path serves every other bus (``sim``, an embedder's adapter) and is the
-reference the compiled one is tested against (``I2cDevice(bus, compiled=False)``).
+Python below: the same parsing, groups and answers, in C.  Under vhost-user the
+engine runs on the ring's own worker thread (:meth:`I2cDevice.ring_worker`), as
+upstream's vring worker does: a kick is popped, transferred (the ioctls with the
+GIL released: they hold that ring only, never the event loop), answered and
+signalled on that one thread.  Under other transports (``process_queue`` on the
+loop) the transfers run on each adapter's own thread in batches (one wake-up of
+the loop per batch).  The Python path serves every other bus (``sim``, an
+embedder's adapter) and is the reference the compiled one is tested against
+(``I2cDevice(bus, compiled=False)``).
 
 Used length: the status byte and, for a read request that succeeded, the bytes
 read before it: ``len + 1``.  A failed read returns 0: the status byte is written,
