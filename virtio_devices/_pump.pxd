@@ -11,6 +11,7 @@ cdef class FdPump:
 cdef class RingWorker:
     cdef int _kick_fd
     cdef int _wake_fd
+    cdef int _epfd
     cdef bint _stopping
     cdef unsigned long long _gen
     cdef object _thread

@@ -56,7 +56,7 @@ cdef class FdPump:
 
 
 from libc.errno cimport EAGAIN, errno
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint32_t, uint64_t
 from posix.unistd cimport read
 
 
@@ -120,6 +120,26 @@ cdef extern from "<poll.h>" nogil:
         POLLIN
 
 
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+        EPOLLIN
+
+
 cdef class RingWorker:
     """Base of the compiled servers of a ring on a thread of its own: the ring's kick
     fd is waited for there, with the GIL released, and each kick served by
@@ -153,6 +173,7 @@ cdef class RingWorker:
 
     def __cinit__(self, *args, **kwargs):
         self._kick_fd = -1
+        self._epfd = -1
         self.notify_fd = -1
         self._wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self._wake_fd < 0:
@@ -161,6 +182,8 @@ cdef class RingWorker:
     def __dealloc__(self):
         if self._wake_fd >= 0:
             close(self._wake_fd)
+        if self._epfd >= 0:
+            close(self._epfd)
 
     cdef int serve_c(self) except -1:
         """Serve the ring once (see the class docstring).  The base class serves
@@ -185,7 +208,23 @@ cdef class RingWorker:
             raise RuntimeError(f"ring worker started twice (kick fd {self._kick_fd})")
         if kick_fd < 0:
             raise ValueError(f"ring worker kick fd {kick_fd} is not a file descriptor")
+        cdef epoll_event ev
+        cdef int epfd
         read(self._wake_fd, &value, 8)  # a wake-up left from a stop
+        # An epoll set of the two fds (they stay registered, unlike poll's): the
+        # thread's one wait per kick.
+        epfd = epoll_create1(EPOLL_CLOEXEC)
+        if epfd < 0:
+            raise OSError(errno, "epoll set for a ring worker")
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        if epoll_ctl(epfd, EPOLL_CTL_ADD, kick_fd, &ev) < 0:
+            e = OSError(errno, f"ring worker cannot watch kick fd {kick_fd}")
+            close(epfd)
+            raise e
+        ev.data.u64 = 1
+        epoll_ctl(epfd, EPOLL_CTL_ADD, self._wake_fd, &ev)
+        self._epfd = epfd
         self._kick_fd = kick_fd
         self._fail = fail
         self._post = post
@@ -220,32 +259,31 @@ cdef class RingWorker:
         write(self._wake_fd, &one, 8)
         thread.join()
         self._thread = None
+        close(self._epfd)
+        self._epfd = -1
 
     def _run(self, unsigned long long gen):
         """The worker's thread (see the class docstring)."""
-        cdef pollfd fds[2]
-        cdef int rc
+        cdef epoll_event evs[2]
+        cdef int rc, i, epfd = self._epfd
         cdef uint64_t value, one = 1
-        fds[0].fd = self._kick_fd
-        fds[0].events = POLLIN
-        fds[1].fd = self._wake_fd
-        fds[1].events = POLLIN
         while True:
             with nogil:
-                rc = poll(fds, 2, -1)
+                rc = epoll_wait(epfd, evs, 2, -1)
             if self._stopping:
                 return
             if rc < 0:
                 if errno == EINTR:
                     continue
-                self._failed(gen, OSError(errno, f"ring worker poll of kick fd {self._kick_fd}"))
+                self._failed(gen, OSError(errno, f"ring worker wait on kick fd {self._kick_fd}"))
                 return
-            if fds[1].revents:
-                read(self._wake_fd, &value, 8)
-            if fds[0].revents:
-                # Non-blocking: EAGAIN only means the count was taken already.
-                read(self._kick_fd, &value, 8)
-                self.kicks += 1
+            for i in range(rc):
+                if evs[i].data.u64:
+                    read(self._wake_fd, &value, 8)
+                else:
+                    # Non-blocking: EAGAIN only means the count was taken already.
+                    read(self._kick_fd, &value, 8)
+                    self.kicks += 1
             try:
                 self.serve_c()
             except BaseException as e:
