@@ -124,6 +124,20 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _switches(pid: int) -> int:
+    """Context switches (voluntary and not) of every thread of process ``pid``."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                        total += int(line.split()[1])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return total
+
+
 def inner(
     number: int, reps: int, count: int, rust_dir: str | None, where: str = "i2c-stub (TCG guest)"
 ) -> int:
@@ -137,14 +151,17 @@ def inner(
             s.run(max(1, count // 10))
         times: dict[str, list[float]] = {k: [] for k in sides}
         cpu: dict[str, list[float]] = {k: [] for k in sides}
+        switches: dict[str, list[float]] = {k: [] for k in sides}
         for rep in range(reps):
             order = list(sides) if rep % 2 == 0 else list(reversed(sides))
             for k in order:
-                c0 = _cpu_s(sides[k].proc.pid)
+                pid = sides[k].proc.pid
+                c0, s0 = _cpu_s(pid), _switches(pid)
                 t0 = time.perf_counter()
                 sides[k].run(count)
                 times[k].append((time.perf_counter() - t0) / count * 1e6)
-                cpu[k].append((_cpu_s(sides[k].proc.pid) - c0) / count * 1e6)
+                cpu[k].append((_cpu_s(pid) - c0) / count * 1e6)
+                switches[k].append((_switches(pid) - s0) / count)
     finally:
         for s in sides.values():
             s.stop()
@@ -152,7 +169,7 @@ def inner(
     for k, v in times.items():
         print(
             f"RESULT {k} median_us={statistics.median(v):.1f} all={','.join(f'{x:.1f}' for x in v)} "
-            f"cpu_us={statistics.median(cpu[k]):.1f}"
+            f"cpu_us={statistics.median(cpu[k]):.1f} switches={statistics.median(switches[k]):.2f}"
         )
     if "rust" in times:
         ratios = [r / o for o, r in zip(times["ours"], times["rust"], strict=True)]

@@ -11,7 +11,11 @@ Ring life cycle ("Ring states" in the spec), as rust-vmm's vhost-user-backend do
 * it is *enabled* by SET_VRING_ENABLE when VHOST_USER_F_PROTOCOL_FEATURES was
   negotiated, and enabled as soon as SET_FEATURES arrives without that bit;
 * it is *polled* (its kick fd watched, ``Queue.ready`` true) while it is started,
-  enabled, has its addresses and memory.
+  enabled, has its addresses and memory.  A device may serve a ring on a thread
+  of its own (``VirtioDevice.ring_worker``): the worker then watches the kick fd
+  and is the only one touching that ring while it runs; the handler starts it with
+  the ring, stops it (waiting for a service under way) before it quiesces the
+  device, and wakes it instead of calling ``process_queue``.
 
 Device activation (our decision, documented in the report): the device is activated
 with **all** its queues when the **first** ring starts polling; queues whose ring
@@ -595,6 +599,7 @@ class VhostUserHandler:
             # consumed) and its worker jobs finish or are cancelled, so nothing
             # writes the used ring after the front-end took the ring back.
             self._quiesce(ring)
+            ring.worker = None
             q.ready = False
             ring.polled = False
             self._maybe_deactivate()
@@ -623,6 +628,14 @@ class VhostUserHandler:
                 self._device_failed(e, "activate")
                 return
             self.device_active = True
+        # A device that serves this ring on a thread of its own (asked once here):
+        # the worker waits for the kicks, the loop does not watch them.
+        ring.worker = self.device.ring_worker(ring.index)
+        if ring.worker is not None:
+            self._start_worker(ring)
+            if resubmit:
+                ring.worker.wake()
+            return
         kick = ring.kick
         kick.kick_fd = ring.kick_fd
         # A device that fills single-buffer requests from a host source has them
@@ -646,8 +659,20 @@ class VhostUserHandler:
         else:
             self._device_failed(err, f"q{ring.index}")
 
+    def _start_worker(self, ring: Vring) -> None:
+        """Start the ring's worker on its kick fd; what it raises comes back to the
+        loop thread as what ``process_queue`` raises."""
+        assert ring.worker is not None
+        ring.worker.start(ring.kick_fd, ring.kick.fail, self.loop.call_soon_threadsafe)
+
     def _serve(self, ring: Vring) -> None:
         if not ring.polled:
+            return
+        if ring.worker is not None:
+            # Served on the worker's thread, never here (it owns the queue).
+            if not ring.worker.running:
+                self._start_worker(ring)
+            ring.worker.wake()
             return
         try:
             self.device.process_queue(ring.index)
@@ -672,7 +697,10 @@ class VhostUserHandler:
 
     # -- the device's faults (issue 12's policy, transport side) --------------------------
     def _quiesce(self, ring: Vring) -> None:
-        """``device.quiesce(index)`` before the transport takes the queue back."""
+        """``device.quiesce(index)`` before the transport takes the queue back (its
+        worker stopped first: the queue is the loop thread's again)."""
+        if ring.worker is not None:
+            ring.worker.stop()
         if not self.device_active:
             return
         try:
@@ -797,7 +825,18 @@ class VhostUserHandler:
         ring.set_call_fd(-1)
 
     def _unwatch_kick(self, ring: Vring) -> None:
-        """Stop watching the ring's kick fd, and with it its compiled kick path."""
+        """Stop watching the ring's kick fd, and with it its compiled kick path (or
+        stop the ring's worker, which watches it)."""
+        worker = ring.worker
+        if worker is not None and worker.running:
+            worker.stop()
+            log.debug(
+                "%s q%d: worker served %d kicks in %d services",
+                self.name,
+                ring.index,
+                worker.kicks,
+                worker.services,
+            )
         kick = ring.kick
         if kick.attached:
             self.loop.remove_reader(ring.kick_fd)

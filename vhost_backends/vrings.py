@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from .event_loop import KickRing
 
 if TYPE_CHECKING:
+    from virtio_devices._pump import RingWorker
     from virtio_queue import Queue
 
     from .handler import VhostUserHandler
@@ -52,6 +53,7 @@ class Vring:
         "polled",
         "queue",
         "started",
+        "worker",
     )
 
     def __init__(self, index: int, queue: Queue, serve: Callable[[int], object]) -> None:
@@ -65,6 +67,9 @@ class Vring:
         self.addr_set = False
         self.polled = False
         self.inflight: InflightQueueRegion | None = None
+        # The device's RingWorker serving this ring on its own thread, while polled
+        # (VirtioDevice.ring_worker); None: the loop serves the kicks with `kick`.
+        self.worker: RingWorker | None = None
 
     @property
     def call_fd(self) -> int:

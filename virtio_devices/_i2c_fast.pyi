@@ -4,9 +4,16 @@ from typing_extensions import disjoint_base
 
 from virtio_queue import Queue
 
+from ._pump import RingWorker
 from .hosts._i2c_dev import I2cDevPort
 
 def process_queue(device: Any, index: int) -> None: ...
+
+@disjoint_base
+class I2cRingWorker(RingWorker):
+    """The requestq served on a thread of its own (the vhost-user transport)."""
+
+    def __init__(self, device: Any, engine: I2cEngine, index: int) -> None: ...
 
 @disjoint_base
 class I2cEngine:

@@ -19,10 +19,14 @@ Python path does (the behaviour is the module docstring of
   engine's eventfd once; the device's loop then calls :meth:`I2cEngine.on_done`,
   which writes every status (and the data read), adds the chains to the used ring
   and notifies the driver once, then starts the next batch;
-* a group that fails before the bus is answered in its turn without the thread.
+* a group that fails before the bus is answered in its turn without the thread;
+* on a ring worker (:class:`I2cRingWorker`, the vhost-user transport) the batches
+  run on the worker's own thread instead, GIL released, and are answered and
+  notified there: no adapter thread, no eventfd, no wake-up of the loop.
 
-Only the loop thread touches the queue and guest memory; the adapter's thread
-touches only the batch's own buffers (copies of the requests' data).
+Only the thread serving the queue (the loop's, or the ring worker's) touches the
+queue and guest memory; the adapter's thread touches only the batch's own buffers
+(copies of the requests' data).
 """
 
 from libc.errno cimport errno
@@ -35,6 +39,7 @@ from virtio_queue.chain cimport (ChainCursor, DescriptorChain, Writer, Reader, c
                                  chain_start, desc_load, make_chain, make_reader, make_writer)
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_INDIRECT, vring_desc
 from virtio_queue.queue cimport Queue
+from virtio_devices._pump cimport RingWorker
 from virtio_devices.hosts._i2c_dev cimport I2cCMsg, I2cDevPort, I2cJob
 
 import errno as _errno
@@ -57,21 +62,47 @@ def process_queue(object device, int index):
         DeviceNeedsReset: the device is broken, or serving hit a bug.
         InvalidAvailRingIndex, QueueError, GuestMemoryError: the ring is unusable.
     """
-    cdef I2cEngine engine
     e = device.engine
     if e is None:
         device.process_chains(index)
         return
-    engine = <I2cEngine?>e
+    _serve(device, <I2cEngine?>e, index, False)
+
+
+cdef int _serve(object device, I2cEngine engine, int index, bint inline) except -1:
+    """A kick served by ``engine`` under the framework's error policy (see
+    :func:`process_queue`); ``inline``: on a ring worker's thread."""
     if device.broken is not None:
         raise DeviceNeedsReset(f"{device.name}: device is broken ({device.broken!r}) until it is reset")
     device._quiesced[index] = False  # a kick: the queue is the device's again
     try:
-        engine.kick()
+        engine.kick_c(inline)
     except (InvalidAvailRingIndex, QueueError, GuestMemoryError):
         raise
     except Exception as exc:
         raise device._break(index, exc) from exc
+    return 0
+
+
+cdef class I2cRingWorker(RingWorker):
+    """The requestq served on a thread of its own (``I2cDevice.ring_worker``, the
+    vhost-user transport): on each kick, in C, the engine pops and parses, runs
+    the transfers on this thread with the GIL released (holding only this ring,
+    as upstream's vring worker does; never the event loop), answers and notifies.
+    No adapter thread, no eventfd back to the loop.  What the engine raises, as
+    :func:`process_queue` raises it, stops the worker and reaches the transport."""
+
+    cdef object device
+    cdef I2cEngine engine
+    cdef int index
+
+    def __init__(self, device, I2cEngine engine not None, int index):
+        self.device = device
+        self.engine = engine
+        self.index = index
+
+    cdef int serve_c(self) except -1:
+        return _serve(self.device, self.engine, self.index, True)
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -481,13 +512,15 @@ cdef class I2cEngine:
             dev.bytes_served += nbytes
         return 0
 
-    cdef int _pump(self) except -1:
-        """Answer or start the groups waiting, in order, up to a batch in a thread;
+    cdef int _pump(self, bint inline) except -1:
+        """Answer or start the groups waiting, in order, up to a batch in a thread
+        (``inline``: run every batch here, GIL released, as a ring worker does);
         1 if a chain was answered here."""
         cdef int answered = 0, port
-        cdef uint32_t k, _j, slot, m = 0
+        cdef uint32_t k, _j, slot, m
         cdef Req *r
         cdef I2cJob *job = &self.job
+        cdef I2cDevPort dev_port
         while self.g_count and not self.inflight:
             port = self.g_port[self.g_first]
             if port < 0:
@@ -496,6 +529,7 @@ cdef class I2cEngine:
                 continue
             # The consecutive groups for this port: one batch.
             k = 0
+            m = 0
             slot = self.r_first
             while k < self.g_count and self.g_port[(self.g_first + k) % self.cap] == port:
                 job.group_len[k] = self.g_len[(self.g_first + k) % self.cap]
@@ -509,9 +543,16 @@ cdef class I2cEngine:
                     slot = (slot + 1) % self.cap
                 k += 1
             job.ngroups = <int>k
-            (<I2cDevPort>self.ports[port]).submit(job)
             self.jobs += 1
             self.inflight = k
+            if inline:
+                dev_port = <I2cDevPort>self.ports[port]
+                with nogil:
+                    dev_port.run_job(job)
+                self._complete()
+                answered = 1
+            else:
+                (<I2cDevPort>self.ports[port]).submit(job)
         return answered
 
     cdef int _complete(self) except -1:
@@ -538,6 +579,11 @@ cdef class I2cEngine:
             InvalidAvailRingIndex: the avail ring is broken (the queue is stopped).
             QueueError, GuestMemoryError: the ring itself is unusable.
         """
+        self.kick_c(False)
+
+    cdef int kick_c(self, bint inline) except -1:
+        """:meth:`kick`; ``inline``: the batches run on this thread (a ring
+        worker's), GIL released, instead of the adapter's thread."""
         cdef Queue q = self.queue
         cdef uint16_t head
         cdef DescriptorChain ch
@@ -545,6 +591,8 @@ cdef class I2cEngine:
         cdef uint64_t value
         if q is None:
             raise RuntimeError("i2c engine kicked before it was bound to a queue")
+        if self.inflight and inline:
+            self._wait_batch()
         try:
             while True:
                 q.disable_notification_c()
@@ -557,13 +605,20 @@ cdef class I2cEngine:
                         continue
                     ch = make_chain(q._snap, q._memory, q._desc, q._desc_gpa, q._size, head)
                     self._add(ch)
+                if inline and self.g_count:
+                    # Answer and notify before notifications are enabled again (as
+                    # upstream's vring worker does): a driver that sends its next
+                    # request as soon as it sees this answer adds it while they are
+                    # still off, without a kick, and the check below serves it.
+                    if self._pump(True):
+                        self._notify()
                 if not q.enable_notification_c():
                     break
         except InvalidAvailRingIndex:
             q.ready = False
             raise
         finally:
-            answered = self._pump()
+            answered = self._pump(inline)
             if self.inflight:
                 # Let the adapter's thread run now if it shares our CPU: an adapter
                 # that answers at once (i2c-stub, a fast controller) is then done
@@ -575,10 +630,24 @@ cdef class I2cEngine:
                 if self.job.finished:
                     read(self.fd, &value, 8)
                     self._complete()
-                    self._pump()
+                    self._pump(False)
                     answered = 1
             if answered:
                 self._notify()
+        return 0
+
+    cdef int _wait_batch(self) except -1:
+        """Wait (GIL released) for the batch in the adapter's thread and answer it."""
+        cdef pollfd p
+        cdef uint64_t value
+        p.fd = self.fd
+        p.events = POLLIN
+        while not self.job.finished:
+            with nogil:
+                poll(&p, 1, -1)
+        read(self.fd, &value, 8)
+        self._complete()
+        return 0
 
     def on_done(self):
         """The loop saw the eventfd: answer the finished batch, start the next."""
@@ -587,26 +656,18 @@ cdef class I2cEngine:
         if self.queue is None or not self.inflight or not self.job.finished:
             return
         self._complete()
-        self._pump()
+        self._pump(False)
         self._notify()
 
     def quiesce(self):
         """Finish the batch in the thread and answer it, give every other held chain
         back to the avail ring (they are the last popped); the counts given back."""
-        cdef pollfd p
-        cdef uint64_t value
         cdef uint32_t back
         cdef Queue q = self.queue
         if q is None:
             return 0
         if self.inflight:
-            p.fd = self.fd
-            p.events = POLLIN
-            while not self.job.finished:
-                with nogil:
-                    poll(&p, 1, -1)
-            read(self.fd, &value, 8)
-            self._complete()
+            self._wait_batch()
             self._notify()
         back = self.r_count
         if back:

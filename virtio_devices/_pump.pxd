@@ -6,3 +6,21 @@ cdef class FdPump:
     cdef public unsigned long long pumped
     cdef public unsigned long long handed_over
     cdef int pump_c(self) except -1
+
+
+cdef class RingWorker:
+    cdef int _kick_fd
+    cdef int _wake_fd
+    cdef int _epfd
+    cdef bint _stopping
+    cdef unsigned long long _gen
+    cdef object _thread
+    cdef object _fail
+    cdef object _post
+    # What serve_c raised (it ended the thread), until the next start.
+    cdef public object error
+    cdef public int notify_fd
+    cdef readonly unsigned long long kicks
+    cdef readonly unsigned long long services
+    cdef int serve_c(self) except -1
+    cdef void _failed(self, unsigned long long gen, object err)

@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 from typing_extensions import disjoint_base
 
 @disjoint_base
@@ -19,3 +21,42 @@ class EventfdPump(FdPump):
     hand_over_at: int
     raise_at: int
     def __init__(self, fd: int, *, hand_over_at: int = 0, raise_at: int = 0) -> None: ...
+
+@disjoint_base
+class RingWorker:
+    """Base of the compiled servers of a ring on a thread of its own."""
+
+    error: BaseException | None
+    notify_fd: int
+    @property
+    def kicks(self) -> int: ...
+    @property
+    def services(self) -> int: ...
+    @property
+    def running(self) -> bool: ...
+    def start(
+        self,
+        kick_fd: int,
+        fail: Callable[[Exception], object] | None = None,
+        post: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None: ...
+    def wake(self) -> None: ...
+    def stop(self) -> None: ...
+    def _run(self, gen: int) -> None: ...
+
+@disjoint_base
+class EventfdRingWorker(RingWorker):
+    """The smallest ring worker (an example, the tests' probe)."""
+
+    served: int
+    gate_fd: int
+    raise_at: int
+    entered_fd: int
+    serve: Callable[[], object] | None
+    def __init__(
+        self,
+        gate_fd: int = -1,
+        raise_at: int = 0,
+        entered_fd: int = -1,
+        serve: Callable[[], object] | None = None,
+    ) -> None: ...

@@ -56,7 +56,7 @@ cdef class FdPump:
 
 
 from libc.errno cimport EAGAIN, errno
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint32_t, uint64_t
 from posix.unistd cimport read
 
 
@@ -92,4 +92,260 @@ cdef class EventfdPump(FdPump):
         if self.hand_over_at and value >= self.hand_over_at:
             self.pending = value
             return 1
+        return 0
+
+
+# -- ring workers ------------------------------------------------------------------------
+
+from libc.errno cimport EINTR
+from posix.unistd cimport close, write
+
+import threading
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_CLOEXEC
+        EFD_NONBLOCK
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+        EPOLLIN
+
+
+cdef class RingWorker:
+    """Base of the compiled servers of a ring on a thread of its own: the ring's kick
+    fd is waited for there, with the GIL released, and each kick served by
+    ``serve_c`` on that thread, as rust-vmm's vring worker threads serve theirs:
+    no hop through the event loop for a device whose requests block (a bus
+    transfer) and are short to parse.
+
+    A device offers one from ``VirtioDevice.ring_worker(index)``; the transport
+    that supports it (vhost-user) then does not watch the kick fd itself but calls
+    :meth:`start` when the ring starts, :meth:`stop` before it takes the queue back
+    (the device's ``quiesce`` comes after), and :meth:`wake` where it would call
+    ``process_queue`` without a kick.  A subclass overrides ``cdef int
+    serve_c(self) except -1``: called on the worker thread with the GIL held after
+    each kick (the kick's count read already) or :meth:`wake`; it serves the ring
+    as ``process_queue`` would (pop, answer, notify), and releases the GIL itself
+    around what blocks.  Only the worker touches the device's state for that ring
+    while it runs: the transport's other uses of the queue come after
+    :meth:`stop`.
+
+    What ``serve_c`` raises ends the thread (the ring is not served any more) and
+    goes, as :attr:`error`, to ``fail(exc)``, posted to the loop thread with
+    ``post(callback)`` (the loop's ``call_soon_threadsafe``; None: ``fail`` is
+    called on the worker thread).  A ``fail`` posted by a thread that was stopped
+    and started again since is not called.  ``kicks`` and ``services`` count what
+    it served; ``notify_fd``, when not -1, is an eventfd written after every
+    service (tests wait on it).
+
+    Raises:
+        OSError: the worker's wake-up eventfd cannot be made.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self._kick_fd = -1
+        self._epfd = -1
+        self.notify_fd = -1
+        self._wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self._wake_fd < 0:
+            raise OSError(errno, "eventfd for a ring worker")
+
+    def __dealloc__(self):
+        if self._wake_fd >= 0:
+            close(self._wake_fd)
+        if self._epfd >= 0:
+            close(self._epfd)
+
+    cdef int serve_c(self) except -1:
+        """Serve the ring once (see the class docstring).  The base class serves
+        nothing."""
+        return 0
+
+    @property
+    def running(self):
+        """Whether the thread was started and not yet stopped."""
+        return self._thread is not None
+
+    def start(self, int kick_fd, fail=None, post=None):
+        """Serve the ring whose kicks are counted on ``kick_fd`` (non-blocking, not
+        owned) on a new thread, until :meth:`stop`.
+
+        Raises:
+            RuntimeError: the worker runs already.
+            ValueError: ``kick_fd`` is not a file descriptor.
+        """
+        cdef uint64_t value
+        if self._thread is not None:
+            raise RuntimeError(f"ring worker started twice (kick fd {self._kick_fd})")
+        if kick_fd < 0:
+            raise ValueError(f"ring worker kick fd {kick_fd} is not a file descriptor")
+        cdef epoll_event ev
+        cdef int epfd
+        read(self._wake_fd, &value, 8)  # a wake-up left from a stop
+        # An epoll set of the two fds (they stay registered, unlike poll's): the
+        # thread's one wait per kick.
+        epfd = epoll_create1(EPOLL_CLOEXEC)
+        if epfd < 0:
+            raise OSError(errno, "epoll set for a ring worker")
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        if epoll_ctl(epfd, EPOLL_CTL_ADD, kick_fd, &ev) < 0:
+            e = OSError(errno, f"ring worker cannot watch kick fd {kick_fd}")
+            close(epfd)
+            raise e
+        ev.data.u64 = 1
+        epoll_ctl(epfd, EPOLL_CTL_ADD, self._wake_fd, &ev)
+        self._epfd = epfd
+        self._kick_fd = kick_fd
+        self._fail = fail
+        self._post = post
+        self._stopping = False
+        self._gen += 1
+        self.error = None
+        thread = threading.Thread(target=self._run, args=(self._gen,), name=f"ring-worker-fd{kick_fd}",
+                                  daemon=True)
+        self._thread = thread
+        thread.start()
+
+    def wake(self):
+        """Serve the ring once soon, as a kick would (nothing if it is not running)."""
+        cdef uint64_t one = 1
+        if self._thread is not None:
+            write(self._wake_fd, &one, 8)
+
+    def stop(self):
+        """Stop the thread and wait for it, GIL released: a service under way ends
+        first (what it popped is answered), none starts after.  Idempotent.
+
+        Raises:
+            RuntimeError: called from the worker's own thread.
+        """
+        cdef uint64_t one = 1
+        thread = self._thread
+        if thread is None:
+            return
+        if thread is threading.current_thread():
+            raise RuntimeError("a ring worker cannot stop itself; it stops when serve_c raises")
+        self._stopping = True
+        write(self._wake_fd, &one, 8)
+        thread.join()
+        self._thread = None
+        close(self._epfd)
+        self._epfd = -1
+
+    def _run(self, unsigned long long gen):
+        """The worker's thread (see the class docstring)."""
+        cdef epoll_event evs[2]
+        cdef int rc, i, epfd = self._epfd
+        cdef uint64_t value, one = 1
+        while True:
+            with nogil:
+                rc = epoll_wait(epfd, evs, 2, -1)
+            if self._stopping:
+                return
+            if rc < 0:
+                if errno == EINTR:
+                    continue
+                self._failed(gen, OSError(errno, f"ring worker wait on kick fd {self._kick_fd}"))
+                return
+            for i in range(rc):
+                if evs[i].data.u64:
+                    read(self._wake_fd, &value, 8)
+                else:
+                    # Non-blocking: EAGAIN only means the count was taken already.
+                    read(self._kick_fd, &value, 8)
+                    self.kicks += 1
+            try:
+                self.serve_c()
+            except BaseException as e:
+                self._failed(gen, e)
+                return
+            self.services += 1
+            if self.notify_fd >= 0:
+                write(self.notify_fd, &one, 8)
+
+    cdef void _failed(self, unsigned long long gen, object err):
+        self.error = err
+        fail = self._fail
+        if fail is None:
+            return
+        if self._post is None:
+            fail(err)
+            return
+
+        def report():
+            if self._gen == gen:
+                fail(err)
+
+        try:
+            self._post(report)
+        except Exception as e:  # the loop is gone: so is the ring
+            self.error = e
+
+
+cdef class EventfdRingWorker(RingWorker):
+    """The smallest ring worker, an example and the tests' probe: each service
+    counts itself in :attr:`served` and raises ``RuntimeError`` on service number
+    ``raise_at`` (0: never); else writes ``entered_fd`` (an eventfd, -1: none),
+    then, when ``gate_fd`` is not -1, waits (GIL released) until that eventfd is
+    readable and reads it (a service that blocks, as a bus transfer does), then
+    calls ``serve()`` when given (a test device serves its ring there)."""
+
+    cdef public unsigned long long served
+    cdef public int gate_fd
+    cdef public unsigned long long raise_at
+    cdef public int entered_fd
+    cdef public object serve
+
+    def __init__(self, int gate_fd=-1, unsigned long long raise_at=0, int entered_fd=-1, serve=None):
+        self.gate_fd = gate_fd
+        self.raise_at = raise_at
+        self.entered_fd = entered_fd
+        self.serve = serve
+
+    cdef int serve_c(self) except -1:
+        cdef pollfd p
+        cdef uint64_t value, one = 1
+        self.served += 1
+        if self.raise_at and self.served == self.raise_at:
+            raise RuntimeError(f"service {self.served} reached raise_at")
+        if self.entered_fd >= 0:
+            write(self.entered_fd, &one, 8)
+        if self.gate_fd >= 0:
+            p.fd = self.gate_fd
+            p.events = POLLIN
+            with nogil:
+                poll(&p, 1, -1)
+            read(self.gate_fd, &value, 8)
+        if self.serve is not None:
+            self.serve()
         return 0

@@ -96,7 +96,7 @@ from virtio_queue.ratelimit import RateLimiter
 from .errors import DeviceNeedsReset, HostFault, MalformedRequest
 
 if TYPE_CHECKING:
-    from ._pump import FdPump
+    from ._pump import FdPump, RingWorker
     from .workers import DeviceJobs, WorkerPool
 
 __all__ = [
@@ -375,6 +375,23 @@ class VirtioDevice:
         ring as :meth:`process_queue` would, or answer 1 with what it did not do
         left for it.  Other transports call :meth:`process_queue` alone.  None
         (the default): every kick goes to :meth:`process_queue`."""
+        return None
+
+    def ring_worker(self, index: int) -> RingWorker | None:
+        """A compiled server of queue ``index`` on a thread of its own, asked when
+        the vhost-user transport starts the ring (the device is active then).
+
+        When it returns a :class:`~virtio_devices._pump.RingWorker`, the transport
+        does not watch the ring's kick fd: the worker waits for the kicks on its
+        thread and serves each there (``serve_c``), as :meth:`process_queue` would,
+        releasing the GIL around what blocks; the transport stops it (waiting for a
+        service under way) before :meth:`quiesce` and wakes it where it would call
+        :meth:`process_queue` without a kick; what ``serve_c`` raises is handled on
+        the loop thread as what :meth:`process_queue` raises.  For a device whose
+        requests block on the host (a bus transfer) and are cheap to parse: each
+        kick is served without a hop through the event loop.  Other transports
+        call :meth:`process_queue` alone.  None (the default): the event loop
+        serves the kicks."""
         return None
 
     def fill_source(self, index: int) -> ByteSource | None:

@@ -44,10 +44,15 @@ answers in place.
 The compiled request path: when every adapter of the bus is a ``/dev/i2c-N`` with
 compiled ioctls (:attr:`HostAdapter.dev_port <virtio_devices.hosts.i2c.HostAdapter.dev_port>`),
 the queue is served by :class:`virtio_devices._i2c_fast.I2cEngine` instead of the
-Python below: the same parsing, groups and answers, in C, the transfers running
-on each adapter's own thread in batches (one wake-up of the loop per batch).  The
-Python path serves every other bus (``sim``, an embedder's adapter) and is the
-reference the compiled one is tested against (``I2cDevice(bus, compiled=False)``).
+Python below: the same parsing, groups and answers, in C.  Under vhost-user the
+engine runs on the ring's own worker thread (:meth:`I2cDevice.ring_worker`), as
+upstream's vring worker does: a kick is popped, transferred (the ioctls with the
+GIL released: they hold that ring only, never the event loop), answered and
+signalled on that one thread.  Under other transports (``process_queue`` on the
+loop) the transfers run on each adapter's own thread in batches (one wake-up of
+the loop per batch).  The Python path serves every other bus (``sim``, an
+embedder's adapter) and is the reference the compiled one is tested against
+(``I2cDevice(bus, compiled=False)``).
 
 Used length: the status byte and, for a read request that succeeded, the bytes
 read before it: ``len + 1``.  A failed read returns 0: the status byte is written,
@@ -74,6 +79,7 @@ from .workers import Job, default_pool
 
 if TYPE_CHECKING:
     from ._i2c_fast import I2cEngine
+    from ._pump import RingWorker
     from .hosts._i2c_dev import I2cDevPort
 
 __all__ = [
@@ -177,6 +183,7 @@ class I2cDevice(VirtioDevice):
             else:
                 if ports:
                     self.engine = _i2c_fast.I2cEngine(self, ports)
+        self._ring_worker: RingWorker | None = None
         self._open: list[_Request] = []  # the group being collected
         self._open_entries = 0
         self._waiting: collections.deque[_Group] = collections.deque()
@@ -207,6 +214,18 @@ class I2cDevice(VirtioDevice):
         if engine is not None:
             engine.bind(queues[0], 0, interrupt)
             loop.add_reader(engine.fd, engine.on_done)
+
+    def ring_worker(self, index: int) -> RingWorker | None:
+        """With the compiled path, its :class:`~virtio_devices._i2c_fast.I2cRingWorker`:
+        a transport that runs ring workers (vhost-user) serves each kick on the
+        worker's thread, the transfers inline with the GIL released, as upstream's
+        vring worker does (no adapter thread, no wake-up of the loop).  None on the
+        Python path."""
+        if self.engine is None:
+            return None
+        if self._ring_worker is None:
+            self._ring_worker = _i2c_fast.I2cRingWorker(self, self.engine, index)
+        return self._ring_worker
 
     #: The driver kicked the requestq: the compiled path (the engine) serves it when
     #: there is one, the Python path otherwise.  Compiled

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import importlib
+import os
 import select
 import threading
 from collections.abc import Iterator
@@ -529,10 +530,48 @@ def _send(rig: DeviceRig, reqs: list[tuple[int, bool, int, bool, str]]) -> list[
     return outs
 
 
+class WorkerKicks:
+    """The device's ring worker (``I2cDevice.ring_worker``) serving the rig's queue 0
+    on its own thread, as the vhost-user transport runs it: :meth:`kick` writes the
+    kick eventfd and waits for the service to end."""
+
+    def __init__(self, rig: DeviceRig) -> None:
+        self.rig = rig
+        worker = rig.device.ring_worker(0)
+        assert worker is not None
+        self.worker = worker
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        worker.notify_fd = self.done_fd
+        worker.start(self.kick_fd)
+
+    def kick(self) -> list[tuple[int, int]]:
+        os.eventfd_write(self.kick_fd, 1)
+        ready, _, _ = select.select([self.done_fd], [], [], 10)
+        assert ready, "the ring worker did not serve the kick within 10 s"
+        os.eventfd_read(self.done_fd)
+        assert self.worker.error is None, self.worker.error
+        return self.rig.used()
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.worker.notify_fd = -1
+        os.close(self.kick_fd)
+        os.close(self.done_fd)
+
+
 def _run(
-    rig: DeviceRig, reqs: list[tuple[int, bool, int, bool, str]]
+    rig: DeviceRig, reqs: list[tuple[int, bool, int, bool, str]], worker: bool = False
 ) -> tuple[list[tuple[int, int]], list[bytes]]:
     outs = _send(rig, reqs)
+    if worker:
+        kicks = WorkerKicks(rig)
+        try:
+            used = kicks.kick()
+        finally:
+            kicks.close()
+        assert rig.device.held() == 0  # type: ignore[attr-defined]
+        return used, [rig.read(gpa, n) for gpa, n in outs]
     used = rig.kick()
     dev = rig.device
     while dev.held():  # type: ignore[attr-defined]
@@ -562,9 +601,10 @@ def test_compiled_path_answers_as_the_python_path(
     seed: bytes,
 ) -> None:
     """Property: the same requests (any shapes, groups, malformed ones, addresses
-    with no device) through the compiled request path and compiled ioctls, and
-    through the Python path and smbus2, give the same used entries, the same bytes
-    in every writable buffer, and the same EEPROM afterwards."""
+    with no device) through the compiled request path and compiled ioctls (served
+    by the ring worker, or on kicks with the adapter's thread), and through the
+    Python path and smbus2, give the same used entries, the same bytes in every
+    writable buffer, and the same EEPROM afterwards."""
     reqs[-1] = (*reqs[-1][:3], False, reqs[-1][4])  # the last group is complete
     node = str(tmp_path_factory.mktemp("i2c") / "i2c-7")
     Path(node).write_bytes(b"")
@@ -572,7 +612,8 @@ def test_compiled_path_answers_as_the_python_path(
     kernels = []
     pool = WorkerPool(1, name="i2c-prop")
     try:
-        for compiled in (True, False):
+        for mode in ("worker", "compiled", "python"):
+            compiled = mode != "python"
             kernel = FakeKernel(funcs, addrs=(80,))
             kernel.sim.devices[80].memory[:] = seed
             kernels.append(kernel)
@@ -583,13 +624,14 @@ def test_compiled_path_answers_as_the_python_path(
                 assert (dev.engine is not None) == compiled
                 dev.worker_pool = pool
                 with DeviceRig(dev, queue_size=64) as rig:
-                    results.append(_run(rig, reqs))
+                    results.append(_run(rig, reqs, worker=mode == "worker"))
                 host.close()
     finally:
         pool.close()
-    assert results[0] == results[1]
-    assert kernels[0].sim.devices[80].memory == kernels[1].sim.devices[80].memory
-    assert kernels[0].sim.devices[80].pointer == kernels[1].sim.devices[80].pointer
+    assert results[0] == results[1] == results[2]
+    for k in kernels[:2]:
+        assert k.sim.devices[80].memory == kernels[2].sim.devices[80].memory
+        assert k.sim.devices[80].pointer == kernels[2].sim.devices[80].pointer
 
 
 class GatedKernel(FakeKernel):
@@ -648,6 +690,55 @@ def test_compiled_path_runs_off_the_loop_in_order_and_quiesce_finishes_the_batch
     assert kernel.sim.devices[80].memory[0] == 5
     host.close()
     assert host.dev_port is None
+
+
+@needs_smbus2
+def test_ring_worker_runs_transfers_on_its_thread_and_stop_finishes_them(
+    monkeypatch: pytest.MonkeyPatch, node: str
+) -> None:
+    """The ring worker runs the transfers itself, GIL released (the loop thread
+    stays free, no adapter thread starts), in ring order; stopping it with a
+    transfer in flight waits for the kick's service to end: every complete group
+    popped is answered, and the device's quiesce then gives the open group back to
+    the avail ring, whole; a new start serves what comes next."""
+    kernel = GatedKernel(I2C_FUNC_I2C | ALL_SMBUS)
+    monkeypatch.setattr(impl, "ioctl", kernel.ioctl)
+    host = _host(kernel, node, True)
+    dev = I2cDevice(I2cBus([(host, [80])]))
+    assert dev.engine is not None
+    with DeviceRig(dev, queue_size=64) as rig:
+        kicks = WorkerKicks(rig)
+        try:
+            a = _request(rig, FN, b"\x00")
+            b = _request(rig, RD, rlen=2)  # a write-then-read group
+            c = _request(rig, 0, b"\x00\x05")  # the next group, same adapter
+            d = rig.add_request(0, [out_hdr(0x60)], [1])  # no device: fails before the bus
+            _request(rig, FN, b"\x00")  # an open group: the pointer to 0, then...
+            os.eventfd_write(kicks.kick_fd, 1)
+            assert kernel.entered.wait(10)
+            opener = threading.Thread(target=kernel.gate.set)  # while stop waits, GIL released
+            opener.start()
+            kicks.worker.stop()
+            opener.join()
+            assert os.eventfd_read(kicks.done_fd) == 1  # the service ended before stop returned
+            used = rig.used()
+            assert [h for h, _ in used] == [a[0], b[0], c[0], d[0]]
+            assert [n for _, n in used] == [1, 3, 1, 1]
+            assert rig.read(b[1][0], 3) == b"\xff\xff\x00"
+            assert dev.held() == 1  # the open group
+            dev.quiesce(0)
+            assert rig.queues[0].next_avail() == 4 and dev.held() == 0
+            # Started again (a restarted ring): the open group comes back with its end.
+            kicks.worker.start(kicks.kick_fd)
+            r = _request(rig, RD, rlen=1)  # ...its end: read what c wrote there
+            assert [n for _, n in kicks.kick()] == [1, 2]
+            assert rig.read(r[1][0], 1) == b"\x05"
+        finally:
+            kicks.close()
+    assert kernel.threads == {f"ring-worker-fd{kicks.kick_fd}"}
+    assert host.dev_port is not None and not host.dev_port.thread_running
+    assert kernel.sim.devices[80].memory[0] == 5
+    host.close()
 
 
 @needs_smbus2

@@ -46,4 +46,5 @@ cdef class I2cDevPort:
     cdef int transfer_c(self, I2cCMsg *msgs, int n, int *err) noexcept nogil
     cdef int _rdwr(self, I2cCMsg *msgs, int n, int *err) noexcept nogil
     cdef int _smbus(self, I2cCMsg *msgs, int n, int *err) noexcept nogil
+    cdef void run_job(self, I2cJob *job) noexcept nogil
     cdef int submit(self, I2cJob *job) except -1

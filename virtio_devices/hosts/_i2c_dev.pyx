@@ -414,6 +414,22 @@ cdef class I2cDevPort:
             free(m)
         return done, err
 
+    cdef void run_job(self, I2cJob *job) noexcept nogil:
+        """Run ``job``'s groups in order on the calling thread (GIL released), each
+        under the bus lock, and mark it finished: the adapter's thread does this
+        for a submitted batch, a ring worker for its own."""
+        cdef int g, off = 0, err
+        for g in range(job.ngroups):
+            err = 0
+            PyThread_acquire_lock(self.bus_lock, WAIT_LOCK)
+            if g == 0:
+                self.batches += 1  # under the lock: ring workers of two sockets share it
+            job.group_done[g] = self.transfer_c(job.msgs + off, job.group_len[g], &err)
+            PyThread_release_lock(self.bus_lock)
+            job.group_errno[g] = err
+            off += job.group_len[g]
+        job.finished = 1
+
     cdef int submit(self, I2cJob *job) except -1:
         """Queue ``job`` for the adapter's thread (started on the first job)."""
         cdef uint64_t one = 1
@@ -440,7 +456,6 @@ cdef class I2cDevPort:
         """The adapter's thread: run queued batches in order, GIL released."""
         cdef I2cJob *job
         cdef uint64_t value, one = 1
-        cdef int g, off, err
         cdef bint stop = False
         with nogil:
             while True:
@@ -458,18 +473,9 @@ cdef class I2cDevPort:
                     PyThread_release_lock(self.q_lock)
                     if job == NULL:
                         break
-                    self.batches += 1
-                    off = 0
-                    for g in range(job.ngroups):
-                        err = 0
-                        PyThread_acquire_lock(self.bus_lock, WAIT_LOCK)
-                        job.group_done[g] = self.transfer_c(job.msgs + off, job.group_len[g], &err)
-                        PyThread_release_lock(self.bus_lock)
-                        job.group_errno[g] = err
-                        off += job.group_len[g]
+                    self.run_job(job)
                     # The results are written before the eventfd the device reads
                     # after (a system call orders them).
-                    job.finished = 1
                     write(job.notify_fd, &one, 8)
                 if stop:
                     break
