@@ -76,6 +76,7 @@ DEPENDS = [
     "virtio_queue/memory.pxd",
     "virtio_queue/layouts.pxd",
     "virtio_queue/source.pxd",
+    "virtio_queue/_linux.pxd",
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "virtio_queue/includes").glob("*"))),
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "xen").rglob("*.h"))),
     *(str(p.relative_to(HERE)) for p in sorted((HERE / "virtio_devices").rglob("*.h"))),

@@ -51,34 +51,11 @@ from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
 
+from virtio_queue._linux cimport (sched_yield, epoll_event, epoll_create1, epoll_ctl, epoll_wait,
+                                  EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL)
 from virtio_queue.queue cimport Queue
 from virtio_queue.source cimport ByteSource
 from virtio_devices._pump cimport FdPump
-
-
-cdef extern from "<sched.h>" nogil:
-    int sched_yield()
-
-
-cdef extern from "<sys/epoll.h>" nogil:
-    ctypedef union epoll_data_t:
-        void *ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-
-    struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-    enum:
-        EPOLL_CLOEXEC
-        EPOLL_CTL_ADD
-        EPOLL_CTL_MOD
-        EPOLL_CTL_DEL
 
 
 cdef enum:

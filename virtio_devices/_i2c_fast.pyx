@@ -35,6 +35,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from posix.unistd cimport close, read
 
+from virtio_queue._linux cimport (sched_yield, eventfd, EFD_CLOEXEC, EFD_NONBLOCK, pollfd, poll,
+                                  POLLIN)
 from virtio_queue.chain cimport (ChainCursor, DescriptorChain, Writer, Reader, chain_next,
                                  chain_start, desc_load, make_chain, make_reader, make_writer)
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_INDIRECT, vring_desc
@@ -104,24 +106,6 @@ cdef class I2cRingWorker(RingWorker):
     cdef int serve_c(self) except -1:
         return _serve(self.device, self.engine, self.index, True)
 
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_CLOEXEC
-        EFD_NONBLOCK
-
-cdef extern from "<sched.h>" nogil:
-    int sched_yield()
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
 
 cdef enum:
     FLAG_FAIL_NEXT = 1

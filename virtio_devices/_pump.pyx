@@ -56,7 +56,7 @@ cdef class FdPump:
 
 
 from libc.errno cimport EAGAIN, errno
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint64_t
 from posix.unistd cimport read
 
 
@@ -99,45 +99,11 @@ cdef class EventfdPump(FdPump):
 
 from libc.errno cimport EINTR
 from posix.unistd cimport close, write
+from virtio_queue._linux cimport (eventfd, EFD_CLOEXEC, EFD_NONBLOCK, pollfd, poll, POLLIN,
+                                  epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLL_CLOEXEC,
+                                  EPOLL_CTL_ADD, EPOLLIN)
 
 import threading
-
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_CLOEXEC
-        EFD_NONBLOCK
-
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
-
-
-cdef extern from "<sys/epoll.h>" nogil:
-    ctypedef union epoll_data_t:
-        void *ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-
-    struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-    enum:
-        EPOLL_CLOEXEC
-        EPOLL_CTL_ADD
-        EPOLLIN
 
 
 cdef class RingWorker:

@@ -41,6 +41,7 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.string cimport memcpy
 from posix.uio cimport iovec, readv, writev
 
+from virtio_queue._linux cimport pollfd, poll, POLLIN, POLLHUP
 from virtio_queue.chain cimport (DescriptorChain, Reader, Writer, _Stream, make_chain, make_reader,
                                  make_writer)
 from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh, le32toh, le64toh
@@ -701,17 +702,6 @@ cdef object _rx_data(object device, Conn conn, Writer w, uint64_t guest_cid, uin
         conn.credit_asked = True
         conn.ops |= P_CREDIT_REQUEST
     return HDR_SIZE + got
-
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
-        POLLHUP
 
 
 cdef int _host_eof(object device, Conn conn, object ready) except -1:

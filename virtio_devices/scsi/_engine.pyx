@@ -50,17 +50,12 @@ from posix.uio cimport iovec
 from posix.unistd cimport close, read
 from posix.unistd cimport write as fd_write
 
+from virtio_queue._linux cimport eventfd, EFD_CLOEXEC, EFD_NONBLOCK, pollfd, poll, POLLIN
 from virtio_queue.chain cimport ChainCursor, DescriptorChain, chain_next, chain_start, make_chain
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
 from virtio_queue.memory cimport snap_ptr, snap_ptr_w
 from virtio_queue.queue cimport Queue
 
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_CLOEXEC
-        EFD_NONBLOCK
 
 cdef extern from "<linux/fs.h>" nogil:
     enum:
@@ -87,15 +82,6 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
     int pthread_cond_signal(pthread_cond_t *cond)
     int pthread_cond_broadcast(pthread_cond_t *cond)
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
 
 cdef extern from "<time.h>" nogil:
     struct timespec:
