@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import xen.flags
+    from virtio_devices._pump import RingWorker
 
 from virtio_devices.base import VIRTIO_RING_F_EVENT_IDX, VirtioDevice
 from virtio_devices.device_loop import DeviceLoop
@@ -593,6 +594,7 @@ class VhostUserHandler:
             return
         q = ring.queue
         if not want:
+            worker = ring.worker
             self._unwatch_kick(ring)
             # The device gives the queue back while it is still usable: its parked
             # chain returns to the avail ring (GET_VRING_BASE then reports it as not
@@ -603,6 +605,8 @@ class VhostUserHandler:
             q.ready = False
             ring.polled = False
             self._maybe_deactivate()
+            if worker is not None:
+                self._worker_failure(ring, worker)
             return
         q.ready = True
         try:
@@ -632,8 +636,7 @@ class VhostUserHandler:
         # the worker waits for the kicks, the loop does not watch them.
         ring.worker = self.device.ring_worker(ring.index)
         if ring.worker is not None:
-            self._start_worker(ring)
-            if resubmit:
+            if self._start_worker(ring) and resubmit:
                 ring.worker.wake()
             return
         kick = ring.kick
@@ -659,19 +662,35 @@ class VhostUserHandler:
         else:
             self._device_failed(err, f"q{ring.index}")
 
-    def _start_worker(self, ring: Vring) -> None:
+    def _start_worker(self, ring: Vring) -> bool:
         """Start the ring's worker on its kick fd; what it raises comes back to the
-        loop thread as what ``process_queue`` raises."""
+        loop thread as what ``process_queue`` raises.  A failure of its last run not
+        reported yet is handled instead (the ring is not served after it): False."""
         assert ring.worker is not None
+        if self._worker_failure(ring, ring.worker):
+            return False
         ring.worker.start(ring.kick_fd, ring.kick.fail, self.loop.call_soon_threadsafe)
+        return True
+
+    def _worker_failure(self, ring: Vring, worker: RingWorker) -> bool:
+        """Handle, as what ``process_queue`` raises, the failure of the stopped
+        ``worker`` whose report has not run yet (it failed while this message took
+        the ring back): it is taken, so the report does nothing.  Whether there was one."""
+        err = worker.take_failure()
+        if err is None:
+            return False
+        # serve_c's exceptions are Exceptions; a BaseException (KeyboardInterrupt)
+        # ended the worker's thread all the same: the device failed.
+        self._serve_failed(ring, err if isinstance(err, Exception) else RuntimeError(repr(err)))
+        return True
 
     def _serve(self, ring: Vring) -> None:
         if not ring.polled:
             return
         if ring.worker is not None:
             # Served on the worker's thread, never here (it owns the queue).
-            if not ring.worker.running:
-                self._start_worker(ring)
+            if not ring.worker.running and not self._start_worker(ring):
+                return
             ring.worker.wake()
             return
         try:

@@ -13,7 +13,8 @@ cdef class RingWorker:
     cdef int _wake_fd
     cdef int _epfd
     cdef bint _stopping
-    cdef unsigned long long _gen
+    # The failure whose posted report has not run yet (see take_failure).
+    cdef object _unreported
     cdef object _thread
     cdef object _fail
     cdef object _post
@@ -23,4 +24,4 @@ cdef class RingWorker:
     cdef readonly unsigned long long kicks
     cdef readonly unsigned long long services
     cdef int serve_c(self) except -1
-    cdef void _failed(self, unsigned long long gen, object err)
+    cdef void _failed(self, object err)

@@ -128,10 +128,13 @@ cdef class RingWorker:
     What ``serve_c`` raises ends the thread (the ring is not served any more) and
     goes, as :attr:`error`, to ``fail(exc)``, posted to the loop thread with
     ``post(callback)`` (the loop's ``call_soon_threadsafe``; None: ``fail`` is
-    called on the worker thread).  A ``fail`` posted by a thread that was stopped
-    and started again since is not called.  ``kicks`` and ``services`` count what
-    it served; ``notify_fd``, when not -1, is an eventfd written after every
-    service (tests wait on it).
+    called on the worker thread).  Each failure reaches ``fail`` exactly once,
+    restarts or not, unless the loop thread took it first with
+    :meth:`take_failure`: a transport that takes the ring back (:meth:`stop`)
+    while the report is on its way takes the failure there and handles it
+    itself, before it starts the worker again; the report then does nothing.
+    ``kicks`` and ``services`` count what it served; ``notify_fd``, when not -1,
+    is an eventfd written after every service (tests wait on it).
 
     Raises:
         OSError: the worker's wake-up eventfd cannot be made.
@@ -195,10 +198,10 @@ cdef class RingWorker:
         self._fail = fail
         self._post = post
         self._stopping = False
-        self._gen += 1
+        # (A failure of the last run not yet reported stays so: its report still
+        # runs, against this run.)
         self.error = None
-        thread = threading.Thread(target=self._run, args=(self._gen,), name=f"ring-worker-fd{kick_fd}",
-                                  daemon=True)
+        thread = threading.Thread(target=self._run, name=f"ring-worker-fd{kick_fd}", daemon=True)
         self._thread = thread
         thread.start()
 
@@ -228,7 +231,16 @@ cdef class RingWorker:
         close(self._epfd)
         self._epfd = -1
 
-    def _run(self, unsigned long long gen):
+    def take_failure(self):
+        """Take the failure whose report has not run yet: the exception ``serve_c``
+        (or the wait) ended the thread with, or None; its posted report then does
+        nothing, so the caller handles it, once.  Call it on the loop thread
+        (where reports run), after :meth:`stop`."""
+        err = self._unreported
+        self._unreported = None
+        return err
+
+    def _run(self):
         """The worker's thread (see the class docstring)."""
         cdef epoll_event evs[2]
         cdef int rc, i, epfd = self._epfd
@@ -241,7 +253,7 @@ cdef class RingWorker:
             if rc < 0:
                 if errno == EINTR:
                     continue
-                self._failed(gen, OSError(errno, f"ring worker wait on kick fd {self._kick_fd}"))
+                self._failed(OSError(errno, f"ring worker wait on kick fd {self._kick_fd}"))
                 return
             for i in range(rc):
                 if evs[i].data.u64:
@@ -253,13 +265,13 @@ cdef class RingWorker:
             try:
                 self.serve_c()
             except BaseException as e:
-                self._failed(gen, e)
+                self._failed(e)
                 return
             self.services += 1
             if self.notify_fd >= 0:
                 write(self.notify_fd, &one, 8)
 
-    cdef void _failed(self, unsigned long long gen, object err):
+    cdef void _failed(self, object err):
         self.error = err
         fail = self._fail
         if fail is None:
@@ -267,15 +279,19 @@ cdef class RingWorker:
         if self._post is None:
             fail(err)
             return
+        # Unreported until the report runs or the loop thread takes it: never
+        # dropped for a restart (the failure is the device's, not the run's).
+        self._unreported = err
 
         def report():
-            if self._gen == gen:
+            if self._unreported is err:
+                self._unreported = None
                 fail(err)
 
         try:
             self._post(report)
-        except Exception as e:  # the loop is gone: so is the ring
-            self.error = e
+        except Exception:  # the loop is gone: take_failure still finds it
+            pass
 
 
 cdef class EventfdRingWorker(RingWorker):

@@ -120,7 +120,7 @@ def test_worker_refuses_a_second_start_and_a_bad_fd(fds: Callable[..., int]) -> 
 
 def test_worker_error_ends_the_thread_and_is_posted_once(fds: Callable[..., int]) -> None:
     """What serve_c raises stops serving and goes to fail() through post(), the
-    loop's call_soon_threadsafe; a report from before a restart is dropped."""
+    loop's call_soon_threadsafe, once: a report run again does nothing."""
     kick = fds()
     posted: list[Callable[[], None]] = []
     got = threading.Event()
@@ -138,13 +138,47 @@ def test_worker_error_ends_the_thread_and_is_posted_once(fds: Callable[..., int]
     assert isinstance(w.error, RuntimeError) and "raise_at" in str(w.error)
     posted[0]()
     assert failed == [w.error]
-    failed.clear()
-    w.start(kick, failed.append, post)  # a new start: the old report is stale
+    posted[0]()
+    assert failed == [w.error]
+    assert w.take_failure() is None  # reported already
+
+
+def test_worker_failure_survives_a_restart_unless_taken(fds: Callable[..., int]) -> None:
+    """A failure whose report has not run yet is not dropped by a restart (the
+    report then fails the new run); take_failure() takes it from the report."""
+    kick = fds()
+    posted: list[Callable[[], None]] = []
+    got = threading.Event()
+    failed: list[BaseException] = []
+
+    def post(cb: Callable[[], None]) -> None:
+        posted.append(cb)
+        got.set()
+
+    w = EventfdRingWorker(raise_at=1)
+    w.start(kick, failed.append, post)
+    os.eventfd_write(kick, 1)
+    assert got.wait(T)
+    w.stop()
+    err = w.error
+    w.start(kick, failed.append, post)  # before the report ran
     try:
+        assert w.error is None
         posted[0]()
-        assert failed == [] and w.error is None
+        assert failed == [err]
     finally:
         w.stop()
+    failed.clear()
+    got.clear()
+    w.raise_at = w.served + 1  # the next service fails again
+    w.start(kick, failed.append, post)
+    os.eventfd_write(kick, 1)
+    assert got.wait(T)
+    w.stop()
+    assert w.take_failure() is w.error is not None
+    assert w.take_failure() is None
+    posted[1]()
+    assert failed == []  # taken: the report does nothing
 
 
 def test_worker_error_without_post_calls_fail_on_its_thread(fds: Callable[..., int]) -> None:
@@ -176,6 +210,7 @@ class WorkerEchoDevice(EchoDevice):
         self.gate = -1
         self.entered = -1
         self.raise_at = 0
+        self.raise_in_serve = False  # raise after the gate: a failure mid-service
         self.threads: set[str] = set()
         self.worker: EventfdRingWorker | None = None
         self.quiesced_while_running: list[bool] = []
@@ -187,6 +222,8 @@ class WorkerEchoDevice(EchoDevice):
 
     def _serve(self) -> None:
         self.threads.add(threading.current_thread().name)
+        if self.raise_in_serve:
+            raise RuntimeError("the device failed mid-service")
         self.process_chains(0)
 
     def ring_worker(self, index: int) -> RingWorker | None:
@@ -328,3 +365,95 @@ def test_transport_worker_error_fails_the_device_on_the_loop(ws: Session) -> Non
         assert isinstance(dev.worker.error, RuntimeError)
     finally:
         os.close(err)
+
+
+def _count(fd: int) -> int:
+    """An eventfd's count now (0: not written), without waiting."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def _drain_loop(ws: Session) -> None:
+    """Wait until the loop ran every callback posted so far (a worker's failure
+    report included: the loop runs them in the order they were posted)."""
+    done = threading.Event()
+    ws.loop.call_soon_threadsafe(done.set)
+    assert done.wait(T), f"the loop ran no callback within {T} s"
+
+
+def _rem_mem_reg(ws: Session, extra: object) -> None:
+    ws.fe.rem_mem_reg(extra)  # type: ignore[arg-type]
+
+
+def _set_vring_kick(ws: Session, extra: object) -> None:
+    ring = ws.fe.rings[0]
+    os.close(ring.kick_fd)
+    ring.kick_fd = _efd()
+    ws.fe.set_vring_kick(0, ring.kick_fd)
+
+
+def _session_end(ws: Session, extra: object) -> None:
+    ws.finish()
+
+
+# Each takes the ring back from the worker (stops it) while its failure is on the way.
+_TAKE_BACK: dict[str, Callable[[Session, object], object]] = {
+    "REM_MEM_REG": _rem_mem_reg,
+    "SET_MEM_TABLE": lambda ws, extra: ws.fe.set_mem_table(),
+    "GET_VRING_BASE": lambda ws, extra: ws.fe.get_vring_base(0),
+    "SET_VRING_KICK": _set_vring_kick,
+    "SET_VRING_ENABLE 0": lambda ws, extra: ws.fe.set_vring_enable(0, False),
+    "RESET_DEVICE": lambda ws, extra: ws.fe.reset_device(),
+    "session end": _session_end,
+}
+
+
+@pytest.mark.parametrize("take_back", list(_TAKE_BACK))
+def test_transport_worker_failure_before_a_take_back_is_handled_once(
+    ws: Session, fds: Callable[..., int], take_back: str
+) -> None:
+    """The worker fails while the loop is taking its ring back (the failure's report
+    is posted, the loop is busy with the message): the device-failure policy (the
+    rings stopped, the err fd written, the device reset) still applies, exactly once;
+    no restart drops it and none serves the ring after it."""
+    dev = ws.device
+    assert isinstance(dev, WorkerEchoDevice)
+    dev.gate, dev.entered = fds(os.EFD_SEMAPHORE), fds()
+    ready(ws)
+    extra = ws.fe.add_memory(1 << 16, guest_addr=1 << 24)
+    ws.fe.add_mem_reg(extra)
+    err = fds()
+    ws.fe.set_vring_err(0, err)
+    _echo_add(ws, b"f")
+    dev.raise_in_serve = True
+    ws.fe.kick(0)
+    _wait(dev.entered)  # the service is under way, blocked at the gate
+    h = ws.handler
+    opened = []
+
+    def open_gate_then(orig: Callable[[object], None]) -> Callable[[object], None]:
+        # On the loop thread, as the handler starts to take the ring back: the
+        # service goes on and fails, and its report waits behind this message.
+        def wrapped(ring: object) -> None:
+            if not opened:
+                opened.append(True)
+                os.eventfd_write(dev.gate, 1)
+            orig(ring)
+
+        return wrapped
+
+    h._unwatch_kick = open_gate_then(h._unwatch_kick)  # type: ignore[method-assign]
+    h._quiesce = open_gate_then(h._quiesce)  # type: ignore[method-assign]
+    try:
+        _TAKE_BACK[take_back](ws, extra)
+        if ws.thread.is_alive():
+            _drain_loop(ws)  # the report ran (or found the failure handled)
+        assert opened and dev.worker is not None and dev.worker.served == 1
+        assert h.device_failures == 1
+        assert _count(err) == 1
+        assert dev.resets == 1
+        assert not dev.worker.running
+    finally:
+        os.eventfd_write(dev.gate, 1 << 20)  # a worker left serving must not block the teardown
