@@ -681,7 +681,11 @@ cdef object _rx_data(object device, Conn conn, Writer w, uint64_t guest_cid, uin
     body = w.split_at(HDR_SIZE)
     room = body.avail if body.avail < <size_t>credit else <size_t>credit
     if room == 0:
-        return None
+        # A buffer with room for a header only (credit is there): it carries our
+        # credit instead (§5.10.6.3), so the data waits for the next buffer and the
+        # connection does not come round to this one forever.
+        _put_hdr(w, conn, OP_CREDIT_UPDATE, 0, guest_cid, buf_alloc)
+        return HDR_SIZE
     try:
         got = _sock_io(body, conn.fd, room, True)
     except OSError as e:

@@ -897,6 +897,34 @@ def test_host_data_over_rx_buffers_of_mixed_shapes_keeps_order(host: UnixHost, c
         g.close()
 
 
+@pytest.mark.timeout(60)  # the bug this guards against was an endless loop
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_rx_buffer_with_room_for_a_header_only_carries_credit(host: UnixHost, compiled: bool) -> None:
+    """An rx buffer of exactly a header (§5.10.6: valid, if useless for data) while
+    host data waits gets a CREDIT_UPDATE (§5.10.6.3: the header carries our credit)
+    and the data the next buffer: the device neither loops on it nor drops bytes."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    dev._compiled = compiled
+    g = VsockGuest(dev)
+    try:
+        g.post_rx(1)
+        lst = listen(host, 1234)
+        g.send(5000, 1234, OP_REQUEST)
+        assert [(head, n) for head, n in g.rig.used(RX)] == [(0, HDR_SIZE)]  # RESPONSE, not reposted
+        peer = track(lst.accept()[0])
+        g._rx.clear()
+        gpa = g.rig.mocks[RX].alloc(HDR_SIZE)
+        g._rx[g.rig.add_chain(RX, [_desc(gpa, HDR_SIZE, write=True)])] = gpa
+        g.post_rx(1)
+        peer.sendall(b"x" * 100)
+        pkts = g.exchange()
+        assert [(p.op, p.data) for p in pkts] == [(OP_CREDIT_UPDATE, b""), (OP_RW, b"x" * 100)]
+        lst.close()
+        peer.close()
+    finally:
+        g.close()
+
+
 @pytest.mark.parametrize("type_", [0, 3, 0xFFFF])
 def test_unknown_socket_type_gets_rst(guest: VsockGuest, host: UnixHost, type_: int) -> None:
     """§5.10.6: a packet of a type the device does not support is answered with RST."""
