@@ -453,7 +453,8 @@ def test_mock_publish_refuses_more_than_the_ring_outstanding(mem: GuestMemory, b
     mock.set_avail_idx(base)
     mem.write_u16(mock.used_ring + 2, base)
     mock.publish([0, 1, 2, 3, 4, 5])
-    with pytest.raises(ValueError, match=r"cannot publish 3 heads on a ring of 8: avail idx \d+, used idx \d+.*9 would be outstanding"):
+    message = r"cannot publish 3 heads on a ring of 8: avail idx \d+, used idx \d+.*9 would be outstanding"
+    with pytest.raises(ValueError, match=message):
         mock.publish([6, 7, 0])
     mem.write_u16(mock.used_ring + 2, (base + 1) & 0xFFFF)  # one came back
     mock.publish([6, 7, 0])
