@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vsock_guest import RX, TX, VsockGuest, _desc
 
+from virtio_devices import _vsock_fast
 from virtio_devices.base import VIRTIO_RING_F_INDIRECT_DESC
 from virtio_devices.errors import MalformedRequest
 from virtio_devices.hosts.vsock import UnixHost, VsockError, VsockForwardHost
@@ -894,6 +895,33 @@ def test_host_data_over_rx_buffers_of_mixed_shapes_keeps_order(host: UnixHost, c
         lst.close()
         peer.close()
     finally:
+        g.close()
+
+
+def test_resubmitted_rx_head_left_unused_is_served_again_not_an_avail_entry(host: UnixHost) -> None:
+    """After a reconnect the rx heads a previous back-end left in flight are served
+    first (vhost-user "Inflight I/O tracking"); one popped and left unused goes back
+    to the front of that list, so every head is used once (§2.7.13), none twice."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    g = VsockGuest(dev)
+    a, b = socket.socketpair()
+    try:
+        g.post_rx(3)  # heads 0, 1, 2 at avail positions 0, 1, 2
+        q = dev.queues[RX]
+        q.set_next_avail(2)  # 0 and 1 in flight from the previous back-end
+        q.resubmit([0, 1])
+        gone = _vsock_fast.Conn((1, 2), a, False)
+        gone.dead, gone.in_ready = True, True
+        dev._ready.append(gone)  # pops head 0, produces nothing: 0 goes back
+        dev.process_queue(RX)
+        assert g.rig.used(RX) == []
+        rst = HDR.pack(2, 3, 1, 2, 0, 1, OP_RST, 0, 0, 0)
+        dev._loose.extend([(rst, b"")] * 3)
+        dev.process_queue(RX)
+        assert [head for head, _n in g.rig.used(RX)] == [0, 1, 2]
+    finally:
+        a.close()
+        b.close()
         g.close()
 
 
