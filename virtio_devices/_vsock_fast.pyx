@@ -682,7 +682,11 @@ cdef object _rx_data(object device, Conn conn, Writer w, uint64_t guest_cid, uin
     body = w.split_at(HDR_SIZE)
     room = body.avail if body.avail < <size_t>credit else <size_t>credit
     if room == 0:
-        return None
+        # A buffer with room for a header only (credit is there): it carries our
+        # credit instead (§5.10.6.3), so the data waits for the next buffer and the
+        # connection does not come round to this one forever.
+        _put_hdr(w, conn, OP_CREDIT_UPDATE, 0, guest_cid, buf_alloc)
+        return HDR_SIZE
     try:
         got = _sock_io(body, conn.fd, room, True)
     except OSError as e:
@@ -882,6 +886,7 @@ def fill_rx(object device, State st):
 cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
     cdef uint16_t head = 0
     cdef bint have = False
+    cdef bint resubmitted = False
     cdef DescriptorChain chain = None
     cdef Writer w
     cdef Conn conn
@@ -899,6 +904,8 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
                             and not conn.ops & P_BEFORE_DATA and conn.peer_free() > 0
                             and _rx_batch(device, queue, conn, ready, guest_cid, buf_alloc, &added)):
                         continue
+                # pop_head serves the resubmit list first (a reconnect's in-flight heads).
+                resubmitted = queue._n_resubmit != 0
                 if not queue.pop_head(&head):
                     # Wait for the driver's kick (§2.7.10), unless buffers came meanwhile.
                     if queue.enable_notification_c():
@@ -976,8 +983,14 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
             have = False
     finally:
         if have:
-            # Popped and unused: back to the avail ring for the next packet.
-            queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+            # Popped and unused: back where it came from for the next packet.  A
+            # resubmitted head goes back to the front of the resubmit list: moving
+            # next_avail back would serve an avail entry twice and this head never.
+            if resubmitted:
+                queue._resubmit.append(head)
+                queue._n_resubmit += 1
+            else:
+                queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
         if added:
             device.chains_served = device.chains_served + added
             _notify(device, st, queue, RX)

@@ -1010,7 +1010,11 @@ class VsockDevice(VirtioDevice):
         body = writer.split_at(HDR_SIZE)
         room = min(credit, body.available_bytes())
         if room == 0:
-            return None
+            # A buffer with room for a header only (credit is there): it carries our
+            # credit instead (§5.10.6.3), so the data waits for the next buffer and
+            # the connection does not come round to this one forever.
+            self._header(writer, conn, OP_CREDIT_UPDATE)
+            return HDR_SIZE
         flags = 0
         if conn.seq:
             got, flags = self._seq_chunk(conn, body, room)

@@ -324,12 +324,34 @@ class MockSplitQueue:
         the new ``idx``.  The entries are written with at most two slice assignments
         into a view of guest memory (two when the batch wraps round the ring), so a
         benchmark can publish 256 chains in a few microseconds.
+
+        The ring invariant is checked first (§2.7.6, §2.7.8): a device can only use a
+        buffer that was made available, so ``used->idx`` never passes ``avail->idx``,
+        and a driver never has more than the queue size of them outstanding
+        (``avail->idx - used->idx``, the device's unreturned buffers included).
+
+        Raises:
+            ValueError: the device's ``used->idx`` is ahead of ``avail->idx`` (it used
+                more buffers than it was given), or publishing ``heads`` would leave
+                more than the queue size outstanding.
         """
         n = len(heads)
         if n == 0:
             return
-        if n > self.size:
-            raise ValueError(f"cannot publish {n} heads on a ring of {self.size}")
+        avail = self.avail_idx()
+        used = self.used_idx()
+        if (used - avail) & 0xFFFF and (used - avail) & 0xFFFF < 0x8000:
+            raise ValueError(
+                f"used idx {used} is {(used - avail) & 0xFFFF} ahead of avail idx {avail} "
+                f"(queue size {self.size}): the device used buffers it was not given"
+            )
+        outstanding = (avail + n - used) & 0xFFFF
+        if n > self.size or outstanding > self.size:
+            raise ValueError(
+                f"cannot publish {n} heads on a ring of {self.size}: avail idx {avail}, "
+                f"used idx {used}, driver's last used {self.last_used}, "
+                f"{outstanding} would be outstanding"
+            )
         if not _NATIVE_LE:  # pragma: no cover - big-endian hosts
             for h in heads:
                 self.add_avail(h)

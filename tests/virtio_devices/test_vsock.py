@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vsock_guest import RX, TX, VsockGuest, _desc
 
+from virtio_devices import _vsock_fast
 from virtio_devices.base import VIRTIO_RING_F_INDIRECT_DESC
 from virtio_devices.errors import MalformedRequest
 from virtio_devices.hosts.vsock import UnixHost, VsockError, VsockForwardHost
@@ -891,6 +892,61 @@ def test_host_data_over_rx_buffers_of_mixed_shapes_keeps_order(host: UnixHost, c
         pkts = g.exchange()
         assert [p.op for p in pkts] == [OP_RW] * 5
         assert b"".join(p.data for p in pkts) == data
+        lst.close()
+        peer.close()
+    finally:
+        g.close()
+
+
+def test_resubmitted_rx_head_left_unused_is_served_again_not_an_avail_entry(host: UnixHost) -> None:
+    """After a reconnect the rx heads a previous back-end left in flight are served
+    first (vhost-user "Inflight I/O tracking"); one popped and left unused goes back
+    to the front of that list, so every head is used once (§2.7.13), none twice."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    g = VsockGuest(dev)
+    a, b = socket.socketpair()
+    try:
+        g.post_rx(3)  # heads 0, 1, 2 at avail positions 0, 1, 2
+        q = dev.queues[RX]
+        q.set_next_avail(2)  # 0 and 1 in flight from the previous back-end
+        q.resubmit([0, 1])
+        gone = _vsock_fast.Conn((1, 2), a, False)
+        gone.dead, gone.in_ready = True, True
+        dev._ready.append(gone)  # pops head 0, produces nothing: 0 goes back
+        dev.process_queue(RX)
+        assert g.rig.used(RX) == []
+        rst = HDR.pack(2, 3, 1, 2, 0, 1, OP_RST, 0, 0, 0)
+        dev._loose.extend([(rst, b"")] * 3)
+        dev.process_queue(RX)
+        assert [head for head, _n in g.rig.used(RX)] == [0, 1, 2]
+    finally:
+        a.close()
+        b.close()
+        g.close()
+
+
+@pytest.mark.timeout(60)  # the bug this guards against was an endless loop
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_rx_buffer_with_room_for_a_header_only_carries_credit(host: UnixHost, compiled: bool) -> None:
+    """An rx buffer of exactly a header (§5.10.6: valid, if useless for data) while
+    host data waits gets a CREDIT_UPDATE (§5.10.6.3: the header carries our credit)
+    and the data the next buffer: the device neither loops on it nor drops bytes."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    dev._compiled = compiled
+    g = VsockGuest(dev)
+    try:
+        g.post_rx(1)
+        lst = listen(host, 1234)
+        g.send(5000, 1234, OP_REQUEST)
+        assert [(head, n) for head, n in g.rig.used(RX)] == [(0, HDR_SIZE)]  # RESPONSE, not reposted
+        peer = track(lst.accept()[0])
+        g._rx.clear()
+        gpa = g.rig.mocks[RX].alloc(HDR_SIZE)
+        g._rx[g.rig.add_chain(RX, [_desc(gpa, HDR_SIZE, write=True)])] = gpa
+        g.post_rx(1)
+        peer.sendall(b"x" * 100)
+        pkts = g.exchange()
+        assert [(p.op, p.data) for p in pkts] == [(OP_CREDIT_UPDATE, b""), (OP_RW, b"x" * 100)]
         lst.close()
         peer.close()
     finally:

@@ -438,10 +438,38 @@ def test_queue_reset_then_reconfigure_works_again(mem: GuestMemory) -> None:
 def test_mock_publish_batch_wraps_round_the_ring(mem: GuestMemory) -> None:
     mock = MockSplitQueue(mem, 8)
     mock.set_avail_idx(5)
+    mem.write_u16(mock.used_ring + 2, 5)  # the device gave the first five back
     mock.publish([1, 2, 3, 4, 5])
     assert mock.avail_idx() == 10
     ring = [mem.read_u16(mock.avail_ring + 4 + 2 * i) for i in range(8)]
     assert ring[5:8] == [1, 2, 3] and ring[0:2] == [4, 5]
+
+
+@pytest.mark.parametrize("base", [0, 0xFFFD])
+def test_mock_publish_refuses_more_than_the_ring_outstanding(mem: GuestMemory, base: int) -> None:
+    """VIRTIO 1.2 §2.7.6: a driver MUST NOT make more than the queue size of buffers
+    available at once (avail idx - used idx), across the u16 wrap too."""
+    mock = MockSplitQueue(mem, 8)
+    mock.set_avail_idx(base)
+    mem.write_u16(mock.used_ring + 2, base)
+    mock.publish([0, 1, 2, 3, 4, 5])
+    message = r"cannot publish 3 heads on a ring of 8: avail idx \d+, used idx \d+.*9 would be outstanding"
+    with pytest.raises(ValueError, match=message):
+        mock.publish([6, 7, 0])
+    mem.write_u16(mock.used_ring + 2, (base + 1) & 0xFFFF)  # one came back
+    mock.publish([6, 7, 0])
+    assert (mock.avail_idx() - mem.read_u16(mock.used_ring + 2)) & 0xFFFF == 8
+
+
+@pytest.mark.parametrize("base", [0, 0xFFFD])
+def test_mock_publish_refuses_a_used_idx_past_avail_idx(mem: GuestMemory, base: int) -> None:
+    """VIRTIO 1.2 §2.7.8: the device uses only buffers it was given, so used idx
+    never passes avail idx; a driver that meets it reports the device's fault."""
+    mock = MockSplitQueue(mem, 8)
+    mock.set_avail_idx(base)
+    mem.write_u16(mock.used_ring + 2, (base + 2) & 0xFFFF)
+    with pytest.raises(ValueError, match=r"used idx \d+ is 2 ahead of avail idx \d+ \(queue size 8\)"):
+        mock.publish([0])
 
 
 def test_mock_workload_a_layout_and_queue_round_trip() -> None:
