@@ -68,17 +68,18 @@ def process_queue(object device, int index):
     if e is None:
         device.process_chains(index)
         return
-    _serve(device, <I2cEngine?>e, index, False)
+    _serve(device, <I2cEngine?>e, index, None)
 
 
-cdef int _serve(object device, I2cEngine engine, int index, bint inline) except -1:
+cdef int _serve(object device, I2cEngine engine, int index, RingWorker worker) except -1:
     """A kick served by ``engine`` under the framework's error policy (see
-    :func:`process_queue`); ``inline``: on a ring worker's thread."""
+    :func:`process_queue`); ``worker``: the ring worker whose thread this is (None:
+    the loop's)."""
     if device.broken is not None:
         raise DeviceNeedsReset(f"{device.name}: device is broken ({device.broken!r}) until it is reset")
     device._quiesced[index] = False  # a kick: the queue is the device's again
     try:
-        engine.kick_c(inline)
+        engine.kick_c(worker is not None, worker)
     except (InvalidAvailRingIndex, QueueError, GuestMemoryError):
         raise
     except Exception as exc:
@@ -104,7 +105,7 @@ cdef class I2cRingWorker(RingWorker):
         self.index = index
 
     cdef int serve_c(self) except -1:
-        return _serve(self.device, self.engine, self.index, True)
+        return _serve(self.device, self.engine, self.index, self)
 
 
 cdef enum:
@@ -565,9 +566,13 @@ cdef class I2cEngine:
         """
         self.kick_c(False)
 
-    cdef int kick_c(self, bint inline) except -1:
+    cdef int kick_c(self, bint inline, RingWorker worker=None) except -1:
         """:meth:`kick`; ``inline``: the batches run on this thread (a ring
-        worker's), GIL released, instead of the adapter's thread."""
+        worker's, ``worker``), GIL released, instead of the adapter's thread.  A
+        driver that adds requests as fast as they are answered keeps this loop
+        going; once ``worker`` is being stopped it ends after the requests it
+        popped (the rest stay available for the ring's next owner), so that
+        ``stop()``, which waits for it, returns."""
         cdef Queue q = self.queue
         cdef uint16_t head
         cdef DescriptorChain ch
@@ -596,6 +601,10 @@ cdef class I2cEngine:
                     # still off, without a kick, and the check below serves it.
                     if self._pump(True):
                         self._notify()
+                if worker is not None and worker._stopping:
+                    # Notifications back on, as the ring's next owner expects.
+                    q.enable_notification_c()
+                    break
                 if not q.enable_notification_c():
                     break
         except InvalidAvailRingIndex:

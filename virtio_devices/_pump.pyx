@@ -121,9 +121,11 @@ cdef class RingWorker:
     serve_c(self) except -1``: called on the worker thread with the GIL held after
     each kick (the kick's count read already) or :meth:`wake`; it serves the ring
     as ``process_queue`` would (pop, answer, notify), and releases the GIL itself
-    around what blocks.  Only the worker touches the device's state for that ring
-    while it runs: the transport's other uses of the queue come after
-    :meth:`stop`.
+    around what blocks; between requests it returns once ``_stopping`` is set (a
+    driver that adds requests as fast as they are answered would keep it going,
+    and :meth:`stop` waits for it).  Only the worker touches the device's state
+    for that ring while it runs: the transport's other uses of the queue come
+    after :meth:`stop`.
 
     What ``serve_c`` raises ends the thread (the ring is not served any more) and
     goes, as :attr:`error`, to ``fail(exc)``, posted to the loop thread with

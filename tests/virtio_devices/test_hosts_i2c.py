@@ -741,6 +741,67 @@ def test_ring_worker_runs_transfers_on_its_thread_and_stop_finishes_them(
     host.close()
 
 
+class RefillingKernel(FakeKernel):
+    """A driver that makes the other of two requests available again during every
+    transfer (it was answered before this one was popped), as a driver that sends
+    its next request as soon as it sees an answer, at most ``cap`` times."""
+
+    def __init__(self, funcs: int, cap: int) -> None:
+        super().__init__(funcs)
+        self.cap = cap
+        self.added = 0
+        self.heads: list[int] = []
+        self.rig: DeviceRig | None = None
+        self.running = threading.Event()
+
+    def c_ioctl(self, request: int, arg: int) -> int:
+        if request in (impl.I2C_SMBUS, impl.I2C_RDWR) and self.rig is not None and self.added < self.cap:
+            self.rig.mock.add_avail(self.heads[self.added % 2])
+            self.added += 1
+            if self.added == 10:
+                self.running.set()
+        return super().c_ioctl(request, arg)
+
+
+@needs_smbus2
+def test_ring_worker_stop_ends_a_drain_the_driver_keeps_feeding(
+    monkeypatch: pytest.MonkeyPatch, node: str
+) -> None:
+    """stop() waits for the service under way, and a driver that adds a request for
+    every answer would keep that service going: a stopping worker ends it after
+    what it popped, so stop() returns; what the driver added since is still
+    available, and the next start serves it."""
+    cap = 100_000
+    kernel = RefillingKernel(I2C_FUNC_I2C | ALL_SMBUS, cap)
+    monkeypatch.setattr(impl, "ioctl", kernel.ioctl)
+    host = _host(kernel, node, True)
+    dev = I2cDevice(I2cBus([(host, [80])]))
+    with DeviceRig(dev, queue_size=64) as rig:
+        kicks = WorkerKicks(rig)
+        try:
+            a = _request(rig, 0, b"\x00")
+            b = _request(rig, 0, b"\x01")
+            rig.mock.set_avail_idx(rig.mock.avail_idx() - 1)  # b: made available by the refills
+            kernel.heads = [b[0], a[0]]
+            kernel.rig = rig
+            os.eventfd_write(kicks.kick_fd, 1)
+            assert kernel.running.wait(10)
+            kicks.worker.stop()
+            assert kernel.added < cap, "stop() waited for the driver to stop adding requests"
+            assert kicks.worker.error is None
+            assert os.eventfd_read(kicks.done_fd) == 1  # the service ended before stop returned
+            served = rig.mock.used_idx()
+            assert rig.queues[0].next_avail() == served  # every request popped was answered
+            assert rig.mock.avail_idx() - served in (0, 1)
+            kernel.rig = None
+            kicks.worker.start(kicks.kick_fd)
+            kicks.kick()
+            assert rig.mock.used_idx() == rig.mock.avail_idx() == 1 + kernel.added
+        finally:
+            kicks.close()
+    host.close()
+
+
 @needs_smbus2
 def test_compiled_path_two_devices_share_the_adapter_and_its_thread(
     monkeypatch: pytest.MonkeyPatch, node: str
