@@ -252,7 +252,7 @@ def make_a0_python() -> Workload:
     def run(n: int) -> int:
         pub = mock.publish_all
         for _ in range(n):
-            pub()
+            pub(checked=False)  # no device takes them: the driver side alone
         return n * QSIZE
 
     def check() -> None:

@@ -317,27 +317,8 @@ class MockSplitQueue:
             self._views_gen = gen
         return self._ring_view, self._idx_view
 
-    def publish(self, heads: Sequence[int] | array[int]) -> None:
-        """Make a batch of heads available: ring slots first, then ``avail->idx`` once.
-
-        VIRTIO 1.2 §2.7.13: the driver writes the ring entries, then (after a barrier)
-        the new ``idx``.  The entries are written with at most two slice assignments
-        into a view of guest memory (two when the batch wraps round the ring), so a
-        benchmark can publish 256 chains in a few microseconds.
-
-        The ring invariant is checked first (§2.7.6, §2.7.8): a device can only use a
-        buffer that was made available, so ``used->idx`` never passes ``avail->idx``,
-        and a driver never has more than the queue size of them outstanding
-        (``avail->idx - used->idx``, the device's unreturned buffers included).
-
-        Raises:
-            ValueError: the device's ``used->idx`` is ahead of ``avail->idx`` (it used
-                more buffers than it was given), or publishing ``heads`` would leave
-                more than the queue size outstanding.
-        """
-        n = len(heads)
-        if n == 0:
-            return
+    def _check_publish(self, n: int) -> None:
+        """The ring invariant of :meth:`publish` for ``n`` more heads (see there)."""
         avail = self.avail_idx()
         used = self.used_idx()
         if (used - avail) & 0xFFFF and (used - avail) & 0xFFFF < 0x8000:
@@ -352,6 +333,35 @@ class MockSplitQueue:
                 f"used idx {used}, driver's last used {self.last_used}, "
                 f"{outstanding} would be outstanding"
             )
+
+    def publish(self, heads: Sequence[int] | array[int], *, checked: bool = True) -> None:
+        """Make a batch of heads available: ring slots first, then ``avail->idx`` once.
+
+        VIRTIO 1.2 §2.7.13: the driver writes the ring entries, then (after a barrier)
+        the new ``idx``.  The entries are written with at most two slice assignments
+        into a view of guest memory (two when the batch wraps round the ring), so a
+        benchmark can publish 256 chains in a few microseconds.
+
+        The ring invariant is checked first (§2.7.6, §2.7.8): a device can only use a
+        buffer that was made available, so ``used->idx`` never passes ``avail->idx``,
+        and a driver never has more than the queue size of them outstanding
+        (``avail->idx - used->idx``, the device's unreturned buffers included).
+        ``checked=False`` skips it, for a benchmark of the driver side alone (no
+        device takes the buffers).
+
+        Raises:
+            ValueError: more heads than the ring has entries; checked: the
+                device's ``used->idx`` is ahead of ``avail->idx`` (it used more
+                buffers than it was given), or publishing ``heads`` would leave more
+                than the queue size outstanding.
+        """
+        n = len(heads)
+        if n == 0:
+            return
+        if checked:
+            self._check_publish(n)
+        elif n > self.size:
+            raise ValueError(f"cannot publish {n} heads on a ring of {self.size}")
         if not _NATIVE_LE:  # pragma: no cover - big-endian hosts
             for h in heads:
                 self.add_avail(h)
@@ -369,9 +379,10 @@ class MockSplitQueue:
             ring[: n - first] = mv[first:]
         idx_view[0] = (idx + n) & 0xFFFF
 
-    def publish_all(self) -> None:
-        """Publish heads ``0 .. size-1`` (workload A's batch)."""
-        self.publish(self._all_heads)
+    def publish_all(self, *, checked: bool = True) -> None:
+        """Publish heads ``0 .. size-1`` (workload A's batch); ``checked`` as for
+        :meth:`publish`."""
+        self.publish(self._all_heads, checked=checked)
 
     # -- used ring --------------------------------------------------------------------
 

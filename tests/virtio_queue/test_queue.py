@@ -472,6 +472,17 @@ def test_mock_publish_refuses_a_used_idx_past_avail_idx(mem: GuestMemory, base: 
         mock.publish([0])
 
 
+def test_mock_publish_unchecked_is_the_driver_side_alone(mem: GuestMemory) -> None:
+    """``checked=False`` (a benchmark of the driver side with no device taking the
+    buffers) publishes past the invariant, but never more than the ring holds."""
+    mock = MockSplitQueue(mem, 8)
+    mock.publish(list(range(8)))
+    mock.publish(list(range(8)), checked=False)
+    assert mock.avail_idx() == 16
+    with pytest.raises(ValueError, match="cannot publish 9 heads on a ring of 8"):
+        mock.publish(list(range(9)), checked=False)
+
+
 def test_mock_workload_a_layout_and_queue_round_trip() -> None:
     mock = workload_a()
     assert (mock.desc_table, mock.avail_ring, mock.used_ring) == (0x0, 0x1000, 0x2000)
