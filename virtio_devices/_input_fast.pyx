@@ -352,30 +352,40 @@ cdef class InputState:
         running."""
         return self.records and self._fast() != 0
 
+    cdef inline bint _full(self, Queue q):
+        """Whether no buffer more can be kept: more kept than the ring has entries
+        means a head made available twice, which the Python path reports."""
+        return q._n_resubmit or self._count >= self._cap or self._count >= q._size
+
+    cdef int _keep_head(self, Queue q, uint16_t head) except -1:
+        """Keep the buffer ``head`` just popped: 1; or put it back (it was the last
+        popped) for the Python path, which must see it: 0."""
+        cdef Py_ssize_t i
+        if not _head_ok(q, head):
+            q.set_next_avail(<uint16_t>(q._next_avail - 1))
+            return 0
+        i = (self._first + self._count) % self._cap
+        self._heads[i] = head
+        self._oks[i] = 1
+        self._count += 1
+        self.good += 1
+        return 1
+
     cdef int _take_avail(self, Py_ssize_t need) except -1:
         """Pop available buffers while fewer than ``need`` good ones are kept; stop
         before one the Python path must see (put back: it was the last popped)."""
         cdef Queue q = self._queue
         cdef uint16_t head
-        cdef Py_ssize_t i
         while self.good < need:
-            # More kept than the ring has entries: a head made available twice,
-            # which the Python path reports.
-            if q._n_resubmit or self._count >= self._cap or self._count >= q._size:
+            if self._full(q):
                 return 0
             try:
                 if not q.pop_head(&head):
                     return 0
             except Exception:
                 return 0    # raised again for the Python path (nothing was taken)
-            if not _head_ok(q, head):
-                q.set_next_avail(<uint16_t>(q._next_avail - 1))
+            if not self._keep_head(q, head):
                 return 0
-            i = (self._first + self._count) % self._cap
-            self._heads[i] = head
-            self._oks[i] = 1
-            self._count += 1
-            self.good += 1
         return 0
 
     cdef list _deliver_records(self, Py_ssize_t *out_delivered):
@@ -474,13 +484,10 @@ cdef class InputState:
         """:meth:`keep`'s work: 1 done, 0 the Python drain loop goes on."""
         cdef Queue q = self._queue
         cdef uint16_t head
-        cdef Py_ssize_t i
         if q is None:
             return 0
         while True:
-            # More kept than the ring has entries: a head made available twice,
-            # which the Python path reports.
-            if q._n_resubmit or self._count >= self._cap or self._count >= q._size:
+            if self._full(q):
                 return 0
             try:
                 if not q.pop_head(&head):
@@ -496,14 +503,8 @@ cdef class InputState:
                     return 1
             except Exception:
                 return 0    # raised again for the Python path (nothing was taken)
-            if not _head_ok(q, head):
-                q.set_next_avail(<uint16_t>(q._next_avail - 1))
+            if not self._keep_head(q, head):
                 return 0
-            i = (self._first + self._count) % self._cap
-            self._heads[i] = head
-            self._oks[i] = 1
-            self._count += 1
-            self.good += 1
 
     def keep(self):
         """Pop the eventq's available chains and keep the good ones, as
