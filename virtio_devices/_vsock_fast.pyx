@@ -200,7 +200,6 @@ cdef int _batch_flush(object device, _Batch b, Queue queue, uint32_t buf_alloc, 
     cdef Conn conn = b.conn
     cdef ssize_t r
     cdef size_t wrote = 0, rem
-    cdef uint32_t unseen
     cdef int i, err = 0
     cdef Reader rd
     if b.n == 0:
@@ -235,12 +234,7 @@ cdef int _batch_flush(object device, _Batch b, Queue queue, uint32_t buf_alloc, 
                     rd._advance(rem)
                     device._tx_buffer(conn, rd, b.lens[i] - rem)
                     rem = 0
-            conn.fwd_cnt += <uint32_t>wrote
-            unseen = conn.fwd_cnt - conn.last_fwd_sent
-            if unseen and (<int64_t>buf_alloc - <uint32_t>(conn.rx_cnt - conn.last_fwd_sent)
-                           < <int64_t>(buf_alloc // 2) + 1):
-                conn.ops |= P_CREDIT_UPDATE
-                _schedule(conn, ready)
+            _forwarded(conn, <uint32_t>wrote, buf_alloc, ready)
             if (conn.credit_asked or (conn.readable and not conn.in_ready)
                     or (not conn.armed and not conn.readable)):
                 # The guest's credit in these packets may let host data flow again.
@@ -353,6 +347,19 @@ cdef inline bint _wants_input(Conn c):
             and not c.guest_shut & SHUTDOWN_RCV and c.peer_free() > 0)
 
 
+cdef inline int _forwarded(Conn conn, uint32_t wrote, uint32_t buf_alloc, object ready) except -1:
+    """``wrote`` more guest bytes reached the host (``VsockDevice._forwarded``): a
+    CREDIT_UPDATE is owed when the guest's view of our free space falls below half
+    (§5.10.6.3)."""
+    conn.fwd_cnt += wrote
+    if conn.fwd_cnt != conn.last_fwd_sent and (
+            <int64_t>buf_alloc - <uint32_t>(conn.rx_cnt - conn.last_fwd_sent)
+            < <int64_t>(buf_alloc // 2) + 1):
+        conn.ops |= P_CREDIT_UPDATE
+        _schedule(conn, ready)
+    return 0
+
+
 cdef int _credit_changed(object device, Conn conn, object ready) except -1:
     """The guest's credit in its last packet may let host data flow again (the
     device's ``_credit_changed``; the loop is asked only when the watch changes)."""
@@ -411,7 +418,6 @@ cdef int _tx_rw(object device, Conn conn, Reader r, uint32_t n, uint32_t buf_all
     """``n`` payload bytes of an open stream, within credit: to the host socket
     (the device's ``_guest_stream_data`` for a connection with nothing buffered)."""
     cdef size_t wrote = 0
-    cdef uint32_t unseen
     conn.rx_cnt += n
     if n:
         try:
@@ -422,13 +428,7 @@ cdef int _tx_rw(object device, Conn conn, Reader r, uint32_t n, uint32_t buf_all
     if wrote < n:
         # A full host socket: the rest waits in the connection's buffer.
         device._tx_buffer(conn, r, n - wrote)
-    # _forwarded(conn, wrote)
-    conn.fwd_cnt += <uint32_t>wrote
-    unseen = conn.fwd_cnt - conn.last_fwd_sent
-    if unseen and (<int64_t>buf_alloc - <uint32_t>(conn.rx_cnt - conn.last_fwd_sent)
-                   < <int64_t>(buf_alloc // 2) + 1):
-        conn.ops |= P_CREDIT_UPDATE
-        _schedule(conn, ready)
+    _forwarded(conn, <uint32_t>wrote, buf_alloc, ready)
     if conn.credit_asked or (conn.readable and not conn.in_ready) or (not conn.armed and not conn.readable):
         # The guest's credit in this packet may let host data flow again.
         _credit_changed(device, conn, ready)
