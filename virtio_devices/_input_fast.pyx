@@ -484,13 +484,24 @@ cdef class InputState:
         """:meth:`keep`'s work: 1 done, 0 the Python drain loop goes on."""
         cdef Queue q = self._queue
         cdef uint16_t head
+        cdef int got
         if q is None:
             return 0
         while True:
-            if self._full(q):
-                return 0
             try:
-                if not q.pop_head(&head):
+                if self._full(q):
+                    # Every ring entry is kept (a driver that posts the whole ring):
+                    # the ring is empty unless a head was made available twice or a
+                    # resubmission waits, both the Python path's.  An empty ring is
+                    # done as below, or every later kick would take the Python path
+                    # and, with kicks left on by it, the driver would kick each repost.
+                    q.ensure_ready()
+                    if q._n_resubmit or q.work_pending_c():
+                        return 0
+                    got = 0
+                else:
+                    got = q.pop_head(&head)
+                if not got:
                     if not len(self.groups):
                         # Nothing waits for buffers: no kick wanted (the host fd's
                         # pump pops what the driver posts when events come).
