@@ -528,8 +528,11 @@ cdef class InputState:
         Stops (``done`` false) before the first chain the Python drain loop must
         see: one that is not surely a good event buffer (:func:`_head_ok`),
         malformed, or with a head index out of range (it is put back: it was the
-        last one popped), an avail index the queue refuses, and any inflight
-        resubmission (served by the Python path alone).
+        last one popped), an avail index the queue refuses, any inflight
+        resubmission (served by the Python path alone), and a chain made available
+        while every ring entry is kept already (a head made available twice).
+        Every entry kept and nothing new (a driver that posts the whole ring) is
+        an empty ring: done.
         """
         return self._keep() != 0
 
