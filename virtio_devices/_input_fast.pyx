@@ -484,13 +484,24 @@ cdef class InputState:
         """:meth:`keep`'s work: 1 done, 0 the Python drain loop goes on."""
         cdef Queue q = self._queue
         cdef uint16_t head
+        cdef int got
         if q is None:
             return 0
         while True:
-            if self._full(q):
-                return 0
             try:
-                if not q.pop_head(&head):
+                if self._full(q):
+                    # Every ring entry is kept (a driver that posts the whole ring):
+                    # the ring is empty unless a head was made available twice or a
+                    # resubmission waits, both the Python path's.  An empty ring is
+                    # done as below, or every later kick would take the Python path
+                    # and, with kicks left on by it, the driver would kick each repost.
+                    q.ensure_ready()
+                    if q._n_resubmit or q.work_pending_c():
+                        return 0
+                    got = 0
+                else:
+                    got = q.pop_head(&head)
+                if not got:
                     if not len(self.groups):
                         # Nothing waits for buffers: no kick wanted (the host fd's
                         # pump pops what the driver posts when events come).
@@ -517,8 +528,11 @@ cdef class InputState:
         Stops (``done`` false) before the first chain the Python drain loop must
         see: one that is not surely a good event buffer (:func:`_head_ok`),
         malformed, or with a head index out of range (it is put back: it was the
-        last one popped), an avail index the queue refuses, and any inflight
-        resubmission (served by the Python path alone).
+        last one popped), an avail index the queue refuses, any inflight
+        resubmission (served by the Python path alone), and a chain made available
+        while every ring entry is kept already (a head made available twice).
+        Every entry kept and nothing new (a driver that posts the whole ring) is
+        an empty ring: done.
         """
         return self._keep() != 0
 
