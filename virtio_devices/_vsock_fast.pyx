@@ -886,7 +886,6 @@ def fill_rx(object device, State st):
 cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
     cdef uint16_t head = 0
     cdef bint have = False
-    cdef bint resubmitted = False
     cdef DescriptorChain chain = None
     cdef Writer w
     cdef Conn conn
@@ -905,7 +904,6 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
                             and _rx_batch(device, queue, conn, ready, guest_cid, buf_alloc, &added)):
                         continue
                 # pop_head serves the resubmit list first (a reconnect's in-flight heads).
-                resubmitted = queue._n_resubmit != 0
                 if not queue.pop_head(&head):
                     # Wait for the driver's kick (§2.7.10), unless buffers came meanwhile.
                     if queue.enable_notification_c():
@@ -983,14 +981,9 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
             have = False
     finally:
         if have:
-            # Popped and unused: back where it came from for the next packet.  A
-            # resubmitted head goes back to the front of the resubmit list: moving
-            # next_avail back would serve an avail entry twice and this head never.
-            if resubmitted:
-                queue._resubmit.append(head)
-                queue._n_resubmit += 1
-            else:
-                queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+            # Popped and unused: the next pop returns it (a resubmitted head too,
+            # which moving next_avail back would lose).
+            queue.unpop(head)
         if added:
             device.chains_served = device.chains_served + added
             _notify(device, st, queue, RX)

@@ -920,8 +920,9 @@ class VsockDevice(VirtioDevice):
                 chain = None
         finally:
             if chain is not None:
-                # Popped and unused: back to the avail ring for the next packet.
-                queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+                # Popped and unused: the next pop returns it (a resubmitted head
+                # too, which moving next_avail back would lose).
+                queue.unpop(chain.head_index)
             if added:
                 self.chains_served += added
                 self.notify(RX)

@@ -898,11 +898,13 @@ def test_host_data_over_rx_buffers_of_mixed_shapes_keeps_order(host: UnixHost, c
         g.close()
 
 
-def test_resubmitted_rx_head_left_unused_is_served_again_not_an_avail_entry(host: UnixHost) -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_resubmitted_rx_head_left_unused_is_served_again_not_an_avail_entry(host: UnixHost, compiled: bool) -> None:
     """After a reconnect the rx heads a previous back-end left in flight are served
     first (vhost-user "Inflight I/O tracking"); one popped and left unused goes back
     to the front of that list, so every head is used once (§2.7.13), none twice."""
     dev = VsockDevice(3, host, tx_buffer_size=65536)
+    dev._compiled = compiled
     g = VsockGuest(dev)
     a, b = socket.socketpair()
     try:
