@@ -38,7 +38,9 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.string cimport memcpy
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy, memset
+from posix.unistd cimport close
 from posix.uio cimport iovec, readv, writev
 
 from virtio_queue._linux cimport pollfd, poll, POLLIN, POLLHUP
@@ -49,6 +51,13 @@ from virtio_queue.queue cimport Queue
 from virtio_devices._pump cimport FdPump
 
 import os
+import socket as _socket_mod
+
+# The socket object of a connection the compiled path makes (type and flags given:
+# no getsockopt to find them).
+_socket_cls = _socket_mod.socket
+_AF_UNIX = int(_socket_mod.AF_UNIX)
+_SOCK_STREAM_NB = int(_socket_mod.SOCK_STREAM | _socket_mod.SOCK_NONBLOCK | _socket_mod.SOCK_CLOEXEC)
 
 from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
 
@@ -269,8 +278,16 @@ cdef class State:
     cdef object sig_owner
     cdef object sig_rx
     cdef object sig_tx
+    # The device's connections by host fd; the path of the host ends of guest
+    # connections up to the port number (``<uds_path>_``), or None: the host is
+    # not one whose connect the compiled path makes (see set_connect_prefix).
+    cdef dict by_fd
+    cdef bytes connect_prefix
 
-    def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc):
+    def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc,
+                 dict by_fd=None):
+        self.by_fd = by_fd if by_fd is not None else {}
+        self.connect_prefix = None
         self.batch = _Batch()
         self.compiled = True
         self.rx_live = False
@@ -279,6 +296,19 @@ cdef class State:
         self.loose = loose
         self.guest_cid = guest_cid
         self.buf_alloc = buf_alloc
+
+
+    def set_connect_prefix(self, prefix):
+        """Make a guest's stream REQUEST's Unix connect in compiled code, to
+        ``prefix`` followed by the port in decimal (hybrid vsock's
+        ``<uds_path>_<port>``, as ``UnixHost.connect``); None: every REQUEST goes
+        through the device's Python.  An abstract-namespace prefix (a NUL first)
+        is refused: its length rules differ."""
+        if prefix is not None:
+            prefix = bytes(prefix)
+            if not prefix or prefix[0] == 0 or b"\0" in prefix:
+                raise ValueError(f"connect prefix must be a non-empty filesystem path, not {prefix!r}")
+        self.connect_prefix = prefix
 
 
 cdef inline size_t _sock_io(_Stream s, int fd, size_t n, bint reading) except? 0:
@@ -432,6 +462,98 @@ cdef int _tx_rw(object device, Conn conn, Reader r, uint32_t n, uint32_t buf_all
     if conn.credit_asked or (conn.readable and not conn.in_ready) or (not conn.armed and not conn.readable):
         # The guest's credit in this packet may let host data flow again.
         _credit_changed(device, conn, ready)
+    return 0
+
+
+cdef int _connect_unix(State st, uint32_t port) except -2:
+    """A non-blocking stream socket connected to ``connect_prefix`` + ``port`` (the
+    device's ``host.connect`` of a UnixHost, whose connect completes at once or
+    fails): its fd, or -1 when it was not made (the path is too long, socket or
+    connect failed: the caller hands the packet to the Python path, which meets
+    the same condition, logs it and answers RST)."""
+    cdef sockaddr_un addr
+    cdef bytes prefix = st.connect_prefix
+    cdef Py_ssize_t plen = len(prefix)
+    cdef char digits[16]
+    cdef int n = snprintf(digits, 16, "%u", port)
+    cdef int fd
+    cdef socklen_t alen
+    if n <= 0 or plen + n >= <Py_ssize_t>sizeof(addr.sun_path):
+        return -1
+    memset(&addr, 0, sizeof(addr))
+    addr.sun_family = AF_UNIX
+    memcpy(addr.sun_path, <const char *>prefix, plen)
+    memcpy(addr.sun_path + plen, digits, n)
+    alen = <socklen_t>(<size_t>(&addr.sun_path[0] - <char *>&addr) + plen + n)
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        return -1
+    if connect(fd, <sockaddr *>&addr, alen) != 0:
+        close(fd)
+        return -1
+    return fd
+
+
+cdef bint _guest_connect(object device, State st, uint32_t dst_port, uint32_t src_port,
+                         const unsigned char *hdr) except -1:
+    """A guest's stream REQUEST to host port ``dst_port`` (§5.10.6.5) for no open
+    connection, to a Unix host: connect, the connection in the tables with the
+    guest's credit, RESPONSE owed, the host socket watched (the device's
+    ``_guest_connect`` and ``_established``).  False when the connect was not
+    made: the packet goes to the Python path."""
+    cdef int fd = _connect_unix(st, dst_port)
+    cdef Conn conn
+    if fd < 0:
+        return False
+    try:
+        sock = _socket_cls(_AF_UNIX, _SOCK_STREAM_NB, 0, fd)
+    except BaseException:
+        close(fd)
+        raise
+    conn = Conn((dst_port, src_port), sock, False)
+    st.conns[conn.key] = conn
+    st.by_fd[fd] = conn
+    # Every packet carries the sender's credit (§5.10.6.3).
+    conn.peer_buf_alloc = _u32(hdr + 36)
+    conn.peer_fwd_cnt = _u32(hdr + 40)
+    conn.ops |= P_RESPONSE
+    _schedule(conn, st.ready)
+    conn.est = True
+    if _wants_input(conn):
+        _arm_input(device, conn)
+    return True
+
+
+cdef int _arm_input(object device, Conn conn) except -1:
+    """Watch the host socket of ``conn`` for input with its pump (the device's
+    ``_watch_input`` when the watch is to start)."""
+    loop = device.loop
+    if loop is None:
+        return 0
+    conn.armed = True
+    pump = InputPump(device, conn)
+    loop.add_reader(conn.fd, pump, pump=pump)
+    return 0
+
+
+cdef int _drop(object device, State st, Conn conn) except -1:
+    """Forget ``conn`` and close its host socket, no packet sent (the device's
+    ``_drop``), in compiled code when its socket is watched neither way and its
+    port is not the allocator's."""
+    cdef PyObject *p
+    if conn.dead:
+        return 0
+    if conn.armed or conn.want_write or conn.local_alloc:
+        device._drop(conn)
+        return 0
+    conn.dead = True
+    p = PyDict_GetItem(st.conns, conn.key)
+    if p != NULL and <object>p is conn:
+        del st.conns[conn.key]
+    p = PyDict_GetItem(st.by_fd, conn.fd)
+    if p != NULL and <object>p is conn:
+        del st.by_fd[conn.fd]
+    conn.sock.close()
     return 0
 
 
@@ -623,7 +745,16 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
                         # §5.10.6.5: the guest aborted the connection; nothing is answered.
                         (<Conn>p).peer_buf_alloc = _u32(hdr + 36)
                         (<Conn>p).peer_fwd_cnt = _u32(hdr + 40)
-                        device._drop(<Conn>p)
+                        _drop(device, st, <Conn>p)
+                        queue.add_used_c(head, 0)
+                        served[0] += 1
+                        continue
+                elif (op == OP_REQUEST and type_ == TYPE_STREAM and st.connect_prefix is not None
+                        and _u64(hdr) == guest_cid and _u64(hdr + 8) == HOST_CID and length <= r.avail):
+                    src_port = _u32(hdr + 16)
+                    dst_port = _u32(hdr + 20)
+                    if (PyDict_GetItem(conns, (dst_port, src_port)) == NULL
+                            and _guest_connect(device, st, dst_port, src_port, hdr)):
                         queue.add_used_c(head, 0)
                         served[0] += 1
                         continue
@@ -640,10 +771,26 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
 
 
 cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    struct sockaddr:
+        sa_family_t sa_family
     ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int socket(int domain, int type, int protocol)
+    int connect(int fd, const sockaddr *addr, socklen_t len)
     enum:
         MSG_PEEK
         MSG_DONTWAIT
+        AF_UNIX
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+
+
+cdef extern from "<sys/un.h>" nogil:
+    struct sockaddr_un:
+        sa_family_t sun_family
+        char sun_path[108]
 
 
 cdef int _no_input(object device, Conn conn) except -1:
@@ -844,6 +991,10 @@ cdef class InputPump(FdPump):
         self.device = device
         self.st = <State?>device._fast
         self.conn = conn
+
+    def __call__(self):
+        """The loop's callback when :meth:`pump_c` hands over (the device's ``_on_input``)."""
+        self.device._on_input(self.conn, self)
 
     cdef int pump_c(self) except -1:
         cdef Conn conn = self.conn

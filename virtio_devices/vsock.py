@@ -75,7 +75,7 @@ from . import _vsock_fast
 from ._vsock_fast import Conn as _Conn
 from .base import VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, Park, VirtioDevice
 from .errors import MalformedRequest
-from .hosts.vsock import Listener, VsockHost
+from .hosts.vsock import Listener, UnixHost, VsockHost
 
 __all__ = [
     "HDR",
@@ -331,7 +331,13 @@ class VsockDevice(VirtioDevice):
         self._paused = True
         # What the compiled paths read (virtio_devices._vsock_fast): the tables above
         # and the flags below, as C fields.
-        self._fast = _vsock_fast.State(self.conns, self._ready, self._loose, guest_cid, tx_buffer_size)
+        self._fast = _vsock_fast.State(
+            self.conns, self._ready, self._loose, guest_cid, tx_buffer_size, self._by_fd
+        )
+        if isinstance(host, UnixHost) and host.path and not host.path.startswith("\0"):
+            # A guest's stream REQUEST is connected in compiled code (UnixHost.connect's
+            # path and socket).
+            self._fast.set_connect_prefix(os.fsencode(host.path) + b"_")
 
     # -- config and lifecycle ------------------------------------------------------------
     def config_space(self) -> bytes:
@@ -860,7 +866,8 @@ class VsockDevice(VirtioDevice):
         conn.armed = want
         if want:
             pump = _vsock_fast.InputPump(self, conn)
-            self.loop.add_reader(conn.fd, lambda: self._on_input(conn, pump), pump=pump)
+            # The pump is the callback too: _on_input when it hands over.
+            self.loop.add_reader(conn.fd, pump, pump=pump)
         else:
             self.loop.remove_reader(conn.fd)
 
