@@ -51,13 +51,18 @@ from virtio_queue.queue cimport Queue
 from virtio_devices._pump cimport FdPump
 
 import os
+import _socket as _socket_c
 import socket as _socket_mod
+from collections import deque as _deque
 
 # The socket object of a connection the compiled path makes (type and flags given:
 # no getsockopt to find them).
 _socket_cls = _socket_mod.socket
 _AF_UNIX = int(_socket_mod.AF_UNIX)
 _SOCK_STREAM_NB = int(_socket_mod.SOCK_STREAM | _socket_mod.SOCK_NONBLOCK | _socket_mod.SOCK_CLOEXEC)
+# The C close of a socket object (socket.socket.close without its Python frames:
+# a connection's socket is never shared with a file object of makefile()).
+_sock_close = _socket_c.socket.close
 
 from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
 
@@ -141,15 +146,13 @@ cdef class Conn:
     cdef public object seq_in       # host record being sent to the guest, or None
 
     def __init__(self, tuple key not None, sock, bint seq):
-        import collections  # noqa: PLC0415 - once per connection, not per packet
-
         self.key = key
         self.sock = sock
         self.fd = sock.fileno()
         self.seq = seq
         self.txbuf = bytearray()
         self.seq_msg = bytearray()
-        self.seq_out = collections.deque()
+        self.seq_out = _deque()
         self.seq_in = None
 
     cpdef long peer_free(self):
@@ -536,6 +539,17 @@ cdef int _arm_input(object device, Conn conn) except -1:
     return 0
 
 
+cdef int _disarm_input(object device, Conn conn) except -1:
+    """Stop watching the host socket of ``conn`` for input (the device's
+    ``_watch_input`` when the watch is to end)."""
+    loop = device.loop
+    if loop is None:
+        return 0
+    conn.armed = False
+    loop.remove_reader(conn.fd)
+    return 0
+
+
 cdef int _drop(object device, State st, Conn conn) except -1:
     """Forget ``conn`` and close its host socket, no packet sent (the device's
     ``_drop``), in compiled code when its socket is watched neither way and its
@@ -553,7 +567,7 @@ cdef int _drop(object device, State st, Conn conn) except -1:
     p = PyDict_GetItem(st.by_fd, conn.fd)
     if p != NULL and <object>p is conn:
         del st.by_fd[conn.fd]
-    conn.sock.close()
+    _sock_close(conn.sock)
     return 0
 
 
@@ -872,7 +886,9 @@ cdef int _host_eof(object device, Conn conn, object ready) except -1:
         if poll(&p, 1, 0) == 1 and p.revents & POLLHUP:
             flags |= SHUTDOWN_RCV
     conn.host_shut |= flags
-    if _wants_input(conn) != conn.armed:
+    if conn.armed and not _wants_input(conn):
+        _disarm_input(device, conn)
+    elif _wants_input(conn) != conn.armed:
         device._watch_input(conn)
     conn.ops |= P_SHUTDOWN
     _schedule(conn, ready)
