@@ -552,15 +552,19 @@ cdef int _disarm_input(object device, Conn conn) except -1:
 
 cdef int _drop(object device, State st, Conn conn) except -1:
     """Forget ``conn`` and close its host socket, no packet sent (the device's
-    ``_drop``), in compiled code when its socket is watched neither way and its
-    port is not the allocator's."""
+    ``_drop``), in compiled code unless its socket waits to be writable or its
+    port is the allocator's.  The caller holds a reference to ``conn`` of its own:
+    the tables' and its pump's go here."""
     cdef PyObject *p
     if conn.dead:
         return 0
-    if conn.armed or conn.want_write or conn.local_alloc:
+    if conn.want_write or conn.local_alloc:
         device._drop(conn)
         return 0
     conn.dead = True
+    if conn.armed:
+        _disarm_input(device, conn)
+    conn.armed = False
     p = PyDict_GetItem(st.conns, conn.key)
     if p != NULL and <object>p is conn:
         del st.conns[conn.key]
@@ -757,9 +761,11 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
                     p = PyDict_GetItem(conns, (_u32(hdr + 20), _u32(hdr + 16)))
                     if p != NULL and not (<Conn>p).seq:
                         # §5.10.6.5: the guest aborted the connection; nothing is answered.
-                        (<Conn>p).peer_buf_alloc = _u32(hdr + 36)
-                        (<Conn>p).peer_fwd_cnt = _u32(hdr + 40)
-                        _drop(device, st, <Conn>p)
+                        # (A reference of our own: dropping it takes the tables' away.)
+                        conn = <Conn>p
+                        conn.peer_buf_alloc = _u32(hdr + 36)
+                        conn.peer_fwd_cnt = _u32(hdr + 40)
+                        _drop(device, st, conn)
                         queue.add_used_c(head, 0)
                         served[0] += 1
                         continue
