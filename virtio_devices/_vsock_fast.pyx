@@ -527,6 +527,35 @@ cdef bint _guest_connect(object device, State st, uint32_t dst_port, uint32_t sr
     return True
 
 
+cdef int _established(object device, Conn conn, object ready) except -1:
+    """The guest's RESPONSE to our REQUEST (the device's ``_established`` and what
+    ``_on_packet`` does after it): the connection is open; a hybrid host client
+    gets its ``OK <host port>`` line (a fresh socket's buffer always takes it; if
+    not, the connection is reset); the host socket is watched."""
+    cdef char line[32]
+    cdef int n
+    cdef ssize_t sent
+    conn.est = True
+    if conn.ok_reply:
+        conn.ok_reply = False
+        n = snprintf(line, 32, "OK %u\n", <unsigned int><uint32_t>conn.key[0])
+        sent = send(conn.fd, line, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+        if sent != n:
+            device._reset(conn)
+    if conn.dead:
+        return 0
+    # Every packet carries the sender's credit (§5.10.6.3): as the device's tail.
+    if conn.peer_free() > 0:
+        conn.credit_asked = False
+    if _wants_input(conn) and not conn.armed:
+        _arm_input(device, conn)
+    elif _wants_input(conn) != conn.armed:
+        device._watch_input(conn)
+    if conn.readable and conn.peer_free() > 0:
+        _schedule(conn, ready)
+    return 0
+
+
 cdef int _arm_input(object device, Conn conn) except -1:
     """Watch the host socket of ``conn`` for input with its pump (the device's
     ``_watch_input`` when the watch is to start)."""
@@ -769,6 +798,18 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
                         queue.add_used_c(head, 0)
                         served[0] += 1
                         continue
+                elif (op == OP_RESPONSE and type_ == TYPE_STREAM and _u64(hdr) == guest_cid
+                        and _u64(hdr + 8) == HOST_CID and length <= r.avail):
+                    p = PyDict_GetItem(conns, (_u32(hdr + 20), _u32(hdr + 16)))
+                    if p != NULL and not (<Conn>p).seq and not (<Conn>p).est and not (<Conn>p).dead:
+                        # The guest accepted a host-initiated connection (§5.10.6.5).
+                        conn = <Conn>p
+                        conn.peer_buf_alloc = _u32(hdr + 36)
+                        conn.peer_fwd_cnt = _u32(hdr + 40)
+                        _established(device, conn, ready)
+                        queue.add_used_c(head, 0)
+                        served[0] += 1
+                        continue
                 elif (op == OP_REQUEST and type_ == TYPE_STREAM and st.connect_prefix is not None
                         and _u64(hdr) == guest_cid and _u64(hdr + 8) == HOST_CID and length <= r.avail):
                     src_port = _u32(hdr + 16)
@@ -796,11 +837,13 @@ cdef extern from "<sys/socket.h>" nogil:
     struct sockaddr:
         sa_family_t sa_family
     ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
     int socket(int domain, int type, int protocol)
     int connect(int fd, const sockaddr *addr, socklen_t len)
     enum:
         MSG_PEEK
         MSG_DONTWAIT
+        MSG_NOSIGNAL
         AF_UNIX
         SOCK_STREAM
         SOCK_NONBLOCK

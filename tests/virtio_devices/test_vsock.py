@@ -819,8 +819,10 @@ def test_compiled_path_connects_and_drops_without_the_python_path(host: UnixHost
     """With a Unix host, a guest's stream REQUEST (§5.10.6.5) is connected by the
     compiled path (no ``handle_chain``): RESPONSE, the host end accepted and watched,
     the guest's data through; its RST closes the host end and forgets the
-    connection.  A REQUEST whose connect fails (nothing listens) goes to the Python
-    path, which answers RST; and a prefix that is not a filesystem path is refused."""
+    connection.  The guest's RESPONSE to a host client's connection is served
+    there too: the client's ``OK <port>`` line, the socket watched.  A REQUEST
+    whose connect fails (nothing listens) goes to the Python path, which answers
+    RST; and a prefix that is not a filesystem path is refused."""
     dev = VsockDevice(3, host, tx_buffer_size=65536)
     g = VsockGuest(dev)
     g.post_rx(16)
@@ -851,6 +853,18 @@ def test_compiled_path_connects_and_drops_without_the_python_path(host: UnixHost
         assert g.exchange() == []
         assert (1234, 5000) not in dev.conns and conn.fd not in dev._by_fd and conn.dead
         assert peer.recv(16) == b""  # the host end was closed
+        c = host_client(host, b"CONNECT 80\n")  # host-initiated: the guest's RESPONSE
+        [req] = g.exchange()
+        assert req.op == OP_REQUEST
+        g.send(80, req.hdr.src_port, OP_RESPONSE)
+        g.exchange()
+        assert c.recv(100) == b"OK %d\n" % req.hdr.src_port
+        host_conn = dev.conns[(req.hdr.src_port, 80)]
+        assert host_conn.est and host_conn.armed and not host_conn.ok_reply
+        assert python_calls == []
+        g.send(80, req.hdr.src_port, OP_RST)
+        g.exchange()
+        assert c.recv(16) == b"" and not dev.conns
         g.send(5001, 4321, OP_REQUEST)  # nothing listens at port 4321
         assert [p.op for p in g.exchange()] == [OP_RST]
         assert len(python_calls) == 1 and not dev.conns
