@@ -300,7 +300,6 @@ cdef class State:
         self.guest_cid = guest_cid
         self.buf_alloc = buf_alloc
 
-
     def set_connect_prefix(self, prefix):
         """Make a guest's stream REQUEST's Unix connect in compiled code, to
         ``prefix`` followed by the port in decimal (hybrid vsock's
