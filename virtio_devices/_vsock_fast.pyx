@@ -40,7 +40,6 @@ from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memset
-from posix.unistd cimport close
 from posix.uio cimport iovec, readv, writev
 
 from virtio_queue._linux cimport pollfd, poll, POLLIN, POLLHUP
@@ -55,8 +54,7 @@ import _socket as _socket_c
 import socket as _socket_mod
 from collections import deque as _deque
 
-# The socket object of a connection the compiled path makes (type and flags given:
-# no getsockopt to find them).
+# The socket object of a connection the compiled path makes, as UnixHost.connect's.
 _socket_cls = _socket_mod.socket
 _AF_UNIX = int(_socket_mod.AF_UNIX)
 _SOCK_STREAM_NB = int(_socket_mod.SOCK_STREAM | _socket_mod.SOCK_NONBLOCK | _socket_mod.SOCK_CLOEXEC)
@@ -467,33 +465,26 @@ cdef int _tx_rw(object device, Conn conn, Reader r, uint32_t n, uint32_t buf_all
     return 0
 
 
-cdef int _connect_unix(State st, uint32_t port) except -2:
-    """A non-blocking stream socket connected to ``connect_prefix`` + ``port`` (the
-    device's ``host.connect`` of a UnixHost, whose connect completes at once or
-    fails): its fd, or -1 when it was not made (the path is too long, socket or
-    connect failed: the caller hands the packet to the Python path, which meets
-    the same condition, logs it and answers RST)."""
+cdef bint _connect_unix(State st, int fd, uint32_t port) except -1:
+    """Connect the non-blocking stream socket ``fd`` to ``connect_prefix`` +
+    ``port`` (``UnixHost.connect``: a Unix connect completes at once or fails);
+    False when it was not made (the path is too long, connect failed: the caller
+    hands the packet to the Python path, which meets the same condition, logs it
+    and answers RST)."""
     cdef sockaddr_un addr
     cdef bytes prefix = st.connect_prefix
     cdef Py_ssize_t plen = len(prefix)
     cdef char digits[16]
     cdef int n = snprintf(digits, 16, "%u", port)
-    cdef int fd
     cdef socklen_t alen
     if n <= 0 or plen + n >= <Py_ssize_t>sizeof(addr.sun_path):
-        return -1
+        return False
     memset(&addr, 0, sizeof(addr))
     addr.sun_family = AF_UNIX
     memcpy(addr.sun_path, <const char *>prefix, plen)
     memcpy(addr.sun_path + plen, digits, n)
     alen = <socklen_t>(<size_t>(&addr.sun_path[0] - <char *>&addr) + plen + n)
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-    if fd < 0:
-        return -1
-    if connect(fd, <sockaddr *>&addr, alen) != 0:
-        close(fd)
-        return -1
-    return fd
+    return connect(fd, <sockaddr *>&addr, alen) == 0
 
 
 cdef bint _guest_connect(object device, State st, uint32_t dst_port, uint32_t src_port,
@@ -503,18 +494,16 @@ cdef bint _guest_connect(object device, State st, uint32_t dst_port, uint32_t sr
     guest's credit, RESPONSE owed, the host socket watched (the device's
     ``_guest_connect`` and ``_established``).  False when the connect was not
     made: the packet goes to the Python path."""
-    cdef int fd = _connect_unix(st, dst_port)
     cdef Conn conn
-    if fd < 0:
+    # The socket object makes the socket itself (one made from an fd costs a
+    # getsockname to validate it).
+    sock = _socket_cls(_AF_UNIX, _SOCK_STREAM_NB)
+    if not _connect_unix(st, sock.fileno(), dst_port):
+        _sock_close(sock)
         return False
-    try:
-        sock = _socket_cls(_AF_UNIX, _SOCK_STREAM_NB, 0, fd)
-    except BaseException:
-        close(fd)
-        raise
     conn = Conn((dst_port, src_port), sock, False)
     st.conns[conn.key] = conn
-    st.by_fd[fd] = conn
+    st.by_fd[conn.fd] = conn
     # Every packet carries the sender's credit (§5.10.6.3).
     conn.peer_buf_alloc = _u32(hdr + 36)
     conn.peer_fwd_cnt = _u32(hdr + 40)
@@ -837,16 +826,12 @@ cdef extern from "<sys/socket.h>" nogil:
         sa_family_t sa_family
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
-    int socket(int domain, int type, int protocol)
     int connect(int fd, const sockaddr *addr, socklen_t len)
     enum:
         MSG_PEEK
         MSG_DONTWAIT
         MSG_NOSIGNAL
         AF_UNIX
-        SOCK_STREAM
-        SOCK_NONBLOCK
-        SOCK_CLOEXEC
 
 
 cdef extern from "<sys/un.h>" nogil:
