@@ -6,7 +6,9 @@ both paths read and write.  Two loops serve the common packet shapes without a
 Python call per packet and hand every other one to the device's Python:
 
 * :func:`drain_tx` drains the tx queue (VIRTIO 1.2 §5.10.6.4).  A stream's
-  ``CREDIT_UPDATE`` and ``RST`` are taken here, and so is an ``RW`` packet of an established
+  ``CREDIT_UPDATE`` and ``RST`` are taken here, its ``RESPONSE`` to a
+  host-initiated connection, its ``REQUEST`` to a Unix host (socket and connect in
+  C, see :meth:`State.set_connect_prefix`), and so is an ``RW`` packet of an established
   stream to the host, within its buffers and the credit we gave (§5.10.6.3),
   whose host socket took everything so far: header parsed from the guest
   buffers, payload written to the host socket with one ``writev`` straight from

@@ -39,8 +39,9 @@ socket has taken the last buffered byte, so a guest writing 64 KiB packets into 
 64 KiB buffer never stalls.
 
 The common packets take a compiled path (:mod:`virtio_devices._vsock_fast`): a
-stream's ``RW``, ``CREDIT_UPDATE`` and ``RST`` on tx; its data, ``REQUEST``,
-``RESPONSE`` and credit packets on rx.  Every other packet goes through
+stream's ``RW``, ``CREDIT_UPDATE``, ``RST`` and ``RESPONSE`` on tx, and its
+``REQUEST`` to a Unix host (the connect made in C); its data, ``REQUEST``,
+``RESPONSE``, ``SHUTDOWN`` after the host's end of file and credit packets on rx.  Every other packet goes through
 :meth:`VsockDevice.handle_chain` and the Python producers; both paths make the same
 packets (the tests run both).
 
