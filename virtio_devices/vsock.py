@@ -41,9 +41,9 @@ socket has taken the last buffered byte, so a guest writing 64 KiB packets into 
 The common packets take a compiled path (:mod:`virtio_devices._vsock_fast`): a
 stream's ``RW``, ``CREDIT_UPDATE``, ``RST`` and ``RESPONSE`` on tx, and its
 ``REQUEST`` to a Unix host (the connect made in C); its data, ``REQUEST``,
-``RESPONSE``, ``SHUTDOWN`` after the host's end of file and credit packets on rx.  Every other packet goes through
-:meth:`VsockDevice.handle_chain` and the Python producers; both paths make the same
-packets (the tests run both).
+``RESPONSE``, ``SHUTDOWN`` after the host's end of file and credit packets on
+rx.  Every other packet goes through :meth:`VsockDevice.handle_chain` and the
+Python producers; both paths make the same packets (the tests run both).
 
 A VM pause (the transport's :meth:`VsockDevice.reset` when every ring stops) keeps
 the connections; :meth:`VsockDevice.close` ends them (see ``reset`` for a driver
