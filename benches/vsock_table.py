@@ -408,6 +408,11 @@ def main() -> None:
     ap.add_argument("--stall", type=float, default=1.0)
     ap.add_argument("--callgrind", action="store_true", help="instructions per MiB / connection instead")
     ap.add_argument("--vms", type=int, default=4, help="VMs of the aggregate figure (1: skip it)")
+    ap.add_argument(
+        "--rows",
+        default="",
+        help="comma-separated words: only the rows whose name contains one (e.g. '4 KiB,connections')",
+    )
     a = ap.parse_args()
     rows = {
         "guest->host 64 KiB (MiB/s)": lambda d: guest_to_host(d, 65536, a.mib << 20, a.stall),
@@ -416,6 +421,9 @@ def main() -> None:
         "host->guest 4 KiB (MiB/s)": lambda d: host_to_guest(d, a.mib << 20, write=4096),
         "connections/s": lambda d: connection_rate(d, a.conns),
     }
+    if a.rows:
+        words = [w.strip() for w in a.rows.split(",") if w.strip()]
+        rows = {r: fn for r, fn in rows.items() if any(w in r for w in words)}
     found = daemons()
     if a.callgrind:
         units = {r: (a.conns if r.startswith("connections") else a.mib) for r in rows}

@@ -6,7 +6,9 @@ both paths read and write.  Two loops serve the common packet shapes without a
 Python call per packet and hand every other one to the device's Python:
 
 * :func:`drain_tx` drains the tx queue (VIRTIO 1.2 §5.10.6.4).  A stream's
-  ``CREDIT_UPDATE`` and ``RST`` are taken here, and so is an ``RW`` packet of an established
+  ``CREDIT_UPDATE`` and ``RST`` are taken here, its ``RESPONSE`` to a
+  host-initiated connection, its ``REQUEST`` to a Unix host (socket and connect in
+  C, see :meth:`State.set_connect_prefix`), and so is an ``RW`` packet of an established
   stream to the host, within its buffers and the credit we gave (§5.10.6.3),
   whose host socket took everything so far: header parsed from the guest
   buffers, payload written to the host socket with one ``writev`` straight from
@@ -38,7 +40,8 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.string cimport memcpy
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy, memset
 from posix.uio cimport iovec, readv, writev
 
 from virtio_queue._linux cimport pollfd, poll, POLLIN, POLLHUP
@@ -49,6 +52,17 @@ from virtio_queue.queue cimport Queue
 from virtio_devices._pump cimport FdPump
 
 import os
+import _socket as _socket_c
+import socket as _socket_mod
+from collections import deque as _deque
+
+# The socket object of a connection the compiled path makes, as UnixHost.connect's.
+_socket_cls = _socket_mod.socket
+_AF_UNIX = int(_socket_mod.AF_UNIX)
+_SOCK_STREAM_NB = int(_socket_mod.SOCK_STREAM | _socket_mod.SOCK_NONBLOCK | _socket_mod.SOCK_CLOEXEC)
+# The C close of a socket object (socket.socket.close without its Python frames:
+# a connection's socket is never shared with a file object of makefile()).
+_sock_close = _socket_c.socket.close
 
 from virtio_queue.errors import GuestMemoryError, InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError
 
@@ -132,15 +146,13 @@ cdef class Conn:
     cdef public object seq_in       # host record being sent to the guest, or None
 
     def __init__(self, tuple key not None, sock, bint seq):
-        import collections  # noqa: PLC0415 - once per connection, not per packet
-
         self.key = key
         self.sock = sock
         self.fd = sock.fileno()
         self.seq = seq
         self.txbuf = bytearray()
         self.seq_msg = bytearray()
-        self.seq_out = collections.deque()
+        self.seq_out = _deque()
         self.seq_in = None
 
     cpdef long peer_free(self):
@@ -269,8 +281,16 @@ cdef class State:
     cdef object sig_owner
     cdef object sig_rx
     cdef object sig_tx
+    # The device's connections by host fd; the path of the host ends of guest
+    # connections up to the port number (``<uds_path>_``), or None: the host is
+    # not one whose connect the compiled path makes (see set_connect_prefix).
+    cdef dict by_fd
+    cdef bytes connect_prefix
 
-    def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc):
+    def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc,
+                 dict by_fd=None):
+        self.by_fd = by_fd if by_fd is not None else {}
+        self.connect_prefix = None
         self.batch = _Batch()
         self.compiled = True
         self.rx_live = False
@@ -279,6 +299,18 @@ cdef class State:
         self.loose = loose
         self.guest_cid = guest_cid
         self.buf_alloc = buf_alloc
+
+    def set_connect_prefix(self, prefix):
+        """Make a guest's stream REQUEST's Unix connect in compiled code, to
+        ``prefix`` followed by the port in decimal (hybrid vsock's
+        ``<uds_path>_<port>``, as ``UnixHost.connect``); None: every REQUEST goes
+        through the device's Python.  An abstract-namespace prefix (a NUL first)
+        is refused: its length rules differ."""
+        if prefix is not None:
+            prefix = bytes(prefix)
+            if not prefix or prefix[0] == 0 or b"\0" in prefix:
+                raise ValueError(f"connect prefix must be a non-empty filesystem path, not {prefix!r}")
+        self.connect_prefix = prefix
 
 
 cdef inline size_t _sock_io(_Stream s, int fd, size_t n, bint reading) except? 0:
@@ -432,6 +464,133 @@ cdef int _tx_rw(object device, Conn conn, Reader r, uint32_t n, uint32_t buf_all
     if conn.credit_asked or (conn.readable and not conn.in_ready) or (not conn.armed and not conn.readable):
         # The guest's credit in this packet may let host data flow again.
         _credit_changed(device, conn, ready)
+    return 0
+
+
+cdef bint _connect_unix(State st, int fd, uint32_t port) except -1:
+    """Connect the non-blocking stream socket ``fd`` to ``connect_prefix`` +
+    ``port`` (``UnixHost.connect``: a Unix connect completes at once or fails);
+    False when it was not made (the path is too long, connect failed: the caller
+    hands the packet to the Python path, which meets the same condition, logs it
+    and answers RST)."""
+    cdef sockaddr_un addr
+    cdef bytes prefix = st.connect_prefix
+    cdef Py_ssize_t plen = len(prefix)
+    cdef char digits[16]
+    cdef int n = snprintf(digits, 16, "%u", port)
+    cdef socklen_t alen
+    if n <= 0 or plen + n >= <Py_ssize_t>sizeof(addr.sun_path):
+        return False
+    memset(&addr, 0, sizeof(addr))
+    addr.sun_family = AF_UNIX
+    memcpy(addr.sun_path, <const char *>prefix, plen)
+    memcpy(addr.sun_path + plen, digits, n)
+    alen = <socklen_t>(<size_t>(&addr.sun_path[0] - <char *>&addr) + plen + n)
+    return connect(fd, <sockaddr *>&addr, alen) == 0
+
+
+cdef bint _guest_connect(object device, State st, uint32_t dst_port, uint32_t src_port,
+                         const unsigned char *hdr) except -1:
+    """A guest's stream REQUEST to host port ``dst_port`` (§5.10.6.5) for no open
+    connection, to a Unix host: connect, the connection in the tables with the
+    guest's credit, RESPONSE owed, the host socket watched (the device's
+    ``_guest_connect`` and ``_established``).  False when the connect was not
+    made: the packet goes to the Python path."""
+    cdef Conn conn
+    # The socket object makes the socket itself (one made from an fd costs a
+    # getsockname to validate it).
+    sock = _socket_cls(_AF_UNIX, _SOCK_STREAM_NB)
+    if not _connect_unix(st, sock.fileno(), dst_port):
+        _sock_close(sock)
+        return False
+    conn = Conn((dst_port, src_port), sock, False)
+    st.conns[conn.key] = conn
+    st.by_fd[conn.fd] = conn
+    # Every packet carries the sender's credit (§5.10.6.3).
+    conn.peer_buf_alloc = _u32(hdr + 36)
+    conn.peer_fwd_cnt = _u32(hdr + 40)
+    conn.ops |= P_RESPONSE
+    _schedule(conn, st.ready)
+    conn.est = True
+    if _wants_input(conn):
+        _arm_input(device, conn)
+    return True
+
+
+cdef int _established(object device, Conn conn, object ready) except -1:
+    """The guest's RESPONSE to our REQUEST (the device's ``_established`` and what
+    ``_on_packet`` does after it): the connection is open; a hybrid host client
+    gets its ``OK <host port>`` line (a fresh socket's buffer always takes it; if
+    not, the connection is reset); the host socket is watched."""
+    cdef char line[32]
+    cdef int n
+    cdef ssize_t sent
+    conn.est = True
+    if conn.ok_reply:
+        conn.ok_reply = False
+        n = snprintf(line, 32, "OK %u\n", <unsigned int><uint32_t>conn.key[0])
+        sent = send(conn.fd, line, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+        if sent != n:
+            device._reset(conn)
+    if conn.dead:
+        return 0
+    # Every packet carries the sender's credit (§5.10.6.3): as the device's tail.
+    if conn.peer_free() > 0:
+        conn.credit_asked = False
+    if _wants_input(conn) and not conn.armed:
+        _arm_input(device, conn)
+    elif _wants_input(conn) != conn.armed:
+        device._watch_input(conn)
+    if conn.readable and conn.peer_free() > 0:
+        _schedule(conn, ready)
+    return 0
+
+
+cdef int _arm_input(object device, Conn conn) except -1:
+    """Watch the host socket of ``conn`` for input with its pump (the device's
+    ``_watch_input`` when the watch is to start)."""
+    loop = device.loop
+    if loop is None:
+        return 0
+    conn.armed = True
+    pump = InputPump(device, conn)
+    loop.add_reader(conn.fd, pump, pump=pump)
+    return 0
+
+
+cdef int _disarm_input(object device, Conn conn) except -1:
+    """Stop watching the host socket of ``conn`` for input (the device's
+    ``_watch_input`` when the watch is to end)."""
+    loop = device.loop
+    if loop is None:
+        return 0
+    conn.armed = False
+    loop.remove_reader(conn.fd)
+    return 0
+
+
+cdef int _drop(object device, State st, Conn conn) except -1:
+    """Forget ``conn`` and close its host socket, no packet sent (the device's
+    ``_drop``), in compiled code unless its socket waits to be writable or its
+    port is the allocator's.  The caller holds a reference to ``conn`` of its own:
+    the tables' and its pump's go here."""
+    cdef PyObject *p
+    if conn.dead:
+        return 0
+    if conn.want_write or conn.local_alloc:
+        device._drop(conn)
+        return 0
+    conn.dead = True
+    if conn.armed:
+        _disarm_input(device, conn)
+    conn.armed = False
+    p = PyDict_GetItem(st.conns, conn.key)
+    if p != NULL and <object>p is conn:
+        del st.conns[conn.key]
+    p = PyDict_GetItem(st.by_fd, conn.fd)
+    if p != NULL and <object>p is conn:
+        del st.by_fd[conn.fd]
+    _sock_close(conn.sock)
     return 0
 
 
@@ -621,9 +780,32 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
                     p = PyDict_GetItem(conns, (_u32(hdr + 20), _u32(hdr + 16)))
                     if p != NULL and not (<Conn>p).seq:
                         # §5.10.6.5: the guest aborted the connection; nothing is answered.
-                        (<Conn>p).peer_buf_alloc = _u32(hdr + 36)
-                        (<Conn>p).peer_fwd_cnt = _u32(hdr + 40)
-                        device._drop(<Conn>p)
+                        # (A reference of our own: dropping it takes the tables' away.)
+                        conn = <Conn>p
+                        conn.peer_buf_alloc = _u32(hdr + 36)
+                        conn.peer_fwd_cnt = _u32(hdr + 40)
+                        _drop(device, st, conn)
+                        queue.add_used_c(head, 0)
+                        served[0] += 1
+                        continue
+                elif (op == OP_RESPONSE and type_ == TYPE_STREAM and _u64(hdr) == guest_cid
+                        and _u64(hdr + 8) == HOST_CID and length <= r.avail):
+                    p = PyDict_GetItem(conns, (_u32(hdr + 20), _u32(hdr + 16)))
+                    if p != NULL and not (<Conn>p).seq and not (<Conn>p).est and not (<Conn>p).dead:
+                        # The guest accepted a host-initiated connection (§5.10.6.5).
+                        conn = <Conn>p
+                        conn.peer_buf_alloc = _u32(hdr + 36)
+                        conn.peer_fwd_cnt = _u32(hdr + 40)
+                        _established(device, conn, ready)
+                        queue.add_used_c(head, 0)
+                        served[0] += 1
+                        continue
+                elif (op == OP_REQUEST and type_ == TYPE_STREAM and st.connect_prefix is not None
+                        and _u64(hdr) == guest_cid and _u64(hdr + 8) == HOST_CID and length <= r.avail):
+                    src_port = _u32(hdr + 16)
+                    dst_port = _u32(hdr + 20)
+                    if (PyDict_GetItem(conns, (dst_port, src_port)) == NULL
+                            and _guest_connect(device, st, dst_port, src_port, hdr)):
                         queue.add_used_c(head, 0)
                         served[0] += 1
                         continue
@@ -640,10 +822,24 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
 
 
 cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    struct sockaddr:
+        sa_family_t sa_family
     ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int connect(int fd, const sockaddr *addr, socklen_t len)
     enum:
         MSG_PEEK
         MSG_DONTWAIT
+        MSG_NOSIGNAL
+        AF_UNIX
+
+
+cdef extern from "<sys/un.h>" nogil:
+    struct sockaddr_un:
+        sa_family_t sun_family
+        char sun_path[108]
 
 
 cdef int _no_input(object device, Conn conn) except -1:
@@ -725,7 +921,9 @@ cdef int _host_eof(object device, Conn conn, object ready) except -1:
         if poll(&p, 1, 0) == 1 and p.revents & POLLHUP:
             flags |= SHUTDOWN_RCV
     conn.host_shut |= flags
-    if _wants_input(conn) != conn.armed:
+    if conn.armed and not _wants_input(conn):
+        _disarm_input(device, conn)
+    elif _wants_input(conn) != conn.armed:
         device._watch_input(conn)
     conn.ops |= P_SHUTDOWN
     _schedule(conn, ready)
@@ -845,6 +1043,10 @@ cdef class InputPump(FdPump):
         self.st = <State?>device._fast
         self.conn = conn
 
+    def __call__(self):
+        """The loop's callback when :meth:`pump_c` hands over (the device's ``_on_input``)."""
+        self.device._on_input(self.conn, self)
+
     cdef int pump_c(self) except -1:
         cdef Conn conn = self.conn
         cdef State st = self.st
@@ -886,7 +1088,6 @@ def fill_rx(object device, State st):
 cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
     cdef uint16_t head = 0
     cdef bint have = False
-    cdef bint resubmitted = False
     cdef DescriptorChain chain = None
     cdef Writer w
     cdef Conn conn
@@ -905,7 +1106,6 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
                             and _rx_batch(device, queue, conn, ready, guest_cid, buf_alloc, &added)):
                         continue
                 # pop_head serves the resubmit list first (a reconnect's in-flight heads).
-                resubmitted = queue._n_resubmit != 0
                 if not queue.pop_head(&head):
                     # Wait for the driver's kick (§2.7.10), unless buffers came meanwhile.
                     if queue.enable_notification_c():
@@ -983,14 +1183,9 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
             have = False
     finally:
         if have:
-            # Popped and unused: back where it came from for the next packet.  A
-            # resubmitted head goes back to the front of the resubmit list: moving
-            # next_avail back would serve an avail entry twice and this head never.
-            if resubmitted:
-                queue._resubmit.append(head)
-                queue._n_resubmit += 1
-            else:
-                queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+            # Popped and unused: the next pop returns it (a resubmitted head too,
+            # which moving next_avail back would lose).
+            queue.unpop(head)
         if added:
             device.chains_served = device.chains_served + added
             _notify(device, st, queue, RX)

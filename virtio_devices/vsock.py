@@ -39,10 +39,11 @@ socket has taken the last buffered byte, so a guest writing 64 KiB packets into 
 64 KiB buffer never stalls.
 
 The common packets take a compiled path (:mod:`virtio_devices._vsock_fast`): a
-stream's ``RW``, ``CREDIT_UPDATE`` and ``RST`` on tx; its data, ``REQUEST``,
-``RESPONSE`` and credit packets on rx.  Every other packet goes through
-:meth:`VsockDevice.handle_chain` and the Python producers; both paths make the same
-packets (the tests run both).
+stream's ``RW``, ``CREDIT_UPDATE``, ``RST`` and ``RESPONSE`` on tx, and its
+``REQUEST`` to a Unix host (the connect made in C); its data, ``REQUEST``,
+``RESPONSE``, ``SHUTDOWN`` after the host's end of file and credit packets on
+rx.  Every other packet goes through :meth:`VsockDevice.handle_chain` and the
+Python producers; both paths make the same packets (the tests run both).
 
 A VM pause (the transport's :meth:`VsockDevice.reset` when every ring stops) keeps
 the connections; :meth:`VsockDevice.close` ends them (see ``reset`` for a driver
@@ -75,7 +76,7 @@ from . import _vsock_fast
 from ._vsock_fast import Conn as _Conn
 from .base import VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, Park, VirtioDevice
 from .errors import MalformedRequest
-from .hosts.vsock import Listener, VsockHost
+from .hosts.vsock import Listener, UnixHost, VsockHost
 
 __all__ = [
     "HDR",
@@ -331,7 +332,13 @@ class VsockDevice(VirtioDevice):
         self._paused = True
         # What the compiled paths read (virtio_devices._vsock_fast): the tables above
         # and the flags below, as C fields.
-        self._fast = _vsock_fast.State(self.conns, self._ready, self._loose, guest_cid, tx_buffer_size)
+        self._fast = _vsock_fast.State(
+            self.conns, self._ready, self._loose, guest_cid, tx_buffer_size, self._by_fd
+        )
+        if isinstance(host, UnixHost) and host.path and not host.path.startswith("\0"):
+            # A guest's stream REQUEST is connected in compiled code (UnixHost.connect's
+            # path and socket).
+            self._fast.set_connect_prefix(os.fsencode(host.path) + b"_")
 
     # -- config and lifecycle ------------------------------------------------------------
     def config_space(self) -> bytes:
@@ -860,7 +867,8 @@ class VsockDevice(VirtioDevice):
         conn.armed = want
         if want:
             pump = _vsock_fast.InputPump(self, conn)
-            self.loop.add_reader(conn.fd, lambda: self._on_input(conn, pump), pump=pump)
+            # The pump is the callback too: _on_input when it hands over.
+            self.loop.add_reader(conn.fd, pump, pump=pump)
         else:
             self.loop.remove_reader(conn.fd)
 
@@ -920,8 +928,9 @@ class VsockDevice(VirtioDevice):
                 chain = None
         finally:
             if chain is not None:
-                # Popped and unused: back to the avail ring for the next packet.
-                queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+                # Popped and unused: the next pop returns it (a resubmitted head
+                # too, which moving next_avail back would lose).
+                queue.unpop(chain.head_index)
             if added:
                 self.chains_served += added
                 self.notify(RX)

@@ -508,6 +508,26 @@ cdef class Queue:
         self._resubmit = heads
         self._n_resubmit = len(heads)
 
+    def unpop(self, uint16_t head):
+        """Give back ``head``, the chain just popped and left unused: the next pop
+        returns it again, before the rest of the resubmit list and the avail ring.
+
+        This is right whichever way ``head`` came: from the avail ring (its entry
+        stays consumed, the head is served from here once), or from the resubmit
+        list (moving the avail index back would serve an avail entry twice and
+        this head never, against §2.7.13's one use per buffer).
+
+        Raises:
+            InvalidDescriptorIndex: ``head`` is not below the queue size.
+        """
+        if head >= self._size:
+            raise InvalidDescriptorIndex(
+                f"unpopped head index {head} out of range (queue size {self._size})")
+        if self._resubmit is None:
+            self._resubmit = []
+        self._resubmit.append(head)
+        self._n_resubmit += 1
+
     cdef void _inflight_release(self):
         if self._has_inflight_view:
             PyBuffer_Release(&self._inflight_view)

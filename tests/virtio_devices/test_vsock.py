@@ -43,6 +43,7 @@ from virtio_devices.vsock import (
     VsockRegistry,
     parse_connect_line,
 )
+from virtio_queue import DescriptorChain
 
 
 @pytest.fixture
@@ -814,6 +815,66 @@ def test_kick_pump_serves_rx_and_tx_kicks_as_process_queue(host: UnixHost) -> No
         g.close()
 
 
+def test_compiled_path_connects_and_drops_without_the_python_path(host: UnixHost) -> None:
+    """With a Unix host, a guest's stream REQUEST (§5.10.6.5) is connected by the
+    compiled path (no ``handle_chain``): RESPONSE, the host end accepted and watched,
+    the guest's data through; its RST closes the host end and forgets the
+    connection.  The guest's RESPONSE to a host client's connection is served
+    there too: the client's ``OK <port>`` line, the socket watched.  A REQUEST
+    whose connect fails (nothing listens) goes to the Python path, which answers
+    RST; and a prefix that is not a filesystem path is refused."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    g = VsockGuest(dev)
+    g.post_rx(16)
+    python_calls: list[DescriptorChain] = []
+    handle = dev.handle_chain
+
+    def counted(index: int, chain: DescriptorChain) -> object:
+        python_calls.append(chain)
+        return handle(index, chain)
+
+    dev.handle_chain = counted  # type: ignore[method-assign]
+    try:
+        lst = listen(host, 1234)
+        g.send(5000, 1234, OP_REQUEST, buf_alloc=65536)
+        assert [p.op for p in g.exchange()] == [OP_RESPONSE]
+        peer = track(lst.accept()[0])
+        conn = dev.conns[(1234, 5000)]
+        assert conn.est and conn.armed and conn.peer_buf_alloc == 65536
+        assert dev._by_fd[conn.fd] is conn and conn.fd in g.rig.loop.pumps
+        g.send(5000, 1234, OP_RW, b"hello")
+        g.exchange()
+        assert peer.recv(16) == b"hello"
+        peer.sendall(b"back")
+        g.rig.loop.fire_pump(conn.fd)
+        assert [p.data for p in g.received()] == [b"back"]
+        assert python_calls == []
+        g.send(5000, 1234, OP_RST)
+        assert g.exchange() == []
+        assert (1234, 5000) not in dev.conns and conn.fd not in dev._by_fd and conn.dead
+        assert peer.recv(16) == b""  # the host end was closed
+        c = host_client(host, b"CONNECT 80\n")  # host-initiated: the guest's RESPONSE
+        [req] = g.exchange()
+        assert req.op == OP_REQUEST
+        g.send(80, req.hdr.src_port, OP_RESPONSE)
+        g.exchange()
+        assert c.recv(100) == b"OK %d\n" % req.hdr.src_port
+        host_conn = dev.conns[(req.hdr.src_port, 80)]
+        assert host_conn.est and host_conn.armed and not host_conn.ok_reply
+        assert python_calls == []
+        g.send(80, req.hdr.src_port, OP_RST)
+        g.exchange()
+        assert c.recv(16) == b"" and not dev.conns
+        g.send(5001, 4321, OP_REQUEST)  # nothing listens at port 4321
+        assert [p.op for p in g.exchange()] == [OP_RST]
+        assert len(python_calls) == 1 and not dev.conns
+        with pytest.raises(ValueError, match="filesystem path"):
+            dev._fast.set_connect_prefix(b"\0abstract_")
+    finally:
+        dev.handle_chain = handle  # type: ignore[method-assign]
+        g.close()
+
+
 def test_host_input_pump_serves_data_and_keeps_the_socket_watched(guest: VsockGuest, host: UnixHost) -> None:
     """A readable host socket run as a pump-serving loop (the vhost-user one) runs
     it: the compiled path serves the data in its pump and the socket stays watched
@@ -898,11 +959,15 @@ def test_host_data_over_rx_buffers_of_mixed_shapes_keeps_order(host: UnixHost, c
         g.close()
 
 
-def test_resubmitted_rx_head_left_unused_is_served_again_not_an_avail_entry(host: UnixHost) -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_resubmitted_rx_head_left_unused_is_served_again_not_an_avail_entry(
+    host: UnixHost, compiled: bool
+) -> None:
     """After a reconnect the rx heads a previous back-end left in flight are served
     first (vhost-user "Inflight I/O tracking"); one popped and left unused goes back
     to the front of that list, so every head is used once (§2.7.13), none twice."""
     dev = VsockDevice(3, host, tx_buffer_size=65536)
+    dev._compiled = compiled
     g = VsockGuest(dev)
     a, b = socket.socketpair()
     try:

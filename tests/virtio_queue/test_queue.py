@@ -812,3 +812,31 @@ def test_queue_fill_from_fd_hands_resubmitted_chains_to_the_caller(mem: GuestMem
     finally:
         os.close(fd)
     assert mock.used_elems() == [(old, 0), (new, 8)]
+
+
+def test_queue_unpop_serves_the_head_again_whichever_way_it_came(mem: GuestMemory) -> None:
+    """A chain popped and left unused is given back with ``unpop``: from the avail
+    ring or from the resubmit list, the next pop returns it, and every head is
+    popped once more only (§2.7.13: no avail entry served twice)."""
+    mock = MockSplitQueue(mem, 16)
+    q = mock.create_queue()
+    a = mock.add_chain([RawDesc(0x8000, 16, VIRTQ_DESC_F_WRITE, 0)])
+    b = mock.add_chain([RawDesc(0x9000, 16, VIRTQ_DESC_F_WRITE, 0)])
+    c = mock.add_chain([RawDesc(0xA000, 16, VIRTQ_DESC_F_WRITE, 0)])
+    q.set_next_avail(1)  # a was in flight with the previous back-end
+    q.resubmit([a])
+    first = q.pop_chain()
+    assert first.head_index == a
+    q.unpop(a)  # from the resubmit list
+    assert q.pop_chain().head_index == a
+    second = q.pop_chain()
+    assert second.head_index == b
+    q.unpop(b)  # from the avail ring
+    assert [ch.head_index for ch in q] == [b, c]
+    assert q.pop_chain() is None
+
+
+def test_queue_unpop_head_out_of_range_refused(mem: GuestMemory) -> None:
+    q = MockSplitQueue(mem, 16).create_queue()
+    with pytest.raises(InvalidDescriptorIndex, match="unpopped head index 16"):
+        q.unpop(16)
