@@ -377,6 +377,35 @@ def test_transport_get_vring_base_waits_for_the_service_in_flight(
     assert [h for h, _ in ws.fe.rings[0].mock.used_elems()] == heads
 
 
+def test_transport_set_vring_call_stops_a_running_worker_for_the_change(
+    ws: Session, fds: Callable[..., int]
+) -> None:
+    """SET_VRING_CALL under a running worker: the worker, which may write the call
+    fd with the GIL released, is stopped before the old fd goes (the reply comes
+    after the service under way ended) and serves on the new fd afterwards."""
+    dev = ws.device
+    assert isinstance(dev, WorkerEchoDevice)
+    dev.gate, dev.entered = fds(os.EFD_SEMAPHORE), fds()
+    ready(ws)
+    first, _ = _echo_add(ws, b"a")
+    ws.fe.kick(0)
+    _wait(dev.entered)
+    ring = ws.fe.rings[0]
+    old, ring.call_fd = ring.call_fd, _efd()
+    opener = threading.Thread(target=os.eventfd_write, args=(dev.gate, 100))
+    opener.start()
+    ws.fe.set_vring_call(0, ring.call_fd)  # the worker's stop waits for the service
+    opener.join()
+    assert ring.mock.used_idx() == 1  # answered before the reply
+    assert _count(old) == 1  # signalled on the fd of its time
+    assert ws.fe.wait_used(0) == [(first, 1)]
+    os.close(old)
+    assert dev.worker is not None and dev.worker.running
+    head, _ = _echo_add(ws, b"b")
+    ws.fe.kick(0)
+    assert ws.fe.wait_used(0) == [(head, 1)]
+
+
 def test_transport_restarts_the_worker_after_a_stop_and_a_reconnect(ws: Session) -> None:
     """GET_VRING_BASE then a new start (as QEMU after vhost_dev_stop) starts the
     worker again; RESET_DEVICE stops it; a new session gets a new one."""
