@@ -558,7 +558,16 @@ class VhostUserHandler:
 
     def _set_vring_call(self, msg: Message) -> None:
         ring, fd = self._vring_fd(msg, "SET_VRING_CALL")
-        ring.set_call_fd(fd)
+        worker = ring.worker
+        if worker is not None and worker.running:
+            # The worker may write the call fd with the GIL released
+            # (RingWorker.serve_nogil, VhostUserInterrupt.call_fd): the old fd is
+            # closed here only when it is stopped, and it starts again on the new.
+            worker.stop()
+            ring.set_call_fd(fd)
+            self._start_worker(ring)
+        else:
+            ring.set_call_fd(fd)
         if ring.polled and ring.call_fd >= 0:
             # QEMU starts rings with their interrupts masked (the call fd then is a
             # notifier it does not read after a start) and unmasks them with a second

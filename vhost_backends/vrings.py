@@ -112,5 +112,12 @@ class VhostUserInterrupt:
         Python frame.  Valid while this interrupt is (the rings it holds)."""
         return self._rings[queue_index].signal_used
 
+    def call_fd(self, queue_index: int) -> int:
+        """Queue ``queue_index``'s call eventfd now (-1: none), for a ring worker
+        that writes it with the GIL released (``RingWorker.serve_nogil``): it
+        reads it when it starts, and SET_VRING_CALL stops and restarts a running
+        worker around the change, so the worker never writes a closed fd."""
+        return self._rings[queue_index].call_fd
+
     def signal_config_change(self) -> None:
         self._handler.send_config_change()

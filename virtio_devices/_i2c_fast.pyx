@@ -22,24 +22,31 @@ Python path does (the behaviour is the module docstring of
 * a group that fails before the bus is answered in its turn without the thread;
 * on a ring worker (:class:`I2cRingWorker`, the vhost-user transport) the batches
   run on the worker's own thread instead, GIL released, and are answered and
-  notified there: no adapter thread, no eventfd, no wake-up of the loop.
+  notified there: no adapter thread, no eventfd, no wake-up of the loop;
+* and there, for a bus of one adapter, the common requests (complete groups of
+  well-formed requests for an address on the bus) are served without the GIL at
+  all (:meth:`I2cEngine.serve_nogil_c`, the worker's ``serve_nogil``): each group
+  is parsed in place in the avail ring before it is taken, and anything else (a
+  guest error to log, an address with no device, a group still open, a chain of
+  an odd shape) is left in the ring for the path above, which takes it then.
 
 Only the thread serving the queue (the loop's, or the ring worker's) touches the
 queue and guest memory; the adapter's thread touches only the batch's own buffers
 (copies of the requests' data).
 """
 
-from libc.errno cimport errno
+from libc.errno cimport EIO, ENXIO, EREMOTEIO, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
-from posix.unistd cimport close, read
+from libc.string cimport memcpy, memset
+from posix.unistd cimport close, read, write
 
 from virtio_queue._linux cimport (sched_yield, eventfd, EFD_CLOEXEC, EFD_NONBLOCK, pollfd, poll,
                                   POLLIN)
 from virtio_queue.chain cimport (ChainCursor, DescriptorChain, Writer, Reader, chain_next,
                                  chain_start, desc_load, make_chain, make_reader, make_writer)
-from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_INDIRECT, vring_desc
+from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE, vring_desc
+from virtio_queue.memory cimport snap_ptr, snap_ptr_w
 from virtio_queue.queue cimport Queue
 from virtio_devices._pump cimport RingWorker
 from virtio_devices.hosts._i2c_dev cimport I2cCMsg, I2cDevPort, I2cJob
@@ -98,14 +105,46 @@ cdef class I2cRingWorker(RingWorker):
     cdef object device
     cdef I2cEngine engine
     cdef int index
+    # The ring's call eventfd for this run, when the transport gives it
+    # (``interrupt.call_fd``) and the bus is one adapter: serve_nogil may serve.
+    cdef int call_fd
+    cdef bint nogil_ok
+    # A service of this run under the GIL found the device whole and took the
+    # queue back for it (_serve's checks): only then does serve_nogil serve.
+    cdef bint primed
 
     def __init__(self, device, I2cEngine engine not None, int index):
         self.device = device
         self.engine = engine
         self.index = index
+        self.call_fd = -1
+
+    def start(self, int kick_fd, fail=None, post=None):
+        """``RingWorker.start``; the ring's call fd is read for this run (the
+        transport restarts the worker when it changes).
+
+        Raises:
+            RuntimeError: the worker runs already.
+            ValueError: ``kick_fd`` is not a file descriptor.
+        """
+        call_fd = getattr(self.engine.interrupt, "call_fd", None)
+        if self.running:
+            raise RuntimeError(f"ring worker started twice (kick fd {kick_fd})")
+        self.primed = False
+        self.nogil_ok = call_fd is not None and self.engine.port0 is not None
+        self.call_fd = call_fd(self.index) if self.nogil_ok else -1
+        RingWorker.start(self, kick_fd, fail, post)
+
+    cdef int serve_nogil(self) noexcept nogil:
+        if not self.primed:
+            return 1
+        return self.engine.serve_nogil_c(self, self.call_fd)
 
     cdef int serve_c(self) except -1:
-        return _serve(self.device, self.engine, self.index, self)
+        self.engine.log_pending()
+        _serve(self.device, self.engine, self.index, self)
+        self.primed = self.nogil_ok
+        return 0
 
 
 cdef enum:
@@ -114,6 +153,7 @@ cdef enum:
     KNOWN_FLAGS = 3
     MAX_MSG_LEN = 8192
     INLINE = 40
+    MAX_SEGS = 4            # buffers per direction the nogil parse keeps
 
 # Why a request cannot run (E_TEXT: the text the Python path logs).
 cdef enum:
@@ -137,7 +177,8 @@ cdef struct Req:
     uint8_t ok              # a message that can run
     uint8_t fail_next
     uint8_t read
-    uint8_t has_writer
+    uint8_t has_writer      # 1: a Writer in writers[slot]; 2: wptr/wseg (nogil parse)
+    uint8_t nw
     int err
     uint32_t raw_addr       # for the error text
     uint32_t raw_flags
@@ -146,6 +187,29 @@ cdef struct Req:
     uint32_t wlen           # device-writable bytes (status included)
     unsigned char *buf
     unsigned char inline_buf[INLINE]
+    unsigned char *wptr[MAX_SEGS]   # the device-writable buffers (has_writer 2)
+    uint32_t wseg[MAX_SEGS]
+
+
+cdef inline void _gather(unsigned char **ptr, uint32_t *seg, int nseg, uint32_t off,
+                         unsigned char *dst, uint32_t n) noexcept nogil:
+    """Copy ``n`` bytes from offset ``off`` of the buffers ``ptr``/``seg`` (they
+    hold at least off + n bytes) to ``dst``."""
+    cdef int k
+    cdef uint32_t take
+    for k in range(nseg):
+        if n == 0:
+            return
+        if off >= seg[k]:
+            off -= seg[k]
+            continue
+        take = seg[k] - off
+        if take > n:
+            take = n
+        memcpy(dst, ptr[k] + off, take)
+        dst += take
+        n -= take
+        off = 0
 
 
 cdef class I2cEngine:
@@ -181,6 +245,12 @@ cdef class I2cEngine:
     cdef uint32_t open_len
     cdef uint32_t open_entries
     cdef I2cJob job
+    # The bus's one adapter (the nogil path serves only such a bus), or None.
+    cdef readonly I2cDevPort port0
+    # A transfer error the nogil path could not log (log_pending logs it).
+    cdef int pending_errno
+    cdef readonly unsigned long long nogil_chains
+    cdef readonly unsigned long long nogil_bytes
     cdef readonly int fd
     cdef readonly unsigned long long groups
     cdef readonly unsigned long long failed
@@ -202,6 +272,7 @@ cdef class I2cEngine:
             if port not in self.ports:
                 self.ports.append(port)
             self.slot_port[<int>addr] = self.ports.index(port)
+        self.port0 = self.ports[0] if len(self.ports) == 1 else None
         self.errtext = {}
         self.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.fd < 0:
@@ -466,9 +537,7 @@ cdef class I2cEngine:
         cdef Req *r
         cdef Queue q = self.queue
         if err and err not in _NAK_ERRNOS:
-            dev = self.device
-            dev._ratelimit.log(log, logging.WARNING, ("bus", self.index), "%s q%d: transfer failed: %s",
-                               dev.name, self.index, _errno.errorcode.get(err, err))
+            self._log_transfer_error(err)
         self.groups += 1
         for k in range(n):
             slot = self.r_first
@@ -496,6 +565,237 @@ cdef class I2cEngine:
             dev.chains_served += served
             dev.bytes_served += nbytes
         return 0
+
+    cdef int _log_transfer_error(self, int err) except -1:
+        dev = self.device
+        dev._ratelimit.log(log, logging.WARNING, ("bus", self.index), "%s q%d: transfer failed: %s",
+                           dev.name, self.index, _errno.errorcode.get(err, err))
+        return 0
+
+    cdef int log_pending(self) except -1:
+        """Log the transfer error the nogil path kept (none: nothing)."""
+        cdef int err = self.pending_errno
+        if err:
+            self.pending_errno = 0
+            self._log_transfer_error(err)
+        return 0
+
+    # -- the path without the GIL (a ring worker's serve_nogil) ---------------------------
+    cdef int _parse_nogil(self, Req *r, uint16_t head) noexcept nogil:
+        """Parse the chain at ``head`` (below the queue size) into ``r`` as _parse
+        would, for a request that can run: 0; 1 for anything else (a guest error,
+        a chain over more than MAX_SEGS buffers a direction or over regions, no
+        memory), which the GIL path parses and reports.  ``r.buf`` is set only on 0."""
+        cdef ChainCursor c
+        cdef vring_desc d
+        cdef int rc, nr = 0, nd = 0
+        cdef unsigned char *rptr[MAX_SEGS]
+        cdef uint32_t rseg[MAX_SEGS]
+        cdef unsigned char *p
+        cdef unsigned char hdr[8]
+        cdef uint32_t rlen = 0, wlen = 0, n, flags
+        cdef uint16_t addr, entries
+        desc_load(self.queue._desc + 16 * <size_t>head, &d)
+        entries = 1 if d.flags & VRING_DESC_F_INDIRECT else 0
+        chain_start(&c, self.queue._desc, self.queue._desc_gpa, self.queue._size, head)
+        r.nw = 0
+        while True:
+            rc = chain_next(self.queue._snap, &c, &d)
+            if rc == 0:
+                break
+            if rc < 0:
+                return 1
+            nd += 1
+            if d.len == 0:
+                continue
+            if d.flags & VRING_DESC_F_WRITE:
+                p = snap_ptr_w(self.queue._snap, d.addr, d.len)
+                if p == NULL or r.nw == MAX_SEGS:
+                    return 1
+                r.wptr[r.nw] = p
+                r.wseg[r.nw] = d.len
+                r.nw += 1
+                wlen += d.len
+            else:
+                p = snap_ptr(self.queue._snap, d.addr, d.len)
+                if p == NULL or r.nw or nr == MAX_SEGS:
+                    return 1    # (readable after writable: the GIL path's to judge)
+                rptr[nr] = p
+                rseg[nr] = d.len
+                nr += 1
+                rlen += d.len
+        if rlen < 8 or wlen < 1:
+            return 1
+        _gather(rptr, rseg, nr, 0, hdr, 8)
+        addr = <uint16_t>(hdr[0] | (<uint16_t>hdr[1] << 8))
+        flags = hdr[4] | (<uint32_t>hdr[5] << 8) | (<uint32_t>hdr[6] << 16) | (<uint32_t>hdr[7] << 24)
+        if flags & ~(<uint32_t>KNOWN_FLAGS) or addr & 0xFF01:
+            return 1
+        rlen -= 8
+        r.read = (flags & FLAG_M_RD) != 0
+        if (r.read and rlen) or (not r.read and wlen > 1):
+            return 1
+        n = wlen - 1 if r.read else rlen
+        if n > MAX_MSG_LEN:
+            return 1
+        r.buf = r.inline_buf
+        if n > INLINE:
+            r.buf = <unsigned char *>malloc(n)
+            if r.buf == NULL:
+                return 1
+        if r.read:
+            memset(r.buf, 0, n)
+        else:
+            _gather(rptr, rseg, nr, 8, r.buf, n)
+        r.head = head
+        r.addr = addr >> 1
+        r.entries = entries if entries else <uint16_t>(nd if nd < 0xFFFF else 0xFFFF)
+        r.ok = 1
+        r.fail_next = (flags & FLAG_FAIL_NEXT) != 0
+        r.has_writer = 2
+        r.err = E_NONE
+        r.raw_addr = addr
+        r.raw_flags = flags
+        r.rlen = rlen
+        r.len = n
+        r.wlen = wlen
+        return 0
+
+    cdef void _scatter(self, Req *r, uint32_t off, const unsigned char *src, uint32_t n) noexcept nogil:
+        """Copy ``n`` bytes into ``r``'s device-writable buffers from offset ``off``."""
+        cdef uint32_t k, take
+        for k in range(r.nw):
+            if n == 0:
+                return
+            if off >= r.wseg[k]:
+                off -= r.wseg[k]
+                continue
+            take = r.wseg[k] - off
+            if take > n:
+                take = n
+            memcpy(r.wptr[k] + off, src, take)
+            src += take
+            n -= take
+            off = 0
+
+    cdef uint32_t _status_nogil(self, Req *r, bint ok) noexcept nogil:
+        """_status for a request of the nogil parse."""
+        cdef unsigned char st
+        if ok:
+            st = 0
+            if r.read:
+                self._scatter(r, 0, r.buf, r.len)
+            self._scatter(r, r.wlen - 1, &st, 1)
+            return r.wlen
+        self.failed += 1
+        st = 1
+        self._scatter(r, r.wlen - 1, &st, 1)
+        return 1 if r.wlen == 1 else 0
+
+    cdef void _drop_nogil(self, uint32_t k) noexcept nogil:
+        """Free the buffers of the first ``k`` requests the nogil path parsed."""
+        cdef uint32_t i
+        cdef Req *r
+        for i in range(k):
+            r = &self.reqs[(self.r_first + i) % self.cap]
+            if r.buf != r.inline_buf and r.buf != NULL:
+                free(r.buf)
+            r.buf = NULL
+
+    cdef int _notify_nogil(self, int call_fd) noexcept nogil:
+        cdef uint64_t one = 1
+        if self.queue.needs_notification_nogil() and call_fd >= 0:
+            write(call_fd, &one, 8)
+        return 0
+
+    cdef int serve_nogil_c(self, RingWorker worker, int call_fd) noexcept nogil:
+        """A kick of ``worker``'s ring served without the GIL, as ``kick_c(True,
+        worker)`` serves it, notifying through the eventfd ``call_fd``: 0 when
+        served; 1 when the GIL path must go on (see the module docstring), after
+        answering and notifying what was served.  Only with nothing held (no open
+        group) and on a bus of one adapter."""
+        cdef int n, python = 0, answered = 0, err
+        cdef uint32_t k, i, entries, used, done
+        cdef uint16_t head, size
+        cdef Req *r
+        cdef I2cJob *job = &self.job
+        if (self.r_count or self.inflight or self.reqs == NULL or self.port0 is None
+                or self.queue is None):
+            return 1
+        if self.queue.avail_count_nogil() < 0 or self.queue._desc == NULL:
+            return 1
+        size = self.queue._size
+        while True:
+            self.queue.disable_notification_nogil()
+            while not worker._stopping:
+                n = self.queue.avail_count_nogil()
+                if n <= 0:
+                    python = n < 0
+                    break
+                # One group, parsed where it is in the avail ring, taken only whole.
+                k = 0
+                entries = 0
+                while True:
+                    if k >= <uint32_t>n:
+                        python = 1  # a group still open: the GIL path holds it
+                        break
+                    head = self.queue.avail_head_nogil(<uint16_t>k)
+                    r = &self.reqs[(self.r_first + k) % self.cap]
+                    if head >= size or self._parse_nogil(r, head):
+                        python = 1
+                        break
+                    k += 1
+                    if self.slot_port[r.addr] != 0:
+                        python = 1  # no device there: the GIL path logs it
+                        break
+                    if not r.fail_next:
+                        break
+                    entries += r.entries
+                    if entries + (1 if r.entries == 1 else 2) > size:
+                        python = 1  # a group that fills the ring
+                        break
+                if python:
+                    self._drop_nogil(k)
+                    break
+                self.queue.pop_heads_nogil(<uint16_t>k)
+                for i in range(k):
+                    r = &self.reqs[(self.r_first + i) % self.cap]
+                    job.msgs[i].addr = r.addr
+                    job.msgs[i].read = r.read
+                    job.msgs[i].len = r.len
+                    job.msgs[i].buf = r.buf
+                job.group_len[0] = <int>k
+                job.ngroups = 1
+                self.jobs += 1
+                self.port0.run_job(job)
+                done = <uint32_t>job.group_done[0]
+                err = job.group_errno[0]
+                self.groups += 1
+                for i in range(k):
+                    r = &self.reqs[(self.r_first + i) % self.cap]
+                    used = self._status_nogil(r, i < done)
+                    if r.buf != r.inline_buf and r.buf != NULL:
+                        free(r.buf)
+                    r.buf = NULL
+                    self.queue.add_used_nogil(r.head, used)
+                    self.nogil_chains += 1
+                    self.nogil_bytes += used
+                answered = 1
+                if err and err != ENXIO and err != EREMOTEIO and err != EIO:
+                    self.pending_errno = err
+                    python = 1  # the GIL path logs it
+                    break
+            if answered:
+                # Before notifications are on again, as kick_c does.
+                self._notify_nogil(call_fd)
+                answered = 0
+            if python:
+                return 1
+            if worker._stopping:
+                self.queue.enable_notification_nogil()
+                return 0
+            if not self.queue.enable_notification_nogil():
+                return 0
 
     cdef int _pump(self, bint inline) except -1:
         """Answer or start the groups waiting, in order, up to a batch in a thread

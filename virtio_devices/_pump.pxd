@@ -23,5 +23,8 @@ cdef class RingWorker:
     cdef public int notify_fd
     cdef readonly unsigned long long kicks
     cdef readonly unsigned long long services
+    # Services done by serve_nogil alone (the GIL not taken).
+    cdef readonly unsigned long long nogil_services
+    cdef int serve_nogil(self) noexcept nogil
     cdef int serve_c(self) except -1
     cdef void _failed(self, object err)

@@ -33,6 +33,8 @@ class RingWorker:
     @property
     def services(self) -> int: ...
     @property
+    def nogil_services(self) -> int: ...
+    @property
     def running(self) -> bool: ...
     def start(
         self,
@@ -54,10 +56,16 @@ class EventfdRingWorker(RingWorker):
     raise_at: int
     entered_fd: int
     serve: Callable[[], object] | None
+    nogil: bool
+    hand_over_at: int
+    nogil_calls: int
     def __init__(
         self,
         gate_fd: int = -1,
         raise_at: int = 0,
         entered_fd: int = -1,
         serve: Callable[[], object] | None = None,
+        *,
+        nogil: bool = False,
+        hand_over_at: int = 0,
     ) -> None: ...

@@ -138,6 +138,17 @@ cdef class RingWorker:
     ``kicks`` and ``services`` count what it served; ``notify_fd``, when not -1,
     is an eventfd written after every service (tests wait on it).
 
+    A subclass whose common requests need no Python object also overrides ``cdef
+    int serve_nogil(self) noexcept nogil``: called first after each kick, on the
+    worker thread with the GIL still released, it answers 0 when it served the
+    kick (the GIL is not taken at all: ``nogil_services`` counts those) or 1 when
+    Python must go on, and ``serve_c`` then runs as above.  So it must leave what
+    it cannot serve (a request of an odd shape, an error to raise or log) where
+    ``serve_c`` finds it, and answer 1; it reads no Python object, only C fields
+    that Python does not change while the worker runs (the transport's changes
+    to the ring and guest memory come after :meth:`stop`).  A :meth:`wake`, a
+    stop and a failed wait always take the GIL.  The base class answers 1.
+
     Raises:
         OSError: the worker's wake-up eventfd cannot be made.
     """
@@ -155,6 +166,11 @@ cdef class RingWorker:
             close(self._wake_fd)
         if self._epfd >= 0:
             close(self._epfd)
+
+    cdef int serve_nogil(self) noexcept nogil:
+        """Serve a kick without the GIL: 0 when done, 1 when ``serve_c`` must run
+        (see the class docstring).  The base class always asks for ``serve_c``."""
+        return 1
 
     cdef int serve_c(self) except -1:
         """Serve the ring once (see the class docstring).  The base class serves
@@ -245,25 +261,41 @@ cdef class RingWorker:
     def _run(self):
         """The worker's thread (see the class docstring)."""
         cdef epoll_event evs[2]
-        cdef int rc, i, epfd = self._epfd
+        cdef int rc, i, err = 0, python, epfd = self._epfd
         cdef uint64_t value, one = 1
         while True:
             with nogil:
-                rc = epoll_wait(epfd, evs, 2, -1)
+                # Kicks that serve_nogil serves never take the GIL: the loop
+                # leaves only for the Python path, a wake-up, a stop or an error.
+                while True:
+                    rc = epoll_wait(epfd, evs, 2, -1)
+                    if self._stopping:
+                        break
+                    if rc < 0:
+                        err = errno
+                        if err == EINTR:
+                            continue
+                        break
+                    python = 0
+                    for i in range(rc):
+                        if evs[i].data.u64:
+                            read(self._wake_fd, &value, 8)
+                            python = 1
+                        else:
+                            # Non-blocking: EAGAIN only means the count was taken already.
+                            read(self._kick_fd, &value, 8)
+                            self.kicks += 1
+                    if python or self.serve_nogil():
+                        break
+                    self.services += 1
+                    self.nogil_services += 1
+                    if self.notify_fd >= 0:
+                        write(self.notify_fd, &one, 8)
             if self._stopping:
                 return
             if rc < 0:
-                if errno == EINTR:
-                    continue
-                self._failed(OSError(errno, f"ring worker wait on kick fd {self._kick_fd}"))
+                self._failed(OSError(err, f"ring worker wait on kick fd {self._kick_fd}"))
                 return
-            for i in range(rc):
-                if evs[i].data.u64:
-                    read(self._wake_fd, &value, 8)
-                else:
-                    # Non-blocking: EAGAIN only means the count was taken already.
-                    read(self._kick_fd, &value, 8)
-                    self.kicks += 1
             try:
                 self.serve_c()
             except BaseException as e:
@@ -302,34 +334,57 @@ cdef class EventfdRingWorker(RingWorker):
     ``raise_at`` (0: never); else writes ``entered_fd`` (an eventfd, -1: none),
     then, when ``gate_fd`` is not -1, waits (GIL released) until that eventfd is
     readable and reads it (a service that blocks, as a bus transfer does), then
-    calls ``serve()`` when given (a test device serves its ring there)."""
+    calls ``serve()`` when given (a test device serves its ring there).
+
+    With ``nogil`` true it serves kicks without the GIL (``serve_nogil``): each
+    call counts itself in :attr:`nogil_calls`, and call number ``hand_over_at``
+    (0: never) answers 1 at once, so that ``serve_c`` serves that kick; the others
+    write ``entered_fd`` and wait at ``gate_fd`` as above, and answer 0."""
 
     cdef public unsigned long long served
     cdef public int gate_fd
     cdef public unsigned long long raise_at
     cdef public int entered_fd
     cdef public object serve
+    cdef public bint nogil
+    cdef public unsigned long long hand_over_at
+    cdef public unsigned long long nogil_calls
 
-    def __init__(self, int gate_fd=-1, unsigned long long raise_at=0, int entered_fd=-1, serve=None):
+    def __init__(self, int gate_fd=-1, unsigned long long raise_at=0, int entered_fd=-1, serve=None, *,
+                 bint nogil=False, unsigned long long hand_over_at=0):
         self.gate_fd = gate_fd
         self.raise_at = raise_at
         self.entered_fd = entered_fd
         self.serve = serve
+        self.nogil = nogil
+        self.hand_over_at = hand_over_at
 
-    cdef int serve_c(self) except -1:
+    cdef int serve_nogil(self) noexcept nogil:
+        if not self.nogil:
+            return 1
+        self.nogil_calls += 1
+        if self.hand_over_at and self.nogil_calls == self.hand_over_at:
+            return 1
+        self._enter_and_gate()
+        return 0
+
+    cdef void _enter_and_gate(self) noexcept nogil:
         cdef pollfd p
         cdef uint64_t value, one = 1
-        self.served += 1
-        if self.raise_at and self.served == self.raise_at:
-            raise RuntimeError(f"service {self.served} reached raise_at")
         if self.entered_fd >= 0:
             write(self.entered_fd, &one, 8)
         if self.gate_fd >= 0:
             p.fd = self.gate_fd
             p.events = POLLIN
-            with nogil:
-                poll(&p, 1, -1)
+            poll(&p, 1, -1)
             read(self.gate_fd, &value, 8)
+
+    cdef int serve_c(self) except -1:
+        self.served += 1
+        if self.raise_at and self.served == self.raise_at:
+            raise RuntimeError(f"service {self.served} reached raise_at")
+        with nogil:
+            self._enter_and_gate()
         if self.serve is not None:
             self.serve()
         return 0

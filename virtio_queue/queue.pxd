@@ -59,5 +59,14 @@ cdef class Queue:
     cdef int enable_notification_c(self) except -1
     cdef int disable_notification_c(self) except -1
     cdef int suppress_notification_c(self) except -1
+    # The hot path without the GIL (a ring worker's serve_nogil): valid only after
+    # avail_count_nogil answered >= 0, until the owner gives the queue back.
+    cdef int avail_count_nogil(self) noexcept nogil
+    cdef uint16_t avail_head_nogil(self, uint16_t k) noexcept nogil
+    cdef void pop_heads_nogil(self, uint16_t n) noexcept nogil
+    cdef int add_used_nogil(self, uint16_t head, uint32_t length) noexcept nogil
+    cdef int needs_notification_nogil(self) noexcept nogil
+    cdef int enable_notification_nogil(self) noexcept nogil
+    cdef void disable_notification_nogil(self) noexcept nogil
     cdef void _inflight_popped(self, uint16_t head) noexcept nogil
     cdef void _inflight_release(self)

@@ -114,6 +114,36 @@ cdef inline int _known_avail(Queue q) noexcept nogil:
     return <uint16_t>(q._avail_seen - q._next_avail)
 
 
+cdef inline void _add_used(Queue q, uint16_t head, uint32_t length, bint split) noexcept nogil:
+    """add_used's stores (the head checked, the rings current): the element, then
+    used->idx with release ordering, and the inflight area when tracked."""
+    cdef unsigned char *elem
+    cdef DescStateSplit *d = NULL
+    cdef uint32_t v[2]
+    v[0] = htole32(head)
+    v[1] = htole32(length)
+    if q._inflight != NULL and head < q._inflight_descs:
+        # Before publishing: link the head into the last batch (next =
+        # last_batch_head, last_batch_head = head), so that a back-end dying
+        # between publishing and clearing can be recovered from the used ring.
+        d = inflight_desc(q._inflight, head)
+        d.next = q._inflight.last_batch_head
+        q._inflight.last_batch_head = htole16(head)
+        vq_fence_seqcst()
+    if not split:
+        elem = q._used + 4 + 8 * <size_t>(q._next_used & (q._size - 1))
+        memcpy(elem, v, 8)
+        q._next_used += 1
+        vq_store_release16(q._used + 2, htole16(q._next_used))
+    else:
+        q._publish_used_split(v[0], v[1])
+    if d != NULL:
+        # After publishing: no longer in flight, and the used index reached.
+        vq_fence_seqcst()
+        d.inflight = 0
+        q._inflight.used_idx = htole16(q._next_used)
+
+
 cdef int _raise_ahead(Queue q, uint16_t idx) except -1:
     # rust-vmm's InvalidAvailRingIndex: the driver can never have more than a
     # queue's worth of chains outstanding.
@@ -412,6 +442,45 @@ cdef class Queue:
             self._inflight_popped(head[0])
         return 1
 
+    # -- the hot path without the GIL: a ring worker's serve_nogil (virtio_devices._pump)
+    cdef int avail_count_nogil(self) noexcept nogil:
+        """How many chains from next_avail on are available (avail->idx re-read
+        once those known are used up), or -1 when the GIL path must serve the
+        queue: not ready, its rings not translated against the current memory, in
+        split mode, resubmitted heads pending, or avail->idx more than a queue
+        ahead (pop_head raises for it).  After an answer >= 0 the other ``*_nogil``
+        methods may be used until the queue's owner gives it back: the memory
+        table and the ring cannot change before that (the transport stops the
+        ring's worker first)."""
+        cdef int n
+        if not _rings_current(self) or self._n_resubmit:
+            return -1
+        n = _known_avail(self)
+        return n
+
+    cdef uint16_t avail_head_nogil(self, uint16_t k) noexcept nogil:
+        """The head index ``k`` entries after next_avail (k below
+        avail_count_nogil's answer), without taking it; not range-checked."""
+        return _rd16(self._avail + 4 + 2 * <size_t>(<uint16_t>(self._next_avail + k) & (self._size - 1)))
+
+    cdef void pop_heads_nogil(self, uint16_t n) noexcept nogil:
+        """Take the next ``n`` heads (n at most avail_count_nogil's answer), as
+        ``n`` pop_head calls would."""
+        cdef uint16_t k
+        if self._inflight != NULL:
+            for k in range(n):
+                self._inflight_popped(self.avail_head_nogil(k))
+        self._next_avail += n
+
+    cdef int add_used_nogil(self, uint16_t head, uint32_t length) noexcept nogil:
+        """add_used_c on a queue known ready, current and not split (see
+        avail_count_nogil): 0, or -1 for a head not below the queue size (nothing
+        done)."""
+        if head >= self._size:
+            return -1
+        _add_used(self, head, length, False)
+        return 0
+
     # vhost-user "Inflight I/O tracking", split rings: a QueueRegionSplit head, then
     # desc_num DescStateSplit (layouts.pxd).  The fields are little-endian.
     cdef void _inflight_popped(self, uint16_t head) noexcept nogil:
@@ -426,9 +495,6 @@ cdef class Queue:
 
     cdef int add_used_c(self, uint16_t head, uint32_t length) except -1:
         """Put {head, length} in the used ring and publish used->idx (release)."""
-        cdef unsigned char *elem
-        cdef DescStateSplit *d = NULL
-        cdef uint32_t v[2]
         cdef bint split = False
         if head >= self._size:
             raise InvalidDescriptorIndex(
@@ -436,28 +502,7 @@ cdef class Queue:
         if vq_unlikely(not _rings_current(self)):
             self.ensure_ready()
             split = self._split
-        v[0] = htole32(head)
-        v[1] = htole32(length)
-        if self._inflight != NULL and head < self._inflight_descs:
-            # Before publishing: link the head into the last batch (next =
-            # last_batch_head, last_batch_head = head), so that a back-end dying
-            # between publishing and clearing can be recovered from the used ring.
-            d = inflight_desc(self._inflight, head)
-            d.next = self._inflight.last_batch_head
-            self._inflight.last_batch_head = htole16(head)
-            vq_fence_seqcst()
-        if not split:
-            elem = self._used + 4 + 8 * <size_t>(self._next_used & (self._size - 1))
-            memcpy(elem, v, 8)
-            self._next_used += 1
-            vq_store_release16(self._used + 2, htole16(self._next_used))
-        else:
-            self._publish_used_split(v[0], v[1])
-        if self._inflight != NULL and head < self._inflight_descs:
-            # After publishing: no longer in flight, and the used index reached.
-            vq_fence_seqcst()
-            d.inflight = 0
-            self._inflight.used_idx = htole16(self._next_used)
+        _add_used(self, head, length, split)
         return 0
 
     cdef void _publish_used_split(self, uint32_t id_le, uint32_t len_le) noexcept nogil:
@@ -474,8 +519,13 @@ cdef class Queue:
 
     cdef int needs_notification_c(self) except -1:
         """VIRTIO 1.2 §2.7.10: whether the driver wants an interrupt now."""
-        cdef uint16_t used_event, old, new
         self.ensure_ready()
+        return self.needs_notification_nogil()
+
+    cdef int needs_notification_nogil(self) noexcept nogil:
+        """needs_notification_c on a queue known ready and current (see
+        avail_count_nogil)."""
+        cdef uint16_t used_event, old, new
         if not self._event_idx:
             return (_avail_rd16(self, 0) & VRING_AVAIL_F_NO_INTERRUPT) == 0
         # Order our used->idx store before the used_event load (Linux: virtio_mb()).
@@ -785,8 +835,13 @@ cdef class Queue:
         return self.needs_notification_c() != 0
 
     cdef int enable_notification_c(self) except -1:
-        cdef uint16_t flags
         self.ensure_ready()
+        return self.enable_notification_nogil()
+
+    cdef int enable_notification_nogil(self) noexcept nogil:
+        """enable_notification_c on a queue known ready and current (see
+        avail_count_nogil)."""
+        cdef uint16_t flags
         if self._event_idx:
             _used_wr16(self, 4 + 8 * <size_t>self._size, self._next_avail)
         else:
@@ -799,9 +854,14 @@ cdef class Queue:
 
     cdef int disable_notification_c(self) except -1:
         self.ensure_ready()
+        self.disable_notification_nogil()
+        return 0
+
+    cdef void disable_notification_nogil(self) noexcept nogil:
+        """disable_notification_c on a queue known ready and current (see
+        avail_count_nogil)."""
         if not self._event_idx:
             _used_wr16(self, 0, _used_rd16(self, 0) | VRING_USED_F_NO_NOTIFY)
-        return 0
 
     cdef int suppress_notification_c(self) except -1:
         """Disable notifications so that not even the driver's next request kicks,

@@ -198,6 +198,94 @@ def test_worker_error_without_post_calls_fail_on_its_thread(fds: Callable[..., i
     assert where == [f"ring-worker-fd{kick}"]
 
 
+# -- serve_nogil: kicks served with the GIL released ------------------------------------
+
+
+def test_worker_serves_kicks_nogil_and_wakes_with_python(fds: Callable[..., int]) -> None:
+    """A worker whose serve_nogil serves its kicks never runs serve_c for them; a
+    wake() always goes to serve_c (the Python path)."""
+    kick, done = fds(), fds()
+    w = EventfdRingWorker(nogil=True)
+    w.notify_fd = done
+    w.start(kick)
+    try:
+        for n in (1, 2):
+            os.eventfd_write(kick, 1)
+            _wait(done)
+            assert (w.kicks, w.services, w.nogil_services, w.nogil_calls, w.served) == (n, n, n, n, 0)
+        w.wake()
+        _wait(done)
+        assert (w.kicks, w.services, w.nogil_services, w.served) == (2, 3, 2, 1)
+    finally:
+        w.stop()
+    assert RingWorker().nogil_services == 0
+
+
+def test_worker_hands_a_kick_to_serve_c_when_serve_nogil_asks(fds: Callable[..., int]) -> None:
+    """serve_nogil answering 1 (an odd request, an error to raise) makes the worker
+    take the GIL and run serve_c for that kick; the next kick is nogil again."""
+    kick, done = fds(), fds()
+    threads: list[str] = []
+    w = EventfdRingWorker(
+        serve=lambda: threads.append(threading.current_thread().name), nogil=True, hand_over_at=2
+    )
+    w.notify_fd = done
+    w.start(kick)
+    try:
+        for _ in range(3):
+            os.eventfd_write(kick, 1)
+            _wait(done)
+    finally:
+        w.stop()
+    assert (w.kicks, w.services, w.nogil_services, w.nogil_calls, w.served) == (3, 3, 2, 3, 1)
+    assert threads == [f"ring-worker-fd{kick}"]
+
+
+def test_worker_failure_after_a_hand_over_is_reported(fds: Callable[..., int]) -> None:
+    """What serve_c raises for a kick serve_nogil handed over ends the thread and
+    reaches fail(), as any failure of serve_c."""
+    kick = fds()
+    got = threading.Event()
+    failed: list[BaseException] = []
+
+    def fail(e: BaseException) -> None:
+        failed.append(e)
+        got.set()
+
+    w = EventfdRingWorker(raise_at=1, nogil=True, hand_over_at=1)
+    w.start(kick, fail)
+    os.eventfd_write(kick, 1)
+    assert got.wait(T)
+    w.stop()
+    assert failed == [w.error] and isinstance(w.error, RuntimeError)
+    assert (w.nogil_calls, w.nogil_services, w.services) == (1, 0, 0)
+
+
+def test_worker_stop_waits_for_a_nogil_service_and_restarts(fds: Callable[..., int]) -> None:
+    """stop() returns only after the serve_nogil under way ended; a kick left on
+    the fd while stopped is served nogil after the restart."""
+    kick, gate, entered, done = fds(), fds(os.EFD_SEMAPHORE), fds(), fds()
+    w = EventfdRingWorker(gate_fd=gate, entered_fd=entered, nogil=True)
+    w.notify_fd = done
+    w.start(kick)
+    os.eventfd_write(kick, 1)
+    _wait(entered)
+    assert w.services == 0  # blocked in serve_nogil
+    opener = threading.Thread(target=os.eventfd_write, args=(gate, 100))
+    opener.start()
+    w.stop()
+    opener.join()
+    assert (w.services, w.nogil_services, w.served) == (1, 1, 0) and not w.running
+    _wait(done)
+    os.eventfd_write(kick, 1)  # while stopped: left on the fd
+    w.start(kick)
+    try:
+        _wait(done)
+        assert (w.kicks, w.nogil_services, w.served) == (2, 2, 0)
+    finally:
+        w.stop()
+
+
 # -- the vhost-user transport ------------------------------------------------------------
 
 
@@ -287,6 +375,35 @@ def test_transport_get_vring_base_waits_for_the_service_in_flight(
     assert base == 3
     assert ws.fe.rings[0].mock.used_idx() == 3  # answered before the reply
     assert [h for h, _ in ws.fe.rings[0].mock.used_elems()] == heads
+
+
+def test_transport_set_vring_call_stops_a_running_worker_for_the_change(
+    ws: Session, fds: Callable[..., int]
+) -> None:
+    """SET_VRING_CALL under a running worker: the worker, which may write the call
+    fd with the GIL released, is stopped before the old fd goes (the reply comes
+    after the service under way ended) and serves on the new fd afterwards."""
+    dev = ws.device
+    assert isinstance(dev, WorkerEchoDevice)
+    dev.gate, dev.entered = fds(os.EFD_SEMAPHORE), fds()
+    ready(ws)
+    first, _ = _echo_add(ws, b"a")
+    ws.fe.kick(0)
+    _wait(dev.entered)
+    ring = ws.fe.rings[0]
+    old, ring.call_fd = ring.call_fd, _efd()
+    opener = threading.Thread(target=os.eventfd_write, args=(dev.gate, 100))
+    opener.start()
+    ws.fe.set_vring_call(0, ring.call_fd)  # the worker's stop waits for the service
+    opener.join()
+    assert ring.mock.used_idx() == 1  # answered before the reply
+    assert _count(old) == 1  # signalled on the fd of its time
+    assert ws.fe.wait_used(0) == [(first, 1)]
+    os.close(old)
+    assert dev.worker is not None and dev.worker.running
+    head, _ = _echo_add(ws, b"b")
+    ws.fe.kick(0)
+    assert ws.fe.wait_used(0) == [(head, 1)]
 
 
 def test_transport_restarts_the_worker_after_a_stop_and_a_reconnect(ws: Session) -> None:
