@@ -391,6 +391,24 @@ cdef class Queue:
             self._inflight_popped(head[0])
         return 1
 
+    cdef int pop_head_nogil(self, uint16_t *head) noexcept nogil:
+        """pop_head without the GIL, for the common case alone: 1 (a head taken), 0
+        (none available), or -1 when pop_head must run with the GIL instead
+        (nothing was taken: the rings are not current for the memory, run over
+        regions, requests wait to be resubmitted, or avail->idx is more than a
+        queue ahead, which pop_head reports)."""
+        cdef int n
+        if vq_unlikely(not _rings_current(self) or self._n_resubmit):
+            return -1
+        n = _known_avail(self)
+        if n <= 0:
+            return -1 if n < 0 else 0
+        head[0] = _rd16(self._avail + 4 + 2 * <size_t>(self._next_avail & (self._size - 1)))
+        self._next_avail += 1
+        if self._inflight != NULL:
+            self._inflight_popped(head[0])
+        return 1
+
     cdef int _pop_head_split(self, uint16_t *head) except -1:
         """pop_head for a queue in split mode: the same steps, each ring field
         translated on its own."""
@@ -436,6 +454,23 @@ cdef class Queue:
         if vq_unlikely(not _rings_current(self)):
             self.ensure_ready()
             split = self._split
+        self._add_used_body(head, length, split)
+        return 0
+
+    cdef int add_used_nogil(self, uint16_t head, uint32_t length) noexcept nogil:
+        """add_used_c without the GIL: 0, or -1 when add_used_c must run with the
+        GIL instead (nothing was done: the head is out of range or the rings are
+        not current, see pop_head_nogil)."""
+        if vq_unlikely(head >= self._size or not _rings_current(self)):
+            return -1
+        self._add_used_body(head, length, False)
+        return 0
+
+    cdef void _add_used_body(self, uint16_t head, uint32_t length, bint split) noexcept nogil:
+        """add_used_c's work once the head is checked and the rings current."""
+        cdef unsigned char *elem
+        cdef DescStateSplit *d = NULL
+        cdef uint32_t v[2]
         v[0] = htole32(head)
         v[1] = htole32(length)
         if self._inflight != NULL and head < self._inflight_descs:
@@ -458,7 +493,6 @@ cdef class Queue:
             vq_fence_seqcst()
             d.inflight = 0
             self._inflight.used_idx = htole16(self._next_used)
-        return 0
 
     cdef void _publish_used_split(self, uint32_t id_le, uint32_t len_le) noexcept nogil:
         """add_used's element store and used->idx publication (release) in split
@@ -474,8 +508,18 @@ cdef class Queue:
 
     cdef int needs_notification_c(self) except -1:
         """VIRTIO 1.2 §2.7.10: whether the driver wants an interrupt now."""
-        cdef uint16_t used_event, old, new
         self.ensure_ready()
+        return self._needs_notification_body()
+
+    cdef int needs_notification_nogil(self) noexcept nogil:
+        """needs_notification_c without the GIL: 0 or 1, or -1 when the rings are
+        not current (see pop_head_nogil; nothing was done)."""
+        if vq_unlikely(not _rings_current(self)):
+            return -1
+        return self._needs_notification_body()
+
+    cdef int _needs_notification_body(self) noexcept nogil:
+        cdef uint16_t used_event, old, new
         if not self._event_idx:
             return (_avail_rd16(self, 0) & VRING_AVAIL_F_NO_INTERRUPT) == 0
         # Order our used->idx store before the used_event load (Linux: virtio_mb()).
@@ -765,8 +809,18 @@ cdef class Queue:
         return self.needs_notification_c() != 0
 
     cdef int enable_notification_c(self) except -1:
-        cdef uint16_t flags
         self.ensure_ready()
+        return self._enable_notification_body()
+
+    cdef int enable_notification_nogil(self) noexcept nogil:
+        """enable_notification_c without the GIL: 0 or 1, or -1 when the rings are
+        not current (see pop_head_nogil; nothing was done)."""
+        if vq_unlikely(not _rings_current(self)):
+            return -1
+        return self._enable_notification_body()
+
+    cdef int _enable_notification_body(self) noexcept nogil:
+        cdef uint16_t flags
         if self._event_idx:
             _used_wr16(self, 4 + 8 * <size_t>self._size, self._next_avail)
         else:
@@ -792,6 +846,17 @@ cdef class Queue:
             return self.disable_notification_c()
         self.ensure_ready()
         _used_wr16(self, 4 + 8 * <size_t>self._size, <uint16_t>(self._next_avail - 1))
+        return 0
+
+    cdef int suppress_notification_nogil(self) noexcept nogil:
+        """suppress_notification_c without the GIL: 0, or -1 when the rings are not
+        current (see pop_head_nogil; nothing was done)."""
+        if vq_unlikely(not _rings_current(self)):
+            return -1
+        if not self._event_idx:
+            _used_wr16(self, 0, _used_rd16(self, 0) | VRING_USED_F_NO_NOTIFY)
+        else:
+            _used_wr16(self, 4 + 8 * <size_t>self._size, <uint16_t>(self._next_avail - 1))
         return 0
 
     def enable_notification(self):
