@@ -1,7 +1,7 @@
 from collections.abc import Callable
 from typing import final
 
-from virtio_devices._pump import FdPump
+from virtio_devices._pump import FdPump, Signaller
 from virtio_queue import ByteSource, Queue
 
 @final
@@ -20,6 +20,8 @@ class KickRing:
     def index(self) -> int: ...
     @property
     def call_fd(self) -> int: ...
+    @property
+    def signaller(self) -> Signaller: ...
     @property
     def attached(self) -> bool: ...
     @property

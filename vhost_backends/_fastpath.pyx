@@ -55,7 +55,7 @@ from virtio_queue._linux cimport (sched_yield, epoll_event, epoll_create1, epoll
                                   EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL)
 from virtio_queue.queue cimport Queue
 from virtio_queue.source cimport ByteSource
-from virtio_devices._pump cimport FdPump
+from virtio_devices._pump cimport FdPump, Signaller
 
 
 cdef enum:
@@ -116,7 +116,8 @@ cdef class KickRing:
     cdef public object fill_source
     cdef public FdPump pump
     cdef int _kick_fd
-    cdef int _call_fd
+    # The call eventfd's owner, given out to compiled device paths (signaller).
+    cdef Signaller _sig
     cdef readonly bint attached
     cdef readonly unsigned long long kicks
     cdef readonly unsigned long long chains
@@ -129,7 +130,7 @@ cdef class KickRing:
 
     def __cinit__(self, *args, **kwargs):
         self._kick_fd = -1
-        self._call_fd = -1
+        self._sig = Signaller()
 
     def __init__(self, Queue queue not None, int index, serve, *, fill_source=None, fail=None,
                  int kick_fd=-1, int call_fd=-1):
@@ -141,11 +142,7 @@ cdef class KickRing:
         self.fail = fail
         self.fill_source = fill_source
         self._kick_fd = kick_fd
-        self._call_fd = call_fd
-
-    def __dealloc__(self):
-        if self._call_fd >= 0:
-            close(self._call_fd)
+        self._sig.set_fd(call_fd)
 
     @property
     def kick_fd(self):
@@ -160,17 +157,19 @@ cdef class KickRing:
     @property
     def call_fd(self):
         """The call eventfd this ring owns (-1: none)."""
-        return self._call_fd
+        return self._sig.fd
+
+    @property
+    def signaller(self):
+        """The ring's :class:`~virtio_devices._pump.Signaller`: its call eventfd's
+        owner, which compiled device paths call (also without the GIL); the fd
+        set here later is the one it writes."""
+        return self._sig
 
     def set_call_fd(self, int fd):
         """Own ``fd`` (-1: none) as the ring's call eventfd from now on; the previous
         one is closed (the vhost-user front-end replaces it with SET_VRING_CALL)."""
-        if fd < -1:
-            raise ValueError(f"bad file descriptor {fd}")
-        old = self._call_fd
-        self._call_fd = fd
-        if old >= 0 and old != fd:
-            close(old)
+        self._sig.set_fd(fd)
 
     def close(self):
         """Close the call eventfd (idempotent)."""
@@ -182,9 +181,7 @@ cdef class KickRing:
         self._signal()
 
     cdef inline void _signal(self) noexcept:
-        cdef uint64_t one = 1
-        if self._call_fd >= 0:
-            write(self._call_fd, &one, 8)
+        self._sig.signal_nogil()
 
     cdef int service(self, bint kicked, bint suppress) except -1:
         """Serve what the ring holds, on a kick (``kicked``: the kick's count is read
@@ -230,7 +227,7 @@ cdef class KickRing:
         if served:
             self.chains += <unsigned long long>served
             self.bytes += total
-            if self._call_fd >= 0 and self.queue.needs_notification_c():
+            if self._sig.fd >= 0 and self.queue.needs_notification_c():
                 self._signal()
         return status
 

@@ -17,6 +17,13 @@ cdef class FdPump:
     cdef int serve_nogil(self) noexcept nogil
 
 
+cdef class Signaller:
+    # The call eventfd (-1: none), owned: closed when replaced, by close() or
+    # when the last holder lets go.
+    cdef int fd
+    cdef void signal_nogil(self) noexcept nogil
+
+
 cdef class RingWorker:
     cdef int _kick_fd
     cdef int _wake_fd

@@ -35,6 +35,15 @@ class EventfdPump(FdPump):
     ) -> None: ...
 
 @disjoint_base
+class Signaller:
+    """One queue's interrupt to the driver as a compiled object."""
+
+    @property
+    def call_fd(self) -> int: ...
+    def set_fd(self, fd: int) -> None: ...
+    def __call__(self) -> None: ...
+
+@disjoint_base
 class RingWorker:
     """Base of the compiled servers of a ring on a thread of its own."""
 

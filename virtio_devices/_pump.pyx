@@ -89,7 +89,7 @@ cdef class FdPump:
 
 from libc.errno cimport EAGAIN, errno
 from libc.stdint cimport uint64_t
-from posix.unistd cimport read, write
+from posix.unistd cimport close, read, write
 
 
 cdef class EventfdPump(FdPump):
@@ -164,10 +164,56 @@ cdef class EventfdPump(FdPump):
         return 0
 
 
+# -- the driver's interrupt ----------------------------------------------------------------
+
+
+cdef class Signaller:
+    """One queue's interrupt to the driver as a compiled object: the call eventfd
+    it owns, written by calling it (or by ``signal_nogil`` from compiled code,
+    without the GIL: a nogil pump's notification).  The transport that gives
+    one out (vhost-user's ``KickRing.signaller``, ``Interrupt.signaller(i)``)
+    replaces the fd in place (SET_VRING_CALL), on the loop's thread, so every
+    holder signals the current one; a replaced fd is closed at once.  A
+    saturated counter (EAGAIN) means a call is pending anyway."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.fd = -1
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+
+    @property
+    def call_fd(self):
+        """The call eventfd (-1: none)."""
+        return self.fd
+
+    def set_fd(self, int fd):
+        """Own ``fd`` (-1: none) from now on; the previous one is closed.
+
+        Raises:
+            ValueError: ``fd`` is below -1.
+        """
+        if fd < -1:
+            raise ValueError(f"bad file descriptor {fd}")
+        old = self.fd
+        self.fd = fd
+        if old >= 0 and old != fd:
+            close(old)
+
+    cdef void signal_nogil(self) noexcept nogil:
+        cdef uint64_t one = 1
+        if self.fd >= 0:
+            write(self.fd, &one, 8)
+
+    def __call__(self):
+        """Interrupt the driver (no call fd: nothing)."""
+        self.signal_nogil()
+
+
 # -- ring workers ------------------------------------------------------------------------
 
 from libc.errno cimport EINTR
-from posix.unistd cimport close
 from virtio_queue._linux cimport (eventfd, EFD_CLOEXEC, EFD_NONBLOCK, pollfd, poll, POLLIN,
                                   epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLL_CLOEXEC,
                                   EPOLL_CTL_ADD, EPOLLIN)
