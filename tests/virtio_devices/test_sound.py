@@ -1059,3 +1059,24 @@ def test_timer_without_a_compiled_signaller_offers_no_nogil_path() -> None:
             worker = dev.streams[0].worker
             assert isinstance(worker, _TimerStream)
             assert not worker.timer.offers_nogil
+
+
+def test_rt_priority_gives_the_activating_thread_sched_fifo() -> None:
+    """rt_priority (our addition): activate, on the loop's thread, asks for SCHED_FIFO
+    for that thread alone; a host that refuses it leaves the device working."""
+    got: list[tuple[int, int]] = []
+
+    def activate() -> None:
+        dev = SoundDevice(NullAudio(), rt_priority=5)
+        with DeviceRig(dev, queue_size=64, memory_size=4 << 20) as rig:
+            got.append((os.sched_getscheduler(0), os.sched_getparam(0).sched_priority))
+            assert control(rig, pcm(R_PCM_PREPARE, 0))[0] == S_OK
+
+    thread = threading.Thread(target=activate)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    if got[0][0] != os.SCHED_FIFO:
+        pytest.skip("this host refuses SCHED_FIFO (no CAP_SYS_NICE): the device went on without it")
+    assert got == [(os.SCHED_FIFO, 5)]
+    assert os.sched_getscheduler(0) != os.SCHED_FIFO  # the test's own thread untouched
