@@ -49,7 +49,7 @@ from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-from posix.unistd cimport close, read, write
+from posix.unistd cimport close, read
 
 from virtio_queue._linux cimport (sched_yield, epoll_event, epoll_create1, epoll_ctl, epoll_wait,
                                   EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL)

@@ -1201,7 +1201,7 @@ cdef class StreamTimer(FdPump):
 
     cdef int _account_nogil(self, unsigned long long c0, Py_ssize_t periods, double now) noexcept nogil:
         """:meth:`_account` without the GIL; what it cannot do is owed to tick_c."""
-        cdef int n, i
+        cdef int n, _
         cdef int rc = 0
         if self.pacer.completed == c0:
             return 0
@@ -1216,7 +1216,7 @@ cdef class StreamTimer(FdPump):
         elif n:
             self._sig.signal_nogil()
         if periods and self.started and self.events is not None:
-            for i in range(periods if periods < EVENT_BACKLOG else EVENT_BACKLOG):
+            for _ in range(periods if periods < EVENT_BACKLOG else EVENT_BACKLOG):
                 if self.events.send_nogil(EVT_PCM_PERIOD_ELAPSED, self.pacer.stream_id):
                     self._events_owed = True
                     rc = 1
@@ -1224,7 +1224,8 @@ cdef class StreamTimer(FdPump):
 
     cdef int _dry_check_nogil(self, double now) noexcept nogil:
         """:meth:`_dry_check` without the GIL."""
-        if not (self.dry_armed and self.pacer._running and self.pacer.deadline < 0 and self.pacer._count == 0):
+        if not (self.dry_armed and self.pacer._running and self.pacer.deadline < 0
+                and self.pacer._count == 0):
             self._dry_deadline = -1.0
             return 0
         if self._dry_deadline < 0:

@@ -444,9 +444,6 @@ cdef class Queue:
 
     cdef int add_used_c(self, uint16_t head, uint32_t length) except -1:
         """Put {head, length} in the used ring and publish used->idx (release)."""
-        cdef unsigned char *elem
-        cdef DescStateSplit *d = NULL
-        cdef uint32_t v[2]
         cdef bint split = False
         if head >= self._size:
             raise InvalidDescriptorIndex(

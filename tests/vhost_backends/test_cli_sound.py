@@ -76,7 +76,7 @@ def test_rt_priority_from_environment() -> None:
 
 
 def test_rt_priority_out_of_range_is_refused_by_the_device() -> None:
-    with pytest.raises(ValueError, match="rt_priority must be from 0 to 99 .* not 100"):
+    with pytest.raises(ValueError, match=r"rt_priority must be from 0 to 99 .* not 100"):
         SoundDevice(NullAudio(), rt_priority=100)
 
 

@@ -1037,7 +1037,8 @@ def test_null_stream_periods_served_by_the_nogil_pump() -> None:
             assert evq is not None and evq.period_elapsed_sent == 8
             sent = rig.used(EVT)
             assert [h for h, _ in sent] == [h for h, _ in events]
-            assert {struct.unpack("<I", rig.read(out, 4))[0] for _, (out,) in events} == {EVT_PCM_PERIOD_ELAPSED}
+            codes = {struct.unpack("<I", rig.read(out, 4))[0] for _, (out,) in events}
+            assert codes == {EVT_PCM_PERIOD_ELAPSED}
             timers = []
             for stream in dev.streams[:2]:
                 assert isinstance(stream.worker, _TimerStream)
