@@ -17,9 +17,11 @@ itself: one compiled object per ring reads the kick eventfd and then either
 An exception raised by ``serve`` goes to the ring's ``fail(exc)`` (the transport's
 error policy), never up through the poll unless there is no ``fail`` or it raises.
 
-The ring object is also the one owner of the ring's call eventfd: the transport
-gives it the fd (:meth:`KickRing.set_call_fd`, which closes the previous one) and the
-device's interrupt signals through :meth:`KickRing.signal_used`.
+The ring object is also the one owner of the ring's call eventfd, through its
+:class:`~virtio_devices._pump.Signaller` (:attr:`KickRing.signaller`, which compiled
+device paths hold and call, also without the GIL): the transport gives it the fd
+(:meth:`KickRing.set_call_fd`, which closes the previous one) and the device's
+interrupt signals through :meth:`KickRing.signal_used` or the signaller.
 
 Adaptive polling (``Epoll(poll_max_us=...)``, as QEMU's event loop polls its
 handlers): after a ring was served, the poll watches the avail index of every ring
