@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from vhost_backends.event_loop import EventLoop, KickRing
-from virtio_devices._pump import EventfdPump, FdPump
+from virtio_devices._pump import EventfdPump, FdPump, Signaller
 from virtio_devices.device_loop import DeviceLoop
 from virtio_devices.hosts.input import EV_KEY, EV_SYN, KEY_A, SYN_REPORT, PipeInputHost
 from virtio_devices.input import EVENTQ, InputDevice
@@ -371,3 +371,28 @@ def test_nogil_and_gil_pumps_in_one_batch(efd: int) -> None:
 def test_base_pump_offers_no_nogil_path() -> None:
     assert not FdPump().offers_nogil
     assert not EventfdPump(-1).offers_nogil
+
+
+def test_signaller_owns_its_call_fd_and_the_ring_gives_it_out() -> None:
+    """A Signaller writes the call eventfd it owns (none: nothing); a new fd
+    replaces and closes the old one in place, so holders signal the current one."""
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    b = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    mem = GuestMemory.from_buffer(bytearray(1 << 16))
+    ring = KickRing(MockSplitQueue(mem, 8).create_queue(), 0, lambda i: None, call_fd=a)
+    sig = ring.signaller
+    assert isinstance(sig, Signaller) and sig.call_fd == a == ring.call_fd
+    sig()
+    assert os.eventfd_read(a) == 1
+    ring.set_call_fd(b)  # SET_VRING_CALL: the holder now signals b
+    with pytest.raises(OSError):
+        os.fstat(a)  # closed
+    sig()
+    assert os.eventfd_read(b) == 1
+    with pytest.raises(ValueError, match="bad file descriptor -2"):
+        sig.set_fd(-2)
+    ring.close()
+    assert sig.call_fd == -1
+    sig()  # no fd: nothing
+    with pytest.raises(OSError):
+        os.fstat(b)
