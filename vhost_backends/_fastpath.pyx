@@ -17,9 +17,11 @@ itself: one compiled object per ring reads the kick eventfd and then either
 An exception raised by ``serve`` goes to the ring's ``fail(exc)`` (the transport's
 error policy), never up through the poll unless there is no ``fail`` or it raises.
 
-The ring object is also the one owner of the ring's call eventfd: the transport
-gives it the fd (:meth:`KickRing.set_call_fd`, which closes the previous one) and the
-device's interrupt signals through :meth:`KickRing.signal_used`.
+The ring object is also the one owner of the ring's call eventfd, through its
+:class:`~virtio_devices._pump.Signaller` (:attr:`KickRing.signaller`, which compiled
+device paths hold and call, also without the GIL): the transport gives it the fd
+(:meth:`KickRing.set_call_fd`, which closes the previous one) and the device's
+interrupt signals through :meth:`KickRing.signal_used` or the signaller.
 
 Adaptive polling (``Epoll(poll_max_us=...)``, as QEMU's event loop polls its
 handlers): after a ring was served, the poll watches the avail index of every ring
@@ -49,13 +51,13 @@ from cpython.ref cimport PyObject
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-from posix.unistd cimport close, read, write
+from posix.unistd cimport close, read
 
 from virtio_queue._linux cimport (sched_yield, epoll_event, epoll_create1, epoll_ctl, epoll_wait,
                                   EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL)
 from virtio_queue.queue cimport Queue
 from virtio_queue.source cimport ByteSource
-from virtio_devices._pump cimport FdPump
+from virtio_devices._pump cimport FdPump, Signaller
 
 
 cdef enum:
@@ -66,6 +68,11 @@ cdef enum:
 cdef uint64_t RING_BIT = (<uint64_t>1) << 32
 # A host fd whose readiness an FdPump serves (virtio_devices._pump).
 cdef uint64_t PUMP_BIT = (<uint64_t>1) << 33
+# A host fd whose FdPump offers a nogil path: the rest of epoll_data.u64 is the
+# pump's address (the pump keeps its fd in loop_fd), so that the nogil phase of
+# the poll reaches it without a dict (which needs the GIL).  User-space
+# addresses never have the top bit set.
+cdef uint64_t NOGIL_BIT = (<uint64_t>1) << 63
 
 cdef enum:
     # Adaptive polling: the first window, and how often the spin looks at the
@@ -111,7 +118,8 @@ cdef class KickRing:
     cdef public object fill_source
     cdef public FdPump pump
     cdef int _kick_fd
-    cdef int _call_fd
+    # The call eventfd's owner, given out to compiled device paths (signaller).
+    cdef Signaller _sig
     cdef readonly bint attached
     cdef readonly unsigned long long kicks
     cdef readonly unsigned long long chains
@@ -124,7 +132,7 @@ cdef class KickRing:
 
     def __cinit__(self, *args, **kwargs):
         self._kick_fd = -1
-        self._call_fd = -1
+        self._sig = Signaller()
 
     def __init__(self, Queue queue not None, int index, serve, *, fill_source=None, fail=None,
                  int kick_fd=-1, int call_fd=-1):
@@ -136,11 +144,7 @@ cdef class KickRing:
         self.fail = fail
         self.fill_source = fill_source
         self._kick_fd = kick_fd
-        self._call_fd = call_fd
-
-    def __dealloc__(self):
-        if self._call_fd >= 0:
-            close(self._call_fd)
+        self._sig.set_fd(call_fd)
 
     @property
     def kick_fd(self):
@@ -155,17 +159,19 @@ cdef class KickRing:
     @property
     def call_fd(self):
         """The call eventfd this ring owns (-1: none)."""
-        return self._call_fd
+        return self._sig.fd
+
+    @property
+    def signaller(self):
+        """The ring's :class:`~virtio_devices._pump.Signaller`: its call eventfd's
+        owner, which compiled device paths call (also without the GIL); the fd
+        set here later is the one it writes."""
+        return self._sig
 
     def set_call_fd(self, int fd):
         """Own ``fd`` (-1: none) as the ring's call eventfd from now on; the previous
         one is closed (the vhost-user front-end replaces it with SET_VRING_CALL)."""
-        if fd < -1:
-            raise ValueError(f"bad file descriptor {fd}")
-        old = self._call_fd
-        self._call_fd = fd
-        if old >= 0 and old != fd:
-            close(old)
+        self._sig.set_fd(fd)
 
     def close(self):
         """Close the call eventfd (idempotent)."""
@@ -177,9 +183,7 @@ cdef class KickRing:
         self._signal()
 
     cdef inline void _signal(self) noexcept:
-        cdef uint64_t one = 1
-        if self._call_fd >= 0:
-            write(self._call_fd, &one, 8)
+        self._sig.signal_nogil()
 
     cdef int service(self, bint kicked, bint suppress) except -1:
         """Serve what the ring holds, on a kick (``kicked``: the kick's count is read
@@ -225,7 +229,7 @@ cdef class KickRing:
         if served:
             self.chains += <unsigned long long>served
             self.bytes += total
-            if self._call_fd >= 0 and self.queue.needs_notification_c():
+            if self._sig.fd >= 0 and self.queue.needs_notification_c():
                 self._signal()
         return status
 
@@ -255,6 +259,11 @@ cdef class Epoll:
     cdef int epfd
     cdef dict _rings        # fd -> KickRing
     cdef dict _pumps        # fd -> FdPump
+    cdef dict _by_addr      # address -> FdPump, for the pumps with a nogil path
+    # Pumps with a nogil path removed since the last poll began: kept alive until
+    # then, in case another thread removed one while the poll's nogil phase may
+    # still run it (see :meth:`set_pump`).
+    cdef list _retired
     cdef readonly long long poll_max_ns
     # No polling before this (CLOCK_MONOTONIC ns): another task wanted our CPU.
     cdef long long _calm_until_ns
@@ -263,6 +272,10 @@ cdef class Epoll:
     # A ring's serve ran in this poll (Python may have added a timer, stopped a ring).
     cdef bint _py_ran
     cdef readonly unsigned long long gave_way
+    #: Wake-ups whose ready fds the nogil pumps served all, the GIL not taken.
+    cdef readonly unsigned long long nogil_wakeups
+    #: Times the poll took the GIL back after a wait (the caller saw it or not).
+    cdef readonly unsigned long long gil_wakeups
 
     def __cinit__(self, *args, **kwargs):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -270,6 +283,8 @@ cdef class Epoll:
             PyErr_SetFromErrno(OSError)
         self._rings = {}
         self._pumps = {}
+        self._by_addr = {}
+        self._retired = []
 
     def __init__(self, long long poll_max_us=0, *, bint give_way=True):
         """``poll_max_us``: the longest adaptive polling window of a ring (0: never
@@ -300,7 +315,16 @@ cdef class Epoll:
         for ring in self._rings.values():
             (<KickRing>ring).attached = False
         self._rings.clear()
+        for pump in self._pumps.values():
+            self._forget(<FdPump>pump)
         self._pumps.clear()
+
+    cdef void _forget(self, FdPump pump):
+        """``pump`` no longer serves a fd of this set."""
+        pump.loop_fd = -1
+        if pump.offers_nogil:
+            self._by_addr.pop(<uint64_t><void *>pump, None)
+            self._retired.append(pump)
 
     cdef int _ctl(self, int op, int fd, uint32_t events, uint64_t data) except -1:
         cdef epoll_event ev
@@ -323,7 +347,9 @@ cdef class Epoll:
         ring = self._rings.pop(fd, None)
         if ring is not None:
             (<KickRing>ring).attached = False
-        self._pumps.pop(fd, None)
+        pump = self._pumps.pop(fd, None)
+        if pump is not None:
+            self._forget(<FdPump>pump)
         self._ctl(EPOLL_CTL_DEL, fd, 0, 0)
 
     def set_ring(self, int fd, unsigned int events, KickRing ring):
@@ -342,14 +368,33 @@ cdef class Epoll:
     def set_pump(self, int fd, unsigned int events, FdPump pump):
         """Serve the readiness of registered ``fd`` with ``pump.pump_c()`` inside
         :meth:`poll`; ``fd`` is returned only when it answers 1 or raises (the
-        exception is kept in ``pump.error``).  None: return ``fd`` again."""
+        exception is kept in ``pump.error``).  None: return ``fd`` again.
+
+        A pump that offers a nogil path (``pump.offers_nogil``) is run by
+        :meth:`poll` with the GIL released first, ``pump_c`` only when that asks
+        (virtio_devices._pump's rule).  This set keeps it alive until the poll
+        after it was replaced or removed.  Call this and :meth:`unregister` on the
+        loop's thread (as every change to what a nogil pump reads).
+
+        Raises:
+            ValueError: ``fd`` is a ring's kick fd, or ``pump`` serves another fd.
+        """
+        cdef uint64_t data = <uint32_t>fd
         if fd in self._rings:
             raise ValueError(f"fd {fd} is a ring's kick fd")
-        self._ctl(EPOLL_CTL_MOD, fd, events, <uint32_t>fd | (PUMP_BIT if pump is not None else 0))
+        if pump is not None and pump.loop_fd >= 0 and pump.loop_fd != fd:
+            raise ValueError(f"pump serves fd {pump.loop_fd} already, not fd {fd}")
+        if pump is not None:
+            data = (NOGIL_BIT | <uint64_t><void *>pump) if pump.offers_nogil else data | PUMP_BIT
+        self._ctl(EPOLL_CTL_MOD, fd, events, data)
+        old = self._pumps.pop(fd, None)
+        if old is not None:
+            self._forget(<FdPump>old)
         if pump is not None:
             self._pumps[fd] = pump
-        else:
-            self._pumps.pop(fd, None)
+            pump.loop_fd = fd
+            if pump.offers_nogil:
+                self._by_addr[<uint64_t><void *>pump] = pump
 
     @property
     def polling_paused(self):
@@ -363,7 +408,9 @@ cdef class Epoll:
         Kicks of rings are served here meanwhile, the wait going on for what is left
         of the timeout, unless a ring's ``serve`` ran: then it returns (possibly an
         empty list), so that the caller sees what that Python code did (a timer
-        it added, say).
+        it added, say).  The pumps that offer a nogil path are run right after
+        each wait with the GIL still released (:meth:`_wait`): a wake-up they
+        serve entirely goes back to waiting without taking the GIL.
 
         Raises:
             OSError: epoll_wait failed (not EINTR: a signal just returns).
@@ -384,13 +431,17 @@ cdef class Epoll:
         if 0 <= timeout <= 1e6:
             deadline = _now_ns() + <long long>(timeout * 1e9)
         self._py_ran = False
+        if self._retired:
+            # No nogil phase runs now: the pumps removed since the last poll go.
+            self._retired.clear()
         while True:
             ms = -1
             if deadline >= 0:
                 left = deadline - _now_ns()
                 ms = 0 if left <= 0 else <int>((left + 999999) // 1000000)
             with nogil:
-                n = epoll_wait(self.epfd, evs, MAX_EVENTS, ms)
+                n = self._wait(evs, ms, deadline)
+            self.gil_wakeups += 1
             if n < 0:
                 if errno == EINTR:
                     PyErr_CheckSignals()
@@ -404,7 +455,8 @@ cdef class Epoll:
             for i in range(n):
                 data = evs[i].data.u64
                 fd = <int><uint32_t>data   # (a literal 0xFFFFFFFF would be a Python int)
-                if data & RING_BIT:
+                # (NOGIL_BIT first: a pump's address may have the other bits.)
+                if data & RING_BIT and not data & NOGIL_BIT:
                     ring = self._rings.get(fd)
                     if ring is None:
                         continue    # stopped by a ring served before it in this batch
@@ -427,10 +479,18 @@ cdef class Epoll:
                                 polled = []
                             polled.append(r)
                     continue
-                if data & PUMP_BIT:
-                    pump = self._pumps.get(fd)
-                    if pump is None:
-                        continue    # removed by a callback earlier in this batch
+                if data & (PUMP_BIT | NOGIL_BIT):
+                    if data & NOGIL_BIT:
+                        # Its nogil path asked for pump_c.  Looked up by address:
+                        # a ring's serve earlier in this batch may have removed it.
+                        pump = self._by_addr.get(data & ~NOGIL_BIT)
+                        if pump is None:
+                            continue
+                        fd = (<FdPump>pump).loop_fd
+                    else:
+                        pump = self._pumps.get(fd)
+                        if pump is None:
+                            continue    # removed by a callback earlier in this batch
                     # pump_c runs here, within the poll (it adds no timers, stops
                     # no loop: those are the callback's); anything else is Python's.
                     try:
@@ -445,6 +505,41 @@ cdef class Epoll:
             if out or ms == 0 or self._py_ran:
                 # After Python code ran the caller looks at its timers again.
                 return out
+
+    cdef int _wait(self, epoll_event *evs, int ms, long long deadline) noexcept nogil:
+        """epoll_wait (GIL released by the caller) up to ``ms`` (-1: forever), then
+        run the nogil path of every ready pump that offers one; the events left
+        (the rest, and the pumps whose nogil path asked for ``pump_c``) are moved
+        to the front of ``evs`` and counted in the return.  While nothing is left
+        it waits again, for what is left of ``deadline`` (< 0: none), so the GIL
+        is not taken.  < 0: epoll_wait failed (errno)."""
+        cdef int n, m, i
+        cdef uint64_t data
+        cdef long long left
+        while True:
+            n = epoll_wait(self.epfd, evs, MAX_EVENTS, ms)
+            if n <= 0:
+                return n
+            m = 0
+            for i in range(n):
+                data = evs[i].data.u64
+                if data & NOGIL_BIT:
+                    # A borrowed reference: _by_addr (or _retired) keeps it alive.
+                    if (<FdPump><PyObject *><void *>(data & ~NOGIL_BIT)).serve_nogil() == 0:
+                        continue
+                if m != i:
+                    evs[m] = evs[i]
+                m += 1
+            if m:
+                return m
+            self.nogil_wakeups += 1
+            if ms == 0:
+                return 0
+            if deadline >= 0:
+                left = deadline - _now_ns()
+                if left <= 0:
+                    return 0
+                ms = <int>((left + 999999) // 1000000)
 
     cdef list _arm(self, list rings):
         """The rings of ``rings`` still served here, with the driver's notifications
@@ -508,7 +603,8 @@ cdef class Epoll:
                             m = epoll_wait(self.epfd, evs, MAX_EVENTS, 0)
                             for i in range(m):
                                 for j in range(nr):
-                                    if kick_fds[j] == <int><uint32_t>evs[i].data.u64:
+                                    if (not evs[i].data.u64 & NOGIL_BIT
+                                            and kick_fds[j] == <int><uint32_t>evs[i].data.u64):
                                         # A kick sent before the driver saw the
                                         # suppression: the spin serves it.
                                         read(kick_fds[j], &value, 8)

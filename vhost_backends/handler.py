@@ -560,9 +560,9 @@ class VhostUserHandler:
         ring, fd = self._vring_fd(msg, "SET_VRING_CALL")
         worker = ring.worker
         if worker is not None and worker.running:
-            # The worker may write the call fd with the GIL released
-            # (RingWorker.serve_nogil, VhostUserInterrupt.call_fd): the old fd is
-            # closed here only when it is stopped, and it starts again on the new.
+            # The worker may signal with the GIL released (RingWorker.serve_nogil,
+            # the ring's Signaller): the Signaller closes the old fd only when the
+            # worker is stopped, and the worker starts again on the new one.
             worker.stop()
             ring.set_call_fd(fd)
             self._start_worker(ring)

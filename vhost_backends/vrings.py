@@ -108,16 +108,10 @@ class VhostUserInterrupt:
 
     def signaller(self, queue_index: int) -> Callable[[], None]:
         """Queue ``queue_index``'s :meth:`signal_used` as a callable of no argument:
-        the ring's own compiled one, which a compiled device path calls without a
-        Python frame.  Valid while this interrupt is (the rings it holds)."""
-        return self._rings[queue_index].signal_used
-
-    def call_fd(self, queue_index: int) -> int:
-        """Queue ``queue_index``'s call eventfd now (-1: none), for a ring worker
-        that writes it with the GIL released (``RingWorker.serve_nogil``): it
-        reads it when it starts, and SET_VRING_CALL stops and restarts a running
-        worker around the change, so the worker never writes a closed fd."""
-        return self._rings[queue_index].call_fd
+        the ring's :class:`~virtio_devices._pump.Signaller`, which a compiled
+        device path calls without a Python frame (or without the GIL).  Valid
+        while this interrupt is (the rings it holds)."""
+        return self._rings[queue_index].signaller
 
     def signal_config_change(self) -> None:
         self._handler.send_config_change()

@@ -48,7 +48,7 @@ from virtio_queue.chain cimport (ChainCursor, DescriptorChain, Writer, Reader, c
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE, vring_desc
 from virtio_queue.memory cimport snap_ptr, snap_ptr_w
 from virtio_queue.queue cimport Queue
-from virtio_devices._pump cimport RingWorker
+from virtio_devices._pump cimport RingWorker, Signaller
 from virtio_devices.hosts._i2c_dev cimport I2cCMsg, I2cDevPort, I2cJob
 
 import errno as _errno
@@ -105,9 +105,9 @@ cdef class I2cRingWorker(RingWorker):
     cdef object device
     cdef I2cEngine engine
     cdef int index
-    # The ring's call eventfd for this run, when the transport gives it
-    # (``interrupt.call_fd``) and the bus is one adapter: serve_nogil may serve.
-    cdef int call_fd
+    # The ring's compiled Signaller for this run, when the transport gives one
+    # (``interrupt.signaller``) and the bus is one adapter: serve_nogil may serve.
+    cdef Signaller signaller
     cdef bint nogil_ok
     # A service of this run under the GIL found the device whole and took the
     # queue back for it (_serve's checks): only then does serve_nogil serve.
@@ -117,28 +117,28 @@ cdef class I2cRingWorker(RingWorker):
         self.device = device
         self.engine = engine
         self.index = index
-        self.call_fd = -1
 
     def start(self, int kick_fd, fail=None, post=None):
-        """``RingWorker.start``; the ring's call fd is read for this run (the
-        transport restarts the worker when it changes).
+        """``RingWorker.start``; the ring's Signaller is taken for this run (the
+        transport stops the worker while it replaces the Signaller's fd).
 
         Raises:
             RuntimeError: the worker runs already.
             ValueError: ``kick_fd`` is not a file descriptor.
         """
-        call_fd = getattr(self.engine.interrupt, "call_fd", None)
+        get = getattr(self.engine.interrupt, "signaller", None)
+        sig = get(self.index) if get is not None else None
         if self.running:
             raise RuntimeError(f"ring worker started twice (kick fd {kick_fd})")
         self.primed = False
-        self.nogil_ok = call_fd is not None and self.engine.port0 is not None
-        self.call_fd = call_fd(self.index) if self.nogil_ok else -1
+        self.nogil_ok = isinstance(sig, Signaller) and self.engine.port0 is not None
+        self.signaller = sig if self.nogil_ok else None
         RingWorker.start(self, kick_fd, fail, post)
 
     cdef int serve_nogil(self) noexcept nogil:
         if not self.primed:
             return 1
-        return self.engine.serve_nogil_c(self, self.call_fd)
+        return self.engine.serve_nogil_c(self, self.signaller)
 
     cdef int serve_c(self) except -1:
         self.engine.log_pending()
@@ -702,15 +702,14 @@ cdef class I2cEngine:
                 free(r.buf)
             r.buf = NULL
 
-    cdef int _notify_nogil(self, int call_fd) noexcept nogil:
-        cdef uint64_t one = 1
-        if self.queue.needs_notification_nogil() and call_fd >= 0:
-            write(call_fd, &one, 8)
+    cdef int _notify_nogil(self, Signaller signaller) noexcept nogil:
+        if signaller is not None and self.queue.needs_notification_nogil():
+            signaller.signal_nogil()
         return 0
 
-    cdef int serve_nogil_c(self, RingWorker worker, int call_fd) noexcept nogil:
+    cdef int serve_nogil_c(self, RingWorker worker, Signaller signaller) noexcept nogil:
         """A kick of ``worker``'s ring served without the GIL, as ``kick_c(True,
-        worker)`` serves it, notifying through the eventfd ``call_fd``: 0 when
+        worker)`` serves it, notifying through ``signaller``: 0 when
         served; 1 when the GIL path must go on (see the module docstring), after
         answering and notifying what was served.  Only with nothing held (no open
         group) and on a bus of one adapter."""
@@ -787,7 +786,7 @@ cdef class I2cEngine:
                     break
             if answered:
                 # Before notifications are on again, as kick_c does.
-                self._notify_nogil(call_fd)
+                self._notify_nogil(signaller)
                 answered = 0
             if python:
                 return 1

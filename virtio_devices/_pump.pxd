@@ -5,7 +5,23 @@ cdef class FdPump:
     cdef public object error
     cdef public unsigned long long pumped
     cdef public unsigned long long handed_over
+    # Readinesses pump_nogil served (counted in pumped too).
+    cdef public unsigned long long pumped_nogil
+    # Whether pump_nogil is offered (a subclass sets it): the vhost-user loop then
+    # runs it with the GIL released (the module docstring's rule).
+    cdef readonly bint offers_nogil
+    # The fd the loop serves with this pump (set by Epoll.set_pump; -1: none).
+    cdef int loop_fd
     cdef int pump_c(self) except -1
+    cdef int pump_nogil(self) noexcept nogil
+    cdef int serve_nogil(self) noexcept nogil
+
+
+cdef class Signaller:
+    # The call eventfd (-1: none), owned: closed when replaced, by close() or
+    # when the last holder lets go.
+    cdef int fd
+    cdef void signal_nogil(self) noexcept nogil
 
 
 cdef class RingWorker:

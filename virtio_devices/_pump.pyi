@@ -9,6 +9,9 @@ class FdPump:
     error: BaseException | None
     pumped: int
     handed_over: int
+    pumped_nogil: int
+    @property
+    def offers_nogil(self) -> bool: ...
     def pump(self) -> bool: ...
 
 @disjoint_base
@@ -20,7 +23,25 @@ class EventfdPump(FdPump):
     pending: int
     hand_over_at: int
     raise_at: int
-    def __init__(self, fd: int, *, hand_over_at: int = 0, raise_at: int = 0) -> None: ...
+    notify_fd: int
+    def __init__(
+        self,
+        fd: int,
+        *,
+        hand_over_at: int = 0,
+        raise_at: int = 0,
+        nogil: bool = False,
+        notify_fd: int = -1,
+    ) -> None: ...
+
+@disjoint_base
+class Signaller:
+    """One queue's interrupt to the driver as a compiled object."""
+
+    @property
+    def call_fd(self) -> int: ...
+    def set_fd(self, fd: int) -> None: ...
+    def __call__(self) -> None: ...
 
 @disjoint_base
 class RingWorker:

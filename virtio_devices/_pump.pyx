@@ -19,6 +19,21 @@ it first calls :meth:`FdPump.pump` (which raises a kept error, then runs
 ``pump_c`` once more) and does the Python path only when that returns true.  For
 that, ``pump_c`` must leave what it cannot serve where the Python path finds it
 (unread on the fd, or kept on the pump) and answer 1 again while it is there.
+
+A pump may also offer ``cdef int pump_nogil(self) noexcept nogil`` (and set
+``offers_nogil`` in ``__cinit__``): the vhost-user loop then runs it for the ready
+fd right after ``epoll_wait``, with the GIL still released, and goes back to
+sleep without taking the GIL when every ready fd was served so (0).  It answers 1
+when the GIL is needed (anything it cannot do in C, an error: kept in C fields
+of the pump), and the loop then calls ``pump_c`` with the GIL, exactly as a pump
+without a nogil path, so ``pump_c`` must take over from where ``pump_nogil``
+stopped.  The rule of the nogil path: it touches no Python object (only C fields
+and memory it owns or that the objects it keeps alive keep mapped), and every C
+field it reads or writes is changed only on the loop's thread (by ``pump_c``,
+the device's callbacks, the transport's messages), never by another thread: an
+adapter or worker thread, a test driving the daemon in-process, hands its
+changes to the loop with ``call_soon_threadsafe``.  The loop thread runs either
+the nogil pumps or Python, never both at once, so such fields need no lock.
 """
 
 
@@ -32,9 +47,26 @@ cdef class FdPump:
 
     # (error starts as None and the counts as 0: Cython's defaults.)
 
+    def __cinit__(self, *args, **kwargs):
+        self.loop_fd = -1
+
     cdef int pump_c(self) except -1:
         """Serve the fd's readiness: 0 when done, 1 when Python must go on.  The base
         class serves nothing."""
+        return 1
+
+    cdef int pump_nogil(self) noexcept nogil:
+        """Serve the fd's readiness without the GIL (the module docstring's rule): 0
+        when done, 1 when ``pump_c`` must run with the GIL.  The base class asks for
+        ``pump_c`` (it is not called unless ``offers_nogil`` is set)."""
+        return 1
+
+    cdef int serve_nogil(self) noexcept nogil:
+        """What the loop calls: ``pump_nogil``, counted (not to be overridden)."""
+        if self.pump_nogil() == 0:
+            self.pumped += 1
+            self.pumped_nogil += 1
+            return 0
         return 1
 
     def pump(self):
@@ -57,36 +89,73 @@ cdef class FdPump:
 
 from libc.errno cimport EAGAIN, errno
 from libc.stdint cimport uint64_t
-from posix.unistd cimport read
+from posix.unistd cimport close, read, write
 
 
 cdef class EventfdPump(FdPump):
     """The smallest pump, an example and the tests' probe: reads a nonblocking
     eventfd's count in C and adds it to :attr:`total`; answers 1 (Python goes on,
     the count kept in :attr:`pending`) for a count of at least ``hand_over_at``,
-    and raises ``RuntimeError`` for one of at least ``raise_at`` (0: never)."""
+    and raises ``RuntimeError`` for one of at least ``raise_at`` (0: never).
+
+    ``nogil``: it also offers the nogil path, which reads the count the same way
+    and leaves a count it must hand over or raise for (or a failed read's errno)
+    to ``pump_c``; ``notify_fd`` (an eventfd, -1: none) is written after every
+    count the nogil path served itself."""
 
     cdef public int fd
     cdef public unsigned long long total
     cdef public unsigned long long pending
     cdef public unsigned long long hand_over_at
     cdef public unsigned long long raise_at
+    cdef public int notify_fd
+    # What the nogil path left for pump_c: a count read, a read's errno.
+    cdef uint64_t _stashed
+    cdef int _stashed_errno
 
-    def __init__(self, int fd, *, unsigned long long hand_over_at=0, unsigned long long raise_at=0):
+    def __init__(self, int fd, *, unsigned long long hand_over_at=0, unsigned long long raise_at=0,
+                 bint nogil=False, int notify_fd=-1):
         self.fd = fd
         self.total = self.pending = 0
         self.hand_over_at = hand_over_at
         self.raise_at = raise_at
+        self.offers_nogil = nogil
+        self.notify_fd = notify_fd
 
-    cdef int pump_c(self) except -1:
-        cdef uint64_t value = 0
-        if self.pending:
-            return 1    # the Python path has not taken the last one yet
+    cdef int pump_nogil(self) noexcept nogil:
+        cdef uint64_t value = 0, one = 1
+        if self.pending or self._stashed or self._stashed_errno:
+            return 1
         if read(self.fd, &value, 8) != 8:
             if errno == EAGAIN:
                 return 0
-            raise OSError(errno, f"reading eventfd {self.fd} failed")
+            self._stashed_errno = errno
+            return 1
         self.total += value
+        if (self.raise_at and value >= self.raise_at) or (self.hand_over_at and value >= self.hand_over_at):
+            self._stashed = value
+            return 1
+        if self.notify_fd >= 0:
+            write(self.notify_fd, &one, 8)
+        return 0
+
+    cdef int pump_c(self) except -1:
+        cdef uint64_t value = 0
+        cdef int err = self._stashed_errno
+        if self.pending:
+            return 1    # the Python path has not taken the last one yet
+        if err:
+            self._stashed_errno = 0
+            raise OSError(err, f"reading eventfd {self.fd} failed")
+        if self._stashed:
+            value = self._stashed   # read (and counted) by the nogil path
+            self._stashed = 0
+        else:
+            if read(self.fd, &value, 8) != 8:
+                if errno == EAGAIN:
+                    return 0
+                raise OSError(errno, f"reading eventfd {self.fd} failed")
+            self.total += value
         if self.raise_at and value >= self.raise_at:
             raise RuntimeError(f"count {value} reached raise_at {self.raise_at}")
         if self.hand_over_at and value >= self.hand_over_at:
@@ -95,10 +164,56 @@ cdef class EventfdPump(FdPump):
         return 0
 
 
+# -- the driver's interrupt ----------------------------------------------------------------
+
+
+cdef class Signaller:
+    """One queue's interrupt to the driver as a compiled object: the call eventfd
+    it owns, written by calling it (or by ``signal_nogil`` from compiled code,
+    without the GIL: a nogil pump's notification).  The transport that gives
+    one out (vhost-user's ``KickRing.signaller``, ``Interrupt.signaller(i)``)
+    replaces the fd in place (SET_VRING_CALL), on the loop's thread, so every
+    holder signals the current one; a replaced fd is closed at once.  A
+    saturated counter (EAGAIN) means a call is pending anyway."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.fd = -1
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+
+    @property
+    def call_fd(self):
+        """The call eventfd (-1: none)."""
+        return self.fd
+
+    def set_fd(self, int fd):
+        """Own ``fd`` (-1: none) from now on; the previous one is closed.
+
+        Raises:
+            ValueError: ``fd`` is below -1.
+        """
+        if fd < -1:
+            raise ValueError(f"bad file descriptor {fd}")
+        old = self.fd
+        self.fd = fd
+        if old >= 0 and old != fd:
+            close(old)
+
+    cdef void signal_nogil(self) noexcept nogil:
+        cdef uint64_t one = 1
+        if self.fd >= 0:
+            write(self.fd, &one, 8)
+
+    def __call__(self):
+        """Interrupt the driver (no call fd: nothing)."""
+        self.signal_nogil()
+
+
 # -- ring workers ------------------------------------------------------------------------
 
 from libc.errno cimport EINTR
-from posix.unistd cimport close, write
 from virtio_queue._linux cimport (eventfd, EFD_CLOEXEC, EFD_NONBLOCK, pollfd, poll, POLLIN,
                                   epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLL_CLOEXEC,
                                   EPOLL_CTL_ADD, EPOLLIN)

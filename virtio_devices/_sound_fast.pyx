@@ -25,9 +25,12 @@ from libc.string cimport memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, itimerspec, timespec
 from posix.unistd cimport close, read
 
-from virtio_devices._pump cimport FdPump
+from virtio_devices._pump cimport FdPump, Signaller
 
-from virtio_queue.chain cimport DescriptorChain, Reader, Writer, make_chain, make_reader, make_writer
+from virtio_queue.chain cimport (ChainCursor, DescriptorChain, Reader, Writer, chain_next, chain_start,
+                                 make_chain, make_reader, make_writer)
+from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
+from virtio_queue.memory cimport MemorySnapshot, snap_ptr, snap_ptr_w
 from virtio_queue.queue cimport Queue
 
 from virtio_queue import InvalidDescriptorIndex
@@ -53,6 +56,8 @@ cdef enum:
     # The largest ring of the device (sound.QUEUE_SIZE): messages held at once.
     MAX_HELD = 1024
     ZERO_CHUNK = 4096
+    # The buffers of a message the nogil path walks (more: the GIL path).
+    MAX_SEGS = 16
 
 cdef unsigned char _zeros[ZERO_CHUNK]
 memset(_zeros, 0, ZERO_CHUNK)
@@ -74,6 +79,93 @@ cdef int _write_status(Writer w, uint32_t status, uint32_t latency) except -1:
     buf[7] = (latency >> 24) & 0xFF
     w.copy_in(buf, STATUS_SIZE)
     return 0
+
+
+cdef inline void _put_le32x2(unsigned char *p, uint32_t a, uint32_t b) noexcept nogil:
+    p[0] = a & 0xFF
+    p[1] = (a >> 8) & 0xFF
+    p[2] = (a >> 16) & 0xFF
+    p[3] = (a >> 24) & 0xFF
+    p[4] = b & 0xFF
+    p[5] = (b >> 8) & 0xFF
+    p[6] = (b >> 16) & 0xFF
+    p[7] = (b >> 24) & 0xFF
+
+
+cdef unsigned char *_status_ptr(Writer w) noexcept:
+    """The host address of the last 8 bytes of ``w``'s buffers (a message's
+    status) when they lie in one buffer, else NULL (then the writer is kept)."""
+    cdef size_t n
+    if w.nsegs == 0:
+        return NULL
+    n = w.segs[w.nsegs - 1].iov_len
+    if n < STATUS_SIZE:
+        return NULL
+    return <unsigned char *>w.segs[w.nsegs - 1].iov_base + n - STATUS_SIZE
+
+
+cdef unsigned char *_event_ptr(Writer w) noexcept:
+    """The host address of ``w``'s first 8 bytes (an event) when they lie in one
+    buffer, else NULL (then the writer is kept)."""
+    if w.nsegs == 0 or w.segs[0].iov_len < EVENT_SIZE:
+        return NULL
+    return <unsigned char *>w.segs[0].iov_base
+
+
+cdef struct Walk:
+    # A chain walked without the GIL: its device-writable buffers (host
+    # addresses, in order), the first device-readable one, and the totals.
+    unsigned char *wseg[MAX_SEGS]
+    uint32_t wlen[MAX_SEGS]
+    int nw
+    unsigned char *first_r
+    uint32_t first_r_len
+    uint64_t rtotal
+    uint64_t wtotal
+
+
+cdef int _walk(Queue q, uint16_t head, Walk *w) noexcept nogil:
+    """Walk chain ``head`` of ``q`` (rings current, its snapshot the caller's) with
+    a ChainCursor: 0 when every buffer lies in one region of guest memory (a
+    writable one for the device-writable part), the readable ones first and the
+    writable ones at most MAX_SEGS; 1 otherwise (a malformed chain too): the GIL
+    path (make_chain, a Writer) walks it again and answers it."""
+    cdef ChainCursor c
+    cdef vring_desc d
+    cdef int rc
+    cdef unsigned char *p
+    w.nw = 0
+    w.first_r = NULL
+    w.first_r_len = 0
+    w.rtotal = 0
+    w.wtotal = 0
+    chain_start(&c, q._desc, q._desc_gpa, q._size, head)
+    while True:
+        rc = chain_next(q._snap, &c, &d)
+        if rc == 0:
+            return 0
+        if rc < 0:
+            return 1
+        if d.len == 0:
+            continue
+        if d.flags & VRING_DESC_F_WRITE:
+            p = snap_ptr_w(q._snap, d.addr, d.len)
+            if p == NULL or w.nw == MAX_SEGS:
+                return 1
+            w.wseg[w.nw] = p
+            w.wlen[w.nw] = d.len
+            w.nw += 1
+            w.wtotal += d.len
+        else:
+            if w.nw:
+                return 1    # readable after writable (VIRTIO 1.2 §2.7.4.2)
+            p = snap_ptr(q._snap, d.addr, d.len)
+            if p == NULL:
+                return 1
+            if w.first_r == NULL:
+                w.first_r = p
+                w.first_r_len = d.len
+            w.rtotal += d.len
 
 
 @cython.final
@@ -102,6 +194,14 @@ cdef class IoPacer:
     cdef list _writers
     cdef uint16_t _heads[MAX_HELD]
     cdef uint32_t _sizes[MAX_HELD]
+    # Each message's status as a host address (NULL: its writer is kept instead);
+    # the snapshots in _snaps keep that memory mapped (_snap: the last one).
+    cdef unsigned char *_status[MAX_HELD]
+    cdef list _snaps
+    cdef MemorySnapshot _snap
+    # A head the nogil take popped and could not serve: take_c's first.
+    cdef uint16_t _left_head
+    cdef bint _has_left_head
     cdef Py_ssize_t _first
     cdef Py_ssize_t _count
     #: When the message in progress ends (the clock's seconds; < 0: none).
@@ -132,6 +232,7 @@ cdef class IoPacer:
         self.byte_rate = byte_rate
         self.period_bytes = period_bytes
         self._writers = [None] * MAX_HELD
+        self._snaps = []
         self._reader = Reader.__new__(Reader)
         self.deadline = -1.0
         self._end = 0.0
@@ -172,7 +273,7 @@ cdef class IoPacer:
     def __len__(self):
         return self._count
 
-    cdef inline void _start(self, double now, bint follows=False) noexcept:
+    cdef inline void _start(self, double now, bint follows=False) noexcept nogil:
         """Start the first message held, if none is in progress and time runs:
         at ``now``, or (``follows``: it was held when the one before it ended) at the
         end of the one before, so that a late timer does not slow the stream."""
@@ -187,21 +288,44 @@ cdef class IoPacer:
         self.deadline = self._end
 
     cdef int _hold(self, Writer w, uint16_t head, uint32_t nbytes) except -1:
+        """Hold a message (GIL): its status by address when it lies in one buffer
+        (the writer's snapshot kept), else by its writer."""
         cdef Py_ssize_t slot
+        cdef unsigned char *status
         if self._count >= MAX_HELD:
             raise OverflowError(f"sound stream {self.stream_id}: more than {MAX_HELD} messages held")
         slot = (self._first + self._count) % MAX_HELD
+        status = _status_ptr(w)
+        if status != NULL:
+            if w.snap is not self._snap:
+                if self._count == 0:
+                    self._snaps.clear()    # no address into the older ones is held
+                self._snaps.append(w.snap)
+                self._snap = w.snap
+            self._writers[slot] = None
+        else:
+            self._writers[slot] = w
+        self._status[slot] = status
         self._sizes[slot] = nbytes
         self._heads[slot] = head
-        self._writers[slot] = w
         self._count += 1
         self.queued_bytes += nbytes
         return 0
 
-    cdef Writer _pop(self, uint16_t *head):
-        """Remove the first message held: its writer (and head index)."""
+    cdef inline void _hold_nogil(self, uint16_t head, uint32_t nbytes, unsigned char *status) noexcept nogil:
+        """Hold a message the nogil take walked (room checked, status in _snap)."""
+        cdef Py_ssize_t slot = (self._first + self._count) % MAX_HELD
+        self._status[slot] = status
+        self._sizes[slot] = nbytes
+        self._heads[slot] = head
+        self._count += 1
+        self.queued_bytes += nbytes
+
+    cdef Writer _pop(self, uint16_t *head, unsigned char **status):
+        """Remove the first message held: its writer or status address (and head)."""
         cdef Writer w = <Writer>self._writers[self._first]
         self._writers[self._first] = None
+        status[0] = self._status[self._first]
         head[0] = self._heads[self._first]
         self._first = (self._first + 1) % MAX_HELD
         self._count -= 1
@@ -243,7 +367,11 @@ cdef class IoPacer:
         self.last_taken = 0
         while True:
             self.last_taken = taken
-            if not q.pop_head(&head):
+            if self._has_left_head:
+                # Popped by the nogil take, which could not serve it.
+                self._has_left_head = False
+                head = self._left_head
+            elif not q.pop_head(&head):
                 self._start(now)
                 if self.deadline >= 0:
                     # A message plays: its end looks at the ring anyway, so the
@@ -296,6 +424,65 @@ cdef class IoPacer:
             self._hold(w, head, <uint32_t>nbytes)
             taken += 1
 
+    cdef int take_nogil(self, double now) noexcept nogil:
+        """:meth:`take_c` without the GIL for the messages it knows in one walk
+        (:func:`_walk`): 0 when the ring is done, 1 when ``take_c`` must go on
+        with the GIL (a head popped and not served is left for it first)."""
+        cdef uint16_t head
+        cdef Py_ssize_t taken = 0
+        cdef int rc, i
+        cdef Walk w
+        cdef uint32_t sid
+        cdef uint64_t nbytes, left
+        cdef unsigned char *status
+        cdef unsigned char *p
+        self.last_taken = 0
+        while True:
+            self.last_taken = taken
+            rc = self.queue.pop_head_nogil(&head)
+            if rc <= 0:
+                self._start(now)
+                if rc < 0:
+                    return 1
+                if self.deadline >= 0:
+                    self.queue.suppress_notification_nogil()
+                    return 0
+                rc = self.queue.enable_notification_nogil()
+                if rc > 0:
+                    continue
+                return 1 if rc < 0 else 0
+            if (head >= self.queue._size or not self.accepting or self._count >= MAX_HELD
+                    or <void *>self.queue._snap != <void *>self._snap or _walk(self.queue, head, &w)
+                    or w.wtotal < STATUS_SIZE or w.rtotal < XFER_SIZE or w.first_r_len < XFER_SIZE
+                    or w.wlen[w.nw - 1] < STATUS_SIZE):
+                self._left_head = head
+                self._has_left_head = True
+                self._start(now)
+                return 1
+            p = w.first_r
+            sid = p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+            nbytes = w.rtotal - XFER_SIZE if self.output else w.wtotal - STATUS_SIZE
+            if sid != self.stream_id or nbytes > UINT32_MAX:
+                self._left_head = head
+                self._has_left_head = True
+                self._start(now)
+                return 1
+            if not self.output:
+                # Capture records silence: the frames, up to the status.
+                left = nbytes
+                for i in range(w.nw):
+                    if left == 0:
+                        break
+                    if w.wlen[i] < left:
+                        memset(w.wseg[i], 0, w.wlen[i])
+                        left -= w.wlen[i]
+                    else:
+                        memset(w.wseg[i], 0, left)
+                        left = 0
+            status = w.wseg[w.nw - 1] + w.wlen[w.nw - 1] - STATUS_SIZE
+            self._hold_nogil(head, <uint32_t>nbytes, status)
+            taken += 1
+
     def due(self, double now):
         """Complete, in order, every message whose time is over at ``now`` (status
         OK, ``latency_bytes``: for tx the bytes held behind it); each next one held
@@ -308,14 +495,18 @@ cdef class IoPacer:
         cdef uint32_t n, used
         cdef uint16_t head
         cdef unsigned long long latency
+        cdef unsigned char *status
         cdef Writer w
         while self.deadline >= 0 and self.deadline <= now:
             n = self._sizes[self._first]
-            w = self._pop(&head)
+            w = self._pop(&head, &status)
             self.last_end = self.deadline
             self.deadline = -1.0
             latency = self.queued_bytes if self.output else 0
-            _write_status(w, S_OK, <uint32_t>(latency if latency < UINT32_MAX else UINT32_MAX))
+            if status != NULL:
+                _put_le32x2(status, S_OK, <uint32_t>(latency if latency < UINT32_MAX else UINT32_MAX))
+            else:
+                _write_status(w, S_OK, <uint32_t>(latency if latency < UINT32_MAX else UINT32_MAX))
             used = STATUS_SIZE if self.output else n + STATUS_SIZE
             self.queue.add_used_c(head, used)
             self.completed += 1
@@ -327,6 +518,40 @@ cdef class IoPacer:
                 self.period_pos %= self.period_bytes
             self._start(now, True)
         return periods
+
+    cdef int due_nogil(self, double now, Py_ssize_t *periods) noexcept nogil:
+        """:meth:`due_c` without the GIL, adding the periods to ``*periods``: 0 when
+        every message due is completed, 1 when ``due_c`` must go on with the GIL
+        (the next one's status is kept by a writer, or the used ring needs it)."""
+        cdef uint32_t n, used
+        cdef uint16_t head
+        cdef unsigned long long latency
+        cdef unsigned char *status
+        while self.deadline >= 0 and self.deadline <= now:
+            status = self._status[self._first]
+            if status == NULL:
+                return 1
+            n = self._sizes[self._first]
+            head = self._heads[self._first]
+            latency = self.queued_bytes if self.output else 0
+            # (Written again by due_c if the used ring asks for the GIL.)
+            _put_le32x2(status, S_OK, <uint32_t>(latency if latency < UINT32_MAX else UINT32_MAX))
+            used = STATUS_SIZE if self.output else n + STATUS_SIZE
+            if self.queue.add_used_nogil(head, used) < 0:
+                return 1
+            self._first = (self._first + 1) % MAX_HELD
+            self._count -= 1
+            self.last_end = self.deadline
+            self.deadline = -1.0
+            self.completed += 1
+            self.used_bytes += used
+            self.frames_bytes += n
+            if self.period_bytes:
+                self.period_pos += n
+                periods[0] += <Py_ssize_t>(self.period_pos // self.period_bytes)
+                self.period_pos %= self.period_bytes
+            self._start(now, True)
+        return 0
 
     def finish_current(self, double now):
         """Complete the message in progress now, whatever its time (before a
@@ -344,19 +569,40 @@ cdef class IoPacer:
         cdef Py_ssize_t done = 0
         cdef uint32_t used
         cdef uint16_t head
+        cdef unsigned char *where
         cdef Writer w
         while self._count:
-            w = self._pop(&head)
-            _write_status(w, status, 0)
+            w = self._pop(&head, &where)
+            if where != NULL:
+                _put_le32x2(where, status, 0)
+            else:
+                _write_status(w, status, 0)
             used = STATUS_SIZE
             self.queue.add_used_c(head, used)
             self.completed += 1
             self.used_bytes += used
             done += 1
+        if self._has_left_head:
+            # Popped after those by the nogil take, not served yet: answered too.
+            self._has_left_head = False
+            head = self._left_head
+            used = 0
+            try:
+                w = make_writer(make_chain(self.queue._snap, self.queue._memory, self.queue._desc,
+                                           self.queue._desc_gpa, self.queue._size, head))
+                if w.avail >= STATUS_SIZE:
+                    _write_status(w, status, 0)
+                    used = STATUS_SIZE
+            except Exception:
+                pass    # a chain the device cannot walk: used, nothing written
+            self.queue.add_used_c(head, used)
+            done += 1
         self.deadline = -1.0
         self.queued_bytes = 0
         self._end = 0.0
         self._reader.snap = None    # the guest memory it last walked may go
+        self._snaps.clear()
+        self._snap = None
         return done
 
 
@@ -395,11 +641,23 @@ cdef class EventQueue:
 
     cdef readonly Queue queue
     cdef object signal
+    # The signal as a Signaller (the nogil path's), or None.
+    cdef Signaller _sig
     cdef object interrupt
     cdef int index
-    # The buffers held, in ring order, as a ring of MAX_HELD: writers, head indexes.
+    # The buffers held, in ring order, as a ring of MAX_HELD: writers, head indexes,
+    # and each one's 8 bytes as a host address (NULL: its writer is kept), whose
+    # memory the snapshots in _snaps keep mapped (_snap: the last one).
     cdef list _writers
     cdef uint16_t _heads[MAX_HELD]
+    cdef unsigned char *_ptrs[MAX_HELD]
+    cdef list _snaps
+    cdef MemorySnapshot _snap
+    # A head the nogil take popped and could not serve: _take's first.
+    cdef uint16_t _left_head
+    cdef bint _has_left_head
+    # The nogil path completed events without the notification: flush_c owes it.
+    cdef bint _notify_owed
     cdef Py_ssize_t _h_first
     cdef Py_ssize_t _h_count
     cdef uint32_t _pending[2 * EVENT_BACKLOG]
@@ -424,7 +682,9 @@ cdef class EventQueue:
         # compiled KickRing.signal_used) is called without a Python frame.
         signaller = getattr(interrupt, "signaller", None)
         self.signal = signaller(index) if signaller is not None else None
+        self._sig = self.signal if isinstance(self.signal, Signaller) else None
         self._writers = [None] * MAX_HELD
+        self._snaps = []
         self.are_tail = True
         self.serving = True
 
@@ -443,17 +703,30 @@ cdef class EventQueue:
 
     cdef int _hold(self, Writer w, uint16_t head) except -1:
         cdef Py_ssize_t slot
+        cdef unsigned char *ptr
         if self._h_count >= MAX_HELD:
             raise OverflowError(f"more than {MAX_HELD} event buffers held")
         slot = (self._h_first + self._h_count) % MAX_HELD
-        self._writers[slot] = w
+        ptr = _event_ptr(w)
+        if ptr != NULL:
+            if w.snap is not self._snap:
+                if self._h_count == 0:
+                    self._snaps.clear()    # no address into the older ones is held
+                self._snaps.append(w.snap)
+                self._snap = w.snap
+            self._writers[slot] = None
+        else:
+            self._writers[slot] = w
+        self._ptrs[slot] = ptr
         self._heads[slot] = head
         self._h_count += 1
         return 0
 
-    cdef Writer _pop(self, uint16_t *head):
+    cdef Writer _pop(self, uint16_t *head, unsigned char **ptr=NULL):
         cdef Writer w = <Writer>self._writers[self._h_first]
         self._writers[self._h_first] = None
+        if ptr != NULL:
+            ptr[0] = self._ptrs[self._h_first]
         head[0] = self._heads[self._h_first]
         self._h_first = (self._h_first + 1) % MAX_HELD
         self._h_count -= 1
@@ -466,6 +739,10 @@ cdef class EventQueue:
         while self._h_count:
             self._pop(&head)
             heads.append(head)
+        if self._has_left_head:
+            # Popped after those (by the nogil take) and not served yet.
+            self._has_left_head = False
+            heads.append(self._left_head)
         return heads
 
     def clear(self):
@@ -474,6 +751,10 @@ cdef class EventQueue:
         self._p_count = 0
         self.unserved = None
         self.are_tail = True
+        self._has_left_head = False
+        self._notify_owed = False
+        self._snaps.clear()
+        self._snap = None
 
     def quiet(self):
         """While buffers are held the driver need not kick for the ones it adds
@@ -493,9 +774,13 @@ cdef class EventQueue:
         return self.flush_c() != 0
 
     cdef int send_c(self, uint32_t code, uint32_t data) except -1:
-        cdef Py_ssize_t slot
         if not self.queue._ready:
             return 0
+        self._queue_event(code, data)
+        return self.flush_c()
+
+    cdef inline void _queue_event(self, uint32_t code, uint32_t data) noexcept nogil:
+        cdef Py_ssize_t slot
         if self._p_count == EVENT_BACKLOG:
             # The oldest is dropped (a driver that gives no buffers).
             self._p_first = (self._p_first + 1) % EVENT_BACKLOG
@@ -504,16 +789,100 @@ cdef class EventQueue:
         self._pending[2 * slot] = code
         self._pending[2 * slot + 1] = data
         self._p_count += 1
-        return self.flush_c()
+
+    cdef int send_nogil(self, uint32_t code, uint32_t data) noexcept nogil:
+        """:meth:`send_c` without the GIL: the event is queued; 1 when delivering
+        what waits needs :meth:`flush_c` with the GIL."""
+        if not self.queue._ready:
+            return 0
+        self._queue_event(code, data)
+        return self.flush_nogil()
+
+    cdef int flush_nogil(self) noexcept nogil:
+        """:meth:`flush_c` without the GIL, for buffers held by address: 0 when done,
+        1 when :meth:`flush_c` must go on with the GIL."""
+        cdef bint sent = False
+        cdef int rc = 0, n
+        cdef unsigned char *ptr
+        cdef uint32_t code, data
+        if self._notify_owed or self.unserved is not None:
+            return 1
+        if not self._p_count:
+            return 0
+        if not self._h_count and self.serving:
+            rc = self._take_nogil()
+        while self._p_count and self._h_count:
+            ptr = self._ptrs[self._h_first]
+            if ptr == NULL:
+                rc = 1
+                break
+            code = self._pending[2 * self._p_first]
+            data = self._pending[2 * self._p_first + 1]
+            _put_le32x2(ptr, code, data)
+            if self.queue.add_used_nogil(self._heads[self._h_first], EVENT_SIZE) < 0:
+                rc = 1    # (written again by flush_c)
+                break
+            self._p_first = (self._p_first + 1) % EVENT_BACKLOG
+            self._p_count -= 1
+            self._h_first = (self._h_first + 1) % MAX_HELD
+            self._h_count -= 1
+            if code == EVT_PCM_PERIOD_ELAPSED:
+                self.period_elapsed_sent += 1
+            elif code == EVT_PCM_XRUN:
+                self.xrun_sent += 1
+            sent = True
+        if not self._h_count:
+            self.are_tail = True
+        if sent:
+            n = self.queue.needs_notification_nogil()
+            if n < 0 or (n and self._sig is None):
+                self._notify_owed = True
+                return 1
+            if n:
+                self._sig.signal_nogil()
+        return rc
+
+    cdef int _take_nogil(self) noexcept nogil:
+        """:meth:`_take` without the GIL for buffers of 8 device-writable bytes in
+        one buffer: 0, or 1 when :meth:`_take` must go on with the GIL (a head
+        popped and not served is left for it first)."""
+        cdef uint16_t head
+        cdef int rc
+        cdef Walk w
+        while True:
+            rc = self.queue.pop_head_nogil(&head)
+            if rc < 0:
+                return 1
+            if rc == 0:
+                if self._h_count:
+                    self.queue.suppress_notification_nogil()
+                    return 0
+                rc = self.queue.enable_notification_nogil()
+                if rc > 0:
+                    continue
+                return 1 if rc < 0 else 0
+            if (head >= self.queue._size or self._h_count >= MAX_HELD
+                    or <void *>self.queue._snap != <void *>self._snap or _walk(self.queue, head, &w)
+                    or w.rtotal or w.wtotal < EVENT_SIZE or w.wlen[0] < EVENT_SIZE):
+                self._left_head = head
+                self._has_left_head = True
+                return 1
+            self._ptrs[(self._h_first + self._h_count) % MAX_HELD] = w.wseg[0]
+            self._heads[(self._h_first + self._h_count) % MAX_HELD] = head
+            self._h_count += 1
 
     cdef int flush_c(self) except -1:
         cdef int rc = 0
-        cdef bint sent = False
+        cdef bint sent = self._notify_owed
         cdef uint16_t head
         cdef Writer w
+        cdef unsigned char *ptr
         cdef unsigned char buf[EVENT_SIZE]
         cdef uint32_t code, data
+        self._notify_owed = False
         if not self._p_count:
+            if sent:
+                _notify(self.queue, self.signal, self.interrupt, self.index)
             return 0
         if not self._h_count and self.serving and self.unserved is None:
             rc = self._take()
@@ -522,16 +891,12 @@ cdef class EventQueue:
             data = self._pending[2 * self._p_first + 1]
             self._p_first = (self._p_first + 1) % EVENT_BACKLOG
             self._p_count -= 1
-            w = self._pop(&head)
-            buf[0] = code & 0xFF
-            buf[1] = (code >> 8) & 0xFF
-            buf[2] = (code >> 16) & 0xFF
-            buf[3] = (code >> 24) & 0xFF
-            buf[4] = data & 0xFF
-            buf[5] = (data >> 8) & 0xFF
-            buf[6] = (data >> 16) & 0xFF
-            buf[7] = (data >> 24) & 0xFF
-            w.copy_in(buf, EVENT_SIZE)
+            w = self._pop(&head, &ptr)
+            if ptr != NULL:
+                _put_le32x2(ptr, code, data)
+            else:
+                _put_le32x2(buf, code, data)
+                w.copy_in(buf, EVENT_SIZE)
             self.queue.add_used_c(head, EVENT_SIZE)
             if code == EVT_PCM_PERIOD_ELAPSED:
                 self.period_elapsed_sent += 1
@@ -553,7 +918,11 @@ cdef class EventQueue:
         cdef DescriptorChain ch
         cdef Writer w
         while True:
-            if not q.pop_head(&head):
+            if self._has_left_head:
+                # Popped by the nogil take, which could not serve it.
+                self._has_left_head = False
+                head = self._left_head
+            elif not q.pop_head(&head):
                 if self._h_count:
                     q.suppress_notification_c()
                     return 0
@@ -600,6 +969,12 @@ cdef class StreamTimer(FdPump):
     cdef readonly IoPacer pacer
     cdef readonly EventQueue events
     cdef object signal
+    # The signal as a Signaller (the nogil path's), or None.
+    cdef Signaller _sig
+    # What the nogil path left for the GIL's tick_c: a notification to ask for
+    # again (the used ring wanted the GIL), events to deliver.
+    cdef bint _notify_owed
+    cdef bint _events_owed
     cdef object interrupt
     cdef int index
     cdef int _fd
@@ -647,8 +1022,13 @@ cdef class StreamTimer(FdPump):
         self.interrupt = interrupt
         signaller = getattr(interrupt, "signaller", None)
         self.signal = signaller(self.index) if signaller is not None else None
+        self._sig = self.signal if isinstance(self.signal, Signaller) else None
         self.period_secs = period_secs
         self.clock = clock
+        # The nogil path: on the kernel's clock, with a compiled signaller (the
+        # vhost-user transport's); the tests' fake clocks are Python.
+        self.offers_nogil = clock is None and self._sig is not None and (
+            events is None or events._sig is not None)
         self.wakeup = -1.0
         self._next_ns = -1
         self._dry_deadline = -1.0
@@ -702,7 +1082,7 @@ cdef class StreamTimer(FdPump):
             return 0
         return self.tick_c(self._now())
 
-    cdef void _count_lateness(self) noexcept:
+    cdef void _count_lateness(self) noexcept nogil:
         """Count how late this wake-up is after the expiry it serves."""
         cdef long long late = <long long>(_monotonic() * 1e9) - self._next_ns
         cdef double periods = late / (self.period_secs * 1e9)
@@ -770,6 +1150,153 @@ cdef class StreamTimer(FdPump):
         self._dry_deadline = -1.0
         self._set_timer(-1.0, 0)
 
+    cdef int pump_nogil(self) noexcept nogil:
+        """:meth:`pump_c` without the GIL (``offers_nogil``: the kernel's clock and
+        compiled signallers): the expiry read and counted, the period's work
+        done by the nogil paths of the pacer, the event queue and the used
+        ring; 1 hands what is left to :meth:`pump_c`."""
+        cdef uint64_t count
+        if (self.unserved is not None or self.error is not None or self._notify_owed
+                or self._events_owed or self._fd < 0):
+            return 1
+        if self.events is not None and self.events.unserved is not None:
+            return 1
+        if read(self._fd, &count, 8) == 8:
+            self.expiries += count
+            if self._next_ns >= 0:
+                self._count_lateness()
+            if self._interval_ns:
+                self._next_ns += <long long>count * self._interval_ns
+                self.wakeup = self._next_ns * 1e-9
+            else:
+                self._next_ns = -1
+                self.wakeup = -1.0
+        if not self.serving:
+            return 0
+        return self._tick_nogil(_monotonic())
+
+    cdef int _tick_nogil(self, double now) noexcept nogil:
+        """:meth:`tick_c` without the GIL: 0, or 1 when tick_c must go on."""
+        cdef unsigned long long c0
+        cdef Py_ssize_t periods = 0
+        cdef int rc
+        if self._take_nogil(now):
+            return 1
+        c0 = self.pacer.completed
+        rc = self.pacer.due_nogil(now, &periods)
+        if self._account_nogil(c0, periods, now) or rc:
+            return 1
+        if self._take_nogil(now) or self._dry_check_nogil(now):
+            return 1
+        return self._arm_nogil()
+
+    cdef int _take_nogil(self, double now) noexcept nogil:
+        if not self.pacer.queue._ready:
+            return 0
+        cdef int rc = self.pacer.take_nogil(now)
+        if self.pacer.last_taken:
+            self.dry_armed = False
+            self._dry_deadline = -1.0
+        return rc
+
+    cdef int _account_nogil(self, unsigned long long c0, Py_ssize_t periods, double now) noexcept nogil:
+        """:meth:`_account` without the GIL; what it cannot do is owed to tick_c."""
+        cdef int n, _
+        cdef int rc = 0
+        if self.pacer.completed == c0:
+            return 0
+        self.dry_armed = True
+        self._dry_deadline = -1.0
+        if self.pacer.last_end > 0:
+            self._done_late = now - self.pacer.last_end
+        n = self.pacer.queue.needs_notification_nogil()
+        if n < 0:
+            self._notify_owed = True
+            rc = 1
+        elif n:
+            self._sig.signal_nogil()
+        if periods and self.started and self.events is not None:
+            for _ in range(periods if periods < EVENT_BACKLOG else EVENT_BACKLOG):
+                if self.events.send_nogil(EVT_PCM_PERIOD_ELAPSED, self.pacer.stream_id):
+                    self._events_owed = True
+                    rc = 1
+        return rc
+
+    cdef int _dry_check_nogil(self, double now) noexcept nogil:
+        """:meth:`_dry_check` without the GIL."""
+        if not (self.dry_armed and self.pacer._running and self.pacer.deadline < 0
+                and self.pacer._count == 0):
+            self._dry_deadline = -1.0
+            return 0
+        if self._dry_deadline < 0:
+            self._dry_deadline = now + self.period_secs
+            return 0
+        if now < self._dry_deadline:
+            return 0
+        self.dry_armed = False
+        self._dry_deadline = -1.0
+        if self._done_late >= self.period_secs:
+            self._xruns_device += 1
+        else:
+            self._xruns_driver += 1
+        if self.xrun_events and self.events is not None:
+            if self.events.send_nogil(EVT_PCM_XRUN, self.pacer.stream_id):
+                self._events_owed = True
+                return 1
+        return 0
+
+    cdef int _arm_nogil(self) noexcept nogil:
+        """:meth:`_arm` without the GIL (the kernel's clock): 0, or 1 when the
+        timer could not be set (``_arm`` sets it again with the GIL, and raises)."""
+        cdef double at = self.pacer.deadline
+        cdef long long at_ns, interval_ns = 0
+        if at >= 0:
+            interval_ns = <long long>(self.pacer._sizes[self.pacer._first] / self.pacer.byte_rate * 1e9 + 0.5)
+        else:
+            at = self._dry_deadline
+        if at < 0:
+            if self._next_ns >= 0:
+                return self._set_timer_nogil(-1.0, 0)
+            return 0
+        at_ns = <long long>(at * 1e9 + 0.5)
+        if self._next_ns >= 0 and -1000 <= at_ns - self._next_ns <= 1000:
+            return 0
+        return self._set_timer_nogil(at, interval_ns)
+
+    cdef int _set_timer_nogil(self, double at, long long interval_ns) noexcept nogil:
+        """:meth:`_set_timer` without the GIL: 1 when timerfd_settime failed."""
+        cdef itimerspec spec
+        cdef long long at_ns = <long long>(at * 1e9 + 0.5) if at >= 0 else -1
+        if at_ns < 0:
+            interval_ns = 0
+            spec.it_value.tv_sec = 0
+            spec.it_value.tv_nsec = 0
+        else:
+            if at_ns == 0:
+                at_ns = 1   # zero would disarm it
+            spec.it_value.tv_sec = <long>(at_ns // 1000000000)
+            spec.it_value.tv_nsec = <long>(at_ns % 1000000000)
+        spec.it_interval.tv_sec = <long>(interval_ns // 1000000000)
+        spec.it_interval.tv_nsec = <long>(interval_ns % 1000000000)
+        if self._fd < 0 or timerfd_settime(self._fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0:
+            return 1
+        self._next_ns = at_ns if at_ns >= 0 else -1
+        self._interval_ns = interval_ns
+        self.wakeup = at if at_ns >= 0 else -1.0
+        return 0
+
+    cdef int _settle_owed(self) except -1:
+        """Do with the GIL what the nogil path owes: 1 when Python must go on."""
+        cdef int rc = 0
+        if self._notify_owed:
+            self._notify_owed = False
+            _notify(self.pacer.queue, self.signal, self.interrupt, self.index)
+        if self._events_owed:
+            self._events_owed = False
+            if self.events is not None:
+                rc = self.events.flush_c()
+        return rc
+
     cdef int tick_c(self, double now) except -1:
         cdef IoPacer pacer = self.pacer
         cdef unsigned long long c0
@@ -778,6 +1305,8 @@ cdef class StreamTimer(FdPump):
             return 1
         if not self.serving:
             return 0
+        if self._settle_owed():
+            return 1
         if self._take(now):
             return 1
         c0 = pacer.completed

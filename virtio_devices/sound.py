@@ -65,6 +65,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 import struct
 import threading
 import time
@@ -649,6 +650,13 @@ class SoundDevice(VirtioDevice):
         clock: the monotonic clock that paces a ``loop_paced`` backend
             (``time.monotonic``: the kernel's ``CLOCK_MONOTONIC``, which the
             streams' timerfds use; tests pass a fake, and fire the timers).
+        rt_priority: 0 (the default, as upstream), or a ``SCHED_FIFO`` priority
+            (1-99) that :meth:`activate` gives the thread it runs on, the loop's,
+            so that a loaded host does not hold the streams' timers back (our
+            addition; a host that refuses it is logged, and the device goes on).
+
+    Raises:
+        ValueError: ``rt_priority`` is outside 0-99.
     """
 
     device_id = VIRTIO_ID_SOUND
@@ -657,7 +665,13 @@ class SoundDevice(VirtioDevice):
     features = COMMON_FEATURES
     has_config = True
 
-    def __init__(self, backend: AudioBackend, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, backend: AudioBackend, *, clock: Callable[[], float] = time.monotonic, rt_priority: int = 0
+    ) -> None:
+        if not 0 <= rt_priority <= 99:
+            raise ValueError(f"rt_priority must be from 0 to 99 (SCHED_FIFO), not {rt_priority}")
+        #: The SCHED_FIFO priority activate gives the loop's thread (0: none).
+        self.rt_priority = rt_priority
         # Read by the served-counts' setters, which VirtioDevice's __init__ calls.
         self.streams: list[_Stream] = []
         self._chains_done = self._bytes_done = 0
@@ -716,7 +730,14 @@ class SoundDevice(VirtioDevice):
         self, memory: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, loop: EventLoop
     ) -> None:
         """Start the device; the event queue and the tx/rx kicks get their compiled
-        servers (:class:`~virtio_devices._sound_fast.EventQueue`, ``KickPump``)."""
+        servers (:class:`~virtio_devices._sound_fast.EventQueue`, ``KickPump``);
+        with ``rt_priority``, the calling thread (the loop's) gets ``SCHED_FIFO``."""
+        if self.rt_priority:
+            try:
+                # pid 0: the calling thread alone (Linux schedules threads).
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
+            except OSError as e:
+                log.warning("sound: SCHED_FIFO priority %d refused: %s", self.rt_priority, e)
         super().activate(memory, queues, interrupt, loop)
         self.events = EventQueue(queues[EVENT_Q], EVENT_Q, interrupt)
         self.kick_pumps = {TX_Q: KickPump(), RX_Q: KickPump()}

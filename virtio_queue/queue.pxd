@@ -55,18 +55,24 @@ cdef class Queue:
     cdef int fill_c(self, ByteSource source, Py_ssize_t max_chains, bint suppress,
                     Py_ssize_t *served, unsigned long long *total) except -1
     cdef int add_used_c(self, uint16_t head, uint32_t length) except -1
+    cdef void _add_used_body(self, uint16_t head, uint32_t length, bint split) noexcept nogil
     cdef int needs_notification_c(self) except -1
+    cdef int _needs_notification_body(self) noexcept nogil
     cdef int enable_notification_c(self) except -1
+    cdef int _enable_notification_body(self) noexcept nogil
     cdef int disable_notification_c(self) except -1
     cdef int suppress_notification_c(self) except -1
-    # The hot path without the GIL (a ring worker's serve_nogil): valid only after
-    # avail_count_nogil answered >= 0, until the owner gives the queue back.
+    # The hot path without the GIL (a nogil pump's or ring worker's common case):
+    # -1 asks for the _c (or pop_head) call with the GIL instead, nothing done.
+    cdef int pop_head_nogil(self, uint16_t *head) noexcept nogil
     cdef int avail_count_nogil(self) noexcept nogil
     cdef uint16_t avail_head_nogil(self, uint16_t k) noexcept nogil
     cdef void pop_heads_nogil(self, uint16_t n) noexcept nogil
     cdef int add_used_nogil(self, uint16_t head, uint32_t length) noexcept nogil
     cdef int needs_notification_nogil(self) noexcept nogil
     cdef int enable_notification_nogil(self) noexcept nogil
-    cdef void disable_notification_nogil(self) noexcept nogil
+    cdef int disable_notification_nogil(self) noexcept nogil
+    cdef void _disable_notification_body(self) noexcept nogil
+    cdef int suppress_notification_nogil(self) noexcept nogil
     cdef void _inflight_popped(self, uint16_t head) noexcept nogil
     cdef void _inflight_release(self)

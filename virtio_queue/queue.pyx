@@ -114,36 +114,6 @@ cdef inline int _known_avail(Queue q) noexcept nogil:
     return <uint16_t>(q._avail_seen - q._next_avail)
 
 
-cdef inline void _add_used(Queue q, uint16_t head, uint32_t length, bint split) noexcept nogil:
-    """add_used's stores (the head checked, the rings current): the element, then
-    used->idx with release ordering, and the inflight area when tracked."""
-    cdef unsigned char *elem
-    cdef DescStateSplit *d = NULL
-    cdef uint32_t v[2]
-    v[0] = htole32(head)
-    v[1] = htole32(length)
-    if q._inflight != NULL and head < q._inflight_descs:
-        # Before publishing: link the head into the last batch (next =
-        # last_batch_head, last_batch_head = head), so that a back-end dying
-        # between publishing and clearing can be recovered from the used ring.
-        d = inflight_desc(q._inflight, head)
-        d.next = q._inflight.last_batch_head
-        q._inflight.last_batch_head = htole16(head)
-        vq_fence_seqcst()
-    if not split:
-        elem = q._used + 4 + 8 * <size_t>(q._next_used & (q._size - 1))
-        memcpy(elem, v, 8)
-        q._next_used += 1
-        vq_store_release16(q._used + 2, htole16(q._next_used))
-    else:
-        q._publish_used_split(v[0], v[1])
-    if d != NULL:
-        # After publishing: no longer in flight, and the used index reached.
-        vq_fence_seqcst()
-        d.inflight = 0
-        q._inflight.used_idx = htole16(q._next_used)
-
-
 cdef int _raise_ahead(Queue q, uint16_t idx) except -1:
     # rust-vmm's InvalidAvailRingIndex: the driver can never have more than a
     # queue's worth of chains outstanding.
@@ -421,6 +391,24 @@ cdef class Queue:
             self._inflight_popped(head[0])
         return 1
 
+    cdef int pop_head_nogil(self, uint16_t *head) noexcept nogil:
+        """pop_head without the GIL, for the common case alone: 1 (a head taken), 0
+        (none available), or -1 when pop_head must run with the GIL instead
+        (nothing was taken: the rings are not current for the memory, run over
+        regions, requests wait to be resubmitted, or avail->idx is more than a
+        queue ahead, which pop_head reports)."""
+        cdef int n
+        if vq_unlikely(not _rings_current(self) or self._n_resubmit):
+            return -1
+        n = _known_avail(self)
+        if n <= 0:
+            return -1 if n < 0 else 0
+        head[0] = _rd16(self._avail + 4 + 2 * <size_t>(self._next_avail & (self._size - 1)))
+        self._next_avail += 1
+        if self._inflight != NULL:
+            self._inflight_popped(head[0])
+        return 1
+
     cdef int _pop_head_split(self, uint16_t *head) except -1:
         """pop_head for a queue in split mode: the same steps, each ring field
         translated on its own."""
@@ -442,16 +430,18 @@ cdef class Queue:
             self._inflight_popped(head[0])
         return 1
 
-    # -- the hot path without the GIL: a ring worker's serve_nogil (virtio_devices._pump)
+    # -- the hot path without the GIL (a nogil pump's or a ring worker's common
+    # case).  Each *_nogil call returns -1 when the call with the GIL must run
+    # instead, nothing done; the caller owns the queue meanwhile (the loop thread
+    # for a pump, the worker between start and stop), so the memory table and the
+    # ring cannot change under it.
     cdef int avail_count_nogil(self) noexcept nogil:
         """How many chains from next_avail on are available (avail->idx re-read
         once those known are used up), or -1 when the GIL path must serve the
         queue: not ready, its rings not translated against the current memory, in
         split mode, resubmitted heads pending, or avail->idx more than a queue
-        ahead (pop_head raises for it).  After an answer >= 0 the other ``*_nogil``
-        methods may be used until the queue's owner gives it back: the memory
-        table and the ring cannot change before that (the transport stops the
-        ring's worker first)."""
+        ahead (pop_head raises for it).  avail_head_nogil and pop_heads_nogil are
+        valid for the chains it counted."""
         cdef int n
         if not _rings_current(self) or self._n_resubmit:
             return -1
@@ -471,15 +461,6 @@ cdef class Queue:
             for k in range(n):
                 self._inflight_popped(self.avail_head_nogil(k))
         self._next_avail += n
-
-    cdef int add_used_nogil(self, uint16_t head, uint32_t length) noexcept nogil:
-        """add_used_c on a queue known ready, current and not split (see
-        avail_count_nogil): 0, or -1 for a head not below the queue size (nothing
-        done)."""
-        if head >= self._size:
-            return -1
-        _add_used(self, head, length, False)
-        return 0
 
     # vhost-user "Inflight I/O tracking", split rings: a QueueRegionSplit head, then
     # desc_num DescStateSplit (layouts.pxd).  The fields are little-endian.
@@ -502,8 +483,45 @@ cdef class Queue:
         if vq_unlikely(not _rings_current(self)):
             self.ensure_ready()
             split = self._split
-        _add_used(self, head, length, split)
+        self._add_used_body(head, length, split)
         return 0
+
+    cdef int add_used_nogil(self, uint16_t head, uint32_t length) noexcept nogil:
+        """add_used_c without the GIL: 0, or -1 when add_used_c must run with the
+        GIL instead (nothing was done: the head is out of range or the rings are
+        not current, see pop_head_nogil)."""
+        if vq_unlikely(head >= self._size or not _rings_current(self)):
+            return -1
+        self._add_used_body(head, length, False)
+        return 0
+
+    cdef void _add_used_body(self, uint16_t head, uint32_t length, bint split) noexcept nogil:
+        """add_used_c's work once the head is checked and the rings current."""
+        cdef unsigned char *elem
+        cdef DescStateSplit *d = NULL
+        cdef uint32_t v[2]
+        v[0] = htole32(head)
+        v[1] = htole32(length)
+        if self._inflight != NULL and head < self._inflight_descs:
+            # Before publishing: link the head into the last batch (next =
+            # last_batch_head, last_batch_head = head), so that a back-end dying
+            # between publishing and clearing can be recovered from the used ring.
+            d = inflight_desc(self._inflight, head)
+            d.next = self._inflight.last_batch_head
+            self._inflight.last_batch_head = htole16(head)
+            vq_fence_seqcst()
+        if not split:
+            elem = self._used + 4 + 8 * <size_t>(self._next_used & (self._size - 1))
+            memcpy(elem, v, 8)
+            self._next_used += 1
+            vq_store_release16(self._used + 2, htole16(self._next_used))
+        else:
+            self._publish_used_split(v[0], v[1])
+        if self._inflight != NULL and head < self._inflight_descs:
+            # After publishing: no longer in flight, and the used index reached.
+            vq_fence_seqcst()
+            d.inflight = 0
+            self._inflight.used_idx = htole16(self._next_used)
 
     cdef void _publish_used_split(self, uint32_t id_le, uint32_t len_le) noexcept nogil:
         """add_used's element store and used->idx publication (release) in split
@@ -520,11 +538,16 @@ cdef class Queue:
     cdef int needs_notification_c(self) except -1:
         """VIRTIO 1.2 §2.7.10: whether the driver wants an interrupt now."""
         self.ensure_ready()
-        return self.needs_notification_nogil()
+        return self._needs_notification_body()
 
     cdef int needs_notification_nogil(self) noexcept nogil:
-        """needs_notification_c on a queue known ready and current (see
-        avail_count_nogil)."""
+        """needs_notification_c without the GIL: 0 or 1, or -1 when the rings are
+        not current (see pop_head_nogil; nothing was done)."""
+        if vq_unlikely(not _rings_current(self)):
+            return -1
+        return self._needs_notification_body()
+
+    cdef int _needs_notification_body(self) noexcept nogil:
         cdef uint16_t used_event, old, new
         if not self._event_idx:
             return (_avail_rd16(self, 0) & VRING_AVAIL_F_NO_INTERRUPT) == 0
@@ -836,11 +859,16 @@ cdef class Queue:
 
     cdef int enable_notification_c(self) except -1:
         self.ensure_ready()
-        return self.enable_notification_nogil()
+        return self._enable_notification_body()
 
     cdef int enable_notification_nogil(self) noexcept nogil:
-        """enable_notification_c on a queue known ready and current (see
-        avail_count_nogil)."""
+        """enable_notification_c without the GIL: 0 or 1, or -1 when the rings are
+        not current (see pop_head_nogil; nothing was done)."""
+        if vq_unlikely(not _rings_current(self)):
+            return -1
+        return self._enable_notification_body()
+
+    cdef int _enable_notification_body(self) noexcept nogil:
         cdef uint16_t flags
         if self._event_idx:
             _used_wr16(self, 4 + 8 * <size_t>self._size, self._next_avail)
@@ -854,12 +882,18 @@ cdef class Queue:
 
     cdef int disable_notification_c(self) except -1:
         self.ensure_ready()
-        self.disable_notification_nogil()
+        self._disable_notification_body()
         return 0
 
-    cdef void disable_notification_nogil(self) noexcept nogil:
-        """disable_notification_c on a queue known ready and current (see
-        avail_count_nogil)."""
+    cdef int disable_notification_nogil(self) noexcept nogil:
+        """disable_notification_c without the GIL: 0, or -1 when the rings are not
+        current (see pop_head_nogil; nothing was done)."""
+        if vq_unlikely(not _rings_current(self)):
+            return -1
+        self._disable_notification_body()
+        return 0
+
+    cdef void _disable_notification_body(self) noexcept nogil:
         if not self._event_idx:
             _used_wr16(self, 0, _used_rd16(self, 0) | VRING_USED_F_NO_NOTIFY)
 
@@ -872,6 +906,17 @@ cdef class Queue:
             return self.disable_notification_c()
         self.ensure_ready()
         _used_wr16(self, 4 + 8 * <size_t>self._size, <uint16_t>(self._next_avail - 1))
+        return 0
+
+    cdef int suppress_notification_nogil(self) noexcept nogil:
+        """suppress_notification_c without the GIL: 0, or -1 when the rings are not
+        current (see pop_head_nogil; nothing was done)."""
+        if vq_unlikely(not _rings_current(self)):
+            return -1
+        if not self._event_idx:
+            self._disable_notification_body()
+        else:
+            _used_wr16(self, 4 + 8 * <size_t>self._size, <uint16_t>(self._next_avail - 1))
         return 0
 
     def enable_notification(self):

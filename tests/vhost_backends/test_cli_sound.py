@@ -65,6 +65,21 @@ def test_alsa_device_from_environment() -> None:
         parse("--socket", "s", "--backend", "alsa", env={"VHD_SOUND_ALSA_DEVICE": " "})
 
 
+def test_rt_priority_from_environment() -> None:
+    """VHD_SOUND_RT_PRIORITY (our addition): a SCHED_FIFO priority, 1-99; unset: 0."""
+    assert parse("--socket", "s", "--backend", "null").rt_priority == 0
+    c = parse("--socket", "s", "--backend", "null", env={"VHD_SOUND_RT_PRIORITY": "10"})
+    assert c.rt_priority == 10
+    for bad in ("0", "100", "-1", "high"):
+        with pytest.raises(ConfigError, match=f"VHD_SOUND_RT_PRIORITY must be .* not '{bad}'"):
+            parse("--socket", "s", "--backend", "null", env={"VHD_SOUND_RT_PRIORITY": bad})
+
+
+def test_rt_priority_out_of_range_is_refused_by_the_device() -> None:
+    with pytest.raises(ValueError, match=r"rt_priority must be from 0 to 99 .* not 100"):
+        SoundDevice(NullAudio(), rt_priority=100)
+
+
 def test_path_without_file_name_is_config_error() -> None:
     with pytest.raises(ConfigError):
         parse("--socket", "/", "--backend", "null")

@@ -4,14 +4,17 @@ DeviceLoop over a loop without pumps) call the callback, which runs the pump."""
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import struct
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from vhost_backends.event_loop import EventLoop, KickRing
-from virtio_devices._pump import EventfdPump, FdPump
+from virtio_devices._pump import EventfdPump, FdPump, Signaller
 from virtio_devices.device_loop import DeviceLoop
 from virtio_devices.hosts.input import EV_KEY, EV_SYN, KEY_A, SYN_REPORT, PipeInputHost
 from virtio_devices.input import EVENTQ, InputDevice
@@ -229,3 +232,167 @@ def test_input_eventq_kick_served_by_the_device_kick_pump(efd: int, compiled: bo
             assert served == [EVENTQ]
         ring.close()
     host.close()
+
+
+# -- pumps without the GIL ---------------------------------------------------------
+
+
+def _wait_fd(fd: int) -> int:
+    """Wait (5 s at most) for eventfd ``fd`` and read its count."""
+    ready, _, _ = select.select([fd], [], [], 5)
+    assert ready, f"eventfd {fd} not written within 5 s"
+    return os.eventfd_read(fd)
+
+
+def test_nogil_pump_keeps_the_loop_asleep_without_the_gil(efd: int) -> None:
+    """A loop with no Python work: every readiness is served by the nogil path and
+    the poll goes back to epoll_wait without taking the GIL (only the stop does)."""
+    notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        pump = EventfdPump(efd, nogil=True, notify_fd=notify)
+        assert pump.offers_nogil
+        calls: list[str] = []
+        with EventLoop() as loop:
+            loop.add_reader(efd, _callback(pump, calls, loop), pump=pump)
+            epoll = loop._epoll
+            thread = threading.Thread(target=loop.run, kwargs={"timeout": 30})
+            thread.start()
+            for n in range(1, 6):
+                os.eventfd_write(efd, n)
+                _wait_fd(notify)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            assert not thread.is_alive()
+            # run() had no timer: one wait, left only for the stop.
+            assert epoll.gil_wakeups == 1
+            assert epoll.nogil_wakeups == 5
+        assert pump.total == 15
+        assert pump.pumped == pump.pumped_nogil == 5
+        assert calls == []
+    finally:
+        os.close(notify)
+
+
+def test_nogil_pump_fallback_runs_pump_c_then_the_callback(efd: int) -> None:
+    """The nogil path asks for the GIL for a count it cannot serve: pump_c takes
+    over (the count read once, not again) and the Python path runs."""
+    pump = EventfdPump(efd, hand_over_at=10, nogil=True)
+    calls: list[str] = []
+    with EventLoop() as loop:
+        loop.add_reader(efd, _callback(pump, calls, loop), pump=pump)
+        os.eventfd_write(efd, 12)
+        loop.run(timeout=5)
+        assert loop._epoll.nogil_wakeups == 0
+    assert pump.total == 12
+    assert calls == ["callback", "python path"]
+    assert pump.handed_over == 1 and pump.pumped_nogil == 0
+
+
+def test_nogil_pump_error_reaches_the_callback_and_the_device_guard(efd: int) -> None:
+    pump = EventfdPump(efd, raise_at=5, nogil=True)
+    errors: list[Exception] = []
+    with EventLoop() as loop:
+        dl = DeviceLoop(loop, lambda e: (errors.append(e), loop.stop()))
+        dl.open()
+        dl.add_reader(efd, lambda: (pump.pump(), None)[1], pump=pump)
+        os.eventfd_write(efd, 7)
+        loop.run(timeout=5)
+        dl.clear()
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert "raise_at 5" in str(errors[0])
+    assert pump.total == 7 and pump.error is None
+
+
+def test_nogil_pump_read_error_is_raised_by_pump_c() -> None:
+    """A read that fails in the nogil path (here: EBADF, a pipe's write end) is
+    kept as its errno and raised by pump_c, with the GIL, through the callback."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        pump = EventfdPump(w, nogil=True)  # the write end: read() fails with EBADF
+        errors: list[BaseException] = []
+
+        def cb() -> None:
+            try:
+                pump.pump()
+            except OSError as e:
+                errors.append(e)
+            loop.stop()
+
+        with EventLoop() as loop:
+            # Registered on the readable end, the pump reads the other one.
+            os.write(w, b"x")
+            loop.add_reader(r, cb, pump=pump)
+            loop.run(timeout=5)
+        assert len(errors) == 1 and "reading eventfd" in str(errors[0])
+        assert errors[0].errno == errno.EBADF
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_nogil_pump_removed_is_not_run_and_cannot_serve_two_fds(efd: int) -> None:
+    pump = EventfdPump(efd, nogil=True)
+    other = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        with EventLoop() as loop:
+            loop.add_reader(efd, lambda: None, pump=pump)
+            with pytest.raises(ValueError, match=f"pump serves fd {efd} already, not fd {other}"):
+                loop.add_reader(other, lambda: None, pump=pump)
+            loop.remove_reader(efd)
+            os.eventfd_write(efd, 1)
+            loop.add_reader(other, loop.stop)
+            os.eventfd_write(other, 1)
+            loop.run(timeout=5)
+        assert pump.total == 0 and pump.pumped == 0
+    finally:
+        os.close(other)
+
+
+def test_nogil_and_gil_pumps_in_one_batch(efd: int) -> None:
+    """A nogil pump that serves its fd and a plain pump that hands over, ready at
+    once: the plain one's callback runs, the nogil one is served without it."""
+    other = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        fast = EventfdPump(efd, nogil=True)
+        slow = EventfdPump(other, hand_over_at=1)
+        calls: list[str] = []
+        with EventLoop() as loop:
+            loop.add_reader(efd, _callback(fast, calls, loop), pump=fast)
+            loop.add_reader(other, _callback(slow, calls, loop), pump=slow)
+            os.eventfd_write(efd, 2)
+            os.eventfd_write(other, 3)
+            loop.run(timeout=5)
+        assert fast.total == 2 and fast.pumped_nogil == 1
+        assert slow.total == 3 and calls == ["callback", "python path"]
+    finally:
+        os.close(other)
+
+
+def test_base_pump_offers_no_nogil_path() -> None:
+    assert not FdPump().offers_nogil
+    assert not EventfdPump(-1).offers_nogil
+
+
+def test_signaller_owns_its_call_fd_and_the_ring_gives_it_out() -> None:
+    """A Signaller writes the call eventfd it owns (none: nothing); a new fd
+    replaces and closes the old one in place, so holders signal the current one."""
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    b = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    mem = GuestMemory.from_buffer(bytearray(1 << 16))
+    ring = KickRing(MockSplitQueue(mem, 8).create_queue(), 0, lambda i: None, call_fd=a)
+    sig = ring.signaller
+    assert isinstance(sig, Signaller) and sig.call_fd == a == ring.call_fd
+    sig()
+    assert os.eventfd_read(a) == 1
+    ring.set_call_fd(b)  # SET_VRING_CALL: the holder now signals b
+    with pytest.raises(OSError):
+        os.fstat(a)  # closed
+    sig()
+    assert os.eventfd_read(b) == 1
+    with pytest.raises(ValueError, match="bad file descriptor -2"):
+        sig.set_fd(-2)
+    ring.close()
+    assert sig.call_fd == -1
+    sig()  # no fd: nothing
+    with pytest.raises(OSError):
+        os.fstat(b)

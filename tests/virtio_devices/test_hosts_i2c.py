@@ -50,6 +50,7 @@ from virtio_devices.hosts.i2c import (
 from virtio_devices.i2c import VIRTIO_I2C_FLAGS_FAIL_NEXT, VIRTIO_I2C_FLAGS_M_RD, I2cDevice, out_hdr
 from virtio_devices.testing import DeviceRig, FakeInterrupt
 from virtio_devices.workers import WorkerPool
+from virtio_devices._pump import Signaller
 
 ALL_SMBUS = (
     SMBUS_FUNCS | I2C_FUNC_SMBUS_QUICK | I2C_FUNC_SMBUS_READ_I2C_BLOCK | I2C_FUNC_SMBUS_WRITE_I2C_BLOCK
@@ -532,24 +533,25 @@ def _send(rig: DeviceRig, reqs: list[tuple[int, bool, int, bool, str]]) -> list[
 
 
 class CallFdInterrupt(FakeInterrupt):
-    """A transport that gives a ring worker the queue's call eventfd (as vhost-user
-    does): the worker's nogil path notifies through it."""
+    """A transport that gives a ring worker the queue's compiled Signaller over a
+    call eventfd (as vhost-user does): the worker's nogil path notifies through it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.sig = Signaller()
+        self.sig.set_fd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
 
-    def call_fd(self, queue_index: int) -> int:
-        return self.fd
+    def signaller(self, queue_index: int) -> Signaller:
+        return self.sig
 
     def calls(self) -> int:
         try:
-            return os.eventfd_read(self.fd)
+            return os.eventfd_read(self.sig.call_fd)
         except BlockingIOError:
             return 0
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.sig.set_fd(-1)
 
 
 class WorkerKicks:

@@ -8,14 +8,18 @@ short buffers, and through the daemon in tests/integration/test_sound_daemon.py.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vhost_backends.event_loop import EventLoop
+from virtio_devices._pump import Signaller
 from virtio_devices.hosts.audio import AudioError, NullAudio, PcmParams
 from virtio_devices.sound import (
     CHMAPS,
@@ -947,3 +951,133 @@ def test_stream_timer_lateness_counts_start_empty() -> None:
         assert worker.timer.fileno() >= 0
     # Reset closed the timerfd.
     assert worker.timer.fileno() == -1
+
+
+# -- the null stream's periods without the GIL ---------------------------------------------------
+
+
+class _SignallerInterrupt:
+    """An interrupt whose queues have compiled signallers (as vhost-user's rings):
+    one call eventfd per queue."""
+
+    def __init__(self) -> None:
+        self.sigs = [Signaller() for _ in range(4)]
+        for sig in self.sigs:
+            sig.set_fd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+
+    def signal_used(self, queue_index: int) -> None:
+        self.sigs[queue_index]()
+
+    def signaller(self, queue_index: int) -> Signaller:
+        return self.sigs[queue_index]
+
+    def signal_config_change(self) -> None:
+        raise AssertionError("not used")
+
+
+class _RealLoop(EventLoop):
+    """The vhost-user loop, with the clock DeviceRig asks a loop for."""
+
+    clock = staticmethod(time.monotonic)
+
+
+def test_null_stream_periods_served_by_the_nogil_pump() -> None:
+    """Under the vhost-user loop with compiled signallers, a null stream's periods
+    (the completion, the status, the used ring, the driver's call, PERIOD_ELAPSED,
+    taking what the driver added meanwhile) run in the timer's nogil pump; a
+    message whose status lies across two buffers goes to the GIL path, which
+    answers it as before (VIRTIO 1.2 §5.14.6.8)."""
+    intr = _SignallerInterrupt()
+    with _RealLoop() as loop:
+        dev = SoundDevice(NullAudio())
+        rig = DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop, interrupt=intr)  # type: ignore[arg-type]
+        with rig:
+            events = [rig.add_request(EVT, [], [8]) for _ in range(8)]
+            rig.kick(EVT)
+            # 8 kHz mono S16: buffers of 160 bytes (one period) last 10 ms.
+            prepare_and_start(rig, 0, buffer=640, period=160, channels=1, rate=1)
+            prepare_and_start(rig, 1, buffer=640, period=160, channels=1, rate=1)
+            outs = [tx(rig, 0, b"\x55" * 160)]
+            rig.kick(TX)
+            ins = [rig.add_request(RX, [struct.pack("<I", 1)], [160, 8])]
+            rig.kick(RX)
+            # Added without a kick (the device suppressed them while one plays):
+            # the timer takes them at the first period's end.
+            outs += [tx(rig, 0, b"\x55" * 160) for _ in range(2)]
+            split = rig.add_request(TX, [struct.pack("<I", 0) + bytes(160)], [4, 4])
+            ins += [rig.add_request(RX, [struct.pack("<I", 1)], [160, 8]) for _ in range(3)]
+            done: dict[int, list[tuple[int, int]]] = {TX: [], RX: []}
+
+            def on_call(q: int) -> Callable[[], None]:
+                def cb() -> None:
+                    os.eventfd_read(intr.sigs[q].call_fd)
+                    done[q] += rig.used(q)
+                    if len(done[TX]) == 4 and len(done[RX]) == 4:
+                        loop.stop()
+
+                return cb
+
+            loop.add_reader(intr.sigs[TX].call_fd, on_call(TX))
+            loop.add_reader(intr.sigs[RX].call_fd, on_call(RX))
+            loop.run(timeout=30)
+            loop.remove_reader(intr.sigs[TX].call_fd)
+            loop.remove_reader(intr.sigs[RX].call_fd)
+            assert [h for h, _ in done[TX]] == [h for h, _ in outs[:3]] + [split[0]]
+            assert done[TX] == [(h, 8) for h, _ in done[TX]]
+            assert done[RX] == [(h, 168) for h, _ in ins]
+            for _, out in outs:
+                assert struct.unpack("<I", rig.read(out, 4))[0] == S_OK
+            lo, hi = split[1]
+            assert rig.read(lo, 4) + rig.read(hi, 4) == struct.pack("<I", S_OK) + struct.pack("<I", 0)
+            for _, (data, status) in ins:
+                assert rig.read(data, 160) == bytes(160)
+                assert struct.unpack("<I", rig.read(status, 4))[0] == S_OK
+            # One PERIOD_ELAPSED per message, each in a buffer of the driver's.
+            evq = dev.events
+            assert evq is not None and evq.period_elapsed_sent == 8
+            sent = rig.used(EVT)
+            assert [h for h, _ in sent] == [h for h, _ in events]
+            codes = {struct.unpack("<I", rig.read(out, 4))[0] for _, (out,) in events}
+            assert codes == {EVT_PCM_PERIOD_ELAPSED}
+            timers = []
+            for stream in dev.streams[:2]:
+                assert isinstance(stream.worker, _TimerStream)
+                timers.append(stream.worker.timer)
+            assert all(t.offers_nogil for t in timers)
+            # Python never had to go on; the periods went through the nogil pump
+            # (the split message's and the first take's through pump_c).
+            assert all(t.handed_over == 0 for t in timers)
+            assert timers[1].pumped_nogil >= 2 and timers[0].pumped_nogil >= 1
+    for sig in intr.sigs:
+        sig.set_fd(-1)
+
+
+def test_timer_without_a_compiled_signaller_offers_no_nogil_path() -> None:
+    with _RealLoop() as loop:
+        dev = SoundDevice(NullAudio())
+        with DeviceRig(dev, queue_size=64, memory_size=4 << 20, loop=loop) as rig:  # type: ignore[arg-type]
+            prepare_and_start(rig, 0)
+            worker = dev.streams[0].worker
+            assert isinstance(worker, _TimerStream)
+            assert not worker.timer.offers_nogil
+
+
+def test_rt_priority_gives_the_activating_thread_sched_fifo() -> None:
+    """rt_priority (our addition): activate, on the loop's thread, asks for SCHED_FIFO
+    for that thread alone; a host that refuses it leaves the device working."""
+    got: list[tuple[int, int]] = []
+
+    def activate() -> None:
+        dev = SoundDevice(NullAudio(), rt_priority=5)
+        with DeviceRig(dev, queue_size=64, memory_size=4 << 20) as rig:
+            got.append((os.sched_getscheduler(0), os.sched_getparam(0).sched_priority))
+            assert control(rig, pcm(R_PCM_PREPARE, 0))[0] == S_OK
+
+    thread = threading.Thread(target=activate)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    if got[0][0] != os.SCHED_FIFO:
+        pytest.skip("this host refuses SCHED_FIFO (no CAP_SYS_NICE): the device went on without it")
+    assert got == [(os.SCHED_FIFO, 5)]
+    assert os.sched_getscheduler(0) != os.SCHED_FIFO  # the test's own thread untouched

@@ -8,6 +8,9 @@ rate), ``alsa`` (pyalsaaudio; the PCM device is ``default`` as upstream, or
 ``VHD_SOUND_ALSA_DEVICE``), ``pulseaudio`` (a PulseAudio server, through
 libpulse's simple API) and ``pipewire`` (PipeWire through its PulseAudio server,
 ``pipewire-pulse``: the same client).  Upstream's ``gstreamer`` is not offered.
+``VHD_SOUND_RT_PRIORITY`` (1-99, our addition; unset: none, as upstream) gives the
+thread that serves a connection ``SCHED_FIFO`` at that priority, so that a loaded
+host does not hold the streams' periods back.
 
 Example::
 
@@ -33,6 +36,8 @@ PROG = "vhost-device-sound"
 BACKENDS = ("null", "alsa", "pulseaudio", "pipewire")
 #: Environment variable naming the ALSA PCM device (our addition; upstream: ``default``).
 ALSA_DEVICE_ENV = "VHD_SOUND_ALSA_DEVICE"
+#: Environment variable: a SCHED_FIFO priority for the serving thread (our addition).
+RT_PRIORITY_ENV = "VHD_SOUND_RT_PRIORITY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,14 +56,17 @@ class Config:
     socket_fd: int | None
     backend: str
     alsa_device: str = "default"
+    rt_priority: int = 0
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
-        """Validate the parsed flags (and ``VHD_SOUND_ALSA_DEVICE``).
+        """Validate the parsed flags (and ``VHD_SOUND_ALSA_DEVICE``,
+        ``VHD_SOUND_RT_PRIORITY``).
 
         Raises:
             ConfigError: the socket path names no file; ``--socket-fd`` is not an
-                open file descriptor; ``VHD_SOUND_ALSA_DEVICE`` is set but empty.
+                open file descriptor; ``VHD_SOUND_ALSA_DEVICE`` is set but empty;
+                ``VHD_SOUND_RT_PRIORITY`` is not a number from 1 to 99.
         """
         socket = verbatim_socket_path(ns.socket) if ns.socket is not None else None
         if ns.socket_fd is not None:
@@ -72,7 +80,10 @@ class Config:
         device = environ.get(ALSA_DEVICE_ENV)
         if device is not None and not device.strip():
             raise ConfigError(f"{ALSA_DEVICE_ENV} must name an ALSA PCM device, not {device!r}")
-        return cls(socket, ns.socket_fd, ns.backend, device.strip() if device else "default")
+        rt = environ.get(RT_PRIORITY_ENV, "").strip()
+        if rt and not (rt.isdigit() and 1 <= int(rt) <= 99):
+            raise ConfigError(f"{RT_PRIORITY_ENV} must be a SCHED_FIFO priority from 1 to 99, not {rt!r}")
+        return cls(socket, ns.socket_fd, ns.backend, device.strip() if device else "default", int(rt or 0))
 
     @property
     def label(self) -> str:
@@ -104,7 +115,12 @@ def run(config: Config) -> int:
     """Serve the socket until SIGINT/SIGTERM, a fresh device per connection."""
     backend = open_backend(config)
     try:
-        return serve(PROG, [config.label], lambda index: SoundDevice(backend), listen_fd=config.socket_fd)
+        return serve(
+            PROG,
+            [config.label],
+            lambda index: SoundDevice(backend, rt_priority=config.rt_priority),
+            listen_fd=config.socket_fd,
+        )
     finally:
         backend.close()
 
