@@ -39,7 +39,7 @@ from libc.errno cimport EIO, ENXIO, EREMOTEIO, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
-from posix.unistd cimport close, read, write
+from posix.unistd cimport close, read
 
 from virtio_queue._linux cimport (sched_yield, eventfd, EFD_CLOEXEC, EFD_NONBLOCK, pollfd, poll,
                                   POLLIN)

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from virtio_devices._pump import Signaller
 from virtio_devices.hosts.i2c import (
     I2C_FUNC_I2C,
     I2C_FUNC_SMBUS_QUICK,
@@ -50,7 +51,6 @@ from virtio_devices.hosts.i2c import (
 from virtio_devices.i2c import VIRTIO_I2C_FLAGS_FAIL_NEXT, VIRTIO_I2C_FLAGS_M_RD, I2cDevice, out_hdr
 from virtio_devices.testing import DeviceRig, FakeInterrupt
 from virtio_devices.workers import WorkerPool
-from virtio_devices._pump import Signaller
 
 ALL_SMBUS = (
     SMBUS_FUNCS | I2C_FUNC_SMBUS_QUICK | I2C_FUNC_SMBUS_READ_I2C_BLOCK | I2C_FUNC_SMBUS_WRITE_I2C_BLOCK
