@@ -102,9 +102,11 @@ class SoundSession:
             self.close()
             raise
 
-    def chain(self, index: int, readable: list[bytes], writable: list[int]) -> tuple[int, list[int]]:
+    def chain(
+        self, index: int, readable: list[bytes], writable: list[int], fill: int | None = None
+    ) -> tuple[int, list[int]]:
         assert self.fe is not None
-        return self.fe.add_request(index, readable, writable)
+        return self.fe.add_request(index, readable, writable, fill)
 
     def control(self, request: bytes, reply: int = 4) -> int:
         assert self.fe is not None
@@ -173,9 +175,9 @@ def test_null_capture_gives_silence_at_the_stream_rate(null_session: SoundSessio
     assert fe is not None
     s.start_stream(1)
     n = 10
-    bufs = [s.chain(RX, [struct.pack("<I", 1)], [PERIOD, 8]) for _ in range(n)]
-    for _, (data, _status) in bufs:
-        fe.memory.write(data, b"\xee" * PERIOD)
+    # Filled before they are made available: the driver does not touch a buffer
+    # the device may already hold (the device may take it before the kick).
+    bufs = [s.chain(RX, [struct.pack("<I", 1)], [PERIOD, 8], fill=0xEE) for _ in range(n)]
     fe.kick(RX)
     t0 = time.monotonic()
     assert s.control(struct.pack("<II", 0x0104, 1)) == S_OK  # START
