@@ -35,7 +35,6 @@ the avail ring: nothing is popped.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import struct
@@ -281,13 +280,12 @@ class ScsiDevice(VirtioDevice):
             except OSError as e:
                 log.warning("scsi: io_uring unavailable (%s): every request on the Python path", e)
         if self._engine is not None:
+            # The compiled signallers only (vhost-user's call fds): a drain calls
+            # them partway, where another transport's Python callback that
+            # raised would leave the drain's refused chains unserved.
             signaller = getattr(interrupt, "signaller", None)
             self._engine.attach(
-                queues,
-                [
-                    signaller(i) if signaller is not None else functools.partial(interrupt.signal_used, i)
-                    for i in range(len(queues))
-                ],
+                queues, [signaller(i) for i in range(len(queues))] if signaller is not None else None
             )
             loop.add_reader(self._engine.fd, self._on_engine)
             self._engine_loop = loop
