@@ -479,3 +479,10 @@ def test_drain_notifies_only_at_its_end_without_event_idx_or_when_off() -> None:
     ``signal_every`` = 0 turns the early ones off."""
     assert _drain_of_writes(event_idx=False, rearm=False) == ([20], 0)
     assert _drain_of_writes(event_idx=True, rearm=True, every=0) == ([20], 0)
+
+
+def test_attach_refuses_a_signaller_count_that_is_not_the_queue_count(pair: Pair) -> None:
+    """One signaller per queue, by index: any other count is a caller's bug."""
+    queues = pair.rigs[0].queues
+    with pytest.raises(ValueError, match=f"{len(queues)} queues, 1 signallers"):
+        pair.engine.attach(queues, [lambda: None])
