@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import select
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,7 @@ from virtio_devices.scsi.testing import (
     write10,
     write16,
 )
-from virtio_devices.testing import DeviceRig
+from virtio_devices.testing import DeviceRig, FakeInterrupt
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 BLOCKS = 64
@@ -413,3 +413,76 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
         assert data[24 * 512 : 32 * 512] == big[: 8 * 512] and data[32 * 512 : 160 * 512] == big
     finally:
         img.close()
+
+
+class _RecordingInterrupt(FakeInterrupt):
+    """A transport's interrupt with a compiled-style ``signaller``: records the
+    used index each notification was sent at, and (``rearm``) asks for the next
+    used entry each time, as a driver that took what was used does."""
+
+    def __init__(self, rearm: bool) -> None:
+        super().__init__()
+        self.rearm = rearm
+        self.rig: DeviceRig | None = None
+        self.at: list[int] = []
+
+    def signal_used(self, queue_index: int) -> None:
+        super().signal_used(queue_index)
+        assert self.rig is not None
+        mock = self.rig.mocks[queue_index]
+        self.at.append(mock.used_idx())
+        if self.rearm:
+            mock.set_used_event(mock.used_idx())
+
+    def signaller(self, index: int) -> Callable[[], None]:
+        return lambda: self.signal_used(index)
+
+
+def _drain_of_writes(event_idx: bool, rearm: bool, every: int | None = None) -> tuple[list[int], int]:
+    """20 inline writes in one kick: the used indexes notifications were sent at,
+    and how many the engine sent partway through its drain."""
+    interrupt = _RecordingInterrupt(rearm)
+    img = DiskImage.from_bytes(IMAGE, name="lun0")
+    dev = ScsiDevice([img], use_engine=True)
+    rig = DeviceRig(dev, queue_size=64, memory_size=8 << 20, event_idx=event_idx, interrupt=interrupt)
+    interrupt.rig = rig
+    try:
+        eng = dev._engine
+        if eng is None:
+            pytest.skip("io_uring is not available here")
+        if every is not None:
+            eng.signal_every = every
+        rig.mocks[RQ].set_used_event(0)  # the driver waits for the first used entry
+        for k in range(20):
+            rig.add_request(RQ, [cmd_req(write10(k, 1)), bytes([k]) * 512], [RESP_HEADER])
+        writes = eng.inline_writes
+        used = rig.kick(RQ)
+        assert len(used) == 20 and eng.inline_writes == writes + 20
+        return interrupt.at, eng.early_signals
+    finally:
+        rig.close()
+        img.close()
+
+
+def test_drain_notifies_partway_when_the_driver_asks() -> None:
+    """VIRTIO 1.2 §2.7.10: with EVENT_IDX the device notifies once used->idx passes
+    used_event.  A long drain asks every ``signal_every`` (8) completions, so a
+    driver that waits for its first used entry hears at the 8th, not after all 20;
+    one that asks again each time hears at 8, 16 and the drain's end."""
+    assert _drain_of_writes(event_idx=True, rearm=False) == ([8], 1)
+    assert _drain_of_writes(event_idx=True, rearm=True) == ([8, 16, 20], 2)
+
+
+def test_drain_notifies_only_at_its_end_without_event_idx_or_when_off() -> None:
+    """Without EVENT_IDX the driver cannot say which entry it waits for (only the
+    coarse VRING_AVAIL_F_NO_INTERRUPT, §2.7.7): one notification for the drain;
+    ``signal_every`` = 0 turns the early ones off."""
+    assert _drain_of_writes(event_idx=False, rearm=False) == ([20], 0)
+    assert _drain_of_writes(event_idx=True, rearm=True, every=0) == ([20], 0)
+
+
+def test_attach_refuses_a_signaller_count_that_is_not_the_queue_count(pair: Pair) -> None:
+    """One signaller per queue, by index: any other count is a caller's bug."""
+    queues = pair.rigs[0].queues
+    with pytest.raises(ValueError, match=f"{len(queues)} queues, 1 signallers"):
+        pair.engine.attach(queues, [lambda: None])

@@ -1,4 +1,4 @@
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import final
 
 from virtio_queue import DescriptorChain, Queue
@@ -14,6 +14,8 @@ class Engine:
     pool_min_write: int
     pool_min_cached: int
     submit_batch: int
+    signal_every: int
+    early_signals: int
     inline_writes: int
     slow_writes: int
     slow_ns: int
@@ -26,7 +28,9 @@ class Engine:
         inline_writes: bool = True,
         direct_fds: Sequence[int] | None = None,
     ) -> None: ...
-    def attach(self, queues: Sequence[Queue]) -> None: ...
+    def attach(
+        self, queues: Sequence[Queue], signallers: Sequence[Callable[[], None]] | None = None
+    ) -> None: ...
     def in_flight(self, index: int = -1) -> int: ...
     def submit(self, index: int, chain: DescriptorChain) -> int: ...
     def serve(

@@ -280,7 +280,13 @@ class ScsiDevice(VirtioDevice):
             except OSError as e:
                 log.warning("scsi: io_uring unavailable (%s): every request on the Python path", e)
         if self._engine is not None:
-            self._engine.attach(queues)
+            # The compiled signallers only (vhost-user's call fds): a drain calls
+            # them partway, where another transport's Python callback that
+            # raised would leave the drain's refused chains unserved.
+            signaller = getattr(interrupt, "signaller", None)
+            self._engine.attach(
+                queues, [signaller(i) for i in range(len(queues))] if signaller is not None else None
+            )
             loop.add_reader(self._engine.fd, self._on_engine)
             self._engine_loop = loop
 
@@ -678,11 +684,13 @@ class ScsiDevice(VirtioDevice):
                 self._engine_loop.remove_reader(self._engine.fd)
                 e = self._engine
                 log.info(
-                    "scsi engine so far: %d reads, %d writes inline, %d requests on io_uring, %d on threads",
+                    "scsi engine so far: %d reads, %d writes inline, %d requests on io_uring, %d on threads, "
+                    "%d notifications within a drain",
                     e.inline_reads,
                     e.inline_writes,
                     e.ring_requests,
                     e.pool_requests,
+                    e.early_signals,
                 )
             self._engine_loop = None
 
