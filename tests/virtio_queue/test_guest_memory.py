@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import os
 import struct
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -355,3 +357,82 @@ def test_region_from_bytearray_pins_the_buffer() -> None:
     with pytest.raises(BufferError):
         buf.extend(b"x")
     assert mem.read(0, 1) == b"\0"
+
+
+# -- ring indexes are read and written whole ----------------------------------------------
+
+# The other side of a ring flips a field between two values whose both bytes differ
+# (0x58FF -> 0x5900, as a ring index does when it crosses 0x..FF); a read done byte by
+# byte sees 0x59FF or 0x5800 now and then, and a driver that reads used->idx that way
+# finds "used range ... longer than the ring".
+_FLIP = {2: (0x58FF, 0x5900), 4: (0x1234FFFF, 0x12350000)}
+_OTHER_SIDE = """
+import ctypes, mmap, os, sys
+fd, width, writer, ready = (int(a) for a in sys.argv[1:5])
+m = mmap.mmap(fd, 4096)
+v = (ctypes.c_uint16 if width == 2 else ctypes.c_uint32).from_buffer(m, 8)
+a, b = {2: (0x58FF, 0x5900), 4: (0x1234FFFF, 0x12350000)}[width]
+os.write(ready, b"r")
+if writer:
+    while True:
+        v.value = a
+        v.value = b
+else:
+    torn = 0
+    for _ in range(300_000):
+        if v.value not in (0, a, b):
+            torn += 1
+    print(torn)
+"""
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_scalar_reads_see_a_field_changed_by_another_process_whole(
+    memfd_memory: tuple[GuestMemory, int], width: int
+) -> None:
+    """read_u16/read_u32 of an aligned field are one load each (VIRTIO 1.2 §2.7.13:
+    the ring indexes are read as a whole): another process flipping the field's
+    every byte is never seen half-way."""
+    mem, fd = memfd_memory
+    r, w = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_SIDE, str(fd), str(width), "1", str(w)], pass_fds=(fd, w)
+    )
+    try:
+        assert os.read(r, 1) == b"r"
+        read = mem.read_u16 if width == 2 else mem.read_u32
+        values = {read(0x100000 + 8) for _ in range(300_000)}
+    finally:
+        child.kill()
+        child.wait()
+        os.close(r)
+        os.close(w)
+    assert values <= {0, *_FLIP[width]}, f"torn reads: {sorted(hex(v) for v in values - {0, *_FLIP[width]})}"
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_scalar_writes_are_seen_by_another_process_whole(
+    memfd_memory: tuple[GuestMemory, int], width: int
+) -> None:
+    """write_u16/write_u32 of an aligned field are one store each: another process
+    reading it while it flips never sees half of a change."""
+    mem, fd = memfd_memory
+    r, w = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_SIDE, str(fd), str(width), "0", str(w)],
+        pass_fds=(fd, w), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    write = mem.write_u16 if width == 2 else mem.write_u32
+    a, b = _FLIP[width]
+    try:
+        assert os.read(r, 1) == b"r"
+        while child.poll() is None:
+            for _ in range(1000):
+                write(0x100000 + 8, a)
+                write(0x100000 + 8, b)
+        out, _ = child.communicate()
+    finally:
+        os.close(r)
+        os.close(w)
+    assert child.returncode == 0
+    assert int(out) == 0, f"{int(out)} torn reads of what write_u{8 * width} stored"
