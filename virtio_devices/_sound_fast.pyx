@@ -305,15 +305,12 @@ cdef class IoPacer:
             self._writers[slot] = None
         else:
             self._writers[slot] = w
-        self._status[slot] = status
-        self._sizes[slot] = nbytes
-        self._heads[slot] = head
-        self._count += 1
-        self.queued_bytes += nbytes
+        self._hold_nogil(head, nbytes, status)
         return 0
 
     cdef inline void _hold_nogil(self, uint16_t head, uint32_t nbytes, unsigned char *status) noexcept nogil:
-        """Hold a message the nogil take walked (room checked, status in _snap)."""
+        """Hold a message whose room is checked and whose status address (NULL: the
+        writer kept in its slot) lies in a snapshot kept (the nogil take's: _snap)."""
         cdef Py_ssize_t slot = (self._first + self._count) % MAX_HELD
         self._status[slot] = status
         self._sizes[slot] = nbytes
@@ -1223,48 +1220,68 @@ cdef class StreamTimer(FdPump):
         return rc
 
     cdef int _dry_check_nogil(self, double now) noexcept nogil:
-        """:meth:`_dry_check` without the GIL."""
+        """:meth:`_dry_check` without the GIL: 1 when the XRUN event is owed to the
+        GIL path."""
+        if self._dry_xrun(now) and self.xrun_events and self.events is not None:
+            if self.events.send_nogil(EVT_PCM_XRUN, self.pacer.stream_id):
+                self._events_owed = True
+                return 1
+        return 0
+
+    cdef bint _dry_xrun(self, double now) noexcept nogil:
+        """The dry-stream rule of :meth:`_dry_check`: whether an XRUN is due now
+        (then counted, as the device's when the completion before it came a
+        period late or more, else as the driver's)."""
         if not (self.dry_armed and self.pacer._running and self.pacer.deadline < 0
                 and self.pacer._count == 0):
             self._dry_deadline = -1.0
-            return 0
+            return False
         if self._dry_deadline < 0:
             self._dry_deadline = now + self.period_secs
-            return 0
+            return False
         if now < self._dry_deadline:
-            return 0
+            return False
         self.dry_armed = False
         self._dry_deadline = -1.0
         if self._done_late >= self.period_secs:
             self._xruns_device += 1
         else:
             self._xruns_driver += 1
-        if self.xrun_events and self.events is not None:
-            if self.events.send_nogil(EVT_PCM_XRUN, self.pacer.stream_id):
-                self._events_owed = True
-                return 1
-        return 0
+        return True
 
     cdef int _arm_nogil(self) noexcept nogil:
         """:meth:`_arm` without the GIL (the kernel's clock): 0, or 1 when the
         timer could not be set (``_arm`` sets it again with the GIL, and raises)."""
-        cdef double at = self.pacer.deadline
-        cdef long long at_ns, interval_ns = 0
-        if at >= 0:
-            interval_ns = <long long>(self.pacer._sizes[self.pacer._first] / self.pacer.byte_rate * 1e9 + 0.5)
+        cdef double at
+        cdef long long interval_ns
+        if self._timer_target(&at, &interval_ns) and self._set_timer_nogil(at, interval_ns) < 0:
+            return 1
+        return 0
+
+    cdef bint _timer_target(self, double *at, long long *interval_ns) noexcept nogil:
+        """Where :meth:`_arm` puts the timer: ``at`` the end of the message in
+        progress, periodic with its duration in ``interval_ns``, else the dry
+        stream's xrun, else nowhere (< 0).  False when the timer is there already."""
+        cdef long long at_ns
+        at[0] = self.pacer.deadline
+        interval_ns[0] = 0
+        if at[0] >= 0:
+            interval_ns[0] = <long long>(self.pacer._sizes[self.pacer._first] / self.pacer.byte_rate
+                                         * 1e9 + 0.5)
         else:
-            at = self._dry_deadline
-        if at < 0:
-            if self._next_ns >= 0:
-                return self._set_timer_nogil(-1.0, 0)
-            return 0
-        at_ns = <long long>(at * 1e9 + 0.5)
-        if self._next_ns >= 0 and -1000 <= at_ns - self._next_ns <= 1000:
-            return 0
-        return self._set_timer_nogil(at, interval_ns)
+            at[0] = self._dry_deadline
+        if at[0] < 0:
+            return self._next_ns >= 0
+        at_ns = <long long>(at[0] * 1e9 + 0.5)
+        # Within a microsecond of the kernel's next expiry: it is that one (the
+        # stream's deadlines are sums of doubles, the kernel's of nanoseconds).
+        return not (self._next_ns >= 0 and -1000 <= at_ns - self._next_ns <= 1000)
 
     cdef int _set_timer_nogil(self, double at, long long interval_ns) noexcept nogil:
-        """:meth:`_set_timer` without the GIL: 1 when timerfd_settime failed."""
+        """Arm the timerfd at ``at`` (absolute ``CLOCK_MONOTONIC`` seconds: a late
+        wake-up does not move the next one), then every ``interval_ns`` (0: once);
+        ``at`` < 0 disarms it.  0, or -1 when timerfd_settime failed (errno says
+        why, nothing recorded); without a timerfd only the state is kept."""
         cdef itimerspec spec
         cdef long long at_ns = <long long>(at * 1e9 + 0.5) if at >= 0 else -1
         if at_ns < 0:
@@ -1278,8 +1295,8 @@ cdef class StreamTimer(FdPump):
             spec.it_value.tv_nsec = <long>(at_ns % 1000000000)
         spec.it_interval.tv_sec = <long>(interval_ns // 1000000000)
         spec.it_interval.tv_nsec = <long>(interval_ns % 1000000000)
-        if self._fd < 0 or timerfd_settime(self._fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0:
-            return 1
+        if self._fd >= 0 and timerfd_settime(self._fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0:
+            return -1
         self._next_ns = at_ns if at_ns >= 0 else -1
         self._interval_ns = interval_ns
         self.wakeup = at if at_ns >= 0 else -1.0
@@ -1347,23 +1364,8 @@ cdef class StreamTimer(FdPump):
     cdef int _dry_check(self, double now) except -1:
         """A started stream that stays dry for a whole period after a completion:
         PCM_XRUN (when the driver selected it), once."""
-        cdef IoPacer pacer = self.pacer
-        if not (self.dry_armed and pacer._running and pacer.deadline < 0 and pacer._count == 0):
-            self._dry_deadline = -1.0
-            return 0
-        if self._dry_deadline < 0:
-            self._dry_deadline = now + self.period_secs
-            return 0
-        if now < self._dry_deadline:
-            return 0
-        self.dry_armed = False
-        self._dry_deadline = -1.0
-        if self._done_late >= self.period_secs:
-            self._xruns_device += 1
-        else:
-            self._xruns_driver += 1
-        if self.xrun_events and self.events is not None:
-            return self.events.send_c(EVT_PCM_XRUN, pacer.stream_id)
+        if self._dry_xrun(now) and self.xrun_events and self.events is not None:
+            return self.events.send_c(EVT_PCM_XRUN, self.pacer.stream_id)
         return 0
 
     cdef int _arm(self) except -1:
@@ -1372,51 +1374,22 @@ cdef class StreamTimer(FdPump):
         message's duration: while the driver keeps the stream fed with messages
         of one size, each next end is the kernel's next expiry already, and the
         timer is not set again (a system call less per period)."""
-        cdef IoPacer pacer = self.pacer
-        cdef double at = pacer.deadline
-        cdef long long at_ns, interval_ns = 0
-        if at >= 0:
-            interval_ns = <long long>(pacer._sizes[pacer._first] / pacer.byte_rate * 1e9 + 0.5)
-        else:
-            at = self._dry_deadline
-        if at < 0:
-            if self._next_ns >= 0:
-                self._set_timer(-1.0, 0)
-            return 0
-        at_ns = <long long>(at * 1e9 + 0.5)
-        # Within a microsecond of the kernel's next expiry: it is that one (the
-        # stream's deadlines are sums of doubles, the kernel's of nanoseconds).
-        if self._next_ns >= 0 and -1000 <= at_ns - self._next_ns <= 1000:
-            return 0
-        if self.clock is not None:
-            interval_ns = 0     # a fake clock: one-shot (see pump_c)
-        self._set_timer(at, interval_ns)
+        cdef double at
+        cdef long long interval_ns
+        if self._timer_target(&at, &interval_ns):
+            if self.clock is not None:
+                interval_ns = 0     # a fake clock: one-shot (see pump_c)
+            self._set_timer(at, interval_ns)
         return 0
 
     cdef int _set_timer(self, double at, long long interval_ns) except -1:
-        """Arm the timerfd at ``at`` (absolute ``CLOCK_MONOTONIC`` seconds: a late
-        wake-up does not move the next one), then every ``interval_ns`` (0: once);
-        ``at`` < 0 disarms it."""
-        cdef itimerspec spec
-        cdef long long at_ns = <long long>(at * 1e9 + 0.5) if at >= 0 else -1
-        spec.it_interval.tv_sec = <long>(interval_ns // 1000000000)
-        spec.it_interval.tv_nsec = <long>(interval_ns % 1000000000)
-        if at_ns < 0:
-            interval_ns = 0
-            spec.it_interval.tv_sec = 0
-            spec.it_interval.tv_nsec = 0
-            spec.it_value.tv_sec = 0
-            spec.it_value.tv_nsec = 0
-        else:
-            if at_ns == 0:
-                at_ns = 1   # zero would disarm it
-            spec.it_value.tv_sec = <long>(at_ns // 1000000000)
-            spec.it_value.tv_nsec = <long>(at_ns % 1000000000)
-        if self._fd >= 0 and timerfd_settime(self._fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0:
-            raise OSError(errno, f"timerfd_settime({at_ns} ns) failed")
-        self._next_ns = at_ns if at_ns >= 0 else -1
-        self._interval_ns = interval_ns
-        self.wakeup = at if at_ns >= 0 else -1.0
+        """:meth:`_set_timer_nogil`, raising its failure.
+
+        Raises:
+            OSError: timerfd_settime failed.
+        """
+        if self._set_timer_nogil(at, interval_ns) < 0:
+            raise OSError(errno, f"timerfd_settime({at:.9f} s, every {interval_ns} ns) failed")
         return 0
 
 
