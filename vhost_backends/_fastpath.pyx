@@ -525,7 +525,7 @@ cdef class Epoll:
                 data = evs[i].data.u64
                 if data & NOGIL_BIT:
                     # A borrowed reference: _by_addr (or _retired) keeps it alive.
-                    if (<FdPump><PyObject *><void *>(data & ~NOGIL_BIT)).serve_nogil() == 0:
+                    if (<FdPump><PyObject *><void *>(data & ~NOGIL_BIT)).run_nogil() == 0:
                         continue
                 if m != i:
                     evs[m] = evs[i]

@@ -14,7 +14,7 @@ cdef class FdPump:
     cdef int loop_fd
     cdef int pump_c(self) except -1
     cdef int pump_nogil(self) noexcept nogil
-    cdef int serve_nogil(self) noexcept nogil
+    cdef int run_nogil(self) noexcept nogil
 
 
 cdef class Signaller:

@@ -61,7 +61,7 @@ cdef class FdPump:
         ``pump_c`` (it is not called unless ``offers_nogil`` is set)."""
         return 1
 
-    cdef int serve_nogil(self) noexcept nogil:
+    cdef int run_nogil(self) noexcept nogil:
         """What the loop calls: ``pump_nogil``, counted (not to be overridden)."""
         if self.pump_nogil() == 0:
             self.pumped += 1
