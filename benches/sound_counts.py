@@ -9,8 +9,9 @@ The daemon is started by ``sound_table.Session`` (``rust``: from
 are counted: ``callgrind`` runs the daemon under ``valgrind --tool=callgrind``,
 zeroes its counts and dumps them with ``callgrind_control`` and prints the dump's
 instructions per period; ``strace`` attaches ``strace -c -f``; ``perf`` attaches
-``perf stat`` (task-clock, context switches).  Interleave runs of ``ours`` and
-``rust`` for a ratio (``perf`` is a timing: through the machine's bench lock).
+``perf stat`` (task-clock, context switches, migrations, page faults).
+Interleave runs of ``ours`` and ``rust`` for a ratio (``perf`` is a timing: run
+it with nothing else busy on the machine).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def count(tool: str, kind: str, periods: int = 400) -> str:
                 if tool == "callgrind":
                     subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
                 elif tool == "perf":
-                    events = "task-clock,context-switches,cpu-migrations"
+                    events = "task-clock,context-switches,cpu-migrations,page-faults"
                     tracer = popen(["perf", "stat", "-e", events, "-p", pid, "-o", report])
                 else:
                     tracer = popen(["strace", "-c", "-f", "-p", pid, "-o", report])
