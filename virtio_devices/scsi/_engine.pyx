@@ -258,6 +258,16 @@ cdef inline int64_t _now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+cdef inline void _claim(Slot *s, uint16_t head, int queue, int lun, uint64_t lba) noexcept nogil:
+    """Fill in the request a slot now holds (its buffers are set already), for
+    either engine: the pool threads or io_uring."""
+    s.head = head
+    s.queue = <uint8_t>queue
+    s.lun = lun
+    s.lba = lba
+    s.t_submit = _now_ns()
+
+
 cdef void _respond_good(Slot *s) noexcept nogil:
     """Write the response header of a whole transfer: GOOD, VIRTIO_SCSI_S_OK, no
     sense, the residual (§5.6.6.1)."""
@@ -729,11 +739,7 @@ cdef class Engine:
             if self.pool == NULL:
                 self._start_pool()
             self.nfree -= 1
-            s.head = chain.head_index
-            s.queue = index
-            s.lun = lun
-            s.lba = lba
-            s.t_submit = _now_ns()
+            _claim(s, chain.head_index, index, lun, lba)
             s.fd = fd
             self._chains[slot] = chain
             self.pool_requests += 1
@@ -752,11 +758,7 @@ cdef class Engine:
             if sqe == NULL:
                 return -1
         self.nfree -= 1
-        s.head = chain.head_index
-        s.queue = index
-        s.lun = lun
-        s.lba = lba
-        s.t_submit = _now_ns()
+        _claim(s, chain.head_index, index, lun, lba)
         if write:
             io_uring_prep_writev(sqe, fd, s.iov, s.niov, lba << BLOCK_SHIFT)
             if s.fua:
