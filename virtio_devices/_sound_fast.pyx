@@ -168,6 +168,17 @@ cdef int _walk(Queue q, uint16_t head, Walk *w) noexcept nogil:
             w.rtotal += d.len
 
 
+cdef MemorySnapshot _keep_snap(list snaps, MemorySnapshot last, MemorySnapshot snap, Py_ssize_t held):
+    """Keep ``snap`` mapped while an address into it is held: added to ``snaps``
+    unless it is ``last`` already (``snaps`` cleared first when nothing is held,
+    no address into the older ones); returns the new last one."""
+    if snap is not last:
+        if held == 0:
+            snaps.clear()
+        snaps.append(snap)
+    return snap
+
+
 @cython.final
 cdef class IoPacer:
     """The I/O messages of PCM stream ``stream_id`` on ``queue`` (tx when
@@ -297,11 +308,7 @@ cdef class IoPacer:
         slot = (self._first + self._count) % MAX_HELD
         status = _status_ptr(w)
         if status != NULL:
-            if w.snap is not self._snap:
-                if self._count == 0:
-                    self._snaps.clear()    # no address into the older ones is held
-                self._snaps.append(w.snap)
-                self._snap = w.snap
+            self._snap = _keep_snap(self._snaps, self._snap, w.snap, self._count)
             self._writers[slot] = None
         else:
             self._writers[slot] = w
@@ -706,11 +713,7 @@ cdef class EventQueue:
         slot = (self._h_first + self._h_count) % MAX_HELD
         ptr = _event_ptr(w)
         if ptr != NULL:
-            if w.snap is not self._snap:
-                if self._h_count == 0:
-                    self._snaps.clear()    # no address into the older ones is held
-                self._snaps.append(w.snap)
-                self._snap = w.snap
+            self._snap = _keep_snap(self._snaps, self._snap, w.snap, self._h_count)
             self._writers[slot] = None
         else:
             self._writers[slot] = w
