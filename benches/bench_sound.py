@@ -22,3 +22,13 @@ def test_sound_null_playback_and_capture(benchmark: Any) -> None:
     keys = {"cpu_tx_flat", "cpu_tx_rt", "cpu_tx_ev", "cpu_rx_ev", "latency", "tx4_min", "xruns"}
     assert keys <= set(result)
     assert result["latency"] > 0 and result["cpu_tx_ev"] >= 0 and result["cpu_rx_ev"] >= 0
+
+
+def test_wake_floor_both_modes(tmp_path: Any) -> None:
+    """The C floor beside the daemons' rows: builds, runs both modes, counts CPU."""
+    exe = T.build_floor(str(tmp_path))
+    if exe is None:
+        pytest.skip("no C compiler ($CC or cc) to build benches/wake_floor.c")
+    out = T.floor_once(exe, 1.0, 20)
+    assert set(out) == {"device_dev", "device_drv", "driver_dev", "driver_drv"}
+    assert all(v > 0 for v in out.values())

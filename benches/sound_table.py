@@ -57,6 +57,7 @@ import argparse
 import contextlib
 import os
 import select
+import signal
 import statistics
 import struct
 import subprocess
@@ -98,6 +99,44 @@ def _cpu_seconds(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError):
             continue  # a thread that ended meanwhile
     return total / 1e9
+
+
+class TaskClock:
+    """The time every thread of ``pid`` ran on a CPU during a ``with`` block, by
+    ``perf stat``'s task-clock (from each switch-in on; ``schedstat`` also charges
+    a task the time from its wake-up to its switch-in).  ``seconds`` stays None
+    when ``perf`` is missing or refused."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seconds: float | None = None
+        self._perf: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> TaskClock:
+        try:
+            self._perf = subprocess.Popen(
+                ["perf", "stat", "-x,", "-e", "task-clock", "-p", str(self.pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        except OSError:
+            return self
+        # perf attaches within milliseconds; the daemon is idle meanwhile, so the
+        # settling time adds next to nothing to what it counts.
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._perf is None:
+            return
+        self._perf.send_signal(signal.SIGINT)
+        _, err = self._perf.communicate(timeout=DEADLINE)
+        for line in err.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2] == "task-clock" and fields[1] == "msec":
+                with contextlib.suppress(ValueError):
+                    self.seconds = float(fields[0]) / 1000
 
 
 class Session:
@@ -356,14 +395,19 @@ def run_once(kind: str, secs: float, period_ms: float) -> dict[str, float]:
         s = Session(kind, tmp)
 
         def play(key: str, realtime: bool, index: int = TX, sid: int = 0) -> list[float]:
-            cpu0 = _cpu_seconds(s.proc.pid)
-            if realtime:
-                times, late, blocked = s.stream_realtime(index, sid, period, periods, 4)
-                out[f"{key}_late_p99"] = sorted(late)[len(late) * 99 // 100] / (period_ms / 1000)
-                out[f"{key}_blocked"] = blocked
-            else:
-                times = s.stream(index, sid, period, periods, 4)
-            out[key] = (_cpu_seconds(s.proc.pid) - cpu0) / audio_secs
+            with TaskClock(s.proc.pid) as on_cpu:
+                cpu0 = _cpu_seconds(s.proc.pid)
+                fe0 = _cpu_seconds(os.getpid())
+                if realtime:
+                    times, late, blocked = s.stream_realtime(index, sid, period, periods, 4)
+                    out[f"{key}_late_p99"] = sorted(late)[len(late) * 99 // 100] / (period_ms / 1000)
+                    out[f"{key}_blocked"] = blocked
+                else:
+                    times = s.stream(index, sid, period, periods, 4)
+                out[key] = (_cpu_seconds(s.proc.pid) - cpu0) / audio_secs
+            if on_cpu.seconds is not None:
+                out[f"{key}_oncpu"] = on_cpu.seconds / audio_secs
+            out[f"{key}_fe"] = (_cpu_seconds(os.getpid()) - fe0) / audio_secs
             return times
 
         def release(sid: int) -> None:
@@ -413,6 +457,40 @@ def run_once(kind: str, secs: float, period_ms: float) -> dict[str, float]:
             out["latency_max"] = lat[-1]
         finally:
             s.close()
+    return out
+
+
+def build_floor(tmp: str) -> str | None:
+    """``benches/wake_floor.c`` built with ``$CC`` (default ``cc``) in ``tmp``; None
+    when there is no compiler."""
+    exe = os.path.join(tmp, "wake_floor")
+    try:
+        subprocess.run(
+            [os.environ.get("CC", "cc"), "-O2", "-o", exe, str(REPO / "benches" / "wake_floor.c")],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return exe
+
+
+def floor_once(exe: str, period_ms: float, periods: int) -> dict[str, float]:
+    """One run of each mode of ``wake_floor``: CPU per second of each process, for a
+    device that keeps time (``device_*``, our null backend's shape) and one woken by
+    the driver's kick (``driver_*``, upstream's null backend under a real-time
+    source)."""
+    out: dict[str, float] = {}
+    for mode in ("device", "driver"):
+        res = subprocess.run(
+            [exe, mode, str(int(period_ms * 1000)), str(periods)], check=True, capture_output=True, text=True
+        )
+        dev_ns, drv_ns, _slices, dev_on, drv_on = (float(x) for x in res.stdout.split())
+        out[f"{mode}_dev"] = dev_ns / (period_ms * 1e6)
+        out[f"{mode}_drv"] = drv_ns / (period_ms * 1e6)
+        if dev_on >= 0 and drv_on >= 0:
+            out[f"{mode}_dev_oncpu"] = dev_on / (period_ms * 1e6)
+            out[f"{mode}_drv_oncpu"] = drv_on / (period_ms * 1e6)
     return out
 
 
@@ -489,26 +567,64 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     kinds = ["ours"] + (["rust"] if rust_daemon() else [])
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
-    for _ in range(args.reps):
-        for k in kinds:
-            runs[k].append(run_once(k, args.secs, args.period_ms))
+    floors: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        floor = build_floor(tmp)
+        for _ in range(args.reps):
+            for k in kinds:
+                runs[k].append(run_once(k, args.secs, args.period_ms))
+            if floor:
+                periods = max(int(args.secs * 1000 / args.period_ms), 4)
+                floors.append(floor_once(floor, args.period_ms, periods))
     title = f"vhost-device-sound, null backend, 48 kHz stereo S16, {args.period_ms:g} ms periods"
     print(f"| {title} | ours | Rust | ours/Rust |")
     print("| --- | --- | --- | --- |")
+
+    def compare(label: str, ours: list[float], rust: list[float] | None) -> None:
+        if rust:
+            ratio = f"{statistics.median(ours) / max(statistics.median(rust), 1e-9):.2f}x"
+            print(f"| {label} | {_fmt(ours, 100, ' %')} | {_fmt(rust, 100, ' %')} | {ratio} |")
+        else:
+            print(f"| {label} | {_fmt(ours, 100, ' %')} | n/a | n/a |")
+
+    def column(kind: str, key: str) -> list[float] | None:
+        got = [r[key] for r in runs.get(kind, []) if key in r]
+        return got if got and len(got) == len(runs[kind]) else None
+
     for key, label in (
         ("cpu_tx_flat", "CPU per second of playback, flat out (a buffer refilled as it returns), no events"),
         ("cpu_tx_rt", "CPU per second of playback, real-time source (a buffer each period), no events"),
+        ("cpu_tx_rt_oncpu", "the same row, time on a CPU (perf task-clock: from each switch-in)"),
         ("cpu_tx_ev", "the same with event buffers, PERIOD_ELAPSED + XRUN"),
         ("cpu_rx_ev", "CPU per second of capture, real-time, the same"),
     ):
-        ours = [r[key] for r in runs["ours"]]
-        if "rust" in runs and key in runs["rust"][0]:
-            rust = [r[key] for r in runs["rust"]]
-            ratio = f"{statistics.median(ours) / max(statistics.median(rust), 1e-9):.2f}x"
-            rust_s = _fmt(rust, 100, " %")
-        else:
-            rust_s, ratio = "n/a", "n/a"
-        print(f"| {label} | {_fmt(ours, 100, ' %')} | {rust_s} | {ratio} |")
+        ours = column("ours", key)
+        if ours is not None:
+            compare(label, ours, column("rust", key))
+    if "rust" in runs:
+        pair = {k: [r["cpu_tx_rt"] + r["cpu_tx_rt_fe"] for r in runs[k]] for k in ("ours", "rust")}
+        label = "the real-time row, daemon + front-end (the Python front-end's CPU added)"
+        compare(label, pair["ours"], pair["rust"])
+    if floors:
+        # The same wake-ups with no Python and no virtqueue (benches/wake_floor.c),
+        # beside the daemons in the same run: a device woken by a timer of its own
+        # (ours) against one woken by the driver's kick (Rust under a real-time source).
+        def measured(key: str) -> list[float]:
+            return [f[key] for f in floors]
+
+        compare(
+            "floor (C, one wake-up and 2 system calls per period): the device's CPU, "
+            "woken by its own timer (ours) / by the driver's kick (Rust)",
+            measured("device_dev"),
+            measured("driver_dev"),
+        )
+        if all("device_dev_oncpu" in f for f in floors):
+            compare("floor, time on a CPU", measured("device_dev_oncpu"), measured("driver_dev_oncpu"))
+        compare(
+            "floor, device + driver",
+            [f["device_dev"] + f["device_drv"] for f in floors],
+            [f["driver_dev"] + f["driver_drv"] for f in floors],
+        )
     for key, label in (
         ("cpu_tx_rt_late_p99", "real-time front-end: its tick's lateness, 99th percentile (periods)"),
         ("cpu_tx_rt_blocked", "real-time front-end: ticks that found no free slot"),
