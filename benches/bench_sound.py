@@ -30,5 +30,6 @@ def test_wake_floor_both_modes(tmp_path: Any) -> None:
     if exe is None:
         pytest.skip("no C compiler ($CC or cc) to build benches/wake_floor.c")
     out = T.floor_once(exe, 1.0, 20)
-    assert set(out) == {"device_dev", "device_drv", "driver_dev", "driver_drv"}
+    # The on-CPU keys come too where perf events are allowed.
+    assert {"device_dev", "device_drv", "driver_dev", "driver_drv"} <= set(out)
     assert all(v > 0 for v in out.values())
