@@ -48,6 +48,12 @@ class State:
 
     compiled: bool
     rx_live: bool
+    wait_fd: int
+    nap_ns: int
+    @property
+    def naps(self) -> int: ...
+    @property
+    def naps_cut(self) -> int: ...
     def __init__(
         self, conns: dict[tuple[int, int], Conn], ready: collections.deque[Conn],
         loose: collections.deque[tuple[bytes, bytes]], guest_cid: int, buf_alloc: int,
