@@ -115,9 +115,9 @@ def _sink(lst: socket.socket, total: list[int]) -> None:
 
 
 #: Per (row, daemon), summed over repetitions, what the guest -> host rows count in
-#: the front-end: packets sent, tx kicks, CREDIT_UPDATEs received, the host
-#: program's reads (its wake-ups), and this process's CPU seconds (the driver and
-#: the host program).
+#: the front-end: packets sent, tx kicks, rx kicks (after reposting the buffers of
+#: CREDIT_UPDATEs), CREDIT_UPDATEs received, the host program's reads (its
+#: wake-ups), and this process's CPU seconds (the driver and the host program).
 COUNTS: dict[tuple[str, str], dict[str, float]] = {}
 
 
@@ -141,7 +141,7 @@ def guest_to_host(
         payload = b"\xab" * size
         sent = 0
         credits = 0
-        kicks0, packets0 = g.tx_kicks, g.tx_packets
+        kicks0, packets0, rx_kicks0 = g.tx_kicks, g.tx_packets, g.rx_kicks
         cpu0 = time.process_time()
         start = time.perf_counter()
         while sent < nbytes:
@@ -170,6 +170,7 @@ def guest_to_host(
             for k, v in (
                 ("packets", g.tx_packets - packets0),
                 ("kicks", g.tx_kicks - kicks0),
+                ("rx kicks", g.rx_kicks - rx_kicks0),
                 ("credits", credits),
                 ("host reads", got[1]),
                 ("cpu", time.process_time() - cpu0),
@@ -498,7 +499,8 @@ def main() -> None:
         if c.get("packets"):
             n = c["packets"]
             print(
-                f"  {row}, {name}, per packet: tx kicks {c['kicks'] / n:.3f}, CREDIT_UPDATEs "
+                f"  {row}, {name}, per packet: tx kicks {c['kicks'] / n:.3f}, rx kicks "
+                f"{c['rx kicks'] / n:.3f}, CREDIT_UPDATEs "
                 f"{c['credits'] / n:.3f}, host program reads {c['host reads'] / n:.3f}, "
                 f"front-end process CPU {c['cpu'] / n * 1e6:.1f} µs"
             )
