@@ -471,11 +471,14 @@ def main() -> None:
     results: dict[tuple[str, str], list[float]] = {}
     cpu_s: dict[tuple[str, str], float] = {}
     for _ in range(a.reps):
-        for name, cmd in found.items():  # interleaved: ours, rust, ours, rust...
-            if cmd is None:
-                continue
-            with tempfile.TemporaryDirectory() as tmp:
-                for row, fn in rows.items():
+        # Interleaved row by row (ours, rust, then the next row): each daemon's row
+        # follows the same rows of both, so what a row leaves behind in this process
+        # (its heap, its threads' sockets) weighs on both alike.
+        for row, fn in rows.items():
+            for name, cmd in found.items():
+                if cmd is None:
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
                     d = Daemon(cmd, Path(tmp), name)
                     try:
                         meter = CpuMeter([d.proc.pid])
