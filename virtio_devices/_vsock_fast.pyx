@@ -116,6 +116,7 @@ cdef enum:
     # per drain, so that the loop's timers wait for no more than that.
     NAP_MIN = 1
     NAP_MAX = 32
+    NAP_BACKOFF_MAX = 64
 
 
 @cython.final
@@ -303,6 +304,11 @@ cdef class State:
     cdef public long long nap_ns
     cdef readonly unsigned long long naps
     cdef readonly unsigned long long naps_cut
+    # A first nap that found no data makes the next nap_skip drains that could nap
+    # not nap; nap_backoff doubles at each such nap (up to NAP_BACKOFF_MAX) and is 0
+    # again once a nap finds data: a guest slower than a nap costs no wake-ups.
+    cdef readonly int nap_skip
+    cdef readonly int nap_backoff
 
     def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc,
                  dict by_fd=None):
@@ -705,7 +711,10 @@ def drain_tx(object device, State st, Queue queue):
     and at most ``NAP_MAX`` naps.  A driver that streams then posts its packets
     without kicking (§2.7.10 with EVENT_IDX: ``avail_event`` stays behind), and
     each wake-up of the device and of the host program takes more of them; the
-    last packets of a burst wait one nap at most.  Notifications are on again,
+    last packets of a burst wait one nap at most.  A first nap that finds no data
+    (a guest slower than a nap) makes the next drains that could nap skip it, 1,
+    2, 4... up to ``NAP_BACKOFF_MAX`` of them, until a nap finds data again: a
+    slow stream costs a wasted wake-up only now and then.  Notifications are on again,
     and the ring looked at once more, before this returns, as without the nap.
 
     Raises:
@@ -751,6 +760,7 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
     cdef uint64_t pass_bytes
     cdef int naps = 0
     cdef bint may_nap = st.wait_fd >= 0 and st.nap_ns > 0
+    cdef bint after_nap = False
     ready = st.ready
     while True:
         queue.disable_notification_c()
@@ -858,17 +868,31 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
             served[0] += 1
         # The batch's chains are used before the driver is asked to kick again.
         _batch_flush(device, batch, queue, buf_alloc, ready, served)
+        if after_nap:
+            after_nap = False
+            if pass_rw:
+                st.nap_backoff = 0
+            elif naps == 1:
+                # The first nap found nothing: the guest is slower than a nap.
+                st.nap_backoff = (1 if st.nap_backoff == 0
+                                  else min(st.nap_backoff * 2, NAP_BACKOFF_MAX))
+                st.nap_skip = st.nap_backoff
         if (may_nap and naps < NAP_MAX and pass_rw >= NAP_MIN
                 and pass_bytes < buf_alloc // 2):
-            naps += 1
-            if st.ready or st.loose:
-                fill_rx(device, st)
-            _notify(device, st, queue, TX)
-            if _tx_nap(st.wait_fd, st.nap_ns):
-                st.naps += 1
-                continue
-            st.naps_cut += 1
-            may_nap = False
+            if st.nap_skip:
+                st.nap_skip -= 1
+                may_nap = False
+            else:
+                naps += 1
+                if st.ready or st.loose:
+                    fill_rx(device, st)
+                _notify(device, st, queue, TX)
+                if _tx_nap(st.wait_fd, st.nap_ns):
+                    st.naps += 1
+                    after_nap = True
+                    continue
+                st.naps_cut += 1
+                may_nap = False
         if not queue.enable_notification_c():
             return 0
 

@@ -303,9 +303,11 @@ def test_tx_nap_drains_again_without_a_kick_and_returns_with_notifications_on(ho
     device waits (its loop's fd not ready), drains again, and returns only with
     notifications on: VIRTIO 1.2 §2.7.10, with EVENT_IDX the driver MUST kick once
     ``avail->idx`` passes ``avail_event``, so ``avail_event`` must be the avail index
-    the device stopped at, or the driver's next packet would not kick.  A ready
-    loop fd cuts the nap short; a pass without stream data (the REQUEST) or with
-    half our credit or more (the guest may be waiting for it) does not nap."""
+    the device stopped at, or the driver's next packet would not kick.  A first nap
+    that finds nothing makes the next drain skip it (then 2, 4...), one that finds
+    data ends that; a ready loop fd cuts a nap short; a pass without stream data
+    (the REQUEST) or with half our credit or more (the guest may wait for it) does
+    not nap."""
     dev = VsockDevice(3, host, tx_buffer_size=65536, tx_nap_us=1000)
     g = VsockGuest(dev)
     g.post_rx(64)
@@ -325,21 +327,42 @@ def test_tx_nap_drains_again_without_a_kick_and_returns_with_notifications_on(ho
                 g.rig.add_request(TX, readable=[raw, chunk])
                 sent.extend(chunk)
 
+        def state() -> tuple[int, int, int, int]:
+            assert tx.avail_event() == tx.avail_idx()  # notifications on at return
+            return (fast.naps, fast.naps_cut, fast.nap_skip, fast.nap_backoff)
+
         rw(4)
         assert len(g.rig.kick(TX)) == 4
-        # One nap after the pass that took the 4 packets; the next pass found none.
-        assert (fast.naps, fast.naps_cut) == (1, 0)
-        assert tx.avail_event() == tx.avail_idx()
+        # One nap after the pass that took the 4 packets; it found none: skip one.
+        assert state() == (1, 0, 1, 1)
+        rw(4)
+        assert len(g.rig.kick(TX)) == 4
+        assert state() == (1, 0, 0, 1)  # skipped
         os.eventfd_write(wait, 1)  # the loop has work: the next nap ends at once
         rw(4)
         assert len(g.rig.kick(TX)) == 4
-        assert (fast.naps, fast.naps_cut) == (1, 1)
-        assert tx.avail_event() == tx.avail_idx()
+        assert state() == (1, 1, 0, 1)
         os.eventfd_read(wait)
+        # The driver posts 2 more packets as the device tells it of the used ones,
+        # before the nap: the nap's pass finds them, the next one nothing.
+        signal_used = g.rig.interrupt.signal_used
+        posted = []
+
+        def post_on_tx_signal(index: int) -> None:
+            signal_used(index)
+            if index == TX and not posted:
+                posted.append(1)
+                rw(2)
+
+        g.rig.interrupt.signal_used = post_on_tx_signal  # type: ignore[method-assign]
+        tx.set_used_event(tx.used_idx())
+        rw(4)
+        assert len(g.rig.kick(TX)) == 6
+        assert posted
+        assert state() == (3, 1, 0, 0)  # the first nap found data: no skip
         rw(1, 32768)  # half the credit: no nap
         assert len(g.rig.kick(TX)) == 1
-        assert (fast.naps, fast.naps_cut) == (1, 1)
-        assert tx.avail_event() == tx.avail_idx()
+        assert state() == (3, 1, 0, 0)
         got = bytearray()
         while len(got) < len(sent):
             got += peer.recv(1 << 20)
