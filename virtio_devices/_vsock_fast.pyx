@@ -306,7 +306,8 @@ cdef class State:
     cdef readonly unsigned long long naps_cut
     # A first nap that found no data makes the next nap_skip drains that could nap
     # not nap; nap_backoff doubles at each such nap (up to NAP_BACKOFF_MAX) and is 0
-    # again once a nap finds data: a guest slower than a nap costs no wake-ups.
+    # again once a nap finds two packets or more: a guest slower than a nap costs
+    # few wake-ups.
     cdef readonly int nap_skip
     cdef readonly int nap_backoff
 
@@ -713,8 +714,10 @@ def drain_tx(object device, State st, Queue queue):
     each wake-up of the device and of the host program takes more of them; the
     last packets of a burst wait one nap at most.  A first nap that finds no data
     (a guest slower than a nap) makes the next drains that could nap skip it, 1,
-    2, 4... up to ``NAP_BACKOFF_MAX`` of them, until a nap finds data again: a
-    slow stream costs a wasted wake-up only now and then.  Notifications are on again,
+    2, 4... up to ``NAP_BACKOFF_MAX`` of them, until a nap finds two packets or
+    more (one caught alone traded a kick's wake-up for a timer's, which costs more
+    on this kind of machine): a slow stream costs a wasted wake-up only now and
+    then.  Notifications are on again,
     and the ring looked at once more, before this returns, as without the nap.
 
     Raises:
@@ -870,10 +873,13 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
         _batch_flush(device, batch, queue, buf_alloc, ready, served)
         if after_nap:
             after_nap = False
-            if pass_rw:
+            if pass_rw >= 2:
+                # Two packets for one wake-up: the nap paid (one it caught alone
+                # traded a kick's wake-up for a timer's, which costs more here).
                 st.nap_backoff = 0
             elif naps == 1:
-                # The first nap found nothing: the guest is slower than a nap.
+                # The first nap found one packet or none: the guest is about as
+                # slow as a nap or slower.
                 st.nap_backoff = (1 if st.nap_backoff == 0
                                   else min(st.nap_backoff * 2, NAP_BACKOFF_MAX))
                 st.nap_skip = st.nap_backoff

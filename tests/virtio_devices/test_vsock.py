@@ -304,8 +304,8 @@ def test_tx_nap_drains_again_without_a_kick_and_returns_with_notifications_on(ho
     notifications on: VIRTIO 1.2 §2.7.10, with EVENT_IDX the driver MUST kick once
     ``avail->idx`` passes ``avail_event``, so ``avail_event`` must be the avail index
     the device stopped at, or the driver's next packet would not kick.  A first nap
-    that finds nothing makes the next drain skip it (then 2, 4...), one that finds
-    data ends that; a ready loop fd cuts a nap short; a pass without stream data
+    that finds one packet or none makes the next drain skip it (then 2, 4...), one
+    that finds two or more ends that; a ready loop fd cuts a nap short; a pass without stream data
     (the REQUEST) or with half our credit or more (the guest may wait for it) does
     not nap."""
     dev = VsockDevice(3, host, tx_buffer_size=65536, tx_nap_us=1000)
@@ -346,23 +346,30 @@ def test_tx_nap_drains_again_without_a_kick_and_returns_with_notifications_on(ho
         # The driver posts 2 more packets as the device tells it of the used ones,
         # before the nap: the nap's pass finds them, the next one nothing.
         signal_used = g.rig.interrupt.signal_used
-        posted = []
+        to_post: list[int] = []
 
         def post_on_tx_signal(index: int) -> None:
             signal_used(index)
-            if index == TX and not posted:
-                posted.append(1)
-                rw(2)
+            if index == TX and to_post:
+                rw(to_post.pop())
 
         g.rig.interrupt.signal_used = post_on_tx_signal  # type: ignore[method-assign]
+        to_post.append(2)
         tx.set_used_event(tx.used_idx())
         rw(4)
         assert len(g.rig.kick(TX)) == 6
-        assert posted
-        assert state() == (3, 1, 0, 0)  # the first nap found data: no skip
+        assert not to_post
+        assert state() == (3, 1, 0, 0)  # the first nap found 2 packets: it paid
+        # A first nap that finds one packet traded a kick for a timer: back off.
+        to_post.append(1)
+        tx.set_used_event(tx.used_idx())
+        rw(4)
+        assert len(g.rig.kick(TX)) == 5
+        assert not to_post
+        assert state() == (4, 1, 0, 1)  # (the pass with that packet skipped its nap)
         rw(1, 32768)  # half the credit: no nap
         assert len(g.rig.kick(TX)) == 1
-        assert state() == (3, 1, 0, 0)
+        assert state() == (4, 1, 0, 1)
         got = bytearray()
         while len(got) < len(sent):
             got += peer.recv(1 << 20)
