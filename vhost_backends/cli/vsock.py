@@ -18,6 +18,11 @@ is served on its own vhost-user socket and thread, in one process, so VMs that
 share a group reach each other by CID.  Bad arguments print one ``error:`` line on
 stderr and exit non-zero (upstream prints to stdout and exits 0).
 
+``VHD_VSOCK_TX_NAP_US`` in the environment (default 15, 0 to 1000; 0: off): after
+a tx drain that took stream data, how long the thread serving a VM waits for the
+guest's next packets, its kicks still off, before it asks for a kick again; any
+other work for that thread ends the wait at once.
+
 Example::
 
     vhost-device-vsock --vm guest-cid=4,socket=/tmp/vhost4.socket,uds-path=/tmp/vm4.vsock \\
