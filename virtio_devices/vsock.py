@@ -480,6 +480,9 @@ class VsockDevice(VirtioDevice):
         Called once by the vhost-user daemon at the end of each session (a fresh
         device serves the next); closing twice is harmless.
         """
+        fast = self._fast
+        if fast.naps or fast.naps_cut:
+            log.debug("vsock cid %d: tx naps %d, cut short %d", self.guest_cid, fast.naps, fast.naps_cut)
         try:
             if self.active:
                 self.reset()
