@@ -53,7 +53,8 @@ def daemons() -> dict[str, list[str] | None]:
 
 
 class Daemon:
-    def __init__(self, cmd: list[str], tmp: Path) -> None:
+    def __init__(self, cmd: list[str], tmp: Path, name: str = "") -> None:
+        self.name = name
         tmp.mkdir(exist_ok=True)
         self.sock = str(tmp / "vhost.sock")
         self.uds = str(tmp / "vm.vsock")
@@ -102,21 +103,34 @@ def driver(d: Daemon, **kw: int) -> VsockDriver:
 
 
 def _sink(lst: socket.socket, total: list[int]) -> None:
+    """The host program: read until end of file; ``total`` = [bytes, reads]."""
     c, _ = lst.accept()
     while True:
         b = c.recv(1 << 20)
         if not b:
             break
         total[0] += len(b)
+        total[1] += 1
     c.close()
 
 
-def guest_to_host(d: Daemon, size: int, nbytes: int, stall: float) -> float:
+#: Per (row, daemon), summed over repetitions, what the guest -> host rows count in
+#: the front-end: packets sent, tx kicks, rx kicks (after reposting the buffers of
+#: CREDIT_UPDATEs), CREDIT_UPDATEs received, the host program's reads (its
+#: wake-ups), and this process's CPU seconds (the driver and the host program).
+COUNTS: dict[tuple[str, str], dict[str, float]] = {}
+
+
+def guest_to_host(
+    d: Daemon, size: int, nbytes: int, stall: float, counts: dict[str, float] | None = None
+) -> float:
+    """guest -> host MiB/s with ``size``-byte RW packets; ``counts``, when given,
+    gets the front-end's counts added (see ``COUNTS``)."""
     port = 5000 + size % 1000
     lst = socket.socket(socket.AF_UNIX)
     lst.bind(f"{d.uds}_{port}")
     lst.listen(1)
-    got = [0]
+    got = [0, 0]
     t = threading.Thread(target=_sink, args=(lst, got), daemon=True)
     t.start()
     g = driver(d)
@@ -126,6 +140,9 @@ def guest_to_host(d: Daemon, size: int, nbytes: int, stall: float) -> float:
         buf_alloc, fwd = rsp.buf_alloc, rsp.fwd_cnt
         payload = b"\xab" * size
         sent = 0
+        credits = 0
+        kicks0, packets0, rx_kicks0 = g.tx_kicks, g.tx_packets, g.rx_kicks
+        cpu0 = time.process_time()
         start = time.perf_counter()
         while sent < nbytes:
             if buf_alloc - (sent - fwd) >= size:
@@ -133,6 +150,7 @@ def guest_to_host(d: Daemon, size: int, nbytes: int, stall: float) -> float:
                 sent += size
                 for p in g.recv(0):
                     buf_alloc, fwd = p.buf_alloc, max(fwd, p.fwd_cnt)
+                    credits += 1
                 continue
             try:
                 pkts = g.recv(1, timeout=stall)
@@ -144,9 +162,20 @@ def guest_to_host(d: Daemon, size: int, nbytes: int, stall: float) -> float:
                     break  # no credit comes back: report what went through
             for p in pkts:
                 buf_alloc, fwd = p.buf_alloc, max(fwd, p.fwd_cnt)
+                credits += 1
         while got[0] < min(sent, fwd) and time.perf_counter() - start < 60:
             time.sleep(0.001)
         elapsed = time.perf_counter() - start
+        if counts is not None:
+            for k, v in (
+                ("packets", g.tx_packets - packets0),
+                ("kicks", g.tx_kicks - kicks0),
+                ("rx kicks", g.rx_kicks - rx_kicks0),
+                ("credits", credits),
+                ("host reads", got[1]),
+                ("cpu", time.process_time() - cpu0),
+            ):
+                counts[k] = counts.get(k, 0.0) + v
         g.send(7000, port, OP_RST)
         return got[0] / elapsed / 2**20
     finally:
@@ -415,8 +444,12 @@ def main() -> None:
     )
     a = ap.parse_args()
     rows = {
-        "guest->host 64 KiB (MiB/s)": lambda d: guest_to_host(d, 65536, a.mib << 20, a.stall),
-        "guest->host 4 KiB (MiB/s)": lambda d: guest_to_host(d, 4096, a.mib << 20, a.stall),
+        "guest->host 64 KiB (MiB/s)": lambda d: guest_to_host(
+            d, 65536, a.mib << 20, a.stall, COUNTS.setdefault(("guest->host 64 KiB", d.name), {})
+        ),
+        "guest->host 4 KiB (MiB/s)": lambda d: guest_to_host(
+            d, 4096, a.mib << 20, a.stall, COUNTS.setdefault(("guest->host 4 KiB", d.name), {})
+        ),
         "host->guest 64 KiB (MiB/s)": lambda d: host_to_guest(d, a.mib << 20, write=65536),
         "host->guest 4 KiB (MiB/s)": lambda d: host_to_guest(d, a.mib << 20, write=4096),
         "connections/s": lambda d: connection_rate(d, a.conns),
@@ -438,12 +471,15 @@ def main() -> None:
     results: dict[tuple[str, str], list[float]] = {}
     cpu_s: dict[tuple[str, str], float] = {}
     for _ in range(a.reps):
-        for name, cmd in found.items():  # interleaved: ours, rust, ours, rust...
-            if cmd is None:
-                continue
-            with tempfile.TemporaryDirectory() as tmp:
-                for row, fn in rows.items():
-                    d = Daemon(cmd, Path(tmp))
+        # Interleaved row by row (ours, rust, then the next row): each daemon's row
+        # follows the same rows of both, so what a row leaves behind in this process
+        # (its heap, its threads' sockets) weighs on both alike.
+        for row, fn in rows.items():
+            for name, cmd in found.items():
+                if cmd is None:
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
+                    d = Daemon(cmd, Path(tmp), name)
                     try:
                         meter = CpuMeter([d.proc.pid])
                         value = fn(d)
@@ -462,6 +498,15 @@ def main() -> None:
         rust_text = f"{rust:10.1f}" if rust is not None else f"{'n/a':>10}"
         cpu = f"{cpu_s[(row, 'ours')]:.2f}/" + (f"{cpu_s[(row, 'rust')]:.2f}" if rust else "n/a")
         print(f"{row:32} {ours:10.1f} {rust_text} {ratio:>10} {cpu:>24}")
+    for (row, name), c in COUNTS.items():
+        if c.get("packets"):
+            n = c["packets"]
+            print(
+                f"  {row}, {name}, per packet: tx kicks {c['kicks'] / n:.3f}, rx kicks "
+                f"{c['rx kicks'] / n:.3f}, CREDIT_UPDATEs "
+                f"{c['credits'] / n:.3f}, host program reads {c['host reads'] / n:.3f}, "
+                f"front-end process CPU {c['cpu'] / n * 1e6:.1f} µs"
+            )
     if a.vms > 1:
         for name, cmd in found.items():
             if cmd is None:

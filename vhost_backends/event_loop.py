@@ -99,6 +99,13 @@ class EventLoop:
     #: add_reader takes a pump (:class:`virtio_devices._pump.FdPump`) and runs it in C.
     serves_pumps = True
 
+    def fileno(self) -> int:
+        """The loop's epoll fd: readable whenever a fd the loop watches is ready (a
+        reader, a ring's kick, the stop and wake-up fds), so that code running on the
+        loop's thread can wait a short while and stop as soon as the loop has work
+        (``poll`` on it consumes nothing).  Timers are not fds: they are not seen."""
+        return self._epoll.fileno()
+
     def add_reader(self, fd: int, callback: Callable[[], None], pump: FdPump | None = None) -> None:
         """Call ``callback()`` whenever ``fd`` is readable (level-triggered); a second
         call for the same fd replaces the callback (and the pump).

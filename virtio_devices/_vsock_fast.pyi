@@ -48,6 +48,16 @@ class State:
 
     compiled: bool
     rx_live: bool
+    wait_fd: int
+    nap_ns: int
+    @property
+    def naps(self) -> int: ...
+    @property
+    def naps_cut(self) -> int: ...
+    @property
+    def nap_skip(self) -> int: ...
+    @property
+    def nap_backoff(self) -> int: ...
     def __init__(
         self, conns: dict[tuple[int, int], Conn], ready: collections.deque[Conn],
         loose: collections.deque[tuple[bytes, bytes]], guest_cid: int, buf_alloc: int,

@@ -27,6 +27,10 @@ Python call per packet and hand every other one to the device's Python:
   CREDIT_REQUEST when nothing else is pending.  Everything else (RST, SHUTDOWN,
   seqpacket records, a sibling's packets) is ``device._produce(writer)``.
 
+After a pass over tx that took stream data, :func:`drain_tx` may nap (a few
+microseconds, cut short by any work of the loop) and drain again before it asks
+the driver to kick again: the tx nap, see there.
+
 The vhost-user loop runs both inside its compiled poll: a kick of rx or tx through
 :class:`KickPump`, a readable host socket through the connection's
 :class:`InputPump`.  A batch's ``readv``/``writev`` of 32 KiB or more releases the
@@ -42,6 +46,7 @@ from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memset
+from posix.time cimport timespec
 from posix.uio cimport iovec, readv, writev
 
 from virtio_queue._linux cimport pollfd, poll, POLLIN, POLLHUP
@@ -106,6 +111,12 @@ cdef enum:
     # from how many bytes that readv (and a tx batch's writev) releases the GIL.
     RX_BATCH = 64
     NOGIL_BATCH_MIN = 32768
+    # The tx nap (see drain_tx): a pass that took at least NAP_MIN stream RW
+    # packets (and less than half the credit we give) naps; at most NAP_MAX naps
+    # per drain, so that the loop's timers wait for no more than that.
+    NAP_MIN = 1
+    NAP_MAX = 32
+    NAP_BACKOFF_MAX = 64
 
 
 @cython.final
@@ -286,11 +297,26 @@ cdef class State:
     # not one whose connect the compiled path makes (see set_connect_prefix).
     cdef dict by_fd
     cdef bytes connect_prefix
+    # The tx nap (see drain_tx): a fd readable whenever the device's loop has an fd
+    # ready (its epoll fd; -1: no nap), how long one nap lasts (0: no nap), and
+    # the naps that ran their length / were cut short by the loop's work.
+    cdef public int wait_fd
+    cdef public long long nap_ns
+    cdef readonly unsigned long long naps
+    cdef readonly unsigned long long naps_cut
+    # A first nap that found no data makes the next nap_skip drains that could nap
+    # not nap; nap_backoff doubles at each such nap (up to NAP_BACKOFF_MAX) and is 0
+    # again once a nap finds two packets or more: a guest slower than a nap costs
+    # few wake-ups.
+    cdef readonly int nap_skip
+    cdef readonly int nap_backoff
 
     def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc,
                  dict by_fd=None):
         self.by_fd = by_fd if by_fd is not None else {}
         self.connect_prefix = None
+        self.wait_fd = -1
+        self.nap_ns = 0
         self.batch = _Batch()
         self.compiled = True
         self.rx_live = False
@@ -675,6 +701,25 @@ def drain_tx(object device, State st, Queue queue):
     of chains completed (counted in ``device.chains_served``; the driver notified
     once, if it wants it).
 
+    The tx nap (``st.nap_ns`` and ``st.wait_fd`` set): a pass that took stream
+    data (at least ``NAP_MIN`` RW packets, less than half the credit we give, so a
+    guest that can fill its credit meanwhile is never made to wait for us) does not
+    turn notifications back on at once.  Its rx answers go out (CREDIT_UPDATE) and
+    the driver gets its used notification, then the loop thread sleeps up to
+    ``nap_ns`` with the GIL released and drains again without a kick, for as long
+    as each pass takes stream data, nothing the loop watches turns ready (which
+    ends a nap at once: a host socket, the vhost-user socket, another ring's kick)
+    and at most ``NAP_MAX`` naps.  A driver that streams then posts its packets
+    without kicking (§2.7.10 with EVENT_IDX: ``avail_event`` stays behind), and
+    each wake-up of the device and of the host program takes more of them; the
+    last packets of a burst wait one nap at most.  A first nap that finds no data
+    (a guest slower than a nap) makes the next drains that could nap skip it, 1,
+    2, 4... up to ``NAP_BACKOFF_MAX`` of them, until a nap finds two packets or
+    more (one caught alone traded a kick's wake-up for a timer's, which costs more
+    on this kind of machine): a slow stream costs a wasted wake-up only now and
+    then.  Notifications are on again,
+    and the ring looked at once more, before this returns, as without the nap.
+
     Raises:
         InvalidAvailRingIndex, QueueError, GuestMemoryError: from the ring, as
             ``Queue.pop_chain``/``add_used`` raise them.
@@ -714,9 +759,16 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
     cdef dict conns = st.conns
     cdef uint64_t guest_cid = st.guest_cid
     cdef uint32_t buf_alloc = st.buf_alloc
+    cdef Py_ssize_t pass_rw
+    cdef uint64_t pass_bytes
+    cdef int naps = 0
+    cdef bint may_nap = st.wait_fd >= 0 and st.nap_ns > 0
+    cdef bint after_nap = False
     ready = st.ready
     while True:
         queue.disable_notification_c()
+        pass_rw = 0
+        pass_bytes = 0
         while True:
             if not queue.pop_head(&head):
                 break
@@ -760,6 +812,8 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
                                     served[0] += 1
                                     continue
                             conn.rx_cnt += length
+                            pass_bytes += length
+                            pass_rw += 1
                             continue
                 # Anything else comes after the batch's bytes.
                 _batch_flush(device, batch, queue, buf_alloc, ready, served)
@@ -817,8 +871,58 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
             served[0] += 1
         # The batch's chains are used before the driver is asked to kick again.
         _batch_flush(device, batch, queue, buf_alloc, ready, served)
+        if after_nap:
+            after_nap = False
+            if pass_rw >= 2:
+                # Two packets for one wake-up: the nap paid (one it caught alone
+                # traded a kick's wake-up for a timer's, which costs more here).
+                st.nap_backoff = 0
+            elif naps == 1:
+                # The first nap found one packet or none: the guest is about as
+                # slow as a nap or slower.
+                st.nap_backoff = (1 if st.nap_backoff == 0
+                                  else min(st.nap_backoff * 2, NAP_BACKOFF_MAX))
+                st.nap_skip = st.nap_backoff
+        if (may_nap and naps < NAP_MAX and pass_rw >= NAP_MIN
+                and pass_bytes < buf_alloc // 2):
+            if st.nap_skip:
+                st.nap_skip -= 1
+                may_nap = False
+            else:
+                naps += 1
+                if st.ready or st.loose:
+                    fill_rx(device, st)
+                _notify(device, st, queue, TX)
+                if _tx_nap(st.wait_fd, st.nap_ns):
+                    st.naps += 1
+                    after_nap = True
+                    continue
+                st.naps_cut += 1
+                may_nap = False
         if not queue.enable_notification_c():
             return 0
+
+
+cdef extern from "<poll.h>" nogil:
+    int ppoll(pollfd *fds, unsigned long nfds, const timespec *tmo, const void *sigmask)
+
+
+cdef bint _tx_nap(int wait_fd, long long nap_ns) noexcept:
+    """Sleep ``nap_ns`` with the GIL released unless the loop has an fd ready first
+    (``wait_fd``, its epoll fd, turns readable: ``ppoll`` on it consumes nothing);
+    True when the whole nap passed, False when it was cut short (or failed: a
+    signal, say)."""
+    cdef pollfd p
+    cdef timespec t
+    cdef int r
+    p.fd = wait_fd
+    p.events = POLLIN
+    p.revents = 0
+    t.tv_sec = nap_ns // 1000000000
+    t.tv_nsec = nap_ns % 1000000000
+    with nogil:
+        r = ppoll(&p, 1, &t, NULL)
+    return r == 0
 
 
 cdef extern from "<sys/socket.h>" nogil:

@@ -123,6 +123,14 @@ class DeviceLoop:
         # Any thread: the guard is built here, it only reads the generation.
         self._loop.call_soon_threadsafe(self._guard(callback))
 
+    def fileno(self) -> int:
+        """A fd readable whenever the loop has a fd ready (the wrapped loop's
+        ``fileno()``, ``EventLoop.fileno`` of vhost-user), or -1 when the loop has
+        none: a device may wait on it, on the loop's thread, for a moment that any
+        of the loop's work cuts short."""
+        fileno = getattr(self._loop, "fileno", None)
+        return int(fileno()) if fileno is not None else -1
+
     def open(self) -> None:
         """The device is being activated: its callbacks run from now on."""
         self._open = True

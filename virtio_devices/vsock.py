@@ -45,6 +45,12 @@ stream's ``RW``, ``CREDIT_UPDATE``, ``RST`` and ``RESPONSE`` on tx, and its
 rx.  Every other packet goes through :meth:`VsockDevice.handle_chain` and the
 Python producers; both paths make the same packets (the tests run both).
 
+The tx nap (``tx_nap_us``, on by default): after a tx drain that took stream data
+the loop thread waits a few microseconds for the driver's next packets, kicks
+still off (§2.7.10), and drains again, unless anything else the loop watches
+turns ready first; a streaming driver then kicks a fraction as often
+(``_vsock_fast.drain_tx``).
+
 A VM pause (the transport's :meth:`VsockDevice.reset` when every ring stops) keeps
 the connections; :meth:`VsockDevice.close` ends them (see ``reset`` for a driver
 reset).
@@ -127,6 +133,11 @@ LOCAL_PORT_LAST = (1 << 31) - 1
 MAX_RECORD = 1 << 18
 #: Packets queued for rx that belong to no connection (RSTs, a sibling's packets).
 MAX_LOOSE = 4096
+#: The tx nap (``_vsock_fast.drain_tx``): how long the loop thread waits, after a
+#: tx drain that took stream data, for the driver's next packets before it asks
+#: for a kick again (µs; 0: never; the CLI's ``VHD_VSOCK_TX_NAP_US``), and the most.
+TX_NAP_US = 15
+TX_NAP_US_MAX = 1000
 # recv flags of the end-of-file check, as a plain int (or-ing the enums costs more
 # than the call).
 _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
@@ -286,6 +297,11 @@ class VsockDevice(VirtioDevice):
         queue_size: maximum size of each of the three queues.
         groups: sibling groups of this VM.
         registry: the process's VMs, for sibling delivery; None: no siblings.
+        tx_nap_us: the tx nap in µs (``TX_NAP_US``; 0: none), taken on a loop that
+            tells when it has work (``fileno()``, as ``DeviceLoop``'s).
+
+    Raises:
+        ValueError: ``tx_nap_us`` is not from 0 to ``TX_NAP_US_MAX``.
     """
 
     device_id = VIRTIO_ID_VSOCK
@@ -305,7 +321,10 @@ class VsockDevice(VirtioDevice):
         queue_size: int = 1024,
         groups: Iterable[str] = ("default",),
         registry: VsockRegistry | None = None,
+        tx_nap_us: int = TX_NAP_US,
     ) -> None:
+        if not 0 <= tx_nap_us <= TX_NAP_US_MAX:
+            raise ValueError(f"tx_nap_us must be from 0 to {TX_NAP_US_MAX}, not {tx_nap_us}")
         super().__init__()
         self.guest_cid = guest_cid
         self.host = host
@@ -335,6 +354,7 @@ class VsockDevice(VirtioDevice):
         self._fast = _vsock_fast.State(
             self.conns, self._ready, self._loose, guest_cid, tx_buffer_size, self._by_fd
         )
+        self._fast.nap_ns = tx_nap_us * 1000
         if isinstance(host, UnixHost) and host.path and not host.path.startswith("\0"):
             # A guest's stream REQUEST is connected in compiled code (UnixHost.connect's
             # path and socket).
@@ -377,6 +397,9 @@ class VsockDevice(VirtioDevice):
         (§5.10.6.5: a packet for no connection), which closes the host socket."""
         super().activate(memory, queues, interrupt, loop)
         self._rx_live = True
+        # The tx nap needs a fd that tells when the loop has work (DeviceLoop.fileno).
+        fileno = getattr(loop, "fileno", None)
+        self._fast.wait_fd = fileno() if fileno is not None else -1
         # Writability of host sockets: our own epoll set, watched as one fd by the
         # loop, so that only the connection whose socket is full waits.
         self._wep = select.epoll()
@@ -446,6 +469,7 @@ class VsockDevice(VirtioDevice):
             self._wep = None
         self._listeners = []
         self._rx_live = False
+        self._fast.wait_fd = -1
         super().reset()
 
     def close(self) -> None:
@@ -456,6 +480,9 @@ class VsockDevice(VirtioDevice):
         Called once by the vhost-user daemon at the end of each session (a fresh
         device serves the next); closing twice is harmless.
         """
+        fast = self._fast
+        if fast.naps or fast.naps_cut:
+            log.debug("vsock cid %d: tx naps %d, cut short %d", self.guest_cid, fast.naps, fast.naps_cut)
         try:
             if self.active:
                 self.reset()

@@ -162,6 +162,29 @@ def test_run_serves_every_vm_with_its_own_device(monkeypatch: pytest.MonkeyPatch
     assert not (tmp_path / "ua").exists()  # listeners closed when run returns
 
 
+def test_tx_nap_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from virtio_devices import vsock as dev_mod  # noqa: PLC0415
+
+    # The CLI's defaults are the device's (the device layer is not imported to parse).
+    assert (cli.DEFAULT_TX_NAP_US, cli.MAX_TX_NAP_US) == (dev_mod.TX_NAP_US, dev_mod.TX_NAP_US_MAX)
+    assert cli.env_tx_nap_us({}) == cli.DEFAULT_TX_NAP_US
+    assert cli.env_tx_nap_us({"VHD_VSOCK_TX_NAP_US": " 0 "}) == 0
+    assert cli.env_tx_nap_us({"VHD_VSOCK_TX_NAP_US": "1000"}) == 1000
+    for bad in ("1001", "-1", "5us", "٣"):
+        with pytest.raises(ConfigError, match=f"VHD_VSOCK_TX_NAP_US must be .* from 0 to 1000, not '{bad}'"):
+            cli.env_tx_nap_us({"VHD_VSOCK_TX_NAP_US": bad})
+    devs: list[Any] = []
+
+    def serve(name: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
+        devs.append(factory(0))
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    monkeypatch.setenv("VHD_VSOCK_TX_NAP_US", "40")
+    assert cli.main(["--socket", str(tmp_path / "a.sock"), "--uds-path", str(tmp_path / "u")]) == 0
+    assert devs[0]._fast.nap_ns == 40_000
+
+
 def test_run_uds_path_in_use_is_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "plain").write_text("")
     assert cli.main(["--socket", str(tmp_path / "s"), "--uds-path", str(tmp_path / "plain")]) == 1

@@ -34,6 +34,28 @@ def test_reader_called_until_removed() -> None:
     os.close(efd)
 
 
+def test_fileno_is_readable_while_a_watched_fd_is_ready_and_consumes_nothing() -> None:
+    import select  # noqa: PLC0415
+
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    calls: list[int] = []
+    with EventLoop() as loop:
+
+        def on_read() -> None:
+            calls.append(os.eventfd_read(efd))
+            loop.stop()
+
+        loop.add_reader(efd, on_read)
+        p = select.poll()
+        p.register(loop.fileno(), select.POLLIN)
+        assert p.poll(0) == []
+        os.eventfd_write(efd, 3)
+        assert p.poll(0) == [(loop.fileno(), select.POLLIN)]
+        loop.run(timeout=5)  # the reader still sees it: the poll took nothing
+        assert calls == [3]
+    os.close(efd)
+
+
 def test_timers_run_in_order_and_cancel() -> None:
     order: list[str] = []
     with EventLoop() as loop:

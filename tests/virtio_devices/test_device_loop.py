@@ -124,3 +124,12 @@ def test_device_loop_fired_timer_is_forgotten(
     loop.timers[0][1]()
     dl.clear()
     assert ran == [1] and not loop.timers[0][0].cancelled
+
+
+def test_fileno_is_the_loops_or_minus_one() -> None:
+    class WithFd(RecordingLoop):
+        def fileno(self) -> int:
+            return 42
+
+    assert DeviceLoop(WithFd(), lambda e: None).fileno() == 42
+    assert DeviceLoop(RecordingLoop(), lambda e: None).fileno() == -1

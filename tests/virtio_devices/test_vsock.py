@@ -8,6 +8,7 @@ and random interleavings of both sides' operations at the device.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -295,6 +296,94 @@ def test_rw_packets_of_one_kick_reach_the_host_in_order_when_it_fills(
     assert conn.fwd_cnt == len(sent) and not conn.txbuf
     lst.close()
     peer.close()
+
+
+def test_tx_nap_drains_again_without_a_kick_and_returns_with_notifications_on(host: UnixHost) -> None:
+    """The tx nap (``_vsock_fast.drain_tx``): after a pass that took stream data the
+    device waits (its loop's fd not ready), drains again, and returns only with
+    notifications on: VIRTIO 1.2 §2.7.10, with EVENT_IDX the driver MUST kick once
+    ``avail->idx`` passes ``avail_event``, so ``avail_event`` must be the avail index
+    the device stopped at, or the driver's next packet would not kick.  A first nap
+    that finds one packet or none makes the next drain skip it (then 2, 4...), one
+    that finds two or more ends that; a ready loop fd cuts a nap short; a pass without stream data
+    (the REQUEST) or with half our credit or more (the guest may wait for it) does
+    not nap."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536, tx_nap_us=1000)
+    g = VsockGuest(dev)
+    g.post_rx(64)
+    fast = dev._fast
+    wait = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        fast.wait_fd = wait  # the loop's fd (the fake loop has none): nothing ready
+        _lst, peer = connected(g, host)
+        assert (fast.naps, fast.naps_cut) == (0, 0)  # the REQUEST's pass took no data
+        tx = g.rig.mocks[TX]
+        sent = bytearray()
+
+        def rw(n: int, size: int = 1000) -> None:
+            for _ in range(n):
+                chunk = bytes([len(sent) & 0xFF]) * size
+                raw = HDR.pack(3, 2, 5000, 1234, len(chunk), 1, OP_RW, 0, g.buf_alloc, 0)
+                g.rig.add_request(TX, readable=[raw, chunk])
+                sent.extend(chunk)
+
+        def state() -> tuple[int, int, int, int]:
+            assert tx.avail_event() == tx.avail_idx()  # notifications on at return
+            return (fast.naps, fast.naps_cut, fast.nap_skip, fast.nap_backoff)
+
+        rw(4)
+        assert len(g.rig.kick(TX)) == 4
+        # One nap after the pass that took the 4 packets; it found none: skip one.
+        assert state() == (1, 0, 1, 1)
+        rw(4)
+        assert len(g.rig.kick(TX)) == 4
+        assert state() == (1, 0, 0, 1)  # skipped
+        os.eventfd_write(wait, 1)  # the loop has work: the next nap ends at once
+        rw(4)
+        assert len(g.rig.kick(TX)) == 4
+        assert state() == (1, 1, 0, 1)
+        os.eventfd_read(wait)
+        # The driver posts 2 more packets as the device tells it of the used ones,
+        # before the nap: the nap's pass finds them, the next one nothing.
+        signal_used = g.rig.interrupt.signal_used
+        to_post: list[int] = []
+
+        def post_on_tx_signal(index: int) -> None:
+            signal_used(index)
+            if index == TX and to_post:
+                rw(to_post.pop())
+
+        g.rig.interrupt.signal_used = post_on_tx_signal  # type: ignore[method-assign]
+        to_post.append(2)
+        tx.set_used_event(tx.used_idx())
+        rw(4)
+        assert len(g.rig.kick(TX)) == 6
+        assert not to_post
+        assert state() == (3, 1, 0, 0)  # the first nap found 2 packets: it paid
+        # A first nap that finds one packet traded a kick for a timer: back off.
+        to_post.append(1)
+        tx.set_used_event(tx.used_idx())
+        rw(4)
+        assert len(g.rig.kick(TX)) == 5
+        assert not to_post
+        assert state() == (4, 1, 0, 1)  # (the pass with that packet skipped its nap)
+        rw(1, 32768)  # half the credit: no nap
+        assert len(g.rig.kick(TX)) == 1
+        assert state() == (4, 1, 0, 1)
+        got = bytearray()
+        while len(got) < len(sent):
+            got += peer.recv(1 << 20)
+        assert got == sent
+    finally:
+        g.close()
+        os.close(wait)
+
+
+def test_tx_nap_setting_is_checked(host: UnixHost) -> None:
+    with pytest.raises(ValueError, match="tx_nap_us must be from 0 to 1000, not 1001"):
+        VsockDevice(3, host, tx_nap_us=1001)
+    with pytest.raises(ValueError, match="tx_nap_us must be from 0 to 1000, not -1"):
+        VsockDevice(3, host, tx_nap_us=-1)
 
 
 def test_credit_violation_resets(guest: VsockGuest, host: UnixHost) -> None:

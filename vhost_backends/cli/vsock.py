@@ -18,6 +18,11 @@ is served on its own vhost-user socket and thread, in one process, so VMs that
 share a group reach each other by CID.  Bad arguments print one ``error:`` line on
 stderr and exit non-zero (upstream prints to stdout and exits 0).
 
+``VHD_VSOCK_TX_NAP_US`` in the environment (default 15, 0 to 1000; 0: off): after
+a tx drain that took stream data, how long the thread serving a VM waits for the
+guest's next packets, its kicks still off, before it asks for a kick again; any
+other work for that thread ends the wait at once.
+
 Example::
 
     vhost-device-vsock --vm guest-cid=4,socket=/tmp/vhost4.socket,uds-path=/tmp/vm4.vsock \\
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,13 +47,17 @@ from ._common import (
     verbatim_socket_path,
 )
 
-__all__ = ["Config", "VmConfig", "build_parser", "main", "parse_vm", "run"]
+__all__ = ["Config", "VmConfig", "build_parser", "env_tx_nap_us", "main", "parse_vm", "run"]
 
 PROG = "vhost-device-vsock"
 DEFAULT_GUEST_CID = 3
 DEFAULT_TX_BUFFER_SIZE = 64 * 1024
 DEFAULT_QUEUE_SIZE = 1024
 DEFAULT_GROUP = "default"
+#: The tx nap (``virtio_devices.vsock.TX_NAP_US`` and ``TX_NAP_US_MAX``; a test
+#: checks they agree: the device layer is not imported to parse arguments).
+DEFAULT_TX_NAP_US = 15
+MAX_TX_NAP_US = 1000
 #: Largest split virtqueue (VIRTIO 1.2 §2.7).
 MAX_QUEUE_SIZE = 32768
 
@@ -304,6 +313,8 @@ class Config:
     """The validated VMs of one ``vhost-device-vsock`` process."""
 
     vms: tuple[VmConfig, ...]
+    #: The tx nap of every VM (µs), from ``VHD_VSOCK_TX_NAP_US``.
+    tx_nap_us: int = DEFAULT_TX_NAP_US
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> Config:
@@ -311,8 +322,10 @@ class Config:
 
         Raises:
             ConfigError: a bad file or value, no backend, two VMs with one CID,
-                one vhost-user socket or one uds_path.
+                one vhost-user socket or one uds_path; ``VHD_VSOCK_TX_NAP_US`` not
+                a number of microseconds from 0 to 1000.
         """
+        tx_nap_us = env_tx_nap_us()
         given: tuple[str, ...] = getattr(ns, "_given", ())
         if "config" in given:
             vms = _load_yaml(ns.config)
@@ -338,7 +351,26 @@ class Config:
                 if real in seen_path:
                     raise ConfigError(f"{where}: path {path!r} already used by VM #{seen_path[real] + 1}")
                 seen_path[real] = i
-        return cls(tuple(vms))
+        return cls(tuple(vms), tx_nap_us)
+
+
+def env_tx_nap_us(env: Mapping[str, str] | None = None) -> int:
+    """``VHD_VSOCK_TX_NAP_US`` from the environment (``env``, else the process's):
+    how long, in µs, the device waits after a tx drain that took stream data for
+    the driver's next packets before it asks for a kick again (0: never);
+    ``DEFAULT_TX_NAP_US`` when unset or empty.
+
+    Raises:
+        ConfigError: not a whole number from 0 to ``MAX_TX_NAP_US``.
+    """
+    text = (os.environ if env is None else env).get("VHD_VSOCK_TX_NAP_US", "").strip()
+    if not text:
+        return DEFAULT_TX_NAP_US
+    if not text.isascii() or not text.isdigit() or int(text) > MAX_TX_NAP_US:
+        raise ConfigError(
+            f"VHD_VSOCK_TX_NAP_US must be a number of microseconds from 0 to {MAX_TX_NAP_US}, not {text!r}"
+        )
+    return int(text)
 
 
 def run(config: Config) -> int:
@@ -372,6 +404,7 @@ def run(config: Config) -> int:
                 queue_size=vm.queue_size,
                 groups=vm.groups,
                 registry=registry,
+                tx_nap_us=config.tx_nap_us,
             )
 
         return serve(PROG, [vm.socket for vm in config.vms], device_factory)
