@@ -16,6 +16,11 @@ class Engine:
     submit_batch: int
     signal_every: int
     early_signals: int
+    signal_adapt: bool
+    switch_counter: Callable[[], int] | None
+    early_preempted: int
+    hold_min_ns: int
+    hold_max_ns: int
     inline_writes: int
     slow_writes: int
     slow_ns: int

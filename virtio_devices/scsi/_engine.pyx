@@ -30,7 +30,12 @@ A long drain does not keep its completions from the driver until its end: every
 ``signal_every`` requests it completed at once it asks whether the driver wants
 a notification (VIRTIO 1.2 §2.7.10, with EVENT_IDX only, where the driver names
 the entry it waits for) and sends it through the transport's signaller, so that a
-driver on another CPU refills its ring while the drain goes on.
+driver on another CPU refills its ring while the drain goes on.  Where the driver
+shares this thread's CPU, waking it preempts the drain (two context switches for a
+few entries): a drain after whose early notification this thread was preempted
+(its involuntary context switches, ``getrusage(RUSAGE_THREAD)``) holds the queue's
+early notifications back for a while (1 ms, doubling while it repeats up to
+16 ms, halving while it does not).
 
 Everything else (a read that would wait, a FUA write, a write that would block)
 goes to io_uring: submitted on the loop thread once per drain, the kernel's own
@@ -88,6 +93,13 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
     int pthread_cond_signal(pthread_cond_t *cond)
     int pthread_cond_broadcast(pthread_cond_t *cond)
+
+cdef extern from "<sys/resource.h>" nogil:
+    struct rusage:
+        long ru_nivcsw
+    enum:
+        RUSAGE_THREAD
+    int getrusage(int who, rusage *usage)
 
 cdef extern from "<time.h>" nogil:
     struct timespec:
@@ -161,6 +173,12 @@ DEF SUBMIT_BATCH = 4
 # when), so that a driver on another CPU refills while the drain goes on
 # (docs/performance.md).
 DEF SIGNAL_EVERY = 8
+# A drain whose early notification was followed by this thread being preempted
+# (the driver woke on this CPU) sends none for the queue's next HOLD_MIN_NS,
+# doubling at each such drain in a row up to HOLD_MAX_NS: a time, not a number of
+# drains, so that a driver that moved to another CPU is noticed as soon.
+DEF HOLD_MIN_NS = 1000000
+DEF HOLD_MAX_NS = 16000000
 # LUN write modes.
 DEF W_NOWAIT = 0    # try pwritev2(RWF_NOWAIT) inline; EAGAIN: the ring
 DEF W_INLINE = 1    # the file system refuses RWF_NOWAIT: timed pwritev2 inline
@@ -337,7 +355,9 @@ cdef class Engine:
     ``submit_batch``: queued ring requests are submitted every this many (4), and
     at the end of each drain.  ``signal_every``: a drain asks whether the driver
     wants a notification every this many requests completed at once (8; 0: only
-    at its end); ``early_signals`` counts those sent.
+    at its end); ``early_signals`` counts those sent; ``signal_adapt`` (True)
+    holds them back for a while after one preempted this thread
+    (:meth:`serve`), ``early_preempted`` counts such drains.
     ``inline_reads``, ``inline_writes``, ``ring_requests``, ``pool_requests`` and
     ``slow_writes`` count what was done inline, what went to the ring and to the
     threads, and how often an inline write was slow.
@@ -378,6 +398,13 @@ cdef class Engine:
     cdef public int submit_batch
     cdef public int signal_every
     cdef readonly long long early_signals
+    cdef public bint signal_adapt
+    cdef public object switch_counter
+    cdef readonly long long early_preempted
+    cdef public long long hold_min_ns
+    cdef public long long hold_max_ns
+    cdef int64_t es_until[MAX_QUEUES]
+    cdef int64_t es_backoff[MAX_QUEUES]
     cdef list _chains
     cdef list _queues
     cdef list _signallers
@@ -429,6 +456,13 @@ cdef class Engine:
         self.pool_min_cached = POOL_MIN_CACHED
         self.submit_batch = SUBMIT_BATCH
         self.signal_every = SIGNAL_EVERY
+        self.signal_adapt = True
+        self.hold_min_ns = HOLD_MIN_NS
+        self.hold_max_ns = HOLD_MAX_NS
+        self.switch_counter = None
+        for i in range(MAX_QUEUES):
+            self.es_until[i] = 0
+            self.es_backoff[i] = 0
         self.slow_ns = SLOW_NS
         for i in range(entries):
             self.free[i] = entries - 1 - i
@@ -483,13 +517,18 @@ cdef class Engine:
         """Serve these queues (the device's, by index) from now on.  ``signallers``:
         a callable of no argument per queue that notifies its driver (the
         transport's compiled ``signaller``), for the notifications :meth:`serve`
-        sends partway through a drain (``signal_every``); None: it sends none."""
+        sends partway through a drain (``signal_every``); None: it sends none.
+        Holds on those notifications (``signal_adapt``) start over."""
+        cdef int i
         if len(queues) > MAX_QUEUES:
             raise ValueError(f"engine: {len(queues)} queues, at most {MAX_QUEUES}")
         if signallers is not None and len(signallers) != len(queues):
             raise ValueError(f"engine: {len(queues)} queues, {len(signallers)} signallers")
         self._queues = list(queues)
         self._signallers = list(signallers) if signallers is not None else []
+        for i in range(MAX_QUEUES):
+            self.es_until[i] = 0
+            self.es_backoff[i] = 0
 
     def in_flight(self, int index=-1):
         """Requests of queue ``index`` (every queue: -1) submitted and not reaped."""
@@ -515,7 +554,15 @@ cdef class Engine:
         §2.7.10 asks), submit what it queued and finish what completed at once.
 
         Every ``signal_every`` chains completed at once, the driver is notified
-        through the queue's signaller (:meth:`attach`) if it asked (EVENT_IDX).
+        through the queue's signaller (:meth:`attach`) if it asked (EVENT_IDX),
+        unless the queue's early notifications are held back: ``signal_adapt``
+        (True) counts this thread's involuntary context switches from a drain's
+        first early notification to its end, and a drain that was preempted
+        (``early_preempted`` counts them) holds the queue's back for
+        ``hold_min_ns`` (1 ms), twice as long each time it repeats (up to
+        ``hold_max_ns``, 16 ms), half as long again after each probe that was
+        not.  ``switch_counter``: a callable that returns the count instead of
+        ``getrusage`` (tests).
 
         Returns ``(served, bytes, signal, rest, refused, bad_heads)``: :meth:`reap`'s
         four (this queue's chains completed here included), then the chains this
@@ -536,11 +583,18 @@ cdef class Engine:
         cdef list refused = None
         cdef int every = self.signal_every
         cdef int since = 0
+        cdef bint probe = False
+        cdef long long switches = 0
         if index >= MAX_QUEUES or index >= len(self._queues):
             raise ValueError(f"engine: no queue {index}")
         q = <Queue>self._queues[index]
         if every > 0 and (index >= len(self._signallers) or not q._event_idx):
             every = 0
+        if every > 0 and self.signal_adapt and self.es_until[index]:
+            if _now_ns() < self.es_until[index]:
+                every = 0
+            else:
+                self.es_until[index] = 0
         while True:
             q.disable_notification_c()
             while q.pop_head(&head):
@@ -559,9 +613,16 @@ cdef class Engine:
                             # Partway through a long drain: the driver may refill
                             # what is done while the rest is served (§2.7.10 decides
                             # whether it wants to hear now; the end of the drain
-                            # asks again for what follows).
+                            # asks again for what follows).  Not when fewer than
+                            # ``every`` chains are known to be left: the drain's
+                            # end notifies soon, and a driver woken now takes a
+                            # few entries and makes every later drain as short.
                             since = 0
-                            if q.needs_notification_c():
+                            if (<uint16_t>(q._avail_seen - q._next_avail) >= every
+                                    and q.needs_notification_c()):
+                                if self.signal_adapt and not probe:
+                                    probe = True
+                                    switches = self._switches()
                                 self.early_signals += 1
                                 self._signallers[index]()
                 elif used < 0:
@@ -570,6 +631,8 @@ cdef class Engine:
                     refused.append(ch)
             if not q.enable_notification_c():
                 break
+        if probe:
+            self._adapt(index, self._switches() != switches)
         if self.unsubmitted:
             self._submit()
         if self.nfree < self.nslots:
@@ -579,6 +642,37 @@ cdef class Engine:
             mask = self._to_signal(((<uint64_t>1) << index) if served else 0)
         return (served + r_served, nbytes + r_bytes, mask, rest,
                 refused if refused is not None else [], bad)
+
+    cdef long long _switches(self) except? -1:
+        """This thread's involuntary context switches so far (``switch_counter``'s
+        answer when one is set): a driver woken on this CPU preempts it.  Not the
+        voluntary ones: waiting for the GIL or a lock is one, wherever the driver
+        runs."""
+        cdef rusage ru
+        if self.switch_counter is not None:
+            return self.switch_counter()
+        if getrusage(RUSAGE_THREAD, &ru) != 0:
+            return 0  # cannot fail for RUSAGE_THREAD on Linux; no preemption seen
+        return ru.ru_nivcsw
+
+    cdef void _adapt(self, int index, bint preempted) noexcept:
+        """After a drain that sent early notifications: a preempted one holds the
+        queue's next ones back (doubling while it repeats), any other halves the
+        next hold."""
+        cdef int64_t b
+        if preempted:
+            self.early_preempted += 1
+            b = self.es_backoff[index] * 2
+            if b < self.hold_min_ns:
+                b = self.hold_min_ns
+            if b > self.hold_max_ns:
+                b = self.hold_max_ns
+            self.es_backoff[index] = b
+            self.es_until[index] = _now_ns() + b
+        else:
+            # Not every wake-up preempts at once (the scheduler may let the
+            # drain finish its slice): back off as fast as it grew, not at once.
+            self.es_backoff[index] //= 2
 
     cdef uint64_t _to_signal(self, uint64_t touched) except? 0xFFFFFFFFFFFFFFFF:
         """Of the queues in ``touched``, those whose driver wants a notification now

@@ -685,12 +685,13 @@ class ScsiDevice(VirtioDevice):
                 e = self._engine
                 log.info(
                     "scsi engine so far: %d reads, %d writes inline, %d requests on io_uring, %d on threads, "
-                    "%d notifications within a drain",
+                    "%d notifications within a drain, %d drains preempted after one",
                     e.inline_reads,
                     e.inline_writes,
                     e.ring_requests,
                     e.pool_requests,
                     e.early_signals,
+                    e.early_preempted,
                 )
             self._engine_loop = None
 
