@@ -517,7 +517,9 @@ cdef class Engine:
         """Serve these queues (the device's, by index) from now on.  ``signallers``:
         a callable of no argument per queue that notifies its driver (the
         transport's compiled ``signaller``), for the notifications :meth:`serve`
-        sends partway through a drain (``signal_every``); None: it sends none.
+        sends partway through a drain (``signal_every``) and those it and
+        :meth:`reap` send when they are done; None: it sends none (the caller
+        sends what they return).
         Holds on those notifications (``signal_adapt``) start over."""
         cdef int i
         if len(queues) > MAX_QUEUES:
@@ -675,16 +677,22 @@ cdef class Engine:
             self.es_backoff[index] //= 2
 
     cdef uint64_t _to_signal(self, uint64_t touched) except? 0xFFFFFFFFFFFFFFFF:
-        """Of the queues in ``touched``, those whose driver wants a notification now
-        (VIRTIO 1.2 §2.7.10, EVENT_IDX honoured): the caller signals them."""
+        """Notify the queues in ``touched`` whose driver wants a notification now
+        (VIRTIO 1.2 §2.7.10, EVENT_IDX honoured) through their signallers
+        (:meth:`attach`); returns those that have none: the caller signals them."""
         cdef uint64_t out = 0
         cdef int i = 0
+        cdef int nsig = len(self._signallers)
         cdef Queue q
         while touched:
             if touched & 1:
                 q = <Queue>self._queues[i]
                 if q.needs_notification_c():
-                    out |= (<uint64_t>1) << i
+                    if i < nsig:
+                        # The compiled signaller: no Python frame per drain.
+                        self._signallers[i]()
+                    else:
+                        out |= (<uint64_t>1) << i
             touched >>= 1
             i += 1
         return out
@@ -975,8 +983,10 @@ cdef class Engine:
         """Finish every request the kernel completed: ``(served, bytes, signal, rest)``.
 
         A whole transfer gets GOOD with its residual and goes into its used ring
-        (``served`` chains, ``bytes`` used bytes; ``signal`` has a bit per queue
-        whose driver wants a notification now, which the caller sends).  ``rest``
+        (``served`` chains, ``bytes`` used bytes); a queue whose driver wants a
+        notification now gets it through its signaller (:meth:`attach`), and
+        ``signal`` has a bit per such queue that has none, which the caller
+        notifies.  ``rest``
         lists the others as ``(index, chain, write, fua, lun, lba, blocks, moved,
         error)``: ``moved`` bytes went through, ``error`` is the errno (0: a short
         transfer).
