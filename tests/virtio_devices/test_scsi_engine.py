@@ -27,6 +27,7 @@ from virtio_devices.scsi.testing import (
     RESP_HEADER,
     Resp,
     cmd_req,
+    inquiry,
     lun_bytes,
     read10,
     read16,
@@ -34,6 +35,7 @@ from virtio_devices.scsi.testing import (
     write16,
 )
 from virtio_devices.testing import DeviceRig, FakeInterrupt
+from virtio_queue import InvalidAvailRingIndex
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 BLOCKS = 64
@@ -569,3 +571,37 @@ def test_attach_refuses_a_signaller_count_that_is_not_the_queue_count(pair: Pair
     queues = pair.rigs[0].queues
     with pytest.raises(ValueError, match=f"{len(queues)} queues, 1 signallers"):
         pair.engine.attach(queues, [lambda: None])
+
+
+def test_the_kick_pump_serves_the_engines_drains_and_hands_the_rest_to_process_queue() -> None:
+    """``kick_pump`` (a request queue's kicks in compiled code): a drain of READ and
+    WRITE is finished without ``process_queue`` and counted in ``chains_served``; a
+    drain with a command the engine does not serve (INQUIRY) is handed over, and
+    ``process_queue`` answers it with the drain's other chains already used; a
+    broken avail ring (VIRTIO 1.2 §2.7.6: more than a queue ahead) raises from
+    ``process_queue``, as without the pump.  No pump for the control and event
+    queues."""
+    with _write_drains(rearm=True) as d:
+        dev = d.rig.device
+        assert isinstance(dev, ScsiDevice)
+        assert dev.kick_pump(0) is None and dev.kick_pump(1) is None
+        pump = dev.kick_pump(RQ)
+        assert pump is not None
+        served = dev.chains_served
+        d.rig.add_request(RQ, [cmd_req(write10(3, 1)), b"\x5a" * 512], [RESP_HEADER])
+        d.rig.add_request(RQ, [cmd_req(read10(3, 1))], [RESP_HEADER, 512])
+        assert pump.pump() is False  # done in compiled code
+        assert len(d.rig.used(RQ)) == 2 and dev.chains_served == served + 2
+        _, bufs = d.rig.add_request(RQ, [cmd_req(read10(3, 1))], [RESP_HEADER, 512])
+        d.rig.add_request(RQ, [cmd_req(inquiry())], [RESP_HEADER, 255])
+        assert pump.pump() is True  # the INQUIRY is Python's
+        assert len(d.rig.used(RQ)) == 1  # the read, done by the engine
+        assert d.rig.read(bufs[1], 512) == b"\x5a" * 512
+        dev.process_queue(RQ)
+        ((_, length),) = d.rig.used(RQ)
+        assert length > RESP_HEADER and dev.chains_served == served + 4
+        mock = d.rig.mocks[RQ]
+        mock.set_avail_idx(mock.avail_idx() + 1000)
+        assert pump.pump() is True
+        with pytest.raises(InvalidAvailRingIndex):
+            dev.process_queue(RQ)

@@ -66,6 +66,7 @@ from virtio_queue.chain cimport ChainCursor, DescriptorChain, chain_next, chain_
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
 from virtio_queue.memory cimport snap_ptr, snap_ptr_w
 from virtio_queue.queue cimport Queue
+from virtio_devices._pump cimport FdPump
 
 
 cdef extern from "<linux/fs.h>" nogil:
@@ -409,6 +410,9 @@ cdef class Engine:
     cdef list _queues
     cdef list _signallers
     cdef int in_flight_q[MAX_QUEUES]
+    cdef list _held
+    cdef readonly long long pumped_chains
+    cdef readonly unsigned long long pumped_bytes
 
     def __cinit__(self, *args, **kwargs):
         # Every C pointer starts NULL (the object's memory is zeroed); nothing to
@@ -468,6 +472,7 @@ cdef class Engine:
             self.free[i] = entries - 1 - i
         self.nfree = entries
         self._chains = [None] * entries
+        self._held = [None] * MAX_QUEUES
         self._queues = []
         self._signallers = []
         memset(self.in_flight_q, 0, sizeof(self.in_flight_q))
@@ -528,6 +533,7 @@ cdef class Engine:
             raise ValueError(f"engine: {len(queues)} queues, {len(signallers)} signallers")
         self._queues = list(queues)
         self._signallers = list(signallers) if signallers is not None else []
+        self._held = [None] * MAX_QUEUES
         for i in range(MAX_QUEUES):
             self.es_until[i] = 0
             self.es_backoff[i] = 0
@@ -571,10 +577,43 @@ cdef class Engine:
         path does not serve (for the Python path, in order) and how many head
         indexes were out of range (consumed, dropped).
 
+        A drain that a :class:`RequestPump` ran and handed over (it had something
+        for Python) is returned, or what it raised raised, before a new one.
+
         Raises:
             InvalidAvailRingIndex: the avail ring is broken.
             QueueNotReady, GuestMemoryError: the ring is unusable.
         """
+        if 0 <= index < MAX_QUEUES:
+            held = self._held[index]
+            if held is not None:
+                self._held[index] = None
+                if isinstance(held, BaseException):
+                    raise held
+                return held
+        return self._serve(index)
+
+    cdef int _pump(self, int index) except -1:
+        """A kick of request queue ``index`` (:class:`RequestPump`): drain it; 0 when
+        that is all (counted in ``pumped_chains``, ``pumped_bytes``), 1 when the
+        drain has something for Python (a chain refused or that failed, a queue to
+        notify without a signaller) or raised: it is held for :meth:`serve`."""
+        cdef long served
+        try:
+            r = self._serve(index)
+        except Exception as e:
+            self._held[index] = e
+            return 1
+        served, nbytes, mask, rest, refused, bad = r
+        if mask or bad or rest or refused:
+            self._held[index] = r
+            return 1
+        self.pumped_chains += served
+        self.pumped_bytes += nbytes
+        return 0
+
+    cdef tuple _serve(self, int index):
+        """serve() without the held drain."""
         cdef Queue q
         cdef uint16_t head
         cdef DescriptorChain ch
@@ -1065,3 +1104,27 @@ cdef class Engine:
         if also:
             mask |= (<uint64_t>1) << index
         return served, nbytes, self._to_signal(mask), rest
+
+
+cdef class RequestPump(FdPump):
+    """A request queue's kicks served in compiled code (``VirtioDevice.kick_pump``):
+    :meth:`Engine.serve` without the device's Python ``process_queue`` frame, for
+    the common drain whose every chain the engine completed or queued and whose
+    notifications went through the signallers.  Anything else (a chain for the
+    Python path, an error, the device not active or broken) answers 1: the device's
+    ``process_queue`` then runs and takes the drain the engine held."""
+
+    cdef Engine engine
+    cdef int index
+    cdef object device
+
+    def __init__(self, Engine engine not None, int index, device):
+        self.engine = engine
+        self.index = index
+        self.device = device
+
+    cdef int pump_c(self) except -1:
+        dev = self.device
+        if dev.broken is not None or not dev.active:
+            return 1
+        return self.engine._pump(self.index)
