@@ -577,7 +577,7 @@ def test_the_kick_pump_serves_the_engines_drains_and_hands_the_rest_to_process_q
     """``kick_pump`` (a request queue's kicks in compiled code): a drain of READ and
     WRITE is finished without ``process_queue`` and counted in ``chains_served``; a
     drain with a command the engine does not serve (INQUIRY) is handed over, and
-    ``process_queue`` answers it with the drain's other chains already used; a
+    ``process_queue`` answers it, the drain's read served by the engine; a
     broken avail ring (VIRTIO 1.2 §2.7.6: more than a queue ahead) raises from
     ``process_queue``, as without the pump.  No pump for the control and event
     queues."""
@@ -588,18 +588,31 @@ def test_the_kick_pump_serves_the_engines_drains_and_hands_the_rest_to_process_q
         pump = dev.kick_pump(RQ)
         assert pump is not None
         served = dev.chains_served
+
+        got: dict[int, int] = {}
+
+        def used(n: int) -> dict[int, int]:
+            # A read the page cache could not serve at once completes on the ring.
+            got.update(d.rig.used(RQ))
+            while len(got) < n:
+                d.rig.complete_workers()
+                got.update(d.rig.used(RQ))
+            return got
+
         d.rig.add_request(RQ, [cmd_req(write10(3, 1)), b"\x5a" * 512], [RESP_HEADER])
         d.rig.add_request(RQ, [cmd_req(read10(3, 1))], [RESP_HEADER, 512])
         assert pump.pump() is False  # done in compiled code
-        assert len(d.rig.used(RQ)) == 2 and dev.chains_served == served + 2
-        _, bufs = d.rig.add_request(RQ, [cmd_req(read10(3, 1))], [RESP_HEADER, 512])
-        d.rig.add_request(RQ, [cmd_req(inquiry())], [RESP_HEADER, 255])
+        assert len(used(2)) == 2 and dev.chains_served == served + 2
+        got.clear()
+        read, bufs = d.rig.add_request(RQ, [cmd_req(read10(3, 1))], [RESP_HEADER, 512])
+        inq, _ = d.rig.add_request(RQ, [cmd_req(inquiry())], [RESP_HEADER, 255])
         assert pump.pump() is True  # the INQUIRY is Python's
-        assert len(d.rig.used(RQ)) == 1  # the read, done by the engine
-        assert d.rig.read(bufs[1], 512) == b"\x5a" * 512
+        got.update(d.rig.used(RQ))
+        assert inq not in got
         dev.process_queue(RQ)
-        ((_, length),) = d.rig.used(RQ)
-        assert length > RESP_HEADER and dev.chains_served == served + 4
+        used(2)
+        assert got[read] == RESP_HEADER + 512 and d.rig.read(bufs[1], 512) == b"\x5a" * 512
+        assert got[inq] > RESP_HEADER and dev.chains_served == served + 4
         mock = d.rig.mocks[RQ]
         mock.set_avail_idx(mock.avail_idx() + 1000)
         assert pump.pump() is True
