@@ -9,6 +9,7 @@ refuses, inline writes that turn slow, the eventfd completion path, no io_uring)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import struct
@@ -26,6 +27,7 @@ from virtio_devices.scsi.testing import (
     RESP_HEADER,
     Resp,
     cmd_req,
+    inquiry,
     lun_bytes,
     read10,
     read16,
@@ -33,6 +35,7 @@ from virtio_devices.scsi.testing import (
     write16,
 )
 from virtio_devices.testing import DeviceRig, FakeInterrupt
+from virtio_queue import InvalidAvailRingIndex
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 BLOCKS = 64
@@ -438,47 +441,129 @@ class _RecordingInterrupt(FakeInterrupt):
         return lambda: self.signal_used(index)
 
 
-def _drain_of_writes(event_idx: bool, rearm: bool, every: int | None = None) -> tuple[list[int], int]:
-    """20 inline writes in one kick: the used indexes notifications were sent at,
-    and how many the engine sent partway through its drain."""
-    interrupt = _RecordingInterrupt(rearm)
-    img = DiskImage.from_bytes(IMAGE, name="lun0")
-    dev = ScsiDevice([img], use_engine=True)
-    rig = DeviceRig(dev, queue_size=64, memory_size=8 << 20, event_idx=event_idx, interrupt=interrupt)
-    interrupt.rig = rig
-    try:
-        eng = dev._engine
-        if eng is None:
+class _WriteDrains:
+    """One device with the engine and a recording interrupt: :meth:`drain` kicks
+    ``n`` inline writes in one go and tells where notifications fell."""
+
+    def __init__(self, event_idx: bool, rearm: bool) -> None:
+        self.interrupt = _RecordingInterrupt(rearm)
+        self.img = DiskImage.from_bytes(IMAGE, name="lun0")
+        dev = ScsiDevice([self.img], use_engine=True)
+        self.rig = DeviceRig(
+            dev, queue_size=128, memory_size=8 << 20, event_idx=event_idx, interrupt=self.interrupt
+        )
+        self.interrupt.rig = self.rig
+        if dev._engine is None:
+            self.close()
             pytest.skip("io_uring is not available here")
+        self.engine = dev._engine
+
+    def drain(self, n: int) -> tuple[list[int], int]:
+        """``n`` writes in one kick, the driver waiting for the first of them: the
+        used indexes (counted from this drain's first) notifications were sent
+        at, and how many the engine sent partway through its drain."""
+        mock = self.rig.mocks[RQ]
+        base = mock.used_idx()
+        mock.set_used_event(base)
+        self.interrupt.at.clear()
+        early, writes = self.engine.early_signals, self.engine.inline_writes
+        for k in range(n):
+            self.rig.add_request(RQ, [cmd_req(write10(k, 1)), bytes([k]) * 512], [RESP_HEADER])
+        used = self.rig.kick(RQ)
+        assert len(used) == n and self.engine.inline_writes == writes + n
+        return [(i - base) & 0xFFFF for i in self.interrupt.at], self.engine.early_signals - early
+
+    def close(self) -> None:
+        self.rig.close()
+        self.img.close()
+
+
+@contextlib.contextmanager
+def _write_drains(
+    event_idx: bool = True, rearm: bool = False, every: int | None = None
+) -> Iterator[_WriteDrains]:
+    d = _WriteDrains(event_idx, rearm)
+    try:
         if every is not None:
-            eng.signal_every = every
-        rig.mocks[RQ].set_used_event(0)  # the driver waits for the first used entry
-        for k in range(20):
-            rig.add_request(RQ, [cmd_req(write10(k, 1)), bytes([k]) * 512], [RESP_HEADER])
-        writes = eng.inline_writes
-        used = rig.kick(RQ)
-        assert len(used) == 20 and eng.inline_writes == writes + 20
-        return interrupt.at, eng.early_signals
+            d.engine.signal_every = every
+        yield d
     finally:
-        rig.close()
-        img.close()
+        d.close()
 
 
 def test_drain_notifies_partway_when_the_driver_asks() -> None:
     """VIRTIO 1.2 §2.7.10: with EVENT_IDX the device notifies once used->idx passes
-    used_event.  A long drain asks every ``signal_every`` (8) completions, so a
-    driver that waits for its first used entry hears at the 8th, not after all 20;
-    one that asks again each time hears at 8, 16 and the drain's end."""
-    assert _drain_of_writes(event_idx=True, rearm=False) == ([8], 1)
-    assert _drain_of_writes(event_idx=True, rearm=True) == ([8, 16, 20], 2)
+    used_event.  A long drain asks every ``signal_every`` (8) completions while at
+    least as many chains are left, so a driver that waits for its first used entry
+    hears at the 8th, not after all 20; one that asks again each time hears at 8,
+    16 and the drain's end of 30; at the 24th only 6 are left (the end's
+    notification comes soon), and of 20 the 16th has 4 after it."""
+    with _write_drains(rearm=False) as d:
+        assert d.drain(20) == ([8], 1)
+    with _write_drains(rearm=True) as d:
+        assert d.drain(30) == ([8, 16, 30], 2)
+        assert d.drain(20) == ([8, 20], 1)
+        assert d.drain(15) == ([15], 0)
 
 
 def test_drain_notifies_only_at_its_end_without_event_idx_or_when_off() -> None:
     """Without EVENT_IDX the driver cannot say which entry it waits for (only the
     coarse VRING_AVAIL_F_NO_INTERRUPT, §2.7.7): one notification for the drain;
     ``signal_every`` = 0 turns the early ones off."""
-    assert _drain_of_writes(event_idx=False, rearm=False) == ([20], 0)
-    assert _drain_of_writes(event_idx=True, rearm=True, every=0) == ([20], 0)
+    with _write_drains(event_idx=False) as d:
+        assert d.drain(20) == ([20], 0)
+    with _write_drains(rearm=True, every=0) as d:
+        assert d.drain(20) == ([20], 0)
+
+
+def test_a_drain_preempted_after_an_early_notification_holds_the_next_ones_back() -> None:
+    """A driver woken on the drain's own CPU preempts it (the engine counts its
+    thread's involuntary context switches, here the fake counter that each
+    notification bumps): the queue's next drains notify only at their end until
+    the hold has passed; ``signal_adapt`` = False keeps notifying."""
+    with _write_drains(rearm=True) as d:
+        eng = d.engine
+        eng.switch_counter = lambda: len(d.interrupt.at)  # every wake-up preempts
+        eng.hold_min_ns = eng.hold_max_ns = 3600 * 10**9
+        # The notification at 8 preempted the drain; the engine sees it at the end.
+        assert d.drain(30) == ([8, 16, 30], 2)
+        assert eng.early_preempted == 1
+        assert d.drain(30) == ([30], 0)  # held back
+        assert d.drain(30) == ([30], 0)
+        assert eng.early_preempted == 1
+    with _write_drains(rearm=True) as d:
+        eng = d.engine
+        eng.switch_counter = lambda: len(d.interrupt.at)
+        eng.signal_adapt = False
+        assert d.drain(30) == ([8, 16, 30], 2)
+        assert d.drain(30) == ([8, 16, 30], 2)
+        assert eng.early_preempted == 0
+
+
+def test_the_hold_passes_and_a_drain_not_preempted_keeps_notifying_partway() -> None:
+    """The hold is a time (``hold_min_ns``, doubling up to ``hold_max_ns``): once
+    it has passed the drain notifies partway again, and one whose thread was not
+    preempted goes on doing so."""
+    with _write_drains(rearm=True) as d:
+        eng = d.engine
+        preempting = [True]
+        count = [0]
+
+        def switches() -> int:
+            # Each notification preempts while ``preempting`` says so.
+            if preempting[0]:
+                count[0] = len(d.interrupt.at)
+            return count[0]
+
+        eng.switch_counter = switches
+        eng.hold_min_ns = eng.hold_max_ns = 0  # a hold that is over at once
+        assert d.drain(30) == ([8, 16, 30], 2)
+        assert d.drain(30) == ([8, 16, 30], 2)
+        assert eng.early_preempted == 2
+        preempting[0] = False
+        assert d.drain(30) == ([8, 16, 30], 2)
+        assert d.drain(30) == ([8, 16, 30], 2)
+        assert eng.early_preempted == 2
 
 
 def test_attach_refuses_a_signaller_count_that_is_not_the_queue_count(pair: Pair) -> None:
@@ -486,3 +571,50 @@ def test_attach_refuses_a_signaller_count_that_is_not_the_queue_count(pair: Pair
     queues = pair.rigs[0].queues
     with pytest.raises(ValueError, match=f"{len(queues)} queues, 1 signallers"):
         pair.engine.attach(queues, [lambda: None])
+
+
+def test_the_kick_pump_serves_the_engines_drains_and_hands_the_rest_to_process_queue() -> None:
+    """``kick_pump`` (a request queue's kicks in compiled code): a drain of READ and
+    WRITE is finished without ``process_queue`` and counted in ``chains_served``; a
+    drain with a command the engine does not serve (INQUIRY) is handed over, and
+    ``process_queue`` answers it, the drain's read served by the engine; a
+    broken avail ring (VIRTIO 1.2 §2.7.6: more than a queue ahead) raises from
+    ``process_queue``, as without the pump.  No pump for the control and event
+    queues."""
+    with _write_drains(rearm=True) as d:
+        dev = d.rig.device
+        assert isinstance(dev, ScsiDevice)
+        assert dev.kick_pump(0) is None and dev.kick_pump(1) is None
+        pump = dev.kick_pump(RQ)
+        assert pump is not None
+        served = dev.chains_served
+
+        got: dict[int, int] = {}
+
+        def used(n: int) -> dict[int, int]:
+            # A read the page cache could not serve at once completes on the ring.
+            got.update(d.rig.used(RQ))
+            while len(got) < n:
+                d.rig.complete_workers()
+                got.update(d.rig.used(RQ))
+            return got
+
+        d.rig.add_request(RQ, [cmd_req(write10(3, 1)), b"\x5a" * 512], [RESP_HEADER])
+        d.rig.add_request(RQ, [cmd_req(read10(3, 1))], [RESP_HEADER, 512])
+        assert pump.pump() is False  # done in compiled code
+        assert len(used(2)) == 2 and dev.chains_served == served + 2
+        got.clear()
+        read, bufs = d.rig.add_request(RQ, [cmd_req(read10(3, 1))], [RESP_HEADER, 512])
+        inq, _ = d.rig.add_request(RQ, [cmd_req(inquiry())], [RESP_HEADER, 255])
+        assert pump.pump() is True  # the INQUIRY is Python's
+        got.update(d.rig.used(RQ))
+        assert inq not in got
+        dev.process_queue(RQ)
+        used(2)
+        assert got[read] == RESP_HEADER + 512 and d.rig.read(bufs[1], 512) == b"\x5a" * 512
+        assert got[inq] > RESP_HEADER and dev.chains_served == served + 4
+        mock = d.rig.mocks[RQ]
+        mock.set_avail_idx(mock.avail_idx() + 1000)
+        assert pump.pump() is True
+        with pytest.raises(InvalidAvailRingIndex):
+            dev.process_queue(RQ)

@@ -1,6 +1,7 @@
 from collections.abc import Callable, Sequence
 from typing import final
 
+from virtio_devices._pump import FdPump
 from virtio_queue import DescriptorChain, Queue
 
 @final
@@ -16,6 +17,13 @@ class Engine:
     submit_batch: int
     signal_every: int
     early_signals: int
+    signal_adapt: bool
+    switch_counter: Callable[[], int] | None
+    early_preempted: int
+    pumped_chains: int
+    pumped_bytes: int
+    hold_min_ns: int
+    hold_max_ns: int
     inline_writes: int
     slow_writes: int
     slow_ns: int
@@ -48,3 +56,7 @@ class Engine:
     def reap(
         self,
     ) -> tuple[int, int, int, list[tuple[int, DescriptorChain, bool, bool, int, int, int, int, int]]]: ...
+
+@final
+class RequestPump(FdPump):
+    def __init__(self, engine: Engine, index: int, device: object) -> None: ...

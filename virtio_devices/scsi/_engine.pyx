@@ -30,7 +30,12 @@ A long drain does not keep its completions from the driver until its end: every
 ``signal_every`` requests it completed at once it asks whether the driver wants
 a notification (VIRTIO 1.2 §2.7.10, with EVENT_IDX only, where the driver names
 the entry it waits for) and sends it through the transport's signaller, so that a
-driver on another CPU refills its ring while the drain goes on.
+driver on another CPU refills its ring while the drain goes on.  Where the driver
+shares this thread's CPU, waking it preempts the drain (two context switches for a
+few entries): a drain after whose early notification this thread was preempted
+(its involuntary context switches, ``getrusage(RUSAGE_THREAD)``) holds the queue's
+early notifications back for a while (1 ms, doubling while it repeats up to
+16 ms, halving while it does not).
 
 Everything else (a read that would wait, a FUA write, a write that would block)
 goes to io_uring: submitted on the loop thread once per drain, the kernel's own
@@ -61,6 +66,7 @@ from virtio_queue.chain cimport ChainCursor, DescriptorChain, chain_next, chain_
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
 from virtio_queue.memory cimport snap_ptr, snap_ptr_w
 from virtio_queue.queue cimport Queue
+from virtio_devices._pump cimport FdPump
 
 
 cdef extern from "<linux/fs.h>" nogil:
@@ -88,6 +94,13 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
     int pthread_cond_signal(pthread_cond_t *cond)
     int pthread_cond_broadcast(pthread_cond_t *cond)
+
+cdef extern from "<sys/resource.h>" nogil:
+    struct rusage:
+        long ru_nivcsw
+    enum:
+        RUSAGE_THREAD
+    int getrusage(int who, rusage *usage)
 
 cdef extern from "<time.h>" nogil:
     struct timespec:
@@ -161,6 +174,12 @@ DEF SUBMIT_BATCH = 4
 # when), so that a driver on another CPU refills while the drain goes on
 # (docs/performance.md).
 DEF SIGNAL_EVERY = 8
+# A drain whose early notification was followed by this thread being preempted
+# (the driver woke on this CPU) sends none for the queue's next HOLD_MIN_NS,
+# doubling at each such drain in a row up to HOLD_MAX_NS: a time, not a number of
+# drains, so that a driver that moved to another CPU is noticed as soon.
+DEF HOLD_MIN_NS = 1000000
+DEF HOLD_MAX_NS = 16000000
 # LUN write modes.
 DEF W_NOWAIT = 0    # try pwritev2(RWF_NOWAIT) inline; EAGAIN: the ring
 DEF W_INLINE = 1    # the file system refuses RWF_NOWAIT: timed pwritev2 inline
@@ -337,7 +356,9 @@ cdef class Engine:
     ``submit_batch``: queued ring requests are submitted every this many (4), and
     at the end of each drain.  ``signal_every``: a drain asks whether the driver
     wants a notification every this many requests completed at once (8; 0: only
-    at its end); ``early_signals`` counts those sent.
+    at its end); ``early_signals`` counts those sent; ``signal_adapt`` (True)
+    holds them back for a while after one preempted this thread
+    (:meth:`serve`), ``early_preempted`` counts such drains.
     ``inline_reads``, ``inline_writes``, ``ring_requests``, ``pool_requests`` and
     ``slow_writes`` count what was done inline, what went to the ring and to the
     threads, and how often an inline write was slow.
@@ -378,10 +399,20 @@ cdef class Engine:
     cdef public int submit_batch
     cdef public int signal_every
     cdef readonly long long early_signals
+    cdef public bint signal_adapt
+    cdef public object switch_counter
+    cdef readonly long long early_preempted
+    cdef public long long hold_min_ns
+    cdef public long long hold_max_ns
+    cdef int64_t es_until[MAX_QUEUES]
+    cdef int64_t es_backoff[MAX_QUEUES]
     cdef list _chains
     cdef list _queues
     cdef list _signallers
     cdef int in_flight_q[MAX_QUEUES]
+    cdef list _held
+    cdef readonly long long pumped_chains
+    cdef readonly unsigned long long pumped_bytes
 
     def __cinit__(self, *args, **kwargs):
         # Every C pointer starts NULL (the object's memory is zeroed); nothing to
@@ -429,11 +460,19 @@ cdef class Engine:
         self.pool_min_cached = POOL_MIN_CACHED
         self.submit_batch = SUBMIT_BATCH
         self.signal_every = SIGNAL_EVERY
+        self.signal_adapt = True
+        self.hold_min_ns = HOLD_MIN_NS
+        self.hold_max_ns = HOLD_MAX_NS
+        self.switch_counter = None
+        for i in range(MAX_QUEUES):
+            self.es_until[i] = 0
+            self.es_backoff[i] = 0
         self.slow_ns = SLOW_NS
         for i in range(entries):
             self.free[i] = entries - 1 - i
         self.nfree = entries
         self._chains = [None] * entries
+        self._held = [None] * MAX_QUEUES
         self._queues = []
         self._signallers = []
         memset(self.in_flight_q, 0, sizeof(self.in_flight_q))
@@ -483,13 +522,21 @@ cdef class Engine:
         """Serve these queues (the device's, by index) from now on.  ``signallers``:
         a callable of no argument per queue that notifies its driver (the
         transport's compiled ``signaller``), for the notifications :meth:`serve`
-        sends partway through a drain (``signal_every``); None: it sends none."""
+        sends partway through a drain (``signal_every``) and those it and
+        :meth:`reap` send when they are done; None: it sends none (the caller
+        sends what they return).
+        Holds on those notifications (``signal_adapt``) start over."""
+        cdef int i
         if len(queues) > MAX_QUEUES:
             raise ValueError(f"engine: {len(queues)} queues, at most {MAX_QUEUES}")
         if signallers is not None and len(signallers) != len(queues):
             raise ValueError(f"engine: {len(queues)} queues, {len(signallers)} signallers")
         self._queues = list(queues)
         self._signallers = list(signallers) if signallers is not None else []
+        self._held = [None] * MAX_QUEUES
+        for i in range(MAX_QUEUES):
+            self.es_until[i] = 0
+            self.es_backoff[i] = 0
 
     def in_flight(self, int index=-1):
         """Requests of queue ``index`` (every queue: -1) submitted and not reaped."""
@@ -515,17 +562,58 @@ cdef class Engine:
         §2.7.10 asks), submit what it queued and finish what completed at once.
 
         Every ``signal_every`` chains completed at once, the driver is notified
-        through the queue's signaller (:meth:`attach`) if it asked (EVENT_IDX).
+        through the queue's signaller (:meth:`attach`) if it asked (EVENT_IDX),
+        unless the queue's early notifications are held back: ``signal_adapt``
+        (True) counts this thread's involuntary context switches from a drain's
+        first early notification to its end, and a drain that was preempted
+        (``early_preempted`` counts them) holds the queue's back for
+        ``hold_min_ns`` (1 ms), twice as long each time it repeats (up to
+        ``hold_max_ns``, 16 ms), half as long again after each probe that was
+        not.  ``switch_counter``: a callable that returns the count instead of
+        ``getrusage`` (tests).
 
         Returns ``(served, bytes, signal, rest, refused, bad_heads)``: :meth:`reap`'s
         four (this queue's chains completed here included), then the chains this
         path does not serve (for the Python path, in order) and how many head
         indexes were out of range (consumed, dropped).
 
+        A drain that a :class:`RequestPump` ran and handed over (it had something
+        for Python) is returned, or what it raised raised, before a new one.
+
         Raises:
             InvalidAvailRingIndex: the avail ring is broken.
             QueueNotReady, GuestMemoryError: the ring is unusable.
         """
+        if 0 <= index < MAX_QUEUES:
+            held = self._held[index]
+            if held is not None:
+                self._held[index] = None
+                if isinstance(held, BaseException):
+                    raise held
+                return held
+        return self._serve(index)
+
+    cdef int _pump(self, int index) except -1:
+        """A kick of request queue ``index`` (:class:`RequestPump`): drain it; 0 when
+        that is all (counted in ``pumped_chains``, ``pumped_bytes``), 1 when the
+        drain has something for Python (a chain refused or that failed, a queue to
+        notify without a signaller) or raised: it is held for :meth:`serve`."""
+        cdef long served
+        try:
+            r = self._serve(index)
+        except Exception as e:
+            self._held[index] = e
+            return 1
+        served, nbytes, mask, rest, refused, bad = r
+        if mask or bad or rest or refused:
+            self._held[index] = r
+            return 1
+        self.pumped_chains += served
+        self.pumped_bytes += nbytes
+        return 0
+
+    cdef tuple _serve(self, int index):
+        """serve() without the held drain."""
         cdef Queue q
         cdef uint16_t head
         cdef DescriptorChain ch
@@ -536,11 +624,18 @@ cdef class Engine:
         cdef list refused = None
         cdef int every = self.signal_every
         cdef int since = 0
+        cdef bint probe = False
+        cdef long long switches = 0
         if index >= MAX_QUEUES or index >= len(self._queues):
             raise ValueError(f"engine: no queue {index}")
         q = <Queue>self._queues[index]
         if every > 0 and (index >= len(self._signallers) or not q._event_idx):
             every = 0
+        if every > 0 and self.signal_adapt and self.es_until[index]:
+            if _now_ns() < self.es_until[index]:
+                every = 0
+            else:
+                self.es_until[index] = 0
         while True:
             q.disable_notification_c()
             while q.pop_head(&head):
@@ -559,9 +654,16 @@ cdef class Engine:
                             # Partway through a long drain: the driver may refill
                             # what is done while the rest is served (§2.7.10 decides
                             # whether it wants to hear now; the end of the drain
-                            # asks again for what follows).
+                            # asks again for what follows).  Not when fewer than
+                            # ``every`` chains are known to be left: the drain's
+                            # end notifies soon, and a driver woken now takes a
+                            # few entries and makes every later drain as short.
                             since = 0
-                            if q.needs_notification_c():
+                            if (<uint16_t>(q._avail_seen - q._next_avail) >= every
+                                    and q.needs_notification_c()):
+                                if self.signal_adapt and not probe:
+                                    probe = True
+                                    switches = self._switches()
                                 self.early_signals += 1
                                 self._signallers[index]()
                 elif used < 0:
@@ -570,6 +672,8 @@ cdef class Engine:
                     refused.append(ch)
             if not q.enable_notification_c():
                 break
+        if probe:
+            self._adapt(index, self._switches() != switches)
         if self.unsubmitted:
             self._submit()
         if self.nfree < self.nslots:
@@ -580,17 +684,54 @@ cdef class Engine:
         return (served + r_served, nbytes + r_bytes, mask, rest,
                 refused if refused is not None else [], bad)
 
+    cdef long long _switches(self) except? -1:
+        """This thread's involuntary context switches so far (``switch_counter``'s
+        answer when one is set): a driver woken on this CPU preempts it.  Not the
+        voluntary ones: waiting for the GIL or a lock is one, wherever the driver
+        runs."""
+        cdef rusage ru
+        if self.switch_counter is not None:
+            return self.switch_counter()
+        if getrusage(RUSAGE_THREAD, &ru) != 0:
+            return 0  # cannot fail for RUSAGE_THREAD on Linux; no preemption seen
+        return ru.ru_nivcsw
+
+    cdef void _adapt(self, int index, bint preempted) noexcept:
+        """After a drain that sent early notifications: a preempted one holds the
+        queue's next ones back (doubling while it repeats), any other halves the
+        next hold."""
+        cdef int64_t b
+        if preempted:
+            self.early_preempted += 1
+            b = self.es_backoff[index] * 2
+            if b < self.hold_min_ns:
+                b = self.hold_min_ns
+            if b > self.hold_max_ns:
+                b = self.hold_max_ns
+            self.es_backoff[index] = b
+            self.es_until[index] = _now_ns() + b
+        else:
+            # Not every wake-up preempts at once (the scheduler may let the
+            # drain finish its slice): back off as fast as it grew, not at once.
+            self.es_backoff[index] //= 2
+
     cdef uint64_t _to_signal(self, uint64_t touched) except? 0xFFFFFFFFFFFFFFFF:
-        """Of the queues in ``touched``, those whose driver wants a notification now
-        (VIRTIO 1.2 §2.7.10, EVENT_IDX honoured): the caller signals them."""
+        """Notify the queues in ``touched`` whose driver wants a notification now
+        (VIRTIO 1.2 §2.7.10, EVENT_IDX honoured) through their signallers
+        (:meth:`attach`); returns those that have none: the caller signals them."""
         cdef uint64_t out = 0
         cdef int i = 0
+        cdef int nsig = len(self._signallers)
         cdef Queue q
         while touched:
             if touched & 1:
                 q = <Queue>self._queues[i]
                 if q.needs_notification_c():
-                    out |= (<uint64_t>1) << i
+                    if i < nsig:
+                        # The compiled signaller: no Python frame per drain.
+                        self._signallers[i]()
+                    else:
+                        out |= (<uint64_t>1) << i
             touched >>= 1
             i += 1
         return out
@@ -881,8 +1022,10 @@ cdef class Engine:
         """Finish every request the kernel completed: ``(served, bytes, signal, rest)``.
 
         A whole transfer gets GOOD with its residual and goes into its used ring
-        (``served`` chains, ``bytes`` used bytes; ``signal`` has a bit per queue
-        whose driver wants a notification now, which the caller sends).  ``rest``
+        (``served`` chains, ``bytes`` used bytes); a queue whose driver wants a
+        notification now gets it through its signaller (:meth:`attach`), and
+        ``signal`` has a bit per such queue that has none, which the caller
+        notifies.  ``rest``
         lists the others as ``(index, chain, write, fua, lun, lba, blocks, moved,
         error)``: ``moved`` bytes went through, ``error`` is the errno (0: a short
         transfer).
@@ -961,3 +1104,27 @@ cdef class Engine:
         if also:
             mask |= (<uint64_t>1) << index
         return served, nbytes, self._to_signal(mask), rest
+
+
+cdef class RequestPump(FdPump):
+    """A request queue's kicks served in compiled code (``VirtioDevice.kick_pump``):
+    :meth:`Engine.serve` without the device's Python ``process_queue`` frame, for
+    the common drain whose every chain the engine completed or queued and whose
+    notifications went through the signallers.  Anything else (a chain for the
+    Python path, an error, the device not active or broken) answers 1: the device's
+    ``process_queue`` then runs and takes the drain the engine held."""
+
+    cdef Engine engine
+    cdef int index
+    cdef object device
+
+    def __init__(self, Engine engine not None, int index, device):
+        self.engine = engine
+        self.index = index
+        self.device = device
+
+    cdef int pump_c(self) except -1:
+        dev = self.device
+        if dev.broken is not None or not dev.active:
+            return 1
+        return self.engine._pump(self.index)
