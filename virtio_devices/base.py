@@ -229,9 +229,9 @@ class VirtioDevice:
         self.active = False
         #: The bug that broke the device (it refuses work until :meth:`reset`), or None.
         self.broken: BaseException | None = None
-        #: Chains completed and the used bytes they reported, since the device was made.
-        self.chains_served = 0
-        self.bytes_served = 0
+        # What the Python paths completed (chains_served adds the compiled paths' own).
+        self._chains_py = 0
+        self._bytes_py = 0
         self._ratelimit = RateLimiter()
         # Per queue: the parked chain, and whether the transport took the queue back.
         self._parked: list[DescriptorChain | None] = []
@@ -523,8 +523,8 @@ class VirtioDevice:
                 return
             if used is not None:
                 queue.add_used(chain.head_index, used)
-                self.chains_served += 1
-                self.bytes_served += used
+                self._chains_py += 1
+                self._bytes_py += used
                 done = True
         self._drain(index, None, done)
 
@@ -548,14 +548,14 @@ class VirtioDevice:
                 queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
             elif queue.pending() == 0:
                 if served:
-                    self.chains_served += served
-                    self.bytes_served += nbytes
+                    self._chains_py += served
+                    self._bytes_py += nbytes
                     self.notify(index)
                 return served
             # Otherwise a bad head index is next, which the loop below reports.
             if served:
-                self.chains_served += served
-                self.bytes_served += nbytes
+                self._chains_py += served
+                self._bytes_py += nbytes
             return served + self._drain_loop(index, None, served > 0, source)
         return self._drain_loop(index, limit, notify, source)
 
@@ -649,8 +649,8 @@ class VirtioDevice:
             raise self._break(index, e) from e
         finally:
             if served:
-                self.chains_served += served
-                self.bytes_served += nbytes
+                self._chains_py += served
+                self._bytes_py += nbytes
                 log.debug("%s q%d: served %d chains, %d bytes", self.name, index, served, nbytes)
             if served or notify:
                 self.notify(index)
@@ -714,11 +714,38 @@ class VirtioDevice:
         of the queue is in flight (the default: such work does not exist)."""
         return False
 
+    # -- what was served ---------------------------------------------------------------
+    @property
+    def chains_served(self) -> int:
+        """Chains completed since the device was made: those the Python paths
+        completed and those compiled paths counted on their own (:meth:`compiled_served`)."""
+        return self._chains_py + self.compiled_served()[0]
+
+    @chains_served.setter
+    def chains_served(self, value: int) -> None:
+        self._chains_py = value - self.compiled_served()[0]
+
+    @property
+    def bytes_served(self) -> int:
+        """The used lengths the completed chains reported (as :attr:`chains_served`)."""
+        return self._bytes_py + self.compiled_served()[1]
+
+    @bytes_served.setter
+    def bytes_served(self, value: int) -> None:
+        self._bytes_py = value - self.compiled_served()[1]
+
+    def compiled_served(self) -> tuple[int, int]:
+        """Chains and used bytes that compiled paths (a kick pump, a nogil pump, a ring
+        worker, an engine) completed and counted on their own, without a Python frame
+        of the device: :attr:`chains_served` and :attr:`bytes_served` add them.  A
+        device with such a path overrides this; the base has none."""
+        return 0, 0
+
     def complete(self, index: int, head_index: int, used_len: int, notify: bool = True) -> None:
         """Return a chain that :meth:`handle_chain` kept (returned None for)."""
         self.queues[index].add_used(head_index, used_len)
-        self.chains_served += 1
-        self.bytes_served += used_len
+        self._chains_py += 1
+        self._bytes_py += used_len
         if notify:
             self.notify(index)
 

@@ -194,29 +194,11 @@ class I2cDevice(VirtioDevice):
         self._groups = 0
         self._failed = 0
 
-    # The nogil path (the ring worker's serve_nogil) counts in the engine, which
-    # Python does not touch meanwhile: these add it.
-    @property
-    def chains_served(self) -> int:
-        """Chains answered since the device was made."""
+    def compiled_served(self) -> tuple[int, int]:
+        """The nogil path (the ring worker's ``serve_nogil``) counts in the engine,
+        which Python does not touch meanwhile."""
         engine = getattr(self, "engine", None)
-        return self._chains_served + (engine.nogil_chains if engine is not None else 0)
-
-    @chains_served.setter
-    def chains_served(self, value: int) -> None:
-        engine = getattr(self, "engine", None)
-        self._chains_served = value - (engine.nogil_chains if engine is not None else 0)
-
-    @property
-    def bytes_served(self) -> int:
-        """Bytes written into the driver's buffers since the device was made."""
-        engine = getattr(self, "engine", None)
-        return self._bytes_served + (engine.nogil_bytes if engine is not None else 0)
-
-    @bytes_served.setter
-    def bytes_served(self, value: int) -> None:
-        engine = getattr(self, "engine", None)
-        self._bytes_served = value - (engine.nogil_bytes if engine is not None else 0)
+        return (engine.nogil_chains, engine.nogil_bytes) if engine is not None else (0, 0)
 
     @property
     def groups(self) -> int:

@@ -195,7 +195,6 @@ class InputDevice(VirtioDevice):
             records=compiled and bool(getattr(host, "raw_input_events", False)),
             compiled_keep=compiled,
         )
-        self._chains_py = self._bytes_py = 0
         self._broken: BaseException | None = None
         super().__init__()
         self.host = host
@@ -250,21 +249,9 @@ class InputDevice(VirtioDevice):
         self._broken = value
         self._st.broken = value is not None
 
-    @property
-    def chains_served(self) -> int:
-        return self._chains_py + self._st.chains
-
-    @chains_served.setter
-    def chains_served(self, value: int) -> None:
-        self._chains_py = value - self._st.chains
-
-    @property
-    def bytes_served(self) -> int:
-        return self._bytes_py + self._st.nbytes
-
-    @bytes_served.setter
-    def bytes_served(self, value: int) -> None:
-        self._bytes_py = value - self._st.nbytes
+    def compiled_served(self) -> tuple[int, int]:
+        """The compiled event path and kick pump count in the state."""
+        return self._st.chains, self._st.nbytes
 
     # -- config space (VIRTIO 1.2 §5.8.4) ------------------------------------------------
     def config_space(self) -> bytes:

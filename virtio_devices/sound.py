@@ -702,23 +702,14 @@ class SoundDevice(VirtioDevice):
     def _live_pacers(self) -> list[IoPacer]:
         return [s.worker.pacer for s in self.streams if isinstance(s.worker, _TimerStream)]
 
-    # The compiled path completes messages without a Python frame: the counts of
-    # VirtioDevice add what its pacers completed.
-    @property
-    def chains_served(self) -> int:
-        return self._chains_base + self._chains_done + sum(p.completed for p in self._live_pacers())
-
-    @chains_served.setter
-    def chains_served(self, value: int) -> None:
-        self._chains_base = value - self._chains_done - sum(p.completed for p in self._live_pacers())
-
-    @property
-    def bytes_served(self) -> int:
-        return self._bytes_base + self._bytes_done + sum(p.used_bytes for p in self._live_pacers())
-
-    @bytes_served.setter
-    def bytes_served(self, value: int) -> None:
-        self._bytes_base = value - self._bytes_done - sum(p.used_bytes for p in self._live_pacers())
+    def compiled_served(self) -> tuple[int, int]:
+        """The compiled path completes messages without a Python frame: what the
+        pacers completed, those of streams gone included."""
+        live = self._live_pacers()
+        return (
+            self._chains_done + sum(p.completed for p in live),
+            self._bytes_done + sum(p.used_bytes for p in live),
+        )
 
     # -- config space ------------------------------------------------------------------------------
     def config_space(self) -> bytes:

@@ -291,29 +291,11 @@ class ScsiDevice(VirtioDevice):
             self._engine_loop = loop
 
     # -- queues ----------------------------------------------------------------------
-    # Drains the request queues' kick pumps finished without Python count in the
-    # engine: these add them.
-    @property
-    def chains_served(self) -> int:
-        """Chains answered since the device was made."""
+    def compiled_served(self) -> tuple[int, int]:
+        """Drains the request queues' kick pumps finished without Python count in
+        the engine."""
         engine = getattr(self, "_engine", None)
-        return self._chains_served + (engine.pumped_chains if engine is not None else 0)
-
-    @chains_served.setter
-    def chains_served(self, value: int) -> None:
-        engine = getattr(self, "_engine", None)
-        self._chains_served = value - (engine.pumped_chains if engine is not None else 0)
-
-    @property
-    def bytes_served(self) -> int:
-        """Bytes written into the driver's buffers since the device was made."""
-        engine = getattr(self, "_engine", None)
-        return self._bytes_served + (engine.pumped_bytes if engine is not None else 0)
-
-    @bytes_served.setter
-    def bytes_served(self, value: int) -> None:
-        engine = getattr(self, "_engine", None)
-        self._bytes_served = value - (engine.pumped_bytes if engine is not None else 0)
+        return (engine.pumped_chains, engine.pumped_bytes) if engine is not None else (0, 0)
 
     def kick_pump(self, index: int) -> RequestPump | None:
         """A request queue's kicks go to the engine without this class's Python
