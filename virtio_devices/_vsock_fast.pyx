@@ -49,7 +49,7 @@ from libc.string cimport memcpy, memset
 from posix.time cimport timespec
 from posix.uio cimport iovec, readv, writev
 
-from virtio_queue._linux cimport pollfd, poll, POLLIN, POLLHUP
+from virtio_queue._linux cimport pollfd, poll, ppoll, POLLIN, POLLHUP
 from virtio_queue.chain cimport (DescriptorChain, Reader, Writer, _Stream, make_chain, make_reader,
                                  make_writer)
 from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh, le32toh, le64toh
@@ -901,10 +901,6 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
                 may_nap = False
         if not queue.enable_notification_c():
             return 0
-
-
-cdef extern from "<poll.h>" nogil:
-    int ppoll(pollfd *fds, unsigned long nfds, const timespec *tmo, const void *sigmask)
 
 
 cdef bint _tx_nap(int wait_fd, long long nap_ns) noexcept:

@@ -8,6 +8,7 @@ module behind this file.
 """
 
 from libc.stdint cimport uint32_t, uint64_t
+from posix.time cimport timespec
 
 
 cdef extern from "<sched.h>" nogil:
@@ -27,6 +28,8 @@ cdef extern from "<poll.h>" nogil:
         short events
         short revents
     int poll(pollfd *fds, unsigned long nfds, int timeout)
+    # _GNU_SOURCE: the timeout in nanoseconds (a wait shorter than poll's millisecond).
+    int ppoll(pollfd *fds, unsigned long nfds, const timespec *tmo, const void *sigmask)
     enum:
         POLLIN
         POLLHUP
