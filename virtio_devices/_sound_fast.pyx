@@ -1066,21 +1066,25 @@ cdef class StreamTimer(FdPump):
             self._next_ns = -1
             self.wakeup = -1.0
         elif self._fd >= 0 and read(self._fd, &count, 8) == 8:
-            self.expiries += count
-            if self._next_ns >= 0:
-                self._count_lateness()
-            if self._interval_ns:
-                # Periodic: the kernel's next expiry follows from the ones read.
-                self._next_ns += <long long>count * self._interval_ns
-                self.wakeup = self._next_ns * 1e-9
-            else:
-                self._next_ns = -1
-                self.wakeup = -1.0
+            self._expired(count)
         if self.unserved is not None or (self.events is not None and self.events.unserved is not None):
             return 1
         if not self.serving:
             return 0
         return self.tick_c(self._now())
+
+    cdef void _expired(self, uint64_t count) noexcept nogil:
+        """``count`` expiries read from the timerfd: counted, their lateness too, and
+        the next expected one (periodic: it follows from those read)."""
+        self.expiries += count
+        if self._next_ns >= 0:
+            self._count_lateness()
+        if self._interval_ns:
+            self._next_ns += <long long>count * self._interval_ns
+            self.wakeup = self._next_ns * 1e-9
+        else:
+            self._next_ns = -1
+            self.wakeup = -1.0
 
     cdef void _count_lateness(self) noexcept nogil:
         """Count how late this wake-up is after the expiry it serves."""
@@ -1162,15 +1166,7 @@ cdef class StreamTimer(FdPump):
         if self.events is not None and self.events.unserved is not None:
             return 1
         if read(self._fd, &count, 8) == 8:
-            self.expiries += count
-            if self._next_ns >= 0:
-                self._count_lateness()
-            if self._interval_ns:
-                self._next_ns += <long long>count * self._interval_ns
-                self.wakeup = self._next_ns * 1e-9
-            else:
-                self._next_ns = -1
-                self.wakeup = -1.0
+            self._expired(count)
         if not self.serving:
             return 0
         return self._tick_nogil(_monotonic())
