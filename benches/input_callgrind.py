@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 #: sim:keyboard (compiled keep, events handed over as tuples), the pipe twin with
@@ -87,6 +88,25 @@ def workload(how: str, groups: int, stage: str) -> None:
         host.close()
 
 
+def _serve_in_epoll(ep: Any, efd: int, rig: Any, device: Any, host: Any, *, pumps: bool) -> Any:
+    """Register the eventq's kick fd ``efd`` (a ``KickRing`` on ``device``) and the
+    host's fd in ``ep``, as the vhost-user loop does; with ``pumps`` their compiled
+    pumps too.  Returns the ring (the caller closes it)."""
+    import select  # noqa: PLC0415
+
+    from vhost_backends._fastpath import KickRing  # noqa: PLC0415
+
+    ring = KickRing(rig.queues[0], 0, device.process_queue, kick_fd=efd)
+    ep.register(efd, select.EPOLLIN)
+    ep.set_ring(efd, select.EPOLLIN, ring)
+    hfd = host.fileno()
+    ep.register(hfd, select.EPOLLIN)
+    if pumps:
+        ring.pump = device.kick_pump(0)
+        ep.set_pump(hfd, select.EPOLLIN, device._pump)
+    return ring
+
+
 def wakeups(mode: str, groups: int, stage: str) -> None:
     """One run of the per-wake-up case: for each group the driver posts 2 buffers
     and kicks, and the host makes the group; the vhost-user loop's compiled epoll
@@ -96,9 +116,8 @@ def wakeups(mode: str, groups: int, stage: str) -> None:
     the pumps; "pumps": the device's pumps (``kick_pump``, the fd's
     :class:`~virtio_devices._pump.FdPump`).  ``stage`` "driver": the driver's and
     the host's work alone (nothing polled); "all": also served."""
-    import select  # noqa: PLC0415
 
-    from vhost_backends._fastpath import Epoll, KickRing  # noqa: PLC0415
+    from vhost_backends._fastpath import Epoll  # noqa: PLC0415
     from virtio_devices.hosts.input import EV_KEY, EV_SYN, KEY_A, SYN_REPORT, PipeInputHost  # noqa: PLC0415
     from virtio_devices.input import InputDevice  # noqa: PLC0415
     from virtio_devices.testing import DeviceRig  # noqa: PLC0415
@@ -109,14 +128,7 @@ def wakeups(mode: str, groups: int, stage: str) -> None:
     try:
         device = InputDevice(host)
         with DeviceRig(device, queue_size=1024, event_idx=True, memory_size=8 << 20) as rig:
-            ring = KickRing(rig.queues[0], 0, device.process_queue, kick_fd=efd)
-            ep.register(efd, select.EPOLLIN)
-            ep.set_ring(efd, select.EPOLLIN, ring)
-            hfd = host.fileno()
-            ep.register(hfd, select.EPOLLIN)
-            if mode == "pumps":
-                ring.pump = device.kick_pump(0)
-                ep.set_pump(hfd, select.EPOLLIN, device._pump)
+            ring = _serve_in_epoll(ep, efd, rig, device, host, pumps=mode == "pumps")
             callback = device._on_host_readable
             served = stage == "all"
             for i in range(groups):
@@ -147,9 +159,8 @@ def full_ring(kicks: str, groups: int) -> None:
     kicking after every repost (``kicks`` "always") or when ``avail_event`` asks
     ("event-idx"); the loop serves the kicks (the ``KickRing``'s pump).  Prints
     ``kicks N``: the kicks the driver sent after the first."""
-    import select  # noqa: PLC0415
 
-    from vhost_backends._fastpath import Epoll, KickRing  # noqa: PLC0415
+    from vhost_backends._fastpath import Epoll  # noqa: PLC0415
     from virtio_devices.hosts.input import (  # noqa: PLC0415
         ABS_X,
         ABS_Y,
@@ -171,13 +182,7 @@ def full_ring(kicks: str, groups: int) -> None:
     try:
         device = InputDevice(host)
         with DeviceRig(device, queue_size=1024, event_idx=True, memory_size=8 << 20) as rig:
-            ring = KickRing(rig.queues[0], 0, device.process_queue, kick_fd=efd)
-            ep.register(efd, select.EPOLLIN)
-            ep.set_ring(efd, select.EPOLLIN, ring)
-            hfd = host.fileno()
-            ep.register(hfd, select.EPOLLIN)
-            ring.pump = device.kick_pump(0)
-            ep.set_pump(hfd, select.EPOLLIN, device._pump)
+            ring = _serve_in_epoll(ep, efd, rig, device, host, pumps=True)
             callback = device._on_host_readable
             mock = rig.mocks[0]
             for i in range(1024):
