@@ -623,14 +623,13 @@ cdef class Queue:
         Raises:
             InvalidDescriptorIndex: a head is not below the queue size.
         """
-        cdef uint16_t h
-        hs = [int(h) for h in heads]
-        for h in hs:
-            if h >= self._size:
+        hs = [int(x) for x in heads]
+        for x in hs:
+            if not 0 <= x < self._size:
                 raise InvalidDescriptorIndex(
-                    f"unpopped head index {h} out of range (queue size {self._size})")
-        for h in reversed(hs):
-            self.unpop_c(h)
+                    f"unpopped head index {x} out of range (queue size {self._size})")
+        for x in reversed(hs):
+            self.unpop_c(x)
 
     cdef int unpop_c(self, uint16_t head) except -1:
         """:meth:`unpop` for compiled callers."""

@@ -110,8 +110,9 @@ def test_unpop_many_checks_every_head_first(mem: GuestMemory) -> None:
     q = mock.create_queue()
     _submit(mock, 2)
     assert _heads(q) == [2]
-    with pytest.raises(InvalidDescriptorIndex, match=f"unpopped head index {SIZE} out of range"):
-        q.unpop_many([2, SIZE])
+    for bad in (SIZE, 1 << 16, -1):
+        with pytest.raises(InvalidDescriptorIndex, match=f"unpopped head index {bad} out of range"):
+            q.unpop_many([2, bad])
     assert (q.next_avail(), q.pop_index()) == (1, 1)
     assert _heads(q) == []
 
