@@ -953,8 +953,10 @@ cdef class I2cEngine:
 
     def quiesce(self):
         """Finish the batch in the thread and answer it, give every other held chain
-        back to the avail ring (they are the last popped); the counts given back."""
-        cdef uint32_t back
+        back (they are the last popped: ``Queue.unpop``, the newest first, so the
+        next pops return them in order, whether they came from the avail ring or
+        were resubmitted after a reconnect); the count given back."""
+        cdef uint32_t back, k
         cdef Queue q = self.queue
         if q is None:
             return 0
@@ -962,8 +964,8 @@ cdef class I2cEngine:
             self._wait_batch()
             self._notify()
         back = self.r_count
-        if back:
-            q.set_next_avail((q.next_avail() - back) & 0xFFFF)
+        for k in range(back, 0, -1):
+            q.unpop_c(self.reqs[(self.r_first + k - 1) % self.cap].head)
         self._drop_bufs()
         for k in range(self.cap):
             self.writers[k] = None

@@ -312,11 +312,12 @@ cdef class InputState:
         return self._count > 0 and self._oks[self._first] != 0
 
     def forget(self):
-        """Drop every kept buffer (the caller gives them back to the avail ring);
-        returns how many there were."""
-        n = self._count
+        """Drop every kept buffer; returns their heads, oldest first (the order they
+        were popped), for the caller to give back (``Queue.unpop_many``)."""
+        cdef Py_ssize_t k
+        heads = [self._heads[(self._first + k) % self._cap] for k in range(self._count)]
         self._first = self._count = self.good = 0
-        return n
+        return heads
 
     def write_event(self, uint16_t head, bytes event not None):
         """Write ``event`` into the buffer at ``head``; returns the bytes written.
@@ -358,11 +359,11 @@ cdef class InputState:
         return q._n_resubmit or self._count >= self._cap or self._count >= q._size
 
     cdef int _keep_head(self, Queue q, uint16_t head) except -1:
-        """Keep the buffer ``head`` just popped: 1; or put it back (it was the last
-        popped) for the Python path, which must see it: 0."""
+        """Keep the buffer ``head`` just popped: 1; or give it back (``unpop``: it
+        was the last popped) for the Python path, which must see it: 0."""
         cdef Py_ssize_t i
         if not _head_ok(q, head):
-            q.set_next_avail(<uint16_t>(q._next_avail - 1))
+            q.unpop_c(head)
             return 0
         i = (self._first + self._count) % self._cap
         self._heads[i] = head

@@ -328,10 +328,12 @@ class VirtioDevice:
         Called by the transport on the loop thread before it takes the queue back
         (vhost-user GET_VRING_BASE, a ring stopped, a memory table that removes
         regions, RESET_DEVICE, a disconnect) and by :meth:`reset`.  The parked chain
-        goes back to the avail ring: nothing is popped while one is parked, so it is
-        the last chain popped and ``next_avail`` steps back by one.  Worker jobs of
+        is given back (:meth:`Queue.unpop`): nothing is popped while one is parked,
+        so it is the last chain popped, and the next pop returns it (from the avail
+        ring, ``next_avail`` steps back over it; resubmitted after a reconnect, it
+        goes first in the resubmit list).  Worker jobs of
         the queue not yet started whose chains were the last ones popped are
-        cancelled and their chains go back to the avail ring; every other job is
+        cancelled and their chains given back the same way; every other job is
         waited for and completed (add_used and one notification): a request is
         never returned undone.  Until the next :meth:`process_queue` of this queue,
         :meth:`resume` does nothing and late completions are dropped.  Idempotent,
@@ -346,7 +348,7 @@ class VirtioDevice:
         chain = self._parked[index]
         if chain is not None:
             self._parked[index] = None
-            queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+            queue.unpop(chain.head_index)
         if self._jobs is not None:
             self._jobs.quiesce(index)
         self._quiesced[index] = True
@@ -543,9 +545,9 @@ class VirtioDevice:
                 queue.ready = False
                 raise
             if chain is not None:
-                # A request for handle_chain: it goes back to the avail ring (it is the
-                # last chain popped) and the loop below serves it.
-                queue.set_next_avail((queue.next_avail() - 1) & 0xFFFF)
+                # A request for handle_chain: it is given back (the last chain popped,
+                # perhaps a resubmitted one) and the loop below serves it.
+                queue.unpop(chain.head_index)
             elif queue.pending() == 0:
                 if served:
                     self._chains_py += served

@@ -479,10 +479,11 @@ class I2cDevice(VirtioDevice):
         """Finish the transfer in flight, give the other held chains back, then the base.
 
         The group in a worker runs to its end and is answered (a request is never
-        returned undone).  The groups waiting for it and the open group go back to
-        the avail ring: they are the last chains popped, so moving ``next_avail``
-        back returns them, and whoever serves the ring next (vhost-user
-        GET_VRING_BASE reports them as not consumed) sees them again, whole.
+        returned undone).  The groups waiting for it and the open group are given
+        back (:meth:`Queue.unpop_many`): they are the last chains popped, so the
+        avail ring takes them back (vhost-user GET_VRING_BASE reports them as not
+        consumed) and whoever serves the ring next sees them again, whole; chains
+        resubmitted after a reconnect go back to the resubmit list instead.
         """
         if index < len(self.queues) and self.active and self.engine is not None:
             self.engine.quiesce()
@@ -493,10 +494,13 @@ class I2cDevice(VirtioDevice):
                 self._running = None
                 self._answer(index, running, last_separately=False)
                 self.notify(index)
-            back = len(self._open) + sum(len(g.reqs) for g in self._waiting)
+            # Popped in this order, after the running group's: given back the newest
+            # first, so the next pops return them in order, whether they came from
+            # the avail ring or were resubmitted after a reconnect.
+            back = [req.chain.head_index for g in self._waiting for req in g.reqs]
+            back += [req.chain.head_index for req in self._open]
             if back:
-                queue = self.queues[index]
-                queue.set_next_avail((queue.next_avail() - back) & 0xFFFF)
+                self.queues[index].unpop_many(back)
         self._open = []
         self._open_entries = 0
         self._waiting.clear()

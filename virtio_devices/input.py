@@ -341,13 +341,15 @@ class InputDevice(VirtioDevice):
         st.skip_to_report = False
 
     def quiesce(self, index: int) -> None:
-        """Give the kept eventq buffers back to the avail ring (they are the last
-        ones popped, in order) and ask for the driver's next kick (which gives the
-        queue back), then the framework's quiesce."""
+        """Give the kept eventq buffers back (:meth:`Queue.unpop_many`: they are the
+        last ones popped, in order) and ask for the driver's next kick (which gives
+        the queue back), then the framework's quiesce."""
         if index == EVENTQ and index < len(self.queues):
             queue = self.queues[index]
             if self._st.kept:
-                queue.set_next_avail((queue.next_avail() - self._st.forget()) & 0xFFFF)
+                # Oldest first: given back the newest first, the next pops return
+                # them in order (resubmitted ones too, which next_avail does not count).
+                queue.unpop_many(self._st.forget())
             # The queue is the device's again at its next kick: ask for one (kicks
             # may have been suppressed while nothing was held).
             try:

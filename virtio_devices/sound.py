@@ -800,8 +800,9 @@ class SoundDevice(VirtioDevice):
         are_tail = events.are_tail
         held = events.held()
         if held and are_tail:
-            # They are the last chains popped: give them back as not consumed.
-            queue.set_next_avail((queue.next_avail() - len(held)) & 0xFFFF)
+            # They are the last chains popped, in order: give them back as not
+            # consumed (resubmitted ones to the resubmit list: Queue.unpop_many).
+            queue.unpop_many(held)
         else:
             for head in held:
                 self.complete(EVENT_Q, head, 0)

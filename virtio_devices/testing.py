@@ -270,6 +270,30 @@ class DeviceRig:
         descs += [RawDesc(gpa, size, VIRTQ_DESC_F_WRITE, 0) for gpa, size in zip(outs, writable, strict=True)]
         return self.add_chain(index, descs), outs
 
+    def reconnect(self, index: int, in_flight: Sequence[int]) -> None:
+        """Leave queue ``index`` as a vhost-user reconnect with inflight tracking
+        does: a previous back-end popped every available chain and used all but
+        ``in_flight``, which are resubmitted (served first, in this order) and
+        ``next_avail`` is the used index plus their count, as the handler sets them.
+        The previous back-end's used entries are not reported by :meth:`used`.
+
+        Raises:
+            ValueError: a head of ``in_flight`` is not an available chain.
+        """
+        queue = self.queues[index]
+        popped = []
+        while (chain := queue.pop_chain()) is not None:
+            popped.append(chain.head_index)
+        missing = set(in_flight) - set(popped)
+        if missing:
+            raise ValueError(f"rig: in-flight heads {sorted(missing)} are not available chains")
+        for head in popped:
+            if head not in in_flight:
+                queue.add_used(head, 0)
+        self.used(index)
+        queue.set_next_avail((queue.used_idx() + len(in_flight)) & 0xFFFF)
+        queue.resubmit(in_flight)
+
     def kick(self, index: int = 0) -> list[tuple[int, int]]:
         """``device.process_queue(index)``; return the used entries new since the last look."""
         self.device.process_queue(index)

@@ -184,7 +184,9 @@ class _Entry:
     def __init__(self, index: int, chain: DescriptorChain, distance_base: int, gen: int) -> None:
         self.index = index
         self.chain = chain
-        # next_avail just after the chain was popped: it was the last chain popped then.
+        # Queue.pop_index() just after the chain was popped (it was the last chain
+        # popped then): it counts pops from the resubmit list too, which next_avail
+        # does not.
         self.distance_base = distance_base
         self.gen = gen
         self.job: Job | None = None
@@ -221,7 +223,7 @@ class DeviceJobs:
         loop = device.loop
         if loop is None:
             raise RuntimeError(f"{device.name}: run_in_worker on an inactive device")
-        entry = _Entry(index, chain, device.queues[index].next_avail(), self._gen[index])
+        entry = _Entry(index, chain, device.queues[index].pop_index(), self._gen[index])
 
         def run() -> None:
             err: Exception | None = None
@@ -288,8 +290,10 @@ class DeviceJobs:
         """Give back, wait for and apply queue ``index``'s jobs; drop later outcomes.
 
         A job not started whose chain is among the last ones popped is cancelled and
-        its chain goes back to the avail ring (GET_VRING_BASE then reports it as not
-        consumed, and the next back-end serves it).  Every other job runs to its end
+        its chain given back (:meth:`Queue.unpop`, the newest first): one from the
+        avail ring goes back to it (GET_VRING_BASE then reports it as not consumed,
+        and the next back-end serves it), one resubmitted after a reconnect goes
+        back to the resubmit list.  Every other job runs to its end
         and is completed: a request is never returned to the driver without being
         done, since a used length of 0 could read as success to a driver that does
         not check it (a SCSI write whose zeroed response says GOOD).
@@ -299,21 +303,21 @@ class DeviceJobs:
             self._gen[index] += 1
             return
         queue = self._device.queues[index]
-        nxt = queue.next_avail()
+        nxt = queue.pop_index()
         # Newest first: the run of chains popped last whose jobs have not started.
-        back = 0
+        back: list[int] = []
         for entry in sorted(entries, key=lambda e: (nxt - e.distance_base) & 0xFFFF):
             assert entry.job is not None
-            if (nxt - entry.distance_base) & 0xFFFF != back or not self._pool.cancel(entry.job):
+            if (nxt - entry.distance_base) & 0xFFFF != len(back) or not self._pool.cancel(entry.job):
                 break
-            back += 1
+            back.append(entry.chain.head_index)
             entries.pop(entry, None)
         for entry in list(entries):
             assert entry.job is not None
             entry.job.wait()
         self.flush()
-        if back:
-            queue.set_next_avail((nxt - back) & 0xFFFF)
+        for head in back:
+            queue.unpop(head)
         entries.clear()
         self._gen[index] += 1
 

@@ -113,3 +113,15 @@ def suppress_notification(Queue q not None):
 def ensure_ready(Queue q not None):
     """Translate the rings against the current memory, as every call with the GIL does first."""
     q.ensure_ready()
+
+
+def unpop_nogil(Queue q not None, uint16_t head):
+    """0 (``head`` given back, next_avail stepped back), -1 (use :func:`unpop`)."""
+    cdef int rc
+    with nogil:
+        rc = q.unpop_nogil(head)
+    return rc
+
+
+def unpop(Queue q not None, uint16_t head):
+    return q.unpop_c(head)

@@ -48,6 +48,8 @@ cdef class Queue:
     cdef int _map(self) except -1
     cdef int ensure_ready(self) except -1
     cdef int pop_head(self, uint16_t *head) except -1
+    cdef int unpop_c(self, uint16_t head) except -1
+    cdef int _ring_last_is(self, uint16_t head) except -2
     cdef int _pop_head_split(self, uint16_t *head) except -1
     cdef void _publish_used_split(self, uint32_t id_le, uint32_t len_le) noexcept nogil
     cdef bint work_pending_c(self) noexcept nogil
@@ -68,6 +70,7 @@ cdef class Queue:
     cdef int avail_count_nogil(self) noexcept nogil
     cdef uint16_t avail_head_nogil(self, uint16_t k) noexcept nogil
     cdef void pop_heads_nogil(self, uint16_t n) noexcept nogil
+    cdef int unpop_nogil(self, uint16_t head) noexcept nogil
     cdef int add_used_nogil(self, uint16_t head, uint32_t length) noexcept nogil
     cdef int needs_notification_nogil(self) noexcept nogil
     cdef int enable_notification_nogil(self) noexcept nogil

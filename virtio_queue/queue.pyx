@@ -327,6 +327,15 @@ cdef class Queue:
     def next_avail(self):
         return self._next_avail
 
+    def pop_index(self):
+        """How many pops were made, modulo 2**16: ``next_avail`` less the heads
+        waiting in the resubmit list.  One more per pop and one less per
+        :meth:`unpop`, whether the head came from the avail ring or the resubmit
+        list (those pops leave ``next_avail`` alone); :meth:`resubmit` and
+        :meth:`set_next_avail` start it afresh.  A caller that notes it after each
+        pop tells the chains popped last."""
+        return <uint16_t>(self._next_avail - <uint16_t>self._n_resubmit)
+
     def set_next_avail(self, uint16_t value):
         """Where the device resumes popping (vhost-user SET_VRING_BASE)."""
         self._next_avail = value
@@ -585,21 +594,90 @@ cdef class Queue:
         """Give back ``head``, the chain just popped and left unused: the next pop
         returns it again, before the rest of the resubmit list and the avail ring.
 
-        This is right whichever way ``head`` came: from the avail ring (its entry
-        stays consumed, the head is served from here once), or from the resubmit
-        list (moving the avail index back would serve an avail entry twice and
-        this head never, against §2.7.13's one use per buffer).
+        This is right whichever way ``head`` came (VIRTIO 1.2 §2.7.13: each buffer
+        is used once).  When the avail entry just behind ``next_avail`` holds
+        ``head`` and nothing waits in the resubmit list, ``next_avail`` steps back
+        over it: the entry is not consumed (vhost-user GET_VRING_BASE reports it so,
+        and whoever serves the ring next serves it) and the pops without the GIL
+        keep their route.  Otherwise (a head resubmitted after a reconnect: moving
+        the avail index back would serve an avail entry twice and this head never)
+        ``head`` goes first in the resubmit list.  When the avail ring cannot be
+        read (a stopped queue whose memory table changed), an untracked queue (no
+        inflight area, so nothing was resubmitted) steps back and a tracked one
+        (the inflight area keeps the head for the next back-end) uses the list.
+
+        Several chains go back by unpopping them in the reverse of the order they
+        were popped (the last popped first), or with :meth:`unpop_many`: the next
+        pops then return them in their original order.
 
         Raises:
             InvalidDescriptorIndex: ``head`` is not below the queue size.
         """
+        self.unpop_c(head)
+
+    def unpop_many(self, heads):
+        """:meth:`unpop` every head of ``heads``, given in the order they were
+        popped (the last one is given back first): the next pops return them in
+        that order.  All are checked before any is given back.
+
+        Raises:
+            InvalidDescriptorIndex: a head is not below the queue size.
+        """
+        hs = [int(x) for x in heads]
+        for x in hs:
+            if not 0 <= x < self._size:
+                raise InvalidDescriptorIndex(
+                    f"unpopped head index {x} out of range (queue size {self._size})")
+        for x in reversed(hs):
+            self.unpop_c(x)
+
+    cdef int unpop_c(self, uint16_t head) except -1:
+        """:meth:`unpop` for compiled callers."""
+        cdef int r
         if head >= self._size:
             raise InvalidDescriptorIndex(
                 f"unpopped head index {head} out of range (queue size {self._size})")
+        if self._n_resubmit == 0:
+            r = self._ring_last_is(head)
+            if r == 1 or (r < 0 and self._inflight == NULL):
+                self._next_avail -= 1
+                return 0
         if self._resubmit is None:
             self._resubmit = []
         self._resubmit.append(head)
         self._n_resubmit += 1
+        return 0
+
+    cdef int _ring_last_is(self, uint16_t head) except -2:
+        """Whether the avail entry behind next_avail holds ``head``: 1 or 0, -1 when
+        the avail ring cannot be read now.  A stopped queue (not ready) whose rings
+        were translated against the current memory is read as it is: the transport
+        stops a ring before the device gives its chains back."""
+        cdef size_t off = 4 + 2 * <size_t>(<uint16_t>(self._next_avail - 1) & (self._size - 1))
+        if vq_unlikely(not _rings_current(self)):
+            if (self._memory is None or not (self._mapped or self._split)
+                    or self._snap is not self._memory.snap):
+                if not self._ready:
+                    return -1
+                try:
+                    self._map()
+                except (QueueNotReady, InvalidQueueConfig):
+                    return -1
+            return _avail_rd16(self, off) == head
+        return _rd16(self._avail + off) == head
+
+    cdef int unpop_nogil(self, uint16_t head) noexcept nogil:
+        """unpop_c without the GIL, for the common case alone: 0 (``head`` was the
+        avail entry behind next_avail, which steps back over it), or -1 when
+        unpop_c must run with the GIL instead (nothing was done: the head is out of
+        range, the resubmit list is in use, the rings are not current, or the entry
+        holds another head)."""
+        if vq_unlikely(head >= self._size or self._n_resubmit or not _rings_current(self)):
+            return -1
+        if _rd16(self._avail + 4 + 2 * <size_t>(<uint16_t>(self._next_avail - 1) & (self._size - 1))) != head:
+            return -1
+        self._next_avail -= 1
+        return 0
 
     cdef void _inflight_release(self):
         if self._has_inflight_view:

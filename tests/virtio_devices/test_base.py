@@ -222,6 +222,78 @@ def test_reset_quiesces_every_queue(rig: DeviceRig) -> None:
     assert not rig.device.active
 
 
+# -- chains resubmitted after a reconnect (vhost-user inflight tracking) ----------------------------
+
+
+def test_quiesce_gives_back_a_parked_resubmitted_chain_not_the_avail_entry_before(rig: DeviceRig) -> None:
+    """A resubmitted chain does not advance next_avail when popped: parked and given
+    back at quiesce, it is served next, and the avail entry behind next_avail (a
+    chain the previous back-end already used) is not served again (VIRTIO 1.2
+    §2.7.13: each buffer is used once)."""
+    dev = dev_of(rig)
+    a = req(rig, b"p")
+    b = req(rig, b"x")
+    rig.reconnect(0, in_flight=[a])  # b was used before the reconnect
+    c = req(rig, b"x")
+    assert rig.kick(0) == []
+    assert dev.parked(0) is not None and dev.parked(0).head_index == a  # type: ignore[union-attr]
+    dev.quiesce(0)
+    assert rig.queues[0].next_avail() == 2  # b's entry stays consumed
+    assert rig.kick(0) == []  # the queue is the device's again: a first, parked again
+    assert dev.parked(0).head_index == a  # type: ignore[union-attr]
+    dev.resume(0)
+    assert rig.used(0) == [(a, 5), (c, 3)]
+    assert b not in dev.retries
+
+
+def test_quiesce_gives_back_a_parked_avail_chain_by_next_avail(rig: DeviceRig) -> None:
+    """A parked chain popped from the avail ring while resubmitted ones were served
+    before it goes back by stepping next_avail back: GET_VRING_BASE reports it as not
+    consumed, and the resubmitted chain served before it is not served again."""
+    dev = dev_of(rig)
+    a = req(rig, b"x")
+    rig.reconnect(0, in_flight=[a])
+    c = req(rig, b"p")
+    assert rig.kick(0) == [(a, 3)]
+    dev.quiesce(0)
+    assert rig.queues[0].next_avail() == 1
+    assert rig.kick(0) == []
+    dev.resume(0)
+    assert rig.used(0) == [(c, 5)]
+
+
+def test_fill_path_hands_back_a_resubmitted_chain_of_another_shape(fill_rig: tuple[DeviceRig, int]) -> None:
+    """The fill path returns a resubmitted chain it does not serve; the drain loop
+    puts it back for handle_chain, which serves it, and the fill path goes on after
+    it: the request the previous back-end used is not filled again (§2.7.13)."""
+    rig, w = fill_rig
+    os.write(w, b"abcdefgh")
+    a = req(rig, b"x")
+    fill_req(rig)  # used before the reconnect
+    rig.reconnect(0, in_flight=[a])
+    c, gc = fill_req(rig)
+    assert rig.kick(0) == [(a, 3), (c, 4)]
+    assert rig.read(gc, 4) == b"abcd"
+    assert dev_of(rig).handled == [a]
+
+
+def test_fill_path_serves_resubmitted_fill_requests_through_handle_chain(
+    fill_rig: tuple[DeviceRig, int],
+) -> None:
+    """Resubmitted requests of the fill path's own shape are given to handle_chain
+    one by one (the fill path serves only the avail ring), each once, in order."""
+    rig, w = fill_rig
+    os.write(w, b"abcdefgh")
+    a, _ = fill_req(rig)
+    b, _ = fill_req(rig)
+    d, _ = fill_req(rig)
+    rig.reconnect(0, in_flight=[d, a])
+    c, gc = fill_req(rig)
+    assert rig.kick(0) == [(d, 3), (a, 3), (c, 4)]
+    assert rig.read(gc, 4) == b"abcd"
+    assert b not in dev_of(rig).handled
+
+
 # -- the error policy (one test per class of error raised from handle_chain) --------------------------
 
 

@@ -373,6 +373,33 @@ def test_host_adapter_raw_mode_uses_one_i2c_rdwr_per_group(
     host.close()
 
 
+def test_quiesce_gives_back_a_resubmitted_open_group(
+    kernel: FakeKernel, node: str, pool: WorkerPool, compiled: bool
+) -> None:
+    """After a reconnect the open group's first request is resubmitted (it does not
+    advance next_avail); given back at quiesce it comes again with its end, and the
+    write the previous back-end already did (the avail entry behind next_avail) is
+    not done again (VIRTIO 1.2 §2.7.13: each buffer is used once)."""
+    host = _host(kernel, node, compiled)
+    kernel.sim.devices[80].memory[0] = 0x42
+    with DeviceRig(_device(host, pool), queue_size=64) as rig:
+        dev = rig.device
+        a = _request(rig, FN, b"\x00")  # an open group: the pointer to 0, then...
+        _request(rig, 0, b"\x00\x09")  # answered before the reconnect
+        rig.reconnect(0, in_flight=[a[0]])
+        assert rig.kick() == []
+        assert dev.held() == 1  # type: ignore[attr-defined]
+        dev.quiesce(0)
+        assert rig.queues[0].next_avail() == 2 and dev.held() == 0  # type: ignore[attr-defined]
+        r = _request(rig, RD, rlen=1)  # ...its end
+        used = rig.kick()
+        _complete(rig)
+        assert used + rig.used() == [(a[0], 1), (r[0], 2)]
+        assert rig.read(r[1][0], 1) == b"\x42"
+    assert kernel.sim.devices[80].memory[0] == 0x42
+    host.close()
+
+
 @needs_smbus2
 def test_host_adapter_smbus_mode_byte_and_word_data(
     monkeypatch: pytest.MonkeyPatch, node: str, pool: WorkerPool, compiled: bool

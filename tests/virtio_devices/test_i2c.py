@@ -404,6 +404,36 @@ def test_quiesce_finishes_the_transfer_and_gives_back_the_rest(pool: WorkerPool)
     assert gated.devices[80].memory[0] == 2
 
 
+def test_quiesce_gives_back_resubmitted_groups_in_order(pool: WorkerPool) -> None:
+    """After a reconnect the requests in flight are resubmitted (their pops do not
+    advance next_avail): the group waiting for the running one and the open group
+    go back in order, and the avail entry behind next_avail (a write the previous
+    back-end answered) is not served again (VIRTIO 1.2 §2.7.13)."""
+    gated = GatedAdapter([80])
+    dev = I2cDevice(I2cBus([(gated, [80])]))
+    dev.worker_pool = pool
+    with DeviceRig(dev) as rig:
+        a = write(rig, 80, b"\x00\x01")
+        b = write(rig, 80, b"\x00\x02")  # waits behind a
+        c = write(rig, 80, b"\x00", FN)  # open group
+        write(rig, 80, b"\x00\x09")  # answered before the reconnect
+        rig.reconnect(0, in_flight=[a[0], b[0], c[0]])
+        assert rig.kick() == []
+        assert gated.entered.wait(10)
+        threading.Timer(0.01, gated.gate.set).start()
+        dev.quiesce(0)
+        assert rig.used() == [(a[0], 1)]
+        assert rig.queues[0].next_avail() == 4
+        rig.loop.run_soon()  # a's late completion (posted by the worker) is dropped
+        d, buf, _ = read(rig, 80, 1)  # the open group's end
+        rig.device.process_queue(0)
+        rig.complete_workers(1)
+        rig.complete_workers(1)
+        assert rig.used() == [(b[0], 1), (c[0], 1), (d, 2)]
+        assert rig.read(buf, 1) == b"\x02"
+    assert gated.devices[80].memory[0] == 2
+
+
 def test_reset_gives_back_an_open_group() -> None:
     bus, sim = sim_bus(80)
     dev = I2cDevice(bus)

@@ -430,6 +430,26 @@ def test_quiesce_gives_kept_buffers_back(kbd: SimInputHost) -> None:
         assert len(rig.events(rig.kick(EVENTQ))) == 2
 
 
+def test_quiesce_gives_back_resubmitted_buffers_not_the_entry_behind(kbd: SimInputHost) -> None:
+    """After a reconnect the eventq buffers in flight are resubmitted (their pops do
+    not advance next_avail): kept and given back at quiesce, they take the next
+    events, and the buffer the previous back-end already used (the avail entry
+    behind next_avail) is not written again (VIRTIO 1.2 §2.7.13)."""
+    with Rig(kbd) as rig:
+        a, b, _used_before = rig.post(3)
+        rig.reconnect(EVENTQ, in_flight=[a, b])
+        assert rig.kick(EVENTQ) == []
+        q = rig.queues[EVENTQ]
+        rig.device.quiesce(EVENTQ)
+        assert q.next_avail() == 3
+        assert rig.kick(EVENTQ) == []
+        kbd.inject(key(KEY_A, 1))
+        rig.fire()
+        used = rig.used(EVENTQ)
+        assert [head for head, _ in used] == [a, b]
+        assert rig.events(used) == key(KEY_A, 1)
+
+
 def test_reset_stops_watching_and_ungrabs(kbd: SimInputHost) -> None:
     rig = DeviceRig(InputDevice(kbd, grab=True))
     assert kbd.grabbed

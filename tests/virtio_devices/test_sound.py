@@ -517,6 +517,31 @@ def test_quiesce_answers_waiting_io_and_returns_event_buffers(rig: DeviceRig) ->
         assert struct.unpack("<I", rig.read(out, 4))[0] == S_IO_ERR
 
 
+def test_quiesce_gives_back_resubmitted_event_buffers_not_the_entry_behind(rig: DeviceRig) -> None:
+    """After a reconnect the event buffers in flight are resubmitted (their pops do
+    not advance next_avail): held and given back at quiesce, they carry the next
+    events, and the buffer the previous back-end already used (the avail entry
+    behind next_avail) is not written again (VIRTIO 1.2 §2.7.13)."""
+    (a, (out_a,)), (b, (out_b,)), (_, (out_x,)) = [rig.add_request(EVT, [], [8]) for _ in range(3)]
+    rig.reconnect(EVT, in_flight=[a, b])  # the third was used before the reconnect
+    rig.memory.write(out_x, b"\xee" * 8)
+    assert rig.kick(EVT) == []
+    dev = rig.device
+    assert isinstance(dev, SoundDevice)
+    dev.quiesce(EVT)
+    assert rig.queues[EVT].next_avail() == 3
+    assert rig.kick(EVT) == []
+    prepare_and_start(rig, 0, period=960)
+    for _ in range(2):
+        tx(rig, 0, bytes(960))
+    rig.kick(TX)
+    wait_used(rig, TX, 2)
+    assert rig.used(EVT) == [(a, 8), (b, 8)]
+    for out in (out_a, out_b):
+        assert struct.unpack("<II", rig.read(out, 8)) == (EVT_PCM_PERIOD_ELAPSED, 0)
+    assert rig.read(out_x, 8) == b"\xee" * 8
+
+
 def test_reset_stops_workers_and_closes_ports(audio: RecordingAudio) -> None:
     rig = DeviceRig(SoundDevice(audio), queue_size=64, memory_size=4 << 20)
     prepare_and_start(rig, 0)

@@ -161,6 +161,42 @@ def test_quiesce_waits_for_running_jobs_and_returns_cancelled_chains(pool: Worke
         assert rig.used(0) == []
 
 
+def test_quiesce_gives_back_cancelled_resubmitted_chains_in_order() -> None:
+    """After a reconnect the chains in flight are resubmitted, which does not advance
+    next_avail: the queued jobs' chains go back to the resubmit list, served next in
+    their order, and the avail entries behind next_avail (chains the previous
+    back-end already used) are not served again (VIRTIO 1.2 §2.7.13)."""
+    with WorkerPool(1, name="one-worker") as one, DeviceRig(WorkerDevice(one)) as rig:
+        dev = dev_of(rig)
+        (a, _), (b, _), (c, _), (x, _) = work(rig), work(rig), work(rig), work(rig)
+        # x was used before the reconnect: its avail entry is the one behind next_avail.
+        rig.reconnect(0, in_flight=[a, b, c])
+        rig.kick(0)
+        assert dev.started[a].wait(WAIT)  # a runs; b and c wait for the one worker
+        jobs = dev._jobs
+        assert jobs is not None
+        queued = jobs.jobs(0)[1:]
+
+        def open_a_once_b_and_c_are_cancelled() -> None:
+            for j in queued:
+                j.wait(WAIT)
+            open_gate(rig, a)
+
+        helper = threading.Thread(target=open_a_once_b_and_c_are_cancelled)
+        helper.start()
+        dev.quiesce(0)
+        helper.join(WAIT)
+        assert rig.used(0) == [(a, 4)]
+        assert rig.queues[0].next_avail() == 4  # the avail entries stay consumed
+        assert not dev.started[b].is_set() and not dev.started[c].is_set()
+        open_gate(rig, b)
+        open_gate(rig, c)
+        rig.kick(0)
+        rig.complete_workers(2)
+        assert sorted(rig.used(0)) == sorted([(b, 4), (c, 4)])
+        assert x not in dev.started
+
+
 def test_quiesce_runs_a_queued_job_whose_chain_cannot_go_back() -> None:
     """A job not started whose chain was popped before a chain already used cannot go
     back to the avail ring: it runs and completes with its real length, never with an

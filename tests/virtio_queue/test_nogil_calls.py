@@ -181,10 +181,22 @@ def _run(a: Setup, b: Setup, op: str, arg: int) -> None:
         got_a = _nogil_then_twin(a, lambda: nogil(a.queue), lambda: twin(a.queue), may_decline=False)
         assert got_a == _twin(lambda: twin(b.queue)), op
     elif op == "unpop":
-        for s in (a, b):
-            if s.popped:
-                s.queue.unpop(s.popped.pop())
-                s.resubmits += 1
+        if not a.popped:
+            return
+        head = a.popped.pop()
+        b.popped.pop()
+        # Queue.unpop's rule: next_avail steps back over the head when the avail
+        # entry behind it holds the head and nothing waits in the resubmit list;
+        # otherwise the head goes to the resubmit list (the nogil call declines).
+        behind = a.memory.read_u16(a.mock.avail_ring + 4 + 2 * ((a.queue.next_avail() - 1) % SIZE))
+        to_list = a.resubmits > 0 or behind != head
+        got_a = _nogil_then_twin(
+            a, lambda: P.unpop_nogil(a.queue, head), lambda: P.unpop(a.queue, head), may_decline=to_list
+        )
+        assert got_a == _twin(lambda: P.unpop(b.queue, head))
+        if to_list:
+            a.resubmits += 1
+            b.resubmits += 1
     elif op == "remap":
         # A new memory table (SET_MEM_TABLE): the rings must be translated again.
         for s in (a, b):
@@ -234,13 +246,50 @@ def test_nogil_calls_decline_untranslated_rings_and_do_nothing() -> None:
 
 
 def test_nogil_pop_declines_while_a_head_waits_for_resubmission() -> None:
-    """A head given back (``unpop``) is served by the twin, first, before the avail ring."""
+    """A head waiting in the resubmit list (resubmitted after a reconnect, or given
+    back with ``unpop`` after such a pop) is served by the twin, first, before the
+    avail ring; the nogil unpop declines while the list is in use."""
     s = Setup.make(event_idx=False)
-    for _ in range(2):
+    for _ in range(3):
         s.mock.add_chain([RawDesc(s.mock.alloc(16), 16, VIRTQ_DESC_F_WRITE, 0)])
-    assert P.pop_head_nogil(s.queue) == (1, 0)
-    s.queue.unpop(0)
+    s.queue.set_next_avail(1)  # head 0 was in flight with the previous back-end
+    s.queue.resubmit([0])
     assert P.pop_head_nogil(s.queue)[0] == -1
     assert P.avail_count_nogil(s.queue) == -1
     assert P.pop_head(s.queue) == (1, 0)
     assert P.pop_head_nogil(s.queue) == (1, 1)
+    assert P.unpop_nogil(s.queue, 1) == 0
+    s.queue.resubmit([2])
+    assert P.unpop_nogil(s.queue, 0) == -1  # the list is in use
+    assert P.unpop(s.queue, 0) == 0
+    assert P.pop_head_nogil(s.queue)[0] == -1
+    assert P.pop_head(s.queue) == (1, 0)
+    assert P.pop_head(s.queue) == (1, 2)
+    assert P.pop_head_nogil(s.queue) == (1, 1)
+
+
+def test_nogil_route_kept_after_an_avail_chain_is_given_back() -> None:
+    """A chain popped from the avail ring and given back (``unpop``, with or without
+    the GIL) steps next_avail back: the next pop, without the GIL, returns it."""
+    s = Setup.make(event_idx=False)
+    for _ in range(2):
+        s.mock.add_chain([RawDesc(s.mock.alloc(16), 16, VIRTQ_DESC_F_WRITE, 0)])
+    assert P.pop_head_nogil(s.queue) == (1, 0)
+    assert P.pop_head_nogil(s.queue) == (1, 1)
+    assert P.unpop_nogil(s.queue, 1) == 0
+    s.queue.unpop(0)
+    assert s.queue.next_avail() == 0
+    assert P.avail_count_nogil(s.queue) == 2
+    assert P.pop_head_nogil(s.queue) == (1, 0)
+    assert P.pop_head_nogil(s.queue) == (1, 1)
+
+
+def test_nogil_unpop_declines_a_head_out_of_range_or_not_behind_next_avail() -> None:
+    s = Setup.make(event_idx=False)
+    for _ in range(2):
+        s.mock.add_chain([RawDesc(s.mock.alloc(16), 16, VIRTQ_DESC_F_WRITE, 0)])
+    assert P.pop_head_nogil(s.queue) == (1, 0)
+    before = s.state()
+    assert P.unpop_nogil(s.queue, SIZE) == -1
+    assert P.unpop_nogil(s.queue, 1) == -1
+    assert s.state() == before
