@@ -618,3 +618,36 @@ def test_the_kick_pump_serves_the_engines_drains_and_hands_the_rest_to_process_q
         assert pump.pump() is True
         with pytest.raises(InvalidAvailRingIndex):
             dev.process_queue(RQ)
+
+
+def test_the_engine_waits_for_the_completions_of_a_deep_queue_on_its_thread() -> None:
+    """With at least ``spin_min`` requests in flight, the engine waits on its own
+    thread for their completions (``spin_ns``) and finishes each as it comes: a
+    kick of 16 writes on the engine's threads returns with all 16 used, none left
+    for the eventfd (the threads complete them while the drain and its first reap
+    run)."""
+    interrupt = _RecordingInterrupt(rearm=True)
+    img = DiskImage.from_bytes(IMAGE, name="lun0")
+    dev = ScsiDevice([img], use_engine=True)
+    rig = DeviceRig(dev, queue_size=64, memory_size=8 << 20, event_idx=True, interrupt=interrupt)
+    interrupt.rig = rig
+    try:
+        eng = dev._engine
+        if eng is None:
+            pytest.skip("io_uring is not available here")
+        assert (eng.spin_ns, eng.spin_min) == (50_000, 8)
+        eng.pool_min_cached = 512  # every transfer on the engine's threads
+        eng.spin_min = 1
+        # Bounded so that a broken wait fails the test instead of hanging it.
+        eng.spin_ns = eng.spin_max_ns = 30 * 10**9
+        heads = [
+            rig.add_request(RQ, [cmd_req(write10(k, 1)), bytes([k]) * 512], [RESP_HEADER])[0]
+            for k in range(16)
+        ]
+        used = rig.kick(RQ)
+        assert sorted(h for h, _ in used) == sorted(heads)
+        assert eng.in_flight() == 0 and eng.pool_requests == 16
+        assert os.pread(img.fd, 16 * 512, 0) == b"".join(bytes([k]) * 512 for k in range(16))
+    finally:
+        rig.close()
+        img.close()
