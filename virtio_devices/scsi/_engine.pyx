@@ -197,7 +197,7 @@ DEF HOLD_MIN_NS = 1000000
 DEF SPIN_NS = 50000
 DEF SPIN_MIN = 8
 DEF SPIN_CHECK_NS = 5000
-DEF SPIN_MAX_NS = 1000000
+DEF SPIN_MAX_NS = 200000
 DEF HOLD_MAX_NS = 16000000
 # LUN write modes.
 DEF W_NOWAIT = 0    # try pwritev2(RWF_NOWAIT) inline; EAGAIN: the ring
@@ -388,7 +388,7 @@ cdef class Engine:
     (:meth:`serve`), ``early_preempted`` counts such drains.
     ``spin_ns`` (50 µs; 0: never) and ``spin_min`` (8): after a reap with at least
     ``spin_min`` requests in flight, wait that long for the next completion on this
-    thread (:meth:`reap`; ``spin_max_ns`` in all, 1 ms); ``loop_fd`` (-1: none),
+    thread (:meth:`reap`; ``spin_max_ns`` in all, 200 µs); ``loop_fd`` (-1: none),
     the event loop's epoll fd, ends the wait when readable; ``spin_reaps`` and
     ``spin_preempted`` count the completions it reaped and the waits that gave way.
     ``inline_reads``, ``inline_writes``, ``ring_requests``, ``pool_requests`` and
