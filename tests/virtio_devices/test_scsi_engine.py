@@ -10,6 +10,8 @@ refuses, inline writes that turn slow, the eventfd completion path, no io_uring)
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import os
 import select
 import struct
@@ -414,6 +416,61 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
         data = path.read_bytes()
         assert data[8 * 512 : 16 * 512] == b"\x3c" * 4096 and data[16 * 512 : 17 * 512] == b"\x4d" * 512
         assert data[24 * 512 : 32 * 512] == big[: 8 * 512] and data[32 * 512 : 160 * 512] == big
+    finally:
+        img.close()
+
+
+def _cached_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (``mincore`` of a shared
+    mapping, which reports the file's pages whoever brought them in)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), f"mmap failed: errno {ctypes.get_errno()}"
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, f"mincore failed: errno {ctypes.get_errno()}"
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def test_opening_with_o_direct_drops_the_images_cached_pages(tmp_path: Path) -> None:
+    """``--direct``: the image's clean pages leave the host's page cache when it is
+    opened, so that io_uring can start O_DIRECT writes over them without handing
+    each to its worker threads (an O_DIRECT write must invalidate cached pages)."""
+    path = tmp_path / "cached.img"
+    path.write_bytes(IMAGE * 4)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages: the ones the kernel may drop at once
+        os.pread(fd, len(IMAGE) * 4, 0)
+    finally:
+        os.close(fd)
+    if _cached_pages(path) == 0:
+        pytest.skip("this file system keeps nothing in the page cache")
+    try:
+        img = open_image(str(path), read_only=False, direct=True)
+    except ImageError:
+        pytest.skip("this file system refuses O_DIRECT")
+    try:
+        assert _cached_pages(path) == 0
     finally:
         img.close()
 
