@@ -6,7 +6,10 @@ guest: virtio-scsi READ(10)/WRITE(10) on request queue 0 (ring 2) for ours and t
 Rust ``vhost-device-scsi``, virtio-blk IN/OUT on ring 0 for qemu-storage-daemon
 (raw file, page cache, twice: its default ``aio=threads`` and ``aio=io_uring``).
 The image (64 MiB) is in the page cache; with ``--direct`` every daemon but the
-Rust one (which has no such mode) reads and writes it with O_DIRECT instead.
+Rust one (which has no such mode) reads and writes it with O_DIRECT instead, and it
+is not cached.  ``--image`` names what a write row's blocks are before each run
+(``IMAGE_KINDS``: cached, written, sparse as ``qemu-img create`` makes it,
+fallocated), a row each; the row's name says which.
 Workloads: 4 KiB random reads and writes at queue depth 1 and 32, 1 MiB
 sequential reads and writes at depth 4.
 Each daemon runs each workload ``--reps`` times, interleaved in a shuffled order,
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import random
 import shutil
@@ -84,6 +88,22 @@ device.ScsiDevice.activate = activate
 sys.exit(main(sys.argv[1:]))
 """
 IMAGE_SIZE = 64 << 20
+# What the image's blocks are before each timed write run (``--image``; reads always
+# see written blocks, a read of a hole being no read of the disk):
+# - cached: written, every block in the host page cache (the page-cache rows);
+# - written: written, none cached (an image the guest rewrites; an O_DIRECT
+#   daemon's usual case);
+# - sparse: every block a hole (``qemu-img create -f raw``, ``truncate``: a new
+#   image): each write allocates;
+# - falloc: every block allocated and unwritten (``qemu-img create -o
+#   preallocation=falloc``, ``fallocate``).
+# With O_DIRECT they differ for io_uring: the kernel submits a write inline with
+# NOWAIT, and an O_DIRECT write over cached pages (which it must invalidate) or into a
+# hole (which it must allocate) cannot: it goes to io_uring's worker threads.
+IMAGE_KINDS = ("cached", "written", "sparse", "falloc")
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
 QSIZE = 128
 MEM = 96 << 20
 BUF_BASE = 4 << 20
@@ -214,6 +234,34 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
+def _fallocate(fd: int, mode: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fallocate(fd, mode, ctypes.c_long(0), ctypes.c_long(IMAGE_SIZE)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(mode={mode:#x}) of the image failed")
+
+
+def prepare_image(img: Path, kind: str, data: bytes) -> None:
+    """Put the image's blocks in the state ``kind`` names (``IMAGE_KINDS``), through
+    the daemons' open fds' file: written back, holes punched or unwritten extents made,
+    and the page cache filled or emptied."""
+    fd = os.open(img, os.O_RDWR)
+    try:
+        if kind in ("cached", "written") and os.lseek(fd, 0, os.SEEK_HOLE) < IMAGE_SIZE:
+            os.pwrite(fd, data, 0)  # a hole left by a sparse or falloc run before
+        elif kind == "sparse":
+            _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
+        elif kind == "falloc":
+            _fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE)
+        os.fsync(fd)
+        if kind == "cached":
+            os.pread(fd, IMAGE_SIZE, 0)
+        else:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def workloads(seed: int = 1) -> dict[str, tuple[list[tuple[int, int]], bool, int]]:
     rnd = random.Random(seed)
     nblocks = IMAGE_SIZE // 512
@@ -254,6 +302,13 @@ def main() -> int:
         help="also run the 4 KiB workloads with the front-end and the daemon pinned to one CPU, "
         "and to two different CPUs (rows 'one CPU', 'two CPUs')",
     )
+    ap.add_argument(
+        "--image",
+        default="",
+        help="what the image's blocks are before each write run, comma-separated for a row each: "
+        f"{', '.join(IMAGE_KINDS)} (default: cached, and written with --direct; reads always see "
+        "written blocks, cached or not as the mode)",
+    )
     ap.add_argument("--only", default="", help="run the workloads whose name contains this")
     ap.add_argument(
         "--skip",
@@ -261,6 +316,11 @@ def main() -> int:
         help="daemons left out (comma-separated: ours, qsd, qsd-uring, python, rust, alt)",
     )
     args = ap.parse_args()
+    read_kind = "written" if args.direct else "cached"
+    write_kinds = [k for k in args.image.split(",") if k] or [read_kind]
+    for kind in write_kinds:
+        if kind not in IMAGE_KINDS:
+            ap.error(f"--image: {kind!r} is not one of {', '.join(IMAGE_KINDS)}")
     skip = set(filter(None, args.skip.split(",")))
     alt_attrs = {k: int(v) for k, v in (kv.split("=") for kv in args.alt.split(",") if kv)}
     alt_env = dict(kv.split("=", 1) for kv in args.alt_env.split(",") if kv)
@@ -273,9 +333,9 @@ def main() -> int:
         return 1
     tmp = Path(tempfile.mkdtemp(prefix="scsi-bench-"))
     img = tmp / "disk.img"
-    with open(img, "wb") as f:
-        f.write(os.urandom(IMAGE_SIZE))
-    img.read_bytes()  # page cache warm
+    data = os.urandom(IMAGE_SIZE)
+    img.write_bytes(data)
+    prepare_image(img, read_kind, data)
     ours_sock, qsd_sock, pidfile = str(tmp / "scsi.sock"), str(tmp / "blk.sock"), tmp / "qsd.pid"
     ours_proc = subprocess.Popen(
         [sys.executable, "-m", "vhost_backends.cli.scsi", "-s", ours_sock, *direct, str(img)],
@@ -358,18 +418,20 @@ def main() -> int:
             pids["rust"] = rust_proc.pid
         if alt_proc is not None:
             pids["alt"] = alt_proc.pid
-        jobs: list[tuple[str, list[tuple[int, int]], bool, int, tuple[int, int] | None]] = []
-        for name, (ops, write, depth) in workloads().items():
-            jobs.append((name, ops, write, depth, None))
-            if args.placements and name.startswith("4 KiB") and (os.cpu_count() or 1) >= 2:
-                # Where the scheduler puts the front-end and the daemon decides a
-                # 4 KiB run: on one CPU every request (depth 1) or batch (depth 32)
-                # is two context switches, on two a wake-up of the other CPU each
-                # way, against two CPUs' work at once (docs/performance.md).
-                jobs.append((f"{name}, one CPU", ops, write, depth, (0, 0)))
-                jobs.append((f"{name}, two CPUs", ops, write, depth, (0, 1)))
+        jobs: list[tuple[str, list[tuple[int, int]], bool, int, tuple[int, int] | None, str]] = []
+        for base, (ops, write, depth) in workloads().items():
+            for kind in write_kinds if write else [read_kind]:
+                name = f"{base}, {kind}" if write else base
+                jobs.append((name, ops, write, depth, None, kind))
+                if args.placements and name.startswith("4 KiB") and (os.cpu_count() or 1) >= 2:
+                    # Where the scheduler puts the front-end and the daemon decides a
+                    # 4 KiB run: on one CPU every request (depth 1) or batch (depth 32)
+                    # is two context switches, on two a wake-up of the other CPU each
+                    # way, against two CPUs' work at once (docs/performance.md).
+                    jobs.append((f"{name}, one CPU", ops, write, depth, (0, 0), kind))
+                    jobs.append((f"{name}, two CPUs", ops, write, depth, (0, 1), kind))
         everywhere = os.sched_getaffinity(0)
-        for name, ops, write, depth, cpus in jobs:
+        for name, ops, write, depth, cpus, kind in jobs:
             if args.only not in name:
                 continue
             nbytes = sum(b for _, b in ops) * 512
@@ -397,9 +459,11 @@ def main() -> int:
                 # Shuffled (seeded), so that no daemon always follows the same one:
                 # where the one before left the front-end and its own threads
                 # decides a depth-1 run (docs/performance.md); and the dirty pages
-                # of the last run written back before each timed run.
+                # of the last run written back and the image's blocks put back in
+                # the row's state (``--image``) before each timed run.
                 for who in random.Random(rep).sample(order, len(order)):
                     os.sync()
+                    prepare_image(img, kind, data)
                     if cpus is not None:
                         os.sched_setaffinity(0, {cpus[0]})
                         pin(pids[who], {cpus[1]})

@@ -10,6 +10,8 @@ refuses, inline writes that turn slow, the eventfd completion path, no io_uring)
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import os
 import select
 import struct
@@ -418,6 +420,61 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
         img.close()
 
 
+def _cached_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (``mincore`` of a shared
+    mapping, which reports the file's pages whoever brought them in)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), f"mmap failed: errno {ctypes.get_errno()}"
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, f"mincore failed: errno {ctypes.get_errno()}"
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def test_opening_with_o_direct_drops_the_images_cached_pages(tmp_path: Path) -> None:
+    """``--direct``: the image's clean pages leave the host's page cache when it is
+    opened, so that io_uring can start O_DIRECT writes over them without handing
+    each to its worker threads (an O_DIRECT write must invalidate cached pages)."""
+    path = tmp_path / "cached.img"
+    path.write_bytes(IMAGE * 4)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages: the ones the kernel may drop at once
+        os.pread(fd, len(IMAGE) * 4, 0)
+    finally:
+        os.close(fd)
+    if _cached_pages(path) == 0:
+        pytest.skip("this file system keeps nothing in the page cache")
+    try:
+        img = open_image(str(path), read_only=False, direct=True)
+    except ImageError:
+        pytest.skip("this file system refuses O_DIRECT")
+    try:
+        assert _cached_pages(path) == 0
+    finally:
+        img.close()
+
+
 class _RecordingInterrupt(FakeInterrupt):
     """A transport's interrupt with a compiled-style ``signaller``: records the
     used index each notification was sent at, and (``rearm``) asks for the next
@@ -618,3 +675,36 @@ def test_the_kick_pump_serves_the_engines_drains_and_hands_the_rest_to_process_q
         assert pump.pump() is True
         with pytest.raises(InvalidAvailRingIndex):
             dev.process_queue(RQ)
+
+
+def test_the_engine_waits_for_the_completions_of_a_deep_queue_on_its_thread() -> None:
+    """With at least ``spin_min`` requests in flight, the engine waits on its own
+    thread for their completions (``spin_ns``) and finishes each as it comes: a
+    kick of 16 writes on the engine's threads returns with all 16 used, none left
+    for the eventfd (the threads complete them while the drain and its first reap
+    run)."""
+    interrupt = _RecordingInterrupt(rearm=True)
+    img = DiskImage.from_bytes(IMAGE, name="lun0")
+    dev = ScsiDevice([img], use_engine=True)
+    rig = DeviceRig(dev, queue_size=64, memory_size=8 << 20, event_idx=True, interrupt=interrupt)
+    interrupt.rig = rig
+    try:
+        eng = dev._engine
+        if eng is None:
+            pytest.skip("io_uring is not available here")
+        assert (eng.spin_ns, eng.spin_min) == (50_000, 8)
+        eng.pool_min_cached = 512  # every transfer on the engine's threads
+        eng.spin_min = 1
+        # Bounded so that a broken wait fails the test instead of hanging it.
+        eng.spin_ns = eng.spin_max_ns = 30 * 10**9
+        heads = [
+            rig.add_request(RQ, [cmd_req(write10(k, 1)), bytes([k]) * 512], [RESP_HEADER])[0]
+            for k in range(16)
+        ]
+        used = rig.kick(RQ)
+        assert sorted(h for h, _ in used) == sorted(heads)
+        assert eng.in_flight() == 0 and eng.pool_requests == 16
+        assert os.pread(img.fd, 16 * 512, 0) == b"".join(bytes([k]) * 512 for k in range(16))
+    finally:
+        rig.close()
+        img.close()

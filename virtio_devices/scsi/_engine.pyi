@@ -27,6 +27,12 @@ class Engine:
     inline_writes: int
     slow_writes: int
     slow_ns: int
+    spin_ns: int
+    spin_min: int
+    spin_max_ns: int
+    loop_fd: int
+    spin_reaps: int
+    spin_preempted: int
     def __init__(
         self,
         fds: Sequence[int],

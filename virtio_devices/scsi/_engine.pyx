@@ -46,6 +46,15 @@ in its used ring in one call.  A completion that is not the whole transfer (an
 error, a short read of an image that shrank, a short write) goes back to Python
 with what was moved, which finishes or answers it.
 
+While a queue deep enough is in flight (``spin_min``, 8 requests), the thread
+that reaped a completion does not go back to sleep at once: it waits up to
+``spin_ns`` (50 µs, about the time a driver takes to refill what it was given)
+for the next completion and reaps it too, so the driver hears of each one at once
+and neither the next completion nor the driver's next kick has to wake this
+thread.  The wait releases the GIL, ends as soon as the event loop has anything
+else to do, and gives way to any task that takes this CPU (1 ms without it,
+doubling while that repeats).
+
 Large O_DIRECT transfers (``pool_min_read``/``pool_min_write``) go to the engine's
 own threads instead of the ring: plain C threads that run a blocking
 ``preadv2``/``pwritev2`` without the GIL and touch only their slot; a completion
@@ -138,6 +147,7 @@ cdef extern from "<liburing.h>" nogil:
     void io_uring_cqe_seen(io_uring *ring, io_uring_cqe *cqe)
     int io_uring_wait_cqe_timeout(io_uring *ring, io_uring_cqe **cqe_ptr, __kernel_timespec *ts)
     int io_uring_register_eventfd(io_uring *ring, int fd)
+    unsigned io_uring_cq_ready(const io_uring *ring)
 
 
 # virtio_scsi_cmd_req and virtio_scsi_cmd_resp (§5.6.6.1), as in device.py.
@@ -179,6 +189,15 @@ DEF SIGNAL_EVERY = 8
 # doubling at each such drain in a row up to HOLD_MAX_NS: a time, not a number of
 # drains, so that a driver that moved to another CPU is noticed as soon.
 DEF HOLD_MIN_NS = 1000000
+# The wait for completions while at least SPIN_MIN requests are in flight
+# (Engine.spin_ns): up to SPIN_NS after the last completion (about a driver's turn:
+# its refill's kick is then seen without a wake-up), SPIN_MAX_NS in all before the
+# event loop has its turn, looking at the loop's fds and at this thread's
+# preemption every SPIN_CHECK_NS (docs/performance.md).
+DEF SPIN_NS = 50000
+DEF SPIN_MIN = 8
+DEF SPIN_CHECK_NS = 5000
+DEF SPIN_MAX_NS = 200000
 DEF HOLD_MAX_NS = 16000000
 # LUN write modes.
 DEF W_NOWAIT = 0    # try pwritev2(RWF_NOWAIT) inline; EAGAIN: the ring
@@ -277,6 +296,14 @@ cdef inline int64_t _now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+cdef inline long long _nivcsw() noexcept nogil:
+    """This thread's involuntary context switches so far."""
+    cdef rusage ru
+    if getrusage(RUSAGE_THREAD, &ru) != 0:
+        return 0
+    return ru.ru_nivcsw
+
+
 cdef inline void _claim(Slot *s, uint16_t head, int queue, int lun, uint64_t lba) noexcept nogil:
     """Fill in the request a slot now holds (its buffers are set already), for
     either engine: the pool threads or io_uring."""
@@ -359,6 +386,11 @@ cdef class Engine:
     at its end); ``early_signals`` counts those sent; ``signal_adapt`` (True)
     holds them back for a while after one preempted this thread
     (:meth:`serve`), ``early_preempted`` counts such drains.
+    ``spin_ns`` (50 µs; 0: never) and ``spin_min`` (8): after a reap with at least
+    ``spin_min`` requests in flight, wait that long for the next completion on this
+    thread (:meth:`reap`; ``spin_max_ns`` in all, 200 µs); ``loop_fd`` (-1: none),
+    the event loop's epoll fd, ends the wait when readable; ``spin_reaps`` and
+    ``spin_preempted`` count the completions it reaped and the waits that gave way.
     ``inline_reads``, ``inline_writes``, ``ring_requests``, ``pool_requests`` and
     ``slow_writes`` count what was done inline, what went to the ring and to the
     threads, and how often an inline write was slow.
@@ -404,6 +436,14 @@ cdef class Engine:
     cdef readonly long long early_preempted
     cdef public long long hold_min_ns
     cdef public long long hold_max_ns
+    cdef public long long spin_ns
+    cdef public int spin_min
+    cdef readonly long long spin_reaps
+    cdef readonly long long spin_preempted
+    cdef int64_t spin_until
+    cdef public long long spin_max_ns
+    cdef public int loop_fd
+    cdef int64_t spin_backoff
     cdef int64_t es_until[MAX_QUEUES]
     cdef int64_t es_backoff[MAX_QUEUES]
     cdef list _chains
@@ -463,6 +503,10 @@ cdef class Engine:
         self.signal_adapt = True
         self.hold_min_ns = HOLD_MIN_NS
         self.hold_max_ns = HOLD_MAX_NS
+        self.spin_ns = SPIN_NS
+        self.spin_min = SPIN_MIN
+        self.spin_max_ns = SPIN_MAX_NS
+        self.loop_fd = -1
         self.switch_counter = None
         for i in range(MAX_QUEUES):
             self.es_until[i] = 0
@@ -525,7 +569,8 @@ cdef class Engine:
         sends partway through a drain (``signal_every``) and those it and
         :meth:`reap` send when they are done; None: it sends none (the caller
         sends what they return).
-        Holds on those notifications (``signal_adapt``) start over."""
+        Holds on those notifications (``signal_adapt``) and on the wait for
+        completions start over."""
         cdef int i
         if len(queues) > MAX_QUEUES:
             raise ValueError(f"engine: {len(queues)} queues, at most {MAX_QUEUES}")
@@ -537,6 +582,8 @@ cdef class Engine:
         for i in range(MAX_QUEUES):
             self.es_until[i] = 0
             self.es_backoff[i] = 0
+        self.spin_until = 0
+        self.spin_backoff = 0
 
     def in_flight(self, int index=-1):
         """Requests of queue ``index`` (every queue: -1) submitted and not reaped."""
@@ -677,7 +724,7 @@ cdef class Engine:
         if self.unsubmitted:
             self._submit()
         if self.nfree < self.nslots:
-            r_served, r_bytes, mask, rest = self._reap(served != 0, index)
+            r_served, r_bytes, mask, rest = self._reap_spin(served != 0, index)
         else:
             r_served, r_bytes, rest = 0, 0, []
             mask = self._to_signal(((<uint64_t>1) << index) if served else 0)
@@ -1029,8 +1076,88 @@ cdef class Engine:
         lists the others as ``(index, chain, write, fua, lun, lba, blocks, moved,
         error)``: ``moved`` bytes went through, ``error`` is the errno (0: a short
         transfer).
+
+        With at least ``spin_min`` requests still in flight it then waits for the
+        next completions on this thread (``spin_ns``, module docstring) and
+        finishes them as well.
         """
-        return self._reap(False, 0)
+        return self._reap_spin(False, 0)
+
+    cdef int _spin_wait(self) noexcept nogil:
+        """Wait on this thread for the next completion (:meth:`_reap_spin`): 1 one
+        is there, 0 none came within ``spin_ns`` or the event loop has something
+        else (a kick, a message: its epoll fd ``loop_fd`` is readable), -1 another
+        task took this CPU meanwhile (this thread was preempted)."""
+        cdef int64_t t0 = _now_ns()
+        cdef int64_t t, t_check = t0
+        cdef pollfd pfd
+        cdef Pool *p = self.pool
+        cdef long long sw = _nivcsw()
+        while True:
+            if io_uring_cq_ready(&self.ring) or (p != NULL and p.dcount):
+                return 1
+            t = _now_ns()
+            if t - t0 >= self.spin_ns:
+                return 0
+            if t - t_check >= SPIN_CHECK_NS:
+                t_check = t
+                if _nivcsw() != sw:
+                    return -1
+                if self.loop_fd >= 0:
+                    pfd.fd = self.loop_fd
+                    pfd.events = POLLIN
+                    pfd.revents = 0
+                    if poll(&pfd, 1, 0) > 0:
+                        # Our own eventfd is in that set: a completion first.
+                        if io_uring_cq_ready(&self.ring) or (p != NULL and p.dcount):
+                            return 1
+                        return 0
+
+    cdef tuple _reap_spin(self, bint also, int index):
+        """_reap, then, while at least ``spin_min`` requests are in flight, wait on
+        this thread for the next completion (up to ``spin_ns`` after the last one,
+        ``spin_max_ns`` in all) and reap it too, instead of sleeping until the
+        eventfd wakes this thread: the driver hears of each completion at once and
+        refills while the rest are at the disk, and neither a completion nor the
+        driver's next kick has to wake this thread.  The wait ends for anything else
+        the event loop has (its epoll fd, ``loop_fd``), and gives way to any task
+        that wants this CPU: then no wait for 1 ms, doubling while it repeats (up to
+        ``hold_max_ns``)."""
+        cdef int64_t start, b
+        cdef int rc
+        r_served, r_bytes, mask, rest = self._reap(also, index)
+        if self.spin_ns <= 0 or self.nslots - self.nfree < self.spin_min or not self._signallers:
+            # No compiled signallers: the caller notifies, which a wait would delay.
+            return r_served, r_bytes, mask, rest
+        start = _now_ns()
+        if self.spin_until:
+            if start < self.spin_until:
+                return r_served, r_bytes, mask, rest
+            self.spin_until = 0
+        while self.nslots - self.nfree >= self.spin_min and _now_ns() - start < self.spin_max_ns:
+            with nogil:
+                rc = self._spin_wait()
+            if rc < 0:
+                self.spin_preempted += 1
+                b = self.spin_backoff * 2
+                if b < self.hold_min_ns:
+                    b = self.hold_min_ns
+                if b > self.hold_max_ns:
+                    b = self.hold_max_ns
+                self.spin_backoff = b
+                self.spin_until = _now_ns() + b
+                return r_served, r_bytes, mask, rest
+            if rc == 0:
+                break
+            s2, b2, m2, rest2 = self._reap(False, 0)
+            self.spin_reaps += s2
+            r_served += s2
+            r_bytes += b2
+            mask |= m2
+            if rest2:
+                rest = rest + rest2
+        self.spin_backoff //= 2
+        return r_served, r_bytes, mask, rest
 
     cdef uint32_t _finish_slot(self, int slot, int res, int64_t *now, list rest) except? 0xFFFFFFFF:
         """One transfer done with ``res`` (bytes or -errno): free its slot; a whole

@@ -288,6 +288,9 @@ class ScsiDevice(VirtioDevice):
                 queues, [signaller(i) for i in range(len(queues))] if signaller is not None else None
             )
             loop.add_reader(self._engine.fd, self._on_engine)
+            # The engine's wait for completions ends when the loop has other work.
+            fileno = getattr(loop, "fileno", None)
+            self._engine.loop_fd = int(fileno()) if fileno is not None else -1
             self._engine_loop = loop
 
     # -- queues ----------------------------------------------------------------------
