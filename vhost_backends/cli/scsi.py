@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--direct",
         action="store_true",
         help="Read and write the images with O_DIRECT, bypassing the host page cache "
-        "(transfers whose buffers are not 512-byte aligned still use it). Not in upstream.",
+        "(transfers whose buffers are not 512-byte aligned still use it); the images' clean "
+        "pages are dropped from that cache once at start. Not in upstream.",
     )
     add_socket_path_arg(p, help="Location of vhost-user socket.")
     p.add_argument(

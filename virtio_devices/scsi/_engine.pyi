@@ -30,6 +30,7 @@ class Engine:
     spin_ns: int
     spin_min: int
     spin_max_ns: int
+    spin_give_way: bool
     loop_fd: int
     spin_reaps: int
     spin_preempted: int

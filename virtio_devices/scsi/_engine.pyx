@@ -300,7 +300,7 @@ cdef inline long long _nivcsw() noexcept nogil:
     """This thread's involuntary context switches so far."""
     cdef rusage ru
     if getrusage(RUSAGE_THREAD, &ru) != 0:
-        return 0
+        return 0  # cannot fail for RUSAGE_THREAD on Linux; no preemption seen
     return ru.ru_nivcsw
 
 
@@ -390,7 +390,8 @@ cdef class Engine:
     ``spin_min`` requests in flight, wait that long for the next completion on this
     thread (:meth:`reap`; ``spin_max_ns`` in all, 200 µs); ``loop_fd`` (-1: none),
     the event loop's epoll fd, ends the wait when readable; ``spin_reaps`` and
-    ``spin_preempted`` count the completions it reaped and the waits that gave way.
+    ``spin_preempted`` count the completions it reaped and the waits that gave way;
+    ``spin_give_way`` (True) false: the wait goes on when preempted (tests).
     ``inline_reads``, ``inline_writes``, ``ring_requests``, ``pool_requests`` and
     ``slow_writes`` count what was done inline, what went to the ring and to the
     threads, and how often an inline write was slow.
@@ -442,6 +443,7 @@ cdef class Engine:
     cdef readonly long long spin_preempted
     cdef int64_t spin_until
     cdef public long long spin_max_ns
+    cdef public bint spin_give_way
     cdef public int loop_fd
     cdef int64_t spin_backoff
     cdef int64_t es_until[MAX_QUEUES]
@@ -506,6 +508,7 @@ cdef class Engine:
         self.spin_ns = SPIN_NS
         self.spin_min = SPIN_MIN
         self.spin_max_ns = SPIN_MAX_NS
+        self.spin_give_way = True
         self.loop_fd = -1
         self.switch_counter = None
         for i in range(MAX_QUEUES):
@@ -736,12 +739,9 @@ cdef class Engine:
         answer when one is set): a driver woken on this CPU preempts it.  Not the
         voluntary ones: waiting for the GIL or a lock is one, wherever the driver
         runs."""
-        cdef rusage ru
         if self.switch_counter is not None:
             return self.switch_counter()
-        if getrusage(RUSAGE_THREAD, &ru) != 0:
-            return 0  # cannot fail for RUSAGE_THREAD on Linux; no preemption seen
-        return ru.ru_nivcsw
+        return _nivcsw()
 
     cdef void _adapt(self, int index, bint preempted) noexcept:
         """After a drain that sent early notifications: a preempted one holds the
@@ -1101,7 +1101,7 @@ cdef class Engine:
                 return 0
             if t - t_check >= SPIN_CHECK_NS:
                 t_check = t
-                if _nivcsw() != sw:
+                if self.spin_give_way and _nivcsw() != sw:
                     return -1
                 if self.loop_fd >= 0:
                     pfd.fd = self.loop_fd
