@@ -366,6 +366,24 @@ class VsockDevice(VirtioDevice):
         return struct.pack("<Q", self.guest_cid)
 
     @property
+    def broken(self) -> BaseException | None:
+        """The bug that broke the device (``VirtioDevice.broken``); setting one also
+        stops the nogil paths of the compiled kicks until a pass with the GIL."""
+        return self._broken
+
+    @broken.setter
+    def broken(self, value: BaseException | None) -> None:
+        self._broken = value
+        fast = self.__dict__.get("_fast")
+        if value is not None and fast is not None:
+            fast.live = False
+
+    def compiled_served(self) -> tuple[int, int]:
+        """Chains the nogil paths of the compiled kicks completed (their used bytes
+        are not counted, as the compiled path's with the GIL are not)."""
+        return self._fast.nogil_chains, 0
+
+    @property
     def _compiled(self) -> bool:
         """Whether the compiled paths serve the common packets (False: everything
         through the Python path; the tests compare the two)."""
@@ -395,6 +413,7 @@ class VsockDevice(VirtioDevice):
         connection gets one ``CREDIT_REQUEST`` (§5.10.6.3): a guest that still has the
         socket answers with its credit, one whose driver was reset answers ``RST``
         (§5.10.6.5: a packet for no connection), which closes the host socket."""
+        self._fast.live = False  # the nogil paths wait for a pass with the GIL
         super().activate(memory, queues, interrupt, loop)
         self._rx_live = True
         # The tx nap needs a fd that tells when the loop has work (DeviceLoop.fileno).
@@ -419,6 +438,7 @@ class VsockDevice(VirtioDevice):
         if self.registry is not None:
             self.registry.register(self)
             self._loose.extend(self.registry.take(self, paused=False))
+            self._fast.touch()
         if self._ready or self._loose:
             # Packets that waited through the pause: the driver posted its rx buffers
             # before it, and kicks no more for them.
@@ -444,9 +464,11 @@ class VsockDevice(VirtioDevice):
         Raises:
             Exception: what the base class's reset raises.
         """
+        self._fast.live = False
         if self.registry is not None:
             # Still the VM at its CID: siblings' packets wait in the inbox.
             self._loose.extend(self.registry.take(self, paused=True))
+            self._fast.touch()
         loop = self.loop
         for conn in self.conns.values():
             if conn.armed and loop is not None:
@@ -483,6 +505,11 @@ class VsockDevice(VirtioDevice):
         fast = self._fast
         if fast.naps or fast.naps_cut:
             log.debug("vsock cid %d: tx naps %d, cut short %d", self.guest_cid, fast.naps, fast.naps_cut)
+        if fast.nogil_passes:
+            log.debug(
+                "vsock cid %d: kicks seen without the GIL %d, handed over %d, chains %d",
+                self.guest_cid, fast.nogil_passes, fast.nogil_handed, fast.nogil_chains,
+            )  # fmt: skip
         try:
             if self.active:
                 self.reset()
@@ -496,8 +523,10 @@ class VsockDevice(VirtioDevice):
             self._handshakes.clear()
             self._ready.clear()
             self._loose.clear()
+            self._fast.touch()
 
     def quiesce(self, index: int) -> None:
+        self._fast.live = False
         super().quiesce(index)
         if index == RX:
             # The front-end takes rx back: nothing may be written there until it kicks.
@@ -984,6 +1013,7 @@ class VsockDevice(VirtioDevice):
             return HDR_SIZE + body.write(first)
         conn = self._ready.popleft()
         conn.in_ready = False
+        self._fast.touch()
         if conn.dead:
             return None
         used = self._produce_conn(conn, writer)
@@ -1159,6 +1189,7 @@ class VsockDevice(VirtioDevice):
             self._warn("loose", "rx backlog full: %d sibling packets dropped", len(packets) - room)
             packets = packets[:room]
         self._loose.extend(packets)
+        self._fast.touch()
         self._fill_rx()
 
     # -- connection table ----------------------------------------------------------------
@@ -1205,6 +1236,7 @@ class VsockDevice(VirtioDevice):
         self._loose.append(
             (HDR.pack(HOST_CID, hdr.src_cid, hdr.dst_port, hdr.src_port, 0, hdr.type, OP_RST, 0, 0, 0), b"")
         )
+        self._fast.touch()
 
     def _want(self, conn: _Conn, op: int) -> None:
         conn.ops |= op
@@ -1214,6 +1246,7 @@ class VsockDevice(VirtioDevice):
         if not conn.in_ready and not conn.dead:
             conn.in_ready = True
             self._ready.append(conn)
+            self._fast.touch()
 
     def _warn(self, kind: str, msg: str, *args: object) -> None:
         self._ratelimit.log(
