@@ -346,6 +346,7 @@ cdef class Epoll:
     cdef void _forget(self, FdPump pump):
         """``pump`` no longer serves a fd of this set."""
         pump.loop_fd = -1
+        pump.loop_epfd = -1
         if pump.offers_nogil:
             self._by_addr.pop(<uint64_t><void *>pump, None)
             self._retired.append(pump)
@@ -439,6 +440,8 @@ cdef class Epoll:
         if pump is not None:
             self._pumps[fd] = pump
             pump.loop_fd = fd
+            pump.loop_epfd = self.epfd
+            pump.loop_data = data
             if pump.offers_nogil:
                 self._by_addr[<uint64_t><void *>pump] = pump
 

@@ -472,6 +472,28 @@ def test_ring_with_a_fill_source_or_a_plain_pump_keeps_the_gil_path(efd: int) ->
         os.close(work)
 
 
+def test_muted_pump_gets_no_wake_ups_until_its_fd_is_watched_again(efd: int) -> None:
+    """FdPump.mute: the loop's epoll set stops reporting the fd (readable still), its
+    tables unchanged; add_reader of the fd watches it again, remove_reader forgets
+    it; a pump that serves no loop's fd cannot be muted."""
+    pump = EventfdPump(efd, nogil=True)
+    assert not pump.mute()
+    with EventLoop() as loop:
+        loop.add_reader(efd, lambda: None, pump=pump)
+        assert pump.mute()
+        os.eventfd_write(efd, 2)
+        loop.call_later(0.02, loop.stop)
+        loop.run(timeout=5)
+        assert pump.total == 0 and pump.pumped == 0
+        again = EventfdPump(efd, nogil=True)
+        loop.add_reader(efd, lambda: None, pump=again)
+        loop.call_later(0.02, loop.stop)
+        loop.run(timeout=5)
+        assert again.total == 2 and again.pumped_nogil == 1
+        loop.remove_reader(efd)
+        assert not again.mute() and not pump.mute()
+
+
 def test_base_pump_offers_no_nogil_path() -> None:
     assert not FdPump().offers_nogil
     assert not EventfdPump(-1).offers_nogil
