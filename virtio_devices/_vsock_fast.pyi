@@ -23,6 +23,7 @@ class Conn:
     ops: int
     in_ready: bool
     armed: bool
+    muted: bool
     readable: bool
     host_eof: bool
     want_write: bool

@@ -140,6 +140,10 @@ cdef class Conn:
     cdef public int ops           # pending rx operations (_P_* bits)
     cdef public bint in_ready     # in the device's ready queue
     cdef public bint armed        # host socket watched for input
+    # Not watched, but still registered with the loop, its wake-ups muted by the
+    # nogil path (FdPump.mute_nogil): armed again by add_reader, forgotten by
+    # remove_reader (which dropping it must call).
+    cdef public bint muted
     cdef public bint readable     # host socket has input waiting for rx buffers
     cdef public bint host_eof
     cdef public bint want_write
@@ -701,6 +705,7 @@ cdef int _arm_input(object device, Conn conn) except -1:
     if loop is None:
         return 0
     conn.armed = True
+    conn.muted = False
     pump = InputPump(device, conn)
     loop.add_reader(conn.fd, pump, pump=pump)
     return 0
@@ -713,6 +718,7 @@ cdef int _disarm_input(object device, Conn conn) except -1:
     if loop is None:
         return 0
     conn.armed = False
+    conn.muted = False
     loop.remove_reader(conn.fd)
     return 0
 
@@ -729,7 +735,7 @@ cdef int _drop(object device, State st, Conn conn) except -1:
         device._drop(conn)
         return 0
     conn.dead = True
-    if conn.armed:
+    if conn.armed or conn.muted:
         _disarm_input(device, conn)
     conn.armed = False
     p = PyDict_GetItem(st.conns, conn.key)
@@ -850,9 +856,11 @@ cdef int _fill_rx_nogil(State st) noexcept nogil:
         return 0
     if not st.head_ok or not st.head.readable or not st.head.in_ready:
         return 1
-    rc = _rx_conn_nogil(st, st.head, &added)
+    rc = _rx_conn_nogil(st, st.head, True, &added)
     if rc == 2:
         rc = 1  # probably drained: the GIL path watches the socket again
+    elif rc == 3:
+        rc = 0
     if _rx_signal_nogil(st, added):
         rc = 1
     return rc
@@ -875,15 +883,21 @@ cdef int _rx_signal_nogil(State st, Py_ssize_t added) noexcept nogil:
     return 0
 
 
-cdef int _rx_conn_nogil(State st, Conn c, Py_ssize_t *added) noexcept nogil:
+cdef int _rx_conn_nogil(State st, Conn c, bint is_head, Py_ssize_t *added) noexcept nogil:
     """Stream data of ``c`` (nothing before data owed, the guest has credit) into
     runs of the posted rx buffers, one ``readv`` from the host socket straight into
     each run, after the room for each header, as :func:`_rx_batch` does (the same
     packets and state changes), until a read leaves the socket drained (2), no
-    buffer is left (0, notifications on again as ``_fill_rx`` leaves them), or the
-    GIL path must go on (1, nothing of the current step taken): another chain
-    shape first, the read failing or at the end of file, the credit used up, the
-    rings not current."""
+    buffer is left (0, notifications on again as ``_fill_rx`` leaves them), the
+    guest's credit is used up (3), or the GIL path must go on (1, nothing of the
+    current step taken): another chain shape first, the read failing or at the
+    end of file, another packet owed, the rings not current.
+
+    When the credit runs out, the credit packet owed goes into the next buffer (a
+    CREDIT_UPDATE if owed, else the one CREDIT_REQUEST, §5.10.6.3), as the
+    device's ``_produce_ops`` writes it, before 3.  ``is_head``: ``c`` is the
+    ready queue's one connection; it is left there, where the pass with the GIL
+    would take it out and find nothing to send."""
     cdef iovec iov[RX_BATCH]
     cdef uint16_t heads[RX_BATCH]
     cdef unsigned char *hdrs[RX_BATCH]
@@ -891,8 +905,9 @@ cdef int _rx_conn_nogil(State st, Conn c, Py_ssize_t *added) noexcept nogil:
     cdef ChainCursor cur
     cdef vring_desc d
     cdef unsigned char *p
-    cdef uint16_t head
+    cdef uint16_t head, head_i
     cdef int k, j, n, avail, e
+    cdef uint16_t op
     cdef size_t want, left, take
     cdef ssize_t r
     cdef int64_t credit
@@ -903,7 +918,10 @@ cdef int _rx_conn_nogil(State st, Conn c, Py_ssize_t *added) noexcept nogil:
             return 1
         credit = _free(c)
         if credit == 0:
-            return 1
+            if c.ops & ~P_CREDIT:
+                return 1
+            if not c.ops:
+                return 3  # waiting for the guest's credit
         avail = st.rxq.avail_count_nogil()
         if avail < 0:
             return 1
@@ -915,6 +933,28 @@ cdef int _rx_conn_nogil(State st, Conn c, Py_ssize_t *added) noexcept nogil:
             if e:
                 continue
             return 0
+        if credit == 0:
+            # The credit packet owed, into the next buffer (one of at least a header).
+            head_i = st.rxq.avail_head_nogil(0)
+            if head_i >= st.rxq._size:
+                return 1
+            chain_start(&cur, st.rxq._desc, st.rxq._desc_gpa, st.rxq._size, head_i)
+            if (chain_next(st.rxq._snap, &cur, &d) != 1 or cur.has_next
+                    or not d.flags & VRING_DESC_F_WRITE or d.len < HDR_SIZE):
+                return 1
+            p = snap_ptr_w(st.rxq._snap, d.addr, HDR_SIZE)
+            if p == NULL:
+                return 1
+            op = OP_CREDIT_UPDATE if c.ops & P_CREDIT_UPDATE else OP_CREDIT_REQUEST
+            _hdr_at(p, c, op, 0, st.guest_cid, st.buf_alloc, c.fwd_cnt)
+            c.last_fwd_sent = c.fwd_cnt
+            c.ops &= ~P_CREDIT_UPDATE
+            if op == OP_CREDIT_REQUEST:
+                c.ops &= ~P_CREDIT_REQUEST
+            st.rxq.pop_heads_nogil(1)
+            st.rxq.add_used_nogil(head_i, HDR_SIZE)
+            added[0] += 1
+            continue
         if avail > RX_BATCH:
             avail = RX_BATCH
         n = 0
@@ -1521,7 +1561,7 @@ cdef int _rx_batch(object device, Queue queue, Conn conn, object ready, uint64_t
     return 1
 
 
-cdef int _input_nogil(State st, Conn c) noexcept nogil:
+cdef int _input_nogil(State st, Conn c, FdPump pump) noexcept nogil:
     """InputPump.pump_nogil (see there)."""
     cdef Py_ssize_t added = 0
     cdef int rc
@@ -1530,11 +1570,19 @@ cdef int _input_nogil(State st, Conn c) noexcept nogil:
             or not _wants_input(c)):
         st.nogil_handed += 1
         return 1
-    rc = _rx_conn_nogil(st, c, &added)
+    rc = _rx_conn_nogil(st, c, False, &added)
     if rc == 2 and not c.ops and _wants_input(c):
         rc = 0  # drained, watched still: as pump_c leaves it
-    elif rc == 0 or rc == 2:
-        rc = 1  # no buffer left with data waiting, or something owed: pump_c
+    elif rc == 3 and pump.mute_nogil() == 0:
+        # The credit used up, its packet sent: the socket (data waiting, as far as
+        # we know) is not watched until the guest's credit comes (pump_c leaves
+        # it so, with remove_reader).
+        c.readable = True
+        c.armed = False
+        c.muted = True
+        rc = 0
+    elif rc != 1:
+        rc = 1  # no buffer left with data waiting, something owed: pump_c
     if _rx_signal_nogil(st, added):
         rc = 1
     if rc:
@@ -1570,10 +1618,13 @@ cdef class InputPump(FdPump):
         socket is watched and the guest has credit for.  Its data goes into the
         posted rx buffers (:func:`_rx_conn_nogil`), with the used notification;
         when that leaves the socket drained and nothing owed, the socket stays
-        watched and nothing else changes (what ``pump_c`` does then).  Otherwise
-        :meth:`pump_c` goes on, from where this left the connection (its socket
-        still watched, not marked readable)."""
-        return _input_nogil(self.st, self.conn)
+        watched and nothing else changes (what ``pump_c`` does then); when the
+        guest's credit ran out (its credit packet sent), the connection is
+        readable and the socket's wake-ups muted (``muted``: what ``pump_c`` does
+        with ``remove_reader``, undone the same way).  Otherwise :meth:`pump_c`
+        goes on, from where this left the connection (its socket still watched,
+        not marked readable)."""
+        return _input_nogil(self.st, self.conn, self)
 
     def serve_nogil(self):
         """Serve a readiness as the vhost-user loop's nogil phase does (the GIL
@@ -1591,6 +1642,11 @@ cdef class InputPump(FdPump):
         cdef Conn conn = self.conn
         cdef State st = self.st
         st.live = False
+        if conn.muted and not conn.dead:
+            # A hang-up or error on a muted socket (the kernel reports those anyway):
+            # not watched, as the GIL path leaves it.
+            _disarm_input(self.device, conn)
+            return 0
         if conn.dead or conn.seq or not conn.armed or conn.readable or not st.compiled or not st.rx_live:
             return 1
         conn.readable = True

@@ -299,6 +299,9 @@ class VsockDevice(VirtioDevice):
         registry: the process's VMs, for sibling delivery; None: no siblings.
         tx_nap_us: the tx nap in µs (``TX_NAP_US``; 0: none), taken on a loop that
             tells when it has work (``fileno()``, as ``DeviceLoop``'s).
+        nogil: serve the steady state of a host-to-guest stream without the GIL
+            where the loop runs pumps' nogil paths (``_vsock_fast.KickPump``,
+            ``InputPump``); False: always with it.
 
     Raises:
         ValueError: ``tx_nap_us`` is not from 0 to ``TX_NAP_US_MAX``.
@@ -322,6 +325,7 @@ class VsockDevice(VirtioDevice):
         groups: Iterable[str] = ("default",),
         registry: VsockRegistry | None = None,
         tx_nap_us: int = TX_NAP_US,
+        nogil: bool = True,
     ) -> None:
         if not 0 <= tx_nap_us <= TX_NAP_US_MAX:
             raise ValueError(f"tx_nap_us must be from 0 to {TX_NAP_US_MAX}, not {tx_nap_us}")
@@ -355,6 +359,7 @@ class VsockDevice(VirtioDevice):
             self.conns, self._ready, self._loose, guest_cid, tx_buffer_size, self._by_fd
         )
         self._fast.nap_ns = tx_nap_us * 1000
+        self._fast.nogil = nogil
         if isinstance(host, UnixHost) and host.path and not host.path.startswith("\0"):
             # A guest's stream REQUEST is connected in compiled code (UnixHost.connect's
             # path and socket).
@@ -471,9 +476,9 @@ class VsockDevice(VirtioDevice):
             self._fast.touch()
         loop = self.loop
         for conn in self.conns.values():
-            if conn.armed and loop is not None:
+            if (conn.armed or conn.muted) and loop is not None:
                 loop.remove_reader(conn.fd)
-            conn.armed = False
+            conn.armed = conn.muted = False
             conn.want_write = False  # the epoll set goes; activate makes a new one
         for fd, (_sock, timer) in self._handshakes.items():
             if loop is not None:
@@ -923,8 +928,10 @@ class VsockDevice(VirtioDevice):
         conn.armed = want
         if want:
             pump = _vsock_fast.InputPump(self, conn)
-            # The pump is the callback too: _on_input when it hands over.
+            # The pump is the callback too: _on_input when it hands over.  (A socket
+            # its nogil path muted is watched again, registered as it is.)
             self.loop.add_reader(conn.fd, pump, pump=pump)
+            conn.muted = False
         else:
             self.loop.remove_reader(conn.fd)
 
@@ -1204,9 +1211,9 @@ class VsockDevice(VirtioDevice):
         if conn.dead:
             return
         conn.dead = True
-        if self.loop is not None and conn.armed:
+        if self.loop is not None and (conn.armed or conn.muted):
             self.loop.remove_reader(conn.fd)
-        conn.armed = False
+        conn.armed = conn.muted = False
         self._watch_output(conn, False)
         self.conns.pop(conn.key, None)
         self._by_fd.pop(conn.fd, None)
