@@ -442,6 +442,7 @@ cdef class Epoll:
             pump.loop_fd = fd
             pump.loop_epfd = self.epfd
             pump.loop_data = data
+            pump.loop_events = events
             if pump.offers_nogil:
                 self._by_addr[<uint64_t><void *>pump] = pump
 

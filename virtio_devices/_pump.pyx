@@ -77,18 +77,27 @@ cdef class FdPump:
         loop's thread): its events in the loop's epoll set become none but those
         the kernel always reports (a hang-up, an error), the loop's tables left as
         they are; 0, or -1 when it serves no loop's fd or the change failed.  The
-        loop's ``add_reader`` of the fd sets its events again, ``remove_reader``
-        forgets it."""
+        loop's ``add_reader`` of the fd sets its events again, as does
+        :meth:`unmute_nogil`; ``remove_reader`` forgets it."""
+        return self._events_nogil(0)
+
+    cdef int unmute_nogil(self) noexcept nogil:
+        """Undo :meth:`mute_nogil`: the fd's events in the loop's epoll set are those
+        the loop registered again; 0, or -1 as there."""
+        return self._events_nogil(self.loop_events)
+
+    cdef int _events_nogil(self, unsigned int events) noexcept nogil:
         cdef epoll_event ev
         if self.loop_fd < 0 or self.loop_epfd < 0:
             return -1
-        ev.events = 0
+        ev.events = events
         ev.data.u64 = self.loop_data
         return 0 if epoll_ctl(self.loop_epfd, EPOLL_CTL_MOD, self.loop_fd, &ev) == 0 else -1
 
-    def mute(self):
-        """:meth:`mute_nogil` from Python; whether the loop's wake-ups stopped."""
-        return self.mute_nogil() == 0
+    def mute(self, bint on=True):
+        """:meth:`mute_nogil` (``on``) or :meth:`unmute_nogil` from Python; whether
+        the change was made."""
+        return (self.mute_nogil() if on else self.unmute_nogil()) == 0
 
     def pump(self):
         """Serve the fd's readiness as the loop would; return whether the Python path

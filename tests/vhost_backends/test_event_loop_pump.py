@@ -474,8 +474,8 @@ def test_ring_with_a_fill_source_or_a_plain_pump_keeps_the_gil_path(efd: int) ->
 
 def test_muted_pump_gets_no_wake_ups_until_its_fd_is_watched_again(efd: int) -> None:
     """FdPump.mute: the loop's epoll set stops reporting the fd (readable still), its
-    tables unchanged; add_reader of the fd watches it again, remove_reader forgets
-    it; a pump that serves no loop's fd cannot be muted."""
+    tables unchanged; mute(False) or add_reader of the fd watches it again,
+    remove_reader forgets it; a pump that serves no loop's fd cannot be muted."""
     pump = EventfdPump(efd, nogil=True)
     assert not pump.mute()
     with EventLoop() as loop:
@@ -485,13 +485,19 @@ def test_muted_pump_gets_no_wake_ups_until_its_fd_is_watched_again(efd: int) -> 
         loop.call_later(0.02, loop.stop)
         loop.run(timeout=5)
         assert pump.total == 0 and pump.pumped == 0
+        assert pump.mute(False)  # watched again, without the loop's tables
+        loop.call_later(0.02, loop.stop)
+        loop.run(timeout=5)
+        assert pump.total == 2 and pump.pumped_nogil == 1
+        assert pump.mute()
+        os.eventfd_write(efd, 3)
         again = EventfdPump(efd, nogil=True)
         loop.add_reader(efd, lambda: None, pump=again)
         loop.call_later(0.02, loop.stop)
         loop.run(timeout=5)
-        assert again.total == 2 and again.pumped_nogil == 1
+        assert again.total == 3 and again.pumped_nogil == 1 and pump.total == 2
         loop.remove_reader(efd)
-        assert not again.mute() and not pump.mute()
+        assert not again.mute() and not pump.mute(False)
 
 
 def test_base_pump_offers_no_nogil_path() -> None:
