@@ -144,6 +144,9 @@ cdef class Conn:
     # nogil path (FdPump.mute_nogil): armed again by add_reader, forgotten by
     # remove_reader (which dropping it must call).
     cdef public bint muted
+    # The pump whose wake-ups are muted (borrowed: the loop keeps it while it is
+    # registered, which it is while ``muted``; meaningful only then).
+    cdef PyObject *mpump
     cdef public bint readable     # host socket has input waiting for rx buffers
     cdef public bint host_eof
     cdef public bint want_write
@@ -337,6 +340,10 @@ cdef class State:
     cdef readonly bint idle
     cdef readonly bint head_ok
     cdef Conn head
+    # A connection a nogil path put in the ready queue, which was empty (borrowed:
+    # the device's tables keep it; every pass with the GIL, and dropping it, puts
+    # it in the deque first, see _unpend), so that the ready queue is this one.
+    cdef PyObject *pend
     # The device's connections as the last pass with the GIL saw them (when at most
     # NCAND): borrowed from cand_refs, which keeps them alive; the nogil paths look
     # a packet's connection up here (a dead one is no match).
@@ -372,6 +379,11 @@ cdef class State:
         self.loose = loose
         self.guest_cid = guest_cid
         self.buf_alloc = buf_alloc
+
+    def unpend(self):
+        """Put the connection a nogil path scheduled in the ready queue itself (the
+        Python path's changes to a connection or to the ready queue come after)."""
+        _unpend(self)
 
     def touch(self):
         """The Python path changed the ready queue or the loose packets: the nogil
@@ -448,6 +460,23 @@ cdef int _signallers(State st, object interrupt) except -1:
     st.sig_rx = signaller(RX) if signaller is not None else None
     st.sig_tx = signaller(TX) if signaller is not None else None
     st.sig_owner = interrupt
+    return 0
+
+
+cdef int _unpend(State st) except -1:
+    """The connection a nogil path scheduled (``st.pend``) into the ready queue, first
+    (it was empty then; the Python path's appends came after), where the paths
+    with the GIL find it; a dropped one just leaves."""
+    cdef Conn conn
+    if st.pend == NULL:
+        return 0
+    conn = <Conn>st.pend
+    st.pend = NULL
+    st.head_ok = False
+    if conn.dead:
+        conn.in_ready = False
+    else:
+        st.ready.appendleft(conn)
     return 0
 
 
@@ -731,6 +760,8 @@ cdef int _drop(object device, State st, Conn conn) except -1:
     cdef PyObject *p
     if conn.dead:
         return 0
+    if st.pend == <PyObject *>conn:
+        _unpend(st)
     if conn.want_write or conn.local_alloc:
         device._drop(conn)
         return 0
@@ -762,6 +793,7 @@ def process_queue(object device, int index):
     """
     cdef State st = <State?>device._fast
     st.live = False
+    _unpend(st)
     _process(device, st, index)
     _settle(device, st)
 
@@ -819,6 +851,7 @@ cdef class KickPump(FdPump):
     cdef int pump_c(self) except -1:
         cdef State st = self.st
         st.live = False
+        _unpend(st)
         if st.owed_rx:
             st.owed_rx = False
             _notify(self.device, st, self.device.queues[RX], RX)
@@ -852,6 +885,8 @@ cdef int _fill_rx_nogil(State st) noexcept nogil:
     cdef int rc
     if not st.live:
         return 1
+    if st.pend != NULL:
+        return _pend_nogil(st, <Conn>st.pend)
     if st.idle:
         return 0
     if not st.head_ok or not st.head.readable or not st.head.in_ready:
@@ -864,6 +899,49 @@ cdef int _fill_rx_nogil(State st) noexcept nogil:
     if _rx_signal_nogil(st, added):
         rc = 1
     return rc
+
+
+cdef int _pend_nogil(State st, Conn c) noexcept nogil:
+    """:func:`_fill_rx_nogil` for the connection a nogil path scheduled (``st.pend``:
+    readable, its socket muted, the ready queue's one): its data into the posted
+    buffers (:func:`_rx_conn_nogil`).  It leaves the ready queue when the credit
+    ran out (its packet sent; the socket stays muted, as the GIL path leaves it
+    unwatched) or the socket was drained (watched again, unmuted, when the guest
+    can take more: ``_watch_input``'s rule); it stays there when no buffer is left;
+    1 hands it over, still scheduled."""
+    cdef Py_ssize_t added = 0
+    cdef int rc
+    if c.dead or not c.readable or not c.muted:
+        return 1
+    rc = _rx_conn_nogil(st, c, True, &added)
+    if rc == 2 and not c.ops:
+        c.readable = False
+        if not _wants_input(c):
+            _leave_nogil(st, c)
+            rc = 0
+        elif (<FdPump>c.mpump).unmute_nogil() == 0:
+            c.armed = True
+            c.muted = False
+            _leave_nogil(st, c)
+            rc = 0
+        else:
+            c.readable = True  # the GIL path finds the socket drained and watches it
+            rc = 1
+    elif rc == 3:
+        _leave_nogil(st, c)
+        rc = 0
+    elif rc == 2:
+        rc = 1
+    if _rx_signal_nogil(st, added):
+        rc = 1
+    return rc
+
+
+cdef inline void _leave_nogil(State st, Conn c) noexcept nogil:
+    """The scheduled connection leaves the ready queue, empty again."""
+    st.pend = NULL
+    c.in_ready = False
+    st.idle = True
 
 
 cdef int _rx_signal_nogil(State st, Py_ssize_t added) noexcept nogil:
@@ -1024,20 +1102,28 @@ cdef PyObject *_cand_find(State st, uint32_t lport, uint32_t pport) noexcept nog
     return NULL
 
 
-cdef int _credit_nogil(Conn c, uint32_t buf_alloc, uint32_t fwd_cnt) noexcept nogil:
+cdef int _credit_nogil(State st, Conn c, uint32_t buf_alloc, uint32_t fwd_cnt) noexcept nogil:
     """The guest's credit in a CREDIT_UPDATE for ``c`` (§5.10.6.3), as
     :func:`_credit_changed` takes it, when that needs no Python: the socket's watch
-    stays as it is and the connection needs no place in the ready queue; 1 (nothing
+    stays as it is, and a readable connection that can send again is scheduled
+    only into an empty ready queue with its socket muted (``st.pend``); 1 (nothing
     changed) otherwise, or for a seqpacket connection."""
     cdef int64_t free = <int64_t>buf_alloc - <uint32_t>(c.tx_cnt - fwd_cnt)
     cdef bint wants = (c.est and not c.readable and not c.host_eof
                        and not c.guest_shut & SHUTDOWN_RCV and free > 0)
-    if c.seq or wants != c.armed or (c.readable and free > 0 and not c.in_ready):
+    cdef bint schedule = c.readable and free > 0 and not c.in_ready
+    if c.seq or wants != c.armed:
+        return 1
+    if schedule and not (c.muted and st.idle and st.pend == NULL):
         return 1
     c.peer_buf_alloc = buf_alloc
     c.peer_fwd_cnt = fwd_cnt
     if free > 0:
         c.credit_asked = False
+    if schedule:
+        st.pend = <PyObject *>c
+        c.in_ready = True
+        st.idle = False
     return 0
 
 
@@ -1084,7 +1170,7 @@ cdef int _drain_tx_nogil(State st) noexcept nogil:
                 rc = 1
                 break
             c = _cand_find(st, _u32(h + 20), _u32(h + 16))
-            if c == NULL or _credit_nogil(<Conn>c, _u32(h + 36), _u32(h + 40)):
+            if c == NULL or _credit_nogil(st, <Conn>c, _u32(h + 36), _u32(h + 40)):
                 rc = 1
                 break
             st.txq.pop_heads_nogil(1)
@@ -1165,6 +1251,8 @@ def drain_tx(object device, State st, Queue queue):
         Exception: what ``device._call`` lets through (DeviceNeedsReset, a bug).
     """
     cdef Py_ssize_t served = 0
+    st.live = False
+    _unpend(st)
     try:
         _drain_tx_loop(device, st, queue, &served)
     finally:
@@ -1580,6 +1668,7 @@ cdef int _input_nogil(State st, Conn c, FdPump pump) noexcept nogil:
         c.readable = True
         c.armed = False
         c.muted = True
+        c.mpump = <PyObject *>pump
         rc = 0
     elif rc != 1:
         rc = 1  # no buffer left with data waiting, something owed: pump_c
@@ -1642,6 +1731,7 @@ cdef class InputPump(FdPump):
         cdef Conn conn = self.conn
         cdef State st = self.st
         st.live = False
+        _unpend(st)
         if conn.muted and not conn.dead:
             # A hang-up or error on a muted socket (the kernel reports those anyway):
             # not watched, as the GIL path leaves it.
@@ -1673,6 +1763,7 @@ def fill_rx(object device, State st):
     """
     cdef Py_ssize_t added
     st.live = False
+    _unpend(st)
     added = _fill_rx_c(device, st)
     _settle(device, st)
     return added

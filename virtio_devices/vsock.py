@@ -419,6 +419,7 @@ class VsockDevice(VirtioDevice):
         socket answers with its credit, one whose driver was reset answers ``RST``
         (§5.10.6.5: a packet for no connection), which closes the host socket."""
         self._fast.live = False  # the nogil paths wait for a pass with the GIL
+        self._fast.unpend()
         super().activate(memory, queues, interrupt, loop)
         self._rx_live = True
         # The tx nap needs a fd that tells when the loop has work (DeviceLoop.fileno).
@@ -470,6 +471,7 @@ class VsockDevice(VirtioDevice):
             Exception: what the base class's reset raises.
         """
         self._fast.live = False
+        self._fast.unpend()
         if self.registry is not None:
             # Still the VM at its CID: siblings' packets wait in the inbox.
             self._loose.extend(self.registry.take(self, paused=True))
@@ -908,7 +910,7 @@ class VsockDevice(VirtioDevice):
         if pump is not None and not pump.pump():
             return
         self.loop.remove_reader(conn.fd)
-        conn.armed = False
+        conn.armed = conn.muted = False
         conn.readable = True
         self._schedule(conn)
         self._fill_rx()
@@ -1210,6 +1212,7 @@ class VsockDevice(VirtioDevice):
         """Forget ``conn`` and close its host socket (no packet is sent)."""
         if conn.dead:
             return
+        self._fast.unpend()  # in the deque before it is dropped (see _vsock_fast.State)
         conn.dead = True
         if self.loop is not None and (conn.armed or conn.muted):
             self.loop.remove_reader(conn.fd)
