@@ -201,7 +201,9 @@ def test_nogil_switch_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(cli, "serve", serve)
     for value, want in (("0", False), ("", True)):
         monkeypatch.setenv("VHD_VSOCK_NOGIL", value)
-        assert cli.main(["--socket", str(tmp_path / "a.sock"), "--uds-path", str(tmp_path / f"u{value}")]) == 0
+        assert (
+            cli.main(["--socket", str(tmp_path / "a.sock"), "--uds-path", str(tmp_path / f"u{value}")]) == 0
+        )
         assert devs[-1]._fast.nogil is want
 
 
@@ -209,4 +211,3 @@ def test_run_uds_path_in_use_is_error(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "plain").write_text("")
     assert cli.main(["--socket", str(tmp_path / "s"), "--uds-path", str(tmp_path / "plain")]) == 1
     assert "not a socket" in capsys.readouterr().err
-
