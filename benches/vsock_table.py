@@ -126,6 +126,9 @@ def _sink(lst: socket.socket, total: list[int]) -> None:
 #: CREDIT_UPDATEs), CREDIT_UPDATEs received, the host program's reads (its
 #: wake-ups), and this process's CPU seconds (the driver and the host program).
 COUNTS: dict[tuple[str, str], dict[str, float]] = {}
+#: Per (row, daemon), each repetition: its figure and the front-end's CPU µs per
+#: packet (the guest -> host rows; None elsewhere).
+RUNS: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
 
 
 def guest_to_host(
@@ -466,6 +469,11 @@ def main() -> None:
         help="also ours with every kick served with the GIL (VHD_VSOCK_NOGIL=0), interleaved",
     )
     ap.add_argument(
+        "--runs",
+        action="store_true",
+        help="print every repetition of each row (ours/rust, and the front-end CPU per packet)",
+    )
+    ap.add_argument(
         "--rows",
         default="",
         help="comma-separated words: only the rows whose name contains one (e.g. '4 KiB,connections')",
@@ -510,7 +518,13 @@ def main() -> None:
                     d = Daemon(cmd, Path(tmp), name)
                     try:
                         meter = CpuMeter([d.proc.pid])
+                        c = COUNTS.get((row.split(" (")[0], name), {})
+                        cpu0, packets0 = c.get("cpu", 0.0), c.get("packets", 0.0)
                         value = fn(d)
+                        c = COUNTS.get((row.split(" (")[0], name), {})
+                        packets = c.get("packets", 0.0) - packets0
+                        per = (c.get("cpu", 0.0) - cpu0) / packets * 1e6 if packets else None
+                        RUNS.setdefault((row, name), []).append((value, per))
                         results.setdefault((row, name), []).append(value)
                         cpu_s[(row, name)] = cpu_s.get((row, name), 0.0) + meter.stop()
                     finally:
@@ -530,6 +544,17 @@ def main() -> None:
         if gil_runs:
             gil = statistics.median(gil_runs)
             print(f"  ours with every kick under the GIL: {gil:.1f} (ours/that {ours / gil:.2f}x)")
+    if a.runs:
+        for row in rows:
+            ours_runs, rust_runs = RUNS.get((row, "ours"), []), RUNS.get((row, "rust"), [])
+            print(f"{row}, each repetition (ours/rust, front-end CPU µs per packet ours/rust):")
+            for i, (o, op) in enumerate(ours_runs):
+                r, rp = rust_runs[i] if i < len(rust_runs) else (None, None)
+                ratio = f"{o / r:.2f}x" if r else "n/a"
+                cpu = (
+                    "" if op is None else f" ({op:.1f}/{rp:.1f} µs)" if rp is not None else f" ({op:.1f} µs)"
+                )
+                print(f"  {i + 1:2d}: {ratio}{cpu}")
     for (row, name), c in COUNTS.items():
         if c.get("packets"):
             n = c["packets"]
