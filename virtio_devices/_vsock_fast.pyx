@@ -842,7 +842,8 @@ cdef class KickPump(FdPump):
         self.device = device
         self.st = <State?>device._fast
         self.index = index
-        self.offers_nogil = index == RX or index == TX
+        # (Without: the ring is served as before, adaptive polling included.)
+        self.offers_nogil = self.st.nogil and (index == RX or index == TX)
 
     cdef int pump_nogil(self) noexcept nogil:
         cdef int rc
@@ -1703,7 +1704,7 @@ cdef class InputPump(FdPump):
         self.device = device
         self.st = <State?>device._fast
         self.conn = conn
-        self.offers_nogil = True
+        self.offers_nogil = self.st.nogil
 
     cdef int pump_nogil(self) noexcept nogil:
         """:meth:`pump_c` without the GIL, for the steady state (the module

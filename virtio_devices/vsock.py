@@ -301,7 +301,8 @@ class VsockDevice(VirtioDevice):
             tells when it has work (``fileno()``, as ``DeviceLoop``'s).
         nogil: serve the steady state of a host-to-guest stream without the GIL
             where the loop runs pumps' nogil paths (``_vsock_fast.KickPump``,
-            ``InputPump``); False: always with it.
+            ``InputPump``); False: always with it (the pumps offer no nogil path,
+            the rings are served and polled as before).
 
     Raises:
         ValueError: ``tx_nap_us`` is not from 0 to ``TX_NAP_US_MAX``.
