@@ -353,6 +353,10 @@ cdef class State:
     # a packet's connection up here (a dead one is no match).
     cdef PyObject *cand[NCAND]
     cdef int ncand
+    # A nogil path looked for a connection not in the table: the next pass with the
+    # GIL takes the table afresh (only then, or when one in it died: connections
+    # that come and go cost no rebuild per pass).
+    cdef bint cand_miss
     cdef list cand_refs
     cdef Queue rxq
     cdef Queue txq
@@ -513,7 +517,7 @@ cdef int _settle(object device, State st) except -1:
         elif len(ready) == 1:
             st.head = <Conn?>ready[0]
             st.head_ok = True
-    if st.ncand != len(st.conns) or _cand_dead(st):
+    if st.cand_miss or _cand_dead(st):
         _cands(st)
     st.live = True
     return 0
@@ -533,6 +537,7 @@ cdef int _cands(State st) except -1:
     cdef Py_ssize_t n = len(st.conns)
     st.ncand = 0
     st.cand_refs = None
+    st.cand_miss = False
     if n == 0 or n > NCAND:
         return 0
     refs = list(st.conns.values())
@@ -1175,6 +1180,8 @@ cdef int _drain_tx_nogil(State st) noexcept nogil:
                 rc = 1
                 break
             c = _cand_find(st, _u32(h + 20), _u32(h + 16))
+            if c == NULL:
+                st.cand_miss = True
             if c == NULL or _credit_nogil(st, <Conn>c, _u32(h + 36), _u32(h + 40)):
                 rc = 1
                 break
