@@ -37,8 +37,9 @@ The vhost-user loop runs both inside its compiled poll: a kick of rx or tx throu
 after its wait with the GIL released (virtio_devices._pump's rule), for the steady
 state of a host-to-guest stream (:func:`_fill_rx_nogil`, :func:`_drain_tx_nogil`,
 :func:`_input_nogil`): what they may rely on is settled by every pass with the
-GIL at its end (:class:`State`), and whatever else comes is handed to that pass.  A batch's ``readv``/``writev`` of 32 KiB or more releases the
-GIL; smaller socket calls keep it (see :func:`_sock_io`).  Both paths keep the
+GIL at its end (:class:`State`), and whatever else comes is handed to that pass.
+A batch's ``readv``/``writev`` of 32 KiB or more releases the GIL; smaller socket
+calls keep it (see :func:`_sock_io`).  Both paths keep the
 Python path's order and state changes; the unit tests run the same packets
 through both and compare.
 """
