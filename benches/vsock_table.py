@@ -45,11 +45,18 @@ from vsock_driver import (  # noqa: E402
 )
 
 
-def daemons() -> dict[str, list[str] | None]:
+def daemons(gil_only: bool = False) -> dict[str, list[str] | None]:
+    """The daemons to compare: ours, the Rust one (None: not here), and with
+    ``gil_only`` ours again with every kick served with the GIL
+    (``VHD_VSOCK_NOGIL=0``), the A/B of its nogil paths."""
     ours = shutil.which("vhost-device-vsock") or str(Path(sys.executable).parent / "vhost-device-vsock")
     rust_dir = os.environ.get("VHOST_DEVICE_RUST_BIN")
     rust = Path(rust_dir) / "vhost-device-vsock" if rust_dir else None
-    return {"ours": [ours], "rust": [str(rust)] if rust is not None and rust.exists() else None}
+    found: dict[str, list[str] | None] = {"ours": [ours]}
+    if gil_only:
+        found["ours-gil"] = ["env", "VHD_VSOCK_NOGIL=0", ours]
+    found["rust"] = [str(rust)] if rust is not None and rust.exists() else None
+    return found
 
 
 class Daemon:
@@ -119,6 +126,9 @@ def _sink(lst: socket.socket, total: list[int]) -> None:
 #: CREDIT_UPDATEs), CREDIT_UPDATEs received, the host program's reads (its
 #: wake-ups), and this process's CPU seconds (the driver and the host program).
 COUNTS: dict[tuple[str, str], dict[str, float]] = {}
+#: Per (row, daemon), each repetition: its figure and the front-end's CPU µs per
+#: packet (the guest -> host rows; None elsewhere).
+RUNS: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
 
 
 def guest_to_host(
@@ -290,10 +300,14 @@ class CpuMeter:
         self.pids = pids
         self.interval = interval
         self._seen: dict[tuple[int, str], int] = {}
+        # Voluntary context switches of each thread, as last seen.
+        self._vcs: dict[tuple[int, str], int] = {}
         self._base = 0
+        self._vcs_base = 0
         self._stop = threading.Event()
         self._sample()
         self._base = sum(self._seen.values())
+        self._vcs_base = sum(self._vcs.values())
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -307,6 +321,10 @@ class CpuMeter:
                 try:
                     with open(f"/proc/{pid}/task/{task}/schedstat") as f:
                         self._seen[(pid, task)] = int(f.read().split()[0])
+                    with open(f"/proc/{pid}/task/{task}/status") as f:
+                        for line in f:
+                            if line.startswith("voluntary_ctxt_switches:"):
+                                self._vcs[(pid, task)] = int(line.split()[1])
                 except (FileNotFoundError, ProcessLookupError):
                     continue
 
@@ -321,6 +339,11 @@ class CpuMeter:
         self._sample()
         return (sum(self._seen.values()) - self._base) / 1e9
 
+    @property
+    def voluntary_switches(self) -> int:
+        """Voluntary context switches (waits) of the threads since the meter started."""
+        return sum(self._vcs.values()) - self._vcs_base
+
 
 def aggregate(
     cmd: list[str], vms: int, nbytes: int, cpu: dict[str, float] | None = None, procs: int = 1
@@ -331,8 +354,9 @@ def aggregate(
     no state, no GIL shared between VMs of different processes).  ``cpu``, when
     given, receives the CPU seconds of the daemons (``daemon``) and of the guest
     drivers with their host programs (``drivers``) and of the whole machine, every
-    process's (``machine``), and the wall time they were measured over (``wall``:
-    the VMs' set-up included, unlike the throughput)."""
+    process's (``machine``), the daemons' voluntary context switches
+    (``switches``), and the wall time they were measured over (``wall``: the VMs'
+    set-up included, unlike the throughput)."""
     import multiprocessing  # noqa: PLC0415
     import resource  # noqa: PLC0415
 
@@ -369,11 +393,13 @@ def aggregate(
             wall = max(end for _start, end in spans) - min(start for start, _end in spans)
             machine = _machine_cpu() - machine0
             daemon = meter.stop()
+            switches = meter.voluntary_switches
             pool.close()
             pool.join()  # the workers' CPU time is the children's once they are reaped
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             if cpu is not None:
                 cpu["daemon"] = cpu.get("daemon", 0.0) + daemon
+                cpu["switches"] = cpu.get("switches", 0.0) + switches
                 cpu["drivers"] = cpu.get("drivers", 0.0) + (
                     after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
                 )
@@ -438,6 +464,16 @@ def main() -> None:
     ap.add_argument("--callgrind", action="store_true", help="instructions per MiB / connection instead")
     ap.add_argument("--vms", type=int, default=4, help="VMs of the aggregate figure (1: skip it)")
     ap.add_argument(
+        "--gil-ab",
+        action="store_true",
+        help="also ours with every kick served with the GIL (VHD_VSOCK_NOGIL=0), interleaved",
+    )
+    ap.add_argument(
+        "--runs",
+        action="store_true",
+        help="print every repetition of each row (ours/rust, and the front-end CPU per packet)",
+    )
+    ap.add_argument(
         "--rows",
         default="",
         help="comma-separated words: only the rows whose name contains one (e.g. '4 KiB,connections')",
@@ -457,7 +493,7 @@ def main() -> None:
     if a.rows:
         words = [w.strip() for w in a.rows.split(",") if w.strip()]
         rows = {r: fn for r, fn in rows.items() if any(w in r for w in words)}
-    found = daemons()
+    found = daemons(a.gil_ab)
     if a.callgrind:
         units = {r: (a.conns if r.startswith("connections") else a.mib) for r in rows}
         counts = {n: callgrind(c, rows, units) for n, c in found.items() if c is not None}
@@ -482,7 +518,13 @@ def main() -> None:
                     d = Daemon(cmd, Path(tmp), name)
                     try:
                         meter = CpuMeter([d.proc.pid])
+                        c = COUNTS.get((row.split(" (")[0], name), {})
+                        cpu0, packets0 = c.get("cpu", 0.0), c.get("packets", 0.0)
                         value = fn(d)
+                        c = COUNTS.get((row.split(" (")[0], name), {})
+                        packets = c.get("packets", 0.0) - packets0
+                        per = (c.get("cpu", 0.0) - cpu0) / packets * 1e6 if packets else None
+                        RUNS.setdefault((row, name), []).append((value, per))
                         results.setdefault((row, name), []).append(value)
                         cpu_s[(row, name)] = cpu_s.get((row, name), 0.0) + meter.stop()
                     finally:
@@ -498,6 +540,21 @@ def main() -> None:
         rust_text = f"{rust:10.1f}" if rust is not None else f"{'n/a':>10}"
         cpu = f"{cpu_s[(row, 'ours')]:.2f}/" + (f"{cpu_s[(row, 'rust')]:.2f}" if rust else "n/a")
         print(f"{row:32} {ours:10.1f} {rust_text} {ratio:>10} {cpu:>24}")
+        gil_runs = results.get((row, "ours-gil"))
+        if gil_runs:
+            gil = statistics.median(gil_runs)
+            print(f"  ours with every kick under the GIL: {gil:.1f} (ours/that {ours / gil:.2f}x)")
+    if a.runs:
+        for row in rows:
+            ours_runs, rust_runs = RUNS.get((row, "ours"), []), RUNS.get((row, "rust"), [])
+            print(f"{row}, each repetition (ours/rust, front-end CPU µs per packet ours/rust):")
+            for i, (o, op) in enumerate(ours_runs):
+                r, rp = rust_runs[i] if i < len(rust_runs) else (None, None)
+                ratio = f"{o / r:.2f}x" if r else "n/a"
+                cpu = (
+                    "" if op is None else f" ({op:.1f}/{rp:.1f} µs)" if rp is not None else f" ({op:.1f} µs)"
+                )
+                print(f"  {i + 1:2d}: {ratio}{cpu}")
     for (row, name), c in COUNTS.items():
         if c.get("packets"):
             n = c["packets"]
@@ -508,31 +565,40 @@ def main() -> None:
                 f"front-end process CPU {c['cpu'] / n * 1e6:.1f} µs"
             )
     if a.vms > 1:
+        # (VMs, daemon processes): 1 VM; N VMs in one process; the control, N VMs in
+        # N processes.  Interleaved: each repetition runs every set-up of every daemon.
+        setups = [(1, 1), (a.vms, 1), (a.vms, a.vms)]
+        present = {name: cmd for name, cmd in found.items() if cmd is not None}
         for name, cmd in found.items():
             if cmd is None:
                 print(f"{name}: {a.vms} VMs n/a")
-                continue
-            # (VMs, daemon processes): 1 VM; N VMs in one process; the control, N VMs
-            # in N processes.
-            setups = [(1, 1), (a.vms, 1), (a.vms, a.vms)]
-            use: dict[tuple[int, int], dict[str, float]] = {k: {} for k in setups}
-            rates: dict[tuple[int, int], list[float]] = {k: [] for k in setups}
-            for _ in range(a.reps):  # interleaved
+        use: dict[tuple[str, tuple[int, int]], dict[str, float]] = {
+            (n, k): {} for n in present for k in setups
+        }
+        rates: dict[tuple[str, tuple[int, int]], list[float]] = {(n, k): [] for n in present for k in setups}
+        for _ in range(a.reps):
+            for name, cmd in present.items():
                 for vms, procs in setups:
-                    rates[(vms, procs)].append(aggregate(cmd, vms, a.mib << 20, use[(vms, procs)], procs))
-            o = statistics.median(rates[(1, 1)])
-            m = statistics.median(rates[(a.vms, 1)])
-            c = statistics.median(rates[(a.vms, a.vms)])
+                    k = (name, (vms, procs))
+                    rates[k].append(aggregate(cmd, vms, a.mib << 20, use[k], procs))
+        ncpu = os.cpu_count() or 1
+        for name in present:
+            o = statistics.median(rates[(name, (1, 1))])
+            m = statistics.median(rates[(name, (a.vms, 1))])
+            c = statistics.median(rates[(name, (a.vms, a.vms))])
             print(
                 f"{name}: host->guest 1 VM {o:.1f} MiB/s, {a.vms} VMs {m:.1f} MiB/s ({m / o:.2f}x); "
-                f"control, {a.vms} VMs in {a.vms} processes {c:.1f} MiB/s ({c / o:.2f}x)"
+                f"control, {a.vms} VMs in {a.vms} processes {c:.1f} MiB/s ({c / o:.2f}x); "
+                f"runs {', '.join(f'{r:.0f}' for r in rates[(name, (a.vms, 1))])} / "
+                f"{', '.join(f'{r:.0f}' for r in rates[(name, (a.vms, a.vms))])}"
             )
-            ncpu = os.cpu_count() or 1
-            for (vms, procs), u in use.items():
+            for vms, procs in setups:
+                u = use[(name, (vms, procs))]
                 gib = vms * a.reps * a.mib / 1024
                 print(
                     f"  {vms} VM(s) in {procs} process(es): CPU s per GiB daemon {u['daemon'] / gib:.2f}, "
-                    f"drivers and host programs {u['drivers'] / gib:.2f}; cores busy "
+                    f"drivers and host programs {u['drivers'] / gib:.2f}; daemon voluntary switches "
+                    f"per MiB {u['switches'] / (gib * 1024):.1f}; cores busy "
                     f"{(u['daemon'] + u['drivers']) / u['wall']:.2f}, "
                     f"the machine's {u['machine'] / u['wall']:.2f} of {ncpu}"
                 )

@@ -73,6 +73,10 @@ cdef uint64_t PUMP_BIT = (<uint64_t>1) << 33
 # the poll reaches it without a dict (which needs the GIL).  User-space
 # addresses never have the top bit set.
 cdef uint64_t NOGIL_BIT = (<uint64_t>1) << 63
+# With NOGIL_BIT: the address is a KickRing's whose pump offers a nogil path (see
+# KickRing.service_nogil); user-space addresses never have this bit either.
+cdef uint64_t NOGIL_RING_BIT = (<uint64_t>1) << 62
+cdef uint64_t ADDR_MASK = ~(NOGIL_BIT | NOGIL_RING_BIT)
 
 cdef enum:
     # Adaptive polling: the first window, and how often the spin looks at the
@@ -126,6 +130,10 @@ cdef class KickRing:
     cdef readonly unsigned long long bytes
     cdef readonly unsigned long long python_calls
     cdef readonly unsigned long long poll_hits
+    # Kicks served by the pump's nogil path alone (the GIL not taken).
+    cdef readonly unsigned long long nogil_kicks
+    # The pump whose nogil path serves the kicks, as set_ring found it (None: none).
+    cdef FdPump _nogil_pump
     # Adaptive polling: the ring's current window and when its last service ended.
     cdef public long long poll_ns
     cdef long long last_end_ns
@@ -212,6 +220,19 @@ cdef class KickRing:
             self.fail(e)
         return 1
 
+    cdef int service_nogil(self) noexcept nogil:
+        """A kick served without the GIL (the poll's nogil phase, for a ring whose
+        pump offers a nogil path and which has no fill source): the kick's count
+        read, then the pump's nogil path; 1 when :meth:`service` must go on (with
+        the kick read already), as the pump's rule says."""
+        cdef uint64_t value
+        self.kicks += 1
+        read(self._kick_fd, &value, 8)
+        if self._nogil_pump.run_nogil() == 0:
+            self.nogil_kicks += 1
+            return 0
+        return 1
+
     cdef int _fill(self, bint suppress) except -1:
         """``Queue.fill_c`` from the device's source, then notify the driver if it
         wants; 0 when the ring is done, 1 when ``serve`` must see it (an error here
@@ -259,8 +280,8 @@ cdef class Epoll:
     cdef int epfd
     cdef dict _rings        # fd -> KickRing
     cdef dict _pumps        # fd -> FdPump
-    cdef dict _by_addr      # address -> FdPump, for the pumps with a nogil path
-    # Pumps with a nogil path removed since the last poll began: kept alive until
+    cdef dict _by_addr      # address -> FdPump or KickRing, for those with a nogil path
+    # Pumps and rings with a nogil path removed since the last poll began: kept alive until
     # then, in case another thread removed one while the poll's nogil phase may
     # still run it (see :meth:`set_pump`).
     cdef list _retired
@@ -314,6 +335,9 @@ cdef class Epoll:
     cdef void _detach_all(self):
         for ring in self._rings.values():
             (<KickRing>ring).attached = False
+            if (<KickRing>ring)._nogil_pump is not None:
+                self._by_addr.pop(<uint64_t><void *>ring, None)
+                self._retired.append(ring)
         self._rings.clear()
         for pump in self._pumps.values():
             self._forget(<FdPump>pump)
@@ -322,6 +346,7 @@ cdef class Epoll:
     cdef void _forget(self, FdPump pump):
         """``pump`` no longer serves a fd of this set."""
         pump.loop_fd = -1
+        pump.loop_epfd = -1
         if pump.offers_nogil:
             self._by_addr.pop(<uint64_t><void *>pump, None)
             self._retired.append(pump)
@@ -347,6 +372,9 @@ cdef class Epoll:
         ring = self._rings.pop(fd, None)
         if ring is not None:
             (<KickRing>ring).attached = False
+            if (<KickRing>ring)._nogil_pump is not None:
+                self._by_addr.pop(<uint64_t><void *>ring, None)
+                self._retired.append(ring)
         pump = self._pumps.pop(fd, None)
         if pump is not None:
             self._forget(<FdPump>pump)
@@ -354,16 +382,35 @@ cdef class Epoll:
 
     def set_ring(self, int fd, unsigned int events, KickRing ring):
         """Serve the kicks of registered ``fd`` with ``ring`` (None: return ``fd`` from
-        :meth:`poll` again)."""
+        :meth:`poll` again).
+
+        A ring whose ``pump`` offers a nogil path (``pump.offers_nogil``) and that has
+        no ``fill_source`` has its kicks served by :meth:`poll` with the GIL
+        released first (:meth:`KickRing.service_nogil`: the pump's nogil path, as
+        set here), the rest of :meth:`KickRing.service` only when that asks; such a
+        ring is not polled.  Call this on the loop's thread."""
+        cdef uint64_t data = <uint32_t>fd
         if ring is not None and ring._kick_fd != fd:
             raise ValueError(f"ring kick fd {ring._kick_fd} is not fd {fd}")
-        self._ctl(EPOLL_CTL_MOD, fd, events, <uint32_t>fd | (RING_BIT if ring is not None else 0))
+        if ring is not None:
+            data |= RING_BIT
+            if ring.pump is not None and ring.pump.offers_nogil and ring.fill_source is None:
+                ring._nogil_pump = ring.pump
+                data = NOGIL_BIT | NOGIL_RING_BIT | <uint64_t><void *>ring
+            else:
+                ring._nogil_pump = None
+        self._ctl(EPOLL_CTL_MOD, fd, events, data)
         old = self._rings.pop(fd, None)
         if old is not None:
             (<KickRing>old).attached = False
+            if (<KickRing>old)._nogil_pump is not None:
+                self._by_addr.pop(<uint64_t><void *>old, None)
+                self._retired.append(old)
         if ring is not None:
             self._rings[fd] = ring
             ring.attached = True
+            if ring._nogil_pump is not None:
+                self._by_addr[<uint64_t><void *>ring] = ring
 
     def set_pump(self, int fd, unsigned int events, FdPump pump):
         """Serve the readiness of registered ``fd`` with ``pump.pump_c()`` inside
@@ -393,6 +440,9 @@ cdef class Epoll:
         if pump is not None:
             self._pumps[fd] = pump
             pump.loop_fd = fd
+            pump.loop_epfd = self.epfd
+            pump.loop_data = data
+            pump.loop_events = events
             if pump.offers_nogil:
                 self._by_addr[<uint64_t><void *>pump] = pump
 
@@ -479,6 +529,16 @@ cdef class Epoll:
                                 polled = []
                             polled.append(r)
                     continue
+                if data & NOGIL_RING_BIT:
+                    # Its pump's nogil path asked for service (the kick read already);
+                    # such a ring is not polled.  Looked up by address: a ring's
+                    # serve earlier in this batch may have removed it.
+                    ring = self._by_addr.get(data & ADDR_MASK)
+                    if ring is None:
+                        continue
+                    if (<KickRing>ring).service(False, True):
+                        self._py_ran = True
+                    continue
                 if data & (PUMP_BIT | NOGIL_BIT):
                     if data & NOGIL_BIT:
                         # Its nogil path asked for pump_c.  Looked up by address:
@@ -525,7 +585,10 @@ cdef class Epoll:
                 data = evs[i].data.u64
                 if data & NOGIL_BIT:
                     # A borrowed reference: _by_addr (or _retired) keeps it alive.
-                    if (<FdPump><PyObject *><void *>(data & ~NOGIL_BIT)).run_nogil() == 0:
+                    if data & NOGIL_RING_BIT:
+                        if (<KickRing><PyObject *><void *>(data & ADDR_MASK)).service_nogil() == 0:
+                            continue
+                    elif (<FdPump><PyObject *><void *>(data & ADDR_MASK)).run_nogil() == 0:
                         continue
                 if m != i:
                     evs[m] = evs[i]

@@ -10,11 +10,18 @@ cdef class FdPump:
     # Whether pump_nogil is offered (a subclass sets it): the vhost-user loop then
     # runs it with the GIL released (the module docstring's rule).
     cdef readonly bint offers_nogil
-    # The fd the loop serves with this pump (set by Epoll.set_pump; -1: none).
+    # The fd the loop serves with this pump (set by Epoll.set_pump; -1: none), the
+    # loop's epoll fd, the fd's epoll data and events there (for mute_nogil).
     cdef int loop_fd
+    cdef int loop_epfd
+    cdef unsigned long long loop_data
+    cdef unsigned int loop_events
     cdef int pump_c(self) except -1
     cdef int pump_nogil(self) noexcept nogil
     cdef int run_nogil(self) noexcept nogil
+    cdef int mute_nogil(self) noexcept nogil
+    cdef int unmute_nogil(self) noexcept nogil
+    cdef int _events_nogil(self, unsigned int events) noexcept nogil
 
 
 cdef class Signaller:

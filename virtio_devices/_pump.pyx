@@ -36,6 +36,8 @@ changes to the loop with ``call_soon_threadsafe``.  The loop thread runs either
 the nogil pumps or Python, never both at once, so such fields need no lock.
 """
 
+from virtio_queue._linux cimport EPOLL_CTL_MOD, epoll_ctl, epoll_event
+
 
 cdef class FdPump:
     """Base of the compiled servers of a host fd (see the module docstring).
@@ -49,6 +51,7 @@ cdef class FdPump:
 
     def __cinit__(self, *args, **kwargs):
         self.loop_fd = -1
+        self.loop_epfd = -1
 
     cdef int pump_c(self) except -1:
         """Serve the fd's readiness: 0 when done, 1 when Python must go on.  The base
@@ -68,6 +71,33 @@ cdef class FdPump:
             self.pumped_nogil += 1
             return 0
         return 1
+
+    cdef int mute_nogil(self) noexcept nogil:
+        """Stop the loop's wake-ups for this pump's fd (also without the GIL, on the
+        loop's thread): its events in the loop's epoll set become none but those
+        the kernel always reports (a hang-up, an error), the loop's tables left as
+        they are; 0, or -1 when it serves no loop's fd or the change failed.  The
+        loop's ``add_reader`` of the fd sets its events again, as does
+        :meth:`unmute_nogil`; ``remove_reader`` forgets it."""
+        return self._events_nogil(0)
+
+    cdef int unmute_nogil(self) noexcept nogil:
+        """Undo :meth:`mute_nogil`: the fd's events in the loop's epoll set are those
+        the loop registered again; 0, or -1 as there."""
+        return self._events_nogil(self.loop_events)
+
+    cdef int _events_nogil(self, unsigned int events) noexcept nogil:
+        cdef epoll_event ev
+        if self.loop_fd < 0 or self.loop_epfd < 0:
+            return -1
+        ev.events = events
+        ev.data.u64 = self.loop_data
+        return 0 if epoll_ctl(self.loop_epfd, EPOLL_CTL_MOD, self.loop_fd, &ev) == 0 else -1
+
+    def mute(self, bint on=True):
+        """:meth:`mute_nogil` (``on``) or :meth:`unmute_nogil` from Python; whether
+        the change was made."""
+        return (self.mute_nogil() if on else self.unmute_nogil()) == 0
 
     def pump(self):
         """Serve the fd's readiness as the loop would; return whether the Python path

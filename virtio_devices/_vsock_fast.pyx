@@ -33,8 +33,13 @@ the driver to kick again: the tx nap, see there.
 
 The vhost-user loop runs both inside its compiled poll: a kick of rx or tx through
 :class:`KickPump`, a readable host socket through the connection's
-:class:`InputPump`.  A batch's ``readv``/``writev`` of 32 KiB or more releases the
-GIL; smaller socket calls keep it (see :func:`_sock_io`).  Both paths keep the
+:class:`InputPump`.  Both pumps also have a nogil path, which the loop runs right
+after its wait with the GIL released (virtio_devices._pump's rule), for the steady
+state of a host-to-guest stream (:func:`_fill_rx_nogil`, :func:`_drain_tx_nogil`,
+:func:`_input_nogil`): what they may rely on is settled by every pass with the
+GIL at its end (:class:`State`), and whatever else comes is handed to that pass.
+A batch's ``readv``/``writev`` of 32 KiB or more releases the GIL; smaller socket
+calls keep it (see :func:`_sock_io`).  Both paths keep the
 Python path's order and state changes; the unit tests run the same packets
 through both and compare.
 """
@@ -50,11 +55,13 @@ from posix.time cimport timespec
 from posix.uio cimport iovec, readv, writev
 
 from virtio_queue._linux cimport pollfd, poll, ppoll, POLLIN, POLLHUP
-from virtio_queue.chain cimport (DescriptorChain, Reader, Writer, _Stream, make_chain, make_reader,
-                                 make_writer)
+from virtio_queue.chain cimport (ChainCursor, DescriptorChain, Reader, Writer, _Stream, chain_next,
+                                 chain_start, make_chain, make_reader, make_writer)
+from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
+from virtio_queue.memory cimport snap_ptr, snap_ptr_w
 from virtio_queue.includes.endian cimport htole16, htole32, htole64, le16toh, le32toh, le64toh
 from virtio_queue.queue cimport Queue
-from virtio_devices._pump cimport FdPump
+from virtio_devices._pump cimport FdPump, Signaller
 
 import os
 import _socket as _socket_c
@@ -117,6 +124,8 @@ cdef enum:
     NAP_MIN = 1
     NAP_MAX = 32
     NAP_BACKOFF_MAX = 64
+    # Connections the nogil paths can look up (see State.cand).
+    NCAND = 16
 
 
 @cython.final
@@ -125,6 +134,9 @@ cdef class Conn:
     work.  Counters are u32, as on the wire (§5.10.6.3: all modulo 2^32)."""
 
     cdef public tuple key
+    # key's two ports as C fields (the nogil paths read them).
+    cdef readonly uint32_t lport
+    cdef readonly uint32_t pport
     cdef public object sock
     cdef public int fd
     cdef public bint seq
@@ -133,6 +145,13 @@ cdef class Conn:
     cdef public int ops           # pending rx operations (_P_* bits)
     cdef public bint in_ready     # in the device's ready queue
     cdef public bint armed        # host socket watched for input
+    # Not watched, but still registered with the loop, its wake-ups muted by the
+    # nogil path (FdPump.mute_nogil): armed again by add_reader, forgotten by
+    # remove_reader (which dropping it must call).
+    cdef public bint muted
+    # The pump whose wake-ups are muted (borrowed: the loop keeps it while it is
+    # registered, which it is while ``muted``; meaningful only then).
+    cdef PyObject *mpump
     cdef public bint readable     # host socket has input waiting for rx buffers
     cdef public bint host_eof
     cdef public bint want_write
@@ -158,6 +177,8 @@ cdef class Conn:
 
     def __init__(self, tuple key not None, sock, bint seq):
         self.key = key
+        self.lport = key[0]
+        self.pport = key[1]
         self.sock = sock
         self.fd = sock.fileno()
         self.seq = seq
@@ -310,6 +331,47 @@ cdef class State:
     # few wake-ups.
     cdef readonly int nap_skip
     cdef readonly int nap_backoff
+    # The nogil paths (KickPump.pump_nogil, see there).  ``nogil``: offer them at
+    # all.  What they may rely on, set by _settle at the end of every pass with the
+    # GIL (which clears ``live`` first) and cleared by the device's lifecycle
+    # (activate, reset, quiesce, broken) and by every change of the Python path to
+    # the ready queue or the loose packets (touch): ``live``, the device is
+    # active, not broken, compiled, rx is its own and both rings signal through
+    # compiled signallers; ``tx_live``, tx is its own too; ``idle``, nothing is
+    # owed to rx; ``head_ok``, the ready queue is ``head`` alone, no loose packet.
+    cdef public bint nogil
+    cdef public bint live
+    cdef bint tx_live
+    cdef readonly bint idle
+    cdef readonly bint head_ok
+    cdef Conn head
+    # A connection a nogil path put in the ready queue, which was empty (borrowed:
+    # the device's tables keep it; every pass with the GIL, and dropping it, puts
+    # it in the deque first, see _unpend), so that the ready queue is this one.
+    cdef PyObject *pend
+    # The device's connections as the last pass with the GIL saw them (when at most
+    # NCAND): borrowed from cand_refs, which keeps them alive; the nogil paths look
+    # a packet's connection up here (a dead one is no match).
+    cdef PyObject *cand[NCAND]
+    cdef int ncand
+    # A nogil path looked for a connection not in the table: the next pass with the
+    # GIL takes the table afresh (only then, or when one in it died: connections
+    # that come and go cost no rebuild per pass).
+    cdef bint cand_miss
+    cdef list cand_refs
+    cdef Queue rxq
+    cdef Queue txq
+    cdef Signaller sig_rx_c
+    cdef Signaller sig_tx_c
+    # A used notification the nogil path could not decide (the rings not current):
+    # the next pass with the GIL sends it if the driver wants it.
+    cdef bint owed_rx
+    cdef bint owed_tx
+    # Chains the nogil paths completed (the device's compiled_served); their passes,
+    # and those that handed over to the GIL.
+    cdef readonly unsigned long long nogil_chains
+    cdef readonly unsigned long long nogil_passes
+    cdef readonly unsigned long long nogil_handed
 
     def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc,
                  dict by_fd=None):
@@ -318,6 +380,7 @@ cdef class State:
         self.wait_fd = -1
         self.nap_ns = 0
         self.batch = _Batch()
+        self.nogil = True
         self.compiled = True
         self.rx_live = False
         self.conns = conns
@@ -325,6 +388,17 @@ cdef class State:
         self.loose = loose
         self.guest_cid = guest_cid
         self.buf_alloc = buf_alloc
+
+    def unpend(self):
+        """Put the connection a nogil path scheduled in the ready queue itself (the
+        Python path's changes to a connection or to the ready queue come after)."""
+        _unpend(self)
+
+    def touch(self):
+        """The Python path changed the ready queue or the loose packets: the nogil
+        paths hand over until the next pass with the GIL looks again."""
+        self.idle = False
+        self.head_ok = False
 
     def set_connect_prefix(self, prefix):
         """Make a guest's stream REQUEST's Unix connect in compiled code, to
@@ -379,15 +453,100 @@ cdef int _notify(object device, State st, Queue queue, int index) except -1:
     if interrupt is None or not queue.needs_notification_c():
         return 0
     if interrupt is not st.sig_owner:
-        signaller = getattr(interrupt, "signaller", None)
-        st.sig_rx = signaller(RX) if signaller is not None else None
-        st.sig_tx = signaller(TX) if signaller is not None else None
-        st.sig_owner = interrupt
+        _signallers(st, interrupt)
     sig = st.sig_rx if index == RX else st.sig_tx
     if sig is not None:
         sig()
     else:
         interrupt.signal_used(index)
+    return 0
+
+
+cdef int _signallers(State st, object interrupt) except -1:
+    """Take the compiled signallers of rx and tx from ``interrupt``
+    (``Interrupt.signaller``), None where it has none."""
+    signaller = getattr(interrupt, "signaller", None)
+    st.sig_rx = signaller(RX) if signaller is not None else None
+    st.sig_tx = signaller(TX) if signaller is not None else None
+    st.sig_owner = interrupt
+    return 0
+
+
+cdef int _unpend(State st) except -1:
+    """The connection a nogil path scheduled (``st.pend``) into the ready queue, first
+    (it was empty then; the Python path's appends came after), where the paths
+    with the GIL find it; a dropped one just leaves."""
+    cdef Conn conn
+    if st.pend == NULL:
+        return 0
+    conn = <Conn>st.pend
+    st.pend = NULL
+    st.head_ok = False
+    if conn.dead:
+        conn.in_ready = False
+    else:
+        st.ready.appendleft(conn)
+    return 0
+
+
+cdef int _settle(object device, State st) except -1:
+    """The end of a pass with the GIL: what the nogil paths may rely on until the
+    next one (see State)."""
+    st.live = False
+    st.idle = False
+    st.head_ok = False
+    st.head = None
+    if not (st.nogil and st.compiled and st.rx_live) or device.broken is not None or not device.active:
+        return 0
+    interrupt = device.interrupt
+    if interrupt is None:
+        return 0
+    if interrupt is not st.sig_owner:
+        _signallers(st, interrupt)
+    if not isinstance(st.sig_rx, Signaller) or not isinstance(st.sig_tx, Signaller):
+        return 0
+    st.sig_rx_c = <Signaller>st.sig_rx
+    st.sig_tx_c = <Signaller>st.sig_tx
+    queues = device.queues
+    st.rxq = <Queue?>queues[RX]
+    st.txq = <Queue?>queues[TX]
+    st.tx_live = not device._quiesced[TX]
+    ready = st.ready
+    if not st.loose:
+        if not ready:
+            st.idle = True
+        elif len(ready) == 1:
+            st.head = <Conn?>ready[0]
+            st.head_ok = True
+    if st.cand_miss or _cand_dead(st):
+        _cands(st)
+    st.live = True
+    return 0
+
+
+cdef bint _cand_dead(State st) noexcept:
+    cdef int i
+    for i in range(st.ncand):
+        if (<Conn>st.cand[i]).dead:
+            return True
+    return False
+
+
+cdef int _cands(State st) except -1:
+    """Take the device's connections into ``st.cand`` (none beyond NCAND)."""
+    cdef int i = 0
+    cdef Py_ssize_t n = len(st.conns)
+    st.ncand = 0
+    st.cand_refs = None
+    st.cand_miss = False
+    if n == 0 or n > NCAND:
+        return 0
+    refs = list(st.conns.values())
+    for c in refs:
+        st.cand[i] = <PyObject *>(<Conn?>c)
+        i += 1
+    st.cand_refs = refs
+    st.ncand = i
     return 0
 
 
@@ -398,11 +557,17 @@ cdef inline int _schedule(Conn conn, object ready) except -1:
     return 0
 
 
-cdef inline bint _wants_input(Conn c):
+cdef inline int64_t _free(Conn c) noexcept nogil:
+    """``Conn.peer_free`` for compiled callers (also without the GIL)."""
+    cdef int64_t free = <int64_t>c.peer_buf_alloc - <uint32_t>(c.tx_cnt - c.peer_fwd_cnt)
+    return free if free > 0 else 0
+
+
+cdef inline bint _wants_input(Conn c) noexcept nogil:
     """Whether the host socket is to be watched for input: the guest can take some
     (the device's ``_watch_input`` decides the same)."""
     return (c.est and not c.dead and not c.readable and not c.host_eof
-            and not c.guest_shut & SHUTDOWN_RCV and c.peer_free() > 0)
+            and not c.guest_shut & SHUTDOWN_RCV and _free(c) > 0)
 
 
 cdef inline int _forwarded(Conn conn, uint32_t wrote, uint32_t buf_alloc, object ready) except -1:
@@ -432,7 +597,7 @@ cdef int _credit_changed(object device, Conn conn, object ready) except -1:
 
 cdef inline void _hdr_at(unsigned char *hdr, Conn conn, uint16_t op, uint32_t length,
                          uint64_t guest_cid, uint32_t buf_alloc, uint32_t fwd_cnt,
-                         uint32_t flags=0) noexcept:
+                         uint32_t flags=0) noexcept nogil:
     """Our header for ``conn`` (§5.10.6) into the 44 bytes at ``hdr``."""
     cdef uint64_t v64
     cdef uint32_t v32
@@ -441,9 +606,9 @@ cdef inline void _hdr_at(unsigned char *hdr, Conn conn, uint16_t op, uint32_t le
     memcpy(hdr, &v64, 8)
     v64 = htole64(guest_cid)
     memcpy(hdr + 8, &v64, 8)
-    v32 = htole32(<uint32_t>conn.key[0])
+    v32 = htole32(conn.lport)
     memcpy(hdr + 16, &v32, 4)
-    v32 = htole32(<uint32_t>conn.key[1])
+    v32 = htole32(conn.pport)
     memcpy(hdr + 20, &v32, 4)
     v32 = htole32(length)
     memcpy(hdr + 24, &v32, 4)
@@ -579,6 +744,7 @@ cdef int _arm_input(object device, Conn conn) except -1:
     if loop is None:
         return 0
     conn.armed = True
+    conn.muted = False
     pump = InputPump(device, conn)
     loop.add_reader(conn.fd, pump, pump=pump)
     return 0
@@ -591,6 +757,7 @@ cdef int _disarm_input(object device, Conn conn) except -1:
     if loop is None:
         return 0
     conn.armed = False
+    conn.muted = False
     loop.remove_reader(conn.fd)
     return 0
 
@@ -603,11 +770,13 @@ cdef int _drop(object device, State st, Conn conn) except -1:
     cdef PyObject *p
     if conn.dead:
         return 0
+    if st.pend == <PyObject *>conn:
+        _unpend(st)
     if conn.want_write or conn.local_alloc:
         device._drop(conn)
         return 0
     conn.dead = True
-    if conn.armed:
+    if conn.armed or conn.muted:
         _disarm_input(device, conn)
     conn.armed = False
     p = PyDict_GetItem(st.conns, conn.key)
@@ -632,7 +801,11 @@ def process_queue(object device, int index):
         DeviceNeedsReset: the device is broken, or a packet's handling hit a bug.
         InvalidAvailRingIndex, QueueError, GuestMemoryError: the ring is unusable.
     """
-    _process(device, <State?>device._fast, index)
+    cdef State st = <State?>device._fast
+    st.live = False
+    _unpend(st)
+    _process(device, st, index)
+    _settle(device, st)
 
 
 cdef int _process(object device, State st, int index) except -1:
@@ -642,10 +815,10 @@ cdef int _process(object device, State st, int index) except -1:
         else:
             device.process_chains(TX)
         if st.ready or st.loose:
-            fill_rx(device, st)
+            _fill_rx_c(device, st)
     elif index == RX:
         st.rx_live = True
-        fill_rx(device, st)
+        _fill_rx_c(device, st)
     return 0
 
 
@@ -654,7 +827,18 @@ cdef class KickPump(FdPump):
     """The kicks of rx or tx served in compiled code (``VirtioDevice.kick_pump``):
     exactly :func:`process_queue`, run by the vhost-user loop inside its poll, so a
     kick costs neither a Python call nor a return to the loop's Python; with
-    ``device._compiled`` off it answers 1 (``process_queue`` runs)."""
+    ``device._compiled`` off it answers 1 (``process_queue`` runs).
+
+    It offers a nogil path (virtio_devices._pump's rule), run by the loop right
+    after its wait without the GIL, for the steady state of a host-to-guest
+    stream: a kick of rx fills the posted buffers with the one ready connection's
+    data (:func:`_fill_rx_nogil`), a kick of tx takes the guest's CREDIT_UPDATEs
+    for it (:func:`_drain_tx_nogil`), each with its used notification through the
+    compiled signaller; nothing owed to rx makes an rx kick a no-op.  Anything
+    else (another packet, another shape of buffer, a connection to watch again, a
+    second connection ready, the Python path's packets) is left where
+    :meth:`pump_c` finds it, with the GIL, which then settles what the nogil path
+    may rely on for the next kick (see State)."""
 
     cdef object device
     cdef State st
@@ -664,12 +848,366 @@ cdef class KickPump(FdPump):
         self.device = device
         self.st = <State?>device._fast
         self.index = index
+        # (Without: the ring is served as before, adaptive polling included.)
+        self.offers_nogil = self.st.nogil and (index == RX or index == TX)
+
+    cdef int pump_nogil(self) noexcept nogil:
+        cdef int rc
+        self.st.nogil_passes += 1
+        rc = _fill_rx_nogil(self.st) if self.index == RX else _drain_tx_nogil(self.st)
+        if rc:
+            self.st.nogil_handed += 1
+        return rc
 
     cdef int pump_c(self) except -1:
-        if not self.st.compiled:
+        cdef State st = self.st
+        st.live = False
+        _unpend(st)
+        if st.owed_rx:
+            st.owed_rx = False
+            _notify(self.device, st, self.device.queues[RX], RX)
+        if st.owed_tx:
+            st.owed_tx = False
+            _notify(self.device, st, self.device.queues[TX], TX)
+        if not st.compiled:
             return 1
-        _process(self.device, self.st, self.index)
+        _process(self.device, st, self.index)
+        _settle(self.device, st)
         return 0
+
+    def serve_nogil(self):
+        """Serve a kick as the vhost-user loop's nogil phase does (the GIL released);
+        True when :meth:`pump_c` must go on (``pump()`` runs it), as the loop would."""
+        cdef int rc
+        with nogil:
+            rc = self.run_nogil()
+        return rc != 0
+
+
+cdef int _fill_rx_nogil(State st) noexcept nogil:
+    """:func:`fill_rx` without the GIL, for its steady state (see KickPump): 0 when
+    done, 1 when the pass with the GIL must go on.  Nothing owed to rx: nothing to
+    do.  The ready queue's one connection, a stream whose next packet is data the
+    guest has credit for: its data into the posted buffers (:func:`_rx_conn_nogil`),
+    the connection left first in line, as ``_fill_rx`` would put it back.  Handed
+    over: the socket drained (its watch changes) and whatever that function hands
+    over."""
+    cdef Py_ssize_t added = 0
+    cdef int rc
+    if not st.live:
+        return 1
+    if st.pend != NULL:
+        return _pend_nogil(st, <Conn>st.pend)
+    if st.idle:
+        return 0
+    if not st.head_ok or not st.head.readable or not st.head.in_ready:
+        return 1
+    rc = _rx_conn_nogil(st, st.head, True, &added)
+    if rc == 2:
+        rc = 1  # probably drained: the GIL path watches the socket again
+    elif rc == 3:
+        rc = 0
+    if _rx_signal_nogil(st, added):
+        rc = 1
+    return rc
+
+
+cdef int _pend_nogil(State st, Conn c) noexcept nogil:
+    """:func:`_fill_rx_nogil` for the connection a nogil path scheduled (``st.pend``:
+    readable, its socket muted, the ready queue's one): its data into the posted
+    buffers (:func:`_rx_conn_nogil`).  It leaves the ready queue when the credit
+    ran out (its packet sent; the socket stays muted, as the GIL path leaves it
+    unwatched) or the socket was drained (watched again, unmuted, when the guest
+    can take more: ``_watch_input``'s rule); it stays there when no buffer is left;
+    1 hands it over, still scheduled."""
+    cdef Py_ssize_t added = 0
+    cdef int rc
+    if c.dead or not c.readable or not c.muted:
+        return 1
+    rc = _rx_conn_nogil(st, c, True, &added)
+    if rc == 2 and not c.ops:
+        c.readable = False
+        if not _wants_input(c):
+            _leave_nogil(st, c)
+            rc = 0
+        elif (<FdPump>c.mpump).unmute_nogil() == 0:
+            c.armed = True
+            c.muted = False
+            _leave_nogil(st, c)
+            rc = 0
+        else:
+            c.readable = True  # the GIL path finds the socket drained and watches it
+            rc = 1
+    elif rc == 3:
+        _leave_nogil(st, c)
+        rc = 0
+    elif rc == 2:
+        rc = 1
+    if _rx_signal_nogil(st, added):
+        rc = 1
+    return rc
+
+
+cdef inline void _leave_nogil(State st, Conn c) noexcept nogil:
+    """The scheduled connection leaves the ready queue, empty again."""
+    st.pend = NULL
+    c.in_ready = False
+    st.idle = True
+
+
+cdef int _rx_signal_nogil(State st, Py_ssize_t added) noexcept nogil:
+    """The used notification of rx after ``added`` chains (§2.7.10, EVENT_IDX aware),
+    through the compiled signaller; 1 when the rings were not current (owed to
+    the pass with the GIL)."""
+    cdef int e
+    if not added:
+        return 0
+    st.nogil_chains += <unsigned long long>added
+    e = st.rxq.needs_notification_nogil()
+    if e < 0:
+        st.owed_rx = True
+        return 1
+    if e:
+        st.sig_rx_c.signal_nogil()
+    return 0
+
+
+cdef int _rx_conn_nogil(State st, Conn c, bint is_head, Py_ssize_t *added) noexcept nogil:
+    """Stream data of ``c`` (nothing before data owed, the guest has credit) into
+    runs of the posted rx buffers, one ``readv`` from the host socket straight into
+    each run, after the room for each header, as :func:`_rx_batch` does (the same
+    packets and state changes), until a read leaves the socket drained (2), no
+    buffer is left (0, notifications on again as ``_fill_rx`` leaves them), the
+    guest's credit is used up (3), or the GIL path must go on (1, nothing of the
+    current step taken): another chain shape first, the read failing or at the
+    end of file, another packet owed, the rings not current.
+
+    When the credit runs out, the credit packet owed goes into the next buffer (a
+    CREDIT_UPDATE if owed, else the one CREDIT_REQUEST, §5.10.6.3), as the
+    device's ``_produce_ops`` writes it, before 3.  ``is_head``: ``c`` is the
+    ready queue's one connection; it is left there, where the pass with the GIL
+    would take it out and find nothing to send."""
+    cdef iovec iov[RX_BATCH]
+    cdef uint16_t heads[RX_BATCH]
+    cdef unsigned char *hdrs[RX_BATCH]
+    cdef uint32_t lens[RX_BATCH]
+    cdef ChainCursor cur
+    cdef vring_desc d
+    cdef unsigned char *p
+    cdef uint16_t head, head_i
+    cdef int k, j, n, avail, e
+    cdef uint16_t op
+    cdef size_t want, left, take
+    cdef ssize_t r
+    cdef int64_t credit
+    if not st.rxq._ready:
+        return 1
+    while True:
+        if c.dead or c.seq or c.ops & P_BEFORE_DATA:
+            return 1
+        credit = _free(c)
+        if credit == 0:
+            if c.ops & ~P_CREDIT:
+                return 1
+            if not c.ops:
+                return 3  # waiting for the guest's credit
+        avail = st.rxq.avail_count_nogil()
+        if avail < 0:
+            return 1
+        if avail == 0:
+            # Wait for the driver's kick (§2.7.10), unless buffers came meanwhile.
+            e = st.rxq.enable_notification_nogil()
+            if e < 0:
+                return 1
+            if e:
+                continue
+            return 0
+        if credit == 0:
+            # The credit packet owed, into the next buffer (one of at least a header).
+            head_i = st.rxq.avail_head_nogil(0)
+            if head_i >= st.rxq._size:
+                return 1
+            chain_start(&cur, st.rxq._desc, st.rxq._desc_gpa, st.rxq._size, head_i)
+            if (chain_next(st.rxq._snap, &cur, &d) != 1 or cur.has_next
+                    or not d.flags & VRING_DESC_F_WRITE or d.len < HDR_SIZE):
+                return 1
+            p = snap_ptr_w(st.rxq._snap, d.addr, HDR_SIZE)
+            if p == NULL:
+                return 1
+            op = OP_CREDIT_UPDATE if c.ops & P_CREDIT_UPDATE else OP_CREDIT_REQUEST
+            _hdr_at(p, c, op, 0, st.guest_cid, st.buf_alloc, c.fwd_cnt)
+            c.last_fwd_sent = c.fwd_cnt
+            c.ops &= ~P_CREDIT_UPDATE
+            if op == OP_CREDIT_REQUEST:
+                c.ops &= ~P_CREDIT_REQUEST
+            st.rxq.pop_heads_nogil(1)
+            st.rxq.add_used_nogil(head_i, HDR_SIZE)
+            added[0] += 1
+            continue
+        if avail > RX_BATCH:
+            avail = RX_BATCH
+        n = 0
+        want = 0
+        for k in range(avail):
+            if want >= <size_t>credit:
+                break
+            head = st.rxq.avail_head_nogil(<uint16_t>k)
+            if head >= st.rxq._size:
+                break
+            chain_start(&cur, st.rxq._desc, st.rxq._desc_gpa, st.rxq._size, head)
+            if (chain_next(st.rxq._snap, &cur, &d) != 1 or cur.has_next
+                    or not d.flags & VRING_DESC_F_WRITE or d.len <= HDR_SIZE):
+                break
+            p = snap_ptr_w(st.rxq._snap, d.addr, d.len)
+            if p == NULL:
+                break
+            hdrs[k] = p
+            heads[k] = head
+            iov[k].iov_base = p + HDR_SIZE
+            iov[k].iov_len = d.len - HDR_SIZE
+            if want + iov[k].iov_len > <size_t>credit:
+                iov[k].iov_len = <size_t>credit - want
+            want += iov[k].iov_len
+            n = k + 1
+        if n == 0:
+            return 1  # another shape first: the one-chain path with the GIL
+        while True:
+            r = readv(c.fd, iov, n)
+            if r >= 0 or errno != EINTR:
+                break
+        if r <= 0:
+            return 1  # nothing now, the end of file or an error: the GIL path meets it
+        left = <size_t>r
+        j = 0
+        while left:
+            take = iov[j].iov_len if iov[j].iov_len < left else left
+            left -= take
+            _hdr_at(hdrs[j], c, OP_RW, <uint32_t>take, st.guest_cid, st.buf_alloc, c.fwd_cnt)
+            c.tx_cnt += <uint32_t>take
+            lens[j] = <uint32_t>(HDR_SIZE + take)
+            j += 1
+        # The chains were only looked at: take them as pop_head would, then use them
+        # (a head below the queue size, the rings current: add_used_nogil serves).
+        st.rxq.pop_heads_nogil(<uint16_t>j)
+        for k in range(j):
+            st.rxq.add_used_nogil(heads[k], lens[k])
+        added[0] += j
+        # Every header carried our credit (the device's _header).
+        c.last_fwd_sent = c.fwd_cnt
+        c.ops &= ~P_CREDIT_UPDATE
+        if _free(c) == 0 and not c.credit_asked:
+            # §5.10.6.3: ask once for the guest's credit while it has none for us.
+            c.credit_asked = True
+            c.ops |= P_CREDIT_REQUEST
+        if <size_t>r < want:
+            return 2
+
+
+cdef PyObject *_cand_find(State st, uint32_t lport, uint32_t pport) noexcept nogil:
+    """The live connection keyed (``lport``, ``pport``) among ``st.cand``, or NULL."""
+    cdef int i
+    for i in range(st.ncand):
+        if ((<Conn>st.cand[i]).lport == lport and (<Conn>st.cand[i]).pport == pport
+                and not (<Conn>st.cand[i]).dead):
+            return st.cand[i]
+    return NULL
+
+
+cdef int _credit_nogil(State st, Conn c, uint32_t buf_alloc, uint32_t fwd_cnt) noexcept nogil:
+    """The guest's credit in a CREDIT_UPDATE for ``c`` (§5.10.6.3), as
+    :func:`_credit_changed` takes it, when that needs no Python: the socket's watch
+    stays as it is, and a readable connection that can send again is scheduled
+    only into an empty ready queue with its socket muted (``st.pend``); 1 (nothing
+    changed) otherwise, or for a seqpacket connection."""
+    cdef int64_t free = <int64_t>buf_alloc - <uint32_t>(c.tx_cnt - fwd_cnt)
+    cdef bint wants = (c.est and not c.readable and not c.host_eof
+                       and not c.guest_shut & SHUTDOWN_RCV and free > 0)
+    cdef bint schedule = c.readable and free > 0 and not c.in_ready
+    if c.seq or wants != c.armed:
+        return 1
+    if schedule and not (c.muted and st.idle and st.pend == NULL):
+        return 1
+    c.peer_buf_alloc = buf_alloc
+    c.peer_fwd_cnt = fwd_cnt
+    if free > 0:
+        c.credit_asked = False
+    if schedule:
+        st.pend = <PyObject *>c
+        c.in_ready = True
+        st.idle = False
+    return 0
+
+
+cdef int _drain_tx_nogil(State st) noexcept nogil:
+    """The tx drain (:func:`drain_tx`) without the GIL, for the steady state of a
+    host-to-guest stream (see KickPump): 0 when done, 1 when the pass with the GIL
+    must go on.  Each available chain that is the guest's CREDIT_UPDATE for a
+    stream connection (one readable buffer holding the header, no payload,
+    §5.10.6.3) updates its credit (:func:`_credit_nogil`) and is used, with notifications off
+    while draining and on again at the end (§2.7.10); then rx gets what it is
+    owed (:func:`_fill_rx_nogil`), as after the drain with the GIL.  Any other
+    chain is left first in the ring for the pass with the GIL, as is one whose
+    credit would change the socket's watch."""
+    cdef ChainCursor cur
+    cdef vring_desc d
+    cdef const unsigned char *h
+    cdef PyObject *c
+    cdef uint16_t head
+    cdef int n, e, rc = 0
+    cdef Py_ssize_t served = 0
+    if not st.live or not st.tx_live or not st.txq._ready:
+        return 1
+    while True:
+        if st.txq.disable_notification_nogil() < 0:
+            rc = 1
+            break
+        while True:
+            n = st.txq.avail_count_nogil()
+            if n <= 0:
+                rc = n < 0
+                break
+            head = st.txq.avail_head_nogil(0)
+            if head >= st.txq._size:
+                rc = 1
+                break
+            chain_start(&cur, st.txq._desc, st.txq._desc_gpa, st.txq._size, head)
+            if (chain_next(st.txq._snap, &cur, &d) != 1 or cur.has_next
+                    or d.flags & VRING_DESC_F_WRITE or d.len < HDR_SIZE):
+                rc = 1
+                break
+            h = snap_ptr(st.txq._snap, d.addr, HDR_SIZE)
+            if (h == NULL or _u16(h + 30) != OP_CREDIT_UPDATE or _u16(h + 28) != TYPE_STREAM
+                    or _u64(h) != st.guest_cid or _u64(h + 8) != HOST_CID or _u32(h + 24) != 0):
+                rc = 1
+                break
+            c = _cand_find(st, _u32(h + 20), _u32(h + 16))
+            if c == NULL:
+                st.cand_miss = True
+            if c == NULL or _credit_nogil(st, <Conn>c, _u32(h + 36), _u32(h + 40)):
+                rc = 1
+                break
+            st.txq.pop_heads_nogil(1)
+            st.txq.add_used_nogil(head, 0)
+            served += 1
+        if rc:
+            break
+        e = st.txq.enable_notification_nogil()
+        if e < 0:
+            rc = 1
+            break
+        if not e:
+            break
+    if served:
+        st.nogil_chains += <unsigned long long>served
+        e = st.txq.needs_notification_nogil()
+        if e < 0:
+            st.owed_tx = True
+            rc = 1
+        elif e:
+            st.sig_tx_c.signal_nogil()
+    if rc:
+        return 1
+    return _fill_rx_nogil(st)
 
 
 cdef int _serve_tx(object device, State st) except -1:
@@ -726,6 +1264,8 @@ def drain_tx(object device, State st, Queue queue):
         Exception: what ``device._call`` lets through (DeviceNeedsReset, a bug).
     """
     cdef Py_ssize_t served = 0
+    st.live = False
+    _unpend(st)
     try:
         _drain_tx_loop(device, st, queue, &served)
     finally:
@@ -891,7 +1431,7 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
             else:
                 naps += 1
                 if st.ready or st.loose:
-                    fill_rx(device, st)
+                    _fill_rx_c(device, st)
                 _notify(device, st, queue, TX)
                 if _tx_nap(st.wait_fd, st.nap_ns):
                     st.naps += 1
@@ -1122,6 +1662,36 @@ cdef int _rx_batch(object device, Queue queue, Conn conn, object ready, uint64_t
     return 1
 
 
+cdef int _input_nogil(State st, Conn c, FdPump pump) noexcept nogil:
+    """InputPump.pump_nogil (see there)."""
+    cdef Py_ssize_t added = 0
+    cdef int rc
+    st.nogil_passes += 1
+    if (not st.live or not st.idle or c.dead or c.seq or not c.armed or c.readable
+            or not _wants_input(c)):
+        st.nogil_handed += 1
+        return 1
+    rc = _rx_conn_nogil(st, c, False, &added)
+    if rc == 2 and not c.ops and _wants_input(c):
+        rc = 0  # drained, watched still: as pump_c leaves it
+    elif rc == 3 and pump.mute_nogil() == 0:
+        # The credit used up, its packet sent: the socket (data waiting, as far as
+        # we know) is not watched until the guest's credit comes (pump_c leaves
+        # it so, with remove_reader).
+        c.readable = True
+        c.armed = False
+        c.muted = True
+        c.mpump = <PyObject *>pump
+        rc = 0
+    elif rc != 1:
+        rc = 1  # no buffer left with data waiting, something owed: pump_c
+    if _rx_signal_nogil(st, added):
+        rc = 1
+    if rc:
+        st.nogil_handed += 1
+    return rc
+
+
 @cython.final
 cdef class InputPump(FdPump):
     """A connection's host socket turned readable, served in compiled code (the
@@ -1142,6 +1712,29 @@ cdef class InputPump(FdPump):
         self.device = device
         self.st = <State?>device._fast
         self.conn = conn
+        self.offers_nogil = self.st.nogil
+
+    cdef int pump_nogil(self) noexcept nogil:
+        """:meth:`pump_c` without the GIL, for the steady state (the module
+        docstring's rule): nothing else owed to rx, the connection a stream whose
+        socket is watched and the guest has credit for.  Its data goes into the
+        posted rx buffers (:func:`_rx_conn_nogil`), with the used notification;
+        when that leaves the socket drained and nothing owed, the socket stays
+        watched and nothing else changes (what ``pump_c`` does then); when the
+        guest's credit ran out (its credit packet sent), the connection is
+        readable and the socket's wake-ups muted (``muted``: what ``pump_c`` does
+        with ``remove_reader``, undone the same way).  Otherwise :meth:`pump_c`
+        goes on, from where this left the connection (its socket still watched,
+        not marked readable)."""
+        return _input_nogil(self.st, self.conn, self)
+
+    def serve_nogil(self):
+        """Serve a readiness as the vhost-user loop's nogil phase does (the GIL
+        released); True when :meth:`pump_c` must go on, as the loop would."""
+        cdef int rc
+        with nogil:
+            rc = self.run_nogil()
+        return rc != 0
 
     def __call__(self):
         """The loop's callback when :meth:`pump_c` hands over (the device's ``_on_input``)."""
@@ -1150,13 +1743,21 @@ cdef class InputPump(FdPump):
     cdef int pump_c(self) except -1:
         cdef Conn conn = self.conn
         cdef State st = self.st
+        st.live = False
+        _unpend(st)
+        if conn.muted and not conn.dead:
+            # A hang-up or error on a muted socket (the kernel reports those anyway):
+            # not watched, as the GIL path leaves it.
+            _disarm_input(self.device, conn)
+            return 0
         if conn.dead or conn.seq or not conn.armed or conn.readable or not st.compiled or not st.rx_live:
             return 1
         conn.readable = True
         _schedule(conn, st.ready)
-        fill_rx(self.device, st)
+        _fill_rx_c(self.device, st)
         if _wants_input(conn) != conn.armed:
             self.device._watch_input(conn)
+        _settle(self.device, st)
         return 0
 
 
@@ -1173,6 +1774,16 @@ def fill_rx(object device, State st):
         InvalidAvailRingIndex, InvalidDescriptorIndex, QueueError, GuestMemoryError:
             from the ring, as ``Queue.pop_chain``/``add_used`` raise them.
     """
+    cdef Py_ssize_t added
+    st.live = False
+    _unpend(st)
+    added = _fill_rx_c(device, st)
+    _settle(device, st)
+    return added
+
+
+cdef Py_ssize_t _fill_rx_c(object device, State st) except -1:
+    """:func:`fill_rx` within a pass (the caller settles)."""
     cdef Queue queue
     if not st.rx_live or not device.active:
         return 0

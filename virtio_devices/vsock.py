@@ -299,6 +299,10 @@ class VsockDevice(VirtioDevice):
         registry: the process's VMs, for sibling delivery; None: no siblings.
         tx_nap_us: the tx nap in µs (``TX_NAP_US``; 0: none), taken on a loop that
             tells when it has work (``fileno()``, as ``DeviceLoop``'s).
+        nogil: serve the steady state of a host-to-guest stream without the GIL
+            where the loop runs pumps' nogil paths (``_vsock_fast.KickPump``,
+            ``InputPump``); False: always with it (the pumps offer no nogil path,
+            the rings are served and polled as before).
 
     Raises:
         ValueError: ``tx_nap_us`` is not from 0 to ``TX_NAP_US_MAX``.
@@ -322,6 +326,7 @@ class VsockDevice(VirtioDevice):
         groups: Iterable[str] = ("default",),
         registry: VsockRegistry | None = None,
         tx_nap_us: int = TX_NAP_US,
+        nogil: bool = True,
     ) -> None:
         if not 0 <= tx_nap_us <= TX_NAP_US_MAX:
             raise ValueError(f"tx_nap_us must be from 0 to {TX_NAP_US_MAX}, not {tx_nap_us}")
@@ -355,6 +360,7 @@ class VsockDevice(VirtioDevice):
             self.conns, self._ready, self._loose, guest_cid, tx_buffer_size, self._by_fd
         )
         self._fast.nap_ns = tx_nap_us * 1000
+        self._fast.nogil = nogil
         if isinstance(host, UnixHost) and host.path and not host.path.startswith("\0"):
             # A guest's stream REQUEST is connected in compiled code (UnixHost.connect's
             # path and socket).
@@ -364,6 +370,24 @@ class VsockDevice(VirtioDevice):
     def config_space(self) -> bytes:
         """``struct virtio_vsock_config`` (§5.10.4): ``le64 guest_cid``."""
         return struct.pack("<Q", self.guest_cid)
+
+    @property
+    def broken(self) -> BaseException | None:
+        """The bug that broke the device (``VirtioDevice.broken``); setting one also
+        stops the nogil paths of the compiled kicks until a pass with the GIL."""
+        return self._broken
+
+    @broken.setter
+    def broken(self, value: BaseException | None) -> None:
+        self._broken = value
+        fast = self.__dict__.get("_fast")
+        if value is not None and fast is not None:
+            fast.live = False
+
+    def compiled_served(self) -> tuple[int, int]:
+        """Chains the nogil paths of the compiled kicks completed (their used bytes
+        are not counted, as the compiled path's with the GIL are not)."""
+        return self._fast.nogil_chains, 0
 
     @property
     def _compiled(self) -> bool:
@@ -395,6 +419,8 @@ class VsockDevice(VirtioDevice):
         connection gets one ``CREDIT_REQUEST`` (§5.10.6.3): a guest that still has the
         socket answers with its credit, one whose driver was reset answers ``RST``
         (§5.10.6.5: a packet for no connection), which closes the host socket."""
+        self._fast.live = False  # the nogil paths wait for a pass with the GIL
+        self._fast.unpend()
         super().activate(memory, queues, interrupt, loop)
         self._rx_live = True
         # The tx nap needs a fd that tells when the loop has work (DeviceLoop.fileno).
@@ -419,6 +445,7 @@ class VsockDevice(VirtioDevice):
         if self.registry is not None:
             self.registry.register(self)
             self._loose.extend(self.registry.take(self, paused=False))
+            self._fast.touch()
         if self._ready or self._loose:
             # Packets that waited through the pause: the driver posted its rx buffers
             # before it, and kicks no more for them.
@@ -444,14 +471,17 @@ class VsockDevice(VirtioDevice):
         Raises:
             Exception: what the base class's reset raises.
         """
+        self._fast.live = False
+        self._fast.unpend()
         if self.registry is not None:
             # Still the VM at its CID: siblings' packets wait in the inbox.
             self._loose.extend(self.registry.take(self, paused=True))
+            self._fast.touch()
         loop = self.loop
         for conn in self.conns.values():
-            if conn.armed and loop is not None:
+            if (conn.armed or conn.muted) and loop is not None:
                 loop.remove_reader(conn.fd)
-            conn.armed = False
+            conn.armed = conn.muted = False
             conn.want_write = False  # the epoll set goes; activate makes a new one
         for fd, (_sock, timer) in self._handshakes.items():
             if loop is not None:
@@ -483,6 +513,11 @@ class VsockDevice(VirtioDevice):
         fast = self._fast
         if fast.naps or fast.naps_cut:
             log.debug("vsock cid %d: tx naps %d, cut short %d", self.guest_cid, fast.naps, fast.naps_cut)
+        if fast.nogil_passes:
+            log.debug(
+                "vsock cid %d: kicks seen without the GIL %d, handed over %d, chains %d",
+                self.guest_cid, fast.nogil_passes, fast.nogil_handed, fast.nogil_chains,
+            )  # fmt: skip
         try:
             if self.active:
                 self.reset()
@@ -496,8 +531,10 @@ class VsockDevice(VirtioDevice):
             self._handshakes.clear()
             self._ready.clear()
             self._loose.clear()
+            self._fast.touch()
 
     def quiesce(self, index: int) -> None:
+        self._fast.live = False
         super().quiesce(index)
         if index == RX:
             # The front-end takes rx back: nothing may be written there until it kicks.
@@ -874,7 +911,7 @@ class VsockDevice(VirtioDevice):
         if pump is not None and not pump.pump():
             return
         self.loop.remove_reader(conn.fd)
-        conn.armed = False
+        conn.armed = conn.muted = False
         conn.readable = True
         self._schedule(conn)
         self._fill_rx()
@@ -894,8 +931,10 @@ class VsockDevice(VirtioDevice):
         conn.armed = want
         if want:
             pump = _vsock_fast.InputPump(self, conn)
-            # The pump is the callback too: _on_input when it hands over.
+            # The pump is the callback too: _on_input when it hands over.  (A socket
+            # its nogil path muted is watched again, registered as it is.)
             self.loop.add_reader(conn.fd, pump, pump=pump)
+            conn.muted = False
         else:
             self.loop.remove_reader(conn.fd)
 
@@ -984,6 +1023,7 @@ class VsockDevice(VirtioDevice):
             return HDR_SIZE + body.write(first)
         conn = self._ready.popleft()
         conn.in_ready = False
+        self._fast.touch()
         if conn.dead:
             return None
         used = self._produce_conn(conn, writer)
@@ -1159,6 +1199,7 @@ class VsockDevice(VirtioDevice):
             self._warn("loose", "rx backlog full: %d sibling packets dropped", len(packets) - room)
             packets = packets[:room]
         self._loose.extend(packets)
+        self._fast.touch()
         self._fill_rx()
 
     # -- connection table ----------------------------------------------------------------
@@ -1172,10 +1213,11 @@ class VsockDevice(VirtioDevice):
         """Forget ``conn`` and close its host socket (no packet is sent)."""
         if conn.dead:
             return
+        self._fast.unpend()  # in the deque before it is dropped (see _vsock_fast.State)
         conn.dead = True
-        if self.loop is not None and conn.armed:
+        if self.loop is not None and (conn.armed or conn.muted):
             self.loop.remove_reader(conn.fd)
-        conn.armed = False
+        conn.armed = conn.muted = False
         self._watch_output(conn, False)
         self.conns.pop(conn.key, None)
         self._by_fd.pop(conn.fd, None)
@@ -1205,6 +1247,7 @@ class VsockDevice(VirtioDevice):
         self._loose.append(
             (HDR.pack(HOST_CID, hdr.src_cid, hdr.dst_port, hdr.src_port, 0, hdr.type, OP_RST, 0, 0, 0), b"")
         )
+        self._fast.touch()
 
     def _want(self, conn: _Conn, op: int) -> None:
         conn.ops |= op
@@ -1214,6 +1257,7 @@ class VsockDevice(VirtioDevice):
         if not conn.in_ready and not conn.dead:
             conn.in_ready = True
             self._ready.append(conn)
+            self._fast.touch()
 
     def _warn(self, kind: str, msg: str, *args: object) -> None:
         self._ratelimit.log(

@@ -185,8 +185,29 @@ def test_tx_nap_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert devs[0]._fast.nap_ns == 40_000
 
 
+def test_nogil_switch_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert cli.env_nogil({}) is True
+    assert cli.env_nogil({"VHD_VSOCK_NOGIL": " 1"}) is True
+    assert cli.env_nogil({"VHD_VSOCK_NOGIL": "0"}) is False
+    for bad in ("2", "yes", "off"):
+        with pytest.raises(ConfigError, match=f"VHD_VSOCK_NOGIL must be 0 or 1, not '{bad}'"):
+            cli.env_nogil({"VHD_VSOCK_NOGIL": bad})
+    devs: list[Any] = []
+
+    def serve(name: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
+        devs.append(factory(0))
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    for value, want in (("0", False), ("", True)):
+        monkeypatch.setenv("VHD_VSOCK_NOGIL", value)
+        assert (
+            cli.main(["--socket", str(tmp_path / "a.sock"), "--uds-path", str(tmp_path / f"u{value}")]) == 0
+        )
+        assert devs[-1]._fast.nogil is want
+
+
 def test_run_uds_path_in_use_is_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "plain").write_text("")
     assert cli.main(["--socket", str(tmp_path / "s"), "--uds-path", str(tmp_path / "plain")]) == 1
     assert "not a socket" in capsys.readouterr().err
-

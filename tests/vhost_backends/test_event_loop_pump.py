@@ -368,6 +368,138 @@ def test_nogil_and_gil_pumps_in_one_batch(efd: int) -> None:
         os.close(other)
 
 
+def _nogil_ring(kick: int, pump: FdPump, served: list[int], loop: EventLoop) -> KickRing:
+    mem = GuestMemory.from_buffer(bytearray(1 << 16))
+    ring = KickRing(
+        MockSplitQueue(mem, 8).create_queue(),
+        0,
+        lambda i: (served.append(i), loop.stop()),
+        kick_fd=kick,
+    )
+    ring.pump = pump
+    return ring
+
+
+def test_nogil_kick_pump_serves_kicks_without_the_gil(efd: int) -> None:
+    """A ring whose pump offers a nogil path: each kick is read and served in the
+    poll's nogil phase (the pump reads its own eventfd here), the GIL not taken
+    and ``serve`` not called."""
+    work = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        pump = EventfdPump(work, nogil=True, notify_fd=notify)
+        served: list[int] = []
+        with EventLoop() as loop:
+            ring = _nogil_ring(efd, pump, served, loop)
+            loop.add_ring(ring)
+            epoll = loop._epoll
+            thread = threading.Thread(target=loop.run, kwargs={"timeout": 30})
+            thread.start()
+            for n in range(1, 4):
+                os.eventfd_write(work, n)
+                os.eventfd_write(efd, 1)
+                _wait_fd(notify)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            assert not thread.is_alive()
+            assert epoll.gil_wakeups == 1 and epoll.nogil_wakeups == 3
+        assert ring.kicks == ring.nogil_kicks == 3 and ring.python_calls == 0
+        assert pump.total == 6 and pump.pumped_nogil == 3
+        assert served == []
+        assert not select.select([efd], [], [], 0)[0]  # every kick was read
+    finally:
+        os.close(work)
+        os.close(notify)
+
+
+def test_nogil_kick_pump_hands_over_to_pump_c_then_serve(efd: int) -> None:
+    """The nogil path asks for the GIL: the kick (read once, in the nogil phase) goes
+    on through the ring's service, pump_c with the GIL and then ``serve``."""
+    work = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        pump = EventfdPump(work, hand_over_at=10, nogil=True)
+        served: list[int] = []
+        with EventLoop() as loop:
+            ring = _nogil_ring(efd, pump, served, loop)
+            loop.add_ring(ring)
+            os.eventfd_write(work, 12)
+            os.eventfd_write(efd, 1)
+            loop.run(timeout=5)
+            assert loop._epoll.nogil_wakeups == 0
+        assert served == [0]
+        assert ring.kicks == 1 and ring.nogil_kicks == 0 and ring.python_calls == 1
+        assert pump.total == 12 and pump.pending == 12 and pump.handed_over == 1
+        assert not select.select([efd], [], [], 0)[0]  # the kick was read once
+    finally:
+        os.close(work)
+
+
+def test_ring_with_a_fill_source_or_a_plain_pump_keeps_the_gil_path(efd: int) -> None:
+    """Only a ring with a nogil pump and no fill source is served in the nogil
+    phase; a removed one is not run (its kicks are not read)."""
+    work = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        served: list[int] = []
+        with EventLoop() as loop:
+            ring = _nogil_ring(efd, EventfdPump(work, hand_over_at=1), served, loop)
+            loop.add_ring(ring)
+            os.eventfd_write(work, 1)
+            os.eventfd_write(efd, 1)
+            loop.run(timeout=5)
+            assert served == [0] and ring.nogil_kicks == 0
+            loop.remove_reader(efd)
+            pump = EventfdPump(work, nogil=True)
+            ring2 = _nogil_ring(efd, pump, served, loop)
+            asked: list[int] = []
+
+            def no_source(i: int) -> None:
+                asked.append(i)
+                loop.stop()
+
+            ring2.fill_source = no_source
+            loop.add_ring(ring2)
+            os.eventfd_write(efd, 1)
+            loop.run(timeout=5)
+            # The fill source, then pump_c with the GIL (nothing to read: served).
+            assert asked == [0] and ring2.nogil_kicks == 0
+            assert pump.pumped == 1 and pump.pumped_nogil == 0 and served == [0]
+            loop.remove_reader(efd)
+            os.eventfd_write(efd, 1)
+            loop.call_later(0.01, loop.stop)
+            loop.run(timeout=5)
+            assert ring2.kicks == 1
+    finally:
+        os.close(work)
+
+
+def test_muted_pump_gets_no_wake_ups_until_its_fd_is_watched_again(efd: int) -> None:
+    """FdPump.mute: the loop's epoll set stops reporting the fd (readable still), its
+    tables unchanged; mute(False) or add_reader of the fd watches it again,
+    remove_reader forgets it; a pump that serves no loop's fd cannot be muted."""
+    pump = EventfdPump(efd, nogil=True)
+    assert not pump.mute()
+    with EventLoop() as loop:
+        loop.add_reader(efd, lambda: None, pump=pump)
+        assert pump.mute()
+        os.eventfd_write(efd, 2)
+        loop.call_later(0.02, loop.stop)
+        loop.run(timeout=5)
+        assert pump.total == 0 and pump.pumped == 0
+        assert pump.mute(False)  # watched again, without the loop's tables
+        loop.call_later(0.02, loop.stop)
+        loop.run(timeout=5)
+        assert pump.total == 2 and pump.pumped_nogil == 1
+        assert pump.mute()
+        os.eventfd_write(efd, 3)
+        again = EventfdPump(efd, nogil=True)
+        loop.add_reader(efd, lambda: None, pump=again)
+        loop.call_later(0.02, loop.stop)
+        loop.run(timeout=5)
+        assert again.total == 3 and again.pumped_nogil == 1 and pump.total == 2
+        loop.remove_reader(efd)
+        assert not again.mute() and not pump.mute(False)
+
+
 def test_base_pump_offers_no_nogil_path() -> None:
     assert not FdPump().offers_nogil
     assert not EventfdPump(-1).offers_nogil

@@ -6,8 +6,9 @@ order while the guest posts rx buffers of mixed shapes (one buffer of a page, a
 small one, a header and a page in two descriptors, a header's worth, one too
 small for a header),
 takes used entries back and gives credit; the device is the compiled path (the
-batched ``readv`` of ``_rx_batch``, the one-chain path, the pumps) or the Python
-one.  After every step: each used entry names a head that was available and not
+batched ``readv`` of ``_rx_batch``, the one-chain path, the pumps), the compiled
+path with the pumps' nogil paths first (as the vhost-user loop runs them), or the
+Python one.  After every step: each used entry names a head that was available and not
 yet returned (returned once), ``used->idx`` never passes ``avail->idx``, no used
 length exceeds its buffer, and each connection's bytes reach the guest in order.
 The ring indexes start just below the u16 wrap, so a run crosses it.
@@ -42,6 +43,7 @@ SHAPES = {
 }
 CONNS = 3
 GUEST_BUF = 64 * 1024
+MODES = ["compiled", "python", "nogil"]
 
 
 class RxBooks:
@@ -115,23 +117,25 @@ step = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    steps=st.lists(step, min_size=5, max_size=50), compiled=st.booleans(), base=st.sampled_from([0, 0xFFFA])
+    steps=st.lists(step, min_size=5, max_size=50),
+    mode=st.sampled_from(MODES),
+    base=st.sampled_from([0, 0xFFFA]),
 )
 def test_rx_ring_invariant_under_random_host_traffic(
     tmp_path_factory: pytest.TempPathFactory,
     steps: list[tuple[Any, ...]],
-    compiled: bool,
+    mode: str,
     base: int,
 ) -> None:
     """VIRTIO 1.2 §2.7.8/§2.7.13: the device MUST only use buffers the driver made
     available, each once; §5.10.6.3: it sends no more than the guest's credit."""
-    _run(tmp_path_factory, steps, compiled, base)
+    _run(tmp_path_factory, steps, mode, base)
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", [1])
 def test_rx_ring_invariant_over_a_long_random_run(
-    tmp_path_factory: pytest.TempPathFactory, compiled: bool, seed: int
+    tmp_path_factory: pytest.TempPathFactory, mode: str, seed: int
 ) -> None:
     """The property above over one long seeded run: the ring turns over hundreds
     of times, across the u16 wrap, with batches of every length up to the ring."""
@@ -148,21 +152,24 @@ def test_rx_ring_invariant_over_a_long_random_run(
             steps.append((kind, rng.randrange(CONNS)))
         else:
             steps.append((kind, 0))
-    _run(tmp_path_factory, steps, compiled, 0xFF00)
+    g = _run(tmp_path_factory, steps, mode, 0xFF00)
+    if mode == "nogil":
+        # The nogil paths did serve (the run is not the compiled one again).
+        assert g.nogil is not None and g.nogil.served > 0 and g.device._fast.nogil_chains > 0
 
 
 def _run(
     tmp_path_factory: pytest.TempPathFactory,
     steps: list[tuple[Any, ...]],
-    compiled: bool,
+    mode: str,
     base: int,
-) -> None:
-    """One run of ``steps`` (see the module docstring)."""
+) -> VsockGuest:
+    """One run of ``steps`` (see the module docstring); the guest, closed."""
     tmp = tmp_path_factory.mktemp("rxring")
     host = UnixHost(str(tmp / "v.sock"))
     dev = VsockDevice(3, host, tx_buffer_size=65536)
-    dev._compiled = compiled
-    g = VsockGuest(dev, queue_size=SIZE)
+    dev._compiled = mode != "python"
+    g = VsockGuest(dev, queue_size=SIZE, nogil=mode == "nogil")
     g.buf_alloc = GUEST_BUF
     socks: list[socket.socket] = []
     try:
@@ -200,7 +207,7 @@ def _run(
                 conn = dev.conns.get((1000 + c, 5000 + c))
                 if conn is not None and conn.fd in g.rig.loop.pumps:
                     with contextlib.suppress(KeyError):
-                        g.rig.loop.fire_pump(conn.fd)
+                        g.fire(conn.fd)
 
         for kind, arg, *rest in steps:
             if kind == "write":
@@ -241,3 +248,4 @@ def _run(
             s.close()
         g.close()
         host.close()
+    return g

@@ -2,15 +2,21 @@
 
 It posts rx buffers, sends packets on tx and reads back what the device put on rx;
 :meth:`VsockGuest.pump` plays the event loop over the rig's :class:`FakeLoop` (fires
-the readers whose fds are ready now, ``poll`` with a zero timeout: no sleep).
+the readers whose fds are ready now, ``poll`` with a zero timeout: no sleep).  With
+``nogil`` it plays the vhost-user loop's nogil phase too: kicks and readable host
+sockets go to the pumps' nogil paths first (the GIL released), to ``pump_c`` when
+they ask, as :class:`vhost_backends.event_loop.EventLoop` serves them.
 """
 
 from __future__ import annotations
 
+import os
 import select
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from virtio_devices.testing import DeviceRig
+from virtio_devices import _vsock_fast
+from virtio_devices._pump import Signaller
+from virtio_devices.testing import DeviceRig, FakeInterrupt
 from virtio_devices.vsock import HDR, HDR_SIZE, HOST_CID, TYPE_STREAM, Hdr, VsockDevice
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
@@ -27,13 +33,78 @@ class Packet:
         return self.hdr.op
 
 
+@dataclass
+class SignallingInterrupt(FakeInterrupt):
+    """An interrupt with compiled signallers (as vhost-user's), each on an eventfd:
+    what the nogil paths need to notify the driver."""
+
+    sigs: dict[int, Signaller] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i in (RX, TX):
+            s = Signaller()
+            s.set_fd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            self.sigs[i] = s
+
+    def signaller(self, index: int) -> Signaller:
+        return self.sigs[index]
+
+    def close(self) -> None:
+        for s in self.sigs.values():
+            s.set_fd(-1)
+
+
+@dataclass
+class NogilKicks:
+    """The device's kicks routed as the vhost-user loop serves them (installed over
+    ``device.process_queue``): the kick pump's nogil path first, the GIL released;
+    ``pump_c`` when it asks; ``process_queue`` when that asks.  ``served`` /
+    ``handed``: kicks the nogil path served / handed over."""
+
+    device: VsockDevice
+    served: int = 0
+    handed: int = 0
+    pumps: dict[int, _vsock_fast.KickPump] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i in (RX, TX):
+            pump = self.device.kick_pump(i)
+            assert pump is not None and pump.offers_nogil
+            self.pumps[i] = pump
+        self.device.process_queue = self.kick  # type: ignore[method-assign]
+
+    def kick(self, index: int) -> None:
+        pump = self.pumps.get(index)
+        if pump is None:
+            _vsock_fast.process_queue(self.device, index)
+        elif pump.serve_nogil():
+            self.handed += 1
+            if pump.pump():
+                _vsock_fast.process_queue(self.device, index)
+        else:
+            self.served += 1
+
+
 class VsockGuest:
     """Drives ``device`` as a guest with CID ``cid`` would (see the module docstring)."""
 
-    def __init__(self, device: VsockDevice, *, queue_size: int = 256, rx_buf: int = 4096 + HDR_SIZE) -> None:
+    def __init__(
+        self,
+        device: VsockDevice,
+        *,
+        queue_size: int = 256,
+        rx_buf: int = 4096 + HDR_SIZE,
+        nogil: bool = False,
+    ) -> None:
         self.device = device
         self.cid = device.guest_cid
         self.rig = DeviceRig(device, queue_size=queue_size, event_idx=True, memory_size=16 << 20)
+        self.nogil: NogilKicks | None = None
+        self.irq: SignallingInterrupt | None = None
+        if nogil:
+            self.irq = SignallingInterrupt()
+            device.interrupt = self.irq
+            self.nogil = NogilKicks(device)
         self.rx_buf = rx_buf
         self._rx: dict[int, int] = {}  # head -> gpa of posted rx buffers
         self.buf_alloc = 1 << 20
@@ -94,7 +165,23 @@ class VsockGuest:
             for fd in ready:
                 cb = loop.readers.get(fd)
                 if cb is not None:
+                    pump = loop.pumps.get(fd)
+                    nogil = self.nogil is not None and isinstance(pump, _vsock_fast.InputPump)
+                    if nogil and not pump.serve_nogil():  # type: ignore[union-attr]
+                        continue
                     cb()
+
+    def fire(self, fd: int) -> None:
+        """Serve ``fd``'s readiness as the vhost-user loop does (the nogil path first
+        in ``nogil`` mode, then ``FakeLoop.fire_pump``).
+
+        Raises:
+            KeyError: nothing watches ``fd``.
+        """
+        pump = self.rig.loop.pumps.get(fd)
+        if self.nogil is not None and isinstance(pump, _vsock_fast.InputPump) and not pump.serve_nogil():
+            return
+        self.rig.loop.fire_pump(fd)
 
     def exchange(self) -> list[Packet]:
         self.pump()
@@ -103,6 +190,8 @@ class VsockGuest:
     def close(self) -> None:
         self.rig.close()
         self.device.close()
+        if self.irq is not None:
+            self.irq.close()
 
 
 def _desc(gpa: int, size: int, *, write: bool) -> RawDesc:

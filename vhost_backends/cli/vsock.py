@@ -47,7 +47,7 @@ from ._common import (
     verbatim_socket_path,
 )
 
-__all__ = ["Config", "VmConfig", "build_parser", "env_tx_nap_us", "main", "parse_vm", "run"]
+__all__ = ["Config", "VmConfig", "build_parser", "env_nogil", "env_tx_nap_us", "main", "parse_vm", "run"]
 
 PROG = "vhost-device-vsock"
 DEFAULT_GUEST_CID = 3
@@ -315,6 +315,8 @@ class Config:
     vms: tuple[VmConfig, ...]
     #: The tx nap of every VM (µs), from ``VHD_VSOCK_TX_NAP_US``.
     tx_nap_us: int = DEFAULT_TX_NAP_US
+    #: Whether the VMs' kicks may be served without the GIL (``VHD_VSOCK_NOGIL``).
+    nogil: bool = True
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> Config:
@@ -323,9 +325,11 @@ class Config:
         Raises:
             ConfigError: a bad file or value, no backend, two VMs with one CID,
                 one vhost-user socket or one uds_path; ``VHD_VSOCK_TX_NAP_US`` not
-                a number of microseconds from 0 to 1000.
+                a number of microseconds from 0 to 1000; ``VHD_VSOCK_NOGIL`` not
+                0 or 1.
         """
         tx_nap_us = env_tx_nap_us()
+        nogil = env_nogil()
         given: tuple[str, ...] = getattr(ns, "_given", ())
         if "config" in given:
             vms = _load_yaml(ns.config)
@@ -351,7 +355,7 @@ class Config:
                 if real in seen_path:
                     raise ConfigError(f"{where}: path {path!r} already used by VM #{seen_path[real] + 1}")
                 seen_path[real] = i
-        return cls(tuple(vms), tx_nap_us)
+        return cls(tuple(vms), tx_nap_us, nogil)
 
 
 def env_tx_nap_us(env: Mapping[str, str] | None = None) -> int:
@@ -371,6 +375,20 @@ def env_tx_nap_us(env: Mapping[str, str] | None = None) -> int:
             f"VHD_VSOCK_TX_NAP_US must be a number of microseconds from 0 to {MAX_TX_NAP_US}, not {text!r}"
         )
     return int(text)
+
+
+def env_nogil(env: Mapping[str, str] | None = None) -> bool:
+    """``VHD_VSOCK_NOGIL`` from the environment (``env``, else the process's):
+    ``0`` serves every kick with the GIL (to compare), ``1``, unset or empty lets
+    the steady state of a host-to-guest stream be served without it.
+
+    Raises:
+        ConfigError: neither 0 nor 1.
+    """
+    text = (os.environ if env is None else env).get("VHD_VSOCK_NOGIL", "").strip()
+    if text not in ("", "0", "1"):
+        raise ConfigError(f"VHD_VSOCK_NOGIL must be 0 or 1, not {text!r}")
+    return text != "0"
 
 
 def run(config: Config) -> int:
@@ -405,6 +423,7 @@ def run(config: Config) -> int:
                 groups=vm.groups,
                 registry=registry,
                 tx_nap_us=config.tx_nap_us,
+                nogil=config.nogil,
             )
 
         return serve(PROG, [vm.socket for vm in config.vms], device_factory)

@@ -1,0 +1,192 @@
+"""The nogil paths of virtio-vsock's compiled kicks and host sockets
+(``KickPump.pump_nogil``, ``InputPump.pump_nogil``): the steady state of a
+host-to-guest stream served without the GIL, handed over to the pass with the GIL
+for everything else, with the same packets, bytes and ring entries as the path with
+the GIL.  The guest plays the vhost-user loop's nogil phase (``VsockGuest(nogil=
+True)``: the nogil path first, the GIL released, ``pump_c`` when it asks)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vsock_guest import RX, TX, Packet, VsockGuest, _desc
+
+from virtio_devices.hosts.vsock import UnixHost
+from virtio_devices.vsock import (
+    LOCAL_PORT_FIRST,
+    OP_CREDIT_REQUEST,
+    OP_CREDIT_UPDATE,
+    OP_REQUEST,
+    OP_RESPONSE,
+    OP_RST,
+    OP_RW,
+    OP_SHUTDOWN,
+    VsockDevice,
+)
+
+PORT = 80  # the guest's port the host connects to
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[UnixHost]:
+    h = UnixHost(str(tmp_path / "v.sock"))
+    yield h
+    h.close()
+
+
+def _connect(host: UnixHost, nogil: bool, *, rx: int = 32) -> tuple[VsockGuest, socket.socket]:
+    """A guest (nogil mode or not) with ``rx`` buffers posted and one host-initiated
+    stream open, the host end non-blocking."""
+    dev = VsockDevice(3, host, tx_buffer_size=65536)
+    g = VsockGuest(dev, queue_size=64, nogil=nogil)
+    g.buf_alloc = 256 * 1024
+    g.post_rx(rx)
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(host.path)
+    c.sendall(b"CONNECT %d\n" % PORT)
+    [req] = g.exchange()
+    assert req.op == OP_REQUEST
+    g.send(PORT, LOCAL_PORT_FIRST, OP_RESPONSE)
+    assert c.recv(100) == b"OK %d\n" % LOCAL_PORT_FIRST
+    c.setblocking(False)
+    return g, c
+
+
+def _data(n: int) -> bytes:
+    return bytes((i * 7 + i // 251) & 0xFF for i in range(n))
+
+
+def _stream(g: VsockGuest, c: socket.socket, total: int, credit_every: int = 64 * 1024) -> list[Packet]:
+    """Host -> guest: ``total`` bytes, written in pieces of up to 48 KiB as the host
+    socket takes them, the guest reposting its rx buffers and giving credit every
+    ``credit_every`` bytes read (as the bench's guest does); every rx packet."""
+    data = _data(total)
+    sent = got = acked = 0
+    packets: list[Packet] = []
+    while got < total:
+        if sent < total:
+            with contextlib.suppress(BlockingIOError):
+                sent += c.send(data[sent : sent + 48 * 1024])
+        g.pump()
+        for p in g.received():
+            packets.append(p)
+            got += len(p.data)
+        if got - acked >= credit_every or (got == sent == total and got > acked):
+            g.fwd_cnt[(PORT, LOCAL_PORT_FIRST)] = got
+            g.send(PORT, LOCAL_PORT_FIRST, OP_CREDIT_UPDATE)
+            acked = got
+    return packets
+
+
+def _summary(packets: list[Packet]) -> list[tuple[int, int]]:
+    return [(p.op, len(p.data)) for p in packets]
+
+
+def test_host_to_guest_stream_served_without_the_gil_as_with_it(host: UnixHost) -> None:
+    """The same host traffic through the nogil paths and through the path with the
+    GIL: the same packets (ops, lengths, order) and bytes; the nogil paths served
+    most kicks and chains."""
+    runs = {}
+    for nogil in (False, True):
+        g, c = _connect(host, nogil)
+        try:
+            packets = _stream(g, c, 1 << 20)
+            assert b"".join(p.data for p in packets) == _data(1 << 20)
+            runs[nogil] = (_summary(packets), g.device._fast.nogil_chains, g.nogil)
+        finally:
+            c.close()
+            g.close()
+    assert runs[True][0] == runs[False][0]
+    assert runs[False][1] == 0
+    kicks = runs[True][2]
+    assert kicks is not None and kicks.served > kicks.handed, kicks
+    assert runs[True][1] > len(runs[True][0]) // 2
+
+
+@pytest.mark.parametrize(
+    "op", [OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_REQUEST, "unknown connection"]
+)
+def test_every_other_tx_packet_is_handed_over_untouched(host: UnixHost, op: int | str) -> None:
+    """A tx chain the nogil path does not serve (any op but CREDIT_UPDATE, or a
+    CREDIT_UPDATE for no connection it knows) is left in the ring: its kick is
+    handed over with nothing used, and the pass with the GIL answers it as the
+    path with the GIL alone does."""
+    answers = {}
+    for nogil in (False, True):
+        g, c = _connect(host, nogil)
+        try:
+            kicks = g.nogil
+            tx = g.rig.mocks[TX]
+            before = tx.used_idx()
+            handed = kicks.handed if kicks is not None else 0
+            if op == "unknown connection":
+                g.rig.add_request(TX, readable=[_hdr(g, PORT + 1, LOCAL_PORT_FIRST, OP_CREDIT_UPDATE)])
+            else:
+                data = b"x" * 10 if op == OP_RW else b""
+                g.rig.add_request(
+                    TX,
+                    readable=[_hdr(g, PORT, LOCAL_PORT_FIRST, op, len(data), flags=3)]
+                    + ([data] if data else []),
+                )
+            if kicks is not None:
+                assert kicks.pumps[TX].serve_nogil()  # handed over...
+                assert tx.used_idx() == before  # ... with the chain left in the ring
+            g.rig.kick(TX)  # (routed through the nogil path first in nogil mode)
+            if kicks is not None:
+                # The routed kick ran the nogil path again (handed over) and pump_c.
+                assert kicks.handed == handed + 1
+            assert tx.used_idx() != before
+            g.pump()
+            answers[nogil] = _summary(g.received())
+            if op == OP_RW:
+                assert c.recv(100) == b"x" * 10
+        finally:
+            c.close()
+            g.close()
+    assert answers[True] == answers[False]
+
+
+def _hdr(g: VsockGuest, src: int, dst: int, op: int, length: int = 0, *, flags: int = 0) -> bytes:
+    from virtio_devices.vsock import HDR, HOST_CID, TYPE_STREAM  # noqa: PLC0415
+
+    return HDR.pack(g.cid, HOST_CID, src, dst, length, TYPE_STREAM, op, flags, g.buf_alloc, 0)
+
+
+def test_a_missed_invalidation_is_caught_by_the_order_check(host: UnixHost) -> None:
+    """A planted fault: a packet added to the device's loose packets without
+    ``State.touch`` (the invalidation every Python change of the ready queue or the
+    loose packets makes) lets the nogil rx path serve the connection's data ahead
+    of it, where the path with the GIL sends the loose packet first; the check the
+    tests make (the packets' order against the path with the GIL) sees it.  With
+    ``touch`` the order is the GIL path's."""
+    from virtio_devices.vsock import HDR, HOST_CID, TYPE_STREAM  # noqa: PLC0415
+
+    firsts = {}
+    for variant in ("gil", "touched", "planted"):
+        g, c = _connect(host, variant != "gil", rx=8)
+        try:
+            dev = g.device
+            # More data than the 8 rx buffers take: the connection waits for buffers,
+            # alone in the ready queue.
+            c.send(_data(100000))
+            g.pump()
+            assert len(g.rig.used(RX)) == 8  # taken, not reposted
+            assert list(dev._ready) == list(dev.conns.values()) and not dev._loose
+            loose = HDR.pack(HOST_CID, g.cid, 9, 9, 0, TYPE_STREAM, OP_RST, 0, 0, 0)
+            dev._loose.append((loose, b""))
+            if variant == "touched":
+                dev._fast.touch()
+            for _ in range(4):  # posted, then kicked (post_rx would read the answers itself)
+                gpa = g.rig.mocks[RX].alloc(g.rx_buf)
+                g._rx[g.rig.add_chain(RX, [_desc(gpa, g.rx_buf, write=True)])] = gpa
+            dev.process_queue(RX)
+            firsts[variant] = next((p.op, p.hdr.src_port) for p in g.received())
+        finally:
+            c.close()
+            g.close()
+    assert firsts["touched"] == firsts["gil"] == (OP_RST, 9)
+    assert firsts["planted"] == (OP_RW, LOCAL_PORT_FIRST)
