@@ -366,6 +366,34 @@ def _later(delay: float, fn: Callable[[], object]) -> threading.Thread:
     return t
 
 
+def _kick_wanted(rig: Rig, event_idx: bool) -> bool:
+    """What a driver checks before kicking (VIRTIO 1.2 §2.7.10)."""
+    if event_idx:
+        idx = rig.mock.avail_idx()
+        return vring_need_event(rig.mock.avail_event(), idx + 1, idx)
+    return not rig.mock.used_flags() & VRING_USED_F_NO_NOTIFY
+
+
+def _when_polled(rig: Rig, fn: Callable[[], object], *, event_idx: bool = False) -> threading.Thread:
+    """Run ``fn`` (the driver's next step) on a thread once the ring is polled: after
+    the call for the request the kick brought (the kick's service is over) and then
+    the driver's kicks suppressed (by the spin).  A step taken earlier meets the
+    kick's service instead, which serves what it finds (no poll hit) or, with
+    notifications on, asks for a kick.  No wait ends without its event but at the
+    5 s limit: the step then runs anyway and the test's assertions fail."""
+
+    def run() -> None:
+        select.select([rig.call], [], [], 5.0)
+        end = time.monotonic() + 5
+        while _kick_wanted(rig, event_idx) and time.monotonic() < end:
+            pass
+        fn()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
 def test_poll_window_bounds() -> None:
     assert Epoll().poll_max_ns == 0
     assert Epoll(32).poll_max_ns == 32000
@@ -428,8 +456,8 @@ def test_polling_serves_a_request_without_a_kick(tmp_path: Path, event_idx: bool
     (VRING_USED_F_NO_NOTIFY, or an avail_event it has passed); a request made then
     is served by the poll (filled, or handed to serve), and notifications are on
     again once polling ends."""
-    # The request comes 20 ms into a window long enough for a thread of this
-    # process to be scheduled on a loaded machine.
+    # The request comes once the spin polls, in a window long enough for a thread
+    # of this process to be scheduled on a loaded machine.
     rig = Rig(tmp_path)
     if event_idx:
         rig.queue = rig.mock.create_queue(event_idx=True)
@@ -446,15 +474,10 @@ def test_polling_serves_a_request_without_a_kick(tmp_path: Path, event_idx: bool
         os.eventfd_write(rig.kick, 1)
 
         def request() -> None:
-            # What a driver checks before kicking.
-            if event_idx:
-                idx = rig.mock.avail_idx()
-                seen.append(vring_need_event(rig.mock.avail_event(), idx + 1, idx))
-            else:
-                seen.append(not rig.mock.used_flags() & VRING_USED_F_NO_NOTIFY)
+            seen.append(_kick_wanted(rig, event_idx))
             rig.mock.add_chain([RawDesc(0x9000, 16, VIRTQ_DESC_F_WRITE if fill else 0, 0)])
 
-        t = _later(0.02, request)
+        t = _when_polled(rig, request, event_idx=event_idx)
         assert ep.poll(WINDOW_NS / 1e9 + 0.3) == []
         t.join()
         assert seen == [False]   # no kick wanted while polling
@@ -507,7 +530,8 @@ def test_polling_keeps_a_ring_whose_device_took_requests_while_more_came(rig: Ri
     try:
         rig.mock.add_chain([RawDesc(0x8000, 16, VIRTQ_DESC_F_WRITE, 0)])
         os.eventfd_write(rig.kick, 1)
-        t = _later(0.02, lambda: request(RawDesc(0x9000, 8, 0, 0)))  # not for the fill path
+        # Not for the fill path; made while the spin polls.
+        t = _when_polled(rig, lambda: request(RawDesc(0x9000, 8, 0, 0)), event_idx=True)
         assert ep.poll(0.5) == []
         t.join()
         assert kicks_wanted == [False, False]  # both made while the device polled
@@ -549,10 +573,11 @@ def test_polling_gives_way_to_other_fds_and_hands_other_requests_to_serve(rig: R
         t.join()
         assert not rig.mock.used_flags() & VRING_USED_F_NO_NOTIFY
         os.read(r, 1)
+        rig.calls()   # (the next wait is for the next request's call)
 
         rig.mock.add_chain([RawDesc(0x8100, 8, VIRTQ_DESC_F_WRITE, 0)])
         os.eventfd_write(rig.kick, 1)
-        t = _later(0.02, lambda: rig.mock.add_chain([RawDesc(0x9000, 8, 0, 0)]))  # device-readable
+        t = _when_polled(rig, lambda: rig.mock.add_chain([RawDesc(0x9000, 8, 0, 0)]))  # device-readable
         assert ep.poll(0.2) == []
         t.join()
         assert rig.served == [0] and ring.poll_hits == 1   # found by the spin, given to serve
@@ -608,7 +633,16 @@ def test_polling_a_ring_that_never_runs_dry_still_sees_other_fds(tmp_path: Path)
             rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
             os.eventfd_write(rig.kick, 1)
         ep.register(r, IN)
-        t = _later(0.05, lambda: os.write(w, b"x"))
+
+        def write_once_polled() -> None:
+            # Written while the spin runs (a request found by it), not before.
+            end = time.monotonic() + 5
+            while not sum(ring.poll_hits for ring in rings) and time.monotonic() < end:
+                pass
+            os.write(w, b"x")
+
+        t = threading.Thread(target=write_once_polled)
+        t.start()
         assert ep.poll(5.0) == [r]
         t.join()
         assert 0 < served < 1_000_000
@@ -629,7 +663,7 @@ def test_polling_hands_a_broken_avail_index_to_serve(rig: Rig) -> None:
     try:
         rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
         os.eventfd_write(rig.kick, 1)
-        t = _later(0.02, lambda: rig.mock.set_avail_idx(rig.mock.avail_idx() + 1000))
+        t = _when_polled(rig, lambda: rig.mock.set_avail_idx(rig.mock.avail_idx() + 1000))
         assert ep.poll(0.2) == []
         t.join()
         assert rig.served == [0] and ring.chains == 1 and rig.mock.used_idx() == 1

@@ -1069,10 +1069,16 @@ def test_null_stream_periods_served_by_the_nogil_pump() -> None:
                 assert isinstance(stream.worker, _TimerStream)
                 timers.append(stream.worker.timer)
             assert all(t.offers_nogil for t in timers)
-            # Python never had to go on; the periods went through the nogil pump
-            # (the split message's and the first take's through pump_c).
+            # Python never had to go on.  How many wake-ups served the periods is
+            # the scheduler's: a wake-up that comes late (the loop started after
+            # the first period ended, or was kept from the CPU) serves every
+            # period due at once.  What does not depend on it: every wake-up of
+            # the capture stream's timer went through the nogil pump, and the
+            # playback stream's took the GIL (pump_c) only for its first take and
+            # the split message.
             assert all(t.handed_over == 0 for t in timers)
-            assert timers[1].pumped_nogil >= 2 and timers[0].pumped_nogil >= 1
+            assert timers[1].pumped == timers[1].pumped_nogil >= 1
+            assert 1 <= timers[0].pumped - timers[0].pumped_nogil <= 2
     for sig in intr.sigs:
         sig.set_fd(-1)
 
