@@ -49,6 +49,7 @@ cdef class Queue:
     cdef int ensure_ready(self) except -1
     cdef int pop_head(self, uint16_t *head) except -1
     cdef int unpop_c(self, uint16_t head) except -1
+    cdef list _checked_heads(self, heads, str what)
     cdef int _ring_last_is(self, uint16_t head) except -2
     cdef int _pop_head_split(self, uint16_t *head) except -1
     cdef void _publish_used_split(self, uint32_t id_le, uint32_t len_le) noexcept nogil

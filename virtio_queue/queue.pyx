@@ -581,11 +581,7 @@ cdef class Queue:
         Raises:
             InvalidDescriptorIndex: a head is not below the queue size.
         """
-        heads = [int(h) for h in heads]
-        for h in heads:
-            if not 0 <= h < self._size:
-                raise InvalidDescriptorIndex(
-                    f"resubmitted head index {h} out of range (queue size {self._size})")
+        heads = self._checked_heads(heads, "resubmitted")
         heads.reverse()
         self._resubmit = heads
         self._n_resubmit = len(heads)
@@ -623,13 +619,21 @@ cdef class Queue:
         Raises:
             InvalidDescriptorIndex: a head is not below the queue size.
         """
-        hs = [int(x) for x in heads]
-        for x in hs:
-            if not 0 <= x < self._size:
-                raise InvalidDescriptorIndex(
-                    f"unpopped head index {x} out of range (queue size {self._size})")
-        for x in reversed(hs):
+        for x in reversed(self._checked_heads(heads, "unpopped")):
             self.unpop_c(x)
+
+    cdef list _checked_heads(self, heads, str what):
+        """``heads`` as a list of ints, each checked to be below the queue size.
+
+        Raises:
+            InvalidDescriptorIndex: one is not (``what`` names the heads).
+        """
+        hs = [int(h) for h in heads]
+        for h in hs:
+            if not 0 <= h < self._size:
+                raise InvalidDescriptorIndex(
+                    f"{what} head index {h} out of range (queue size {self._size})")
+        return hs
 
     cdef int unpop_c(self, uint16_t head) except -1:
         """:meth:`unpop` for compiled callers."""

@@ -115,6 +115,17 @@ def host_connect(uds: str, port: int) -> socket.socket:
     return c
 
 
+def host_stream_to_guest(vms: Vms, g: VsockDriver, port: int) -> tuple[socket.socket, int]:
+    """A host program connects to guest port ``port`` of CID 3 and the guest accepts
+    with no bytes consumed yet (``fwd_cnt`` 0); returns the host's socket, past its
+    ``OK`` line, and the connection's host-side port."""
+    c = host_connect(vms.uds(3), port)
+    host_port = g.expect(OP_REQUEST).src_port
+    g.send(port, host_port, OP_RESPONSE, fwd_cnt=0)
+    recv_exact(c, len(b"OK %d\n" % host_port))
+    return c, host_port
+
+
 def recv_exact(s: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -208,11 +219,7 @@ def test_host_connects_through_uds_with_connect_ok(vms: Vms) -> None:
 def test_credit_exhaustion_and_recovery(vms: Vms) -> None:
     g = vms.guest(3, buf_alloc=8192)
     try:
-        c = host_connect(vms.uds(3), 81)
-        req = g.expect(OP_REQUEST)
-        port = req.src_port
-        g.send(81, port, OP_RESPONSE, fwd_cnt=0)
-        recv_exact(c, len(b"OK %d\n" % port))
+        c, port = host_stream_to_guest(vms, g, 81)
         c.sendall(bytes(range(256)) * 64)  # 16 KiB, twice the guest's buffer
         got = bytearray()
         asked = False
@@ -287,11 +294,7 @@ def test_host_stream_through_many_credit_stalls_reaches_the_guest_whole(tmp_path
     vms = Vms(tmp_path, [3], env={"VHD_VSOCK_NOGIL": nogil})
     g = vms.guest(3, buf_alloc=16384)
     try:
-        c = host_connect(vms.uds(3), 82)
-        req = g.expect(OP_REQUEST)
-        port = req.src_port
-        g.send(82, port, OP_RESPONSE, fwd_cnt=0)
-        recv_exact(c, len(b"OK %d\n" % port))
+        c, port = host_stream_to_guest(vms, g, 82)
         data = bytes((i * 13) & 0xFF for i in range(2 << 20))
         t = threading.Thread(target=c.sendall, args=(data,))
         t.start()

@@ -15,7 +15,7 @@ import pytest
 from virtio_devices.base import COMMON_FEATURES, VirtioDevice
 from virtio_devices.errors import DeviceNeedsReset, HostFault
 from virtio_devices.testing import DeviceRig
-from virtio_devices.workers import WorkerPool
+from virtio_devices.workers import DeviceJobs, WorkerPool
 from virtio_queue import DescriptorChain
 
 WAIT = 10.0
@@ -129,6 +129,27 @@ def test_worker_bug_breaks_the_device(rig: DeviceRig) -> None:
     assert rig.device.broken is not None
 
 
+def quiesce_while_the_first_job_runs(rig: DeviceRig, a: int) -> DeviceJobs:
+    """Quiesce queue 0 while job ``a`` runs on the one worker and the others wait for
+    it: ``a`` is let finish only once quiesce has cancelled the waiting ones (they
+    are never started).  Returns the device's jobs."""
+    dev = dev_of(rig)
+    jobs = dev._jobs
+    assert jobs is not None
+    queued = jobs.jobs(0)[1:]
+
+    def open_a_once_the_rest_are_cancelled() -> None:
+        for j in queued:
+            j.wait(WAIT)
+        open_gate(rig, a)
+
+    helper = threading.Thread(target=open_a_once_the_rest_are_cancelled)
+    helper.start()
+    dev.quiesce(0)
+    helper.join(WAIT)
+    return jobs
+
+
 def test_quiesce_waits_for_running_jobs_and_returns_cancelled_chains(pool: WorkerPool) -> None:
     """GET_VRING_BASE with work in flight: the running job completes, the queued ones'
     chains go back to the avail ring (they were the last popped)."""
@@ -138,19 +159,7 @@ def test_quiesce_waits_for_running_jobs_and_returns_cancelled_chains(pool: Worke
         rig.kick(0)
         assert dev.started[a].wait(WAIT)  # a runs; b and c wait for the one worker
         assert rig.queues[0].next_avail() == 3
-        jobs = dev._jobs
-        assert jobs is not None
-        queued = jobs.jobs(0)[1:]
-
-        def open_a_once_b_and_c_are_cancelled() -> None:
-            for j in queued:
-                j.wait(WAIT)
-            open_gate(rig, a)
-
-        helper = threading.Thread(target=open_a_once_b_and_c_are_cancelled)
-        helper.start()
-        dev.quiesce(0)
-        helper.join(WAIT)
+        jobs = quiesce_while_the_first_job_runs(rig, a)
         assert rig.used(0) == [(a, 4)]
         assert rig.interrupt.used == [0]
         assert rig.queues[0].next_avail() == 1  # b and c are the driver's again
@@ -173,19 +182,7 @@ def test_quiesce_gives_back_cancelled_resubmitted_chains_in_order() -> None:
         rig.reconnect(0, in_flight=[a, b, c])
         rig.kick(0)
         assert dev.started[a].wait(WAIT)  # a runs; b and c wait for the one worker
-        jobs = dev._jobs
-        assert jobs is not None
-        queued = jobs.jobs(0)[1:]
-
-        def open_a_once_b_and_c_are_cancelled() -> None:
-            for j in queued:
-                j.wait(WAIT)
-            open_gate(rig, a)
-
-        helper = threading.Thread(target=open_a_once_b_and_c_are_cancelled)
-        helper.start()
-        dev.quiesce(0)
-        helper.join(WAIT)
+        quiesce_while_the_first_job_runs(rig, a)
         assert rig.used(0) == [(a, 4)]
         assert rig.queues[0].next_avail() == 4  # the avail entries stay consumed
         assert not dev.started[b].is_set() and not dev.started[c].is_set()
