@@ -129,6 +129,13 @@ cdef enum:
 
 
 @cython.final
+cdef inline int64_t _credit_left(uint32_t tx_cnt, uint32_t buf_alloc, uint32_t fwd_cnt) noexcept nogil:
+    """Bytes the guest can take (§5.10.6.3): its ``buf_alloc`` less what was sent
+    and it has not forwarded yet (``tx_cnt - fwd_cnt``, modulo 2**32); 0 at least."""
+    cdef int64_t free = <int64_t>buf_alloc - <uint32_t>(tx_cnt - fwd_cnt)
+    return free if free > 0 else 0
+
+
 cdef class Conn:
     """One connection (§5.10.6.5): its host socket, credit counters and pending rx
     work.  Counters are u32, as on the wire (§5.10.6.3: all modulo 2^32)."""
@@ -189,8 +196,7 @@ cdef class Conn:
 
     cpdef long peer_free(self):
         """Bytes the guest can take now: its buf_alloc minus what it has not forwarded."""
-        cdef int64_t free = <int64_t>self.peer_buf_alloc - <uint32_t>(self.tx_cnt - self.peer_fwd_cnt)
-        return free if free > 0 else 0
+        return _credit_left(self.tx_cnt, self.peer_buf_alloc, self.peer_fwd_cnt)
 
     cpdef long pending_tx(self):
         """Guest payload received and not yet written to the host socket."""
@@ -559,15 +565,19 @@ cdef inline int _schedule(Conn conn, object ready) except -1:
 
 cdef inline int64_t _free(Conn c) noexcept nogil:
     """``Conn.peer_free`` for compiled callers (also without the GIL)."""
-    cdef int64_t free = <int64_t>c.peer_buf_alloc - <uint32_t>(c.tx_cnt - c.peer_fwd_cnt)
-    return free if free > 0 else 0
+    return _credit_left(c.tx_cnt, c.peer_buf_alloc, c.peer_fwd_cnt)
 
 
 cdef inline bint _wants_input(Conn c) noexcept nogil:
     """Whether the host socket is to be watched for input: the guest can take some
     (the device's ``_watch_input`` decides the same)."""
+    return _wants_input_with(c, _free(c))
+
+
+cdef inline bint _wants_input_with(Conn c, int64_t free) noexcept nogil:
+    """:func:`_wants_input` were the guest's credit ``free``."""
     return (c.est and not c.dead and not c.readable and not c.host_eof
-            and not c.guest_shut & SHUTDOWN_RCV and _free(c) > 0)
+            and not c.guest_shut & SHUTDOWN_RCV and free > 0)
 
 
 cdef inline int _forwarded(Conn conn, uint32_t wrote, uint32_t buf_alloc, object ready) except -1:
@@ -1119,9 +1129,8 @@ cdef int _credit_nogil(State st, Conn c, uint32_t buf_alloc, uint32_t fwd_cnt) n
     stays as it is, and a readable connection that can send again is scheduled
     only into an empty ready queue with its socket muted (``st.pend``); 1 (nothing
     changed) otherwise, or for a seqpacket connection."""
-    cdef int64_t free = <int64_t>buf_alloc - <uint32_t>(c.tx_cnt - fwd_cnt)
-    cdef bint wants = (c.est and not c.readable and not c.host_eof
-                       and not c.guest_shut & SHUTDOWN_RCV and free > 0)
+    cdef int64_t free = _credit_left(c.tx_cnt, buf_alloc, fwd_cnt)
+    cdef bint wants = _wants_input_with(c, free)
     cdef bint schedule = c.readable and free > 0 and not c.in_ready
     if c.seq or wants != c.armed:
         return 1
