@@ -376,6 +376,9 @@ cdef class State:
     # Chains the nogil paths completed (the device's compiled_served); their passes,
     # and those that handed over to the GIL.
     cdef readonly unsigned long long nogil_chains
+    # Chains the compiled paths with the GIL completed (the rest of compiled_served:
+    # counted here, not through the device's chains_served property per pass).
+    cdef readonly unsigned long long chains
     cdef readonly unsigned long long nogil_passes
     cdef readonly unsigned long long nogil_handed
 
@@ -461,7 +464,9 @@ cdef int _notify(object device, State st, Queue queue, int index) except -1:
     if interrupt is not st.sig_owner:
         _signallers(st, interrupt)
     sig = st.sig_rx if index == RX else st.sig_tx
-    if sig is not None:
+    if type(sig) is Signaller:
+        (<Signaller>sig).signal_nogil()
+    elif sig is not None:
         sig()
     else:
         interrupt.signal_used(index)
@@ -502,7 +507,8 @@ cdef int _settle(object device, State st) except -1:
     st.idle = False
     st.head_ok = False
     st.head = None
-    if not (st.nogil and st.compiled and st.rx_live) or device.broken is not None or not device.active:
+    # (device._broken: the broken property's field, read without its Python frame.)
+    if not (st.nogil and st.compiled and st.rx_live) or device._broken is not None or not device.active:
         return 0
     interrupt = device.interrupt
     if interrupt is None:
@@ -1221,12 +1227,12 @@ cdef int _drain_tx_nogil(State st) noexcept nogil:
 
 cdef int _serve_tx(object device, State st) except -1:
     cdef Queue queue
-    if device.broken is not None:
+    if device._broken is not None:
         raise DeviceNeedsReset(f"{device.name}: device is broken ({device.broken!r}) until it is reset")
     device._quiesced[TX] = False  # a kick: the queue is the device's again
     queue = device.queues[TX]
     try:
-        drain_tx(device, st, queue)
+        _drain_tx_c(device, st, queue)
     except InvalidAvailRingIndex:
         queue.ready = False
         raise
@@ -1272,6 +1278,11 @@ def drain_tx(object device, State st, Queue queue):
             ``Queue.pop_chain``/``add_used`` raise them.
         Exception: what ``device._call`` lets through (DeviceNeedsReset, a bug).
     """
+    return _drain_tx_c(device, st, queue)
+
+
+cdef Py_ssize_t _drain_tx_c(object device, State st, Queue queue) except -1:
+    """:func:`drain_tx` for compiled callers (no Python call)."""
     cdef Py_ssize_t served = 0
     st.live = False
     _unpend(st)
@@ -1279,7 +1290,7 @@ def drain_tx(object device, State st, Queue queue):
         _drain_tx_loop(device, st, queue, &served)
     finally:
         if served:
-            device.chains_served = device.chains_served + served
+            st.chains += <unsigned long long>served
             _notify(device, st, queue, TX)
     return served
 
@@ -1907,6 +1918,6 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
             # which moving next_avail back would lose).
             queue.unpop(head)
         if added:
-            device.chains_served = device.chains_served + added
+            st.chains += <unsigned long long>added
             _notify(device, st, queue, RX)
     return added
