@@ -126,6 +126,9 @@ cdef enum:
     NAP_BACKOFF_MAX = 64
     # Connections the nogil paths can look up (see State.cand).
     NCAND = 16
+    # The most payload buffers of a guest -> host RW packet the nogil path writes
+    # (see _tx_rw_nogil).
+    RW_IOV = 16
 
 
 @cython.final
@@ -381,6 +384,18 @@ cdef class State:
     cdef readonly unsigned long long chains
     cdef readonly unsigned long long nogil_passes
     cdef readonly unsigned long long nogil_handed
+    # The device (its _tx_buffer): set by it, for _unpart.
+    cdef public object owner
+    # A guest -> host RW packet whose payload the host socket took only in part
+    # without the GIL (_tx_rw_nogil): its chain (popped, not used yet), the bytes
+    # the socket took, the payload's length and its connection (borrowed: the
+    # connection table of the last pass with the GIL, cand_refs, keeps it alive
+    # until _unpart, which every pass with the GIL runs first).  See _unpart.
+    cdef readonly bint part
+    cdef uint16_t part_head
+    cdef uint32_t part_off
+    cdef uint32_t part_len
+    cdef PyObject *part_conn
 
     def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc,
                  dict by_fd=None):
@@ -488,15 +503,45 @@ cdef int _unpend(State st) except -1:
     (it was empty then; the Python path's appends came after), where the paths
     with the GIL find it; a dropped one just leaves."""
     cdef Conn conn
-    if st.pend == NULL:
-        return 0
-    conn = <Conn>st.pend
-    st.pend = NULL
-    st.head_ok = False
-    if conn.dead:
-        conn.in_ready = False
-    else:
-        st.ready.appendleft(conn)
+    if st.pend != NULL:
+        conn = <Conn>st.pend
+        st.pend = NULL
+        st.head_ok = False
+        if conn.dead:
+            conn.in_ready = False
+        else:
+            st.ready.appendleft(conn)
+    if st.part:
+        _unpart(st)
+    return 0
+
+
+cdef int _unpart(State st) except -1:
+    """The RW packet a nogil pass wrote in part (``st.part``, see
+    :func:`_tx_rw_nogil`), finished as the tx drain with the GIL finishes one whose
+    payload the host socket took in part: the whole payload counted received, the
+    bytes the socket took forwarded, the rest kept in the connection's buffer
+    until the socket is writable (``_tx_buffer``), and the chain used.  So no
+    byte is lost or sent twice.  A connection dropped meanwhile takes no bytes;
+    the chain is used all the same."""
+    cdef Conn conn = <Conn>st.part_conn
+    cdef Queue queue = st.txq
+    cdef DescriptorChain chain
+    cdef Reader r
+    device = st.owner
+    st.part = False
+    st.part_conn = NULL
+    conn.rx_cnt += st.part_len
+    if not conn.dead:
+        chain = make_chain(queue._snap, queue._memory, queue._desc, queue._desc_gpa, queue._size,
+                           st.part_head)
+        r = make_reader(chain)
+        r._advance(HDR_SIZE + st.part_off)
+        device._tx_buffer(conn, r, st.part_len - st.part_off)
+        _forwarded(conn, st.part_off, st.buf_alloc, st.ready)
+    queue.add_used_c(st.part_head, 0)
+    st.chains += 1
+    _notify(device, st, queue, TX)
     return 0
 
 
@@ -548,6 +593,8 @@ cdef int _cands(State st) except -1:
     """Take the device's connections into ``st.cand`` (none beyond NCAND)."""
     cdef int i = 0
     cdef Py_ssize_t n = len(st.conns)
+    if st.part:
+        _unpart(st)  # (its connection is one of cand_refs)
     st.ncand = 0
     st.cand_refs = None
     st.cand_miss = False
@@ -786,7 +833,7 @@ cdef int _drop(object device, State st, Conn conn) except -1:
     cdef PyObject *p
     if conn.dead:
         return 0
-    if st.pend == <PyObject *>conn:
+    if st.pend == <PyObject *>conn or st.part:
         _unpend(st)
     if conn.want_write or conn.local_alloc:
         device._drop(conn)
@@ -913,6 +960,8 @@ cdef int _fill_rx_nogil(State st) noexcept nogil:
     if not st.live:
         return 1
     if st.pend != NULL:
+        if not (<Conn>st.pend).readable:
+            return _credit_only_nogil(st, <Conn>st.pend)
         return _pend_nogil(st, <Conn>st.pend)
     if st.idle:
         return 0
@@ -1153,6 +1202,165 @@ cdef int _credit_nogil(State st, Conn c, uint32_t buf_alloc, uint32_t fwd_cnt) n
     return 0
 
 
+cdef int _credit_only_nogil(State st, Conn c) noexcept nogil:
+    """:func:`_fill_rx_nogil` for the connection a nogil path scheduled with only credit
+    to say and no host data waiting (the guest -> host stream's CREDIT_UPDATE, see
+    :func:`_tx_rw_nogil`): a CREDIT_UPDATE if owed, else the CREDIT_REQUEST, one
+    header per buffer (§5.10.6.3), as ``_fill_rx`` writes them; the connection
+    leaves the ready queue when nothing is owed any more, and stays scheduled while
+    no buffer is left (notifications on: the driver's kick comes here again).  1
+    hands it over, still scheduled: another owed packet, another buffer shape, the
+    rings not current."""
+    cdef ChainCursor cur
+    cdef vring_desc d
+    cdef unsigned char *p
+    cdef uint16_t head_i, op
+    cdef int avail, e, rc = 0
+    cdef Py_ssize_t added = 0
+    if c.dead or c.seq or not c.ops or c.ops & ~P_CREDIT or not st.rxq._ready:
+        return 1
+    while c.ops:
+        avail = st.rxq.avail_count_nogil()
+        if avail < 0:
+            rc = 1
+            break
+        if avail == 0:
+            e = st.rxq.enable_notification_nogil()
+            if e < 0:
+                rc = 1
+            elif e:
+                continue
+            break
+        head_i = st.rxq.avail_head_nogil(0)
+        if head_i >= st.rxq._size:
+            rc = 1
+            break
+        chain_start(&cur, st.rxq._desc, st.rxq._desc_gpa, st.rxq._size, head_i)
+        if (chain_next(st.rxq._snap, &cur, &d) != 1 or cur.has_next
+                or not d.flags & VRING_DESC_F_WRITE or d.len < HDR_SIZE):
+            rc = 1
+            break
+        p = snap_ptr_w(st.rxq._snap, d.addr, HDR_SIZE)
+        if p == NULL:
+            rc = 1
+            break
+        op = OP_CREDIT_UPDATE if c.ops & P_CREDIT_UPDATE else OP_CREDIT_REQUEST
+        _hdr_at(p, c, op, 0, st.guest_cid, st.buf_alloc, c.fwd_cnt)
+        c.last_fwd_sent = c.fwd_cnt
+        c.ops &= ~P_CREDIT_UPDATE
+        if op == OP_CREDIT_REQUEST:
+            c.ops &= ~P_CREDIT_REQUEST
+        st.rxq.pop_heads_nogil(1)
+        st.rxq.add_used_nogil(head_i, HDR_SIZE)
+        added += 1
+    if not c.ops:
+        _leave_nogil(st, c)
+    if _rx_signal_nogil(st, added):
+        rc = 1
+    return rc
+
+
+cdef int _tx_rw_nogil(State st, uint16_t head, ChainCursor *cur, vring_desc *d,
+                      const unsigned char *h) noexcept nogil:
+    """The guest -> host RW packet of chain ``head`` (the first available; its first
+    descriptor ``d``, header ``h``, type, op and CIDs checked) without the GIL, as
+    the tx drain with the GIL takes one (§5.10.6.3): a stream connection that is
+    established, has nothing buffered and was not shut by the guest, the payload
+    within its buffers and the credit we gave; the packet's credit taken
+    (:func:`_credit_nogil`), the payload written to the host socket with one
+    ``writev`` straight from the buffers, counted received and forwarded, a
+    CREDIT_UPDATE scheduled when the guest's view of our free space falls below
+    half, the chain used: 0.
+
+    Only packets of at least half our credit (or with the tx nap off): a smaller
+    one is a stream's that the drain with the GIL batches and naps for.  1, the
+    chain left where it is, for anything else: the connection not in the table
+    or not in that state, the CREDIT_UPDATE not schedulable here, another buffer
+    shape, the socket taking nothing (full: EAGAIN) or failing (the path with the
+    GIL meets it again).  A socket that takes part of the payload: the chain is
+    taken, the part recorded (``st.part``) and 1; the pass with the GIL that
+    follows at once finishes it (:func:`_unpart`)."""
+    cdef uint32_t length = _u32(h + 24)
+    cdef PyObject *cp
+    if length == 0 or (length < st.buf_alloc // 2 and st.nap_ns > 0 and st.wait_fd >= 0):
+        return 1
+    cp = _cand_find(st, _u32(h + 20), _u32(h + 16))
+    if cp == NULL:
+        st.cand_miss = True
+        return 1
+    return _tx_rw_conn_nogil(st, head, cur, d, h, <Conn>cp, length)
+
+
+cdef int _tx_rw_conn_nogil(State st, uint16_t head, ChainCursor *cur, vring_desc *d,
+                           const unsigned char *h, Conn c, uint32_t length) noexcept nogil:
+    """:func:`_tx_rw_nogil` once its connection ``c`` is found."""
+    cdef iovec iov[RW_IOV]
+    cdef int k = 0
+    cdef size_t got = 0, take
+    cdef unsigned char *p
+    cdef ssize_t r
+    if (not c.est or c.seq or c.guest_shut or c.want_write or c.connecting
+            or <int64_t>length > <int64_t>st.buf_alloc - <uint32_t>(c.rx_cnt - c.fwd_cnt)):
+        return 1
+    if not c.in_ready and not (st.idle and st.pend == NULL):
+        return 1  # its CREDIT_UPDATE could not be scheduled here
+    # The payload: after the header in its descriptor, then the next ones (readable).
+    if d.len > HDR_SIZE:
+        take = d.len - HDR_SIZE
+        if take > length:
+            take = length
+        p = <unsigned char *>snap_ptr(st.txq._snap, d.addr + HDR_SIZE, take)
+        if p == NULL:
+            return 1
+        iov[0].iov_base = p
+        iov[0].iov_len = take
+        got = take
+        k = 1
+    while got < length:
+        if k == RW_IOV or chain_next(st.txq._snap, cur, d) != 1 or d.flags & VRING_DESC_F_WRITE:
+            return 1
+        if d.len == 0:
+            continue
+        take = d.len
+        if take > length - got:
+            take = length - got
+        p = <unsigned char *>snap_ptr(st.txq._snap, d.addr, take)
+        if p == NULL:
+            return 1
+        iov[k].iov_base = p
+        iov[k].iov_len = take
+        got += take
+        k += 1
+    if _credit_nogil(st, c, _u32(h + 36), _u32(h + 40)):
+        return 1
+    while True:
+        r = writev(c.fd, iov, k)
+        if r >= 0 or errno != EINTR:
+            break
+    if r <= 0:
+        return 1  # full (EAGAIN) or failing: nothing written, the path with the GIL
+    st.txq.pop_heads_nogil(1)
+    if <size_t>r < length:
+        st.part = True
+        st.part_head = head
+        st.part_off = <uint32_t>r
+        st.part_len = length
+        st.part_conn = <PyObject *>c
+        return 1
+    st.txq.add_used_nogil(head, 0)
+    c.rx_cnt += length
+    c.fwd_cnt += length
+    if (<int64_t>st.buf_alloc - <uint32_t>(c.rx_cnt - c.last_fwd_sent)
+            < <int64_t>(st.buf_alloc // 2) + 1):
+        # §5.10.6.3, as _forwarded: the guest's view of our free space fell below half.
+        c.ops |= P_CREDIT_UPDATE
+        if not c.in_ready:
+            st.pend = <PyObject *>c
+            c.in_ready = True
+            st.idle = False
+    return 0
+
+
 cdef int _drain_tx_nogil(State st) noexcept nogil:
     """The tx drain (:func:`drain_tx`) without the GIL, for the steady state of a
     host-to-guest stream (see KickPump): 0 when done, 1 when the pass with the GIL
@@ -1186,13 +1394,22 @@ cdef int _drain_tx_nogil(State st) noexcept nogil:
                 rc = 1
                 break
             chain_start(&cur, st.txq._desc, st.txq._desc_gpa, st.txq._size, head)
-            if (chain_next(st.txq._snap, &cur, &d) != 1 or cur.has_next
+            if (chain_next(st.txq._snap, &cur, &d) != 1
                     or d.flags & VRING_DESC_F_WRITE or d.len < HDR_SIZE):
                 rc = 1
                 break
             h = snap_ptr(st.txq._snap, d.addr, HDR_SIZE)
-            if (h == NULL or _u16(h + 30) != OP_CREDIT_UPDATE or _u16(h + 28) != TYPE_STREAM
-                    or _u64(h) != st.guest_cid or _u64(h + 8) != HOST_CID or _u32(h + 24) != 0):
+            if (h == NULL or _u16(h + 28) != TYPE_STREAM
+                    or _u64(h) != st.guest_cid or _u64(h + 8) != HOST_CID):
+                rc = 1
+                break
+            if _u16(h + 30) == OP_RW:
+                if _tx_rw_nogil(st, head, &cur, &d, h):
+                    rc = 1
+                    break
+                served += 1
+                continue
+            if cur.has_next or _u16(h + 30) != OP_CREDIT_UPDATE or _u32(h + 24) != 0:
                 rc = 1
                 break
             c = _cand_find(st, _u32(h + 20), _u32(h + 16))

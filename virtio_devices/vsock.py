@@ -360,6 +360,7 @@ class VsockDevice(VirtioDevice):
             self.conns, self._ready, self._loose, guest_cid, tx_buffer_size, self._by_fd
         )
         self._fast.nap_ns = tx_nap_us * 1000
+        self._fast.owner = self
         self._fast.nogil = nogil
         if isinstance(host, UnixHost) and host.path and not host.path.startswith("\0"):
             # A guest's stream REQUEST is connected in compiled code (UnixHost.connect's

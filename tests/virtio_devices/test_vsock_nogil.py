@@ -111,8 +111,9 @@ def test_host_to_guest_stream_served_without_the_gil_as_with_it(host: UnixHost) 
     "op", [OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_REQUEST, "unknown connection"]
 )
 def test_every_other_tx_packet_is_handed_over_untouched(host: UnixHost, op: int | str) -> None:
-    """A tx chain the nogil path does not serve (any op but CREDIT_UPDATE, or a
-    CREDIT_UPDATE for no connection it knows) is left in the ring: its kick is
+    """A tx chain the nogil path does not serve (any op but CREDIT_UPDATE and RW, or
+    a packet of a connection it does not know: this test's RW is one, its
+    connection not yet in the table the nogil path looks up) is left in the ring: its kick is
     handed over with nothing used, and the pass with the GIL answers it as the
     path with the GIL alone does."""
     answers = {}
@@ -190,3 +191,133 @@ def test_a_missed_invalidation_is_caught_by_the_order_check(host: UnixHost) -> N
             g.close()
     assert firsts["touched"] == firsts["gil"] == (OP_RST, 9)
     assert firsts["planted"] == (OP_RW, LOCAL_PORT_FIRST)
+
+
+# -- guest -> host RW packets without the GIL -----------------------------------------------
+BIG = 40 * 1024  # at least half the credit the device gives (64 KiB): never a nap's packet
+
+
+def _known(g: VsockGuest) -> None:
+    """A CREDIT_UPDATE first: the nogil paths look a connection up in the table the
+    last pass with the GIL took, which a lookup that missed has it take afresh."""
+    g.send(PORT, LOCAL_PORT_FIRST, OP_CREDIT_UPDATE)
+    g.pump()
+    g.received()
+
+
+def _rw(g: VsockGuest, data: bytes) -> None:
+    """One guest -> host RW packet on the open stream: header and payload in two
+    descriptors, as Linux's driver posts them; not kicked."""
+    g.rig.add_request(TX, readable=[_hdr(g, PORT, LOCAL_PORT_FIRST, OP_RW, len(data)), data])
+
+
+def _drain(g: VsockGuest, c: socket.socket, want: int) -> bytes:
+    """Read the host end until ``want`` bytes came, the loop pumped between reads (a
+    full socket's buffered rest goes out as it turns writable)."""
+    got = b""
+    for _ in range(1000):
+        with contextlib.suppress(BlockingIOError):
+            got += c.recv(1 << 20)
+        if len(got) >= want:
+            break
+        g.pump()
+    return got
+
+
+def test_guest_to_host_rw_served_without_the_gil_as_with_it(host: UnixHost) -> None:
+    """A big RW packet (header and payload in two buffers) on an open stream, served
+    by the nogil tx path: the chain used, the payload on the host socket, the
+    CREDIT_UPDATE owed (§5.10.6.3: our free space fell below half) on rx, the same
+    packets and bytes as the path with the GIL; the nogil path served the kick
+    (nothing handed over)."""
+    answers = {}
+    for nogil in (False, True):
+        g, c = _connect(host, nogil)
+        try:
+            kicks = g.nogil
+            _known(g)
+            data = _data(BIG)
+            _rw(g, data)
+            before = g.rig.mocks[TX].used_idx()
+            if kicks is not None:
+                assert not kicks.pumps[TX].serve_nogil()  # served
+            else:
+                g.rig.kick(TX)
+            assert g.rig.mocks[TX].used_idx() == before + 1
+            assert _drain(g, c, BIG) == data
+            answers[nogil] = [(p.op, p.hdr.fwd_cnt, len(p.data)) for p in g.received()]
+            assert not g.device._fast.part
+        finally:
+            c.close()
+            g.close()
+    assert answers[True] == answers[False] == [(OP_CREDIT_UPDATE, BIG, 0)]
+
+
+def _device_sock(g: VsockGuest) -> socket.socket:
+    [conn] = g.device.conns.values()
+    return conn.sock  # type: ignore[no-any-return]
+
+
+def test_guest_to_host_rw_partly_taken_is_finished_with_the_gil(host: UnixHost) -> None:
+    """A planted partial write: the host socket (its send buffer made small, the host
+    not reading) takes only part of a big RW packet's payload without the GIL.  The
+    chain is taken and the part recorded, the kick handed over; the pass with the
+    GIL that follows keeps the rest in the connection's buffer and uses the chain.
+    Every byte reaches the host once, in order (the bytes after the packet too),
+    and the guest's credit counts them all (§5.10.6.3)."""
+    g, c = _connect(host, True)
+    try:
+        kicks = g.nogil
+        assert kicks is not None
+        _known(g)
+        _device_sock(g).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = _data(BIG)
+        _rw(g, data)
+        tx = g.rig.mocks[TX]
+        before = tx.used_idx()
+        assert kicks.pumps[TX].serve_nogil()  # handed over...
+        fast = g.device._fast
+        assert fast.part  # ... with the packet written in part
+        assert tx.used_idx() == before
+        assert not kicks.pumps[TX].pump()  # pump_c finished it
+        assert not fast.part and tx.used_idx() == before + 1
+        [conn] = g.device.conns.values()
+        assert 0 < len(conn.txbuf) < BIG
+        tail = _data(100)[::-1]
+        g.send(PORT, LOCAL_PORT_FIRST, OP_RW, tail)  # queued behind the buffered rest
+        assert _drain(g, c, BIG + len(tail)) == data + tail
+        g.pump()
+        credit = [p.hdr.fwd_cnt for p in g.received() if p.op == OP_CREDIT_UPDATE]
+        assert credit and credit[-1] == BIG + len(tail)
+    finally:
+        c.close()
+        g.close()
+
+
+def test_guest_to_host_rw_to_a_full_socket_is_handed_over_untouched(host: UnixHost) -> None:
+    """The host socket full (EAGAIN): the nogil path writes nothing and leaves the chain
+    in the ring; the pass with the GIL buffers the packet and every byte reaches the
+    host once the socket drains."""
+    g, c = _connect(host, True)
+    try:
+        kicks = g.nogil
+        assert kicks is not None
+        _known(g)
+        sock = _device_sock(g)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        filler = b""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filler += b"f" * sock.send(b"f" * 1024)
+        data = _data(BIG)
+        _rw(g, data)
+        tx = g.rig.mocks[TX]
+        before = tx.used_idx()
+        assert kicks.pumps[TX].serve_nogil()
+        assert tx.used_idx() == before and not g.device._fast.part
+        assert not kicks.pumps[TX].pump()
+        assert tx.used_idx() == before + 1
+        assert _drain(g, c, len(filler) + BIG) == filler + data
+    finally:
+        c.close()
+        g.close()
