@@ -127,7 +127,7 @@ cdef enum:
     # Connections the nogil paths can look up (see State.cand).
     NCAND = 16
     # The most payload buffers of a guest -> host RW packet the nogil path writes
-    # (see _tx_rw_nogil).
+    # (see _rw_add_nogil).
     RW_IOV = 16
 
 
@@ -1260,50 +1260,29 @@ cdef int _credit_only_nogil(State st, Conn c) noexcept nogil:
     return rc
 
 
-cdef int _tx_rw_nogil(State st, uint16_t head, ChainCursor *cur, vring_desc *d,
-                      const unsigned char *h) noexcept nogil:
-    """The guest -> host RW packet of chain ``head`` (the first available; its first
-    descriptor ``d``, header ``h``, type, op and CIDs checked) without the GIL, as
-    the tx drain with the GIL takes one (§5.10.6.3): a stream connection that is
+cdef int _rw_add_nogil(State st, Conn c, ChainCursor *cur, vring_desc *d, const unsigned char *h,
+                       uint32_t length, size_t queued, iovec *iov, int room) noexcept nogil:
+    """Take the guest -> host RW packet (first descriptor ``d``, header ``h``, type,
+    op and CIDs checked; ``length`` payload bytes) of connection ``c`` into a nogil
+    tx batch, as the drain with the GIL takes one (§5.10.6.3): a stream that is
     established, has nothing buffered and was not shut by the guest, the payload
-    within its buffers and the credit we gave; the packet's credit taken
-    (:func:`_credit_nogil`), the payload written to the host socket with one
-    ``writev`` straight from the buffers, counted received and forwarded, a
-    CREDIT_UPDATE scheduled when the guest's view of our free space falls below
-    half, the chain used: 0.
-
-    Only packets of at least half our credit (or with the tx nap off): a smaller
-    one is a stream's that the drain with the GIL batches and naps for.  1, the
-    chain left where it is, for anything else: the connection not in the table
-    or not in that state, the CREDIT_UPDATE not schedulable here, another buffer
-    shape, the socket taking nothing (full: EAGAIN) or failing (the path with the
-    GIL meets it again).  A socket that takes part of the payload: the chain is
-    taken, the part recorded (``st.part``) and 1; the pass with the GIL that
-    follows at once finishes it (:func:`_unpart`)."""
-    cdef uint32_t length = _u32(h + 24)
-    cdef PyObject *cp
-    if length == 0 or (length < st.buf_alloc // 2 and st.nap_ns > 0 and st.wait_fd >= 0):
-        return 1
-    cp = _cand_find(st, _u32(h + 20), _u32(h + 16))
-    if cp == NULL:
-        st.cand_miss = True
-        return 1
-    return _tx_rw_conn_nogil(st, head, cur, d, h, <Conn>cp, length)
-
-
-cdef int _tx_rw_conn_nogil(State st, uint16_t head, ChainCursor *cur, vring_desc *d,
-                           const unsigned char *h, Conn c, uint32_t length) noexcept nogil:
-    """:func:`_tx_rw_nogil` once its connection ``c`` is found."""
-    cdef iovec iov[RW_IOV]
+    within its buffers and, with the ``queued`` bytes of the batch before it, the
+    credit we gave, and its CREDIT_UPDATE schedulable here (``c`` already in the
+    ready queue, or the queue empty); then its payload's buffers into ``iov`` (at
+    most ``room``) and the packet's credit taken (:func:`_credit_nogil`).  The
+    number of iovecs, or -1 (nothing taken, the packet's credit not either) for
+    anything else."""
     cdef int k = 0
     cdef size_t got = 0, take
     cdef unsigned char *p
-    cdef ssize_t r
+    if length == 0:
+        return -1
     if (not c.est or c.seq or c.guest_shut or c.want_write or c.connecting
-            or <int64_t>length > <int64_t>st.buf_alloc - <uint32_t>(c.rx_cnt - c.fwd_cnt)):
-        return 1
+            or <int64_t>length + <int64_t>queued
+            > <int64_t>st.buf_alloc - <uint32_t>(c.rx_cnt - c.fwd_cnt)):
+        return -1
     if not c.in_ready and not (st.idle and st.pend == NULL):
-        return 1  # its CREDIT_UPDATE could not be scheduled here
+        return -1  # its CREDIT_UPDATE could not be scheduled here
     # The payload: after the header in its descriptor, then the next ones (readable).
     if d.len > HDR_SIZE:
         take = d.len - HDR_SIZE
@@ -1311,14 +1290,14 @@ cdef int _tx_rw_conn_nogil(State st, uint16_t head, ChainCursor *cur, vring_desc
             take = length
         p = <unsigned char *>snap_ptr(st.txq._snap, d.addr + HDR_SIZE, take)
         if p == NULL:
-            return 1
+            return -1
         iov[0].iov_base = p
         iov[0].iov_len = take
         got = take
         k = 1
     while got < length:
-        if k == RW_IOV or chain_next(st.txq._snap, cur, d) != 1 or d.flags & VRING_DESC_F_WRITE:
-            return 1
+        if k == room or chain_next(st.txq._snap, cur, d) != 1 or d.flags & VRING_DESC_F_WRITE:
+            return -1
         if d.len == 0:
             continue
         take = d.len
@@ -1326,70 +1305,151 @@ cdef int _tx_rw_conn_nogil(State st, uint16_t head, ChainCursor *cur, vring_desc
             take = length - got
         p = <unsigned char *>snap_ptr(st.txq._snap, d.addr, take)
         if p == NULL:
-            return 1
+            return -1
         iov[k].iov_base = p
         iov[k].iov_len = take
         got += take
         k += 1
     if _credit_nogil(st, c, _u32(h + 36), _u32(h + 40)):
-        return 1
-    while True:
-        r = writev(c.fd, iov, k)
-        if r >= 0 or errno != EINTR:
-            break
-    if r <= 0:
-        return 1  # full (EAGAIN) or failing: nothing written, the path with the GIL
-    st.txq.pop_heads_nogil(1)
-    if <size_t>r < length:
-        st.part = True
-        st.part_head = head
-        st.part_off = <uint32_t>r
-        st.part_len = length
-        st.part_conn = <PyObject *>c
-        return 1
-    st.txq.add_used_nogil(head, 0)
-    c.rx_cnt += length
-    c.fwd_cnt += length
-    if (<int64_t>st.buf_alloc - <uint32_t>(c.rx_cnt - c.last_fwd_sent)
+        return -1
+    return k
+
+
+cdef inline void _forwarded_nogil(State st, Conn c, uint32_t n) noexcept nogil:
+    """``n`` guest bytes of ``c`` received and written to the host (the GIL path's
+    ``rx_cnt`` and :func:`_forwarded`): a CREDIT_UPDATE scheduled when the guest's
+    view of our free space falls below half (§5.10.6.3); :func:`_rw_add_nogil`
+    made sure it can be."""
+    c.rx_cnt += n
+    c.fwd_cnt += n
+    if (c.fwd_cnt != c.last_fwd_sent
+            and <int64_t>st.buf_alloc - <uint32_t>(c.rx_cnt - c.last_fwd_sent)
             < <int64_t>(st.buf_alloc // 2) + 1):
-        # §5.10.6.3, as _forwarded: the guest's view of our free space fell below half.
         c.ops |= P_CREDIT_UPDATE
         if not c.in_ready:
             st.pend = <PyObject *>c
             c.in_ready = True
             st.idle = False
+
+
+cdef int _rw_flush_nogil(State st, Conn c, iovec *iov, int niov, uint16_t *heads,
+                         uint32_t *lens, int n, Py_ssize_t *served) noexcept nogil:
+    """Write a nogil tx batch (the first ``n`` available chains, RW packets of ``c``,
+    looked at and not taken yet) to the host socket with one ``writev``: 0 when the
+    socket took it all (the chains taken and used, the bytes counted).  1 hands
+    over: the socket took nothing (full, EAGAIN, or failing: the path with the GIL
+    meets it again), the chains left where they are; or it took part: the chains
+    it took whole are used, the one it took in part is taken and recorded
+    (``st.part``, finished by the pass with the GIL, :func:`_unpart`), the rest
+    left where they are (the pass with the GIL buffers them after it)."""
+    cdef ssize_t r
+    cdef size_t left
+    cdef int k = 0, j
+    while True:
+        r = writev(c.fd, iov, niov)
+        if r >= 0 or errno != EINTR:
+            break
+    if r <= 0:
+        return 1
+    left = <size_t>r
+    while k < n and left >= lens[k]:
+        left -= lens[k]
+        k += 1
+    if k:
+        st.txq.pop_heads_nogil(<uint16_t>k)
+        for j in range(k):
+            st.txq.add_used_nogil(heads[j], 0)
+        served[0] += k
+        _forwarded_nogil(st, c, <uint32_t>(<size_t>r - left))
+    if k == n:
+        return 0
+    if left:
+        st.txq.pop_heads_nogil(1)
+        st.part = True
+        st.part_head = heads[k]
+        st.part_off = <uint32_t>left
+        st.part_len = lens[k]
+        st.part_conn = <PyObject *>c
+    return 1
+
+
+cdef int _tx_signal_nogil(State st, Py_ssize_t served) noexcept nogil:
+    """The used notification of tx after ``served`` chains (§2.7.10, EVENT_IDX aware);
+    1 when the rings were not current (owed to the pass with the GIL)."""
+    cdef int e
+    if not served:
+        return 0
+    st.nogil_chains += <unsigned long long>served
+    e = st.txq.needs_notification_nogil()
+    if e < 0:
+        st.owed_tx = True
+        return 1
+    if e:
+        st.sig_tx_c.signal_nogil()
     return 0
+
+
+cdef bint _tx_nap_nogil(int wait_fd, long long nap_ns) noexcept nogil:
+    """:func:`_tx_nap` for the nogil tx drain (already without the GIL)."""
+    cdef pollfd p
+    cdef timespec t
+    p.fd = wait_fd
+    p.events = POLLIN
+    p.revents = 0
+    t.tv_sec = nap_ns // 1000000000
+    t.tv_nsec = nap_ns % 1000000000
+    return ppoll(&p, 1, &t, NULL) == 0
 
 
 cdef int _drain_tx_nogil(State st) noexcept nogil:
     """The tx drain (:func:`drain_tx`) without the GIL, for the steady state of a
-    host-to-guest stream (see KickPump): 0 when done, 1 when the pass with the GIL
-    must go on.  Each available chain that is the guest's CREDIT_UPDATE for a
-    stream connection (one readable buffer holding the header, no payload,
-    §5.10.6.3) updates its credit (:func:`_credit_nogil`) and is used, with notifications off
-    while draining and on again at the end (§2.7.10); then rx gets what it is
-    owed (:func:`_fill_rx_nogil`), as after the drain with the GIL.  Any other
-    chain is left first in the ring for the pass with the GIL, as is one whose
-    credit would change the socket's watch."""
+    stream (see KickPump): 0 when done, 1 when the pass with the GIL must go on.
+    The available chains, with notifications off while draining and on again at
+    the end (§2.7.10): the guest's CREDIT_UPDATEs for a stream connection (one
+    readable buffer holding the header, no payload, §5.10.6.3) update its credit
+    (:func:`_credit_nogil`) and are used; a stream's RW packets to the host
+    (:func:`_rw_add_nogil`), consecutive ones of one connection in one
+    ``writev`` (:func:`_rw_flush_nogil`), as the drain with the GIL batches them.
+    A pass that took stream data naps and drains again as :func:`drain_tx` does
+    (the same rule, back-off and counters; the wait is ``ppoll`` on the loop's
+    epoll fd), rx getting what it is owed (a CREDIT_UPDATE) and tx its used
+    notification first.  At the end rx gets what it is owed
+    (:func:`_fill_rx_nogil`), as after the drain with the GIL.  Any other chain is
+    left first in the ring for the pass with the GIL, as is one whose credit
+    would change the socket's watch, and the RW packets not written yet."""
     cdef ChainCursor cur
     cdef vring_desc d
     cdef const unsigned char *h
     cdef PyObject *c
-    cdef uint16_t head
-    cdef int n, e, rc = 0
-    cdef Py_ssize_t served = 0
+    cdef PyObject *bc = NULL
+    cdef iovec iov[BATCH_IOV]
+    cdef uint16_t heads[BATCH_MAX]
+    cdef uint32_t lens[BATCH_MAX]
+    cdef int n = 0, niov = 0, k, avail, e, rc = 0
+    cdef size_t total = 0
+    cdef uint16_t head, op
+    cdef uint32_t length
+    cdef Py_ssize_t served = 0, pass_rw
+    cdef uint64_t pass_bytes
+    cdef int naps = 0
+    cdef bint may_nap = st.wait_fd >= 0 and st.nap_ns > 0
+    cdef bint after_nap = False
     if not st.live or not st.tx_live or not st.txq._ready:
         return 1
     while True:
         if st.txq.disable_notification_nogil() < 0:
             rc = 1
             break
+        pass_rw = 0
+        pass_bytes = 0
         while True:
-            n = st.txq.avail_count_nogil()
-            if n <= 0:
-                rc = n < 0
+            avail = st.txq.avail_count_nogil()
+            if avail < 0:
+                rc = 1
                 break
-            head = st.txq.avail_head_nogil(0)
+            if avail <= n:
+                break
+            head = st.txq.avail_head_nogil(<uint16_t>n)
             if head >= st.txq._size:
                 rc = 1
                 break
@@ -1403,40 +1463,95 @@ cdef int _drain_tx_nogil(State st) noexcept nogil:
                     or _u64(h) != st.guest_cid or _u64(h + 8) != HOST_CID):
                 rc = 1
                 break
-            if _u16(h + 30) == OP_RW:
-                if _tx_rw_nogil(st, head, &cur, &d, h):
+            op = _u16(h + 30)
+            length = _u32(h + 24)
+            if op != OP_RW:
+                if n:
+                    # Anything else comes after the batch's bytes.
+                    if _rw_flush_nogil(st, <Conn>bc, iov, niov, heads, lens, n, &served):
+                        rc = 1
+                        break
+                    n = niov = 0
+                    total = 0
+                    continue
+                if cur.has_next or op != OP_CREDIT_UPDATE or length != 0:
                     rc = 1
                     break
-                served += 1
-                continue
-            if cur.has_next or _u16(h + 30) != OP_CREDIT_UPDATE or _u32(h + 24) != 0:
-                rc = 1
-                break
             c = _cand_find(st, _u32(h + 20), _u32(h + 16))
             if c == NULL:
                 st.cand_miss = True
-            if c == NULL or _credit_nogil(st, <Conn>c, _u32(h + 36), _u32(h + 40)):
+                rc = 1
+                break
+            if op == OP_RW:
+                if n and (c != bc or n == BATCH_MAX or niov + RW_IOV > BATCH_IOV):
+                    if _rw_flush_nogil(st, <Conn>bc, iov, niov, heads, lens, n, &served):
+                        rc = 1
+                        break
+                    n = niov = 0
+                    total = 0
+                    continue  # (the chain is looked at again, first now)
+                k = _rw_add_nogil(st, <Conn>c, &cur, &d, h, length, total, &iov[niov], RW_IOV)
+                if k < 0:
+                    rc = 1
+                    break
+                bc = c
+                heads[n] = head
+                lens[n] = length
+                n += 1
+                niov += k
+                total += length
+                pass_rw += 1
+                pass_bytes += length
+                continue
+            if _credit_nogil(st, <Conn>c, _u32(h + 36), _u32(h + 40)):
                 rc = 1
                 break
             st.txq.pop_heads_nogil(1)
             st.txq.add_used_nogil(head, 0)
             served += 1
+        if not rc and n:
+            rc = _rw_flush_nogil(st, <Conn>bc, iov, niov, heads, lens, n, &served)
+            n = niov = 0
+            total = 0
         if rc:
             break
+        if after_nap:
+            after_nap = False
+            if pass_rw >= 2:
+                st.nap_backoff = 0  # (see _drain_tx_chains)
+            elif naps == 1:
+                st.nap_backoff = (1 if st.nap_backoff == 0
+                                  else min(st.nap_backoff * 2, NAP_BACKOFF_MAX))
+                st.nap_skip = st.nap_backoff
+        if (may_nap and naps < NAP_MAX and pass_rw >= NAP_MIN
+                and pass_bytes < st.buf_alloc // 2):
+            if st.nap_skip:
+                st.nap_skip -= 1
+                may_nap = False
+            else:
+                naps += 1
+                if not st.idle and _fill_rx_nogil(st):
+                    rc = 1
+                    break
+                if _tx_signal_nogil(st, served):
+                    served = 0
+                    rc = 1
+                    break
+                served = 0
+                if _tx_nap_nogil(st.wait_fd, st.nap_ns):
+                    st.naps += 1
+                    after_nap = True
+                    continue
+                st.naps_cut += 1
+                may_nap = False
         e = st.txq.enable_notification_nogil()
         if e < 0:
             rc = 1
             break
         if not e:
             break
-    if served:
-        st.nogil_chains += <unsigned long long>served
-        e = st.txq.needs_notification_nogil()
-        if e < 0:
-            st.owed_tx = True
-            rc = 1
-        elif e:
-            st.sig_tx_c.signal_nogil()
+    if _tx_signal_nogil(st, served):
+        rc = 1
     if rc:
         return 1
     return _fill_rx_nogil(st)
