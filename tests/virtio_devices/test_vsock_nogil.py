@@ -8,6 +8,7 @@ True)``: the nogil path first, the GIL released, ``pump_c`` when it asks)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -412,3 +413,56 @@ def test_guest_to_host_stream_any_shape_reaches_the_host_once(
     finally:
         c.close()
         g.close()
+
+
+def test_guest_to_host_stream_naps_without_the_gil(host: UnixHost) -> None:
+    """The tx nap in the nogil drain, as in the drain with the GIL (``drain_tx``): a
+    pass that took stream data naps (the loop's fd not ready), drains again and
+    returns with notifications on (§2.7.10: ``avail_event`` is where the device
+    stopped, or the driver's next packet would not kick); a first nap that found
+    nothing makes the next drain skip it; a ready loop fd cuts a nap short; a pass
+    of half our credit or more does not nap.  Every kick served without the GIL,
+    every byte on the host socket once, in order."""
+    g, c = _connect(host, True)
+    wait = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        kicks = g.nogil
+        assert kicks is not None
+        _known(g)
+        fast = g.device._fast
+        fast.nap_ns = 1_000_000
+        fast.wait_fd = wait  # the loop's fd (the fake loop has none): nothing ready
+        tx = g.rig.mocks[TX]
+        sent = bytearray()
+
+        def rw(n: int, size: int = 1000) -> None:
+            for _ in range(n):
+                chunk = bytes([len(sent) & 0xFF]) * size
+                _rw(g, chunk)
+                sent.extend(chunk)
+
+        def state() -> tuple[int, int, int, int]:
+            assert tx.avail_event() == tx.avail_idx()  # notifications on at return
+            return (fast.naps, fast.naps_cut, fast.nap_skip, fast.nap_backoff)
+
+        handed = kicks.handed
+        rw(4)
+        assert len(g.rig.kick(TX)) == 4
+        assert state() == (1, 0, 1, 1)  # one nap, which found nothing: skip one
+        rw(4)
+        assert len(g.rig.kick(TX)) == 4
+        assert state() == (1, 0, 0, 1)  # skipped
+        os.eventfd_write(wait, 1)  # the loop has work: the next nap ends at once
+        rw(4)
+        assert len(g.rig.kick(TX)) == 4
+        assert state() == (1, 1, 0, 1)
+        os.eventfd_read(wait)
+        rw(1, 32768)  # half the credit: no nap
+        assert len(g.rig.kick(TX)) == 1
+        assert state() == (1, 1, 0, 1)
+        assert kicks.handed == handed
+        assert _drain(g, c, len(sent)) == sent
+    finally:
+        c.close()
+        g.close()
+        os.close(wait)
