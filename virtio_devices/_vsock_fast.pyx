@@ -36,8 +36,11 @@ The vhost-user loop runs both inside its compiled poll: a kick of rx or tx throu
 :class:`InputPump`.  Both pumps also have a nogil path, which the loop runs right
 after its wait with the GIL released (virtio_devices._pump's rule), for the steady
 state of a host-to-guest stream (:func:`_fill_rx_nogil`, :func:`_drain_tx_nogil`,
-:func:`_input_nogil`): what they may rely on is settled by every pass with the
-GIL at its end (:class:`State`), and whatever else comes is handed to that pass.
+:func:`_input_nogil`) and of a guest-to-host one (its RW packets and the tx nap in
+:func:`_drain_tx_nogil`, the CREDIT_UPDATEs they owe in :func:`_credit_only_nogil`):
+what they may rely on is settled by every pass with the GIL at its end
+(:class:`State`), and whatever else comes is handed to that pass (a packet the
+host socket took in part too: :func:`_unpart`).
 A batch's ``readv``/``writev`` of 32 KiB or more releases the GIL; smaller socket
 calls keep it (see :func:`_sock_io`).  Both paths keep the
 Python path's order and state changes; the unit tests run the same packets
@@ -893,11 +896,12 @@ cdef class KickPump(FdPump):
     ``device._compiled`` off it answers 1 (``process_queue`` runs).
 
     It offers a nogil path (virtio_devices._pump's rule), run by the loop right
-    after its wait without the GIL, for the steady state of a host-to-guest
-    stream: a kick of rx fills the posted buffers with the one ready connection's
-    data (:func:`_fill_rx_nogil`), a kick of tx takes the guest's CREDIT_UPDATEs
-    for it (:func:`_drain_tx_nogil`), each with its used notification through the
-    compiled signaller; nothing owed to rx makes an rx kick a no-op.  Anything
+    after its wait without the GIL, for the steady state of a stream: a kick of
+    rx fills the posted buffers with the one ready connection's data
+    (:func:`_fill_rx_nogil`), a kick of tx takes the guest's CREDIT_UPDATEs and
+    its RW packets to the host (:func:`_drain_tx_nogil`), each with its used
+    notification through the compiled signaller; nothing owed to rx makes an rx
+    kick a no-op.  Anything
     else (another packet, another shape of buffer, a connection to watch again, a
     second connection ready, the Python path's packets) is left where
     :meth:`pump_c` finds it, with the GIL, which then settles what the nogil path
