@@ -299,10 +299,10 @@ class VsockDevice(VirtioDevice):
         registry: the process's VMs, for sibling delivery; None: no siblings.
         tx_nap_us: the tx nap in µs (``TX_NAP_US``; 0: none), taken on a loop that
             tells when it has work (``fileno()``, as ``DeviceLoop``'s).
-        nogil: serve the steady state of a host-to-guest stream without the GIL
-            where the loop runs pumps' nogil paths (``_vsock_fast.KickPump``,
-            ``InputPump``); False: always with it (the pumps offer no nogil path,
-            the rings are served and polled as before).
+        nogil: serve the steady state of a stream (host to guest, guest to host)
+            without the GIL where the loop runs pumps' nogil paths
+            (``_vsock_fast.KickPump``, ``InputPump``); False: always with it (the
+            pumps offer no nogil path, the rings are served and polled as before).
 
     Raises:
         ValueError: ``tx_nap_us`` is not from 0 to ``TX_NAP_US_MAX``.
