@@ -36,8 +36,11 @@ The vhost-user loop runs both inside its compiled poll: a kick of rx or tx throu
 :class:`InputPump`.  Both pumps also have a nogil path, which the loop runs right
 after its wait with the GIL released (virtio_devices._pump's rule), for the steady
 state of a host-to-guest stream (:func:`_fill_rx_nogil`, :func:`_drain_tx_nogil`,
-:func:`_input_nogil`): what they may rely on is settled by every pass with the
-GIL at its end (:class:`State`), and whatever else comes is handed to that pass.
+:func:`_input_nogil`) and of a guest-to-host one (its RW packets and the tx nap in
+:func:`_drain_tx_nogil`, the CREDIT_UPDATEs they owe in :func:`_credit_only_nogil`):
+what they may rely on is settled by every pass with the GIL at its end
+(:class:`State`), and whatever else comes is handed to that pass (a packet the
+host socket took in part too: :func:`_unpart`).
 A batch's ``readv``/``writev`` of 32 KiB or more releases the GIL; smaller socket
 calls keep it (see :func:`_sock_io`).  Both paths keep the
 Python path's order and state changes; the unit tests run the same packets
@@ -126,6 +129,9 @@ cdef enum:
     NAP_BACKOFF_MAX = 64
     # Connections the nogil paths can look up (see State.cand).
     NCAND = 16
+    # The most payload buffers of a guest -> host RW packet the nogil path writes
+    # (see _rw_add_nogil).
+    RW_IOV = 16
 
 
 @cython.final
@@ -376,8 +382,23 @@ cdef class State:
     # Chains the nogil paths completed (the device's compiled_served); their passes,
     # and those that handed over to the GIL.
     cdef readonly unsigned long long nogil_chains
+    # Chains the compiled paths with the GIL completed (the rest of compiled_served:
+    # counted here, not through the device's chains_served property per pass).
+    cdef readonly unsigned long long chains
     cdef readonly unsigned long long nogil_passes
     cdef readonly unsigned long long nogil_handed
+    # The device (its _tx_buffer): set by it, for _unpart.
+    cdef public object owner
+    # A guest -> host RW packet whose payload the host socket took only in part
+    # without the GIL (_tx_rw_nogil): its chain (popped, not used yet), the bytes
+    # the socket took, the payload's length and its connection (borrowed: the
+    # connection table of the last pass with the GIL, cand_refs, keeps it alive
+    # until _unpart, which every pass with the GIL runs first).  See _unpart.
+    cdef readonly bint part
+    cdef uint16_t part_head
+    cdef uint32_t part_off
+    cdef uint32_t part_len
+    cdef PyObject *part_conn
 
     def __init__(self, dict conns not None, ready, loose, uint64_t guest_cid, uint32_t buf_alloc,
                  dict by_fd=None):
@@ -461,7 +482,9 @@ cdef int _notify(object device, State st, Queue queue, int index) except -1:
     if interrupt is not st.sig_owner:
         _signallers(st, interrupt)
     sig = st.sig_rx if index == RX else st.sig_tx
-    if sig is not None:
+    if type(sig) is Signaller:
+        (<Signaller>sig).signal_nogil()
+    elif sig is not None:
         sig()
     else:
         interrupt.signal_used(index)
@@ -483,15 +506,45 @@ cdef int _unpend(State st) except -1:
     (it was empty then; the Python path's appends came after), where the paths
     with the GIL find it; a dropped one just leaves."""
     cdef Conn conn
-    if st.pend == NULL:
-        return 0
-    conn = <Conn>st.pend
-    st.pend = NULL
-    st.head_ok = False
-    if conn.dead:
-        conn.in_ready = False
-    else:
-        st.ready.appendleft(conn)
+    if st.pend != NULL:
+        conn = <Conn>st.pend
+        st.pend = NULL
+        st.head_ok = False
+        if conn.dead:
+            conn.in_ready = False
+        else:
+            st.ready.appendleft(conn)
+    if st.part:
+        _unpart(st)
+    return 0
+
+
+cdef int _unpart(State st) except -1:
+    """The RW packet a nogil pass wrote in part (``st.part``, see
+    :func:`_tx_rw_nogil`), finished as the tx drain with the GIL finishes one whose
+    payload the host socket took in part: the whole payload counted received, the
+    bytes the socket took forwarded, the rest kept in the connection's buffer
+    until the socket is writable (``_tx_buffer``), and the chain used.  So no
+    byte is lost or sent twice.  A connection dropped meanwhile takes no bytes;
+    the chain is used all the same."""
+    cdef Conn conn = <Conn>st.part_conn
+    cdef Queue queue = st.txq
+    cdef DescriptorChain chain
+    cdef Reader r
+    device = st.owner
+    st.part = False
+    st.part_conn = NULL
+    conn.rx_cnt += st.part_len
+    if not conn.dead:
+        chain = make_chain(queue._snap, queue._memory, queue._desc, queue._desc_gpa, queue._size,
+                           st.part_head)
+        r = make_reader(chain)
+        r._advance(HDR_SIZE + st.part_off)
+        device._tx_buffer(conn, r, st.part_len - st.part_off)
+        _forwarded(conn, st.part_off, st.buf_alloc, st.ready)
+    queue.add_used_c(st.part_head, 0)
+    st.chains += 1
+    _notify(device, st, queue, TX)
     return 0
 
 
@@ -502,7 +555,8 @@ cdef int _settle(object device, State st) except -1:
     st.idle = False
     st.head_ok = False
     st.head = None
-    if not (st.nogil and st.compiled and st.rx_live) or device.broken is not None or not device.active:
+    # (device._broken: the broken property's field, read without its Python frame.)
+    if not (st.nogil and st.compiled and st.rx_live) or device._broken is not None or not device.active:
         return 0
     interrupt = device.interrupt
     if interrupt is None:
@@ -542,6 +596,8 @@ cdef int _cands(State st) except -1:
     """Take the device's connections into ``st.cand`` (none beyond NCAND)."""
     cdef int i = 0
     cdef Py_ssize_t n = len(st.conns)
+    if st.part:
+        _unpart(st)  # (its connection is one of cand_refs)
     st.ncand = 0
     st.cand_refs = None
     st.cand_miss = False
@@ -780,7 +836,7 @@ cdef int _drop(object device, State st, Conn conn) except -1:
     cdef PyObject *p
     if conn.dead:
         return 0
-    if st.pend == <PyObject *>conn:
+    if st.pend == <PyObject *>conn or st.part:
         _unpend(st)
     if conn.want_write or conn.local_alloc:
         device._drop(conn)
@@ -840,11 +896,12 @@ cdef class KickPump(FdPump):
     ``device._compiled`` off it answers 1 (``process_queue`` runs).
 
     It offers a nogil path (virtio_devices._pump's rule), run by the loop right
-    after its wait without the GIL, for the steady state of a host-to-guest
-    stream: a kick of rx fills the posted buffers with the one ready connection's
-    data (:func:`_fill_rx_nogil`), a kick of tx takes the guest's CREDIT_UPDATEs
-    for it (:func:`_drain_tx_nogil`), each with its used notification through the
-    compiled signaller; nothing owed to rx makes an rx kick a no-op.  Anything
+    after its wait without the GIL, for the steady state of a stream: a kick of
+    rx fills the posted buffers with the one ready connection's data
+    (:func:`_fill_rx_nogil`), a kick of tx takes the guest's CREDIT_UPDATEs and
+    its RW packets to the host (:func:`_drain_tx_nogil`), each with its used
+    notification through the compiled signaller; nothing owed to rx makes an rx
+    kick a no-op.  Anything
     else (another packet, another shape of buffer, a connection to watch again, a
     second connection ready, the Python path's packets) is left where
     :meth:`pump_c` finds it, with the GIL, which then settles what the nogil path
@@ -907,6 +964,8 @@ cdef int _fill_rx_nogil(State st) noexcept nogil:
     if not st.live:
         return 1
     if st.pend != NULL:
+        if not (<Conn>st.pend).readable:
+            return _credit_only_nogil(st, <Conn>st.pend)
         return _pend_nogil(st, <Conn>st.pend)
     if st.idle:
         return 0
@@ -1147,73 +1206,356 @@ cdef int _credit_nogil(State st, Conn c, uint32_t buf_alloc, uint32_t fwd_cnt) n
     return 0
 
 
+cdef int _credit_only_nogil(State st, Conn c) noexcept nogil:
+    """:func:`_fill_rx_nogil` for the connection a nogil path scheduled with only credit
+    to say and no host data waiting (the guest -> host stream's CREDIT_UPDATE, see
+    :func:`_tx_rw_nogil`): a CREDIT_UPDATE if owed, else the CREDIT_REQUEST, one
+    header per buffer (§5.10.6.3), as ``_fill_rx`` writes them; the connection
+    leaves the ready queue when nothing is owed any more, and stays scheduled while
+    no buffer is left (notifications on: the driver's kick comes here again).  1
+    hands it over, still scheduled: another owed packet, another buffer shape, the
+    rings not current."""
+    cdef ChainCursor cur
+    cdef vring_desc d
+    cdef unsigned char *p
+    cdef uint16_t head_i, op
+    cdef int avail, e, rc = 0
+    cdef Py_ssize_t added = 0
+    if c.dead or c.seq or not c.ops or c.ops & ~P_CREDIT or not st.rxq._ready:
+        return 1
+    while c.ops:
+        avail = st.rxq.avail_count_nogil()
+        if avail < 0:
+            rc = 1
+            break
+        if avail == 0:
+            e = st.rxq.enable_notification_nogil()
+            if e < 0:
+                rc = 1
+            elif e:
+                continue
+            break
+        head_i = st.rxq.avail_head_nogil(0)
+        if head_i >= st.rxq._size:
+            rc = 1
+            break
+        chain_start(&cur, st.rxq._desc, st.rxq._desc_gpa, st.rxq._size, head_i)
+        if (chain_next(st.rxq._snap, &cur, &d) != 1 or cur.has_next
+                or not d.flags & VRING_DESC_F_WRITE or d.len < HDR_SIZE):
+            rc = 1
+            break
+        p = snap_ptr_w(st.rxq._snap, d.addr, HDR_SIZE)
+        if p == NULL:
+            rc = 1
+            break
+        op = OP_CREDIT_UPDATE if c.ops & P_CREDIT_UPDATE else OP_CREDIT_REQUEST
+        _hdr_at(p, c, op, 0, st.guest_cid, st.buf_alloc, c.fwd_cnt)
+        c.last_fwd_sent = c.fwd_cnt
+        c.ops &= ~P_CREDIT_UPDATE
+        if op == OP_CREDIT_REQUEST:
+            c.ops &= ~P_CREDIT_REQUEST
+        st.rxq.pop_heads_nogil(1)
+        st.rxq.add_used_nogil(head_i, HDR_SIZE)
+        added += 1
+    if not c.ops:
+        _leave_nogil(st, c)
+    if _rx_signal_nogil(st, added):
+        rc = 1
+    return rc
+
+
+cdef int _rw_add_nogil(State st, Conn c, ChainCursor *cur, vring_desc *d, const unsigned char *h,
+                       uint32_t length, size_t queued, iovec *iov, int room) noexcept nogil:
+    """Take the guest -> host RW packet (first descriptor ``d``, header ``h``, type,
+    op and CIDs checked; ``length`` payload bytes) of connection ``c`` into a nogil
+    tx batch, as the drain with the GIL takes one (§5.10.6.3): a stream that is
+    established, has nothing buffered and was not shut by the guest, the payload
+    within its buffers and, with the ``queued`` bytes of the batch before it, the
+    credit we gave, and its CREDIT_UPDATE schedulable here (``c`` already in the
+    ready queue, or the queue empty); then its payload's buffers into ``iov`` (at
+    most ``room``) and the packet's credit taken (:func:`_credit_nogil`).  The
+    number of iovecs, or -1 (nothing taken, the packet's credit not either) for
+    anything else."""
+    cdef int k = 0
+    cdef size_t got = 0, take
+    cdef unsigned char *p
+    if length == 0:
+        return -1
+    if (not c.est or c.seq or c.guest_shut or c.want_write or c.connecting
+            or <int64_t>length + <int64_t>queued
+            > <int64_t>st.buf_alloc - <uint32_t>(c.rx_cnt - c.fwd_cnt)):
+        return -1
+    if not c.in_ready and not (st.idle and st.pend == NULL):
+        return -1  # its CREDIT_UPDATE could not be scheduled here
+    # The payload: after the header in its descriptor, then the next ones (readable).
+    if d.len > HDR_SIZE:
+        take = d.len - HDR_SIZE
+        if take > length:
+            take = length
+        p = <unsigned char *>snap_ptr(st.txq._snap, d.addr + HDR_SIZE, take)
+        if p == NULL:
+            return -1
+        iov[0].iov_base = p
+        iov[0].iov_len = take
+        got = take
+        k = 1
+    while got < length:
+        if k == room or chain_next(st.txq._snap, cur, d) != 1 or d.flags & VRING_DESC_F_WRITE:
+            return -1
+        if d.len == 0:
+            continue
+        take = d.len
+        if take > length - got:
+            take = length - got
+        p = <unsigned char *>snap_ptr(st.txq._snap, d.addr, take)
+        if p == NULL:
+            return -1
+        iov[k].iov_base = p
+        iov[k].iov_len = take
+        got += take
+        k += 1
+    if _credit_nogil(st, c, _u32(h + 36), _u32(h + 40)):
+        return -1
+    return k
+
+
+cdef inline void _forwarded_nogil(State st, Conn c, uint32_t n) noexcept nogil:
+    """``n`` guest bytes of ``c`` received and written to the host (the GIL path's
+    ``rx_cnt`` and :func:`_forwarded`): a CREDIT_UPDATE scheduled when the guest's
+    view of our free space falls below half (§5.10.6.3); :func:`_rw_add_nogil`
+    made sure it can be."""
+    c.rx_cnt += n
+    c.fwd_cnt += n
+    if (c.fwd_cnt != c.last_fwd_sent
+            and <int64_t>st.buf_alloc - <uint32_t>(c.rx_cnt - c.last_fwd_sent)
+            < <int64_t>(st.buf_alloc // 2) + 1):
+        c.ops |= P_CREDIT_UPDATE
+        if not c.in_ready:
+            st.pend = <PyObject *>c
+            c.in_ready = True
+            st.idle = False
+
+
+cdef int _rw_flush_nogil(State st, Conn c, iovec *iov, int niov, uint16_t *heads,
+                         uint32_t *lens, int n, Py_ssize_t *served) noexcept nogil:
+    """Write a nogil tx batch (the first ``n`` available chains, RW packets of ``c``,
+    looked at and not taken yet) to the host socket with one ``writev``: 0 when the
+    socket took it all (the chains taken and used, the bytes counted).  1 hands
+    over: the socket took nothing (full, EAGAIN, or failing: the path with the GIL
+    meets it again), the chains left where they are; or it took part: the chains
+    it took whole are used, the one it took in part is taken and recorded
+    (``st.part``, finished by the pass with the GIL, :func:`_unpart`), the rest
+    left where they are (the pass with the GIL buffers them after it)."""
+    cdef ssize_t r
+    cdef size_t left
+    cdef int k = 0, j
+    while True:
+        r = writev(c.fd, iov, niov)
+        if r >= 0 or errno != EINTR:
+            break
+    if r <= 0:
+        return 1
+    left = <size_t>r
+    while k < n and left >= lens[k]:
+        left -= lens[k]
+        k += 1
+    if k:
+        st.txq.pop_heads_nogil(<uint16_t>k)
+        for j in range(k):
+            st.txq.add_used_nogil(heads[j], 0)
+        served[0] += k
+        _forwarded_nogil(st, c, <uint32_t>(<size_t>r - left))
+    if k == n:
+        return 0
+    if left:
+        st.txq.pop_heads_nogil(1)
+        st.part = True
+        st.part_head = heads[k]
+        st.part_off = <uint32_t>left
+        st.part_len = lens[k]
+        st.part_conn = <PyObject *>c
+    return 1
+
+
+cdef int _tx_signal_nogil(State st, Py_ssize_t served) noexcept nogil:
+    """The used notification of tx after ``served`` chains (§2.7.10, EVENT_IDX aware);
+    1 when the rings were not current (owed to the pass with the GIL)."""
+    cdef int e
+    if not served:
+        return 0
+    st.nogil_chains += <unsigned long long>served
+    e = st.txq.needs_notification_nogil()
+    if e < 0:
+        st.owed_tx = True
+        return 1
+    if e:
+        st.sig_tx_c.signal_nogil()
+    return 0
+
+
+cdef bint _tx_nap_nogil(int wait_fd, long long nap_ns) noexcept nogil:
+    """:func:`_tx_nap` for the nogil tx drain (already without the GIL)."""
+    cdef pollfd p
+    cdef timespec t
+    p.fd = wait_fd
+    p.events = POLLIN
+    p.revents = 0
+    t.tv_sec = nap_ns // 1000000000
+    t.tv_nsec = nap_ns % 1000000000
+    return ppoll(&p, 1, &t, NULL) == 0
+
+
 cdef int _drain_tx_nogil(State st) noexcept nogil:
     """The tx drain (:func:`drain_tx`) without the GIL, for the steady state of a
-    host-to-guest stream (see KickPump): 0 when done, 1 when the pass with the GIL
-    must go on.  Each available chain that is the guest's CREDIT_UPDATE for a
-    stream connection (one readable buffer holding the header, no payload,
-    §5.10.6.3) updates its credit (:func:`_credit_nogil`) and is used, with notifications off
-    while draining and on again at the end (§2.7.10); then rx gets what it is
-    owed (:func:`_fill_rx_nogil`), as after the drain with the GIL.  Any other
-    chain is left first in the ring for the pass with the GIL, as is one whose
-    credit would change the socket's watch."""
+    stream (see KickPump): 0 when done, 1 when the pass with the GIL must go on.
+    The available chains, with notifications off while draining and on again at
+    the end (§2.7.10): the guest's CREDIT_UPDATEs for a stream connection (one
+    readable buffer holding the header, no payload, §5.10.6.3) update its credit
+    (:func:`_credit_nogil`) and are used; a stream's RW packets to the host
+    (:func:`_rw_add_nogil`), consecutive ones of one connection in one
+    ``writev`` (:func:`_rw_flush_nogil`), as the drain with the GIL batches them.
+    A pass that took stream data naps and drains again as :func:`drain_tx` does
+    (the same rule, back-off and counters; the wait is ``ppoll`` on the loop's
+    epoll fd), rx getting what it is owed (a CREDIT_UPDATE) and tx its used
+    notification first.  At the end rx gets what it is owed
+    (:func:`_fill_rx_nogil`), as after the drain with the GIL.  Any other chain is
+    left first in the ring for the pass with the GIL, as is one whose credit
+    would change the socket's watch, and the RW packets not written yet."""
     cdef ChainCursor cur
     cdef vring_desc d
     cdef const unsigned char *h
     cdef PyObject *c
-    cdef uint16_t head
-    cdef int n, e, rc = 0
-    cdef Py_ssize_t served = 0
+    cdef PyObject *bc = NULL
+    cdef iovec iov[BATCH_IOV]
+    cdef uint16_t heads[BATCH_MAX]
+    cdef uint32_t lens[BATCH_MAX]
+    cdef int n = 0, niov = 0, k, avail, e, rc = 0
+    cdef size_t total = 0
+    cdef uint16_t head, op
+    cdef uint32_t length
+    cdef Py_ssize_t served = 0, pass_rw
+    cdef uint64_t pass_bytes
+    cdef int naps = 0
+    cdef bint may_nap = st.wait_fd >= 0 and st.nap_ns > 0
+    cdef bint after_nap = False
     if not st.live or not st.tx_live or not st.txq._ready:
         return 1
     while True:
         if st.txq.disable_notification_nogil() < 0:
             rc = 1
             break
+        pass_rw = 0
+        pass_bytes = 0
         while True:
-            n = st.txq.avail_count_nogil()
-            if n <= 0:
-                rc = n < 0
+            avail = st.txq.avail_count_nogil()
+            if avail < 0:
+                rc = 1
                 break
-            head = st.txq.avail_head_nogil(0)
+            if avail <= n:
+                break
+            head = st.txq.avail_head_nogil(<uint16_t>n)
             if head >= st.txq._size:
                 rc = 1
                 break
             chain_start(&cur, st.txq._desc, st.txq._desc_gpa, st.txq._size, head)
-            if (chain_next(st.txq._snap, &cur, &d) != 1 or cur.has_next
+            if (chain_next(st.txq._snap, &cur, &d) != 1
                     or d.flags & VRING_DESC_F_WRITE or d.len < HDR_SIZE):
                 rc = 1
                 break
             h = snap_ptr(st.txq._snap, d.addr, HDR_SIZE)
-            if (h == NULL or _u16(h + 30) != OP_CREDIT_UPDATE or _u16(h + 28) != TYPE_STREAM
-                    or _u64(h) != st.guest_cid or _u64(h + 8) != HOST_CID or _u32(h + 24) != 0):
+            if (h == NULL or _u16(h + 28) != TYPE_STREAM
+                    or _u64(h) != st.guest_cid or _u64(h + 8) != HOST_CID):
                 rc = 1
                 break
+            op = _u16(h + 30)
+            length = _u32(h + 24)
+            if op != OP_RW:
+                if n:
+                    # Anything else comes after the batch's bytes.
+                    if _rw_flush_nogil(st, <Conn>bc, iov, niov, heads, lens, n, &served):
+                        rc = 1
+                        break
+                    n = niov = 0
+                    total = 0
+                    continue
+                if cur.has_next or op != OP_CREDIT_UPDATE or length != 0:
+                    rc = 1
+                    break
             c = _cand_find(st, _u32(h + 20), _u32(h + 16))
             if c == NULL:
                 st.cand_miss = True
-            if c == NULL or _credit_nogil(st, <Conn>c, _u32(h + 36), _u32(h + 40)):
+                rc = 1
+                break
+            if op == OP_RW:
+                if n and (c != bc or n == BATCH_MAX or niov + RW_IOV > BATCH_IOV):
+                    if _rw_flush_nogil(st, <Conn>bc, iov, niov, heads, lens, n, &served):
+                        rc = 1
+                        break
+                    n = niov = 0
+                    total = 0
+                    continue  # (the chain is looked at again, first now)
+                k = _rw_add_nogil(st, <Conn>c, &cur, &d, h, length, total, &iov[niov], RW_IOV)
+                if k < 0:
+                    rc = 1
+                    break
+                bc = c
+                heads[n] = head
+                lens[n] = length
+                n += 1
+                niov += k
+                total += length
+                pass_rw += 1
+                pass_bytes += length
+                continue
+            if _credit_nogil(st, <Conn>c, _u32(h + 36), _u32(h + 40)):
                 rc = 1
                 break
             st.txq.pop_heads_nogil(1)
             st.txq.add_used_nogil(head, 0)
             served += 1
+        if not rc and n:
+            rc = _rw_flush_nogil(st, <Conn>bc, iov, niov, heads, lens, n, &served)
+            n = niov = 0
+            total = 0
         if rc:
             break
+        if after_nap:
+            after_nap = False
+            if pass_rw >= 2:
+                st.nap_backoff = 0  # (see _drain_tx_chains)
+            elif naps == 1:
+                st.nap_backoff = (1 if st.nap_backoff == 0
+                                  else min(st.nap_backoff * 2, NAP_BACKOFF_MAX))
+                st.nap_skip = st.nap_backoff
+        if (may_nap and naps < NAP_MAX and pass_rw >= NAP_MIN
+                and pass_bytes < st.buf_alloc // 2):
+            if st.nap_skip:
+                st.nap_skip -= 1
+                may_nap = False
+            else:
+                naps += 1
+                if not st.idle and _fill_rx_nogil(st):
+                    rc = 1
+                    break
+                if _tx_signal_nogil(st, served):
+                    served = 0
+                    rc = 1
+                    break
+                served = 0
+                if _tx_nap_nogil(st.wait_fd, st.nap_ns):
+                    st.naps += 1
+                    after_nap = True
+                    continue
+                st.naps_cut += 1
+                may_nap = False
         e = st.txq.enable_notification_nogil()
         if e < 0:
             rc = 1
             break
         if not e:
             break
-    if served:
-        st.nogil_chains += <unsigned long long>served
-        e = st.txq.needs_notification_nogil()
-        if e < 0:
-            st.owed_tx = True
-            rc = 1
-        elif e:
-            st.sig_tx_c.signal_nogil()
+    if _tx_signal_nogil(st, served):
+        rc = 1
     if rc:
         return 1
     return _fill_rx_nogil(st)
@@ -1221,12 +1563,12 @@ cdef int _drain_tx_nogil(State st) noexcept nogil:
 
 cdef int _serve_tx(object device, State st) except -1:
     cdef Queue queue
-    if device.broken is not None:
+    if device._broken is not None:
         raise DeviceNeedsReset(f"{device.name}: device is broken ({device.broken!r}) until it is reset")
     device._quiesced[TX] = False  # a kick: the queue is the device's again
     queue = device.queues[TX]
     try:
-        drain_tx(device, st, queue)
+        _drain_tx_c(device, st, queue)
     except InvalidAvailRingIndex:
         queue.ready = False
         raise
@@ -1272,6 +1614,11 @@ def drain_tx(object device, State st, Queue queue):
             ``Queue.pop_chain``/``add_used`` raise them.
         Exception: what ``device._call`` lets through (DeviceNeedsReset, a bug).
     """
+    return _drain_tx_c(device, st, queue)
+
+
+cdef Py_ssize_t _drain_tx_c(object device, State st, Queue queue) except -1:
+    """:func:`drain_tx` for compiled callers (no Python call)."""
     cdef Py_ssize_t served = 0
     st.live = False
     _unpend(st)
@@ -1279,7 +1626,7 @@ def drain_tx(object device, State st, Queue queue):
         _drain_tx_loop(device, st, queue, &served)
     finally:
         if served:
-            device.chains_served = device.chains_served + served
+            st.chains += <unsigned long long>served
             _notify(device, st, queue, TX)
     return served
 
@@ -1907,6 +2254,6 @@ cdef Py_ssize_t _fill_rx(object device, State st, Queue queue) except -1:
             # which moving next_avail back would lose).
             queue.unpop(head)
         if added:
-            device.chains_served = device.chains_served + added
+            st.chains += <unsigned long long>added
             _notify(device, st, queue, RX)
     return added

@@ -299,10 +299,10 @@ class VsockDevice(VirtioDevice):
         registry: the process's VMs, for sibling delivery; None: no siblings.
         tx_nap_us: the tx nap in µs (``TX_NAP_US``; 0: none), taken on a loop that
             tells when it has work (``fileno()``, as ``DeviceLoop``'s).
-        nogil: serve the steady state of a host-to-guest stream without the GIL
-            where the loop runs pumps' nogil paths (``_vsock_fast.KickPump``,
-            ``InputPump``); False: always with it (the pumps offer no nogil path,
-            the rings are served and polled as before).
+        nogil: serve the steady state of a stream (host to guest, guest to host)
+            without the GIL where the loop runs pumps' nogil paths
+            (``_vsock_fast.KickPump``, ``InputPump``); False: always with it (the
+            pumps offer no nogil path, the rings are served and polled as before).
 
     Raises:
         ValueError: ``tx_nap_us`` is not from 0 to ``TX_NAP_US_MAX``.
@@ -360,6 +360,7 @@ class VsockDevice(VirtioDevice):
             self.conns, self._ready, self._loose, guest_cid, tx_buffer_size, self._by_fd
         )
         self._fast.nap_ns = tx_nap_us * 1000
+        self._fast.owner = self
         self._fast.nogil = nogil
         if isinstance(host, UnixHost) and host.path and not host.path.startswith("\0"):
             # A guest's stream REQUEST is connected in compiled code (UnixHost.connect's
@@ -385,9 +386,10 @@ class VsockDevice(VirtioDevice):
             fast.live = False
 
     def compiled_served(self) -> tuple[int, int]:
-        """Chains the nogil paths of the compiled kicks completed (their used bytes
-        are not counted, as the compiled path's with the GIL are not)."""
-        return self._fast.nogil_chains, 0
+        """Chains the compiled paths completed, with the GIL and without (their used
+        bytes are not counted)."""
+        fast = self._fast
+        return fast.nogil_chains + fast.chains, 0
 
     @property
     def _compiled(self) -> bool:

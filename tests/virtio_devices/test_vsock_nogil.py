@@ -8,11 +8,14 @@ True)``: the nogil path first, the GIL released, ``pump_c`` when it asks)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from vsock_guest import RX, TX, Packet, VsockGuest, _desc
 
 from virtio_devices.hosts.vsock import UnixHost
@@ -111,8 +114,9 @@ def test_host_to_guest_stream_served_without_the_gil_as_with_it(host: UnixHost) 
     "op", [OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_REQUEST, "unknown connection"]
 )
 def test_every_other_tx_packet_is_handed_over_untouched(host: UnixHost, op: int | str) -> None:
-    """A tx chain the nogil path does not serve (any op but CREDIT_UPDATE, or a
-    CREDIT_UPDATE for no connection it knows) is left in the ring: its kick is
+    """A tx chain the nogil path does not serve (any op but CREDIT_UPDATE and RW, or
+    a packet of a connection it does not know: this test's RW is one, its
+    connection not yet in the table the nogil path looks up) is left in the ring: its kick is
     handed over with nothing used, and the pass with the GIL answers it as the
     path with the GIL alone does."""
     answers = {}
@@ -190,3 +194,275 @@ def test_a_missed_invalidation_is_caught_by_the_order_check(host: UnixHost) -> N
             g.close()
     assert firsts["touched"] == firsts["gil"] == (OP_RST, 9)
     assert firsts["planted"] == (OP_RW, LOCAL_PORT_FIRST)
+
+
+# -- guest -> host RW packets without the GIL -----------------------------------------------
+BIG = 40 * 1024  # at least half the credit the device gives (64 KiB): never a nap's packet
+
+
+def _known(g: VsockGuest) -> None:
+    """A CREDIT_UPDATE first: the nogil paths look a connection up in the table the
+    last pass with the GIL took, which a lookup that missed has it take afresh."""
+    g.send(PORT, LOCAL_PORT_FIRST, OP_CREDIT_UPDATE)
+    g.pump()
+    g.received()
+
+
+def _rw(g: VsockGuest, data: bytes) -> None:
+    """One guest -> host RW packet on the open stream: header and payload in two
+    descriptors, as Linux's driver posts them; not kicked."""
+    g.rig.add_request(TX, readable=[_hdr(g, PORT, LOCAL_PORT_FIRST, OP_RW, len(data)), data])
+
+
+def _drain(g: VsockGuest, c: socket.socket, want: int) -> bytes:
+    """Read the host end until ``want`` bytes came, the loop pumped between reads (a
+    full socket's buffered rest goes out as it turns writable)."""
+    got = b""
+    for _ in range(1000):
+        with contextlib.suppress(BlockingIOError):
+            got += c.recv(1 << 20)
+        if len(got) >= want:
+            break
+        g.pump()
+    return got
+
+
+def test_guest_to_host_rw_served_without_the_gil_as_with_it(host: UnixHost) -> None:
+    """A big RW packet (header and payload in two buffers) on an open stream, served
+    by the nogil tx path: the chain used, the payload on the host socket, the
+    CREDIT_UPDATE owed (§5.10.6.3: our free space fell below half) on rx, the same
+    packets and bytes as the path with the GIL; the nogil path served the kick
+    (nothing handed over)."""
+    answers = {}
+    for nogil in (False, True):
+        g, c = _connect(host, nogil)
+        try:
+            kicks = g.nogil
+            _known(g)
+            data = _data(BIG)
+            _rw(g, data)
+            before = g.rig.mocks[TX].used_idx()
+            if kicks is not None:
+                assert not kicks.pumps[TX].serve_nogil()  # served
+            else:
+                g.rig.kick(TX)
+            assert g.rig.mocks[TX].used_idx() == before + 1
+            assert _drain(g, c, BIG) == data
+            answers[nogil] = [(p.op, p.hdr.fwd_cnt, len(p.data)) for p in g.received()]
+            assert not g.device._fast.part
+        finally:
+            c.close()
+            g.close()
+    assert answers[True] == answers[False] == [(OP_CREDIT_UPDATE, BIG, 0)]
+
+
+def _device_sock(g: VsockGuest) -> socket.socket:
+    [conn] = g.device.conns.values()
+    return conn.sock  # type: ignore[no-any-return]
+
+
+def test_guest_to_host_rw_partly_taken_is_finished_with_the_gil(host: UnixHost) -> None:
+    """A planted partial write: the host socket (its send buffer made small, the host
+    not reading) takes only part of a big RW packet's payload without the GIL.  The
+    chain is taken and the part recorded, the kick handed over; the pass with the
+    GIL that follows keeps the rest in the connection's buffer and uses the chain.
+    Every byte reaches the host once, in order (the bytes after the packet too),
+    and the guest's credit counts them all (§5.10.6.3)."""
+    g, c = _connect(host, True)
+    try:
+        kicks = g.nogil
+        assert kicks is not None
+        _known(g)
+        _device_sock(g).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = _data(BIG)
+        _rw(g, data)
+        tx = g.rig.mocks[TX]
+        before = tx.used_idx()
+        assert kicks.pumps[TX].serve_nogil()  # handed over...
+        fast = g.device._fast
+        assert fast.part  # ... with the packet written in part
+        assert tx.used_idx() == before
+        assert not kicks.pumps[TX].pump()  # pump_c finished it
+        assert not fast.part and tx.used_idx() == before + 1
+        [conn] = g.device.conns.values()
+        assert 0 < len(conn.txbuf) < BIG
+        tail = _data(100)[::-1]
+        g.send(PORT, LOCAL_PORT_FIRST, OP_RW, tail)  # queued behind the buffered rest
+        assert _drain(g, c, BIG + len(tail)) == data + tail
+        g.pump()
+        credit = [p.hdr.fwd_cnt for p in g.received() if p.op == OP_CREDIT_UPDATE]
+        assert credit and credit[-1] == BIG + len(tail)
+    finally:
+        c.close()
+        g.close()
+
+
+def test_guest_to_host_rw_to_a_full_socket_is_handed_over_untouched(host: UnixHost) -> None:
+    """The host socket full (EAGAIN): the nogil path writes nothing and leaves the chain
+    in the ring; the pass with the GIL buffers the packet and every byte reaches the
+    host once the socket drains."""
+    g, c = _connect(host, True)
+    try:
+        kicks = g.nogil
+        assert kicks is not None
+        _known(g)
+        sock = _device_sock(g)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        filler = b""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filler += b"f" * sock.send(b"f" * 1024)
+        data = _data(BIG)
+        _rw(g, data)
+        tx = g.rig.mocks[TX]
+        before = tx.used_idx()
+        assert kicks.pumps[TX].serve_nogil()
+        assert tx.used_idx() == before and not g.device._fast.part
+        assert not kicks.pumps[TX].pump()
+        assert tx.used_idx() == before + 1
+        assert _drain(g, c, len(filler) + BIG) == filler + data
+    finally:
+        c.close()
+        g.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    packets=st.lists(
+        st.tuples(st.integers(1, 64 * 1024), st.integers(0, 2), st.booleans()), min_size=1, max_size=24
+    ),
+    sndbuf=st.sampled_from([0, 4096, 16384]),
+    nogil=st.booleans(),
+)
+def test_guest_to_host_stream_any_shape_reaches_the_host_once(
+    host: UnixHost, packets: list[tuple[int, int, bool]], sndbuf: int, nogil: bool
+) -> None:
+    """Property: a guest -> host stream of RW packets of any size (the payload in one
+    buffer with the header, or split over up to three), within our credit
+    (§5.10.6.3: the guest waits for our CREDIT_UPDATEs), into a host socket whose
+    send buffer may be small (``sndbuf``: partial writes and EAGAIN, with the nogil
+    path's part finished by the pass with the GIL), the host reading now and then:
+    every byte reaches the host once, in order; every chain is used; our
+    CREDIT_UPDATEs end at the stream's length.  With and without the nogil paths
+    (the tx nap is off in this rig: every RW packet may take the nogil path)."""
+    g, c = _connect(host, nogil)
+    try:
+        if nogil:
+            _known(g)
+        if sndbuf:
+            _device_sock(g).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        tx = g.rig.mocks[TX]
+        used0 = tx.used_idx()
+        expect = bytearray()
+        got = bytearray()
+        fwd = 0  # the device's forwarded count, as its CREDIT_UPDATEs say
+        asked = 0  # our CREDIT_REQUESTs (tx chains too)
+
+        def credit_seen() -> None:
+            nonlocal fwd
+            for p in g.received():
+                if p.op == OP_CREDIT_UPDATE:
+                    fwd = p.hdr.fwd_cnt
+                else:
+                    assert p.op != OP_RST, p
+
+        def host_reads() -> None:
+            with contextlib.suppress(BlockingIOError):
+                got.extend(c.recv(1 << 20))
+
+        for i, (size, split, read) in enumerate(packets):
+            data = bytes((i * 31 + k) & 0xFF for k in range(size))
+            for _ in range(1000):
+                credit_seen()
+                if len(expect) - fwd + size <= 64 * 1024:
+                    break
+                host_reads()
+                g.pump()
+                # Still short: ask, as a guest that wants to send does (§5.10.6.3).
+                g.send(PORT, LOCAL_PORT_FIRST, OP_CREDIT_REQUEST)
+                asked += 1
+            else:
+                raise AssertionError(f"no credit for packet {i}: sent {len(expect)}, forwarded {fwd}")
+            hdr = _hdr(g, PORT, LOCAL_PORT_FIRST, OP_RW, size)
+            if split == 0:
+                bufs = [hdr + data]
+            elif split == 1:
+                bufs = [hdr, data]
+            else:
+                bufs = [hdr + data[: size // 3], data[size // 3 : size // 2], data[size // 2 :]]
+            g.rig.add_request(TX, readable=bufs)
+            g.rig.kick(TX)
+            expect += data
+            if read:
+                host_reads()
+            g.pump()
+        for _ in range(1000):
+            host_reads()
+            g.pump()
+            credit_seen()
+            if len(got) >= len(expect):
+                break
+        assert bytes(got) == bytes(expect)
+        # §5.10.6.3: a CREDIT_REQUEST is answered with our credit, all forwarded now.
+        g.send(PORT, LOCAL_PORT_FIRST, OP_CREDIT_REQUEST)
+        g.pump()
+        credit_seen()
+        assert fwd == len(expect)
+        assert tx.used_idx() - used0 == len(packets) + asked + 1
+        assert not g.device._fast.part
+    finally:
+        c.close()
+        g.close()
+
+
+def test_guest_to_host_stream_naps_without_the_gil(host: UnixHost) -> None:
+    """The tx nap in the nogil drain, as in the drain with the GIL (``drain_tx``): a
+    pass that took stream data naps (the loop's fd not ready), drains again and
+    returns with notifications on (§2.7.10: ``avail_event`` is where the device
+    stopped, or the driver's next packet would not kick); a first nap that found
+    nothing makes the next drain skip it; a ready loop fd cuts a nap short; a pass
+    of half our credit or more does not nap.  Every kick served without the GIL,
+    every byte on the host socket once, in order."""
+    g, c = _connect(host, True)
+    wait = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        kicks = g.nogil
+        assert kicks is not None
+        _known(g)
+        fast = g.device._fast
+        fast.nap_ns = 1_000_000
+        fast.wait_fd = wait  # the loop's fd (the fake loop has none): nothing ready
+        tx = g.rig.mocks[TX]
+        sent = bytearray()
+
+        def rw(n: int, size: int = 1000) -> None:
+            for _ in range(n):
+                chunk = bytes([len(sent) & 0xFF]) * size
+                _rw(g, chunk)
+                sent.extend(chunk)
+
+        def state() -> tuple[int, int, int, int]:
+            assert tx.avail_event() == tx.avail_idx()  # notifications on at return
+            return (fast.naps, fast.naps_cut, fast.nap_skip, fast.nap_backoff)
+
+        handed = kicks.handed
+        rw(4)
+        assert len(g.rig.kick(TX)) == 4
+        assert state() == (1, 0, 1, 1)  # one nap, which found nothing: skip one
+        rw(4)
+        assert len(g.rig.kick(TX)) == 4
+        assert state() == (1, 0, 0, 1)  # skipped
+        os.eventfd_write(wait, 1)  # the loop has work: the next nap ends at once
+        rw(4)
+        assert len(g.rig.kick(TX)) == 4
+        assert state() == (1, 1, 0, 1)
+        os.eventfd_read(wait)
+        rw(1, 32768)  # half the credit: no nap
+        assert len(g.rig.kick(TX)) == 1
+        assert state() == (1, 1, 0, 1)
+        assert kicks.handed == handed
+        assert _drain(g, c, len(sent)) == sent
+    finally:
+        c.close()
+        g.close()
+        os.close(wait)
