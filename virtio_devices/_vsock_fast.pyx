@@ -976,7 +976,7 @@ cdef int _fill_rx_nogil(State st) noexcept nogil:
         rc = 1  # probably drained: the GIL path watches the socket again
     elif rc == 3:
         rc = 0
-    if _rx_signal_nogil(st, added):
+    if _signal_nogil(st, RX, added):
         rc = 1
     return rc
 
@@ -1012,7 +1012,7 @@ cdef int _pend_nogil(State st, Conn c) noexcept nogil:
         rc = 0
     elif rc == 2:
         rc = 1
-    if _rx_signal_nogil(st, added):
+    if _signal_nogil(st, RX, added):
         rc = 1
     return rc
 
@@ -1024,20 +1024,26 @@ cdef inline void _leave_nogil(State st, Conn c) noexcept nogil:
     st.idle = True
 
 
-cdef int _rx_signal_nogil(State st, Py_ssize_t added) noexcept nogil:
-    """The used notification of rx after ``added`` chains (§2.7.10, EVENT_IDX aware),
-    through the compiled signaller; 1 when the rings were not current (owed to
-    the pass with the GIL)."""
+cdef int _signal_nogil(State st, int index, Py_ssize_t added) noexcept nogil:
+    """The used notification of ring ``index`` (RX or TX) after ``added`` chains
+    (§2.7.10, EVENT_IDX aware), through the compiled signaller; 1 when the rings
+    were not current (owed to the pass with the GIL)."""
     cdef int e
     if not added:
         return 0
     st.nogil_chains += <unsigned long long>added
-    e = st.rxq.needs_notification_nogil()
+    e = st.rxq.needs_notification_nogil() if index == RX else st.txq.needs_notification_nogil()
     if e < 0:
-        st.owed_rx = True
+        if index == RX:
+            st.owed_rx = True
+        else:
+            st.owed_tx = True
         return 1
     if e:
-        st.sig_rx_c.signal_nogil()
+        if index == RX:
+            st.sig_rx_c.signal_nogil()
+        else:
+            st.sig_tx_c.signal_nogil()
     return 0
 
 
@@ -1259,7 +1265,7 @@ cdef int _credit_only_nogil(State st, Conn c) noexcept nogil:
         added += 1
     if not c.ops:
         _leave_nogil(st, c)
-    if _rx_signal_nogil(st, added):
+    if _signal_nogil(st, RX, added):
         rc = 1
     return rc
 
@@ -1375,22 +1381,6 @@ cdef int _rw_flush_nogil(State st, Conn c, iovec *iov, int niov, uint16_t *heads
         st.part_len = lens[k]
         st.part_conn = <PyObject *>c
     return 1
-
-
-cdef int _tx_signal_nogil(State st, Py_ssize_t served) noexcept nogil:
-    """The used notification of tx after ``served`` chains (§2.7.10, EVENT_IDX aware);
-    1 when the rings were not current (owed to the pass with the GIL)."""
-    cdef int e
-    if not served:
-        return 0
-    st.nogil_chains += <unsigned long long>served
-    e = st.txq.needs_notification_nogil()
-    if e < 0:
-        st.owed_tx = True
-        return 1
-    if e:
-        st.sig_tx_c.signal_nogil()
-    return 0
 
 
 cdef bint _tx_nap_nogil(int wait_fd, long long nap_ns) noexcept nogil:
@@ -1537,7 +1527,7 @@ cdef int _drain_tx_nogil(State st) noexcept nogil:
                 if not st.idle and _fill_rx_nogil(st):
                     rc = 1
                     break
-                if _tx_signal_nogil(st, served):
+                if _signal_nogil(st, TX, served):
                     served = 0
                     rc = 1
                     break
@@ -1554,7 +1544,7 @@ cdef int _drain_tx_nogil(State st) noexcept nogil:
             break
         if not e:
             break
-    if _tx_signal_nogil(st, served):
+    if _signal_nogil(st, TX, served):
         rc = 1
     if rc:
         return 1
@@ -2041,7 +2031,7 @@ cdef int _input_nogil(State st, Conn c, FdPump pump) noexcept nogil:
         rc = 0
     elif rc != 1:
         rc = 1  # no buffer left with data waiting, something owed: pump_c
-    if _rx_signal_nogil(st, added):
+    if _signal_nogil(st, RX, added):
         rc = 1
     if rc:
         st.nogil_handed += 1

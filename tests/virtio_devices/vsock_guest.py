@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import select
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from virtio_devices import _vsock_fast
@@ -196,3 +197,28 @@ class VsockGuest:
 
 def _desc(gpa: int, size: int, *, write: bool) -> RawDesc:
     return RawDesc(gpa, size, VIRTQ_DESC_F_WRITE if write else 0, 0)
+
+
+def first_naps(
+    kick: Callable[[], list[tuple[int, int]]],
+    rw: Callable[[int], None],
+    state: Callable[[], tuple[int, int, int, int]],
+    wait: int,
+) -> None:
+    """The tx nap's first steps, as both tx drains (with and without the GIL) take
+    them: ``rw(n)`` posts ``n`` small RW packets, ``kick()`` kicks tx and returns
+    its used entries, ``state()`` the nap counters (naps, naps cut short, drains
+    to skip, back-off) and ``wait`` is the loop's fd the nap waits on.  A pass
+    that took stream data naps, and a first nap that finds nothing makes the next
+    drain skip it; a ready loop fd cuts a nap short.  ``wait`` is left empty."""
+    rw(4)
+    assert len(kick()) == 4
+    assert state() == (1, 0, 1, 1)  # one nap, which found nothing: skip one
+    rw(4)
+    assert len(kick()) == 4
+    assert state() == (1, 0, 0, 1)  # skipped
+    os.eventfd_write(wait, 1)  # the loop has work: the next nap ends at once
+    rw(4)
+    assert len(kick()) == 4
+    assert state() == (1, 1, 0, 1)
+    os.eventfd_read(wait)
