@@ -21,6 +21,7 @@ class Engine:
     switch_counter: Callable[[], int] | None
     early_preempted: int
     pumped_chains: int
+    reaps_pumped: int
     pumped_bytes: int
     hold_min_ns: int
     hold_max_ns: int
@@ -67,3 +68,7 @@ class Engine:
 @final
 class RequestPump(FdPump):
     def __init__(self, engine: Engine, index: int, device: object) -> None: ...
+
+@final
+class ReapPump(FdPump):
+    def __init__(self, engine: Engine, device: object) -> None: ...

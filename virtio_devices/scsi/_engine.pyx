@@ -392,6 +392,7 @@ cdef class Engine:
     the event loop's epoll fd, ends the wait when readable; ``spin_reaps`` and
     ``spin_preempted`` count the completions it reaped and the waits that gave way;
     ``spin_give_way`` (True) false: the wait goes on when preempted (tests).
+    ``reaps_pumped``: completions a :class:`ReapPump` finished without Python.
     ``inline_reads``, ``inline_writes``, ``ring_requests``, ``pool_requests`` and
     ``slow_writes`` count what was done inline, what went to the ring and to the
     threads, and how often an inline write was slow.
@@ -453,6 +454,8 @@ cdef class Engine:
     cdef list _signallers
     cdef int in_flight_q[MAX_QUEUES]
     cdef list _held
+    cdef object _held_reap
+    cdef readonly long long reaps_pumped
     cdef readonly long long pumped_chains
     cdef readonly unsigned long long pumped_bytes
 
@@ -520,6 +523,7 @@ cdef class Engine:
         self.nfree = entries
         self._chains = [None] * entries
         self._held = [None] * MAX_QUEUES
+        self._held_reap = None
         self._queues = []
         self._signallers = []
         memset(self.in_flight_q, 0, sizeof(self.in_flight_q))
@@ -582,6 +586,7 @@ cdef class Engine:
         self._queues = list(queues)
         self._signallers = list(signallers) if signallers is not None else []
         self._held = [None] * MAX_QUEUES
+        self._held_reap = None
         for i in range(MAX_QUEUES):
             self.es_until[i] = 0
             self.es_backoff[i] = 0
@@ -727,7 +732,7 @@ cdef class Engine:
         if self.unsubmitted:
             self._submit()
         if self.nfree < self.nslots:
-            r_served, r_bytes, mask, rest = self._reap_spin(served != 0, index)
+            r_served, r_bytes, mask, rest = self._reap_spin(served != 0, index, False)
         else:
             r_served, r_bytes, rest = 0, 0, []
             mask = self._to_signal(((<uint64_t>1) << index) if served else 0)
@@ -1080,8 +1085,40 @@ cdef class Engine:
         With at least ``spin_min`` requests still in flight it then waits for the
         next completions on this thread (``spin_ns``, module docstring) and
         finishes them as well.
+
+        A reap that a :class:`ReapPump` made and handed over (it had something for
+        Python) is returned, or what it raised raised, before a new one.
         """
-        return self._reap_spin(False, 0)
+        held = self._held_reap
+        if held is not None:
+            self._held_reap = None
+            if isinstance(held, BaseException):
+                raise held
+            return held
+        return self._reap_spin(False, 0, True)
+
+    cdef int _reap_pump(self) except -1:
+        """The eventfd is readable (:class:`ReapPump`): finish what completed; 0 when
+        that is all (counted in ``reaps_pumped``, ``pumped_chains``,
+        ``pumped_bytes``), 1 when the reap has something for Python (a request that
+        did not move its whole transfer, a queue to notify without a signaller) or
+        raised: it is held for :meth:`reap`, and none is made until it is taken."""
+        cdef long served
+        if self._held_reap is not None:
+            return 1
+        try:
+            r = self._reap_spin(False, 0, True)
+        except Exception as e:
+            self._held_reap = e
+            return 1
+        served, nbytes, mask, rest = r
+        if mask or rest:
+            self._held_reap = r
+            return 1
+        self.reaps_pumped += 1
+        self.pumped_chains += served
+        self.pumped_bytes += nbytes
+        return 0
 
     cdef int _spin_wait(self) noexcept nogil:
         """Wait on this thread for the next completion (:meth:`_reap_spin`): 1 one
@@ -1113,7 +1150,7 @@ cdef class Engine:
                             return 1
                         return 0
 
-    cdef tuple _reap_spin(self, bint also, int index):
+    cdef tuple _reap_spin(self, bint also, int index, bint woken):
         """_reap, then, while at least ``spin_min`` requests are in flight, wait on
         this thread for the next completion (up to ``spin_ns`` after the last one,
         ``spin_max_ns`` in all) and reap it too, instead of sleeping until the
@@ -1125,7 +1162,7 @@ cdef class Engine:
         ``hold_max_ns``)."""
         cdef int64_t start, b
         cdef int rc
-        r_served, r_bytes, mask, rest = self._reap(also, index)
+        r_served, r_bytes, mask, rest = self._reap(also, index, woken)
         if self.spin_ns <= 0 or self.nslots - self.nfree < self.spin_min or not self._signallers:
             # No compiled signallers: the caller notifies, which a wait would delay.
             return r_served, r_bytes, mask, rest
@@ -1149,7 +1186,7 @@ cdef class Engine:
                 return r_served, r_bytes, mask, rest
             if rc == 0:
                 break
-            s2, b2, m2, rest2 = self._reap(False, 0)
+            s2, b2, m2, rest2 = self._reap(False, 0, True)
             self.spin_reaps += s2
             r_served += s2
             r_bytes += b2
@@ -1190,9 +1227,12 @@ cdef class Engine:
         q.add_used_c(s.head, used)
         return used
 
-    cdef tuple _reap(self, bint also, int index):
+    cdef tuple _reap(self, bint also, int index, bint woken):
         """reap(); ``also``: queue ``index`` had chains completed before, count it
-        as touched."""
+        as touched.  ``woken`` false (right after a drain submitted): the eventfd
+        is read only when something completed, since a read that finds it empty
+        is a system call for nothing; a count it keeps for completions taken here
+        only makes the loop look once more."""
         cdef io_uring_cqe *cqe
         cdef uint64_t tick
         cdef int slot, res
@@ -1203,7 +1243,9 @@ cdef class Engine:
         cdef uint64_t mask = 0
         cdef list rest = []
         cdef Pool *p
-        read(self.fd, &tick, 8)  # clear the count first: a later completion sets it again
+        p = self.pool
+        if woken or io_uring_cq_ready(&self.ring) or (p != NULL and p.dcount):
+            read(self.fd, &tick, 8)  # clear the count first: a later completion sets it again
         while io_uring_peek_cqe(&self.ring, &cqe) == 0:
             slot = <int>cqe.user_data
             res = cqe.res
@@ -1255,3 +1297,25 @@ cdef class RequestPump(FdPump):
         if dev.broken is not None or not dev.active:
             return 1
         return self.engine._pump(self.index)
+
+
+cdef class ReapPump(FdPump):
+    """The engine's eventfd served in compiled code (``add_reader(..., pump=)``):
+    :meth:`Engine.reap` without the device's Python callback, for the common reap
+    whose every request moved its whole transfer and whose notifications went
+    through the signallers.  Anything else (a request for Python, an error, the
+    device not active or broken) answers 1: the device's callback then runs and
+    takes the reap the engine held."""
+
+    cdef Engine engine
+    cdef object device
+
+    def __init__(self, Engine engine not None, device):
+        self.engine = engine
+        self.device = device
+
+    cdef int pump_c(self) except -1:
+        dev = self.device
+        if dev.broken is not None or not dev.active:
+            return 1
+        return self.engine._reap_pump()
