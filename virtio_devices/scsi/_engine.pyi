@@ -22,6 +22,8 @@ class Engine:
     early_preempted: int
     pumped_chains: int
     reaps_pumped: int
+    defer_taskrun: bool
+    ring_moves: int
     pumped_bytes: int
     hold_min_ns: int
     hold_max_ns: int
@@ -43,6 +45,7 @@ class Engine:
         entries: int = 256,
         inline_writes: bool = True,
         direct_fds: Sequence[int] | None = None,
+        defer_taskrun: bool = True,
     ) -> None: ...
     def attach(
         self, queues: Sequence[Queue], signallers: Sequence[Callable[[], None]] | None = None

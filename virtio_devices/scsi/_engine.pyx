@@ -55,6 +55,12 @@ thread.  The wait releases the GIL, ends as soon as the event loop has anything
 else to do, and gives way to any task that takes this CPU (1 ms without it,
 doubling while that repeats).
 
+The ring defers its completions to the thread that submits (the event loop's,
+``IORING_SETUP_DEFER_TASKRUN`` where the kernel has it): a disk's completion
+then signals the eventfd and nothing else, and the reap asks the kernel for the
+completions, rather than the kernel interrupting the loop's ``epoll_wait`` with
+task work to post them.
+
 Large O_DIRECT transfers (``pool_min_read``/``pool_min_write``) go to the engine's
 own threads instead of the ring: plain C threads that run a blocking
 ``preadv2``/``pwritev2`` without the GIL and touch only their slot; a completion
@@ -89,6 +95,8 @@ cdef extern from "<sys/uio.h>" nogil:
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
+    pthread_t pthread_self()
+    int pthread_equal(pthread_t a, pthread_t b)
     ctypedef struct pthread_mutex_t:
         pass
     ctypedef struct pthread_cond_t:
@@ -120,8 +128,25 @@ cdef extern from "<time.h>" nogil:
         CLOCK_MONOTONIC
 
 cdef extern from "<liburing.h>" nogil:
+    struct io_uring_sq:
+        unsigned *kflags
+
     struct io_uring:
-        pass
+        io_uring_sq sq
+        int ring_fd
+
+    enum:
+        IORING_SETUP_R_DISABLED
+        IORING_SETUP_SINGLE_ISSUER
+        IORING_SETUP_DEFER_TASKRUN
+        IORING_SETUP_TASKRUN_FLAG
+        IORING_SQ_TASKRUN
+        IORING_REGISTER_ENABLE_RINGS
+
+cdef extern from "<sys/syscall.h>" nogil:
+    enum:
+        SYS_io_uring_register
+    long syscall(long number, ...)
 
     struct io_uring_sqe:
         int rw_flags
@@ -147,6 +172,7 @@ cdef extern from "<liburing.h>" nogil:
     void io_uring_cqe_seen(io_uring *ring, io_uring_cqe *cqe)
     int io_uring_wait_cqe_timeout(io_uring *ring, io_uring_cqe **cqe_ptr, __kernel_timespec *ts)
     int io_uring_register_eventfd(io_uring *ring, int fd)
+    int io_uring_get_events(io_uring *ring)
     unsigned io_uring_cq_ready(const io_uring *ring)
 
 
@@ -393,6 +419,13 @@ cdef class Engine:
     ``spin_preempted`` count the completions it reaped and the waits that gave way;
     ``spin_give_way`` (True) false: the wait goes on when preempted (tests).
     ``reaps_pumped``: completions a :class:`ReapPump` finished without Python.
+    ``defer_taskrun`` (True, where the kernel has it: Linux 6.1): the kernel keeps
+    a completion until the ring's thread asks for it (``IORING_SETUP_SINGLE_ISSUER
+    | IORING_SETUP_DEFER_TASKRUN``) and only signals the eventfd, instead of
+    interrupting that thread's wait (``epoll_wait`` returning EINTR) to post it;
+    the ring belongs to the first thread that submits, another thread's requests
+    take the Python path while that one's are in flight and get a new ring once
+    none is (``ring_moves`` counts them).
     ``inline_reads``, ``inline_writes``, ``ring_requests``, ``pool_requests`` and
     ``slow_writes`` count what was done inline, what went to the ring and to the
     threads, and how often an inline write was slow.
@@ -404,6 +437,10 @@ cdef class Engine:
 
     cdef io_uring ring
     cdef bint _open
+    cdef readonly bint defer_taskrun
+    cdef bint _enabled
+    cdef pthread_t _owner
+    cdef readonly long long ring_moves
     cdef readonly int fd
     cdef Slot *slots
     cdef int nslots
@@ -466,8 +503,8 @@ cdef class Engine:
         self._open = False
 
     def __init__(self, fds, blocks, read_only, int entries=256, bint inline_writes=True,
-                 direct_fds=None):
-        cdef int rc, i
+                 direct_fds=None, bint defer_taskrun=True):
+        cdef int i
         if self._open or self.slots != NULL:
             raise RuntimeError("engine: initialised twice")
         self.nluns = len(fds)
@@ -527,16 +564,64 @@ cdef class Engine:
         self._queues = []
         self._signallers = []
         memset(self.in_flight_q, 0, sizeof(self.in_flight_q))
-        rc = io_uring_queue_init(entries, &self.ring, 0)
-        if rc < 0:
-            raise OSError(-rc, f"io_uring_queue_init({entries}) failed")
-        self._open = True
         self.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.fd < 0:
             raise OSError(errno, "eventfd failed")
+        self._ring_init(defer_taskrun)
+
+    cdef int _ring_init(self, bint defer) except -1:
+        """Make the ring and register the eventfd on it.  ``defer``: a ring whose
+        completions are posted only when its one submitting thread asks
+        (``IORING_SETUP_DEFER_TASKRUN``, Linux 6.1), made disabled and enabled by
+        the first thread that uses it (:meth:`_own`); a kernel without it gets a
+        plain ring."""
+        cdef int rc = -22
+        cdef unsigned flags = (IORING_SETUP_R_DISABLED | IORING_SETUP_SINGLE_ISSUER
+                               | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG)
+        if defer:
+            rc = io_uring_queue_init(self.nslots, &self.ring, flags)
+        if rc == -22:  # EINVAL: not asked for, or a kernel before 6.1
+            defer = False
+            rc = io_uring_queue_init(self.nslots, &self.ring, 0)
+        if rc < 0:
+            raise OSError(-rc, f"io_uring_queue_init({self.nslots}) failed")
+        self._open = True
+        self.defer_taskrun = defer
+        self._enabled = not defer
         rc = io_uring_register_eventfd(&self.ring, self.fd)
         if rc < 0:
             raise OSError(-rc, "io_uring_register_eventfd failed")
+        return 0
+
+    cdef int _own(self) except -1:
+        """Whether this thread may submit to the ring and ask for its completions
+        (1) or not now (0).  A deferred ring (``defer_taskrun``) belongs to the
+        thread that first used it (the event loop's); another thread gets a new
+        ring when nothing is in flight (a device served by a new loop thread,
+        ``ring_moves`` counts them) and none while something is (0)."""
+        if not self.defer_taskrun:
+            return 1
+        if self._enabled:
+            if pthread_equal(self._owner, pthread_self()):
+                return 1
+            if self.nfree != self.nslots or self.unsubmitted:
+                return 0
+            io_uring_queue_exit(&self.ring)
+            self._open = False
+            self._ring_init(True)
+            self.ring_moves += 1
+            if not self.defer_taskrun:
+                return 1
+        # (liburing 2.3 as Debian builds it lacks io_uring_enable_rings.)
+        if syscall(SYS_io_uring_register, self.ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0:
+            raise OSError(errno, "io_uring_register(IORING_REGISTER_ENABLE_RINGS) failed")
+        self._enabled = True
+        self._owner = pthread_self()
+        return 1
+
+    cdef inline bint _work_pending(self) noexcept nogil:
+        """A deferred ring has completions the kernel holds until asked."""
+        return self.defer_taskrun and (self.ring.sq.kflags[0] & IORING_SQ_TASKRUN) != 0
 
     def __dealloc__(self):
         cdef int i
@@ -943,6 +1028,8 @@ cdef class Engine:
             pthread_cond_signal(&self.pool.cv)
             pthread_mutex_unlock(&self.pool.mu)
             return 0
+        if not self._own():
+            return -1  # the ring is another thread's while its requests run
         sqe = io_uring_get_sqe(&self.ring)
         if sqe == NULL:
             # The submission ring is full of unsubmitted entries: hand them over.
@@ -1131,7 +1218,7 @@ cdef class Engine:
         cdef Pool *p = self.pool
         cdef long long sw = _nivcsw()
         while True:
-            if io_uring_cq_ready(&self.ring) or (p != NULL and p.dcount):
+            if io_uring_cq_ready(&self.ring) or self._work_pending() or (p != NULL and p.dcount):
                 return 1
             t = _now_ns()
             if t - t0 >= self.spin_ns:
@@ -1146,7 +1233,7 @@ cdef class Engine:
                     pfd.revents = 0
                     if poll(&pfd, 1, 0) > 0:
                         # Our own eventfd is in that set: a completion first.
-                        if io_uring_cq_ready(&self.ring) or (p != NULL and p.dcount):
+                        if io_uring_cq_ready(&self.ring) or self._work_pending() or (p != NULL and p.dcount):
                             return 1
                         return 0
 
@@ -1244,7 +1331,18 @@ cdef class Engine:
         cdef list rest = []
         cdef Pool *p
         p = self.pool
-        if woken or io_uring_cq_ready(&self.ring) or (p != NULL and p.dcount):
+        if self.defer_taskrun:
+            # The kernel holds a deferred ring's completions (and signals the
+            # eventfd when it first has some, and again as it posts them) until
+            # this thread asks: ask, clear the count, then ask again while more
+            # came meanwhile (their signal may be the one just cleared).  Another
+            # thread cannot ask: it leaves the count for the ring's.
+            if (woken or self._work_pending()) and self._own():
+                io_uring_get_events(&self.ring)
+                read(self.fd, &tick, 8)
+                while self._work_pending():
+                    io_uring_get_events(&self.ring)
+        elif woken or io_uring_cq_ready(&self.ring) or (p != NULL and p.dcount):
             read(self.fd, &tick, 8)  # clear the count first: a later completion sets it again
         while io_uring_peek_cqe(&self.ring, &cqe) == 0:
             slot = <int>cqe.user_data
