@@ -77,6 +77,11 @@ from virtio_devices.scsi import device
 from vhost_backends.cli.scsi import main
 
 ATTRS = {attrs!r}
+# The engine's constructor arguments among them (the ring's kind), the rest set
+# on the engine once it is made.
+CTOR = {{k: ATTRS.pop(k) for k in ("defer_taskrun",) if k in ATTRS}}
+_Engine = device.Engine
+device.Engine = lambda *args, **kwargs: _Engine(*args, **{{**kwargs, **CTOR}})
 _activate = device.ScsiDevice.activate
 
 def activate(self, *args, **kwargs):
@@ -289,7 +294,8 @@ def main() -> int:
     ap.add_argument(
         "--alt",
         default="",
-        help="also run ours with these engine attributes (name=int,...), as 'alt' in the tables",
+        help="also run ours with these engine attributes (name=int,...; defer_taskrun is the "
+        "engine's constructor argument), as 'alt' in the tables",
     )
     ap.add_argument(
         "--alt-env",

@@ -21,6 +21,9 @@ class Engine:
     switch_counter: Callable[[], int] | None
     early_preempted: int
     pumped_chains: int
+    reaps_pumped: int
+    defer_taskrun: bool
+    ring_moves: int
     pumped_bytes: int
     hold_min_ns: int
     hold_max_ns: int
@@ -42,6 +45,7 @@ class Engine:
         entries: int = 256,
         inline_writes: bool = True,
         direct_fds: Sequence[int] | None = None,
+        defer_taskrun: bool = True,
     ) -> None: ...
     def attach(
         self, queues: Sequence[Queue], signallers: Sequence[Callable[[], None]] | None = None
@@ -67,3 +71,7 @@ class Engine:
 @final
 class RequestPump(FdPump):
     def __init__(self, engine: Engine, index: int, device: object) -> None: ...
+
+@final
+class ReapPump(FdPump):
+    def __init__(self, engine: Engine, device: object) -> None: ...

@@ -55,6 +55,12 @@ thread.  The wait releases the GIL, ends as soon as the event loop has anything
 else to do, and gives way to any task that takes this CPU (1 ms without it,
 doubling while that repeats).
 
+The ring defers its completions to the thread that submits (the event loop's,
+``IORING_SETUP_DEFER_TASKRUN`` where the kernel has it): a disk's completion
+then signals the eventfd and nothing else, and the reap asks the kernel for the
+completions, rather than the kernel interrupting the loop's ``epoll_wait`` with
+task work to post them.
+
 Large O_DIRECT transfers (``pool_min_read``/``pool_min_write``) go to the engine's
 own threads instead of the ring: plain C threads that run a blocking
 ``preadv2``/``pwritev2`` without the GIL and touch only their slot; a completion
@@ -89,6 +95,8 @@ cdef extern from "<sys/uio.h>" nogil:
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
+    pthread_t pthread_self()
+    int pthread_equal(pthread_t a, pthread_t b)
     ctypedef struct pthread_mutex_t:
         pass
     ctypedef struct pthread_cond_t:
@@ -120,8 +128,25 @@ cdef extern from "<time.h>" nogil:
         CLOCK_MONOTONIC
 
 cdef extern from "<liburing.h>" nogil:
+    struct io_uring_sq:
+        unsigned *kflags
+
     struct io_uring:
-        pass
+        io_uring_sq sq
+        int ring_fd
+
+    enum:
+        IORING_SETUP_R_DISABLED
+        IORING_SETUP_SINGLE_ISSUER
+        IORING_SETUP_DEFER_TASKRUN
+        IORING_SETUP_TASKRUN_FLAG
+        IORING_SQ_TASKRUN
+        IORING_REGISTER_ENABLE_RINGS
+
+cdef extern from "<sys/syscall.h>" nogil:
+    enum:
+        SYS_io_uring_register
+    long syscall(long number, ...)
 
     struct io_uring_sqe:
         int rw_flags
@@ -147,6 +172,7 @@ cdef extern from "<liburing.h>" nogil:
     void io_uring_cqe_seen(io_uring *ring, io_uring_cqe *cqe)
     int io_uring_wait_cqe_timeout(io_uring *ring, io_uring_cqe **cqe_ptr, __kernel_timespec *ts)
     int io_uring_register_eventfd(io_uring *ring, int fd)
+    int io_uring_get_events(io_uring *ring)
     unsigned io_uring_cq_ready(const io_uring *ring)
 
 
@@ -392,6 +418,14 @@ cdef class Engine:
     the event loop's epoll fd, ends the wait when readable; ``spin_reaps`` and
     ``spin_preempted`` count the completions it reaped and the waits that gave way;
     ``spin_give_way`` (True) false: the wait goes on when preempted (tests).
+    ``reaps_pumped``: completions a :class:`ReapPump` finished without Python.
+    ``defer_taskrun`` (True, where the kernel has it: Linux 6.1): the kernel keeps
+    a completion until the ring's thread asks for it (``IORING_SETUP_SINGLE_ISSUER
+    | IORING_SETUP_DEFER_TASKRUN``) and only signals the eventfd, instead of
+    interrupting that thread's wait (``epoll_wait`` returning EINTR) to post it;
+    the ring belongs to the first thread that submits, another thread's requests
+    take the Python path while that one's are in flight and get a new ring once
+    none is (``ring_moves`` counts them).
     ``inline_reads``, ``inline_writes``, ``ring_requests``, ``pool_requests`` and
     ``slow_writes`` count what was done inline, what went to the ring and to the
     threads, and how often an inline write was slow.
@@ -403,6 +437,10 @@ cdef class Engine:
 
     cdef io_uring ring
     cdef bint _open
+    cdef readonly bint defer_taskrun
+    cdef bint _enabled
+    cdef pthread_t _owner
+    cdef readonly long long ring_moves
     cdef readonly int fd
     cdef Slot *slots
     cdef int nslots
@@ -453,6 +491,8 @@ cdef class Engine:
     cdef list _signallers
     cdef int in_flight_q[MAX_QUEUES]
     cdef list _held
+    cdef object _held_reap
+    cdef readonly long long reaps_pumped
     cdef readonly long long pumped_chains
     cdef readonly unsigned long long pumped_bytes
 
@@ -463,8 +503,8 @@ cdef class Engine:
         self._open = False
 
     def __init__(self, fds, blocks, read_only, int entries=256, bint inline_writes=True,
-                 direct_fds=None):
-        cdef int rc, i
+                 direct_fds=None, bint defer_taskrun=True):
+        cdef int i
         if self._open or self.slots != NULL:
             raise RuntimeError("engine: initialised twice")
         self.nluns = len(fds)
@@ -520,19 +560,68 @@ cdef class Engine:
         self.nfree = entries
         self._chains = [None] * entries
         self._held = [None] * MAX_QUEUES
+        self._held_reap = None
         self._queues = []
         self._signallers = []
         memset(self.in_flight_q, 0, sizeof(self.in_flight_q))
-        rc = io_uring_queue_init(entries, &self.ring, 0)
-        if rc < 0:
-            raise OSError(-rc, f"io_uring_queue_init({entries}) failed")
-        self._open = True
         self.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.fd < 0:
             raise OSError(errno, "eventfd failed")
+        self._ring_init(defer_taskrun)
+
+    cdef int _ring_init(self, bint defer) except -1:
+        """Make the ring and register the eventfd on it.  ``defer``: a ring whose
+        completions are posted only when its one submitting thread asks
+        (``IORING_SETUP_DEFER_TASKRUN``, Linux 6.1), made disabled and enabled by
+        the first thread that uses it (:meth:`_own`); a kernel without it gets a
+        plain ring."""
+        cdef int rc = -22
+        cdef unsigned flags = (IORING_SETUP_R_DISABLED | IORING_SETUP_SINGLE_ISSUER
+                               | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG)
+        if defer:
+            rc = io_uring_queue_init(self.nslots, &self.ring, flags)
+        if rc == -22:  # EINVAL: not asked for, or a kernel before 6.1
+            defer = False
+            rc = io_uring_queue_init(self.nslots, &self.ring, 0)
+        if rc < 0:
+            raise OSError(-rc, f"io_uring_queue_init({self.nslots}) failed")
+        self._open = True
+        self.defer_taskrun = defer
+        self._enabled = not defer
         rc = io_uring_register_eventfd(&self.ring, self.fd)
         if rc < 0:
             raise OSError(-rc, "io_uring_register_eventfd failed")
+        return 0
+
+    cdef int _own(self) except -1:
+        """Whether this thread may submit to the ring and ask for its completions
+        (1) or not now (0).  A deferred ring (``defer_taskrun``) belongs to the
+        thread that first used it (the event loop's); another thread gets a new
+        ring when nothing is in flight (a device served by a new loop thread,
+        ``ring_moves`` counts them) and none while something is (0)."""
+        if not self.defer_taskrun:
+            return 1
+        if self._enabled:
+            if pthread_equal(self._owner, pthread_self()):
+                return 1
+            if self.nfree != self.nslots or self.unsubmitted:
+                return 0
+            io_uring_queue_exit(&self.ring)
+            self._open = False
+            self._ring_init(True)
+            self.ring_moves += 1
+            if not self.defer_taskrun:
+                return 1
+        # (liburing 2.3 as Debian builds it lacks io_uring_enable_rings.)
+        if syscall(SYS_io_uring_register, self.ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0:
+            raise OSError(errno, "io_uring_register(IORING_REGISTER_ENABLE_RINGS) failed")
+        self._enabled = True
+        self._owner = pthread_self()
+        return 1
+
+    cdef inline bint _work_pending(self) noexcept nogil:
+        """A deferred ring has completions the kernel holds until asked."""
+        return self.defer_taskrun and (self.ring.sq.kflags[0] & IORING_SQ_TASKRUN) != 0
 
     def __dealloc__(self):
         cdef int i
@@ -582,6 +671,7 @@ cdef class Engine:
         self._queues = list(queues)
         self._signallers = list(signallers) if signallers is not None else []
         self._held = [None] * MAX_QUEUES
+        self._held_reap = None
         for i in range(MAX_QUEUES):
             self.es_until[i] = 0
             self.es_backoff[i] = 0
@@ -727,7 +817,7 @@ cdef class Engine:
         if self.unsubmitted:
             self._submit()
         if self.nfree < self.nslots:
-            r_served, r_bytes, mask, rest = self._reap_spin(served != 0, index)
+            r_served, r_bytes, mask, rest = self._reap_spin(served != 0, index, False)
         else:
             r_served, r_bytes, rest = 0, 0, []
             mask = self._to_signal(((<uint64_t>1) << index) if served else 0)
@@ -938,6 +1028,8 @@ cdef class Engine:
             pthread_cond_signal(&self.pool.cv)
             pthread_mutex_unlock(&self.pool.mu)
             return 0
+        if not self._own():
+            return -1  # the ring is another thread's while its requests run
         sqe = io_uring_get_sqe(&self.ring)
         if sqe == NULL:
             # The submission ring is full of unsubmitted entries: hand them over.
@@ -1080,8 +1172,40 @@ cdef class Engine:
         With at least ``spin_min`` requests still in flight it then waits for the
         next completions on this thread (``spin_ns``, module docstring) and
         finishes them as well.
+
+        A reap that a :class:`ReapPump` made and handed over (it had something for
+        Python) is returned, or what it raised raised, before a new one.
         """
-        return self._reap_spin(False, 0)
+        held = self._held_reap
+        if held is not None:
+            self._held_reap = None
+            if isinstance(held, BaseException):
+                raise held
+            return held
+        return self._reap_spin(False, 0, True)
+
+    cdef int _reap_pump(self) except -1:
+        """The eventfd is readable (:class:`ReapPump`): finish what completed; 0 when
+        that is all (counted in ``reaps_pumped``, ``pumped_chains``,
+        ``pumped_bytes``), 1 when the reap has something for Python (a request that
+        did not move its whole transfer, a queue to notify without a signaller) or
+        raised: it is held for :meth:`reap`, and none is made until it is taken."""
+        cdef long served
+        if self._held_reap is not None:
+            return 1
+        try:
+            r = self._reap_spin(False, 0, True)
+        except Exception as e:
+            self._held_reap = e
+            return 1
+        served, nbytes, mask, rest = r
+        if mask or rest:
+            self._held_reap = r
+            return 1
+        self.reaps_pumped += 1
+        self.pumped_chains += served
+        self.pumped_bytes += nbytes
+        return 0
 
     cdef int _spin_wait(self) noexcept nogil:
         """Wait on this thread for the next completion (:meth:`_reap_spin`): 1 one
@@ -1094,7 +1218,7 @@ cdef class Engine:
         cdef Pool *p = self.pool
         cdef long long sw = _nivcsw()
         while True:
-            if io_uring_cq_ready(&self.ring) or (p != NULL and p.dcount):
+            if io_uring_cq_ready(&self.ring) or self._work_pending() or (p != NULL and p.dcount):
                 return 1
             t = _now_ns()
             if t - t0 >= self.spin_ns:
@@ -1109,11 +1233,11 @@ cdef class Engine:
                     pfd.revents = 0
                     if poll(&pfd, 1, 0) > 0:
                         # Our own eventfd is in that set: a completion first.
-                        if io_uring_cq_ready(&self.ring) or (p != NULL and p.dcount):
+                        if io_uring_cq_ready(&self.ring) or self._work_pending() or (p != NULL and p.dcount):
                             return 1
                         return 0
 
-    cdef tuple _reap_spin(self, bint also, int index):
+    cdef tuple _reap_spin(self, bint also, int index, bint woken):
         """_reap, then, while at least ``spin_min`` requests are in flight, wait on
         this thread for the next completion (up to ``spin_ns`` after the last one,
         ``spin_max_ns`` in all) and reap it too, instead of sleeping until the
@@ -1125,7 +1249,7 @@ cdef class Engine:
         ``hold_max_ns``)."""
         cdef int64_t start, b
         cdef int rc
-        r_served, r_bytes, mask, rest = self._reap(also, index)
+        r_served, r_bytes, mask, rest = self._reap(also, index, woken)
         if self.spin_ns <= 0 or self.nslots - self.nfree < self.spin_min or not self._signallers:
             # No compiled signallers: the caller notifies, which a wait would delay.
             return r_served, r_bytes, mask, rest
@@ -1149,7 +1273,7 @@ cdef class Engine:
                 return r_served, r_bytes, mask, rest
             if rc == 0:
                 break
-            s2, b2, m2, rest2 = self._reap(False, 0)
+            s2, b2, m2, rest2 = self._reap(False, 0, True)
             self.spin_reaps += s2
             r_served += s2
             r_bytes += b2
@@ -1190,9 +1314,12 @@ cdef class Engine:
         q.add_used_c(s.head, used)
         return used
 
-    cdef tuple _reap(self, bint also, int index):
+    cdef tuple _reap(self, bint also, int index, bint woken):
         """reap(); ``also``: queue ``index`` had chains completed before, count it
-        as touched."""
+        as touched.  ``woken`` false (right after a drain submitted): the eventfd
+        is read only when something completed, since a read that finds it empty
+        is a system call for nothing; a count it keeps for completions taken here
+        only makes the loop look once more."""
         cdef io_uring_cqe *cqe
         cdef uint64_t tick
         cdef int slot, res
@@ -1203,7 +1330,20 @@ cdef class Engine:
         cdef uint64_t mask = 0
         cdef list rest = []
         cdef Pool *p
-        read(self.fd, &tick, 8)  # clear the count first: a later completion sets it again
+        p = self.pool
+        if self.defer_taskrun:
+            # The kernel holds a deferred ring's completions (and signals the
+            # eventfd when it first has some, and again as it posts them) until
+            # this thread asks: ask, clear the count, then ask again while more
+            # came meanwhile (their signal may be the one just cleared).  Another
+            # thread cannot ask: it leaves the count for the ring's.
+            if (woken or self._work_pending()) and self._own():
+                io_uring_get_events(&self.ring)
+                read(self.fd, &tick, 8)
+                while self._work_pending():
+                    io_uring_get_events(&self.ring)
+        elif woken or io_uring_cq_ready(&self.ring) or (p != NULL and p.dcount):
+            read(self.fd, &tick, 8)  # clear the count first: a later completion sets it again
         while io_uring_peek_cqe(&self.ring, &cqe) == 0:
             slot = <int>cqe.user_data
             res = cqe.res
@@ -1255,3 +1395,25 @@ cdef class RequestPump(FdPump):
         if dev.broken is not None or not dev.active:
             return 1
         return self.engine._pump(self.index)
+
+
+cdef class ReapPump(FdPump):
+    """The engine's eventfd served in compiled code (``add_reader(..., pump=)``):
+    :meth:`Engine.reap` without the device's Python callback, for the common reap
+    whose every request moved its whole transfer and whose notifications went
+    through the signallers.  Anything else (a request for Python, an error, the
+    device not active or broken) answers 1: the device's callback then runs and
+    takes the reap the engine held."""
+
+    cdef Engine engine
+    cdef object device
+
+    def __init__(self, Engine engine not None, device):
+        self.engine = engine
+        self.device = device
+
+    cdef int pump_c(self) except -1:
+        dev = self.device
+        if dev.broken is not None or not dev.active:
+            return 1
+        return self.engine._reap_pump()

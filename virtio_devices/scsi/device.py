@@ -55,7 +55,7 @@ from ..base import (
 )
 from ..errors import MalformedRequest
 from ..hosts.images import DiskImage
-from ._engine import Engine, RequestPump
+from ._engine import Engine, ReapPump, RequestPump
 from .emulation import (
     BLOCK_SHIFT,
     BLOCK_SIZE,
@@ -242,6 +242,8 @@ class ScsiDevice(VirtioDevice):
         self._engine_tried = not use_engine
         self._inline_writes = inline_writes
         self._engine_loop: EventLoop | None = None
+        #: The engine's eventfd served in compiled code (:class:`~._engine.ReapPump`).
+        self._reaper: ReapPump | None = None
 
     # -- config space (§5.6.4) -------------------------------------------------------
     def config_space(self) -> bytes:
@@ -287,7 +289,10 @@ class ScsiDevice(VirtioDevice):
             self._engine.attach(
                 queues, [signaller(i) for i in range(len(queues))] if signaller is not None else None
             )
-            loop.add_reader(self._engine.fd, self._on_engine)
+            # Completions are finished in compiled code (ReapPump) where the loop
+            # serves pumps; _on_engine runs for what needs Python.
+            self._reaper = ReapPump(self._engine, self)
+            loop.add_reader(self._engine.fd, self._on_engine, pump=self._reaper)
             # The engine's wait for completions ends when the loop has other work.
             fileno = getattr(loop, "fileno", None)
             self._engine.loop_fd = int(fileno()) if fileno is not None else -1
@@ -376,6 +381,10 @@ class ScsiDevice(VirtioDevice):
         """The engine's eventfd: finish what completed, one notification per queue."""
         engine = self._engine
         if engine is None or not self.active:
+            return
+        # Where the loop does not serve pumps, the pump's compiled reap first.
+        reaper = self._reaper
+        if reaper is not None and not reaper.pump():
             return
         served, nbytes, signal, rest = engine.reap()
         if served:
