@@ -359,16 +359,22 @@ def test_without_io_uring_every_request_takes_the_python_path(monkeypatch: pytes
         img.close()
 
 
+def _direct_image(tmp_path: Path) -> DiskImage:
+    """A writable image of ``IMAGE * 4``, ``tmp_path / "direct.img"``, opened with
+    O_DIRECT (skips where the file system refuses it)."""
+    path = tmp_path / "direct.img"
+    path.write_bytes(IMAGE * 4)
+    try:
+        return open_image(str(path), read_only=False, direct=True)
+    except ImageError:
+        pytest.skip("this file system refuses O_DIRECT")
+
+
 def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
     """With an O_DIRECT fd, aligned transfers go through it, never inline: from
     64 KiB on the engine's threads (the ring when there are none), smaller ones on
     the ring; unaligned ones use the page cache; all land in the file."""
-    path = tmp_path / "direct.img"
-    path.write_bytes(IMAGE * 4)
-    try:
-        img = open_image(str(path), read_only=False, direct=True)
-    except ImageError:
-        pytest.skip("this file system refuses O_DIRECT")
+    img = _direct_image(tmp_path)
     dev = ScsiDevice([img])
     try:
         with DeviceRig(dev, queue_size=16, memory_size=16 << 20) as rig:
@@ -414,7 +420,7 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
             eng.direct_threads = 0
             assert run(read10(32, 128), data_in=len(big))[1] == big
             assert (eng.ring_requests, eng.pool_requests) == (ring + 3, pool + 3)
-        data = path.read_bytes()
+        data = (tmp_path / "direct.img").read_bytes()
         assert data[8 * 512 : 16 * 512] == b"\x3c" * 4096 and data[16 * 512 : 17 * 512] == b"\x4d" * 512
         assert data[24 * 512 : 32 * 512] == big[: 8 * 512] and data[32 * 512 : 160 * 512] == big
     finally:
@@ -731,12 +737,7 @@ def test_the_reap_pump_finishes_completions_without_python_unless_they_need_it(
     and counted in ``chains_served``; with a transport that has no compiled
     signallers the reap's notification is Python's, so the pump hands the reap over
     and the callback notifies (VIRTIO 1.2 §2.7.10: the driver still hears of it)."""
-    path = tmp_path / "direct.img"
-    path.write_bytes(IMAGE * 4)
-    try:
-        img = open_image(str(path), read_only=False, direct=True)
-    except ImageError:
-        pytest.skip("this file system refuses O_DIRECT")
+    img = _direct_image(tmp_path)
     interrupt = _RecordingInterrupt(rearm=True) if compiled_signallers else FakeInterrupt()
     dev = ScsiDevice([img])
     rig = DeviceRig(dev, queue_size=16, memory_size=16 << 20, event_idx=True, interrupt=interrupt)
@@ -809,12 +810,7 @@ def test_a_deferred_ring_belongs_to_one_thread_and_moves_only_when_idle(tmp_path
     thread's; while its requests are in flight another thread's requests take the
     Python path (answered all the same); once none is, the next thread that
     submits gets a new ring (``ring_moves``), and every request completes."""
-    path = tmp_path / "direct.img"
-    path.write_bytes(IMAGE * 4)
-    try:
-        img = open_image(str(path), read_only=False, direct=True)
-    except ImageError:
-        pytest.skip("this file system refuses O_DIRECT")
+    img = _direct_image(tmp_path)
     dev = ScsiDevice([img])
     rig = DeviceRig(dev, queue_size=16, memory_size=16 << 20)
     try:

@@ -424,11 +424,19 @@ class ScsiDevice(VirtioDevice):
 
     def wait_completions(self, index: int, timeout: float) -> bool:
         """Wait for the engine's requests of queue ``index`` and finish them (the
-        in-process test kit's stand-in for the loop); False if none is in flight."""
+        in-process test kit's stand-in for the loop); False if none is in flight.
+        Returns once a reap took one of them, or ``timeout`` seconds passed: a
+        wake-up whose reap found nothing (the eventfd counted a completion an
+        earlier reap had already taken) waits again."""
         engine = self._engine
         if engine is None or not engine.in_flight(index):
             return False
-        if engine.wait(timeout):
+        before = engine.in_flight(index)
+        deadline = time.monotonic() + timeout
+        while engine.in_flight(index) == before:
+            left = deadline - time.monotonic()
+            if left <= 0 or not engine.wait(left):
+                break
             self._on_engine()
         return True
 
