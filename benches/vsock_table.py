@@ -98,6 +98,10 @@ class Daemon:
                     raise
 
 
+#: Whether the guest's driver copies each payload (``--guest-copy``; see main()).
+GUEST_COPY = False
+
+
 def driver(d: Daemon, **kw: int) -> VsockDriver:
     """Connect as the guest, retrying while the daemon is between bind and listen."""
     deadline = time.monotonic() + 10
@@ -107,6 +111,7 @@ def driver(d: Daemon, **kw: int) -> VsockDriver:
             kw.setdefault("timeout", 60)
             # A Linux driver kicks tx only when the device asks (§2.7.10).
             kw.setdefault("kick_prepare", True)
+            kw.setdefault("copy_payload", GUEST_COPY)
             return VsockDriver(d.sock, **kw)  # type: ignore[arg-type]
         except (ConnectionRefusedError, FileNotFoundError):
             if time.monotonic() > deadline:
@@ -628,7 +633,7 @@ def callgrind(
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mib", type=int, default=32)
@@ -656,7 +661,15 @@ def main() -> None:
         action="store_true",
         help="also every daemon with the previous driver (packet by packet), interleaved",
     )
-    a = ap.parse_args()
+    ap.add_argument(
+        "--guest-copy",
+        action="store_true",
+        help="the guest's driver copies every payload in and out, as a guest's socket layer does "
+        "(default: headers only, so that the rows measure the daemons)",
+    )
+    a = ap.parse_args(argv)
+    global GUEST_COPY
+    GUEST_COPY = a.guest_copy
     rows = {
         "guest->host 64 KiB (MiB/s)": lambda d: guest_to_host(
             d, 65536, a.mib << 20, a.stall, COUNTS.setdefault(("guest->host 64 KiB", d.name), {})
@@ -690,7 +703,7 @@ def main() -> None:
             rust_text = "n/a" if r is None else f"{r:.0f}"
             share = "n/a" if r is None else f"{r / o:.2f}x"
             print(f"{row.split(' (')[0]:36} {o:14.0f} {rust_text:>14} {share:>10}")
-        return
+        return 0
     results: dict[tuple[str, str], list[float]] = {}
     cpu_s: dict[tuple[str, str], float] = {}
     for _ in range(a.reps):
@@ -809,6 +822,8 @@ def main() -> None:
                     f"the machine's {u['machine'] / u['wall']:.2f} of {ncpu}"
                 )
 
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -315,17 +315,27 @@ def test_host_stream_through_many_credit_stalls_reaches_the_guest_whole(tmp_path
         assert vms.stop() == 0
 
 
-@pytest.mark.parametrize("rw_descs", [2, 1], ids=["header-and-payload", "one-descriptor"])
-def test_batched_guest_stream_reaches_the_host_whole(tmp_path: Path, rw_descs: int) -> None:
+@pytest.mark.parametrize(
+    ("rw_descs", "copy_payload"),
+    [(2, True), (1, True), (2, False)],
+    ids=["header-and-payload", "one-descriptor", "payload-written-once"],
+)
+def test_batched_guest_stream_reaches_the_host_whole(
+    tmp_path: Path, rw_descs: int, copy_payload: bool
+) -> None:
     """The benches' tx path (``VsockDriver.send_rw``, Linux's tx worker: every packet
     the credit allows in one batch, then one ``virtqueue_kick`` if the device asks,
     VIRTIO 1.2 §2.7.10) with each packet's header and payload in two descriptors
     (Linux's two scatter-gather entries) or one: every byte reaches the host in
     order, never beyond the peer's credit (§5.10.6.3), at most one kick a batch,
-    and the credit comes back through ``poll_rx``/``wait_rx``."""
+    and the credit comes back through ``poll_rx``/``wait_rx``.  Without
+    ``copy_payload`` a tx buffer gets a payload only when it holds another one: the
+    batches change their payload once, and buffers RW packets of ``send`` used in
+    between are written again."""
     vms = Vms(tmp_path, [3])
     lst = listen(vms.uds(3) + "_9")
-    g = vms.guest(3, kick_prepare=True, rw_descs=rw_descs)
+    g = vms.guest(3, kick_prepare=True, rw_descs=rw_descs, copy_payload=copy_payload)
+    payloads = [bytes([1]) * 4096, bytes([2]) * 4096]
     try:
         g.send(4000, 9, OP_REQUEST)
         rsp = g.expect(OP_RESPONSE)
@@ -341,8 +351,14 @@ def test_batched_guest_stream_reaches_the_host_whole(tmp_path: Path, rw_descs: i
         buf_alloc, fwd, sent, batches, expected = rsp.buf_alloc, rsp.fwd_cnt, 0, 0, bytearray()
         while sent < 400 * 4096:
             n = min((buf_alloc - (sent - fwd)) // 4096, 400 - sent // 4096)
+            if n > 2 and batches == 6:  # two packets of ``send``, in buffers batches used before
+                for _ in range(2):
+                    g.send(4000, 9, OP_RW, b"\x03" * 4096)
+                expected += b"\x03" * 8192
+                sent += 8192
+                n -= 2
             if n > 0:
-                payload = bytes([batches & 0xFF]) * 4096
+                payload = payloads[batches >= 14]
                 queued = g.send_rw(4000, 9, payload, n)
                 assert 0 < queued <= n
                 expected += payload * queued
@@ -359,7 +375,7 @@ def test_batched_guest_stream_reaches_the_host_whole(tmp_path: Path, rw_descs: i
         assert not t.is_alive()
         assert got == expected
         assert g.tx_packets == 400 + 2  # and the REQUEST and SHUTDOWN
-        assert g.tx_kicks <= batches + 2  # REQUEST, SHUTDOWN
+        assert g.tx_kicks <= batches + 4  # and the four packets of ``send``
     finally:
         g.close()
         assert vms.stop() == 0

@@ -88,6 +88,7 @@ class VsockDriver:
         features: int | None = None,
         kick_prepare: bool = False,
         rw_descs: int = 2,
+        copy_payload: bool = True,
     ) -> None:
         if rw_descs not in (1, 2):
             raise ValueError(f"rw_descs {rw_descs}: a packet is one descriptor or two (header, payload)")
@@ -97,6 +98,11 @@ class VsockDriver:
         # send_rw's packets: the header and the payload in a descriptor each
         # (virtio_transport_send_skb's two scatter-gather entries), or both in one.
         self.rw_descs = rw_descs
+        # Whether the fast paths copy each packet's payload as a guest's socket layer
+        # does (into the tx buffer, out of the rx buffer); else only the headers are
+        # written and read (a tx buffer gets a payload once), so that a bench
+        # measures the device, not this process's copies.
+        self.copy_payload = copy_payload
         # Kick tx, and rx after buffers are reposted, only when the device asks
         # (Linux's virtqueue_kick_prepare, which its virtio-vsock driver calls for
         # both: virtqueue_kick), else always.
@@ -128,6 +134,8 @@ class VsockDriver:
         # rx heads taken by poll_rx and not yet reposted (virtio_vsock_rx_fill's
         # batch), views of guest memory for the fast paths, the reader's buffer.
         self._rx_unposted: list[int] = []
+        # copy_payload off: the payload object each tx buffer (by offset) holds.
+        self._tx_filled: dict[int, bytes] = {}
         self._views_gen = -1
         self._desc_tables: dict[tuple[int, int, int], bytes] = {}
         self._head_lists: dict[tuple[int, int], array[int]] = {}
@@ -184,6 +192,7 @@ class VsockDriver:
             self.fwd_cnt.get((src_port, dst_port), 0) if fwd_cnt is None else fwd_cnt,
         )  # fmt: skip
         self.fe.memory.write(gpa, hdr + data)
+        self._tx_filled.pop(gpa - self.tx_area, None)
         old = mock.avail_idx()
         mock.add_chain([RawDesc(gpa, HDR_SIZE + len(data), 0, 0)])
         self._tx_chains.append((index, 1, 1, False))
@@ -345,7 +354,15 @@ class VsockDriver:
         area, stride = self._tx_area_v, self.tx_buf
         # The packet's bytes into its buffer, a copy each as into Linux's skb: small
         # payloads joined to the header once per batch, large ones copied once.
-        if len(data) < 16384:
+        if not self.copy_payload:
+            filled = self._tx_filled
+            for k in range(n):
+                o = (start + per * k) % size * stride
+                area[o : o + HDR_SIZE] = hdr
+                if filled.get(o) is not data:
+                    area[o + HDR_SIZE : o + plen] = data
+                    filled[o] = data
+        elif len(data) < 16384:
             pkt = hdr + data
             for k in range(n):
                 o = (start + per * k) % size * stride
@@ -486,7 +503,8 @@ class VsockDriver:
         if max(map(operator.sub, payload, lengths)) > -HDR_SIZE:
             return None  # a header claims more than the device wrote: _take_each raises
         if into is None:
-            self._run_reader[: 4 * (end - base)] = self._rx_area_v[4 * base : 4 * end]
+            if self.copy_payload:
+                self._run_reader[: 4 * (end - base)] = self._rx_area_v[4 * base : 4 * end]
         else:
             for k, length in enumerate(payload):
                 data = 4 * base + k * self.rx_buf + HDR_SIZE
@@ -517,7 +535,8 @@ class VsockDriver:
             if op == OP_RW:
                 self.rx_packets += 1
                 if into is None:
-                    reader[:length] = area[data : data + length]
+                    if self.copy_payload:
+                        reader[:length] = area[data : data + length]
                 else:
                     into += area[data : data + length]
                 key = (dst, src)
