@@ -237,6 +237,52 @@ def _add(counts: dict[str, float] | None, **values: float) -> None:
             counts[k] = counts.get(k, 0.0) + v
 
 
+class ThreadWriter:
+    """``HostProgram("write", ...)`` as a thread of this process (the many-VM figure:
+    each VM's driver is a process of its own already, and a host program's start-up
+    would run while the other VMs transfer); ``cpu()`` is 0 (its time is the
+    process's)."""
+
+    def __init__(self, path: str, nbytes: int, size: int) -> None:
+        self._go = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path, nbytes, size), daemon=True)
+        self._thread.start()
+
+    def _run(self, path: str, nbytes: int, size: int) -> None:
+        try:
+            with socket.socket(socket.AF_UNIX) as c:
+                c.connect(path)
+                c.sendall(b"CONNECT 80\n")
+                line = b""
+                while not line.endswith(b"\n"):
+                    line += c.recv(1)
+                self._ready.set()
+                self._go.wait()
+                data = b"\xcd" * size
+                for _ in range(nbytes // size):
+                    c.sendall(data)
+        except BaseException as e:  # reported by wait_ready / close
+            self._error = e
+            self._ready.set()
+
+    def wait_ready(self) -> None:
+        self._ready.wait(60)
+        if self._error is not None:
+            raise RuntimeError(f"host writer failed: {self._error!r}")
+
+    def tell(self) -> None:
+        self._go.set()
+
+    def cpu(self) -> float:
+        return 0.0
+
+    def close(self, timeout: float = 5) -> None:
+        self._go.set()
+        self._thread.join(timeout)
+
+
 def guest_to_host(
     d: Daemon, size: int, nbytes: int, stall: float, counts: dict[str, float] | None = None
 ) -> float:
@@ -331,14 +377,18 @@ def host_to_guest(
     *,
     span: list[float] | None = None,
     counts: dict[str, float] | None = None,
+    host_thread: bool = False,
 ) -> float:
     """host -> guest MiB/s, the host program writing ``write`` bytes at a time; ``span``,
     when given, receives when the transfer started and ended (``time.perf_counter``,
-    the same clock in every process); ``counts`` as for :func:`guest_to_host`.  The
+    the same clock in every process); ``counts`` as for :func:`guest_to_host`;
+    ``host_thread``: the host program is a thread of this process.  The
     guest takes every used rx buffer per wake-up (``VsockDriver.recv_data``), or
     packet by packet for a daemon named with ``OLD``."""
     g = driver(d, cid=cid, buf_alloc=256 * 1024)
-    host = HostProgram("write", d.uds, nbytes, write)
+    host: HostProgram | ThreadWriter = (
+        ThreadWriter(d.uds, nbytes, write) if host_thread else HostProgram("write", d.uds, nbytes, write)
+    )
     try:
         req = g.expect(OP_REQUEST)
         g.send(80, req.src_port, OP_RESPONSE)
@@ -456,9 +506,9 @@ def _vm_h2g(args: tuple[str, str, int, int]) -> list[float]:
     """One VM's host -> guest transfer: when it started and ended."""
     sock, uds, cid, nbytes = args
     d = Daemon.__new__(Daemon)
-    d.sock, d.uds = sock, uds
+    d.sock, d.uds, d.name = sock, uds, ""
     span: list[float] = []
-    host_to_guest(d, nbytes, cid, span=span)
+    host_to_guest(d, nbytes, cid, span=span, host_thread=True)
     return span
 
 
