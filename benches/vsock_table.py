@@ -1,9 +1,11 @@
 """vhost-device-vsock throughput and connection rate: ours against the Rust daemon, one run.
 
-Our front-end plays the guest's driver (tests/integration/vsock_driver.py); the host
-side is Unix sockets served by a thread of this process.  For each daemon present
-(ours always; the Rust one from ``VHOST_DEVICE_RUST_BIN``, else "n/a"), in
-interleaved repetitions:
+Our front-end plays the guest's driver (tests/integration/vsock_driver.py), batched
+as Linux's virtio-vsock driver is (``VsockDriver.send_rw``, ``recv_data``) so that
+the rows measure the daemons; the host side is Unix sockets served by host
+programs in processes of their own.  For each daemon present (ours
+always; the Rust one from ``VHOST_DEVICE_RUST_BIN``, else "n/a"), in interleaved
+repetitions:
 
 * guest -> host MiB/s with 64 KiB and 4 KiB RW packets (the guest obeys the credit
   the device gives; a daemon that gives none for ``--stall`` seconds is cut off and
@@ -11,7 +13,10 @@ interleaved repetitions:
 * host -> guest MiB/s (4 KiB rx buffers, as Linux posts);
 * connections per second (guest REQUEST -> RESPONSE -> host accept -> guest RST).
 
-Prints the medians and ours/Rust ratios.  Run by hand::
+Prints the medians and ours/Rust ratios, and each row's CPU per packet of the
+driver, the host program and the daemon.  ``--old-driver`` also runs every daemon
+with the previous driver (packet by packet), ``--guest-copy`` makes the driver copy
+every payload as a guest's socket layer does.  Run by hand::
 
     VHOST_DEVICE_RUST_BIN=~/.cache/vsock-sid/root/usr/bin .venv/bin/python benches/vsock_table.py
 """

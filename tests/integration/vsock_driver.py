@@ -7,7 +7,7 @@ fixed pool of buffers.  No sleeps: every wait is on a call eventfd with a timeou
 
 The benches' data paths (:meth:`VsockDriver.send_rw`, :meth:`VsockDriver.poll_rx`,
 :meth:`VsockDriver.wait_rx`) work in batches as Linux's ``net/vmw_vsock/virtio_transport.c``
-does, so that the driver costs less per packet than the devices it measures:
+does, so that a bench measures the devices rather than this driver:
 
 * tx: ``virtio_transport_send_pkt_work`` adds every queued packet with
   ``virtqueue_add_sgs`` (the header and the payload one scatter-gather entry each,
