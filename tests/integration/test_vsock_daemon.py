@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from daemon_process import DaemonProcess
 from vsock_driver import (
+    HDR,
     HOST_CID,
     OP_CREDIT_REQUEST,
     OP_CREDIT_UPDATE,
@@ -25,6 +26,7 @@ from vsock_driver import (
     OP_RST,
     OP_RW,
     OP_SHUTDOWN,
+    TYPE_STREAM,
     VsockDriver,
 )
 
@@ -413,6 +415,58 @@ def test_batched_receive_takes_every_byte_and_counts_credit(tmp_path: Path) -> N
     finally:
         g.close()
         assert vms.stop() == 0
+
+
+def _device_uses(g: VsockDriver, packets: list[tuple[int, int, int, int, int]]) -> None:
+    """Play the device on ``g``'s rx ring (its rings stopped): each ``(head, src_port,
+    dst_port, op, len)`` written into buffer ``head`` and used, in order."""
+    mock, memory = g.rx.mock, g.fe.memory
+    idx = mock.used_idx()
+    for k, (head, src, dst, op, length) in enumerate(packets):
+        hdr = HDR.pack(HOST_CID, 3, src, dst, length, TYPE_STREAM, op, 0, 65536, 0)
+        memory.write(g.rx_area + head * g.rx_buf, hdr + bytes([head]) * length)
+        memory.write_u32(mock.used_ring + 4 + 8 * ((idx + k) % mock.size), head)
+        memory.write_u32(mock.used_ring + 8 + 8 * ((idx + k) % mock.size), len(hdr) + length)
+    memory.write_u16(mock.used_ring + 2, (idx + len(packets)) & 0xFFFF)
+
+
+def test_batched_receive_reads_runs_and_the_packets_between_them(vms: Vms) -> None:
+    """``poll_rx`` over used buffers the test writes as the device would (the rings
+    stopped): RW packets of one connection are read as runs up to the ring's end, a
+    CREDIT_REQUEST or another connection's packet between them packet by packet,
+    every payload byte counted to its connection's ``fwd_cnt`` (§5.10.6.3) and handed
+    over in order; a header whose ``len`` exceeds what the device wrote is refused."""
+    g = vms.guest(3)
+    try:
+        g.pause()
+        ring = g.rx.mock.size
+        used = [
+            (ring - 3, 80, 1000, OP_RW, 4096),  # a run that reaches the ring's end...
+            (ring - 2, 80, 1000, OP_RW, 100),
+            (ring - 1, 80, 1000, OP_RW, 7),
+            (0, 80, 1000, OP_RW, 4096),  # ...and goes on from its start
+            (1, 80, 1000, OP_CREDIT_REQUEST, 0),
+            (2, 81, 1000, OP_RW, 10),  # another connection
+            (3, 80, 1000, OP_RW, 20),
+        ]
+        _device_uses(g, used)
+        g.rx.mock.last_used = g.rx.mock.used_idx() - len(used)  # as if the ring had wrapped
+        got = bytearray()
+        total, others = g.poll_rx(into=got)
+        assert total == 4096 + 100 + 7 + 4096 + 10 + 20
+        assert got == b"".join(bytes([h]) * n for h, _s, _d, op, n in used if op == OP_RW)
+        assert [(p.op, p.src_port) for p in others] == [(OP_CREDIT_REQUEST, 80)]
+        assert g.fwd_cnt[(1000, 80)] == 4096 + 100 + 7 + 4096 + 20
+        assert g.fwd_cnt[(1000, 81)] == 10
+        assert g.rx_packets == 6
+        # Runs: to the ring's end; buffer 0; buffer 2 (what stopped a run, packet by packet)
+        assert g.rx_runs == 3
+        _device_uses(g, [(4, 80, 1000, OP_RW, 50), (5, 80, 1000, OP_RW, 60)])
+        g.fe.memory.write_u32(g.rx.mock.used_ring + 8 + 8 * ((g.rx.mock.used_idx() - 1) % ring), 44 + 59)
+        with pytest.raises(ValueError, match="rx buffer 5: header len 60 > used length 103"):
+            g.poll_rx()
+    finally:
+        g.close()
 
 
 def test_guest_credit_violation_resets_the_connection(vms: Vms) -> None:

@@ -476,32 +476,58 @@ class VsockDriver:
             rest = 2 * (start + count - size)
             heads = used[2 * start :: 2].tolist() + used[0:rest:2].tolist()
             lengths = used[2 * start + 1 :: 2].tolist() + used[1:rest:2].tolist()
-        h0 = heads[0]
-        if self._rx_words and h0 + count <= size and heads == list(range(h0, h0 + count)):
-            total = self._take_run(h0, count, lengths, into)
-            if total is not None:
-                self._rx_unposted += heads
-                return total, []
-        return self._take_each(heads, lengths, into)
+        total, others = 0, []
+        i = 0
+        while i < count:
+            # The longest stretch of adjacent buffers from here (heads wrap at the
+            # ring's end), read as one run as far as it holds one connection's RW
+            # packets; what stops the run is read packet by packet up to the next
+            # stretch.
+            h0 = heads[i]
+            n = min(count - i, size - h0)
+            if heads[i : i + n] != list(range(h0, h0 + n)):
+                n = 1
+            taken = self._take_run(h0, n, lengths[i : i + n], into) if self._rx_words else 0
+            if taken:
+                total += taken[1]
+                self._rx_unposted += heads[i : i + taken[0]]
+                i += taken[0]
+                if taken[0] == n:
+                    continue
+            t, o = self._take_each(heads[i : i + 1], lengths[i : i + 1], into)
+            total += t
+            others += o
+            i += 1
+        return total, others
 
-    def _take_run(self, h0: int, count: int, lengths: list[int], into: bytearray | None) -> int | None:
-        """Buffers ``h0 .. h0+count-1`` (adjacent in guest memory) when every one holds
-        an RW packet of one stream connection: the headers' fields are read as
-        strided slices of a 32-bit view (no Python step per packet) and the run is
-        copied out in one copy, as a reader's.  None when the run holds anything else
-        (:meth:`_take_each` reads it)."""
+    def _take_run(
+        self, h0: int, count: int, lengths: list[int], into: bytearray | None
+    ) -> tuple[int, int] | None:
+        """The longest prefix of buffers ``h0 .. h0+count-1`` (adjacent in guest
+        memory) that holds RW packets of one stream connection, read at once: the
+        headers' fields as strided slices of a 32-bit view (no Python step per packet),
+        the payload copied out in one copy, as a reader's.  Returns how many buffers
+        and payload bytes it took; None when the first buffer holds anything else or
+        a header claims more than the device wrote (:meth:`_take_each` reads it, and
+        refuses the latter)."""
         words, step = self._rx_area32, self.rx_buf // 4
         base = h0 * step
         end = base + count * step
-        if words[base + 7 : end : step].tolist().count(_RW_STREAM) != count:
-            return None
+        ops = words[base + 7 : end : step].tolist()
         src = words[base + 4 : end : step].tolist()
         dst = words[base + 5 : end : step].tolist()
-        if src.count(src[0]) != count or dst.count(dst[0]) != count:
-            return None
+        if ops.count(_RW_STREAM) != count or src.count(src[0]) != count or dst.count(dst[0]) != count:
+            first = (src[0], dst[0])
+            count = next(
+                (k for k, key in enumerate(zip(ops, src, dst, strict=True)) if key != (_RW_STREAM, *first)),
+                count,
+            )
+            if count == 0:
+                return None
+            end = base + count * step
         payload = words[base + 6 : end : step].tolist()
         if max(map(operator.sub, payload, lengths)) > -HDR_SIZE:
-            return None  # a header claims more than the device wrote: _take_each raises
+            return None
         if into is None:
             if self.copy_payload:
                 self._run_reader[: 4 * (end - base)] = self._rx_area_v[4 * base : 4 * end]
@@ -514,7 +540,7 @@ class VsockDriver:
         key = (dst[0], src[0])
         self.fwd_cnt[key] = (self.fwd_cnt.get(key, 0) + total) & 0xFFFFFFFF
         self.rx_packets += count
-        return total
+        return count, total
 
     def _take_each(
         self, heads: list[int], lengths: list[int], into: bytearray | None
