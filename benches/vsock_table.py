@@ -105,6 +105,8 @@ class Daemon:
 
 #: Whether the guest's driver copies each payload (``--guest-copy``; see main()).
 GUEST_COPY = False
+#: Descriptors per RW packet of the batched driver (``--one-descriptor``: 1).
+RW_DESCS = 2
 
 
 def driver(d: Daemon, **kw: int) -> VsockDriver:
@@ -117,6 +119,7 @@ def driver(d: Daemon, **kw: int) -> VsockDriver:
             # A Linux driver kicks tx only when the device asks (§2.7.10).
             kw.setdefault("kick_prepare", True)
             kw.setdefault("copy_payload", GUEST_COPY)
+            kw.setdefault("rw_descs", RW_DESCS)
             return VsockDriver(d.sock, **kw)  # type: ignore[arg-type]
         except (ConnectionRefusedError, FileNotFoundError):
             if time.monotonic() > deadline:
@@ -722,9 +725,16 @@ def main(argv: list[str] | None = None) -> int:
         help="the guest's driver copies every payload in and out, as a guest's socket layer does "
         "(default: headers only, so that the rows measure the daemons)",
     )
+    ap.add_argument(
+        "--one-descriptor",
+        action="store_true",
+        help="the batched driver puts an RW packet's header and payload in one descriptor "
+        "(default: two, as Linux's driver)",
+    )
     a = ap.parse_args(argv)
-    global GUEST_COPY
+    global GUEST_COPY, RW_DESCS
     GUEST_COPY = a.guest_copy
+    RW_DESCS = 1 if a.one_descriptor else 2
     rows = {
         "guest->host 64 KiB (MiB/s)": lambda d: guest_to_host(
             d, 65536, a.mib << 20, a.stall, COUNTS.setdefault(("guest->host 64 KiB", d.name), {})
