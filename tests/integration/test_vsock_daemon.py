@@ -441,29 +441,35 @@ def test_batched_receive_reads_runs_and_the_packets_between_them(vms: Vms) -> No
         g.pause()
         ring = g.rx.mock.size
         used = [
-            (ring - 3, 80, 1000, OP_RW, 4096),  # a run that reaches the ring's end...
+            (ring - 4, 80, 1000, OP_RW, 4096),  # a run that reaches the ring's end...
+            (ring - 3, 80, 1000, OP_RW, 1),
             (ring - 2, 80, 1000, OP_RW, 100),
             (ring - 1, 80, 1000, OP_RW, 7),
             (0, 80, 1000, OP_RW, 4096),  # ...and goes on from its start
-            (1, 80, 1000, OP_CREDIT_REQUEST, 0),
-            (2, 81, 1000, OP_RW, 10),  # another connection
-            (3, 80, 1000, OP_RW, 20),
+            (1, 80, 1000, OP_RW, 3),
+            (2, 80, 1000, OP_RW, 5),
+            (3, 80, 1000, OP_CREDIT_REQUEST, 0),
+            (4, 81, 1000, OP_RW, 10),  # another connection
+            (5, 80, 1000, OP_RW, 20),
         ]
         _device_uses(g, used)
-        g.rx.mock.last_used = g.rx.mock.used_idx() - len(used)  # as if the ring had wrapped
+        g.rx.mock.last_used = g.rx.mock.used_idx() - len(used)
         got = bytearray()
         total, others = g.poll_rx(into=got)
-        assert total == 4096 + 100 + 7 + 4096 + 10 + 20
-        assert got == b"".join(bytes([h]) * n for h, _s, _d, op, n in used if op == OP_RW)
+        rw = [(head, src, n) for head, src, _dst, op, n in used if op == OP_RW]
+        assert total == sum(n for _h, _s, n in rw)
+        assert got == b"".join(bytes([head]) * n for head, _s, n in rw)
         assert [(p.op, p.src_port) for p in others] == [(OP_CREDIT_REQUEST, 80)]
-        assert g.fwd_cnt[(1000, 80)] == 4096 + 100 + 7 + 4096 + 20
+        assert g.fwd_cnt[(1000, 80)] == sum(n for _h, src, n in rw if src == 80)
         assert g.fwd_cnt[(1000, 81)] == 10
-        assert g.rx_packets == 6
-        # Runs: to the ring's end; buffer 0; buffer 2 (what stopped a run, packet by packet)
+        assert g.rx_packets == 9
+        # Runs: to the ring's end; buffers 0-2; buffer 4 (what stopped a run is read
+        # on its own: the CREDIT_REQUEST, then buffer 5)
         assert g.rx_runs == 3
-        _device_uses(g, [(4, 80, 1000, OP_RW, 50), (5, 80, 1000, OP_RW, 60)])
-        g.fe.memory.write_u32(g.rx.mock.used_ring + 8 + 8 * ((g.rx.mock.used_idx() - 1) % ring), 44 + 59)
-        with pytest.raises(ValueError, match="rx buffer 5: header len 60 > used length 103"):
+        bad = [(6 + k, 80, 1000, OP_RW, 50) for k in range(8)]
+        _device_uses(g, bad)
+        g.fe.memory.write_u32(g.rx.mock.used_ring + 8 + 8 * ((g.rx.mock.used_idx() - 1) % ring), 44 + 49)
+        with pytest.raises(ValueError, match="rx buffer 13: header len 50 > used length 93"):
             g.poll_rx()
     finally:
         g.close()

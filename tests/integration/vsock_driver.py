@@ -49,6 +49,9 @@ _DESC = struct.Struct("<QIHH")
 #: The header's 32-bit word 7 (type, op) of a stream RW packet, little-endian.
 _RW_STREAM = 1 | 5 << 16
 _NATIVE_LE = sys.byteorder == "little"
+#: Used rx buffers taken at once from which poll_rx looks for runs (fewer are read
+#: one by one, which costs less than the look).
+_RUN_MIN = 8
 HOST_CID = 2
 TYPE_STREAM, TYPE_SEQPACKET = 1, 2
 OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST = 1, 2, 3, 4, 5, 6, 7
@@ -340,7 +343,8 @@ class VsockDriver:
         plen = HDR_SIZE + len(data)
         if plen > self.tx_buf:
             raise ValueError(f"packet of {plen} bytes > tx buffer {self.tx_buf}")
-        self._fast_views()
+        if self.fe.memory.generation != self._views_gen:
+            self._fast_views()
         self._reclaim_tx(block=self._tx_descs + per > size, need=per)
         n = min(count, (size - self._tx_descs) // per)
         if n <= 0:
@@ -381,8 +385,11 @@ class VsockDriver:
             descs[a:] = table[a:]
             descs[: b - end] = table[: b - end]
         old = mock.avail_idx()
-        first = start // per
-        mock.publish(self._heads(per, start % per)[first : first + n])
+        if n == 1:
+            mock.add_avail(start)
+        else:
+            first = start // per
+            mock.publish(self._heads(per, start % per)[first : first + n])
         mock._next_free = (start + per * n) % size
         self._tx_chains.append((start, n, per, True))
         self._tx_descs += per * n
@@ -442,7 +449,8 @@ class VsockDriver:
             ValueError: a used buffer's header claims more payload than the device
                 wrote (its used length), naming both.
         """
-        self._fast_views()
+        if self.fe.memory.generation != self._views_gen:
+            self._fast_views()
         mock = self.rx.mock
         idx = self._rx_idx_v
         total, others = 0, []
@@ -476,6 +484,8 @@ class VsockDriver:
             rest = 2 * (start + count - size)
             heads = used[2 * start :: 2].tolist() + used[0:rest:2].tolist()
             lengths = used[2 * start + 1 :: 2].tolist() + used[1:rest:2].tolist()
+        if count < _RUN_MIN or not self._rx_words:
+            return self._take_each(heads, lengths, into)
         total, others = 0, []
         i = 0
         while i < count:
@@ -487,7 +497,7 @@ class VsockDriver:
             n = min(count - i, size - h0)
             if heads[i : i + n] != list(range(h0, h0 + n)):
                 n = 1
-            taken = self._take_run(h0, n, lengths[i : i + n], into) if self._rx_words else 0
+            taken = self._take_run(h0, n, lengths[i : i + n], into)
             if taken:
                 total += taken[1]
                 self._rx_unposted += heads[i : i + taken[0]]
