@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from daemon_process import DaemonProcess
 from vsock_driver import (
+    HDR,
     HOST_CID,
     OP_CREDIT_REQUEST,
     OP_CREDIT_UPDATE,
@@ -25,6 +26,7 @@ from vsock_driver import (
     OP_RST,
     OP_RW,
     OP_SHUTDOWN,
+    TYPE_STREAM,
     VsockDriver,
 )
 
@@ -313,6 +315,164 @@ def test_host_stream_through_many_credit_stalls_reaches_the_guest_whole(tmp_path
     finally:
         g.close()
         assert vms.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("rw_descs", "copy_payload"),
+    [(2, True), (1, True), (2, False)],
+    ids=["header-and-payload", "one-descriptor", "payload-written-once"],
+)
+def test_batched_guest_stream_reaches_the_host_whole(
+    tmp_path: Path, rw_descs: int, copy_payload: bool
+) -> None:
+    """The benches' tx path (``VsockDriver.send_rw``, Linux's tx worker: every packet
+    the credit allows in one batch, then one ``virtqueue_kick`` if the device asks,
+    VIRTIO 1.2 §2.7.10) with each packet's header and payload in two descriptors
+    (Linux's two scatter-gather entries) or one: every byte reaches the host in
+    order, never beyond the peer's credit (§5.10.6.3), at most one kick a batch,
+    and the credit comes back through ``poll_rx``/``wait_rx``.  Without
+    ``copy_payload`` a tx buffer gets a payload only when it holds another one: the
+    batches change their payload once, and buffers RW packets of ``send`` used in
+    between are written again."""
+    vms = Vms(tmp_path, [3])
+    lst = listen(vms.uds(3) + "_9")
+    g = vms.guest(3, kick_prepare=True, rw_descs=rw_descs, copy_payload=copy_payload)
+    payloads = [bytes([1]) * 4096, bytes([2]) * 4096]
+    try:
+        g.send(4000, 9, OP_REQUEST)
+        rsp = g.expect(OP_RESPONSE)
+        peer = accept(lst)
+        got = bytearray()
+
+        def sink() -> None:
+            while chunk := peer.recv(1 << 20):
+                got.extend(chunk)
+
+        t = threading.Thread(target=sink)
+        t.start()
+        buf_alloc, fwd, sent, batches, expected = rsp.buf_alloc, rsp.fwd_cnt, 0, 0, bytearray()
+        while sent < 400 * 4096:
+            n = min((buf_alloc - (sent - fwd)) // 4096, 400 - sent // 4096)
+            if n > 2 and batches == 6:  # two packets of ``send``, in buffers batches used before
+                for _ in range(2):
+                    g.send(4000, 9, OP_RW, b"\x03" * 4096)
+                expected += b"\x03" * 8192
+                sent += 8192
+                n -= 2
+            if n > 0:
+                payload = payloads[batches >= 14]
+                queued = g.send_rw(4000, 9, payload, n)
+                assert 0 < queued <= n
+                expected += payload * queued
+                sent += 4096 * queued
+                batches += 1
+                pkts = g.poll_rx()[1]
+            else:
+                pkts = g.wait_rx(TIMEOUT)[1]
+            for p in pkts:
+                assert p.op == OP_CREDIT_UPDATE, p
+                buf_alloc, fwd = p.buf_alloc, max(fwd, p.fwd_cnt)
+        g.send(4000, 9, OP_SHUTDOWN, flags=3)
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+        assert got == expected
+        assert g.tx_packets == 400 + 2  # and the REQUEST and SHUTDOWN
+        assert g.tx_kicks <= batches + 4  # and the four packets of ``send``
+    finally:
+        g.close()
+        assert vms.stop() == 0
+
+
+def test_batched_receive_takes_every_byte_and_counts_credit(tmp_path: Path) -> None:
+    """The benches' rx path (``VsockDriver.recv_data``: every used buffer per wake-up,
+    runs of RW packets of one connection read as one, buffers reposted when fewer
+    than half are posted, as Linux's ``virtio_vsock_rx_fill``): a 2 MiB host stream
+    arrives whole and in order, and the guest's ``fwd_cnt`` for the connection is
+    every payload byte it took (§5.10.6.3), so its CREDIT_UPDATEs keep the stream
+    going with 256 KiB of credit."""
+    vms = Vms(tmp_path, [3])
+    g = vms.guest(3, kick_prepare=True)
+    try:
+        c, port = host_stream_to_guest(vms, g, 83)
+        data = bytes((i * 7) & 0xFF for i in range(2 << 20))
+        t = threading.Thread(target=c.sendall, args=(data,))
+        t.start()
+        got = bytearray()
+        acked = 0
+        while len(got) < len(data):
+            before = len(got)
+            n, others = g.wait_rx(TIMEOUT, into=got)
+            assert n == len(got) - before
+            assert all(p.op == OP_CREDIT_REQUEST for p in others), others
+            assert g.fwd_cnt[(83, port)] == len(got)
+            if len(got) - acked >= 64 * 1024 or others:
+                acked = len(got)
+                g.send_batch(83, port, OP_CREDIT_UPDATE)
+        t.join(TIMEOUT)
+        assert bytes(got) == data
+        assert g.rx_packets >= len(data) // 4096  # a packet holds what one read found
+        assert g.rx_runs > 0  # runs were read as one, not only packet by packet
+    finally:
+        g.close()
+        assert vms.stop() == 0
+
+
+def _device_uses(g: VsockDriver, packets: list[tuple[int, int, int, int, int]]) -> None:
+    """Play the device on ``g``'s rx ring (its rings stopped): each ``(head, src_port,
+    dst_port, op, len)`` written into buffer ``head`` and used, in order."""
+    mock, memory = g.rx.mock, g.fe.memory
+    idx = mock.used_idx()
+    for k, (head, src, dst, op, length) in enumerate(packets):
+        hdr = HDR.pack(HOST_CID, 3, src, dst, length, TYPE_STREAM, op, 0, 65536, 0)
+        memory.write(g.rx_area + head * g.rx_buf, hdr + bytes([head]) * length)
+        memory.write_u32(mock.used_ring + 4 + 8 * ((idx + k) % mock.size), head)
+        memory.write_u32(mock.used_ring + 8 + 8 * ((idx + k) % mock.size), len(hdr) + length)
+    memory.write_u16(mock.used_ring + 2, (idx + len(packets)) & 0xFFFF)
+
+
+def test_batched_receive_reads_runs_and_the_packets_between_them(vms: Vms) -> None:
+    """``poll_rx`` over used buffers the test writes as the device would (the rings
+    stopped): RW packets of one connection are read as runs up to the ring's end, a
+    CREDIT_REQUEST or another connection's packet between them packet by packet,
+    every payload byte counted to its connection's ``fwd_cnt`` (§5.10.6.3) and handed
+    over in order; a header whose ``len`` exceeds what the device wrote is refused."""
+    g = vms.guest(3)
+    try:
+        g.pause()
+        ring = g.rx.mock.size
+        used = [
+            (ring - 4, 80, 1000, OP_RW, 4096),  # a run that reaches the ring's end...
+            (ring - 3, 80, 1000, OP_RW, 1),
+            (ring - 2, 80, 1000, OP_RW, 100),
+            (ring - 1, 80, 1000, OP_RW, 7),
+            (0, 80, 1000, OP_RW, 4096),  # ...and goes on from its start
+            (1, 80, 1000, OP_RW, 3),
+            (2, 80, 1000, OP_RW, 5),
+            (3, 80, 1000, OP_CREDIT_REQUEST, 0),
+            (4, 81, 1000, OP_RW, 10),  # another connection
+            (5, 80, 1000, OP_RW, 20),
+        ]
+        _device_uses(g, used)
+        g.rx.mock.last_used = g.rx.mock.used_idx() - len(used)
+        got = bytearray()
+        total, others = g.poll_rx(into=got)
+        rw = [(head, src, n) for head, src, _dst, op, n in used if op == OP_RW]
+        assert total == sum(n for _h, _s, n in rw)
+        assert got == b"".join(bytes([head]) * n for head, _s, n in rw)
+        assert [(p.op, p.src_port) for p in others] == [(OP_CREDIT_REQUEST, 80)]
+        assert g.fwd_cnt[(1000, 80)] == sum(n for _h, src, n in rw if src == 80)
+        assert g.fwd_cnt[(1000, 81)] == 10
+        assert g.rx_packets == 9
+        # Runs: to the ring's end; buffers 0-2; buffer 4 (what stopped a run is read
+        # on its own: the CREDIT_REQUEST, then buffer 5)
+        assert g.rx_runs == 3
+        bad = [(6 + k, 80, 1000, OP_RW, 50) for k in range(8)]
+        _device_uses(g, bad)
+        g.fe.memory.write_u32(g.rx.mock.used_ring + 8 + 8 * ((g.rx.mock.used_idx() - 1) % ring), 44 + 49)
+        with pytest.raises(ValueError, match="rx buffer 13: header len 50 > used length 93"):
+            g.poll_rx()
+    finally:
+        g.close()
 
 
 def test_guest_credit_violation_resets_the_connection(vms: Vms) -> None:
