@@ -27,6 +27,7 @@ from vsock_driver import (
     OP_RW,
     OP_SHUTDOWN,
     TYPE_STREAM,
+    Packet,
     VsockDriver,
 )
 
@@ -126,6 +127,24 @@ def host_stream_to_guest(vms: Vms, g: VsockDriver, port: int) -> tuple[socket.so
     g.send(port, host_port, OP_RESPONSE, fwd_cnt=0)
     recv_exact(c, len(b"OK %d\n" % host_port))
     return c, host_port
+
+
+def guest_stream_to_host(g: VsockDriver, lst: socket.socket) -> tuple[Packet, bytearray, threading.Thread]:
+    """The guest connects from port 4000 to host port 9, where ``lst`` listens; a
+    thread reads what the host side receives into a buffer until end of file.
+    Returns the RESPONSE, that buffer and the (started) thread."""
+    g.send(4000, 9, OP_REQUEST)
+    rsp = g.expect(OP_RESPONSE)
+    peer = accept(lst)
+    got = bytearray()
+
+    def sink() -> None:
+        while chunk := peer.recv(1 << 20):
+            got.extend(chunk)
+
+    t = threading.Thread(target=sink)
+    t.start()
+    return rsp, got, t
 
 
 def recv_exact(s: socket.socket, n: int) -> bytes:
@@ -253,17 +272,7 @@ def test_guest_stream_kicking_only_when_asked_reaches_the_host_whole(tmp_path: P
     lst = listen(vms.uds(3) + "_9")
     g = vms.guest(3, kick_prepare=True)
     try:
-        g.send(4000, 9, OP_REQUEST)
-        rsp = g.expect(OP_RESPONSE)
-        peer = accept(lst)
-        got = bytearray()
-
-        def sink() -> None:
-            while chunk := peer.recv(1 << 20):
-                got.extend(chunk)
-
-        t = threading.Thread(target=sink)
-        t.start()
+        rsp, got, t = guest_stream_to_host(g, lst)
         buf_alloc, fwd, sent = rsp.buf_alloc, rsp.fwd_cnt, 0
         data = bytes(range(256)) * 16 * 400  # 400 packets of 4 KiB
         while sent < len(data):
@@ -339,17 +348,7 @@ def test_batched_guest_stream_reaches_the_host_whole(
     g = vms.guest(3, kick_prepare=True, rw_descs=rw_descs, copy_payload=copy_payload)
     payloads = [bytes([1]) * 4096, bytes([2]) * 4096]
     try:
-        g.send(4000, 9, OP_REQUEST)
-        rsp = g.expect(OP_RESPONSE)
-        peer = accept(lst)
-        got = bytearray()
-
-        def sink() -> None:
-            while chunk := peer.recv(1 << 20):
-                got.extend(chunk)
-
-        t = threading.Thread(target=sink)
-        t.start()
+        rsp, got, t = guest_stream_to_host(g, lst)
         buf_alloc, fwd, sent, batches, expected = rsp.buf_alloc, rsp.fwd_cnt, 0, 0, bytearray()
         while sent < 400 * 4096:
             n = min((buf_alloc - (sent - fwd)) // 4096, 400 - sent // 4096)
