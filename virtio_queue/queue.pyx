@@ -389,7 +389,7 @@ cdef class Queue:
         list (those pops leave ``next_avail`` alone); :meth:`resubmit` and
         :meth:`set_next_avail` start it afresh.  A caller that notes it after each
         pop tells the chains popped last."""
-        return <uint16_t>(self._next_avail - <uint16_t>self._n_resubmit)
+        return pop_index_c(self)
 
     def set_next_avail(self, uint16_t value):
         """Where the device resumes popping (vhost-user SET_VRING_BASE)."""

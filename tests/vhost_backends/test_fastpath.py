@@ -581,6 +581,43 @@ def test_polling_gives_way_to_other_fds_and_hands_other_requests_to_serve(rig: R
         os.close(w)
 
 
+def test_polling_keeps_a_ring_whose_device_took_a_resubmitted_request(rig: Rig) -> None:
+    """The spin leaves a ring to its device only when the device took nothing; a pop
+    counts whether its head came from the avail ring or the resubmit list
+    (``Queue.pop_index``: a pop from the list leaves ``next_avail`` alone).  Here a
+    head is put in the resubmit list while the ring is polled; the spin finds it
+    and hands it to the device, which serves it while the driver makes a request
+    the fill path cannot take: the spin keeps the ring and hands that one over too."""
+    ep, ring = _polling(rig, 1_000_000, WINDOW_NS)
+    r, w = os.pipe()
+    ep.register(r, IN)
+    calls: list[int] = []
+
+    def serve(index: int) -> None:
+        calls.append(index)
+        chain = rig.queue.pop_chain()
+        assert chain is not None
+        rig.queue.add_used(chain.head_index, 0)
+        if len(calls) == 1:
+            rig.mock.add_chain([RawDesc(0x9000, 8, 0, 0)])   # the driver, meanwhile
+        else:
+            os.write(w, b"x")     # another fd ready: the spin ends at once
+
+    ring.serve = serve
+    try:
+        first = rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+        os.eventfd_write(rig.kick, 1)
+        t = _when_polled(rig, lambda: rig.queue.resubmit([first]))
+        assert ep.poll(5.0) == []   # serve ran: the caller looks at its timers
+        t.join()
+        assert calls == [0, 0] and ring.poll_hits == 2
+        assert rig.queue.pending() == 0 and rig.mock.used_idx() == 3
+    finally:
+        ep.close()
+        os.close(r)
+        os.close(w)
+
+
 def test_polling_stops_at_the_poll_deadline(rig: Rig) -> None:
     ep, ring = _polling(rig, 1_000_000, 1_000_000_000)
     try:
