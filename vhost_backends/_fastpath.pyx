@@ -55,7 +55,7 @@ from posix.unistd cimport close, read
 
 from virtio_queue._linux cimport (sched_yield, epoll_event, epoll_create1, epoll_ctl, epoll_wait,
                                   EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL)
-from virtio_queue.queue cimport Queue
+from virtio_queue.queue cimport Queue, pop_index_c
 from virtio_queue.source cimport ByteSource
 from virtio_devices._pump cimport FdPump, Signaller
 
@@ -638,7 +638,7 @@ cdef class Epoll:
         cdef long long window, now, stop, check
         cdef uint64_t value
         cdef unsigned long long calls
-        cdef uint16_t taken
+        cdef uint16_t popped
         cdef KickRing r
         rings = self._arm(rings)
         check = _now_ns() + POLL_CHECK_NS
@@ -695,16 +695,18 @@ cdef class Epoll:
                     r.poll_hits += 1
                     self._calm_ns = SHARED_BACKOFF_NS
                     calls = r.python_calls
-                    taken = r.queue._next_avail
+                    popped = pop_index_c(r.queue)
                     if r.service(False, False):
                         self._py_ran = True
                     r.last_end_ns = _now_ns()
-                    if (r.attached and r.queue._next_avail == taken
+                    if (r.attached and pop_index_c(r.queue) == popped
                             and r.queue.work_pending_c()):
                         # The device took nothing (admit, park): the ring is the
-                        # device's until it resumes, not the spin's.  Work that
-                        # came after the service took some is the spin's: the
-                        # ring's kicks are suppressed, so no one else sees it.
+                        # device's until it resumes, not the spin's.  (The pop
+                        # count also counts heads from the resubmit list, which
+                        # leave next_avail alone.)  Work that came after the
+                        # service took some is the spin's: the ring's kicks are
+                        # suppressed, so no one else sees it.
                         rings.remove(r)
                     if r.python_calls != calls or not r.attached:
                         # Python ran: it may have stopped rings or turned

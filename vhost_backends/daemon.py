@@ -333,8 +333,12 @@ def run_daemons(
     socket (:meth:`VhostUserDaemon.adopt`) and ``socket_paths[i]`` only names it.
 
     SIGINT and SIGTERM (when called from the main thread) shut every daemon down
-    cleanly.  Every socket is bound before any is served.  Returns 0 after a clean
-    shutdown, 1 if a daemon thread died of an unexpected error (logged).
+    cleanly, whichever thread the kernel hands the signal to: Python runs its
+    handlers in the main thread only, so that thread waits on the signal wakeup fd
+    (which the C-level handler writes from any thread) instead of blocking in a
+    join that only the daemons' end would wake.  Every socket is bound before any
+    is served.  Returns 0 after a clean shutdown, 1 if a daemon thread died of an
+    unexpected error (logged).
 
     Raises:
         ListenError: a socket could not be bound (the ones already bound are
@@ -349,14 +353,24 @@ def run_daemons(
     ]
     failed = False
     previous: dict[int, object] = {}
+    # Woken by a signal (any thread's) and by each daemon thread's end.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup: int | None = None
+
+    stopping = False
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if stopping:
+            return  # seen by the main thread's wait first (see below)
+        stopping = True
         log.info("%s: signal %d, shutting down", name, signum)
         os.eventfd_write(stop_fd, 1)
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
+        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     try:
         try:
             for i, d in enumerate(daemons):
@@ -378,6 +392,8 @@ def run_daemons(
                 log.exception("%s: daemon on %s died", name, d.socket_path)
                 errors.append(e)
                 os.eventfd_write(stop_fd, 1)
+            finally:
+                os.write(wake_w, b"\0")  # (a pipe's buffer holds every thread's)
 
         threads = [
             threading.Thread(target=worker, args=(d,), name=f"{name}-{i}", daemon=True)
@@ -385,13 +401,31 @@ def run_daemons(
         ]
         for t in threads:
             t.start()
+        running = len(threads)
+        while running:
+            # The C-level handler writes the signal's number here from whatever
+            # thread took it.  When a daemon thread took it, the Python handler
+            # did not run after this wait returned (only the main thread runs
+            # them, on a cue a daemon thread's bytecode can clear), so the byte
+            # itself starts the shutdown.  A 0 is a daemon thread's end.
+            select.select([wake_r], [], [])
+            with contextlib.suppress(BlockingIOError):
+                for signum in os.read(wake_r, 4096):
+                    if signum == 0:
+                        running -= 1
+                    elif signum in previous:
+                        on_signal(signum, None)
         for t in threads:
             t.join()
         failed = bool(errors)
     finally:
+        if old_wakeup is not None:
+            signal.set_wakeup_fd(old_wakeup)
         for signum, handler in previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
         os.close(stop_fd)
+        os.close(wake_r)
+        os.close(wake_w)
     return 1 if failed else 0
 
 

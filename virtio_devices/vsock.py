@@ -385,6 +385,14 @@ class VsockDevice(VirtioDevice):
         if value is not None and fast is not None:
             fast.live = False
 
+    def _stop_nogil(self) -> None:
+        """Stop the nogil paths until the next pass with the GIL (``live`` off) and
+        put the connection they scheduled in the ready queue (``unpend``): what
+        :meth:`activate` and :meth:`reset` do before they change the rings, the
+        listeners or the connections."""
+        self._fast.live = False
+        self._fast.unpend()
+
     def compiled_served(self) -> tuple[int, int]:
         """Chains the compiled paths completed, with the GIL and without (their used
         bytes are not counted)."""
@@ -421,8 +429,7 @@ class VsockDevice(VirtioDevice):
         connection gets one ``CREDIT_REQUEST`` (§5.10.6.3): a guest that still has the
         socket answers with its credit, one whose driver was reset answers ``RST``
         (§5.10.6.5: a packet for no connection), which closes the host socket."""
-        self._fast.live = False  # the nogil paths wait for a pass with the GIL
-        self._fast.unpend()
+        self._stop_nogil()
         super().activate(memory, queues, interrupt, loop)
         self._rx_live = True
         # The tx nap needs a fd that tells when the loop has work (DeviceLoop.fileno).
@@ -473,8 +480,7 @@ class VsockDevice(VirtioDevice):
         Raises:
             Exception: what the base class's reset raises.
         """
-        self._fast.live = False
-        self._fast.unpend()
+        self._stop_nogil()
         if self.registry is not None:
             # Still the VM at its CID: siblings' packets wait in the inbox.
             self._loose.extend(self.registry.take(self, paused=True))

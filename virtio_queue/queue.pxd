@@ -80,3 +80,9 @@ cdef class Queue:
     cdef int suppress_notification_nogil(self) noexcept nogil
     cdef void _inflight_popped(self, uint16_t head) noexcept nogil
     cdef void _inflight_release(self)
+
+
+cdef inline uint16_t pop_index_c(Queue q) noexcept nogil:
+    """:meth:`Queue.pop_index` for compiled callers: how many pops were made, modulo
+    2**16 (next_avail less the heads waiting in the resubmit list)."""
+    return <uint16_t>(q._next_avail - <uint16_t>q._n_resubmit)

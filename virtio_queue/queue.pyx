@@ -122,6 +122,61 @@ cdef int _raise_ahead(Queue q, uint16_t idx) except -1:
         f"{q._next_avail} (queue size {q._size})")
 
 
+cdef inline size_t _avail_off(Queue q, uint16_t idx) noexcept nogil:
+    """Offset in the avail ring of its entry for the free-running index ``idx``."""
+    return 4 + 2 * <size_t>(idx & (q._size - 1))
+
+
+cdef inline uint16_t _avail_entry(Queue q, uint16_t idx) noexcept nogil:
+    """The avail ring's entry for ``idx`` when the ring is in one region (not split)."""
+    return _rd16(q._avail + _avail_off(q, idx))
+
+
+cdef inline void _took_avail(Queue q, uint16_t head) noexcept nogil:
+    """``head``, the avail entry at next_avail, was taken: next_avail passes it and
+    the inflight area (if any) marks it in flight."""
+    q._next_avail += 1
+    if q._inflight != NULL:
+        q._inflight_popped(head)
+
+
+cdef inline int _pop_avail(Queue q, uint16_t *head, bint split) noexcept nogil:
+    """Take the next head from the avail ring: 1, 0 when none is available, -1 when
+    avail->idx is more than a queue ahead (nothing taken; see :func:`_known_avail`).
+    ``split`` (a constant at each call) reads the entry by translating its field."""
+    cdef int n = _known_avail(q)
+    if n <= 0:
+        return n
+    if split:
+        head[0] = _avail_rd16(q, _avail_off(q, q._next_avail))
+    else:
+        head[0] = _avail_entry(q, q._next_avail)
+    _took_avail(q, head[0])
+    return 1
+
+
+cdef int _pop_resubmitted(Queue q, uint16_t *head) except -1:
+    """Take the next head of the resubmit list (not empty) and mark it in flight.
+    Out of line: the list is used only after a reconnect."""
+    q._n_resubmit -= 1
+    head[0] = <uint16_t>q._resubmit.pop()
+    if q._inflight != NULL:
+        q._inflight_popped(head[0])
+    return 1
+
+
+cdef inline int _pop_gil(Queue q, uint16_t *head, bint split) except -1:
+    """pop_head's work once the rings are current (``split``: see _pop_avail): the
+    resubmit list first, then the avail ring; a broken avail index raises."""
+    cdef int n
+    if q._n_resubmit:
+        return _pop_resubmitted(q, head)
+    n = _pop_avail(q, head, split)
+    if n < 0:
+        _raise_ahead(q, _avail_idx_acquire(q))
+    return n
+
+
 cdef class Queue:
     """Device side of one split virtqueue.
 
@@ -334,7 +389,7 @@ cdef class Queue:
         list (those pops leave ``next_avail`` alone); :meth:`resubmit` and
         :meth:`set_next_avail` start it afresh.  A caller that notes it after each
         pop tells the chains popped last."""
-        return <uint16_t>(self._next_avail - <uint16_t>self._n_resubmit)
+        return pop_index_c(self)
 
     def set_next_avail(self, uint16_t value):
         """Where the device resumes popping (vhost-user SET_VRING_BASE)."""
@@ -378,27 +433,11 @@ cdef class Queue:
         """Take the next available head index: 1 if there was one, 0 if not
         (:func:`_known_avail`: one atomic load per batch).  The head itself is not
         range-checked here (see pop_chain)."""
-        cdef int n
         if vq_unlikely(not _rings_current(self)):
             self.ensure_ready()
             if self._split:
                 return self._pop_head_split(head)
-        if self._n_resubmit:
-            self._n_resubmit -= 1
-            head[0] = <uint16_t>self._resubmit.pop()
-            if self._inflight != NULL:
-                self._inflight_popped(head[0])
-            return 1
-        n = _known_avail(self)
-        if n <= 0:
-            if n < 0:
-                _raise_ahead(self, _avail_idx_acquire(self))
-            return 0
-        head[0] = _rd16(self._avail + 4 + 2 * <size_t>(self._next_avail & (self._size - 1)))
-        self._next_avail += 1
-        if self._inflight != NULL:
-            self._inflight_popped(head[0])
-        return 1
+        return _pop_gil(self, head, False)
 
     cdef int pop_head_nogil(self, uint16_t *head) noexcept nogil:
         """pop_head without the GIL, for the common case alone: 1 (a head taken), 0
@@ -406,38 +445,14 @@ cdef class Queue:
         (nothing was taken: the rings are not current for the memory, run over
         regions, requests wait to be resubmitted, or avail->idx is more than a
         queue ahead, which pop_head reports)."""
-        cdef int n
         if vq_unlikely(not _rings_current(self) or self._n_resubmit):
             return -1
-        n = _known_avail(self)
-        if n <= 0:
-            return -1 if n < 0 else 0
-        head[0] = _rd16(self._avail + 4 + 2 * <size_t>(self._next_avail & (self._size - 1)))
-        self._next_avail += 1
-        if self._inflight != NULL:
-            self._inflight_popped(head[0])
-        return 1
+        return _pop_avail(self, head, False)
 
     cdef int _pop_head_split(self, uint16_t *head) except -1:
         """pop_head for a queue in split mode: the same steps, each ring field
-        translated on its own."""
-        cdef int n
-        if self._n_resubmit:
-            self._n_resubmit -= 1
-            head[0] = <uint16_t>self._resubmit.pop()
-            if self._inflight != NULL:
-                self._inflight_popped(head[0])
-            return 1
-        n = _known_avail(self)
-        if n <= 0:
-            if n < 0:
-                _raise_ahead(self, _avail_idx_acquire(self))
-            return 0
-        head[0] = _avail_rd16(self, 4 + 2 * <size_t>(self._next_avail & (self._size - 1)))
-        self._next_avail += 1
-        if self._inflight != NULL:
-            self._inflight_popped(head[0])
-        return 1
+        translated on its own (out of line: pop_head's common path stays short)."""
+        return _pop_gil(self, head, True)
 
     # -- the hot path without the GIL (a nogil pump's or a ring worker's common
     # case).  Each *_nogil call returns -1 when the call with the GIL must run
@@ -460,7 +475,7 @@ cdef class Queue:
     cdef uint16_t avail_head_nogil(self, uint16_t k) noexcept nogil:
         """The head index ``k`` entries after next_avail (k below
         avail_count_nogil's answer), without taking it; not range-checked."""
-        return _rd16(self._avail + 4 + 2 * <size_t>(<uint16_t>(self._next_avail + k) & (self._size - 1)))
+        return _avail_entry(self, self._next_avail + k)
 
     cdef void pop_heads_nogil(self, uint16_t n) noexcept nogil:
         """Take the next ``n`` heads (n at most avail_count_nogil's answer), as
@@ -657,7 +672,7 @@ cdef class Queue:
         the avail ring cannot be read now.  A stopped queue (not ready) whose rings
         were translated against the current memory is read as it is: the transport
         stops a ring before the device gives its chains back."""
-        cdef size_t off = 4 + 2 * <size_t>(<uint16_t>(self._next_avail - 1) & (self._size - 1))
+        cdef size_t off = _avail_off(self, self._next_avail - 1)
         if vq_unlikely(not _rings_current(self)):
             if (self._memory is None or not (self._mapped or self._split)
                     or self._snap is not self._memory.snap):
@@ -678,7 +693,7 @@ cdef class Queue:
         holds another head)."""
         if vq_unlikely(head >= self._size or self._n_resubmit or not _rings_current(self)):
             return -1
-        if _rd16(self._avail + 4 + 2 * <size_t>(<uint16_t>(self._next_avail - 1) & (self._size - 1))) != head:
+        if _avail_entry(self, self._next_avail - 1) != head:
             return -1
         self._next_avail -= 1
         return 0
@@ -777,7 +792,7 @@ cdef class Queue:
         if n < limit:
             limit = n
         while k < limit:
-            head = _rd16(self._avail + 4 + 2 * <size_t>((self._next_avail + k) & (self._size - 1)))
+            head = _avail_entry(self, self._next_avail + k)
             if head >= self._size:
                 break
             chain_start(&c, self._desc, self._desc_gpa, self._size, head)
@@ -842,9 +857,7 @@ cdef class Queue:
                     else:
                         take = iov[j].iov_len if iov[j].iov_len < left else left
                         left -= take
-                    self._next_avail += 1
-                    if self._inflight != NULL:
-                        self._inflight_popped(heads[j])
+                    _took_avail(self, heads[j])
                     self.add_used_c(heads[j], <uint32_t>take)
                     done += 1
                     served[0] += 1

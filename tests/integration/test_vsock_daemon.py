@@ -7,7 +7,12 @@ wait is on an fd with a timeout.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import platform
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -670,3 +675,116 @@ def test_front_end_leaving_closes_the_host_connections(vms: Vms) -> None:
         g.close()
     assert closed_by_peer(host)
     lst.close()
+
+
+def _stop_signal_params() -> list[object]:
+    return [
+        pytest.param(sig, streaming, id=f"{sig.name}-{'streaming' if streaming else 'idle'}")
+        for sig in (signal.SIGTERM, signal.SIGINT)
+        for streaming in (False, True)
+    ]
+
+
+@pytest.mark.parametrize(("sig", "streaming"), _stop_signal_params())
+def test_signal_stops_a_daemon_serving_two_vms(tmp_path: Path, sig: signal.Signals, streaming: bool) -> None:
+    """SIGTERM or SIGINT stop a daemon with two VMs' front-ends connected (one loop
+    thread each), idle or while a host program streams to each guest without the
+    GIL: the process logs the signal, ends both sessions, removes its sockets and
+    exits 0 within the wait's limit."""
+    v = Vms(tmp_path, [4, 5])
+    guests = [v.guest(4, buf_alloc=65536), v.guest(5, buf_alloc=65536)]
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    try:
+        assert [g.config_cid() for g in guests] == [4, 5]
+        if streaming:
+            flowing = [threading.Event() for _ in guests]
+            for g, cid, seen in zip(guests, (4, 5), flowing, strict=True):
+                c = host_connect(v.uds(cid), 60)
+                port = g.expect(OP_REQUEST).src_port
+                g.send(60, port, OP_RESPONSE)
+                recv_exact(c, len(b"OK %d\n" % port))
+                threads.append(threading.Thread(target=_push, args=(c,), daemon=True))
+                threads.append(threading.Thread(target=_drink, args=(g, port, seen, stop), daemon=True))
+            for t in threads:
+                t.start()
+            for seen in flowing:
+                assert seen.wait(TIMEOUT), "a stream did not start"
+        v.daemon.proc.send_signal(sig)
+        assert v.daemon.proc.wait(TIMEOUT) == 0
+        v.daemon.wait_for(f"signal {int(sig)}, shutting down", TIMEOUT)
+        assert sum("front-end session ended: shutdown" in line for line in _rest_of_log(v)) == 2
+        assert not Path(v.sock(4)).exists() and not Path(v.sock(5)).exists()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        for g in guests:
+            g.close()
+        v.daemon.terminate()
+
+
+def _push(c: socket.socket) -> None:
+    """A host program writing to its guest until the connection goes."""
+    chunk = bytes(range(256)) * 256
+    try:
+        while True:
+            c.sendall(chunk)
+    except OSError:
+        pass
+
+
+def _drink(g: VsockDriver, port: int, seen: threading.Event, stop: threading.Event) -> None:
+    """The guest reading its stream and giving credit back until the test ends (a
+    wait on the rx call fd, its limit short so the end is seen soon once the daemon
+    has gone)."""
+    got = 0
+    while not stop.is_set():
+        try:
+            n, _others = g.recv_data(timeout=0.2)
+        except TimeoutError:
+            continue
+        got += n
+        if got >= 1 << 20:
+            seen.set()
+        g.send(60, port, OP_CREDIT_UPDATE, fwd_cnt=g.fwd_cnt.get((60, port), 0))
+
+
+def _rest_of_log(v: Vms) -> list[str]:
+    """Every log line of the exited daemon (its stderr read to the end)."""
+    with contextlib.suppress(AssertionError):
+        v.daemon.wait_for("\0never\0", TIMEOUT)
+    return v.daemon.log
+
+
+_SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
+
+
+@pytest.mark.skipif(_SYS_TGKILL is None, reason="tgkill's system call number is not known here")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_taken_by_a_loop_thread_stops_the_daemon(tmp_path: Path, sig: signal.Signals) -> None:
+    """The kernel may hand a process's signal to any thread that does not block it
+    (one of the loops, when the main thread cannot take it at once); here it is sent
+    to a loop thread itself.  Python runs handlers in the main thread only, and a
+    loop thread's bytecode can clear its cue: the daemon must still stop as for a
+    signal the main thread took (log line, both sessions ended, sockets removed,
+    exit code 0)."""
+    v = Vms(tmp_path, [4, 5])
+    guests = [v.guest(4), v.guest(5)]
+    try:
+        assert [g.config_cid() for g in guests] == [4, 5]
+        pid = v.daemon.proc.pid
+        loops = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+        assert loops, "no loop thread"
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(_SYS_TGKILL, pid, loops[-1], int(sig)) == 0, ctypes.get_errno()
+        assert v.daemon.proc.wait(TIMEOUT) == 0
+        v.daemon.wait_for(f"signal {int(sig)}, shutting down", TIMEOUT)
+        log = _rest_of_log(v)
+        assert sum("front-end session ended: shutdown" in line for line in log) == 2
+        assert sum("shutting down" in line for line in log) == 1
+        assert not Path(v.sock(4)).exists() and not Path(v.sock(5)).exists()
+    finally:
+        for g in guests:
+            g.close()
+        v.daemon.terminate()

@@ -356,16 +356,6 @@ def _polling(rig: Rig, max_us: int, window_ns: int = 0) -> tuple[Epoll, KickRing
     return ep, ring
 
 
-def _later(delay: float, fn: Callable[[], object]) -> threading.Thread:
-    def run() -> None:
-        time.sleep(delay)
-        fn()
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t
-
-
 def _kick_wanted(rig: Rig, event_idx: bool) -> bool:
     """What a driver checks before kicking (VIRTIO 1.2 §2.7.10)."""
     if event_idx:
@@ -414,7 +404,9 @@ def test_poll_window_grows_while_kicks_come_soon_and_drops_when_late(rig: Rig) -
             os.eventfd_write(rig.kick, 1)
             assert ep.poll(0) == []
             windows.append(ring.poll_ns)
-            time.sleep(0.002)   # later than the window, well within the maximum
+            # The gap between kicks is the input under test, not a wait for an event:
+            # later than the window, well within the maximum.
+            time.sleep(0.002)
         assert windows == [0, 4000, 8000, 16000]
     finally:
         ep.close()
@@ -424,7 +416,7 @@ def test_poll_window_grows_while_kicks_come_soon_and_drops_when_late(rig: Rig) -
             rig.mock.add_chain([RawDesc(0x9000 + 0x100 * i, 8, VIRTQ_DESC_F_WRITE, 0)])
             os.eventfd_write(rig.kick, 1)
             assert ep.poll(0) == []
-            time.sleep(0.005)
+            time.sleep(0.005)   # (the gap under test) beyond the 1 ms maximum
         assert ring.poll_ns == 0
         assert ring.chains == 2 and ring.poll_hits == 0
     finally:
@@ -440,7 +432,7 @@ def test_poll_window_of_a_non_fill_ring_backs_off_when_kicks_come_late(rig: Rig)
             rig.mock.add_chain([RawDesc(0x8000 + 0x100 * i, 8, 0, 0)])
             os.eventfd_write(rig.kick, 1)
             assert ep.poll(0) == []
-            time.sleep(0.005)   # beyond the 1 ms maximum
+            time.sleep(0.005)   # (the gap under test) beyond the 1 ms maximum
         assert ring.poll_ns == 0 and serve.calls == 2 and rig.mock.used_idx() == 2
     finally:
         ep.close()
@@ -566,10 +558,11 @@ def test_polling_gives_way_to_other_fds_and_hands_other_requests_to_serve(rig: R
         ep.register(r, IN)
         rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
         os.eventfd_write(rig.kick, 1)
-        t = _later(0.02, lambda: os.write(w, b"x"))
+        t = _when_polled(rig, lambda: os.write(w, b"x"))   # written while the spin runs
         t0 = time.monotonic()
         assert ep.poll(5.0) == [r]
-        assert time.monotonic() - t0 < 0.9    # long before the window ends
+        # What is under test: the spin ended on the fd, long before its window.
+        assert time.monotonic() - t0 < 0.9
         t.join()
         assert not rig.mock.used_flags() & VRING_USED_F_NO_NOTIFY
         os.read(r, 1)
@@ -578,10 +571,47 @@ def test_polling_gives_way_to_other_fds_and_hands_other_requests_to_serve(rig: R
         rig.mock.add_chain([RawDesc(0x8100, 8, VIRTQ_DESC_F_WRITE, 0)])
         os.eventfd_write(rig.kick, 1)
         t = _when_polled(rig, lambda: rig.mock.add_chain([RawDesc(0x9000, 8, 0, 0)]))  # device-readable
-        assert ep.poll(0.2) == []
+        assert ep.poll(5.0) == []   # returns once serve ran (else at the window's end)
         t.join()
         assert rig.served == [0] and ring.poll_hits == 1   # found by the spin, given to serve
         assert rig.queue.pending() == 1   # left for process_queue (this serve takes nothing)
+    finally:
+        ep.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_polling_keeps_a_ring_whose_device_took_a_resubmitted_request(rig: Rig) -> None:
+    """The spin leaves a ring to its device only when the device took nothing; a pop
+    counts whether its head came from the avail ring or the resubmit list
+    (``Queue.pop_index``: a pop from the list leaves ``next_avail`` alone).  Here a
+    head is put in the resubmit list while the ring is polled; the spin finds it
+    and hands it to the device, which serves it while the driver makes a request
+    the fill path cannot take: the spin keeps the ring and hands that one over too."""
+    ep, ring = _polling(rig, 1_000_000, WINDOW_NS)
+    r, w = os.pipe()
+    ep.register(r, IN)
+    calls: list[int] = []
+
+    def serve(index: int) -> None:
+        calls.append(index)
+        chain = rig.queue.pop_chain()
+        assert chain is not None
+        rig.queue.add_used(chain.head_index, 0)
+        if len(calls) == 1:
+            rig.mock.add_chain([RawDesc(0x9000, 8, 0, 0)])   # the driver, meanwhile
+        else:
+            os.write(w, b"x")     # another fd ready: the spin ends at once
+
+    ring.serve = serve
+    try:
+        first = rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
+        os.eventfd_write(rig.kick, 1)
+        t = _when_polled(rig, lambda: rig.queue.resubmit([first]))
+        assert ep.poll(5.0) == []   # serve ran: the caller looks at its timers
+        t.join()
+        assert calls == [0, 0] and ring.poll_hits == 2
+        assert rig.queue.pending() == 0 and rig.mock.used_idx() == 3
     finally:
         ep.close()
         os.close(r)
@@ -664,7 +694,7 @@ def test_polling_hands_a_broken_avail_index_to_serve(rig: Rig) -> None:
         rig.mock.add_chain([RawDesc(0x8000, 8, VIRTQ_DESC_F_WRITE, 0)])
         os.eventfd_write(rig.kick, 1)
         t = _when_polled(rig, lambda: rig.mock.set_avail_idx(rig.mock.avail_idx() + 1000))
-        assert ep.poll(0.2) == []
+        assert ep.poll(5.0) == []   # returns once serve ran (else at the window's end)
         t.join()
         assert rig.served == [0] and ring.chains == 1 and rig.mock.used_idx() == 1
         assert ring.poll_hits == 1   # once: the ring is left to the device's path

@@ -399,11 +399,13 @@ def test_reset_keeps_connections_and_close_releases_them(guest: VsockGuest, host
     memory = dev.memory
     dev.reset()
     assert not rig.loop.readers  # nothing of the device is watched while it is paused
+    assert not dev._fast.live  # the nogil paths wait for a pass with the GIL
     peer.sendall(b"while paused")
     assert memory is not None
     features = dev.device_features()
     dev.ack_features(features)
     dev.activate(memory, rig.queues, rig.interrupt, rig.loop)
+    assert not dev._fast.live
     assert rig.loop.run_due() == 1  # what waited through the pause goes out at once
     got = guest.exchange()
     assert [p.op for p in got] == [OP_CREDIT_REQUEST, OP_RW]
