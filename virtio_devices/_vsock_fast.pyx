@@ -1069,9 +1069,8 @@ cdef int _rx_conn_nogil(State st, Conn c, bint is_head, Py_ssize_t *added) noexc
     cdef ChainCursor cur
     cdef vring_desc d
     cdef unsigned char *p
-    cdef uint16_t head, head_i
+    cdef uint16_t head
     cdef int k, j, n, avail, e
-    cdef uint16_t op
     cdef size_t want, left, take
     cdef ssize_t r
     cdef int64_t credit
@@ -1099,24 +1098,8 @@ cdef int _rx_conn_nogil(State st, Conn c, bint is_head, Py_ssize_t *added) noexc
             return 0
         if credit == 0:
             # The credit packet owed, into the next buffer (one of at least a header).
-            head_i = st.rxq.avail_head_nogil(0)
-            if head_i >= st.rxq._size:
+            if _credit_packet_nogil(st, c):
                 return 1
-            chain_start(&cur, st.rxq._desc, st.rxq._desc_gpa, st.rxq._size, head_i)
-            if (chain_next(st.rxq._snap, &cur, &d) != 1 or cur.has_next
-                    or not d.flags & VRING_DESC_F_WRITE or d.len < HDR_SIZE):
-                return 1
-            p = snap_ptr_w(st.rxq._snap, d.addr, HDR_SIZE)
-            if p == NULL:
-                return 1
-            op = OP_CREDIT_UPDATE if c.ops & P_CREDIT_UPDATE else OP_CREDIT_REQUEST
-            _hdr_at(p, c, op, 0, st.guest_cid, st.buf_alloc, c.fwd_cnt)
-            c.last_fwd_sent = c.fwd_cnt
-            c.ops &= ~P_CREDIT_UPDATE
-            if op == OP_CREDIT_REQUEST:
-                c.ops &= ~P_CREDIT_REQUEST
-            st.rxq.pop_heads_nogil(1)
-            st.rxq.add_used_nogil(head_i, HDR_SIZE)
             added[0] += 1
             continue
         if avail > RX_BATCH:
@@ -1212,6 +1195,37 @@ cdef int _credit_nogil(State st, Conn c, uint32_t buf_alloc, uint32_t fwd_cnt) n
     return 0
 
 
+cdef int _credit_packet_nogil(State st, Conn c) noexcept nogil:
+    """The credit packet ``c`` owes (its CREDIT_UPDATE, else its CREDIT_REQUEST:
+    §5.10.6.3) into the next available rx buffer (at least one known available), one
+    header in one device-writable descriptor, as ``_fill_rx`` writes it: 0 when it is
+    written and the buffer used, 1 (nothing done) when the buffer has another shape or
+    lies outside the memory."""
+    cdef ChainCursor cur
+    cdef vring_desc d
+    cdef unsigned char *p
+    cdef uint16_t head_i, op
+    head_i = st.rxq.avail_head_nogil(0)
+    if head_i >= st.rxq._size:
+        return 1
+    chain_start(&cur, st.rxq._desc, st.rxq._desc_gpa, st.rxq._size, head_i)
+    if (chain_next(st.rxq._snap, &cur, &d) != 1 or cur.has_next
+            or not d.flags & VRING_DESC_F_WRITE or d.len < HDR_SIZE):
+        return 1
+    p = snap_ptr_w(st.rxq._snap, d.addr, HDR_SIZE)
+    if p == NULL:
+        return 1
+    op = OP_CREDIT_UPDATE if c.ops & P_CREDIT_UPDATE else OP_CREDIT_REQUEST
+    _hdr_at(p, c, op, 0, st.guest_cid, st.buf_alloc, c.fwd_cnt)
+    c.last_fwd_sent = c.fwd_cnt
+    c.ops &= ~P_CREDIT_UPDATE
+    if op == OP_CREDIT_REQUEST:
+        c.ops &= ~P_CREDIT_REQUEST
+    st.rxq.pop_heads_nogil(1)
+    st.rxq.add_used_nogil(head_i, HDR_SIZE)
+    return 0
+
+
 cdef int _credit_only_nogil(State st, Conn c) noexcept nogil:
     """:func:`_fill_rx_nogil` for the connection a nogil path scheduled with only credit
     to say and no host data waiting (the guest -> host stream's CREDIT_UPDATE, see
@@ -1221,10 +1235,6 @@ cdef int _credit_only_nogil(State st, Conn c) noexcept nogil:
     no buffer is left (notifications on: the driver's kick comes here again).  1
     hands it over, still scheduled: another owed packet, another buffer shape, the
     rings not current."""
-    cdef ChainCursor cur
-    cdef vring_desc d
-    cdef unsigned char *p
-    cdef uint16_t head_i, op
     cdef int avail, e, rc = 0
     cdef Py_ssize_t added = 0
     if c.dead or c.seq or not c.ops or c.ops & ~P_CREDIT or not st.rxq._ready:
@@ -1241,27 +1251,9 @@ cdef int _credit_only_nogil(State st, Conn c) noexcept nogil:
             elif e:
                 continue
             break
-        head_i = st.rxq.avail_head_nogil(0)
-        if head_i >= st.rxq._size:
+        if _credit_packet_nogil(st, c):
             rc = 1
             break
-        chain_start(&cur, st.rxq._desc, st.rxq._desc_gpa, st.rxq._size, head_i)
-        if (chain_next(st.rxq._snap, &cur, &d) != 1 or cur.has_next
-                or not d.flags & VRING_DESC_F_WRITE or d.len < HDR_SIZE):
-            rc = 1
-            break
-        p = snap_ptr_w(st.rxq._snap, d.addr, HDR_SIZE)
-        if p == NULL:
-            rc = 1
-            break
-        op = OP_CREDIT_UPDATE if c.ops & P_CREDIT_UPDATE else OP_CREDIT_REQUEST
-        _hdr_at(p, c, op, 0, st.guest_cid, st.buf_alloc, c.fwd_cnt)
-        c.last_fwd_sent = c.fwd_cnt
-        c.ops &= ~P_CREDIT_UPDATE
-        if op == OP_CREDIT_REQUEST:
-            c.ops &= ~P_CREDIT_REQUEST
-        st.rxq.pop_heads_nogil(1)
-        st.rxq.add_used_nogil(head_i, HDR_SIZE)
         added += 1
     if not c.ops:
         _leave_nogil(st, c)
