@@ -1376,7 +1376,10 @@ cdef int _rw_flush_nogil(State st, Conn c, iovec *iov, int niov, uint16_t *heads
 
 
 cdef bint _tx_nap_nogil(int wait_fd, long long nap_ns) noexcept nogil:
-    """:func:`_tx_nap` for the nogil tx drain (already without the GIL)."""
+    """Sleep ``nap_ns`` unless the loop has an fd ready first (``wait_fd``, its epoll
+    fd, turns readable: ``ppoll`` on it consumes nothing); True when the whole nap
+    passed, False when it was cut short (or failed: a signal, say).  The nogil tx
+    drain calls it as it is; :func:`_tx_nap` releases the GIL around it."""
     cdef pollfd p
     cdef timespec t
     p.fd = wait_fd
@@ -1782,21 +1785,11 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
 
 
 cdef bint _tx_nap(int wait_fd, long long nap_ns) noexcept:
-    """Sleep ``nap_ns`` with the GIL released unless the loop has an fd ready first
-    (``wait_fd``, its epoll fd, turns readable: ``ppoll`` on it consumes nothing);
-    True when the whole nap passed, False when it was cut short (or failed: a
-    signal, say)."""
-    cdef pollfd p
-    cdef timespec t
-    cdef int r
-    p.fd = wait_fd
-    p.events = POLLIN
-    p.revents = 0
-    t.tv_sec = nap_ns // 1000000000
-    t.tv_nsec = nap_ns % 1000000000
+    """:func:`_tx_nap_nogil` with the GIL released for the nap."""
+    cdef bint whole
     with nogil:
-        r = ppoll(&p, 1, &t, NULL)
-    return r == 0
+        whole = _tx_nap_nogil(wait_fd, nap_ns)
+    return whole
 
 
 cdef extern from "<sys/socket.h>" nogil:
