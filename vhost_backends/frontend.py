@@ -227,9 +227,15 @@ class Frontend:
         return feats, pfeats
 
     # -- memory ---------------------------------------------------------------------------
-    def add_memory(self, size: int, guest_addr: int = 0) -> m.MemoryRegion:
-        """Create a memfd region of guest RAM (not yet sent to the back-end)."""
-        region, fd = GuestRegion.memfd(size, guest_addr)
+    def add_memory(self, size: int, guest_addr: int = 0, fd: int | None = None) -> m.MemoryRegion:
+        """A region of guest RAM (not yet sent to the back-end): a new memfd, or ``fd``
+        (another front-end's memfd, duplicated: the same pages behind both guests'
+        addresses)."""
+        if fd is None:
+            region, fd = GuestRegion.memfd(size, guest_addr)
+        else:
+            fd = os.dup(fd)  # ours to close, as a memfd of our own is
+            region = GuestRegion.from_fd(fd, size, guest_addr)
         self.memory.add_region(region)
         desc = m.MemoryRegion(guest_addr, size, region.host_addr, 0)
         self.regions.append((desc, fd))

@@ -586,3 +586,28 @@ def test_inflight_recover_rejects_wrong_layout() -> None:
     area = InflightQueueRegion(memoryview(bytearray(m.inflight_queue_size(8))), 8)
     with pytest.raises(VhostUserError, match="version"):
         area.recover(0)
+
+
+def test_two_frontends_can_share_a_region_of_guest_ram() -> None:
+    """``add_memory(fd=...)`` maps another front-end's memfd (the benches give every
+    daemon the same pages): a write through one is read through the other, and each
+    closes its own duplicate of the fd."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    first, second = (Frontend(a, timeout=1.0) for a, _b in pairs)
+    try:
+        first.add_memory(1 << 16, 0)
+        shared = first.add_memory(1 << 20, 1 << 20)
+        second.add_memory(1 << 16, 0)
+        second.add_memory(shared.size, shared.guest_addr, fd=first.regions[1][1])
+        assert second.regions[1][1] != first.regions[1][1]
+        first.memory.write((1 << 20) + 4096, b"same pages")
+        assert second.memory.read((1 << 20) + 4096, 10) == b"same pages"
+        first.memory.write(4096, b"own pages")
+        assert second.memory.read(4096, 9) == bytes(9)
+        first.close()
+        second.memory.write((2 << 20) - 4, b"live")
+        assert second.memory.read((2 << 20) - 4, 4) == b"live"
+    finally:
+        second.close()
+        for _a, b in pairs:
+            b.close()
