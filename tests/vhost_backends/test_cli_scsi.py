@@ -99,3 +99,27 @@ def test_direct_opens_a_second_fd_with_o_direct(monkeypatch: pytest.MonkeyPatch,
     if rc == 1:
         pytest.skip("this file system refuses O_DIRECT")
     assert rc == 0 and len(devices) == 1
+
+
+def test_fixed_buffers_bounds_the_guest_ram_the_engine_registers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--fixed-buffers MIB`` (not in upstream; 16384 by default, 0: never) reaches the
+    engine as ``fixed_max`` in bytes; a negative size is refused on stderr."""
+    assert parse("-s", "s.sock", "a.img").fixed_buffers_mib == 16384
+    assert parse("-s", "s.sock", "--fixed-buffers", "0", "a.img").fixed_buffers_mib == 0
+    with pytest.raises(ConfigError, match=r"--fixed-buffers: .* not -1"):
+        parse("-s", "s.sock", "--fixed-buffers", "-1", "a.img")
+    assert cli.main(["-s", str(tmp_path / "s.sock"), "--fixed-buffers", "-1"]) != 0
+    assert "--fixed-buffers" in capsys.readouterr().err
+    devices: list[ScsiDevice] = []
+
+    def serve(name: str, paths: Sequence[str], factory: Callable[[int], Any]) -> int:
+        devices.append(factory(0))
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    p = tmp_path / "d.img"
+    p.write_bytes(bytes(8192))
+    assert cli.main(["-s", str(tmp_path / "s.sock"), "--fixed-buffers", "512", str(p)]) == 0
+    assert devices[0]._fixed_max == 512 << 20

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import select
@@ -38,7 +39,7 @@ from virtio_devices.scsi.testing import (
     write16,
 )
 from virtio_devices.testing import DeviceRig, FakeInterrupt
-from virtio_queue import InvalidAvailRingIndex
+from virtio_queue import GuestRegion, InvalidAvailRingIndex
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 BLOCKS = 64
@@ -50,13 +51,14 @@ class Pair:
     """Two devices over equal memfd images: ``fast`` with the engine, ``slow`` without."""
 
     def __init__(self, *, read_only: bool = False, pool: str = "") -> None:
-        """``pool``: "direct", O_DIRECT transfers on the engine's threads; "cached",
-        page-cache ones; "": the engine's defaults."""
+        """``pool``: "direct", O_DIRECT transfers on the engine's threads; "fixed",
+        the same but those in one buffer through the ring's registered buffers;
+        "cached", page-cache ones on the threads; "": the engine's defaults."""
         self.rigs: list[DeviceRig] = []
         self.images: list[list[DiskImage]] = []
         for engine in (True, False):
             imgs = [DiskImage.from_bytes(IMAGE, name="lun0"), DiskImage.from_bytes(512 * 8, name="lun1")]
-            if engine and pool == "direct":
+            if engine and pool in ("direct", "fixed"):
                 # The engine routes a transfer by its LUN's O_DIRECT fd and the
                 # buffers' alignment; a memfd refuses O_DIRECT, so a second fd of
                 # it stands in: what is under test is the threads, not the flag.
@@ -70,8 +72,10 @@ class Pair:
         if engine_dev._engine is None:
             self.close()
             pytest.skip("io_uring is not available here")
-        if pool == "direct":
+        if pool in ("direct", "fixed"):
             engine_dev._engine.pool_min_read = engine_dev._engine.pool_min_write = 512
+            if pool == "direct":
+                engine_dev._engine.fixed_max = 0
         elif pool == "cached":
             engine_dev._engine.pool_min_cached = 512
 
@@ -217,7 +221,7 @@ def _run_batch(
         min_size=1,
         max_size=8,
     ),
-    pool=st.sampled_from(["direct", "cached"]),
+    pool=st.sampled_from(["direct", "fixed", "cached"]),
 )
 def test_engine_threads_answer_as_the_python_path(
     requests: list[tuple[int, int, int, bool, int, int, list[int], int]], pool: str
@@ -225,7 +229,8 @@ def test_engine_threads_answer_as_the_python_path(
     """Transfers on the engine's threads (through the O_DIRECT fd or the page
     cache), several in flight at once, give the same answers (used length,
     response, data-in) and the same image as the Python path; every request the
-    engine serves goes to the threads."""
+    engine serves goes to the threads (with ``pool="fixed"``: those in one buffer
+    through registered buffers on the ring)."""
     p = Pair(pool=pool)
     try:
         # A read and a write of the same block in flight at once may run in either
@@ -256,12 +261,13 @@ def test_engine_threads_answer_as_the_python_path(
             batches[-1].append(bufs)
             spans.append(span)
             expect += slack >= 0 and lba + blocks <= (BLOCKS if lun == 0 else 8)
-        before = p.engine.pool_requests
+        before = p.engine.pool_requests + p.engine.fixed_requests
         for batch in batches:
             fast, slow = (_run_batch(rig, batch) for rig in p.rigs)
             assert fast == slow
         assert p.image(0) == p.image(1) and p.image(0, 1) == p.image(1, 1)
-        assert p.engine.pool_requests - before == expect
+        assert p.engine.pool_requests + p.engine.fixed_requests - before == expect
+        assert p.engine.fixed_error == 0
     finally:
         p.close()
 
@@ -375,7 +381,7 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
     64 KiB on the engine's threads (the ring when there are none), smaller ones on
     the ring; unaligned ones use the page cache; all land in the file."""
     img = _direct_image(tmp_path)
-    dev = ScsiDevice([img])
+    dev = ScsiDevice([img], fixed_max=0)  # no registered buffers: the threads' rule
     try:
         with DeviceRig(dev, queue_size=16, memory_size=16 << 20) as rig:
             if dev._engine is None:
@@ -423,6 +429,88 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
         data = (tmp_path / "direct.img").read_bytes()
         assert data[8 * 512 : 16 * 512] == b"\x3c" * 4096 and data[16 * 512 : 17 * 512] == b"\x4d" * 512
         assert data[24 * 512 : 32 * 512] == big[: 8 * 512] and data[32 * 512 : 160 * 512] == big
+    finally:
+        img.close()
+
+
+def _direct_run(
+    rig: DeviceRig, cdb: bytes, data: bytes = b"", *, data_in: int = 0, at: int | None = None, split: int = 0
+) -> bytes:
+    """One READ/WRITE through ``rig``'s request queue with a page-aligned buffer (at
+    guest address ``at``, or allocated), as one descriptor or, with ``split``, two
+    apart (the first ``split`` bytes, a page's gap, then the rest); returns the
+    data read."""
+    hdr = rig.alloc(RQ, cmd_req(cdb))
+    resp = rig.alloc(RQ, RESP_HEADER)
+    n = len(data) or data_in
+    buf = at if at is not None else (rig.alloc(RQ, n + 8192) + 4095) // 4096 * 4096
+    flags = VIRTQ_DESC_F_WRITE if data_in else 0
+    parts = [(buf, split), (buf + split + 4096, n - split)] if split else [(buf, n)]
+    descs = [RawDesc(hdr, 51, 0, 0)]
+    if data:
+        for (a, k), at_ in zip(parts, (0, split), strict=False):
+            rig.memory.write(a, data[at_ : at_ + k])
+        descs += [RawDesc(a, k, 0, 0) for a, k in parts]
+    descs.append(RawDesc(resp, RESP_HEADER, VIRTQ_DESC_F_WRITE, 0))
+    if data_in:
+        descs += [RawDesc(a, k, flags, 0) for a, k in parts]
+    head = rig.add_chain(RQ, descs)
+    used = rig.kick(RQ)
+    if not used:
+        rig.complete_workers()
+        used = rig.used(RQ)
+    assert [h for h, _ in used] == [head]
+    assert Resp.parse(rig.read(resp, RESP_HEADER)).status == 0
+    return b"".join(rig.read(a, k) for a, k in parts) if data_in else b""
+
+
+def test_o_direct_transfers_use_registered_buffers(tmp_path: Path) -> None:
+    """With O_DIRECT, a transfer in one guest buffer goes through the ring as a
+    registered ("fixed") buffer at any size: guest RAM is registered with io_uring
+    once per memory table (again after it changed, once nothing is in flight);
+    a transfer in two buffers, or with more RAM than ``fixed_max``, pins its pages
+    itself as before (the threads from 64 KiB on).  Every byte lands where it
+    should."""
+    img = _direct_image(tmp_path)
+    dev = ScsiDevice([img])
+    try:
+        with DeviceRig(dev, queue_size=16, memory_size=16 << 20) as rig:
+            if dev._engine is None:
+                pytest.skip("io_uring is not available here")
+            eng = dev._engine
+            assert eng.fixed_max == 16 << 30 and eng.fixed_registrations == 0
+            big = os.urandom(64 << 10)
+            _direct_run(rig, write10(32, 128), big)
+            if eng.fixed_error:
+                pytest.skip(f"io_uring refused to register guest RAM here (errno {eng.fixed_error})")
+            assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
+            small = os.urandom(4096)
+            _direct_run(rig, write10(8, 8, flags=0x08), small)  # FUA: RWF_DSYNC, fixed as well
+            assert _direct_run(rig, read10(8, 8), data_in=4096) == small
+            assert (eng.fixed_registrations, eng.fixed_requests, eng.pool_requests) == (1, 4, 0)
+            # Two buffers: each transfer pins its own pages (the threads at 64 KiB).
+            assert _direct_run(rig, read10(32, 128), data_in=len(big), split=4096) == big
+            assert (eng.fixed_requests, eng.pool_requests) == (4, 1)
+            # A new region: the next transfer's chain has a new memory table, which
+            # is registered in place of the old one; its buffer there is fixed too.
+            region, fd = GuestRegion.memfd(1 << 20, 32 << 20)
+            try:
+                rig.memory.add_region(region)
+                _direct_run(rig, write10(192, 64), big[::-1][:32768], at=32 << 20)
+                assert (eng.fixed_registrations, eng.fixed_requests) == (2, 5)
+                assert _direct_run(rig, read10(192, 64), data_in=32768) == big[::-1][:32768]
+                # More RAM than fixed_max: refused (E2BIG), the threads take it.
+                eng.fixed_max = 16 << 20
+                rig.memory.remove_region(32 << 20)
+                rig.memory.add_region(GuestRegion.memfd(2 << 20, 32 << 20)[0])
+                assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
+                assert eng.fixed_error == errno.E2BIG
+                assert (eng.fixed_registrations, eng.fixed_requests, eng.pool_requests) == (2, 6, 2)
+            finally:
+                os.close(fd)
+        data = (tmp_path / "direct.img").read_bytes()
+        assert data[8 * 512 : 16 * 512] == small and data[32 * 512 : 160 * 512] == big
+        assert data[192 * 512 : 256 * 512] == big[::-1][:32768]
     finally:
         img.close()
 

@@ -4,8 +4,9 @@ Same flags as rust-vmm's ``vhost-device-scsi``: image files as positional argume
 (LUN k of target 0 is image k, at most 256), ``-r/--read-only``, ``--solid-state``
 and one socket, ``-s/--socket-path``, used verbatim.  Unlike upstream, ``-r`` opens
 the images read-only and refuses writes (DATA PROTECT), writes are supported, a
-missing image is one error line, the daemon serves front-end after front-end, and
-``--direct`` bypasses the host page cache (O_DIRECT).
+missing image is one error line, the daemon serves front-end after front-end,
+``--direct`` bypasses the host page cache (O_DIRECT), and ``--fixed-buffers``
+bounds the guest RAM registered with io_uring for it.
 
 Example::
 
@@ -30,8 +31,10 @@ __all__ = ["OUR_FLAGS", "Config", "build_parser", "main", "run"]
 
 PROG = "vhost-device-scsi"
 #: Flags of ours beside upstream's (tests/vhost_backends/test_cli_flags.py).
-OUR_FLAGS = frozenset({"--direct"})
+OUR_FLAGS = frozenset({"--direct", "--fixed-buffers"})
 log = logging.getLogger(__name__)
+#: ``--fixed-buffers``' default: guest RAM up to 16 GiB is registered.
+DEFAULT_FIXED_MIB = 16384
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(transfers whose buffers are not 512-byte aligned still use it); the images' clean "
         "pages are dropped from that cache once at start. Not in upstream.",
     )
+    p.add_argument(
+        "--fixed-buffers",
+        type=int,
+        default=DEFAULT_FIXED_MIB,
+        metavar="MIB",
+        help="With --direct: register the guest's RAM with io_uring when it is at most MIB MiB "
+        f"(default {DEFAULT_FIXED_MIB}; 0: never), so that O_DIRECT transfers do not pin their pages "
+        "one request at a time. Registering pins every page of that RAM, and so allocates any the "
+        "guest has not touched yet, once per memory table. Not in upstream.",
+    )
     add_socket_path_arg(p, help="Location of vhost-user socket.")
     p.add_argument(
         "images", nargs="*", metavar="IMAGES", help="Images against which the SCSI actions are emulated."
@@ -70,6 +83,7 @@ class Config(NamedTuple):
     read_only: bool
     solid_state: bool
     direct: bool = False
+    fixed_buffers_mib: int = DEFAULT_FIXED_MIB
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> Config:
@@ -80,6 +94,8 @@ class Config(NamedTuple):
                 currently supported"), or the socket path names no file.
         """
         images = tuple(os.fspath(p) for p in ns.images)
+        if ns.fixed_buffers < 0:
+            raise ConfigError(f"--fixed-buffers: a size in MiB, 0 or more, not {ns.fixed_buffers}")
         if len(images) > MAX_LUNS:
             raise ConfigError(f"IMAGES: at most {MAX_LUNS} images (LUNs) are supported, not {len(images)}")
         return cls(
@@ -88,6 +104,7 @@ class Config(NamedTuple):
             read_only=bool(ns.read_only),
             solid_state=bool(ns.solid_state),
             direct=bool(ns.direct),
+            fixed_buffers_mib=int(ns.fixed_buffers),
         )
 
 
@@ -110,7 +127,12 @@ def run(config: Config) -> int:
             log.warning("no images given: the target has no logical units")
 
         def device_factory(index: int) -> ScsiDevice:
-            return ScsiDevice(images, read_only=config.read_only, solid_state=config.solid_state)
+            return ScsiDevice(
+                images,
+                read_only=config.read_only,
+                solid_state=config.solid_state,
+                fixed_max=config.fixed_buffers_mib << 20,
+            )
 
         return serve(PROG, [config.socket_path], device_factory)
     finally:

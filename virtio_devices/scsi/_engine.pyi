@@ -11,6 +11,10 @@ class Engine:
     ring_requests: int
     pool_requests: int
     direct_threads: int
+    fixed_max: int
+    fixed_requests: int
+    fixed_registrations: int
+    fixed_error: int
     pool_min_read: int
     pool_min_write: int
     pool_min_cached: int

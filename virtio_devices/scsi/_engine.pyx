@@ -69,7 +69,7 @@ ring and thread completions alike.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.errno cimport EAGAIN, EINTR, EOPNOTSUPP, errno
+from libc.errno cimport E2BIG, EAGAIN, EINTR, EOPNOTSUPP, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from posix.uio cimport iovec
@@ -79,7 +79,7 @@ from posix.unistd cimport write as fd_write
 from virtio_queue._linux cimport eventfd, EFD_CLOEXEC, EFD_NONBLOCK, pollfd, poll, POLLIN
 from virtio_queue.chain cimport ChainCursor, DescriptorChain, chain_next, chain_start, make_chain
 from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
-from virtio_queue.memory cimport snap_ptr, snap_ptr_w
+from virtio_queue.memory cimport MemorySnapshot, snap_ptr, snap_ptr_w
 from virtio_queue.queue cimport Queue
 from virtio_devices._pump cimport FdPump
 
@@ -172,6 +172,12 @@ cdef extern from "<sys/syscall.h>" nogil:
     void io_uring_cqe_seen(io_uring *ring, io_uring_cqe *cqe)
     int io_uring_wait_cqe_timeout(io_uring *ring, io_uring_cqe **cqe_ptr, __kernel_timespec *ts)
     int io_uring_register_eventfd(io_uring *ring, int fd)
+    void io_uring_prep_read_fixed(io_uring_sqe *sqe, int fd, void *buf, unsigned nbytes,
+                                  uint64_t offset, int buf_index)
+    void io_uring_prep_write_fixed(io_uring_sqe *sqe, int fd, const void *buf, unsigned nbytes,
+                                   uint64_t offset, int buf_index)
+    int io_uring_register_buffers(io_uring *ring, const iovec *iovecs, unsigned nr_iovecs)
+    int io_uring_unregister_buffers(io_uring *ring)
     int io_uring_get_events(io_uring *ring)
     unsigned io_uring_cq_ready(const io_uring *ring)
 
@@ -191,6 +197,12 @@ DEF MAX_QUEUES = 64
 # blocking threads keep more of them at the device than io_uring's inline
 # submission does; small ones cost less through the ring (docs/performance.md).
 DEF DIRECT_THREADS = 32
+# Registered buffers (io_uring "fixed" buffers) for O_DIRECT transfers: guest RAM
+# pinned once per memory table instead of per request; a registered buffer is at
+# most 1 GiB (the kernel's limit), a region larger than that is several.
+DEF MAX_FIXED = 64
+DEF FIXED_PIECE = 1 << 30
+DEF FIXED_MAX = 16 << 30
 DEF POOL_MIN = 65536
 DEF POOL_MIN_CACHED = 1 << 62
 # What O_DIRECT asks of buffer addresses and lengths (the usual logical block size;
@@ -468,6 +480,14 @@ cdef class Engine:
     cdef public long long pool_min_write
     cdef public long long pool_min_cached
     cdef public int submit_batch
+    cdef public long long fixed_max
+    cdef readonly long long fixed_requests
+    cdef readonly long long fixed_registrations
+    cdef readonly int fixed_error
+    cdef object _fixed_snap
+    cdef int _nfixed
+    cdef uint64_t _fixed_lo[MAX_FIXED]
+    cdef uint64_t _fixed_hi[MAX_FIXED]
     cdef public int signal_every
     cdef readonly long long early_signals
     cdef public bint signal_adapt
@@ -537,6 +557,7 @@ cdef class Engine:
         self.nslots = entries
         self.allow_inline = inline_writes
         self.direct_threads = DIRECT_THREADS
+        self.fixed_max = FIXED_MAX
         self.pool_min_read = POOL_MIN
         self.pool_min_write = POOL_MIN
         self.pool_min_cached = POOL_MIN_CACHED
@@ -586,6 +607,8 @@ cdef class Engine:
         if rc < 0:
             raise OSError(-rc, f"io_uring_queue_init({self.nslots}) failed")
         self._open = True
+        self._fixed_snap = None  # a new ring has no registered buffers
+        self._nfixed = 0
         self.defer_taskrun = defer
         self._enabled = not defer
         rc = io_uring_register_eventfd(&self.ring, self.fd)
@@ -892,6 +915,7 @@ cdef class Engine:
         cdef ssize_t r
         cdef int fd
         cdef bint direct, threads
+        cdef int fixed
         cdef io_uring_sqe *sqe
         if self.nfree == 0:
             return -1
@@ -991,7 +1015,12 @@ cdef class Engine:
                     break
             if direct:
                 fd = self.dfds[lun]
-        threads = self.direct_threads > 0 and <long long>nbytes >= (
+        fixed = -1
+        if direct and s.niov == 1 and self.fixed_max > 0 and self._own() == 1:
+            fixed = self._fixed_index(chain.snap, <uint64_t>s.iov[0].iov_base, s.iov[0].iov_len)
+        # A registered buffer makes the ring's inline submission cheap at any
+        # size: the threads are for transfers whose pages would be pinned.
+        threads = fixed < 0 and self.direct_threads > 0 and <long long>nbytes >= (
             (self.pool_min_write if write else self.pool_min_read) if direct else self.pool_min_cached)
         if direct or threads:
             pass  # not inline: the disk itself is the wait, or a thread copies
@@ -1045,6 +1074,17 @@ cdef class Engine:
                 sqe.rw_flags = RWF_DSYNC
         else:
             io_uring_prep_readv(sqe, fd, s.iov, s.niov, lba << BLOCK_SHIFT)
+        if fixed >= 0:
+            # One buffer inside a registered one: no pinning of its pages here.
+            if write:
+                io_uring_prep_write_fixed(sqe, fd, s.iov[0].iov_base, s.iov[0].iov_len,
+                                          lba << BLOCK_SHIFT, fixed)
+                if s.fua:
+                    sqe.rw_flags = RWF_DSYNC
+            else:
+                io_uring_prep_read_fixed(sqe, fd, s.iov[0].iov_base, s.iov[0].iov_len,
+                                         lba << BLOCK_SHIFT, fixed)
+            self.fixed_requests += 1
         sqe.user_data = slot
         self._chains[slot] = chain
         self.ring_requests += 1
@@ -1052,6 +1092,64 @@ cdef class Engine:
         self.unsubmitted += 1
         if self.unsubmitted >= self.submit_batch:
             self._submit()
+        return 0
+
+    cdef int _fixed_index(self, MemorySnapshot snap, uint64_t p, size_t n) except -2:
+        """The registered buffer holding [p, p+n) of ``snap``'s RAM, or -1.  A
+        chain of another memory table than the one registered registers its table
+        first, when nothing is in flight (until then: -1)."""
+        cdef int i
+        if snap is not self._fixed_snap:
+            if self.nfree != self.nslots or self.unsubmitted:
+                return -1
+            self._fixed_register(snap)
+        for i in range(self._nfixed):
+            if self._fixed_lo[i] <= p and p + n <= self._fixed_hi[i]:
+                return i
+        return -1
+
+    cdef int _fixed_register(self, MemorySnapshot snap) except -1:
+        """Register ``snap``'s writable regions with the ring, in pieces of at most
+        ``FIXED_PIECE``, in place of what was: the kernel pins (and so populates)
+        every page of them now, for as long as they stay registered.  Refused when
+        they come to more than ``fixed_max`` bytes or ``MAX_FIXED`` pieces
+        (``fixed_error`` E2BIG) or when the kernel refuses them (its errno: ENOMEM
+        over ``RLIMIT_MEMLOCK`` without CAP_IPC_LOCK, EFAULT for memory it cannot
+        pin): then every transfer pins its own pages, as without registration."""
+        cdef iovec v[MAX_FIXED]
+        cdef int i, n = 0, rc
+        cdef uint64_t base, size, total = 0, piece
+        if self._nfixed:
+            io_uring_unregister_buffers(&self.ring)
+            self._nfixed = 0
+        self._fixed_snap = snap
+        for i in range(snap.n):
+            if not snap.entries[i].writable:
+                continue
+            base = <uint64_t>snap.entries[i].hva
+            size = snap.entries[i].last - snap.entries[i].gpa + 1
+            total += size
+            while size:
+                if n == MAX_FIXED or total > <uint64_t>self.fixed_max:
+                    self.fixed_error = E2BIG
+                    return 0
+                piece = size if size < FIXED_PIECE else FIXED_PIECE
+                v[n].iov_base = <void *>base
+                v[n].iov_len = piece
+                self._fixed_lo[n] = base
+                self._fixed_hi[n] = base + piece
+                n += 1
+                base += piece
+                size -= piece
+        if n == 0:
+            return 0
+        rc = io_uring_register_buffers(&self.ring, v, n)
+        if rc < 0:
+            self.fixed_error = -rc
+            return 0
+        self._nfixed = n
+        self.fixed_error = 0
+        self.fixed_registrations += 1
         return 0
 
     cdef int _write_inline(self, Slot *s, int lun, uint64_t offset) noexcept:

@@ -219,6 +219,7 @@ class ScsiDevice(VirtioDevice):
         serials: Sequence[str] | None = None,
         use_engine: bool = True,
         inline_writes: bool = True,
+        fixed_max: int | None = None,
     ) -> None:
         super().__init__()
         self.images = list(images)
@@ -241,6 +242,8 @@ class ScsiDevice(VirtioDevice):
         self._engine: Engine | None = None
         self._engine_tried = not use_engine
         self._inline_writes = inline_writes
+        #: The engine's ``fixed_max`` (guest RAM registered for O_DIRECT), or its default.
+        self._fixed_max = fixed_max
         self._engine_loop: EventLoop | None = None
         #: The engine's eventfd served in compiled code (:class:`~._engine.ReapPump`).
         self._reaper: ReapPump | None = None
@@ -281,6 +284,9 @@ class ScsiDevice(VirtioDevice):
                 )
             except OSError as e:
                 log.warning("scsi: io_uring unavailable (%s): every request on the Python path", e)
+            else:
+                if self._fixed_max is not None:
+                    self._engine.fixed_max = self._fixed_max
         if self._engine is not None:
             # The compiled signallers only (vhost-user's call fds): a drain calls
             # them partway, where another transport's Python callback that
