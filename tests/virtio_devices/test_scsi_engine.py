@@ -488,24 +488,39 @@ def test_o_direct_transfers_use_registered_buffers(tmp_path: Path) -> None:
             _direct_run(rig, write10(8, 8, flags=0x08), small)  # FUA: RWF_DSYNC, fixed as well
             assert _direct_run(rig, read10(8, 8), data_in=4096) == small
             assert (eng.fixed_registrations, eng.fixed_requests, eng.pool_requests) == (1, 4, 0)
-            # Two buffers: each transfer pins its own pages (the threads at 64 KiB).
+            # Two buffers: a vectored fixed transfer where the kernel has it (6.15);
+            # without, each transfer pins its own pages (the threads at 64 KiB).
+            vec = eng.vec_fixed
             assert _direct_run(rig, read10(32, 128), data_in=len(big), split=4096) == big
-            assert (eng.fixed_requests, eng.pool_requests) == (4, 1)
+            _direct_run(rig, write10(32, 128), big, split=8192)
+            assert (eng.fixed_requests, eng.pool_requests) == ((6, 0) if vec else (4, 2))
+            eng.vec_fixed = False
+            assert _direct_run(rig, read10(32, 128), data_in=len(big), split=4096) == big
+            assert (eng.fixed_requests, eng.pool_requests) == ((6, 1) if vec else (4, 3))
+            eng.vec_fixed = vec
+            done = eng.fixed_requests
             # A new region: the next transfer's chain has a new memory table, which
             # is registered in place of the old one; its buffer there is fixed too.
-            region, fd = GuestRegion.memfd(1 << 20, 32 << 20)
+            region, fd = GuestRegion.memfd(1 << 20, 16 << 20)  # right after the rig's RAM
             try:
                 rig.memory.add_region(region)
-                _direct_run(rig, write10(192, 64), big[::-1][:32768], at=32 << 20)
-                assert (eng.fixed_registrations, eng.fixed_requests) == (2, 5)
+                _direct_run(rig, write10(192, 64), big[::-1][:32768], at=16 << 20)
+                assert (eng.fixed_registrations, eng.fixed_requests) == (2, done + 1)
                 assert _direct_run(rig, read10(192, 64), data_in=32768) == big[::-1][:32768]
+                assert eng.fixed_requests == done + 2
+                # Two buffers in two regions (two registered pieces): the threads.
+                pool = eng.pool_requests
+                at = (16 << 20) - 8192
+                assert _direct_run(rig, read10(32, 128), data_in=len(big), at=at, split=4096) == big
+                assert (eng.fixed_requests, eng.pool_requests) == (done + 2, pool + 1)
                 # More RAM than fixed_max: refused (E2BIG), the threads take it.
                 eng.fixed_max = 16 << 20
-                rig.memory.remove_region(32 << 20)
-                rig.memory.add_region(GuestRegion.memfd(2 << 20, 32 << 20)[0])
+                rig.memory.remove_region(16 << 20)
+                rig.memory.add_region(GuestRegion.memfd(2 << 20, 16 << 20)[0])
                 assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
                 assert eng.fixed_error == errno.E2BIG
-                assert (eng.fixed_registrations, eng.fixed_requests, eng.pool_requests) == (2, 6, 2)
+                assert (eng.fixed_registrations, eng.fixed_requests) == (2, done + 2)
+                assert eng.pool_requests == pool + 2
             finally:
                 os.close(fd)
         data = (tmp_path / "direct.img").read_bytes()

@@ -15,6 +15,7 @@ class Engine:
     fixed_requests: int
     fixed_registrations: int
     fixed_error: int
+    vec_fixed: bool
     pool_min_read: int
     pool_min_write: int
     pool_min_cached: int

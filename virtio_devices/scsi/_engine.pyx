@@ -61,11 +61,20 @@ then signals the eventfd and nothing else, and the reap asks the kernel for the
 completions, rather than the kernel interrupting the loop's ``epoll_wait`` with
 task work to post them.
 
-Large O_DIRECT transfers (``pool_min_read``/``pool_min_write``) go to the engine's
-own threads instead of the ring: plain C threads that run a blocking
-``preadv2``/``pwritev2`` without the GIL and touch only their slot; a completion
-into an empty done list writes the same eventfd, and :meth:`Engine.reap` finishes
-ring and thread completions alike.
+An O_DIRECT transfer makes the kernel pin every page of its buffers for the time
+it runs, which for 1 MiB costs more than the rest of the request.  So guest RAM
+is registered with the ring once per memory table (io_uring's "fixed" buffers,
+``fixed_max`` bytes of it at most, in pieces of at most 1 GiB), and a transfer
+whose data lies in one piece goes to the ring as a fixed read or write, whatever
+its size: its pages were pinned at registration (in several guest buffers: a
+vectored fixed transfer, Linux 6.15).  Other large O_DIRECT transfers
+(``pool_min_read``/``pool_min_write``), and all of them where registration was
+refused, go to the engine's own threads instead: plain C threads that run a
+blocking ``preadv2``/``pwritev2`` without the GIL and touch only their slot (four
+of them pin four transfers' pages at once, where the ring would pin them one
+after another on the loop's thread); a completion into an empty done list writes
+the same eventfd, and :meth:`Engine.reap` finishes ring and thread completions
+alike.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -151,6 +160,10 @@ cdef extern from "<sys/syscall.h>" nogil:
     struct io_uring_sqe:
         int rw_flags
         uint64_t user_data
+        uint16_t buf_index
+
+    struct io_uring_probe:
+        pass
 
     struct io_uring_cqe:
         uint64_t user_data
@@ -177,6 +190,11 @@ cdef extern from "<sys/syscall.h>" nogil:
     void io_uring_prep_write_fixed(io_uring_sqe *sqe, int fd, const void *buf, unsigned nbytes,
                                    uint64_t offset, int buf_index)
     int io_uring_register_buffers(io_uring *ring, const iovec *iovecs, unsigned nr_iovecs)
+    void io_uring_prep_rw(int op, io_uring_sqe *sqe, int fd, const void *addr, unsigned len,
+                          uint64_t offset)
+    io_uring_probe *io_uring_get_probe_ring(io_uring *ring)
+    void io_uring_free_probe(io_uring_probe *probe)
+    int io_uring_opcode_supported(const io_uring_probe *p, int op)
     int io_uring_unregister_buffers(io_uring *ring)
     int io_uring_get_events(io_uring *ring)
     unsigned io_uring_cq_ready(const io_uring *ring)
@@ -193,14 +211,19 @@ DEF MAX_BLOCKS = 0xFFFF
 DEF MAX_SEGS = 128
 DEF RESP_SEGS = 4
 DEF MAX_QUEUES = 64
-# Threads for large O_DIRECT transfers (made at the first one): on a virtio disk,
-# blocking threads keep more of them at the device than io_uring's inline
-# submission does; small ones cost less through the ring (docs/performance.md).
+# Threads for large O_DIRECT transfers that are not in a registered buffer (made at
+# the first one): on a virtio disk, blocking threads keep more of them at the
+# device than io_uring's inline submission, which pins their pages one transfer
+# after another, does; small ones cost less through the ring (docs/performance.md).
 DEF DIRECT_THREADS = 32
 # Registered buffers (io_uring "fixed" buffers) for O_DIRECT transfers: guest RAM
 # pinned once per memory table instead of per request; a registered buffer is at
 # most 1 GiB (the kernel's limit), a region larger than that is several.
 DEF MAX_FIXED = 64
+# Vectored transfers through a registered buffer (Linux 6.15; liburing 2.3's
+# headers are older than these opcodes).
+DEF OP_READV_FIXED = 60
+DEF OP_WRITEV_FIXED = 61
 DEF FIXED_PIECE = 1 << 30
 DEF FIXED_MAX = 16 << 30
 DEF POOL_MIN = 65536
@@ -417,7 +440,15 @@ cdef class Engine:
     and writes of at least ``pool_min_write`` (64 KiB each) run on the engine's
     own threads (``direct_threads``, 32, made at the first; 0: none), smaller ones
     on the ring; page-cache transfers of at least ``pool_min_cached`` bytes too
-    (never by default: inline is faster for them).
+    (never by default: inline is faster for them).  An O_DIRECT transfer in one
+    buffer goes to the ring as a fixed (registered) buffer at any size: the
+    chain's memory table, if at most ``fixed_max`` bytes (16 GiB; 0: never) of
+    writable RAM, is registered at the first such transfer and again when a chain
+    of a new table comes with nothing in flight; ``fixed_requests`` and
+    ``fixed_registrations`` count them, ``fixed_error`` is the errno of a refused
+    registration (E2BIG: too much RAM) or 0.  A transfer in several buffers goes
+    the same way when they all lie in one registered buffer and the kernel has
+    vectored fixed transfers (``vec_fixed``: Linux 6.15; false: the threads).
     ``submit_batch``: queued ring requests are submitted every this many (4), and
     at the end of each drain.  ``signal_every``: a drain asks whether the driver
     wants a notification every this many requests completed at once (8; 0: only
@@ -484,6 +515,7 @@ cdef class Engine:
     cdef readonly long long fixed_requests
     cdef readonly long long fixed_registrations
     cdef readonly int fixed_error
+    cdef public bint vec_fixed
     cdef object _fixed_snap
     cdef int _nfixed
     cdef uint64_t _fixed_lo[MAX_FIXED]
@@ -597,6 +629,7 @@ cdef class Engine:
         the first thread that uses it (:meth:`_own`); a kernel without it gets a
         plain ring."""
         cdef int rc = -22
+        cdef io_uring_probe *probe
         cdef unsigned flags = (IORING_SETUP_R_DISABLED | IORING_SETUP_SINGLE_ISSUER
                                | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG)
         if defer:
@@ -609,6 +642,11 @@ cdef class Engine:
         self._open = True
         self._fixed_snap = None  # a new ring has no registered buffers
         self._nfixed = 0
+        probe = io_uring_get_probe_ring(&self.ring)
+        self.vec_fixed = probe != NULL and io_uring_opcode_supported(probe, OP_READV_FIXED) != 0 \
+            and io_uring_opcode_supported(probe, OP_WRITEV_FIXED) != 0
+        if probe != NULL:
+            io_uring_free_probe(probe)
         self.defer_taskrun = defer
         self._enabled = not defer
         rc = io_uring_register_eventfd(&self.ring, self.fd)
@@ -1016,8 +1054,8 @@ cdef class Engine:
             if direct:
                 fd = self.dfds[lun]
         fixed = -1
-        if direct and s.niov == 1 and self.fixed_max > 0 and self._own() == 1:
-            fixed = self._fixed_index(chain.snap, <uint64_t>s.iov[0].iov_base, s.iov[0].iov_len)
+        if direct and (s.niov == 1 or self.vec_fixed) and self.fixed_max > 0 and self._own() == 1:
+            fixed = self._fixed_index(chain.snap, s.iov, s.niov)
         # A registered buffer makes the ring's inline submission cheap at any
         # size: the threads are for transfers whose pages would be pinned.
         threads = fixed < 0 and self.direct_threads > 0 and <long long>nbytes >= (
@@ -1075,15 +1113,19 @@ cdef class Engine:
         else:
             io_uring_prep_readv(sqe, fd, s.iov, s.niov, lba << BLOCK_SHIFT)
         if fixed >= 0:
-            # One buffer inside a registered one: no pinning of its pages here.
-            if write:
+            # Buffers inside a registered one: no pinning of their pages here.
+            if s.niov == 1 and write:
                 io_uring_prep_write_fixed(sqe, fd, s.iov[0].iov_base, s.iov[0].iov_len,
                                           lba << BLOCK_SHIFT, fixed)
-                if s.fua:
-                    sqe.rw_flags = RWF_DSYNC
-            else:
+            elif s.niov == 1:
                 io_uring_prep_read_fixed(sqe, fd, s.iov[0].iov_base, s.iov[0].iov_len,
                                          lba << BLOCK_SHIFT, fixed)
+            else:
+                io_uring_prep_rw(OP_WRITEV_FIXED if write else OP_READV_FIXED, sqe, fd, s.iov, s.niov,
+                                 lba << BLOCK_SHIFT)
+                sqe.buf_index = fixed
+            if write and s.fua:
+                sqe.rw_flags = RWF_DSYNC
             self.fixed_requests += 1
         sqe.user_data = slot
         self._chains[slot] = chain
@@ -1094,17 +1136,23 @@ cdef class Engine:
             self._submit()
         return 0
 
-    cdef int _fixed_index(self, MemorySnapshot snap, uint64_t p, size_t n) except -2:
-        """The registered buffer holding [p, p+n) of ``snap``'s RAM, or -1.  A
+    cdef int _fixed_index(self, MemorySnapshot snap, const iovec *iov, int niov) except -2:
+        """The registered buffer holding all of ``iov`` (``snap``'s RAM), or -1.  A
         chain of another memory table than the one registered registers its table
         first, when nothing is in flight (until then: -1)."""
-        cdef int i
+        cdef int i, k
+        cdef uint64_t p
         if snap is not self._fixed_snap:
             if self.nfree != self.nslots or self.unsubmitted:
                 return -1
             self._fixed_register(snap)
+        p = <uint64_t>iov[0].iov_base
         for i in range(self._nfixed):
-            if self._fixed_lo[i] <= p and p + n <= self._fixed_hi[i]:
+            if self._fixed_lo[i] <= p and p + iov[0].iov_len <= self._fixed_hi[i]:
+                for k in range(1, niov):
+                    p = <uint64_t>iov[k].iov_base
+                    if p < self._fixed_lo[i] or p + iov[k].iov_len > self._fixed_hi[i]:
+                        return -1
                 return i
         return -1
 

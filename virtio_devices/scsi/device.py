@@ -191,7 +191,9 @@ class ScsiDevice(VirtioDevice):
     non-rotating medium (VPD page B1h).  The images are shared with every other
     device made from them (one per front-end connection) and are not closed here.
     ``use_engine=False`` serves every request in Python, ``inline_writes=False``
-    sends every write through the ring (the engine's A/B twins).
+    sends every write through the ring (the engine's A/B twins); ``fixed_max``
+    bounds the guest RAM the engine registers for O_DIRECT transfers (bytes; 0:
+    none; None: the engine's default, 16 GiB).
     """
 
     device_id = VIRTIO_ID_SCSI
