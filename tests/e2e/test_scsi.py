@@ -7,7 +7,9 @@ QEMU reconnects, the guest sees no I/O error, and after its sync every byte of t
 pattern is in the image file.  Then it writes until QEMU itself is killed under it.
 The same daemons serve the second guest, whose one boot checks the rest: two
 daemons, one serving three writable images (two request queues) and one ``-r``
-image.  The guest checksums a whole disk, writes with ``dd conv=fsync`` (checked in
+image, and a third with ``--direct``, on which the guest writes and reads back
+8 MiB with O_DIRECT (the daemon's io_uring registered buffers).  The guest
+checksums a whole disk, writes with ``dd conv=fsync`` (checked in
 the image file on the host), discards a range (a hole on the host, found with
 ``SEEK_HOLE``), sends a WRITE straight to the read-only LUN with ``sg_raw`` (DATA
 PROTECT), runs sg3-utils (``sg_inq``, ``sg_vpd -p bl/bdc/lbpv``, ``sg_readcap -l``,
@@ -39,7 +41,9 @@ pytestmark = pytest.mark.qemu
 
 GUEST_TIMEOUT = 240.0
 MIB = 1 << 20
-SIZES = {"a": 16 * MIB, "b": 8 * MIB, "fs": 32 * MIB, "ro": 4 * MIB}
+SIZES = {"a": 16 * MIB, "b": 8 * MIB, "fs": 32 * MIB, "ro": 4 * MIB, "dio": 12 * MIB}
+#: What the second guest writes and reads back with O_DIRECT on the ``--direct`` daemon.
+DIO_MIB = 8
 #: The pattern the first guest writes while its back-end is restarted, and how
 #: many times over.
 PATTERN_MIB = 8
@@ -59,9 +63,13 @@ find_disk() {  # the sd node whose size is $1 bytes
         [ "$(cat $d/size)" = "$(( $1 / 512 ))" ] && { basename $d; return; }
     done
 }
-for n in a b c d; do waitfor /dev/sd$n 30 || { ls /dev; dmesg | tail -30; exit 10; }; done
-A=$(find_disk @A@); B=$(find_disk @B@); R=$(find_disk @RO@); F=$(find_disk @FS@)
-echo "disks=$A,$B,$R,$F"
+for n in a b c d e; do waitfor /dev/sd$n 30 || { ls /dev; dmesg | tail -30; exit 10; }; done
+A=$(find_disk @A@); B=$(find_disk @B@); R=$(find_disk @RO@); F=$(find_disk @FS@); D=$(find_disk @DIO@)
+echo "disks=$A,$B,$R,$F,$D"
+head -c $(( @DIOMIB@ * 1048576 )) /dev/urandom > /tmp/dio
+echo "sha_dio=$(sha256sum < /tmp/dio | cut -d' ' -f1)"
+dd if=/tmp/dio of=/dev/$D bs=1M oflag=direct conv=fsync 2>/dev/null && echo "dio_write=ok"
+echo "sha_dio_read=$(dd if=/dev/$D bs=1M count=@DIOMIB@ iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
 echo "ro_flag=$(cat /sys/block/$R/ro)"
 echo "rot=$(cat /sys/block/$A/queue/rotational)"
 echo "sha_a=$(sha256sum < /dev/$A | cut -d' ' -f1)"
@@ -261,8 +269,11 @@ def test_scsi_guest_disks(
     rw_args = ["-s", rw_sock, str(imgs["a"]), str(imgs["b"]), str(imgs["fs"])]
     d = daemon("scsi", *rw_args, socket=rw_sock)
     dro = daemon("scsi", "-s", ro_sock, "-r", "--solid-state", str(imgs["ro"]), socket=ro_sock)
+    dio_sock = str(sockdir / "dio.sock")
     script = (
         SCRIPT.replace("@A@", str(SIZES["a"]))
+        .replace("@DIO@", str(SIZES["dio"]))
+        .replace("@DIOMIB@", str(DIO_MIB))
         .replace("@B@", str(SIZES["b"]))
         .replace("@RO@", str(SIZES["ro"]))
         .replace("@FS@", str(SIZES["fs"]))
@@ -282,9 +293,13 @@ def test_scsi_guest_disks(
             g.kill()
             assert seen, f"the first guest never wrote\n{g.result().console}\n{g.qemu_log()}"
     assert d.alive() and dro.alive(), f"a daemon died with its front-end\n{d.log()}\n{dro.log()}"
+    # The second guest also has a disk on a daemon with --direct (O_DIRECT through
+    # io_uring's registered buffers: the guest's RAM registered at its first transfer).
+    ddio = daemon("scsi", "-s", dio_sock, "--direct", str(imgs["dio"]), socket=dio_sock)
+    devices.append((dio_sock, "vhost-user-scsi-pci,num_queues=1"))
     t0 = time.monotonic()
     res = harness.run_guest(script, devices, timeout=GUEST_TIMEOUT, extra_args=["-smp", "2"])
-    logs = f"\n--- daemon rw ---\n{d.log()}\n--- daemon ro ---\n{dro.log()}"
+    logs = f"\n--- daemon rw ---\n{d.log()}\n--- daemon ro ---\n{dro.log()}\n--- daemon dio ---\n{ddio.log()}"
     assert res.exit_status == 0, f"{res}{logs}"
     out = res.output
     print(f"scsi e2e: {timing}; checks boot {time.monotonic() - t0:.1f}s wall")
@@ -293,6 +308,12 @@ def test_scsi_guest_disks(
     )
     # Whole-disk read checksummed against the host image.
     assert kv["sha_a"] == hashlib.sha256(imgs["a"].read_bytes()).hexdigest(), out
+    # O_DIRECT both ways on the --direct daemon, its guest RAM registered with io_uring.
+    dio = imgs["dio"].read_bytes()
+    assert kv["dio_write"] == "ok" and hashlib.sha256(dio[: DIO_MIB * MIB]).hexdigest() == kv["sha_dio"], out
+    assert kv["sha_dio_read"] == kv["sha_dio"], out
+    assert dio[DIO_MIB * MIB :] == _pattern(SIZES["dio"], 4)[DIO_MIB * MIB :]
+    assert "of guest RAM registered with io_uring for O_DIRECT" in ddio.log(), logs
     # The guest's write is in the image file after its fsync.
     b = imgs["b"].read_bytes()
     assert kv["dd"] == "ok" and kv["sha_p"] == hashlib.sha256(b[MIB : 2 * MIB]).hexdigest(), out
@@ -328,7 +349,7 @@ def test_scsi_guest_disks(
     assert (kv["mkfs"], kv["mount"], kv["umount"], kv["fsck"]) == ("0", "ok", "ok", "0"), fs
     # ... and on the host, with the files' bytes those the guest wrote.
     _host_fs_check(imgs["fs"], out)
-    for dd in (d, dro):
+    for dd in (d, dro, ddio):
         assert dd.alive() and "Traceback" not in dd.log(), logs
     if timing == "restart phase not run":
         pytest.skip(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import select
@@ -464,13 +465,14 @@ def _direct_run(
     return b"".join(rig.read(a, k) for a, k in parts) if data_in else b""
 
 
-def test_o_direct_transfers_use_registered_buffers(tmp_path: Path) -> None:
+def test_o_direct_transfers_use_registered_buffers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """With O_DIRECT, a transfer in one guest buffer goes through the ring as a
     registered ("fixed") buffer at any size: guest RAM is registered with io_uring
     once per memory table (again after it changed, once nothing is in flight);
     a transfer in two buffers, or with more RAM than ``fixed_max``, pins its pages
     itself as before (the threads from 64 KiB on).  Every byte lands where it
-    should."""
+    should; each registration, and each refusal, is one log line."""
+    caplog.set_level(logging.INFO, logger="virtio_devices.scsi")
     img = _direct_image(tmp_path)
     dev = ScsiDevice([img])
     try:
@@ -519,6 +521,8 @@ def test_o_direct_transfers_use_registered_buffers(tmp_path: Path) -> None:
                 rig.memory.add_region(GuestRegion.memfd(2 << 20, 16 << 20)[0])
                 assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
                 assert eng.fixed_error == errno.E2BIG
+                assert caplog.text.count("of guest RAM registered with io_uring for O_DIRECT") == 2
+                assert "guest RAM not registered with io_uring (more than 16 MiB" in caplog.text
                 assert (eng.fixed_registrations, eng.fixed_requests) == (2, done + 2)
                 assert eng.pool_requests == pool + 2
             finally:

@@ -77,6 +77,9 @@ the same eventfd, and :meth:`Engine.reap` finishes ring and thread completions
 alike.
 """
 
+import logging
+import os
+
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.errno cimport E2BIG, EAGAIN, EINTR, EOPNOTSUPP, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -91,6 +94,9 @@ from virtio_queue.includes.virtio_ring cimport VRING_DESC_F_WRITE, vring_desc
 from virtio_queue.memory cimport MemorySnapshot, snap_ptr, snap_ptr_w
 from virtio_queue.queue cimport Queue
 from virtio_devices._pump cimport FdPump
+
+
+log = logging.getLogger("virtio_devices.scsi")
 
 
 cdef extern from "<linux/fs.h>" nogil:
@@ -1180,6 +1186,9 @@ cdef class Engine:
             while size:
                 if n == MAX_FIXED or total > <uint64_t>self.fixed_max:
                     self.fixed_error = E2BIG
+                    log.warning("scsi: guest RAM not registered with io_uring (more than %d MiB or %d "
+                                "pieces): O_DIRECT transfers pin their own pages", self.fixed_max >> 20,
+                                MAX_FIXED)
                     return 0
                 piece = size if size < FIXED_PIECE else FIXED_PIECE
                 v[n].iov_base = <void *>base
@@ -1194,10 +1203,14 @@ cdef class Engine:
         rc = io_uring_register_buffers(&self.ring, v, n)
         if rc < 0:
             self.fixed_error = -rc
+            log.warning("scsi: io_uring refused to register %d MiB of guest RAM (%s): O_DIRECT "
+                        "transfers pin their own pages", total >> 20, os.strerror(-rc))
             return 0
         self._nfixed = n
         self.fixed_error = 0
         self.fixed_registrations += 1
+        log.info("scsi: %d MiB of guest RAM registered with io_uring for O_DIRECT (%d pieces)",
+                 total >> 20, n)
         return 0
 
     cdef int _write_inline(self, Slot *s, int lun, uint64_t offset) noexcept:
