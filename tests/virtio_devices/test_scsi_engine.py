@@ -389,43 +389,26 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
                 pytest.skip("io_uring is not available here")
             eng = dev._engine
 
-            def run(cdb: bytes, data: bytes = b"", data_in: int = 0, align: int = 4096) -> tuple[int, bytes]:
-                hdr = rig.alloc(RQ, cmd_req(cdb))
-                resp = rig.alloc(RQ, RESP_HEADER)
-                buf = (rig.alloc(RQ, 18 * 4096) + 4095) // 4096 * 4096 + (4096 - align) % 4096
-                descs = [RawDesc(hdr, 51, 0, 0)]
-                if data:
-                    rig.memory.write(buf, data)
-                    descs.append(RawDesc(buf, len(data), 0, 0))
-                descs.append(RawDesc(resp, RESP_HEADER, VIRTQ_DESC_F_WRITE, 0))
-                if data_in:
-                    descs.append(RawDesc(buf, data_in, VIRTQ_DESC_F_WRITE, 0))
-                head = rig.add_chain(RQ, descs)
-                used = rig.kick(RQ)
-                if not used:
-                    rig.complete_workers()
-                    used = rig.used(RQ)
-                assert [h for h, _ in used] == [head]
-                assert Resp.parse(rig.read(resp, RESP_HEADER)).status == 0
-                return used[0][1], rig.read(buf, data_in)
+            def run(cdb: bytes, data: bytes = b"", data_in: int = 0, align: int = 4096) -> bytes:
+                return _direct_run(rig, cdb, data, data_in=data_in, align=align)
 
             pool, ring = eng.pool_requests, eng.ring_requests
             inline = eng.inline_reads + eng.inline_writes
             big = bytes(range(256)) * 256  # 64 KiB: the engine's threads
             run(write10(32, 128), big)
-            assert run(read10(32, 128), data_in=len(big))[1] == big
+            assert run(read10(32, 128), data_in=len(big)) == big
             run(write10(24, 128, flags=0x08), big)  # FUA: RWF_DSYNC on a thread
             run(write10(8, 8), b"\x3c" * 4096)  # small: the ring
-            assert run(read10(8, 8), data_in=4096)[1] == b"\x3c" * 4096
+            assert run(read10(8, 8), data_in=4096) == b"\x3c" * 4096
             assert (eng.pool_requests, eng.ring_requests) == (pool + 3, ring + 2)
             assert eng.inline_reads + eng.inline_writes == inline
             # An odd buffer address: the page cache (the buffered fd), inline.
             run(write10(16, 1), b"\x4d" * 512, align=8)
-            assert run(read10(16, 1), data_in=512, align=8)[1] == b"\x4d" * 512
+            assert run(read10(16, 1), data_in=512, align=8) == b"\x4d" * 512
             assert eng.pool_requests == pool + 3
             # Without threads, large O_DIRECT transfers take the ring too.
             eng.direct_threads = 0
-            assert run(read10(32, 128), data_in=len(big))[1] == big
+            assert run(read10(32, 128), data_in=len(big)) == big
             assert (eng.ring_requests, eng.pool_requests) == (ring + 3, pool + 3)
         data = (tmp_path / "direct.img").read_bytes()
         assert data[8 * 512 : 16 * 512] == b"\x3c" * 4096 and data[16 * 512 : 17 * 512] == b"\x4d" * 512
@@ -435,16 +418,25 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
 
 
 def _direct_run(
-    rig: DeviceRig, cdb: bytes, data: bytes = b"", *, data_in: int = 0, at: int | None = None, split: int = 0
+    rig: DeviceRig,
+    cdb: bytes,
+    data: bytes = b"",
+    *,
+    data_in: int = 0,
+    at: int | None = None,
+    split: int = 0,
+    align: int = 4096,
 ) -> bytes:
-    """One READ/WRITE through ``rig``'s request queue with a page-aligned buffer (at
-    guest address ``at``, or allocated), as one descriptor or, with ``split``, two
-    apart (the first ``split`` bytes, a page's gap, then the rest); returns the
-    data read."""
+    """One READ/WRITE through ``rig``'s request queue with a buffer at guest address
+    ``at``, or allocated at an address of alignment ``align`` (not ``2 * align``),
+    as one descriptor or, with ``split``, two apart (the first ``split`` bytes, a
+    page's gap, then the rest); returns the data read."""
     hdr = rig.alloc(RQ, cmd_req(cdb))
     resp = rig.alloc(RQ, RESP_HEADER)
     n = len(data) or data_in
-    buf = at if at is not None else (rig.alloc(RQ, n + 8192) + 4095) // 4096 * 4096
+    if at is None:
+        at = (rig.alloc(RQ, n + 12288) + 4095) // 4096 * 4096 + (4096 - align) % 4096
+    buf = at
     flags = VIRTQ_DESC_F_WRITE if data_in else 0
     parts = [(buf, split), (buf + split + 4096, n - split)] if split else [(buf, n)]
     descs = [RawDesc(hdr, 51, 0, 0)]
