@@ -78,7 +78,7 @@ class Pair:
             if pool == "direct":
                 engine_dev._engine.fixed_max = 0
         elif pool == "cached":
-            engine_dev._engine.pool_min_cached = 512
+            engine_dev._engine.pool_min_cached_read = engine_dev._engine.pool_min_cached_write = 512
 
     @property
     def engine(self) -> scsi_device.Engine:
@@ -271,6 +271,33 @@ def test_engine_threads_answer_as_the_python_path(
         assert p.engine.fixed_error == 0
     finally:
         p.close()
+
+
+def test_large_page_cache_reads_go_to_the_threads_and_writes_stay_inline() -> None:
+    """Page-cache reads of ``pool_min_cached_read`` (256 KiB) and more run on the
+    engine's threads (copies side by side); smaller ones, and writes of any size,
+    stay on the loop's thread (inline, or the ring where the file refuses
+    RWF_NOWAIT)."""
+    data = os.urandom(1 << 20)
+    img = DiskImage.from_bytes(data, name="lun0")
+    dev = ScsiDevice([img])
+    rig = DeviceRig(dev, queue_size=16, memory_size=8 << 20)
+    try:
+        eng = dev._engine
+        if eng is None:
+            pytest.skip("io_uring is not available here")
+        assert (eng.pool_min_cached_read, eng.pool_min_cached_write) == (256 << 10, 1 << 62)
+        pool, writes = eng.pool_requests, eng.inline_writes
+        assert _direct_run(rig, read10(0, 512), data_in=256 << 10) == data[: 256 << 10]
+        assert eng.pool_requests == pool + 1
+        # (A memfd refuses RWF_NOWAIT, so this read goes to the ring, not inline.)
+        assert _direct_run(rig, read10(512, 256), data_in=128 << 10) == data[256 << 10 : 384 << 10]
+        _direct_run(rig, write10(1024, 1024), data[::-1][: 512 << 10])
+        assert (eng.pool_requests, eng.inline_writes) == (pool + 1, writes + 1)
+        assert os.pread(img.fd, 512 << 10, 512 << 10) == data[::-1][: 512 << 10]
+    finally:
+        rig.close()
+        img.close()
 
 
 def test_engine_serves_reads_and_writes_over_split_buffers(pair: Pair) -> None:
@@ -807,7 +834,7 @@ def test_the_engine_waits_for_the_completions_of_a_deep_queue_on_its_thread() ->
         if eng is None:
             pytest.skip("io_uring is not available here")
         assert (eng.spin_ns, eng.spin_min) == (50_000, 8)
-        eng.pool_min_cached = 512  # every transfer on the engine's threads
+        eng.pool_min_cached_write = 512  # every write on the engine's threads
         eng.spin_min = 1
         # Bounded so that a broken wait fails the test instead of hanging it; not
         # cut short by another task taking this CPU (a loaded machine would).

@@ -18,7 +18,8 @@ class Engine:
     vec_fixed: bool
     pool_min_read: int
     pool_min_write: int
-    pool_min_cached: int
+    pool_min_cached_read: int
+    pool_min_cached_write: int
     submit_batch: int
     signal_every: int
     early_signals: int

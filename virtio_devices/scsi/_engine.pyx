@@ -233,7 +233,8 @@ DEF OP_WRITEV_FIXED = 61
 DEF FIXED_PIECE = 1 << 30
 DEF FIXED_MAX = 16 << 30
 DEF POOL_MIN = 65536
-DEF POOL_MIN_CACHED = 1 << 62
+DEF POOL_MIN_CACHED_READ = 256 << 10
+DEF POOL_MIN_CACHED_WRITE = 1 << 62
 # What O_DIRECT asks of buffer addresses and lengths (the usual logical block size;
 # a device with larger sectors answers EINVAL, and Python then uses the page cache).
 DEF DIRECT_ALIGN = 512
@@ -445,8 +446,10 @@ cdef class Engine:
     are 512-byte aligned: never inline; reads of at least ``pool_min_read`` bytes
     and writes of at least ``pool_min_write`` (64 KiB each) run on the engine's
     own threads (``direct_threads``, 32, made at the first; 0: none), smaller ones
-    on the ring; page-cache transfers of at least ``pool_min_cached`` bytes too
-    (never by default: inline is faster for them).  An O_DIRECT transfer in one
+    on the ring; page-cache reads of at least ``pool_min_cached_read`` bytes
+    (256 KiB: several such copies at once on the threads outrun one after another
+    on the loop's thread) and writes of at least ``pool_min_cached_write`` (never
+    by default: inline is faster for them) too.  An O_DIRECT transfer in one
     buffer goes to the ring as a fixed (registered) buffer at any size: the
     chain's memory table, if at most ``fixed_max`` bytes (16 GiB; 0: never) of
     writable RAM, is registered at the first such transfer and again when a chain
@@ -515,7 +518,8 @@ cdef class Engine:
     cdef public int direct_threads
     cdef public long long pool_min_read
     cdef public long long pool_min_write
-    cdef public long long pool_min_cached
+    cdef public long long pool_min_cached_read
+    cdef public long long pool_min_cached_write
     cdef public int submit_batch
     cdef public long long fixed_max
     cdef readonly long long fixed_requests
@@ -598,7 +602,8 @@ cdef class Engine:
         self.fixed_max = FIXED_MAX
         self.pool_min_read = POOL_MIN
         self.pool_min_write = POOL_MIN
-        self.pool_min_cached = POOL_MIN_CACHED
+        self.pool_min_cached_read = POOL_MIN_CACHED_READ
+        self.pool_min_cached_write = POOL_MIN_CACHED_WRITE
         self.submit_batch = SUBMIT_BATCH
         self.signal_every = SIGNAL_EVERY
         self.signal_adapt = True
@@ -1065,7 +1070,8 @@ cdef class Engine:
         # A registered buffer makes the ring's inline submission cheap at any
         # size: the threads are for transfers whose pages would be pinned.
         threads = fixed < 0 and self.direct_threads > 0 and <long long>nbytes >= (
-            (self.pool_min_write if write else self.pool_min_read) if direct else self.pool_min_cached)
+            (self.pool_min_write if write else self.pool_min_read) if direct
+            else (self.pool_min_cached_write if write else self.pool_min_cached_read))
         if direct or threads:
             pass  # not inline: the disk itself is the wait, or a thread copies
         elif not write and self.nowait_read[lun]:
