@@ -17,7 +17,9 @@ demands, and every check here is a subset of its checks.
 :meth:`Engine.serve` drains a request queue in one call: it pops every chain,
 serves those of that shape and hands the others back, in order, for the Python
 path.  A read is first tried with ``preadv2(RWF_NOWAIT)``: a page-cache hit is
-one system call and completes in the same call.  A buffered write (no FUA) is
+one system call and completes in the same call (from ``pool_min_cached_read``,
+256 KiB, a read goes to the engine's threads instead, below: several large
+copies at once).  A buffered write (no FUA) is
 done inline too: with ``pwritev2(RWF_NOWAIT)`` where the file system supports
 it (XFS, btrfs), else (ext4 and tmpfs refuse it) with a plain ``pwritev2``
 that is timed: one slower than :attr:`Engine.slow_ns` (dirty-page throttling, a
