@@ -40,7 +40,7 @@ from virtio_devices.scsi.testing import (
     write16,
 )
 from virtio_devices.testing import DeviceRig, FakeInterrupt
-from virtio_queue import GuestRegion, InvalidAvailRingIndex
+from virtio_queue import GuestMemory, GuestRegion, InvalidAvailRingIndex
 from virtio_queue.testing import VIRTQ_DESC_F_WRITE, RawDesc
 
 BLOCKS = 64
@@ -550,6 +550,37 @@ def test_o_direct_transfers_use_registered_buffers(tmp_path: Path, caplog: pytes
         assert data[8 * 512 : 16 * 512] == small and data[32 * 512 : 160 * 512] == big
         assert data[192 * 512 : 256 * 512] == big[::-1][:32768]
     finally:
+        img.close()
+
+
+def test_o_direct_without_registered_buffers_where_the_kernel_refuses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guest RAM that the kernel will not pin for good (a shared mapping of a file
+    on a disk file system: Linux 6.5 refuses long-term write pins of pages it must
+    track as dirty) is not registered: one warning, ``fixed_error`` set, and the
+    transfers pin their own pages (the threads at 64 KiB) with every byte right."""
+    img = _direct_image(tmp_path)
+    ram = tmp_path / "guest-ram"
+    ram.write_bytes(bytes(8 << 20))
+    fd = os.open(ram, os.O_RDWR)
+    try:
+        memory = GuestMemory([GuestRegion.from_fd(fd, 8 << 20, 0)])
+        dev = ScsiDevice([img])
+        with DeviceRig(dev, queue_size=16, memory=memory, memory_size=8 << 20) as rig:
+            if dev._engine is None:
+                pytest.skip("io_uring is not available here")
+            eng = dev._engine
+            big = os.urandom(64 << 10)
+            _direct_run(rig, write10(32, 128), big)
+            if eng.fixed_error == 0:
+                pytest.skip("this kernel pins file-backed shared memory for good (before Linux 6.5)")
+            assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
+            assert (eng.fixed_registrations, eng.fixed_requests, eng.pool_requests) == (0, 0, 2)
+            assert caplog.text.count("io_uring refused to register") == 1
+        assert (tmp_path / "direct.img").read_bytes()[32 * 512 : 160 * 512] == big
+    finally:
+        os.close(fd)
         img.close()
 
 
