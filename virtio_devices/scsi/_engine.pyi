@@ -15,6 +15,7 @@ class Engine:
     fixed_requests: int
     fixed_registrations: int
     fixed_error: int
+    fixed_bytes: int
     vec_fixed: bool
     pool_min_read: int
     pool_min_write: int
@@ -53,6 +54,7 @@ class Engine:
         direct_fds: Sequence[int] | None = None,
         defer_taskrun: bool = True,
     ) -> None: ...
+    def release_fixed(self) -> bool: ...
     def attach(
         self, queues: Sequence[Queue], signallers: Sequence[Callable[[], None]] | None = None
     ) -> None: ...

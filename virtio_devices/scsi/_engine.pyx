@@ -456,8 +456,9 @@ cdef class Engine:
     chain's memory table, if at most ``fixed_max`` bytes (16 GiB; 0: never) of
     writable RAM, is registered at the first such transfer and again when a chain
     of a new table comes with nothing in flight; ``fixed_requests`` and
-    ``fixed_registrations`` count them, ``fixed_error`` is the errno of a refused
-    registration (E2BIG: too much RAM) or 0.  A transfer in several buffers goes
+    ``fixed_registrations`` count them, ``fixed_bytes`` is what is registered now
+    (:meth:`release_fixed` gives it back), ``fixed_error`` is the errno of a
+    refused registration (E2BIG: too much RAM) or 0.  A transfer in several buffers goes
     the same way when they all lie in one registered buffer and the kernel has
     vectored fixed transfers (``vec_fixed``: Linux 6.15; false: the threads).
     ``submit_batch``: queued ring requests are submitted every this many (4), and
@@ -527,6 +528,7 @@ cdef class Engine:
     cdef readonly long long fixed_requests
     cdef readonly long long fixed_registrations
     cdef readonly int fixed_error
+    cdef readonly long long fixed_bytes
     cdef public bint vec_fixed
     cdef object _fixed_snap
     cdef int _nfixed
@@ -655,6 +657,7 @@ cdef class Engine:
         self._open = True
         self._fixed_snap = None  # a new ring has no registered buffers
         self._nfixed = 0
+        self.fixed_bytes = 0
         probe = io_uring_get_probe_ring(&self.ring)
         self.vec_fixed = probe != NULL and io_uring_opcode_supported(probe, OP_READV_FIXED) != 0 \
             and io_uring_opcode_supported(probe, OP_WRITEV_FIXED) != 0
@@ -1170,6 +1173,25 @@ cdef class Engine:
                 return i
         return -1
 
+    cdef void _fixed_drop(self) noexcept:
+        """Unregister the buffers (their pages unpinned) and forget their table."""
+        if self._nfixed:
+            io_uring_unregister_buffers(&self.ring)
+            self._nfixed = 0
+        self.fixed_bytes = 0
+        self._fixed_snap = None
+
+    def release_fixed(self):
+        """Give back the registered guest RAM (unpinned; the memory table it came
+        from is no longer held) when nothing is in flight, as a device does when a
+        queue is taken back: a memory table that removes regions, a reset, a
+        disconnect.  The next O_DIRECT transfer registers its table again.
+        Returns whether nothing is registered now."""
+        if self.nfree != self.nslots or self.unsubmitted:
+            return self._nfixed == 0
+        self._fixed_drop()
+        return True
+
     cdef int _fixed_register(self, MemorySnapshot snap) except -1:
         """Register ``snap``'s writable regions with the ring, in pieces of at most
         ``FIXED_PIECE``, in place of what was: the kernel pins (and so populates)
@@ -1181,9 +1203,7 @@ cdef class Engine:
         cdef iovec v[MAX_FIXED]
         cdef int i, n = 0, rc
         cdef uint64_t base, size, total = 0, piece
-        if self._nfixed:
-            io_uring_unregister_buffers(&self.ring)
-            self._nfixed = 0
+        self._fixed_drop()
         self._fixed_snap = snap
         for i in range(snap.n):
             if not snap.entries[i].writable:
@@ -1215,6 +1235,7 @@ cdef class Engine:
                         "transfers pin their own pages", total >> 20, os.strerror(-rc))
             return 0
         self._nfixed = n
+        self.fixed_bytes = total
         self.fixed_error = 0
         self.fixed_registrations += 1
         log.info("scsi: %d MiB of guest RAM registered with io_uring for O_DIRECT (%d pieces)",

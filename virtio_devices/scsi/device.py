@@ -709,6 +709,9 @@ class ScsiDevice(VirtioDevice):
             deadline = time.monotonic() + TMF_WAIT_S
             while engine.in_flight(index) and time.monotonic() < deadline:
                 self.wait_completions(index, TMF_WAIT_S)
+            # The guest RAM registered for O_DIRECT is unpinned once nothing is
+            # in flight: a table that removed regions must not keep their pages.
+            engine.release_fixed()
         if index == 0 and self._tmf_held and self.active:
             self._answer_tmfs()
         super().quiesce(index)
