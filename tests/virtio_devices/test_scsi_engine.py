@@ -568,6 +568,7 @@ def test_o_direct_without_registered_buffers_where_the_kernel_refuses(
     on a disk file system: Linux 6.5 refuses long-term write pins of pages it must
     track as dirty) is not registered: one warning, ``fixed_error`` set, and the
     transfers pin their own pages (the threads at 64 KiB) with every byte right."""
+    caplog.set_level(logging.WARNING, logger="virtio_devices.scsi")
     img = _direct_image(tmp_path)
     ram = tmp_path / "guest-ram"
     ram.write_bytes(bytes(8 << 20))
