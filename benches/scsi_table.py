@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import mmap
 import os
 import random
 import shutil
@@ -421,6 +422,12 @@ def main() -> int:
             time.sleep(0.05)
         bufs = os.memfd_create("scsi-bench-buffers", os.MFD_CLOEXEC)
         os.ftruncate(bufs, MEM - BUF_BASE)
+        # Allocated, as a running guest's RAM is (or QEMU's prealloc=on): a daemon
+        # registers guest RAM for O_DIRECT only once it is (``--fixed-buffers``).
+        with mmap.mmap(bufs, MEM - BUF_BASE) as ram:
+            zeros = bytes(16 << 20)
+            for at in range(0, len(ram), len(zeros)):
+                ram[at : at + len(zeros)] = zeros[: len(ram) - at]
         ours = Ours(ours_sock, 3, bufs)
         py = Ours(py_sock, 3, bufs)
         qsd = Qsd(qsd_sock, 1, bufs)

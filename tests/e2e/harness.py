@@ -1228,6 +1228,7 @@ def _start(
     append: str = "",
     qemu: str | None = None,
     files: Mapping[str, bytes | str] | None = None,
+    prealloc: bool = False,
 ) -> RunningGuest:
     qemu = qemu or qemu_binary()
     if not qemu:
@@ -1250,7 +1251,7 @@ def _start(
         "-m",
         memory,
         "-object",
-        f"memory-backend-memfd,id=mem,size={memory},share=on",
+        f"memory-backend-memfd,id=mem,size={memory},share=on" + (",prealloc=on" if prealloc else ""),
         "-machine",
         "q35,memory-backend=mem",
         "-kernel",
@@ -1306,10 +1307,12 @@ def run_guest(
     extra_args: Sequence[str] = (),
     append: str = "",
     qemu: str | None = None,
+    prealloc: bool = False,
 ) -> GuestResult:
     """Boot a guest, run ``script`` in it and return what it printed.
 
-    ``qemu`` as for ``start_guest()``.
+    ``qemu`` as for ``start_guest()``; ``prealloc``: the guest's RAM allocated
+    before it boots (QEMU's ``prealloc=on``).
 
     Raises:
         GuestTimeout: the guest was still running after ``timeout`` seconds
@@ -1325,6 +1328,7 @@ def run_guest(
         extra_args=extra_args,
         append=append,
         qemu=qemu,
+        prealloc=prealloc,
     )
 
 

@@ -298,7 +298,9 @@ def test_scsi_guest_disks(
     ddio = daemon("scsi", "-s", dio_sock, "--direct", str(imgs["dio"]), socket=dio_sock)
     devices.append((dio_sock, "vhost-user-scsi-pci,num_queues=1"))
     t0 = time.monotonic()
-    res = harness.run_guest(script, devices, timeout=GUEST_TIMEOUT, extra_args=["-smp", "2"])
+    # Its RAM allocated up front (prealloc=on, as hugepage-backed guests have it):
+    # the --direct daemon registers guest RAM only once it is allocated.
+    res = harness.run_guest(script, devices, timeout=GUEST_TIMEOUT, extra_args=["-smp", "2"], prealloc=True)
     logs = f"\n--- daemon rw ---\n{d.log()}\n--- daemon ro ---\n{dro.log()}\n--- daemon dio ---\n{ddio.log()}"
     assert res.exit_status == 0, f"{res}{logs}"
     out = res.output

@@ -561,6 +561,38 @@ def test_o_direct_transfers_use_registered_buffers(tmp_path: Path, caplog: pytes
         img.close()
 
 
+def test_registration_waits_until_the_guest_ram_is_allocated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Registering would allocate every page of guest RAM the guest never touched
+    (and stall the loop meanwhile): with more than ``fixed_populate_max`` of it not
+    allocated the table is not registered (``fixed_error`` EAGAIN, one log line),
+    transfers pin their own pages, and it is looked at again after
+    ``fixed_retry_ns``: once the RAM is allocated, it is registered."""
+    caplog.set_level(logging.INFO, logger="virtio_devices.scsi")
+    img = _direct_image(tmp_path)
+    dev = ScsiDevice([img])
+    try:
+        with DeviceRig(dev, queue_size=16, memory_size=16 << 20) as rig:
+            if dev._engine is None:
+                pytest.skip("io_uring is not available here")
+            eng = dev._engine
+            assert (eng.fixed_populate_max, eng.fixed_retry_ns) == (64 << 20, 10**9)
+            eng.fixed_populate_max = 1 << 20  # the rig's 16 MiB are mostly untouched
+            eng.fixed_retry_ns = 0  # looked at again at the next transfer
+            big = os.urandom(64 << 10)
+            _direct_run(rig, write10(32, 128), big)
+            assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
+            assert (eng.fixed_error, eng.fixed_registrations, eng.pool_requests) == (errno.EAGAIN, 0, 2)
+            assert caplog.text.count("guest RAM not registered with io_uring yet") == 1
+            for gpa in range(0, 16 << 20, 1 << 20):  # the guest touches all of it
+                rig.memory.write(gpa, rig.memory.read(gpa, 1 << 20))
+            assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
+            assert (eng.fixed_error, eng.fixed_registrations, eng.fixed_requests) == (0, 1, 1)
+    finally:
+        img.close()
+
+
 def test_o_direct_without_registered_buffers_where_the_kernel_refuses(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,6 +16,8 @@ class Engine:
     fixed_registrations: int
     fixed_error: int
     fixed_bytes: int
+    fixed_populate_max: int
+    fixed_retry_ns: int
     vec_fixed: bool
     pool_min_read: int
     pool_min_write: int

@@ -101,6 +101,15 @@ from virtio_devices._pump cimport FdPump
 log = logging.getLogger("virtio_devices.scsi")
 
 
+cdef extern from "<sys/mman.h>" nogil:
+    int mincore(void *addr, size_t length, unsigned char *vec)
+
+cdef extern from "<unistd.h>" nogil:
+    long sysconf(int name)
+    enum:
+        _SC_PAGESIZE
+
+
 cdef extern from "<linux/fs.h>" nogil:
     enum:
         RWF_DSYNC
@@ -234,6 +243,13 @@ DEF OP_READV_FIXED = 60
 DEF OP_WRITEV_FIXED = 61
 DEF FIXED_PIECE = 1 << 30
 DEF FIXED_MAX = 16 << 30
+# Registering pins, and so allocates, every page: guest RAM with more than this
+# not yet allocated is not registered (the loop would stall while the kernel
+# allocates it, and the guest's untouched RAM would be spent); it is looked at
+# again after FIXED_RETRY_NS, doubling up to 64 times that.
+DEF FIXED_POPULATE_MAX = 64 << 20
+DEF FIXED_RETRY_NS = 1000000000
+DEF MINCORE_CHUNK = 16384
 DEF POOL_MIN = 65536
 DEF POOL_MIN_CACHED_READ = 256 << 10
 DEF POOL_MIN_CACHED_WRITE = 1 << 62
@@ -438,6 +454,37 @@ cdef inline bint _seg_add(iovec *v, int *n, unsigned char *p, size_t length) noe
     n[0] += 1
     return True
 
+cdef long long _not_resident(const iovec *v, int n) noexcept nogil:
+    """Bytes of the ranges ``v[:n]`` whose pages are not in memory (``mincore``; a
+    shared memfd's pages count once allocated, whoever touched them).  A range
+    ``mincore`` refuses counts whole."""
+    cdef long page = sysconf(_SC_PAGESIZE)
+    cdef unsigned char vec[MINCORE_CHUNK]
+    cdef long long missing = 0
+    cdef uint64_t start, end, at, length
+    cdef size_t k, pages
+    cdef int i
+    if page <= 0:
+        page = 4096
+    for i in range(n):
+        start = <uint64_t>v[i].iov_base & ~(<uint64_t>page - 1)
+        end = <uint64_t>v[i].iov_base + v[i].iov_len
+        at = start
+        while at < end:
+            length = end - at
+            if length > <uint64_t>MINCORE_CHUNK * page:
+                length = <uint64_t>MINCORE_CHUNK * page
+            pages = (length + page - 1) // page
+            if mincore(<void *>at, length, vec) != 0:
+                missing += pages * page
+            else:
+                for k in range(pages):
+                    if not (vec[k] & 1):
+                        missing += page
+            at += pages * page
+    return missing
+
+
 cdef class Engine:
     """One io_uring for a device's request queues, and the LUNs it may serve.
 
@@ -458,7 +505,9 @@ cdef class Engine:
     of a new table comes with nothing in flight; ``fixed_requests`` and
     ``fixed_registrations`` count them, ``fixed_bytes`` is what is registered now
     (:meth:`release_fixed` gives it back), ``fixed_error`` is the errno of a
-    refused registration (E2BIG: too much RAM) or 0.  A transfer in several buffers goes
+    refused registration (E2BIG: too much RAM; EAGAIN: more than
+    ``fixed_populate_max``, 64 MiB, of it not allocated yet, looked at again after
+    ``fixed_retry_ns``, 1 s, doubling) or 0.  A transfer in several buffers goes
     the same way when they all lie in one registered buffer and the kernel has
     vectored fixed transfers (``vec_fixed``: Linux 6.15; false: the threads).
     ``submit_batch``: queued ring requests are submitted every this many (4), and
@@ -529,6 +578,10 @@ cdef class Engine:
     cdef readonly long long fixed_registrations
     cdef readonly int fixed_error
     cdef readonly long long fixed_bytes
+    cdef public long long fixed_populate_max
+    cdef public long long fixed_retry_ns
+    cdef int64_t _fixed_retry_at
+    cdef int64_t _fixed_backoff
     cdef public bint vec_fixed
     cdef object _fixed_snap
     cdef int _nfixed
@@ -604,6 +657,8 @@ cdef class Engine:
         self.allow_inline = inline_writes
         self.direct_threads = DIRECT_THREADS
         self.fixed_max = FIXED_MAX
+        self.fixed_populate_max = FIXED_POPULATE_MAX
+        self.fixed_retry_ns = FIXED_RETRY_NS
         self.pool_min_read = POOL_MIN
         self.pool_min_write = POOL_MIN
         self.pool_min_cached_read = POOL_MIN_CACHED_READ
@@ -1162,7 +1217,11 @@ cdef class Engine:
         if snap is not self._fixed_snap:
             if self.nfree != self.nslots or self.unsubmitted:
                 return -1
+            self._fixed_backoff = self.fixed_retry_ns
             self._fixed_register(snap)
+        elif (self.fixed_error == EAGAIN and _now_ns() >= self._fixed_retry_at
+              and self.nfree == self.nslots and not self.unsubmitted):
+            self._fixed_register(snap)  # more of the RAM may be allocated by now
         p = <uint64_t>iov[0].iov_base
         for i in range(self._nfixed):
             if self._fixed_lo[i] <= p and p + iov[0].iov_len <= self._fixed_hi[i]:
@@ -1203,6 +1262,7 @@ cdef class Engine:
         cdef iovec v[MAX_FIXED]
         cdef int i, n = 0, rc
         cdef uint64_t base, size, total = 0, piece
+        cdef long long missing
         self._fixed_drop()
         self._fixed_snap = snap
         for i in range(snap.n):
@@ -1227,6 +1287,17 @@ cdef class Engine:
                 base += piece
                 size -= piece
         if n == 0:
+            return 0
+        missing = _not_resident(v, n)
+        if missing > self.fixed_populate_max:
+            if self.fixed_error != EAGAIN:
+                log.info("scsi: guest RAM not registered with io_uring yet: %d MiB of its %d MiB not "
+                         "allocated (more than %d MiB); looked at again later", missing >> 20, total >> 20,
+                         self.fixed_populate_max >> 20)
+            self.fixed_error = EAGAIN
+            self._fixed_retry_at = _now_ns() + self._fixed_backoff
+            if self._fixed_backoff < 64 * self.fixed_retry_ns:
+                self._fixed_backoff *= 2
             return 0
         rc = io_uring_register_buffers(&self.ring, v, n)
         if rc < 0:
