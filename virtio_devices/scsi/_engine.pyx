@@ -65,8 +65,9 @@ task work to post them.
 
 An O_DIRECT transfer makes the kernel pin every page of its buffers for the time
 it runs, which for 1 MiB costs more than the rest of the request.  So guest RAM
-is registered with the ring once per memory table (io_uring's "fixed" buffers,
-``fixed_max`` bytes of it at most, in pieces of at most 1 GiB), and a transfer
+is registered with the ring once per memory table, once it is allocated
+(io_uring's "fixed" buffers, ``fixed_max`` bytes of it at most, in pieces of at
+most 1 GiB; pinning would allocate what the guest never touched), and a transfer
 whose data lies in one piece goes to the ring as a fixed read or write, whatever
 its size: its pages were pinned at registration (in several guest buffers: a
 vectored fixed transfer, Linux 6.15).  Other large O_DIRECT transfers
