@@ -1219,6 +1219,7 @@ cdef class Engine:
             if self.nfree != self.nslots or self.unsubmitted:
                 return -1
             self._fixed_backoff = self.fixed_retry_ns
+            self.fixed_error = 0  # a new table: its own log line if it is refused
             self._fixed_register(snap)
         elif (self.fixed_error == EAGAIN and _now_ns() >= self._fixed_retry_at
               and self.nfree == self.nslots and not self.unsubmitted):
