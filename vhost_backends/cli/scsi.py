@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MIB",
         help="With --direct: register the guest's RAM with io_uring when it is at most MIB MiB "
         f"(default {DEFAULT_FIXED_MIB}; 0: never), so that O_DIRECT transfers do not pin their pages "
-        "one request at a time. Registering pins every page of that RAM, and so allocates any the "
-        "guest has not touched yet, once per memory table. Not in upstream.",
+        "one request at a time. Registering pins every page of that RAM, once per memory table and "
+        "only once the RAM is allocated (at most 64 MiB of it not yet). Not in upstream.",
     )
     add_socket_path_arg(p, help="Location of vhost-user socket.")
     p.add_argument(
