@@ -484,6 +484,23 @@ def _direct_run(
     return b"".join(rig.read(a, k) for a, k in parts) if data_in else b""
 
 
+@contextlib.contextmanager
+def _direct_rig(
+    tmp_path: Path, memory: GuestMemory | None = None, memory_size: int = 16 << 20
+) -> Iterator[tuple[DeviceRig, ScsiDevice, scsi_device.Engine]]:
+    """A rig over one O_DIRECT image (``_direct_image``) and its engine (skips where
+    io_uring is unavailable); the image is closed afterwards."""
+    img = _direct_image(tmp_path)
+    dev = ScsiDevice([img])
+    try:
+        with DeviceRig(dev, queue_size=16, memory=memory, memory_size=memory_size) as rig:
+            if dev._engine is None:
+                pytest.skip("io_uring is not available here")
+            yield rig, dev, dev._engine
+    finally:
+        img.close()
+
+
 def test_o_direct_transfers_use_registered_buffers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """With O_DIRECT, a transfer in one guest buffer goes through the ring as a
     registered ("fixed") buffer at any size: guest RAM is registered with io_uring
@@ -493,72 +510,64 @@ def test_o_direct_transfers_use_registered_buffers(tmp_path: Path, caplog: pytes
     pages itself as before (the threads from 64 KiB on).  Every byte lands where it
     should; each registration, and each refusal, is one log line."""
     caplog.set_level(logging.INFO, logger="virtio_devices.scsi")
-    img = _direct_image(tmp_path)
-    dev = ScsiDevice([img])
-    try:
-        with DeviceRig(dev, queue_size=16, memory_size=16 << 20) as rig:
-            if dev._engine is None:
-                pytest.skip("io_uring is not available here")
-            eng = dev._engine
-            assert eng.fixed_max == 16 << 30 and eng.fixed_registrations == 0
-            big = os.urandom(64 << 10)
-            _direct_run(rig, write10(32, 128), big)
-            if eng.fixed_error:
-                pytest.skip(f"io_uring refused to register guest RAM here (errno {eng.fixed_error})")
+    with _direct_rig(tmp_path) as (rig, dev, eng):
+        assert eng.fixed_max == 16 << 30 and eng.fixed_registrations == 0
+        big = os.urandom(64 << 10)
+        _direct_run(rig, write10(32, 128), big)
+        if eng.fixed_error:
+            pytest.skip(f"io_uring refused to register guest RAM here (errno {eng.fixed_error})")
+        assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
+        small = os.urandom(4096)
+        _direct_run(rig, write10(8, 8, flags=0x08), small)  # FUA: RWF_DSYNC, fixed as well
+        assert _direct_run(rig, read10(8, 8), data_in=4096) == small
+        assert (eng.fixed_registrations, eng.fixed_requests, eng.pool_requests) == (1, 4, 0)
+        assert eng.fixed_bytes == 16 << 20
+        # A queue taken back (a memory table that removes regions, a reset)
+        # unpins it; the next transfer registers the table again.
+        dev.quiesce(RQ)
+        assert eng.fixed_bytes == 0
+        # Two buffers: a vectored fixed transfer where the kernel has it (6.15);
+        # without, each transfer pins its own pages (the threads at 64 KiB).
+        vec = eng.vec_fixed
+        assert _direct_run(rig, read10(32, 128), data_in=len(big), split=4096) == big
+        _direct_run(rig, write10(32, 128), big, split=8192)
+        assert (eng.fixed_requests, eng.pool_requests) == ((6, 0) if vec else (4, 2))
+        eng.vec_fixed = False
+        assert _direct_run(rig, read10(32, 128), data_in=len(big), split=4096) == big
+        assert (eng.fixed_requests, eng.pool_requests) == ((6, 1) if vec else (4, 3))
+        eng.vec_fixed = vec
+        done = eng.fixed_requests
+        # A new region: the next transfer's chain has a new memory table, which
+        # is registered in place of the old one; its buffer there is fixed too.
+        region, fd = GuestRegion.memfd(1 << 20, 16 << 20)  # right after the rig's RAM
+        try:
+            rig.memory.add_region(region)
+            _direct_run(rig, write10(192, 64), big[::-1][:32768], at=16 << 20)
+            regs = 3 if vec else 2  # the split transfers registered it again, or the threads took them
+            assert (eng.fixed_registrations, eng.fixed_requests) == (regs, done + 1)
+            assert eng.fixed_bytes == 17 << 20
+            assert _direct_run(rig, read10(192, 64), data_in=32768) == big[::-1][:32768]
+            assert eng.fixed_requests == done + 2
+            # Two buffers in two regions (two registered pieces): the threads.
+            pool = eng.pool_requests
+            at = (16 << 20) - 8192
+            assert _direct_run(rig, read10(32, 128), data_in=len(big), at=at, split=4096) == big
+            assert (eng.fixed_requests, eng.pool_requests) == (done + 2, pool + 1)
+            # More RAM than fixed_max: refused (E2BIG), the threads take it.
+            eng.fixed_max = 16 << 20
+            rig.memory.remove_region(16 << 20)
+            rig.memory.add_region(GuestRegion.memfd(2 << 20, 16 << 20)[0])
             assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
-            small = os.urandom(4096)
-            _direct_run(rig, write10(8, 8, flags=0x08), small)  # FUA: RWF_DSYNC, fixed as well
-            assert _direct_run(rig, read10(8, 8), data_in=4096) == small
-            assert (eng.fixed_registrations, eng.fixed_requests, eng.pool_requests) == (1, 4, 0)
-            assert eng.fixed_bytes == 16 << 20
-            # A queue taken back (a memory table that removes regions, a reset)
-            # unpins it; the next transfer registers the table again.
-            dev.quiesce(RQ)
-            assert eng.fixed_bytes == 0
-            # Two buffers: a vectored fixed transfer where the kernel has it (6.15);
-            # without, each transfer pins its own pages (the threads at 64 KiB).
-            vec = eng.vec_fixed
-            assert _direct_run(rig, read10(32, 128), data_in=len(big), split=4096) == big
-            _direct_run(rig, write10(32, 128), big, split=8192)
-            assert (eng.fixed_requests, eng.pool_requests) == ((6, 0) if vec else (4, 2))
-            eng.vec_fixed = False
-            assert _direct_run(rig, read10(32, 128), data_in=len(big), split=4096) == big
-            assert (eng.fixed_requests, eng.pool_requests) == ((6, 1) if vec else (4, 3))
-            eng.vec_fixed = vec
-            done = eng.fixed_requests
-            # A new region: the next transfer's chain has a new memory table, which
-            # is registered in place of the old one; its buffer there is fixed too.
-            region, fd = GuestRegion.memfd(1 << 20, 16 << 20)  # right after the rig's RAM
-            try:
-                rig.memory.add_region(region)
-                _direct_run(rig, write10(192, 64), big[::-1][:32768], at=16 << 20)
-                regs = 3 if vec else 2  # the split transfers registered it again, or the threads took them
-                assert (eng.fixed_registrations, eng.fixed_requests) == (regs, done + 1)
-                assert eng.fixed_bytes == 17 << 20
-                assert _direct_run(rig, read10(192, 64), data_in=32768) == big[::-1][:32768]
-                assert eng.fixed_requests == done + 2
-                # Two buffers in two regions (two registered pieces): the threads.
-                pool = eng.pool_requests
-                at = (16 << 20) - 8192
-                assert _direct_run(rig, read10(32, 128), data_in=len(big), at=at, split=4096) == big
-                assert (eng.fixed_requests, eng.pool_requests) == (done + 2, pool + 1)
-                # More RAM than fixed_max: refused (E2BIG), the threads take it.
-                eng.fixed_max = 16 << 20
-                rig.memory.remove_region(16 << 20)
-                rig.memory.add_region(GuestRegion.memfd(2 << 20, 16 << 20)[0])
-                assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
-                assert eng.fixed_error == errno.E2BIG
-                assert caplog.text.count("of guest RAM registered with io_uring for O_DIRECT") == regs
-                assert "guest RAM not registered with io_uring (more than 16 MiB" in caplog.text
-                assert (eng.fixed_registrations, eng.fixed_requests) == (regs, done + 2)
-                assert eng.pool_requests == pool + 2
-            finally:
-                os.close(fd)
-        data = (tmp_path / "direct.img").read_bytes()
-        assert data[8 * 512 : 16 * 512] == small and data[32 * 512 : 160 * 512] == big
-        assert data[192 * 512 : 256 * 512] == big[::-1][:32768]
-    finally:
-        img.close()
+            assert eng.fixed_error == errno.E2BIG
+            assert caplog.text.count("of guest RAM registered with io_uring for O_DIRECT") == regs
+            assert "guest RAM not registered with io_uring (more than 16 MiB" in caplog.text
+            assert (eng.fixed_registrations, eng.fixed_requests) == (regs, done + 2)
+            assert eng.pool_requests == pool + 2
+        finally:
+            os.close(fd)
+    data = (tmp_path / "direct.img").read_bytes()
+    assert data[8 * 512 : 16 * 512] == small and data[32 * 512 : 160 * 512] == big
+    assert data[192 * 512 : 256 * 512] == big[::-1][:32768]
 
 
 def test_registration_waits_until_the_guest_ram_is_allocated(
@@ -570,27 +579,19 @@ def test_registration_waits_until_the_guest_ram_is_allocated(
     transfers pin their own pages, and it is looked at again after
     ``fixed_retry_ns``: once the RAM is allocated, it is registered."""
     caplog.set_level(logging.INFO, logger="virtio_devices.scsi")
-    img = _direct_image(tmp_path)
-    dev = ScsiDevice([img])
-    try:
-        with DeviceRig(dev, queue_size=16, memory_size=16 << 20) as rig:
-            if dev._engine is None:
-                pytest.skip("io_uring is not available here")
-            eng = dev._engine
-            assert (eng.fixed_populate_max, eng.fixed_retry_ns) == (64 << 20, 10**9)
-            eng.fixed_populate_max = 1 << 20  # the rig's 16 MiB are mostly untouched
-            eng.fixed_retry_ns = 0  # looked at again at the next transfer
-            big = os.urandom(64 << 10)
-            _direct_run(rig, write10(32, 128), big)
-            assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
-            assert (eng.fixed_error, eng.fixed_registrations, eng.pool_requests) == (errno.EAGAIN, 0, 2)
-            assert caplog.text.count("guest RAM not registered with io_uring yet") == 1
-            for gpa in range(0, 16 << 20, 1 << 20):  # the guest touches all of it
-                rig.memory.write(gpa, rig.memory.read(gpa, 1 << 20))
-            assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
-            assert (eng.fixed_error, eng.fixed_registrations, eng.fixed_requests) == (0, 1, 1)
-    finally:
-        img.close()
+    with _direct_rig(tmp_path) as (rig, _dev, eng):
+        assert (eng.fixed_populate_max, eng.fixed_retry_ns) == (64 << 20, 10**9)
+        eng.fixed_populate_max = 1 << 20  # the rig's 16 MiB are mostly untouched
+        eng.fixed_retry_ns = 0  # looked at again at the next transfer
+        big = os.urandom(64 << 10)
+        _direct_run(rig, write10(32, 128), big)
+        assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
+        assert (eng.fixed_error, eng.fixed_registrations, eng.pool_requests) == (errno.EAGAIN, 0, 2)
+        assert caplog.text.count("guest RAM not registered with io_uring yet") == 1
+        for gpa in range(0, 16 << 20, 1 << 20):  # the guest touches all of it
+            rig.memory.write(gpa, rig.memory.read(gpa, 1 << 20))
+        assert _direct_run(rig, read10(32, 128), data_in=len(big)) == big
+        assert (eng.fixed_error, eng.fixed_registrations, eng.fixed_requests) == (0, 1, 1)
 
 
 def test_o_direct_without_registered_buffers_where_the_kernel_refuses(
@@ -601,17 +602,12 @@ def test_o_direct_without_registered_buffers_where_the_kernel_refuses(
     track as dirty) is not registered: one warning, ``fixed_error`` set, and the
     transfers pin their own pages (the threads at 64 KiB) with every byte right."""
     caplog.set_level(logging.WARNING, logger="virtio_devices.scsi")
-    img = _direct_image(tmp_path)
     ram = tmp_path / "guest-ram"
     ram.write_bytes(bytes(8 << 20))
     fd = os.open(ram, os.O_RDWR)
     try:
         memory = GuestMemory([GuestRegion.from_fd(fd, 8 << 20, 0)])
-        dev = ScsiDevice([img])
-        with DeviceRig(dev, queue_size=16, memory=memory, memory_size=8 << 20) as rig:
-            if dev._engine is None:
-                pytest.skip("io_uring is not available here")
-            eng = dev._engine
+        with _direct_rig(tmp_path, memory, 8 << 20) as (rig, _dev, eng):
             big = os.urandom(64 << 10)
             _direct_run(rig, write10(32, 128), big)
             if eng.fixed_error == 0:
@@ -622,7 +618,6 @@ def test_o_direct_without_registered_buffers_where_the_kernel_refuses(
         assert (tmp_path / "direct.img").read_bytes()[32 * 512 : 160 * 512] == big
     finally:
         os.close(fd)
-        img.close()
 
 
 def _cached_pages(path: Path) -> int:
