@@ -1390,6 +1390,33 @@ cdef bint _tx_nap_nogil(int wait_fd, long long nap_ns) noexcept nogil:
     return ppoll(&p, 1, &t, NULL) == 0
 
 
+cdef inline void _nap_learn(State st, Py_ssize_t pass_rw, int naps) noexcept nogil:
+    """After the pass that followed a tx nap: two packets or more for one wake-up
+    mean the nap paid (one it caught alone traded a kick's wake-up for a timer's,
+    which costs more here), so the back-off ends; a first nap that found one
+    packet or none means the guest is about as slow as a nap or slower, so the
+    next ``nap_backoff`` drains that could nap do not (doubling up to
+    ``NAP_BACKOFF_MAX``)."""
+    if pass_rw >= 2:
+        st.nap_backoff = 0
+    elif naps == 1:
+        st.nap_backoff = 1 if st.nap_backoff == 0 else min(st.nap_backoff * 2, NAP_BACKOFF_MAX)
+        st.nap_skip = st.nap_backoff
+
+
+cdef inline int _nap_due(State st, Py_ssize_t pass_rw, uint64_t pass_bytes,
+                         uint32_t buf_alloc) noexcept nogil:
+    """Whether a tx drain naps after this pass: 1 yes (at least ``NAP_MIN`` RW
+    packets came in it and less than half the buffer's worth), 0 not now, -1 not in
+    this drain (one of the drains the back-off skips, counted down here)."""
+    if pass_rw < NAP_MIN or pass_bytes >= buf_alloc // 2:
+        return 0
+    if st.nap_skip:
+        st.nap_skip -= 1
+        return -1
+    return 1
+
+
 cdef int _drain_tx_nogil(State st) noexcept nogil:
     """The tx drain (:func:`drain_tx`) without the GIL, for the steady state of a
     stream (see KickPump): 0 when done, 1 when the pass with the GIL must go on.
@@ -1423,6 +1450,7 @@ cdef int _drain_tx_nogil(State st) noexcept nogil:
     cdef int naps = 0
     cdef bint may_nap = st.wait_fd >= 0 and st.nap_ns > 0
     cdef bint after_nap = False
+    cdef int due
     if not st.live or not st.tx_live or not st.txq._ready:
         return 1
     while True:
@@ -1506,18 +1534,12 @@ cdef int _drain_tx_nogil(State st) noexcept nogil:
             break
         if after_nap:
             after_nap = False
-            if pass_rw >= 2:
-                st.nap_backoff = 0  # (see _drain_tx_chains)
-            elif naps == 1:
-                st.nap_backoff = (1 if st.nap_backoff == 0
-                                  else min(st.nap_backoff * 2, NAP_BACKOFF_MAX))
-                st.nap_skip = st.nap_backoff
-        if (may_nap and naps < NAP_MAX and pass_rw >= NAP_MIN
-                and pass_bytes < st.buf_alloc // 2):
-            if st.nap_skip:
-                st.nap_skip -= 1
+            _nap_learn(st, pass_rw, naps)
+        if may_nap and naps < NAP_MAX:
+            due = _nap_due(st, pass_rw, pass_bytes, st.buf_alloc)
+            if due < 0:
                 may_nap = False
-            else:
+            elif due:
                 naps += 1
                 if not st.idle and _fill_rx_nogil(st):
                     rc = 1
@@ -1645,6 +1667,7 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
     cdef int naps = 0
     cdef bint may_nap = st.wait_fd >= 0 and st.nap_ns > 0
     cdef bint after_nap = False
+    cdef int due
     ready = st.ready
     while True:
         queue.disable_notification_c()
@@ -1754,22 +1777,12 @@ cdef int _drain_tx_chains(object device, State st, Queue queue, _Batch batch,
         _batch_flush(device, batch, queue, buf_alloc, ready, served)
         if after_nap:
             after_nap = False
-            if pass_rw >= 2:
-                # Two packets for one wake-up: the nap paid (one it caught alone
-                # traded a kick's wake-up for a timer's, which costs more here).
-                st.nap_backoff = 0
-            elif naps == 1:
-                # The first nap found one packet or none: the guest is about as
-                # slow as a nap or slower.
-                st.nap_backoff = (1 if st.nap_backoff == 0
-                                  else min(st.nap_backoff * 2, NAP_BACKOFF_MAX))
-                st.nap_skip = st.nap_backoff
-        if (may_nap and naps < NAP_MAX and pass_rw >= NAP_MIN
-                and pass_bytes < buf_alloc // 2):
-            if st.nap_skip:
-                st.nap_skip -= 1
+            _nap_learn(st, pass_rw, naps)
+        if may_nap and naps < NAP_MAX:
+            due = _nap_due(st, pass_rw, pass_bytes, buf_alloc)
+            if due < 0:
                 may_nap = False
-            else:
+            elif due:
                 naps += 1
                 if st.ready or st.loose:
                     _fill_rx_c(device, st)
