@@ -20,6 +20,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -408,40 +409,33 @@ def test_direct_io_goes_through_the_o_direct_fd(tmp_path: Path) -> None:
     """With an O_DIRECT fd, aligned transfers go through it, never inline: from
     64 KiB on the engine's threads (the ring when there are none), smaller ones on
     the ring; unaligned ones use the page cache; all land in the file."""
-    img = _direct_image(tmp_path)
-    dev = ScsiDevice([img], fixed_max=0)  # no registered buffers: the threads' rule
-    try:
-        with DeviceRig(dev, queue_size=16, memory_size=16 << 20) as rig:
-            if dev._engine is None:
-                pytest.skip("io_uring is not available here")
-            eng = dev._engine
+    # No registered buffers: the threads' rule.
+    with _direct_rig(tmp_path, fixed_max=0) as (rig, _dev, eng):
 
-            def run(cdb: bytes, data: bytes = b"", data_in: int = 0, align: int = 4096) -> bytes:
-                return _direct_run(rig, cdb, data, data_in=data_in, align=align)
+        def run(cdb: bytes, data: bytes = b"", data_in: int = 0, align: int = 4096) -> bytes:
+            return _direct_run(rig, cdb, data, data_in=data_in, align=align)
 
-            pool, ring = eng.pool_requests, eng.ring_requests
-            inline = eng.inline_reads + eng.inline_writes
-            big = bytes(range(256)) * 256  # 64 KiB: the engine's threads
-            run(write10(32, 128), big)
-            assert run(read10(32, 128), data_in=len(big)) == big
-            run(write10(24, 128, flags=0x08), big)  # FUA: RWF_DSYNC on a thread
-            run(write10(8, 8), b"\x3c" * 4096)  # small: the ring
-            assert run(read10(8, 8), data_in=4096) == b"\x3c" * 4096
-            assert (eng.pool_requests, eng.ring_requests) == (pool + 3, ring + 2)
-            assert eng.inline_reads + eng.inline_writes == inline
-            # An odd buffer address: the page cache (the buffered fd), inline.
-            run(write10(16, 1), b"\x4d" * 512, align=8)
-            assert run(read10(16, 1), data_in=512, align=8) == b"\x4d" * 512
-            assert eng.pool_requests == pool + 3
-            # Without threads, large O_DIRECT transfers take the ring too.
-            eng.direct_threads = 0
-            assert run(read10(32, 128), data_in=len(big)) == big
-            assert (eng.ring_requests, eng.pool_requests) == (ring + 3, pool + 3)
-        data = (tmp_path / "direct.img").read_bytes()
-        assert data[8 * 512 : 16 * 512] == b"\x3c" * 4096 and data[16 * 512 : 17 * 512] == b"\x4d" * 512
-        assert data[24 * 512 : 32 * 512] == big[: 8 * 512] and data[32 * 512 : 160 * 512] == big
-    finally:
-        img.close()
+        pool, ring = eng.pool_requests, eng.ring_requests
+        inline = eng.inline_reads + eng.inline_writes
+        big = bytes(range(256)) * 256  # 64 KiB: the engine's threads
+        run(write10(32, 128), big)
+        assert run(read10(32, 128), data_in=len(big)) == big
+        run(write10(24, 128, flags=0x08), big)  # FUA: RWF_DSYNC on a thread
+        run(write10(8, 8), b"\x3c" * 4096)  # small: the ring
+        assert run(read10(8, 8), data_in=4096) == b"\x3c" * 4096
+        assert (eng.pool_requests, eng.ring_requests) == (pool + 3, ring + 2)
+        assert eng.inline_reads + eng.inline_writes == inline
+        # An odd buffer address: the page cache (the buffered fd), inline.
+        run(write10(16, 1), b"\x4d" * 512, align=8)
+        assert run(read10(16, 1), data_in=512, align=8) == b"\x4d" * 512
+        assert eng.pool_requests == pool + 3
+        # Without threads, large O_DIRECT transfers take the ring too.
+        eng.direct_threads = 0
+        assert run(read10(32, 128), data_in=len(big)) == big
+        assert (eng.ring_requests, eng.pool_requests) == (ring + 3, pool + 3)
+    data = (tmp_path / "direct.img").read_bytes()
+    assert data[8 * 512 : 16 * 512] == b"\x3c" * 4096 and data[16 * 512 : 17 * 512] == b"\x4d" * 512
+    assert data[24 * 512 : 32 * 512] == big[: 8 * 512] and data[32 * 512 : 160 * 512] == big
 
 
 def _direct_run(
@@ -486,14 +480,15 @@ def _direct_run(
 
 @contextlib.contextmanager
 def _direct_rig(
-    tmp_path: Path, memory: GuestMemory | None = None, memory_size: int = 16 << 20
+    tmp_path: Path, *, fixed_max: int | None = None, **rig_kw: Any
 ) -> Iterator[tuple[DeviceRig, ScsiDevice, scsi_device.Engine]]:
-    """A rig over one O_DIRECT image (``_direct_image``) and its engine (skips where
-    io_uring is unavailable); the image is closed afterwards."""
+    """A rig (``rig_kw``: DeviceRig's, 16 entries and 16 MiB unless given) over one
+    O_DIRECT image (``_direct_image``) and its engine (skips where io_uring is
+    unavailable); the image is closed afterwards."""
     img = _direct_image(tmp_path)
-    dev = ScsiDevice([img])
+    dev = ScsiDevice([img], fixed_max=fixed_max)
     try:
-        with DeviceRig(dev, queue_size=16, memory=memory, memory_size=memory_size) as rig:
+        with DeviceRig(dev, **{"queue_size": 16, "memory_size": 16 << 20, **rig_kw}) as rig:
             if dev._engine is None:
                 pytest.skip("io_uring is not available here")
             yield rig, dev, dev._engine
@@ -607,7 +602,7 @@ def test_o_direct_without_registered_buffers_where_the_kernel_refuses(
     fd = os.open(ram, os.O_RDWR)
     try:
         memory = GuestMemory([GuestRegion.from_fd(fd, 8 << 20, 0)])
-        with _direct_rig(tmp_path, memory, 8 << 20) as (rig, _dev, eng):
+        with _direct_rig(tmp_path, memory=memory, memory_size=8 << 20) as (rig, _dev, eng):
             big = os.urandom(64 << 10)
             _direct_run(rig, write10(32, 128), big)
             if eng.fixed_error == 0:
@@ -930,16 +925,10 @@ def test_the_reap_pump_finishes_completions_without_python_unless_they_need_it(
     and counted in ``chains_served``; with a transport that has no compiled
     signallers the reap's notification is Python's, so the pump hands the reap over
     and the callback notifies (VIRTIO 1.2 §2.7.10: the driver still hears of it)."""
-    img = _direct_image(tmp_path)
     interrupt = _RecordingInterrupt(rearm=True) if compiled_signallers else FakeInterrupt()
-    dev = ScsiDevice([img])
-    rig = DeviceRig(dev, queue_size=16, memory_size=16 << 20, event_idx=True, interrupt=interrupt)
-    if isinstance(interrupt, _RecordingInterrupt):
-        interrupt.rig = rig
-    try:
-        eng = dev._engine
-        if eng is None:
-            pytest.skip("io_uring is not available here")
+    with _direct_rig(tmp_path, event_idx=True, interrupt=interrupt) as (rig, dev, eng):
+        if isinstance(interrupt, _RecordingInterrupt):
+            interrupt.rig = rig
         eng.spin_ns = 0  # every completion through the eventfd
         served = dev.chains_served
         # A completion the submission's own look at the ring did not find goes through
@@ -979,9 +968,6 @@ def test_the_reap_pump_finishes_completions_without_python_unless_they_need_it(
         assert dev.chains_served == served + n and eng.ring_requests == n
         assert interrupt.used.count(RQ) == n
         assert (eng.reaps_pumped >= 1) if compiled_signallers else (eng.reaps_pumped == 0)
-    finally:
-        rig.close()
-        img.close()
 
 
 def _in_thread(fn: Callable[[], object]) -> object:
@@ -1010,13 +996,7 @@ def test_a_deferred_ring_belongs_to_one_thread_and_moves_only_when_idle(tmp_path
     thread's; while its requests are in flight another thread's requests take the
     Python path (answered all the same); once none is, the next thread that
     submits gets a new ring (``ring_moves``), and every request completes."""
-    img = _direct_image(tmp_path)
-    dev = ScsiDevice([img])
-    rig = DeviceRig(dev, queue_size=16, memory_size=16 << 20)
-    try:
-        eng = dev._engine
-        if eng is None:
-            pytest.skip("io_uring is not available here")
+    with _direct_rig(tmp_path) as (rig, _dev, eng):
         if not eng.defer_taskrun:
             pytest.skip("this kernel has no IORING_SETUP_DEFER_TASKRUN")
         eng.spin_ns = 0
@@ -1062,9 +1042,6 @@ def test_a_deferred_ring_belongs_to_one_thread_and_moves_only_when_idle(tmp_path
         got = _in_thread(kick_and_finish)  # type: ignore[assignment]
         assert got[third] == RESP_HEADER + 4096 and rig.read(buf3, 4096) == (IMAGE * 4)[24 * 512 : 32 * 512]
         assert eng.ring_moves == 1 and eng.ring_requests == 2
-    finally:
-        rig.close()
-        img.close()
 
 
 def test_a_plain_ring_is_made_when_deferred_completions_are_not_asked_for() -> None:
