@@ -496,6 +496,43 @@ def _direct_rig(
         img.close()
 
 
+@pytest.mark.parametrize(("lead", "calls"), [(2, 4), (0, 2)])
+def test_a_drain_submits_its_first_requests_at_once_when_nothing_is_in_flight(
+    tmp_path: Path, lead: int, calls: int
+) -> None:
+    """Ring requests go to the kernel in groups of ``submit_batch`` (4) and at the
+    end of a drain, but each at once while at most ``submit_lead`` are in flight
+    with it: a kick of 8 O_DIRECT reads on an idle engine is submitted as 1, 1, 4
+    and the last 2 with the default lead of 2, as 4 and 4 without it; every read
+    completes with the image's bytes."""
+    with _direct_rig(tmp_path, queue_size=32) as (rig, _dev, eng):  # 8 chains of 3 descriptors
+        assert (eng.submit_batch, eng.submit_lead) == (4, 2)
+        eng.submit_lead = lead
+        eng.spin_ns = 0  # completions through the eventfd, after the drain
+        bufs = []
+        for k in range(8):
+            hdr = rig.alloc(RQ, cmd_req(read10(8 * k, 8)))
+            resp = rig.alloc(RQ, RESP_HEADER)
+            buf = (rig.alloc(RQ, 2 * 4096) + 4095) // 4096 * 4096
+            rig.add_chain(
+                RQ,
+                [
+                    RawDesc(hdr, 51, 0, 0),
+                    RawDesc(resp, RESP_HEADER, VIRTQ_DESC_F_WRITE, 0),
+                    RawDesc(buf, 4096, VIRTQ_DESC_F_WRITE, 0),
+                ],
+            )
+            bufs.append(buf)
+        before, ring = eng.submit_calls, eng.ring_requests
+        used = rig.kick(RQ)
+        assert eng.submit_calls - before == calls and eng.ring_requests - ring == 8
+        while len(used) < 8:
+            rig.complete_workers()
+            used += rig.used(RQ)
+        image = IMAGE * 4
+        assert [rig.read(b, 4096) for b in bufs] == [image[k * 4096 : (k + 1) * 4096] for k in range(8)]
+
+
 def test_o_direct_transfers_use_registered_buffers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """With O_DIRECT, a transfer in one guest buffer goes through the ring as a
     registered ("fixed") buffer at any size: guest RAM is registered with io_uring

@@ -24,6 +24,8 @@ class Engine:
     pool_min_cached_read: int
     pool_min_cached_write: int
     submit_batch: int
+    submit_lead: int
+    submit_calls: int
     signal_every: int
     early_signals: int
     signal_adapt: bool

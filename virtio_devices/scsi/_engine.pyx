@@ -266,6 +266,11 @@ DEF FAST_STREAK = 64
 # a drain's requests reach the disk in a few groups rather than all at its end,
 # which keeps a deep queue of O_DIRECT transfers moving (docs/performance.md).
 DEF SUBMIT_BATCH = 4
+# ...except while the engine has at most this many requests in flight, the new one
+# included: those go to the kernel at once.  A driver that refills its whole queue
+# after a burst of completions finds the disk idle, and the disk then starts on the
+# drain's first requests instead of waiting for a group (docs/performance.md).
+DEF SUBMIT_LEAD = 2
 # A drain asks every this many requests it completed at once (0: only at its
 # end) whether the driver wants a notification (EVENT_IDX only: the driver says
 # when), so that a driver on another CPU refills while the drain goes on
@@ -512,11 +517,13 @@ cdef class Engine:
     the same way when they all lie in one registered buffer and the kernel has
     vectored fixed transfers (``vec_fixed``: Linux 6.15; false: the threads).
     ``submit_batch``: queued ring requests are submitted every this many (4), and
-    at the end of each drain.  ``signal_every``: a drain asks whether the driver
-    wants a notification every this many requests completed at once (8; 0: only
-    at its end); ``early_signals`` counts those sent; ``signal_adapt`` (True)
-    holds them back for a while after one preempted this thread
-    (:meth:`serve`), ``early_preempted`` counts such drains.
+    at the end of each drain, but each at once while at most ``submit_lead`` (2)
+    are in flight with it; ``submit_calls`` counts the submissions.
+    ``signal_every``: a drain asks whether the driver wants a notification every
+    this many requests completed at once (8; 0: only at its end);
+    ``early_signals`` counts those sent; ``signal_adapt`` (True) holds them back
+    for a while after one preempted this thread (:meth:`serve`),
+    ``early_preempted`` counts such drains.
     ``spin_ns`` (50 µs; 0: never) and ``spin_min`` (8): after a reap with at least
     ``spin_min`` requests in flight, wait that long for the next completion on this
     thread (:meth:`reap`; ``spin_max_ns`` in all, 200 µs); ``loop_fd`` (-1: none),
@@ -574,6 +581,8 @@ cdef class Engine:
     cdef public long long pool_min_cached_read
     cdef public long long pool_min_cached_write
     cdef public int submit_batch
+    cdef public int submit_lead
+    cdef readonly long long submit_calls
     cdef public long long fixed_max
     cdef readonly long long fixed_requests
     cdef readonly long long fixed_registrations
@@ -665,6 +674,7 @@ cdef class Engine:
         self.pool_min_cached_read = POOL_MIN_CACHED_READ
         self.pool_min_cached_write = POOL_MIN_CACHED_WRITE
         self.submit_batch = SUBMIT_BATCH
+        self.submit_lead = SUBMIT_LEAD
         self.signal_every = SIGNAL_EVERY
         self.signal_adapt = True
         self.hold_min_ns = HOLD_MIN_NS
@@ -1205,7 +1215,7 @@ cdef class Engine:
         self.ring_requests += 1
         self.in_flight_q[index] += 1
         self.unsubmitted += 1
-        if self.unsubmitted >= self.submit_batch:
+        if self.unsubmitted >= self.submit_batch or self.nslots - self.nfree <= self.submit_lead:
             self._submit()
         return 0
 
@@ -1383,6 +1393,7 @@ cdef class Engine:
         cdef int rc
         while self.unsubmitted:
             rc = io_uring_submit(&self.ring)
+            self.submit_calls += 1
             if rc < 0:
                 if rc == -4:  # EINTR
                     continue
