@@ -267,9 +267,9 @@ DEF FAST_STREAK = 64
 # which keeps a deep queue of O_DIRECT transfers moving (docs/performance.md).
 DEF SUBMIT_BATCH = 4
 # ...except while the engine has at most this many requests in flight, the new one
-# included: those go to the kernel at once.  A driver that refills its whole queue
-# after a burst of completions finds the disk idle, and the disk then starts on the
-# drain's first requests instead of waiting for a group (docs/performance.md).
+# included: those go to the kernel at once.  When a driver refills its whole queue
+# after a burst of completions, the drain finds the disk idle, and the disk then
+# starts on its first requests instead of waiting for a group (docs/performance.md).
 DEF SUBMIT_LEAD = 2
 # A drain asks every this many requests it completed at once (0: only at its
 # end) whether the driver wants a notification (EVENT_IDX only: the driver says
