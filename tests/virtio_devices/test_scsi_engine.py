@@ -496,6 +496,21 @@ def _direct_rig(
         img.close()
 
 
+def _add_direct_read(rig: DeviceRig, lba: int) -> tuple[int, int, int]:
+    """A 4 KiB READ(10) of ``lba`` into one page-aligned guest buffer, added to
+    ``rig``'s request queue (not kicked): its head and the addresses of its
+    response and of the buffer."""
+    hdr = rig.alloc(RQ, cmd_req(read10(lba, 8)))
+    resp = rig.alloc(RQ, RESP_HEADER)
+    buf = (rig.alloc(RQ, 2 * 4096) + 4095) // 4096 * 4096
+    descs = [
+        RawDesc(hdr, 51, 0, 0),
+        RawDesc(resp, RESP_HEADER, VIRTQ_DESC_F_WRITE, 0),
+        RawDesc(buf, 4096, VIRTQ_DESC_F_WRITE, 0),
+    ]
+    return rig.add_chain(RQ, descs), resp, buf
+
+
 @pytest.mark.parametrize(("lead", "calls"), [(2, 4), (0, 2)])
 def test_a_drain_submits_its_first_requests_at_once_when_nothing_is_in_flight(
     tmp_path: Path, lead: int, calls: int
@@ -509,20 +524,7 @@ def test_a_drain_submits_its_first_requests_at_once_when_nothing_is_in_flight(
         assert (eng.submit_batch, eng.submit_lead) == (4, 2)
         eng.submit_lead = lead
         eng.spin_ns = 0  # completions through the eventfd, after the drain
-        bufs = []
-        for k in range(8):
-            hdr = rig.alloc(RQ, cmd_req(read10(8 * k, 8)))
-            resp = rig.alloc(RQ, RESP_HEADER)
-            buf = (rig.alloc(RQ, 2 * 4096) + 4095) // 4096 * 4096
-            rig.add_chain(
-                RQ,
-                [
-                    RawDesc(hdr, 51, 0, 0),
-                    RawDesc(resp, RESP_HEADER, VIRTQ_DESC_F_WRITE, 0),
-                    RawDesc(buf, 4096, VIRTQ_DESC_F_WRITE, 0),
-                ],
-            )
-            bufs.append(buf)
+        bufs = [_add_direct_read(rig, 8 * k)[2] for k in range(8)]
         before, ring = eng.submit_calls, eng.ring_requests
         used = rig.kick(RQ)
         assert eng.submit_calls - before == calls and eng.ring_requests - ring == 8
@@ -975,17 +977,7 @@ def test_the_reap_pump_finishes_completions_without_python_unless_they_need_it(
         while n < 3 or not via_eventfd:
             assert n < 200, "200 reads all completed before the submission's look at the ring"
             lba = 8 * (n % 4)
-            hdr = rig.alloc(RQ, cmd_req(read10(lba, 8)))
-            resp = rig.alloc(RQ, RESP_HEADER)
-            buf = (rig.alloc(RQ, 2 * 4096) + 4095) // 4096 * 4096
-            head = rig.add_chain(
-                RQ,
-                [
-                    RawDesc(hdr, 51, 0, 0),
-                    RawDesc(resp, RESP_HEADER, VIRTQ_DESC_F_WRITE, 0),
-                    RawDesc(buf, 4096, VIRTQ_DESC_F_WRITE, 0),
-                ],
-            )
+            head, resp, buf = _add_direct_read(rig, lba)
             rig.mocks[RQ].set_used_event(rig.mocks[RQ].used_idx())  # the driver waits for it
             got = rig.kick(RQ)  # an O_DIRECT read: on the ring
             via_eventfd += not got
@@ -1038,16 +1030,6 @@ def test_a_deferred_ring_belongs_to_one_thread_and_moves_only_when_idle(tmp_path
             pytest.skip("this kernel has no IORING_SETUP_DEFER_TASKRUN")
         eng.spin_ns = 0
 
-        def read(lba: int) -> tuple[int, int]:
-            resp = rig.alloc(RQ, RESP_HEADER)
-            buf = (rig.alloc(RQ, 2 * 4096) + 4095) // 4096 * 4096
-            descs = [
-                RawDesc(rig.alloc(RQ, cmd_req(read10(lba, 8))), 51, 0, 0),
-                RawDesc(resp, RESP_HEADER, VIRTQ_DESC_F_WRITE, 0),
-                RawDesc(buf, 4096, VIRTQ_DESC_F_WRITE, 0),
-            ]
-            return rig.add_chain(RQ, descs), buf
-
         def finish(want: set[int]) -> dict[int, int]:
             """The used entries until those of ``want`` are there."""
             got: dict[int, int] = dict(rig.used(RQ))
@@ -1056,12 +1038,12 @@ def test_a_deferred_ring_belongs_to_one_thread_and_moves_only_when_idle(tmp_path
                 got.update(rig.used(RQ))
             return got
 
-        first, buf1 = read(8)
+        first, _, buf1 = _add_direct_read(rig, 8)
         got = dict(rig.kick(RQ))  # this thread's: on the ring
         assert eng.ring_requests == 1
         if first not in got:
             # In flight: another thread's request goes to the Python path meanwhile.
-            second, buf2 = read(16)
+            second, _, buf2 = _add_direct_read(rig, 16)
             got.update(_in_thread(lambda: rig.kick(RQ)))  # type: ignore[arg-type]
             assert eng.ring_requests == 1
             got.update(finish({first}))
@@ -1070,7 +1052,7 @@ def test_a_deferred_ring_belongs_to_one_thread_and_moves_only_when_idle(tmp_path
         assert got[first] == RESP_HEADER + 4096 and rig.read(buf1, 4096) == (IMAGE * 4)[8 * 512 : 16 * 512]
         assert eng.in_flight() == 0 and eng.ring_moves == 0
         # Nothing in flight: a new thread takes a new ring and completes on it.
-        third, buf3 = read(24)
+        third, _, buf3 = _add_direct_read(rig, 24)
 
         def kick_and_finish() -> dict[int, int]:
             rig.kick(RQ)
